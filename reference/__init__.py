@@ -1,0 +1,63 @@
+"""``prism.reference``: the readable PyTorch oracle of Prism's semantics (SPEC.md).
+
+Each module is one stage of the algorithm:
+
+* :mod:`~prism.reference.tiles` - the absolute tile grid and mean pooling (SPEC 3)
+* :mod:`~prism.reference.bands` - high/low RoPE bands for both layouts (SPEC 4)
+* :mod:`~prism.reference.calibration` - per-band energy temperatures (SPEC 5)
+* :mod:`~prism.reference.scoring` - band logits and probabilities (SPEC 6)
+* :mod:`~prism.reference.topp` - top-p with the index tie-break (SPEC 6)
+* :mod:`~prism.reference.select` - the union, forced tiles and tie analysis
+* :mod:`~prism.reference.attention` - block-sparse attention (SPEC 7)
+"""
+
+from .attention import block_sparse_attention, prism_attention, token_mask
+from .bands import band_dims, band_sizes
+from .calibration import band_temperature
+from .config import TIE_MARGIN, PrismConfig, resolve_config
+from .indices import indices_to_mask, mask_to_indices
+from .rope import apply_rope, pair_dims, rope_frequencies
+from .scoring import admissible_tiles, band_logits, band_probabilities
+from .select import (
+    SelectionTrace,
+    boundary_ties,
+    forced_tiles,
+    mask_differences,
+    select_blocks,
+    ties_from_trace,
+    trace_selection,
+)
+from .tiles import TileLayout, pool_tiles, tile_layout, tile_token_counts
+from .topp import top_p_select
+
+__all__ = [
+    "PrismConfig",
+    "TIE_MARGIN",
+    "resolve_config",
+    "select_blocks",
+    "block_sparse_attention",
+    "prism_attention",
+    "mask_to_indices",
+    "indices_to_mask",
+    "boundary_ties",
+    "mask_differences",
+    "trace_selection",
+    "ties_from_trace",
+    "SelectionTrace",
+    "apply_rope",
+    "rope_frequencies",
+    "pair_dims",
+    "tile_layout",
+    "TileLayout",
+    "tile_token_counts",
+    "pool_tiles",
+    "band_sizes",
+    "band_dims",
+    "band_temperature",
+    "band_logits",
+    "admissible_tiles",
+    "band_probabilities",
+    "top_p_select",
+    "forced_tiles",
+    "token_mask",
+]

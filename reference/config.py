@@ -1,0 +1,152 @@
+"""Prism's configuration: one frozen dataclass holding SPEC.md's defaults.
+
+Every public function takes ``config=None`` plus keyword overrides of any field,
+so ``select_blocks(q, k, block_size=64)`` and
+``select_blocks(q, k, PrismConfig(block_size=64))`` mean the same thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+#: Two implementations may disagree on a mask entry only when the probability
+#: mass ranked before it lies within this distance of the threshold (SPEC 6).
+TIE_MARGIN = 1e-5
+
+ROPE_LAYOUTS = ("half", "interleaved")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class PrismConfig:
+    """Settings of Prism's block selection (SPEC.md sections 3 to 6).
+
+    Parameters
+    ----------
+    block_size : int
+        Tile edge in tokens, for both query and key tiles (default 128).
+    high_dim, low_dim : int or None
+        Number of head dimensions in the high- and low-frequency bands. ``None``
+        takes the SPEC default for the head dim ``D``: ``D/2`` and ``3D/4``
+        (64 and 96 for ``D = 128``), each rounded to an even number.
+    high_threshold, low_threshold : float
+        Top-p mass kept per band and query tile, in ``(0, 1]`` (default 0.95).
+    calibrate : bool
+        Rescale each band's logits by its measured energy (SPEC 5). When off,
+        the band temperatures below are used instead.
+    high_temperature, low_temperature : float
+        Band temperatures used when ``calibrate=False``; must be ``> 0``.
+    force_sink : bool
+        Always keep key tile 0.
+    force_diagonal : bool
+        When causal, always keep the key tile on the query tile's diagonal.
+    rope_layout : {"half", "interleaved"}
+        How RoPE pairs sit in the head dim: ``"half"`` pairs ``(m, m + D/2)``
+        (Hugging Face ``rotate_half``); ``"interleaved"`` pairs ``(2m, 2m + 1)``.
+    eps : float
+        Floor of the calibration's RMS denominators and temperatures.
+    """
+
+    block_size: int = 128
+    high_dim: int | None = None
+    low_dim: int | None = None
+    high_threshold: float = 0.95
+    low_threshold: float = 0.95
+    calibrate: bool = True
+    high_temperature: float = 1.0
+    low_temperature: float = 1.0
+    force_sink: bool = True
+    force_diagonal: bool = True
+    rope_layout: str = "half"
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.block_size):
+            raise TypeError(
+                f"block_size must be an int, got {type(self.block_size).__name__} "
+                f"{self.block_size!r}; pass a whole number of tokens such as 128"
+            )
+        if self.block_size < 1:
+            raise ValueError(
+                f"block_size must be >= 1, got {self.block_size}; use a tile size such as 64 or 128"
+            )
+        for name in ("high_dim", "low_dim"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not _is_int(value):
+                raise TypeError(
+                    f"{name} must be an int or None, got {type(value).__name__} {value!r}"
+                )
+            if value <= 0 or value % 2:
+                raise ValueError(
+                    f"{name} must be a positive even number of head dims (whole RoPE pairs), "
+                    f"got {value}; use e.g. 64, or None for the default"
+                )
+        for name in ("high_threshold", "low_threshold"):
+            value = getattr(self, name)
+            if not _is_real(value):
+                raise TypeError(f"{name} must be a float in (0, 1], got {type(value).__name__}")
+            if not (0.0 < value <= 1.0) or math.isnan(value):
+                raise ValueError(
+                    f"{name} must lie in (0, 1], got {value}; 0.95 is the default, "
+                    "1.0 keeps every tile with non-zero probability"
+                )
+        for name in ("high_temperature", "low_temperature", "eps"):
+            value = getattr(self, name)
+            if not _is_real(value):
+                raise TypeError(f"{name} must be a positive float, got {type(value).__name__}")
+            if not (value > 0.0) or math.isinf(value):
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        for name in ("calibrate", "force_sink", "force_diagonal"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(
+                    f"{name} must be True or False, got {getattr(self, name)!r}"
+                )
+        if self.rope_layout not in ROPE_LAYOUTS:
+            raise ValueError(
+                f"rope_layout must be one of {ROPE_LAYOUTS}, got {self.rope_layout!r}; "
+                "Hugging Face Llama-style models use 'half', GPT-J/NeoX-interleaved use "
+                "'interleaved'"
+            )
+
+    def replace(self, **overrides) -> PrismConfig:
+        """Return a copy with some fields changed (validated like the constructor)."""
+        return resolve_config(self, **overrides)
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(PrismConfig))
+
+
+def resolve_config(config: PrismConfig | None = None, **overrides) -> PrismConfig:
+    """Merge ``config`` (or the defaults) with keyword overrides.
+
+    Raises
+    ------
+    TypeError
+        If ``config`` is not a :class:`PrismConfig` or an override names no field.
+    """
+    if config is None:
+        config = PrismConfig()
+    elif not isinstance(config, PrismConfig):
+        raise TypeError(
+            f"config must be a PrismConfig or None, got {type(config).__name__}; "
+            "build one with prism.reference.PrismConfig(...)"
+        )
+    unknown = sorted(set(overrides) - set(_FIELDS))
+    if unknown:
+        raise TypeError(
+            f"unknown PrismConfig field(s) {unknown}; valid fields are {list(_FIELDS)}"
+        )
+    if not overrides:
+        return config
+    return dataclasses.replace(config, **overrides)

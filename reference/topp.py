@@ -1,0 +1,44 @@
+"""SPEC 6, second half: top-p (cumulative probability) selection per row."""
+
+from __future__ import annotations
+
+import torch
+
+
+def top_p_select(probs: torch.Tensor, admissible: torch.Tensor, threshold: float):
+    """Keep the most probable tiles of each row until their mass reaches ``threshold``.
+
+    Order the admissible tiles of a row by probability, descending, breaking
+    ties by the smaller tile index; keep a tile when the mass of the tiles
+    ranked before it is ``< threshold``. The first tile is therefore always
+    kept. With ``threshold == 1`` the rule keeps exactly the tiles of non-zero
+    probability, which is what it means in exact arithmetic (fp32 rounding of
+    the running sum must not drop a tail tile).
+
+    Parameters
+    ----------
+    probs : Tensor (..., nk), float32
+        Output of :func:`band_probabilities`.
+    admissible : Tensor (..., nk) bool, broadcastable to ``probs``
+    threshold : float in (0, 1]
+
+    Returns
+    -------
+    keep : Tensor (..., nk) bool
+    mass_before : Tensor (..., nk) float32
+        For each tile, the fp32 mass ranked before it; the distance of this
+        value from ``threshold`` tells a boundary tie from a real difference.
+    """
+    # A stable descending sort keeps equal probabilities in index order, which
+    # is the SPEC's tie-break.
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    running = torch.cumsum(sorted_probs, dim=-1)
+    mass_before_sorted = torch.cat(
+        [torch.zeros_like(running[..., :1]), running[..., :-1]], dim=-1
+    )
+    keep_sorted = mass_before_sorted < threshold
+    if threshold >= 1.0:
+        keep_sorted = keep_sorted | (sorted_probs > 0)
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    mass_before = torch.zeros_like(mass_before_sorted).scatter(-1, order, mass_before_sorted)
+    return keep & admissible, mass_before

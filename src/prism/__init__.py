@@ -1,0 +1,65 @@
+"""Prism: spectral-aware block-sparse attention.
+
+The top-level functions dispatch by device: CUDA tensors run the Triton
+kernels of :mod:`prism.optimized`, everything else runs the PyTorch oracle
+:mod:`prism.reference`. Both implement SPEC.md and share one signature.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prism import reference
+from prism.reference import (
+    TIE_MARGIN,
+    PrismConfig,
+    boundary_ties,
+    mask_to_indices,
+    resolve_config,
+)
+
+__version__ = "0.1.0"
+
+
+def _implementation(*tensors):
+    """``prism.optimized`` when every tensor is on a CUDA device, else the reference."""
+    if tensors and all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors):
+        from prism import optimized
+
+        return optimized
+    return reference
+
+
+def select_blocks(q, k, config=None, *, causal=True, **overrides):
+    """Dispatching :func:`prism.reference.select_blocks` (optimized on CUDA)."""
+    return _implementation(q, k).select_blocks(q, k, config, causal=causal, **overrides)
+
+
+def block_sparse_attention(q, k, v, block_mask, *, block_size=128, causal=True, scale=None,
+                           return_lse=False):
+    """Dispatching :func:`prism.reference.block_sparse_attention` (optimized on CUDA)."""
+    impl = _implementation(q, k, v)
+    return impl.block_sparse_attention(q, k, v, block_mask, block_size=block_size,
+                                       causal=causal, scale=scale, return_lse=return_lse)
+
+
+def prism_attention(q, k, v, config=None, *, causal=True, scale=None, return_lse=False,
+                    return_mask=False, **overrides):
+    """Dispatching :func:`prism.reference.prism_attention` (optimized on CUDA)."""
+    impl = _implementation(q, k, v)
+    return impl.prism_attention(q, k, v, config, causal=causal, scale=scale,
+                                return_lse=return_lse, return_mask=return_mask, **overrides)
+
+
+__all__ = [
+    "__version__",
+    "PrismConfig",
+    "TIE_MARGIN",
+    "resolve_config",
+    "select_blocks",
+    "block_sparse_attention",
+    "prism_attention",
+    "mask_to_indices",
+    "boundary_ties",
+    "reference",
+]
