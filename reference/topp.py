@@ -32,10 +32,10 @@ def top_p_select(probs: torch.Tensor, admissible: torch.Tensor, threshold: float
     # A stable descending sort keeps equal probabilities in index order, which
     # is the SPEC's tie-break.
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    # Mass before = inclusive running sum minus the entry itself. The first
+    # entry gets exactly 0, and this is the rounding the paper's code uses.
     running = torch.cumsum(sorted_probs, dim=-1)
-    mass_before_sorted = torch.cat(
-        [torch.zeros_like(running[..., :1]), running[..., :-1]], dim=-1
-    )
+    mass_before_sorted = running - sorted_probs
     keep_sorted = mass_before_sorted < threshold
     if threshold >= 1.0:
         keep_sorted = keep_sorted | (sorted_probs > 0)
