@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from .rope import pair_dims
 
 

@@ -28,7 +28,7 @@ def check_tensor(name: str, t, rank: int = 4, layout: str = "(B, H, N, D)") -> N
         )
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(
-            f"{name} must be float32, float16 or bfloat16, got {t.dtype}; "
+            f"{name} must have dtype float32, float16 or bfloat16, got {t.dtype}; "
             f"convert with {name}.float() or {name}.to(torch.bfloat16)"
         )
 

@@ -1,0 +1,62 @@
+"""Sphinx configuration for Prism's documentation."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "docs"))
+
+import prism  # noqa: E402
+
+project = "Prism"
+author = "Prism developers"
+copyright = "2026, Prism developers"
+release = prism.__version__
+version = release
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.doctest",
+    "sphinx.ext.mathjax",
+    "sphinx.ext.intersphinx",
+    "sphinx.ext.viewcode",
+    "numpydoc",
+    "matplotlib.sphinxext.plot_directive",
+    "sphinx_gallery.gen_gallery",
+]
+
+numpydoc_show_class_members = False
+numpydoc_validation_checks: set[str] = set()
+autodoc_default_options = {"members": True, "undoc-members": False}
+autodoc_typehints = "none"
+autosummary_generate = False
+intersphinx_mapping: dict[str, tuple[str, None]] = {}
+templates_path: list[str] = []
+plot_html_show_source_link = False
+plot_html_show_formats = False
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "tutorials/README.rst"]
+html_theme = "alabaster"
+html_static_path = ["_static"]
+html_theme_options = {"description": "Spectral-aware block-sparse attention", "fixed_sidebar": True}
+
+sphinx_gallery_conf = {
+    "examples_dirs": ["tutorials"],
+    "gallery_dirs": ["auto_tutorials"],
+    "filename_pattern": r"/tutorial_",
+    "within_subsection_order": "FileNameSortKey",
+    "download_all_examples": False,
+    "remove_config_comments": True,
+    "matplotlib_animations": False,
+    "image_scrapers": ("matplotlib",),
+    "abort_on_example_error": True,
+    "show_memory": False,
+}
+
+# Tutorials and doctests run on the CPU reference; keep the interpreter off so
+# nothing pretends to be a GPU kernel.
+os.environ.setdefault("MPLBACKEND", "Agg")
+doctest_global_setup = "import torch\ntorch.manual_seed(0)\n"
