@@ -1,0 +1,34 @@
+"""``prism.optimized``: Prism's public API on Triton kernels (CUDA tensors).
+
+The functions have the signatures and the semantics of :mod:`prism.reference`
+(SPEC.md); ``prism.select_blocks`` and friends dispatch CUDA tensors here.
+
+Kernels, one module each:
+
+* :mod:`~prism.optimized.pooling` - one launch pools query and key tiles on the
+  absolute grid and sums the calibration energies (SPEC 3, 5);
+* :mod:`~prism.optimized.selection` - band logits, softmax, top-p by bisection,
+  union and forced tiles, written as the bool mask and compact indices, with
+  no probability tensor in global memory (SPEC 5, 6);
+* :mod:`~prism.optimized.indices` - a bool tile mask to compact indices;
+* :mod:`~prism.optimized.attention` - block-sparse flash attention forward
+  over the compact indices, GQA-native, causal with bottom-right alignment (SPEC 7).
+
+CPU tensors are refused with a message pointing at :mod:`prism.reference`,
+unless Triton runs in its interpreter (``TRITON_INTERPRET=1`` set before
+``triton`` is imported), which the CPU test-suite uses.
+"""
+
+from prism.reference.config import TIE_MARGIN, PrismConfig, resolve_config
+
+from .api import block_sparse_attention, mask_to_indices, prism_attention, select_blocks
+
+__all__ = [
+    "PrismConfig",
+    "TIE_MARGIN",
+    "resolve_config",
+    "select_blocks",
+    "block_sparse_attention",
+    "prism_attention",
+    "mask_to_indices",
+]

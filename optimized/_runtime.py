@@ -1,0 +1,99 @@
+"""Where the Triton kernels may run, and small helpers shared by every kernel module.
+
+Triton compiles kernels for CUDA devices. On the CPU the same kernels run only
+under Triton's interpreter, which Triton itself switches on when
+``TRITON_INTERPRET=1`` is set before ``triton`` is imported. This module never
+reads environment variables: it asks a decorated kernel whether Triton built it
+for the interpreter.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction
+
+from prism.reference.validation import check_finite
+
+
+def kernels_interpreted(kernel) -> bool:
+    """True when ``kernel`` (a ``@triton.jit`` function) runs in Triton's interpreter."""
+    while not isinstance(kernel, InterpretedFunction) and hasattr(kernel, "fn"):
+        kernel = kernel.fn
+    return isinstance(kernel, InterpretedFunction)
+
+
+def check_device(kernel, **tensors: torch.Tensor) -> None:
+    """Refuse tensors the Triton kernels cannot run on, and say what to do instead.
+
+    CUDA tensors always run. CPU tensors run only when Triton built the kernels
+    for its interpreter (``TRITON_INTERPRET=1`` set before ``triton`` was
+    imported), which is meant for testing, not speed.
+    """
+    for name, t in tensors.items():
+        if t.is_cuda:
+            continue
+        if t.device.type == "cpu" and kernels_interpreted(kernel):
+            continue
+        raise ValueError(
+            f"prism.optimized runs Triton kernels on CUDA tensors, but {name} is on {t.device}; "
+            f"move the inputs to a GPU (e.g. {name}.cuda()), or use prism.reference for CPU "
+            "tensors (prism.select_blocks and friends dispatch by device); for testing only, "
+            "TRITON_INTERPRET=1 set before importing triton runs the kernels on the CPU"
+        )
+
+
+def check_finite_fast(**tensors: torch.Tensor) -> None:
+    """Raise the reference's ``ValueError`` if any tensor holds NaN or Inf.
+
+    One fp32 sum per tensor finds them without a full-size temporary: a NaN or
+    Inf entry always makes the sum non-finite. A finite tensor whose sum
+    overflows is confirmed entry by entry and then accepted.
+    """
+    live = {name: t for name, t in tensors.items() if t.numel()}
+    if not live:
+        return
+    sums = torch.stack([t.sum(dtype=torch.float32) for t in live.values()])
+    if bool(torch.isfinite(sums).all()):
+        return
+    for name, t in live.items():
+        check_finite(name, t)
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two ``>= max(n, 1)``."""
+    return triton.next_power_of_2(max(1, int(n)))
+
+
+def _teach_interpreter_numpy_2() -> None:
+    """Let Triton 3.6's interpreter run loops whose bounds are kernel arguments.
+
+    The interpreter turns a scalar tensor into a loop bound with ``int(array)``,
+    and its scalars are 1-element arrays; NumPy >= 2.4 refuses that conversion
+    ("only 0-dimensional arrays can be converted to Python scalars"), so every
+    ``for i in range(0, n, BLOCK)`` with a run-time ``n`` fails on the CPU. This
+    wraps the interpreter's tensor patching to read the single element instead.
+    It touches nothing outside the interpreter and does nothing on NumPy versions
+    that still accept the conversion.
+    """
+    import numpy as np
+    from triton.runtime import interpreter
+
+    try:
+        int(np.ones(1, dtype=np.int32))
+        return
+    except TypeError:
+        pass
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_reads_one_element", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patch_lang_tensor._reads_one_element = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+_teach_interpreter_numpy_2()

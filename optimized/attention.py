@@ -1,0 +1,282 @@
+"""Block-sparse flash attention forward over compact tile indices (SPEC 7).
+
+Each program owns ``BLOCK_M`` queries of one query tile of one (batch, q head)
+and visits only the key tiles listed for that tile (``kv_indices``), reading
+K and V of the query head's KV head in place (GQA, never repeated). Per key
+block it runs the online softmax of FlashAttention in base 2:
+
+    s    = (q k^T) * scale * log2(e)                  (scale folded into one multiply)
+    m'   = max(m, rowmax(s))
+    p    = 2^(s - m'),      alpha = 2^(m - m')
+    l'   = alpha * l + rowsum(p)
+    acc' = alpha * acc + p v
+
+and finishes with ``o = acc / l`` and ``lse = (m + log2 l) * ln 2`` (natural
+log). Rows that read no key keep ``l = 0`` and return ``o = 0``, ``lse = -inf``.
+
+Only the last listed tile can need a token mask: with ascending indices it is
+the diagonal tile (causal, ``n <= p``) or the partial last key tile
+(``n < Nk``). Every other tile runs the mask-free loop.
+
+Positions follow SPEC 2: query row ``r`` sits at ``query_start + r`` on the
+absolute grid and lies in tile ``(query_start + r) // block_size``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._runtime import next_power_of_2
+
+LOG2_E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Launch shape of :func:`_sparse_attention_kernel`.
+
+    ``block_m`` and ``block_n`` must divide the selection tile size.
+    """
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def supported_block_size(block_size: int) -> bool:
+    """The kernel tiles queries and keys in power-of-two blocks of 16 to 128 tokens
+    that divide the selection tile, so it needs ``block_size % 16 == 0``."""
+    return block_size >= 16 and block_size % 16 == 0
+
+
+def default_config(block_size: int, head_dim: int, dtype: torch.dtype,
+                   interpreted: bool) -> AttentionConfig:
+    """Block sizes and pipelining for one call (see benchmarks/NOTES.md for the tuning)."""
+    divisor = block_size & -block_size  # largest power of two dividing block_size
+    if interpreted:
+        # The interpreter's cost grows with block area; 32 keeps CPU tests quick.
+        tile = min(32, divisor)
+        return AttentionConfig(tile, tile, 4, 1)
+    if dtype == torch.float32:
+        return AttentionConfig(min(64, divisor), min(32, divisor), 4, 2)
+    if head_dim > 128:
+        return AttentionConfig(min(64, divisor), min(64, divisor), 8, 2)
+    return AttentionConfig(min(128, divisor), min(64, divisor), 8, 3)
+
+
+@triton.jit
+def _attend_block(acc, l_i, m_i, q, k_head, v_head, key_start, positions,
+                  stride_kn, stride_kd, stride_vn, stride_vd, num_keys, qk_scale,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+                  BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    """One online-softmax step over keys ``[key_start, key_start + BLOCK_N)``."""
+    keys = key_start + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, D_PAD)
+    dims_v = tl.arange(0, DV_PAD)
+    key_ok = keys < num_keys
+    k_ptrs = k_head + keys.to(tl.int64)[None, :] * stride_kn + dims[:, None] * stride_kd
+    v_ptrs = v_head + keys.to(tl.int64)[:, None] * stride_vn + dims_v[None, :] * stride_vd
+    if MASKED:
+        k = tl.load(k_ptrs, mask=(dims[:, None] < HEAD_DIM) & key_ok[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs, mask=dims[:, None] < HEAD_DIM, other=0.0)
+    # s = q k^T, in fp32 (exact fp32 products when the inputs are fp32).
+    if IEEE:
+        s = tl.dot(q, k, input_precision="ieee")
+    else:
+        s = tl.dot(q, k)
+    if MASKED:
+        allowed = key_ok[None, :]
+        if CAUSAL:
+            allowed = allowed & (keys[None, :] <= positions[:, None])
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+        # A row with no allowed key so far keeps m = -inf; shift it by 0 instead.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+        m_shift = m_new
+    # p = 2^(s*scale*log2e - m'), alpha = 2^(m - m').
+    p = tl.math.exp2(s * qk_scale - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=key_ok[:, None] & (dims_v[None, :] < HEAD_DIM_V), other=0.0)
+    else:
+        v = tl.load(v_ptrs, mask=dims_v[None, :] < HEAD_DIM_V, other=0.0)
+    # acc = alpha * acc + p v, with p rounded to V's dtype as FlashAttention does.
+    if IEEE:
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _sparse_attention_kernel(
+    Q, K, V, O, LSE, NUM, IDX,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_nb, stride_nh, stride_ib, stride_ih, stride_ir,
+    num_batch_heads, num_q_heads, group, num_queries, num_keys, query_start,
+    first_query_tile, num_query_tiles, block_size, qk_scale,
+    CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr,
+    DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Attention of ``BLOCK_M`` queries over their selected key tiles.
+
+    Fuses the reference's ``token_mask`` (tile selection plus causal ``n <= p``)
+    and the masked softmax and ``probs @ v`` of ``block_sparse_attention``,
+    visiting only the listed tiles. Programs run the query tiles with the most
+    keys first (highest tile index first), all heads of one tile together.
+    """
+    # Program -> (batch*head, query tile, sub-block). Consecutive programs take
+    # every head of one sub-block, starting from the last (heaviest) one.
+    subs_m = tl.cdiv(block_size, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid % num_batch_heads
+    tile_sub = num_query_tiles * subs_m - 1 - pid // num_batch_heads
+    tile_row = tile_sub // subs_m
+    sub = tile_sub % subs_m
+    b = bh // num_q_heads
+    h = bh % num_q_heads
+    hk = h // group
+    t_abs = first_query_tile + tile_row
+
+    # Absolute positions of this program's queries, and which of them exist.
+    positions = t_abs * block_size + sub * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = (positions >= query_start) & (positions < query_start + num_queries)
+    rows = positions - query_start
+    dims = tl.arange(0, D_PAD)
+    dims_v = tl.arange(0, DV_PAD)
+    q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+              + rows.to(tl.int64)[:, None] * stride_qn + dims[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
+    k_head = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_head = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+
+    # The row of the tile list: count, then ascending key-tile indices.
+    idx_row = IDX + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih + tile_row * stride_ir
+    num_tiles = tl.load(NUM + b.to(tl.int64) * stride_nb + h.to(tl.int64) * stride_nh + tile_row)
+    # Programs whose queries all lie outside [query_start, query_start + Nq) read nothing.
+    num_tiles = tl.where(tl.max(row_ok.to(tl.int32), axis=0) > 0, num_tiles, 0)
+    last_tile = tl.load(idx_row + tl.maximum(num_tiles - 1, 0))
+    last_masked = (last_tile + 1) * block_size > num_keys
+    if CAUSAL:
+        last_masked = last_masked | (last_tile >= t_abs)
+    num_masked = tl.where((num_tiles > 0) & last_masked, 1, 0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], dtype=tl.float32)
+
+    # Mask-free tiles: every key is valid and precedes every query here.
+    subs_n = tl.cdiv(block_size, BLOCK_N)
+    for step in range(0, (num_tiles - num_masked) * subs_n):
+        tile = tl.load(idx_row + step // subs_n)
+        key_start = tile * block_size + (step % subs_n) * BLOCK_N
+        acc, l_i, m_i = _attend_block(
+            acc, l_i, m_i, q, k_head, v_head, key_start, positions,
+            stride_kn, stride_kd, stride_vn, stride_vd, num_keys, qk_scale,
+            False, CAUSAL, HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, BLOCK_N, IEEE)
+
+    # The last tile with a token mask, only over key blocks some query can see.
+    if num_masked > 0:
+        tile_start = last_tile * block_size
+        key_end = tl.minimum(tile_start + block_size, num_keys)
+        if CAUSAL:
+            last_query = tl.minimum(t_abs * block_size + (sub + 1) * BLOCK_M,
+                                    query_start + num_queries)
+            key_end = tl.minimum(key_end, last_query)
+        for key_start in range(tile_start, key_end, BLOCK_N):
+            acc, l_i, m_i = _attend_block(
+                acc, l_i, m_i, q, k_head, v_head, key_start, positions,
+                stride_kn, stride_kd, stride_vn, stride_vd, num_keys, qk_scale,
+                True, CAUSAL, HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, BLOCK_N, IEEE)
+
+    # o = acc / l (0 where no key was read); lse in natural log.
+    has_keys = l_i > 0.0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    o_ptrs = (O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+              + rows.to(tl.int64)[:, None] * stride_on + dims_v[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (dims_v[None, :] < HEAD_DIM_V))
+    if WRITE_LSE:
+        # ln(sum_n e^{scale s_n}) = (m + log2 l) / log2(e), m being in base-2 units.
+        log2_sum = m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))
+        lse = tl.where(has_keys, log2_sum * 0.6931471805599453, float("-inf"))
+        lse_ptrs = LSE + bh.to(tl.int64) * num_queries + rows
+        tl.store(lse_ptrs, lse, mask=row_ok)
+
+
+def sparse_attention_forward(q, k, v, kv_num_blocks, kv_indices, *, block_size: int,
+                             causal: bool, scale: float | None, return_lse: bool,
+                             first_query_tile: int, query_start: int, interpreted: bool,
+                             out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+                             config: AttentionConfig | None = None):
+    """Launch the block-sparse attention kernel on validated inputs.
+
+    Parameters
+    ----------
+    q : Tensor (B, Hq, Nq, D)
+    k : Tensor (B, Hkv, Nk, D)
+    v : Tensor (B, Hkv, Nk, Dv)
+    kv_num_blocks : Tensor (B or 1, Hq or 1, n_query_tiles), int32
+    kv_indices : Tensor (B or 1, Hq or 1, n_query_tiles, >= max count), int32
+        Ascending admissible key tiles of each query tile; dims of size 1 broadcast.
+    block_size : int
+        Selection tile size; must satisfy :func:`supported_block_size`.
+    causal : bool
+    scale : float or None
+        Softmax scale, default ``1 / sqrt(D)``.
+    return_lse : bool
+    first_query_tile, query_start : int
+        From the tile layout.
+    interpreted : bool
+        Kernels run in Triton's interpreter (picks a small launch shape).
+    out, lse : Tensor, optional
+        Preallocated outputs, (B, Hq, Nq, Dv) of q's dtype and (B, Hq, Nq) fp32
+        (tests pass NaN-filled ones to prove every element is written).
+    config : AttentionConfig, optional
+        Launch shape; defaults to :func:`default_config`.
+
+    Returns
+    -------
+    out, and lse (or None when ``return_lse`` is False)
+    """
+    b, hq, nq, d = q.shape
+    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
+    nqt = kv_num_blocks.shape[-1]
+    if out is None:
+        out = torch.empty(b, hq, nq, dv, dtype=q.dtype, device=q.device)
+    if return_lse and lse is None:
+        lse = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device)
+    if config is None:
+        config = default_config(block_size, d, q.dtype, interpreted)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    nb_strides = [0 if kv_num_blocks.shape[i] == 1 else kv_num_blocks.stride(i) for i in (0, 1)]
+    idx_strides = [0 if kv_indices.shape[i] == 1 else kv_indices.stride(i) for i in (0, 1)]
+    grid = (nqt * triton.cdiv(block_size, config.block_m) * b * hq,)
+    _sparse_attention_kernel[grid](
+        q, k, v, out, lse if return_lse else out, kv_num_blocks, kv_indices,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *nb_strides, *idx_strides, kv_indices.stride(2),
+        b * hq, hq, hq // hkv, nq, nk, query_start, first_query_tile, nqt, block_size,
+        scale * LOG2_E,
+        CAUSAL=causal, WRITE_LSE=return_lse,
+        HEAD_DIM=d, HEAD_DIM_V=dv, D_PAD=max(16, next_power_of_2(d)),
+        DV_PAD=max(16, next_power_of_2(dv)),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, IEEE=q.dtype == torch.float32,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out, (lse if return_lse else None)

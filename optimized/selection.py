@@ -1,0 +1,344 @@
+"""Prism's block selection on the GPU: scores, softmax, top-p, union, forced tiles (SPEC 5-6).
+
+After :mod:`~prism.optimized.pooling`, one kernel finishes the selection. A
+program owns ``ROWS`` query-tile rows of one (batch, q head) and keeps the
+whole row of ``WIDTH`` key tiles of both bands in registers, so no
+``(B, H, 2 * nq, nk)`` probability tensor ever reaches global memory:
+
+1. temperatures ``tau_b`` from the pooled energies (SPEC 5);
+2. band logits ``s_b = (qbar_b . kbar_b) / (sqrt(d_b) tau_b)`` - a matrix
+   product of the row block's pooled queries, with the scale folded in and the
+   other band's dims zeroed, against the pooled keys;
+3. softmax over the admissible tiles ``j <= i`` (causal) in fp32;
+4. top-p without sorting. With probabilities ``x_j`` let
+   ``F(t) = sum_{x_j > t} x_j``, the mass strictly above ``t``. Ranked by
+   descending probability with ties by index, tile ``j`` has
+   ``mass_before(j) = F(x_j) + x_j * (number of earlier-index ties)``, and it
+   is kept iff that is ``< p``. ``F(t) < p`` holds exactly for ``t >= v``,
+   where ``v`` is the smallest probability with ``F(v) < p``; so every tile
+   with ``x_j > v`` is kept, none with ``x_j < v``, and the first
+   ``ceil((p - F(v)) / v)`` ties at ``v`` by index. Non-negative fp32 values
+   order like their bit patterns, so a bisection on the int32 bits finds ``v``
+   exactly in 30 steps (``bits(1.0) < 2^30``), each one masked sum per row.
+   At ``p == 1`` the kept set is every tile with ``x_j > 0`` (reference/topp.py);
+5. union of the bands, the forced sink and diagonal tiles, and the bool mask
+   and the compact indices written straight from registers.
+
+Rows are grouped by how many key tiles they can see: causal row blocks near
+the top of the grid need only a narrow ``WIDTH``, so the host launches one
+program family per power-of-two width.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from prism.reference.config import PrismConfig
+from prism.reference.tiles import TileLayout
+
+from ._runtime import check_finite_fast, next_power_of_2
+from .pooling import _band_membership, band_pairs, pool_tiles_and_energy
+
+#: Widest key-tile row that the tensor-core path keeps in registers (16 rows each).
+DOT_MAX_WIDTH = 1024
+#: Widest key-tile row of any kernel path; longer rows take the reference's path.
+MAX_WIDTH = 32768
+
+
+@triton.jit
+def _band_temperature(q_energy, k_energy, band_index, band_dim, head_dim, num_query_tiles,
+                      num_key_tiles, eps):
+    """``tau_b = sqrt(d_b/D) * (rq_b / max(rq, eps)) * (rk_b / max(rk, eps))``, at least eps.
+
+    ``rq = sqrt(sum qbar^2 / (nq * D))`` and ``rq_b = sqrt(sum_b qbar^2 / (nq * d_b))``
+    from the pooling kernel's energy sums; ``rk``, ``rk_b`` likewise for keys.
+    """
+    rq = tl.sqrt((tl.load(q_energy) / (num_query_tiles * head_dim)).to(tl.float32))
+    rq_b = tl.sqrt((tl.load(q_energy + band_index) / (num_query_tiles * band_dim)).to(tl.float32))
+    rk = tl.sqrt((tl.load(k_energy) / (num_key_tiles * head_dim)).to(tl.float32))
+    rk_b = tl.sqrt((tl.load(k_energy + band_index) / (num_key_tiles * band_dim)).to(tl.float32))
+    tau = (tl.sqrt(band_dim.to(tl.float32) / head_dim)
+           * (rq_b / tl.maximum(rq, eps)) * (rk_b / tl.maximum(rk, eps)))
+    return tl.maximum(tau, eps)
+
+
+@triton.jit
+def _band_dim(i, head_dim, half_layout, band_start, band_pairs):
+    """Head dim of the ``i``-th dim of a band, in ascending order (SPEC 4)."""
+    in_first_half = i < band_pairs
+    half_dim = tl.where(in_first_half, band_start + i, head_dim // 2 + band_start + i - band_pairs)
+    return tl.where(half_layout != 0, half_dim, 2 * band_start + i)
+
+
+@triton.jit
+def _softmax_rows(logits, admissible):
+    """Row softmax over admissible tiles in fp32; inadmissible entries become -2.
+
+    -2 lies below every probability and every bisection threshold, so later
+    stages neither count nor keep those entries.
+    """
+    s = tl.where(admissible, logits, float("-inf"))
+    row_max = tl.max(s, axis=1)
+    row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+    e = tl.exp(s - row_max[:, None])
+    total = tl.sum(e, axis=1)
+    total = tl.where(total > 0.0, total, 1.0)
+    return tl.where(admissible, e / total[:, None], -2.0)
+
+
+@triton.jit
+def _top_p_keep(prob, threshold, ROWS: tl.constexpr):
+    """Tiles kept by top-p with the index tie-break (reference ``top_p_select``).
+
+    ``prob`` is (ROWS, WIDTH) from :func:`_softmax_rows`. Returns a bool mask.
+    """
+    if threshold >= 1.0:
+        keep = prob > 0.0
+    else:
+        # Invariant: F(lo) >= p > F(hi) on the int32 bits of the thresholds;
+        # lo = -1 stands for "below 0" (F counts every admissible tile there).
+        lo = tl.full([ROWS], -1, dtype=tl.int32)
+        hi = tl.maximum(tl.max(prob, axis=1), 0.0).to(tl.int32, bitcast=True)
+        for _ in range(30):
+            mid = lo + (hi - lo) // 2
+            t = tl.where(mid < 0, -1.0, mid.to(tl.float32, bitcast=True))
+            mass_above = tl.sum(tl.where(prob > t[:, None], prob, 0.0), axis=1)
+            up = mass_above >= threshold
+            lo = tl.where(up, mid, lo)
+            hi = tl.where(up, hi, mid)
+        # hi is now bits(v): keep x > v, and the first ceil((p - F(v)) / v) ties at v.
+        v = hi.to(tl.float32, bitcast=True)
+        above = prob > v[:, None]
+        mass_above_v = tl.sum(tl.where(above, prob, 0.0), axis=1)
+        at_v = (prob == v[:, None]).to(tl.int32)
+        ties_before = tl.cumsum(at_v, axis=1) - at_v
+        quota = tl.where(v > 0.0, tl.math.ceil((threshold - mass_above_v) / v), float("inf"))
+        keep = above | ((at_v != 0) & (ties_before.to(tl.float32) < quota[:, None]))
+    return keep
+
+
+@triton.jit
+def _select_tiles_kernel(
+    Q_POOLED, K_POOLED_T, Q_ENERGY, K_ENERGY, MASK, NUM, IDX,
+    num_q_heads, group, num_query_tiles, num_key_tiles, k_pooled_stride, first_query_tile,
+    row_start, row_end,
+    head_dim, half_layout, high_dim, low_dim, high_start, low_start,
+    high_threshold, low_threshold, high_temperature, low_temperature, eps,
+    CAUSAL: tl.constexpr, CALIBRATE: tl.constexpr,
+    FORCE_SINK: tl.constexpr, FORCE_DIAGONAL: tl.constexpr,
+    WRITE_MASK: tl.constexpr, WRITE_INDICES: tl.constexpr,
+    ROWS: tl.constexpr, WIDTH: tl.constexpr, D_PAD: tl.constexpr, DK: tl.constexpr,
+    USE_DOT: tl.constexpr,
+):
+    """Select the key tiles of ``ROWS`` query-tile rows of one (batch, q head).
+
+    Fuses the reference stages ``band_temperature``, ``band_logits``,
+    ``admissible_tiles``, ``band_probabilities``, ``top_p_select`` (both bands),
+    ``forced_tiles``, the union, and ``mask_to_indices``. Rows
+    ``[row_start, row_end)`` of this launch all see fewer than ``WIDTH`` key tiles.
+    """
+    bh = tl.program_id(1)
+    b = bh // num_q_heads
+    h = bh % num_q_heads
+    bkv = b * (num_q_heads // group) + h // group
+    rows = row_start + tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < row_end
+    cols = tl.arange(0, WIDTH)
+    col_ok = cols < num_key_tiles
+    abs_rows = first_query_tile + rows
+    if CAUSAL:
+        admissible = row_ok[:, None] & (cols[None, :] <= abs_rows[:, None])
+    else:
+        admissible = row_ok[:, None] & col_ok[None, :]
+
+    # Stage 1 (SPEC 5): one temperature per band for this (batch, q head).
+    if CALIBRATE:
+        q_energy = Q_ENERGY + bh * 3
+        k_energy = K_ENERGY + bkv * 3
+        tau_high = _band_temperature(q_energy, k_energy, 1, high_dim, head_dim,
+                                     num_query_tiles, num_key_tiles, eps)
+        tau_low = _band_temperature(q_energy, k_energy, 2, low_dim, head_dim,
+                                    num_query_tiles, num_key_tiles, eps)
+    else:
+        tau_high = high_temperature
+        tau_low = low_temperature
+    coef_high = 1.0 / (tl.sqrt(high_dim.to(tl.float32)) * tau_high)
+    coef_low = 1.0 / (tl.sqrt(low_dim.to(tl.float32)) * tau_low)
+
+    # Stage 2: s_b[i, j] = sum_{d in band} qbar[i, d] * coef_b * kbar[j, d].
+    q_rows = Q_POOLED + (bh.to(tl.int64) * num_query_tiles + rows) * head_dim
+    k_head = K_POOLED_T + bkv.to(tl.int64) * head_dim * k_pooled_stride
+    if USE_DOT:
+        # Tensor cores, DK dims at a time; "tf32x3" keeps fp32 accuracy.
+        logits_high = tl.zeros([ROWS, WIDTH], dtype=tl.float32)
+        logits_low = tl.zeros([ROWS, WIDTH], dtype=tl.float32)
+        for d0 in tl.static_range(0, D_PAD, DK):
+            dims = d0 + tl.arange(0, DK)
+            dim_ok = dims < head_dim
+            qbar = tl.load(q_rows[:, None] + dims[None, :],
+                           mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+            kbar = tl.load(k_head + dims[:, None] * k_pooled_stride + cols[None, :],
+                           mask=dim_ok[:, None] & col_ok[None, :], other=0.0)
+            in_high = _band_membership(dims, head_dim, half_layout, high_start, high_dim // 2)
+            in_low = _band_membership(dims, head_dim, half_layout, low_start, low_dim // 2)
+            q_high = qbar * tl.where(in_high, coef_high, 0.0)[None, :]
+            q_low = qbar * tl.where(in_low, coef_low, 0.0)[None, :]
+            logits_high = tl.dot(q_high, kbar, logits_high, input_precision="tf32x3")
+            logits_low = tl.dot(q_low, kbar, logits_low, input_precision="tf32x3")
+    else:
+        # CUDA cores, one band dim at a time: an outer product per dim.
+        logits_high = tl.zeros([ROWS, WIDTH], dtype=tl.float32)
+        for i in range(0, high_dim):
+            d = _band_dim(i, head_dim, half_layout, high_start, high_dim // 2)
+            qd = tl.load(q_rows + d, mask=row_ok, other=0.0) * coef_high
+            kd = tl.load(k_head + d * k_pooled_stride + cols, mask=col_ok, other=0.0)
+            logits_high += qd[:, None] * kd[None, :]
+        logits_low = tl.zeros([ROWS, WIDTH], dtype=tl.float32)
+        for i in range(0, low_dim):
+            d = _band_dim(i, head_dim, half_layout, low_start, low_dim // 2)
+            qd = tl.load(q_rows + d, mask=row_ok, other=0.0) * coef_low
+            kd = tl.load(k_head + d * k_pooled_stride + cols, mask=col_ok, other=0.0)
+            logits_low += qd[:, None] * kd[None, :]
+
+    # Stages 3-4 (SPEC 6): softmax over admissible tiles, then top-p per band.
+    keep_high = _top_p_keep(_softmax_rows(logits_high, admissible), high_threshold, ROWS)
+    keep_low = _top_p_keep(_softmax_rows(logits_low, admissible), low_threshold, ROWS)
+
+    # Stage 5: union, forced sink and diagonal, never outside the admissible set.
+    keep = keep_high | keep_low
+    if FORCE_SINK:
+        keep = keep | (cols[None, :] == 0)
+    if CAUSAL and FORCE_DIAGONAL:
+        keep = keep | (cols[None, :] == abs_rows[:, None])
+    keep = keep & admissible
+
+    # Outputs. Columns at or beyond WIDTH are never selected in this launch.
+    row_offsets = (bh.to(tl.int64) * num_query_tiles + rows) * num_key_tiles
+    in_row = row_ok[:, None] & col_ok[None, :]
+    if WRITE_MASK:
+        tl.store(MASK + row_offsets[:, None] + cols[None, :], keep, mask=in_row)
+    if WRITE_INDICES:
+        taken = keep.to(tl.int32)
+        count = tl.sum(taken, axis=1)
+        slot = tl.cumsum(taken, axis=1) - taken  # ascending tiles fill slots 0, 1, ...
+        idx_rows = IDX + row_offsets[:, None]
+        tl.store(idx_rows + slot, cols[None, :] + tl.zeros([ROWS, WIDTH], dtype=tl.int32),
+                 mask=keep)
+        tl.store(idx_rows + cols[None, :], tl.full([ROWS, WIDTH], -1, dtype=tl.int32),
+                 mask=in_row & (cols[None, :] >= count[:, None]))
+        tl.store(NUM + bh.to(tl.int64) * num_query_tiles + rows, count, mask=row_ok)
+    for c0 in range(WIDTH, num_key_tiles, WIDTH):
+        tail = c0 + cols
+        tail_ok = row_ok[:, None] & (tail < num_key_tiles)[None, :]
+        if WRITE_MASK:
+            tl.store(MASK + row_offsets[:, None] + tail[None, :],
+                     tl.zeros([ROWS, WIDTH], dtype=tl.int1), mask=tail_ok)
+        if WRITE_INDICES:
+            tl.store(IDX + row_offsets[:, None] + tail[None, :],
+                     tl.full([ROWS, WIDTH], -1, dtype=tl.int32), mask=tail_ok)
+
+
+def _launch_plan(layout: TileLayout, causal: bool):
+    """Row ranges that share one kernel shape: ``[(row_start, row_end, width, rows, use_dot)]``.
+
+    A causal row ``i`` sees key tiles ``0 .. first + i``; it goes to the
+    narrowest power-of-two width (at least 16) that holds them. Rows that see
+    more than ``DOT_MAX_WIDTH`` tiles use the CUDA-core path with fewer rows
+    per program, so a program keeps at most 16K probabilities per band.
+    """
+    nqt, nkt = layout.num_query_tiles, layout.num_key_tiles
+    full_width = max(16, next_power_of_2(nkt))
+    use_dot = full_width <= DOT_MAX_WIDTH
+    plan = []
+    row = 0
+    while row < nqt:
+        seen = min(nkt, layout.first_query_tile + row + 1) if causal else nkt
+        width = max(16, next_power_of_2(seen))
+        if causal:
+            # Rows r with first + r + 1 <= width (and r < nqt) fit in this width.
+            end = min(nqt, width - layout.first_query_tile) if width < nkt else nqt
+            end = max(end, row + 1)
+        else:
+            end = nqt
+        rows = 16 if use_dot else max(1, min(16, 8192 // width))
+        plan.append((row, end, width, rows, use_dot))
+        row = end
+    return plan
+
+
+def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: bool,
+                 layout: TileLayout, high_dim: int, low_dim: int, *,
+                 write_mask: bool = True, write_indices: bool = False,
+                 mask: torch.Tensor | None = None, kv_num_blocks: torch.Tensor | None = None,
+                 kv_indices: torch.Tensor | None = None):
+    """Run pooling and selection; return the mask and/or the compact indices.
+
+    Inputs are validated by the caller; NaN/Inf are detected here from the
+    pooled energies (a non-finite input makes its head's energy non-finite) and
+    confirmed against the inputs before raising.
+
+    Parameters
+    ----------
+    q : Tensor (B, Hq, Nq, D)
+    k : Tensor (B, Hkv, Nk, D)
+    cfg : PrismConfig
+    causal : bool
+    layout : TileLayout
+        With ``Nq > 0`` and ``Nk > 0``.
+    high_dim, low_dim : int
+        Resolved band widths.
+    write_mask, write_indices : bool
+        Which outputs to produce.
+    mask, kv_num_blocks, kv_indices : Tensor, optional
+        Preallocated outputs (tests pass poisoned ones to prove every element
+        is written): bool (B, Hq, nq, nk), int32 (B, Hq, nq), int32 (B, Hq, nq, nk).
+
+    Returns
+    -------
+    mask : Tensor (B, Hq, nq, nk) bool, or None
+    kv_num_blocks : Tensor (B, Hq, nq) int32, or None
+    kv_indices : Tensor (B, Hq, nq, nk) int32, or None
+    """
+    b, hq, _, d = q.shape
+    hkv = k.shape[1]
+    nqt, nkt = layout.num_query_tiles, layout.num_key_tiles
+    device = q.device
+    q_pooled, k_pooled_t, q_energy, k_energy = pool_tiles_and_energy(
+        q, k, layout, high_dim, low_dim, cfg.rope_layout)
+    energies = torch.cat([q_energy[:, 0], k_energy[:, 0]])
+    if not bool(torch.isfinite(energies).all()):
+        check_finite_fast(q=q, k=k)
+
+    if write_mask and mask is None:
+        mask = torch.empty(b, hq, nqt, nkt, dtype=torch.bool, device=device)
+    if write_indices:
+        if kv_num_blocks is None:
+            kv_num_blocks = torch.empty(b, hq, nqt, dtype=torch.int32, device=device)
+        if kv_indices is None:
+            kv_indices = torch.empty(b, hq, nqt, nkt, dtype=torch.int32, device=device)
+    # Unused output pointers still need a tensor on the right device.
+    placeholder = q_pooled
+    high_start, _, low_start, _ = band_pairs(d, high_dim, low_dim)
+    d_pad = max(16, next_power_of_2(d))
+    for row_start, row_end, width, rows, use_dot in _launch_plan(layout, causal):
+        dk = max(8, min(32, 16384 // width))
+        grid = (triton.cdiv(row_end - row_start, rows), b * hq)
+        _select_tiles_kernel[grid](
+            q_pooled, k_pooled_t, q_energy, k_energy,
+            mask if write_mask else placeholder,
+            kv_num_blocks if write_indices else placeholder,
+            kv_indices if write_indices else placeholder,
+            hq, hq // hkv, nqt, nkt, k_pooled_t.shape[-1], layout.first_query_tile,
+            row_start, row_end,
+            d, 1 if cfg.rope_layout == "half" else 0, high_dim, low_dim, high_start, low_start,
+            float(cfg.high_threshold), float(cfg.low_threshold),
+            float(cfg.high_temperature), float(cfg.low_temperature), float(cfg.eps),
+            CAUSAL=causal, CALIBRATE=cfg.calibrate,
+            FORCE_SINK=cfg.force_sink, FORCE_DIAGONAL=cfg.force_diagonal,
+            WRITE_MASK=write_mask, WRITE_INDICES=write_indices,
+            ROWS=rows, WIDTH=width, D_PAD=d_pad, DK=min(dk, d_pad), USE_DOT=use_dot,
+            num_warps=max(4, min(16, rows * width // 1024)),
+        )
+    return mask, kv_num_blocks, kv_indices
