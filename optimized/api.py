@@ -65,7 +65,7 @@ def select_blocks(q, k, config: PrismConfig | None = None, *, causal: bool = Tru
     cfg = resolve_config(config, **overrides)
     validate_qk(q, k, causal=causal, check_values=False)
     check_device(_select_tiles_kernel, q=q, k=k)
-    mask, _, _ = _select(q, k, cfg, causal, write_indices=False)
+    mask, _, _, _ = _select(q, k, cfg, causal, write_indices=False)
     return mask
 
 
