@@ -27,6 +27,7 @@ from .blind_spot import (
     kept_attention_mass,
     mean_pooling_select,
     synthetic_positional_head,
+    tile_attention_mass,
 )
 from .checks import (
     BandEnergy,
@@ -60,6 +61,7 @@ __all__ = [
     "SyntheticHead",
     "mean_pooling_select",
     "full_attention_probabilities",
+    "tile_attention_mass",
     "kept_attention_mass",
     "attention_recall",
     "causal_density",

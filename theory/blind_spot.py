@@ -40,7 +40,6 @@ from prism.reference import (
     pool_tiles,
     select_blocks,
     tile_layout,
-    token_mask,
     top_p_select,
 )
 from prism.reference.validation import validate_block_mask, validate_qk
@@ -52,10 +51,6 @@ DEFAULT_BLIND_SPOT_BASES = (1e4, 1e5, 5e5, 1e6)
 
 METHOD_MEAN_POOLING = "mean pooling"
 METHOD_PRISM = "prism"
-
-# Rows of queries whose full-attention probabilities are held at once (float64).
-_ROW_CHUNK = 512
-
 
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral):
@@ -376,9 +371,58 @@ def full_attention_probabilities(q: torch.Tensor, k: torch.Tensor, *, causal: bo
     return torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
 
 
+def tile_attention_mass(probabilities: torch.Tensor, *, block_size: int = 128,
+                        causal: bool = True) -> torch.Tensor:
+    """Per query, the full-attention mass that falls in each key tile.
+
+    Summing once per key tile lets many tile selections be scored against the
+    same attention matrix at the cost of a gather each.
+
+    Parameters
+    ----------
+    probabilities : Tensor (B, Hq, Nq, Nk)
+        From :func:`full_attention_probabilities`.
+    block_size : int
+    causal : bool
+        When causal, keys after the query (``n > p``) are left out even if
+        ``probabilities`` holds mass there.
+
+    Returns
+    -------
+    Tensor (B, Hq, Nq, n_key_tiles), float64
+    """
+    if not isinstance(probabilities, torch.Tensor) or probabilities.dim() != 4:
+        raise TypeError("probabilities must be a (B, Hq, Nq, Nk) tensor from "
+                        "full_attention_probabilities")
+    block_size = validate_block_size(block_size)
+    b, h, nq, nk = probabilities.shape
+    n_key_tiles = -(-nk // block_size)
+    weights = probabilities.double()
+    if causal:
+        positions = torch.arange(nk - nq, nk, device=weights.device)
+        allowed = torch.arange(nk, device=weights.device)[None, :] <= positions[:, None]
+        weights = weights * allowed
+    padded = torch.zeros(b, h, nq, n_key_tiles * block_size, dtype=torch.float64,
+                         device=weights.device)
+    padded[..., :nk] = weights
+    return padded.view(b, h, nq, n_key_tiles, block_size).sum(dim=-1)
+
+
+def _kept_from_tile_mass(tile_mass: torch.Tensor, block_mask: torch.Tensor,
+                         layout) -> torch.Tensor:
+    """Sum each query's tile masses over the tiles selected for its query tile."""
+    positions = layout.query_start + torch.arange(layout.num_queries, device=tile_mass.device)
+    rows = positions // layout.block_size - layout.first_query_tile
+    selected = block_mask[:, :, rows].to(torch.float64)  # (B', H', Nq, n_key_tiles)
+    return (tile_mass * selected).sum(dim=-1)
+
+
 def kept_attention_mass(probabilities: torch.Tensor, block_mask: torch.Tensor, *,
                         block_size: int = 128, causal: bool = True) -> torch.Tensor:
     """Per query, the full-attention mass that falls on its selected tiles.
+
+    Query ``p`` keeps key ``n`` iff ``tile(n)`` is selected for ``tile(p)``
+    and, when causal, ``n <= p`` (SPEC 7).
 
     Parameters
     ----------
@@ -393,20 +437,12 @@ def kept_attention_mass(probabilities: torch.Tensor, block_mask: torch.Tensor, *
     -------
     Tensor (B, Hq, Nq), float64
     """
-    if not isinstance(probabilities, torch.Tensor) or probabilities.dim() != 4:
-        raise TypeError("probabilities must be a (B, Hq, Nq, Nk) tensor from "
-                        "full_attention_probabilities")
-    block_size = validate_block_size(block_size)
+    tile_mass = tile_attention_mass(probabilities, block_size=block_size, causal=causal)
     nq, nk = probabilities.shape[2], probabilities.shape[3]
     layout = tile_layout(nq, nk, block_size, causal)
     validate_block_mask(block_mask, probabilities,
                         (layout.num_query_tiles, layout.num_key_tiles))
-    kept = torch.zeros(probabilities.shape[:3], dtype=torch.float64, device=probabilities.device)
-    for r0 in range(0, nq, _ROW_CHUNK):
-        rows = torch.arange(r0, min(nq, r0 + _ROW_CHUNK), device=probabilities.device)
-        allowed = token_mask(block_mask, layout, rows, causal)
-        kept[:, :, rows] = (probabilities[:, :, rows] * allowed).sum(dim=-1)
-    return kept
+    return _kept_from_tile_mass(tile_mass, block_mask, layout)
 
 
 def attention_recall(q: torch.Tensor, k: torch.Tensor, block_mask: torch.Tensor, *,
@@ -541,10 +577,11 @@ def compare_selections(
     threshold = _check_threshold(threshold)
     q, k = head.q, head.k
     n = head.num_tokens
-    probabilities = full_attention_probabilities(q, k)
+    tile_mass = tile_attention_mass(full_attention_probabilities(q, k), block_size=block_size)
+    layout = tile_layout(n, n, block_size, True)
 
     def measure(mask, method, calibrate, top_p):
-        recall = kept_attention_mass(probabilities, mask, block_size=block_size).mean()
+        recall = _kept_from_tile_mass(tile_mass, mask, layout).mean()
         density = causal_density(mask, num_queries=n, num_keys=n, block_size=block_size)
         return BlindSpotResult(base=head.base, block_size=block_size,
                                slash_offset=head.slash_offset, method=method,
