@@ -1,0 +1,395 @@
+"""Prism's GPU benchmark: selection, block-sparse attention, end to end, memory, peers.
+
+Shapes are the paper's efficiency setting: one Llama-3.1-8B layer, batch 1,
+32 query heads, 8 KV heads, head_dim 128, bf16, tile 128, causal. Every time
+is the median of ``triton.testing.do_bench``; every ratio compares numbers
+measured in the same run.
+
+Usage (on the GPU machine, from the repository root)::
+
+    python benchmarks/bench_prism.py --mode quick            # < 2 minutes, prints ratios
+    python benchmarks/bench_prism.py --mode full --out benchmarks/results/full.json
+    python benchmarks/bench_prism.py --mode tune             # attention launch shapes
+
+What is measured, per sequence length N:
+
+(a) selection: pooling + scoring + top-p + mask + compact indices (what
+    ``prism_attention`` runs), and ``select_blocks`` (mask only);
+(b) block-sparse attention on random causal tile masks of density 1.0, 0.3,
+    0.15, 0.05 (sink and diagonal kept), kernel alone (precomputed indices)
+    and the public ``block_sparse_attention``; and on the mask Prism selects
+    for structured inputs;
+(c) end-to-end ``prism_attention`` against dense causal SDPA (cuDNN and flash
+    backends, K/V pre-expanded to 32 heads outside the timing), with TFLOP/s
+    counted on the (query, key) pairs the mask lets through;
+(c') the same masks through compiled FlexAttention (``BlockMask.from_kv_blocks``,
+    off-diagonal tiles full, the diagonal tile token-causal);
+(d) peak extra memory of selection, against the size of the fp32
+    (B, H, 2*nq, nk) probability tensor the paper's code materialises.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from prism import optimized
+from prism.optimized.api import _select
+from prism.optimized.attention import AttentionConfig, default_config, sparse_attention_forward
+from prism.optimized.indices import mask_rows_to_indices
+from prism.reference import apply_rope, resolve_config
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 128
+DTYPE = torch.bfloat16
+DENSITIES = (1.0, 0.3, 0.15, 0.05)
+
+
+def log(*parts):
+    print(*parts, flush=True)
+
+
+def bench(fn, rep=100):
+    """Median milliseconds of ``fn`` (do_bench, events, warm-up included)."""
+    return float(do_bench(fn, warmup=25, rep=rep, return_mode="median"))
+
+
+def ceilings():
+    """bf16 matmul TFLOP/s (8192^3, random data) and device copy TB/s (read + write)."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=DTYPE)
+    b = torch.randn(8192, 8192, device="cuda", dtype=DTYPE)
+    mm_ms = bench(lambda: a @ b)
+    src = torch.randn(2**28, device="cuda", dtype=torch.float32)  # 1 GiB
+    dst = torch.empty_like(src)
+    copy_ms = bench(lambda: dst.copy_(src))
+    return {"matmul_bf16_tflops": 2 * 8192**3 / mm_ms / 1e9,
+            "copy_tb_s": 2 * src.numel() * 4 / copy_ms / 1e9}
+
+
+def random_inputs(n, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(1, HEADS, n, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
+    k = torch.randn(1, KV_HEADS, n, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
+    v = torch.randn(1, KV_HEADS, n, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
+    return q, k, v
+
+
+def structured_inputs(n, seed=1, base=500000.0, sharpness=2.0):
+    """RoPE'd queries and keys that share a per-head direction, so that scores
+    carry relative-position structure (local and long-range bands) like a real
+    layer; v is random."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    topic = torch.randn(1, KV_HEADS, 1, HEAD_DIM, device="cuda", generator=gen)
+    k = torch.randn(1, KV_HEADS, n, HEAD_DIM, device="cuda", generator=gen) + 1.5 * topic
+    q = (torch.randn(1, HEADS, n, HEAD_DIM, device="cuda", generator=gen)
+         + 1.5 * topic.repeat_interleave(HEADS // KV_HEADS, dim=1)) * sharpness
+    q = apply_rope(q, base).to(DTYPE)
+    k = apply_rope(k, base).to(DTYPE)
+    v = torch.randn(1, KV_HEADS, n, HEAD_DIM, device="cuda", generator=gen).to(DTYPE)
+    return q, k, v
+
+
+def random_causal_mask(n_tiles, density, seed):
+    """(1, H, nt, nt) causal tile mask keeping each admissible tile with
+    probability ``density``, plus the sink and the diagonal."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    mask = torch.rand(1, HEADS, n_tiles, n_tiles, device="cuda", generator=gen) < density
+    mask &= torch.ones(n_tiles, n_tiles, dtype=torch.bool, device="cuda").tril()
+    mask[..., 0] = True
+    mask |= torch.eye(n_tiles, dtype=torch.bool, device="cuda")
+    return mask
+
+
+def causal_density(mask):
+    nt = mask.shape[-1]
+    return float(mask.sum()) / (mask.shape[0] * mask.shape[1] * nt * (nt + 1) / 2)
+
+
+def computed_pairs(mask, block):
+    """(query, key) token pairs a causal tile mask lets through (N a multiple of block)."""
+    diagonal = mask.diagonal(dim1=-2, dim2=-1).sum()
+    return float((mask.sum() - diagonal) * block * block + diagonal * block * (block + 1) / 2)
+
+
+def attention_flops(pairs):
+    """Two matmuls of 2*D FLOPs per (query, key) pair."""
+    return 4.0 * HEAD_DIM * pairs
+
+
+def sdpa_times(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    group = HEADS // KV_HEADS
+    k_full = k.repeat_interleave(group, dim=1)
+    v_full = v.repeat_interleave(group, dim=1)
+    times = {}
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("flash", SDPBackend.FLASH_ATTENTION)):
+        try:
+            with sdpa_kernel([backend]):
+                sdpa(q, k_full, v_full, is_causal=True)
+                times[name] = bench(lambda backend=backend: _sdpa_with(backend, q, k_full,
+                                                                        v_full))
+        except RuntimeError as error:
+            times[name] = None
+            log(f"  SDPA {name} unavailable: {error}")
+    return times
+
+
+def _sdpa_with(backend, q, k, v):
+    from torch.nn.attention import sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    with sdpa_kernel([backend]):
+        return sdpa(q, k, v, is_causal=True)
+
+
+class Flex:
+    """Compiled FlexAttention on a Prism tile mask, built once per mask."""
+
+    def __init__(self):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        self.attend = torch.compile(flex_attention)
+
+    @staticmethod
+    def block_mask(mask, n):
+        from torch.nn.attention.flex_attention import BlockMask
+
+        nt = mask.shape[-1]
+        eye = torch.eye(nt, dtype=torch.bool, device=mask.device)
+        full = mask & ~eye
+        partial = mask & eye
+        full_num, full_idx = mask_rows_to_indices(full)
+        part_num, part_idx = mask_rows_to_indices(partial)
+
+        def causal(b, h, q_idx, kv_idx):
+            return q_idx >= kv_idx
+
+        return BlockMask.from_kv_blocks(part_num, part_idx, full_num, full_idx,
+                                        BLOCK_SIZE=BLOCK, mask_mod=causal, seq_lengths=(n, n))
+
+    def time(self, q, k, v, mask, n):
+        bm = self.block_mask(mask, n)
+        self.attend(q, k, v, block_mask=bm, enable_gqa=True)
+        return bench(lambda: self.attend(q, k, v, block_mask=bm, enable_gqa=True))
+
+
+def selection_memory(q, k, cfg):
+    """Peak bytes allocated by selection above what was allocated before it."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    mask, num, idx, _ = _select(q, k, cfg, True, write_indices=True)
+    torch.cuda.synchronize()
+    peak_with_indices = torch.cuda.max_memory_allocated() - base
+    outputs = mask.numel() + num.numel() * 4 + idx.numel() * 4
+    del mask, num, idx
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    mask = optimized.select_blocks(q, k, cfg)
+    torch.cuda.synchronize()
+    peak_mask_only = torch.cuda.max_memory_allocated() - base
+    nt = mask.shape[-1]
+    return {
+        "peak_extra_mb_mask_and_indices": peak_with_indices / 2**20,
+        "peak_extra_mb_excluding_outputs": (peak_with_indices - outputs) / 2**20,
+        "peak_extra_mb_select_blocks": peak_mask_only / 2**20,
+        "mask_mb": mask.numel() / 2**20,
+        "indices_mb": 4 * mask.numel() / 2**20,
+        "probability_tensor_mb": HEADS * 2 * nt * nt * 4 / 2**20,
+    }
+
+
+def run_length(n, densities, flex, seed=0):
+    """Every measurement at one sequence length (random inputs, then structured ones)."""
+    row = {"tokens": n}
+    cfg = resolve_config(None, block_size=BLOCK)
+    _random_input_part(row, n, densities, flex, cfg, seed)
+    torch.cuda.empty_cache()
+    _structured_part(row, n, flex, cfg)
+    torch.cuda.empty_cache()
+    return row
+
+
+def _random_input_part(row, n, densities, flex, cfg, seed):
+    nt = n // BLOCK
+    q, k, v = random_inputs(n, seed)
+
+    # (a) selection.
+    row["select_ms"] = bench(lambda: _select(q, k, cfg, True, write_indices=True))
+    row["select_blocks_ms"] = bench(lambda: optimized.select_blocks(q, k, cfg))
+    row["memory"] = selection_memory(q, k, cfg)
+
+    # (c) dense baselines.
+    sdpa = sdpa_times(q, k, v)
+    row["sdpa_ms"] = sdpa
+    row["sdpa_best_ms"] = min(t for t in sdpa.values() if t is not None)
+    dense_flops = attention_flops(HEADS * n * (n + 1) / 2)
+    row["sdpa_cudnn_tflops"] = (dense_flops / sdpa["cudnn"] / 1e9) if sdpa.get("cudnn") else None
+
+    # (b) fixed densities; (c') FlexAttention on the same masks.
+    row["sparse"] = []
+    for density in densities:
+        mask = random_causal_mask(nt, density, seed=int(density * 1000) + n)
+        num, idx = mask_rows_to_indices(mask, 0, causal_trim=True)
+        entry = {"density_target": density, "density": causal_density(mask)}
+        entry["kernel_ms"] = bench(lambda num=num, idx=idx: sparse_attention_forward(
+            q, k, v, num, idx, block_size=BLOCK, causal=True, scale=None, return_lse=False,
+            first_query_tile=0, query_start=0, interpreted=False))
+        entry["public_ms"] = bench(lambda mask=mask: optimized.block_sparse_attention(
+            q, k, v, mask, block_size=BLOCK))
+        entry["tflops"] = attention_flops(computed_pairs(mask, BLOCK)) / entry["kernel_ms"] / 1e9
+        if sdpa.get("cudnn"):
+            entry["kernel_vs_cudnn"] = entry["kernel_ms"] / sdpa["cudnn"]
+        if flex is not None:
+            entry["flex_ms"] = flex.time(q, k, v, mask, n)
+            entry["flex_over_kernel"] = entry["flex_ms"] / entry["kernel_ms"]
+        row["sparse"].append(entry)
+        log(f"  N={n} density {density}: kernel {entry['kernel_ms']:.3f} ms "
+            f"({entry['tflops']:.0f} TFLOP/s), public {entry['public_ms']:.3f} ms"
+            + (f", flex {entry['flex_ms']:.3f} ms" if "flex_ms" in entry else ""))
+
+
+def _structured_part(row, n, flex, cfg):
+    """(b, c) Prism on structured inputs: its own mask, and end to end."""
+    q, k, v = structured_inputs(n)
+    mask, num, idx, layout = _select(q, k, cfg, True, write_indices=True)
+    prism = {"density": causal_density(mask)}
+    prism["select_ms"] = bench(lambda: _select(q, k, cfg, True, write_indices=True))
+    prism["kernel_ms"] = bench(lambda: sparse_attention_forward(
+        q, k, v, num, idx, block_size=BLOCK, causal=True, scale=None, return_lse=False,
+        first_query_tile=layout.first_query_tile, query_start=0, interpreted=False))
+    prism["end_to_end_ms"] = bench(lambda: optimized.prism_attention(q, k, v, cfg))
+    prism["tflops_attention"] = (attention_flops(computed_pairs(mask, BLOCK))
+                                 / prism["kernel_ms"] / 1e9)
+    cudnn = row["sdpa_ms"].get("cudnn")
+    if cudnn:
+        prism["cudnn_over_end_to_end"] = cudnn / prism["end_to_end_ms"]
+    if flex is not None:
+        prism["flex_ms"] = flex.time(q, k, v, mask, n)
+    row["prism_structured"] = prism
+    log(f"  N={n} prism (structured): density {prism['density']:.3f}, select "
+        f"{prism['select_ms']:.3f} ms, attention {prism['kernel_ms']:.3f} ms, end to end "
+        f"{prism['end_to_end_ms']:.3f} ms, cuDNN dense {cudnn} ms")
+
+
+def tune(n=32768):
+    """Time attention launch shapes at one length, densities 1.0 and 0.15."""
+    q, k, v = random_inputs(n)
+    nt = n // BLOCK
+    results = []
+    shapes = [AttentionConfig(m, bn, w, s)
+              for m, bn, w in ((128, 64, 8), (128, 128, 8), (64, 64, 4), (128, 32, 4),
+                               (64, 128, 4))
+              for s in (2, 3, 4)]
+    for density in (1.0, 0.15):
+        mask = random_causal_mask(nt, density, seed=7)
+        num, idx = mask_rows_to_indices(mask, 0, causal_trim=True)
+        for shape in shapes:
+            try:
+                ms = bench(lambda shape=shape, num=num, idx=idx: sparse_attention_forward(
+                    q, k, v, num, idx, block_size=BLOCK, causal=True, scale=None,
+                    return_lse=False, first_query_tile=0, query_start=0, interpreted=False,
+                    config=shape), rep=50)
+            except Exception as error:  # a shape that does not compile or fit
+                log(f"  {shape}: failed ({type(error).__name__}: {str(error)[:80]})")
+                continue
+            results.append({"density": density, **shape.__dict__, "ms": ms})
+            log(f"  density {density} {shape}: {ms:.3f} ms")
+    return results
+
+
+def environment(commit):
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "gpu": torch.cuda.get_device_name(0), "sm_count": props.multi_processor_count,
+        "torch": torch.__version__, "triton": triton.__version__,
+        "python": platform.python_version(), "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "default_attention_config": default_config(BLOCK, HEAD_DIM, DTYPE, False).__dict__,
+    }
+
+
+def summary(rows):
+    """The ratios the targets are stated in, one line per length."""
+    lines = []
+    for row in rows:
+        cudnn = row["sdpa_ms"].get("cudnn")
+        by_density = {e["density_target"]: e for e in row["sparse"]}
+        parts = [f"N={row['tokens'] // 1024}K", f"select {row['select_ms']:.3f} ms",
+                 f"cuDNN {cudnn:.2f} ms" if cudnn else "cuDNN n/a"]
+        for d in (1.0, 0.15):
+            if d in by_density and cudnn:
+                e = by_density[d]
+                parts.append(f"d{d}: {e['kernel_ms'] / cudnn:.3f}x cuDNN")
+                if "flex_ms" in e:
+                    parts.append(f"flex/ours {e['flex_ms'] / e['kernel_ms']:.2f}")
+        p = row["prism_structured"]
+        if cudnn:
+            parts.append(f"e2e (density {p['density']:.2f}) {cudnn / p['end_to_end_ms']:.1f}x "
+                         "faster than cuDNN")
+        parts.append(f"select mem {row['memory']['peak_extra_mb_select_blocks']:.1f} MB")
+        lines.append(" | ".join(parts))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mode", choices=("quick", "full", "tune"), default="quick")
+    parser.add_argument("--out", default=None, help="JSON file to write")
+    parser.add_argument("--commit", default="unknown")
+    parser.add_argument("--lengths", default=None,
+                        help="comma-separated token counts (default by mode)")
+    parser.add_argument("--no-flex", action="store_true")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_prism.py needs a CUDA GPU")
+    started = time.time()
+    result = {"environment": environment(args.commit), "mode": args.mode}
+    log(json.dumps(result["environment"]))
+    if args.mode == "tune":
+        result["tune"] = tune()
+    else:
+        result["ceilings"] = ceilings()
+        log("ceilings", result["ceilings"])
+        if args.lengths:
+            lengths = [int(x) for x in args.lengths.split(",")]
+        else:
+            lengths = [32768] if args.mode == "quick" else [8192, 16384, 32768, 65536, 131072]
+        densities = (1.0, 0.15) if args.mode == "quick" else DENSITIES
+        flex = None if args.no_flex else Flex()
+        rows = []
+        for n in lengths:
+            log(f"N = {n}")
+            use_flex = flex if (args.mode == "full" and n in (8192, 32768, 131072)) or \
+                (args.mode == "quick") else None
+            rows.append(run_length(n, densities, use_flex))
+        if args.mode == "quick":
+            q, k, _ = random_inputs(131072)
+            cfg = resolve_config(None, block_size=BLOCK)
+            result["select_128k_ms"] = bench(lambda: _select(q, k, cfg, True,
+                                                             write_indices=True))
+            result["select_128k_memory"] = selection_memory(q, k, cfg)
+            log(f"selection at 128K: {result['select_128k_ms']:.3f} ms, memory "
+                f"{result['select_128k_memory']}")
+        result["lengths"] = rows
+        log(summary(rows))
+    result["wall_s"] = time.time() - started
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

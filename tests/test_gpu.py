@@ -1,0 +1,133 @@
+"""prism.optimized on a CUDA GPU: the checks of test_optimized.py at long shapes and in bf16.
+
+Skipped without CUDA (marker ``gpu``). Each test records its measured errors
+and tie counts with ``record_property``, so ``pytest --junitxml=...`` keeps
+them; benchmarks/results/ holds the log of the last run on the H200.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_optimized import check_attention, check_selection, random_tile_mask
+
+from helpers import make_qkv
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _cuda(*tensors):
+    return tuple(t.cuda() for t in tensors)
+
+
+SELECTION_SHAPES = [
+    # (batch, q heads, kv heads, nq, nk, head_dim, block_size)
+    (2, 8, 2, 4096, 4096, 128, 128),
+    (1, 8, 2, 32768, 32768, 128, 128),
+    (1, 8, 2, 5000, 32768, 128, 64),  # KV prefix not a tile multiple
+    (1, 4, 1, 16384, 16384, 64, 16),  # 1024 key tiles: widest tensor-core rows
+    (1, 4, 1, 32768, 32768, 64, 16),  # 2048 key tiles: CUDA-core rows
+    (1, 2, 1, 131072, 131072, 64, 16),  # 8192 key tiles per row
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("shape", SELECTION_SHAPES, ids=lambda s: f"{s[3]}x{s[4]}-bs{s[6]}")
+def test_selection_long(shape, dtype, record_property):
+    b, hq, hkv, nq, nk, d, bs = shape
+    if nk > 40000 and dtype != torch.bfloat16:
+        pytest.skip("the 8192-tile row runs once, in bf16")
+    q, k, _ = make_qkv(b, hq, hkv, nq, nk, d, base=500000.0, dtype=dtype, seed=nq + bs,
+                       sharpness=2.0)
+    q, k = _cuda(q, k)
+    ties = check_selection(q, k, block_size=bs)
+    record_property("boundary_ties", ties)
+
+
+ATTENTION_SHAPES = [
+    (2, 8, 2, 4096, 4096, 128, 128, 0.3),
+    (1, 8, 2, 32768, 32768, 128, 128, 0.15),
+    (1, 8, 2, 32768, 32768, 128, 128, 1.0),
+    (1, 8, 2, 3000, 20000, 128, 64, 0.5),  # prefix not a tile multiple
+    (1, 4, 4, 8192, 8192, 64, 32, 0.4),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES,
+                         ids=lambda s: f"{s[3]}x{s[4]}-bs{s[6]}-d{s[7]}")
+def test_attention_long(shape, dtype, record_property):
+    b, hq, hkv, nq, nk, d, bs, density = shape
+    if dtype == torch.float32 and nk > 20000 and density == 1.0:
+        pytest.skip("dense 32K fp32 runs IEEE products on CUDA cores; the sparse one suffices")
+    from prism.reference import tile_layout
+
+    q, k, v = _cuda(*make_qkv(b, hq, hkv, nq, nk, d, dtype=dtype, seed=nk + bs))
+    layout = tile_layout(nq, nk, bs, True)
+    mask = random_tile_mask((b, hq, layout.num_query_tiles, layout.num_key_tiles), density,
+                            torch.Generator().manual_seed(nk), causal=True,
+                            first_tile=layout.first_query_tile, keep_diagonal=True)
+    out_error, lse_error = check_attention(q, k, v, mask.cuda(), block_size=bs)
+    record_property("out_error", out_error)
+    record_property("lse_error", lse_error)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_prism_attention_long(dtype, record_property):
+    from test_optimized import TOLERANCE
+
+    from helpers import relative_error
+    from prism import optimized, reference
+
+    q, k, v = _cuda(*make_qkv(1, 8, 2, 16384, 16384, 128, base=500000.0, dtype=dtype, seed=3,
+                              sharpness=2.0))
+    o, lse, mask = optimized.prism_attention(q, k, v, return_lse=True, return_mask=True)
+    ties = reference.boundary_ties(q, k)
+    assert reference.mask_differences(mask, reference.select_blocks(q, k), ties).numel() == 0
+    ref_o, ref_lse = reference.block_sparse_attention(q, k, v, mask, return_lse=True)
+    out_error = relative_error(o, ref_o)
+    assert out_error <= TOLERANCE[dtype]
+    assert relative_error(lse, ref_lse) <= 1e-5
+    record_property("out_error", out_error)
+    record_property("density", float(mask.float().mean()))
+
+
+def test_selection_allocates_no_probability_tensor(record_property):
+    """Peak memory of selection at 64K stays far below one (B, H, 2*nq, nk) fp32 tensor."""
+    from prism import optimized
+    from prism.optimized.api import _select
+    from prism.reference import resolve_config
+
+    n, hq, hkv, d, bs = 65536, 32, 8, 128, 128
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, hq, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(1, hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    cfg = resolve_config(None, block_size=bs)
+    nt = n // bs
+    probability_bytes = hq * 2 * nt * nt * 4
+    optimized.select_blocks(q, k, cfg)  # compile outside the measurement
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    mask = optimized.select_blocks(q, k, cfg)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    scratch = peak - mask.numel()
+    record_property("peak_extra_bytes", peak)
+    record_property("scratch_bytes", scratch)
+    record_property("probability_tensor_bytes", probability_bytes)
+    assert scratch < probability_bytes / 4
+    del mask
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    mask, num, idx, _ = _select(q, k, cfg, True, write_indices=True)
+    torch.cuda.synchronize()
+    scratch = (torch.cuda.max_memory_allocated() - base
+               - mask.numel() - 4 * num.numel() - 4 * idx.numel())
+    record_property("scratch_bytes_with_indices", scratch)
+    assert scratch < probability_bytes / 4
