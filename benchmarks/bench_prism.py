@@ -178,9 +178,14 @@ class Flex:
                                         BLOCK_SIZE=BLOCK, mask_mod=causal, seq_lengths=(n, n))
 
     def time(self, q, k, v, mask, n):
-        bm = self.block_mask(mask, n)
-        self.attend(q, k, v, block_mask=bm, enable_gqa=True)
-        return bench(lambda: self.attend(q, k, v, block_mask=bm, enable_gqa=True))
+        """Median ms, or None (with the reason logged) if FlexAttention fails here."""
+        try:
+            bm = self.block_mask(mask, n)
+            self.attend(q, k, v, block_mask=bm, enable_gqa=True)
+            return bench(lambda: self.attend(q, k, v, block_mask=bm, enable_gqa=True))
+        except Exception as error:  # a torch build without a working flex_attention
+            log(f"  FlexAttention failed: {type(error).__name__}: {str(error)[:200]}")
+            return None
 
 
 def selection_memory(q, k, cfg):
@@ -251,9 +256,9 @@ def _random_input_part(row, n, densities, flex, cfg, seed):
         entry["tflops"] = attention_flops(computed_pairs(mask, BLOCK)) / entry["kernel_ms"] / 1e9
         if sdpa.get("cudnn"):
             entry["kernel_vs_cudnn"] = entry["kernel_ms"] / sdpa["cudnn"]
-        if flex is not None:
-            entry["flex_ms"] = flex.time(q, k, v, mask, n)
-            entry["flex_over_kernel"] = entry["flex_ms"] / entry["kernel_ms"]
+        if flex is not None and (flex_ms := flex.time(q, k, v, mask, n)) is not None:
+            entry["flex_ms"] = flex_ms
+            entry["flex_over_kernel"] = flex_ms / entry["kernel_ms"]
         row["sparse"].append(entry)
         log(f"  N={n} density {density}: kernel {entry['kernel_ms']:.3f} ms "
             f"({entry['tflops']:.0f} TFLOP/s), public {entry['public_ms']:.3f} ms"
@@ -369,11 +374,13 @@ def main(argv=None):
         densities = (1.0, 0.15) if args.mode == "quick" else DENSITIES
         flex = None if args.no_flex else Flex()
         rows = []
+        result["lengths"] = rows
         for n in lengths:
             log(f"N = {n}")
             use_flex = flex if (args.mode == "full" and n in (8192, 32768, 131072)) or \
                 (args.mode == "quick") else None
             rows.append(run_length(n, densities, use_flex))
+            _write(args.out, result)
         if args.mode == "quick":
             q, k, _ = random_inputs(131072)
             cfg = resolve_config(None, block_size=BLOCK)
@@ -382,13 +389,17 @@ def main(argv=None):
             result["select_128k_memory"] = selection_memory(q, k, cfg)
             log(f"selection at 128K: {result['select_128k_ms']:.3f} ms, memory "
                 f"{result['select_128k_memory']}")
-        result["lengths"] = rows
         log(summary(rows))
     result["wall_s"] = time.time() - started
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    _write(args.out, result)
     return result
+
+
+def _write(path, result):
+    """Write the results so far (a run cut short still leaves its numbers)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
