@@ -209,12 +209,14 @@ class ShardPlan:
 
     Examples
     --------
-    >>> plan = ShardPlan.split(96, 96, world_size=2, layout="zigzag", block_size=16,
+    >>> plan = ShardPlan.split(64, 64, world_size=2, layout="zigzag", block_size=16,
     ...                        causal=True)
     >>> plan.key_segments
-    (((0, 16), (80, 16)), ((32, 16), (48, 16)))
+    (((0, 16), (48, 16)), ((16, 16), (32, 16)))
     >>> plan.tiles(0, "key").tolist(), plan.local_lengths("query")
-    ([0, 5], [32, 32])
+    ([0, 3], [32, 32])
+    >>> ShardPlan.split(40, 64, world_size=2, block_size=16).query_segments
+    (((24, 8),), ((32, 32),))
     """
 
     layout: str
@@ -649,7 +651,7 @@ def communication_volume(num_tokens: int, world_size: int, density: float, *, ba
     --------
     >>> m = communication_volume(131072, 8, 0.1)
     >>> round(m.ring_max / 2**30, 3), round(m.prism_max / 2**30, 3)
-    (0.438, 0.046)
+    (0.438, 0.047)
     """
     _check_int("num_tokens", num_tokens, 1)
     _check_int("world_size", world_size, 1)
