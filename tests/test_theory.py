@@ -285,8 +285,8 @@ def test_demo_head_has_a_slash_that_carries_real_attention_mass(default_comparis
     n, offset = head.num_tokens, head.slash_offset
     rows = np.arange(offset, n)
     near = [probs[p, p - offset - 2:p - offset + 3].sum() for p in rows]
-    # Within +-2 tokens of the slash sits a fifth or more of each query's attention.
-    assert np.mean(near) > 0.2
+    # Within +-2 tokens of the slash sits most of each query's attention (about 60%).
+    assert np.mean(near) > 0.4
     # And pooling all but erases the pairs that carry it.
     gains = np.array([brute_force_gain(5e5 ** (-2.0 * m / 128), 128).real
                       for m in head.slash_pairs])
