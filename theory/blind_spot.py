@@ -12,10 +12,12 @@ The head has three kinds of structure, each on its own RoPE pairs:
 
 plus a little white noise on every dim. Mean pooling multiplies each pair's
 contribution to the tile score by ``gain_m^2`` (:func:`prism.theory.score_filter_residual`),
-which is nearly zero on the slash pairs, so in one softmax over the whole head
-the slash's tile drowns beside the sink and vertical tiles. Prism scores the
-fast band on its own and calibrates it by its energy (SPEC 5), so the remnant
-of the slash that survives pooling still ranks its tile first there.
+which is small on the slash pairs beyond the cut-off ``2 pi / B``, so in one
+softmax over the whole head the slash's tile drowns beside the sink and
+vertical tiles. Prism scores the fast band on its own and calibrates it by its
+energy (SPEC 5), so the remnant of the slash that survives pooling can still
+rank its tile first there (at low bases, where almost every slash pair is
+beyond the cut-off, it often does not, and Prism pays in density).
 
 Everything is measured against full attention: *recall* is the softmax mass
 of full attention that falls on the selected tiles, averaged over queries, and
@@ -44,13 +46,16 @@ from prism.reference import (
 )
 from prism.reference.validation import validate_block_mask, validate_qk
 
-from .frequency import validate_base, validate_block_size
+from .checks import validate_layout
+from .frequency import rope_frequencies, validate_base, validate_block_size
 
 #: Bases of the default blind-spot table: Llama-2 (1e4), then long-context bases.
 DEFAULT_BLIND_SPOT_BASES = (1e4, 1e5, 5e5, 1e6)
 
 METHOD_MEAN_POOLING = "mean pooling"
 METHOD_PRISM = "prism"
+#: Label of Prism run with ``calibrate=False`` (see :attr:`BlindSpotResult.label`).
+LABEL_PRISM_UNCALIBRATED = "prism (calibrate=False)"
 
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral):
@@ -207,8 +212,7 @@ def synthetic_positional_head(
     head_dim = _check_int("head_dim", head_dim, 2)
     if head_dim % 2:
         raise ValueError(f"head_dim must be even (RoPE pairs), got {head_dim}")
-    if rope_layout not in ("half", "interleaved"):
-        raise ValueError(f"rope_layout must be 'half' or 'interleaved', got {rope_layout!r}")
+    rope_layout = validate_layout(rope_layout)
     slash_offset = _check_int("slash_offset", slash_offset, 1)
     n_pairs = head_dim // 2
     slash_pairs = _check_int("slash_pairs", slash_pairs, 1)
@@ -237,7 +241,7 @@ def synthetic_positional_head(
     vertical_range = range(n_pairs - vertical_pairs, n_pairs)
     content_range = range(vertical_range.start - content_pairs, vertical_range.start)
     dims = pair_dims(head_dim, rope_layout)
-    freqs = base ** (-2.0 * torch.arange(n_pairs, dtype=torch.float64) / head_dim)
+    freqs = rope_frequencies(head_dim, base)
     q = torch.zeros(num_tokens, head_dim, dtype=torch.float64)
     k = torch.zeros(num_tokens, head_dim, dtype=torch.float64)
     root_d = math.sqrt(head_dim)
@@ -538,7 +542,7 @@ class BlindSpotResult:
     def label(self) -> str:
         """Short name of the method, e.g. ``"prism (calibrate=False)"``."""
         if self.method == METHOD_PRISM and self.calibrate is False:
-            return "prism (calibrate=False)"
+            return LABEL_PRISM_UNCALIBRATED
         return self.method
 
 
@@ -593,14 +597,14 @@ def compare_selections(
                                                  threshold=threshold),
         METHOD_PRISM: select_blocks(q, k, block_size=block_size, high_threshold=threshold,
                                     low_threshold=threshold, rope_layout=head.rope_layout),
-        "prism (calibrate=False)": select_blocks(
+        LABEL_PRISM_UNCALIBRATED: select_blocks(
             q, k, block_size=block_size, high_threshold=threshold, low_threshold=threshold,
             rope_layout=head.rope_layout, calibrate=False),
     }
     results = [
         measure(masks[METHOD_MEAN_POOLING], METHOD_MEAN_POOLING, None, threshold),
         measure(masks[METHOD_PRISM], METHOD_PRISM, True, threshold),
-        measure(masks["prism (calibrate=False)"], METHOD_PRISM, False, threshold),
+        measure(masks[LABEL_PRISM_UNCALIBRATED], METHOD_PRISM, False, threshold),
     ]
     for extra in mean_pooling_thresholds or ():
         extra = _check_threshold(extra)

@@ -20,6 +20,7 @@ from numbers import Integral
 import torch
 
 from prism.reference import apply_rope, band_sizes, band_temperature, pair_dims, pool_tiles
+from prism.reference.config import ROPE_LAYOUTS
 
 from .frequency import (
     pooling_gain,
@@ -28,8 +29,6 @@ from .frequency import (
     validate_block_size,
     validate_head_dim,
 )
-
-ROPE_LAYOUTS = ("half", "interleaved")
 
 
 def _validate_int(name: str, value) -> int:
@@ -40,7 +39,8 @@ def _validate_int(name: str, value) -> int:
     return int(value)
 
 
-def _validate_layout(rope_layout) -> str:
+def validate_layout(rope_layout) -> str:
+    """Return ``rope_layout`` after checking it names a SPEC 4 layout."""
     if rope_layout not in ROPE_LAYOUTS:
         raise ValueError(
             f"rope_layout must be one of {ROPE_LAYOUTS}, got {rope_layout!r}; Hugging Face "
@@ -118,7 +118,7 @@ def pooling_identity_residuals(
     base = validate_base(base)
     block_size = validate_block_size(block_size)
     start = _validate_int("start", start)
-    rope_layout = _validate_layout(rope_layout)
+    rope_layout = validate_layout(rope_layout)
     generator = torch.Generator().manual_seed(_validate_int("seed", seed))
     x = _content_vector("content", content, head_dim, generator)
 
@@ -209,7 +209,7 @@ def score_filter_residual(
     block_size = validate_block_size(block_size)
     query_start = _validate_int("query_start", query_start)
     key_start = _validate_int("key_start", key_start)
-    rope_layout = _validate_layout(rope_layout)
+    rope_layout = validate_layout(rope_layout)
     generator = torch.Generator().manual_seed(_validate_int("seed", seed))
     a = _content_vector("query_content", query_content, head_dim, generator)
     b = _content_vector("key_content", key_content, head_dim, generator)
@@ -359,7 +359,7 @@ def band_energy_check(
     num_tiles = _validate_int("num_tiles", num_tiles)
     if num_tiles < 2:
         raise ValueError(f"num_tiles must be >= 2 for a statistical error, got {num_tiles}")
-    rope_layout = _validate_layout(rope_layout)
+    rope_layout = validate_layout(rope_layout)
     high, low = band_sizes(head_dim, high_dim, low_dim)
     generator = torch.Generator().manual_seed(_validate_int("seed", seed))
 

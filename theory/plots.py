@@ -16,6 +16,7 @@ import torch
 from prism.reference import band_sizes
 
 from .blind_spot import (
+    LABEL_PRISM_UNCALIBRATED,
     METHOD_MEAN_POOLING,
     METHOD_PRISM,
     BlindSpotResult,
@@ -39,7 +40,7 @@ _DPI = 120
 _METHOD_COLOURS = {
     METHOD_MEAN_POOLING: "tab:red",
     METHOD_PRISM: "tab:blue",
-    "prism (calibrate=False)": "tab:gray",
+    LABEL_PRISM_UNCALIBRATED: "tab:gray",
 }
 
 
