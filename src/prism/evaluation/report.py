@@ -1,0 +1,162 @@
+"""Tables, JSON and plots of ``prism eval`` results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+METHOD_ORDER = ("full", "prism", "mean_pooling")
+
+
+def environment() -> dict:
+    """Versions, threads, date and git commit, recorded next to every result."""
+    import torch
+
+    import prism
+
+    info = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "prism": prism.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover - eval always has transformers
+        pass
+    try:
+        root = Path(prism.__file__).resolve().parents[2]
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                                capture_output=True, text=True, timeout=5, check=False)
+        if commit.returncode == 0:
+            info["commit"] = commit.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def perplexity_table(result: dict) -> str:
+    """The summary table of a perplexity run: one row per method."""
+    methods = result["methods"]
+    full_ppl = methods["full"]["perplexity"]
+    lines = [f"{'method':<28} {'perplexity':>10} {'ratio':>6} {'density':>8} {'recall':>7} "
+             f"{'pass s':>7} {'attn s':>7}"]
+    for name in METHOD_ORDER:
+        m = methods[name]
+        lines.append(
+            f"{m['label']:<28} {m['perplexity']:>10.3f} {m['perplexity'] / full_ppl:>6.3f} "
+            f"{m['density']:>8.3f} {m['recall']:>7.3f} {m['pass_seconds']:>7.1f} "
+            f"{m['attention_seconds']:>7.1f}"
+        )
+    return "\n".join(lines)
+
+
+def layer_table(result: dict) -> str:
+    """Per-layer density (own pass) and recall (full-attention activations) of both selections."""
+    prism_m, pool_m = result["methods"]["prism"], result["methods"]["mean_pooling"]
+    lines = [f"{'layer':>5} {'prism density':>14} {'prism recall':>13} "
+             f"{'meanpool density':>17} {'meanpool recall':>16}"]
+    for layer in range(len(prism_m["recall_by_layer"])):
+        lines.append(
+            f"{layer:>5} {prism_m['density_by_layer'][layer]:>14.3f} "
+            f"{prism_m['recall_by_layer'][layer]:>13.3f} "
+            f"{pool_m['density_by_layer'][layer]:>17.3f} "
+            f"{pool_m['recall_by_layer'][layer]:>16.3f}"
+        )
+    return "\n".join(lines)
+
+
+def passkey_table(result: dict) -> str:
+    """Accuracy per method (rows) and length (columns), with Prism's mean density."""
+    lengths = [str(n) for n in result["settings"]["lengths"]]
+    header = f"{'method':<16}" + "".join(f"{n + ' tok':>11}" for n in lengths) + f"{'all':>8}"
+    lines = [header]
+    for method, label in (("full", "full attention"), ("prism", "Prism")):
+        acc = result["accuracy"][method]
+        lines.append(f"{label:<16}" + "".join(f"{acc['by_length'][n]:>11.2f}" for n in lengths)
+                     + f"{acc['overall']:>8.2f}")
+    density = result["prism_density_by_length"]
+    lines.append(f"{'Prism density':<16}" + "".join(f"{density[n]:>11.3f}" for n in lengths))
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path: str | os.PathLike) -> Path:
+    """Write ``result`` as indented JSON, creating the folder; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def plot_layers(result: dict, path: str | os.PathLike) -> Path:
+    """Recall and density per layer of Prism and mean pooling, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = result["methods"]
+    fig, (ax_recall, ax_density) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
+    for name, color in (("prism", "tab:blue"), ("mean_pooling", "tab:orange")):
+        m = methods[name]
+        layers = range(len(m["recall_by_layer"]))
+        label = f"{m['label']} (ppl {m['perplexity']:.2f})"
+        ax_recall.plot(layers, m["recall_by_layer"], marker="o", ms=3, color=color, label=label)
+        ax_density.plot(layers, m["density_by_layer"], marker="o", ms=3, color=color,
+                        label=label)
+    ax_recall.set_ylabel("attention recall")
+    ax_recall.set_title(
+        f"{result.get('model', 'model')}: {result['tokens']} tokens, "
+        f"tile {result['config']['block_size']} (full attention ppl "
+        f"{methods['full']['perplexity']:.2f})", fontsize=10)
+    ax_recall.legend(fontsize=8)
+    ax_recall.grid(alpha=0.3)
+    ax_density.set_ylabel("causal tile density")
+    ax_density.set_xlabel("layer")
+    ax_density.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_passkey(result: dict, path: str | os.PathLike) -> Path:
+    """Passkey accuracy per length for full attention and Prism, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = [str(n) for n in result["settings"]["lengths"]]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    width = 0.38
+    bars = (("full", "full attention", -width / 2), ("prism", "Prism", width / 2))
+    for method, label, offset in bars:
+        values = [result["accuracy"][method]["by_length"][n] for n in lengths]
+        ax.bar([i + offset for i in range(len(lengths))], values, width, label=label)
+    ax.set_xticks(range(len(lengths)), [f"{n} tokens" for n in lengths])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("retrieval accuracy")
+    ax.set_title(f"passkey retrieval, {len(result['settings']['depths'])} depths per length",
+                 fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["environment", "layer_table", "passkey_table", "perplexity_table", "plot_layers",
+           "plot_passkey", "write_json"]
