@@ -60,3 +60,9 @@ sphinx_gallery_conf = {
 # nothing pretends to be a GPU kernel.
 os.environ.setdefault("MPLBACKEND", "Agg")
 doctest_global_setup = "import torch\ntorch.manual_seed(0)\n"
+
+# The theory page's figures are drawn by the package itself, every build, so
+# the pictures always show what the code computes.
+from prism.theory.plots import write_all_figures  # noqa: E402
+
+write_all_figures(str(ROOT / "docs" / "_static" / "theory"))

@@ -10,11 +10,12 @@ import pytest
 
 import prism
 import prism.reference
+import prism.theory
 
 
 def _modules():
     names = ["prism"]
-    for package in (prism.reference,):
+    for package in (prism.reference, prism.theory):
         names += [f"{package.__name__}.{m.name}" for m in pkgutil.iter_modules(package.__path__)]
     return names
 

@@ -9,19 +9,19 @@ the one-call API.
 
 The head has three ingredients that real attention heads show:
 
-* an **attention sink** on the first tokens, carried by slow RoPE pairs;
-* a **slash**: each query attends to the keys about 300 tokens behind it, a
-  pure relative-position pattern carried by fast RoPE pairs;
-* noise.
+* an **attention sink** and vertical stripes, carried by slow RoPE pairs;
+* a **slash**: each query attends to the keys 384 tokens behind it, a pure
+  relative-position pattern carried by fast RoPE pairs;
+* slowly varying content, and noise.
 """
 
 # %%
-# Build a structured head
-# -----------------------
-# Content vectors are chosen per pair of RoPE dims, then rotated with
-# :func:`prism.reference.apply_rope`. A query whose fast pairs equal the key's
-# fast pairs rotated *forward* by 300 positions scores highest against the key
-# 300 tokens back, whatever its absolute position: that is the slash.
+# A structured head
+# -----------------
+# :func:`prism.theory.synthetic_positional_head` builds queries and keys
+# after RoPE (base 5e5, head dim 128, 2048 tokens) whose attention has a
+# slash 384 tokens below the diagonal, carried by the fast RoPE pairs, plus
+# a sink and vertical stripes carried by the slow pairs.
 
 import matplotlib.pyplot as plt
 import torch
@@ -29,45 +29,25 @@ import torch
 from prism.reference import (
     PrismConfig,
     admissible_tiles,
-    apply_rope,
     band_dims,
     band_logits,
     band_probabilities,
     band_temperature,
     forced_tiles,
-    pair_dims,
     pool_tiles,
-    rope_frequencies,
     select_blocks,
     tile_layout,
     top_p_select,
 )
+from prism.theory import synthetic_positional_head
 
-torch.manual_seed(0)
-N, D, BASE, OFFSET = 2048, 64, 1e4, 300
-freqs = rope_frequencies(D, BASE)
-pairs = pair_dims(D, "half")  # (D/2, 2): the two dims of each pair
-fast, slow = pairs[:12].flatten(), pairs[-12:].flatten()
-
-content = torch.randn(2, D, dtype=torch.float64)  # one query and one key direction
-q_raw = content[0].repeat(N, 1) * 0.2 + 0.3 * torch.randn(N, D, dtype=torch.float64)
-k_raw = content[1].repeat(N, 1) * 0.2 + 0.3 * torch.randn(N, D, dtype=torch.float64)
-# Slash: every key carries the same fast-pair content c, and every query
-# carries c turned back by OFFSET steps, so the fast pairs of q_p . k_n add
-# up to sum_m |c_m|^2 cos((p - n - OFFSET) w_m), largest at p - n = OFFSET.
-c = torch.randn(12, 2, dtype=torch.float64)
-angle = -OFFSET * freqs[:12]
-k_raw[:, pairs[:12, 0]] = c[:, 0]
-k_raw[:, pairs[:12, 1]] = c[:, 1]
-q_raw[:, pairs[:12, 0]] = 1.5 * (c[:, 0] * torch.cos(angle) - c[:, 1] * torch.sin(angle))
-q_raw[:, pairs[:12, 1]] = 1.5 * (c[:, 0] * torch.sin(angle) + c[:, 1] * torch.cos(angle))
-# Sink: the first 64 keys share a strong slow-pair direction with every query.
-sink_direction = torch.randn(24, dtype=torch.float64)
-q_raw[:, slow] += 1.5 * sink_direction
-k_raw[:64, slow] += 2.5 * sink_direction
-
-q = apply_rope(2.5 * q_raw, BASE).float()[None, None]  # (1, 1, N, D)
-k = apply_rope(k_raw, BASE).float()[None, None]
+head = synthetic_positional_head(base=5e5)
+q, k = head.q.float(), head.k.float()
+N, D = q.shape[2], q.shape[3]
+fast, slow = head.slash_pairs, head.vertical_pairs
+# The two dims of pair m are (m, m + D/2) in the default "half" layout.
+fast = torch.tensor([d for m in fast for d in (m, m + D // 2)])
+slow = torch.tensor([d for m in slow for d in (m, m + D // 2)])
 print(q.shape, k.shape)
 
 # %%
@@ -136,8 +116,8 @@ print(f"causal density: {density:.3f}")
 # Look at it
 # ----------
 # Left to right: the token-level attention of the head (log scale), each
-# band's probabilities, and the final mask. The slash sits 300 tokens, a bit
-# over two tiles, below the diagonal; the sink is the first column.
+# band's probabilities, and the final mask. The slash sits 384 tokens (three
+# tiles) below the diagonal; the sink and the stripes are columns.
 
 scores = (q[0, 0] @ k[0, 0].T) / D**0.5
 scores = scores.masked_fill(torch.ones(N, N, dtype=torch.bool).triu(1), float("-inf"))
