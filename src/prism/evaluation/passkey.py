@@ -1,6 +1,6 @@
 """Passkey retrieval: find a number hidden at some depth of a long real text.
 
-The prompt is an instruction, then real text (the haystack) with the sentence
+The prompt is an instruction, then real text (the haystack) with the paragraph
 "The pass key is 12345. Remember it. 12345 is the pass key." inserted at a
 relative depth, then "What is the pass key? The pass key is". The model
 greedily decodes a few tokens; a trial succeeds when the first number in them
@@ -27,7 +27,8 @@ from .data import MissingResourceError
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
          "Find it and memorize it. I will quiz you about it.\n\n")
-NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
+# On its own paragraph: SmolLM2-135M finds it far more often than inside a sentence.
+NEEDLE = "\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"
 QUESTION = "\n\nWhat is the pass key? The pass key is"
 PRISM_NAME = "prism-eval-passkey"
 
