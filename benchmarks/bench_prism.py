@@ -10,6 +10,7 @@ Usage (on the GPU machine, from the repository root)::
     python benchmarks/bench_prism.py --mode quick            # < 2 minutes, prints ratios
     python benchmarks/bench_prism.py --mode full --out benchmarks/results/full.json
     python benchmarks/bench_prism.py --mode tune             # attention launch shapes
+    python benchmarks/bench_prism.py --mode diagnose         # stage and variant timings
 
 What is measured, per sequence length N:
 
@@ -45,7 +46,7 @@ from prism import optimized
 from prism.optimized.api import _select
 from prism.optimized.attention import AttentionConfig, default_config, sparse_attention_forward
 from prism.optimized.indices import mask_rows_to_indices
-from prism.reference import apply_rope, resolve_config
+from prism.reference import apply_rope, resolve_config, tile_layout
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 128
 DTYPE = torch.bfloat16
@@ -265,11 +266,24 @@ def _random_input_part(row, n, densities, flex, cfg, seed):
             + (f", flex {entry['flex_ms']:.3f} ms" if "flex_ms" in entry else ""))
 
 
+def structured_near_density(n, cfg, target=0.15):
+    """Structured inputs whose Prism mask has causal density closest to ``target``
+    (the sharpness of the queries is picked from a few values)."""
+    best = None
+    for sharpness in (0.3, 0.5, 0.75, 1.0, 1.5, 2.0):
+        q, k, v = structured_inputs(n, sharpness=sharpness)
+        density = causal_density(optimized.select_blocks(q, k, cfg))
+        if best is None or abs(density - target) < abs(best[0] - target):
+            best = (density, sharpness)
+        del q, k, v
+    return best[1], structured_inputs(n, sharpness=best[1])
+
+
 def _structured_part(row, n, flex, cfg):
     """(b, c) Prism on structured inputs: its own mask, and end to end."""
-    q, k, v = structured_inputs(n)
+    sharpness, (q, k, v) = structured_near_density(n, cfg)
     mask, num, idx, layout = _select(q, k, cfg, True, write_indices=True)
-    prism = {"density": causal_density(mask)}
+    prism = {"density": causal_density(mask), "sharpness": sharpness}
     prism["select_ms"] = bench(lambda: _select(q, k, cfg, True, write_indices=True))
     prism["kernel_ms"] = bench(lambda: sparse_attention_forward(
         q, k, v, num, idx, block_size=BLOCK, causal=True, scale=None, return_lse=False,
@@ -314,6 +328,59 @@ def tune(n=32768):
     return results
 
 
+def diagnose():
+    """Where selection and attention spend their time: stage and variant timings."""
+    from prism.optimized.pooling import pool_tiles_and_energy
+    from prism.optimized.selection import SelectionTuning, select_tiles
+
+    out = {"selection": [], "attention": []}
+    n = 131072
+    q, k, _ = random_inputs(n)
+    cfg = resolve_config(None, block_size=BLOCK)
+    layout = tile_layout(n, n, BLOCK, True)
+    out["pooling_ms"] = bench(lambda: pool_tiles_and_energy(q, k, layout, 64, 96, "half"))
+    log(f"  pooling 128K: {out['pooling_ms']:.3f} ms")
+    variants = [SelectionTuning(), SelectionTuning(early_exit=False),
+                SelectionTuning(elements_per_thread=16), SelectionTuning(elements_per_thread=64),
+                SelectionTuning(dot_max_width=8)]
+    for tuning in variants:
+        try:
+            ms = bench(lambda tuning=tuning: select_tiles(q, k, cfg, True, layout, 64, 96,
+                                                          write_indices=True, tuning=tuning))
+        except Exception as error:
+            log(f"  {tuning}: failed ({type(error).__name__}: {str(error)[:120]})")
+            continue
+        out["selection"].append({**tuning.__dict__, "ms": ms})
+        log(f"  selection 128K {tuning}: {ms:.3f} ms")
+    del q, k
+    torch.cuda.empty_cache()
+
+    n = 32768
+    q, k, v = random_inputs(n)
+    shapes = [AttentionConfig(128, 128, 8, 2), AttentionConfig(128, 128, 8, 2, use_tma=True),
+              AttentionConfig(128, 128, 8, 3, use_tma=True),
+              AttentionConfig(128, 64, 8, 3, use_tma=True),
+              AttentionConfig(128, 64, 4, 3, use_tma=True),
+              AttentionConfig(128, 128, 8, 2, use_tma=True, warp_specialize=True),
+              AttentionConfig(128, 64, 8, 3, use_tma=True, warp_specialize=True),
+              AttentionConfig(128, 128, 8, 2, warp_specialize=True)]
+    for density in (1.0, 0.15):
+        mask = random_causal_mask(n // BLOCK, density, seed=7)
+        num, idx = mask_rows_to_indices(mask, 0, causal_trim=True)
+        for shape in shapes:
+            try:
+                ms = bench(lambda shape=shape, num=num, idx=idx: sparse_attention_forward(
+                    q, k, v, num, idx, block_size=BLOCK, causal=True, scale=None,
+                    return_lse=False, first_query_tile=0, query_start=0, interpreted=False,
+                    config=shape), rep=50)
+            except Exception as error:
+                log(f"  {shape}: failed ({type(error).__name__}: {str(error)[:160]})")
+                continue
+            out["attention"].append({"density": density, **shape.__dict__, "ms": ms})
+            log(f"  attention 32K density {density} {shape}: {ms:.3f} ms")
+    return out
+
+
 def environment(commit):
     props = torch.cuda.get_device_properties(0)
     return {
@@ -350,7 +417,8 @@ def summary(rows):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mode", choices=("quick", "full", "tune"), default="quick")
+    parser.add_argument("--mode", choices=("quick", "full", "tune", "diagnose"),
+                        default="quick")
     parser.add_argument("--out", default=None, help="JSON file to write")
     parser.add_argument("--commit", default="unknown")
     parser.add_argument("--lengths", default=None,
@@ -364,6 +432,8 @@ def main(argv=None):
     log(json.dumps(result["environment"]))
     if args.mode == "tune":
         result["tune"] = tune()
+    elif args.mode == "diagnose":
+        result["diagnose"] = diagnose()
     else:
         result["ceilings"] = ceilings()
         log("ceilings", result["ceilings"])

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._runtime import next_power_of_2
 
@@ -47,6 +48,8 @@ class AttentionConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    use_tma: bool = False
+    warp_specialize: bool = False
 
 
 def supported_block_size(block_size: int) -> bool:
@@ -67,33 +70,72 @@ def default_config(block_size: int, head_dim: int, dtype: torch.dtype,
         return AttentionConfig(min(64, divisor), min(32, divisor), 4, 2)
     if head_dim > 128:
         return AttentionConfig(min(64, divisor), min(64, divisor), 8, 2)
-    return AttentionConfig(min(128, divisor), min(64, divisor), 8, 3)
+    return AttentionConfig(min(128, divisor), min(128, divisor), 8, 2)
+
+
+def tma_compatible(k: torch.Tensor, v: torch.Tensor, d_pad: int, dv_pad: int) -> bool:
+    """Whether K and V can be read through Hopper tensor descriptors (TMA).
+
+    Needs a CUDA device of compute capability 9.0 or newer, head dims that are
+    powers of two, unit-stride head dims, 16-byte aligned strides and bases.
+    """
+    if not (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9):
+        return False
+    if d_pad != k.shape[3] or dv_pad != v.shape[3]:
+        return False
+    for t in (k, v):
+        if t.stride(3) != 1 or t.data_ptr() % 16:
+            return False
+        if any((t.stride(i) * t.element_size()) % 16 for i in range(3)):
+            return False
+    return True
 
 
 @triton.jit
-def _attend_block(acc, l_i, m_i, q, k_head, v_head, key_start, positions,
-                  stride_kn, stride_kd, stride_vn, stride_vd, num_keys, qk_scale,
-                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-                  BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
-    """One online-softmax step over keys ``[key_start, key_start + BLOCK_N)``."""
-    keys = key_start + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, D_PAD)
-    dims_v = tl.arange(0, DV_PAD)
-    key_ok = keys < num_keys
-    k_ptrs = k_head + keys.to(tl.int64)[None, :] * stride_kn + dims[:, None] * stride_kd
-    v_ptrs = v_head + keys.to(tl.int64)[:, None] * stride_vn + dims_v[None, :] * stride_vd
-    if MASKED:
-        k = tl.load(k_ptrs, mask=(dims[:, None] < HEAD_DIM) & key_ok[None, :], other=0.0)
+def _load_kv(k_head, v_head, K_DESC, V_DESC, b, hk, key_start, stride_kn, stride_kd,
+             stride_vn, stride_vd, num_keys, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
+             HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr,
+             DV_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """K^T (D_PAD, BLOCK_N) and V (BLOCK_N, DV_PAD) of keys [key_start, key_start + BLOCK_N).
+
+    Keys at or past ``num_keys`` load as zeros (the caller masks their scores).
+    """
+    if USE_TMA:
+        # Bulk tensor copies; the descriptor zero-fills rows past the head's Nk.
+        k = K_DESC.load([b, hk, key_start, 0]).reshape(BLOCK_N, D_PAD).T
+        v = V_DESC.load([b, hk, key_start, 0]).reshape(BLOCK_N, DV_PAD)
     else:
-        k = tl.load(k_ptrs, mask=dims[:, None] < HEAD_DIM, other=0.0)
+        keys = key_start + tl.arange(0, BLOCK_N)
+        dims = tl.arange(0, D_PAD)
+        dims_v = tl.arange(0, DV_PAD)
+        k_ptrs = k_head + keys.to(tl.int64)[None, :] * stride_kn + dims[:, None] * stride_kd
+        v_ptrs = v_head + keys.to(tl.int64)[:, None] * stride_vn + dims_v[None, :] * stride_vd
+        key_ok = keys < num_keys
+        if MASKED:
+            k = tl.load(k_ptrs, mask=(dims[:, None] < HEAD_DIM) & key_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=key_ok[:, None] & (dims_v[None, :] < HEAD_DIM_V), other=0.0)
+        elif HEAD_DIM == D_PAD and HEAD_DIM_V == DV_PAD:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=dims[:, None] < HEAD_DIM, other=0.0)
+            v = tl.load(v_ptrs, mask=dims_v[None, :] < HEAD_DIM_V, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _attend_block(acc, l_i, m_i, q, k, v, key_start, positions, num_keys, qk_scale,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                  IEEE: tl.constexpr):
+    """One online-softmax step over keys ``[key_start, key_start + BLOCK_N)``."""
     # s = q k^T, in fp32 (exact fp32 products when the inputs are fp32).
     if IEEE:
         s = tl.dot(q, k, input_precision="ieee")
     else:
         s = tl.dot(q, k)
     if MASKED:
-        allowed = key_ok[None, :]
+        keys = key_start + tl.arange(0, BLOCK_N)
+        allowed = (keys < num_keys)[None, :]
         if CAUSAL:
             allowed = allowed & (keys[None, :] <= positions[:, None])
         s = tl.where(allowed, s, float("-inf"))
@@ -107,10 +149,6 @@ def _attend_block(acc, l_i, m_i, q, k_head, v_head, key_start, positions,
     p = tl.math.exp2(s * qk_scale - m_shift[:, None])
     alpha = tl.math.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if MASKED:
-        v = tl.load(v_ptrs, mask=key_ok[:, None] & (dims_v[None, :] < HEAD_DIM_V), other=0.0)
-    else:
-        v = tl.load(v_ptrs, mask=dims_v[None, :] < HEAD_DIM_V, other=0.0)
     # acc = alpha * acc + p v, with p rounded to V's dtype as FlashAttention does.
     if IEEE:
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
@@ -121,7 +159,7 @@ def _attend_block(acc, l_i, m_i, q, k_head, v_head, key_start, positions,
 
 @triton.jit
 def _sparse_attention_kernel(
-    Q, K, V, O, LSE, NUM, IDX,
+    Q, K, V, O, LSE, NUM, IDX, K_DESC, V_DESC,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -132,6 +170,7 @@ def _sparse_attention_kernel(
     CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr,
     DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     """Attention of ``BLOCK_M`` queries over their selected key tiles.
 
@@ -182,13 +221,15 @@ def _sparse_attention_kernel(
 
     # Mask-free tiles: every key is valid and precedes every query here.
     subs_n = tl.cdiv(block_size, BLOCK_N)
-    for step in range(0, (num_tiles - num_masked) * subs_n):
+    for step in tl.range(0, (num_tiles - num_masked) * subs_n,
+                         warp_specialize=WARP_SPECIALIZE):
         tile = tl.load(idx_row + step // subs_n)
         key_start = tile * block_size + (step % subs_n) * BLOCK_N
-        acc, l_i, m_i = _attend_block(
-            acc, l_i, m_i, q, k_head, v_head, key_start, positions,
-            stride_kn, stride_kd, stride_vn, stride_vd, num_keys, qk_scale,
-            False, CAUSAL, HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, BLOCK_N, IEEE)
+        k, v = _load_kv(k_head, v_head, K_DESC, V_DESC, b, hk, key_start, stride_kn, stride_kd,
+                        stride_vn, stride_vd, num_keys, False, USE_TMA, HEAD_DIM, HEAD_DIM_V,
+                        D_PAD, DV_PAD, BLOCK_N)
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, key_start, positions, num_keys,
+                                      qk_scale, False, CAUSAL, BLOCK_N, IEEE)
 
     # The last tile with a token mask, only over key blocks some query can see.
     if num_masked > 0:
@@ -199,10 +240,11 @@ def _sparse_attention_kernel(
                                     query_start + num_queries)
             key_end = tl.minimum(key_end, last_query)
         for key_start in range(tile_start, key_end, BLOCK_N):
-            acc, l_i, m_i = _attend_block(
-                acc, l_i, m_i, q, k_head, v_head, key_start, positions,
-                stride_kn, stride_kd, stride_vn, stride_vd, num_keys, qk_scale,
-                True, CAUSAL, HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, BLOCK_N, IEEE)
+            k, v = _load_kv(k_head, v_head, K_DESC, V_DESC, b, hk, key_start, stride_kn,
+                            stride_kd, stride_vn, stride_vd, num_keys, True, USE_TMA, HEAD_DIM,
+                            HEAD_DIM_V, D_PAD, DV_PAD, BLOCK_N)
+            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, key_start, positions,
+                                          num_keys, qk_scale, True, CAUSAL, BLOCK_N, IEEE)
 
     # o = acc / l (0 where no key was read); lse in natural log.
     has_keys = l_i > 0.0
@@ -266,17 +308,23 @@ def sparse_attention_forward(q, k, v, kv_num_blocks, kv_indices, *, block_size: 
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     nb_strides = [0 if kv_num_blocks.shape[i] == 1 else kv_num_blocks.stride(i) for i in (0, 1)]
     idx_strides = [0 if kv_indices.shape[i] == 1 else kv_indices.stride(i) for i in (0, 1)]
+    d_pad, dv_pad = max(16, next_power_of_2(d)), max(16, next_power_of_2(dv))
+    use_tma = config.use_tma and tma_compatible(k, v, d_pad, dv_pad)
+    k_desc = v_desc = None
+    if use_tma:
+        k_desc = TensorDescriptor.from_tensor(k, [1, 1, config.block_n, d_pad])
+        v_desc = TensorDescriptor.from_tensor(v, [1, 1, config.block_n, dv_pad])
     grid = (nqt * triton.cdiv(block_size, config.block_m) * b * hq,)
     _sparse_attention_kernel[grid](
-        q, k, v, out, lse if return_lse else out, kv_num_blocks, kv_indices,
+        q, k, v, out, lse if return_lse else out, kv_num_blocks, kv_indices, k_desc, v_desc,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *nb_strides, *idx_strides, kv_indices.stride(2),
         b * hq, hq, hq // hkv, nq, nk, query_start, first_query_tile, nqt, block_size,
         scale * LOG2_E,
         CAUSAL=causal, WRITE_LSE=return_lse,
-        HEAD_DIM=d, HEAD_DIM_V=dv, D_PAD=max(16, next_power_of_2(d)),
-        DV_PAD=max(16, next_power_of_2(dv)),
+        HEAD_DIM=d, HEAD_DIM_V=dv, D_PAD=d_pad, DV_PAD=dv_pad,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, IEEE=q.dtype == torch.float32,
+        USE_TMA=use_tma, WARP_SPECIALIZE=config.warp_specialize,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out, (lse if return_lse else None)

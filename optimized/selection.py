@@ -19,7 +19,8 @@ whole row of ``WIDTH`` key tiles of both bands in registers, so no
    with ``x_j > v`` is kept, none with ``x_j < v``, and the first
    ``ceil((p - F(v)) / v)`` ties at ``v`` by index. Non-negative fp32 values
    order like their bit patterns, so a bisection on the int32 bits finds ``v``
-   exactly in 30 steps (``bits(1.0) < 2^30``), each one masked sum per row.
+   exactly in at most 30 steps (``bits(1.0) < 2^30``), each one masked sum
+   per row; it stops early once the bracket holds a single tile.
    At ``p == 1`` the kept set is every tile with ``x_j > 0`` (reference/topp.py);
 5. union of the bands, the forced sink and diagonal tiles, and the bool mask
    and the compact indices written straight from registers.
@@ -30,6 +31,8 @@ program family per power-of-two width.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -89,33 +92,70 @@ def _softmax_rows(logits, admissible):
 
 
 @triton.jit
-def _top_p_keep(prob, threshold, ROWS: tl.constexpr):
+def _mass_and_count_above(prob, t):
+    """Per row, ``F(t) = sum_{x_j > t} x_j`` and ``C(t) = #{x_j > t}``."""
+    above = prob > t[:, None]
+    return tl.sum(tl.where(above, prob, 0.0), axis=1), tl.sum(above.to(tl.int32), axis=1)
+
+
+@triton.jit
+def _bits_to_threshold(bits):
+    """The fp32 threshold of int32 bits; -1 stands for "below every probability"."""
+    return tl.where(bits < 0, -1.0, bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _top_p_keep(prob, threshold, admissible_count, ROWS: tl.constexpr,
+                EARLY_EXIT: tl.constexpr):
     """Tiles kept by top-p with the index tie-break (reference ``top_p_select``).
 
-    ``prob`` is (ROWS, WIDTH) from :func:`_softmax_rows`. Returns a bool mask.
+    ``prob`` is (ROWS, WIDTH) from :func:`_softmax_rows`; ``admissible_count``
+    (ROWS,) counts each row's admissible tiles. Returns a bool mask.
     """
     if threshold >= 1.0:
         keep = prob > 0.0
     else:
-        # Invariant: F(lo) >= p > F(hi) on the int32 bits of the thresholds;
-        # lo = -1 stands for "below 0" (F counts every admissible tile there).
-        lo = tl.full([ROWS], -1, dtype=tl.int32)
+        # Bracket v: F(lo) >= p > F(hi) on int32 bits of thresholds. Tiles at or
+        # below t0 = (1 - p - 1e-5) / n carry at most n * t0 < 1 - p of mass, so
+        # F(t0) > p and lo may start there (the 1e-5 covers fp32 rounding).
+        t0 = (1.0 - threshold - 1e-5) / tl.maximum(admissible_count, 1).to(tl.float32)
+        lo = tl.where(t0 > 0.0, t0.to(tl.int32, bitcast=True), -1)
         hi = tl.maximum(tl.max(prob, axis=1), 0.0).to(tl.int32, bitcast=True)
-        for _ in range(30):
+        _, count_lo = _mass_and_count_above(prob, _bits_to_threshold(lo))
+        count_hi = tl.zeros([ROWS], dtype=tl.int32)
+        # 30 halvings shrink any bracket inside [-1, bits(1.0)] to one step. With
+        # EARLY_EXIT the loop also stops once every row's bracket (lo, hi] holds a
+        # single tile, which is then v itself (typically after ~log2(n) + 8 steps).
+        unresolved = (count_lo - count_hi > 1) & (hi - lo > 1)
+        step = 0
+        while (step < 30) & (tl.max(unresolved.to(tl.int32), axis=0) > 0):
             mid = lo + (hi - lo) // 2
-            t = tl.where(mid < 0, -1.0, mid.to(tl.float32, bitcast=True))
-            mass_above = tl.sum(tl.where(prob > t[:, None], prob, 0.0), axis=1)
-            up = mass_above >= threshold
+            mass, count = _mass_and_count_above(prob, _bits_to_threshold(mid))
+            up = mass >= threshold
             lo = tl.where(up, mid, lo)
+            count_lo = tl.where(up, count, count_lo)
             hi = tl.where(up, hi, mid)
-        # hi is now bits(v): keep x > v, and the first ceil((p - F(v)) / v) ties at v.
-        v = hi.to(tl.float32, bitcast=True)
-        above = prob > v[:, None]
-        mass_above_v = tl.sum(tl.where(above, prob, 0.0), axis=1)
-        at_v = (prob == v[:, None]).to(tl.int32)
-        ties_before = tl.cumsum(at_v, axis=1) - at_v
-        quota = tl.where(v > 0.0, tl.math.ceil((threshold - mass_above_v) / v), float("inf"))
-        keep = above | ((at_v != 0) & (ties_before.to(tl.float32) < quota[:, None]))
+            count_hi = tl.where(up, count_hi, count)
+            if EARLY_EXIT:
+                unresolved = (count_lo - count_hi > 1) & (hi - lo > 1)
+            else:
+                unresolved = hi - lo > 1
+            step += 1
+        # One tile in (lo, hi]: it is v, it has no tie, keep every x > t(lo).
+        single = count_lo - count_hi == 1
+        keep = prob > _bits_to_threshold(lo)[:, None]
+        if tl.max((~single).to(tl.int32), axis=0) > 0:
+            # Otherwise hi = bits(v): keep x > v and the first ceil((p - F(v)) / v)
+            # ties at v, by index.
+            v = hi.to(tl.float32, bitcast=True)
+            above = prob > v[:, None]
+            mass_above_v = tl.sum(tl.where(above, prob, 0.0), axis=1)
+            at_v = (prob == v[:, None]).to(tl.int32)
+            ties_before = tl.cumsum(at_v, axis=1) - at_v
+            quota = tl.where(v > 0.0, tl.math.ceil((threshold - mass_above_v) / v),
+                             float("inf"))
+            exact = above | ((at_v != 0) & (ties_before.to(tl.float32) < quota[:, None]))
+            keep = tl.where(single[:, None], keep, exact)
     return keep
 
 
@@ -130,7 +170,7 @@ def _select_tiles_kernel(
     FORCE_SINK: tl.constexpr, FORCE_DIAGONAL: tl.constexpr,
     WRITE_MASK: tl.constexpr, WRITE_INDICES: tl.constexpr,
     ROWS: tl.constexpr, WIDTH: tl.constexpr, D_PAD: tl.constexpr, DK: tl.constexpr,
-    USE_DOT: tl.constexpr,
+    USE_DOT: tl.constexpr, EARLY_EXIT: tl.constexpr,
 ):
     """Select the key tiles of ``ROWS`` query-tile rows of one (batch, q head).
 
@@ -203,8 +243,14 @@ def _select_tiles_kernel(
             logits_low += qd[:, None] * kd[None, :]
 
     # Stages 3-4 (SPEC 6): softmax over admissible tiles, then top-p per band.
-    keep_high = _top_p_keep(_softmax_rows(logits_high, admissible), high_threshold, ROWS)
-    keep_low = _top_p_keep(_softmax_rows(logits_low, admissible), low_threshold, ROWS)
+    if CAUSAL:
+        admissible_count = tl.minimum(abs_rows + 1, num_key_tiles)
+    else:
+        admissible_count = tl.zeros([ROWS], dtype=tl.int32) + num_key_tiles
+    keep_high = _top_p_keep(_softmax_rows(logits_high, admissible), high_threshold,
+                            admissible_count, ROWS, EARLY_EXIT)
+    keep_low = _top_p_keep(_softmax_rows(logits_low, admissible), low_threshold,
+                           admissible_count, ROWS, EARLY_EXIT)
 
     # Stage 5: union, forced sink and diagonal, never outside the admissible set.
     keep = keep_high | keep_low
@@ -240,26 +286,44 @@ def _select_tiles_kernel(
                      tl.full([ROWS, WIDTH], -1, dtype=tl.int32), mask=tail_ok)
 
 
-def _launch_plan(layout: TileLayout, causal: bool):
+@dataclass(frozen=True)
+class SelectionTuning:
+    """Launch shape of the selection kernel (benchmarks/NOTES.md records the tuning).
+
+    Attributes
+    ----------
+    dot_max_width : int
+        Rows that see at most this many key tiles use tensor cores (16 rows a program).
+    elements_per_thread : int
+        Probabilities of one band each thread holds; sets ``num_warps``.
+    early_exit : bool
+        Stop the top-p bisection once each row's bracket holds one tile.
+    """
+
+    dot_max_width: int = 1024
+    elements_per_thread: int = 32
+    early_exit: bool = True
+
+
+def _launch_plan(layout: TileLayout, causal: bool, tuning: SelectionTuning):
     """Row ranges that share one kernel shape: ``[(row_start, row_end, width, rows, use_dot)]``.
 
     A causal row ``i`` sees key tiles ``0 .. first + i``; it goes to the
-    narrowest power-of-two width (at least 16) that holds them. Rows that see
-    more than ``DOT_MAX_WIDTH`` tiles use the CUDA-core path with fewer rows
-    per program, so a program keeps at most 16K probabilities per band.
+    narrowest power-of-two width (at least 16) that holds them. Calls whose rows
+    may see more than ``dot_max_width`` tiles use the CUDA-core path with fewer
+    rows per program, so a program keeps at most 8K probabilities per band there.
     """
     nqt, nkt = layout.num_query_tiles, layout.num_key_tiles
     full_width = max(16, next_power_of_2(nkt))
-    use_dot = full_width <= DOT_MAX_WIDTH
+    use_dot = full_width <= tuning.dot_max_width
     plan = []
     row = 0
     while row < nqt:
         seen = min(nkt, layout.first_query_tile + row + 1) if causal else nkt
         width = max(16, next_power_of_2(seen))
-        if causal:
-            # Rows r with first + r + 1 <= width (and r < nqt) fit in this width.
-            end = min(nqt, width - layout.first_query_tile) if width < nkt else nqt
-            end = max(end, row + 1)
+        if causal and width < nkt:
+            # Rows r with first + r + 1 <= width fit in this width.
+            end = max(row + 1, min(nqt, width - layout.first_query_tile))
         else:
             end = nqt
         rows = 16 if use_dot else max(1, min(16, 8192 // width))
@@ -272,7 +336,8 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: boo
                  layout: TileLayout, high_dim: int, low_dim: int, *,
                  write_mask: bool = True, write_indices: bool = False,
                  mask: torch.Tensor | None = None, kv_num_blocks: torch.Tensor | None = None,
-                 kv_indices: torch.Tensor | None = None):
+                 kv_indices: torch.Tensor | None = None,
+                 tuning: SelectionTuning | None = None):
     """Run pooling and selection; return the mask and/or the compact indices.
 
     Inputs are validated by the caller; NaN/Inf are detected here from the
@@ -294,6 +359,8 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: boo
     mask, kv_num_blocks, kv_indices : Tensor, optional
         Preallocated outputs (tests pass poisoned ones to prove every element
         is written): bool (B, Hq, nq, nk), int32 (B, Hq, nq), int32 (B, Hq, nq, nk).
+    tuning : SelectionTuning, optional
+        Launch shape; the default uses ``DOT_MAX_WIDTH``.
 
     Returns
     -------
@@ -322,7 +389,9 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: boo
     placeholder = q_pooled
     high_start, _, low_start, _ = band_pairs(d, high_dim, low_dim)
     d_pad = max(16, next_power_of_2(d))
-    for row_start, row_end, width, rows, use_dot in _launch_plan(layout, causal):
+    if tuning is None:
+        tuning = SelectionTuning(dot_max_width=DOT_MAX_WIDTH)
+    for row_start, row_end, width, rows, use_dot in _launch_plan(layout, causal, tuning):
         dk = max(8, min(32, 16384 // width))
         grid = (triton.cdiv(row_end - row_start, rows), b * hq)
         _select_tiles_kernel[grid](
@@ -339,6 +408,7 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: boo
             FORCE_SINK=cfg.force_sink, FORCE_DIAGONAL=cfg.force_diagonal,
             WRITE_MASK=write_mask, WRITE_INDICES=write_indices,
             ROWS=rows, WIDTH=width, D_PAD=d_pad, DK=min(dk, d_pad), USE_DOT=use_dot,
-            num_warps=max(4, min(16, rows * width // 1024)),
+            EARLY_EXIT=tuning.early_exit,
+            num_warps=max(4, min(16, rows * width // (32 * tuning.elements_per_thread))),
         )
     return mask, kv_num_blocks, kv_indices

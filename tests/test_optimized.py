@@ -72,16 +72,29 @@ def check_selection(q, k, *, causal=True, poison=True, **overrides):
     select_tiles(q, k, cfg, causal, layout, high, low, write_mask=True, write_indices=True,
                  mask=mask, kv_num_blocks=num, kv_indices=idx)
     wrong = reference.mask_differences(mask, trace.mask, ties)
-    assert wrong.numel() == 0, (
-        f"{wrong.shape[0]} mask entries differ outside boundary ties, first (b, h, i, j): "
-        f"{wrong[:5].tolist()}"
-    )
+    assert wrong.numel() == 0, _describe_differences(wrong, mask, trace)
     ref_num, ref_idx = reference.mask_to_indices(mask)
     assert torch.equal(num, ref_num) and torch.equal(idx, ref_idx)
     public = optimized.select_blocks(q, k, cfg, causal=causal)
     assert public.dtype == torch.bool and public.shape == shape
     assert reference.mask_differences(public, trace.mask, ties).numel() == 0
     return int(ties.sum())
+
+
+def _describe_differences(wrong, mask, trace):
+    """Where two masks differ: each entry's masses before it, by band, in the reference."""
+    lines = [f"{wrong.shape[0]} mask entries differ outside boundary ties:"]
+    for b, h, i, j in wrong[:5].tolist():
+        lines.append(
+            f"  (b={b}, h={h}, i={i}, j={j}): optimized {bool(mask[b, h, i, j])}, reference "
+            f"{bool(trace.mask[b, h, i, j])}; reference mass before it: high "
+            f"{float(trace.high_mass_before[b, h, i, j]):.8f} (p={trace.config.high_threshold}), "
+            f"low {float(trace.low_mass_before[b, h, i, j]):.8f} "
+            f"(p={trace.config.low_threshold}); probabilities high "
+            f"{float(trace.high_probs[b, h, i, j]):.3e}, "
+            f"low {float(trace.low_probs[b, h, i, j]):.3e}"
+        )
+    return "\n".join(lines)
 
 
 def check_attention(q, k, v, mask, *, block_size, causal=True, scale=None):
