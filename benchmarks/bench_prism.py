@@ -367,17 +367,28 @@ def diagnose():
     for density in (1.0, 0.15):
         mask = random_causal_mask(n // BLOCK, density, seed=7)
         num, idx = mask_rows_to_indices(mask, 0, causal_trim=True)
+
+        def attend(shape, num=num, idx=idx):
+            return sparse_attention_forward(
+                q, k, v, num, idx, block_size=BLOCK, causal=True, scale=None,
+                return_lse=True, first_query_tile=0, query_start=0, interpreted=False,
+                config=shape)
+
+        expected, expected_lse = attend(shapes[0])
         for shape in shapes:
             try:
-                ms = bench(lambda shape=shape, num=num, idx=idx: sparse_attention_forward(
-                    q, k, v, num, idx, block_size=BLOCK, causal=True, scale=None,
-                    return_lse=False, first_query_tile=0, query_start=0, interpreted=False,
-                    config=shape), rep=50)
+                got, got_lse = attend(shape)
+                ms = bench(lambda shape=shape: attend(shape), rep=50)
             except Exception as error:
                 log(f"  {shape}: failed ({type(error).__name__}: {str(error)[:160]})")
                 continue
-            out["attention"].append({"density": density, **shape.__dict__, "ms": ms})
-            log(f"  attention 32K density {density} {shape}: {ms:.3f} ms")
+            error = float((got.float() - expected.float()).abs().max()
+                          / expected.float().abs().max())
+            lse_error = float((got_lse - expected_lse).abs().max())
+            out["attention"].append({"density": density, **shape.__dict__, "ms": ms,
+                                     "error_vs_pointer_path": error, "lse_error": lse_error})
+            log(f"  attention 32K density {density} {shape}: {ms:.3f} ms "
+                f"(error vs pointer path {error:.1e}, lse {lse_error:.1e})")
     return out
 
 
