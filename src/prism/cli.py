@@ -189,11 +189,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError:
             print("prism eval needs the eval extra: pip install -e \".[eval]\"", file=sys.stderr)
             return 2
-        from prism.evaluation.data import MissingResourceError
+        from prism.evaluation.data import EvalInputError
 
         try:
             return run_eval(args)
-        except MissingResourceError as err:
+        except EvalInputError as err:
             print(f"prism eval: {err}", file=sys.stderr)
             return 2
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it

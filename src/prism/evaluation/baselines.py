@@ -36,6 +36,40 @@ def _check_threshold(threshold) -> float:
     return float(threshold)
 
 
+def mean_pooling_probabilities(q_pooled: torch.Tensor, k_pooled: torch.Tensor,
+                               layout: TileLayout, causal: bool = True):
+    """Softmax over admissible key tiles of ``(qbar . kbar) / sqrt(D)``, per query tile.
+
+    Parameters
+    ----------
+    q_pooled : Tensor (B, Hq, n_query_tiles, D), float32
+    k_pooled : Tensor (B, Hkv, n_key_tiles, D), float32
+        From :func:`prism.reference.pool_tiles` on the grid of ``layout``.
+    layout : TileLayout
+    causal : bool
+
+    Returns
+    -------
+    probs : Tensor (B, Hq, n_query_tiles, n_key_tiles), float32
+    admissible : Tensor (n_query_tiles, n_key_tiles), bool
+    """
+    b, hq, _, d = q_pooled.shape
+    device = q_pooled.device
+    all_dims = torch.arange(d, device=device)
+    # band_logits over every dim with tau = 1 is exactly q.k / sqrt(D).
+    unit_tau = torch.ones(b, hq, dtype=torch.float32, device=device)
+    logits = band_logits(q_pooled, k_pooled, all_dims, unit_tau)
+    admissible = admissible_tiles(layout, causal, device)
+    return band_probabilities(logits, admissible), admissible
+
+
+def _select_from_probabilities(probs, admissible, layout, threshold, causal, force_sink,
+                               force_diagonal) -> torch.Tensor:
+    keep, _ = top_p_select(probs, admissible, threshold)
+    forced = forced_tiles(layout, causal, force_sink, force_diagonal, probs.device)
+    return (keep | forced) & admissible
+
+
 def mean_pooling_from_pooled(q_pooled: torch.Tensor, k_pooled: torch.Tensor, layout: TileLayout,
                              threshold: float, *, causal: bool = True, force_sink: bool = True,
                              force_diagonal: bool = True) -> torch.Tensor:
@@ -57,16 +91,9 @@ def mean_pooling_from_pooled(q_pooled: torch.Tensor, k_pooled: torch.Tensor, lay
     Tensor (B, Hq, n_query_tiles, n_key_tiles), bool
     """
     threshold = _check_threshold(threshold)
-    b, hq, _, d = q_pooled.shape
-    device = q_pooled.device
-    all_dims = torch.arange(d, device=device)
-    # band_logits over every dim with tau = 1 is exactly q.k / sqrt(D).
-    unit_tau = torch.ones(b, hq, dtype=torch.float32, device=device)
-    logits = band_logits(q_pooled, k_pooled, all_dims, unit_tau)
-    admissible = admissible_tiles(layout, causal, device)
-    keep, _ = top_p_select(band_probabilities(logits, admissible), admissible, threshold)
-    forced = forced_tiles(layout, causal, force_sink, force_diagonal, device)
-    return (keep | forced) & admissible
+    probs, admissible = mean_pooling_probabilities(q_pooled, k_pooled, layout, causal)
+    return _select_from_probabilities(probs, admissible, layout, threshold, causal, force_sink,
+                                      force_diagonal)
 
 
 def mean_pooling_select(q, k, threshold: float = 0.95, *, block_size: int = 128,
@@ -166,11 +193,14 @@ def tune_threshold(pooled: Sequence[tuple[torch.Tensor, torch.Tensor, TileLayout
     if not pooled:
         raise ValueError("pooled must hold at least one (q_pooled, k_pooled, layout) entry")
     layouts = [layout for _, _, layout in pooled]
+    # The probabilities do not depend on the threshold: compute them once.
+    tables = [(*mean_pooling_probabilities(qp, kp, layout, causal), layout)
+              for qp, kp, layout in pooled]
 
     def density_at(threshold: float) -> float:
-        masks = [mean_pooling_from_pooled(qp, kp, layout, threshold, causal=causal,
-                                          force_sink=force_sink, force_diagonal=force_diagonal)
-                 for qp, kp, layout in pooled]
+        masks = [_select_from_probabilities(probs, admissible, layout, threshold, causal,
+                                            force_sink, force_diagonal)
+                 for probs, admissible, layout in tables]
         return selection_density(masks, layouts, causal)
 
     low, high = 0.0, 1.0
@@ -191,6 +221,7 @@ def tune_threshold(pooled: Sequence[tuple[torch.Tensor, torch.Tensor, TileLayout
 __all__ = [
     "MeanPoolingSelector",
     "mean_pooling_from_pooled",
+    "mean_pooling_probabilities",
     "mean_pooling_select",
     "selection_density",
     "tune_threshold",

