@@ -117,9 +117,11 @@ def greedy_decode(model, prompt_ids: torch.Tensor, new_tokens: int) -> list[int]
     """
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
-    cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters \
-        else "past_key_values"
-    out = model(input_ids=prompt_ids, use_cache=True)
+    parameters = inspect.signature(model.forward).parameters
+    cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
+    # Only the last position's logits are needed: skip the (N, vocab) projection.
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+    out = model(input_ids=prompt_ids, use_cache=True, **last_only)
     generated = []
     next_id = out.logits[:, -1].argmax(dim=-1, keepdim=True)
     for step in range(new_tokens):
