@@ -70,7 +70,9 @@ def default_config(block_size: int, head_dim: int, dtype: torch.dtype,
         return AttentionConfig(min(64, divisor), min(32, divisor), 4, 2)
     if head_dim > 128:
         return AttentionConfig(min(64, divisor), min(64, divisor), 8, 2)
-    return AttentionConfig(min(128, divisor), min(128, divisor), 8, 2)
+    # Measured on the H200 (benchmarks/NOTES.md): 128 x 128 blocks, K/V through
+    # tensor descriptors, 3 stages beat pointer loads and 64-key blocks.
+    return AttentionConfig(min(128, divisor), min(128, divisor), 8, 3, use_tma=True)
 
 
 def tma_compatible(k: torch.Tensor, v: torch.Tensor, d_pad: int, dv_pad: int) -> bool:

@@ -301,7 +301,7 @@ class SelectionTuning:
     """
 
     dot_max_width: int = 1024
-    elements_per_thread: int = 32
+    elements_per_thread: int = 16
     early_exit: bool = True
 
 

@@ -37,7 +37,7 @@ from prism.optimized.attention import (  # noqa: E402
 )
 from prism.optimized.indices import mask_rows_to_indices  # noqa: E402
 from prism.optimized.selection import select_tiles  # noqa: E402
-from prism.reference import band_sizes, resolve_config, tile_layout  # noqa: E402
+from prism.reference import TIE_MARGIN, band_sizes, resolve_config, tile_layout  # noqa: E402
 
 INTERPRETED = kernels_interpreted(_sparse_attention_kernel)
 DEVICE = "cpu" if INTERPRETED else "cuda"
@@ -72,6 +72,7 @@ def check_selection(q, k, *, causal=True, poison=True, **overrides):
     select_tiles(q, k, cfg, causal, layout, high, low, write_mask=True, write_indices=True,
                  mask=mask, kv_num_blocks=num, kv_indices=idx)
     wrong = reference.mask_differences(mask, trace.mask, ties)
+    wrong = wrong[[not _swapped_with_a_tie(trace, *entry) for entry in wrong.tolist()]]
     assert wrong.numel() == 0, _describe_differences(wrong, mask, trace)
     ref_num, ref_idx = reference.mask_to_indices(mask)
     assert torch.equal(num, ref_num) and torch.equal(idx, ref_idx)
@@ -79,6 +80,29 @@ def check_selection(q, k, *, causal=True, poison=True, **overrides):
     assert public.dtype == torch.bool and public.shape == shape
     assert reference.mask_differences(public, trace.mask, ties).numel() == 0
     return int(ties.sum())
+
+
+def _swapped_with_a_tie(trace, b, h, i, j, relative=1e-6):
+    """Whether entry j's probability equals, up to fp32 rounding, that of a boundary
+    tie in the same row and band.
+
+    Two such entries may swap ranks between implementations (their probabilities
+    are computed in different fp32 orders), which moves the cut past one of them
+    while only the other one's mass before it lies near the threshold; the
+    reference's ``ties_from_trace`` flags only that other one. Seen on the H200
+    with rows of 8192 tiles, where neighbouring probabilities differ by 2e-7.
+    """
+    cfg = trace.config
+    for probs, mass, threshold in ((trace.high_probs, trace.high_mass_before,
+                                    cfg.high_threshold),
+                                   (trace.low_probs, trace.low_mass_before, cfg.low_threshold)):
+        row_probs, row_mass = probs[b, h, i], mass[b, h, i]
+        near = (row_mass - threshold).abs() <= TIE_MARGIN
+        close = (row_probs - row_probs[j]).abs() <= relative * row_probs[j]
+        close[j] = False
+        if bool((near & close & trace.admissible[i]).any()):
+            return True
+    return False
 
 
 def _describe_differences(wrong, mask, trace):
