@@ -35,7 +35,7 @@ def summarize(xml_path: str) -> dict:
     worst = defaultdict(float)
     for test in tests:
         counts[test["outcome"]] += 1
-        dtype = next((d for d in ("float32", "float16", "bfloat16") if d in test["name"]), "any")
+        dtype = next((d for d in ("bfloat16", "float32", "float16") if d in test["name"]), "any")
         for key in ("out_error", "lse_error"):
             if key in test["properties"]:
                 worst[f"{key}_{dtype}"] = max(worst[f"{key}_{dtype}"], test["properties"][key])
