@@ -85,6 +85,17 @@ def passkey_table(result: dict) -> str:
                      + f"{acc['overall']:>8.2f}")
     density = result["prism_density_by_length"]
     lines.append(f"{'Prism density':<16}" + "".join(f"{density[n]:>11.3f}" for n in lengths))
+    lines += ["", "retrieved (full attention / Prism) by depth:",
+              f"{'depth':<16}" + "".join(f"{n + ' tok':>11}" for n in lengths)]
+    outcome = {(t["method"], str(t["length"]), t["depth"]): t["success"]
+               for t in result["trials"]}
+    for depth in result["settings"]["depths"]:
+        cells = []
+        for n in lengths:
+            marks = ["yes" if outcome[(method, n, depth)] else "no"
+                     for method in ("full", "prism")]
+            cells.append(f"{' / '.join(marks):>11}")
+        lines.append(f"{depth:<16g}" + "".join(cells))
     return "\n".join(lines)
 
 
@@ -145,11 +156,12 @@ def plot_passkey(result: dict, path: str | os.PathLike) -> Path:
         values = [result["accuracy"][method]["by_length"][n] for n in lengths]
         ax.bar([i + offset for i in range(len(lengths))], values, width, label=label)
     ax.set_xticks(range(len(lengths)), [f"{n} tokens" for n in lengths])
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.25)  # room for the legend above the bars
     ax.set_ylabel("retrieval accuracy")
     ax.set_title(f"passkey retrieval, {len(result['settings']['depths'])} depths per length",
                  fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+    ax.legend(fontsize=8, loc="upper center", ncol=2)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
