@@ -152,7 +152,8 @@ def _top_p_keep(prob, threshold, admissible_count, ROWS: tl.constexpr,
             mass_above_v = tl.sum(tl.where(above, prob, 0.0), axis=1)
             at_v = (prob == v[:, None]).to(tl.int32)
             ties_before = tl.cumsum(at_v, axis=1) - at_v
-            quota = tl.where(v > 0.0, tl.math.ceil((threshold - mass_above_v) / v),
+            safe_v = tl.where(v > 0.0, v, 1.0)
+            quota = tl.where(v > 0.0, tl.math.ceil((threshold - mass_above_v) / safe_v),
                              float("inf"))
             exact = above | ((at_v != 0) & (ties_before.to(tl.float32) < quota[:, None]))
             keep = tl.where(single[:, None], keep, exact)
