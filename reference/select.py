@@ -165,7 +165,9 @@ def boundary_ties(q, k, config: PrismConfig | None = None, *, causal: bool = Tru
 
     An entry is a boundary tie when it is admissible and not forced, no band
     keeps it by more than ``margin``, and in at least one band the mass ranked
-    before it lies within ``margin`` of that band's threshold.
+    before it lies within ``margin`` of that band's threshold, or its
+    probability equals that of such an entry to within 1e-6 relative (the two
+    may swap ranks under another fp32 summation order).
 
     Returns
     -------
@@ -175,14 +177,32 @@ def boundary_ties(q, k, config: PrismConfig | None = None, *, causal: bool = Tru
     return ties_from_trace(trace, margin)
 
 
-def ties_from_trace(trace: SelectionTrace, margin: float = TIE_MARGIN) -> torch.Tensor:
-    """:func:`boundary_ties` computed from an existing trace."""
+def ties_from_trace(trace: SelectionTrace, margin: float = TIE_MARGIN,
+                    relative: float = 1e-6) -> torch.Tensor:
+    """:func:`boundary_ties` computed from an existing trace.
+
+    Besides the entries whose preceding mass lies within ``margin`` of the
+    threshold, an entry whose probability equals such an entry's to within
+    ``relative`` (relative difference) is a tie too: the two may rank in
+    either order once their probabilities are rounded in another summation
+    order, which moves the cut from one to the other.
+    """
     cfg = trace.config
     robust = ((trace.high_mass_before < cfg.high_threshold - margin)
               | (trace.low_mass_before < cfg.low_threshold - margin))
-    near = (((trace.high_mass_before - cfg.high_threshold).abs() <= margin)
-            | ((trace.low_mass_before - cfg.low_threshold).abs() <= margin))
-    return trace.admissible & ~trace.forced & ~robust & near
+    near_any = torch.zeros_like(trace.mask)
+    for probs, mass, threshold in ((trace.high_probs, trace.high_mass_before,
+                                    cfg.high_threshold),
+                                   (trace.low_probs, trace.low_mass_before,
+                                    cfg.low_threshold)):
+        near = ((mass - threshold).abs() <= margin) & trace.admissible
+        # Probabilities of this row's boundary entries, as a [low, high] range.
+        lowest = torch.where(near, probs, torch.full_like(probs, float("inf"))).amin(-1)
+        highest = torch.where(near, probs, torch.full_like(probs, float("-inf"))).amax(-1)
+        swappable = ((probs >= (lowest * (1 - relative))[..., None])
+                     & (probs <= (highest * (1 + relative))[..., None]))
+        near_any = near_any | near | swappable
+    return trace.admissible & ~trace.forced & ~robust & near_any
 
 
 def mask_differences(actual: torch.Tensor, expected: torch.Tensor,

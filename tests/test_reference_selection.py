@@ -18,6 +18,7 @@ from prism.reference import (
     mask_differences,
     rope_frequencies,
     select_blocks,
+    ties_from_trace,
     tile_layout,
     trace_selection,
 )
@@ -271,3 +272,25 @@ def test_oracle_can_fail():
     a = oracle_select(q, k, block_size=32, high_threshold=0.5, low_threshold=0.5)
     b = oracle_select(q, k, block_size=32)
     assert not np.array_equal(a, b)
+
+
+def test_near_equal_neighbours_of_a_boundary_entry_are_ties():
+    """Two probabilities equal to 4e-7 relative straddle the cut: both are ties."""
+    import dataclasses
+
+    q, k, _ = make_qkv(1, 1, 1, 4, 4, 8, seed=0)
+    trace = trace_selection(q, k, block_size=1, force_sink=False, force_diagonal=False)
+    # Row 3 sees 4 tiles. Probabilities 0.5, 0.45, 0.025 + 1e-8, 0.025: the
+    # third entry starts at mass 0.95 (a boundary entry), the fourth at
+    # 0.975 + 1e-8, far from p, but its probability equals the third's.
+    probs = torch.zeros_like(trace.high_probs)
+    probs[0, 0, 3] = torch.tensor([0.5, 0.45, 0.025 + 1e-8, 0.025])
+    mass = torch.zeros_like(probs)
+    mass[0, 0, 3] = torch.tensor([0.0, 0.5, 0.95, 0.975 + 1e-8])
+    far = torch.full_like(probs, 2.0)  # the low band keeps nothing near its cut
+    trace = dataclasses.replace(trace, high_probs=probs, high_mass_before=mass,
+                                low_probs=probs, low_mass_before=far)
+    ties = ties_from_trace(trace)
+    assert ties[0, 0, 3].tolist() == [False, False, True, True]
+    # Without the near-equal rule only the boundary entry would be a tie.
+    assert ties_from_trace(trace, relative=0.0)[0, 0, 3].tolist() == [False, False, True, False]
