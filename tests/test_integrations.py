@@ -161,6 +161,16 @@ def test_manual_forward_matches_transformers_sdpa(model, ids):
     assert relative_error(manual_logits(model, ids, dense_attend), expected) < 1e-5
 
 
+def test_from_pretrained_accepts_the_registered_name(model, ids, tmp_path):
+    stats = register("prism-test-load", block_size=BS, high_threshold=0.5, low_threshold=0.5)
+    model.save_pretrained(tmp_path)
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="prism-test-load")
+    assert loaded.config._attn_implementation == "prism-test-load"
+    with torch.no_grad():
+        loaded(input_ids=ids)
+    assert stats.layers() == [0, 1] and stats.mean_density() < 1.0
+
+
 def test_threshold_one_equals_full_attention(model, ids):
     stats = register("prism-test-full", block_size=BS, high_threshold=1.0, low_threshold=1.0)
     out = run(model, "prism-test-full", ids).logits
@@ -245,6 +255,28 @@ def test_decode_and_short_queries_run_dense(model, ids):
     assert all(mode == "dense" for mode, length in modes if length < BS)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_static_cache_prefill_equals_dynamic(model, ids, padded):
+    """A static cache hands the function unused key slots, with or without a mask."""
+    from transformers import StaticCache
+
+    stats = register("prism-test-static", block_size=BS, high_threshold=0.5, low_threshold=0.5)
+    batch = ids[:, :72].repeat(2, 1)
+    mask = torch.ones_like(batch)
+    if padded:
+        mask[1, :20] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    model.set_attn_implementation("prism-test-static")
+    with torch.no_grad():
+        dynamic = model(input_ids=batch, attention_mask=mask, position_ids=positions).logits
+        cache = StaticCache(config=model.config, max_cache_len=100)
+        static = model(input_ids=batch, attention_mask=mask, position_ids=positions,
+                       cache=cache, use_cache=True).logits
+    real = mask.bool()
+    assert relative_error(static[real], dynamic[real]) < 1e-5
+    assert stats.calls[-1].key_length == 100 and stats.mean_density() < 0.95
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_batch_equals_each_row_alone(model, ids, side):
     cfg = PrismConfig(block_size=BS, high_threshold=0.5, low_threshold=0.5)
@@ -283,7 +315,7 @@ def test_padding_is_seen_by_the_attention_function(model, ids):
     mask[0, :5] = 0
     run(model, "prism-test-spy", ids[:, :48], attention_mask=mask)
     assert seen and all(m is not None and m.dtype == torch.bool for m in seen)
-    assert key_spans(seen[0], 48, 48) == [(5, 48)]
+    assert key_spans(seen[0], 48, 48) == (0, [(5, 48)])
 
 
 def _causal(b, q_len, k_len):
@@ -297,9 +329,15 @@ def test_key_spans_accepts_causal_and_padding():
     mask = _causal(2, 6, 6)
     mask[0, :, :, :2] = False  # left padding of row 0
     mask[1, :, :, 4:] = False  # right padding of row 1
-    assert key_spans(mask, 6, 6) == [(2, 6), (0, 4)]
+    assert key_spans(mask, 6, 6) == (0, [(2, 6), (0, 4)])
     additive = torch.zeros(2, 1, 6, 6).masked_fill(~mask, torch.finfo(torch.float32).min)
-    assert key_spans(additive, 6, 6) == [(2, 6), (0, 4)]
+    assert key_spans(additive, 6, 6) == (0, [(2, 6), (0, 4)])
+    prefix = _causal(1, 4, 9)
+    prefix[0, :, :, :3] = False  # left padding under a KV prefix
+    assert key_spans(prefix, 4, 9) == (5, [(3, 9)])
+    static = torch.zeros(1, 1, 5, 8, dtype=torch.bool)  # static cache: 3 unused slots
+    static[0, 0, :, :5] = _causal(1, 5, 5)[0, 0]
+    assert key_spans(static, 5, 8) == (0, [(0, 5)])
 
 
 def test_key_spans_refuses_other_patterns():

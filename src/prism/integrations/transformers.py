@@ -41,9 +41,11 @@ contiguous run of real tokens and Prism runs on that row alone, so every real
 token gets exactly what it would get in an unpadded batch of one. Its tile grid
 starts at the row's first real token. Left padding (``tokenizer.padding_side =
 "left"``, as used for generation) and right padding both work; outputs at pad
-positions are 0. A mask that is not "causal and key padding" (packed sequences,
-sliding windows shorter than the input, right padding followed by generated
-tokens, additive biases) raises ``ValueError`` and names the fix.
+positions are 0. Rows with the same real tokens run as one batch. Static
+caches work too: their unused key slots are never read. A mask that is not
+"causal and key padding" (packed sequences, sliding windows shorter than the
+input, right padding followed by generated tokens, additive biases) raises
+``ValueError`` and names the fix.
 """
 
 from __future__ import annotations
@@ -87,8 +89,8 @@ class AttentionCall:
     mask : Tensor or None
         The tile mask (B, Hq, n_query_tiles, n_key_tiles), kept only when the
         collector was built with ``keep_masks=True`` and the batch is unpadded;
-        for a padded batch, a list with one mask per row (``None`` for a row
-        without real queries).
+        for a padded batch, a list with one mask per group of rows that share
+        their real tokens (``None`` for a group without real queries).
     """
 
     layer: int | None
@@ -219,22 +221,26 @@ def _allowed_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def key_spans(attention_mask: torch.Tensor | None, query_length: int,
-              key_length: int) -> list[tuple[int, int]] | None:
-    """Per batch row, the contiguous key range ``[start, stop)`` that holds real tokens.
+              key_length: int) -> tuple[int, list[tuple[int, int]]] | None:
+    """Where the queries sit among the keys, and each batch row's contiguous real keys.
 
     Parameters
     ----------
     attention_mask : Tensor (B, 1 or H, L, S) or None
         As passed by transformers (bool, or additive float with 0 / min).
     query_length, key_length : int
-        ``L`` and ``S``; the queries are the last ``L`` key positions.
+        ``L`` and ``S``.
 
     Returns
     -------
-    list of (int, int) or None
-        ``None`` when every row is unpadded and the mask is plain causal
-        (bottom-right aligned), else one ``(start, stop)`` per row
-        (``start == stop`` for a row without real tokens).
+    None, or (query_start, spans)
+        ``None`` when there is no mask or the mask is plain causal with the
+        queries on the last ``L`` key positions and no padding. Otherwise
+        query row ``r`` sits at key position ``query_start + r`` and
+        ``spans[b] = (start, stop)`` is the range of keys that row ``b``'s
+        queries read (``start == stop`` for a row without real tokens). Keys
+        past the last query (unused slots of a static cache) are outside
+        every span.
 
     Raises
     ------
@@ -256,24 +262,31 @@ def key_spans(attention_mask: torch.Tensor | None, query_length: int,
             "per-head attention_mask; use attn_implementation='sdpa' for this model"
         )
     allowed = allowed[:, 0]
-    device = allowed.device
-    # A real key is read by the last query, which sits at the last position.
-    real_keys = allowed.any(dim=-2)  # (B, S)
-    positions = torch.arange(key_length - query_length, key_length, device=device)
-    causal = torch.arange(key_length, device=device)[None, :] <= positions[:, None]
-    expected = causal[None] & real_keys[:, None, :]
-    if not bool((allowed == expected).all()):
+    batch, device = allowed.shape[0], allowed.device
+    read_keys = allowed.any(dim=-2)  # (B, S): keys that some query reads
+    if not bool(read_keys.any()):
+        return key_length - query_length, [(0, 0)] * batch
+    # A real query reads itself last, so its position is its last readable key;
+    # pad queries read nothing or stop short of their position.
+    keys = torch.arange(key_length, device=device)
+    rows = torch.arange(query_length, device=device)
+    last_read = torch.where(allowed, keys, -1).amax(dim=-1)  # (B, L)
+    query_start = int((last_read - rows).max())
+    positions = query_start + rows
+    expected = (keys[None, :] <= positions[:, None])[None] & read_keys[:, None, :]
+    if query_start < 0 or query_start + query_length > key_length \
+            or not bool((allowed == expected).all()):
         raise ValueError(
             "the prism attention implementation supports causal masks with key padding "
             "only; this mask has another pattern (packed sequences, a sliding window "
             "shorter than the input, or a custom 4D mask). Run such inputs with "
             "attn_implementation='sdpa', or unpack them into a padded batch"
         )
-    if bool(real_keys.all()):
+    if query_start == key_length - query_length and bool(read_keys.all()):
         return None
     spans = []
-    for row, keys in enumerate(real_keys):
-        idx = keys.nonzero().flatten()
+    for row, keys_of_row in enumerate(read_keys):
+        idx = keys_of_row.nonzero().flatten()
         if idx.numel() == 0:
             spans.append((0, 0))
             continue
@@ -286,7 +299,7 @@ def key_spans(attention_mask: torch.Tensor | None, query_length: int,
                 "generation: pad on the left (tokenizer.padding_side = 'left')"
             )
         spans.append((start, stop))
-    return spans
+    return query_start, spans
 
 
 class PrismAttention:
@@ -328,13 +341,18 @@ class PrismAttention:
         if q_len < self.min_query_length:
             return self._dense(module, query, key, value, attention_mask, scaling, layer)
 
-        spans = key_spans(attention_mask, q_len, k_len)
-        if spans is None:
+        if attention_mask is None and k_len > q_len:
+            # transformers sends no mask with more keys than queries only when it
+            # prefills an empty static cache: the keys past the queries are unused
+            # slots (its own SDPA function drops them the same way).
+            key, value = key[:, :, :q_len], value[:, :, :q_len]
+        layout = key_spans(attention_mask, q_len, key.shape[2])
+        if layout is None:
             out, mask, selected, admissible, t_sel, t_att = self._sparse(query, key, value,
                                                                          scaling)
         else:
             out, mask, selected, admissible, t_sel, t_att = self._sparse_padded(
-                query, key, value, scaling, spans)
+                query, key, value, scaling, *layout)
         self.stats.record(AttentionCall(
             layer=layer, mode="prism", batch_size=b, query_length=q_len, key_length=k_len,
             selected_tiles=selected, admissible_tiles=admissible, selection_seconds=t_sel,
@@ -403,23 +421,27 @@ class PrismAttention:
         n_admissible = int(admissible.sum()) * query.shape[0] * query.shape[1]
         return out, mask, selected, n_admissible, t1 - t0, t2 - t1
 
-    def _sparse_padded(self, query, key, value, scaling, spans):
-        """Run each batch row on its real tokens only; pad positions get 0."""
+    def _sparse_padded(self, query, key, value, scaling, query_start, spans):
+        """Run each batch row on its real tokens only; pad positions get 0.
+
+        Query row ``r`` sits at key position ``query_start + r``; row ``b``'s
+        real keys are ``spans[b]``. Rows that share one span run together.
+        """
         b, hq, q_len, _ = query.shape
-        k_len = key.shape[2]
         out = torch.zeros(b, hq, q_len, value.shape[-1], dtype=query.dtype, device=query.device)
+        groups = [range(b)] if len(set(spans)) == 1 else [range(r, r + 1) for r in range(b)]
         masks, selected, admissible, t_sel, t_att = [], 0, 0, 0.0, 0.0
-        query_start = k_len - q_len
-        for row, (start, stop) in enumerate(spans):
+        for rows in groups:
+            start, stop = spans[rows[0]]
             r0 = max(start - query_start, 0)
             r1 = stop - query_start
             if r1 <= r0:
                 masks.append(None)
                 continue
-            o, m, s, a, ts, ta = self._sparse(query[row : row + 1, :, r0:r1],
-                                              key[row : row + 1, :, start:stop],
-                                              value[row : row + 1, :, start:stop], scaling)
-            out[row, :, r0:r1] = o[0]
+            batch = slice(rows[0], rows[-1] + 1)
+            o, m, s, a, ts, ta = self._sparse(query[batch, :, r0:r1], key[batch, :, start:stop],
+                                              value[batch, :, start:stop], scaling)
+            out[batch, :, r0:r1] = o
             masks.append(m)
             selected, admissible = selected + s, admissible + a
             t_sel, t_att = t_sel + ts, t_att + ta
