@@ -66,3 +66,8 @@ doctest_global_setup = "import torch\ntorch.manual_seed(0)\n"
 from prism.theory.plots import write_all_figures  # noqa: E402
 
 write_all_figures(str(ROOT / "docs" / "_static" / "theory"))
+
+# The Performance page's tables come from the committed benchmark JSON.
+from performance_tables import render as render_performance  # noqa: E402
+
+render_performance(ROOT)

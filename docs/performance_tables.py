@@ -1,0 +1,100 @@
+"""Render the Performance page's tables from the committed benchmark JSON.
+
+Called from ``conf.py`` on every build, so the page always shows what
+``benchmarks/results/`` holds and never numbers typed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+
+def _latest(results: Path, pattern: str) -> Path | None:
+    files = sorted(results.glob(pattern), key=lambda p: p.stat().st_mtime)
+    return files[-1] if files else None
+
+
+def _fmt(value, digits=3):
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
+def _table(header, rows):
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    line = " ".join("=" * w for w in widths)
+    fmt = lambda r: " ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True))
+    return "\n".join([line, fmt(header), line, *map(fmt, rows), line, ""])
+
+
+def render(root: Path) -> None:
+    results = root / "benchmarks" / "results"
+    out_dir = root / "docs" / "_generated"
+    static = root / "docs" / "_static" / "perf"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    static.mkdir(parents=True, exist_ok=True)
+    full = _latest(results, "h200_full_*.json")
+    parts = []
+    if full is None:
+        parts.append("No full benchmark run is committed yet.\n")
+    else:
+        data = json.loads(full.read_text())
+        env, ceil = data["environment"], data["ceilings"]
+        parts.append(
+            f"Run ``{full.name}``: {env['gpu']}, torch {env['torch']}, Triton {env['triton']}, "
+            f"commit ``{env['commit']}``, {env['date'][:10]}. Measured ceilings in the same "
+            f"run: bf16 matmul {ceil['matmul_bf16_tflops']:.0f} TFLOP/s, device copy "
+            f"{ceil['copy_tb_s']:.2f} TB/s.\n"
+        )
+        rows = []
+        for entry in data["lengths"]:
+            cudnn = entry["sdpa_ms"]["cudnn"]
+            by_density = {round(s["density_target"], 2): s for s in entry["sparse"]}
+            row = [f"{entry['tokens'] // 1024}K", _fmt(cudnn, 4), _fmt(entry["select_ms"])]
+            for d in (1.0, 0.3, 0.15, 0.05):
+                s = by_density.get(d)
+                row.append("-" if s is None
+                           else f"{s['kernel_ms']:.4g} ({s['kernel_vs_cudnn']:.2f}x)")
+            flex = by_density.get(0.15, {}).get("flex_ms")
+            row.append(_fmt(flex, 4))
+            rows.append(row)
+        parts.append(".. rubric:: Sparse attention on random causal tile masks (ms; ratio to "
+                     "cuDNN dense in parentheses)\n")
+        parts.append(_table(["tokens", "cuDNN dense", "selection", "density 1.0", "0.3",
+                             "0.15", "0.05", "Flex at 0.15"], rows))
+        rows = []
+        for entry in data["lengths"]:
+            p = entry.get("prism_structured")
+            if not p:
+                continue
+            rows.append([f"{entry['tokens'] // 1024}K", f"{p['density']:.3f}",
+                         _fmt(p["select_ms"]), _fmt(p["kernel_ms"], 4),
+                         _fmt(p["end_to_end_ms"], 4), f"{p['cudnn_over_end_to_end']:.2f}x",
+                         _fmt(p.get("flex_ms"), 4)])
+        parts.append(".. rubric:: Prism end to end on structured inputs (ms)\n")
+        parts.append(_table(["tokens", "density", "selection", "attention", "end to end",
+                             "cuDNN / ours", "Flex, same mask"], rows))
+        mem = data["lengths"][-1]["memory"]
+        parts.append(
+            f"Peak extra memory of ``select_blocks`` at {data['lengths'][-1]['tokens'] // 1024}K:"
+            f" {mem['peak_extra_mb_select_blocks']:.0f} MiB, of which "
+            f"{mem['mask_mb']:.0f} MiB is the returned mask; the fp32 probability tensor that "
+            f"the paper's code allocates would be {mem['probability_tensor_mb']:.0f} MiB.\n"
+        )
+        for png in results.glob(full.stem + "*.png"):
+            shutil.copy(png, static / png.name)
+            parts.append(f".. image:: /_static/perf/{png.name}\n   :width: 90%\n")
+    tests = _latest(results, "h200_gpu_tests_*.json")
+    if tests is not None:
+        t = json.loads(tests.read_text())
+        err = t["max_errors"]
+        parts.append(
+            f"GPU test suite (``{tests.name}``): "
+            f"``{t.get('command') or 'pytest tests/test_gpu.py'}`` gave "
+            f"{t['counts'].get('passed', 0)} passed and {t['counts'].get('skipped', 0)} skipped "
+            f"on {t.get('gpu') or 'the GPU'}. Largest relative output errors against the "
+            f"reference: fp32 "
+            f"{err['out_error_float32']:.1e}, fp16 {err['out_error_float16']:.1e}, bf16 "
+            f"{err['out_error_bfloat16']:.1e}; LSE {err['lse_error_float32']:.1e}.\n"
+        )
+    (out_dir / "performance_tables.rst").write_text("\n".join(parts))
