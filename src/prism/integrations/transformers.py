@@ -41,11 +41,11 @@ contiguous run of real tokens and Prism runs on that row alone, so every real
 token gets exactly what it would get in an unpadded batch of one. Its tile grid
 starts at the row's first real token. Left padding (``tokenizer.padding_side =
 "left"``, as used for generation) and right padding both work; outputs at pad
-positions are 0. Rows with the same real tokens run as one batch. Static
-caches work too: their unused key slots are never read. A mask that is not
-"causal and key padding" (packed sequences, sliding windows shorter than the
-input, right padding followed by generated tokens, additive biases) raises
-``ValueError`` and names the fix.
+positions are 0. Rows whose real tokens fill the same positions run as one
+batch. Static caches work too: their unused key slots are never read. A mask
+that is not "causal and key padding" (packed sequences, sliding windows shorter
+than the input, right padding followed by generated tokens, additive biases)
+raises ``ValueError`` and names the fix.
 """
 
 from __future__ import annotations
