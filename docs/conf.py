@@ -41,7 +41,11 @@ plot_html_show_formats = False
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "tutorials/README.rst"]
 html_theme = "alabaster"
 html_static_path = ["_static"]
-html_theme_options = {"description": "Spectral-aware block-sparse attention", "fixed_sidebar": True}
+html_theme_options = {
+    "description": "Spectral-aware block-sparse attention",
+    "fixed_sidebar": True,
+    "page_width": "1160px",
+}
 
 sphinx_gallery_conf = {
     "examples_dirs": ["tutorials"],

@@ -17,7 +17,7 @@ def _latest(results: Path, pattern: str) -> Path | None:
 
 
 def _fmt(value, digits=3):
-    return "-" if value is None else f"{value:.{digits}g}"
+    return "n/a" if value is None else f"{value:.{digits}g}"
 
 
 def _table(header, rows):
@@ -53,7 +53,7 @@ def render(root: Path) -> None:
             row = [f"{entry['tokens'] // 1024}K", _fmt(cudnn, 4), _fmt(entry["select_ms"])]
             for d in (1.0, 0.3, 0.15, 0.05):
                 s = by_density.get(d)
-                row.append("-" if s is None
+                row.append("n/a" if s is None
                            else f"{s['kernel_ms']:.4g} ({s['kernel_vs_cudnn']:.2f}x)")
             flex = by_density.get(0.15, {}).get("flex_ms")
             row.append(_fmt(flex, 4))
