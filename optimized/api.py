@@ -11,7 +11,11 @@ Where the kernels do not apply, a documented exact path runs instead:
 * ``block_sparse_attention`` with a ``block_size`` that is not a multiple of 16
   runs :func:`prism.reference.block_sparse_attention` (same device, same result);
 * selection with more than ``MAX_WIDTH`` (32768) key tiles runs
-  :func:`prism.reference.select_blocks`.
+  :func:`prism.reference.select_blocks`;
+* selection with a non-default ``estimator`` (docs/estimators.rst) runs
+  :func:`prism.reference.select_blocks` on the same device: the kernels
+  implement SPEC v1's Prism estimator only. ``prism_attention`` still runs
+  the Triton attention kernel on that mask.
 """
 
 from __future__ import annotations
@@ -76,8 +80,9 @@ def _select(q, k, cfg: PrismConfig, causal: bool, *, write_indices: bool):
     high_dim, low_dim = band_sizes(d, cfg.high_dim, cfg.low_dim)
     layout = tile_layout(nq, nk, cfg.block_size, causal)
     nqt, nkt = layout.num_query_tiles, layout.num_key_tiles
-    if nqt == 0 or nkt == 0 or nkt > MAX_WIDTH:
-        if nkt > MAX_WIDTH:
+    reference_only = cfg.estimator != "prism"
+    if nqt == 0 or nkt == 0 or nkt > MAX_WIDTH or reference_only:
+        if nkt > MAX_WIDTH or (reference_only and nqt and nkt):
             mask = reference.select_blocks(q, k, cfg, causal=causal)
         else:
             check_finite_fast(q=q, k=k)

@@ -8,13 +8,20 @@ Each module is one stage of the algorithm:
 * :mod:`~prism.reference.scoring` - band logits and probabilities (SPEC 6)
 * :mod:`~prism.reference.topp` - top-p with the index tie-break (SPEC 6)
 * :mod:`~prism.reference.select` - the union, forced tiles and tie analysis
+* :mod:`~prism.reference.estimators` - opt-in peer estimators (docs/estimators.rst)
 * :mod:`~prism.reference.attention` - block-sparse attention (SPEC 7)
 """
 
 from .attention import block_sparse_attention, prism_attention, token_mask
 from .bands import band_dims, band_sizes
 from .calibration import band_temperature
-from .config import TIE_MARGIN, PrismConfig, resolve_config
+from .config import ESTIMATORS, TIE_MARGIN, PrismConfig, resolve_config
+from .estimators import (
+    antidiagonal_probabilities,
+    estimator_mask,
+    last_query_distributions,
+    vertical_slash_tiles,
+)
 from .indices import indices_to_mask, mask_to_indices
 from .rope import apply_rope, pair_dims, rope_frequencies
 from .scoring import admissible_tiles, band_logits, band_probabilities
@@ -60,4 +67,9 @@ __all__ = [
     "top_p_select",
     "forced_tiles",
     "token_mask",
+    "ESTIMATORS",
+    "antidiagonal_probabilities",
+    "estimator_mask",
+    "last_query_distributions",
+    "vertical_slash_tiles",
 ]

@@ -17,6 +17,15 @@ TIE_MARGIN = 1e-5
 
 ROPE_LAYOUTS = ("half", "interleaved")
 
+#: Block-score estimators (docs/estimators.rst). ``"prism"`` is SPEC v1; the
+#: others are opt-in modes of :mod:`prism.reference.estimators`.
+ESTIMATORS = ("prism", "antidiagonal", "vertical_slash", "prism_vertical_slash")
+
+#: The fields that choose and tune an estimator; absent from SPEC v1 records
+#: (the golden manifest), whose configurations all use the default estimator.
+ESTIMATOR_FIELDS = ("estimator", "antidiagonal_stride", "last_queries",
+                    "vertical_slash_threshold")
+
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -54,6 +63,23 @@ class PrismConfig:
         (Hugging Face ``rotate_half``); ``"interleaved"`` pairs ``(2m, 2m + 1)``.
     eps : float
         Floor of the calibration's RMS denominators and temperatures.
+    estimator : {"prism", "antidiagonal", "vertical_slash", "prism_vertical_slash"}
+        How tile pairs are scored (docs/estimators.rst). ``"prism"`` (default)
+        is SPEC v1 exactly. ``"antidiagonal"`` scores tiles by strided
+        antidiagonal sums (XAttention-style) and keeps them by top-p at
+        ``high_threshold``. ``"vertical_slash"`` scores key columns and
+        diagonal offsets with the exact attention of the last queries
+        (MInference/FlexPrefill-style). ``"prism_vertical_slash"`` is the
+        union of Prism's selection and the vertical-slash one.
+    antidiagonal_stride : int
+        Stride of the antidiagonal estimator (default 8); ``block_size`` must
+        be a multiple of it when ``estimator="antidiagonal"``.
+    last_queries : int
+        Number of last queries whose exact attention drives the
+        vertical-slash estimate (default 64).
+    vertical_slash_threshold : float or None
+        Top-p mass kept of the vertical (key column) and slash (diagonal
+        offset) distributions; ``None`` (default) uses ``high_threshold``.
     """
 
     block_size: int = 128
@@ -68,6 +94,10 @@ class PrismConfig:
     force_diagonal: bool = True
     rope_layout: str = "half"
     eps: float = 1e-6
+    estimator: str = "prism"
+    antidiagonal_stride: int = 8
+    last_queries: int = 64
+    vertical_slash_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.block_size):
@@ -118,6 +148,42 @@ class PrismConfig:
                 "Hugging Face Llama-style models use 'half', GPT-J/NeoX-interleaved use "
                 "'interleaved'"
             )
+        self._validate_estimator()
+
+    def _validate_estimator(self) -> None:
+        """Check the estimator mode and its parameters (docs/estimators.rst)."""
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(
+                f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}; "
+                "'prism' is the SPEC v1 default"
+            )
+        for name in ("antidiagonal_stride", "last_queries"):
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise TypeError(
+                    f"{name} must be an int, got {type(value).__name__} {value!r}; "
+                    "pass a whole number such as 8 or 64"
+                )
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}; use e.g. 8 or 64")
+        if self.estimator == "antidiagonal" and self.block_size % self.antidiagonal_stride:
+            raise ValueError(
+                f"block_size ({self.block_size}) must be a multiple of antidiagonal_stride "
+                f"({self.antidiagonal_stride}) when estimator='antidiagonal'; use a stride "
+                "that divides the tile, e.g. 8 or 16 for tile 128"
+            )
+        value = self.vertical_slash_threshold
+        if value is not None:
+            if not _is_real(value):
+                raise TypeError(
+                    "vertical_slash_threshold must be a float in (0, 1] or None, got "
+                    f"{type(value).__name__}"
+                )
+            if not (0.0 < value <= 1.0) or math.isnan(value):
+                raise ValueError(
+                    f"vertical_slash_threshold must lie in (0, 1], got {value}; "
+                    "or None to use high_threshold"
+                )
 
     def replace(self, **overrides) -> PrismConfig:
         """Return a copy with some fields changed (validated like the constructor)."""

@@ -13,6 +13,7 @@ import torch
 from .bands import band_dims
 from .calibration import band_temperature
 from .config import TIE_MARGIN, PrismConfig, resolve_config
+from .estimators import estimator_mask
 from .scoring import admissible_tiles, band_logits, band_probabilities
 from .tiles import TileLayout, pool_tiles, tile_layout
 from .topp import top_p_select
@@ -71,9 +72,18 @@ def trace_selection(q, k, config: PrismConfig | None = None, *, causal: bool = T
                     **overrides) -> SelectionTrace:
     """Run Prism's selection and return every stage (see :class:`SelectionTrace`).
 
-    Arguments are those of :func:`select_blocks`.
+    Arguments are those of :func:`select_blocks`. With
+    ``estimator="prism_vertical_slash"`` the vertical-slash tiles
+    (:mod:`prism.reference.estimators`) join the mask and count as forced, so
+    tie analysis covers only the Prism bands. The other non-Prism estimators
+    have no band stages to trace and raise ``ValueError``.
     """
     cfg = resolve_config(config, **overrides)
+    if cfg.estimator not in ("prism", "prism_vertical_slash"):
+        raise ValueError(
+            f"trace_selection traces Prism's band stages, but estimator={cfg.estimator!r}; "
+            "call select_blocks, or prism.reference.estimators.estimator_mask, instead"
+        )
     validate_qk(q, k, causal=causal)
     b, hq, nq, d = q.shape
     nk = k.shape[2]
@@ -106,6 +116,8 @@ def trace_selection(q, k, config: PrismConfig | None = None, *, causal: bool = T
 
     # Stage 5: union of the bands, plus the forced sink and diagonal tiles.
     forced = forced_tiles(layout, causal, cfg.force_sink, cfg.force_diagonal, device)
+    if cfg.estimator == "prism_vertical_slash":
+        forced = forced | estimator_mask(q, k, cfg, causal)
     mask = (high_keep | low_keep | forced) & admissible
     return SelectionTrace(
         config=cfg, causal=causal, layout=layout, high_dims=high_dims, low_dims=low_dims,
@@ -155,8 +167,15 @@ def select_blocks(q, k, config: PrismConfig | None = None, *, causal: bool = Tru
     (torch.Size([1, 4, 4, 4]), torch.bool)
     >>> bool(mask[..., 0].all()), bool(mask.diagonal(dim1=-2, dim2=-1).all())
     (True, True)
+
+    A non-default ``estimator`` (docs/estimators.rst) changes only how tiles
+    are scored; the admissible set and forced tiles are the same.
     """
-    return trace_selection(q, k, config, causal=causal, **overrides).mask
+    cfg = resolve_config(config, **overrides)
+    if cfg.estimator in ("antidiagonal", "vertical_slash"):
+        validate_qk(q, k, causal=causal)
+        return estimator_mask(q, k, cfg, causal)
+    return trace_selection(q, k, cfg, causal=causal).mask
 
 
 def boundary_ties(q, k, config: PrismConfig | None = None, *, causal: bool = True,

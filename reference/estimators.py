@@ -1,0 +1,243 @@
+"""Opt-in block-score estimators beside Prism's bands (docs/estimators.rst).
+
+Every estimator returns a bool tile mask on SPEC 3's absolute grid, with the
+same admissible set and forced tiles (sink, diagonal) as SPEC 6. Only the way
+tile pairs are scored changes:
+
+* ``"antidiagonal"`` (XAttention-style): inside every ``stride x stride``
+  sub-block of the token score matrix, sum the scores on one antidiagonal
+  (``q[g*S + S-1-t] . k[g'*S + t]`` for ``t < S``); this reads every query and
+  every key once, so positional (slash) and content (vertical) structure both
+  survive, unlike a mean. A softmax over the admissible key groups, summed into
+  tiles and renormalised per query tile, gives tile probabilities; tiles are
+  kept by top-p at ``high_threshold``.
+* ``"vertical_slash"`` (MInference/FlexPrefill-style): the exact attention of
+  the last ``last_queries`` queries over all keys, averaged over those queries,
+  gives a distribution over key columns (vertical lines) and, summed along
+  ``q_pos - k_pos``, a distribution over diagonal offsets (slash lines). Top-p
+  at ``vertical_slash_threshold`` on each picks token columns and offsets; a
+  tile pair is kept when it holds a picked column or a picked offset.
+* ``"prism_vertical_slash"``: the union of Prism's selection (SPEC 6) and the
+  vertical-slash one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import PrismConfig
+from .scoring import admissible_tiles
+from .tiles import TileLayout, tile_layout
+from .topp import top_p_select
+
+
+def _absolute_grid(x: torch.Tensor, start: int, block_size: int, n_tiles: int) -> torch.Tensor:
+    """Rows of ``x`` laid on whole tiles from tile ``start // block_size``, zero-filled, fp32."""
+    b, h, n, d = x.shape
+    grid = torch.zeros(b, h, n_tiles * block_size, d, dtype=torch.float32, device=x.device)
+    lead = start % block_size
+    grid[:, :, lead : lead + n] = x.float()
+    return grid
+
+
+def antidiagonal_probabilities(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
+                               stride: int, causal: bool = True) -> torch.Tensor:
+    """Tile probabilities from strided antidiagonal scores (XAttention-style).
+
+    Token rows are grouped into runs of ``stride`` on the absolute grid. Group
+    ``g`` of queries and group ``g'`` of keys score
+
+        a[g, g'] = sum_t q[g*S + S-1-t] . k[g'*S + t] / (sqrt(D) * S),
+
+    one antidiagonal of their ``S x S`` sub-block. Each query group takes a
+    softmax over its admissible key groups (causal: ``g' <= g``; groups holding
+    no key are excluded); the probabilities of the query groups of a tile are
+    summed into key tiles and the row is renormalised to sum to 1.
+
+    Parameters
+    ----------
+    q : Tensor (B, Hq, Nq, D)
+    k : Tensor (B, Hkv, Nk, D)
+    layout : TileLayout
+        From :func:`prism.reference.tile_layout`; ``layout.block_size`` must be
+        a multiple of ``stride``.
+    stride : int
+    causal : bool
+
+    Returns
+    -------
+    Tensor (B, Hq, nq, nk), float32
+        Zero outside the admissible tiles; each row with an admissible tile
+        sums to 1.
+    """
+    b, hq, nq_tokens, d = q.shape
+    hkv, nk_tokens = k.shape[1], k.shape[2]
+    group = hq // hkv
+    bs = layout.block_size
+    nq, nk = layout.num_query_tiles, layout.num_key_tiles
+    per_tile = bs // stride
+    q_grid = _absolute_grid(q, layout.query_start, bs, nq)
+    k_grid = _absolute_grid(k, 0, bs, nk)
+    # Reversing each query group pairs row S-1-t with key row t: an antidiagonal.
+    q_groups = q_grid.view(b, hq, nq * per_tile, stride, d).flip(3)
+    q_groups = q_groups.reshape(b, hkv, group, nq * per_tile, stride * d)
+    k_groups = k_grid.view(b, hkv, 1, nk * per_tile, stride * d)
+    scores = torch.matmul(q_groups, k_groups.transpose(-1, -2)) / (math.sqrt(d) * stride)
+    scores = scores.reshape(b, hq, nq * per_tile, nk * per_tile)
+
+    device = q.device
+    first_group = layout.first_query_tile * per_tile
+    query_groups = torch.arange(first_group, first_group + nq * per_tile, device=device)
+    key_groups = torch.arange(nk * per_tile, device=device)
+    # Groups that hold at least one real query or key; padding groups score nothing.
+    q_lo = layout.query_start // stride
+    q_hi = (layout.query_start + nq_tokens - 1) // stride if nq_tokens else q_lo - 1
+    query_valid = (query_groups >= q_lo) & (query_groups <= q_hi)
+    key_valid = key_groups < -(-nk_tokens // stride)
+    allowed = key_valid[None, :].expand(query_groups.numel(), -1)
+    if causal:
+        allowed = allowed & (key_groups[None, :] <= query_groups[:, None])
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0) * query_valid[:, None].to(probs.dtype)
+    tiles = probs.view(b, hq, nq, per_tile, nk, per_tile).sum(dim=(3, 5))
+    tiles = tiles * admissible_tiles(layout, causal, device).to(tiles.dtype)
+    total = tiles.sum(dim=-1, keepdim=True)
+    return torch.where(total > 0, tiles / total.clamp_min(1e-30), torch.zeros_like(tiles))
+
+
+def last_query_distributions(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
+                             last_queries: int, causal: bool = True):
+    """Vertical and slash distributions from the exact attention of the last queries.
+
+    Parameters
+    ----------
+    q : Tensor (B, Hq, Nq, D)
+    k : Tensor (B, Hkv, Nk, D)
+    layout : TileLayout
+    last_queries : int
+        The last ``min(last_queries, Nq)`` query rows are used.
+    causal : bool
+
+    Returns
+    -------
+    vertical : Tensor (B, Hq, Nk), float32
+        Mean attention probability of each key over the last queries.
+    slash : Tensor (B, Hq, P + Nk), float32
+        Mean probability mass at each offset ``q_pos - k_pos``, where ``P`` is
+        the last query's absolute position; entry ``o + Nk - 1`` holds offset
+        ``o``.
+    """
+    b, hq, nq_tokens, d = q.shape
+    hkv, nk_tokens = k.shape[1], k.shape[2]
+    group = hq // hkv
+    rows = min(last_queries, nq_tokens)
+    device = q.device
+    tail = q[:, :, nq_tokens - rows :].float().reshape(b, hkv, group, rows, d)
+    scores = torch.matmul(tail, k.float().unsqueeze(2).transpose(-1, -2)) / math.sqrt(d)
+    scores = scores.reshape(b, hq, rows, nk_tokens)
+    q_pos = torch.arange(nq_tokens - rows, nq_tokens, device=device) + layout.query_start
+    k_pos = torch.arange(nk_tokens, device=device)
+    if causal:
+        scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+    probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0) / max(rows, 1)
+    vertical = probs.sum(dim=2)
+    offsets = (q_pos[:, None] - k_pos[None, :]) + (nk_tokens - 1)
+    n_offsets = layout.query_start + nq_tokens + nk_tokens - 1
+    slash = torch.zeros(b, hq, n_offsets, dtype=torch.float32, device=device)
+    slash.scatter_add_(-1, offsets.reshape(1, 1, -1).expand(b, hq, -1),
+                       probs.reshape(b, hq, -1))
+    return vertical, slash
+
+
+def vertical_slash_tiles(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
+                         last_queries: int, threshold: float,
+                         causal: bool = True) -> torch.Tensor:
+    """Tile pairs holding a top-p key column or a top-p diagonal offset of the last queries.
+
+    Key columns and offsets are kept by top-p (SPEC 6's rule) at ``threshold``
+    on the distributions of :func:`last_query_distributions`. A kept column
+    keeps its key tile for every query tile; a kept offset ``o`` keeps every
+    tile pair whose token offsets ``(I - j) * bs +- (bs - 1)`` contain ``o``
+    (``I`` the query tile's absolute index), i.e. tile offsets
+    ``floor(o / bs)`` and ``ceil(o / bs)``.
+
+    Returns
+    -------
+    Tensor (B, Hq, nq, nk), bool
+        Restricted to the admissible tiles; not yet united with forced tiles.
+    """
+    b, hq = q.shape[0], q.shape[1]
+    nk_tokens = k.shape[2]
+    bs = layout.block_size
+    nq, nk = layout.num_query_tiles, layout.num_key_tiles
+    device = q.device
+    admissible = admissible_tiles(layout, causal, device)
+    if nq == 0 or nk == 0:
+        return torch.zeros(b, hq, nq, nk, dtype=torch.bool, device=device)
+    vertical, slash = last_query_distributions(q, k, layout, last_queries, causal)
+    ones = torch.ones((), dtype=torch.bool, device=device)
+    keep_columns, _ = top_p_select(vertical, ones, threshold)
+    keep_offsets, _ = top_p_select(slash, ones, threshold)
+    keep_columns = keep_columns & (vertical > 0)
+    keep_offsets = keep_offsets & (slash > 0)
+    # Columns -> key tiles.
+    column_hits = torch.zeros(b, hq, nk, dtype=torch.int32, device=device)
+    column_hits.index_add_(-1, torch.arange(nk_tokens, device=device) // bs,
+                           keep_columns.to(torch.int32))
+    column_tiles = column_hits > 0
+    # Offsets -> tile offsets; tile offset d sits at index d + nk in the table.
+    offsets = torch.arange(slash.shape[-1], device=device) - (nk_tokens - 1)
+    n_diag = layout.first_query_tile + nq + nk + 1
+    diagonal_hits = torch.zeros(b, hq, n_diag, dtype=torch.int32, device=device)
+    for tile_offset in (torch.div(offsets, bs, rounding_mode="floor"),
+                        -torch.div(-offsets, bs, rounding_mode="floor")):
+        index = (tile_offset + nk).clamp(0, n_diag - 1)
+        diagonal_hits.index_add_(-1, index, keep_offsets.to(torch.int32))
+    diagonal_tiles = diagonal_hits > 0
+    query_tiles = layout.query_tile_indices(device)
+    pair_offsets = query_tiles[:, None] - torch.arange(nk, device=device)[None, :] + nk
+    from_slash = diagonal_tiles[..., pair_offsets.clamp(0, n_diag - 1)]
+    return (column_tiles[:, :, None, :] | from_slash) & admissible
+
+
+def estimator_mask(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig,
+                   causal: bool = True) -> torch.Tensor:
+    """Selection by a non-Prism estimator (``cfg.estimator``), with forced tiles.
+
+    Inputs must already be validated (``select_blocks`` does it). For
+    ``"prism_vertical_slash"`` this returns only the vertical-slash part; the
+    union with Prism is made by :func:`prism.reference.trace_selection`.
+
+    Returns
+    -------
+    Tensor (B, Hq, nq, nk), bool
+    """
+    from .select import forced_tiles
+
+    layout = tile_layout(q.shape[2], k.shape[2], cfg.block_size, causal)
+    device = q.device
+    admissible = admissible_tiles(layout, causal, device)
+    if cfg.estimator == "antidiagonal":
+        probs = antidiagonal_probabilities(q, k, layout, cfg.antidiagonal_stride, causal)
+        keep, _ = top_p_select(probs, admissible, cfg.high_threshold)
+        keep = keep & (probs > 0)
+    elif cfg.estimator in ("vertical_slash", "prism_vertical_slash"):
+        threshold = cfg.vertical_slash_threshold
+        if threshold is None:
+            threshold = cfg.high_threshold
+        keep = vertical_slash_tiles(q, k, layout, cfg.last_queries, threshold, causal)
+    else:
+        raise ValueError(f"estimator_mask has no estimator {cfg.estimator!r}; "
+                         "'prism' runs through prism.reference.select_blocks")
+    forced = forced_tiles(layout, causal, cfg.force_sink, cfg.force_diagonal, device)
+    return (keep | forced) & admissible
+
+
+__all__ = [
+    "antidiagonal_probabilities",
+    "estimator_mask",
+    "last_query_distributions",
+    "vertical_slash_tiles",
+]

@@ -1,0 +1,241 @@
+"""Opt-in estimators (docs/estimators.rst): config, naive oracles, masks, optimized fallback."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from prism.reference import (
+    PrismConfig,
+    antidiagonal_probabilities,
+    last_query_distributions,
+    select_blocks,
+    tile_layout,
+    top_p_select,
+    trace_selection,
+    vertical_slash_tiles,
+)
+from prism.reference.scoring import admissible_tiles
+
+ALTERNATIVES = ("antidiagonal", "vertical_slash", "prism_vertical_slash")
+
+
+def _qk(b=1, hq=4, hkv=2, nq=200, nk=328, d=32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, hq, nq, d, generator=gen), torch.randn(b, hkv, nk, d, generator=gen))
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def test_default_is_spec_v1():
+    cfg = PrismConfig()
+    assert cfg.estimator == "prism"
+    q, k = _qk()
+    assert torch.equal(select_blocks(q, k, block_size=64),
+                       trace_selection(q, k, block_size=64).mask)
+
+
+@pytest.mark.parametrize("overrides, error, words", [
+    ({"estimator": "xattention"}, ValueError, "estimator must be one of"),
+    ({"estimator": "antidiagonal", "antidiagonal_stride": 48}, ValueError, "multiple of"),
+    ({"antidiagonal_stride": 0}, ValueError, "antidiagonal_stride must be >= 1"),
+    ({"antidiagonal_stride": 8.0}, TypeError, "antidiagonal_stride must be an int"),
+    ({"last_queries": 0}, ValueError, "last_queries must be >= 1"),
+    ({"last_queries": True}, TypeError, "last_queries must be an int"),
+    ({"vertical_slash_threshold": 1.5}, ValueError, "vertical_slash_threshold must lie"),
+    ({"vertical_slash_threshold": "0.9"}, TypeError, "vertical_slash_threshold must be"),
+])
+def test_bad_estimator_fields(overrides, error, words):
+    with pytest.raises(error, match=words):
+        PrismConfig(**overrides)
+
+
+# ---------------------------------------------------------------- naive oracles
+
+
+def _naive_antidiagonal(q, k, bs, stride, causal):
+    """Loop-by-loop XAttention scoring on the absolute grid, for tiny inputs."""
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    layout = tile_layout(nq, nk, bs, causal)
+    start = layout.query_start
+    n_key_groups = -(-nk // stride)
+    first_group = layout.first_query_tile * bs // stride
+    n_groups_q = layout.num_query_tiles * bs // stride
+    out = torch.zeros(b, hq, layout.num_query_tiles, layout.num_key_tiles, dtype=torch.float64)
+    for bi in range(b):
+        for h in range(hq):
+            kv = h // (hq // hkv)
+            for gq in range(first_group, first_group + n_groups_q):
+                positions = [gq * stride + stride - 1 - t for t in range(stride)]
+                if not any(start <= p < start + nq for p in positions):
+                    continue
+                logits = {}
+                for gk in range(n_key_groups):
+                    if causal and gk > gq:
+                        continue
+                    total = 0.0
+                    for t in range(stride):
+                        p, n = positions[t], gk * stride + t
+                        if start <= p < start + nq and n < nk:
+                            total += float(q[bi, h, p - start].double() @ k[bi, kv, n].double())
+                    logits[gk] = total / (math.sqrt(d) * stride)
+                top = max(logits.values())
+                norm = sum(math.exp(v - top) for v in logits.values())
+                row = gq * stride // bs - layout.first_query_tile
+                for gk, v in logits.items():
+                    out[bi, h, row, gk * stride // bs] += math.exp(v - top) / norm
+    admissible = admissible_tiles(layout, causal)
+    out = out * admissible
+    return out / out.sum(-1, keepdim=True).clamp_min(1e-30), layout
+
+
+@pytest.mark.parametrize("nq, nk, causal", [(200, 328, True), (64, 64, True), (40, 100, False),
+                                            (1, 77, True)])
+def test_antidiagonal_matches_naive(nq, nk, causal):
+    q, k = _qk(nq=nq, nk=nk, d=16, seed=nq)
+    expected, layout = _naive_antidiagonal(q, k, 32, 8, causal)
+    actual = antidiagonal_probabilities(q, k, layout, 8, causal)
+    torch.testing.assert_close(actual.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def _naive_vertical_slash(q, k, bs, last, threshold, causal):
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    layout = tile_layout(nq, nk, bs, causal)
+    rows = min(last, nq)
+    mask = torch.zeros(b, hq, layout.num_query_tiles, layout.num_key_tiles, dtype=torch.bool)
+    for bi in range(b):
+        for h in range(hq):
+            kv = h // (hq // hkv)
+            vertical = torch.zeros(nk, dtype=torch.float64)
+            slash = {}
+            for r in range(nq - rows, nq):
+                p = layout.query_start + r
+                keys = [n for n in range(nk) if not causal or n <= p]
+                s = torch.tensor([float(q[bi, h, r].double() @ k[bi, kv, n].double())
+                                  for n in keys]) / math.sqrt(d)
+                probs = torch.softmax(s, 0) / rows
+                for n, pr in zip(keys, probs.tolist(), strict=True):
+                    vertical[n] += pr
+                    slash[p - n] = slash.get(p - n, 0.0) + pr
+            columns, _ = top_p_select(vertical.float(), torch.tensor(True), threshold)
+            offsets = sorted(slash)
+            keep_o, _ = top_p_select(torch.tensor([slash[o] for o in offsets]).float()[None],
+                                     torch.tensor(True), threshold)
+            chosen = [o for o, kept in zip(offsets, keep_o[0].tolist(), strict=True) if kept]
+            for i, tile in enumerate(layout.query_tile_indices().tolist()):
+                for j in range(layout.num_key_tiles):
+                    hit = bool(columns[j * bs : (j + 1) * bs].any())
+                    hit = hit or any(abs(o - (tile - j) * bs) <= bs - 1 for o in chosen)
+                    mask[bi, h, i, j] = hit
+    return mask & admissible_tiles(layout, causal), layout
+
+
+@pytest.mark.parametrize("nq, nk, causal", [(200, 328, True), (96, 96, True), (30, 90, False)])
+def test_vertical_slash_matches_naive(nq, nk, causal):
+    q, k = _qk(nq=nq, nk=nk, d=16, seed=nq + 1)
+    expected, layout = _naive_vertical_slash(q, k, 32, 16, 0.7, causal)
+    actual = vertical_slash_tiles(q, k, layout, 16, 0.7, causal)
+    assert torch.equal(actual, expected)
+
+
+def test_last_query_distributions_sum_to_one():
+    q, k = _qk()
+    layout = tile_layout(200, 328, 64, True)
+    vertical, slash = last_query_distributions(q, k, layout, 16, True)
+    torch.testing.assert_close(vertical.sum(-1), torch.ones(1, 4))
+    torch.testing.assert_close(slash.sum(-1), torch.ones(1, 4))
+
+
+# ---------------------------------------------------------------- masks
+
+
+@pytest.mark.parametrize("estimator", ALTERNATIVES)
+@pytest.mark.parametrize("nq, nk, causal", [(200, 328, True), (128, 128, True), (1, 1, True),
+                                            (50, 70, False)])
+def test_masks_keep_forced_and_admissible(estimator, nq, nk, causal):
+    q, k = _qk(nq=nq, nk=nk)
+    mask = select_blocks(q, k, block_size=64, causal=causal, estimator=estimator,
+                         antidiagonal_stride=16, high_threshold=0.5, low_threshold=0.5,
+                         vertical_slash_threshold=0.5)
+    layout = tile_layout(nq, nk, 64, causal)
+    admissible = admissible_tiles(layout, causal)
+    assert mask.shape == (1, 4, layout.num_query_tiles, layout.num_key_tiles)
+    assert not (mask & ~admissible).any()
+    assert mask[..., 0].all()
+    if causal:
+        rows = torch.arange(layout.num_query_tiles)
+        assert mask[..., rows, layout.query_tile_indices()].all()
+
+
+@pytest.mark.parametrize("estimator", ALTERNATIVES)
+def test_empty_queries(estimator):
+    q, k = _qk(nq=0, nk=100)
+    assert select_blocks(q, k, block_size=64, estimator=estimator).shape == (1, 4, 0, 2)
+
+
+def test_union_contains_both_parts():
+    q, k = _qk(nq=512, nk=512)
+    common = {"block_size": 64, "high_threshold": 0.6, "low_threshold": 0.6,
+              "vertical_slash_threshold": 0.6}
+    prism = select_blocks(q, k, **common)
+    slash = select_blocks(q, k, estimator="vertical_slash", **{**common, "high_threshold": 0.6})
+    union = select_blocks(q, k, estimator="prism_vertical_slash", **common)
+    assert torch.equal(union, prism | slash)
+
+
+def test_trace_refuses_estimators_without_bands():
+    q, k = _qk()
+    with pytest.raises(ValueError, match="select_blocks"):
+        trace_selection(q, k, estimator="antidiagonal")
+
+
+def test_vertical_slash_finds_planted_key():
+    """A key every late query attends to must be kept for every query tile."""
+    torch.manual_seed(3)
+    q = torch.randn(1, 1, 512, 32) * 0.1
+    k = torch.randn(1, 1, 512, 32) * 0.1
+    direction = torch.zeros(32)
+    direction[5] = 1.0
+    q += 3.0 * direction
+    k[0, 0, 200] = 8.0 * direction  # key tile 3 of tile 64
+    mask = select_blocks(q, k, block_size=64, estimator="vertical_slash",
+                         vertical_slash_threshold=0.5)
+    assert mask[0, 0, 3:, 3].all()
+
+
+def test_optimized_falls_back_for_estimators():
+    """On CUDA the optimized API runs the reference for non-default estimators."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from prism import optimized
+
+    q, k = _qk()
+    for estimator in ALTERNATIVES:
+        expected = select_blocks(q, k, block_size=64, estimator=estimator)
+        actual = optimized.select_blocks(q.cuda(), k.cuda(), block_size=64, estimator=estimator)
+        assert torch.equal(actual.cpu(), expected)
+
+
+# ---------------------------------------------------------------- sweep helpers
+
+
+def test_parse_points_and_methods():
+    from prism.evaluation.sweep import SweepSettings, method_selection, parse_points
+
+    points = parse_points("prism=0.9,0.95; antidiagonal=0.8;")
+    assert points == [("prism", 0.9), ("prism", 0.95), ("antidiagonal", 0.8)]
+    with pytest.raises(ValueError, match="unknown sweep method"):
+        parse_points("xattn=0.9")
+    with pytest.raises(ValueError, match="outside"):
+        parse_points("prism=1.5")
+    settings = SweepSettings(vertical_slash_threshold=0.7)
+    config, selector = method_selection("prism_vertical_slash", 0.9, settings)
+    assert config.estimator == "prism_vertical_slash" and selector is None
+    assert config.vertical_slash_threshold == 0.7 and config.high_threshold == 0.9
+    config, selector = method_selection("mean_pooling", 0.9, settings)
+    assert config == PrismConfig() and selector.threshold == 0.9
