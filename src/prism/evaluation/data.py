@@ -104,6 +104,23 @@ def bible_text(max_chars: int | None = None) -> str:
     return "".join(parts)
 
 
+#: ``--text`` value that selects :func:`python_docs_text`.
+PYTHON_DOCS = "python-docs"
+
+
+def python_docs_text() -> str:
+    """Python's bundled reference documentation (``pydoc_data.topics``), as one text.
+
+    The topics ship with every CPython as the text of ``help()``: technical
+    prose and code, a different genre from the Bible. They are joined in sorted
+    topic order, separated by blank lines, so the text is the same on every run
+    of one Python version.
+    """
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[name].strip() for name in sorted(topics))
+
+
 def read_text(path: str | os.PathLike) -> str:
     """A UTF-8 text file, with a clear error if it is missing or empty."""
     path = Path(path)

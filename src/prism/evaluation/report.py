@@ -99,6 +99,27 @@ def passkey_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def sweep_table(result: dict) -> str:
+    """One row per sweep point (and full attention): threshold, density, perplexity, passkey."""
+    full = result["full"]
+    lines = [f"{'method':<22} {'p':>7} {'density':>8} {'perplexity':>10} {'ratio':>6} "
+             f"{'passkey':>8} {'sel s/layer':>11}"]
+
+    def passkey(entry):
+        if "passkey_trials" not in entry:
+            return "-"
+        return f"{entry['passkey_correct']}/{entry['passkey_trials']}"
+
+    lines.append(f"{'full attention':<22} {'-':>7} {1.0:>8.3f} {full['perplexity']:>10.3f} "
+                 f"{1.0:>6.3f} {passkey(full):>8} {'-':>11}")
+    for point in result["points"]:
+        lines.append(
+            f"{point['method']:<22} {point['threshold']:>7.4g} {point['density']:>8.3f} "
+            f"{point['perplexity']:>10.3f} {point['ratio_to_full']:>6.3f} "
+            f"{passkey(point):>8} {point['selection_seconds_per_layer']:>11.4f}")
+    return "\n".join(lines)
+
+
 def write_json(result: dict, path: str | os.PathLike) -> Path:
     """Write ``result`` as indented JSON, creating the folder; returns the path."""
     path = Path(path)

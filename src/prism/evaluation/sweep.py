@@ -1,0 +1,250 @@
+"""Accuracy against density: perplexity and passkey over threshold sweeps.
+
+``prism eval --task sweep`` runs full attention once, then one sparse pass per
+(method, threshold) point, and writes the JSON after every point so a long run
+that is stopped keeps what it finished. Methods:
+
+* ``prism`` - SPEC-default Prism, both bands at the threshold;
+* ``mean_pooling`` - plain mean pooling (:mod:`~prism.evaluation.baselines`);
+* ``antidiagonal`` - XAttention-style strided antidiagonal scoring
+  (``PrismConfig(estimator="antidiagonal")``);
+* ``vertical_slash`` - last-query vertical-slash scoring (MInference/FlexPrefill-style);
+* ``prism_vertical_slash`` - Prism united with the vertical-slash tiles; the
+  threshold moves Prism's bands, ``vertical_slash_threshold`` stays fixed.
+
+Each point records perplexity, the mean causal tile density of its own pass,
+the selection time per layer, and (optionally) passkey accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from prism.integrations.transformers import PrismStats, register
+from prism.reference import PrismConfig
+
+from .baselines import MeanPoolingSelector
+from .passkey import build_passkey_prompt, first_number, greedy_decode
+from .perplexity import sequence_nll, token_windows
+from .report import write_json
+
+SWEEP_METHODS = ("prism", "mean_pooling", "antidiagonal", "vertical_slash",
+                 "prism_vertical_slash")
+SWEEP_NAME = "prism-eval-sweep"
+
+
+@dataclass
+class SweepSettings:
+    """Settings of :func:`run_sweep`.
+
+    Attributes
+    ----------
+    tokens : int
+        Perplexity window in tokens.
+    points : sequence of (method, threshold)
+        Methods from :data:`SWEEP_METHODS`.
+    block_size : int
+    antidiagonal_stride, last_queries : int
+        Parameters of the antidiagonal and vertical-slash estimators.
+    vertical_slash_threshold : float
+        Top-p of the vertical and slash distributions in ``prism_vertical_slash``.
+    passkey_lengths, passkey_depths : sequences
+        Passkey prompts per point; empty lengths skip the passkey task.
+    new_tokens, seed : int
+        Passkey decoding length and key seed (as in ``prism eval --task passkey``).
+    backend : str
+        As in :class:`~prism.evaluation.perplexity.EvalSettings`.
+    """
+
+    tokens: int = 4096
+    points: Sequence[tuple[str, float]] = ()
+    block_size: int = 128
+    antidiagonal_stride: int = 8
+    last_queries: int = 64
+    vertical_slash_threshold: float = 0.9
+    passkey_lengths: Sequence[int] = ()
+    passkey_depths: Sequence[float] = (0.1, 0.5, 0.9)
+    new_tokens: int = 10
+    seed: int = 0
+    backend: str = "auto"
+    extra: dict = field(default_factory=dict)
+
+
+def method_selection(method: str, threshold: float, settings: SweepSettings):
+    """The ``(PrismConfig, selector)`` pair that runs ``method`` at ``threshold``.
+
+    Raises
+    ------
+    ValueError
+        If ``method`` is not one of :data:`SWEEP_METHODS`.
+    """
+    base = {"block_size": settings.block_size, "high_threshold": threshold,
+            "low_threshold": threshold}
+    if method == "prism":
+        return PrismConfig(**base), None
+    if method == "mean_pooling":
+        return PrismConfig(block_size=settings.block_size), MeanPoolingSelector(threshold)
+    if method == "antidiagonal":
+        return PrismConfig(**base, estimator="antidiagonal",
+                           antidiagonal_stride=settings.antidiagonal_stride), None
+    if method == "vertical_slash":
+        return PrismConfig(**base, estimator="vertical_slash",
+                           last_queries=settings.last_queries), None
+    if method == "prism_vertical_slash":
+        return PrismConfig(**base, estimator="prism_vertical_slash",
+                           last_queries=settings.last_queries,
+                           vertical_slash_threshold=settings.vertical_slash_threshold), None
+    raise ValueError(f"unknown sweep method {method!r}; choose from {SWEEP_METHODS}")
+
+
+def _passkey_trials(model, tokenizer, haystack, settings: SweepSettings, implementation,
+                    stats: PrismStats | None) -> list[dict]:
+    device = next(model.parameters()).device
+    rng = random.Random(settings.seed)
+    keys = {(length, depth): rng.randrange(10000, 100000)
+            for length in settings.passkey_lengths for depth in settings.passkey_depths}
+    model.set_attn_implementation(implementation)
+    trials = []
+    for (length, depth), key in keys.items():
+        prompt = build_passkey_prompt(tokenizer, haystack, length - settings.new_tokens,
+                                      depth, key)
+        if stats is not None:
+            stats.reset()
+        answer_ids = greedy_decode(model, torch.tensor([prompt], device=device),
+                                   settings.new_tokens)
+        answer = tokenizer.decode(answer_ids, skip_special_tokens=True)
+        trials.append({"length": length, "depth": depth, "key": key, "answer": answer,
+                       "success": first_number(answer) == key,
+                       "density": stats.mean_density() if stats is not None else 1.0})
+    return trials
+
+
+def _passkey_summary(trials: list[dict]) -> dict:
+    if not trials:
+        return {}
+    by_length = {}
+    for length in sorted({t["length"] for t in trials}):
+        hits = [t["success"] for t in trials if t["length"] == length]
+        by_length[str(length)] = sum(hits) / len(hits)
+    return {"passkey_accuracy": sum(t["success"] for t in trials) / len(trials),
+            "passkey_correct": sum(t["success"] for t in trials),
+            "passkey_trials": len(trials), "passkey_by_length": by_length,
+            "passkey_density": sum(t["density"] for t in trials) / len(trials),
+            "passkey_detail": trials}
+
+
+@torch.no_grad()
+def run_sweep(model, tokenizer, text: str, settings: SweepSettings, *, out_path=None,
+              header: dict | None = None, progress: bool = True) -> dict:
+    """Full attention, then every (method, threshold) point of ``settings``.
+
+    Parameters
+    ----------
+    model, tokenizer : a transformers causal LM with RoPE attention, and its tokenizer
+    text : str
+        At least ``settings.tokens`` tokens (and the longest passkey length).
+    settings : SweepSettings
+    out_path : path, optional
+        When given, the JSON is rewritten after every point.
+    header : dict, optional
+        Extra keys for the JSON (model, text, command, environment).
+
+    Returns
+    -------
+    dict
+        JSON-ready: ``full`` (perplexity, passkey) and ``points``, one entry per
+        point with method, threshold, config, perplexity, ratio to full,
+        density, selection seconds and passkey results.
+    """
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    backend = settings.backend
+    if backend == "auto":
+        backend = "prism" if device.type == "cuda" else "masked_sdpa"
+    eval_ids, _ = token_windows(tokenizer, text, settings.tokens)
+    eval_ids = eval_ids.to(device)
+    haystack = (tokenizer(text, add_special_tokens=False)["input_ids"]
+                if settings.passkey_lengths else [])
+    previous = model.config._attn_implementation
+    result = {**(header or {}), "task": "sweep", "tokens": settings.tokens, "backend": backend,
+              "settings": {**asdict(settings), "points": [list(p) for p in settings.points],
+                           "passkey_lengths": list(settings.passkey_lengths),
+                           "passkey_depths": list(settings.passkey_depths)},
+              "points": []}
+    bar = tqdm(total=len(settings.points) + 1, unit="point", disable=not progress,
+               desc="sweep")
+    try:
+        model.set_attn_implementation("sdpa")
+        start = time.perf_counter()
+        full_nll, count = sequence_nll(model, eval_ids)
+        full = {"perplexity": math.exp(full_nll / count), "nll_per_token": full_nll / count,
+                "density": 1.0, "pass_seconds": time.perf_counter() - start}
+        full.update(_passkey_summary(_passkey_trials(model, tokenizer, haystack, settings,
+                                                     "sdpa", None)))
+        result.update(predictions=count, full=full)
+        if out_path is not None:
+            write_json(result, out_path)
+        bar.update(1)
+        for method, threshold in settings.points:
+            bar.set_description(f"{method} p={threshold:g}")
+            config, selector = method_selection(method, threshold, settings)
+            stats = register(SWEEP_NAME, config, stats=PrismStats(), backend=backend,
+                             selector=selector)
+            model.set_attn_implementation(SWEEP_NAME)
+            start = time.perf_counter()
+            nll, _ = sequence_nll(model, eval_ids)
+            seconds = time.perf_counter() - start
+            timing = stats.seconds_by_layer()
+            point = {"method": method, "threshold": threshold, "config": asdict(config),
+                     "perplexity": math.exp(nll / count), "nll_per_token": nll / count,
+                     "ratio_to_full": math.exp((nll - full_nll) / count),
+                     "density": stats.mean_density(), "pass_seconds": seconds,
+                     "selection_seconds": sum(t["selection"] for t in timing.values()),
+                     "selection_seconds_per_layer":
+                         sum(t["selection"] for t in timing.values()) / max(len(timing), 1)}
+            point.update(_passkey_summary(_passkey_trials(model, tokenizer, haystack, settings,
+                                                          SWEEP_NAME, stats)))
+            result["points"].append(point)
+            if out_path is not None:
+                write_json(result, out_path)
+            bar.update(1)
+    finally:
+        bar.close()
+        model.set_attn_implementation(previous)
+    return result
+
+
+def parse_points(text: str) -> list[tuple[str, float]]:
+    """Parse ``"prism=0.9,0.95;mean_pooling=0.95"`` into ``[(method, threshold), ...]``.
+
+    Raises
+    ------
+    ValueError
+        On an unknown method or a threshold outside (0, 1].
+    """
+    points = []
+    for group in text.split(";"):
+        if not group.strip():
+            continue
+        method, _, values = group.partition("=")
+        method = method.strip()
+        if method not in SWEEP_METHODS:
+            raise ValueError(f"unknown sweep method {method!r}; choose from {SWEEP_METHODS}")
+        for value in values.split(","):
+            threshold = float(value)
+            if not 0.0 < threshold <= 1.0:
+                raise ValueError(f"threshold {threshold} of {method} is outside (0, 1]")
+            points.append((method, threshold))
+    if not points:
+        raise ValueError("no sweep points given; use e.g. 'prism=0.9,0.95;mean_pooling=0.95'")
+    return points
+
+
+__all__ = ["SWEEP_METHODS", "SweepSettings", "method_selection", "parse_points", "run_sweep"]
