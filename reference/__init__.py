@@ -20,6 +20,7 @@ from .estimators import (
     antidiagonal_probabilities,
     estimator_mask,
     last_query_distributions,
+    subtile_band_probabilities,
     vertical_slash_tiles,
 )
 from .indices import indices_to_mask, mask_to_indices
@@ -71,5 +72,6 @@ __all__ = [
     "antidiagonal_probabilities",
     "estimator_mask",
     "last_query_distributions",
+    "subtile_band_probabilities",
     "vertical_slash_tiles",
 ]

@@ -19,12 +19,12 @@ ROPE_LAYOUTS = ("half", "interleaved")
 
 #: Block-score estimators (docs/estimators.rst). ``"prism"`` is SPEC v1; the
 #: others are opt-in modes of :mod:`prism.reference.estimators`.
-ESTIMATORS = ("prism", "antidiagonal", "vertical_slash", "prism_vertical_slash")
+ESTIMATORS = ("prism", "antidiagonal", "vertical_slash", "prism_vertical_slash", "subtile")
 
 #: The fields that choose and tune an estimator; absent from SPEC v1 records
 #: (the golden manifest), whose configurations all use the default estimator.
 ESTIMATOR_FIELDS = ("estimator", "antidiagonal_stride", "last_queries",
-                    "vertical_slash_threshold")
+                    "vertical_slash_threshold", "subtile_factor")
 
 
 def _is_int(value) -> bool:
@@ -63,14 +63,16 @@ class PrismConfig:
         (Hugging Face ``rotate_half``); ``"interleaved"`` pairs ``(2m, 2m + 1)``.
     eps : float
         Floor of the calibration's RMS denominators and temperatures.
-    estimator : {"prism", "antidiagonal", "vertical_slash", "prism_vertical_slash"}
+    estimator : {"prism", "antidiagonal", "vertical_slash", "prism_vertical_slash", "subtile"}
         How tile pairs are scored (docs/estimators.rst). ``"prism"`` (default)
         is SPEC v1 exactly. ``"antidiagonal"`` scores tiles by strided
         antidiagonal sums (XAttention-style) and keeps them by top-p at
         ``high_threshold``. ``"vertical_slash"`` scores key columns and
         diagonal offsets with the exact attention of the last queries
         (MInference/FlexPrefill-style). ``"prism_vertical_slash"`` is the
-        union of Prism's selection and the vertical-slash one.
+        union of Prism's selection and the vertical-slash one. ``"subtile"``
+        runs Prism's band scoring on sub-tiles of ``block_size /
+        subtile_factor`` tokens and sums their probabilities per tile pair.
     antidiagonal_stride : int
         Stride of the antidiagonal estimator (default 8); ``block_size`` must
         be a multiple of it when ``estimator="antidiagonal"``.
@@ -80,6 +82,9 @@ class PrismConfig:
     vertical_slash_threshold : float or None
         Top-p mass kept of the vertical (key column) and slash (diagonal
         offset) distributions; ``None`` (default) uses ``high_threshold``.
+    subtile_factor : int
+        Sub-tiles per tile edge of the ``"subtile"`` estimator (default 4);
+        ``block_size`` must be a multiple of it when ``estimator="subtile"``.
     """
 
     block_size: int = 128
@@ -98,6 +103,7 @@ class PrismConfig:
     antidiagonal_stride: int = 8
     last_queries: int = 64
     vertical_slash_threshold: float | None = None
+    subtile_factor: int = 4
 
     def __post_init__(self) -> None:
         if not _is_int(self.block_size):
@@ -157,7 +163,7 @@ class PrismConfig:
                 f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}; "
                 "'prism' is the SPEC v1 default"
             )
-        for name in ("antidiagonal_stride", "last_queries"):
+        for name in ("antidiagonal_stride", "last_queries", "subtile_factor"):
             value = getattr(self, name)
             if not _is_int(value):
                 raise TypeError(
@@ -171,6 +177,11 @@ class PrismConfig:
                 f"block_size ({self.block_size}) must be a multiple of antidiagonal_stride "
                 f"({self.antidiagonal_stride}) when estimator='antidiagonal'; use a stride "
                 "that divides the tile, e.g. 8 or 16 for tile 128"
+            )
+        if self.estimator == "subtile" and self.block_size % self.subtile_factor:
+            raise ValueError(
+                f"block_size ({self.block_size}) must be a multiple of subtile_factor "
+                f"({self.subtile_factor}) when estimator='subtile'; use e.g. 4 for tile 128"
             )
         value = self.vertical_slash_threshold
         if value is not None:

@@ -19,6 +19,9 @@ tile pairs are scored changes:
   tile pair is kept when it holds a picked column or a picked offset.
 * ``"prism_vertical_slash"``: the union of Prism's selection (SPEC 6) and the
   vertical-slash one.
+* ``"subtile"``: Prism's two band distributions computed on sub-tiles of
+  ``block_size / subtile_factor`` tokens (finer pooling keeps more of the high
+  band), summed per tile pair, then top-p per band and the union, as in SPEC 6.
 """
 
 from __future__ import annotations
@@ -202,6 +205,46 @@ def vertical_slash_tiles(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
     return (column_tiles[:, :, None, :] | from_slash) & admissible
 
 
+def subtile_band_probabilities(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig,
+                               causal: bool = True):
+    """Prism's band probabilities scored on sub-tiles and summed per tile pair.
+
+    SPEC 3 to 6's pooling, bands, calibration and per-band softmax run with
+    tile ``block_size / subtile_factor`` on the same absolute grid (sub-tile
+    ``T`` lies in tile ``T // subtile_factor``). Each band's probabilities are
+    summed over the sub-rows of a query tile and the sub-columns of a key tile,
+    restricted to the admissible tiles and renormalised per query tile.
+
+    Returns
+    -------
+    (high, low) : two Tensors (B, Hq, nq, nk), float32
+    """
+    from .select import trace_selection
+
+    factor = cfg.subtile_factor
+    fine = trace_selection(q, k, cfg.replace(estimator="prism",
+                                             block_size=cfg.block_size // factor),
+                           causal=causal)
+    layout = tile_layout(q.shape[2], k.shape[2], cfg.block_size, causal)
+    device = q.device
+    nq, nk = layout.num_query_tiles, layout.num_key_tiles
+    rows = fine.layout.query_tile_indices(device) // factor - layout.first_query_tile
+    cols = torch.arange(fine.layout.num_key_tiles, device=device) // factor
+    admissible = admissible_tiles(layout, causal, device).to(torch.float32)
+    result = []
+    for probs in (fine.high_probs, fine.low_probs):
+        b, hq = probs.shape[:2]
+        by_col = torch.zeros(b, hq, probs.shape[2], nk, dtype=torch.float32, device=device)
+        by_col.index_add_(-1, cols, probs)
+        tiles = torch.zeros(b, hq, nq, nk, dtype=torch.float32, device=device)
+        tiles.index_add_(2, rows, by_col)
+        tiles = tiles * admissible
+        total = tiles.sum(dim=-1, keepdim=True)
+        result.append(torch.where(total > 0, tiles / total.clamp_min(1e-30),
+                                  torch.zeros_like(tiles)))
+    return result[0], result[1]
+
+
 def estimator_mask(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig,
                    causal: bool = True) -> torch.Tensor:
     """Selection by a non-Prism estimator (``cfg.estimator``), with forced tiles.
@@ -228,6 +271,11 @@ def estimator_mask(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig,
         if threshold is None:
             threshold = cfg.high_threshold
         keep = vertical_slash_tiles(q, k, layout, cfg.last_queries, threshold, causal)
+    elif cfg.estimator == "subtile":
+        high, low = subtile_band_probabilities(q, k, cfg, causal)
+        high_keep, _ = top_p_select(high, admissible, cfg.high_threshold)
+        low_keep, _ = top_p_select(low, admissible, cfg.low_threshold)
+        keep = (high_keep & (high > 0)) | (low_keep & (low > 0))
     else:
         raise ValueError(f"estimator_mask has no estimator {cfg.estimator!r}; "
                          "'prism' runs through prism.reference.select_blocks")
@@ -239,5 +287,6 @@ __all__ = [
     "antidiagonal_probabilities",
     "estimator_mask",
     "last_query_distributions",
+    "subtile_band_probabilities",
     "vertical_slash_tiles",
 ]

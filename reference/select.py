@@ -172,7 +172,7 @@ def select_blocks(q, k, config: PrismConfig | None = None, *, causal: bool = Tru
     are scored; the admissible set and forced tiles are the same.
     """
     cfg = resolve_config(config, **overrides)
-    if cfg.estimator in ("antidiagonal", "vertical_slash"):
+    if cfg.estimator in ("antidiagonal", "vertical_slash", "subtile"):
         validate_qk(q, k, causal=causal)
         return estimator_mask(q, k, cfg, causal)
     return trace_selection(q, k, cfg, causal=causal).mask

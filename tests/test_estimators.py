@@ -19,7 +19,7 @@ from prism.reference import (
 )
 from prism.reference.scoring import admissible_tiles
 
-ALTERNATIVES = ("antidiagonal", "vertical_slash", "prism_vertical_slash")
+ALTERNATIVES = ("antidiagonal", "vertical_slash", "prism_vertical_slash", "subtile")
 
 
 def _qk(b=1, hq=4, hkv=2, nq=200, nk=328, d=32, seed=0):
@@ -45,6 +45,8 @@ def test_default_is_spec_v1():
     ({"antidiagonal_stride": 8.0}, TypeError, "antidiagonal_stride must be an int"),
     ({"last_queries": 0}, ValueError, "last_queries must be >= 1"),
     ({"last_queries": True}, TypeError, "last_queries must be an int"),
+    ({"estimator": "subtile", "subtile_factor": 3}, ValueError, "subtile_factor"),
+    ({"subtile_factor": 0}, ValueError, "subtile_factor must be >= 1"),
     ({"vertical_slash_threshold": 1.5}, ValueError, "vertical_slash_threshold must lie"),
     ({"vertical_slash_threshold": "0.9"}, TypeError, "vertical_slash_threshold must be"),
 ])
@@ -186,6 +188,29 @@ def test_union_contains_both_parts():
     slash = select_blocks(q, k, estimator="vertical_slash", **{**common, "high_threshold": 0.6})
     union = select_blocks(q, k, estimator="prism_vertical_slash", **common)
     assert torch.equal(union, prism | slash)
+
+
+def test_subtile_with_factor_one_is_prism():
+    q, k = _qk(nq=300, nk=400)
+    for causal in (True, False):
+        expected = select_blocks(q, k, block_size=64, causal=causal)
+        actual = select_blocks(q, k, block_size=64, causal=causal, estimator="subtile",
+                               subtile_factor=1)
+        assert torch.equal(actual, expected)
+
+
+def test_subtile_probabilities_are_sums_of_finer_ones():
+    from prism.reference import subtile_band_probabilities
+
+    q, k = _qk(nq=256, nk=256)
+    cfg = PrismConfig(block_size=64, estimator="subtile", subtile_factor=4)
+    high, low = subtile_band_probabilities(q, k, cfg)
+    fine = trace_selection(q, k, block_size=16)
+    expected = fine.high_probs.reshape(1, 4, 4, 4, 4, 4).sum(dim=(3, 5))
+    expected = expected * admissible_tiles(tile_layout(256, 256, 64, True), True)
+    expected = expected / expected.sum(-1, keepdim=True)
+    torch.testing.assert_close(high, expected)
+    torch.testing.assert_close(low.sum(-1), torch.ones(1, 4, 4))
 
 
 def test_trace_refuses_estimators_without_bands():

@@ -114,7 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sweep task: method=thresholds groups separated by ';', e.g. "
                          "'prism=0.9,0.95;mean_pooling=0.95;antidiagonal=0.9'; methods: "
                          "prism, mean_pooling, antidiagonal, vertical_slash, "
-                         "prism_vertical_slash (default: prism=0.9,0.95;mean_pooling=0.9,0.95)")
+                         "prism_vertical_slash, subtile "
+                         "(default: prism=0.9,0.95;mean_pooling=0.9,0.95)")
+    ev.add_argument("--subtile-factor", type=_positive_int, default=4,
+                    help="sweep task: sub-tiles per tile edge of the subtile estimator "
+                         "(default: %(default)s)")
     ev.add_argument("--stride", type=_positive_int, default=8,
                     help="sweep task: antidiagonal estimator stride (default: %(default)s)")
     ev.add_argument("--last-queries", type=_positive_int, default=64,
@@ -204,6 +208,7 @@ def run_eval(args) -> int:
                                  block_size=args.block_size, antidiagonal_stride=args.stride,
                                  last_queries=args.last_queries,
                                  vertical_slash_threshold=args.vs_threshold,
+                                 subtile_factor=args.subtile_factor,
                                  passkey_lengths=lengths, passkey_depths=tuple(args.depths),
                                  backend=args.backend)
         json_path = out_dir / "sweep.json"

@@ -10,7 +10,8 @@ that is stopped keeps what it finished. Methods:
   (``PrismConfig(estimator="antidiagonal")``);
 * ``vertical_slash`` - last-query vertical-slash scoring (MInference/FlexPrefill-style);
 * ``prism_vertical_slash`` - Prism united with the vertical-slash tiles; the
-  threshold moves Prism's bands, ``vertical_slash_threshold`` stays fixed.
+  threshold moves Prism's bands, ``vertical_slash_threshold`` stays fixed;
+* ``subtile`` - Prism's bands scored on sub-tiles (``subtile_factor``).
 
 Each point records perplexity, the mean causal tile density of its own pass,
 the selection time per layer, and (optionally) passkey accuracy.
@@ -35,7 +36,7 @@ from .perplexity import sequence_nll, token_windows
 from .report import write_json
 
 SWEEP_METHODS = ("prism", "mean_pooling", "antidiagonal", "vertical_slash",
-                 "prism_vertical_slash")
+                 "prism_vertical_slash", "subtile")
 SWEEP_NAME = "prism-eval-sweep"
 
 
@@ -50,8 +51,8 @@ class SweepSettings:
     points : sequence of (method, threshold)
         Methods from :data:`SWEEP_METHODS`.
     block_size : int
-    antidiagonal_stride, last_queries : int
-        Parameters of the antidiagonal and vertical-slash estimators.
+    antidiagonal_stride, last_queries, subtile_factor : int
+        Parameters of the antidiagonal, vertical-slash and sub-tile estimators.
     vertical_slash_threshold : float
         Top-p of the vertical and slash distributions in ``prism_vertical_slash``.
     passkey_lengths, passkey_depths : sequences
@@ -68,6 +69,7 @@ class SweepSettings:
     antidiagonal_stride: int = 8
     last_queries: int = 64
     vertical_slash_threshold: float = 0.9
+    subtile_factor: int = 4
     passkey_lengths: Sequence[int] = ()
     passkey_depths: Sequence[float] = (0.1, 0.5, 0.9)
     new_tokens: int = 10
@@ -100,6 +102,9 @@ def method_selection(method: str, threshold: float, settings: SweepSettings):
         return PrismConfig(**base, estimator="prism_vertical_slash",
                            last_queries=settings.last_queries,
                            vertical_slash_threshold=settings.vertical_slash_threshold), None
+    if method == "subtile":
+        return PrismConfig(**base, estimator="subtile",
+                           subtile_factor=settings.subtile_factor), None
     raise ValueError(f"unknown sweep method {method!r}; choose from {SWEEP_METHODS}")
 
 
