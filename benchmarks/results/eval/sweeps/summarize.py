@@ -1,0 +1,155 @@
+"""Tables of the committed ``prism eval --task sweep`` results (docs/estimators.rst).
+
+Run from the repository root::
+
+    python benchmarks/results/eval/sweeps/summarize.py
+
+prints, as reStructuredText list-tables, (1) every measured point and (2) each
+method's perplexity at matched densities, linearly interpolated between the two
+measured points of its curve that bracket the density (never extrapolated), with
+its selection cost.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MATCHED = (0.3, 0.4)
+LABELS = {
+    "prism": "Prism (SPEC v1)",
+    "mean_pooling": "mean pooling",
+    "antidiagonal": "antidiagonal, stride 8",
+    "vertical_slash": "vertical-slash, 64 last queries",
+    "prism_vertical_slash": "Prism + vertical-slash",
+    "subtile": "Prism on 32-token sub-tiles",
+}
+
+
+def load_runs() -> list[dict]:
+    """Every ``sweep.json`` under this folder, sorted by path."""
+    runs = []
+    for path in sorted(HERE.glob("*/sweep.json")):
+        run = json.loads(path.read_text())
+        run["_path"] = str(path.relative_to(HERE))
+        runs.append(run)
+    return runs
+
+
+def text_label(run: dict) -> str:
+    return "Python docs" if "Python" in run.get("text", "") else "KJV Bible"
+
+
+def passkey_cell(entry: dict) -> str:
+    if "passkey_trials" not in entry:
+        return "-"
+    return f"{entry['passkey_correct']}/{entry['passkey_trials']}"
+
+
+def selection_flops(method: str, tokens: int, head_dim: int = 64, block: int = 128,
+                    stride: int = 8, last: int = 64, factor: int = 4) -> float:
+    """Multiply-add FLOPs of one head's tile scoring (pooling and sorting left out)."""
+    tiles = tokens / block
+    bands = head_dim // 2 + (3 * head_dim) // 4  # SPEC 4 default band widths
+    if method == "prism":
+        return 2 * tiles**2 * bands
+    if method == "mean_pooling":
+        return 2 * tiles**2 * head_dim
+    if method == "antidiagonal":
+        return 2 * tokens**2 * head_dim / stride
+    if method == "vertical_slash":
+        return 2 * last * tokens * head_dim
+    if method == "prism_vertical_slash":
+        return 2 * tiles**2 * bands + 2 * last * tokens * head_dim
+    if method == "subtile":
+        return 2 * (tiles * factor) ** 2 * bands
+    raise ValueError(method)
+
+
+def curve(run: dict, method: str) -> list[tuple[float, float]]:
+    """(density, perplexity) points of one method, sorted by density, duplicates averaged."""
+    points = sorted((p["density"], p["perplexity"]) for p in run["points"]
+                    if p["method"] == method)
+    return points
+
+
+def interpolate(points: list[tuple[float, float]], density: float) -> float | None:
+    for (d0, p0), (d1, p1) in zip(points, points[1:], strict=False):
+        if d0 <= density <= d1 and d1 > d0:
+            return p0 + (p1 - p0) * (density - d0) / (d1 - d0)
+    return None
+
+
+def density_at(points: list[tuple[float, float]], perplexity: float) -> float | None:
+    """Density at which a curve reaches ``perplexity`` (perplexity falls with density)."""
+    for (d0, p0), (d1, p1) in zip(points, points[1:], strict=False):
+        if p1 <= perplexity <= p0 and p0 > p1:
+            return d0 + (d1 - d0) * (p0 - perplexity) / (p0 - p1)
+    return None
+
+
+def merged(runs: list[dict]) -> dict:
+    """Points grouped by (text, tokens), all runs of that setting together."""
+    groups: dict = {}
+    for run in runs:
+        key = (text_label(run), run["tokens"])
+        group = groups.setdefault(key, {"full": run["full"], "points": [], "runs": []})
+        group["points"] += run["points"]
+        group["runs"].append(run["_path"])
+        if "passkey_trials" in run["full"]:
+            group["full_passkey"] = run["full"]
+    return groups
+
+
+def main() -> int:
+    groups = merged(load_runs())
+    out = sys.stdout
+    out.write(".. list-table:: Every measured point\n   :header-rows: 1\n\n")
+    header = ("text", "tokens", "method", "p", "density", "perplexity", "ratio", "passkey")
+    out.write("   * - " + "\n     - ".join(header) + "\n")
+    for (text, tokens), group in sorted(groups.items()):
+        full = group["full"]
+        passkey = passkey_cell(group.get("full_passkey", full))
+        row = (text, str(tokens), "full attention", "-", "1.000",
+               f"{full['perplexity']:.3f}", "1.000", passkey)
+        out.write("   * - " + "\n     - ".join(row) + "\n")
+        for p in sorted(group["points"], key=lambda p: (p["method"], p["threshold"])):
+            row = (text, str(tokens), LABELS[p["method"]], f"{p['threshold']:g}",
+                   f"{p['density']:.3f}", f"{p['perplexity']:.3f}",
+                   f"{p['ratio_to_full']:.3f}", passkey_cell(p))
+            out.write("   * - " + "\n     - ".join(row) + "\n")
+    out.write("\n.. list-table:: Perplexity ratio to full attention at matched density "
+              "(interpolated)\n   :header-rows: 1\n\n")
+    header = ("method", "text", "tokens", *(f"ratio at {d:g}" for d in MATCHED),
+              "density at Prism p=0.95's perplexity", "scoring FLOPs / head",
+              "selection s / layer (CPU)")
+    out.write("   * - " + "\n     - ".join(header) + "\n")
+    for (text, tokens), group in sorted(groups.items()):
+        full_ppl = group["full"]["perplexity"]
+        fake = {"points": group["points"]}
+        default = [p for p in group["points"]
+                   if p["method"] == "prism" and p["threshold"] == 0.95]
+        for method in LABELS:
+            points = curve(fake, method)
+            if not points:
+                continue
+            cells = []
+            for density in MATCHED:
+                value = interpolate(points, density)
+                cells.append("-" if value is None else f"{value / full_ppl:.3f}")
+            reach = density_at(points, default[0]["perplexity"]) if default else None
+            if default and method == "prism":
+                reach = default[0]["density"]
+            cells.append("-" if reach is None else f"{reach:.3f}")
+            times = [p["selection_seconds_per_layer"] for p in group["points"]
+                     if p["method"] == method]
+            row = (LABELS[method], text, str(tokens), *cells,
+                   f"{selection_flops(method, tokens):.2e}", f"{min(times):.4f}")
+            out.write("   * - " + "\n     - ".join(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
