@@ -21,11 +21,20 @@ MATCHED = (0.3, 0.4)
 LABELS = {
     "prism": "Prism (SPEC v1)",
     "mean_pooling": "mean pooling",
-    "antidiagonal": "antidiagonal, stride 8",
+    "antidiagonal-8": "antidiagonal, stride 8",
+    "antidiagonal-4": "antidiagonal, stride 4",
+    "antidiagonal-16": "antidiagonal, stride 16",
     "vertical_slash": "vertical-slash, 64 last queries",
     "prism_vertical_slash": "Prism + vertical-slash",
     "subtile": "Prism on 32-token sub-tiles",
 }
+
+
+def curve_key(point: dict) -> str:
+    """The curve a point belongs to: its method, and the stride for antidiagonal scoring."""
+    if point["method"] == "antidiagonal":
+        return f"antidiagonal-{point['config']['antidiagonal_stride']}"
+    return point["method"]
 
 
 def load_runs() -> list[dict]:
@@ -49,7 +58,7 @@ def passkey_cell(entry: dict) -> str:
 
 
 def selection_flops(method: str, tokens: int, head_dim: int = 64, block: int = 128,
-                    stride: int = 8, last: int = 64, factor: int = 4) -> float:
+                    last: int = 64, factor: int = 4) -> float:
     """Multiply-add FLOPs of one head's tile scoring (pooling and sorting left out)."""
     tiles = tokens / block
     bands = head_dim // 2 + (3 * head_dim) // 4  # SPEC 4 default band widths
@@ -57,8 +66,8 @@ def selection_flops(method: str, tokens: int, head_dim: int = 64, block: int = 1
         return 2 * tiles**2 * bands
     if method == "mean_pooling":
         return 2 * tiles**2 * head_dim
-    if method == "antidiagonal":
-        return 2 * tokens**2 * head_dim / stride
+    if method.startswith("antidiagonal"):
+        return 2 * tokens**2 * head_dim / int(method.split("-")[1])
     if method == "vertical_slash":
         return 2 * last * tokens * head_dim
     if method == "prism_vertical_slash":
@@ -71,7 +80,7 @@ def selection_flops(method: str, tokens: int, head_dim: int = 64, block: int = 1
 def curve(run: dict, method: str) -> list[tuple[float, float]]:
     """(density, perplexity) points of one method, sorted by density, duplicates averaged."""
     points = sorted((p["density"], p["perplexity"]) for p in run["points"]
-                    if p["method"] == method)
+                    if curve_key(p) == method)
     return points
 
 
@@ -115,8 +124,8 @@ def main() -> int:
         row = (text, str(tokens), "full attention", "-", "1.000",
                f"{full['perplexity']:.3f}", "1.000", passkey)
         out.write("   * - " + "\n     - ".join(row) + "\n")
-        for p in sorted(group["points"], key=lambda p: (p["method"], p["threshold"])):
-            row = (text, str(tokens), LABELS[p["method"]], f"{p['threshold']:g}",
+        for p in sorted(group["points"], key=lambda p: (curve_key(p), p["threshold"])):
+            row = (text, str(tokens), LABELS[curve_key(p)], f"{p['threshold']:g}",
                    f"{p['density']:.3f}", f"{p['perplexity']:.3f}",
                    f"{p['ratio_to_full']:.3f}", passkey_cell(p))
             out.write("   * - " + "\n     - ".join(row) + "\n")
@@ -144,7 +153,7 @@ def main() -> int:
                 reach = default[0]["density"]
             cells.append("-" if reach is None else f"{reach:.3f}")
             times = [p["selection_seconds_per_layer"] for p in group["points"]
-                     if p["method"] == method]
+                     if curve_key(p) == method]
             row = (LABELS[method], text, str(tokens), *cells,
                    f"{selection_flops(method, tokens):.2e}", f"{min(times):.4f}")
             out.write("   * - " + "\n     - ".join(row) + "\n")
