@@ -25,7 +25,8 @@ LABELS = {
     "antidiagonal-4": "antidiagonal, stride 4",
     "antidiagonal-16": "antidiagonal, stride 16",
     "vertical_slash": "vertical-slash, 64 last queries",
-    "prism_vertical_slash": "Prism + vertical-slash",
+    "prism_vertical_slash-0.3": "Prism + vertical-slash (vs p=0.3)",
+    "prism_vertical_slash-0.8": "Prism + vertical-slash (vs p=0.8)",
     "subtile": "Prism on 32-token sub-tiles",
 }
 
@@ -34,6 +35,8 @@ def curve_key(point: dict) -> str:
     """The curve a point belongs to: its method, and the stride for antidiagonal scoring."""
     if point["method"] == "antidiagonal":
         return f"antidiagonal-{point['config']['antidiagonal_stride']}"
+    if point["method"] == "prism_vertical_slash":
+        return f"prism_vertical_slash-{point['config']['vertical_slash_threshold']:g}"
     return point["method"]
 
 
@@ -70,7 +73,7 @@ def selection_flops(method: str, tokens: int, head_dim: int = 64, block: int = 1
         return 2 * tokens**2 * head_dim / int(method.split("-")[1])
     if method == "vertical_slash":
         return 2 * last * tokens * head_dim
-    if method == "prism_vertical_slash":
+    if method.startswith("prism_vertical_slash"):
         return 2 * tiles**2 * bands + 2 * last * tokens * head_dim
     if method == "subtile":
         return 2 * (tiles * factor) ** 2 * bands
