@@ -7,7 +7,7 @@ Run from the repository root::
 prints, as reStructuredText list-tables, (1) every measured point and (2) each
 method's perplexity at matched densities, linearly interpolated between the two
 measured points of its curve that bracket the density (never extrapolated), with
-its selection cost.
+its selection cost; and draws the curves into ``curves.png`` beside this file.
 """
 
 from __future__ import annotations
@@ -115,8 +115,37 @@ def merged(runs: list[dict]) -> dict:
     return groups
 
 
+def plot(groups: dict, path: Path) -> None:
+    """Perplexity ratio against density, one panel per (text, tokens)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted(groups)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        group = groups[key]
+        full_ppl = group["full"]["perplexity"]
+        for index, (method, label) in enumerate(LABELS.items()):
+            points = curve({"points": group["points"]}, method)
+            if points:
+                ax.plot([d for d, _ in points], [p / full_ppl for _, p in points], "o-",
+                        label=label, markersize=3, color=f"C{index}")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.axhline(1.02, color="grey", linewidth=0.6, linestyle=":")
+        ax.set_title(f"{key[0]}, {key[1]} tokens", fontsize=9)
+        ax.set_xlabel("mean causal tile density")
+        ax.set_ylabel("perplexity / full attention")
+        ax.set_ylim(0.99, 1.2)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> int:
     groups = merged(load_runs())
+    plot(groups, HERE / "curves.png")
     out = sys.stdout
     out.write(".. list-table:: Every measured point\n   :header-rows: 1\n\n")
     header = ("text", "tokens", "method", "p", "density", "perplexity", "ratio", "passkey")
