@@ -55,9 +55,11 @@ def text_label(run: dict) -> str:
 
 
 def passkey_cell(entry: dict) -> str:
+    """Keys found / trials, with the prompt lengths tried."""
     if "passkey_trials" not in entry:
         return "-"
-    return f"{entry['passkey_correct']}/{entry['passkey_trials']}"
+    lengths = "+".join(f"{int(n) // 1024}K" for n in entry["passkey_by_length"])
+    return f"{entry['passkey_correct']}/{entry['passkey_trials']} ({lengths})"
 
 
 def selection_flops(method: str, tokens: int, head_dim: int = 64, block: int = 128,
@@ -108,7 +110,16 @@ def merged(runs: list[dict]) -> dict:
     for run in runs:
         key = (text_label(run), run["tokens"])
         group = groups.setdefault(key, {"full": run["full"], "points": [], "runs": []})
-        group["points"] += run["points"]
+        for point in run["points"]:
+            # A point measured twice (same curve and threshold) is deterministic; keep
+            # one entry, the one that also carries passkey results.
+            same = [p for p in group["points"]
+                    if (curve_key(p), p["threshold"]) == (curve_key(point), point["threshold"])]
+            if same and "passkey_trials" not in point:
+                continue
+            for old in same:
+                group["points"].remove(old)
+            group["points"].append(point)
         group["runs"].append(run["_path"])
         if "passkey_trials" in run["full"]:
             group["full_passkey"] = run["full"]
