@@ -175,7 +175,8 @@ def main() -> int:
     out.write("\n.. list-table:: Perplexity ratio to full attention at matched density "
               "(interpolated)\n   :header-rows: 1\n\n")
     header = ("method", "text", "tokens", *(f"ratio at {d:g}" for d in MATCHED),
-              "density at Prism p=0.95's perplexity", "scoring FLOPs / head",
+              "ratio at Prism p=0.95's density", "density at Prism p=0.95's perplexity",
+              "scoring FLOPs / head",
               "selection s / layer (CPU)")
     out.write("   * - " + "\n     - ".join(header) + "\n")
     for (text, tokens), group in sorted(groups.items()):
@@ -191,6 +192,10 @@ def main() -> int:
             for density in MATCHED:
                 value = interpolate(points, density)
                 cells.append("-" if value is None else f"{value / full_ppl:.3f}")
+            same = interpolate(points, default[0]["density"]) if default else None
+            if default and method == "prism":
+                same = default[0]["perplexity"]
+            cells.append("-" if same is None else f"{same / full_ppl:.3f}")
             reach = density_at(points, default[0]["perplexity"]) if default else None
             if default and method == "prism":
                 reach = default[0]["density"]
