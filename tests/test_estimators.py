@@ -264,3 +264,15 @@ def test_parse_points_and_methods():
     assert config.vertical_slash_threshold == 0.7 and config.high_threshold == 0.9
     config, selector = method_selection("mean_pooling", 0.9, settings)
     assert config == PrismConfig() and selector.threshold == 0.9
+
+
+def test_cli_parses_the_sweep_task():
+    from prism.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["eval", "--task", "sweep", "--points", "subtile=0.9;prism_vertical_slash=0.95",
+         "--vs-threshold", "0.3", "--stride", "16", "--subtile-factor", "2"])
+    assert args.points == [("subtile", 0.9), ("prism_vertical_slash", 0.95)]
+    assert (args.vs_threshold, args.stride, args.subtile_factor) == (0.3, 16, 2)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--task", "sweep", "--points", "bogus=0.9"])
