@@ -35,15 +35,11 @@ import torch
 from prism.reference import (
     admissible_tiles,
     apply_rope,
-    band_logits,
-    band_probabilities,
-    forced_tiles,
     pair_dims,
-    pool_tiles,
     select_blocks,
     tile_layout,
-    top_p_select,
 )
+from prism.reference.mean_pooling import mean_pooling_select
 from prism.reference.validation import validate_block_mask, validate_qk
 
 from .checks import validate_layout
@@ -285,63 +281,6 @@ def synthetic_positional_head(
         slash_offset=slash_offset, slash_pairs=slash_range, content_pairs=content_range,
         vertical_pairs=vertical_range, vertical_spans=spans,
     )
-
-
-def mean_pooling_select(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    *,
-    block_size: int = 128,
-    threshold: float = 0.95,
-    causal: bool = True,
-    force_sink: bool = True,
-    force_diagonal: bool = True,
-) -> torch.Tensor:
-    """The single-band baseline: one softmax over the whole head's pooled scores.
-
-    Pools tiles as SPEC 3 does, scores ``qbar . kbar / sqrt(D)`` over all
-    ``D`` dims, applies the softmax over admissible tiles and top-p of SPEC 6,
-    and adds the forced sink and diagonal tiles. It is Prism with one band
-    that spans the head and no calibration, which is exactly what the
-    frequency filter hurts: the fast pairs' remnant is scored on the same
-    scale as the slow pairs that pooling leaves intact.
-
-    Parameters
-    ----------
-    q : Tensor (B, Hq, Nq, D)
-        Queries after RoPE.
-    k : Tensor (B, Hkv, Nk, D)
-        Keys after RoPE, ``Hq % Hkv == 0``.
-    block_size : int
-        Tile size.
-    threshold : float
-        Top-p mass in ``(0, 1]``.
-    causal : bool
-        Queries are the last ``Nq`` positions (SPEC 2).
-    force_sink, force_diagonal : bool
-        Always keep key tile 0 / the diagonal tile (causal only).
-
-    Returns
-    -------
-    Tensor (B, Hq, n_query_tiles, n_key_tiles), bool
-    """
-    validate_qk(q, k, causal=causal)
-    block_size = validate_block_size(block_size)
-    threshold = _check_threshold(threshold)
-    for name, flag in (("force_sink", force_sink), ("force_diagonal", force_diagonal)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be True or False, got {flag!r}")
-    b, hq, nq, d = q.shape
-    layout = tile_layout(nq, k.shape[2], block_size, causal)
-    q_pooled = pool_tiles(q, layout.query_start, block_size)
-    k_pooled = pool_tiles(k, 0, block_size)
-    all_dims = torch.arange(d, device=q.device)
-    unit_tau = torch.ones(b, hq, dtype=torch.float32, device=q.device)
-    admissible = admissible_tiles(layout, causal, q.device)
-    probs = band_probabilities(band_logits(q_pooled, k_pooled, all_dims, unit_tau), admissible)
-    keep, _ = top_p_select(probs, admissible, threshold)
-    forced = forced_tiles(layout, causal, force_sink, force_diagonal, q.device)
-    return (keep | forced) & admissible
 
 
 def full_attention_probabilities(q: torch.Tensor, k: torch.Tensor, *, causal: bool = True,
