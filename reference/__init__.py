@@ -10,6 +10,7 @@ Each module is one stage of the algorithm:
 * :mod:`~prism.reference.select` - the union, forced tiles and tie analysis
 * :mod:`~prism.reference.estimators` - opt-in peer estimators (docs/estimators.rst)
 * :mod:`~prism.reference.attention` - block-sparse attention (SPEC 7)
+* :mod:`~prism.reference.mean_pooling` - the plain mean-pooling baseline
 """
 
 from .attention import block_sparse_attention, prism_attention, token_mask
@@ -24,6 +25,7 @@ from .estimators import (
     vertical_slash_tiles,
 )
 from .indices import indices_to_mask, mask_to_indices
+from .mean_pooling import mean_pooling_select
 from .rope import apply_rope, pair_dims, rope_frequencies
 from .scoring import admissible_tiles, band_logits, band_probabilities
 from .select import (
@@ -69,6 +71,7 @@ __all__ = [
     "forced_tiles",
     "token_mask",
     "ESTIMATORS",
+    "mean_pooling_select",
     "antidiagonal_probabilities",
     "estimator_mask",
     "last_query_distributions",

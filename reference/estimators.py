@@ -50,7 +50,7 @@ def antidiagonal_probabilities(q: torch.Tensor, k: torch.Tensor, layout: TileLay
     """Tile probabilities from strided antidiagonal scores (XAttention-style).
 
     Token rows are grouped into runs of ``stride`` on the absolute grid. Group
-    ``g`` of queries and group ``g'`` of keys score
+    ``g`` of queries and group ``g'`` of keys score::
 
         a[g, g'] = sum_t q[g*S + S-1-t] . k[g'*S + t] / (sqrt(D) * S),
 

@@ -59,6 +59,22 @@ def mean_pooling_probabilities(q_pooled: torch.Tensor, k_pooled: torch.Tensor,
     return band_probabilities(logits, admissible), admissible
 
 
+def select_from_probabilities(probs: torch.Tensor, admissible: torch.Tensor, layout: TileLayout,
+                              threshold: float, causal: bool = True, force_sink: bool = True,
+                              force_diagonal: bool = True) -> torch.Tensor:
+    """Top-p over precomputed probabilities, plus the forced tiles (SPEC 6).
+
+    Lets a threshold search reuse one probability table for many thresholds.
+
+    Returns
+    -------
+    Tensor (B, Hq, n_query_tiles, n_key_tiles), bool
+    """
+    keep, _ = top_p_select(probs, admissible, threshold)
+    forced = forced_tiles(layout, causal, force_sink, force_diagonal, probs.device)
+    return (keep | forced) & admissible
+
+
 def mean_pooling_from_pooled(q_pooled: torch.Tensor, k_pooled: torch.Tensor, layout: TileLayout,
                              threshold: float, *, causal: bool = True, force_sink: bool = True,
                              force_diagonal: bool = True) -> torch.Tensor:
@@ -84,9 +100,8 @@ def mean_pooling_from_pooled(q_pooled: torch.Tensor, k_pooled: torch.Tensor, lay
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {flag!r}")
     probs, admissible = mean_pooling_probabilities(q_pooled, k_pooled, layout, causal)
-    keep, _ = top_p_select(probs, admissible, threshold)
-    forced = forced_tiles(layout, causal, force_sink, force_diagonal, probs.device)
-    return (keep | forced) & admissible
+    return select_from_probabilities(probs, admissible, layout, threshold, causal, force_sink,
+                                     force_diagonal)
 
 
 def mean_pooling_select(q, k, threshold: float = 0.95, *, block_size: int = 128,

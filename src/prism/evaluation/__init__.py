@@ -3,6 +3,8 @@
 * :mod:`~prism.evaluation.perplexity` - perplexity, density and attention recall
   against full attention and plain mean pooling at matched density.
 * :mod:`~prism.evaluation.passkey` - passkey retrieval at several lengths and depths.
+* :mod:`~prism.evaluation.sweep` - accuracy-against-density sweeps over estimators
+  and thresholds (``prism eval --task sweep``).
 * :mod:`~prism.evaluation.baselines` - plain mean-pooling selection and its
   density-matching threshold search.
 * :mod:`~prism.evaluation.probe` - a full-attention pass that measures the
@@ -14,4 +16,4 @@
 Needs the ``eval`` extra: ``pip install -e ".[eval]"``.
 """
 
-__all__ = ["baselines", "data", "passkey", "perplexity", "probe", "report"]
+__all__ = ["baselines", "data", "passkey", "perplexity", "probe", "report", "sweep"]

@@ -21,115 +21,27 @@ from collections.abc import Sequence
 
 import torch
 
-from prism.reference.scoring import admissible_tiles, band_logits, band_probabilities
-from prism.reference.select import forced_tiles
-from prism.reference.tiles import TileLayout, pool_tiles, tile_layout
-from prism.reference.topp import top_p_select
-from prism.reference.validation import validate_block_size, validate_qk
+# The baseline itself lives in the reference, shared with prism.theory.
+from prism.reference.mean_pooling import check_threshold as _check_threshold
+from prism.reference.mean_pooling import (
+    mean_pooling_from_pooled,
+    mean_pooling_probabilities,
+    mean_pooling_select,
+)
+from prism.reference.mean_pooling import (
+    select_from_probabilities as _select_from_probabilities,
+)
+from prism.reference.scoring import admissible_tiles
+from prism.reference.tiles import TileLayout
 
-
-def _check_threshold(threshold) -> float:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise TypeError(f"threshold must be a float in (0, 1], got {type(threshold).__name__}")
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold must lie in (0, 1], got {threshold}")
-    return float(threshold)
-
-
-def mean_pooling_probabilities(q_pooled: torch.Tensor, k_pooled: torch.Tensor,
-                               layout: TileLayout, causal: bool = True):
-    """Softmax over admissible key tiles of ``(qbar . kbar) / sqrt(D)``, per query tile.
-
-    Parameters
-    ----------
-    q_pooled : Tensor (B, Hq, n_query_tiles, D), float32
-    k_pooled : Tensor (B, Hkv, n_key_tiles, D), float32
-        From :func:`prism.reference.pool_tiles` on the grid of ``layout``.
-    layout : TileLayout
-    causal : bool
-
-    Returns
-    -------
-    probs : Tensor (B, Hq, n_query_tiles, n_key_tiles), float32
-    admissible : Tensor (n_query_tiles, n_key_tiles), bool
-    """
-    b, hq, _, d = q_pooled.shape
-    device = q_pooled.device
-    all_dims = torch.arange(d, device=device)
-    # band_logits over every dim with tau = 1 is exactly q.k / sqrt(D).
-    unit_tau = torch.ones(b, hq, dtype=torch.float32, device=device)
-    logits = band_logits(q_pooled, k_pooled, all_dims, unit_tau)
-    admissible = admissible_tiles(layout, causal, device)
-    return band_probabilities(logits, admissible), admissible
-
-
-def _select_from_probabilities(probs, admissible, layout, threshold, causal, force_sink,
-                               force_diagonal) -> torch.Tensor:
-    keep, _ = top_p_select(probs, admissible, threshold)
-    forced = forced_tiles(layout, causal, force_sink, force_diagonal, probs.device)
-    return (keep | forced) & admissible
-
-
-def mean_pooling_from_pooled(q_pooled: torch.Tensor, k_pooled: torch.Tensor, layout: TileLayout,
-                             threshold: float, *, causal: bool = True, force_sink: bool = True,
-                             force_diagonal: bool = True) -> torch.Tensor:
-    """Plain mean-pooling selection from already pooled tiles.
-
-    Parameters
-    ----------
-    q_pooled : Tensor (B, Hq, n_query_tiles, D), float32
-    k_pooled : Tensor (B, Hkv, n_key_tiles, D), float32
-        From :func:`prism.reference.pool_tiles` on the grid of ``layout``.
-    layout : TileLayout
-    threshold : float in (0, 1]
-        Top-p mass kept per query tile.
-    causal, force_sink, force_diagonal : bool
-        As in :class:`prism.reference.PrismConfig`.
-
-    Returns
-    -------
-    Tensor (B, Hq, n_query_tiles, n_key_tiles), bool
-    """
-    threshold = _check_threshold(threshold)
-    probs, admissible = mean_pooling_probabilities(q_pooled, k_pooled, layout, causal)
-    return _select_from_probabilities(probs, admissible, layout, threshold, causal, force_sink,
-                                      force_diagonal)
-
-
-def mean_pooling_select(q, k, threshold: float = 0.95, *, block_size: int = 128,
-                        causal: bool = True, force_sink: bool = True,
-                        force_diagonal: bool = True) -> torch.Tensor:
-    """Plain mean-pooling block selection (the baseline of the Prism paper).
-
-    Parameters
-    ----------
-    q : Tensor (B, Hq, Nq, D)
-    k : Tensor (B, Hkv, Nk, D)
-        After RoPE, un-repeated; positions and tiles as in SPEC 2 and 3.
-    threshold : float in (0, 1]
-        Top-p mass kept per query tile over the single all-dims softmax.
-    block_size : int
-    causal, force_sink, force_diagonal : bool
-
-    Returns
-    -------
-    Tensor (B, Hq, n_query_tiles, n_key_tiles), bool
-
-    Examples
-    --------
-    >>> import torch
-    >>> q, k = torch.randn(1, 2, 256, 32), torch.randn(1, 1, 256, 32)
-    >>> mean_pooling_select(q, k, 0.9, block_size=64).shape
-    torch.Size([1, 2, 4, 4])
-    """
-    validate_qk(q, k, causal=causal)
-    validate_block_size(block_size)
-    threshold = _check_threshold(threshold)
-    layout = tile_layout(q.shape[2], k.shape[2], block_size, causal)
-    q_pooled = pool_tiles(q, layout.query_start, block_size)
-    k_pooled = pool_tiles(k, 0, block_size)
-    return mean_pooling_from_pooled(q_pooled, k_pooled, layout, threshold, causal=causal,
-                                    force_sink=force_sink, force_diagonal=force_diagonal)
+__all__ = [
+    "MeanPoolingSelector",
+    "mean_pooling_from_pooled",
+    "mean_pooling_probabilities",
+    "mean_pooling_select",
+    "selection_density",
+    "tune_threshold",
+]
 
 
 class MeanPoolingSelector:
