@@ -65,6 +65,15 @@ def next_power_of_2(n: int) -> int:
     return triton.next_power_of_2(max(1, int(n)))
 
 
+def _numpy_converts_one_element_arrays(np) -> bool:
+    """Whether ``int()`` still accepts a 1-element array (NumPy < 2.4)."""
+    try:
+        int(np.ones(1, dtype=np.int32))
+    except TypeError:
+        return False
+    return True
+
+
 def _teach_interpreter_numpy_2() -> None:
     """Let Triton 3.6's interpreter run loops whose bounds are kernel arguments.
 
@@ -79,11 +88,8 @@ def _teach_interpreter_numpy_2() -> None:
     import numpy as np
     from triton.runtime import interpreter
 
-    try:
-        int(np.ones(1, dtype=np.int32))
+    if _numpy_converts_one_element_arrays(np):
         return
-    except TypeError:
-        pass
     original = interpreter._patch_lang_tensor
     if getattr(original, "_reads_one_element", False):
         return

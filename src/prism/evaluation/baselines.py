@@ -34,15 +34,6 @@ from prism.reference.mean_pooling import (
 from prism.reference.scoring import admissible_tiles
 from prism.reference.tiles import TileLayout
 
-__all__ = [
-    "MeanPoolingSelector",
-    "mean_pooling_from_pooled",
-    "mean_pooling_probabilities",
-    "mean_pooling_select",
-    "selection_density",
-    "tune_threshold",
-]
-
 
 class MeanPoolingSelector:
     """Plain mean pooling as a ``selector`` for :func:`prism.integrations.transformers.register`.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -26,20 +27,17 @@ def environment() -> dict:
         "platform": platform.platform(),
         "cpu_threads": torch.get_num_threads(),
     }
-    try:
+    # Both entries are optional context: a missing library or git leaves them out.
+    with contextlib.suppress(ImportError):
         import transformers
 
         info["transformers"] = transformers.__version__
-    except ImportError:  # pragma: no cover - eval always has transformers
-        pass
-    try:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
         root = Path(prism.__file__).resolve().parents[2]
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
                                 capture_output=True, text=True, timeout=5, check=False)
         if commit.returncode == 0:
             info["commit"] = commit.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
     return info
 
 
