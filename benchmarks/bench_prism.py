@@ -267,23 +267,27 @@ def _random_input_part(row, n, densities, flex, cfg, seed):
 
 
 def structured_near_density(n, cfg, target=0.15):
-    """Structured inputs whose Prism mask has causal density closest to ``target``
-    (the sharpness of the queries is picked from a few values)."""
+    """Structured inputs and a top-p threshold whose Prism mask has causal density
+    closest to ``target``: the sharpness of the queries is picked from a few
+    values, then the threshold (both bands) from 0.9-0.99."""
     best = None
     for sharpness in (0.3, 0.5, 0.75, 1.0):
         q, k, v = structured_inputs(n, sharpness=sharpness)
-        density = causal_density(optimized.select_blocks(q, k, cfg))
-        if best is None or abs(density - target) < abs(best[0] - target):
-            best = (density, sharpness)
+        for p in (0.9, 0.95, 0.97, 0.99):
+            trial = resolve_config(cfg, high_threshold=p, low_threshold=p)
+            density = causal_density(optimized.select_blocks(q, k, trial))
+            if best is None or abs(density - target) < abs(best[0] - target):
+                best = (density, sharpness, trial)
         del q, k, v
-    return best[1], structured_inputs(n, sharpness=best[1])
+    return best[1], best[2], structured_inputs(n, sharpness=best[1])
 
 
 def _structured_part(row, n, flex, cfg):
     """(b, c) Prism on structured inputs: its own mask, and end to end."""
-    sharpness, (q, k, v) = structured_near_density(n, cfg)
+    sharpness, cfg, (q, k, v) = structured_near_density(n, cfg)
     mask, num, idx, layout = _select(q, k, cfg, True, write_indices=True)
-    prism = {"density": causal_density(mask), "sharpness": sharpness}
+    prism = {"density": causal_density(mask), "sharpness": sharpness,
+             "threshold": cfg.high_threshold}
     prism["select_ms"] = bench(lambda: _select(q, k, cfg, True, write_indices=True))
     prism["kernel_ms"] = bench(lambda: sparse_attention_forward(
         q, k, v, num, idx, block_size=BLOCK, causal=True, scale=None, return_lse=False,
@@ -329,44 +333,51 @@ def tune(n=32768):
 
 
 def diagnose():
-    """Where selection and attention spend their time: stage and variant timings."""
+    """Where selection and attention spend their time: stage and variant timings at 128K."""
     from prism.optimized.pooling import pool_tiles_and_energy
     from prism.optimized.selection import SelectionTuning, select_tiles
 
-    out = {"selection": [], "attention": []}
+    out = {"pooling": [], "selection": [], "attention": []}
     n = 131072
-    q, k, _ = random_inputs(n)
+    q, k, v = random_inputs(n)
     cfg = resolve_config(None, block_size=BLOCK)
     layout = tile_layout(n, n, BLOCK, True)
-    out["pooling_ms"] = bench(lambda: pool_tiles_and_energy(q, k, layout, 64, 96, "half"))
-    log(f"  pooling 128K: {out['pooling_ms']:.3f} ms")
-    variants = [SelectionTuning(), SelectionTuning(early_exit=False),
-                SelectionTuning(elements_per_thread=16), SelectionTuning(elements_per_thread=64),
-                SelectionTuning(dot_max_width=8)]
-    for tuning in variants:
+    read_bytes = (q.numel() + k.numel()) * q.element_size()
+    for rows_per_load, warps in ((64, 4), (32, 4), (16, 4), (64, 8), (128, 8), (32, 2)):
+        ms = bench(lambda r=rows_per_load, w=warps: pool_tiles_and_energy(
+            q, k, layout, 64, 64, "half", rows_per_load=r, num_warps=w))
+        out["pooling"].append({"rows_per_load": rows_per_load, "num_warps": warps, "ms": ms,
+                               "read_tb_s": read_bytes / ms / 1e9})
+        log(f"  pooling 128K rows/load {rows_per_load}, {warps} warps: {ms:.3f} ms "
+            f"({read_bytes / ms / 1e9:.2f} TB/s read)")
+    variants = [("default", SelectionTuning(), True, True),
+                ("mask only", SelectionTuning(), True, False),
+                ("indices only", SelectionTuning(), False, True),
+                ("no early exit", SelectionTuning(early_exit=False), True, True),
+                ("32 per thread", SelectionTuning(elements_per_thread=32), True, True),
+                ("8 per thread", SelectionTuning(elements_per_thread=8), True, True),
+                ("32 rows", SelectionTuning(rows_per_program=32), True, True),
+                ("CUDA cores", SelectionTuning(dot_max_width=8), True, True)]
+    for name, tuning, write_mask, write_indices in variants:
         try:
-            ms = bench(lambda tuning=tuning: select_tiles(q, k, cfg, True, layout, 64, 96,
-                                                          write_indices=True, tuning=tuning))
+            ms = bench(lambda t=tuning, m=write_mask, i=write_indices: select_tiles(
+                q, k, cfg, True, layout, 64, 64, write_mask=m, write_indices=i, tuning=t))
         except Exception as error:
-            log(f"  {tuning}: failed ({type(error).__name__}: {str(error)[:120]})")
+            log(f"  {name}: failed ({type(error).__name__}: {str(error)[:120]})")
             continue
-        out["selection"].append({**tuning.__dict__, "ms": ms})
-        log(f"  selection 128K {tuning}: {ms:.3f} ms")
-    del q, k
-    torch.cuda.empty_cache()
+        out["selection"].append({"variant": name, **tuning.__dict__, "write_mask": write_mask,
+                                 "write_indices": write_indices, "ms": ms})
+        log(f"  selection 128K {name}: {ms:.3f} ms")
 
-    n = 32768
-    q, k, v = random_inputs(n)
-    shapes = [AttentionConfig(128, 128, 8, 2), AttentionConfig(128, 128, 8, 2, use_tma=True),
-              AttentionConfig(128, 128, 8, 3, use_tma=True),
-              AttentionConfig(128, 64, 8, 3, use_tma=True),
-              AttentionConfig(128, 64, 4, 3, use_tma=True),
-              AttentionConfig(128, 128, 8, 2, use_tma=True, warp_specialize=True),
-              AttentionConfig(128, 64, 8, 3, use_tma=True, warp_specialize=True),
-              AttentionConfig(128, 128, 8, 2, warp_specialize=True)]
+    base = default_config(BLOCK, HEAD_DIM, DTYPE, False)
+    shapes = [base, AttentionConfig(**{**base.__dict__, "kv_major": False}),
+              AttentionConfig(128, 128, 8, 2, use_tma=True),
+              AttentionConfig(64, 128, 4, 2, use_tma=True),
+              AttentionConfig(64, 64, 4, 3, use_tma=True)]
     for density in (1.0, 0.15):
         mask = random_causal_mask(n // BLOCK, density, seed=7)
         num, idx = mask_rows_to_indices(mask, 0, causal_trim=True)
+        pairs = computed_pairs(mask, BLOCK)
 
         def attend(shape, num=num, idx=idx):
             return sparse_attention_forward(
@@ -385,10 +396,15 @@ def diagnose():
             error = float((got.float() - expected.float()).abs().max()
                           / expected.float().abs().max())
             lse_error = float((got_lse - expected_lse).abs().max())
+            tflops = attention_flops(pairs) / ms / 1e9
             out["attention"].append({"density": density, **shape.__dict__, "ms": ms,
-                                     "error_vs_pointer_path": error, "lse_error": lse_error})
-            log(f"  attention 32K density {density} {shape}: {ms:.3f} ms "
-                f"(error vs pointer path {error:.1e}, lse {lse_error:.1e})")
+                                     "tflops": tflops, "error_vs_default": error,
+                                     "lse_error": lse_error})
+            log(f"  attention 128K density {density} {shape}: {ms:.3f} ms ({tflops:.0f} "
+                f"TFLOP/s; error vs default {error:.1e}, lse {lse_error:.1e})")
+        del expected, expected_lse
+    out["sdpa_ms"] = sdpa_times(q, k, v)
+    log(f"  SDPA 128K: {out['sdpa_ms']}")
     return out
 
 

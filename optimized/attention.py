@@ -42,6 +42,9 @@ class AttentionConfig:
     """Launch shape of :func:`_sparse_attention_kernel`.
 
     ``block_m`` and ``block_n`` must divide the selection tile size.
+    ``kv_major`` orders programs by (batch, KV head) first, so the programs
+    that run at the same time read one KV head's K and V and share them in L2;
+    otherwise every head of one query tile runs together.
     """
 
     block_m: int
@@ -50,6 +53,7 @@ class AttentionConfig:
     num_stages: int
     use_tma: bool = False
     warp_specialize: bool = False
+    kv_major: bool = True
 
 
 def supported_block_size(block_size: int) -> bool:
@@ -172,26 +176,40 @@ def _sparse_attention_kernel(
     CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr,
     DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, KV_MAJOR: tl.constexpr,
 ):
     """Attention of ``BLOCK_M`` queries over their selected key tiles.
 
     Fuses the reference's ``token_mask`` (tile selection plus causal ``n <= p``)
     and the masked softmax and ``probs @ v`` of ``block_sparse_attention``,
     visiting only the listed tiles. Programs run the query tiles with the most
-    keys first (highest tile index first), all heads of one tile together.
+    keys first (highest tile index first); see ``AttentionConfig.kv_major``.
     """
-    # Program -> (batch*head, query tile, sub-block). Consecutive programs take
-    # every head of one sub-block, starting from the last (heaviest) one.
+    # Program -> (batch*head, query tile, sub-block), heaviest (last) tiles first.
     subs_m = tl.cdiv(block_size, BLOCK_M)
     pid = tl.program_id(0)
-    bh = pid % num_batch_heads
-    tile_sub = num_query_tiles * subs_m - 1 - pid // num_batch_heads
+    if KV_MAJOR:
+        # One (batch, KV head) after another; inside it, sub-blocks from the last,
+        # the group's query heads together. Concurrent programs then draw on one
+        # KV head's K/V, which keeps sparse (random) tile lists L2-resident.
+        per_kv_head = num_query_tiles * subs_m * group
+        bkv = pid // per_kv_head
+        rest = pid % per_kv_head
+        tile_sub = num_query_tiles * subs_m - 1 - rest // group
+        num_kv_heads = num_q_heads // group
+        b = bkv // num_kv_heads
+        hk = bkv % num_kv_heads
+        h = hk * group + rest % group
+        bh = b * num_q_heads + h
+    else:
+        # Every head of one sub-block together.
+        bh = pid % num_batch_heads
+        tile_sub = num_query_tiles * subs_m - 1 - pid // num_batch_heads
+        b = bh // num_q_heads
+        h = bh % num_q_heads
+        hk = h // group
     tile_row = tile_sub // subs_m
     sub = tile_sub % subs_m
-    b = bh // num_q_heads
-    h = bh % num_q_heads
-    hk = h // group
     t_abs = first_query_tile + tile_row
 
     # Absolute positions of this program's queries, and which of them exist.
@@ -326,7 +344,7 @@ def sparse_attention_forward(q, k, v, kv_num_blocks, kv_indices, *, block_size: 
         CAUSAL=causal, WRITE_LSE=return_lse,
         HEAD_DIM=d, HEAD_DIM_V=dv, D_PAD=d_pad, DV_PAD=dv_pad,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, IEEE=q.dtype == torch.float32,
-        USE_TMA=use_tma, WARP_SPECIALIZE=config.warp_specialize,
+        USE_TMA=use_tma, WARP_SPECIALIZE=config.warp_specialize, KV_MAJOR=config.kv_major,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out, (lse if return_lse else None)

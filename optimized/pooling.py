@@ -131,7 +131,8 @@ def band_pairs(head_dim: int, high_dim: int, low_dim: int):
 
 
 def pool_tiles_and_energy(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
-                          high_dim: int, low_dim: int, rope_layout: str):
+                          high_dim: int, low_dim: int, rope_layout: str, *,
+                          rows_per_load: int | None = None, num_warps: int = 4):
     """Pooled queries, transposed pooled keys and their calibration energies.
 
     Parameters
@@ -143,6 +144,9 @@ def pool_tiles_and_energy(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
     high_dim, low_dim : int
         Resolved band widths in head dims.
     rope_layout : {"half", "interleaved"}
+    rows_per_load, num_warps : int, optional
+        Launch shape: token rows summed per load (default about 8K elements
+        per load) and warps per program (benchmarks/NOTES.md records the tuning).
 
     Returns
     -------
@@ -167,7 +171,9 @@ def pool_tiles_and_energy(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
     k_energy = torch.zeros(b * hkv, 3, dtype=torch.float64, device=device)
     d_pad = next_power_of_2(d)
     # About 8K elements per load: a 64 x 128 slab of a 128-token tile.
-    block_t = max(1, min(next_power_of_2(layout.block_size), 8192 // d_pad))
+    if rows_per_load is None:
+        rows_per_load = 8192 // d_pad
+    block_t = max(1, min(next_power_of_2(layout.block_size), next_power_of_2(rows_per_load)))
     num_query_programs = b * hq * nqt
     grid = (num_query_programs + b * hkv * nkt,)
     _pool_tiles_kernel[grid](
@@ -176,6 +182,6 @@ def pool_tiles_and_energy(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
         hq, hkv, nq, nk, layout.query_start, layout.first_query_tile,
         nqt, nkt, k_stride, layout.block_size, num_query_programs,
         d, 1 if rope_layout == "half" else 0, *band_pairs(d, high_dim, low_dim),
-        D_PAD=d_pad, BLOCK_T=block_t, num_warps=4,
+        D_PAD=d_pad, BLOCK_T=block_t, num_warps=num_warps,
     )
     return q_pooled, k_pooled_t, q_energy, k_energy

@@ -42,7 +42,7 @@ from prism.reference.config import PrismConfig
 from prism.reference.tiles import TileLayout
 
 from ._runtime import check_finite_fast, next_power_of_2
-from .pooling import _band_membership, band_pairs, pool_tiles_and_energy
+from .pooling import band_pairs, pool_tiles_and_energy
 
 #: Widest key-tile row that the tensor-core path keeps in registers (16 rows each).
 DOT_MAX_WIDTH = 1024
@@ -105,8 +105,8 @@ def _bits_to_threshold(bits):
 
 
 @triton.jit
-def _top_p_keep(prob, threshold, admissible_count, ROWS: tl.constexpr,
-                EARLY_EXIT: tl.constexpr):
+def _top_p_keep(prob, threshold, admissible_count, ROWS: tl.constexpr, WIDTH: tl.constexpr,
+                LOG2_WIDTH: tl.constexpr, EARLY_EXIT: tl.constexpr):
     """Tiles kept by top-p with the index tie-break (reference ``top_p_select``).
 
     ``prob`` is (ROWS, WIDTH) from :func:`_softmax_rows`; ``admissible_count``
@@ -150,14 +150,57 @@ def _top_p_keep(prob, threshold, admissible_count, ROWS: tl.constexpr,
             v = hi.to(tl.float32, bitcast=True)
             above = prob > v[:, None]
             mass_above_v = tl.sum(tl.where(above, prob, 0.0), axis=1)
-            at_v = (prob == v[:, None]).to(tl.int32)
-            ties_before = tl.cumsum(at_v, axis=1) - at_v
+            at_v = prob == v[:, None]
             safe_v = tl.where(v > 0.0, v, 1.0)
             quota = tl.where(v > 0.0, tl.math.ceil((threshold - mass_above_v) / safe_v),
                              float("inf"))
-            exact = above | ((at_v != 0) & (ties_before.to(tl.float32) < quota[:, None]))
+            # The ties kept are those before column ``cut``, the smallest m with
+            # quota ties in [0, m) (WIDTH when there are fewer): a bisection on
+            # m instead of a row-wide prefix sum, which would need registers.
+            cols = tl.arange(0, WIDTH)
+            cut_lo = tl.zeros([ROWS], dtype=tl.int32)
+            cut_hi = tl.zeros([ROWS], dtype=tl.int32) + WIDTH
+            for _step in tl.static_range(LOG2_WIDTH + 1):
+                mid = (cut_lo + cut_hi) // 2
+                before = tl.sum((at_v & (cols[None, :] < mid[:, None])).to(tl.int32), axis=1)
+                enough = before.to(tl.float32) >= quota
+                cut_hi = tl.where(enough, mid, cut_hi)
+                cut_lo = tl.where(enough, cut_lo, mid + 1)
+            exact = above | (at_v & (cols[None, :] < cut_hi[:, None]))
             keep = tl.where(single[:, None], keep, exact)
     return keep
+
+
+@triton.jit
+def _band_logits(q_rows, k_head, row_ok, cols, col_ok, k_pooled_stride, coef,
+                 head_dim, half_layout, band_start, band_dim,
+                 ROWS: tl.constexpr, WIDTH: tl.constexpr, DK: tl.constexpr,
+                 USE_DOT: tl.constexpr):
+    """``coef * (qbar_b . kbar_b)`` for ``ROWS`` rows and ``WIDTH`` key tiles of one band.
+
+    Only the band's own dims are read (``_band_dim`` maps the band's i-th dim to
+    its head dim), so the two bands together read each pooled dim once.
+    """
+    logits = tl.zeros([ROWS, WIDTH], dtype=tl.float32)
+    if USE_DOT:
+        # Tensor cores, DK band dims at a time; "tf32x3" keeps fp32 accuracy.
+        for i0 in range(0, band_dim, DK):
+            i = i0 + tl.arange(0, DK)
+            i_ok = i < band_dim
+            dims = _band_dim(i, head_dim, half_layout, band_start, band_dim // 2)
+            qbar = tl.load(q_rows[:, None] + dims[None, :],
+                           mask=row_ok[:, None] & i_ok[None, :], other=0.0) * coef
+            kbar = tl.load(k_head + dims[:, None] * k_pooled_stride + cols[None, :],
+                           mask=i_ok[:, None] & col_ok[None, :], other=0.0)
+            logits = tl.dot(qbar, kbar, logits, input_precision="tf32x3")
+    else:
+        # CUDA cores, one band dim at a time: an outer product per dim.
+        for i in range(0, band_dim):
+            d = _band_dim(i, head_dim, half_layout, band_start, band_dim // 2)
+            qd = tl.load(q_rows + d, mask=row_ok, other=0.0) * coef
+            kd = tl.load(k_head + d * k_pooled_stride + cols, mask=col_ok, other=0.0)
+            logits += qd[:, None] * kd[None, :]
+    return logits
 
 
 @triton.jit
@@ -170,8 +213,8 @@ def _select_tiles_kernel(
     CAUSAL: tl.constexpr, CALIBRATE: tl.constexpr,
     FORCE_SINK: tl.constexpr, FORCE_DIAGONAL: tl.constexpr,
     WRITE_MASK: tl.constexpr, WRITE_INDICES: tl.constexpr,
-    ROWS: tl.constexpr, WIDTH: tl.constexpr, D_PAD: tl.constexpr, DK: tl.constexpr,
-    USE_DOT: tl.constexpr, EARLY_EXIT: tl.constexpr,
+    ROWS: tl.constexpr, WIDTH: tl.constexpr, LOG2_WIDTH: tl.constexpr, DK: tl.constexpr,
+    CHUNK: tl.constexpr, USE_DOT: tl.constexpr, EARLY_EXIT: tl.constexpr,
 ):
     """Select the key tiles of ``ROWS`` query-tile rows of one (batch, q head).
 
@@ -179,6 +222,8 @@ def _select_tiles_kernel(
     ``admissible_tiles``, ``band_probabilities``, ``top_p_select`` (both bands),
     ``forced_tiles``, the union, and ``mask_to_indices``. Rows
     ``[row_start, row_end)`` of this launch all see fewer than ``WIDTH`` key tiles.
+    The bands run one after the other, so only one band's (ROWS, WIDTH)
+    probabilities are live at a time (registers, not spills, hold them).
     """
     bh = tl.program_id(1)
     b = bh // num_q_heads
@@ -191,8 +236,10 @@ def _select_tiles_kernel(
     abs_rows = first_query_tile + rows
     if CAUSAL:
         admissible = row_ok[:, None] & (cols[None, :] <= abs_rows[:, None])
+        admissible_count = tl.minimum(abs_rows + 1, num_key_tiles)
     else:
         admissible = row_ok[:, None] & col_ok[None, :]
+        admissible_count = tl.zeros([ROWS], dtype=tl.int32) + num_key_tiles
 
     # Stage 1 (SPEC 5): one temperature per band for this (batch, q head).
     if CALIBRATE:
@@ -208,53 +255,20 @@ def _select_tiles_kernel(
     coef_high = 1.0 / (tl.sqrt(high_dim.to(tl.float32)) * tau_high)
     coef_low = 1.0 / (tl.sqrt(low_dim.to(tl.float32)) * tau_low)
 
-    # Stage 2: s_b[i, j] = sum_{d in band} qbar[i, d] * coef_b * kbar[j, d].
+    # Stages 2-4 (SPEC 5-6), one band at a time: s_b[i, j] = coef_b * qbar_b . kbar_b,
+    # softmax over the admissible tiles, top-p.
     q_rows = Q_POOLED + (bh.to(tl.int64) * num_query_tiles + rows) * head_dim
     k_head = K_POOLED_T + bkv.to(tl.int64) * head_dim * k_pooled_stride
-    if USE_DOT:
-        # Tensor cores, DK dims at a time; "tf32x3" keeps fp32 accuracy.
-        logits_high = tl.zeros([ROWS, WIDTH], dtype=tl.float32)
-        logits_low = tl.zeros([ROWS, WIDTH], dtype=tl.float32)
-        for d0 in tl.static_range(0, D_PAD, DK):
-            dims = d0 + tl.arange(0, DK)
-            dim_ok = dims < head_dim
-            qbar = tl.load(q_rows[:, None] + dims[None, :],
-                           mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-            kbar = tl.load(k_head + dims[:, None] * k_pooled_stride + cols[None, :],
-                           mask=dim_ok[:, None] & col_ok[None, :], other=0.0)
-            in_high = _band_membership(dims, head_dim, half_layout, high_start, high_dim // 2)
-            in_low = _band_membership(dims, head_dim, half_layout, low_start, low_dim // 2)
-            q_high = qbar * tl.where(in_high, coef_high, 0.0)[None, :]
-            q_low = qbar * tl.where(in_low, coef_low, 0.0)[None, :]
-            logits_high = tl.dot(q_high, kbar, logits_high, input_precision="tf32x3")
-            logits_low = tl.dot(q_low, kbar, logits_low, input_precision="tf32x3")
-    else:
-        # CUDA cores, one band dim at a time: an outer product per dim.
-        logits_high = tl.zeros([ROWS, WIDTH], dtype=tl.float32)
-        for i in range(0, high_dim):
-            d = _band_dim(i, head_dim, half_layout, high_start, high_dim // 2)
-            qd = tl.load(q_rows + d, mask=row_ok, other=0.0) * coef_high
-            kd = tl.load(k_head + d * k_pooled_stride + cols, mask=col_ok, other=0.0)
-            logits_high += qd[:, None] * kd[None, :]
-        logits_low = tl.zeros([ROWS, WIDTH], dtype=tl.float32)
-        for i in range(0, low_dim):
-            d = _band_dim(i, head_dim, half_layout, low_start, low_dim // 2)
-            qd = tl.load(q_rows + d, mask=row_ok, other=0.0) * coef_low
-            kd = tl.load(k_head + d * k_pooled_stride + cols, mask=col_ok, other=0.0)
-            logits_low += qd[:, None] * kd[None, :]
-
-    # Stages 3-4 (SPEC 6): softmax over admissible tiles, then top-p per band.
-    if CAUSAL:
-        admissible_count = tl.minimum(abs_rows + 1, num_key_tiles)
-    else:
-        admissible_count = tl.zeros([ROWS], dtype=tl.int32) + num_key_tiles
-    keep_high = _top_p_keep(_softmax_rows(logits_high, admissible), high_threshold,
-                            admissible_count, ROWS, EARLY_EXIT)
-    keep_low = _top_p_keep(_softmax_rows(logits_low, admissible), low_threshold,
-                           admissible_count, ROWS, EARLY_EXIT)
+    logits = _band_logits(q_rows, k_head, row_ok, cols, col_ok, k_pooled_stride, coef_high,
+                          head_dim, half_layout, high_start, high_dim, ROWS, WIDTH, DK, USE_DOT)
+    keep = _top_p_keep(_softmax_rows(logits, admissible), high_threshold,
+                       admissible_count, ROWS, WIDTH, LOG2_WIDTH, EARLY_EXIT)
+    logits = _band_logits(q_rows, k_head, row_ok, cols, col_ok, k_pooled_stride, coef_low,
+                          head_dim, half_layout, low_start, low_dim, ROWS, WIDTH, DK, USE_DOT)
+    keep = keep | _top_p_keep(_softmax_rows(logits, admissible), low_threshold,
+                              admissible_count, ROWS, WIDTH, LOG2_WIDTH, EARLY_EXIT)
 
     # Stage 5: union, forced sink and diagonal, never outside the admissible set.
-    keep = keep_high | keep_low
     if FORCE_SINK:
         keep = keep | (cols[None, :] == 0)
     if CAUSAL and FORCE_DIAGONAL:
@@ -264,17 +278,37 @@ def _select_tiles_kernel(
     # Outputs. Columns at or beyond WIDTH are never selected in this launch.
     row_offsets = (bh.to(tl.int64) * num_query_tiles + rows) * num_key_tiles
     in_row = row_ok[:, None] & col_ok[None, :]
-    if WRITE_MASK:
+    if WRITE_MASK and not WRITE_INDICES:
         tl.store(MASK + row_offsets[:, None] + cols[None, :], keep, mask=in_row)
     if WRITE_INDICES:
-        taken = keep.to(tl.int32)
-        count = tl.sum(taken, axis=1)
-        slot = tl.cumsum(taken, axis=1) - taken  # ascending tiles fill slots 0, 1, ...
-        idx_rows = IDX + row_offsets[:, None]
-        tl.store(idx_rows + slot, cols[None, :] + tl.zeros([ROWS, WIDTH], dtype=tl.int32),
-                 mask=keep)
-        tl.store(idx_rows + cols[None, :], tl.full([ROWS, WIDTH], -1, dtype=tl.int32),
-                 mask=in_row & (cols[None, :] >= count[:, None]))
+        # Compact in column chunks: the keep flags go to memory first (the index
+        # rows serve as scratch), and each chunk is read back
+        # whole before its slots are written. A slot never exceeds its column,
+        # so no unread flag is overwritten; the (ROWS, WIDTH) prefix sums never
+        # have to be live in registers at once.
+        idx_rows = IDX + row_offsets
+        flags = idx_rows
+        tl.store(flags[:, None] + cols[None, :], keep.to(tl.int32), mask=in_row)
+        tl.debug_barrier()
+        count = tl.zeros([ROWS], dtype=tl.int32)
+        for c0 in range(0, WIDTH, CHUNK):
+            chunk = c0 + tl.arange(0, CHUNK)
+            chunk_ok = row_ok[:, None] & (chunk < num_key_tiles)[None, :]
+            taken = tl.load(flags[:, None] + chunk[None, :], mask=chunk_ok, other=0).to(tl.int32)
+            tl.debug_barrier()
+            if WRITE_MASK:
+                tl.store(MASK + row_offsets[:, None] + chunk[None, :], taken != 0, mask=chunk_ok)
+            slot = count[:, None] + tl.cumsum(taken, axis=1) - taken
+            tl.store(idx_rows[:, None] + slot, chunk[None, :] + tl.zeros_like(taken),
+                     mask=taken != 0)
+            count += tl.sum(taken, axis=1)
+        tl.debug_barrier()
+        for c0 in range(0, WIDTH, CHUNK):
+            chunk = c0 + tl.arange(0, CHUNK)
+            pad = (row_ok[:, None] & (chunk < num_key_tiles)[None, :]
+                   & (chunk[None, :] >= count[:, None]))
+            tl.store(idx_rows[:, None] + chunk[None, :],
+                     tl.full([ROWS, CHUNK], -1, dtype=tl.int32), mask=pad)
         tl.store(NUM + bh.to(tl.int64) * num_query_tiles + rows, count, mask=row_ok)
     for c0 in range(WIDTH, num_key_tiles, WIDTH):
         tail = c0 + cols
@@ -299,11 +333,14 @@ class SelectionTuning:
         Probabilities of one band each thread holds; sets ``num_warps``.
     early_exit : bool
         Stop the top-p bisection once each row's bracket holds one tile.
+    rows_per_program : int
+        Query-tile rows of one program on the tensor-core path (a power of two, >= 16).
     """
 
     dot_max_width: int = 1024
     elements_per_thread: int = 16
     early_exit: bool = True
+    rows_per_program: int = 16
 
 
 def _launch_plan(layout: TileLayout, causal: bool, tuning: SelectionTuning):
@@ -327,7 +364,7 @@ def _launch_plan(layout: TileLayout, causal: bool, tuning: SelectionTuning):
             end = max(row + 1, min(nqt, width - layout.first_query_tile))
         else:
             end = nqt
-        rows = 16 if use_dot else max(1, min(16, 8192 // width))
+        rows = tuning.rows_per_program if use_dot else max(1, min(16, 8192 // width))
         plan.append((row, end, width, rows, use_dot))
         row = end
     return plan
@@ -389,11 +426,10 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: boo
     # Unused output pointers still need a tensor on the right device.
     placeholder = q_pooled
     high_start, _, low_start, _ = band_pairs(d, high_dim, low_dim)
-    d_pad = max(16, next_power_of_2(d))
     if tuning is None:
         tuning = SelectionTuning(dot_max_width=DOT_MAX_WIDTH)
     for row_start, row_end, width, rows, use_dot in _launch_plan(layout, causal, tuning):
-        dk = max(8, min(32, 16384 // width))
+        dk = max(8, min(32, 16384 // width, next_power_of_2(max(high_dim, low_dim))))
         grid = (triton.cdiv(row_end - row_start, rows), b * hq)
         _select_tiles_kernel[grid](
             q_pooled, k_pooled_t, q_energy, k_energy,
@@ -408,7 +444,8 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: boo
             CAUSAL=causal, CALIBRATE=cfg.calibrate,
             FORCE_SINK=cfg.force_sink, FORCE_DIAGONAL=cfg.force_diagonal,
             WRITE_MASK=write_mask, WRITE_INDICES=write_indices,
-            ROWS=rows, WIDTH=width, D_PAD=d_pad, DK=min(dk, d_pad), USE_DOT=use_dot,
+            ROWS=rows, WIDTH=width, LOG2_WIDTH=width.bit_length() - 1, DK=dk,
+            CHUNK=min(width, 128), USE_DOT=use_dot,
             EARLY_EXIT=tuning.early_exit,
             num_warps=max(4, min(16, rows * width // (32 * tuning.elements_per_thread))),
         )

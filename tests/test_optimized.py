@@ -32,6 +32,7 @@ from helpers import TOLERANCE, make_qkv, relative_error  # noqa: E402
 from prism import reference  # noqa: E402
 from prism.optimized._runtime import check_device, kernels_interpreted  # noqa: E402
 from prism.optimized.attention import (  # noqa: E402
+    AttentionConfig,
     _sparse_attention_kernel,
     sparse_attention_forward,
 )
@@ -329,6 +330,30 @@ def test_attention_matches_reference(case):
     q, k, v, mask = _to(DEVICE, q, k, v, mask)
     check_attention(q, k, v, mask, block_size=case["block_size"], causal=case["causal"],
                     scale=case["scale"])
+
+
+@pytest.mark.parametrize("kv_major", [True, False])
+def test_both_program_orders_cover_every_head_and_tile(kv_major):
+    """Batch 2, GQA group 3, several query tiles: each program order must map
+    its programs one to one onto (batch, head, query tile, sub-block)."""
+    q, k, v = make_qkv(2, 6, 2, 96, 96, 64, dtype=torch.float32, seed=11)
+    layout = tile_layout(96, 96, 32, True)
+    mask = random_tile_mask((2, 6, layout.num_query_tiles, layout.num_key_tiles), 0.6,
+                            torch.Generator().manual_seed(3), causal=True,
+                            first_tile=layout.first_query_tile, keep_diagonal=True)
+    q, k, v, mask = _to(DEVICE, q, k, v, mask)
+    num, idx = mask_rows_to_indices(mask, layout.first_query_tile, causal_trim=True)
+    config = AttentionConfig(16, 16, 4, 1, kv_major=kv_major)
+    out = torch.full((2, 6, 96, 64), float("nan"), dtype=q.dtype, device=DEVICE)
+    lse = torch.full((2, 6, 96), float("nan"), dtype=torch.float32, device=DEVICE)
+    sparse_attention_forward(q, k, v, num, idx, block_size=32, causal=True, scale=None,
+                             return_lse=True, first_query_tile=layout.first_query_tile,
+                             query_start=layout.query_start, interpreted=INTERPRETED,
+                             out=out, lse=lse, config=config)
+    expected, expected_lse = reference.block_sparse_attention(
+        q, k, v, mask, block_size=32, causal=True, return_lse=True)
+    assert relative_error(out, expected) < TOLERANCE[torch.float32]
+    assert torch.allclose(lse, expected_lse, atol=1e-5, rtol=1e-5)
 
 
 def test_attention_tiles_above_the_diagonal_are_ignored():
