@@ -332,7 +332,7 @@ def tune(n=32768):
     return results
 
 
-def diagnose():
+def diagnose(parts=("pooling", "selection", "attention")):
     """Where selection and attention spend their time: stage and variant timings at 128K."""
     from prism.optimized.pooling import pool_tiles_and_energy
     from prism.optimized.selection import SelectionTuning, select_tiles
@@ -343,7 +343,8 @@ def diagnose():
     cfg = resolve_config(None, block_size=BLOCK)
     layout = tile_layout(n, n, BLOCK, True)
     read_bytes = (q.numel() + k.numel()) * q.element_size()
-    for rows_per_load, warps in ((64, 4), (32, 4), (16, 4), (64, 8), (128, 8), (32, 2)):
+    pooling_shapes = ((32, 2), (64, 4), (16, 2), (64, 2), (32, 1), (16, 1))
+    for rows_per_load, warps in pooling_shapes if "pooling" in parts else ():
         ms = bench(lambda r=rows_per_load, w=warps: pool_tiles_and_energy(
             q, k, layout, 64, 64, "half", rows_per_load=r, num_warps=w))
         out["pooling"].append({"rows_per_load": rows_per_load, "num_warps": warps, "ms": ms,
@@ -358,7 +359,7 @@ def diagnose():
                 ("8 per thread", SelectionTuning(elements_per_thread=8), True, True),
                 ("32 rows", SelectionTuning(rows_per_program=32), True, True),
                 ("CUDA cores", SelectionTuning(dot_max_width=8), True, True)]
-    for name, tuning, write_mask, write_indices in variants:
+    for name, tuning, write_mask, write_indices in variants if "selection" in parts else ():
         try:
             ms = bench(lambda t=tuning, m=write_mask, i=write_indices: select_tiles(
                 q, k, cfg, True, layout, 64, 64, write_mask=m, write_indices=i, tuning=t))
@@ -374,7 +375,7 @@ def diagnose():
               AttentionConfig(128, 128, 8, 2, use_tma=True),
               AttentionConfig(64, 128, 4, 2, use_tma=True),
               AttentionConfig(64, 64, 4, 3, use_tma=True)]
-    for density in (1.0, 0.15):
+    for density in (1.0, 0.15) if "attention" in parts else ():
         mask = random_causal_mask(n // BLOCK, density, seed=7)
         num, idx = mask_rows_to_indices(mask, 0, causal_trim=True)
         pairs = computed_pairs(mask, BLOCK)
@@ -403,8 +404,9 @@ def diagnose():
             log(f"  attention 128K density {density} {shape}: {ms:.3f} ms ({tflops:.0f} "
                 f"TFLOP/s; error vs default {error:.1e}, lse {lse_error:.1e})")
         del expected, expected_lse
-    out["sdpa_ms"] = sdpa_times(q, k, v)
-    log(f"  SDPA 128K: {out['sdpa_ms']}")
+    if "attention" in parts:
+        out["sdpa_ms"] = sdpa_times(q, k, v)
+        log(f"  SDPA 128K: {out['sdpa_ms']}")
     return out
 
 
@@ -451,6 +453,8 @@ def main(argv=None):
     parser.add_argument("--lengths", default=None,
                         help="comma-separated token counts (default by mode)")
     parser.add_argument("--no-flex", action="store_true")
+    parser.add_argument("--parts", default="pooling,selection,attention",
+                        help="diagnose mode: comma-separated parts to time")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_prism.py needs a CUDA GPU")
@@ -460,7 +464,7 @@ def main(argv=None):
     if args.mode == "tune":
         result["tune"] = tune()
     elif args.mode == "diagnose":
-        result["diagnose"] = diagnose()
+        result["diagnose"] = diagnose(tuple(args.parts.split(",")))
     else:
         result["ceilings"] = ceilings()
         log("ceilings", result["ceilings"])

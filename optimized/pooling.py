@@ -132,7 +132,7 @@ def band_pairs(head_dim: int, high_dim: int, low_dim: int):
 
 def pool_tiles_and_energy(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
                           high_dim: int, low_dim: int, rope_layout: str, *,
-                          rows_per_load: int | None = None, num_warps: int = 4):
+                          rows_per_load: int | None = None, num_warps: int = 2):
     """Pooled queries, transposed pooled keys and their calibration energies.
 
     Parameters
@@ -145,7 +145,7 @@ def pool_tiles_and_energy(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
         Resolved band widths in head dims.
     rope_layout : {"half", "interleaved"}
     rows_per_load, num_warps : int, optional
-        Launch shape: token rows summed per load (default about 8K elements
+        Launch shape: token rows summed per load (default about 4K elements
         per load) and warps per program (benchmarks/NOTES.md records the tuning).
 
     Returns
@@ -170,9 +170,10 @@ def pool_tiles_and_energy(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
     q_energy = torch.zeros(b * hq, 3, dtype=torch.float64, device=device)
     k_energy = torch.zeros(b * hkv, 3, dtype=torch.float64, device=device)
     d_pad = next_power_of_2(d)
-    # About 8K elements per load: a 64 x 128 slab of a 128-token tile.
     if rows_per_load is None:
-        rows_per_load = 8192 // d_pad
+        # About 4K elements per load (32 x 128): measured best on the H200 at 128K,
+        # with 2 warps (benchmarks/NOTES.md).
+        rows_per_load = 4096 // d_pad
     block_t = max(1, min(next_power_of_2(layout.block_size), next_power_of_2(rows_per_load)))
     num_query_programs = b * hq * nqt
     grid = (num_query_programs + b * hkv * nkt,)

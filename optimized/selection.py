@@ -92,10 +92,18 @@ def _softmax_rows(logits, admissible):
 
 
 @triton.jit
+def _add_pairs(mass_a, count_a, mass_b, count_b):
+    return mass_a + mass_b, count_a + count_b
+
+
+@triton.jit
 def _mass_and_count_above(prob, t):
-    """Per row, ``F(t) = sum_{x_j > t} x_j`` and ``C(t) = #{x_j > t}``."""
+    """Per row, ``F(t) = sum_{x_j > t} x_j`` and ``C(t) = #{x_j > t}``.
+
+    One reduction of the pair, so the row's warps meet once per bisection step.
+    """
     above = prob > t[:, None]
-    return tl.sum(tl.where(above, prob, 0.0), axis=1), tl.sum(above.to(tl.int32), axis=1)
+    return tl.reduce((tl.where(above, prob, 0.0), above.to(tl.int32)), 1, _add_pairs)
 
 
 @triton.jit
