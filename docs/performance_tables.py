@@ -8,11 +8,32 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 
+def _run_date(path: Path) -> str:
+    """When the run happened: its own ``environment.date`` (ISO 8601), else the
+    date of the commit that added the file. A clone's file times are checkout
+    times and say nothing about which run is newer."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = None
+    if isinstance(data, dict):
+        date = data.get("date") or data.get("environment", {}).get("date")
+        if date:
+            return str(date)
+    try:
+        out = subprocess.run(["git", "log", "-1", "--format=%cI", "--", path.name],
+                             cwd=path.parent, capture_output=True, text=True, check=False)
+        return out.stdout.strip()
+    except OSError:
+        return ""
+
+
 def _latest(results: Path, pattern: str) -> Path | None:
-    files = sorted(results.glob(pattern), key=lambda p: p.stat().st_mtime)
+    files = sorted(results.glob(pattern), key=lambda p: (_run_date(p), p.name))
     return files[-1] if files else None
 
 

@@ -132,7 +132,7 @@ def band_pairs(head_dim: int, high_dim: int, low_dim: int):
 
 def pool_tiles_and_energy(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
                           high_dim: int, low_dim: int, rope_layout: str, *,
-                          rows_per_load: int | None = None, num_warps: int = 2):
+                          rows_per_load: int | None = None, num_warps: int = 1):
     """Pooled queries, transposed pooled keys and their calibration energies.
 
     Parameters
@@ -171,8 +171,8 @@ def pool_tiles_and_energy(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
     k_energy = torch.zeros(b * hkv, 3, dtype=torch.float64, device=device)
     d_pad = next_power_of_2(d)
     if rows_per_load is None:
-        # About 4K elements per load (32 x 128): measured best on the H200 at 128K,
-        # with 2 warps (benchmarks/NOTES.md).
+        # About 4K elements per load (32 x 128) with one warp: the best of six
+        # launch shapes on the H200 at 128K (benchmarks/NOTES.md).
         rows_per_load = 4096 // d_pad
     block_t = max(1, min(next_power_of_2(layout.block_size), next_power_of_2(rows_per_load)))
     num_query_programs = b * hq * nqt

@@ -346,7 +346,7 @@ class SelectionTuning:
     """
 
     dot_max_width: int = 1024
-    elements_per_thread: int = 16
+    elements_per_thread: int = 32
     early_exit: bool = True
     rows_per_program: int = 16
 
@@ -420,9 +420,10 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: boo
     device = q.device
     q_pooled, k_pooled_t, q_energy, k_energy = pool_tiles_and_energy(
         q, k, layout, high_dim, low_dim, cfg.rope_layout)
-    energies = torch.cat([q_energy[:, 0], k_energy[:, 0]])
-    if not bool(torch.isfinite(energies).all()):
-        check_finite_fast(q=q, k=k)
+    # A non-finite input makes its head's energy non-finite. The flag is read
+    # back only after every selection launch is queued, so the host never
+    # waits between kernels (the check raises before any result is returned).
+    energies_finite = torch.isfinite(torch.cat([q_energy[:, 0], k_energy[:, 0]])).all()
 
     if write_mask and mask is None:
         mask = torch.empty(b, hq, nqt, nkt, dtype=torch.bool, device=device)
@@ -457,4 +458,6 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: boo
             EARLY_EXIT=tuning.early_exit,
             num_warps=max(4, min(16, rows * width // (32 * tuning.elements_per_thread))),
         )
+    if not bool(energies_finite):
+        check_finite_fast(q=q, k=k)
     return mask, kv_num_blocks, kv_indices
