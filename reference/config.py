@@ -19,7 +19,8 @@ ROPE_LAYOUTS = ("half", "interleaved")
 
 #: Block-score estimators (docs/estimators.rst). ``"prism"`` is SPEC v1; the
 #: others are opt-in modes of :mod:`prism.reference.estimators`.
-ESTIMATORS = ("prism", "antidiagonal", "vertical_slash", "prism_vertical_slash", "subtile")
+ESTIMATORS = ("prism", "antidiagonal", "vertical_slash", "prism_vertical_slash", "subtile",
+              "antidiagonal_vertical_slash")
 
 #: The fields that choose and tune an estimator; absent from SPEC v1 records
 #: (the golden manifest), whose configurations all use the default estimator.
@@ -63,8 +64,9 @@ class PrismConfig:
         (Hugging Face ``rotate_half``); ``"interleaved"`` pairs ``(2m, 2m + 1)``.
     eps : float
         Floor of the calibration's RMS denominators and temperatures.
-    estimator : {"prism", "antidiagonal", "vertical_slash", "prism_vertical_slash", "subtile"}
-        How tile pairs are scored (docs/estimators.rst). ``"prism"`` (default)
+    estimator : str
+        One of ``ESTIMATORS``: how tile pairs are scored
+        (docs/estimators.rst). ``"prism"`` (default)
         is SPEC v1 exactly. ``"antidiagonal"`` scores tiles by strided
         antidiagonal sums (XAttention-style) and keeps them by top-p at
         ``high_threshold``. ``"vertical_slash"`` scores key columns and
@@ -73,9 +75,12 @@ class PrismConfig:
         union of Prism's selection and the vertical-slash one. ``"subtile"``
         runs Prism's band scoring on sub-tiles of ``block_size /
         subtile_factor`` tokens and sums their probabilities per tile pair.
+        ``"antidiagonal_vertical_slash"`` is the union of the antidiagonal
+        selection (top-p at ``high_threshold``) and the vertical-slash one.
     antidiagonal_stride : int
         Stride of the antidiagonal estimator (default 8); ``block_size`` must
-        be a multiple of it when ``estimator="antidiagonal"``.
+        be a multiple of it when ``estimator`` is ``"antidiagonal"`` or
+        ``"antidiagonal_vertical_slash"``.
     last_queries : int
         Number of last queries whose exact attention drives the
         vertical-slash estimate (default 64).
@@ -172,10 +177,11 @@ class PrismConfig:
                 )
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}; use e.g. 8 or 64")
-        if self.estimator == "antidiagonal" and self.block_size % self.antidiagonal_stride:
+        if (self.estimator in ("antidiagonal", "antidiagonal_vertical_slash")
+                and self.block_size % self.antidiagonal_stride):
             raise ValueError(
                 f"block_size ({self.block_size}) must be a multiple of antidiagonal_stride "
-                f"({self.antidiagonal_stride}) when estimator='antidiagonal'; use a stride "
+                f"({self.antidiagonal_stride}) when estimator={self.estimator!r}; use a stride "
                 "that divides the tile, e.g. 8 or 16 for tile 128"
             )
         if self.estimator == "subtile" and self.block_size % self.subtile_factor:

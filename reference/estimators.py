@@ -19,6 +19,9 @@ tile pairs are scored changes:
   tile pair is kept when it holds a picked column or a picked offset.
 * ``"prism_vertical_slash"``: the union of Prism's selection (SPEC 6) and the
   vertical-slash one.
+* ``"antidiagonal_vertical_slash"``: the union of the antidiagonal selection
+  (top-p at ``high_threshold``) and the vertical-slash one (top-p at
+  ``vertical_slash_threshold``).
 * ``"subtile"``: Prism's two band distributions computed on sub-tiles of
   ``block_size / subtile_factor`` tokens (finer pooling keeps more of the high
   band), summed per tile pair, then top-p per band and the union, as in SPEC 6.
@@ -262,14 +265,17 @@ def estimator_mask(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig,
     layout = tile_layout(q.shape[2], k.shape[2], cfg.block_size, causal)
     device = q.device
     admissible = admissible_tiles(layout, causal, device)
-    if cfg.estimator == "antidiagonal":
+    threshold = cfg.vertical_slash_threshold
+    if threshold is None:
+        threshold = cfg.high_threshold
+    if cfg.estimator in ("antidiagonal", "antidiagonal_vertical_slash"):
         probs = antidiagonal_probabilities(q, k, layout, cfg.antidiagonal_stride, causal)
         keep, _ = top_p_select(probs, admissible, cfg.high_threshold)
         keep = keep & (probs > 0)
+        if cfg.estimator == "antidiagonal_vertical_slash":
+            keep = keep | vertical_slash_tiles(q, k, layout, cfg.last_queries, threshold,
+                                               causal)
     elif cfg.estimator in ("vertical_slash", "prism_vertical_slash"):
-        threshold = cfg.vertical_slash_threshold
-        if threshold is None:
-            threshold = cfg.high_threshold
         keep = vertical_slash_tiles(q, k, layout, cfg.last_queries, threshold, causal)
     elif cfg.estimator == "subtile":
         high, low = subtile_band_probabilities(q, k, cfg, causal)

@@ -172,7 +172,8 @@ def select_blocks(q, k, config: PrismConfig | None = None, *, causal: bool = Tru
     are scored; the admissible set and forced tiles are the same.
     """
     cfg = resolve_config(config, **overrides)
-    if cfg.estimator in ("antidiagonal", "vertical_slash", "subtile"):
+    if cfg.estimator in ("antidiagonal", "vertical_slash", "subtile",
+                         "antidiagonal_vertical_slash"):
         validate_qk(q, k, causal=causal)
         return estimator_mask(q, k, cfg, causal)
     return trace_selection(q, k, cfg, causal=causal).mask

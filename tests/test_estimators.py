@@ -19,7 +19,8 @@ from prism.reference import (
 )
 from prism.reference.scoring import admissible_tiles
 
-ALTERNATIVES = ("antidiagonal", "vertical_slash", "prism_vertical_slash", "subtile")
+ALTERNATIVES = ("antidiagonal", "vertical_slash", "prism_vertical_slash", "subtile",
+                "antidiagonal_vertical_slash")
 
 
 def _qk(b=1, hq=4, hkv=2, nq=200, nk=328, d=32, seed=0):
@@ -41,6 +42,8 @@ def test_default_is_spec_v1():
 @pytest.mark.parametrize("overrides, error, words", [
     ({"estimator": "xattention"}, ValueError, "estimator must be one of"),
     ({"estimator": "antidiagonal", "antidiagonal_stride": 48}, ValueError, "multiple of"),
+    ({"estimator": "antidiagonal_vertical_slash", "antidiagonal_stride": 48}, ValueError,
+     "multiple of"),
     ({"antidiagonal_stride": 0}, ValueError, "antidiagonal_stride must be >= 1"),
     ({"antidiagonal_stride": 8.0}, TypeError, "antidiagonal_stride must be an int"),
     ({"last_queries": 0}, ValueError, "last_queries must be >= 1"),
@@ -190,6 +193,122 @@ def test_union_contains_both_parts():
     assert torch.equal(union, prism | slash)
 
 
+def _antidiagonal_vertical_slash_oracle(q, k, bs, stride, last, high, vs, causal):
+    """The union built from the naive oracles, plus forced tiles, inside the admissible set."""
+    probs, layout = _naive_antidiagonal(q, k, bs, stride, causal)
+    admissible = admissible_tiles(layout, causal)
+    keep, _ = top_p_select(probs.float(), admissible, high)
+    slash, _ = _naive_vertical_slash(q, k, bs, last, vs, causal)
+    forced = torch.zeros_like(admissible)
+    if layout.num_key_tiles:
+        forced[:, 0] = True
+        if causal:
+            forced[torch.arange(layout.num_query_tiles), layout.query_tile_indices()] = True
+    return ((keep & (probs > 0)) | slash | forced) & admissible
+
+
+@pytest.mark.parametrize("nq, nk, causal", [(200, 328, True), (96, 96, True), (30, 90, False)])
+def test_antidiagonal_vertical_slash_matches_naive_union(nq, nk, causal):
+    q, k = _qk(nq=nq, nk=nk, d=16, seed=nq + 2)
+    expected = _antidiagonal_vertical_slash_oracle(q, k, 32, 8, 16, 0.6, 0.4, causal)
+    actual = select_blocks(q, k, block_size=32, causal=causal,
+                           estimator="antidiagonal_vertical_slash", antidiagonal_stride=8,
+                           last_queries=16, high_threshold=0.6, vertical_slash_threshold=0.4)
+    assert actual.dtype == torch.bool
+    assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize("high, vs", [(0.5, 0.3), (0.3, 0.8), (0.9, 0.5)])
+@pytest.mark.parametrize("nq, nk, causal", [(512, 512, True), (300, 700, True),
+                                            (200, 300, False)])
+def test_antidiagonal_vertical_slash_is_the_union(high, vs, nq, nk, causal):
+    """Union of the antidiagonal mask (with forced tiles) and the vertical-slash tiles."""
+    q, k = _qk(nq=nq, nk=nk, seed=nq + nk)
+    common = {"block_size": 64, "causal": causal, "antidiagonal_stride": 16, "last_queries": 32}
+    antidiagonal = select_blocks(q, k, estimator="antidiagonal", high_threshold=high, **common)
+    layout = tile_layout(nq, nk, 64, causal)
+    slash = vertical_slash_tiles(q, k, layout, 32, vs, causal)
+    union = select_blocks(q, k, estimator="antidiagonal_vertical_slash", high_threshold=high,
+                          vertical_slash_threshold=vs, **common)
+    assert torch.equal(union, antidiagonal | slash)
+    # low_threshold plays no part.
+    assert torch.equal(union, select_blocks(q, k, estimator="antidiagonal_vertical_slash",
+                                            high_threshold=high, low_threshold=0.1,
+                                            vertical_slash_threshold=vs, **common))
+
+
+def _planted_qk():
+    """One head, 512 tokens: content that only early queries see, a key the last ones see."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 1, 512, 32, generator=gen) * 0.1
+    k = torch.randn(1, 1, 512, 32, generator=gen) * 0.1
+    late, early = torch.zeros(32), torch.zeros(32)
+    late[5], early[9] = 1.0, 1.0
+    q[0, 0, 448:] += 3.0 * late  # the last queries (tile 7 of 64) attend to key 200 (tile 3)
+    k[0, 0, 200] = 20.0 * late
+    q[0, 0, 256:384] += 3.0 * early  # query tiles 4 and 5 attend to keys 140..149 (tile 2)
+    k[0, 0, 140:150] = 20.0 * early
+    return q, k
+
+
+def test_antidiagonal_vertical_slash_keeps_both_planted_patterns():
+    """The antidiagonal part finds the early content, the vertical part the late key."""
+    q, k = _planted_qk()
+    common = {"block_size": 64, "antidiagonal_stride": 16, "last_queries": 64,
+              "high_threshold": 0.5}
+    antidiagonal = select_blocks(q, k, estimator="antidiagonal", **common)[0, 0]
+    slash = vertical_slash_tiles(q, k, tile_layout(512, 512, 64, True), 64, 0.5, True)[0, 0]
+    union = select_blocks(q, k, estimator="antidiagonal_vertical_slash",
+                          vertical_slash_threshold=0.5, **common)[0, 0]
+    assert antidiagonal[4:6, 2].all() and not slash[4, 2]
+    assert slash[4:6, 3].all() and not antidiagonal[4:6, 3].any()
+    assert union[4:6, 2:4].all()
+    assert torch.equal(union, antidiagonal | slash)
+
+
+def test_antidiagonal_vertical_slash_threshold_defaults_to_high():
+    q, k = _qk(nq=256, nk=384)
+    common = {"block_size": 64, "estimator": "antidiagonal_vertical_slash",
+              "antidiagonal_stride": 16}
+    assert torch.equal(select_blocks(q, k, high_threshold=0.7, **common),
+                       select_blocks(q, k, high_threshold=0.7, vertical_slash_threshold=0.7,
+                                     **common))
+
+
+def test_antidiagonal_vertical_slash_is_monotone():
+    """Raising either threshold can only add tiles; the mask spans from forced to all."""
+    q, k = _planted_qk()
+    common = {"block_size": 64, "estimator": "antidiagonal_vertical_slash",
+              "antidiagonal_stride": 16}
+    grid = (0.1, 0.5, 0.9, 0.99, 1.0)
+    masks = {(h, v): select_blocks(q, k, high_threshold=h, vertical_slash_threshold=v,
+                                   **common)
+             for h in grid for v in grid}
+    for (h, v), mask in masks.items():
+        for (h2, v2), other in masks.items():
+            if h2 >= h and v2 >= v:
+                assert not (mask & ~other).any(), ((h, v), (h2, v2))
+    # Each threshold moves the mask on its own, so the check above is not vacuous.
+    assert not torch.equal(masks[(0.1, 0.1)], masks[(1.0, 0.1)])
+    assert not torch.equal(masks[(0.1, 0.1)], masks[(0.1, 1.0)])
+    layout = tile_layout(512, 512, 64, True)
+    forced = torch.zeros(8, 8, dtype=torch.bool)
+    forced[:, 0] = True
+    forced[torch.arange(8), torch.arange(8)] = True
+    assert not (forced & ~masks[(0.1, 0.1)][0, 0]).any()
+    assert torch.equal(masks[(1.0, 1.0)][0, 0], admissible_tiles(layout, True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_antidiagonal_vertical_slash_low_precision(dtype):
+    q, k = _qk(nq=256, nk=256)
+    common = {"block_size": 64, "estimator": "antidiagonal_vertical_slash",
+              "antidiagonal_stride": 16, "high_threshold": 0.6, "vertical_slash_threshold": 0.6}
+    mask = select_blocks(q.to(dtype), k.to(dtype), **common)
+    assert mask.dtype == torch.bool and mask.shape == (1, 4, 4, 4)
+    assert not (mask & ~admissible_tiles(tile_layout(256, 256, 64, True), True)).any()
+
+
 def test_subtile_with_factor_one_is_prism():
     q, k = _qk(nq=300, nk=400)
     for causal in (True, False):
@@ -215,8 +334,9 @@ def test_subtile_probabilities_are_sums_of_finer_ones():
 
 def test_trace_refuses_estimators_without_bands():
     q, k = _qk()
-    with pytest.raises(ValueError, match="select_blocks"):
-        trace_selection(q, k, estimator="antidiagonal")
+    for estimator in ("antidiagonal", "antidiagonal_vertical_slash"):
+        with pytest.raises(ValueError, match="select_blocks"):
+            trace_selection(q, k, estimator=estimator)
 
 
 def test_vertical_slash_finds_planted_key():
@@ -262,6 +382,12 @@ def test_parse_points_and_methods():
     config, selector = method_selection("prism_vertical_slash", 0.9, settings)
     assert config.estimator == "prism_vertical_slash" and selector is None
     assert config.vertical_slash_threshold == 0.7 and config.high_threshold == 0.9
+    settings = SweepSettings(vertical_slash_threshold=0.3, antidiagonal_stride=4,
+                             last_queries=32)
+    config, selector = method_selection("antidiagonal_vertical_slash", 0.95, settings)
+    assert config.estimator == "antidiagonal_vertical_slash" and selector is None
+    assert (config.vertical_slash_threshold, config.high_threshold) == (0.3, 0.95)
+    assert (config.antidiagonal_stride, config.last_queries) == (4, 32)
     config, selector = method_selection("mean_pooling", 0.9, settings)
     assert config == PrismConfig() and selector.threshold == 0.9
 
@@ -274,5 +400,9 @@ def test_cli_parses_the_sweep_task():
          "--vs-threshold", "0.3", "--stride", "16", "--subtile-factor", "2"])
     assert args.points == [("subtile", 0.9), ("prism_vertical_slash", 0.95)]
     assert (args.vs_threshold, args.stride, args.subtile_factor) == (0.3, 16, 2)
+    args = build_parser().parse_args(
+        ["eval", "--task", "sweep", "--points", "antidiagonal_vertical_slash=0.9,0.95"])
+    assert args.points == [("antidiagonal_vertical_slash", 0.9),
+                           ("antidiagonal_vertical_slash", 0.95)]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["eval", "--task", "sweep", "--points", "bogus=0.9"])

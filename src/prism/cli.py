@@ -114,18 +114,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sweep task: method=thresholds groups separated by ';', e.g. "
                          "'prism=0.9,0.95;mean_pooling=0.95;antidiagonal=0.9'; methods: "
                          "prism, mean_pooling, antidiagonal, vertical_slash, "
-                         "prism_vertical_slash, subtile "
+                         "prism_vertical_slash, subtile, antidiagonal_vertical_slash "
                          "(default: prism=0.9,0.95;mean_pooling=0.9,0.95)")
     ev.add_argument("--subtile-factor", type=_positive_int, default=4,
                     help="sweep task: sub-tiles per tile edge of the subtile estimator "
                          "(default: %(default)s)")
     ev.add_argument("--stride", type=_positive_int, default=8,
-                    help="sweep task: antidiagonal estimator stride (default: %(default)s)")
+                    help="sweep task: stride of the antidiagonal and "
+                         "antidiagonal_vertical_slash estimators (default: %(default)s)")
     ev.add_argument("--last-queries", type=_positive_int, default=64,
                     help="sweep task: queries of the vertical-slash estimate "
                          "(default: %(default)s)")
     ev.add_argument("--vs-threshold", type=_threshold, default=0.9,
-                    help="sweep task: vertical-slash top-p inside prism_vertical_slash "
+                    help="sweep task: vertical-slash top-p inside prism_vertical_slash and "
+                         "antidiagonal_vertical_slash "
                          "(default: %(default)s)")
     ev.add_argument("--sweep-passkey", action="store_true",
                     help="sweep task: also run passkey retrieval (--lengths, --depths) at "

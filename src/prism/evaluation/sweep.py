@@ -11,7 +11,10 @@ that is stopped keeps what it finished. Methods:
 * ``vertical_slash`` - last-query vertical-slash scoring (MInference/FlexPrefill-style);
 * ``prism_vertical_slash`` - Prism united with the vertical-slash tiles; the
   threshold moves Prism's bands, ``vertical_slash_threshold`` stays fixed;
-* ``subtile`` - Prism's bands scored on sub-tiles (``subtile_factor``).
+* ``subtile`` - Prism's bands scored on sub-tiles (``subtile_factor``);
+* ``antidiagonal_vertical_slash`` - the antidiagonal tiles (stride
+  ``antidiagonal_stride``) united with the vertical-slash ones; the threshold
+  moves the antidiagonal top-p, ``vertical_slash_threshold`` stays fixed.
 
 Each point records perplexity, the mean causal tile density of its own pass,
 the selection time per layer, and (optionally) passkey accuracy.
@@ -36,7 +39,7 @@ from .perplexity import sequence_nll, token_windows
 from .report import write_json
 
 SWEEP_METHODS = ("prism", "mean_pooling", "antidiagonal", "vertical_slash",
-                 "prism_vertical_slash", "subtile")
+                 "prism_vertical_slash", "subtile", "antidiagonal_vertical_slash")
 SWEEP_NAME = "prism-eval-sweep"
 
 
@@ -54,7 +57,8 @@ class SweepSettings:
     antidiagonal_stride, last_queries, subtile_factor : int
         Parameters of the antidiagonal, vertical-slash and sub-tile estimators.
     vertical_slash_threshold : float
-        Top-p of the vertical and slash distributions in ``prism_vertical_slash``.
+        Top-p of the vertical and slash distributions in ``prism_vertical_slash``
+        and ``antidiagonal_vertical_slash``.
     passkey_lengths, passkey_depths : sequences
         Passkey prompts per point; empty lengths skip the passkey task.
     new_tokens, seed : int
@@ -105,6 +109,11 @@ def method_selection(method: str, threshold: float, settings: SweepSettings):
     if method == "subtile":
         return PrismConfig(**base, estimator="subtile",
                            subtile_factor=settings.subtile_factor), None
+    if method == "antidiagonal_vertical_slash":
+        return PrismConfig(**base, estimator="antidiagonal_vertical_slash",
+                           antidiagonal_stride=settings.antidiagonal_stride,
+                           last_queries=settings.last_queries,
+                           vertical_slash_threshold=settings.vertical_slash_threshold), None
     raise ValueError(f"unknown sweep method {method!r}; choose from {SWEEP_METHODS}")
 
 
