@@ -355,8 +355,8 @@ def diagnose(parts=("pooling", "selection", "attention")):
                 ("mask only", SelectionTuning(), True, False),
                 ("indices only", SelectionTuning(), False, True),
                 ("no early exit", SelectionTuning(early_exit=False), True, True),
-                ("32 per thread", SelectionTuning(elements_per_thread=32), True, True),
-                ("8 per thread", SelectionTuning(elements_per_thread=8), True, True),
+                ("16 per thread", SelectionTuning(elements_per_thread=16), True, True),
+                ("64 per thread", SelectionTuning(elements_per_thread=64), True, True),
                 ("32 rows", SelectionTuning(rows_per_program=32), True, True),
                 ("CUDA cores", SelectionTuning(dot_max_width=8), True, True)]
     for name, tuning, write_mask, write_indices in variants if "selection" in parts else ():
