@@ -46,7 +46,7 @@ from prism import optimized
 from prism.optimized.api import _select
 from prism.optimized.attention import AttentionConfig, default_config, sparse_attention_forward
 from prism.optimized.indices import mask_rows_to_indices
-from prism.reference import apply_rope, resolve_config, tile_layout
+from prism.reference import apply_rope, band_sizes, resolve_config, tile_layout
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 128
 DTYPE = torch.bfloat16
@@ -342,11 +342,12 @@ def diagnose(parts=("pooling", "selection", "attention")):
     q, k, v = random_inputs(n)
     cfg = resolve_config(None, block_size=BLOCK)
     layout = tile_layout(n, n, BLOCK, True)
+    high_dim, low_dim = band_sizes(HEAD_DIM, cfg.high_dim, cfg.low_dim)  # the default 64, 96
     read_bytes = (q.numel() + k.numel()) * q.element_size()
     pooling_shapes = ((32, 2), (64, 4), (16, 2), (64, 2), (32, 1), (16, 1))
     for rows_per_load, warps in pooling_shapes if "pooling" in parts else ():
         ms = bench(lambda r=rows_per_load, w=warps: pool_tiles_and_energy(
-            q, k, layout, 64, 64, "half", rows_per_load=r, num_warps=w))
+            q, k, layout, high_dim, low_dim, "half", rows_per_load=r, num_warps=w))
         out["pooling"].append({"rows_per_load": rows_per_load, "num_warps": warps, "ms": ms,
                                "read_tb_s": read_bytes / ms / 1e9})
         log(f"  pooling 128K rows/load {rows_per_load}, {warps} warps: {ms:.3f} ms "
@@ -362,7 +363,8 @@ def diagnose(parts=("pooling", "selection", "attention")):
     for name, tuning, write_mask, write_indices in variants if "selection" in parts else ():
         try:
             ms = bench(lambda t=tuning, m=write_mask, i=write_indices: select_tiles(
-                q, k, cfg, True, layout, 64, 64, write_mask=m, write_indices=i, tuning=t))
+                q, k, cfg, True, layout, high_dim, low_dim, write_mask=m, write_indices=i,
+                tuning=t))
         except Exception as error:
             log(f"  {name}: failed ({type(error).__name__}: {str(error)[:120]})")
             continue
