@@ -311,12 +311,11 @@ def _select_tiles_kernel(
                      mask=taken != 0)
             count += tl.sum(taken, axis=1)
         tl.debug_barrier()
-        for c0 in range(0, WIDTH, CHUNK):
-            chunk = c0 + tl.arange(0, CHUNK)
-            pad = (row_ok[:, None] & (chunk < num_key_tiles)[None, :]
-                   & (chunk[None, :] >= count[:, None]))
-            tl.store(idx_rows[:, None] + chunk[None, :],
-                     tl.full([ROWS, CHUNK], -1, dtype=tl.int32), mask=pad)
+        # Slots past each row's count read -1; no prefix sum here, so the
+        # whole row goes in one store.
+        pad = row_ok[:, None] & col_ok[None, :] & (cols[None, :] >= count[:, None])
+        tl.store(idx_rows[:, None] + cols[None, :], tl.full([ROWS, WIDTH], -1, dtype=tl.int32),
+                 mask=pad)
         tl.store(NUM + bh.to(tl.int64) * num_query_tiles + rows, count, mask=row_ok)
     for c0 in range(WIDTH, num_key_tiles, WIDTH):
         tail = c0 + cols
