@@ -7,7 +7,9 @@ Run from the repository root::
 prints, as reStructuredText list-tables, (1) every measured point and (2) each
 method's perplexity at matched densities, linearly interpolated between the two
 measured points of its curve that bracket the density (never extrapolated), with
-its selection cost; and draws the curves into ``curves.png`` beside this file.
+its selection cost (the density at the default's perplexity is "<= d" when the
+curve's sparsest measured point, at density d, already has a perplexity no
+higher); and draws the curves into ``curves.png`` beside this file.
 """
 
 from __future__ import annotations
@@ -28,11 +30,17 @@ LABELS = {
     "prism_vertical_slash-0.3": "Prism + vertical-slash (vs p=0.3)",
     "prism_vertical_slash-0.8": "Prism + vertical-slash (vs p=0.8)",
     "subtile": "Prism on 32-token sub-tiles",
+    "antidiagonal_vertical_slash-8-0.3": "antidiagonal stride 8 + vertical-slash (vs p=0.3)",
+    "antidiagonal_vertical_slash-4-0.3": "antidiagonal stride 4 + vertical-slash (vs p=0.3)",
 }
 
 
 def curve_key(point: dict) -> str:
-    """The curve a point belongs to: its method, and the stride for antidiagonal scoring."""
+    """The curve a point belongs to: its method, the stride and the vertical-slash top-p."""
+    if point["method"] == "antidiagonal_vertical_slash":
+        config = point["config"]
+        return (f"antidiagonal_vertical_slash-{config['antidiagonal_stride']}"
+                f"-{config['vertical_slash_threshold']:g}")
     if point["method"] == "antidiagonal":
         return f"antidiagonal-{point['config']['antidiagonal_stride']}"
     if point["method"] == "prism_vertical_slash":
@@ -71,6 +79,9 @@ def selection_flops(method: str, tokens: int, head_dim: int = 64, block: int = 1
         return 2 * tiles**2 * bands
     if method == "mean_pooling":
         return 2 * tiles**2 * head_dim
+    if method.startswith("antidiagonal_vertical_slash"):
+        stride = int(method.split("-")[1])
+        return 2 * tokens**2 * head_dim / stride + 2 * last * tokens * head_dim
     if method.startswith("antidiagonal"):
         return 2 * tokens**2 * head_dim / int(method.split("-")[1])
     if method == "vertical_slash":
@@ -141,8 +152,10 @@ def plot(groups: dict, path: Path) -> None:
         for index, (method, label) in enumerate(LABELS.items()):
             points = curve({"points": group["points"]}, method)
             if points:
-                ax.plot([d for d, _ in points], [p / full_ppl for _, p in points], "o-",
-                        label=label, markersize=3, color=f"C{index}")
+                # Ten colours cycle; later curves are dashed with square markers.
+                style = "o-" if index < 10 else "s--"
+                ax.plot([d for d, _ in points], [p / full_ppl for _, p in points], style,
+                        label=label, markersize=3, color=f"C{index % 10}")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.axhline(1.02, color="grey", linewidth=0.6, linestyle=":")
         ax.set_title(f"{key[0]}, {key[1]} tokens", fontsize=9)
@@ -199,7 +212,11 @@ def main() -> int:
             reach = density_at(points, default[0]["perplexity"]) if default else None
             if default and method == "prism":
                 reach = default[0]["density"]
-            cells.append("-" if reach is None else f"{reach:.3f}")
+            if reach is None and default and points[0][1] <= default[0]["perplexity"]:
+                # The curve's sparsest measured point already does as well: an upper bound.
+                cells.append(f"<= {points[0][0]:.3f}")
+            else:
+                cells.append("-" if reach is None else f"{reach:.3f}")
             times = [p["selection_seconds_per_layer"] for p in group["points"]
                      if curve_key(p) == method]
             row = (LABELS[method], text, str(tokens), *cells,
