@@ -1,19 +1,15 @@
 """Prism's block selection on the GPU: scores, softmax, top-p, union, forced tiles (SPEC 5-6).
 
-After :mod:`~prism.optimized.pooling`, one kernel finishes the selection. Each
-work item is a block of ``ROWS`` query-tile rows of one (batch, q head), whole
-rows of ``WIDTH`` key tiles, and no ``(B, H, 2 * nq, nk)`` probability tensor
-ever reaches global memory:
+After :mod:`~prism.optimized.pooling`, one kernel finishes the selection. A
+program owns ``ROWS`` query-tile rows of one (batch, q head) and keeps the
+whole row of ``WIDTH`` key tiles of both bands in registers, so no
+``(B, H, 2 * nq, nk)`` probability tensor ever reaches global memory:
 
 1. temperatures ``tau_b`` from the pooled energies (SPEC 5);
 2. band logits ``s_b = (qbar_b . kbar_b) / (sqrt(d_b) tau_b)`` - a matrix
-   product of the row block's pooled queries (the band's dims only, the scale
-   folded in) against the pooled keys, one band at a time;
-3. the logits pass through the program's scratch slot (``ROWS * WIDTH``
-   fp32, L1/L2-resident) and come back as (ROWS, SEG, WIDTH / SEG), which
-   Triton lays out one row per warp, so every row reduction below is a warp
-   shuffle, not a block-wide barrier; softmax over the admissible tiles
-   ``j <= i`` (causal) in fp32;
+   product of the row block's pooled queries, with the scale folded in and the
+   other band's dims zeroed, against the pooled keys;
+3. softmax over the admissible tiles ``j <= i`` (causal) in fp32;
 4. top-p without sorting. With probabilities ``x_j`` let
    ``F(t) = sum_{x_j > t} x_j``, the mass strictly above ``t``. Ranked by
    descending probability with ties by index, tile ``j`` has
@@ -24,16 +20,14 @@ ever reaches global memory:
    ``ceil((p - F(v)) / v)`` ties at ``v`` by index. Non-negative fp32 values
    order like their bit patterns, so a bisection on the int32 bits finds ``v``
    exactly in at most 30 steps (``bits(1.0) < 2^30``), each one masked sum
-   per row; it stops early once every row's bracket holds a single tile.
+   per row; it stops early once the bracket holds a single tile.
    At ``p == 1`` the kept set is every tile with ``x_j > 0`` (reference/topp.py);
 5. union of the bands, the forced sink and diagonal tiles, and the bool mask
-   and the compact indices.
+   and the compact indices written straight from registers.
 
-The grid is persistent (about one program per SM, each with its own scratch
-slot), so the scratch stays at a few MiB whatever the length. Rows are grouped
-by how many key tiles they can see: causal row blocks near the top of the grid
-need only a narrow ``WIDTH``, so the host launches one kernel per power-of-two
-width. ``benchmarks/NOTES.md`` records how this design was reached.
+Rows are grouped by how many key tiles they can see: causal row blocks near
+the top of the grid need only a narrow ``WIDTH``, so the host launches one
+program family per power-of-two width.
 """
 
 from __future__ import annotations
@@ -82,32 +76,19 @@ def _band_dim(i, head_dim, half_layout, band_start, band_pairs):
 
 
 @triton.jit
-def _row_sum(x):
-    """Sum of a (ROWS, SEG, SEGW) tensor over each row: registers first, then lanes."""
-    return tl.sum(tl.sum(x, axis=1), axis=1)
-
-
-@triton.jit
-def _row_max(x):
-    return tl.max(tl.max(x, axis=1), axis=1)
-
-
-@triton.jit
 def _softmax_rows(logits, admissible):
     """Row softmax over admissible tiles in fp32; inadmissible entries become -2.
 
-    ``logits`` and ``admissible`` are (ROWS, SEG, SEGW), one row per warp, so
-    the row reductions are warp shuffles. -2 lies below every probability and
-    every bisection threshold, so later stages neither count nor keep those
-    entries.
+    -2 lies below every probability and every bisection threshold, so later
+    stages neither count nor keep those entries.
     """
     s = tl.where(admissible, logits, float("-inf"))
-    row_max = _row_max(s)
+    row_max = tl.max(s, axis=1)
     row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
-    e = tl.exp(s - row_max[:, None, None])
-    total = _row_sum(e)
+    e = tl.exp(s - row_max[:, None])
+    total = tl.sum(e, axis=1)
     total = tl.where(total > 0.0, total, 1.0)
-    return tl.where(admissible, e / total[:, None, None], -2.0)
+    return tl.where(admissible, e / total[:, None], -2.0)
 
 
 @triton.jit
@@ -117,10 +98,12 @@ def _add_pairs(mass_a, count_a, mass_b, count_b):
 
 @triton.jit
 def _mass_and_count_above(prob, t):
-    """Per row, ``F(t) = sum_{x_j > t} x_j`` and ``C(t) = #{x_j > t}``, in one reduction."""
-    above = prob > t[:, None, None]
-    mass, count = tl.reduce((tl.where(above, prob, 0.0), above.to(tl.int32)), 1, _add_pairs)
-    return tl.reduce((mass, count), 1, _add_pairs)
+    """Per row, ``F(t) = sum_{x_j > t} x_j`` and ``C(t) = #{x_j > t}``.
+
+    One reduction of the pair, so the row's warps meet once per bisection step.
+    """
+    above = prob > t[:, None]
+    return tl.reduce((tl.where(above, prob, 0.0), above.to(tl.int32)), 1, _add_pairs)
 
 
 @triton.jit
@@ -130,23 +113,12 @@ def _bits_to_threshold(bits):
 
 
 @triton.jit
-def _bisection_step(prob, threshold, lo, hi, count_lo, count_hi):
-    """Halve each row's bracket (lo, hi] of int32 threshold bits around ``v``."""
-    mid = lo + (hi - lo) // 2
-    mass, count = _mass_and_count_above(prob, _bits_to_threshold(mid))
-    up = mass >= threshold
-    return (tl.where(up, mid, lo), tl.where(up, hi, mid),
-            tl.where(up, count, count_lo), tl.where(up, count_hi, count))
-
-
-@triton.jit
-def _top_p_keep(prob, cols, threshold, admissible_count, ROWS: tl.constexpr,
-                WIDTH: tl.constexpr, LOG2_WIDTH: tl.constexpr, EARLY_EXIT: tl.constexpr):
+def _top_p_keep(prob, threshold, admissible_count, ROWS: tl.constexpr, WIDTH: tl.constexpr,
+                LOG2_WIDTH: tl.constexpr, EARLY_EXIT: tl.constexpr):
     """Tiles kept by top-p with the index tie-break (reference ``top_p_select``).
 
-    ``prob`` is (ROWS, SEG, SEGW) from :func:`_softmax_rows`, ``cols`` the
-    key-tile index of each entry, ``admissible_count`` (ROWS,) each row's
-    admissible tiles. Returns a bool mask of ``prob``'s shape.
+    ``prob`` is (ROWS, WIDTH) from :func:`_softmax_rows`; ``admissible_count``
+    (ROWS,) counts each row's admissible tiles. Returns a bool mask.
     """
     if threshold >= 1.0:
         keep = prob > 0.0
@@ -156,76 +128,55 @@ def _top_p_keep(prob, cols, threshold, admissible_count, ROWS: tl.constexpr,
         # F(t0) > p and lo may start there (the 1e-5 covers fp32 rounding).
         t0 = (1.0 - threshold - 1e-5) / tl.maximum(admissible_count, 1).to(tl.float32)
         lo = tl.where(t0 > 0.0, t0.to(tl.int32, bitcast=True), -1)
-        hi = tl.maximum(_row_max(prob), 0.0).to(tl.int32, bitcast=True)
+        hi = tl.maximum(tl.max(prob, axis=1), 0.0).to(tl.int32, bitcast=True)
         _, count_lo = _mass_and_count_above(prob, _bits_to_threshold(lo))
         count_hi = tl.zeros([ROWS], dtype=tl.int32)
-        # 32 halvings shrink any bracket inside [-1, bits(1.0)] to one step. With
+        # 30 halvings shrink any bracket inside [-1, bits(1.0)] to one step. With
         # EARLY_EXIT the loop also stops once every row's bracket (lo, hi] holds a
-        # single tile, which is then v itself. The rows' warps meet only for that
-        # test, once every 4 steps; a step after a row is settled leaves its
-        # answer unchanged (v stays the one tile in (lo, hi]).
+        # single tile, which is then v itself (typically after ~log2(n) + 8 steps).
         unresolved = (count_lo - count_hi > 1) & (hi - lo > 1)
         step = 0
-        while (step < 32) & (tl.max(unresolved.to(tl.int32), axis=0) > 0):
-            for _quarter in tl.static_range(4):
-                lo, hi, count_lo, count_hi = _bisection_step(prob, threshold, lo, hi,
-                                                             count_lo, count_hi)
+        while (step < 30) & (tl.max(unresolved.to(tl.int32), axis=0) > 0):
+            mid = lo + (hi - lo) // 2
+            mass, count = _mass_and_count_above(prob, _bits_to_threshold(mid))
+            up = mass >= threshold
+            lo = tl.where(up, mid, lo)
+            count_lo = tl.where(up, count, count_lo)
+            hi = tl.where(up, hi, mid)
+            count_hi = tl.where(up, count_hi, count)
             if EARLY_EXIT:
                 unresolved = (count_lo - count_hi > 1) & (hi - lo > 1)
             else:
                 unresolved = hi - lo > 1
-            step += 4
+            step += 1
         # One tile in (lo, hi]: it is v, it has no tie, keep every x > t(lo).
         single = count_lo - count_hi == 1
-        keep = prob > _bits_to_threshold(lo)[:, None, None]
+        keep = prob > _bits_to_threshold(lo)[:, None]
         if tl.max((~single).to(tl.int32), axis=0) > 0:
             # Otherwise hi = bits(v): keep x > v and the first ceil((p - F(v)) / v)
             # ties at v, by index.
             v = hi.to(tl.float32, bitcast=True)
-            above = prob > v[:, None, None]
-            mass_above_v = _row_sum(tl.where(above, prob, 0.0))
-            at_v = prob == v[:, None, None]
+            above = prob > v[:, None]
+            mass_above_v = tl.sum(tl.where(above, prob, 0.0), axis=1)
+            at_v = prob == v[:, None]
             safe_v = tl.where(v > 0.0, v, 1.0)
             quota = tl.where(v > 0.0, tl.math.ceil((threshold - mass_above_v) / safe_v),
                              float("inf"))
             # The ties kept are those before column ``cut``, the smallest m with
-            # quota ties in [0, m) (WIDTH when there are fewer), by bisection on m.
+            # quota ties in [0, m) (WIDTH when there are fewer): a bisection on
+            # m instead of a row-wide prefix sum, which would need registers.
+            cols = tl.arange(0, WIDTH)
             cut_lo = tl.zeros([ROWS], dtype=tl.int32)
             cut_hi = tl.zeros([ROWS], dtype=tl.int32) + WIDTH
             for _step in tl.static_range(LOG2_WIDTH + 1):
                 mid = (cut_lo + cut_hi) // 2
-                before = _row_sum((at_v & (cols < mid[:, None, None])).to(tl.int32))
+                before = tl.sum((at_v & (cols[None, :] < mid[:, None])).to(tl.int32), axis=1)
                 enough = before.to(tl.float32) >= quota
                 cut_hi = tl.where(enough, mid, cut_hi)
                 cut_lo = tl.where(enough, cut_lo, mid + 1)
-            exact = above | (at_v & (cols < cut_hi[:, None, None]))
-            keep = tl.where(single[:, None, None], keep, exact)
+            exact = above | (at_v & (cols[None, :] < cut_hi[:, None]))
+            keep = tl.where(single[:, None], keep, exact)
     return keep
-
-
-@triton.jit
-def _band_keep(logits, slot, cols, admissible, threshold, admissible_count,
-               ROWS: tl.constexpr, WIDTH: tl.constexpr, SEG: tl.constexpr,
-               LOG2_WIDTH: tl.constexpr, EARLY_EXIT: tl.constexpr):
-    """Top-p keep mask (ROWS, SEG, SEGW) of one band's (ROWS, WIDTH) logits.
-
-    The logits come out of the matrix product spread over every warp; they
-    go through this program's scratch slot (L1/L2) and come back as
-    (ROWS, SEG, WIDTH // SEG), which Triton lays out one row per warp, so the
-    softmax and every bisection step reduce with warp shuffles, without a
-    block-wide barrier.
-    """
-    SEGW: tl.constexpr = WIDTH // SEG
-    r2 = tl.arange(0, ROWS)[:, None]
-    c2 = tl.arange(0, WIDTH)[None, :]
-    tl.debug_barrier()  # every warp is done reading the slot's previous contents
-    tl.store(slot + r2 * WIDTH + c2, logits)
-    tl.debug_barrier()
-    r3 = tl.arange(0, ROWS)[:, None, None]
-    offsets = r3 * WIDTH + tl.arange(0, SEG)[None, :, None] * SEGW
-    x = tl.load(slot + offsets + tl.arange(0, SEGW)[None, None, :])
-    return _top_p_keep(_softmax_rows(x, admissible), cols, threshold, admissible_count,
-                       ROWS, WIDTH, LOG2_WIDTH, EARLY_EXIT)
 
 
 @triton.jit
@@ -262,119 +213,120 @@ def _band_logits(q_rows, k_head, row_ok, cols, col_ok, k_pooled_stride, coef,
 
 @triton.jit
 def _select_tiles_kernel(
-    Q_POOLED, K_POOLED_T, Q_ENERGY, K_ENERGY, MASK, NUM, IDX, SCRATCH,
+    Q_POOLED, K_POOLED_T, Q_ENERGY, K_ENERGY, MASK, NUM, IDX,
     num_q_heads, group, num_query_tiles, num_key_tiles, k_pooled_stride, first_query_tile,
-    row_start, row_end, num_items,
+    row_start, row_end,
     head_dim, half_layout, high_dim, low_dim, high_start, low_start,
     high_threshold, low_threshold, high_temperature, low_temperature, eps,
     CAUSAL: tl.constexpr, CALIBRATE: tl.constexpr,
     FORCE_SINK: tl.constexpr, FORCE_DIAGONAL: tl.constexpr,
     WRITE_MASK: tl.constexpr, WRITE_INDICES: tl.constexpr,
-    ROWS: tl.constexpr, WIDTH: tl.constexpr, SEG: tl.constexpr, LOG2_WIDTH: tl.constexpr,
-    DK: tl.constexpr, USE_DOT: tl.constexpr, EARLY_EXIT: tl.constexpr,
+    ROWS: tl.constexpr, WIDTH: tl.constexpr, LOG2_WIDTH: tl.constexpr, DK: tl.constexpr,
+    CHUNK: tl.constexpr, USE_DOT: tl.constexpr, EARLY_EXIT: tl.constexpr,
 ):
-    """Select the key tiles of row blocks of ``ROWS`` query-tile rows.
+    """Select the key tiles of ``ROWS`` query-tile rows of one (batch, q head).
 
-    A persistent grid: program ``p`` takes work items ``p, p + grid, ...``;
-    item ``i`` is row block ``i % blocks`` of (batch, q head) ``i // blocks``,
-    so one head's blocks run together and share its pooled keys in L2. Fuses
-    the reference stages ``band_temperature``, ``band_logits``,
+    Fuses the reference stages ``band_temperature``, ``band_logits``,
     ``admissible_tiles``, ``band_probabilities``, ``top_p_select`` (both bands),
     ``forced_tiles``, the union, and ``mask_to_indices``. Rows
     ``[row_start, row_end)`` of this launch all see fewer than ``WIDTH`` key tiles.
+    The bands run one after the other, so only one band's (ROWS, WIDTH)
+    probabilities are live at a time (registers, not spills, hold them).
     """
-    SEGW: tl.constexpr = WIDTH // SEG
-    slot = SCRATCH + tl.program_id(0).to(tl.int64) * (ROWS * WIDTH)
-    blocks = tl.cdiv(row_end - row_start, ROWS)
-    for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
-        bh = item // blocks
-        b = bh // num_q_heads
-        h = bh % num_q_heads
-        bkv = b * (num_q_heads // group) + h // group
-        rows = row_start + (item % blocks) * ROWS + tl.arange(0, ROWS)
-        row_ok = rows < row_end
-        abs_rows = first_query_tile + rows
-        # (ROWS, SEG, SEGW) views: the key tile of each entry, admissibility.
-        cols = (tl.arange(0, SEG)[None, :, None] * SEGW + tl.arange(0, SEGW)[None, None, :]
-                + tl.zeros([ROWS, 1, 1], dtype=tl.int32))
-        row_ok3 = row_ok[:, None, None]
-        if CAUSAL:
-            admissible = row_ok3 & (cols <= abs_rows[:, None, None])
-            admissible_count = tl.minimum(abs_rows + 1, num_key_tiles)
-        else:
-            admissible = row_ok3 & (cols < num_key_tiles)
-            admissible_count = tl.zeros([ROWS], dtype=tl.int32) + num_key_tiles
+    bh = tl.program_id(1)
+    b = bh // num_q_heads
+    h = bh % num_q_heads
+    bkv = b * (num_q_heads // group) + h // group
+    rows = row_start + tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < row_end
+    cols = tl.arange(0, WIDTH)
+    col_ok = cols < num_key_tiles
+    abs_rows = first_query_tile + rows
+    if CAUSAL:
+        admissible = row_ok[:, None] & (cols[None, :] <= abs_rows[:, None])
+        admissible_count = tl.minimum(abs_rows + 1, num_key_tiles)
+    else:
+        admissible = row_ok[:, None] & col_ok[None, :]
+        admissible_count = tl.zeros([ROWS], dtype=tl.int32) + num_key_tiles
 
-        # Stage 1 (SPEC 5): one temperature per band for this (batch, q head).
-        if CALIBRATE:
-            q_energy = Q_ENERGY + bh * 3
-            k_energy = K_ENERGY + bkv * 3
-            tau_high = _band_temperature(q_energy, k_energy, 1, high_dim, head_dim,
-                                         num_query_tiles, num_key_tiles, eps)
-            tau_low = _band_temperature(q_energy, k_energy, 2, low_dim, head_dim,
-                                        num_query_tiles, num_key_tiles, eps)
-        else:
-            tau_high = high_temperature
-            tau_low = low_temperature
-        coef_high = 1.0 / (tl.sqrt(high_dim.to(tl.float32)) * tau_high)
-        coef_low = 1.0 / (tl.sqrt(low_dim.to(tl.float32)) * tau_low)
+    # Stage 1 (SPEC 5): one temperature per band for this (batch, q head).
+    if CALIBRATE:
+        q_energy = Q_ENERGY + bh * 3
+        k_energy = K_ENERGY + bkv * 3
+        tau_high = _band_temperature(q_energy, k_energy, 1, high_dim, head_dim,
+                                     num_query_tiles, num_key_tiles, eps)
+        tau_low = _band_temperature(q_energy, k_energy, 2, low_dim, head_dim,
+                                    num_query_tiles, num_key_tiles, eps)
+    else:
+        tau_high = high_temperature
+        tau_low = low_temperature
+    coef_high = 1.0 / (tl.sqrt(high_dim.to(tl.float32)) * tau_high)
+    coef_low = 1.0 / (tl.sqrt(low_dim.to(tl.float32)) * tau_low)
 
-        # Stages 2-4 (SPEC 5-6), one band at a time: s_b = coef_b * qbar_b . kbar_b,
-        # softmax over the admissible tiles, top-p.
-        q_rows = Q_POOLED + (bh.to(tl.int64) * num_query_tiles + rows) * head_dim
-        k_head = K_POOLED_T + bkv.to(tl.int64) * head_dim * k_pooled_stride
-        cols2 = tl.arange(0, WIDTH)
-        col_ok2 = cols2 < num_key_tiles
-        logits = _band_logits(q_rows, k_head, row_ok, cols2, col_ok2, k_pooled_stride,
-                              coef_high, head_dim, half_layout, high_start, high_dim, ROWS,
-                              WIDTH, DK, USE_DOT)
-        keep = _band_keep(logits, slot, cols, admissible, high_threshold,
-                          admissible_count, ROWS, WIDTH, SEG, LOG2_WIDTH, EARLY_EXIT)
-        logits = _band_logits(q_rows, k_head, row_ok, cols2, col_ok2, k_pooled_stride,
-                              coef_low, head_dim, half_layout, low_start, low_dim, ROWS,
-                              WIDTH, DK, USE_DOT)
-        keep = keep | _band_keep(logits, slot, cols, admissible, low_threshold,
-                                 admissible_count, ROWS, WIDTH, SEG, LOG2_WIDTH, EARLY_EXIT)
+    # Stages 2-4 (SPEC 5-6), one band at a time: s_b[i, j] = coef_b * qbar_b . kbar_b,
+    # softmax over the admissible tiles, top-p.
+    q_rows = Q_POOLED + (bh.to(tl.int64) * num_query_tiles + rows) * head_dim
+    k_head = K_POOLED_T + bkv.to(tl.int64) * head_dim * k_pooled_stride
+    logits = _band_logits(q_rows, k_head, row_ok, cols, col_ok, k_pooled_stride, coef_high,
+                          head_dim, half_layout, high_start, high_dim, ROWS, WIDTH, DK, USE_DOT)
+    keep = _top_p_keep(_softmax_rows(logits, admissible), high_threshold,
+                       admissible_count, ROWS, WIDTH, LOG2_WIDTH, EARLY_EXIT)
+    logits = _band_logits(q_rows, k_head, row_ok, cols, col_ok, k_pooled_stride, coef_low,
+                          head_dim, half_layout, low_start, low_dim, ROWS, WIDTH, DK, USE_DOT)
+    keep = keep | _top_p_keep(_softmax_rows(logits, admissible), low_threshold,
+                              admissible_count, ROWS, WIDTH, LOG2_WIDTH, EARLY_EXIT)
 
-        # Stage 5: union, forced sink and diagonal, never outside the admissible set.
-        if FORCE_SINK:
-            keep = keep | (cols == 0)
-        if CAUSAL and FORCE_DIAGONAL:
-            keep = keep | (cols == abs_rows[:, None, None])
-        keep = keep & admissible
+    # Stage 5: union, forced sink and diagonal, never outside the admissible set.
+    if FORCE_SINK:
+        keep = keep | (cols[None, :] == 0)
+    if CAUSAL and FORCE_DIAGONAL:
+        keep = keep | (cols[None, :] == abs_rows[:, None])
+    keep = keep & admissible
 
-        # The keep flags go through the scratch slot too, and the outputs are
-        # written from a (ROWS, WIDTH) read of them: the output stores then pick
-        # their own layouts without pulling the bisection loops into them.
-        flags = slot.to(tl.pointer_type(tl.int32))
+    # Outputs. Columns at or beyond WIDTH are never selected in this launch.
+    row_offsets = (bh.to(tl.int64) * num_query_tiles + rows) * num_key_tiles
+    in_row = row_ok[:, None] & col_ok[None, :]
+    if WRITE_MASK and not WRITE_INDICES:
+        tl.store(MASK + row_offsets[:, None] + cols[None, :], keep, mask=in_row)
+    if WRITE_INDICES:
+        # Compact in column chunks: the keep flags go to memory first (the index
+        # rows serve as scratch), and each chunk is read back
+        # whole before its slots are written. A slot never exceeds its column,
+        # so no unread flag is overwritten; the (ROWS, WIDTH) prefix sums never
+        # have to be live in registers at once.
+        idx_rows = IDX + row_offsets
+        flags = idx_rows
+        tl.store(flags[:, None] + cols[None, :], keep.to(tl.int32), mask=in_row)
         tl.debug_barrier()
-        tl.store(flags + tl.arange(0, ROWS)[:, None, None] * WIDTH + cols, keep.to(tl.int32))
-        tl.debug_barrier()
-        taken = tl.load(flags + tl.arange(0, ROWS)[:, None] * WIDTH + cols2[None, :])
-
-        # Outputs. Columns at or beyond WIDTH are never selected in this launch.
-        row_offsets = (bh.to(tl.int64) * num_query_tiles + rows) * num_key_tiles
-        in_row = row_ok[:, None] & col_ok2[None, :]
-        if WRITE_MASK:
-            tl.store(MASK + row_offsets[:, None] + cols2[None, :], taken != 0, mask=in_row)
-        if WRITE_INDICES:
-            count = tl.sum(taken, axis=1)
-            slots = tl.cumsum(taken, axis=1) - taken  # ascending tiles fill slots 0, 1, ...
-            idx_rows = IDX + row_offsets[:, None]
-            tl.store(idx_rows + slots, cols2[None, :] + tl.zeros([ROWS, WIDTH], dtype=tl.int32),
-                     mask=taken != 0)
-            tl.store(idx_rows + cols2[None, :], tl.full([ROWS, WIDTH], -1, dtype=tl.int32),
-                     mask=in_row & (cols2[None, :] >= count[:, None]))
-            tl.store(NUM + bh.to(tl.int64) * num_query_tiles + rows, count, mask=row_ok)
-        for c0 in range(WIDTH, num_key_tiles, WIDTH):
-            tail = c0 + cols2
-            tail_ok = row_ok[:, None] & (tail < num_key_tiles)[None, :]
+        count = tl.zeros([ROWS], dtype=tl.int32)
+        for c0 in range(0, WIDTH, CHUNK):
+            chunk = c0 + tl.arange(0, CHUNK)
+            chunk_ok = row_ok[:, None] & (chunk < num_key_tiles)[None, :]
+            taken = tl.load(flags[:, None] + chunk[None, :], mask=chunk_ok, other=0).to(tl.int32)
+            tl.debug_barrier()
             if WRITE_MASK:
-                tl.store(MASK + row_offsets[:, None] + tail[None, :],
-                         tl.zeros([ROWS, WIDTH], dtype=tl.int1), mask=tail_ok)
-            if WRITE_INDICES:
-                tl.store(IDX + row_offsets[:, None] + tail[None, :],
-                         tl.full([ROWS, WIDTH], -1, dtype=tl.int32), mask=tail_ok)
+                tl.store(MASK + row_offsets[:, None] + chunk[None, :], taken != 0, mask=chunk_ok)
+            slot = count[:, None] + tl.cumsum(taken, axis=1) - taken
+            tl.store(idx_rows[:, None] + slot, chunk[None, :] + tl.zeros_like(taken),
+                     mask=taken != 0)
+            count += tl.sum(taken, axis=1)
+        tl.debug_barrier()
+        for c0 in range(0, WIDTH, CHUNK):
+            chunk = c0 + tl.arange(0, CHUNK)
+            pad = (row_ok[:, None] & (chunk < num_key_tiles)[None, :]
+                   & (chunk[None, :] >= count[:, None]))
+            tl.store(idx_rows[:, None] + chunk[None, :],
+                     tl.full([ROWS, CHUNK], -1, dtype=tl.int32), mask=pad)
+        tl.store(NUM + bh.to(tl.int64) * num_query_tiles + rows, count, mask=row_ok)
+    for c0 in range(WIDTH, num_key_tiles, WIDTH):
+        tail = c0 + cols
+        tail_ok = row_ok[:, None] & (tail < num_key_tiles)[None, :]
+        if WRITE_MASK:
+            tl.store(MASK + row_offsets[:, None] + tail[None, :],
+                     tl.zeros([ROWS, WIDTH], dtype=tl.int1), mask=tail_ok)
+        if WRITE_INDICES:
+            tl.store(IDX + row_offsets[:, None] + tail[None, :],
+                     tl.full([ROWS, WIDTH], -1, dtype=tl.int32), mask=tail_ok)
 
 
 @dataclass(frozen=True)
@@ -424,14 +376,6 @@ def _launch_plan(layout: TileLayout, causal: bool, tuning: SelectionTuning):
         plan.append((row, end, width, rows, use_dot))
         row = end
     return plan
-
-
-def _persistent_programs(device: torch.device) -> int:
-    """Programs of each selection launch: one per SM (a width-1024 program fills
-    an SM's registers); 3 in the interpreter, enough to walk the item loop."""
-    if device.type != "cuda":
-        return 3
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: bool,
@@ -493,29 +437,24 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: boo
     high_start, _, low_start, _ = band_pairs(d, high_dim, low_dim)
     if tuning is None:
         tuning = SelectionTuning(dot_max_width=DOT_MAX_WIDTH)
-    plan = _launch_plan(layout, causal, tuning)
-    # A persistent grid: one scratch slot of ROWS * WIDTH fp32 per program.
-    programs = _persistent_programs(device)
-    scratch = torch.empty(programs * max(rows * width for _, _, width, rows, _ in plan),
-                          dtype=torch.float32, device=device)
-    for row_start, row_end, width, rows, use_dot in plan:
+    for row_start, row_end, width, rows, use_dot in _launch_plan(layout, causal, tuning):
         dk = max(8, min(32, 16384 // width, next_power_of_2(max(high_dim, low_dim))))
-        items = triton.cdiv(row_end - row_start, rows) * b * hq
-        _select_tiles_kernel[(min(items, programs),)](
+        grid = (triton.cdiv(row_end - row_start, rows), b * hq)
+        _select_tiles_kernel[grid](
             q_pooled, k_pooled_t, q_energy, k_energy,
             mask if write_mask else placeholder,
             kv_num_blocks if write_indices else placeholder,
-            kv_indices if write_indices else placeholder, scratch,
+            kv_indices if write_indices else placeholder,
             hq, hq // hkv, nqt, nkt, k_pooled_t.shape[-1], layout.first_query_tile,
-            row_start, row_end, items,
+            row_start, row_end,
             d, 1 if cfg.rope_layout == "half" else 0, high_dim, low_dim, high_start, low_start,
             float(cfg.high_threshold), float(cfg.low_threshold),
             float(cfg.high_temperature), float(cfg.low_temperature), float(cfg.eps),
             CAUSAL=causal, CALIBRATE=cfg.calibrate,
             FORCE_SINK=cfg.force_sink, FORCE_DIAGONAL=cfg.force_diagonal,
             WRITE_MASK=write_mask, WRITE_INDICES=write_indices,
-            ROWS=rows, WIDTH=width, SEG=width // min(width, 128),
-            LOG2_WIDTH=width.bit_length() - 1, DK=dk, USE_DOT=use_dot,
+            ROWS=rows, WIDTH=width, LOG2_WIDTH=width.bit_length() - 1, DK=dk,
+            CHUNK=min(width, 128), USE_DOT=use_dot,
             EARLY_EXIT=tuning.early_exit,
             num_warps=max(4, min(16, rows * width // (32 * tuning.elements_per_thread))),
         )
