@@ -325,6 +325,13 @@ def test_empty_queries_return_empty_outputs(world_of_one):
     assert mask.shape == (1, 2, 0, 3)
 
 
+@pytest.mark.parametrize("estimator", ["antidiagonal", "antidiagonal_vertical_slash"])
+def test_other_estimators_are_refused_not_run_as_prism(world_of_one, estimator):
+    q, k, v = make_qkv(1, 2, 1, 32, 32, HEAD_DIM)
+    with pytest.raises(ValueError, match="estimator='prism'"):
+        context_parallel_prism_attention(q, k, v, block_size=BLOCK, estimator=estimator)
+
+
 def test_needs_an_initialised_process_group():
     q, k, v = make_qkv(1, 2, 1, 32, 32, HEAD_DIM)
     assert not dist.is_initialized()

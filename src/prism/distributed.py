@@ -807,6 +807,12 @@ def _exchange_metadata(q, k, v, config, overrides, causal, scale, layout, group,
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be True or False, got {causal!r}")
         cfg = resolve_config(config, **overrides)
+        if cfg.estimator != "prism":
+            raise ValueError(
+                f"context_parallel_prism_attention implements estimator='prism' (SPEC v1) "
+                f"only, got estimator={cfg.estimator!r}; use the single-device "
+                "prism.prism_attention for the other estimators (docs/estimators.rst)"
+            )
         row = _local_metadata(q, k, v, cfg, causal, scale, layout)
     except (TypeError, ValueError) as err:
         local_error = err
