@@ -373,8 +373,7 @@ def diagnose(parts=("pooling", "selection", "attention")):
         log(f"  selection 128K {name}: {ms:.3f} ms")
 
     base = default_config(BLOCK, HEAD_DIM, DTYPE, False)
-    shapes = [base, AttentionConfig(**{**base.__dict__, "persistent": True}),
-              AttentionConfig(**{**base.__dict__, "kv_major": False})]
+    shapes = [base, AttentionConfig(**{**base.__dict__, "kv_major": False})]
     for density in (1.0, 0.15) if "attention" in parts else ():
         mask = random_causal_mask(n // BLOCK, density, seed=7)
         num, idx = mask_rows_to_indices(mask, 0, causal_trim=True)

@@ -44,8 +44,7 @@ class AttentionConfig:
     ``block_m`` and ``block_n`` must divide the selection tile size.
     ``kv_major`` orders programs by (batch, KV head) first, so the programs
     that run at the same time read one KV head's K and V and share them in L2;
-    otherwise every head of one query tile runs together. ``persistent``
-    launches about one program per SM, each walking the work items in order.
+    otherwise every head of one query tile runs together.
     """
 
     block_m: int
@@ -55,7 +54,6 @@ class AttentionConfig:
     use_tma: bool = False
     warp_specialize: bool = False
     kv_major: bool = True
-    persistent: bool = False
 
 
 def supported_block_size(block_size: int) -> bool:
@@ -166,8 +164,7 @@ def _attend_block(acc, l_i, m_i, q, k, v, key_start, positions, num_keys, qk_sca
 
 
 @triton.jit
-def _attend_program(
-    pid,
+def _sparse_attention_kernel(
     Q, K, V, O, LSE, NUM, IDX, K_DESC, V_DESC,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -181,7 +178,7 @@ def _attend_program(
     DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
     USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, KV_MAJOR: tl.constexpr,
 ):
-    """Work item ``pid``: attention of ``BLOCK_M`` queries over their selected key tiles.
+    """Attention of ``BLOCK_M`` queries over their selected key tiles.
 
     Fuses the reference's ``token_mask`` (tile selection plus causal ``n <= p``)
     and the masked softmax and ``probs @ v`` of ``block_sparse_attention``,
@@ -190,6 +187,7 @@ def _attend_program(
     """
     # Program -> (batch*head, query tile, sub-block), heaviest (last) tiles first.
     subs_m = tl.cdiv(block_size, BLOCK_M)
+    pid = tl.program_id(0)
     if KV_MAJOR:
         # One (batch, KV head) after another; inside it, sub-blocks from the last,
         # the group's query heads together. Concurrent programs then draw on one
@@ -283,55 +281,6 @@ def _attend_program(
         tl.store(lse_ptrs, lse, mask=row_ok)
 
 
-@triton.jit
-def _sparse_attention_kernel(
-    Q, K, V, O, LSE, NUM, IDX, K_DESC, V_DESC,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_on, stride_od,
-    stride_nb, stride_nh, stride_ib, stride_ih, stride_ir,
-    num_batch_heads, num_q_heads, group, num_queries, num_keys, query_start,
-    first_query_tile, num_query_tiles, block_size, qk_scale,
-    CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr,
-    DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, KV_MAJOR: tl.constexpr,
-    PERSISTENT: tl.constexpr,
-):
-    """Block-sparse attention: one work item per program, or, with ``PERSISTENT``,
-    a grid of about one program per SM that walks the work items in order
-    (program ``p`` takes items ``p, p + grid, ...``, heaviest first)."""
-    if PERSISTENT:
-        total = num_query_tiles * tl.cdiv(block_size, BLOCK_M) * num_batch_heads
-        for pid in range(tl.program_id(0), total, tl.num_programs(0)):
-            _attend_program(
-                pid, Q, K, V, O, LSE, NUM, IDX, K_DESC, V_DESC, stride_qb, stride_qh, stride_qn,
-                stride_qd, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh,
-                stride_vn, stride_vd, stride_ob, stride_oh, stride_on, stride_od, stride_nb,
-                stride_nh, stride_ib, stride_ih, stride_ir, num_batch_heads, num_q_heads, group,
-                num_queries, num_keys, query_start, first_query_tile, num_query_tiles, block_size,
-                qk_scale, CAUSAL, WRITE_LSE, HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, BLOCK_M, BLOCK_N,
-                IEEE, USE_TMA, WARP_SPECIALIZE, KV_MAJOR)
-    else:
-        _attend_program(
-            tl.program_id(0), Q, K, V, O, LSE, NUM, IDX, K_DESC, V_DESC, stride_qb, stride_qh,
-            stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh,
-            stride_vn, stride_vd, stride_ob, stride_oh, stride_on, stride_od, stride_nb, stride_nh,
-            stride_ib, stride_ih, stride_ir, num_batch_heads, num_q_heads, group, num_queries,
-            num_keys, query_start, first_query_tile, num_query_tiles, block_size, qk_scale, CAUSAL,
-            WRITE_LSE, HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, BLOCK_M, BLOCK_N, IEEE, USE_TMA,
-            WARP_SPECIALIZE, KV_MAJOR)
-
-
-def _persistent_programs(device: torch.device) -> int:
-    """Programs of a persistent launch: one per SM (one 128 x 128 program fills
-    an SM's shared memory); 3 in the interpreter, enough to walk the loop."""
-    if device.type != "cuda":
-        return 3
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def sparse_attention_forward(q, k, v, kv_num_blocks, kv_indices, *, block_size: int,
                              causal: bool, scale: float | None, return_lse: bool,
                              first_query_tile: int, query_start: int, interpreted: bool,
@@ -385,10 +334,7 @@ def sparse_attention_forward(q, k, v, kv_num_blocks, kv_indices, *, block_size: 
     if use_tma:
         k_desc = TensorDescriptor.from_tensor(k, [1, 1, config.block_n, d_pad])
         v_desc = TensorDescriptor.from_tensor(v, [1, 1, config.block_n, dv_pad])
-    work_items = nqt * triton.cdiv(block_size, config.block_m) * b * hq
-    grid = (work_items,)
-    if config.persistent:
-        grid = (max(1, min(work_items, _persistent_programs(q.device))),)
+    grid = (nqt * triton.cdiv(block_size, config.block_m) * b * hq,)
     _sparse_attention_kernel[grid](
         q, k, v, out, lse if return_lse else out, kv_num_blocks, kv_indices, k_desc, v_desc,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -399,7 +345,6 @@ def sparse_attention_forward(q, k, v, kv_num_blocks, kv_indices, *, block_size: 
         HEAD_DIM=d, HEAD_DIM_V=dv, D_PAD=d_pad, DV_PAD=dv_pad,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, IEEE=q.dtype == torch.float32,
         USE_TMA=use_tma, WARP_SPECIALIZE=config.warp_specialize, KV_MAJOR=config.kv_major,
-        PERSISTENT=config.persistent,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out, (lse if return_lse else None)
