@@ -1,0 +1,41 @@
+"""Kernels for one Nsight Compute pass: selection at 128K, attention at 32K (density 1.0).
+
+Run under ``ncu`` (see the device command in benchmarks/NOTES.md); on its own it
+just launches each kernel twice.
+"""
+import sys
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 2)[0])
+from bench_prism import (BLOCK, DTYPE, HEAD_DIM, random_causal_mask, random_inputs)  # noqa: E402
+
+from prism.optimized.attention import sparse_attention_forward  # noqa: E402
+from prism.optimized.indices import mask_rows_to_indices  # noqa: E402
+from prism.optimized.selection import select_tiles  # noqa: E402
+from prism.reference import band_sizes, resolve_config, tile_layout  # noqa: E402
+
+
+def main():
+    n = 131072
+    q, k, v = random_inputs(n)
+    cfg = resolve_config(None, block_size=BLOCK)
+    layout = tile_layout(n, n, BLOCK, True)
+    high_dim, low_dim = band_sizes(HEAD_DIM, cfg.high_dim, cfg.low_dim)
+    for _ in range(2):
+        select_tiles(q, k, cfg, True, layout, high_dim, low_dim)
+    torch.cuda.synchronize()
+    n = 32768
+    q, k, v = random_inputs(n)
+    mask = random_causal_mask(n // BLOCK, 1.0, seed=7)
+    num, idx = mask_rows_to_indices(mask, 0, causal_trim=True)
+    for _ in range(2):
+        sparse_attention_forward(q, k, v, num, idx, block_size=BLOCK, causal=True, scale=None,
+                                 return_lse=True, first_query_tile=0, query_start=0,
+                                 interpreted=False)
+    torch.cuda.synchronize()
+    print("done", DTYPE)
+
+
+if __name__ == "__main__":
+    main()
