@@ -44,7 +44,12 @@ from triton.testing import do_bench
 
 from prism import optimized
 from prism.optimized.api import _select
-from prism.optimized.attention import AttentionConfig, default_config, sparse_attention_forward
+from prism.optimized.attention import (
+    AttentionConfig,
+    default_config,
+    fallback_config,
+    sparse_attention_forward,
+)
 from prism.optimized.indices import mask_rows_to_indices
 from prism.reference import apply_rope, band_sizes, resolve_config, tile_layout
 
@@ -373,7 +378,7 @@ def diagnose(parts=("pooling", "selection", "attention")):
         log(f"  selection 128K {name}: {ms:.3f} ms")
 
     base = default_config(BLOCK, HEAD_DIM, DTYPE, False)
-    shapes = [base, AttentionConfig(**{**base.__dict__, "kv_major": False})]
+    shapes = [base, fallback_config(BLOCK), AttentionConfig(**{**base.__dict__, "kv_major": False})]
     for density in (1.0, 0.15) if "attention" in parts else ():
         mask = random_causal_mask(n // BLOCK, density, seed=7)
         num, idx = mask_rows_to_indices(mask, 0, causal_trim=True)

@@ -24,12 +24,14 @@ absolute grid and lies in tile ``(query_start + r) // block_size``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._runtime import next_power_of_2
@@ -45,6 +47,11 @@ class AttentionConfig:
     ``kv_major`` orders programs by (batch, KV head) first, so the programs
     that run at the same time read one KV head's K and V and share them in L2;
     otherwise every head of one query tile runs together.
+    ``warp_specialize`` runs the key loop under Triton's Hopper warp
+    specialisation (a producer warp group feeding two consumer groups) with
+    Q, K and V read through descriptors built in the kernel; it needs what
+    :func:`warp_specialize_compatible` checks, and ``num_warps`` 4 (the size
+    of one consumer group).
     """
 
     block_m: int
@@ -74,8 +81,18 @@ def default_config(block_size: int, head_dim: int, dtype: torch.dtype,
         return AttentionConfig(min(64, divisor), min(32, divisor), 4, 2)
     if head_dim > 128:
         return AttentionConfig(min(64, divisor), min(64, divisor), 8, 2)
-    # Measured on the H200 (benchmarks/NOTES.md): 128 x 128 blocks, K/V through
-    # tensor descriptors, 3 stages beat pointer loads and 64-key blocks.
+    # Measured on the H200 (benchmarks/NOTES.md): 128 x 128 blocks with warp
+    # specialisation (4 warps per consumer group, 2 stages) beat the plain loop
+    # with 8 warps, 3 stages and K/V through host tensor descriptors, which
+    # beat pointer loads and 64-key blocks.
+    if divisor >= 128:
+        return AttentionConfig(128, 128, 4, 2, use_tma=True, warp_specialize=True)
+    return fallback_config(block_size)
+
+
+def fallback_config(block_size: int) -> AttentionConfig:
+    """The 16-bit launch shape when warp specialisation does not apply."""
+    divisor = block_size & -block_size
     return AttentionConfig(min(128, divisor), min(128, divisor), 8, 3, use_tma=True)
 
 
@@ -95,6 +112,35 @@ def tma_compatible(k: torch.Tensor, v: torch.Tensor, d_pad: int, dv_pad: int) ->
         if any((t.stride(i) * t.element_size()) % 16 for i in range(3)):
             return False
     return True
+
+
+def warp_specialize_compatible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d_pad: int,
+                               dv_pad: int, query_start: int, block_m: int) -> bool:
+    """Whether the warp-specialised loop applies: a Hopper GPU (compute
+    capability 9.x, where Triton 3.6 partitions such loops), 16-bit inputs, Q
+    as well as K and V readable through tensor descriptors, and query blocks
+    aligned to ``query_start`` (each block of queries starts at a row >= 0)."""
+    if not (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9):
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or query_start % block_m:
+        return False
+    return tma_compatible(k, v, d_pad, dv_pad) and tma_compatible(q, v, d_pad, dv_pad)
+
+
+@contextlib.contextmanager
+def _scratch_allocator():
+    """Descriptors built inside a kernel need a global scratch buffer per launch;
+    supply one from torch's caching allocator unless the caller set their own."""
+    current = _allocation._allocator.get()
+    if not isinstance(current, _allocation.NullAllocator):
+        yield
+        return
+    token = _allocation._allocator.set(
+        lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    try:
+        yield
+    finally:
+        _allocation._allocator.reset(token)
 
 
 @triton.jit
@@ -140,11 +186,12 @@ def _attend_block(acc, l_i, m_i, q, k, v, key_start, positions, num_keys, qk_sca
     else:
         s = tl.dot(q, k)
     if MASKED:
-        keys = key_start + tl.arange(0, BLOCK_N)
-        allowed = (keys < num_keys)[None, :]
+        # Key offset j in this block is allowed when j <= limit: one compare per score.
+        last_key = num_keys - 1
         if CAUSAL:
-            allowed = allowed & (keys[None, :] <= positions[:, None])
-        s = tl.where(allowed, s, float("-inf"))
+            last_key = tl.minimum(positions, last_key)
+        limit = last_key - key_start
+        s = tl.where(tl.arange(0, BLOCK_N)[None, :] <= limit[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
         # A row with no allowed key so far keeps m = -inf; shift it by 0 instead.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -220,7 +267,6 @@ def _sparse_attention_kernel(
     dims_v = tl.arange(0, DV_PAD)
     q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
               + rows.to(tl.int64)[:, None] * stride_qn + dims[None, :] * stride_qd)
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
     k_head = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_head = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
 
@@ -238,33 +284,59 @@ def _sparse_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], dtype=tl.float32)
-
-    # Mask-free tiles: every key is valid and precedes every query here.
     subs_n = tl.cdiv(block_size, BLOCK_N)
-    for step in tl.range(0, (num_tiles - num_masked) * subs_n,
-                         warp_specialize=WARP_SPECIALIZE):
-        tile = tl.load(idx_row + step // subs_n)
-        key_start = tile * block_size + (step % subs_n) * BLOCK_N
-        k, v = _load_kv(k_head, v_head, K_DESC, V_DESC, b, hk, key_start, stride_kn, stride_kd,
-                        stride_vn, stride_vd, num_keys, False, USE_TMA, HEAD_DIM, HEAD_DIM_V,
-                        D_PAD, DV_PAD, BLOCK_N)
-        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, key_start, positions, num_keys,
-                                      qk_scale, False, CAUSAL, BLOCK_N, IEEE)
+    # Key blocks of the last tile that some query of this program can see.
+    tile_start = last_tile * block_size
+    key_end = tl.minimum(tile_start + block_size, num_keys)
+    if CAUSAL:
+        last_query = tl.minimum(t_abs * block_size + (sub + 1) * BLOCK_M,
+                                query_start + num_queries)
+        key_end = tl.minimum(key_end, last_query)
 
-    # The last tile with a token mask, only over key blocks some query can see.
-    if num_masked > 0:
-        tile_start = last_tile * block_size
-        key_end = tl.minimum(tile_start + block_size, num_keys)
-        if CAUSAL:
-            last_query = tl.minimum(t_abs * block_size + (sub + 1) * BLOCK_M,
-                                    query_start + num_queries)
-            key_end = tl.minimum(key_end, last_query)
-        for key_start in range(tile_start, key_end, BLOCK_N):
+    if WARP_SPECIALIZE:
+        # Hopper warp specialisation (Triton's automatic partitioning): one producer
+        # warp group issues the bulk copies, two consumer groups of 64 rows each do
+        # the math. The partitioner handles exactly one loop whose loads come from
+        # descriptors built here, so Q comes by descriptor (the host guarantees
+        # query_start % BLOCK_M == 0, so the block's rows start at a row >= 0) and
+        # every block runs the masked step; the mask is a no-op on full tiles.
+        q_desc = tl.make_tensor_descriptor(
+            Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh,
+            shape=[num_queries, HEAD_DIM], strides=[stride_qn, 1], block_shape=[BLOCK_M, D_PAD])
+        k_desc = tl.make_tensor_descriptor(k_head, shape=[num_keys, HEAD_DIM],
+                                           strides=[stride_kn, 1], block_shape=[BLOCK_N, D_PAD])
+        v_desc = tl.make_tensor_descriptor(v_head, shape=[num_keys, HEAD_DIM_V],
+                                           strides=[stride_vn, 1], block_shape=[BLOCK_N, DV_PAD])
+        # Blocks wholly before query_start have no steps; clamp their (unused) row.
+        q = q_desc.load([tl.maximum(t_abs * block_size + sub * BLOCK_M - query_start, 0), 0])
+        num_steps = ((num_tiles - num_masked) * subs_n
+                     + num_masked * tl.cdiv(key_end - tile_start, BLOCK_N))
+        for step in tl.range(0, num_steps, warp_specialize=True):
+            tile = tl.load(idx_row + step // subs_n)
+            key_start = tile * block_size + (step % subs_n) * BLOCK_N
+            k = k_desc.load([key_start, 0]).T
+            v = v_desc.load([key_start, 0])
+            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, key_start, positions, num_keys,
+                                          qk_scale, True, CAUSAL, BLOCK_N, IEEE)
+    else:
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
+        # Mask-free tiles: every key is valid and precedes every query here.
+        for step in tl.range(0, (num_tiles - num_masked) * subs_n):
+            tile = tl.load(idx_row + step // subs_n)
+            key_start = tile * block_size + (step % subs_n) * BLOCK_N
             k, v = _load_kv(k_head, v_head, K_DESC, V_DESC, b, hk, key_start, stride_kn,
-                            stride_kd, stride_vn, stride_vd, num_keys, True, USE_TMA, HEAD_DIM,
+                            stride_kd, stride_vn, stride_vd, num_keys, False, USE_TMA, HEAD_DIM,
                             HEAD_DIM_V, D_PAD, DV_PAD, BLOCK_N)
             acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, key_start, positions,
-                                          num_keys, qk_scale, True, CAUSAL, BLOCK_N, IEEE)
+                                          num_keys, qk_scale, False, CAUSAL, BLOCK_N, IEEE)
+        # The last tile with a token mask, only over key blocks some query can see.
+        if num_masked > 0:
+            for key_start in range(tile_start, key_end, BLOCK_N):
+                k, v = _load_kv(k_head, v_head, K_DESC, V_DESC, b, hk, key_start, stride_kn,
+                                stride_kd, stride_vn, stride_vd, num_keys, True, USE_TMA,
+                                HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, BLOCK_N)
+                acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, key_start, positions,
+                                              num_keys, qk_scale, True, CAUSAL, BLOCK_N, IEEE)
 
     # o = acc / l (0 where no key was read); lse in natural log.
     has_keys = l_i > 0.0
@@ -323,28 +395,39 @@ def sparse_attention_forward(q, k, v, kv_num_blocks, kv_indices, *, block_size: 
         out = torch.empty(b, hq, nq, dv, dtype=q.dtype, device=q.device)
     if return_lse and lse is None:
         lse = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device)
+    d_pad, dv_pad = max(16, next_power_of_2(d)), max(16, next_power_of_2(dv))
     if config is None:
         config = default_config(block_size, d, q.dtype, interpreted)
+        if config.warp_specialize and not warp_specialize_compatible(
+                q, k, v, d_pad, dv_pad, query_start, config.block_m):
+            config = fallback_config(block_size)
+    elif config.warp_specialize and not warp_specialize_compatible(
+            q, k, v, d_pad, dv_pad, query_start, config.block_m):
+        raise ValueError("AttentionConfig(warp_specialize=True) needs a compute capability 9.x "
+                         "GPU, fp16/bf16 inputs with 16-byte aligned strides, power-of-two head "
+                         "dims and query_start divisible by block_m; use warp_specialize=False")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     nb_strides = [0 if kv_num_blocks.shape[i] == 1 else kv_num_blocks.stride(i) for i in (0, 1)]
     idx_strides = [0 if kv_indices.shape[i] == 1 else kv_indices.stride(i) for i in (0, 1)]
-    d_pad, dv_pad = max(16, next_power_of_2(d)), max(16, next_power_of_2(dv))
-    use_tma = config.use_tma and tma_compatible(k, v, d_pad, dv_pad)
+    use_tma = config.use_tma and not config.warp_specialize and tma_compatible(k, v, d_pad, dv_pad)
     k_desc = v_desc = None
     if use_tma:
         k_desc = TensorDescriptor.from_tensor(k, [1, 1, config.block_n, d_pad])
         v_desc = TensorDescriptor.from_tensor(v, [1, 1, config.block_n, dv_pad])
     grid = (nqt * triton.cdiv(block_size, config.block_m) * b * hq,)
-    _sparse_attention_kernel[grid](
-        q, k, v, out, lse if return_lse else out, kv_num_blocks, kv_indices, k_desc, v_desc,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *nb_strides, *idx_strides, kv_indices.stride(2),
-        b * hq, hq, hq // hkv, nq, nk, query_start, first_query_tile, nqt, block_size,
-        scale * LOG2_E,
-        CAUSAL=causal, WRITE_LSE=return_lse,
-        HEAD_DIM=d, HEAD_DIM_V=dv, D_PAD=d_pad, DV_PAD=dv_pad,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, IEEE=q.dtype == torch.float32,
-        USE_TMA=use_tma, WARP_SPECIALIZE=config.warp_specialize, KV_MAJOR=config.kv_major,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    scratch = _scratch_allocator() if config.warp_specialize else contextlib.nullcontext()
+    with scratch:
+        _sparse_attention_kernel[grid](
+            q, k, v, out, lse if return_lse else out, kv_num_blocks, kv_indices, k_desc, v_desc,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *nb_strides, *idx_strides, kv_indices.stride(2),
+            b * hq, hq, hq // hkv, nq, nk, query_start, first_query_tile, nqt, block_size,
+            scale * LOG2_E,
+            CAUSAL=causal, WRITE_LSE=return_lse,
+            HEAD_DIM=d, HEAD_DIM_V=dv, D_PAD=d_pad, DV_PAD=dv_pad,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, IEEE=q.dtype == torch.float32,
+            USE_TMA=use_tma, WARP_SPECIALIZE=config.warp_specialize, KV_MAJOR=config.kv_major,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
     return out, (lse if return_lse else None)
+

@@ -356,6 +356,19 @@ def test_both_program_orders_cover_every_head_and_tile(kv_major):
     assert torch.allclose(lse, expected_lse, atol=1e-5, rtol=1e-5)
 
 
+def test_warp_specialized_config_refuses_inputs_it_cannot_read():
+    """An explicit warp-specialised launch on inputs it cannot take (here CPU
+    tensors or fp32) is a ValueError that names the way out, not a kernel crash."""
+    q, k, v = make_qkv(1, 2, 1, 64, 64, 32, dtype=torch.float32, seed=2)
+    num = torch.ones(1, 2, 2, dtype=torch.int32)
+    idx = torch.tensor([[[0, 0], [1, 0]]], dtype=torch.int32).expand(1, 2, 2, 2).contiguous()
+    config = AttentionConfig(32, 32, 4, 2, use_tma=True, warp_specialize=True)
+    with pytest.raises(ValueError, match="warp_specialize=False"):
+        sparse_attention_forward(q, k, v, num, idx, block_size=32, causal=True, scale=None,
+                                 return_lse=False, first_query_tile=0, query_start=0,
+                                 interpreted=INTERPRETED, config=config)
+
+
 def test_attention_tiles_above_the_diagonal_are_ignored():
     """A causal mask may name inadmissible tiles; they hold no readable key."""
     q, k, v = _to(DEVICE, *make_qkv(1, 2, 1, 96, 160, 64, seed=4))

@@ -8,7 +8,7 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
-from bench_prism import (BLOCK, DTYPE, HEAD_DIM, random_causal_mask, random_inputs)  # noqa: E402
+from bench_prism import BLOCK, DTYPE, HEAD_DIM, random_causal_mask, random_inputs  # noqa: E402
 
 from prism.optimized.attention import sparse_attention_forward  # noqa: E402
 from prism.optimized.indices import mask_rows_to_indices  # noqa: E402

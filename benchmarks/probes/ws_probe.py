@@ -39,39 +39,54 @@ def _probe_attention(Q, K, V, O, IDX, N, scale, BM: tl.constexpr, BN: tl.constex
     o_desc.store([row_block * BM, 0], (acc / l[:, None]).to(tl.bfloat16))
 
 
+SHAPES = (  # name, BLOCK_M, BLOCK_N, num_warps, num_stages, warp_specialize
+    ("nw8_ns3", 128, 128, 8, 3, False),
+    ("nw4_ns2_ws", 128, 128, 4, 2, True),
+    ("nw4_ns3_ws_bn64", 128, 64, 4, 3, True),
+    ("nw4_ns2_ws_bn64", 128, 64, 4, 2, True),
+)
+
+
+def probe_length(n, h=32, d=128):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    q, k, v = (torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    flops = 4 * h * n * n * d
+    runs = []
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        ref = sdpa(q, k, v)
+        t_ref = do_bench(lambda: sdpa(q, k, v), rep=200)
+    runs.append({"n": n, "name": "sdpa_cudnn", "ms": t_ref, "tflops": flops / t_ref * 1e-9})
+    scale = d ** -0.5 * 1.4426950408889634
+    for name, bm, bn, nw, ns, ws in SHAPES:
+        o = torch.empty_like(q)
+        idx = torch.arange(n // bn, device="cuda", dtype=torch.int32)
+
+        def launch(bm=bm, bn=bn, nw=nw, ns=ns, ws=ws, o=o, idx=idx):
+            _probe_attention[(n // bm, h)](q, k, v, o, idx, n, scale, BM=bm, BN=bn, D=d, WS=ws,
+                                          num_warps=nw, num_stages=ns)
+        try:
+            launch()
+            err = (o.float() - ref.float()).abs().max().item()
+            t = do_bench(launch, rep=200)
+            runs.append({"n": n, "name": name, "ms": t, "tflops": flops / t * 1e-9,
+                         "ratio_to_cudnn": t / t_ref, "max_err": err})
+        except Exception as exc:  # record the failure, keep probing the others
+            runs.append({"n": n, "name": name, "error": repr(exc)[:300]})
+        print(runs[-1], flush=True)
+    return runs
+
+
 def main():
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "."
-    triton.set_allocator(lambda size, align, stream: torch.empty(size, device="cuda", dtype=torch.int8))
+    triton.set_allocator(
+        lambda size, align, stream: torch.empty(size, device="cuda", dtype=torch.int8))
     torch.manual_seed(0)
-    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "runs": []}
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "triton": triton.__version__, "runs": []}
     for n in (16384, 32768):
-        h, d = 32, 128
-        q, k, v = (torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        flops = 4 * h * n * n * d
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-            t_ref = do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), rep=200)
-        res["runs"].append({"n": n, "name": "sdpa_cudnn", "ms": t_ref, "tflops": flops / t_ref * 1e-9})
-        idx = torch.arange(n // 128, device="cuda", dtype=torch.int32)
-        scale = d ** -0.5 * 1.4426950408889634
-        for name, bm, bn, nw, ns, ws in (("nw8_ns3", 128, 128, 8, 3, False), ("nw4_ns2_ws", 128, 128, 4, 2, True),
-                                         ("nw4_ns3_ws_bn64", 128, 64, 4, 3, True), ("nw4_ns2_ws_bn64", 128, 64, 4, 2, True)):
-            o = torch.empty_like(q)
-            idx_b = torch.arange(n // bn, device="cuda", dtype=torch.int32)
-            grid = (n // bm, h)
-            try:
-                fn = lambda: _probe_attention[grid](q, k, v, o, idx_b, n, scale, BM=bm, BN=bn, D=d, WS=ws,
-                                                     num_warps=nw, num_stages=ns)
-                fn()
-                err = (o.float() - ref.float()).abs().max().item()
-                t = do_bench(fn, rep=200)
-                res["runs"].append({"n": n, "name": name, "ms": t, "tflops": flops / t * 1e-9,
-                                    "ratio_to_cudnn": t / t_ref, "max_err": err})
-            except Exception as exc:  # record the failure, keep probing the others
-                res["runs"].append({"n": n, "name": name, "error": repr(exc)[:300]})
-            print(res["runs"][-1], flush=True)
+        res["runs"] += probe_length(n)
     with open(os.path.join(out_dir, "ws_probe.json"), "w") as f:
         json.dump(res, f, indent=1)
 
