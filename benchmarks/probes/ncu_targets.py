@@ -16,24 +16,36 @@ from prism.optimized.selection import select_tiles  # noqa: E402
 from prism.reference import band_sizes, resolve_config, tile_layout  # noqa: E402
 
 
-def main():
+def selection_128k():
     n = 131072
-    q, k, v = random_inputs(n)
+    q, k, _ = random_inputs(n)
     cfg = resolve_config(None, block_size=BLOCK)
     layout = tile_layout(n, n, BLOCK, True)
     high_dim, low_dim = band_sizes(HEAD_DIM, cfg.high_dim, cfg.low_dim)
     for _ in range(2):
         select_tiles(q, k, cfg, True, layout, high_dim, low_dim)
-    torch.cuda.synchronize()
-    n = 32768
+
+
+def attention(n, density):
     q, k, v = random_inputs(n)
-    mask = random_causal_mask(n // BLOCK, 1.0, seed=7)
+    mask = random_causal_mask(n // BLOCK, density, seed=7)
     num, idx = mask_rows_to_indices(mask, 0, causal_trim=True)
     for _ in range(2):
         sparse_attention_forward(q, k, v, num, idx, block_size=BLOCK, causal=True, scale=None,
                                  return_lse=True, first_query_tile=0, query_start=0,
                                  interpreted=False)
-    torch.cuda.synchronize()
+
+
+def main():
+    """``ncu_targets.py [selection] [attention:N:density ...]`` (default: the first probe's set)."""
+    parts = sys.argv[1:] or ["selection", "attention:32768:1.0"]
+    for part in parts:
+        if part == "selection":
+            selection_128k()
+        else:
+            _, n, density = part.split(":")
+            attention(int(n), float(density))
+        torch.cuda.synchronize()
     print("done", DTYPE)
 
 
