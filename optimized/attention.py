@@ -127,20 +127,27 @@ def warp_specialize_compatible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return tma_compatible(k, v, d_pad, dv_pad) and tma_compatible(q, v, d_pad, dv_pad)
 
 
+def _torch_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
 @contextlib.contextmanager
 def _scratch_allocator():
     """Descriptors built inside a kernel need a global scratch buffer per launch;
     supply one from torch's caching allocator unless the caller set their own."""
-    current = _allocation._allocator.get()
-    if not isinstance(current, _allocation.NullAllocator):
+    slot = getattr(_allocation, "_allocator", None)
+    if slot is None:  # another Triton layout: set it the public way, for good
+        triton.set_allocator(_torch_scratch)
         yield
         return
-    token = _allocation._allocator.set(
-        lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    if not isinstance(slot.get(), _allocation.NullAllocator):
+        yield
+        return
+    token = slot.set(_torch_scratch)
     try:
         yield
     finally:
-        _allocation._allocator.reset(token)
+        slot.reset(token)
 
 
 @triton.jit

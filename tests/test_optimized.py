@@ -369,6 +369,32 @@ def test_warp_specialized_config_refuses_inputs_it_cannot_read():
                                  interpreted=INTERPRETED, config=config)
 
 
+def test_scratch_allocator_is_scoped_and_respects_the_callers():
+    """The warp-specialised launch supplies Triton's scratch allocator only for
+    its own launch, and leaves one the caller installed in place."""
+    from triton.runtime import _allocation
+
+    from prism.optimized.attention import _scratch_allocator
+
+    before = _allocation._allocator.get()
+    with _scratch_allocator():
+        inside = _allocation._allocator.get()
+    assert _allocation._allocator.get() is before
+    if isinstance(before, _allocation.NullAllocator):
+        assert not isinstance(inside, _allocation.NullAllocator)
+
+    def mine(size, alignment, stream):
+        return torch.empty(size, dtype=torch.int8)
+
+    token = _allocation._allocator.set(mine)
+    try:
+        with _scratch_allocator():
+            assert _allocation._allocator.get() is mine
+        assert _allocation._allocator.get() is mine
+    finally:
+        _allocation._allocator.reset(token)
+
+
 def test_attention_tiles_above_the_diagonal_are_ignored():
     """A causal mask may name inadmissible tiles; they hold no readable key."""
     q, k, v = _to(DEVICE, *make_qkv(1, 2, 1, 96, 160, 64, seed=4))
