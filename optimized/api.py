@@ -12,10 +12,14 @@ Where the kernels do not apply, a documented exact path runs instead:
   runs :func:`prism.reference.block_sparse_attention` (same device, same result);
 * selection with more than ``MAX_WIDTH`` (32768) key tiles runs
   :func:`prism.reference.select_blocks`;
-* selection with a non-default ``estimator`` (docs/estimators.rst) runs
-  :func:`prism.reference.select_blocks` on the same device: the kernels
-  implement SPEC v1's Prism estimator only. ``prism_attention`` still runs
-  the Triton attention kernel on that mask.
+* selection with ``estimator="antidiagonal"`` or
+  ``"antidiagonal_vertical_slash"`` (docs/estimators.rst) scores tiles with the
+  Triton kernel of :mod:`~prism.optimized.estimators`, then runs the
+  reference's top-p, vertical-slash and forced-tile code in torch on the same
+  device;
+* selection with another non-default ``estimator`` runs
+  :func:`prism.reference.select_blocks` on the same device. ``prism_attention``
+  still runs the Triton attention kernel on that mask.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from prism import reference
 from prism.reference.bands import band_sizes
 from prism.reference.config import PrismConfig, resolve_config
+from prism.reference.estimators import estimator_mask
 from prism.reference.tiles import tile_layout
 from prism.reference.validation import (
     validate_block_mask,
@@ -36,8 +41,12 @@ from prism.reference.validation import (
 
 from ._runtime import check_device, check_finite_fast, kernels_interpreted
 from .attention import _sparse_attention_kernel, sparse_attention_forward, supported_block_size
+from .estimators import antidiagonal_tile_probabilities
 from .indices import _mask_to_indices_kernel, mask_rows_to_indices
 from .selection import MAX_WIDTH, _select_tiles_kernel, select_tiles
+
+# Estimators whose O(N^2) scoring runs as the kernel of :mod:`.estimators`.
+_ANTIDIAGONAL_ESTIMATORS = ("antidiagonal", "antidiagonal_vertical_slash")
 
 
 def select_blocks(q, k, config: PrismConfig | None = None, *, causal: bool = True,
@@ -81,18 +90,24 @@ def _select(q, k, cfg: PrismConfig, causal: bool, *, write_indices: bool):
     layout = tile_layout(nq, nk, cfg.block_size, causal)
     nqt, nkt = layout.num_query_tiles, layout.num_key_tiles
     reference_only = cfg.estimator != "prism"
-    if nqt == 0 or nkt == 0 or nkt > MAX_WIDTH or reference_only:
+    if nqt and nkt and cfg.estimator in _ANTIDIAGONAL_ESTIMATORS:
+        # E1/E5: the antidiagonal scores run as a Triton kernel; top-p, the
+        # vertical-slash part and the forced tiles are the reference's torch code.
+        check_finite_fast(q=q, k=k)
+        mask = estimator_mask(q, k, cfg, causal, antidiagonal_fn=antidiagonal_tile_probabilities)
+    elif nqt == 0 or nkt == 0 or nkt > MAX_WIDTH or reference_only:
         if nkt > MAX_WIDTH or (reference_only and nqt and nkt):
             mask = reference.select_blocks(q, k, cfg, causal=causal)
         else:
             check_finite_fast(q=q, k=k)
             mask = torch.zeros(b, hq, nqt, nkt, dtype=torch.bool, device=q.device)
-        if not write_indices:
-            return mask, None, None, layout
-        num, idx = mask_rows_to_indices(mask)
+    else:
+        mask, num, idx = select_tiles(q, k, cfg, causal, layout, high_dim, low_dim,
+                                      write_mask=True, write_indices=write_indices)
         return mask, num, idx, layout
-    mask, num, idx = select_tiles(q, k, cfg, causal, layout, high_dim, low_dim,
-                                  write_mask=True, write_indices=write_indices)
+    if not write_indices:
+        return mask, None, None, layout
+    num, idx = mask_rows_to_indices(mask)
     return mask, num, idx, layout
 
 

@@ -249,12 +249,26 @@ def subtile_band_probabilities(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfi
 
 
 def estimator_mask(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig,
-                   causal: bool = True) -> torch.Tensor:
+                   causal: bool = True, *,
+                   antidiagonal_fn=antidiagonal_probabilities) -> torch.Tensor:
     """Selection by a non-Prism estimator (``cfg.estimator``), with forced tiles.
 
     Inputs must already be validated (``select_blocks`` does it). For
     ``"prism_vertical_slash"`` this returns only the vertical-slash part; the
     union with Prism is made by :func:`prism.reference.trace_selection`.
+
+    Parameters
+    ----------
+    q : Tensor (B, Hq, Nq, D)
+    k : Tensor (B, Hkv, Nk, D)
+    cfg : PrismConfig
+    causal : bool
+    antidiagonal_fn : callable, optional
+        Computes the antidiagonal tile probabilities of ``"antidiagonal"`` and
+        ``"antidiagonal_vertical_slash"``, with the signature and result of
+        :func:`antidiagonal_probabilities` (the default).
+        :mod:`prism.optimized` passes its Triton kernel here, so top-p, the
+        vertical-slash union and the forced tiles stay this one code.
 
     Returns
     -------
@@ -269,7 +283,7 @@ def estimator_mask(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig,
     if threshold is None:
         threshold = cfg.high_threshold
     if cfg.estimator in ("antidiagonal", "antidiagonal_vertical_slash"):
-        probs = antidiagonal_probabilities(q, k, layout, cfg.antidiagonal_stride, causal)
+        probs = antidiagonal_fn(q, k, layout, cfg.antidiagonal_stride, causal)
         keep, _ = top_p_select(probs, admissible, cfg.high_threshold)
         keep = keep & (probs > 0)
         if cfg.estimator == "antidiagonal_vertical_slash":
