@@ -361,6 +361,7 @@ def diagnose(parts=("pooling", "selection", "attention")):
                 ("mask only", SelectionTuning(), True, False),
                 ("indices only", SelectionTuning(), False, True),
                 ("no early exit", SelectionTuning(early_exit=False), True, True),
+                ("one stream", SelectionTuning(overlap=False), True, True),
                 ("16 per thread", SelectionTuning(elements_per_thread=16), True, True),
                 ("64 per thread", SelectionTuning(elements_per_thread=64), True, True),
                 ("32 rows", SelectionTuning(rows_per_program=32), True, True),

@@ -32,6 +32,7 @@ program family per power-of-two width.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -343,12 +344,17 @@ class SelectionTuning:
         Stop the top-p bisection once each row's bracket holds one tile.
     rows_per_program : int
         Query-tile rows of one program on the tensor-core path (a power of two, >= 16).
+    overlap : bool
+        On CUDA, run the widest launch on the caller's stream and the narrower
+        ones (few, short programs each) on a second stream, so they fill SMs
+        the wide launch leaves idle; the caller's stream waits for both.
     """
 
     dot_max_width: int = 1024
     elements_per_thread: int = 32
     early_exit: bool = True
     rows_per_program: int = 16
+    overlap: bool = True
 
 
 def _launch_plan(layout: TileLayout, causal: bool, tuning: SelectionTuning):
@@ -437,27 +443,50 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: boo
     high_start, _, low_start, _ = band_pairs(d, high_dim, low_dim)
     if tuning is None:
         tuning = SelectionTuning(dot_max_width=DOT_MAX_WIDTH)
-    for row_start, row_end, width, rows, use_dot in _launch_plan(layout, causal, tuning):
+    plan = _launch_plan(layout, causal, tuning)
+    overlap = tuning.overlap and q.is_cuda and len(plan) > 1
+    if overlap:
+        main = torch.cuda.current_stream(device)
+        side = _side_stream(device)
+        side.wait_stream(main)
+    # Widest rows first: they hold most of the work.
+    for step, (row_start, row_end, width, rows, use_dot) in enumerate(reversed(plan)):
         dk = max(8, min(32, 16384 // width, next_power_of_2(max(high_dim, low_dim))))
         grid = (triton.cdiv(row_end - row_start, rows), b * hq)
-        _select_tiles_kernel[grid](
-            q_pooled, k_pooled_t, q_energy, k_energy,
-            mask if write_mask else placeholder,
-            kv_num_blocks if write_indices else placeholder,
-            kv_indices if write_indices else placeholder,
-            hq, hq // hkv, nqt, nkt, k_pooled_t.shape[-1], layout.first_query_tile,
-            row_start, row_end,
-            d, 1 if cfg.rope_layout == "half" else 0, high_dim, low_dim, high_start, low_start,
-            float(cfg.high_threshold), float(cfg.low_threshold),
-            float(cfg.high_temperature), float(cfg.low_temperature), float(cfg.eps),
-            CAUSAL=causal, CALIBRATE=cfg.calibrate,
-            FORCE_SINK=cfg.force_sink, FORCE_DIAGONAL=cfg.force_diagonal,
-            WRITE_MASK=write_mask, WRITE_INDICES=write_indices,
-            ROWS=rows, WIDTH=width, LOG2_WIDTH=width.bit_length() - 1, DK=dk,
-            CHUNK=min(width, 128), USE_DOT=use_dot,
-            EARLY_EXIT=tuning.early_exit,
-            num_warps=max(4, min(16, rows * width // (32 * tuning.elements_per_thread))),
-        )
+        with torch.cuda.stream(side) if overlap and step else contextlib.nullcontext():
+            _select_tiles_kernel[grid](
+                q_pooled, k_pooled_t, q_energy, k_energy,
+                mask if write_mask else placeholder,
+                kv_num_blocks if write_indices else placeholder,
+                kv_indices if write_indices else placeholder,
+                hq, hq // hkv, nqt, nkt, k_pooled_t.shape[-1], layout.first_query_tile,
+                row_start, row_end,
+                d, 1 if cfg.rope_layout == "half" else 0, high_dim, low_dim, high_start, low_start,
+                float(cfg.high_threshold), float(cfg.low_threshold),
+                float(cfg.high_temperature), float(cfg.low_temperature), float(cfg.eps),
+                CAUSAL=causal, CALIBRATE=cfg.calibrate,
+                FORCE_SINK=cfg.force_sink, FORCE_DIAGONAL=cfg.force_diagonal,
+                WRITE_MASK=write_mask, WRITE_INDICES=write_indices,
+                ROWS=rows, WIDTH=width, LOG2_WIDTH=width.bit_length() - 1, DK=dk,
+                CHUNK=min(width, 128), USE_DOT=use_dot,
+                EARLY_EXIT=tuning.early_exit,
+                num_warps=max(4, min(16, rows * width // (32 * tuning.elements_per_thread))),
+            )
+    if overlap:
+        main.wait_stream(side)
     if not bool(energies_finite):
         check_finite_fast(q=q, k=k)
     return mask, kv_num_blocks, kv_indices
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One extra stream per device for the narrow selection launches."""
+    key = torch.device(device).index
+    if key is None:
+        key = torch.cuda.current_device()
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=key)
+    return _SIDE_STREAMS[key]
