@@ -250,7 +250,7 @@ def subtile_band_probabilities(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfi
 
 def estimator_mask(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig,
                    causal: bool = True, *,
-                   antidiagonal_fn=antidiagonal_probabilities) -> torch.Tensor:
+                   antidiagonal_fn=None) -> torch.Tensor:
     """Selection by a non-Prism estimator (``cfg.estimator``), with forced tiles.
 
     Inputs must already be validated (``select_blocks`` does it). For
@@ -266,7 +266,7 @@ def estimator_mask(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig,
     antidiagonal_fn : callable, optional
         Computes the antidiagonal tile probabilities of ``"antidiagonal"`` and
         ``"antidiagonal_vertical_slash"``, with the signature and result of
-        :func:`antidiagonal_probabilities` (the default).
+        :func:`antidiagonal_probabilities` (used when None).
         :mod:`prism.optimized` passes its Triton kernel here, so top-p, the
         vertical-slash union and the forced tiles stay this one code.
 
@@ -283,7 +283,8 @@ def estimator_mask(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig,
     if threshold is None:
         threshold = cfg.high_threshold
     if cfg.estimator in ("antidiagonal", "antidiagonal_vertical_slash"):
-        probs = antidiagonal_fn(q, k, layout, cfg.antidiagonal_stride, causal)
+        score = antidiagonal_probabilities if antidiagonal_fn is None else antidiagonal_fn
+        probs = score(q, k, layout, cfg.antidiagonal_stride, causal)
         keep, _ = top_p_select(probs, admissible, cfg.high_threshold)
         keep = keep & (probs > 0)
         if cfg.estimator == "antidiagonal_vertical_slash":
