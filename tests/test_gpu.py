@@ -74,6 +74,30 @@ ATTENTION_CASES = [(shape, dtype) for shape in ATTENTION_SHAPES for dtype in DTY
                    if not (dtype == torch.float32 and shape[4] > 20000 and shape[7] == 1.0)]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attention_on_strided_views(dtype, record_property):
+    """(B, N, H, D) tensors seen as (B, H, N, D), as transformers passes them: the
+    descriptors of the warp-specialised loop read the real strides; a batch of
+    two, a non-causal call and one with a KV prefix."""
+    from prism.reference import tile_layout
+
+    def as_heads_view(x):
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+    for causal, nq, nk in ((True, 4096, 4096), (False, 2048, 6144), (True, 2048, 6144)):
+        q, k, v = (as_heads_view(t) for t in
+                   _cuda(*make_qkv(2, 8, 2, nq, nk, 128, dtype=dtype, seed=nq + nk,
+                                   causal=causal)))
+        assert q.stride(2) != q.shape[3]
+        layout = tile_layout(nq, nk, 128, causal)
+        mask = random_tile_mask((2, 8, layout.num_query_tiles, layout.num_key_tiles), 0.4,
+                                torch.Generator().manual_seed(nq), causal=causal,
+                                first_tile=layout.first_query_tile, keep_diagonal=True)
+        out_error, lse_error = check_attention(q, k, v, mask.cuda(), block_size=128,
+                                               causal=causal)
+        record_property(f"out_error_causal{int(causal)}_{nq}x{nk}", out_error)
+
+
 def test_warp_specialized_matches_plain_loop(record_property):
     """The default 16-bit launch (warp-specialised on Hopper) and the plain loop
     give the same outputs on one mask."""
