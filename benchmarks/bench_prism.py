@@ -62,9 +62,25 @@ def log(*parts):
     print(*parts, flush=True)
 
 
+MIN_SAMPLES = 5
+
+
 def bench(fn, rep=100):
-    """Median milliseconds of ``fn`` (do_bench, events, warm-up included)."""
-    return float(do_bench(fn, warmup=25, rep=rep, return_mode="median"))
+    """Median milliseconds of ``fn`` (do_bench, events, warm-up included).
+
+    ``do_bench`` repeats ``fn`` for about ``rep`` ms, which is a single sample
+    for a 280 ms call; the budget is raised so that every median comes from at
+    least ``MIN_SAMPLES`` timed calls after at least two warm-up calls.
+    """
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    once = start.elapsed_time(end)
+    return float(do_bench(fn, warmup=max(25, 2 * once), rep=max(rep, MIN_SAMPLES * once),
+                          return_mode="median"))
 
 
 def ceilings():
