@@ -32,6 +32,7 @@ LABELS = {
     "subtile": "Prism on 32-token sub-tiles",
     "antidiagonal_vertical_slash-8-0.3": "antidiagonal stride 8 + vertical-slash (vs p=0.3)",
     "antidiagonal_vertical_slash-4-0.3": "antidiagonal stride 4 + vertical-slash (vs p=0.3)",
+    "antidiagonal_vertical_slash-8-0.5": "antidiagonal stride 8 + vertical-slash (vs p=0.5)",
 }
 
 
