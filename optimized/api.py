@@ -89,18 +89,16 @@ def _select(q, k, cfg: PrismConfig, causal: bool, *, write_indices: bool):
     high_dim, low_dim = band_sizes(d, cfg.high_dim, cfg.low_dim)
     layout = tile_layout(nq, nk, cfg.block_size, causal)
     nqt, nkt = layout.num_query_tiles, layout.num_key_tiles
-    reference_only = cfg.estimator != "prism"
-    if nqt and nkt and cfg.estimator in _ANTIDIAGONAL_ESTIMATORS:
+    if nqt == 0 or nkt == 0:
+        check_finite_fast(q=q, k=k)
+        mask = torch.zeros(b, hq, nqt, nkt, dtype=torch.bool, device=q.device)
+    elif cfg.estimator in _ANTIDIAGONAL_ESTIMATORS:
         # E1/E5: the antidiagonal scores run as a Triton kernel; top-p, the
         # vertical-slash part and the forced tiles are the reference's torch code.
         check_finite_fast(q=q, k=k)
         mask = estimator_mask(q, k, cfg, causal, antidiagonal_fn=antidiagonal_tile_probabilities)
-    elif nqt == 0 or nkt == 0 or nkt > MAX_WIDTH or reference_only:
-        if nkt > MAX_WIDTH or (reference_only and nqt and nkt):
-            mask = reference.select_blocks(q, k, cfg, causal=causal)
-        else:
-            check_finite_fast(q=q, k=k)
-            mask = torch.zeros(b, hq, nqt, nkt, dtype=torch.bool, device=q.device)
+    elif nkt > MAX_WIDTH or cfg.estimator != "prism":
+        mask = reference.select_blocks(q, k, cfg, causal=causal)
     else:
         mask, num, idx = select_tiles(q, k, cfg, causal, layout, high_dim, low_dim,
                                       write_mask=True, write_indices=write_indices)
