@@ -11,6 +11,8 @@ Each module is one stage of the algorithm:
 * :mod:`~prism.reference.estimators` - opt-in peer estimators (docs/estimators.rst)
 * :mod:`~prism.reference.attention` - block-sparse attention (SPEC 7)
 * :mod:`~prism.reference.mean_pooling` - the plain mean-pooling baseline
+* :mod:`~prism.reference.varlen` - packed variable-length batches (docs/serving.rst)
+* :mod:`~prism.reference.paged` - paged KV caches and chunked prefill (docs/serving.rst)
 """
 
 from .attention import block_sparse_attention, prism_attention, token_mask
@@ -26,6 +28,13 @@ from .estimators import (
 )
 from .indices import indices_to_mask, mask_to_indices
 from .mean_pooling import mean_pooling_select
+from .paged import (
+    PooledKeyCache,
+    gather_paged_kv,
+    prism_attention_paged,
+    select_blocks_paged,
+    select_from_pooled,
+)
 from .rope import apply_rope, pair_dims, rope_frequencies
 from .scoring import admissible_tiles, band_logits, band_probabilities
 from .select import (
@@ -39,6 +48,11 @@ from .select import (
 )
 from .tiles import TileLayout, pool_tiles, tile_layout, tile_token_counts
 from .topp import top_p_select
+from .varlen import (
+    block_sparse_attention_varlen,
+    prism_attention_varlen,
+    select_blocks_varlen,
+)
 
 __all__ = [
     "PrismConfig",
@@ -77,4 +91,12 @@ __all__ = [
     "last_query_distributions",
     "subtile_band_probabilities",
     "vertical_slash_tiles",
+    "select_blocks_varlen",
+    "block_sparse_attention_varlen",
+    "prism_attention_varlen",
+    "select_blocks_paged",
+    "prism_attention_paged",
+    "gather_paged_kv",
+    "PooledKeyCache",
+    "select_from_pooled",
 ]

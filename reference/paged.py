@@ -1,0 +1,485 @@
+"""Paged KV caches and chunked prefill (docs/serving.rst).
+
+Engines keep K and V in pages: ``k_cache`` (num_pages, page_size, Hkv, D) and
+``v_cache`` (num_pages, page_size, Hkv, Dv). Sequence ``i`` holds
+``seq_lens[i]`` tokens, token ``t`` in page ``block_table[i, t // page_size]``
+at slot ``t % page_size``. Only the first ``ceil(seq_lens[i] / page_size)``
+entries of a row are read; the rest may hold anything (engines pad with -1
+or 0). Page size and tile size are independent.
+
+The queries are packed as in :mod:`prism.reference.varlen`: sequence ``i``'s
+``Nq_i`` queries are rows ``cu_seqlens_q[i] : cu_seqlens_q[i + 1]`` of ``q``
+and, when causal, the LAST ``Nq_i`` of its ``seq_lens[i]`` tokens (the cache
+already holds the keys of the chunk being prefilled, as engines write K/V
+before attention). A prefill chunk over a cached prefix is exactly the
+contract's KV-prefix case: ``Nq = chunk``, ``Nk = prefix + chunk``.
+
+How K/V are read: each sequence's pages are gathered into one packed
+(total_k, Hkv, D) tensor (one indexed copy of the keys and values the call
+reads), then the varlen functions run on views of it. The copy reads and
+writes ``sum_i seq_lens[i] * Hkv * (D + Dv)`` elements once per call.
+
+Chunked prefill: :class:`PooledKeyCache` keeps one sequence's pooled key
+tiles between chunks, so selection for a new chunk pools only the keys
+after the last completed tile (see the class).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import attention as _attention
+from . import select as _select
+from .bands import band_dims
+from .calibration import band_temperature
+from .config import PrismConfig, resolve_config
+from .scoring import admissible_tiles, band_logits, band_probabilities
+from .select import forced_tiles
+from .tiles import pool_tiles, tile_layout
+from .topp import top_p_select
+from .validation import (
+    FLOAT_DTYPES,
+    check_finite,
+    check_same_dtype_device,
+    validate_qk,
+    validate_scale,
+)
+from .varlen import (
+    as_heads,
+    check_cu_seqlens,
+    check_lengths_vector,
+    check_max_seqlen,
+    check_packed,
+    run_attention,
+    run_prism,
+    run_select,
+)
+
+# --------------------------------------------------------------------------
+# Validation and the page gather.
+# --------------------------------------------------------------------------
+
+def _check_cache(name: str, t, layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must have 4 dimensions {layout}, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype float32, float16 or bfloat16, got {t.dtype}")
+
+
+def validate_paged(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
+                   max_seqlen_q: int, *, causal: bool):
+    """Validate a paged call; return ``(ranges_q, seq_lens as a list)``.
+
+    ``ranges_q[i]`` is ``(q_start, q_end)`` of sequence ``i``. ``v_cache`` may be
+    None (selection only).
+    """
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be True or False, got {causal!r}")
+    check_packed("q", q)
+    _check_cache("k_cache", k_cache, "(num_pages, page_size, Hkv, D)")
+    check_same_dtype_device(q=q, k_cache=k_cache)
+    num_pages, page_size = k_cache.shape[0], k_cache.shape[1]
+    if v_cache is not None:
+        _check_cache("v_cache", v_cache, "(num_pages, page_size, Hkv, Dv)")
+        check_same_dtype_device(k_cache=k_cache, v_cache=v_cache)
+        if v_cache.shape[:3] != k_cache.shape[:3]:
+            raise ValueError(
+                f"v_cache must match k_cache in pages, page size and heads: k_cache has "
+                f"{tuple(k_cache.shape)}, v_cache has {tuple(v_cache.shape)}"
+            )
+    validate_qk(as_heads(q, 0, 0), k_cache[:0, 0].permute(1, 0, 2)[None], causal=False,
+                check_values=False)
+    if not isinstance(block_table, torch.Tensor) or block_table.dtype not in (torch.int32,
+                                                                             torch.int64):
+        raise TypeError(
+            "block_table must be an int32 tensor (B, max_pages) of page indices, got "
+            + (f"dtype {block_table.dtype}" if isinstance(block_table, torch.Tensor)
+               else type(block_table).__name__) + "; convert with block_table.to(torch.int32)"
+        )
+    if block_table.dim() != 2:
+        raise ValueError(f"block_table must be 2-D (B, max_pages), got shape "
+                         f"{tuple(block_table.shape)}")
+    if block_table.device != k_cache.device:
+        raise ValueError(f"block_table is on {block_table.device} but k_cache is on "
+                         f"{k_cache.device}; move it with block_table.to(k_cache.device)")
+    lengths = check_lengths_vector("seq_lens", seq_lens, "tokens per sequence, shape (B,)")
+    cq = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], "q")
+    batch = block_table.shape[0]
+    if len(lengths) != batch or len(cq) != batch + 1:
+        raise ValueError(
+            f"block_table ({batch} rows), seq_lens ({len(lengths)} entries) and cu_seqlens_q "
+            f"({len(cq)} offsets) must describe the same B sequences (B, B and B + 1)"
+        )
+    lengths_q = [cq[i + 1] - cq[i] for i in range(batch)]
+    check_max_seqlen("max_seqlen_q", max_seqlen_q, lengths_q, "cu_seqlens_q")
+    capacity = block_table.shape[1] * page_size
+    for i, n in enumerate(lengths):
+        if n < 0:
+            raise ValueError(f"seq_lens[{i}] must be >= 0, got {n}")
+        if n > capacity:
+            raise ValueError(
+                f"seq_lens[{i}] = {n} tokens do not fit in the {block_table.shape[1]} pages of "
+                f"block_table's row ({capacity} tokens at page_size {page_size}); widen "
+                "block_table or fix seq_lens"
+            )
+        if causal and lengths_q[i] > n:
+            raise ValueError(
+                f"causal attention needs Nq <= Nk in every sequence, but sequence {i} has "
+                f"{lengths_q[i]} queries (cu_seqlens_q) and {n} cached tokens (seq_lens); the "
+                "cache must already hold the keys of the queries' own chunk"
+            )
+    _check_pages(block_table, lengths, page_size, num_pages)
+    return [(cq[i], cq[i + 1]) for i in range(batch)], lengths
+
+
+def _check_pages(block_table, lengths: list[int], page_size: int, num_pages: int) -> None:
+    """Every page a sequence reads must be a valid index into the cache."""
+    if not lengths:
+        return
+    used = -(-torch.tensor(lengths, device=block_table.device) // page_size)
+    columns = torch.arange(block_table.shape[1], device=block_table.device)
+    read = columns[None, :] < used[:, None]
+    bad = read & ((block_table < 0) | (block_table >= num_pages))
+    if bool(bad.any()):
+        i, j = (int(x) for x in bad.nonzero()[0].tolist())
+        raise ValueError(
+            f"block_table[{i}, {j}] = {int(block_table[i, j])} is not a page of the cache "
+            f"(valid pages are 0..{num_pages - 1}); sequence {i} reads its first {int(used[i])} "
+            "entries, so each must index a page of k_cache/v_cache"
+        )
+
+
+def gather_tokens(cache: torch.Tensor, block_table: torch.Tensor, starts: list[int],
+                  ends: list[int]) -> torch.Tensor:
+    """Tokens ``starts[i] .. ends[i] - 1`` of every sequence, packed: (total, H, D).
+
+    One indexed copy; ``block_table`` must already be validated.
+    """
+    page_size = cache.shape[1]
+    device = cache.device
+    counts = [e - s for s, e in zip(starts, ends, strict=True)]
+    total = sum(counts)
+    if total == 0:
+        return cache.new_empty(0, cache.shape[2], cache.shape[3])
+    seq = torch.repeat_interleave(torch.arange(len(counts), device=device),
+                                  torch.tensor(counts, device=device))
+    offsets = torch.tensor([0] + counts[:-1], device=device).cumsum(0)
+    position = (torch.arange(total, device=device) - offsets[seq]
+                + torch.tensor(starts, device=device)[seq])
+    pages = block_table[seq, position // page_size].long()
+    return cache[pages, position % page_size]
+
+
+def gather_paged_kv(k_cache, v_cache, block_table, seq_lens):
+    """Gather every sequence's pages into packed K and V.
+
+    Parameters
+    ----------
+    k_cache : Tensor (num_pages, page_size, Hkv, D)
+    v_cache : Tensor (num_pages, page_size, Hkv, Dv)
+    block_table : Tensor (B, max_pages), int32
+    seq_lens : Tensor (B,), int32
+
+    Returns
+    -------
+    k : Tensor (total_k, Hkv, D)
+    v : Tensor (total_k, Hkv, Dv)
+    cu_seqlens_k : Tensor (B + 1,), int32, on k's device
+
+    Examples
+    --------
+    >>> import torch
+    >>> cache = torch.arange(4 * 2 * 1 * 2.0).reshape(4, 2, 1, 2)   # 4 pages of 2 tokens
+    >>> table = torch.tensor([[3, 0], [1, -1]], dtype=torch.int32)
+    >>> k, v, cu = gather_paged_kv(cache, cache, table, torch.tensor([3, 1]))
+    >>> k[:, 0, 0].tolist(), cu.tolist()
+    ([12.0, 14.0, 0.0, 4.0], [0, 3, 4])
+    """
+    q_probe = k_cache.new_empty(0, k_cache.shape[2], k_cache.shape[3])
+    batch = block_table.shape[0] if isinstance(block_table, torch.Tensor) else 0
+    cu_q = torch.zeros(batch + 1, dtype=torch.int32)
+    _, lengths = validate_paged(q_probe, k_cache, v_cache, block_table, seq_lens, cu_q, 0,
+                                causal=False)
+    zeros = [0] * len(lengths)
+    k = gather_tokens(k_cache, block_table, zeros, lengths)
+    v = gather_tokens(v_cache, block_table, zeros, lengths)
+    cu = torch.tensor([0] + lengths, device=k_cache.device).cumsum(0).to(torch.int32)
+    return k, v, cu
+
+
+def _key_ranges(ranges_q, lengths):
+    starts = [0]
+    for n in lengths:
+        starts.append(starts[-1] + n)
+    return [(q0, q1, starts[i], starts[i + 1]) for i, (q0, q1) in enumerate(ranges_q)]
+
+
+# --------------------------------------------------------------------------
+# Chunked prefill: pooled key tiles kept between chunks.
+# --------------------------------------------------------------------------
+
+class PooledKeyCache:
+    """The pooled key tiles of one sequence's completed tiles, kept across prefill chunks.
+
+    Selection for a chunk needs the mean of every key tile of the sequence so
+    far (contract §3). Tiles that are complete (``block_size`` tokens) never
+    change while the sequence only grows, so their means are stored here once:
+    ``tile_means`` is (Hkv, n_complete, D), float32, tile ``t`` the mean of
+    tokens ``t*bs .. t*bs + bs - 1``. For a new chunk only the tokens from
+    ``num_tokens`` on are pooled: the partial last tile of the previous call
+    (re-pooled from its fewer than ``bs`` cached tokens, so a tile completed by
+    the next chunk is averaged over exactly its own tokens) and the chunk's
+    tiles. The calibration energies of the key tiles (contract §5) are then
+    summed over the stored and new means, once per call, at the cost of one
+    row of band logits; keeping running energy sums instead would change the
+    fp32 summation order with every chunk size.
+
+    With this, a chunk's selection equals the one-shot selection with
+    ``Nq = chunk`` and ``Nk = prefix + chunk``, entry for entry. The query
+    side of calibration sees only the chunk's queries, which is what that
+    one-shot call does too.
+
+    The cache is valid while the tokens it pooled stay in place: an engine
+    that evicts, truncates or rewrites a sequence's KV must :meth:`reset` it.
+    Memory: ``4 * Hkv * D`` bytes per complete tile (4 MiB for 128K tokens at
+    Hkv = 8, D = 128, bs = 128, against 512 MiB of bf16 K and V).
+
+    Parameters
+    ----------
+    block_size : int
+        Must equal the ``block_size`` of the calls that use the cache.
+    """
+
+    def __init__(self, block_size: int = 128):
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+        self.block_size = block_size
+        self.tile_means: torch.Tensor | None = None
+
+    @property
+    def num_tiles(self) -> int:
+        """Complete tiles stored."""
+        return 0 if self.tile_means is None else self.tile_means.shape[1]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens covered by the stored tiles (``num_tiles * block_size``)."""
+        return self.num_tiles * self.block_size
+
+    def reset(self) -> None:
+        """Forget every stored tile (after the sequence's KV changed)."""
+        self.tile_means = None
+
+    def __repr__(self) -> str:
+        return (f"PooledKeyCache(block_size={self.block_size}, num_tiles={self.num_tiles})")
+
+    def check(self, index: int, num_keys: int, k_cache: torch.Tensor, cfg: PrismConfig) -> None:
+        name = f"pooled_keys[{index}]"
+        if self.block_size != cfg.block_size:
+            raise ValueError(f"{name} was built for block_size {self.block_size}, but the call "
+                             f"uses {cfg.block_size}; use one cache per block size")
+        if self.num_tokens > num_keys:
+            raise ValueError(
+                f"{name} holds {self.num_tokens} pooled tokens but sequence {index} now has "
+                f"{num_keys} (seq_lens); the sequence shrank or the cache belongs to another "
+                "one: call reset() after evicting or rewriting its KV"
+            )
+        if self.tile_means is not None:
+            hkv, d = k_cache.shape[2], k_cache.shape[3]
+            if (self.tile_means.shape[0], self.tile_means.shape[2]) != (hkv, d):
+                raise ValueError(f"{name} holds {self.tile_means.shape[0]} heads of dim "
+                                 f"{self.tile_means.shape[2]}, the cache has {hkv} of dim {d}")
+            if self.tile_means.device != k_cache.device:
+                raise ValueError(f"{name} is on {self.tile_means.device}, k_cache on "
+                                 f"{k_cache.device}")
+
+    def pooled(self, k_tail: torch.Tensor, num_keys: int) -> torch.Tensor:
+        """All key tile means (1, Hkv, n_key_tiles, D) given the keys from ``num_tokens`` on.
+
+        Stores the tiles that are complete at ``num_keys`` tokens.
+        """
+        bs = self.block_size
+        new = pool_tiles(k_tail, self.num_tokens, bs)
+        if self.tile_means is not None:
+            new = torch.cat([self.tile_means[None], new], dim=2)
+        self.tile_means = new[0, :, : num_keys // bs].contiguous()
+        return new
+
+
+def select_from_pooled(q, k_pooled, num_keys: int, cfg: PrismConfig,
+                       causal: bool) -> torch.Tensor:
+    """Prism's mask (contract §3-6) from the queries and already pooled key tiles.
+
+    The stages after key pooling, composed as in
+    :func:`prism.reference.trace_selection`: pool the queries, band dims,
+    calibration, band probabilities, top-p, union and forced tiles.
+    """
+    b, hq, nq, d = q.shape
+    device = q.device
+    layout = tile_layout(nq, num_keys, cfg.block_size, causal)
+    q_pooled = pool_tiles(q, layout.query_start, cfg.block_size)
+    high_dims, low_dims = band_dims(d, cfg.high_dim, cfg.low_dim, cfg.rope_layout, device)
+    if cfg.calibrate:
+        high_tau = band_temperature(q_pooled, k_pooled, high_dims, cfg.eps)
+        low_tau = band_temperature(q_pooled, k_pooled, low_dims, cfg.eps)
+    else:
+        high_tau = torch.full((b, hq), cfg.high_temperature, dtype=torch.float32, device=device)
+        low_tau = torch.full((b, hq), cfg.low_temperature, dtype=torch.float32, device=device)
+    admissible = admissible_tiles(layout, causal, device)
+    keep = forced_tiles(layout, causal, cfg.force_sink, cfg.force_diagonal, device)
+    for dims, tau, threshold in ((high_dims, high_tau, cfg.high_threshold),
+                                 (low_dims, low_tau, cfg.low_threshold)):
+        probs = band_probabilities(band_logits(q_pooled, k_pooled, dims, tau), admissible)
+        keep = keep | top_p_select(probs, admissible, threshold)[0]
+    return keep & admissible
+
+
+def _check_pooled_keys(pooled_keys, batch: int, cfg: PrismConfig) -> list:
+    if not isinstance(pooled_keys, (list, tuple)) or len(pooled_keys) != batch:
+        raise TypeError(
+            f"pooled_keys must be a list of {batch} PooledKeyCache (or None) entries, one per "
+            f"sequence, got {type(pooled_keys).__name__}"
+            + (f" of length {len(pooled_keys)}" if isinstance(pooled_keys, (list, tuple)) else "")
+        )
+    for i, cache in enumerate(pooled_keys):
+        if cache is not None and not isinstance(cache, PooledKeyCache):
+            raise TypeError(f"pooled_keys[{i}] must be a PooledKeyCache or None, got "
+                            f"{type(cache).__name__}")
+    if cfg.estimator != "prism" and any(c is not None for c in pooled_keys):
+        raise ValueError(
+            f"pooled_keys work with estimator='prism' only (the {cfg.estimator!r} estimator "
+            "reads raw keys, not pooled tiles); pass pooled_keys=None"
+        )
+    return list(pooled_keys)
+
+
+def _prepare_caches(pooled_keys, lengths: list[int], k_cache, cfg: PrismConfig) -> list:
+    """Validated caches, one entry per sequence (None where none is given)."""
+    if pooled_keys is None:
+        return [None] * len(lengths)
+    caches = _check_pooled_keys(pooled_keys, len(lengths), cfg)
+    for i, cache in enumerate(caches):
+        if cache is not None:
+            cache.check(i, lengths[i], k_cache, cfg)
+    return caches
+
+
+def _select_all(impl, q, k, ranges, skips, lengths, caches, cfg, causal) -> list:
+    """One mask per sequence: from its :class:`PooledKeyCache` where given, else ``impl``.
+
+    ``ranges[i] = (q0, q1, k0, k1)`` are rows of the packed ``q`` and ``k``;
+    rows ``k0 + skips[i]`` to ``k1`` hold sequence ``i``'s tokens from
+    ``caches[i].num_tokens`` on. Every input is checked before any cache grows.
+    """
+    for i, ((q0, q1, k0, k1), cache) in enumerate(zip(ranges, caches, strict=True)):
+        if cache is not None:
+            check_finite("q", as_heads(q, q0, q1))
+            check_finite("k_cache", as_heads(k, k0 + skips[i], k1))
+    masks = []
+    for i, ((q0, q1, k0, k1), cache) in enumerate(zip(ranges, caches, strict=True)):
+        if cache is None:
+            masks.extend(run_select(impl, q, k, [(q0, q1, k0, k1)], cfg, causal, [i]))
+            continue
+        k_pooled = cache.pooled(as_heads(k, k0 + skips[i], k1), lengths[i])
+        masks.append(select_from_pooled(as_heads(q, q0, q1), k_pooled, lengths[i], cfg, causal))
+    return masks
+
+
+def run_paged_select(impl, q, k_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q,
+                     config, causal, pooled_keys, overrides) -> list:
+    """Selection over a paged cache; reads only the keys the caches do not cover."""
+    cfg = resolve_config(config, **overrides)
+    ranges_q, lengths = validate_paged(q, k_cache, None, block_table, seq_lens, cu_seqlens_q,
+                                       max_seqlen_q, causal=causal)
+    caches = _prepare_caches(pooled_keys, lengths, k_cache, cfg)
+    starts = [0 if c is None else c.num_tokens for c in caches]
+    k = gather_tokens(k_cache, block_table, starts, lengths)
+    ranges = _key_ranges(ranges_q, [n - s for n, s in zip(lengths, starts, strict=True)])
+    return _select_all(impl, q, k, ranges, [0] * len(lengths), lengths, caches, cfg, causal)
+
+
+def run_paged_prism(impl, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
+                    max_seqlen_q, config, *, causal, scale, return_lse, return_mask,
+                    pooled_keys, overrides):
+    """Selection and attention over a paged cache (K and V gathered once)."""
+    cfg = resolve_config(config, **overrides)
+    ranges_q, lengths = validate_paged(q, k_cache, v_cache, block_table, seq_lens,
+                                       cu_seqlens_q, max_seqlen_q, causal=causal)
+    validate_scale(scale)
+    caches = _prepare_caches(pooled_keys, lengths, k_cache, cfg)
+    zeros = [0] * len(lengths)
+    k = gather_tokens(k_cache, block_table, zeros, lengths)
+    v = gather_tokens(v_cache, block_table, zeros, lengths)
+    ranges = _key_ranges(ranges_q, lengths)
+    if pooled_keys is None:
+        return run_prism(impl, q, k, v, ranges, cfg, causal=causal, scale=scale,
+                         return_lse=return_lse, return_mask=return_mask)
+    skips = [0 if c is None else c.num_tokens for c in caches]
+    masks = _select_all(impl, q, k, ranges, skips, lengths, caches, cfg, causal)
+    result = run_attention(impl, q, k, v, ranges, masks, block_size=cfg.block_size,
+                           causal=causal, scale=scale, return_lse=return_lse)
+    if not return_mask:
+        return result
+    return (*result, masks) if return_lse else (result, masks)
+
+
+# --------------------------------------------------------------------------
+# Public functions (the reference implementation).
+# --------------------------------------------------------------------------
+
+def select_blocks_paged(q, k_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q: int,
+                        config: PrismConfig | None = None, *, causal: bool = True,
+                        pooled_keys=None, **overrides) -> list:
+    """Prism's tile selection for packed queries over a paged key cache.
+
+    Parameters
+    ----------
+    q : Tensor (total_q, Hq, D)
+        Packed queries, after RoPE at their absolute positions.
+    k_cache : Tensor (num_pages, page_size, Hkv, D)
+    block_table : Tensor (B, max_pages), int32, on k_cache's device
+    seq_lens : Tensor (B,), int32
+        Tokens in each sequence's cache, the queries' own chunk included.
+    cu_seqlens_q : Tensor (B + 1,), int32
+    max_seqlen_q : int
+    config : PrismConfig, optional
+    causal : bool
+    pooled_keys : list of B :class:`PooledKeyCache` or None, optional
+        Per sequence, the pooled tiles kept from earlier chunks; given caches
+        are read and extended in place (chunked prefill).
+    **overrides
+        Any :class:`PrismConfig` field.
+
+    Returns
+    -------
+    list of B bool tensors (1, Hq, n_query_tiles_i, n_key_tiles_i)
+    """
+    return run_paged_select(_select, q, k_cache, block_table, seq_lens, cu_seqlens_q,
+                            max_seqlen_q, config, causal, pooled_keys, overrides)
+
+
+def prism_attention_paged(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
+                          max_seqlen_q: int, config: PrismConfig | None = None, *,
+                          causal: bool = True, scale: float | None = None,
+                          return_lse: bool = False, return_mask: bool = False,
+                          pooled_keys=None, **overrides):
+    """Prism end to end for packed queries over a paged KV cache.
+
+    Parameters
+    ----------
+    q, k_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, config, causal, pooled_keys
+        As in :func:`select_blocks_paged`.
+    v_cache : Tensor (num_pages, page_size, Hkv, Dv)
+    scale, return_lse, return_mask
+        As in :func:`prism.reference.prism_attention_varlen`.
+
+    Returns
+    -------
+    o (total_q, Hq, Dv), or a tuple with lse (Hq, total_q) and/or the list of masks.
+    """
+    return run_paged_prism(_attention, q, k_cache, v_cache, block_table, seq_lens,
+                           cu_seqlens_q, max_seqlen_q, config, causal=causal, scale=scale,
+                           return_lse=return_lse, return_mask=return_mask,
+                           pooled_keys=pooled_keys, overrides=overrides)
