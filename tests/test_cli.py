@@ -432,12 +432,3 @@ def test_bible_text_and_module_entry_point():
     for option in ("--tokens", "--model", "--text", "--block-size", "--threshold", "--device",
                    "--out", "--task"):
         assert option in result.stdout
-
-
-
-def test_docstring_examples():
-    import doctest
-
-    import prism.evaluation.baselines as baselines
-
-    assert doctest.testmod(baselines, optionflags=doctest.ELLIPSIS).failed == 0

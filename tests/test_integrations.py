@@ -635,13 +635,3 @@ def test_smollm2_integration_equals_reference_semantics(smollm2):
     full_nll, _ = sequence_nll(model, ids)
     assert full_nll == pytest.approx(nll_of(manual_logits(model, ids, dense_attend)), rel=1e-5)
     assert abs(full_nll - expected_nll) > 1e-3 * count  # sparse attention did change the model
-
-
-@pytest.mark.parametrize("module", ["prism.integrations.flex", "prism.integrations.masked_sdpa",
-                                    "prism.integrations.transformers"])
-def test_docstring_examples(module):
-    import doctest
-    import importlib
-
-    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0

@@ -7,10 +7,7 @@ the code under test.
 
 from __future__ import annotations
 
-import doctest
-import importlib
 import math
-import pkgutil
 
 import numpy as np
 import pytest
@@ -18,7 +15,6 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-import prism.theory
 from prism.theory import (
     attention_recall,
     band_energy_check,
@@ -368,14 +364,3 @@ def test_command_line_prints_tables_and_writes_figures(tmp_path, capsys):
     assert written == sorted(FIGURE_NAMES)
     assert all((tmp_path / "figs" / name).stat().st_size > 10_000 for name in written)
     assert (tmp_path / "n.json").stat().st_size > 1000
-
-
-@pytest.mark.parametrize(
-    "name",
-    [f"prism.theory.{m.name}" for m in pkgutil.iter_modules(prism.theory.__path__)
-     if m.name != "__main__"],
-)
-def test_docstring_examples(name):
-    module = importlib.import_module(name)
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.failed == 0
