@@ -1,4 +1,4 @@
-"""SPEC 7: block-sparse attention on a tile mask, and Prism end to end."""
+"""Contract §7: block-sparse attention on a tile mask, and Prism end to end."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def token_mask(block_mask: torch.Tensor, layout, rows: torch.Tensor, causal: boo
 
 def block_sparse_attention(q, k, v, block_mask, *, block_size: int = 128, causal: bool = True,
                            scale: float | None = None, return_lse: bool = False):
-    """Attention restricted to the selected tiles (SPEC 7).
+    """Attention restricted to the selected tiles (contract §7).
 
     Parameters
     ----------
@@ -68,6 +68,13 @@ def block_sparse_attention(q, k, v, block_mask, *, block_size: int = 128, causal
     o : Tensor (B, Hq, Nq, Dv), dtype of ``q``
     lse : Tensor (B, Hq, Nq), float32, only if ``return_lse``
         Rows with no key to read give ``o = 0`` and ``lse = -inf``.
+
+    Notes
+    -----
+    Scores and softmax run in fp32 with the row maximum subtracted, so the
+    result is as exact as fp32 scores allow at any finite magnitude (contract
+    §7). Memory is one (rows x Nk) fp32 score block per chunk of query rows,
+    whatever ``block_size``. Meta tensors give shape-only results.
     """
     validate_qkv(q, k, v, causal=causal)
     validate_block_size(block_size)
@@ -81,7 +88,8 @@ def block_sparse_attention(q, k, v, block_mask, *, block_size: int = 128, causal
 
     out = torch.zeros(b, hq, nq, dv, dtype=torch.float32, device=q.device)
     lse = torch.full((b, hq, nq), float("-inf"), dtype=torch.float32, device=q.device)
-    if nq == 0 or nk == 0:
+    if nq == 0 or nk == 0 or q.device.type == "meta":
+        # Meta tensors carry shapes only: return shape-only results.
         return (out.to(q.dtype), lse) if return_lse else out.to(q.dtype)
 
     # Grouped views: the G query heads of a KV head share one K/V without copies.
@@ -95,12 +103,21 @@ def block_sparse_attention(q, k, v, block_mask, *, block_size: int = 128, causal
         scores = scores.reshape(b, hq, rows.numel(), nk)
         allowed = token_mask(block_mask, layout, rows, causal)
         scores = scores.masked_fill(~allowed, float("-inf"))
-        row_lse = torch.logsumexp(scores, dim=-1)  # -inf where nothing is allowed
-        safe_lse = torch.where(torch.isfinite(row_lse), row_lse, torch.zeros_like(row_lse))
-        probs = torch.exp(scores - safe_lse[..., None])  # exp(-inf) = 0 for masked keys
-        probs = probs.reshape(b, hkv, group, rows.numel(), nk)
-        out[:, :, rows] = torch.matmul(probs, vf).reshape(b, hq, rows.numel(), dv)
-        lse[:, :, rows] = row_lse
+        # Softmax weights relative to the row maximum: the largest weight is
+        # exactly 1 and the row sum lies in [1, Nk], so normalising never
+        # depends on an fp32 log-sum-exp, whose rounding at large logits
+        # (|s| ~ 1e6) would make the weights sum to anything but 1.
+        row_max = scores.amax(dim=-1)  # -inf where nothing is allowed
+        safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        weights = torch.exp(scores - safe_max[..., None])  # exp(-inf) = 0 for masked keys
+        total = weights.sum(dim=-1)  # 0 exactly where nothing is allowed
+        weighted = torch.matmul(weights.reshape(b, hkv, group, rows.numel(), nk), vf)
+        weighted = weighted.reshape(b, hq, rows.numel(), dv)
+        nonempty = total > 0
+        out[:, :, rows] = torch.where(nonempty[..., None],
+                                      weighted / torch.where(nonempty, total, 1.0)[..., None],
+                                      torch.zeros_like(weighted))
+        lse[:, :, rows] = safe_max + torch.log(total)  # log 0 = -inf for empty rows
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 

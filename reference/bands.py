@@ -1,4 +1,4 @@
-"""SPEC 4: which head dims make up the high- and low-frequency bands."""
+"""Contract §4: which head dims make up the high- and low-frequency bands."""
 
 from __future__ import annotations
 

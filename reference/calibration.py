@@ -1,4 +1,4 @@
-"""SPEC 5: per-band energy calibration of the pooled scores.
+"""Contract §5: per-band energy calibration of the pooled scores.
 
 Pooling shrinks a RoPE pair by its gain (see :mod:`prism.theory`), so the high
 band of pooled vectors carries far less energy than the low band, and a shared

@@ -1,7 +1,7 @@
 """Rotary position embeddings (RoPE), to build test and tutorial inputs.
 
 Prism itself never applies RoPE: its inputs arrive already rotated. These
-helpers make such inputs for any base and either pair layout (SPEC 4).
+helpers make such inputs for any base and either pair layout (contract §4).
 """
 
 from __future__ import annotations

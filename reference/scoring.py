@@ -1,4 +1,4 @@
-"""SPEC 6, first half: band logits, the admissible set, and band probabilities."""
+"""Contract §6, first half: band logits, the admissible set, and band probabilities."""
 
 from __future__ import annotations
 

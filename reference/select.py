@@ -1,4 +1,4 @@
-"""Prism block selection: the stages of SPEC 3 to 6 put together.
+"""Prism block selection: the stages of contract §3 to §6 put together.
 
 ``trace_selection`` runs every stage and keeps every intermediate (tutorials
 and tie analysis read them); ``select_blocks`` returns only the mask.
@@ -13,7 +13,7 @@ import torch
 from .bands import band_dims
 from .calibration import band_temperature
 from .config import TIE_MARGIN, PrismConfig, resolve_config
-from .estimators import estimator_mask
+from .registry import estimator_spec, estimator_tiles
 from .scoring import admissible_tiles, band_logits, band_probabilities
 from .tiles import TileLayout, pool_tiles, tile_layout
 from .topp import top_p_select
@@ -79,10 +79,10 @@ def trace_selection(q, k, config: PrismConfig | None = None, *, causal: bool = T
     have no band stages to trace and raise ``ValueError``.
     """
     cfg = resolve_config(config, **overrides)
-    if cfg.estimator not in ("prism", "prism_vertical_slash"):
+    if not estimator_spec(cfg.estimator).prism_bands:
         raise ValueError(
             f"trace_selection traces Prism's band stages, but estimator={cfg.estimator!r}; "
-            "call select_blocks, or prism.reference.estimators.estimator_mask, instead"
+            "call select_blocks, or prism.reference.select.estimator_mask, instead"
         )
     validate_qk(q, k, causal=causal)
     b, hq, nq, d = q.shape
@@ -90,14 +90,14 @@ def trace_selection(q, k, config: PrismConfig | None = None, *, causal: bool = T
     device = q.device
     layout = tile_layout(nq, nk, cfg.block_size, causal)
 
-    # Stage 1 (SPEC 3): mean-pool the valid tokens of every tile, in fp32.
+    # Stage 1 (contract §3): mean-pool the valid tokens of every tile, in fp32.
     q_pooled = pool_tiles(q, layout.query_start, cfg.block_size)
     k_pooled = pool_tiles(k, 0, cfg.block_size)
 
-    # Stage 2 (SPEC 4): the two RoPE bands.
+    # Stage 2 (contract §4): the two RoPE bands.
     high_dims, low_dims = band_dims(d, cfg.high_dim, cfg.low_dim, cfg.rope_layout, device)
 
-    # Stage 3 (SPEC 5): one temperature per band and (batch, query head).
+    # Stage 3 (contract §5): one temperature per band and (batch, query head).
     if cfg.calibrate:
         high_tau = band_temperature(q_pooled, k_pooled, high_dims, cfg.eps)
         low_tau = band_temperature(q_pooled, k_pooled, low_dims, cfg.eps)
@@ -105,7 +105,7 @@ def trace_selection(q, k, config: PrismConfig | None = None, *, causal: bool = T
         high_tau = torch.full((b, hq), cfg.high_temperature, dtype=torch.float32, device=device)
         low_tau = torch.full((b, hq), cfg.low_temperature, dtype=torch.float32, device=device)
 
-    # Stage 4 (SPEC 6): per-band softmax over admissible tiles, then top-p.
+    # Stage 4 (contract §6): per-band softmax over admissible tiles, then top-p.
     admissible = admissible_tiles(layout, causal, device)
     high_probs = band_probabilities(band_logits(q_pooled, k_pooled, high_dims, high_tau),
                                     admissible)
@@ -116,8 +116,10 @@ def trace_selection(q, k, config: PrismConfig | None = None, *, causal: bool = T
 
     # Stage 5: union of the bands, plus the forced sink and diagonal tiles.
     forced = forced_tiles(layout, causal, cfg.force_sink, cfg.force_diagonal, device)
-    if cfg.estimator == "prism_vertical_slash":
-        forced = forced | estimator_mask(q, k, cfg, causal)
+    if estimator_spec(cfg.estimator).tiles is not None:
+        # Tiles an estimator joins to Prism's bands count as forced (registry).
+        forced = forced | estimator_tiles(q, k, cfg, layout, causal,
+                                          {"prism_trace": trace_selection})
     mask = (high_keep | low_keep | forced) & admissible
     return SelectionTrace(
         config=cfg, causal=causal, layout=layout, high_dims=high_dims, low_dims=low_dims,
@@ -130,7 +132,7 @@ def trace_selection(q, k, config: PrismConfig | None = None, *, causal: bool = T
 
 def select_blocks(q, k, config: PrismConfig | None = None, *, causal: bool = True,
                   **overrides) -> torch.Tensor:
-    """Choose the (query tile, key tile) pairs to compute (SPEC 3 to 6).
+    """Choose the (query tile, key tile) pairs to compute (contract §3 to §6).
 
     Parameters
     ----------
@@ -154,7 +156,7 @@ def select_blocks(q, k, config: PrismConfig | None = None, *, causal: bool = Tru
     Raises
     ------
     ValueError, TypeError
-        On any SPEC 8 bad input, before computing anything.
+        On any bad input of contract §8, before computing anything.
 
     Examples
     --------
@@ -172,22 +174,50 @@ def select_blocks(q, k, config: PrismConfig | None = None, *, causal: bool = Tru
     are scored; the admissible set and forced tiles are the same.
     """
     cfg = resolve_config(config, **overrides)
-    if cfg.estimator in ("antidiagonal", "vertical_slash", "subtile",
-                         "antidiagonal_vertical_slash"):
+    if not estimator_spec(cfg.estimator).prism_bands:
         validate_qk(q, k, causal=causal)
         return estimator_mask(q, k, cfg, causal)
     return trace_selection(q, k, cfg, causal=causal).mask
 
 
+def estimator_mask(q, k, cfg: PrismConfig, causal: bool = True, *, stages=None) -> torch.Tensor:
+    """Selection by an estimator without Prism's bands, on validated inputs.
+
+    The tiles of ``cfg.estimator`` (:func:`prism.reference.registry.estimator_tiles`)
+    united with the forced tiles, within the admissible ones. ``stages``
+    overrides scoring stages by name (:mod:`prism.optimized` passes its
+    kernels); Prism's trace is this module's :func:`trace_selection`.
+
+    Returns
+    -------
+    Tensor (B, Hq, nq, nk), bool
+    """
+    layout = tile_layout(q.shape[2], k.shape[2], cfg.block_size, causal)
+    device = q.device
+    tiles = estimator_tiles(q, k, cfg, layout, causal,
+                            {"prism_trace": trace_selection, **(stages or {})})
+    forced = forced_tiles(layout, causal, cfg.force_sink, cfg.force_diagonal, device)
+    return (tiles | forced) & admissible_tiles(layout, causal, device)
+
+
 def boundary_ties(q, k, config: PrismConfig | None = None, *, causal: bool = True,
                   margin: float = TIE_MARGIN, **overrides) -> torch.Tensor:
-    """Mask entries on which two correct implementations may disagree (SPEC 6).
+    """Mask entries on which two correct implementations may disagree (contract §6).
 
     An entry is a boundary tie when it is admissible and not forced, no band
-    keeps it by more than ``margin``, and in at least one band the mass ranked
-    before it lies within ``margin`` of that band's threshold, or its
-    probability equals that of such an entry to within 1e-6 relative (the two
-    may swap ranks under another fp32 summation order).
+    keeps it robustly, and in at least one band
+
+    * the mass ranked before it lies within ``margin`` of the band's threshold,
+      or its probability equals such an entry's to within 1e-6 relative; or
+    * it is kept and its probability is within 1e-6 relative of the first
+      dropped entry's, or it is dropped and its probability is within 1e-6
+      relative of the last kept entry's (another summation order may swap
+      the two, wherever the cut falls in the mass).
+
+    Exact ties are not boundary ties: when every entry that the second rule
+    flags in a row and band has the same pooled band key vector as the last
+    kept one (identical key tiles), the probabilities are equal in every
+    implementation and the index decides.
 
     Returns
     -------
@@ -197,32 +227,83 @@ def boundary_ties(q, k, config: PrismConfig | None = None, *, causal: bool = Tru
     return ties_from_trace(trace, margin)
 
 
+#: Probabilities below the smallest normal fp32 number may flush to zero on
+#: some hardware, so with ``p = 1`` such a tile may be kept or not.
+_SMALLEST_NORMAL = torch.finfo(torch.float32).tiny
+
+
+def _same_vector_groups(vectors: torch.Tensor) -> torch.Tensor:
+    """Group id of every row of ``vectors`` (..., n, d): equal ids iff bitwise equal rows."""
+    lead = vectors.shape[:-1]
+    flat = vectors.reshape(-1, vectors.shape[-1])
+    if flat.shape[0] == 0:
+        return torch.zeros(lead, dtype=torch.int64, device=vectors.device)
+    # Prefix each row with its (batch, head) position so groups never span heads.
+    owner = torch.arange(flat.shape[0] // max(1, lead[-1]), device=vectors.device,
+                         dtype=torch.float64).repeat_interleave(lead[-1])
+    keyed = torch.cat([owner[:, None], flat.double()], dim=1)
+    _, ids = torch.unique(keyed, dim=0, return_inverse=True)
+    return ids.reshape(lead)
+
+
+def _band_ties(probs, mass, threshold, admissible, key_groups, margin, relative):
+    """Entries of one band that another implementation may keep or drop, and the kept ones."""
+    positive = probs > 0
+    if threshold >= 1.0:
+        keep = positive & admissible
+    else:
+        keep = (mass < threshold) & positive & admissible
+    dropped = admissible & positive & ~keep
+    # Rule 1: the mass ranked before the entry is within the margin of p,
+    # and the entries whose probability equals such an entry's.
+    near = ((mass - threshold).abs() <= margin) & admissible & positive
+    inf = torch.full_like(probs, float("inf"))
+    lowest = torch.where(near, probs, inf).amin(-1, keepdim=True)
+    highest = torch.where(near, probs, -inf).amax(-1, keepdim=True)
+    flagged = near | (admissible & positive & (probs >= lowest * (1 - relative))
+                      & (probs <= highest * (1 + relative)))
+    # Rule 2: a kept entry near the first dropped one, or a dropped entry near
+    # the last kept one, may swap with it under another summation order.
+    last_kept = torch.where(keep, probs, inf).amin(-1, keepdim=True)
+    first_dropped = torch.where(dropped, probs, -inf).amax(-1, keepdim=True)
+    swap = ((keep & (probs <= first_dropped * (1 + relative)))
+            | (dropped & (probs >= last_kept * (1 - relative))))
+    # ... unless they are all copies of the last kept key tile: an exact tie,
+    # which the index decides in every implementation.
+    last_kept_index = torch.where(keep & (probs == last_kept), torch.arange(
+        probs.shape[-1], device=probs.device), -1).amax(-1, keepdim=True).clamp(min=0)
+    groups = key_groups.expand_as(probs)
+    same = groups == torch.gather(groups, -1, last_kept_index)
+    exact = (swap & ~same).sum(-1, keepdim=True) == 0
+    flagged = flagged | (swap & ~exact)
+    if threshold >= 1.0:
+        flagged = flagged | (admissible & positive & (probs < _SMALLEST_NORMAL))
+    return flagged, keep
+
+
 def ties_from_trace(trace: SelectionTrace, margin: float = TIE_MARGIN,
                     relative: float = 1e-6) -> torch.Tensor:
     """:func:`boundary_ties` computed from an existing trace.
 
-    Besides the entries whose preceding mass lies within ``margin`` of the
-    threshold, an entry whose probability equals such an entry's to within
-    ``relative`` (relative difference) is a tie too: the two may rank in
-    either order once their probabilities are rounded in another summation
-    order, which moves the cut from one to the other.
+    ``margin`` is the absolute distance of the preceding mass from the
+    threshold (contract §6); ``relative`` the relative distance between two
+    probabilities under which they may swap ranks.
     """
     cfg = trace.config
-    robust = ((trace.high_mass_before < cfg.high_threshold - margin)
-              | (trace.low_mass_before < cfg.low_threshold - margin))
-    near_any = torch.zeros_like(trace.mask)
-    for probs, mass, threshold in ((trace.high_probs, trace.high_mass_before,
-                                    cfg.high_threshold),
-                                   (trace.low_probs, trace.low_mass_before,
-                                    cfg.low_threshold)):
-        near = ((mass - threshold).abs() <= margin) & trace.admissible
-        # Probabilities of this row's boundary entries, as a [low, high] range.
-        lowest = torch.where(near, probs, torch.full_like(probs, float("inf"))).amin(-1)
-        highest = torch.where(near, probs, torch.full_like(probs, float("-inf"))).amax(-1)
-        swappable = ((probs >= (lowest * (1 - relative))[..., None])
-                     & (probs <= (highest * (1 + relative))[..., None]))
-        near_any = near_any | near | swappable
-    return trace.admissible & ~trace.forced & ~robust & near_any
+    group = trace.q_pooled.shape[1] // max(1, trace.k_pooled.shape[1])
+    ties = torch.zeros_like(trace.mask)
+    robust = torch.zeros_like(trace.mask)
+    for probs, mass, threshold, dims in (
+            (trace.high_probs, trace.high_mass_before, cfg.high_threshold, trace.high_dims),
+            (trace.low_probs, trace.low_mass_before, cfg.low_threshold, trace.low_dims)):
+        # Key tiles with bitwise-equal band vectors, per (batch, query head).
+        key_groups = _same_vector_groups(trace.k_pooled[..., dims])
+        key_groups = key_groups.repeat_interleave(group, dim=1)[:, :, None, :]
+        flagged, keep = _band_ties(probs, mass, threshold, trace.admissible, key_groups,
+                                   margin, relative)
+        ties = ties | flagged
+        robust = robust | (keep & ~flagged)
+    return trace.admissible & ~trace.forced & ~robust & ties
 
 
 def mask_differences(actual: torch.Tensor, expected: torch.Tensor,

@@ -1,4 +1,4 @@
-"""SPEC 3: one absolute tile grid, and mean pooling over the valid tokens of a tile.
+"""Contract §3: one absolute tile grid, and mean pooling over the valid tokens of a tile.
 
 Causal inputs place query row ``r`` at absolute position ``Nk - Nq + r``
 (bottom-right alignment, as in chunked prefill after a KV prefix). Every
@@ -47,7 +47,7 @@ class TileLayout:
 
 
 def tile_layout(num_queries: int, num_keys: int, block_size: int, causal: bool) -> TileLayout:
-    """Lay the queries and keys on the absolute tile grid (SPEC 2 and 3).
+    """Lay the queries and keys on the absolute tile grid (contract §2 and §3).
 
     >>> tile_layout(num_queries=100, num_keys=300, block_size=128, causal=True)
     TileLayout(block_size=128, num_queries=100, num_keys=300, query_start=200, first_query_tile=1, num_query_tiles=2, num_key_tiles=3)
@@ -87,7 +87,7 @@ def tile_token_counts(start: int, length: int, block_size: int) -> torch.Tensor:
 
 
 def pool_tiles(x: torch.Tensor, start: int, block_size: int) -> torch.Tensor:
-    """Mean of each tile's valid tokens, accumulated and returned in fp32 (SPEC 3).
+    """Mean of each tile's valid tokens, accumulated and returned in fp32 (contract §3).
 
     Parameters
     ----------
@@ -108,9 +108,18 @@ def pool_tiles(x: torch.Tensor, start: int, block_size: int) -> torch.Tensor:
     counts = tile_token_counts(start, n, block_size).to(x.device)
     n_tiles = counts.numel()
     lead = start % block_size
-    # Lay the tokens into a zero-filled grid of whole tiles so one reshape sums
-    # each tile; the zeros add nothing and the division uses the true counts.
-    grid = torch.zeros(b, h, n_tiles * block_size, d, dtype=torch.float32, device=x.device)
-    grid[:, :, lead : lead + n] = x.float()
-    sums = grid.view(b, h, n_tiles, block_size, d).sum(dim=3)
+    if block_size > n:
+        # Tiles longer than the data (two tiles at most): sum each tile's rows
+        # directly, so memory follows the data, not block_size.
+        bounds = torch.cumsum(counts, 0).tolist()
+        pieces = [x[:, :, lo:hi].float().sum(dim=2) for lo, hi in zip([0] + bounds, bounds)]
+        sums = torch.stack(pieces, dim=2) if pieces else x.new_zeros(b, h, 0, d).float()
+    else:
+        # Lay the tokens into a zero-filled grid of whole tiles so one reshape
+        # sums each tile; the zeros add nothing and the division uses the true
+        # counts.
+        grid = torch.zeros(b, h, n_tiles * block_size, d, dtype=torch.float32,
+                           device=x.device)
+        grid[:, :, lead : lead + n] = x.float()
+        sums = grid.view(b, h, n_tiles, block_size, d).sum(dim=3)
     return sums / counts.view(1, 1, n_tiles, 1).to(torch.float32)

@@ -1,4 +1,4 @@
-"""SPEC 6, second half: top-p (cumulative probability) selection per row."""
+"""Contract §6, second half: top-p (cumulative probability) selection per row."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ def top_p_select(probs: torch.Tensor, admissible: torch.Tensor, threshold: float
     Order the admissible tiles of a row by probability, descending, breaking
     ties by the smaller tile index; keep a tile when the mass of the tiles
     ranked before it is ``< threshold``. The first tile is therefore always
-    kept. With ``threshold == 1`` the rule keeps exactly the tiles of non-zero
-    probability, which is what it means in exact arithmetic (fp32 rounding of
-    the running sum must not drop a tail tile).
+    kept. A tile of probability exactly 0 is never kept, whatever the
+    threshold, and with ``threshold == 1`` the rule keeps exactly the tiles of
+    non-zero probability, which is what it means in exact arithmetic: fp32
+    rounding of the running sum may neither drop a tail tile (a sum that
+    reached 1.0 early) nor keep a zero one (a sum that stopped at 0.99999988).
 
     Parameters
     ----------
@@ -30,15 +32,16 @@ def top_p_select(probs: torch.Tensor, admissible: torch.Tensor, threshold: float
         value from ``threshold`` tells a boundary tie from a real difference.
     """
     # A stable descending sort keeps equal probabilities in index order, which
-    # is the SPEC's tie-break.
+    # is the contract's tie-break (§6).
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
     # Mass before = inclusive running sum minus the entry itself. The first
     # entry gets exactly 0, and this is the rounding the paper's code uses.
     running = torch.cumsum(sorted_probs, dim=-1)
     mass_before_sorted = running - sorted_probs
-    keep_sorted = mass_before_sorted < threshold
     if threshold >= 1.0:
-        keep_sorted = keep_sorted | (sorted_probs > 0)
+        keep_sorted = sorted_probs > 0
+    else:
+        keep_sorted = (mass_before_sorted < threshold) & (sorted_probs > 0)
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
     mass_before = torch.zeros_like(mass_before_sorted).scatter(-1, order, mass_before_sorted)
     return keep & admissible, mass_before

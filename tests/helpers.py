@@ -1,8 +1,13 @@
 """Test helpers: input factories, an independent loop oracle, error measures.
 
-The oracle below is written from SPEC.md's text in plain Python/NumPy loops,
-in float64, without calling any stage of ``prism.reference``. Comparing the
-vectorised reference against it checks the reference, not a copy of itself.
+The oracle below is written from the contract's text (docs/semantics.rst) in
+plain Python/NumPy loops, in float64, without calling any stage of
+``prism.reference``. Comparing the vectorised reference against it checks the
+reference, not a copy of itself.
+
+The tolerance table lives here, once, for every test: ``TOLERANCES`` maps a
+dtype to ``(atol, rtol)`` and ``attention_tolerance`` gives the contract's
+logit-scaled bounds on ``o`` and ``lse`` (contract §10).
 """
 
 from __future__ import annotations
@@ -13,9 +18,31 @@ import numpy as np
 import torch
 
 from prism.reference import apply_rope
+from prism.reference.tolerances import RTOL, attention_errors, attention_tolerances
 
-# Relative tolerance by dtype (CONVENTIONS.md 7).
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+#: The one tolerance table of the tests: dtype -> (atol, rtol), for values of
+#: order one (contract §10). The numbers come from prism.reference.tolerances.
+TOLERANCES = {
+    torch.float32: (RTOL["float32"], RTOL["float32"]),
+    torch.float16: (RTOL["float16"], RTOL["float16"]),
+    torch.bfloat16: (RTOL["bfloat16"], RTOL["bfloat16"]),
+}
+#: The relative column of ``TOLERANCES``, for ``relative_error`` checks.
+TOLERANCE = {dtype: rtol for dtype, (_, rtol) in TOLERANCES.items()}
+
+
+def attention_tolerance(q, k, v, scale=None, **kwargs) -> dict[str, float]:
+    """Contract §10's absolute tolerances on ``o`` and ``lse`` for these inputs."""
+    return attention_tolerances(q, k, v, scale, **kwargs)
+
+
+def assert_attention_close(out, lse, expected_out, expected_lse, q, k, v, scale=None):
+    """Assert ``out``/``lse`` lie within contract §10's tolerances of the expectation."""
+    tol = attention_tolerance(q, k, v, scale)
+    err = attention_errors(out, lse, expected_out, expected_lse)
+    assert err["out"] <= tol["out"], f"out error {err['out']:.3g} > {tol['out']:.3g}"
+    if lse is not None:
+        assert err["lse"] <= tol["lse"], f"lse error {err['lse']:.3g} > {tol['lse']:.3g}"
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -49,7 +76,7 @@ def make_qkv(batch, q_heads, kv_heads, nq, nk, head_dim, *, base=10000.0, layout
 
 
 # --------------------------------------------------------------------------
-# Loop oracle for SPEC sections 3-6, float64.
+# Loop oracle for contract sections 3-6, float64.
 # --------------------------------------------------------------------------
 
 def _band_dims(head_dim, width, layout, high):
@@ -72,7 +99,7 @@ def oracle_select(q, k, *, block_size=128, high_dim=None, low_dim=None, high_thr
                   low_threshold=0.95, calibrate=True, high_temperature=1.0,
                   low_temperature=1.0, force_sink=True, force_diagonal=True,
                   rope_layout="half", eps=1e-6, causal=True):
-    """Prism's mask by SPEC.md, one row at a time. Returns a bool numpy array."""
+    """Prism's mask by the contract, one row at a time. Returns a bool numpy array."""
     q = q.double().numpy()
     k = k.double().numpy()
     b_size, hq, nq, d = q.shape
@@ -119,7 +146,7 @@ def oracle_select(q, k, *, block_size=128, high_dim=None, low_dim=None, high_thr
                     ranked = sorted(admissible, key=lambda j: (-probs[j], j))
                     mass = 0.0
                     for j in ranked:
-                        if mass < p or (p >= 1.0 and probs[j] > 0):
+                        if probs[j] > 0 and (mass < p or p >= 1.0):
                             chosen.add(j)
                         mass += probs[j]
                 if force_sink and n_key_tiles:
@@ -132,7 +159,7 @@ def oracle_select(q, k, *, block_size=128, high_dim=None, low_dim=None, high_thr
 
 
 def oracle_attention(q, k, v, block_mask, *, block_size, causal=True, scale=None):
-    """Token-level masked softmax by SPEC 7, row by row in float64.
+    """Token-level masked softmax by contract §7, row by row in float64.
 
     Returns (o, lse) as float64 tensors.
     """
