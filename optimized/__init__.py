@@ -12,7 +12,9 @@ Kernels, one module each:
   no probability tensor in global memory (SPEC 5, 6);
 * :mod:`~prism.optimized.indices` - a bool tile mask to compact indices;
 * :mod:`~prism.optimized.attention` - block-sparse flash attention forward
-  over the compact indices, GQA-native, causal with bottom-right alignment (SPEC 7).
+  over the compact indices, GQA-native, causal with bottom-right alignment (SPEC 7);
+* :mod:`~prism.optimized.varlen` - packed variable-length batches and paged KV
+  caches, a loop of the functions above over per-sequence views (docs/serving.rst).
 
 CPU tensors are refused with a message pointing at :mod:`prism.reference`,
 unless Triton runs in its interpreter (``TRITON_INTERPRET=1`` set before
@@ -22,6 +24,13 @@ unless Triton runs in its interpreter (``TRITON_INTERPRET=1`` set before
 from prism.reference.config import TIE_MARGIN, PrismConfig, resolve_config
 
 from .api import block_sparse_attention, mask_to_indices, prism_attention, select_blocks
+from .varlen import (
+    block_sparse_attention_varlen,
+    prism_attention_paged,
+    prism_attention_varlen,
+    select_blocks_paged,
+    select_blocks_varlen,
+)
 
 __all__ = [
     "PrismConfig",
@@ -31,4 +40,9 @@ __all__ = [
     "block_sparse_attention",
     "prism_attention",
     "mask_to_indices",
+    "select_blocks_varlen",
+    "block_sparse_attention_varlen",
+    "prism_attention_varlen",
+    "select_blocks_paged",
+    "prism_attention_paged",
 ]

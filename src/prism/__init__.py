@@ -51,6 +51,51 @@ def prism_attention(q, k, v, config=None, *, causal=True, scale=None, return_lse
                                 return_lse=return_lse, return_mask=return_mask, **overrides)
 
 
+
+def select_blocks_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         config=None, *, causal=True, **overrides):
+    """Dispatching :func:`prism.reference.select_blocks_varlen` (optimized on CUDA)."""
+    return _implementation(q, k).select_blocks_varlen(
+        q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, config, causal=causal,
+        **overrides)
+
+
+def block_sparse_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                  max_seqlen_k, block_masks, *, block_size=128, causal=True,
+                                  scale=None, return_lse=False):
+    """Dispatching :func:`prism.reference.block_sparse_attention_varlen` (optimized on CUDA)."""
+    return _implementation(q, k, v).block_sparse_attention_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_masks,
+        block_size=block_size, causal=causal, scale=scale, return_lse=return_lse)
+
+
+def prism_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           config=None, *, causal=True, scale=None, return_lse=False,
+                           return_mask=False, **overrides):
+    """Dispatching :func:`prism.reference.prism_attention_varlen` (optimized on CUDA)."""
+    return _implementation(q, k, v).prism_attention_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, config,
+        causal=causal, scale=scale, return_lse=return_lse, return_mask=return_mask,
+        **overrides)
+
+
+def select_blocks_paged(q, k_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q,
+                        config=None, *, causal=True, pooled_keys=None, **overrides):
+    """Dispatching :func:`prism.reference.select_blocks_paged` (optimized on CUDA)."""
+    return _implementation(q, k_cache).select_blocks_paged(
+        q, k_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, config, causal=causal,
+        pooled_keys=pooled_keys, **overrides)
+
+
+def prism_attention_paged(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
+                          max_seqlen_q, config=None, *, causal=True, scale=None,
+                          return_lse=False, return_mask=False, pooled_keys=None, **overrides):
+    """Dispatching :func:`prism.reference.prism_attention_paged` (optimized on CUDA)."""
+    return _implementation(q, k_cache, v_cache).prism_attention_paged(
+        q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, config,
+        causal=causal, scale=scale, return_lse=return_lse, return_mask=return_mask,
+        pooled_keys=pooled_keys, **overrides)
+
 __all__ = [
     "__version__",
     "PrismConfig",
@@ -61,5 +106,10 @@ __all__ = [
     "prism_attention",
     "mask_to_indices",
     "boundary_ties",
+    "select_blocks_varlen",
+    "block_sparse_attention_varlen",
+    "prism_attention_varlen",
+    "select_blocks_paged",
+    "prism_attention_paged",
     "reference",
 ]
