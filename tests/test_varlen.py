@@ -329,7 +329,7 @@ def chunked_run(chunks, *, impl=reference, block_size=16, page_size=16, hq=4, hk
         if cache is not None:
             assert cache.num_tiles == end // block_size
             full = reference.pool_tiles(k_i, 0, block_size)[0, :, : end // block_size]
-            assert torch.allclose(cache.tile_means, full, rtol=1e-6, atol=1e-7)
+            assert torch.allclose(cache.tile_means, full, rtol=1e-5, atol=1e-6)
         start = end
     return cache
 

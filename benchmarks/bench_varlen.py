@@ -1,0 +1,362 @@
+"""Prism on a packed variable-length batch against dense varlen attention (docs/serving.rst).
+
+A batch of 8 causal sequences of mixed lengths (64K, 24K, 16K, 8K, 8K, 4K, 3K,
+1K: 128K tokens), 32 query heads, 8 KV heads, head_dim 128, bf16, tile 128,
+as one layer of Llama-3.1-8B. Inputs are the structured RoPE'd queries and
+keys of ``bench_prism.py`` (a shared per-head direction), so that Prism's
+selection has the density of a real layer. Every time is a median of CUDA-event
+timed calls after warm-up; every ratio compares numbers of the same run.
+
+Measured:
+
+* dense baselines: SDPA per sequence (cuDNN and flash backends, K/V expanded
+  to 32 heads outside the timing), ``torch.nn.attention.varlen.varlen_attn``
+  when this torch has it, and compiled FlexAttention over the packed batch
+  with a document-causal block mask;
+* ``prism.optimized.prism_attention_varlen``, selection included, at a top-p
+  threshold whose tile density is <= 0.15 and at threshold 1.0 (density 1.0);
+* the packing overhead: the varlen call against the same per-sequence calls
+  on contiguous (1, H, N_i, D) tensors, and a packed batch of 8 x 16K against
+  ``prism_attention`` on the (8, H, 16K, D) batch holding the same tokens;
+* the paged path: the same batch in a cache of 64-token pages.
+
+Usage (on the GPU machine, from the repository root)::
+
+    python benchmarks/bench_varlen.py --out results.json --commit abc1234
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import inspect
+import json
+import time
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from prism import optimized
+from prism.reference import PrismConfig, admissible_tiles, apply_rope, tile_layout
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 128
+DTYPE = torch.bfloat16
+LENGTHS = (65536, 24576, 16384, 8192, 8192, 4096, 3072, 1024)
+
+
+def log(*parts):
+    print(*parts, flush=True)
+
+
+def bench(fn, min_samples=5):
+    """Median ms over at least ``min_samples`` timed calls after two warm-up calls."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    once = start.elapsed_time(end)
+    return float(do_bench(fn, warmup=max(10, 2 * once), rep=max(50, min_samples * once),
+                          return_mode="median"))
+
+
+def structured(n, seed, sharpness=0.75, base=500000.0):
+    """(n, H, D) packed q and (n, Hkv, D) k, v of one sequence, RoPE from position 0."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    topic = torch.randn(1, KV_HEADS, 1, HEAD_DIM, device="cuda", generator=gen)
+    k = torch.randn(1, KV_HEADS, n, HEAD_DIM, device="cuda", generator=gen) + 1.5 * topic
+    q = (torch.randn(1, HEADS, n, HEAD_DIM, device="cuda", generator=gen)
+         + 1.5 * topic.repeat_interleave(HEADS // KV_HEADS, dim=1)) * sharpness
+    v = torch.randn(1, KV_HEADS, n, HEAD_DIM, device="cuda", generator=gen)
+    q, k = apply_rope(q, base), apply_rope(k, base)
+    return tuple(t[0].transpose(0, 1).to(DTYPE).contiguous() for t in (q, k, v))
+
+
+def packed_batch(lengths, seed=0):
+    parts = [structured(n, seed + i) for i, n in enumerate(lengths)]
+    q, k, v = (torch.cat([p[j] for p in parts]) for j in range(3))
+    cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+    return q, k, v, cu
+
+
+def views(x, cu):
+    """Per-sequence contiguous (1, H, N_i, D) copies (the dense baselines' inputs)."""
+    return [x[a:b].transpose(0, 1).unsqueeze(0).contiguous()
+            for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)]
+
+
+def tile_density(masks, lengths):
+    """Selected / admissible (query tile, key tile) pairs over all sequences and heads."""
+    selected = sum(int(m.sum()) for m in masks)
+    admissible = sum(int(admissible_tiles(tile_layout(n, n, BLOCK, True), True).sum()) * HEADS
+                     for n in lengths if n)
+    return selected / admissible
+
+
+def pair_density(masks, lengths):
+    """Fraction of the causal (query, key) token pairs inside selected tiles (N % 128 == 0)."""
+    kept = total = 0.0
+    for m, n in zip(masks, lengths, strict=True):
+        diagonal = m.diagonal(dim1=-2, dim2=-1).sum()
+        kept += float((m.sum() - diagonal) * BLOCK * BLOCK + diagonal * BLOCK * (BLOCK + 1) / 2)
+        total += HEADS * n * (n + 1) / 2
+    return kept / total
+
+
+# --------------------------------------------------------------------------
+# Dense baselines.
+# --------------------------------------------------------------------------
+
+def sdpa_loop_times(qs, ks, vs):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    group = HEADS // KV_HEADS
+    kx = [k.repeat_interleave(group, dim=1) for k in ks]
+    vx = [v.repeat_interleave(group, dim=1) for v in vs]
+    times = {}
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("flash", SDPBackend.FLASH_ATTENTION)):
+        def run(backend=backend):
+            with sdpa_kernel([backend]):
+                for q, k, v in zip(qs, kx, vx, strict=True):
+                    sdpa(q, k, v, is_causal=True)
+        try:
+            times[name] = bench(run)
+        except RuntimeError as error:
+            times[name] = None
+            log(f"  SDPA {name} unavailable: {str(error)[:200]}")
+    return times
+
+
+def varlen_attn_time(q, k, v, cu, max_len):
+    """torch.nn.attention.varlen.varlen_attn (flash varlen), if this torch has it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError as error:
+        return None, f"not in torch {torch.__version__}: {error}"
+    params = inspect.signature(varlen_attn).parameters
+    cu_dev = cu.cuda()
+    kwargs = {}
+    if "is_causal" in params:
+        kwargs["is_causal"] = True
+    elif "window_size" in params:
+        kwargs["window_size"] = (-1, 0)
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = True
+        kx, vx = k, v
+    else:
+        kx = k.repeat_interleave(HEADS // KV_HEADS, dim=1)
+        vx = v.repeat_interleave(HEADS // KV_HEADS, dim=1)
+    try:
+        return bench(lambda: varlen_attn(q, kx, vx, cu_dev, cu_dev, max_len, max_len,
+                                         **kwargs)), str(list(params))
+    except Exception as error:  # an unsupported build or signature
+        return None, f"{type(error).__name__}: {str(error)[:300]}"
+
+
+def document_block_mask(lengths):
+    """Flex BlockMask: causal inside each document, tiles of 128 (lengths % 128 == 0)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    starts = torch.tensor([0, *lengths[:-1]]).cumsum(0) // BLOCK
+    tiles = torch.tensor(lengths) // BLOCK
+    doc_start = torch.repeat_interleave(starts, tiles).cuda()
+    nt = int(tiles.sum())
+    rows = torch.arange(nt, device="cuda")
+    cols = torch.arange(nt, device="cuda")
+    full_num = (rows - doc_start).to(torch.int32)
+    full_idx = (doc_start[:, None] + cols[None, :]).clamp(max=nt - 1).to(torch.int32)
+    part_num = torch.ones(nt, dtype=torch.int32, device="cuda")
+    part_idx = torch.zeros(nt, nt, dtype=torch.int32, device="cuda")
+    part_idx[:, 0] = rows.to(torch.int32)
+    document = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).cuda()
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (document[q_idx] == document[kv_idx]) & (q_idx >= kv_idx)
+
+    n = int(sum(lengths))
+    return BlockMask.from_kv_blocks(part_num[None, None], part_idx[None, None],
+                                    full_num[None, None], full_idx[None, None],
+                                    BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(n, n))
+
+
+def flex_time(q, k, v, lengths):
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        attend = torch.compile(flex_attention)
+        qf, kf, vf = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        bm = document_block_mask(lengths)
+        started = time.time()
+        attend(qf, kf, vf, block_mask=bm, enable_gqa=True)
+        torch.cuda.synchronize()
+        compile_s = time.time() - started
+        return bench(lambda: attend(qf, kf, vf, block_mask=bm, enable_gqa=True)), compile_s
+    except Exception as error:  # a torch build without a working flex_attention
+        log(f"  FlexAttention failed: {type(error).__name__}: {str(error)[:300]}")
+        return None, None
+
+
+# --------------------------------------------------------------------------
+# Prism.
+# --------------------------------------------------------------------------
+
+def sparse_config(q, k, cu, max_len, lengths, target=0.15):
+    """The first top-p threshold (both bands) whose tile density is <= target."""
+    for p in (0.95, 0.9, 0.85, 0.8):
+        cfg = PrismConfig(block_size=BLOCK, high_threshold=p, low_threshold=p)
+        masks = optimized.select_blocks_varlen(q, k, cu, cu, max_len, max_len, cfg)
+        density = tile_density(masks, lengths)
+        log(f"  threshold {p}: tile density {density:.4f}, "
+            f"pair density {pair_density(masks, lengths):.4f}")
+        if density <= target:
+            return cfg, masks
+    return cfg, masks
+
+
+def prism_entry(q, k, v, cu, max_len, lengths, cfg, masks, qs, ks, vs):
+    entry = {"threshold": cfg.high_threshold, "tile_density": tile_density(masks, lengths),
+             "pair_density": pair_density(masks, lengths)}
+    entry["varlen_ms"] = bench(lambda: optimized.prism_attention_varlen(
+        q, k, v, cu, cu, max_len, max_len, cfg))
+    entry["select_varlen_ms"] = bench(lambda: optimized.select_blocks_varlen(
+        q, k, cu, cu, max_len, max_len, cfg))
+
+    def per_sequence():
+        for qi, ki, vi in zip(qs, ks, vs, strict=True):
+            optimized.prism_attention(qi, ki, vi, cfg)
+
+    entry["per_sequence_contiguous_ms"] = bench(per_sequence)
+    entry["packing_overhead"] = entry["varlen_ms"] / entry["per_sequence_contiguous_ms"] - 1
+    return entry
+
+
+def equal_length_overhead(cfg_sparse, n=16384, batch=8):
+    """Packed varlen of 8 x 16K against prism_attention on the (8, H, 16K, D) batch."""
+    parts = [structured(n, 100 + i) for i in range(batch)]
+    qb, kb, vb = (torch.stack([p[j].transpose(0, 1) for p in parts]) for j in range(3))
+    q, k, v = (torch.cat([p[j] for p in parts]) for j in range(3))
+    cu = torch.arange(0, (batch + 1) * n, n, dtype=torch.int32)
+    out = {}
+    for name, cfg in (("sparse", cfg_sparse),
+                      ("dense", PrismConfig(block_size=BLOCK, high_threshold=1.0,
+                                            low_threshold=1.0))):
+        batched = bench(lambda cfg=cfg: optimized.prism_attention(qb, kb, vb, cfg))
+        packed = bench(lambda cfg=cfg: optimized.prism_attention_varlen(q, k, v, cu, cu, n, n,
+                                                                        cfg))
+        out[name] = {"threshold": cfg.high_threshold, "batched_ms": batched,
+                     "varlen_ms": packed, "overhead": packed / batched - 1}
+        log(f"  8 x 16K {name}: batched {batched:.3f} ms, varlen {packed:.3f} ms "
+            f"({100 * (packed / batched - 1):+.1f}%)")
+    return out
+
+
+def paged_time(q, k, v, cu, max_len, lengths, cfg, page=64):
+    """prism_attention_paged on the same batch in a cache of shuffled 64-token pages."""
+    pages = [n // page for n in lengths]
+    order = torch.randperm(sum(pages), device="cuda")
+    k_cache = torch.empty(sum(pages), page, KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+    v_cache = torch.empty_like(k_cache)
+    table = torch.zeros(len(lengths), max(pages), dtype=torch.int32, device="cuda")
+    used = 0
+    for i, (n, a) in enumerate(zip(lengths, cu[:-1].tolist(), strict=True)):
+        ids = order[used:used + n // page]
+        used += n // page
+        table[i, : n // page] = ids.to(torch.int32)
+        k_cache[ids] = k[a:a + n].view(n // page, page, KV_HEADS, HEAD_DIM)
+        v_cache[ids] = v[a:a + n].view(n // page, page, KV_HEADS, HEAD_DIM)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    o_paged = optimized.prism_attention_paged(q, k_cache, v_cache, table, seq_lens, cu,
+                                              max_len, cfg)
+    o_varlen = optimized.prism_attention_varlen(q, k, v, cu, cu, max_len, max_len, cfg)
+    same = bool(torch.equal(o_paged, o_varlen))
+    ms = bench(lambda: optimized.prism_attention_paged(q, k_cache, v_cache, table, seq_lens,
+                                                       cu, max_len, cfg))
+    return {"page_size": page, "paged_ms": ms, "equals_varlen": same}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--commit", default="unknown")
+    parser.add_argument("--no-flex", action="store_true")
+    parser.add_argument("--budget-s", type=float, default=200.0,
+                        help="skip the remaining optional parts after this many seconds")
+    args = parser.parse_args(argv)
+    started = time.time()
+    lengths = list(LENGTHS)
+    max_len = max(lengths)
+    result = {"environment": {
+        "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+        "triton": triton.__version__, "commit": args.commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+        "lengths": lengths, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
+        "block_size": BLOCK, "dtype": str(DTYPE)}
+
+    def write():
+        result["wall_s"] = time.time() - started
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+
+    q, k, v, cu = packed_batch(lengths)
+    qs, ks, vs = views(q, cu), views(k, cu), views(v, cu)
+    log("dense baselines")
+    result["sdpa_loop_ms"] = sdpa_loop_times(qs, ks, vs)
+    log(f"  SDPA per sequence: {result['sdpa_loop_ms']}")
+    ms, note = varlen_attn_time(q, k, v, cu, max_len)
+    result["varlen_attn_ms"], result["varlen_attn_note"] = ms, note
+    log(f"  varlen_attn: {ms} ({note})")
+    write()
+
+    log("prism, sparse")
+    cfg, masks = sparse_config(q, k, cu, max_len, lengths)
+    result["prism_sparse"] = prism_entry(q, k, v, cu, max_len, lengths, cfg, masks, qs, ks, vs)
+    log(f"  {result['prism_sparse']}")
+    write()
+    log("prism, threshold 1.0")
+    dense_cfg = PrismConfig(block_size=BLOCK, high_threshold=1.0, low_threshold=1.0)
+    dense_masks = optimized.select_blocks_varlen(q, k, cu, cu, max_len, max_len, dense_cfg)
+    result["prism_dense"] = prism_entry(q, k, v, cu, max_len, lengths, dense_cfg, dense_masks,
+                                        qs, ks, vs)
+    log(f"  {result['prism_dense']}")
+    del qs, ks, vs
+    write()
+
+    if time.time() - started < args.budget_s:
+        log("equal lengths, one dense batch")
+        result["equal_length_8x16k"] = equal_length_overhead(cfg)
+        write()
+    if time.time() - started < args.budget_s:
+        log("paged")
+        result["paged_sparse"] = paged_time(q, k, v, cu, max_len, lengths, cfg)
+        log(f"  {result['paged_sparse']}")
+        write()
+    if not args.no_flex and time.time() - started < args.budget_s:
+        log("flex, document mask")
+        result["flex_document_ms"], result["flex_compile_s"] = flex_time(q, k, v, lengths)
+        log(f"  {result['flex_document_ms']} ms (compile {result['flex_compile_s']} s)")
+        write()
+
+    dense = [t for t in (result["sdpa_loop_ms"].get("cudnn"), result["sdpa_loop_ms"].get("flash"),
+                         result.get("varlen_attn_ms")) if t]
+    best = min(dense) if dense else None
+    if best:
+        result["ratios"] = {
+            "best_dense_ms": best,
+            "speedup_sparse_vs_best_dense": best / result["prism_sparse"]["varlen_ms"],
+            "dense_prism_over_best_dense": result["prism_dense"]["varlen_ms"] / best,
+        }
+        if result.get("flex_document_ms"):
+            result["ratios"]["speedup_sparse_vs_flex"] = (
+                result["flex_document_ms"] / result["prism_sparse"]["varlen_ms"])
+        log(json.dumps(result["ratios"]))
+    write()
+    return result
+
+
+if __name__ == "__main__":
+    main()
