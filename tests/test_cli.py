@@ -31,7 +31,7 @@ from prism.evaluation.baselines import (
     selection_density,
     tune_threshold,
 )
-from prism.evaluation.probe import FullAttentionProbe, attention_recall, tile_attention_mass
+from prism.evaluation.probe import FullAttentionProbe
 from prism.reference import PrismConfig, pool_tiles, select_blocks, tile_layout
 
 transformers = pytest.importorskip("transformers")
@@ -128,45 +128,6 @@ def test_tune_threshold_matches_the_target_density():
         assert abs(density - target) < 0.01
     with pytest.raises(ValueError, match="target_density"):
         tune_threshold(pooled, 1.5)
-
-
-# --------------------------------------------------------------------------
-# Tile attention mass and recall against brute force
-# --------------------------------------------------------------------------
-
-def _brute_mass(q, k, bs, scale):
-    b, hq, nq, _ = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    kr = k.double().repeat_interleave(hq // hkv, 1)
-    scores = (q.double() @ kr.transpose(-1, -2)) * scale
-    pos = torch.arange(nk - nq, nk)
-    scores = scores.masked_fill(torch.arange(nk)[None, :] > pos[:, None], -math.inf)
-    probs = scores.softmax(-1)
-    first = (nk - nq) // bs
-    mass = torch.zeros(b, hq, (nk - 1) // bs - first + 1, -(-nk // bs), dtype=torch.float64)
-    for r in range(nq):
-        for n in range(nk):
-            mass[:, :, (nk - nq + r) // bs - first, n // bs] += probs[:, :, r, n]
-    return mass, probs
-
-
-@pytest.mark.parametrize("shape", [(1, 4, 2, 64, 64, 16), (2, 3, 1, 37, 90, 8)])
-def test_tile_attention_mass_and_recall(shape):
-    b, hq, hkv, nq, nk, bs = shape
-    q, k, _ = make_qkv(b, hq, hkv, nq, nk, 16, seed=nk, sharpness=2.0)
-    mass = tile_attention_mass(q, k, bs, scale=0.3)
-    expected, probs = _brute_mass(q, k, bs, 0.3)
-    assert torch.allclose(mass.double(), expected, atol=1e-5)
-    mask = mean_pooling_select(q, k, 0.5, block_size=bs)
-    layout = tile_layout(nq, nk, bs, True)
-    rows = (torch.arange(nq) + layout.query_start) // bs - layout.first_query_tile
-    kept = mask[:, :, rows][..., torch.arange(nk) // bs]  # (B, H, Nq, Nk)
-    brute_recall = float((probs * kept).sum() / (b * hq * nq))
-    assert attention_recall(mask, mass, nq) == pytest.approx(brute_recall, abs=1e-5)
-    assert attention_recall(torch.ones_like(mask), mass, nq) == pytest.approx(1.0, abs=1e-5)
-    assert brute_recall < 0.999
-    with pytest.raises(ValueError, match="tiles"):
-        attention_recall(mask[..., :1], mass, nq)
 
 
 def test_probe_returns_sdpa_output_and_records_reference_masks():

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from helpers import make_qkv, oracle_attention, relative_error
 from prism.integrations.flex import to_block_mask
-from prism.integrations.masked_sdpa import expand_tile_mask, masked_sdpa_attention
+from prism.integrations.masked_sdpa import masked_sdpa_attention
 from prism.integrations.transformers import (
     AttentionCall,
     PrismAttention,
@@ -493,12 +493,25 @@ def test_masked_sdpa_validates_like_the_reference():
                               torch.ones(1, 2, 2, 1, dtype=torch.bool), block_size=16)
 
 
-def test_expand_tile_mask_matches_reference_token_mask():
-    q, k, _ = make_qkv(1, 2, 1, 45, 100, 16, seed=5)
-    mask = select_blocks(q, k, block_size=8, high_threshold=0.6, low_threshold=0.6)
-    layout = tile_layout(45, 100, 8, True)
-    expected = token_mask(mask, layout, torch.arange(10, 30), True)
-    assert torch.equal(expand_tile_mask(mask, layout, 10, 30, 100, True), expected)
+def test_masked_sdpa_memory_is_bounded_by_the_sequence_not_the_tile(monkeypatch):
+    """A tile far larger than the sequence builds token masks of (rows x Nk) only."""
+    import prism.integrations.masked_sdpa as module
+
+    q, k, v = make_qkv(1, 2, 1, 40, 56, 16, seed=3)
+    bs = 2**15  # one tile; expanding it to bs x bs tokens would take 1 GiB of bools
+    mask = torch.ones(1, 2, 1, 1, dtype=torch.bool)
+    shapes = []
+    real_token_mask = module.token_mask
+
+    def spy(*args, **kwargs):
+        result = real_token_mask(*args, **kwargs)
+        shapes.append(tuple(result.shape))
+        return result
+
+    monkeypatch.setattr(module, "token_mask", spy)
+    out = masked_sdpa_attention(q, k, v, mask, block_size=bs)
+    assert shapes and all(rows <= 40 and keys <= 56 for *_, rows, keys in shapes)
+    assert relative_error(out, block_sparse_attention(q, k, v, mask, block_size=bs)) < 1e-5
 
 
 # --------------------------------------------------------------------------

@@ -32,8 +32,8 @@ from numbers import Integral, Real
 
 import torch
 
+from prism.metrics import query_tile_mass, recall_from_mass, tile_density
 from prism.reference import (
-    admissible_tiles,
     apply_rope,
     pair_dims,
     select_blocks,
@@ -316,10 +316,13 @@ def full_attention_probabilities(q: torch.Tensor, k: torch.Tensor, *, causal: bo
 
 def tile_attention_mass(probabilities: torch.Tensor, *, block_size: int = 128,
                         causal: bool = True) -> torch.Tensor:
-    """Per query, the full-attention mass that falls in each key tile.
+    """Per query row, the full-attention mass that falls in each key tile.
 
     Summing once per key tile lets many tile selections be scored against the
-    same attention matrix at the cost of a gather each.
+    same attention matrix at the cost of a gather each. This keeps one row per
+    query (for per-query analysis, :func:`kept_attention_mass`); summed over the
+    rows of each query tile it is :func:`prism.metrics.query_tile_mass`, from
+    which the recall of :mod:`prism.metrics` is computed.
 
     Parameters
     ----------
@@ -393,6 +396,10 @@ def attention_recall(q: torch.Tensor, k: torch.Tensor, block_mask: torch.Tensor,
                      scale: float | None = None) -> torch.Tensor:
     """Full-attention mass kept by a tile selection, averaged over queries.
 
+    The attention recall of :mod:`prism.metrics`, computed in float64 from
+    ``q`` and ``k``: :func:`prism.metrics.query_tile_mass`, then
+    :func:`prism.metrics.recall_from_mass`.
+
     Parameters
     ----------
     q : Tensor (B, Hq, Nq, D)
@@ -408,14 +415,18 @@ def attention_recall(q: torch.Tensor, k: torch.Tensor, block_mask: torch.Tensor,
     Tensor (B, Hq), float64
         1 means the selection loses nothing; each query counts equally.
     """
-    probabilities = full_attention_probabilities(q, k, causal=causal, scale=scale)
-    return kept_attention_mass(probabilities, block_mask, block_size=block_size,
-                               causal=causal).mean(dim=-1)
+    block_size = validate_block_size(block_size)
+    if scale is not None:
+        scale = _check_real("scale", scale, positive=True)
+    layout = tile_layout(q.shape[2], k.shape[2], block_size, causal)
+    validate_block_mask(block_mask, q, (layout.num_query_tiles, layout.num_key_tiles))
+    mass = query_tile_mass(q, k, block_size, causal=causal, scale=scale, dtype=torch.float64)
+    return recall_from_mass(block_mask, mass, q.shape[2])
 
 
 def causal_density(block_mask: torch.Tensor, *, num_queries: int, num_keys: int,
                    block_size: int = 128, causal: bool = True) -> torch.Tensor:
-    """Selected admissible tiles over admissible tiles (SPEC 6's admissible set).
+    """Selected admissible tiles over admissible tiles: :func:`prism.metrics.tile_density`.
 
     Parameters
     ----------
@@ -433,17 +444,7 @@ def causal_density(block_mask: torch.Tensor, *, num_queries: int, num_keys: int,
     num_queries = _check_int("num_queries", num_queries, 1)
     num_keys = _check_int("num_keys", num_keys, 1)
     block_size = validate_block_size(block_size)
-    if not isinstance(block_mask, torch.Tensor):
-        raise TypeError(f"block_mask must be a torch.Tensor, got {type(block_mask).__name__}")
-    layout = tile_layout(num_queries, num_keys, block_size, causal)
-    admissible = admissible_tiles(layout, causal, block_mask.device)
-    if block_mask.dim() != 4 or tuple(block_mask.shape[2:]) != tuple(admissible.shape):
-        raise ValueError(
-            f"block_mask must be a (B, Hq, {admissible.shape[0]}, {admissible.shape[1]}) tensor "
-            f"for num_queries={num_queries}, num_keys={num_keys}, block_size={block_size}"
-        )
-    selected = (block_mask.bool() & admissible).sum(dim=(-2, -1)).double()
-    return selected / admissible.sum().double()
+    return tile_density(block_mask, tile_layout(num_queries, num_keys, block_size, causal), causal)
 
 
 @dataclass(frozen=True)
@@ -520,11 +521,11 @@ def compare_selections(
     threshold = _check_threshold(threshold)
     q, k = head.q, head.k
     n = head.num_tokens
-    tile_mass = tile_attention_mass(full_attention_probabilities(q, k), block_size=block_size)
-    layout = tile_layout(n, n, block_size, True)
+    # One mass table, many masks: each recall is then a masked sum.
+    mass = query_tile_mass(q, k, block_size, dtype=torch.float64)
 
     def measure(mask, method, calibrate, top_p):
-        recall = _kept_from_tile_mass(tile_mass, mask, layout).mean()
+        recall = recall_from_mass(mask, mass, n).mean()
         density = causal_density(mask, num_queries=n, num_keys=n, block_size=block_size)
         return BlindSpotResult(base=head.base, block_size=block_size,
                                slash_offset=head.slash_offset, method=method,

@@ -21,6 +21,9 @@ from collections.abc import Sequence
 
 import torch
 
+# The density is the one of prism.metrics (re-exported here for the threshold search).
+from prism.metrics import selection_density
+
 # The baseline itself lives in the reference, shared with prism.theory.
 from prism.reference.mean_pooling import check_threshold as _check_threshold
 from prism.reference.mean_pooling import (
@@ -31,7 +34,6 @@ from prism.reference.mean_pooling import (
 from prism.reference.mean_pooling import (
     select_from_probabilities as _select_from_probabilities,
 )
-from prism.reference.scoring import admissible_tiles
 from prism.reference.tiles import TileLayout
 
 
@@ -52,19 +54,6 @@ class MeanPoolingSelector:
         return mean_pooling_select(q, k, self.threshold, block_size=config.block_size,
                                    causal=causal, force_sink=config.force_sink,
                                    force_diagonal=config.force_diagonal)
-
-
-def selection_density(masks: Sequence[torch.Tensor], layouts: Sequence[TileLayout],
-                      causal: bool = True) -> float:
-    """Selected / admissible tile pairs over several masks (e.g. all layers)."""
-    selected = admissible = 0
-    for mask, layout in zip(masks, layouts, strict=True):
-        allowed = admissible_tiles(layout, causal, mask.device)
-        selected += int((mask & allowed).sum())
-        admissible += int(allowed.sum()) * mask.shape[0] * mask.shape[1]
-    if admissible == 0:
-        raise ValueError("no admissible tile pairs: the masks are empty")
-    return selected / admissible
 
 
 def tune_threshold(pooled: Sequence[tuple[torch.Tensor, torch.Tensor, TileLayout]],

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from prism.integrations.transformers import PrismStats, register
+from prism.metrics import recall_from_mass
 from prism.reference import PrismConfig
 
 from .baselines import (
@@ -39,7 +40,7 @@ from .baselines import (
     tune_threshold,
 )
 from .data import MissingResourceError
-from .probe import FullAttentionProbe, attention_recall
+from .probe import FullAttentionProbe
 
 PROBE_NAME = "prism-eval-full"
 PRISM_NAME = "prism-eval-prism"
@@ -254,8 +255,9 @@ def run_perplexity_eval(model, tokenizer, text: str, settings: EvalSettings, *,
             rec = probe.layers[layer]
             pool_mask = mean_pooling_from_pooled(rec.q_pooled, rec.k_pooled, rec.layout,
                                                  threshold)
-            prism_recall[layer] = attention_recall(rec.prism_mask, rec.mass, n_queries)
-            pool_recall[layer] = attention_recall(pool_mask, rec.mass, n_queries)
+            prism_recall[layer] = float(recall_from_mass(rec.prism_mask, rec.mass,
+                                                         n_queries).mean())
+            pool_recall[layer] = float(recall_from_mass(pool_mask, rec.mass, n_queries).mean())
             prism_tf[layer] = selection_density([rec.prism_mask], [rec.layout])
             pool_tf[layer] = selection_density([pool_mask], [rec.layout])
         full_attention_seconds = sum(probe.layers[i].attention_seconds for i in layers)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from prism.reference.indices import indices_to_mask
+from prism.reference.indices import indices_to_mask, mask_to_indices
 from prism.reference.tiles import tile_layout
 from prism.reference.validation import validate_block_size
 
@@ -147,13 +147,10 @@ def to_block_mask(mask, num_queries: int, num_keys: int, *, block_size: int = 12
         full = full & below
     partial = listed & ~full
 
-    def compact(m: torch.Tensor):
-        columns = torch.arange(m.shape[-1], device=device)
-        order = torch.argsort(torch.where(m, columns, columns + m.shape[-1]), dim=-1)
-        return m.sum(dim=-1).to(torch.int32), order.to(torch.int32)
-
-    kv_num, kv_idx = compact(partial)
-    full_num, full_idx = compact(full)
+    # FlexAttention reads only the first ``num`` entries of each index row, so
+    # mask_to_indices' -1 padding is never used as a block index.
+    kv_num, kv_idx = mask_to_indices(partial)
+    full_num, full_idx = mask_to_indices(full)
     b_dim, h_dim = dense.shape[0], dense.shape[1]
 
     def prism_mask_mod(b, h, q_idx, kv_idx):

@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from prism.reference.attention import token_mask
 from prism.reference.tiles import TileLayout, tile_layout
 from prism.reference.validation import (
     validate_block_mask,
@@ -28,49 +29,6 @@ from prism.reference.validation import (
 
 # Bytes of additive token mask (fp32, B x Hq x rows x keys) built per chunk of query rows.
 _CHUNK_MASK_BYTES = 128 * 2**20
-
-
-def expand_tile_mask(block_mask: torch.Tensor, layout: TileLayout, row_start: int, row_stop: int,
-                     key_stop: int, causal: bool) -> torch.Tensor:
-    """Token-level mask of query rows ``row_start .. row_stop-1`` over keys ``0 .. key_stop-1``.
-
-    Query row ``r`` sits at absolute position ``p = layout.query_start + r`` and
-    may read key ``n`` iff tile ``n // bs`` is selected for tile ``p // bs``
-    and, when causal, ``n <= p`` (SPEC 7).
-
-    Parameters
-    ----------
-    block_mask : Tensor (B', H', n_query_tiles, n_key_tiles), bool
-    layout : TileLayout
-        From :func:`prism.reference.tile_layout` for the same inputs.
-    row_start, row_stop : int
-        Query rows to expand, ``0 <= row_start < row_stop <= Nq``.
-    key_stop : int
-        Keys ``0 .. key_stop-1`` are expanded, ``key_stop <= Nk``.
-    causal : bool
-
-    Returns
-    -------
-    Tensor (B', H', row_stop - row_start, key_stop), bool
-    """
-    bs = layout.block_size
-    first_pos = layout.query_start + row_start
-    last_pos = layout.query_start + row_stop - 1
-    tile_lo = first_pos // bs - layout.first_query_tile
-    tile_hi = last_pos // bs - layout.first_query_tile
-    key_tiles = -(-key_stop // bs)
-    sub = block_mask[:, :, tile_lo : tile_hi + 1, :key_tiles]
-    b, h, t, kt = sub.shape
-    # Repeat every tile entry bs x bs times with one contiguous copy: cheaper
-    # than gathering rows and columns through index tensors.
-    dense = sub[:, :, :, None, :, None].expand(b, h, t, bs, kt, bs).reshape(b, h, t * bs, kt * bs)
-    offset = first_pos - (layout.first_query_tile + tile_lo) * bs
-    dense = dense[:, :, offset : offset + row_stop - row_start, :key_stop]
-    if causal:
-        positions = torch.arange(first_pos, last_pos + 1, device=block_mask.device)
-        keys = torch.arange(key_stop, device=block_mask.device)
-        dense = dense & (keys[None, :] <= positions[:, None])
-    return dense
 
 
 def _row_chunks(layout: TileLayout, rows_per_chunk: int):
@@ -114,6 +72,9 @@ def masked_sdpa_attention(q, k, v, block_mask, *, block_size: int = 128, causal:
     -----
     Query rows are processed in chunks aligned to tiles; when causal, a chunk
     only reads the keys up to its last position, which halves the dense work.
+    The token mask comes from :func:`prism.reference.token_mask`; a chunk's
+    mask holds (rows x Nk) entries, so memory is bounded by the sequence
+    length even when ``block_size`` exceeds it.
     """
     validate_qkv(q, k, v, causal=causal)
     validate_block_size(block_size)
@@ -128,10 +89,6 @@ def masked_sdpa_attention(q, k, v, block_mask, *, block_size: int = 128, causal:
     if nq == 0 or nk == 0:
         return out
     qf, kf, vf = q.float(), k.float(), v.float()
-    # SDPA adds a float mask to the scores; building it here from the small tile
-    # table saves SDPA's own bool-to-float conversion of the large token mask.
-    tile_bias = torch.zeros(block_mask.shape, dtype=torch.float32, device=q.device)
-    tile_bias.masked_fill_(~block_mask, float("-inf"))
     # SPEC 7: a row with nothing to read is 0. A row reads nothing iff its tile
     # selects no key tile starting at or before its position (causal), or none.
     key_tiles = torch.arange(layout.num_key_tiles, device=q.device)
@@ -139,7 +96,11 @@ def masked_sdpa_attention(q, k, v, block_mask, *, block_size: int = 128, causal:
     rows_per_chunk = max(block_size, _CHUNK_MASK_BYTES // max(1, 4 * b * hq * nk))
     for r0, r1 in _row_chunks(layout, rows_per_chunk):
         key_stop = layout.query_start + r1 if causal else nk
-        bias = _chunk_bias(tile_bias, layout, r0, r1, key_stop, causal)
+        # The reference's token rule (contract §7), handed to SDPA as an additive
+        # 0 / -inf mask; (rows x Nk) per chunk, whatever the tile size.
+        allowed = token_mask(block_mask, layout, torch.arange(r0, r1, device=q.device),
+                             causal)[..., :key_stop]
+        bias = torch.where(allowed, 0.0, float("-inf"))  # fp32: SDPA adds it to the scores
         chunk = F.scaled_dot_product_attention(
             qf[:, :, r0:r1], kf[:, :, :key_stop], vf[:, :, :key_stop],
             attn_mask=bias.expand(b, hq, r1 - r0, key_stop), scale=scale,
@@ -154,26 +115,3 @@ def masked_sdpa_attention(q, k, v, block_mask, *, block_size: int = 128, causal:
             empty = row_first >= layout.num_key_tiles
         out[:, :, r0:r1] = chunk.masked_fill(empty.unsqueeze(-1), 0.0).to(q.dtype)
     return out
-
-
-def _chunk_bias(tile_bias: torch.Tensor, layout: TileLayout, row_start: int, row_stop: int,
-                key_stop: int, causal: bool) -> torch.Tensor:
-    """Additive mask (0 or -inf) of some query rows: :func:`expand_tile_mask` as floats."""
-    bs = layout.block_size
-    first_pos = layout.query_start + row_start
-    last_pos = layout.query_start + row_stop - 1
-    tile_lo = first_pos // bs - layout.first_query_tile
-    tile_hi = last_pos // bs - layout.first_query_tile
-    sub = tile_bias[:, :, tile_lo : tile_hi + 1, : -(-key_stop // bs)]
-    b, h, t, kt = sub.shape
-    # contiguous(): a one-tile reshape may stay a stride-0 view; it is written below.
-    dense = (sub[:, :, :, None, :, None].expand(b, h, t, bs, kt, bs)
-             .reshape(b, h, t * bs, kt * bs).contiguous())
-    offset = first_pos - (layout.first_query_tile + tile_lo) * bs
-    dense = dense[:, :, offset : offset + row_stop - row_start, :key_stop]
-    if causal and key_stop > first_pos:
-        # Only keys from the chunk's first position on can lie in a query's future.
-        rows = torch.arange(first_pos, last_pos + 1, device=tile_bias.device)
-        keys = torch.arange(first_pos, key_stop, device=tile_bias.device)
-        dense[..., first_pos:].masked_fill_(keys[None, :] > rows[:, None], float("-inf"))
-    return dense
