@@ -7,6 +7,7 @@ the code under test.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -359,8 +360,26 @@ def test_command_line_prints_tables_and_writes_figures(tmp_path, capsys):
     status = theory_main(["--plots", str(tmp_path / "figs"), "--json", str(tmp_path / "n.json")])
     out = capsys.readouterr().out
     assert status == 0
-    assert "2pi/B" in out and "done criterion" in out and "met" in out
+    assert "2pi/B" in out and "24 of 24 checks of the theory passed" in out
+    assert "criterion" not in out and "FAILED" not in out
     written = sorted(p.name for p in (tmp_path / "figs").iterdir())
     assert written == sorted(FIGURE_NAMES)
     assert all((tmp_path / "figs" / name).stat().st_size > 10_000 for name in written)
-    assert (tmp_path / "n.json").stat().st_size > 1000
+    numbers = json.loads((tmp_path / "n.json").read_text())
+    assert len(numbers["checks"]) == 24 and all(c["passed"] for c in numbers["checks"])
+
+
+def test_command_line_fails_only_when_a_check_of_the_theory_fails(monkeypatch, capsys):
+    """A broken check gives exit status 1; the blind-spot numbers never do."""
+    import prism.theory.__main__ as cli
+    from prism.theory.checks import ScoreFilterCheck
+
+    def broken(*args, **kwargs):
+        return ScoreFilterCheck(pooled_score=1.0, predicted_score=0.0, pair_scores=None,
+                                gains=None, residual=0.5)
+
+    monkeypatch.setattr(cli, "score_filter_residual", broken)
+    monkeypatch.setattr(cli, "blind_spot_table", lambda *args, **kwargs: [])
+    assert cli.main([]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED score filter at base 1e+04" in out
