@@ -290,6 +290,8 @@ def ties_from_trace(trace: SelectionTrace, margin: float = TIE_MARGIN,
     probabilities under which they may swap ranks.
     """
     cfg = trace.config
+    if trace.mask.numel() == 0:
+        return torch.zeros_like(trace.mask)
     group = trace.q_pooled.shape[1] // max(1, trace.k_pooled.shape[1])
     ties = torch.zeros_like(trace.mask)
     robust = torch.zeros_like(trace.mask)

@@ -111,8 +111,9 @@ def pool_tiles(x: torch.Tensor, start: int, block_size: int) -> torch.Tensor:
     if block_size > n:
         # Tiles longer than the data (two tiles at most): sum each tile's rows
         # directly, so memory follows the data, not block_size.
-        bounds = torch.cumsum(counts, 0).tolist()
-        pieces = [x[:, :, lo:hi].float().sum(dim=2) for lo, hi in zip([0] + bounds, bounds)]
+        ends = torch.cumsum(counts, 0).tolist()
+        starts = [0] + ends[:-1]
+        pieces = [x[:, :, lo:hi].float().sum(dim=2) for lo, hi in zip(starts, ends, strict=True)]
         sums = torch.stack(pieces, dim=2) if pieces else x.new_zeros(b, h, 0, d).float()
     else:
         # Lay the tokens into a zero-filled grid of whole tiles so one reshape
