@@ -108,13 +108,15 @@ def pool_tiles(x: torch.Tensor, start: int, block_size: int) -> torch.Tensor:
     counts = tile_token_counts(start, n, block_size).to(x.device)
     n_tiles = counts.numel()
     lead = start % block_size
+    if n == 0:
+        return torch.zeros(b, h, 0, d, dtype=torch.float32, device=x.device)
     if block_size > n:
         # Tiles longer than the data (two tiles at most): sum each tile's rows
         # directly, so memory follows the data, not block_size.
         ends = torch.cumsum(counts, 0).tolist()
         starts = [0] + ends[:-1]
         pieces = [x[:, :, lo:hi].float().sum(dim=2) for lo, hi in zip(starts, ends, strict=True)]
-        sums = torch.stack(pieces, dim=2) if pieces else x.new_zeros(b, h, 0, d).float()
+        sums = torch.stack(pieces, dim=2)
     else:
         # Lay the tokens into a zero-filled grid of whole tiles so one reshape
         # sums each tile; the zeros add nothing and the division uses the true
