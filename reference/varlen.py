@@ -16,7 +16,10 @@ and calibration statistics, and, when causal, its own bottom-right alignment
 with a cached prefix has ``Nk_i > Nq_i``). Sequence ``i`` of a varlen call
 gives exactly what the dense function gives on that sequence alone, as a
 (1, H, N_i, D) tensor; this module runs that loop on views of the packed
-tensors (``x[start:end].permute(1, 0, 2)[None]``, no copy).
+tensors (``x[start:end].permute(1, 0, 2)[None]``, no copy). Adjacent
+sequences of the same ``(Nq_i, Nk_i)`` run as one dense batch of that many
+entries (:func:`runs_of_equal_shape`): one call instead of one per sequence,
+with the same results.
 
 Outputs:
 
@@ -192,24 +195,65 @@ def check_masks(block_masks, num_seqs: int) -> list:
 # The per-sequence loop, shared by prism.reference and prism.optimized.
 # --------------------------------------------------------------------------
 
-def _name_sequence(error: Exception, i: int, what: str) -> Exception:
-    """The same exception type with the sequence index in front of its message."""
-    return type(error)(f"sequence {i} ({what}): {error}")
+def _name_sequence(error: Exception, first: int, count: int, what: str) -> Exception:
+    """The same exception type with the sequence index (or range) in front of its message."""
+    who = f"sequence {first}" if count == 1 else f"sequences {first}-{first + count - 1}"
+    return type(error)(f"{who} ({what}): {error}")
+
+
+def runs_of_equal_shape(ranges) -> list[tuple[int, int]]:
+    """``(first, count)`` of each run of adjacent sequences with the same ``(Nq, Nk)``.
+
+    Such a run is one dense batch: its rows are contiguous in the packed
+    tensors, so ``x[start : start + count * n]`` viewed as ``(count, n, H, D)``
+    is a (count, H, n, D) batch without a copy, and one call of the dense
+    function computes every sequence of the run (each batch entry is
+    independent, so the results are those of the per-sequence loop).
+    """
+    runs: list[list[int]] = []
+    for i, (q0, q1, k0, k1) in enumerate(ranges):
+        if runs:
+            p0, p1, r0, r1 = ranges[i - 1]
+            if (q1 - q0, k1 - k0) == (p1 - p0, r1 - r0) and (q0, k0) == (p1, r1):
+                runs[-1][1] += 1
+                continue
+        runs.append([i, 1])
+    return [(first, count) for first, count in runs]
+
+
+def as_batch(x: torch.Tensor, start: int, count: int, n: int) -> torch.Tensor:
+    """``count`` sequences of ``n`` rows from ``start`` as a (count, H, n, D) view (no copy)."""
+    return x[start:start + count * n].unflatten(0, (count, n)).permute(0, 2, 1, 3)
+
+
+def _run_views(q, k, v, ranges, first: int, count: int):
+    q0, q1, k0, k1 = ranges[first]
+    views = (as_batch(q, q0, count, q1 - q0), as_batch(k, k0, count, k1 - k0))
+    if v is not None:
+        views = (*views, as_batch(v, k0, count, k1 - k0))
+    last = ranges[first + count - 1]
+    return views, f"q rows {q0}:{last[1]}, k rows {k0}:{last[3]}"
+
+
+def _split(mask, count: int) -> list:
+    """A run's (count, H, nq, nk) mask as ``count`` masks (1, H, nq, nk)."""
+    return [mask] if count == 1 else [mask[g:g + 1] for g in range(count)]
 
 
 def run_select(impl, q, k, ranges, cfg: PrismConfig, causal: bool, indices=None) -> list:
-    """``impl.select_blocks`` on each sequence's views; a list of masks.
+    """``impl.select_blocks`` on views of each run of equal-shape sequences; a list of masks.
 
     ``indices`` numbers the sequences in error messages (default 0, 1, ...).
     """
     masks = []
-    for n, (q0, q1, k0, k1) in enumerate(ranges):
-        i = n if indices is None else indices[n]
+    for first, count in runs_of_equal_shape(ranges):
+        (q_run, k_run), what = _run_views(q, k, None, ranges, first, count)
         try:
-            masks.append(impl.select_blocks(as_heads(q, q0, q1), as_heads(k, k0, k1), cfg,
-                                            causal=causal))
+            mask = impl.select_blocks(q_run, k_run, cfg, causal=causal)
         except (ValueError, TypeError) as error:
-            raise _name_sequence(error, i, f"q rows {q0}:{q1}, k rows {k0}:{k1}") from error
+            number = first if indices is None else indices[first]
+            raise _name_sequence(error, number, count, what) from error
+        masks.extend(_split(mask, count))
     return masks
 
 
@@ -221,43 +265,66 @@ def _packed_outputs(q, v, return_lse: bool):
     return out, lse
 
 
-def _store(out, lse, result, q0: int, q1: int, return_lse: bool) -> None:
-    """Write one sequence's (1, Hq, n, Dv) output (and (1, Hq, n) lse) into the packed ones."""
-    o_i = result[0] if return_lse else result
-    out[q0:q1] = o_i[0].transpose(0, 1)
+def _store(out, lse, result, start: int, count: int, n: int, return_lse: bool) -> None:
+    """Write a run's (count, Hq, n, Dv) output and (count, Hq, n) lse into the packed ones."""
+    o_run = result[0] if return_lse else result
+    as_batch(out, start, count, n).copy_(o_run)
     if return_lse:
-        lse[:, q0:q1] = result[1][0]
+        lse[:, start:start + count * n].unflatten(1, (count, n)).copy_(
+            result[1].transpose(0, 1))
+
+
+def _stackable(masks) -> bool:
+    """Masks of one run that can be concatenated along the batch dim."""
+    return all(isinstance(m, torch.Tensor) and m.dim() == 4 and m.shape[0] == 1
+               and m.shape == masks[0].shape and m.dtype == torch.bool
+               and m.device == masks[0].device for m in masks)
 
 
 def run_attention(impl, q, k, v, ranges, block_masks, *, block_size: int, causal: bool, scale,
                   return_lse: bool):
-    """``impl.block_sparse_attention`` on each sequence's views, packed."""
+    """``impl.block_sparse_attention`` on views of each run of equal-shape sequences, packed."""
     out, lse = _packed_outputs(q, v, return_lse)
-    for i, ((q0, q1, k0, k1), mask) in enumerate(zip(ranges, block_masks, strict=True)):
+    runs = []
+    for first, count in runs_of_equal_shape(ranges):
+        group = block_masks[first:first + count]
+        if count == 1 or _stackable(group):
+            runs.append((first, count))
+        else:  # masks of different shapes: one call per sequence names the bad one
+            runs.extend((i, 1) for i in range(first, first + count))
+    for first, count in runs:
+        (q_run, k_run, v_run), _ = _run_views(q, k, v, ranges, first, count)
+        mask = block_masks[first] if count == 1 else torch.cat(
+            [m.as_subclass(torch.Tensor) for m in block_masks[first:first + count]])
         try:
-            result = impl.block_sparse_attention(
-                as_heads(q, q0, q1), as_heads(k, k0, k1), as_heads(v, k0, k1), mask,
-                block_size=block_size, causal=causal, scale=scale, return_lse=return_lse)
+            result = impl.block_sparse_attention(q_run, k_run, v_run, mask,
+                                                 block_size=block_size, causal=causal,
+                                                 scale=scale, return_lse=return_lse)
         except (ValueError, TypeError) as error:
-            raise _name_sequence(error, i, f"block_masks[{i}]") from error
-        _store(out, lse, result, q0, q1, return_lse)
+            what = f"block_masks[{first}]" if count == 1 else (
+                f"block_masks[{first}:{first + count}]")
+            raise _name_sequence(error, first, count, what) from error
+        q0, q1 = ranges[first][:2]
+        _store(out, lse, result, q0, count, q1 - q0, return_lse)
     return (out, lse) if return_lse else out
 
 
 def run_prism(impl, q, k, v, ranges, cfg: PrismConfig, *, causal: bool, scale,
               return_lse: bool, return_mask: bool):
-    """``impl.prism_attention`` on each sequence's views, packed."""
+    """``impl.prism_attention`` on views of each run of equal-shape sequences, packed."""
     out, lse = _packed_outputs(q, v, return_lse)
     masks = []
-    for i, (q0, q1, k0, k1) in enumerate(ranges):
+    for first, count in runs_of_equal_shape(ranges):
+        (q_run, k_run, v_run), what = _run_views(q, k, v, ranges, first, count)
         try:
-            result = impl.prism_attention(
-                as_heads(q, q0, q1), as_heads(k, k0, k1), as_heads(v, k0, k1), cfg,
-                causal=causal, scale=scale, return_lse=return_lse, return_mask=True)
+            result = impl.prism_attention(q_run, k_run, v_run, cfg, causal=causal, scale=scale,
+                                          return_lse=return_lse, return_mask=True)
         except (ValueError, TypeError) as error:
-            raise _name_sequence(error, i, f"q rows {q0}:{q1}, k rows {k0}:{k1}") from error
-        masks.append(result[-1])
-        _store(out, lse, result[:-1] if return_lse else result[0], q0, q1, return_lse)
+            raise _name_sequence(error, first, count, what) from error
+        masks.extend(_split(result[-1], count))
+        q0, q1 = ranges[first][:2]
+        _store(out, lse, result[:-1] if return_lse else result[0], q0, count, q1 - q0,
+               return_lse)
     return _assemble(out, lse, masks, return_lse, return_mask)
 
 
