@@ -4,15 +4,18 @@ Same signatures and results as :mod:`prism.reference.varlen` and
 :mod:`prism.reference.paged`. The per-sequence loop, the validation and the
 page gather are the reference's code; each sequence then runs
 :mod:`prism.optimized`'s public ``select_blocks``, ``block_sparse_attention``
-or ``prism_attention`` on (1, H, N_i, D) views of the packed tensors, whose
-strides the kernels read directly (no copy of q, k or v).
+or ``prism_attention`` on (1, H, N_i, D) views of the packed tensors (or
+(count, H, N, D) views for runs of equal-shape sequences), whose strides the
+kernels read directly (no copy of q, k or v).
 
 What this costs against one dense launch (measured in
 ``benchmarks/bench_varlen.py``):
 
-* one selection and one attention launch per non-empty sequence, and one
-  host read of ``cu_seqlens`` (a device sync when they live on the GPU);
-* one copy of each sequence's output into the packed output (and of its
+* one selection and one attention call per run of adjacent sequences with
+  the same ``(Nq_i, Nk_i)`` (one per sequence when all lengths differ), each
+  with its own host work, and one host read of ``cu_seqlens`` (a device sync
+  when they live on the GPU);
+* one copy of each run's output into the packed output (and of its
   log-sum-exp), since the public functions return fresh tensors;
 * with a paged cache, one gather of the K and V the call reads
   (:func:`prism.reference.paged.gather_tokens`); the kernels do not read
