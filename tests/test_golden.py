@@ -194,3 +194,9 @@ def test_old_module_command_still_writes_a_set():
     result = subprocess.run([sys.executable, "-m", "prism.reference.golden", "--help"],
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0 and "out_dir" in result.stdout, result.stderr
+
+
+def test_the_docs_list_every_case():
+    page = (Path(__file__).parent.parent / "docs" / "golden.rst").read_text()
+    missing = [name for name in CASE_ENTRIES if f"``{name}``" not in page]
+    assert missing == []

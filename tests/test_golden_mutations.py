@@ -3,8 +3,8 @@
 Each mutation below is a port with one deliberate mistake: the reference with
 one stage swapped for a wrong variant (patched in for the call only), or a
 small attention written with one wrong choice. Each must fail at least two
-golden cases, and the cases that claim to catch a misreading must be among
-the failures.
+golden cases, and every misreading the manifest lists has at least two cases
+built for it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""prism.reference.block_sparse_attention and prism_attention against SPEC 7."""
+"""prism.reference.block_sparse_attention and prism_attention against contract §7."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Properties of prism.reference.select_blocks, checked against SPEC.md."""
+"""Properties of prism.reference.select_blocks, checked against docs/semantics.rst."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from prism.reference import (
 
 @st.composite
 def selection_cases(draw, dtypes=(torch.float32, torch.float16, torch.bfloat16)):
-    """Shapes, tiles, RoPE bases and layouts as CONVENTIONS.md 7 lists them."""
+    """Shapes, tiles, RoPE bases and layouts that the contract's property tests cover."""
     block_size = draw(st.sampled_from([16, 32, 64, 128]))
     kv_heads = draw(st.sampled_from([1, 2]))
     group = draw(st.sampled_from([1, 2, 3]))
@@ -184,7 +184,7 @@ def test_config_object_and_overrides_agree():
 
 
 def test_prefix_query_tiles_pool_only_their_queries():
-    """A partial first query tile averages just the queries it holds (SPEC 3)."""
+    """A partial first query tile averages just the queries it holds (contract §3)."""
     q, k, _ = make_qkv(1, 1, 1, 70, 200, 32, seed=11)
     trace = trace_selection(q, k, block_size=64)
     # Queries sit at positions 130..199: tiles 2 (130..191) and 3 (192..199).

@@ -1,4 +1,4 @@
-"""SPEC 8: bad input raises a clear error naming the argument; inputs are never modified."""
+"""Contract §8: bad input raises a clear error naming the argument; inputs are never modified."""
 
 from __future__ import annotations
 
