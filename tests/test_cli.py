@@ -16,6 +16,7 @@ import random
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -45,7 +46,7 @@ from prism.evaluation.passkey import (  # noqa: E402
     greedy_decode,
 )
 from prism.evaluation.perplexity import sequence_nll, token_windows  # noqa: E402
-from prism.integrations.transformers import register  # noqa: E402
+from prism.integrations.transformers import PrismStats, register  # noqa: E402
 
 # --------------------------------------------------------------------------
 # Plain mean pooling against a loop oracle written from its definition
@@ -242,7 +243,7 @@ def test_eval_console_run_end_to_end(tiny_run, capsys):
 
     assert methods["full"]["perplexity"] == pytest.approx(perplexity("sdpa"), rel=1e-4)
     cfg = PrismConfig(block_size=16, high_threshold=0.5, low_threshold=0.5)
-    prism_stats = register("prism-test-cli", cfg, backend="prism")
+    prism_stats = register("prism-test-cli", cfg, stats=PrismStats(), backend="prism")
     assert methods["prism"]["perplexity"] == pytest.approx(perplexity("prism-test-cli"),
                                                            rel=1e-4)
     assert methods["prism"]["density"] == pytest.approx(prism_stats.mean_density())
@@ -349,6 +350,9 @@ def test_token_windows(tiny_run):
     ["eval", "--tokens", "0"],
     ["eval", "--depths", "0.5,1.2"],
     ["eval", "--task", "summarise"],
+    ["eval", "--lengths", ","],
+    ["eval", "--depths", ","],
+    ["eval", "--task", "sweep", "--points", "bogus=0.9"],
     [],
 ])
 def test_bad_arguments_exit_with_usage_error(argv, capsys):
@@ -393,3 +397,106 @@ def test_bible_text_and_module_entry_point():
     for option in ("--tokens", "--model", "--text", "--block-size", "--threshold", "--device",
                    "--out", "--task"):
         assert option in result.stdout
+
+
+# --------------------------------------------------------------------------
+# Failing fast: every argument is checked before the model loads
+# --------------------------------------------------------------------------
+
+@pytest.fixture
+def unloadable(monkeypatch, tmp_path):
+    """A model folder and a text that pass the checks, and a load_model that must not run."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    text = tmp_path / "text.txt"
+    text.write_text("in the beginning was the word")
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(data, "load_model", load_model)
+    return ["eval", "--model", str(model_dir), "--text", str(text), "--no-progress",
+            "--out", str(tmp_path / "out")]
+
+
+def _bad_call_cases(tmp_path):
+    existing = tmp_path / "results.json"
+    existing.write_text("{}")
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    cases = [
+        (["--device", "bogus"], "--device 'bogus' is not a torch device"),
+        (["--model", "/nonexistent_dir"], "--model /nonexistent_dir: no such folder"),
+        (["--model", str(tmp_path / "missing.gguf")], "no such GGUF file"),
+        (["--model", str(not_a_model)], "not a transformers model folder"),
+        (["--text", str(tmp_path / "missing.txt")], "no such file"),
+        (["--out", str(existing)], "exists and is not a folder"),
+        (["--task", "sweep", "--points", "subtile=0.9", "--subtile-factor", "3"],
+         "sweep point subtile=0.9"),
+        (["--task", "sweep", "--points", "antidiagonal=0.9", "--stride", "5"],
+         "sweep point antidiagonal=0.9"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "no CUDA device is available"))
+    return cases
+
+
+def test_bad_settings_exit_2_before_loading_anything(unloadable, tmp_path, capsys):
+    for extra, message in _bad_call_cases(tmp_path):
+        start = time.perf_counter()
+        assert main(unloadable + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err, (extra, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert time.perf_counter() - start < 10, extra
+    assert not (tmp_path / "out").exists()
+
+
+def test_write_json_is_atomic(tmp_path, monkeypatch):
+    from prism.evaluation import report
+
+    path = tmp_path / "r.json"
+    report.write_json({"complete": True, "n": 1}, path)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(report.json, "dumps", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        report.write_json({"n": 2}, path)
+    assert json.loads(path.read_text()) == {"complete": True, "n": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left
+
+
+def test_interrupted_sweep_is_marked_partial(tiny_run, tmp_path, monkeypatch):
+    """A sweep that fails after its first point leaves a JSON that says it is not complete."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prism.evaluation import sweep
+
+    model_dir, text_path, _ = tiny_run
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    settings = sweep.SweepSettings(tokens=64, block_size=16,
+                                   points=(("prism", 0.9), ("mean_pooling", 0.9)))
+    real = sweep.method_selection
+
+    def failing(method, threshold, settings):
+        if method == "mean_pooling":
+            raise KeyboardInterrupt
+        return real(method, threshold, settings)
+
+    monkeypatch.setattr(sweep, "method_selection", failing)
+    path = tmp_path / "sweep.json"
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(model, tokenizer, text_path.read_text(), settings, out_path=path,
+                        progress=False)
+    partial = json.loads(path.read_text())
+    assert partial["complete"] is False and len(partial["points"]) == 1
+    monkeypatch.setattr(sweep, "method_selection", real)
+    result = sweep.run_sweep(model, tokenizer, text_path.read_text(), settings, out_path=path,
+                             progress=False)
+    assert result["complete"] is True and json.loads(path.read_text())["complete"] is True
+    assert len(result["points"]) == 2
+

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,7 +163,8 @@ def test_manual_forward_matches_transformers_sdpa(model, ids):
 
 
 def test_from_pretrained_accepts_the_registered_name(model, ids, tmp_path):
-    stats = register("prism-test-load", block_size=BS, high_threshold=0.5, low_threshold=0.5)
+    stats = register("prism-test-load", stats=PrismStats(), block_size=BS, high_threshold=0.5,
+                     low_threshold=0.5)
     model.save_pretrained(tmp_path)
     loaded = LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="prism-test-load")
     assert loaded.config._attn_implementation == "prism-test-load"
@@ -172,7 +174,8 @@ def test_from_pretrained_accepts_the_registered_name(model, ids, tmp_path):
 
 
 def test_threshold_one_equals_full_attention(model, ids):
-    stats = register("prism-test-full", block_size=BS, high_threshold=1.0, low_threshold=1.0)
+    stats = register("prism-test-full", stats=PrismStats(), block_size=BS, high_threshold=1.0,
+                     low_threshold=1.0)
     out = run(model, "prism-test-full", ids).logits
     assert relative_error(out, run(model, "sdpa", ids).logits) < 1e-5
     assert stats.mean_density() == 1.0
@@ -237,7 +240,8 @@ def test_chunked_prefill_with_a_kv_prefix(model, ids):
 
 
 def test_decode_and_short_queries_run_dense(model, ids):
-    stats = register("prism-test-decode", block_size=BS, high_threshold=1.0, low_threshold=1.0)
+    stats = register("prism-test-decode", stats=PrismStats(), block_size=BS,
+                     high_threshold=1.0, low_threshold=1.0)
     model.set_attn_implementation("prism-test-decode")
     with torch.no_grad():
         mine = model.generate(ids[:, :40], max_new_tokens=4, do_sample=False,
@@ -260,7 +264,8 @@ def test_static_cache_prefill_equals_dynamic(model, ids, padded):
     """A static cache hands the function unused key slots, with or without a mask."""
     from transformers import StaticCache
 
-    stats = register("prism-test-static", block_size=BS, high_threshold=0.5, low_threshold=0.5)
+    stats = register("prism-test-static", stats=PrismStats(), block_size=BS,
+                     high_threshold=0.5, low_threshold=0.5)
     batch = ids[:, :72].repeat(2, 1)
     mask = torch.ones_like(batch)
     if padded:
@@ -297,6 +302,94 @@ def test_padded_batch_equals_each_row_alone(model, ids, side):
         expected = manual_logits(model, alone, ReferencePrism(cfg))
         assert relative_error(out[row : row + 1, sl], expected) < 1e-4
         assert torch.isfinite(out[row]).all()
+
+
+def _padded(ids, lengths, side):
+    width = max(lengths)
+    batch = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        sl = slice(width - n, width) if side == "left" else slice(0, n)
+        batch[row, sl] = ids[0, 7 * row : 7 * row + n]
+        mask[row, sl] = 1
+    return batch, mask
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_pad_positions_get_what_sdpa_gives_them(model, ids, side):
+    """With every tile selected, a padded batch gives SDPA's logits at every position."""
+    register("prism-test-pad-dense", block_size=BS, high_threshold=1.0, low_threshold=1.0)
+    batch, mask = _padded(ids, [90, 41], side)
+    expected = run(model, "sdpa", batch, attention_mask=mask).logits
+    out = run(model, "prism-test-pad-dense", batch, attention_mask=mask).logits
+    assert relative_error(out, expected) < 1e-4
+    pad = mask == 0
+    assert relative_error(out[pad], expected[pad]) < 1e-4
+
+
+def test_right_padded_generation_continues_as_sdpa(model, ids):
+    """generate() reads a pad position of the shorter row; its continuation is SDPA's.
+
+    The default min_query_length (one tile) runs the decode steps by SDPA; a
+    min_query_length of 1 sends them to Prism, which raises as documented
+    (padding between real tokens).
+    """
+    batch, mask = _padded(ids, [40, 27], "right")
+    settings = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers warns about right padding
+        expected = model.generate(batch, **settings)
+        register("prism-test-generate", block_size=BS, high_threshold=1.0, low_threshold=1.0)
+        model.set_attn_implementation("prism-test-generate")
+        got = model.generate(batch, **settings)
+        assert torch.equal(got, expected)
+        register("prism-test-generate-1", block_size=BS, high_threshold=1.0,
+                 low_threshold=1.0, min_query_length=1)
+        model.set_attn_implementation("prism-test-generate-1")
+        with pytest.raises(ValueError, match="padding between real tokens"):
+            model.generate(batch, **settings)
+
+
+_SYNC_METHODS = ("item", "tolist", "cpu", "__bool__", "__int__", "__float__")
+
+
+def test_no_synchronisation_or_clock_without_statistics(model, ids, monkeypatch):
+    """Without a collector the integration's own code reads nothing back from the device.
+
+    Every Tensor method that copies a value to the host is wrapped to note
+    calls made from prism/integrations (the selection and attention
+    functions' own checks are theirs), and so is the clock.
+    """
+    import sys
+    import time
+
+    import prism.integrations.stats as stats_module
+
+    folder = str(Path(stats_module.__file__).parent)
+    seen = []
+
+    def spy(name, method):
+        def wrapped(*args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(folder):
+                seen.append((name, caller))
+            return method(*args, **kwargs)
+        return wrapped
+
+    for name in _SYNC_METHODS:
+        monkeypatch.setattr(torch.Tensor, name, spy(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(stats_module.time, "perf_counter", spy("perf_counter", time.perf_counter))
+
+    register("prism-test-nosync", block_size=BS, high_threshold=0.5, low_threshold=0.5)
+    run(model, "prism-test-nosync", ids[:, :64])
+    with torch.no_grad():
+        model.generate(ids[:, :40], max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert seen == []
+    # The sentinel does see the statistics hook.
+    register("prism-test-sync", stats=PrismStats(), block_size=BS)
+    run(model, "prism-test-sync", ids[:, :64])
+    assert {name for name, _ in seen} >= {"perf_counter", "__int__"}
 
 
 def test_padding_is_seen_by_the_attention_function(model, ids):
@@ -404,8 +497,9 @@ def test_attention_function_refuses_unsupported_calls():
 
 
 def test_stats_belong_to_their_collector(model, ids):
-    a = register("prism-test-a", block_size=BS, high_threshold=0.5, low_threshold=0.5)
-    b = register("prism-test-b", block_size=BS)
+    a = register("prism-test-a", stats=PrismStats(), block_size=BS, high_threshold=0.5,
+                 low_threshold=0.5)
+    b = register("prism-test-b", stats=PrismStats(), block_size=BS)
     run(model, "prism-test-a", ids)
     assert len(a.calls) == model.config.num_hidden_layers and not b.calls
     summary = a.summary()
@@ -430,7 +524,8 @@ def test_custom_selector_replaces_prism_selection(model, ids):
         mask[:, :, rows, rows + layout.first_query_tile] = True
         return mask
 
-    stats = register("prism-test-selector", block_size=BS, selector=diagonal_only)
+    stats = register("prism-test-selector", stats=PrismStats(), block_size=BS,
+                     selector=diagonal_only)
     out = run(model, "prism-test-selector", ids).logits
 
     def attend(layer, q, k, v):
@@ -639,7 +734,7 @@ def test_smollm2_integration_equals_reference_semantics(smollm2):
     assert sum(expected_density.values()) / len(expected_density) < 0.9  # genuinely sparse
 
     for backend in ("prism", "masked_sdpa"):
-        stats = register("prism-test-smollm2", cfg, backend=backend)
+        stats = register("prism-test-smollm2", cfg, stats=PrismStats(), backend=backend)
         model.set_attn_implementation("prism-test-smollm2")
         nll, count = sequence_nll(model, ids)
         assert nll == pytest.approx(expected_nll, rel=1e-4)

@@ -7,6 +7,12 @@
     prism eval --model path/to/model.gguf --text book.txt --tokens 8192 --out results/
     prism eval --task sweep --points "prism=0.9,0.95;mean_pooling=0.95" --out sweep/
 
+Every argument is checked before the model is loaded: a bad device, model,
+text, output folder or sweep setting ends at once with exit status 2 and a
+message that says what to change. Results are written atomically (a temporary
+file, then a rename); a sweep writes its JSON after every point with
+``"complete": false`` until the last point is done.
+
 Exit status: 0 on success, 2 on a usage error or a missing model, text or package
 (the message says how to install it).
 """
@@ -14,6 +20,7 @@ Exit status: 0 on success, 2 on a usage error or a missing model, text or packag
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -43,12 +50,20 @@ def _threshold(text: str) -> float:
 
 
 def _int_list(text: str) -> list[int]:
-    return [_positive_int(part) for part in text.split(",") if part.strip()]
+    values = [_positive_int(part) for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers such as 2048,4096, got {text!r}")
+    return values
 
 
 def _depth_list(text: str) -> list[float]:
     depths = []
-    for part in text.split(","):
+    parts = [part for part in text.split(",") if part.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated depths in [0, 1] such as 0.1,0.5, got {text!r}")
+    for part in parts:
         try:
             value = float(part)
         except ValueError:
@@ -98,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Prism tile size (default: %(default)s)")
     ev.add_argument("--threshold", type=_threshold, default=0.95,
                     help="Prism top-p threshold of both bands (default: %(default)s)")
+    ev.add_argument("--preset", choices=("paper", "accurate"), default=None,
+                    help="a PrismConfig.preset: perplexity task: the preset shown beside "
+                         "Prism and mean pooling (default: accurate); sweep task: runs the "
+                         "preset's point with its estimator settings (alone unless --points)")
     ev.add_argument("--device", default="cpu",
                     help="torch device, e.g. cpu or cuda (default: %(default)s)")
     ev.add_argument("--backend", choices=("auto", "prism", "masked_sdpa"), default="auto",
@@ -138,6 +157,149 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class UsageError(Exception):
+    """A bad argument of ``prism eval``, found before anything is loaded (exit status 2)."""
+
+
+#: File each task writes into ``--out``.
+RESULT_FILES = {"perplexity": "perplexity.json", "passkey": "passkey.json",
+                "sweep": "sweep.json"}
+
+
+def _check_out(args) -> None:
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {args.out}: exists and is not a folder; pass a folder (new or "
+                         "existing) to hold the results")
+    target = out / RESULT_FILES[args.task]
+    if target.is_dir():
+        raise UsageError(f"--out {args.out}: {target} is a folder, where the results file "
+                         "should go; pass another --out")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK):
+        raise UsageError(f"--out {args.out}: {existing} is not writable; pass another --out")
+
+
+def _check_device(text: str) -> None:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {text!r} is not a torch device; use cpu, cuda or "
+                         "cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {text} was given but no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {text}: there are only {torch.cuda.device_count()} "
+                             "CUDA device(s)")
+    elif device.type != "cpu":
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UsageError(f"--device {text} is not usable here: {first}") from None
+
+
+def _check_model(model: str | None) -> None:
+    from prism.evaluation.data import smollm2_gguf_path
+
+    if model is None:
+        smollm2_gguf_path()  # raises with the install command when missing
+        return
+    path = Path(model).expanduser()
+    if model.endswith(".gguf"):
+        if not path.is_file():
+            raise UsageError(f"--model {model}: no such GGUF file")
+    elif path.exists():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"--model {model}: not a transformers model folder (it has no "
+                             "config.json); pass a model folder or a .gguf file")
+    elif path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1:
+        raise UsageError(f"--model {model}: no such folder; pass a transformers model folder, "
+                         "a .gguf file or a hub name such as HuggingFaceTB/SmolLM2-135M")
+
+
+def _check_text(text: str | None) -> None:
+    from prism.evaluation.data import PYTHON_DOCS, bible_jsonl_path, read_text
+
+    if text is None:
+        bible_jsonl_path()  # raises with the install command when missing
+    elif text != PYTHON_DOCS:
+        read_text(text)  # raises on a missing or empty file
+
+
+def _sweep_settings(args):
+    from prism.evaluation.sweep import SweepSettings, with_preset
+
+    lengths = tuple(args.lengths) if args.sweep_passkey else ()
+    points = args.points or [("prism", 0.9), ("prism", 0.95), ("mean_pooling", 0.9),
+                             ("mean_pooling", 0.95)]
+    settings = SweepSettings(tokens=args.tokens, points=tuple(points),
+                         block_size=args.block_size, antidiagonal_stride=args.stride,
+                         last_queries=args.last_queries,
+                         vertical_slash_threshold=args.vs_threshold,
+                         subtile_factor=args.subtile_factor,
+                         passkey_lengths=lengths, passkey_depths=tuple(args.depths),
+                         backend=args.backend)
+    if getattr(args, "preset", None):
+        settings = with_preset(settings, args.preset, only=args.points is None)
+    return settings
+
+
+def _check_settings(args) -> None:
+    """Build every configuration the run will use, and try each sweep selection on a tiny input."""
+    import torch
+
+    import prism
+    from prism.reference import PrismConfig
+
+    if args.task != "sweep":
+        try:
+            PrismConfig(block_size=args.block_size, high_threshold=args.threshold,
+                        low_threshold=args.threshold)
+        except (TypeError, ValueError) as err:
+            raise UsageError(f"--block-size {args.block_size} / --threshold "
+                             f"{args.threshold}: {err}") from None
+        return
+    from prism.evaluation.sweep import method_selection
+
+    settings = _sweep_settings(args)
+    generator = torch.Generator().manual_seed(0)
+    bs = args.block_size
+    q = torch.randn(1, 2, 2 * bs, 64, generator=generator)
+    k = torch.randn(1, 1, 2 * bs, 64, generator=generator)
+    for method, threshold in settings.points:
+        try:
+            config, selector = method_selection(method, threshold, settings)
+            if selector is None:
+                prism.select_blocks(q, k, config, causal=True)
+            else:
+                selector(q, k, config, causal=True)
+        except (TypeError, ValueError, RuntimeError, IndexError) as err:
+            raise UsageError(f"sweep point {method}={threshold:g}: {err}") from None
+
+
+def check_args(args) -> None:
+    """Check every argument of ``prism eval`` before anything is loaded.
+
+    Raises
+    ------
+    UsageError
+        On a bad output folder, device, model path or sweep setting.
+    prism.evaluation.data.MissingResourceError
+        When the model, the text or a package they come from is missing.
+    """
+    _check_out(args)
+    _check_device(args.device)
+    _check_model(args.model)
+    _check_text(args.text)
+    _check_settings(args)
+
+
 def _text_for(args, needed_chars: int) -> tuple[str, str]:
     from prism.evaluation.data import PYTHON_DOCS, bible_text, python_docs_text, read_text
 
@@ -162,11 +324,11 @@ def run_eval(args) -> int:
     from prism.evaluation.data import load_model
 
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("prism eval: --device cuda was given but no CUDA device is available",
-              file=sys.stderr)
-        return 2
-    loaded = load_model(args.model, device=args.device)
+    try:
+        loaded = load_model(args.model, device=args.device)
+    except OSError as err:  # e.g. a hub name that is not cached while offline
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"--model {args.model}: could not be loaded: {first}") from None
     out_dir = Path(args.out)
     common = {
         "model": _model_name(loaded),
@@ -182,11 +344,13 @@ def run_eval(args) -> int:
         # About 4 characters per token; twice the window for the calibration chunk.
         text, text_name = _text_for(args, needed_chars=12 * args.tokens)
         settings = EvalSettings(tokens=args.tokens, block_size=args.block_size,
-                                threshold=args.threshold, backend=args.backend)
+                                threshold=args.threshold, backend=args.backend,
+                                preset=args.preset or "accurate")
         result = run_perplexity_eval(loaded.model, loaded.tokenizer, text, settings,
                                      progress=not args.no_progress)
-        result.update(common, text=text_name, wall_seconds=time.perf_counter() - start)
-        json_path = report.write_json(result, out_dir / "perplexity.json")
+        result.update(common, text=text_name, wall_seconds=time.perf_counter() - start,
+                      complete=True)
+        json_path = report.write_json(result, out_dir / RESULT_FILES["perplexity"])
         plot_path = report.plot_layers(result, out_dir / "perplexity_layers.png")
         cal = result["calibration"]
         print(f"\n{result['model']} on {text_name}: {result['tokens']} tokens, tile "
@@ -200,20 +364,12 @@ def run_eval(args) -> int:
         print("\ndensity (own pass) and recall (full-attention activations) per layer:")
         print(report.layer_table(result))
     elif args.task == "sweep":
-        from prism.evaluation.sweep import SweepSettings, run_sweep
+        from prism.evaluation.sweep import run_sweep
 
-        lengths = tuple(args.lengths) if args.sweep_passkey else ()
-        text, text_name = _text_for(args, needed_chars=6 * max((args.tokens, *lengths)))
-        points = args.points or [("prism", 0.9), ("prism", 0.95), ("mean_pooling", 0.9),
-                                 ("mean_pooling", 0.95)]
-        settings = SweepSettings(tokens=args.tokens, points=tuple(points),
-                                 block_size=args.block_size, antidiagonal_stride=args.stride,
-                                 last_queries=args.last_queries,
-                                 vertical_slash_threshold=args.vs_threshold,
-                                 subtile_factor=args.subtile_factor,
-                                 passkey_lengths=lengths, passkey_depths=tuple(args.depths),
-                                 backend=args.backend)
-        json_path = out_dir / "sweep.json"
+        settings = _sweep_settings(args)
+        needed = 6 * max((args.tokens, *settings.passkey_lengths))
+        text, text_name = _text_for(args, needed_chars=needed)
+        json_path = out_dir / RESULT_FILES["sweep"]
         result = run_sweep(loaded.model, loaded.tokenizer, text, settings, out_path=json_path,
                            header={**common, "text": text_name},
                            progress=not args.no_progress)
@@ -230,8 +386,9 @@ def run_eval(args) -> int:
                                    backend=args.backend)
         result = run_passkey_eval(loaded.model, loaded.tokenizer, text, settings,
                                   progress=not args.no_progress)
-        result.update(common, text=text_name, wall_seconds=time.perf_counter() - start)
-        json_path = report.write_json(result, out_dir / "passkey.json")
+        result.update(common, text=text_name, wall_seconds=time.perf_counter() - start,
+                      complete=True)
+        json_path = report.write_json(result, out_dir / RESULT_FILES["passkey"])
         plot_path = report.plot_passkey(result, out_dir / "passkey.png")
         print(f"\n{result['model']}, passkey retrieval in {text_name}: "
               f"{len(settings.depths)} depths per length, tile {args.block_size}, "
@@ -258,8 +415,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from prism.evaluation.data import EvalInputError
 
         try:
+            check_args(args)
             return run_eval(args)
-        except EvalInputError as err:
+        except (UsageError, EvalInputError) as err:
             print(f"prism eval: {err}", file=sys.stderr)
             return 2
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it

@@ -10,7 +10,7 @@ import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
-METHOD_ORDER = ("full", "prism", "mean_pooling")
+METHOD_ORDER = ("full", "prism", "mean_pooling", "preset")
 
 
 def environment() -> dict:
@@ -48,10 +48,13 @@ def perplexity_table(result: dict) -> str:
     lines = [f"{'method':<28} {'perplexity':>10} {'ratio':>6} {'density':>8} {'recall':>7} "
              f"{'pass s':>7} {'attn s':>7}"]
     for name in METHOD_ORDER:
+        if name not in methods:
+            continue
         m = methods[name]
+        recall = "-" if m.get("recall") is None else f"{m['recall']:.3f}"
         lines.append(
             f"{m['label']:<28} {m['perplexity']:>10.3f} {m['perplexity'] / full_ppl:>6.3f} "
-            f"{m['density']:>8.3f} {m['recall']:>7.3f} {m['pass_seconds']:>7.1f} "
+            f"{m['density']:>8.3f} {recall:>7} {m['pass_seconds']:>7.1f} "
             f"{m['attention_seconds']:>7.1f}"
         )
     return "\n".join(lines)
@@ -118,11 +121,28 @@ def sweep_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(result: dict, path: str | os.PathLike) -> Path:
-    """Write ``result`` as indented JSON, creating the folder; returns the path."""
-    path = Path(path)
+@contextlib.contextmanager
+def _atomic_target(path: Path):
+    """Yield a temporary path beside ``path``; rename it onto ``path`` when the block succeeds.
+
+    A reader never sees a half-written file: it finds the old file or the new
+    one. On an error the temporary file is removed and ``path`` is untouched.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+
+
+def write_json(result: dict, path: str | os.PathLike) -> Path:
+    """Write ``result`` as indented JSON, atomically, creating the folder; returns the path."""
+    path = Path(path)
+    with _atomic_target(path) as temporary:
+        temporary.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return path
 
 
@@ -154,8 +174,8 @@ def plot_layers(result: dict, path: str | os.PathLike) -> Path:
     ax_density.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with _atomic_target(path) as temporary:
+        fig.savefig(temporary, dpi=120, format="png")
     plt.close(fig)
     return path
 
@@ -183,8 +203,8 @@ def plot_passkey(result: dict, path: str | os.PathLike) -> Path:
     ax.legend(fontsize=8, loc="upper center", ncol=2)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with _atomic_target(path) as temporary:
+        fig.savefig(temporary, dpi=120, format="png")
     plt.close(fig)
     return path
 

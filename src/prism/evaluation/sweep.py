@@ -191,7 +191,8 @@ def run_sweep(model, tokenizer, text: str, settings: SweepSettings, *, out_path=
               "settings": {**asdict(settings), "points": [list(p) for p in settings.points],
                            "passkey_lengths": list(settings.passkey_lengths),
                            "passkey_depths": list(settings.passkey_depths)},
-              "points": []}
+              # Stays False in every file written before the last point is done.
+              "complete": False, "points": []}
     bar = tqdm(total=len(settings.points) + 1, unit="point", disable=not progress,
                desc="sweep")
     try:
@@ -229,6 +230,9 @@ def run_sweep(model, tokenizer, text: str, settings: SweepSettings, *, out_path=
             if out_path is not None:
                 write_json(result, out_path)
             bar.update(1)
+        result["complete"] = True
+        if out_path is not None:
+            write_json(result, out_path)
     finally:
         bar.close()
         model.set_attn_implementation(previous)

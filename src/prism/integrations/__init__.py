@@ -1,7 +1,9 @@
 """Bridges from Prism to other libraries.
 
 * :mod:`prism.integrations.transformers` - Prism as a Hugging Face
-  ``attn_implementation`` (``register``), with per-layer statistics.
+  ``attn_implementation`` (``register``), built on
+  :mod:`prism.integrations.stats` (optional per-call statistics) and
+  :mod:`prism.integrations.masks` (decoding transformers' padding masks).
 * :mod:`prism.integrations.flex` - a Prism tile mask as a
   ``torch.nn.attention.flex_attention.BlockMask`` (``to_block_mask``).
 * :mod:`prism.integrations.masked_sdpa` - the tile mask expanded to tokens and
@@ -12,4 +14,4 @@ The submodules are imported on demand, so ``import prism.integrations`` pulls in
 neither transformers nor FlexAttention.
 """
 
-__all__ = ["flex", "masked_sdpa", "transformers"]
+__all__ = ["flex", "masked_sdpa", "masks", "stats", "transformers"]
