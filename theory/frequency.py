@@ -28,7 +28,7 @@ from prism.reference import rope_frequencies as _reference_rope_frequencies
 #: tiny sines would underflow to 0/0 for subnormal ``r``.
 _SERIES_LIMIT = 1e-4
 
-#: Bases and sizes of the issue's cut-off table (SPEC 1 and 4 use D = 128, B = 128).
+#: Bases and sizes of the cut-off table (SPEC 1 and 4 use D = 128, B = 128).
 DEFAULT_TABLE_BASES = (1e4, 1e5, 5e5, 1e6)
 DEFAULT_TABLE_BLOCK_SIZES = (32, 64, 128, 256)
 DEFAULT_TABLE_HEAD_DIMS = (64, 128)
