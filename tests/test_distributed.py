@@ -484,3 +484,21 @@ def test_documented_numbers_are_what_the_model_computes():
         assert ring_max == f"{model.ring_max / gib:.2f}"
         assert prism_max == f"{model.prism_max / gib:.3f}"
         assert ratio == f"{model.ratio:.3f}"
+
+
+def test_query_stand_in_has_the_rms_of_all_pooled_queries():
+    """band_temperature on the one-tile stand-in equals band_temperature on every tile."""
+    from prism.distributed.attention import _pooled_query_stand_in
+    from prism.reference import band_dims, band_temperature
+
+    gen = torch.Generator().manual_seed(3)
+    q_pooled = torch.randn(2, 4, 7, 32, generator=gen) * torch.linspace(0.1, 3.0, 32)
+    k_pooled = torch.randn(2, 2, 9, 32, generator=gen)
+    squares = q_pooled.double() ** 2
+    for dims in band_dims(32, 8, 12, "half", torch.device("cpu")):
+        stand_in = _pooled_query_stand_in(squares.sum(dim=(-2, -1)),
+                                          squares[..., dims].sum(dim=(-2, -1)), dims, 32, 7)
+        assert stand_in.shape == (2, 4, 1, 32)
+        expected = band_temperature(q_pooled, k_pooled, dims)
+        assert torch.allclose(band_temperature(stand_in, k_pooled, dims), expected, rtol=1e-6)
+
