@@ -11,8 +11,9 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-#: Two implementations may disagree on a mask entry only when the probability
-#: mass ranked before it lies within this distance of the threshold (SPEC 6).
+#: Absolute margin on the probability mass ranked before a mask entry within
+#: which two implementations may disagree on it (contract §6.5, which also
+#: covers near-equal probabilities on either side of the cut).
 TIE_MARGIN = 1e-5
 
 ROPE_LAYOUTS = ("half", "interleaved")
