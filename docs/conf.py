@@ -39,13 +39,28 @@ templates_path: list[str] = []
 plot_html_show_source_link = False
 plot_html_show_formats = False
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "tutorials/README.rst"]
-html_theme = "alabaster"
+# Furo: a maintained theme whose code blocks and tables scroll instead of being
+# clipped, readable from phone width to wide screens.
+html_theme = "furo"
+html_title = f"Prism {release}"
 html_static_path = ["_static"]
-html_theme_options = {
-    "description": "Spectral-aware block-sparse attention",
-    "fixed_sidebar": True,
-    "page_width": "1160px",
-}
+html_css_files = ["prism.css"]
+html_theme_options = {"navigation_with_keys": True}
+pygments_style = "friendly"
+pygments_dark_style = "monokai"
+
+
+def _keep_page_contents(app, doctree):
+    """Keep the pages' own "On this page" lists: Furo hides its side ToC below ~1310 px."""
+    from docutils import nodes
+
+    for topic in doctree.findall(nodes.topic):
+        if "contents" in topic["classes"]:
+            topic["classes"].append("this-will-duplicate-information-and-it-is-still-useful-here")
+
+
+def setup(app):
+    app.connect("doctree-read", _keep_page_contents)
 
 sphinx_gallery_conf = {
     "examples_dirs": ["tutorials"],

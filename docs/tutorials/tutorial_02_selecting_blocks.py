@@ -51,8 +51,8 @@ slow = torch.tensor([d for m in slow for d in (m, m + D // 2)])
 print(q.shape, k.shape)
 
 # %%
-# Stage 1: the tile grid and mean pooling (SPEC 3)
-# ------------------------------------------------
+# Stage 1: the tile grid and mean pooling (contract §3)
+# -----------------------------------------------------
 # With ``Nq == Nk`` the queries start at position 0. Each tile's pooled vector
 # is the mean of the tokens it holds, accumulated in fp32.
 
@@ -73,16 +73,16 @@ print(f"fast-pair RMS: tokens {energy(q, fast):.3f} -> pooled {energy(q_pooled, 
 print(f"slow-pair RMS: tokens {energy(q, slow):.3f} -> pooled {energy(q_pooled, slow):.3f}")
 
 # %%
-# Stage 2: the two bands (SPEC 4)
-# -------------------------------
+# Stage 2: the two bands (contract §4)
+# ------------------------------------
 
 high_dims, low_dims = band_dims(D, cfg.high_dim, cfg.low_dim, cfg.rope_layout)
 print("high band dims:", high_dims.tolist())
 print("low band dims: ", low_dims.tolist())
 
 # %%
-# Stage 3: energy calibration (SPEC 5)
-# ------------------------------------
+# Stage 3: energy calibration (contract §5)
+# -----------------------------------------
 # Each band's temperature is its share of the pooled energy. The high band
 # is weak after pooling, so its temperature is small, which sharpens its
 # softmax back up.
@@ -92,8 +92,8 @@ low_tau = band_temperature(q_pooled, k_pooled, low_dims, cfg.eps)
 print(f"tau_high = {high_tau.item():.4f}, tau_low = {low_tau.item():.4f}")
 
 # %%
-# Stage 4: band probabilities and top-p (SPEC 6)
-# ----------------------------------------------
+# Stage 4: band probabilities and top-p (contract §6)
+# ---------------------------------------------------
 
 admissible = admissible_tiles(layout, causal=True)
 high_probs = band_probabilities(band_logits(q_pooled, k_pooled, high_dims, high_tau), admissible)
