@@ -354,15 +354,6 @@ def tile_attention_mass(probabilities: torch.Tensor, *, block_size: int = 128,
     return padded.view(b, h, nq, n_key_tiles, block_size).sum(dim=-1)
 
 
-def _kept_from_tile_mass(tile_mass: torch.Tensor, block_mask: torch.Tensor,
-                         layout) -> torch.Tensor:
-    """Sum each query's tile masses over the tiles selected for its query tile."""
-    positions = layout.query_start + torch.arange(layout.num_queries, device=tile_mass.device)
-    rows = positions // layout.block_size - layout.first_query_tile
-    selected = block_mask[:, :, rows].to(torch.float64)  # (B', H', Nq, n_key_tiles)
-    return (tile_mass * selected).sum(dim=-1)
-
-
 def kept_attention_mass(probabilities: torch.Tensor, block_mask: torch.Tensor, *,
                         block_size: int = 128, causal: bool = True) -> torch.Tensor:
     """Per query, the full-attention mass that falls on its selected tiles.
@@ -388,7 +379,10 @@ def kept_attention_mass(probabilities: torch.Tensor, block_mask: torch.Tensor, *
     layout = tile_layout(nq, nk, block_size, causal)
     validate_block_mask(block_mask, probabilities,
                         (layout.num_query_tiles, layout.num_key_tiles))
-    return _kept_from_tile_mass(tile_mass, block_mask, layout)
+    positions = layout.query_start + torch.arange(nq, device=tile_mass.device)
+    rows = positions // block_size - layout.first_query_tile
+    selected = block_mask[:, :, rows].to(torch.float64)  # (B', H', Nq, n_key_tiles)
+    return (tile_mass * selected).sum(dim=-1)
 
 
 def attention_recall(q: torch.Tensor, k: torch.Tensor, block_mask: torch.Tensor, *,
