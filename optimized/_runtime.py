@@ -61,8 +61,21 @@ def check_finite_fast(**tensors: torch.Tensor) -> None:
 
 
 def next_power_of_2(n: int) -> int:
-    """Smallest power of two ``>= max(n, 1)``."""
-    return triton.next_power_of_2(max(1, int(n)))
+    """Smallest power of two ``>= max(n, 1)`` (plain Python: called on every launch)."""
+    n = int(n)
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+_CAPABILITIES: dict = {}
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """``torch.cuda.get_device_capability``, cached per device (asked on every launch)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    capability = _CAPABILITIES.get(index)
+    if capability is None:
+        capability = _CAPABILITIES[index] = torch.cuda.get_device_capability(index)
+    return capability
 
 
 def _numpy_converts_one_element_arrays(np) -> bool:

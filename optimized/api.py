@@ -20,18 +20,30 @@ Where the kernels do not apply, a documented exact path runs instead:
 * selection with another non-default ``estimator`` runs
   :func:`prism.reference.select_blocks` on the same device. ``prism_attention``
   still runs the Triton attention kernel on that mask.
+
+No host synchronisation on the CUDA path: NaN/Inf checks run inside the
+kernels that read the data (pooling for q, k and v; a one-pass check for
+``block_sparse_attention``) and set a device flag. An eager call reads that
+flag once, at its end, and raises the reference's ``ValueError``. Under
+``torch.compile`` the functions trace into the custom operators of
+:mod:`~prism.optimized.ops` (no graph break), and neither there nor during
+CUDA graph capture is the flag read: NaN input then gives an undefined
+selection and NaN output rows instead of an error.
+
+``select_blocks`` returns a :class:`~prism.reference.tile_mask.TileMask`
+carrying the kernel's compact indices, which ``block_sparse_attention`` uses
+instead of rebuilding them (under ``torch.compile`` it returns the plain bool
+tensor).
 """
 
 from __future__ import annotations
 
 import torch
 
-from prism import reference
-from prism.reference.bands import band_sizes
 from prism.reference.config import PrismConfig, resolve_config
-from prism.reference.estimators import estimator_mask
-from prism.reference.tiles import tile_layout
+from prism.reference.tile_mask import TileMask
 from prism.reference.validation import (
+    check_finite,
     validate_block_mask,
     validate_block_size,
     validate_qk,
@@ -39,14 +51,37 @@ from prism.reference.validation import (
     validate_scale,
 )
 
-from ._runtime import check_device, check_finite_fast, kernels_interpreted
-from .attention import _sparse_attention_kernel, sparse_attention_forward, supported_block_size
-from .estimators import antidiagonal_tile_probabilities
+from . import ops
+from ._runtime import check_device
+from .attention import _sparse_attention_kernel
 from .indices import _mask_to_indices_kernel, mask_rows_to_indices
-from .selection import MAX_WIDTH, _select_tiles_kernel, select_tiles
+from .selection import _select_tiles_kernel
 
-# Estimators whose O(N^2) scoring runs as the kernel of :mod:`.estimators`.
-_ANTIDIAGONAL_ESTIMATORS = ("antidiagonal", "antidiagonal_vertical_slash")
+_DEFAULT_CONFIG = PrismConfig()
+
+
+def _resolve(config, overrides) -> PrismConfig:
+    """``resolve_config`` without building a new config when nothing is overridden."""
+    if not overrides:
+        if config is None:
+            return _DEFAULT_CONFIG
+        if type(config) is PrismConfig:
+            return config
+    return resolve_config(config, **overrides)
+
+
+def _raise_if_nonfinite(nonfinite: torch.Tensor, **tensors: torch.Tensor) -> None:
+    """Raise the reference's ``ValueError`` if a kernel flagged NaN/Inf (eager calls only).
+
+    Reading the flag is the one host wait of an eager call; under compilation
+    or graph capture it is skipped. The flag can also be set by a finite block
+    whose fp32 sum overflows, so each tensor is confirmed before raising.
+    """
+    if nonfinite is None or ops.tracing():
+        return
+    if bool(nonfinite.any()):
+        for name, t in tensors.items():
+            check_finite(name, t)
 
 
 def select_blocks(q, k, config: PrismConfig | None = None, *, causal: bool = True,
@@ -68,45 +103,31 @@ def select_blocks(q, k, config: PrismConfig | None = None, *, causal: bool = Tru
 
     Returns
     -------
-    Tensor (B, Hq, n_query_tiles, n_key_tiles), bool
+    TileMask (B, Hq, n_query_tiles, n_key_tiles), bool
+        A bool tensor that also carries the compact indices the selection
+        kernel wrote (:class:`prism.reference.tile_mask.TileMask`). Under
+        ``torch.compile`` a plain bool tensor.
 
     Raises
     ------
     ValueError, TypeError
-        On bad input (SPEC 8), NaN/Inf included, and on CPU tensors.
+        On bad input (SPEC 8), NaN/Inf included (eager calls), and on CPU tensors.
     """
-    cfg = resolve_config(config, **overrides)
+    cfg = _resolve(config, overrides)
     validate_qk(q, k, causal=causal, check_values=False)
     check_device(_select_tiles_kernel, q=q, k=k)
-    mask, _, _, _ = _select(q, k, cfg, causal, write_indices=False)
-    return mask
+    if torch.compiler.is_compiling():
+        return torch.ops.prism.select(q, k, None, causal, *ops.config_values(cfg))[0]
+    mask, num, idx, nonfinite = ops.select(q, k, None, cfg, causal)
+    _raise_if_nonfinite(nonfinite, q=q, k=k)
+    return TileMask(mask, block_size=cfg.block_size, causal=causal, num_queries=q.shape[2],
+                    num_keys=k.shape[2], kv_num_blocks=num, kv_indices=idx)
 
 
-def _select(q, k, cfg: PrismConfig, causal: bool, *, write_indices: bool):
+def _select(q, k, cfg: PrismConfig, causal: bool, *, write_indices: bool = True):
     """Selection on validated inputs: ``(mask, kv_num_blocks, kv_indices, layout)``."""
-    b, hq, nq, d = q.shape
-    nk = k.shape[2]
-    high_dim, low_dim = band_sizes(d, cfg.high_dim, cfg.low_dim)
-    layout = tile_layout(nq, nk, cfg.block_size, causal)
-    nqt, nkt = layout.num_query_tiles, layout.num_key_tiles
-    if nqt == 0 or nkt == 0:
-        check_finite_fast(q=q, k=k)
-        mask = torch.zeros(b, hq, nqt, nkt, dtype=torch.bool, device=q.device)
-    elif cfg.estimator in _ANTIDIAGONAL_ESTIMATORS:
-        # E1/E5: the antidiagonal scores run as a Triton kernel; top-p, the
-        # vertical-slash part and the forced tiles are the reference's torch code.
-        check_finite_fast(q=q, k=k)
-        mask = estimator_mask(q, k, cfg, causal, antidiagonal_fn=antidiagonal_tile_probabilities)
-    elif nkt > MAX_WIDTH or cfg.estimator != "prism":
-        mask = reference.select_blocks(q, k, cfg, causal=causal)
-    else:
-        mask, num, idx = select_tiles(q, k, cfg, causal, layout, high_dim, low_dim,
-                                      write_mask=True, write_indices=write_indices)
-        return mask, num, idx, layout
-    if not write_indices:
-        return mask, None, None, layout
-    num, idx = mask_rows_to_indices(mask)
-    return mask, num, idx, layout
+    mask, num, idx, _ = ops.select(q, k, None, cfg, causal)
+    return mask, num, idx, ops._layout(q.shape[2], k.shape[2], cfg.block_size, causal)
 
 
 def block_sparse_attention(q, k, v, block_mask, *, block_size: int = 128, causal: bool = True,
@@ -122,7 +143,9 @@ def block_sparse_attention(q, k, v, block_mask, *, block_size: int = 128, causal
     v : Tensor (B, Hkv, Nk, Dv)
     block_mask : Tensor (B, Hq, n_query_tiles, n_key_tiles), bool
         Batch and head dims may be 1 to broadcast. Tiles a causal query tile
-        cannot see (``j`` above its diagonal) contribute nothing.
+        cannot see (``j`` above its diagonal) contribute nothing. A
+        :class:`~prism.reference.tile_mask.TileMask` from ``select_blocks``
+        for the same call hands over its compact indices.
     block_size : int
         Tiles that are multiples of 16 run the Triton kernel; other sizes run
         the reference implementation on the same device.
@@ -139,34 +162,25 @@ def block_sparse_attention(q, k, v, block_mask, *, block_size: int = 128, causal
     validate_qkv(q, k, v, causal=causal, check_values=False)
     validate_block_size(block_size)
     validate_scale(scale)
-    b, hq, nq, _ = q.shape
-    nk, dv = k.shape[2], v.shape[3]
-    layout = tile_layout(nq, nk, block_size, causal)
+    nq, nk = q.shape[2], k.shape[2]
+    layout = ops._layout(nq, nk, block_size, causal)
     validate_block_mask(block_mask, q, (layout.num_query_tiles, layout.num_key_tiles))
     check_device(_sparse_attention_kernel, q=q, k=k, v=v)
-    check_finite_fast(q=q, k=k, v=v)
-    if not supported_block_size(block_size):
-        return reference.block_sparse_attention(q, k, v, block_mask, block_size=block_size,
-                                                causal=causal, scale=scale,
-                                                return_lse=return_lse)
-    if nq == 0 or nk == 0:
-        return _empty_result(q, dv, return_lse)
-    num, idx = mask_rows_to_indices(block_mask, layout.first_query_tile, causal_trim=causal)
-    out, lse = sparse_attention_forward(
-        q, k, v, num, idx, block_size=block_size, causal=causal, scale=scale,
-        return_lse=return_lse, first_query_tile=layout.first_query_tile,
-        query_start=layout.query_start,
-        interpreted=kernels_interpreted(_sparse_attention_kernel))
+    num = idx = None
+    if isinstance(block_mask, TileMask):
+        carried = block_mask.carried_indices(block_size=block_size, causal=causal,
+                                             num_queries=nq, num_keys=nk)
+        if carried is not None and carried[0].device == q.device:
+            num, idx = carried
+        block_mask = block_mask.as_tensor()
+    if torch.compiler.is_compiling():
+        out, lse, _ = torch.ops.prism.block_sparse_attention(
+            q, k, v, block_mask, num, idx, block_size, causal, scale, return_lse, True)
+    else:
+        out, lse, nonfinite = ops.attention(q, k, v, block_mask, num, idx, block_size, causal,
+                                            scale, return_lse, True)
+        _raise_if_nonfinite(nonfinite, q=q, k=k, v=v)
     return (out, lse) if return_lse else out
-
-
-def _empty_result(q, dv: int, return_lse: bool):
-    """Outputs when no query has a key: ``o = 0``, ``lse = -inf``."""
-    b, hq, nq, _ = q.shape
-    out = torch.zeros(b, hq, nq, dv, dtype=q.dtype, device=q.device)
-    if not return_lse:
-        return out
-    return out, torch.full((b, hq, nq), float("-inf"), dtype=torch.float32, device=q.device)
 
 
 def prism_attention(q, k, v, config: PrismConfig | None = None, *, causal: bool = True,
@@ -175,7 +189,8 @@ def prism_attention(q, k, v, config: PrismConfig | None = None, *, causal: bool 
     """Prism end to end on the GPU: selection, then block-sparse attention.
 
     Same contract as :func:`prism.reference.prism_attention`. The selection
-    kernel hands its compact tile indices straight to the attention kernel.
+    kernel hands its compact tile indices straight to the attention kernel,
+    and the pooling launch also checks ``v`` for NaN/Inf.
 
     Parameters
     ----------
@@ -183,7 +198,7 @@ def prism_attention(q, k, v, config: PrismConfig | None = None, *, causal: bool 
         As in :func:`block_sparse_attention`.
     config : PrismConfig, optional
     return_mask : bool
-        Also return the selected tile mask.
+        Also return the selected tile mask (a ``TileMask`` in eager mode).
     **overrides
         Any :class:`PrismConfig` field.
 
@@ -191,26 +206,24 @@ def prism_attention(q, k, v, config: PrismConfig | None = None, *, causal: bool 
     -------
     o, or a tuple ``(o, lse)``, ``(o, mask)`` or ``(o, lse, mask)`` in that order.
     """
-    cfg = resolve_config(config, **overrides)
+    cfg = _resolve(config, overrides)
     validate_qkv(q, k, v, causal=causal, check_values=False)
     validate_scale(scale)
     check_device(_sparse_attention_kernel, q=q, k=k, v=v)
-    check_finite_fast(v=v)
-    mask, num, idx, layout = _select(q, k, cfg, causal, write_indices=True)
-    nq, nk, dv = q.shape[2], k.shape[2], v.shape[3]
-    if nq == 0 or nk == 0:
-        result = _empty_result(q, dv, return_lse)
-    elif not supported_block_size(cfg.block_size):
-        result = reference.block_sparse_attention(q, k, v, mask, block_size=cfg.block_size,
-                                                  causal=causal, scale=scale,
-                                                  return_lse=return_lse)
+    if torch.compiler.is_compiling():
+        mask, num, idx, _ = torch.ops.prism.select(q, k, v, causal, *ops.config_values(cfg))
+        out, lse, _ = torch.ops.prism.block_sparse_attention(
+            q, k, v, mask, num, idx, cfg.block_size, causal, scale, return_lse, False)
     else:
-        out, lse = sparse_attention_forward(
-            q, k, v, num, idx, block_size=cfg.block_size, causal=causal, scale=scale,
-            return_lse=return_lse, first_query_tile=layout.first_query_tile,
-            query_start=layout.query_start,
-            interpreted=kernels_interpreted(_sparse_attention_kernel))
-        result = (out, lse) if return_lse else out
+        mask, num, idx, nonfinite = ops.select(q, k, v, cfg, causal)
+        out, lse, _ = ops.attention(q, k, v, mask, num, idx, cfg.block_size, causal, scale,
+                                    return_lse, False)
+        _raise_if_nonfinite(nonfinite, q=q, k=k, v=v)
+        if return_mask:
+            mask = TileMask(mask, block_size=cfg.block_size, causal=causal,
+                            num_queries=q.shape[2], num_keys=k.shape[2], kv_num_blocks=num,
+                            kv_indices=idx)
+    result = (out, lse) if return_lse else out
     if not return_mask:
         return result
     return (*result, mask) if return_lse else (result, mask)

@@ -34,7 +34,7 @@ import triton.language as tl
 from triton.runtime import _allocation
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._runtime import next_power_of_2
+from ._runtime import device_capability, next_power_of_2
 
 LOG2_E = 1.4426950408889634
 
@@ -71,7 +71,27 @@ def supported_block_size(block_size: int) -> bool:
 
 def default_config(block_size: int, head_dim: int, dtype: torch.dtype,
                    interpreted: bool) -> AttentionConfig:
-    """Block sizes and pipelining for one call (see benchmarks/NOTES.md for the tuning)."""
+    """Block sizes and pipelining for one call: a table measured on the H200.
+
+    ``benchmarks/bench_matrix.py --parts tune`` times every candidate on 16K
+    tokens at densities 0.15 and 1.0 (benchmarks/NOTES.md, item 25); the
+    winners, 16-bit inputs:
+
+    ======================  ======  ========================================
+    tile (largest 2^k)      D       launch shape
+    ======================  ======  ========================================
+    >= 128                  <= 64   128 x 64, 8 warps, 2 stages
+    >= 128                  128     128 x 128, warp-specialised, 2 stages
+    >= 128                  other   128 x 128, 8 warps, 2 stages (D 80, 96)
+    >= 128                  > 128   128 x 64, warp-specialised, 2 stages
+    64                      any     64 x 64, 4 warps, 3 stages, TMA
+    16, 32                  any     tile x tile, 4 warps, 3 stages, TMA
+    ======================  ======  ========================================
+
+    Warp-specialised shapes fall back to :func:`fallback_config` where
+    :func:`warp_specialize_compatible` refuses the inputs; TMA needs
+    :func:`tma_compatible` and is skipped otherwise.
+    """
     divisor = block_size & -block_size  # largest power of two dividing block_size
     if interpreted:
         # The interpreter's cost grows with block area; 32 keeps CPU tests quick.
@@ -79,20 +99,22 @@ def default_config(block_size: int, head_dim: int, dtype: torch.dtype,
         return AttentionConfig(tile, tile, 4, 1)
     if dtype == torch.float32:
         return AttentionConfig(min(64, divisor), min(32, divisor), 4, 2)
+    if divisor < 128:
+        return AttentionConfig(divisor, divisor, 4, 3, use_tma=True)
+    if head_dim <= 64:
+        return AttentionConfig(128, 64, 8, 2)
     if head_dim > 128:
-        return AttentionConfig(min(64, divisor), min(64, divisor), 8, 2)
-    # Measured on the H200 (benchmarks/NOTES.md): 128 x 128 blocks with warp
-    # specialisation (4 warps per consumer group, 2 stages) beat the plain loop
-    # with 8 warps, 3 stages and K/V through host tensor descriptors, which
-    # beat pointer loads and 64-key blocks.
-    if divisor >= 128:
+        return AttentionConfig(128, 64, 4, 2, warp_specialize=True)
+    if head_dim == 128:
         return AttentionConfig(128, 128, 4, 2, use_tma=True, warp_specialize=True)
-    return fallback_config(block_size)
+    return AttentionConfig(128, 128, 8, 2)
 
 
-def fallback_config(block_size: int) -> AttentionConfig:
+def fallback_config(block_size: int, head_dim: int = 128) -> AttentionConfig:
     """The 16-bit launch shape when warp specialisation does not apply."""
     divisor = block_size & -block_size
+    if head_dim > 128 and divisor >= 128:
+        return AttentionConfig(128, 64, 8, 2)
     return AttentionConfig(min(128, divisor), min(128, divisor), 8, 3, use_tma=True)
 
 
@@ -102,7 +124,7 @@ def tma_compatible(k: torch.Tensor, v: torch.Tensor, d_pad: int, dv_pad: int) ->
     Needs a CUDA device of compute capability 9.0 or newer, head dims that are
     powers of two, unit-stride head dims, 16-byte aligned strides and bases.
     """
-    if not (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9):
+    if not (k.is_cuda and device_capability(k.device)[0] >= 9):
         return False
     if d_pad != k.shape[3] or dv_pad != v.shape[3]:
         return False
@@ -120,7 +142,7 @@ def warp_specialize_compatible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     capability 9.x, where Triton 3.6 partitions such loops), 16-bit inputs, Q
     as well as K and V readable through tensor descriptors, and query blocks
     aligned to ``query_start`` (each block of queries starts at a row >= 0)."""
-    if not (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9):
+    if not (q.is_cuda and device_capability(q.device)[0] == 9):
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or query_start % block_m:
         return False
@@ -407,7 +429,7 @@ def sparse_attention_forward(q, k, v, kv_num_blocks, kv_indices, *, block_size: 
         config = default_config(block_size, d, q.dtype, interpreted)
         if config.warp_specialize and not warp_specialize_compatible(
                 q, k, v, d_pad, dv_pad, query_start, config.block_m):
-            config = fallback_config(block_size)
+            config = fallback_config(block_size, d)
     elif config.warp_specialize and not warp_specialize_compatible(
             q, k, v, d_pad, dv_pad, query_start, config.block_m):
         raise ValueError("AttentionConfig(warp_specialize=True) needs a compute capability 9.x "
@@ -421,7 +443,7 @@ def sparse_attention_forward(q, k, v, kv_num_blocks, kv_indices, *, block_size: 
     if use_tma:
         k_desc = TensorDescriptor.from_tensor(k, [1, 1, config.block_n, d_pad])
         v_desc = TensorDescriptor.from_tensor(v, [1, 1, config.block_n, dv_pad])
-    grid = (nqt * triton.cdiv(block_size, config.block_m) * b * hq,)
+    grid = (nqt * -(-block_size // config.block_m) * b * hq,)
     scratch = _scratch_allocator() if config.warp_specialize else contextlib.nullcontext()
     with scratch:
         _sparse_attention_kernel[grid](

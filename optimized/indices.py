@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._runtime import next_power_of_2
+
 
 @triton.jit
 def _mask_to_indices_kernel(
@@ -66,7 +68,7 @@ def mask_rows_to_indices(block_mask: torch.Tensor, first_query_tile: int = 0,
         num.zero_()
         return num, idx
     flat = block_mask.contiguous().view(torch.uint8)
-    block = min(1024, triton.next_power_of_2(nk))
+    block = min(1024, next_power_of_2(nk))
     _mask_to_indices_kernel[(rows,)](
         flat, num, idx, max(nq, 1), nk, first_query_tile,
         CAUSAL_TRIM=causal_trim, BLOCK=block, num_warps=4,

@@ -13,6 +13,14 @@ pool key tiles (K once per KV head). Each program owns one tile:
 
 Pooled keys are stored transposed, ``(B, Hkv, D, nk_stride)``, so the selection
 kernel reads one contiguous row of key tiles per head dim.
+
+The same launch finds NaN and Inf without a host wait: a tile holding one
+has a non-finite sum, and its program sets a flag in device memory that the
+caller reads at the end of an eager call (never under compilation or graph
+capture). Optional extra programs check V the same way, so
+``prism_attention`` needs no separate pass over it. A finite tile whose fp32
+sum overflows also sets the flag; the eager caller confirms every flag
+against the inputs before raising.
 """
 
 from __future__ import annotations
@@ -38,10 +46,72 @@ def _band_membership(dims, head_dim, half_layout, band_start_pair, band_pairs):
 
 
 @triton.jit
+def _flag_if_nonfinite(sums, nonfinite_ptr):
+    """Set the flag when any of ``sums`` is NaN or +-Inf (every writer stores 1)."""
+    bad = tl.sum((sums - sums != 0).to(tl.int32), axis=0)
+    tl.store(nonfinite_ptr, 1.0, mask=bad > 0)
+
+
+@triton.jit
+def _check_rows_finite(x_ptr, stride_b, stride_h, stride_n, stride_d, num_heads, num_rows,
+                       num_dims, row_block, block_rows, nonfinite_ptr,
+                       D_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Flag NaN/Inf in rows ``[block * block_rows, ...)`` of one head of ``x`` (B, H, N, D).
+
+    ``row_block`` numbers (batch * head, block) pairs; fp32 column sums over the
+    rows find a non-finite entry as :func:`_pool_one_tile` does.
+    """
+    blocks_per_head = tl.cdiv(num_rows, block_rows)
+    bh = row_block // blocks_per_head
+    block = row_block % blocks_per_head
+    b = bh // num_heads
+    h = bh % num_heads
+    dims = tl.arange(0, D_PAD)
+    base = x_ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    total = tl.zeros([D_PAD], dtype=tl.float32)
+    for r0 in range(0, block_rows, BLOCK_T):
+        rows = block * block_rows + r0 + tl.arange(0, BLOCK_T)
+        ok = (rows < num_rows)[:, None] & (dims < num_dims)[None, :]
+        x = tl.load(base + rows.to(tl.int64)[:, None] * stride_n + dims[None, :] * stride_d,
+                    mask=ok, other=0.0)
+        total += tl.sum(x.to(tl.float32), axis=0)
+    _flag_if_nonfinite(total, nonfinite_ptr)
+
+
+@triton.jit
+def _nonfinite_kernel(
+    Q, K, V, NONFINITE,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    num_q_heads, num_kv_heads, num_queries, num_keys, head_dim, head_dim_v,
+    q_programs, k_programs, block_rows,
+    D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """One pass over Q, K and V that flags NaN/Inf (the reference's ``check_finite``).
+
+    Programs ``[0, q_programs)`` read blocks of ``block_rows`` query rows, the
+    next ``k_programs`` key rows, the rest value rows.
+    """
+    pid = tl.program_id(0)
+    if pid < q_programs:
+        _check_rows_finite(Q, stride_qb, stride_qh, stride_qn, stride_qd, num_q_heads,
+                           num_queries, head_dim, pid, block_rows, NONFINITE, D_PAD, BLOCK_T)
+    elif pid < q_programs + k_programs:
+        _check_rows_finite(K, stride_kb, stride_kh, stride_kn, stride_kd, num_kv_heads,
+                           num_keys, head_dim, pid - q_programs, block_rows, NONFINITE,
+                           D_PAD, BLOCK_T)
+    else:
+        _check_rows_finite(V, stride_vb, stride_vh, stride_vn, stride_vd, num_kv_heads,
+                           num_keys, head_dim_v, pid - q_programs - k_programs, block_rows,
+                           NONFINITE, DV_PAD, BLOCK_T)
+
+
+@triton.jit
 def _pool_one_tile(
     x_ptr, stride_b, stride_h, stride_n, stride_d,
     num_heads, num_rows, start, first_tile, num_tiles, block_size,
-    out_ptr, out_stride_bh, out_stride_tile, out_stride_dim, energy_ptr,
+    out_ptr, out_stride_bh, out_stride_tile, out_stride_dim, energy_ptr, nonfinite_ptr,
     tile_program, head_dim, half_layout,
     high_start, high_pairs, low_start, low_pairs,
     D_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -73,6 +143,8 @@ def _pool_one_tile(
         ptrs = base + rows.to(tl.int64)[:, None] * stride_n + dims[None, :] * stride_d
         x = tl.load(ptrs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
         total += tl.sum(x.to(tl.float32), axis=0)
+    # NaN or Inf anywhere in the tile makes its sum non-finite (x - x != 0).
+    _flag_if_nonfinite(total, nonfinite_ptr)
     mean = total / (row_hi - row_lo).to(tl.float32)
     out = out_ptr + bh.to(tl.int64) * out_stride_bh + tile * out_stride_tile
     tl.store(out + dims * out_stride_dim, mean, mask=dim_ok)
@@ -89,39 +161,47 @@ def _pool_one_tile(
 
 @triton.jit
 def _pool_tiles_kernel(
-    Q, K, Q_POOLED, K_POOLED_T, Q_ENERGY, K_ENERGY,
+    Q, K, V, Q_POOLED, K_POOLED_T, Q_ENERGY, K_ENERGY, NONFINITE,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
     num_q_heads, num_kv_heads, num_queries, num_keys, query_start, first_query_tile,
     num_query_tiles, num_key_tiles, k_pooled_stride, block_size, num_query_programs,
-    head_dim, half_layout, high_start, high_pairs, low_start, low_pairs,
-    D_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    num_key_programs, head_dim, head_dim_v, half_layout,
+    high_start, high_pairs, low_start, low_pairs,
+    D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Pool every query tile and every key tile of one call, in one launch.
 
     Fuses the reference's ``pool_tiles(q, ...)``, ``pool_tiles(k, ...)`` and the
-    energy sums of ``calibration.band_temperature``. Programs
-    ``[0, num_query_programs)`` pool query tiles (one per (batch, q head, tile));
-    the rest pool key tiles (one per (batch, KV head, tile)).
+    energy sums of ``calibration.band_temperature``, and the reference's
+    ``check_finite`` of q, k (and v). Programs ``[0, num_query_programs)`` pool
+    query tiles (one per (batch, q head, tile)); the next ``num_key_programs``
+    pool key tiles (one per (batch, KV head, tile)); any others only check
+    tiles of V for NaN/Inf.
     """
     pid = tl.program_id(0)
     if pid < num_query_programs:
         _pool_one_tile(
             Q, stride_qb, stride_qh, stride_qn, stride_qd,
             num_q_heads, num_queries, query_start, first_query_tile, num_query_tiles, block_size,
-            Q_POOLED, num_query_tiles * head_dim, head_dim, 1, Q_ENERGY,
+            Q_POOLED, num_query_tiles * head_dim, head_dim, 1, Q_ENERGY, NONFINITE,
             pid, head_dim, half_layout, high_start, high_pairs, low_start, low_pairs,
             D_PAD, BLOCK_T,
         )
-    else:
+    elif pid < num_query_programs + num_key_programs:
         _pool_one_tile(
             K, stride_kb, stride_kh, stride_kn, stride_kd,
             num_kv_heads, num_keys, 0, 0, num_key_tiles, block_size,
-            K_POOLED_T, head_dim * k_pooled_stride, 1, k_pooled_stride, K_ENERGY,
+            K_POOLED_T, head_dim * k_pooled_stride, 1, k_pooled_stride, K_ENERGY, NONFINITE,
             pid - num_query_programs, head_dim, half_layout,
             high_start, high_pairs, low_start, low_pairs,
             D_PAD, BLOCK_T,
         )
+    else:
+        _check_rows_finite(V, stride_vb, stride_vh, stride_vn, stride_vd, num_kv_heads,
+                           num_keys, head_dim_v, pid - num_query_programs - num_key_programs,
+                           block_size, NONFINITE, DV_PAD, BLOCK_T)
 
 
 def band_pairs(head_dim: int, high_dim: int, low_dim: int):
@@ -132,8 +212,9 @@ def band_pairs(head_dim: int, high_dim: int, low_dim: int):
 
 def pool_tiles_and_energy(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
                           high_dim: int, low_dim: int, rope_layout: str, *,
+                          v: torch.Tensor | None = None,
                           rows_per_load: int | None = None, num_warps: int = 1):
-    """Pooled queries, transposed pooled keys and their calibration energies.
+    """Pooled queries, transposed pooled keys, their calibration energies, a NaN/Inf flag.
 
     Parameters
     ----------
@@ -144,6 +225,8 @@ def pool_tiles_and_energy(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
     high_dim, low_dim : int
         Resolved band widths in head dims.
     rope_layout : {"half", "interleaved"}
+    v : Tensor (B, Hkv, Nk, Dv), optional
+        Also checked for NaN/Inf in the same launch.
     rows_per_load, num_warps : int, optional
         Launch shape: token rows summed per load (default about 4K elements
         per load) and warps per program (benchmarks/NOTES.md records the tuning).
@@ -159,6 +242,8 @@ def pool_tiles_and_energy(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
         over all dims, the high band's dims and the low band's dims.
     k_energy : Tensor (B * Hkv, 3), float64
         The same for the key tiles of each KV head.
+    nonfinite : Tensor (1,), float64
+        Non-zero if some tile of q, k (or v) has a non-finite fp32 sum.
     """
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -167,8 +252,11 @@ def pool_tiles_and_energy(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
     device = q.device
     q_pooled = torch.empty(b, hq, nqt, d, dtype=torch.float32, device=device)
     k_pooled_t = torch.empty(b, hkv, d, k_stride, dtype=torch.float32, device=device)
-    q_energy = torch.zeros(b * hq, 3, dtype=torch.float64, device=device)
-    k_energy = torch.zeros(b * hkv, 3, dtype=torch.float64, device=device)
+    # One zeroed buffer (one memset) holds both energies and the flag.
+    sums = torch.zeros(3 * b * (hq + hkv) + 1, dtype=torch.float64, device=device)
+    nonfinite = sums[:1]
+    q_energy = sums[1:1 + 3 * b * hq].view(b * hq, 3)
+    k_energy = sums[1 + 3 * b * hq:].view(b * hkv, 3)
     d_pad = next_power_of_2(d)
     if rows_per_load is None:
         # About 4K elements per load (32 x 128) with one warp: the best of six
@@ -176,13 +264,41 @@ def pool_tiles_and_energy(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
         rows_per_load = 4096 // d_pad
     block_t = max(1, min(next_power_of_2(layout.block_size), next_power_of_2(rows_per_load)))
     num_query_programs = b * hq * nqt
-    grid = (num_query_programs + b * hkv * nkt,)
-    _pool_tiles_kernel[grid](
-        q, k, q_pooled, k_pooled_t, q_energy, k_energy,
-        *q.stride(), *k.stride(),
+    num_key_programs = b * hkv * nkt
+    v_programs = 0 if v is None else b * hkv * nkt
+    dv = d if v is None else v.shape[3]
+    v_strides = k.stride() if v is None else v.stride()
+    _pool_tiles_kernel[(num_query_programs + num_key_programs + v_programs,)](
+        q, k, k if v is None else v, q_pooled, k_pooled_t, q_energy, k_energy, nonfinite,
+        *q.stride(), *k.stride(), *v_strides,
         hq, hkv, nq, nk, layout.query_start, layout.first_query_tile,
-        nqt, nkt, k_stride, layout.block_size, num_query_programs,
-        d, 1 if rope_layout == "half" else 0, *band_pairs(d, high_dim, low_dim),
-        D_PAD=d_pad, BLOCK_T=block_t, num_warps=num_warps,
+        nqt, nkt, k_stride, layout.block_size, num_query_programs, num_key_programs,
+        d, dv, 1 if rope_layout == "half" else 0, *band_pairs(d, high_dim, low_dim),
+        D_PAD=d_pad, DV_PAD=next_power_of_2(dv), BLOCK_T=block_t, num_warps=num_warps,
     )
-    return q_pooled, k_pooled_t, q_energy, k_energy
+    return q_pooled, k_pooled_t, q_energy, k_energy, nonfinite
+
+
+def nonfinite_flag(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                   block_rows: int = 128) -> torch.Tensor:
+    """A (1,) float64 device tensor, non-zero if q, k or v may hold NaN or Inf.
+
+    One launch reads each tensor once (the reference's ``check_finite`` without
+    a host wait). A finite block whose fp32 sum overflows also sets it.
+    """
+    b, hq, nq, d = q.shape
+    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
+    flag = torch.zeros(1, dtype=torch.float64, device=q.device)
+    q_programs = b * hq * -(-nq // block_rows)
+    k_programs = b * hkv * -(-nk // block_rows)
+    grid = (q_programs + 2 * k_programs,)
+    if grid[0] == 0:
+        return flag
+    d_pad, dv_pad = next_power_of_2(d), next_power_of_2(dv)
+    _nonfinite_kernel[grid](
+        q, k, v, flag, *q.stride(), *k.stride(), *v.stride(),
+        hq, hkv, nq, nk, d, dv, q_programs, k_programs, block_rows,
+        D_PAD=d_pad, DV_PAD=dv_pad, BLOCK_T=max(1, min(block_rows, 4096 // max(d_pad, dv_pad))),
+        num_warps=4,
+    )
+    return flag

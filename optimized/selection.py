@@ -42,7 +42,7 @@ import triton.language as tl
 from prism.reference.config import PrismConfig
 from prism.reference.tiles import TileLayout
 
-from ._runtime import check_finite_fast, next_power_of_2
+from ._runtime import next_power_of_2
 from .pooling import band_pairs, pool_tiles_and_energy
 
 #: Widest key-tile row that the tensor-core path keeps in registers (16 rows each).
@@ -65,7 +65,7 @@ def _band_temperature(q_energy, k_energy, band_index, band_dim, head_dim, num_qu
     rk_b = tl.sqrt((tl.load(k_energy + band_index) / (num_key_tiles * band_dim)).to(tl.float32))
     tau = (tl.sqrt(band_dim.to(tl.float32) / head_dim)
            * (rq_b / tl.maximum(rq, eps)) * (rk_b / tl.maximum(rk, eps)))
-    return tl.maximum(tau, eps)
+    return tl.maximum(tau, eps).to(tl.float32)
 
 
 @triton.jit
@@ -197,8 +197,8 @@ def _band_logits(q_rows, k_head, row_ok, cols, col_ok, k_pooled_stride, coef,
             i = i0 + tl.arange(0, DK)
             i_ok = i < band_dim
             dims = _band_dim(i, head_dim, half_layout, band_start, band_dim // 2)
-            qbar = tl.load(q_rows[:, None] + dims[None, :],
-                           mask=row_ok[:, None] & i_ok[None, :], other=0.0) * coef
+            qbar = (tl.load(q_rows[:, None] + dims[None, :],
+                            mask=row_ok[:, None] & i_ok[None, :], other=0.0) * coef).to(tl.float32)
             kbar = tl.load(k_head + dims[:, None] * k_pooled_stride + cols[None, :],
                            mask=i_ok[:, None] & col_ok[None, :], other=0.0)
             logits = tl.dot(qbar, kbar, logits, input_precision="tf32x3")
@@ -261,8 +261,10 @@ def _select_tiles_kernel(
     else:
         tau_high = high_temperature
         tau_low = low_temperature
-    coef_high = 1.0 / (tl.sqrt(high_dim.to(tl.float32)) * tau_high)
-    coef_low = 1.0 / (tl.sqrt(low_dim.to(tl.float32)) * tau_low)
+    # fp32 throughout: a caller may pass the float arguments as fp64 (Inductor
+    # does), and tl.dot needs both operands in one dtype.
+    coef_high = (1.0 / (tl.sqrt(high_dim.to(tl.float32)) * tau_high)).to(tl.float32)
+    coef_low = (1.0 / (tl.sqrt(low_dim.to(tl.float32)) * tau_low)).to(tl.float32)
 
     # Stages 2-4 (SPEC 5-6), one band at a time: s_b[i, j] = coef_b * qbar_b . kbar_b,
     # softmax over the admissible tiles, top-p.
@@ -348,6 +350,11 @@ class SelectionTuning:
         On CUDA, run the widest launch on the caller's stream and the narrower
         ones (few, short programs each) on a second stream, so they fill SMs
         the wide launch leaves idle; the caller's stream waits for both.
+        Only when the plan has at least ``overlap_min_launches`` launches.
+    merge_width : int
+        Causal rows that see at most this many key tiles share one launch of
+        this width (or of the full row, if narrower) instead of one launch per
+        power of two: at short lengths the launches, not the work, cost time.
     """
 
     dot_max_width: int = 1024
@@ -355,24 +362,28 @@ class SelectionTuning:
     early_exit: bool = True
     rows_per_program: int = 16
     overlap: bool = True
+    overlap_min_launches: int = 3
+    merge_width: int = 256
 
 
 def _launch_plan(layout: TileLayout, causal: bool, tuning: SelectionTuning):
     """Row ranges that share one kernel shape: ``[(row_start, row_end, width, rows, use_dot)]``.
 
     A causal row ``i`` sees key tiles ``0 .. first + i``; it goes to the
-    narrowest power-of-two width (at least 16) that holds them. Calls whose rows
-    may see more than ``dot_max_width`` tiles use the CUDA-core path with fewer
-    rows per program, so a program keeps at most 8K probabilities per band there.
+    narrowest power-of-two width (at least ``merge_width``, capped by the full
+    row) that holds them. Calls whose rows may see more than ``dot_max_width``
+    tiles use the CUDA-core path with fewer rows per program, so a program
+    keeps at most 8K probabilities per band there.
     """
     nqt, nkt = layout.num_query_tiles, layout.num_key_tiles
     full_width = max(16, next_power_of_2(nkt))
+    narrowest = min(full_width, max(16, next_power_of_2(tuning.merge_width)))
     use_dot = full_width <= tuning.dot_max_width
     plan = []
     row = 0
     while row < nqt:
         seen = min(nkt, layout.first_query_tile + row + 1) if causal else nkt
-        width = max(16, next_power_of_2(seen))
+        width = max(narrowest, next_power_of_2(seen))
         if causal and width < nkt:
             # Rows r with first + r + 1 <= width fit in this width.
             end = max(row + 1, min(nqt, width - layout.first_query_tile))
@@ -384,17 +395,38 @@ def _launch_plan(layout: TileLayout, causal: bool, tuning: SelectionTuning):
     return plan
 
 
+_DEFAULT_TUNING = SelectionTuning()
+_PLANS: dict = {}
+
+
+def _cached_plan(layout: TileLayout, causal: bool, tuning: SelectionTuning):
+    """:func:`_launch_plan` with each launch's grid rows and warps, cached per shape."""
+    key = (layout, causal, tuning)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = []
+        for row_start, row_end, width, rows, use_dot in reversed(_launch_plan(layout, causal,
+                                                                              tuning)):
+            warps = max(4, min(16, rows * width // (32 * tuning.elements_per_thread)))
+            plan.append((row_start, row_end, width, rows, use_dot,
+                         triton.cdiv(row_end - row_start, rows), warps))
+        if len(_PLANS) > 4096:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
 def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: bool,
                  layout: TileLayout, high_dim: int, low_dim: int, *,
                  write_mask: bool = True, write_indices: bool = False,
                  mask: torch.Tensor | None = None, kv_num_blocks: torch.Tensor | None = None,
                  kv_indices: torch.Tensor | None = None,
-                 tuning: SelectionTuning | None = None):
-    """Run pooling and selection; return the mask and/or the compact indices.
+                 tuning: SelectionTuning | None = None, v: torch.Tensor | None = None):
+    """Run pooling and selection; return the mask and/or the compact indices, and a NaN flag.
 
-    Inputs are validated by the caller; NaN/Inf are detected here from the
-    pooled energies (a non-finite input makes its head's energy non-finite) and
-    confirmed against the inputs before raising.
+    Inputs are validated by the caller. Nothing here waits for the GPU: the
+    pooling kernel flags NaN/Inf in a device tensor, which the caller reads
+    (or not, under compilation and graph capture).
 
     Parameters
     ----------
@@ -413,23 +445,23 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: boo
         is written): bool (B, Hq, nq, nk), int32 (B, Hq, nq), int32 (B, Hq, nq, nk).
     tuning : SelectionTuning, optional
         Launch shape; the default uses ``DOT_MAX_WIDTH``.
+    v : Tensor (B, Hkv, Nk, Dv), optional
+        Checked for NaN/Inf by the pooling launch too.
 
     Returns
     -------
     mask : Tensor (B, Hq, nq, nk) bool, or None
     kv_num_blocks : Tensor (B, Hq, nq) int32, or None
     kv_indices : Tensor (B, Hq, nq, nk) int32, or None
+    nonfinite : Tensor (1,) float64
+        Non-zero when q, k (or v) may hold NaN/Inf; then the outputs are undefined.
     """
     b, hq, _, d = q.shape
     hkv = k.shape[1]
     nqt, nkt = layout.num_query_tiles, layout.num_key_tiles
     device = q.device
-    q_pooled, k_pooled_t, q_energy, k_energy = pool_tiles_and_energy(
-        q, k, layout, high_dim, low_dim, cfg.rope_layout)
-    # A non-finite input makes its head's energy non-finite. The flag is read
-    # back only after every selection launch is queued, so the host never
-    # waits between kernels (the check raises before any result is returned).
-    energies_finite = torch.isfinite(torch.cat([q_energy[:, 0], k_energy[:, 0]])).all()
+    q_pooled, k_pooled_t, q_energy, k_energy, nonfinite = pool_tiles_and_energy(
+        q, k, layout, high_dim, low_dim, cfg.rope_layout, v=v)
 
     if write_mask and mask is None:
         mask = torch.empty(b, hq, nqt, nkt, dtype=torch.bool, device=device)
@@ -441,27 +473,27 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: boo
     # Unused output pointers still need a tensor on the right device.
     placeholder = q_pooled
     high_start, _, low_start, _ = band_pairs(d, high_dim, low_dim)
-    if tuning is None:
-        tuning = SelectionTuning(dot_max_width=DOT_MAX_WIDTH)
-    plan = _launch_plan(layout, causal, tuning)
-    overlap = tuning.overlap and q.is_cuda and len(plan) > 1
+    plan = _cached_plan(layout, causal, _DEFAULT_TUNING if tuning is None else tuning)
+    tuning = _DEFAULT_TUNING if tuning is None else tuning
+    overlap = tuning.overlap and q.is_cuda and len(plan) >= tuning.overlap_min_launches
     if overlap:
         main = torch.cuda.current_stream(device)
         side = _side_stream(device)
         side.wait_stream(main)
+    dk_cap = next_power_of_2(max(high_dim, low_dim))
+    half_layout = 1 if cfg.rope_layout == "half" else 0
     # Widest rows first: they hold most of the work.
-    for step, (row_start, row_end, width, rows, use_dot) in enumerate(reversed(plan)):
-        dk = max(8, min(32, 16384 // width, next_power_of_2(max(high_dim, low_dim))))
-        grid = (triton.cdiv(row_end - row_start, rows), b * hq)
+    for step, (row_start, row_end, width, rows, use_dot, programs, warps) in enumerate(plan):
+        dk = max(8, min(32, 16384 // width, dk_cap))
         with torch.cuda.stream(side) if overlap and step else contextlib.nullcontext():
-            _select_tiles_kernel[grid](
+            _select_tiles_kernel[(programs, b * hq)](
                 q_pooled, k_pooled_t, q_energy, k_energy,
                 mask if write_mask else placeholder,
                 kv_num_blocks if write_indices else placeholder,
                 kv_indices if write_indices else placeholder,
                 hq, hq // hkv, nqt, nkt, k_pooled_t.shape[-1], layout.first_query_tile,
                 row_start, row_end,
-                d, 1 if cfg.rope_layout == "half" else 0, high_dim, low_dim, high_start, low_start,
+                d, half_layout, high_dim, low_dim, high_start, low_start,
                 float(cfg.high_threshold), float(cfg.low_threshold),
                 float(cfg.high_temperature), float(cfg.low_temperature), float(cfg.eps),
                 CAUSAL=causal, CALIBRATE=cfg.calibrate,
@@ -469,14 +501,11 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: boo
                 WRITE_MASK=write_mask, WRITE_INDICES=write_indices,
                 ROWS=rows, WIDTH=width, LOG2_WIDTH=width.bit_length() - 1, DK=dk,
                 CHUNK=min(width, 128), USE_DOT=use_dot,
-                EARLY_EXIT=tuning.early_exit,
-                num_warps=max(4, min(16, rows * width // (32 * tuning.elements_per_thread))),
+                EARLY_EXIT=tuning.early_exit, num_warps=warps,
             )
     if overlap:
         main.wait_stream(side)
-    if not bool(energies_finite):
-        check_finite_fast(q=q, k=k)
-    return mask, kv_num_blocks, kv_indices
+    return mask, kv_num_blocks, kv_indices, nonfinite
 
 
 _SIDE_STREAMS: dict = {}

@@ -50,6 +50,8 @@ pytestmark = [
 ]
 
 PUBLIC = ("select_blocks", "block_sparse_attention", "prism_attention", "mask_to_indices")
+# Head dims of the models Prism targets; 80 and 96 pad to 128 inside the kernels.
+HEAD_DIMS = [64, 80, 96, 128, 256]
 
 
 # --------------------------------------------------------------------------
@@ -211,7 +213,7 @@ def selection_cases(draw):
     return dict(
         batch=draw(st.sampled_from([1, 2])), kv_heads=kv_heads,
         q_heads=kv_heads * draw(st.sampled_from([1, 2])), nq=nq, nk=nk,
-        head_dim=draw(st.sampled_from([64, 128])), block_size=block_size, causal=causal,
+        head_dim=draw(st.sampled_from(HEAD_DIMS)), block_size=block_size, causal=causal,
         base=10 ** draw(st.floats(3.0, 7.0)), layout=draw(st.sampled_from(["half",
                                                                            "interleaved"])),
         dtype=draw(st.sampled_from([torch.float32, torch.float16])),
@@ -297,7 +299,7 @@ def attention_cases(draw):
     return dict(
         batch=draw(st.sampled_from([1, 2])), kv_heads=kv_heads,
         q_heads=kv_heads * draw(st.sampled_from([1, 2])), nq=nq, nk=nk,
-        head_dim=draw(st.sampled_from([64, 128])), block_size=block_size, causal=causal,
+        head_dim=draw(st.sampled_from(HEAD_DIMS)), block_size=block_size, causal=causal,
         dtype=draw(st.sampled_from([torch.float32, torch.float16])),
         seed=draw(st.integers(0, 2**16)), density=draw(st.floats(0.0, 1.0)),
         keep_diagonal=draw(st.booleans()), broadcast=draw(st.booleans()),
@@ -330,6 +332,19 @@ def test_attention_matches_reference(case):
     q, k, v, mask = _to(DEVICE, q, k, v, mask)
     check_attention(q, k, v, mask, block_size=case["block_size"], causal=case["causal"],
                     scale=case["scale"])
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_every_head_dim_runs_selection_and_attention(head_dim):
+    """Each supported head dim, a length that is no tile multiple, GQA 2, fp16."""
+    q, k, v = _to(DEVICE, *make_qkv(1, 4, 2, 70, 150, head_dim, dtype=torch.float16,
+                                    seed=head_dim, sharpness=2.0))
+    check_selection(q, k, block_size=32)
+    layout = tile_layout(70, 150, 32, True)
+    mask = random_tile_mask((1, 4, layout.num_query_tiles, layout.num_key_tiles), 0.5,
+                            torch.Generator().manual_seed(head_dim), causal=True,
+                            first_tile=layout.first_query_tile, keep_diagonal=True)
+    check_attention(q, k, v, mask.to(DEVICE), block_size=32)
 
 
 @pytest.mark.parametrize("kv_major", [True, False])

@@ -1,0 +1,227 @@
+"""The kernels as PyTorch custom operators, so compiled models and CUDA graphs can hold them.
+
+Two operators, registered with :func:`torch.library.custom_op`:
+
+* ``prism::select`` - pooling and selection: the tile mask, its compact
+  indices and a NaN/Inf flag, from ``q``, ``k`` (and ``v``, only checked);
+* ``prism::block_sparse_attention`` - attention over the listed tiles (or
+  over a bool mask whose indices it builds), its LSE, and a flag.
+
+Each has a fake (meta) implementation that gives the output shapes and dtypes
+without running anything, which is what ``torch.compile`` traces and what
+``torch.library.opcheck`` checks. To Dynamo and Inductor the operators are
+opaque: the Triton kernels inside are launched as they are in eager mode.
+
+The operators never wait for the GPU. NaN or Inf in an input sets the flag (a
+device tensor); :mod:`prism.optimized.api` reads it at the end of an eager
+call and raises the reference's ``ValueError``. Under ``torch.compile`` and
+CUDA graph capture nobody reads it: the selection is then undefined
+(typically only the forced sink and diagonal tiles survive) and the outputs
+of the affected heads are NaN.
+
+Eager calls run the implementations directly (:func:`select` and
+:func:`attention` below), without the dispatcher's per-call cost; under
+tracing the API calls ``torch.ops.prism.*``.
+
+The configuration travels as the operators' trailing arguments, one per
+:class:`~prism.reference.config.PrismConfig` field; the schema is generated
+from the dataclass, so a new field needs no change here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import torch
+
+from prism import reference
+from prism.reference.bands import band_sizes
+from prism.reference.config import PrismConfig
+from prism.reference.tiles import tile_layout
+
+from . import estimators as _estimators
+from ._runtime import kernels_interpreted
+from .attention import _sparse_attention_kernel, sparse_attention_forward, supported_block_size
+from .indices import mask_rows_to_indices
+from .pooling import nonfinite_flag
+from .selection import MAX_WIDTH, select_tiles
+
+# Estimators whose O(N^2) scoring runs as the kernel of :mod:`.estimators`.
+_ANTIDIAGONAL_ESTIMATORS = ("antidiagonal", "antidiagonal_vertical_slash")
+
+# Fixed when triton is imported (TRITON_INTERPRET), so asked once.
+_INTERPRETED = kernels_interpreted(_sparse_attention_kernel)
+
+_FIELDS = dataclasses.fields(PrismConfig)
+FIELD_NAMES = tuple(f.name for f in _FIELDS)
+
+
+def _schema_type(field) -> str:
+    """The operator schema type of a PrismConfig field (``int``, ``float?``, ...)."""
+    annotation = field.type if isinstance(field.type, str) else repr(field.type)
+    for python, schema in (("bool", "bool"), ("int", "int"), ("float", "float"), ("str", "str")):
+        if python in annotation:
+            return schema + ("?" if "None" in annotation else "")
+    raise TypeError(f"PrismConfig.{field.name} has type {annotation}, which the prism "
+                    "operators cannot pass; extend optimized/ops.py")
+
+
+#: The configuration's fields, in order, as the operators' trailing arguments.
+CONFIG_SCHEMA = ", ".join(f"{_schema_type(f)} {f.name}" for f in _FIELDS)
+
+
+def config_values(cfg: PrismConfig) -> tuple:
+    """The field values of ``cfg`` in :data:`FIELD_NAMES` order (traceable by Dynamo)."""
+    return tuple(getattr(cfg, name) for name in FIELD_NAMES)
+
+
+@functools.lru_cache(maxsize=1024)
+def config_from_values(values: tuple) -> PrismConfig:
+    """Inverse of :func:`config_values`."""
+    return PrismConfig(**dict(zip(FIELD_NAMES, values, strict=True)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_layout(nq: int, nk: int, block_size: int, causal: bool):
+    return tile_layout(nq, nk, block_size, causal)
+
+
+def _layout(nq: int, nk: int, block_size: int, causal: bool):
+    """``tile_layout``, cached in eager calls (Dynamo traces the plain function)."""
+    if torch.compiler.is_compiling():
+        return tile_layout(nq, nk, block_size, causal)
+    return _cached_layout(nq, nk, block_size, causal)
+
+
+def _flag(device) -> torch.Tensor:
+    return torch.zeros(1, dtype=torch.float64, device=device)
+
+
+def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, cfg: PrismConfig,
+           causal: bool):
+    """Selection on validated inputs: ``(mask, kv_num_blocks, kv_indices, nonfinite)``.
+
+    One dispatch for every case: empty grids, the antidiagonal estimators'
+    kernel, the reference for other estimators and very long rows, and the
+    Prism kernels otherwise. ``v`` (optional) is only checked for NaN/Inf.
+    """
+    b, hq, nq, d = q.shape
+    nk = k.shape[2]
+    layout = _layout(nq, nk, cfg.block_size, causal)
+    nqt, nkt = layout.num_query_tiles, layout.num_key_tiles
+    if nqt and nkt and cfg.estimator == "prism" and nkt <= MAX_WIDTH:
+        high_dim, low_dim = band_sizes(d, cfg.high_dim, cfg.low_dim)
+        return select_tiles(q, k, cfg, causal, layout, high_dim, low_dim, write_mask=True,
+                            write_indices=True, v=v)
+    nonfinite = nonfinite_flag(q, k, k if v is None else v)
+    if nqt == 0 or nkt == 0:
+        mask = torch.zeros(b, hq, nqt, nkt, dtype=torch.bool, device=q.device)
+    elif cfg.estimator != "prism" and hasattr(_estimators, "estimator_select_blocks"):
+        mask = _estimators.estimator_select_blocks(q, k, cfg, causal)
+    elif cfg.estimator in _ANTIDIAGONAL_ESTIMATORS:
+        # The antidiagonal scores run as a Triton kernel; top-p, the
+        # vertical-slash part and the forced tiles are the reference's torch code.
+        from prism.reference.estimators import estimator_mask
+
+        mask = estimator_mask(q, k, cfg, causal,
+                              antidiagonal_fn=_estimators.antidiagonal_tile_probabilities)
+    else:
+        mask = reference.select_blocks(q, k, cfg, causal=causal)
+        mask = mask.as_subclass(torch.Tensor).contiguous()
+    num, idx = mask_rows_to_indices(mask)
+    return mask, num, idx, nonfinite
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor,
+              kv_num_blocks: torch.Tensor | None, kv_indices: torch.Tensor | None,
+              block_size: int, causal: bool, scale: float | None, return_lse: bool,
+              check_values: bool):
+    """Block-sparse attention on validated inputs: ``(out, lse, nonfinite)``.
+
+    With ``kv_num_blocks``/``kv_indices`` (causal-trimmed for a causal call)
+    the mask is not read; without them the indices are built from it. ``lse``
+    is None unless ``return_lse``; ``nonfinite`` is None unless
+    ``check_values``, when one pass over q, k and v fills it. (The operator
+    returns empty tensors in their place.)
+    """
+    nq, nk, dv = q.shape[2], k.shape[2], v.shape[3]
+    nonfinite = nonfinite_flag(q, k, v) if check_values else None
+    if not supported_block_size(block_size):
+        result = reference.block_sparse_attention(
+            q, k, v, block_mask.as_subclass(torch.Tensor), block_size=block_size, causal=causal,
+            scale=scale, return_lse=True)
+        out, lse = result
+    elif nq == 0 or nk == 0:
+        out = torch.zeros(*q.shape[:3], dv, dtype=q.dtype, device=q.device)
+        lse = torch.full(q.shape[:3], -math.inf, dtype=torch.float32, device=q.device)
+    else:
+        layout = _layout(nq, nk, block_size, causal)
+        if kv_num_blocks is None:
+            kv_num_blocks, kv_indices = mask_rows_to_indices(
+                block_mask.as_subclass(torch.Tensor), layout.first_query_tile, causal_trim=causal)
+        out, lse = sparse_attention_forward(
+            q, k, v, kv_num_blocks, kv_indices, block_size=block_size, causal=causal,
+            scale=scale, return_lse=return_lse, first_query_tile=layout.first_query_tile,
+            query_start=layout.query_start,
+            interpreted=_INTERPRETED)
+    return out, (lse if return_lse else None), nonfinite
+
+
+# ---------------------------------------------------------------------------
+# Registration. The operators return fresh tensors only (no aliasing of inputs).
+# ---------------------------------------------------------------------------
+
+torch.library.define(
+    "prism::select",
+    f"(Tensor q, Tensor k, Tensor? v, bool causal, {CONFIG_SCHEMA}) "
+    "-> (Tensor, Tensor, Tensor, Tensor)")
+
+
+@torch.library.impl("prism::select", "default")
+def _select_op(q, k, v, causal, *values):
+    return select(q, k, v, config_from_values(values), causal)
+
+
+@torch.library.register_fake("prism::select")
+def _select_fake(q, k, v, causal, *values):
+    cfg = config_from_values(values)
+    layout = tile_layout(q.shape[2], k.shape[2], cfg.block_size, causal)
+    shape = (q.shape[0], q.shape[1], layout.num_query_tiles, layout.num_key_tiles)
+    return (q.new_empty(shape, dtype=torch.bool), q.new_empty(shape[:3], dtype=torch.int32),
+            q.new_empty(shape, dtype=torch.int32), q.new_empty((1,), dtype=torch.float64))
+
+
+torch.library.define(
+    "prism::block_sparse_attention",
+    "(Tensor q, Tensor k, Tensor v, Tensor block_mask, Tensor? kv_num_blocks, "
+    "Tensor? kv_indices, int block_size, bool causal, float? scale, bool return_lse, "
+    "bool check_values) -> (Tensor, Tensor, Tensor)")
+
+
+@torch.library.impl("prism::block_sparse_attention", "default")
+def _attention_op(q, k, v, block_mask, kv_num_blocks, kv_indices, block_size, causal, scale,
+                  return_lse, check_values):
+    out, lse, nonfinite = attention(q, k, v, block_mask, kv_num_blocks, kv_indices, block_size,
+                                    causal, scale, return_lse, check_values)
+    if lse is None:
+        lse = torch.empty(0, dtype=torch.float32, device=q.device)
+    if nonfinite is None:
+        nonfinite = torch.empty(0, dtype=torch.float64, device=q.device)
+    return out, lse, nonfinite
+
+
+@torch.library.register_fake("prism::block_sparse_attention")
+def _attention_fake(q, k, v, block_mask, kv_num_blocks, kv_indices, block_size, causal, scale,
+                    return_lse, check_values):
+    out = q.new_empty((*q.shape[:3], v.shape[3]))
+    lse = q.new_empty(q.shape[:3] if return_lse else (0,), dtype=torch.float32)
+    return out, lse, q.new_empty((1 if check_values else 0,), dtype=torch.float64)
+
+
+def tracing() -> bool:
+    """True under ``torch.compile`` tracing or while the current CUDA stream is captured."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

@@ -1,0 +1,217 @@
+"""The custom operators and the TileMask, on the CPU (kernels in Triton's interpreter).
+
+What CI can check without a GPU: the operators' fake implementations give the
+shapes and dtypes the real ones return, ``torch.library.opcheck`` accepts the
+registrations, ``torch.compile(fullgraph=True)`` traces the public functions
+without a graph break and matches eager, NaN input under tracing flags instead
+of raising, and a TileMask behaves as the bool tensor it is.
+tests/test_compile_gpu.py runs Inductor, CUDA graphs and a compiled model.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+
+import prism.optimized as optimized
+from helpers import make_qkv, relative_error
+from prism import reference
+from prism.optimized import ops
+from prism.optimized._runtime import kernels_interpreted
+from prism.optimized.attention import _sparse_attention_kernel
+from prism.reference import PrismConfig, tile_layout
+from prism.reference.tile_mask import TileMask
+
+INTERPRETED = kernels_interpreted(_sparse_attention_kernel)
+DEVICE = "cpu" if INTERPRETED else "cuda"
+
+pytestmark = [
+    pytest.mark.interpret,
+    pytest.mark.skipif(not INTERPRETED and not torch.cuda.is_available(),
+                       reason="triton was imported without its interpreter and there is no GPU"),
+]
+
+
+def _qkv(nq=96, nk=160, d=32, hq=4, hkv=2, seed=0, dtype=torch.float32):
+    return tuple(t.to(DEVICE) for t in make_qkv(1, hq, hkv, nq, nk, d, seed=seed, dtype=dtype,
+                                                 sharpness=2.0))
+
+
+# --------------------------------------------------------------------------
+# Fake implementations and registration
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_fake_select_gives_the_real_shapes(causal):
+    q, k, v = _qkv()
+    values = ops.config_values(PrismConfig(block_size=32))
+    real = torch.ops.prism.select(q, k, v, causal, *values)
+    fake = torch.ops.prism.select(q.to("meta"), k.to("meta"), v.to("meta"), causal, *values)
+    layout = tile_layout(96, 160, 32, causal)
+    assert real[0].shape == (1, 4, layout.num_query_tiles, layout.num_key_tiles)
+    for r, f in zip(real, fake, strict=True):
+        assert f.device.type == "meta"
+        assert (r.shape, r.dtype) == (f.shape, f.dtype)
+
+
+@pytest.mark.parametrize("return_lse,check_values", [(True, True), (False, False)])
+def test_fake_attention_gives_the_real_shapes(return_lse, check_values):
+    q, k, v = _qkv()
+    v = v[..., :24].contiguous()
+    layout = tile_layout(96, 160, 32, True)
+    mask = torch.ones(1, 4, layout.num_query_tiles, layout.num_key_tiles, dtype=torch.bool,
+                      device=DEVICE)
+    args = (mask, None, None, 32, True, None, return_lse, check_values)
+    real = torch.ops.prism.block_sparse_attention(q, k, v, *args)
+    meta = [t.to("meta") if isinstance(t, torch.Tensor) else t for t in (q, k, v, *args)]
+    fake = torch.ops.prism.block_sparse_attention(*meta)
+    assert real[0].shape == (1, 4, 96, 24)
+    for r, f in zip(real, fake, strict=True):
+        assert (r.shape, r.dtype) == (f.shape, f.dtype)
+
+
+def test_opcheck_accepts_both_operators():
+    q, k, v = _qkv(nq=64, nk=64, d=16, hq=2, hkv=1)
+    values = ops.config_values(PrismConfig(block_size=32))
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.prism.select.default, (q, k, v, True, *values),
+                          test_utils=tests)
+    mask = torch.ones(1, 2, 2, 2, dtype=torch.bool, device=DEVICE)
+    torch.library.opcheck(torch.ops.prism.block_sparse_attention.default,
+                          (q, k, v, mask, None, None, 32, True, 0.3, True, True),
+                          test_utils=tests)
+
+
+def test_config_travels_field_by_field():
+    cfg = PrismConfig(block_size=64, high_threshold=0.9, calibrate=False, rope_layout="interleaved",
+                      vertical_slash_threshold=0.5)
+    assert ops.config_from_values(ops.config_values(cfg)) == cfg
+    schema = str(torch.ops.prism.select.default._schema)
+    assert "float? vertical_slash_threshold" in schema and "int? high_dim" in schema
+
+
+# --------------------------------------------------------------------------
+# torch.compile traces the public functions whole
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides", [{"block_size": 32},
+                                       {"block_size": 16, "high_threshold": 0.9, "causal": False}])
+def test_compiled_prism_attention_has_no_graph_break_and_matches_eager(overrides):
+    q, k, v = _qkv(seed=4, nk=96)
+    torch._dynamo.reset()
+    config = PrismConfig(block_size=64)  # overridden field by field below
+
+    def layer(q, k, v):
+        o, lse = optimized.prism_attention(q * 1.0, k, v, config, return_lse=True, **overrides)
+        return o + 0.0, lse
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    o, lse = compiled(q, k, v)
+    ref_o, ref_lse = optimized.prism_attention(q, k, v, config, return_lse=True, **overrides)
+    assert torch.equal(o, ref_o) and torch.equal(lse, ref_lse)
+
+
+def test_compiled_select_then_attention_matches_eager():
+    q, k, v = _qkv(seed=5)
+    torch._dynamo.reset()
+
+    def layer(q, k, v):
+        mask = optimized.select_blocks(q, k, block_size=32)
+        return optimized.block_sparse_attention(q, k, v, mask, block_size=32), mask
+
+    o, mask = torch.compile(layer, fullgraph=True, backend="aot_eager")(q, k, v)
+    ref_mask = optimized.select_blocks(q, k, block_size=32)
+    assert torch.equal(mask, ref_mask)
+    assert torch.equal(o, optimized.block_sparse_attention(q, k, v, ref_mask, block_size=32))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+def test_nan_input_under_tracing_flags_and_gives_nan_rows():
+    """What compiled or captured code gets for NaN input: no error, the flag set,
+    NaN in the output of the head that read it."""
+    q, k, v = _qkv(seed=6)
+    q = q.clone()
+    q[0, 1, 40, 3] = math.nan
+    mask, num, idx, nonfinite = ops.select(q, k, v, PrismConfig(block_size=32), True)
+    assert float(nonfinite) != 0
+    out, _, _ = ops.attention(q, k, v, mask, num, idx, 32, True, None, False, False)
+    assert torch.isnan(out[0, 1, 40]).all()
+    assert torch.isfinite(out[0, 0]).all()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: optimized.prism_attention(q, k, v, block_size=32),
+                             fullgraph=True, backend="aot_eager")
+    assert torch.isnan(compiled(q, k, v)[0, 1, 40]).all()
+    with pytest.raises(ValueError, match="q contains"):
+        optimized.prism_attention(q, k, v, block_size=32)
+
+
+# --------------------------------------------------------------------------
+# TileMask
+# --------------------------------------------------------------------------
+
+def test_select_blocks_returns_a_tile_mask_that_is_a_bool_tensor():
+    q, k, _ = _qkv(seed=7)
+    mask = optimized.select_blocks(q, k, block_size=32)
+    ref = reference.select_blocks(q, k, block_size=32)
+    assert isinstance(mask, TileMask) and isinstance(mask, torch.Tensor)
+    assert mask.dtype == torch.bool and mask.shape == ref.shape
+    assert (mask.block_size, mask.causal, mask.num_queries, mask.num_keys) == (32, True, 96, 160)
+    assert type(mask.float()) is torch.Tensor and type(mask == ref) is torch.Tensor
+    assert float(mask.float().mean()) == float(mask.as_tensor().float().mean())
+    assert mask[0, 1].shape == ref[0, 1].shape
+    # The documented loop rebuilds the bits from the compact form.
+    dense = torch.zeros(mask.shape, dtype=torch.bool)
+    num, idx = mask.kv_num_blocks.cpu(), mask.kv_indices.cpu()
+    for b, h, i in torch.cartesian_prod(*(torch.arange(n) for n in mask.shape[:3])).tolist():
+        for slot in range(int(num[b, h, i])):
+            dense[b, h, i, idx[b, h, i, slot]] = True
+        assert bool((idx[b, h, i, int(num[b, h, i]):] == -1).all())
+    assert torch.equal(dense, mask.cpu())
+
+
+def test_attention_uses_the_carried_indices_and_rebuilds_them_after_an_edit(monkeypatch):
+    q, k, v = _qkv(seed=8)
+    mask = optimized.select_blocks(q, k, block_size=32)
+    built = []
+    original = ops.mask_rows_to_indices
+    monkeypatch.setattr(ops, "mask_rows_to_indices",
+                        lambda *a, **kw: built.append(1) or original(*a, **kw))
+    out = optimized.block_sparse_attention(q, k, v, mask, block_size=32)
+    assert built == []
+    assert torch.equal(out, optimized.block_sparse_attention(q, k, v, mask.as_tensor(),
+                                                             block_size=32))
+    assert built == [1]
+    mask[0, :, -1, 1] = ~mask[0, :, -1, 1]  # an edit: the carried indices are stale now
+    edited = optimized.block_sparse_attention(q, k, v, mask, block_size=32)
+    assert built == [1, 1]
+    ref = reference.block_sparse_attention(q, k, v, mask.as_tensor(), block_size=32)
+    assert relative_error(edited, ref) <= 1e-5
+    # Indices of another call are not used either.
+    other = optimized.select_blocks(q, k, block_size=32, causal=False)
+    optimized.block_sparse_attention(q, k, v, other, block_size=32, causal=True)
+    assert built == [1, 1, 1]
+
+
+def test_tile_mask_survives_copy_and_save():
+    q, k, _ = _qkv(seed=9)
+    mask = optimized.select_blocks(q, k, block_size=32)
+    buffer = io.BytesIO()
+    torch.save(mask, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(mask), torch.load(buffer, weights_only=False)):
+        assert isinstance(other, TileMask) and torch.equal(other, mask)
+        assert other.block_size == 32 and torch.equal(other.kv_indices, mask.kv_indices)
+
+
+def test_tile_mask_rejects_what_is_not_a_4d_bool_tensor():
+    with pytest.raises(TypeError, match="bool tensor"):
+        TileMask(torch.zeros(1, 1, 2, 2), block_size=16, causal=True, num_queries=32,
+                 num_keys=32)
+    with pytest.raises(ValueError, match="both"):
+        TileMask(torch.zeros(1, 1, 2, 2, dtype=torch.bool), block_size=16, causal=True,
+                 num_queries=32, num_keys=32, kv_num_blocks=torch.zeros(1, 1, 2))
