@@ -389,6 +389,56 @@ def test_no_synchronisation_or_clock_without_statistics(model, ids, monkeypatch)
     assert {name for name, _ in seen} >= {"perf_counter", "__int__"}
 
 
+class _Layer(torch.nn.Module):
+    """The attributes transformers' attention modules carry and PrismAttention reads."""
+
+    is_causal = True
+    layer_idx = 0
+
+
+@pytest.mark.gpu
+def test_attention_function_adds_no_sync_on_cuda_without_statistics(monkeypatch):
+    """Under torch.cuda's sync debug mode "error", a call without a collector runs through.
+
+    The selection and attention functions are replaced by sync-free stand-ins:
+    eager prism.optimized calls read one NaN flag on the host by design (their
+    ValueError), so only the integration's own code is watched here. With a
+    collector, counting tiles synchronises, as documented.
+    """
+    import prism.integrations.transformers as integration
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, h, 512, 64, device="cuda", generator=gen, dtype=torch.bfloat16)
+               for h in (8, 2, 2))
+    tiles = torch.ones(1, 8, 8, 8, dtype=torch.bool, device="cuda").tril()
+    calls = []
+
+    def select_blocks(query, key, config, causal=True):
+        calls.append("select")
+        return tiles
+
+    def block_sparse_attention(query, key, value, mask, **kwargs):
+        calls.append("attend")
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True,
+                                              enable_gqa=True)
+
+    monkeypatch.setattr(integration.prism, "select_blocks", select_blocks)
+    monkeypatch.setattr(integration.prism, "block_sparse_attention", block_sparse_attention)
+    quiet = PrismAttention(PrismConfig(block_size=64), None, min_query_length=64)
+    quiet(_Layer(), q, k, v, None)  # warm up outside the watch
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, _ = quiet(_Layer(), q, k, v, None)
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            PrismAttention(PrismConfig(block_size=64), PrismStats(),
+                           min_query_length=64)(_Layer(), q, k, v, None)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert calls[-4:] == ["select", "attend", "select", "attend"]
+    assert out.shape == (1, 512, 8, 64) and bool(torch.isfinite(out).all())
+
+
 def test_padding_is_seen_by_the_attention_function(model, ids):
     """Without the registered mask function a padded batch would get no mask at all."""
     seen = []
