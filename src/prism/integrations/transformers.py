@@ -65,7 +65,9 @@ A call does no host synchronisation of its own and reads no clock unless a
 hook. Two things still need the host: decoding a padding mask
 (:mod:`~prism.integrations.masks`; transformers passes no mask for a plain
 causal batch), and whatever the selection and attention functions themselves
-do (:mod:`prism.optimized` on CUDA, the reference elsewhere).
+do (:mod:`prism.optimized` on CUDA, whose eager calls read a NaN flag once so
+they can raise ``ValueError``; the reference elsewhere). A GPU test runs a
+call under ``torch.cuda.set_sync_debug_mode("error")`` to check the first part.
 """
 
 from __future__ import annotations
