@@ -90,3 +90,9 @@ write_all_figures(str(ROOT / "docs" / "_static" / "theory"))
 from performance_tables import render as render_performance  # noqa: E402
 
 render_performance(ROOT)
+
+# The Estimators page's tables come from the estimator registry and the
+# committed sweep and benchmark JSON.
+from estimator_tables import render as render_estimators  # noqa: E402
+
+render_estimators(ROOT)

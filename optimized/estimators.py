@@ -1,4 +1,11 @@
-"""Antidiagonal tile scores (estimators E1 and E5, docs/estimators.rst) as a Triton kernel.
+"""Estimator selection on CUDA, and the antidiagonal tile scores as a Triton kernel.
+
+:func:`estimator_select_blocks` runs any estimator of the registry
+(:mod:`prism.reference.registry`) with the scoring stages of
+:data:`KERNEL_STAGES` replaced by Triton kernels: the antidiagonal scores
+below and the sampled-query scores of :mod:`prism.optimized.sampled`. The
+other stages (top-p over tiles, the vertical-slash columns and diagonals) are
+the reference's torch code on the same device.
 
 :func:`antidiagonal_tile_probabilities` computes exactly what
 :func:`prism.reference.estimators.antidiagonal_probabilities` computes, without
@@ -38,10 +45,14 @@ import torch
 import triton
 import triton.language as tl
 
+from prism.reference.bands import band_sizes
+from prism.reference.registry import estimator_spec, estimator_tiles
+from prism.reference.select import estimator_mask, trace_selection
 from prism.reference.tiles import TileLayout, tile_layout
 from prism.reference.validation import check_same_dtype_device, check_tensor
 
 from ._runtime import check_device, kernels_interpreted, next_power_of_2
+from .sampled import sampled_tile_probabilities
 
 #: Key groups scored per ``tl.dot`` (columns of one block of scores).
 BLOCK_KEY_GROUPS = 64
@@ -331,4 +342,60 @@ def antidiagonal_tile_probabilities(q: torch.Tensor, k: torch.Tensor, layout: Ti
     return torch.where(total > 0, tiles / total.clamp_min(1e-30), out)
 
 
-__all__ = ["antidiagonal_tile_probabilities", "BLOCK_KEY_GROUPS", "MAX_BLOCK_QUERY_GROUPS"]
+#: Registry stage name -> the Triton kernel that computes it (same signature and
+#: result as the reference stage of ``prism.reference.registry.REFERENCE_STAGES``).
+KERNEL_STAGES = {
+    "antidiagonal": antidiagonal_tile_probabilities,
+    "sampled": sampled_tile_probabilities,
+}
+
+
+def _prism_band_mask(q, k, cfg, causal, layout):
+    """Prism's own selection (bands and forced tiles): the selection kernel where it fits."""
+    from .selection import MAX_WIDTH, select_tiles
+
+    prism_cfg = cfg.replace(estimator="prism")
+    if layout.num_key_tiles > MAX_WIDTH:
+        return trace_selection(q, k, prism_cfg, causal=causal).mask
+    high_dim, low_dim = band_sizes(q.shape[-1], cfg.high_dim, cfg.low_dim)
+    return select_tiles(q, k, prism_cfg, causal, layout, high_dim, low_dim,
+                        write_mask=True, write_indices=False)[0]
+
+
+def estimator_select_blocks(q: torch.Tensor, k: torch.Tensor, cfg, causal: bool) -> torch.Tensor:
+    """The mask of ``cfg.estimator`` on validated CUDA (or interpreted) inputs.
+
+    The registry decides what runs: an estimator with Prism's bands gets
+    Prism's selection kernel united with its own tiles; any other gets its
+    tiles (:func:`prism.reference.registry.estimator_tiles`) with the forced
+    ones (:func:`prism.reference.select.estimator_mask`). Scoring stages with
+    a kernel in :data:`KERNEL_STAGES` run it; the result equals
+    :func:`prism.reference.select_blocks` up to top-p boundary ties.
+
+    Parameters
+    ----------
+    q : Tensor (B, Hq, Nq, D)
+    k : Tensor (B, Hkv, Nk, D)
+    cfg : PrismConfig
+    causal : bool
+
+    Returns
+    -------
+    Tensor (B, Hq, nq, nk), bool
+    """
+    spec = estimator_spec(cfg.estimator)
+    layout = tile_layout(q.shape[2], k.shape[2], cfg.block_size, causal)
+    if layout.num_query_tiles == 0 or layout.num_key_tiles == 0:
+        return torch.zeros(q.shape[0], q.shape[1], layout.num_query_tiles,
+                           layout.num_key_tiles, dtype=torch.bool, device=q.device)
+    stages = {**KERNEL_STAGES, "prism_trace": trace_selection}
+    if not spec.prism_bands:
+        return estimator_mask(q, k, cfg, causal, stages=stages)
+    mask = _prism_band_mask(q, k, cfg, causal, layout)
+    if spec.tiles is not None:
+        mask = mask | estimator_tiles(q, k, cfg, layout, causal, stages)
+    return mask
+
+
+__all__ = ["antidiagonal_tile_probabilities", "estimator_select_blocks", "KERNEL_STAGES",
+           "BLOCK_KEY_GROUPS", "MAX_BLOCK_QUERY_GROUPS"]

@@ -9,6 +9,7 @@ Each module is one stage of the algorithm:
 * :mod:`~prism.reference.topp` - top-p with the index tie-break (SPEC 6)
 * :mod:`~prism.reference.select` - the union, forced tiles and tie analysis
 * :mod:`~prism.reference.estimators` - opt-in peer estimators (docs/estimators.rst)
+* :mod:`~prism.reference.registry` - the estimator registry every dispatch reads
 * :mod:`~prism.reference.attention` - block-sparse attention (SPEC 7)
 * :mod:`~prism.reference.mean_pooling` - the plain mean-pooling baseline
 * :mod:`~prism.reference.varlen` - packed variable-length batches (docs/serving.rst)
@@ -21,7 +22,6 @@ from .calibration import band_temperature
 from .config import ESTIMATORS, TIE_MARGIN, PrismConfig, resolve_config
 from .estimators import (
     antidiagonal_probabilities,
-    estimator_mask,
     last_query_distributions,
     subtile_band_probabilities,
     vertical_slash_tiles,
@@ -41,6 +41,7 @@ from .select import (
     SelectionTrace,
     boundary_ties,
     forced_tiles,
+    estimator_mask,
     mask_differences,
     select_blocks,
     ties_from_trace,

@@ -11,6 +11,10 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from .registry import ESTIMATOR_FIELDS as _REGISTRY_FIELDS
+from .registry import ESTIMATOR_REGISTRY
+from .registry import ESTIMATORS as _REGISTRY_NAMES
+
 #: Absolute margin on the probability mass ranked before a mask entry within
 #: which two implementations may disagree on it (contract §6.5, which also
 #: covers near-equal probabilities on either side of the cut).
@@ -18,15 +22,20 @@ TIE_MARGIN = 1e-5
 
 ROPE_LAYOUTS = ("half", "interleaved")
 
-#: Block-score estimators (docs/estimators.rst). ``"prism"`` is SPEC v1; the
-#: others are opt-in modes of :mod:`prism.reference.estimators`.
-ESTIMATORS = ("prism", "antidiagonal", "vertical_slash", "prism_vertical_slash", "subtile",
-              "antidiagonal_vertical_slash")
+#: Block-score estimators and the fields that tune them come from the estimator
+#: registry (docs/estimators.rst); ``"prism"`` is the paper's (contract v1).
+ESTIMATORS = _REGISTRY_NAMES
+ESTIMATOR_FIELDS = _REGISTRY_FIELDS
 
-#: The fields that choose and tune an estimator; absent from SPEC v1 records
-#: (the golden manifest), whose configurations all use the default estimator.
-ESTIMATOR_FIELDS = ("estimator", "antidiagonal_stride", "last_queries",
-                    "vertical_slash_threshold", "subtile_factor")
+#: Named settings of :meth:`PrismConfig.preset` (docs/estimators.rst, "Presets").
+#: ``"paper"`` is the paper's default; ``"accurate"`` is the most accurate mode
+#: measured at the default's density.
+PRESETS = {
+    "paper": {},
+    "accurate": {"estimator": "antidiagonal_vertical_slash", "antidiagonal_stride": 8,
+                 "last_queries": 64, "high_threshold": 0.9, "low_threshold": 0.9,
+                 "vertical_slash_threshold": 0.5},
+}
 
 
 def _is_int(value) -> bool:
@@ -77,7 +86,11 @@ class PrismConfig:
         runs Prism's band scoring on sub-tiles of ``block_size /
         subtile_factor`` tokens and sums their probabilities per tile pair.
         ``"antidiagonal_vertical_slash"`` is the union of the antidiagonal
-        selection (top-p at ``high_threshold``) and the vertical-slash one.
+        selection (top-p at ``high_threshold``) and the vertical-slash one
+        (the ``"accurate"`` preset). ``"sampled"`` scores tiles with the exact
+        attention of ``sampled_queries`` queries per query tile;
+        ``"sampled_vertical_slash"`` unites it with the vertical-slash tiles.
+        The table of estimators is :mod:`prism.reference.registry`.
     antidiagonal_stride : int
         Stride of the antidiagonal estimator (default 8); ``block_size`` must
         be a multiple of it when ``estimator`` is ``"antidiagonal"`` or
@@ -91,6 +104,9 @@ class PrismConfig:
     subtile_factor : int
         Sub-tiles per tile edge of the ``"subtile"`` estimator (default 4);
         ``block_size`` must be a multiple of it when ``estimator="subtile"``.
+    sampled_queries : int
+        Sampled queries per query tile of the ``"sampled"`` estimators
+        (default 4); ``block_size`` must be a multiple of it for them.
     """
 
     block_size: int = 128
@@ -110,6 +126,7 @@ class PrismConfig:
     last_queries: int = 64
     vertical_slash_threshold: float | None = None
     subtile_factor: int = 4
+    sampled_queries: int = 4
 
     def __post_init__(self) -> None:
         if not _is_int(self.block_size):
@@ -169,7 +186,7 @@ class PrismConfig:
                 f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}; "
                 "'prism' is the SPEC v1 default"
             )
-        for name in ("antidiagonal_stride", "last_queries", "subtile_factor"):
+        for name in ("antidiagonal_stride", "last_queries", "subtile_factor", "sampled_queries"):
             value = getattr(self, name)
             if not _is_int(value):
                 raise TypeError(
@@ -178,17 +195,12 @@ class PrismConfig:
                 )
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}; use e.g. 8 or 64")
-        if (self.estimator in ("antidiagonal", "antidiagonal_vertical_slash")
-                and self.block_size % self.antidiagonal_stride):
+        divisor = ESTIMATOR_REGISTRY[self.estimator].block_multiple_of
+        if divisor is not None and self.block_size % getattr(self, divisor):
             raise ValueError(
-                f"block_size ({self.block_size}) must be a multiple of antidiagonal_stride "
-                f"({self.antidiagonal_stride}) when estimator={self.estimator!r}; use a stride "
-                "that divides the tile, e.g. 8 or 16 for tile 128"
-            )
-        if self.estimator == "subtile" and self.block_size % self.subtile_factor:
-            raise ValueError(
-                f"block_size ({self.block_size}) must be a multiple of subtile_factor "
-                f"({self.subtile_factor}) when estimator='subtile'; use e.g. 4 for tile 128"
+                f"block_size ({self.block_size}) must be a multiple of {divisor} "
+                f"({getattr(self, divisor)}) when estimator={self.estimator!r}; use a value "
+                "that divides the tile, e.g. 8 (stride) or 4 (factor, samples) for tile 128"
             )
         value = self.vertical_slash_threshold
         if value is not None:
@@ -202,6 +214,29 @@ class PrismConfig:
                     f"vertical_slash_threshold must lie in (0, 1], got {value}; "
                     "or None to use high_threshold"
                 )
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> PrismConfig:
+        """A named setting from :data:`PRESETS`, with optional field overrides.
+
+        ``"paper"`` is the paper's default (``PrismConfig()``); ``"accurate"`` is
+        ``estimator="antidiagonal_vertical_slash"`` with stride 8, the last 64
+        queries, ``high_threshold=0.9`` and ``vertical_slash_threshold=0.5``
+        (docs/estimators.rst, "Presets").
+
+        >>> PrismConfig.preset("accurate").estimator
+        'antidiagonal_vertical_slash'
+        >>> PrismConfig.preset("paper") == PrismConfig()
+        True
+
+        Raises
+        ------
+        ValueError
+            If ``name`` is not a preset.
+        """
+        if not isinstance(name, str) or name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {tuple(PRESETS)}")
+        return resolve_config(cls(**PRESETS[name]), **overrides)
 
     def replace(self, **overrides) -> PrismConfig:
         """Return a copy with some fields changed (validated like the constructor)."""

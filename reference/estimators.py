@@ -1,8 +1,10 @@
-"""Opt-in block-score estimators beside Prism's bands (docs/estimators.rst).
+"""Scoring stages of the opt-in block-score estimators (docs/estimators.rst).
 
-Every estimator returns a bool tile mask on SPEC 3's absolute grid, with the
-same admissible set and forced tiles (sink, diagonal) as SPEC 6. Only the way
-tile pairs are scored changes:
+Every estimator keeps tiles on contract §3's absolute grid, with the same
+admissible set and forced tiles (sink, diagonal) as contract §6; only the way
+tile pairs are scored changes. This module holds the scoring stages; the
+table of estimators, their parameters and how the stages combine is
+:mod:`prism.reference.registry`.
 
 * ``"antidiagonal"`` (XAttention-style): inside every ``stride x stride``
   sub-block of the token score matrix, sum the scores on one antidiagonal
@@ -25,6 +27,11 @@ tile pairs are scored changes:
 * ``"subtile"``: Prism's two band distributions computed on sub-tiles of
   ``block_size / subtile_factor`` tokens (finer pooling keeps more of the high
   band), summed per tile pair, then top-p per band and the union, as in SPEC 6.
+* ``"sampled"``: the exact attention of ``sampled_queries`` queries per query
+  tile (the last query of each of its equal runs), summed into key tiles;
+  tiles are kept by top-p at ``high_threshold``.
+* ``"sampled_vertical_slash"``: the union of the sampled-query selection and
+  the vertical-slash one.
 """
 
 from __future__ import annotations
@@ -33,7 +40,6 @@ import math
 
 import torch
 
-from .config import PrismConfig
 from .scoring import admissible_tiles
 from .tiles import TileLayout, tile_layout
 from .topp import top_p_select
@@ -208,8 +214,86 @@ def vertical_slash_tiles(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
     return (column_tiles[:, :, None, :] | from_slash) & admissible
 
 
-def subtile_band_probabilities(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig,
-                               causal: bool = True):
+def sampled_query_positions(layout: TileLayout, samples: int, device=None):
+    """The sampled queries of every query tile: the last real query of each of its runs.
+
+    Query tile ``I`` (absolute) is cut into ``samples`` runs of
+    ``block_size / samples`` positions; run ``t`` covers
+    ``[I*bs + t*run, I*bs + (t+1)*run)``. Its sample is the last real query in
+    it (the run's last position, or the last query when the queries end
+    inside the run). A run holding no real query has no sample.
+
+    Returns
+    -------
+    rows : Tensor (nq, samples), int64
+        Query row (index into ``q``'s token axis) of each sample; 0 where invalid.
+    positions : Tensor (nq, samples), int64
+        Absolute position of each sample.
+    valid : Tensor (nq, samples), bool
+    """
+    run = layout.block_size // samples
+    tiles = layout.query_tile_indices(device)
+    starts = tiles[:, None] * layout.block_size + torch.arange(samples, device=device) * run
+    last_query = layout.query_start + layout.num_queries - 1
+    positions = torch.clamp(starts + run - 1, max=last_query)
+    valid = positions >= torch.clamp(starts, min=layout.query_start)
+    rows = torch.where(valid, positions - layout.query_start, torch.zeros_like(positions))
+    return rows, positions, valid
+
+
+def sampled_query_probabilities(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
+                                samples: int, causal: bool = True) -> torch.Tensor:
+    """Tile probabilities from the exact attention of a few sampled queries per tile.
+
+    Each sampled query (:func:`sampled_query_positions`) takes the exact
+    softmax of ``q . k / sqrt(D)`` over its admissible keys (causal: keys at
+    or before its position); its probabilities are summed into key tiles. A
+    query tile's row is the sum over its samples, restricted to the
+    admissible tiles and renormalised to 1. This costs ``samples * N / bs``
+    query rows against all keys: ``N^2 D * samples / bs`` multiply-adds
+    instead of dense attention's ``N^2 D``.
+
+    Parameters
+    ----------
+    q : Tensor (B, Hq, Nq, D)
+    k : Tensor (B, Hkv, Nk, D)
+    layout : TileLayout
+        ``layout.block_size`` must be a multiple of ``samples``.
+    samples : int
+    causal : bool
+
+    Returns
+    -------
+    Tensor (B, Hq, nq, nk), float32
+        Zero outside the admissible tiles; each row with an admissible tile
+        sums to 1.
+    """
+    b, hq, _, d = q.shape
+    hkv, nk_tokens = k.shape[1], k.shape[2]
+    group = hq // hkv
+    bs = layout.block_size
+    nq, nk = layout.num_query_tiles, layout.num_key_tiles
+    device = q.device
+    rows, positions, valid = sampled_query_positions(layout, samples, device)
+    picked = q[:, :, rows.reshape(-1)].float().reshape(b, hkv, group, nq * samples, d)
+    scores = torch.matmul(picked, k.float().unsqueeze(2).transpose(-1, -2)) / math.sqrt(d)
+    scores = scores.reshape(b, hq, nq * samples, nk_tokens)
+    allowed = valid.reshape(-1, 1).expand(-1, nk_tokens)
+    if causal:
+        key_pos = torch.arange(nk_tokens, device=device)
+        allowed = allowed & (key_pos[None, :] <= positions.reshape(-1, 1))
+    probs = torch.nan_to_num(torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1),
+                             nan=0.0)
+    padded = torch.zeros(b, hq, nq * samples, nk * bs, dtype=torch.float32, device=device)
+    padded[..., :nk_tokens] = probs
+    tiles = padded.view(b, hq, nq, samples, nk, bs).sum(dim=(3, 5))
+    tiles = tiles * admissible_tiles(layout, causal, device).to(tiles.dtype)
+    total = tiles.sum(dim=-1, keepdim=True)
+    return torch.where(total > 0, tiles / total.clamp_min(1e-30), torch.zeros_like(tiles))
+
+
+def subtile_band_probabilities(q: torch.Tensor, k: torch.Tensor, cfg, causal: bool,
+                               trace):
     """Prism's band probabilities scored on sub-tiles and summed per tile pair.
 
     SPEC 3 to 6's pooling, bands, calibration and per-band softmax run with
@@ -218,14 +302,21 @@ def subtile_band_probabilities(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfi
     summed over the sub-rows of a query tile and the sub-columns of a key tile,
     restricted to the admissible tiles and renormalised per query tile.
 
+    Parameters
+    ----------
+    q, k : Tensors, as in :func:`prism.reference.select_blocks`
+    cfg : PrismConfig
+    causal : bool
+    trace : callable
+        Prism's selection trace, :func:`prism.reference.trace_selection`
+        (passed in, so this module never imports the selection it feeds).
+
     Returns
     -------
     (high, low) : two Tensors (B, Hq, nq, nk), float32
     """
-    from .select import trace_selection
-
     factor = cfg.subtile_factor
-    fine = trace_selection(q, k, cfg.replace(estimator="prism",
+    fine = trace(q, k, cfg.replace(estimator="prism",
                                              block_size=cfg.block_size // factor),
                            causal=causal)
     layout = tile_layout(q.shape[2], k.shape[2], cfg.block_size, causal)
@@ -248,66 +339,11 @@ def subtile_band_probabilities(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfi
     return result[0], result[1]
 
 
-def estimator_mask(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig,
-                   causal: bool = True, *,
-                   antidiagonal_fn=None) -> torch.Tensor:
-    """Selection by a non-Prism estimator (``cfg.estimator``), with forced tiles.
-
-    Inputs must already be validated (``select_blocks`` does it). For
-    ``"prism_vertical_slash"`` this returns only the vertical-slash part; the
-    union with Prism is made by :func:`prism.reference.trace_selection`.
-
-    Parameters
-    ----------
-    q : Tensor (B, Hq, Nq, D)
-    k : Tensor (B, Hkv, Nk, D)
-    cfg : PrismConfig
-    causal : bool
-    antidiagonal_fn : callable, optional
-        Computes the antidiagonal tile probabilities of ``"antidiagonal"`` and
-        ``"antidiagonal_vertical_slash"``, with the signature and result of
-        :func:`antidiagonal_probabilities` (used when None).
-        :mod:`prism.optimized` passes its Triton kernel here, so top-p, the
-        vertical-slash union and the forced tiles stay this one code.
-
-    Returns
-    -------
-    Tensor (B, Hq, nq, nk), bool
-    """
-    from .select import forced_tiles
-
-    layout = tile_layout(q.shape[2], k.shape[2], cfg.block_size, causal)
-    device = q.device
-    admissible = admissible_tiles(layout, causal, device)
-    threshold = cfg.vertical_slash_threshold
-    if threshold is None:
-        threshold = cfg.high_threshold
-    if cfg.estimator in ("antidiagonal", "antidiagonal_vertical_slash"):
-        score = antidiagonal_probabilities if antidiagonal_fn is None else antidiagonal_fn
-        probs = score(q, k, layout, cfg.antidiagonal_stride, causal)
-        keep, _ = top_p_select(probs, admissible, cfg.high_threshold)
-        keep = keep & (probs > 0)
-        if cfg.estimator == "antidiagonal_vertical_slash":
-            keep = keep | vertical_slash_tiles(q, k, layout, cfg.last_queries, threshold,
-                                               causal)
-    elif cfg.estimator in ("vertical_slash", "prism_vertical_slash"):
-        keep = vertical_slash_tiles(q, k, layout, cfg.last_queries, threshold, causal)
-    elif cfg.estimator == "subtile":
-        high, low = subtile_band_probabilities(q, k, cfg, causal)
-        high_keep, _ = top_p_select(high, admissible, cfg.high_threshold)
-        low_keep, _ = top_p_select(low, admissible, cfg.low_threshold)
-        keep = (high_keep & (high > 0)) | (low_keep & (low > 0))
-    else:
-        raise ValueError(f"estimator_mask has no estimator {cfg.estimator!r}; "
-                         "'prism' runs through prism.reference.select_blocks")
-    forced = forced_tiles(layout, causal, cfg.force_sink, cfg.force_diagonal, device)
-    return (keep | forced) & admissible
-
-
 __all__ = [
     "antidiagonal_probabilities",
-    "estimator_mask",
     "last_query_distributions",
+    "sampled_query_positions",
+    "sampled_query_probabilities",
     "subtile_band_probabilities",
     "vertical_slash_tiles",
 ]

@@ -20,7 +20,7 @@ from prism.reference import (
 from prism.reference.scoring import admissible_tiles
 
 ALTERNATIVES = ("antidiagonal", "vertical_slash", "prism_vertical_slash", "subtile",
-                "antidiagonal_vertical_slash")
+                "antidiagonal_vertical_slash", "sampled", "sampled_vertical_slash")
 
 
 def _qk(b=1, hq=4, hkv=2, nq=200, nk=328, d=32, seed=0):
@@ -52,6 +52,11 @@ def test_default_is_spec_v1():
     ({"subtile_factor": 0}, ValueError, "subtile_factor must be >= 1"),
     ({"vertical_slash_threshold": 1.5}, ValueError, "vertical_slash_threshold must lie"),
     ({"vertical_slash_threshold": "0.9"}, TypeError, "vertical_slash_threshold must be"),
+    ({"estimator": "sampled", "sampled_queries": 3}, ValueError, "multiple of sampled_queries"),
+    ({"estimator": "sampled_vertical_slash", "block_size": 64, "sampled_queries": 128},
+     ValueError, "multiple of sampled_queries"),
+    ({"sampled_queries": 0}, ValueError, "sampled_queries must be >= 1"),
+    ({"sampled_queries": 2.0}, TypeError, "sampled_queries must be an int"),
 ])
 def test_bad_estimator_fields(overrides, error, words):
     with pytest.raises(error, match=words):
@@ -323,7 +328,7 @@ def test_subtile_probabilities_are_sums_of_finer_ones():
 
     q, k = _qk(nq=256, nk=256)
     cfg = PrismConfig(block_size=64, estimator="subtile", subtile_factor=4)
-    high, low = subtile_band_probabilities(q, k, cfg)
+    high, low = subtile_band_probabilities(q, k, cfg, True, trace_selection)
     fine = trace_selection(q, k, block_size=16)
     expected = fine.high_probs.reshape(1, 4, 4, 4, 4, 4).sum(dim=(3, 5))
     expected = expected * admissible_tiles(tile_layout(256, 256, 64, True), True)
@@ -414,3 +419,194 @@ def test_cli_parses_the_sweep_task():
                            ("antidiagonal_vertical_slash", 0.95)]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["eval", "--task", "sweep", "--points", "bogus=0.9"])
+
+
+# ---------------------------------------------------------------- sampled queries
+
+
+def _naive_sampled(q, k, bs, samples, causal):
+    """Loop-by-loop sampled-query tile probabilities: the rule of docs/estimators.rst."""
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    layout = tile_layout(nq, nk, bs, causal)
+    start = layout.query_start
+    run = bs // samples
+    out = torch.zeros(b, hq, layout.num_query_tiles, layout.num_key_tiles, dtype=torch.float64)
+    for row in range(layout.num_query_tiles):
+        tile = layout.first_query_tile + row
+        for t in range(samples):
+            positions = [p for p in range(tile * bs + t * run, tile * bs + (t + 1) * run)
+                         if start <= p < start + nq]
+            if not positions:
+                continue
+            p = positions[-1]
+            keys = [n for n in range(nk) if not causal or n <= p]
+            for bi in range(b):
+                for h in range(hq):
+                    kv = h // (hq // hkv)
+                    logits = torch.stack([q[bi, h, p - start].double() @ k[bi, kv, n].double()
+                                          for n in keys]) / math.sqrt(d)
+                    probs = torch.softmax(logits, 0)
+                    for n, value in zip(keys, probs):
+                        out[bi, h, row, n // bs] += value
+    return out / out.sum(-1, keepdim=True).clamp_min(1e-30), layout
+
+
+@pytest.mark.parametrize("nq, nk, causal, bs, samples", [
+    (120, 248, True, 64, 2),   # KV prefix of 128: tile-aligned
+    (70, 150, True, 32, 2),    # prefix of 80: the first tile's early runs hold no query
+    (40, 100, False, 32, 4),
+    (1, 77, True, 16, 4),
+])
+def test_sampled_matches_naive(nq, nk, causal, bs, samples):
+    from prism.reference.estimators import sampled_query_probabilities
+
+    q, k = _qk(nq=nq, nk=nk, d=8, seed=nq + 1)
+    expected, layout = _naive_sampled(q, k, bs, samples, causal)
+    actual = sampled_query_probabilities(q, k, layout, samples, causal)
+    torch.testing.assert_close(actual.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_sampled_positions_are_the_last_query_of_each_run():
+    from prism.reference.estimators import sampled_query_positions
+
+    # Queries 100..299 (prefix 100), tile 64, 4 runs of 16.
+    layout = tile_layout(200, 300, 64, True)
+    rows, positions, valid = sampled_query_positions(layout, 4)
+    assert positions[0].tolist()[2:] == [111, 127] and valid[0].tolist() == [False, False,
+                                                                             True, True]
+    # Last tile 256..319 holds queries up to 299: the fourth run (304..319) has none.
+    assert positions[-1].tolist()[:3] == [271, 287, 299]
+    assert valid[-1].tolist() == [True, True, True, False]
+    assert rows[valid].min() >= 0 and rows[valid].max() == 199
+
+
+def test_sampled_with_every_query_is_exact_attention_mass():
+    """samples == block_size: each tile row is the mean exact attention mass of its queries."""
+    from prism.reference.estimators import sampled_query_probabilities
+
+    q, k = _qk(nq=128, nk=128, d=16)
+    layout = tile_layout(128, 128, 32, True)
+    mask_probs = sampled_query_probabilities(q, k, layout, 32, True)
+    scores = q @ k.repeat_interleave(2, 1).transpose(-1, -2) / 4.0
+    scores = scores.masked_fill(torch.ones(128, 128, dtype=torch.bool).triu(1), float("-inf"))
+    mass = scores.softmax(-1).reshape(1, 4, 4, 32, 4, 32).sum(dim=(3, 5))
+    torch.testing.assert_close(mask_probs, mass / mass.sum(-1, keepdim=True))
+
+
+def test_sampled_vertical_slash_is_the_union():
+    q, k = _qk(nq=256, nk=320)
+    q = q * 3.0  # sharper attention: each part keeps some tiles and drops others
+    common = {"block_size": 32, "high_threshold": 0.3, "vertical_slash_threshold": 0.1,
+              "sampled_queries": 2, "last_queries": 16}
+    union = select_blocks(q, k, estimator="sampled_vertical_slash", **common)
+    sampled = select_blocks(q, k, estimator="sampled", **common)
+    slash = select_blocks(q, k, estimator="vertical_slash",
+                          **{**common, "high_threshold": 0.1})
+    assert torch.equal(union, sampled | slash)
+    assert (union != sampled).any() and (union != slash).any()
+
+
+# ---------------------------------------------------------------- registry and presets
+
+
+def test_registry_rows_are_consistent():
+    from pathlib import Path
+
+    from prism.reference import registry
+    from prism.reference.config import ESTIMATOR_FIELDS, ESTIMATORS
+
+    assert ESTIMATORS == tuple(registry.ESTIMATOR_REGISTRY) and ESTIMATORS[0] == "prism"
+    fields = set(PrismConfig.__dataclass_fields__)
+    docs = (Path(__file__).parents[1] / "docs" / "estimators.rst").read_text()
+    for name, spec in registry.ESTIMATOR_REGISTRY.items():
+        assert spec.name == name
+        assert set(spec.parameters) <= fields and set(spec.parameters) <= set(ESTIMATOR_FIELDS)
+        assert set(spec.sweep_parameters) <= set(spec.parameters)
+        assert set(spec.stages) <= set(registry.REFERENCE_STAGES) | {"prism_trace"}
+        assert spec.block_multiple_of in (None, *spec.parameters)
+        assert f".. _{spec.docs}:" in docs, f"docs/estimators.rst has no section {spec.docs}"
+        assert spec.prism_bands or spec.tiles is not None
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        registry.estimator_spec("xattention")
+
+
+def test_reference_modules_do_not_import_in_a_loop():
+    """The registry sits between the scoring stages and the selection, in one direction."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).parents[1] / "reference"
+
+    def imports(name):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        return {node.module for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.level == 1}
+
+    assert "select" not in imports("estimators") and "config" not in imports("estimators")
+    assert not {"select", "config"} & imports("registry")
+    assert "registry" in imports("select") and "estimators" not in imports("select")
+
+
+def test_presets():
+    paper = PrismConfig.preset("paper")
+    assert paper == PrismConfig()
+    accurate = PrismConfig.preset("accurate")
+    assert accurate.estimator == "antidiagonal_vertical_slash"
+    assert (accurate.antidiagonal_stride, accurate.last_queries) == (8, 64)
+    assert (accurate.high_threshold, accurate.vertical_slash_threshold) == (0.9, 0.5)
+    assert PrismConfig.preset("accurate", block_size=64).block_size == 64
+    with pytest.raises(ValueError, match="unknown preset"):
+        PrismConfig.preset("fast")
+    with pytest.raises(TypeError, match="unknown PrismConfig field"):
+        PrismConfig.preset("accurate", strde=4)
+    q, k = _qk(nq=256, nk=256)
+    assert torch.equal(select_blocks(q, k, accurate.replace(block_size=64)),
+                       select_blocks(q, k, block_size=64, estimator="antidiagonal_vertical_slash",
+                                     high_threshold=0.9, low_threshold=0.9,
+                                     vertical_slash_threshold=0.5))
+
+
+def test_sweep_methods_come_from_the_registry():
+    from prism.evaluation.sweep import SWEEP_METHODS, SweepSettings, method_selection
+    from prism.reference.registry import ESTIMATORS
+
+    assert set(SWEEP_METHODS) == {"mean_pooling", *ESTIMATORS}
+    settings = SweepSettings(sampled_queries=2, last_queries=32, vertical_slash_threshold=0.4)
+    config, _ = method_selection("sampled_vertical_slash", 0.85, settings)
+    assert (config.sampled_queries, config.last_queries) == (2, 32)
+    assert (config.high_threshold, config.vertical_slash_threshold) == (0.85, 0.4)
+    # vertical_slash alone: the point's threshold is its top-p.
+    config, _ = method_selection("vertical_slash", 0.85, settings)
+    assert config.vertical_slash_threshold is None and config.high_threshold == 0.85
+
+
+def test_cli_preset_chooses_the_sweep_point_and_settings():
+    from prism.cli import _sweep_settings, build_parser
+
+    args = build_parser().parse_args(["eval", "--task", "sweep", "--preset", "accurate"])
+    settings = _sweep_settings(args)
+    assert settings.points == (("antidiagonal_vertical_slash", 0.9),)
+    assert (settings.vertical_slash_threshold, settings.antidiagonal_stride) == (0.5, 8)
+    args = build_parser().parse_args(["eval", "--task", "sweep", "--preset", "accurate",
+                                      "--points", "prism=0.95", "--vs-threshold", "0.3"])
+    settings = _sweep_settings(args)
+    assert settings.points == (("prism", 0.95), ("antidiagonal_vertical_slash", 0.9))
+    assert settings.vertical_slash_threshold == 0.5
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--preset", "fastest"])
+
+
+def test_perplexity_table_shows_the_preset_row():
+    from prism.evaluation.report import perplexity_table
+
+    row = {"perplexity": 6.0, "density": 0.4, "recall": 0.9, "pass_seconds": 1.0,
+           "attention_seconds": 0.5}
+    methods = {"full": {**row, "label": "full attention (SDPA)", "density": 1.0, "recall": 1.0},
+               "prism": {**row, "label": "Prism p=0.95", "perplexity": 6.3},
+               "mean_pooling": {**row, "label": "mean pooling p=0.9", "perplexity": 6.2},
+               "preset": {**row, "label": "preset accurate (p=0.9)", "perplexity": 6.06,
+                          "recall": None}}
+    lines = perplexity_table({"methods": methods}).splitlines()
+    assert [line.split()[0] for line in lines[1:]] == ["full", "Prism", "mean", "preset"]
+    assert "1.010" in lines[4] and " - " in lines[4]

@@ -357,3 +357,89 @@ def test_vertical_slash_union_and_indices():
     assert torch.equal(num.long(), e5.sum(-1))
     ref_num, ref_idx = reference.mask_to_indices(e5)
     assert torch.equal(idx.long(), ref_idx.long())
+
+
+# ---------------------------------------------------------------- sampled queries, registry
+
+
+def _stage_boundary(probs, cfg, layout, causal, margin=1e-4):
+    """Top-p boundary entries of a stage's tile probabilities (as ``_reference_boundary``)."""
+    admissible = admissible_tiles(layout, causal, probs.device)
+    keep, mass_before = top_p_select(probs, admissible, cfg.high_threshold)
+    keep = keep & (probs > 0)
+    near = (mass_before - cfg.high_threshold).abs() <= margin
+    close = (probs[..., :, None] - probs[..., None, :]).abs() <= 1e-5 * probs[..., :, None]
+    swappable = (close & (keep[..., :, None] != keep[..., None, :])
+                 & admissible[..., None, :]).any(-1)
+    forced = forced_tiles(layout, causal, cfg.force_sink, cfg.force_diagonal, probs.device)
+    return (near | swappable) & admissible & ~forced
+
+
+@pytest.mark.parametrize("case", [
+    dict(hq=4, hkv=2, nq=150, nk=220, bs=32, samples=4, causal=True, dtype=torch.float32),
+    dict(hq=3, hkv=1, nq=200, nk=200, bs=32, samples=2, causal=True, dtype=torch.float16),
+    dict(hq=4, hkv=4, nq=100, nk=130, bs=32, samples=1, causal=False, dtype=torch.float32),
+    dict(hq=6, hkv=2, nq=70, nk=333, bs=48, samples=3, causal=True, dtype=torch.bfloat16),
+    dict(hq=2, hkv=1, nq=1, nk=77, bs=16, samples=4, causal=True, dtype=torch.float32),
+])
+def test_sampled_kernel_matches_reference(case):
+    from prism.optimized.sampled import sampled_tile_probabilities
+    from prism.reference.estimators import sampled_query_probabilities
+
+    q, k = _qk(1, case["hq"], case["hkv"], case["nq"], case["nk"], 32, seed=case["nq"],
+               dtype=case["dtype"], transposed=case["nq"] > 100, scale=2.0)
+    layout = tile_layout(case["nq"], case["nk"], case["bs"], case["causal"])
+    q_before, k_before = q.clone(), k.clone()
+    actual = sampled_tile_probabilities(q, k, layout, case["samples"], case["causal"])
+    expected = sampled_query_probabilities(q, k, layout, case["samples"], case["causal"])
+    assert actual.dtype == torch.float32 and actual.shape == expected.shape
+    # fp32 sums in another order; 16-bit inputs are exact products in both.
+    torch.testing.assert_close(actual, expected, rtol=2e-5, atol=1e-6)
+    assert torch.equal(q, q_before) and torch.equal(k, k_before)
+    rows = expected.sum(-1)
+    assert ((rows - 1).abs() < 1e-5).any()
+
+
+def test_sampled_kernel_sees_each_heads_own_samples():
+    """Rows of different query heads in one program must not mix: plant one hot key per head."""
+    from prism.optimized.sampled import sampled_tile_probabilities
+
+    q = torch.zeros(1, 4, 256, 16, device=DEVICE)
+    k = torch.zeros(1, 2, 256, 16, device=DEVICE)
+    for head in range(4):
+        q[0, head, :, head] = 8.0               # head h looks along dim h
+        k[0, head // 2, 40 * head + 3, head] = 8.0  # ... at key 40h + 3 of its KV head
+    layout = tile_layout(256, 256, 32, True)
+    probs = sampled_tile_probabilities(q, k, layout, 2, True)
+    for head in range(4):
+        tile = (40 * head + 3) // 32
+        assert (probs[0, head, tile + 1:, tile] > 0.5).all(), head
+
+
+# The antidiagonal rows are compared in test_masks_match_reference above.
+@pytest.mark.parametrize("estimator", [name for name in reference.ESTIMATORS
+                                       if name != "prism" and "antidiagonal" not in name])
+def test_estimator_select_blocks_matches_reference_for_every_registry_row(estimator):
+    from prism.optimized.estimators import KERNEL_STAGES, estimator_select_blocks
+    from prism.reference.registry import REFERENCE_STAGES, estimator_spec
+
+    q, k = _qk(1, 2, 1, 112, 160, 16, seed=11, scale=3.0)
+    cfg = PrismConfig(block_size=32, estimator=estimator, antidiagonal_stride=8,
+                      sampled_queries=2, subtile_factor=2, high_threshold=0.7,
+                      low_threshold=0.7, vertical_slash_threshold=0.2, last_queries=8)
+    actual = estimator_select_blocks(q, k, cfg, True)
+    expected = reference.select_blocks(q, k, cfg)
+    layout = tile_layout(112, 160, 32, True)
+    boundary = torch.zeros_like(expected)
+    spec = estimator_spec(estimator)
+    for stage in spec.stages:
+        if stage in KERNEL_STAGES:
+            argument = (cfg.antidiagonal_stride if stage == "antidiagonal"
+                        else cfg.sampled_queries)
+            probs = REFERENCE_STAGES[stage](q, k, layout, argument, True)
+            boundary = boundary | _stage_boundary(probs, cfg, layout, True)
+    if spec.prism_bands:
+        boundary = boundary | reference.boundary_ties(q, k, cfg.replace(estimator="prism"))
+    _assert_masks_agree(actual, expected, boundary)
+    forced = forced_tiles(layout, True, True, True, q.device)
+    assert (expected & ~forced).any()

@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--subtile-factor", type=_positive_int, default=4,
                     help="sweep task: sub-tiles per tile edge of the subtile estimator "
                          "(default: %(default)s)")
+    ev.add_argument("--sampled-queries", type=_positive_int, default=4,
+                    help="sweep task: sampled queries per query tile of the sampled and "
+                         "sampled_vertical_slash estimators (default: %(default)s)")
     ev.add_argument("--stride", type=_positive_int, default=8,
                     help="sweep task: stride of the antidiagonal and "
                          "antidiagonal_vertical_slash estimators (default: %(default)s)")
@@ -243,6 +246,7 @@ def _sweep_settings(args):
                          last_queries=args.last_queries,
                          vertical_slash_threshold=args.vs_threshold,
                          subtile_factor=args.subtile_factor,
+                         sampled_queries=args.sampled_queries,
                          passkey_lengths=lengths, passkey_depths=tuple(args.depths),
                          backend=args.backend)
     if getattr(args, "preset", None):

@@ -15,6 +15,10 @@ text it runs four forward passes of the model:
    :func:`prism.integrations.transformers.register`.
 4. *Mean pooling* at the tuned threshold, through the same integration with
    :class:`~prism.evaluation.baselines.MeanPoolingSelector`.
+5. *A preset* (``settings.preset``, default ``"accurate"``:
+   :meth:`prism.reference.PrismConfig.preset`), through the same integration,
+   so the table shows the accurate mode beside Prism and mean pooling. Its
+   recall is not measured (the probe records Prism's pooled scores only).
 
 Densities are those of each sparse pass itself (its own activations); recall
 is measured on the full-attention activations of pass 2 (the selection each
@@ -45,6 +49,7 @@ from .probe import FullAttentionProbe
 PROBE_NAME = "prism-eval-full"
 PRISM_NAME = "prism-eval-prism"
 MEAN_POOL_NAME = "prism-eval-meanpool"
+PRESET_NAME = "prism-eval-preset"
 
 # Positions per chunk of the output projection, so logits never hold N x vocab at once.
 _LOGIT_CHUNK = 1024
@@ -64,12 +69,16 @@ class EvalSettings:
     backend : {"auto", "prism", "masked_sdpa"}
         Attention stage of the sparse passes; ``"auto"`` takes ``masked_sdpa``
         on the CPU and ``prism`` (Triton kernels) on CUDA.
+    preset : str or None
+        A :meth:`PrismConfig.preset` name run as a fifth pass beside Prism and
+        mean pooling (default ``"accurate"``); ``None`` skips it.
     """
 
     tokens: int = 4096
     block_size: int = 128
     threshold: float = 0.95
     backend: str = "auto"
+    preset: str | None = "accurate"
 
     def prism_config(self) -> PrismConfig:
         return PrismConfig(block_size=self.block_size, high_threshold=self.threshold,
@@ -189,6 +198,25 @@ def _by_layer(values: dict[int, float]) -> list[float]:
     return [values[layer] for layer in sorted(values)]
 
 
+def _preset_result(name: str, run, count: int) -> dict:
+    """The preset pass's entry: perplexity, density and times; recall not measured."""
+    config, stats, nll, seconds = run
+    timing = stats.seconds_by_layer()
+    return {
+        "label": f"preset {name} (p={config.high_threshold:g})",
+        "preset": name,
+        "config": asdict(config),
+        "perplexity": math.exp(nll / count),
+        "nll_per_token": nll / count,
+        "density": stats.mean_density(),
+        "density_by_layer": _by_layer(stats.density_by_layer()),
+        "recall": None,
+        "pass_seconds": seconds,
+        "selection_seconds": sum(t["selection"] for t in timing.values()),
+        "attention_seconds": sum(t["attention"] for t in timing.values()),
+    }
+
+
 def run_perplexity_eval(model, tokenizer, text: str, settings: EvalSettings, *,
                         progress: bool = True) -> dict:
     """Run the four passes described in the module docstring and return the results.
@@ -225,7 +253,8 @@ def run_perplexity_eval(model, tokenizer, text: str, settings: EvalSettings, *,
     previous = model.config._attn_implementation
 
     n_layers = len(decoder_layers(model))
-    bar = tqdm(total=4 * n_layers if n_layers else None, unit="layer", disable=not progress,
+    passes = 5 if settings.preset else 4
+    bar = tqdm(total=passes * n_layers if n_layers else None, unit="layer", disable=not progress,
                desc="prism eval")
     ticker = _LayerProgress(model, bar)
     try:
@@ -272,6 +301,16 @@ def run_perplexity_eval(model, tokenizer, text: str, settings: EvalSettings, *,
         pool_stats = register(MEAN_POOL_NAME, config, stats=PrismStats(), backend=backend,
                               selector=MeanPoolingSelector(threshold))
         pool_nll, _, pool_seconds = _timed_nll(model, eval_ids, MEAN_POOL_NAME)
+
+        # 5. The preset (the accurate mode by default), through the same integration.
+        preset_run = None
+        if settings.preset:
+            bar.set_description(f"preset {settings.preset}")
+            preset_config = PrismConfig.preset(settings.preset, block_size=settings.block_size)
+            preset_stats = register(PRESET_NAME, preset_config, stats=PrismStats(),
+                                    backend=backend)
+            preset_run = (preset_config, preset_stats,
+                          *_timed_nll(model, eval_ids, PRESET_NAME)[::2])
     finally:
         ticker.close()
         bar.close()
@@ -318,6 +357,8 @@ def run_perplexity_eval(model, tokenizer, text: str, settings: EvalSettings, *,
                 "attention_seconds": full_attention_seconds,
                 "recall_probe_seconds": sum(probe.layers[i].probe_seconds for i in layers),
             },
+            **({} if preset_run is None else {"preset": _preset_result(
+                settings.preset, preset_run, count)}),
             "prism": sparse_result(prism_nll, prism_seconds, prism_stats, prism_recall, prism_tf,
                                    {"label": f"Prism p={settings.threshold:g}",
                                     "threshold": settings.threshold}),

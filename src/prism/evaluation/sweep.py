@@ -2,19 +2,14 @@
 
 ``prism eval --task sweep`` runs full attention once, then one sparse pass per
 (method, threshold) point, and writes the JSON after every point so a long run
-that is stopped keeps what it finished. Methods:
-
-* ``prism`` - SPEC-default Prism, both bands at the threshold;
-* ``mean_pooling`` - plain mean pooling (:mod:`~prism.evaluation.baselines`);
-* ``antidiagonal`` - XAttention-style strided antidiagonal scoring
-  (``PrismConfig(estimator="antidiagonal")``);
-* ``vertical_slash`` - last-query vertical-slash scoring (MInference/FlexPrefill-style);
-* ``prism_vertical_slash`` - Prism united with the vertical-slash tiles; the
-  threshold moves Prism's bands, ``vertical_slash_threshold`` stays fixed;
-* ``subtile`` - Prism's bands scored on sub-tiles (``subtile_factor``);
-* ``antidiagonal_vertical_slash`` - the antidiagonal tiles (stride
-  ``antidiagonal_stride``) united with the vertical-slash ones; the threshold
-  moves the antidiagonal top-p, ``vertical_slash_threshold`` stays fixed.
+that is stopped keeps what it finished. Methods: ``mean_pooling`` (plain mean
+pooling, :mod:`~prism.evaluation.baselines`) and every estimator of the
+registry (:mod:`prism.reference.registry`, docs/estimators.rst). The point's
+threshold is ``high_threshold`` and ``low_threshold``; what it moves is the
+registry's ``threshold_moves`` (for example the antidiagonal top-p of
+``antidiagonal_vertical_slash``, whose ``vertical_slash_threshold`` stays at
+the sweep's fixed value). The estimator parameters come from
+:class:`SweepSettings`.
 
 Each point records perplexity, the mean causal tile density of its own pass,
 the selection time per layer, and (optionally) passkey accuracy.
@@ -26,20 +21,21 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from prism.integrations.transformers import PrismStats, register
 from prism.reference import PrismConfig
+from prism.reference.registry import ESTIMATOR_REGISTRY
 
 from .baselines import MeanPoolingSelector
 from .passkey import build_passkey_prompt, first_number, greedy_decode
 from .perplexity import sequence_nll, token_windows
 from .report import write_json
 
-SWEEP_METHODS = ("prism", "mean_pooling", "antidiagonal", "vertical_slash",
-                 "prism_vertical_slash", "subtile", "antidiagonal_vertical_slash")
+SWEEP_METHODS = ("prism", "mean_pooling",
+                 *(name for name in ESTIMATOR_REGISTRY if name != "prism"))
 SWEEP_NAME = "prism-eval-sweep"
 
 
@@ -54,11 +50,14 @@ class SweepSettings:
     points : sequence of (method, threshold)
         Methods from :data:`SWEEP_METHODS`.
     block_size : int
-    antidiagonal_stride, last_queries, subtile_factor : int
-        Parameters of the antidiagonal, vertical-slash and sub-tile estimators.
+    antidiagonal_stride, last_queries, subtile_factor, sampled_queries : int
+        Parameters of the antidiagonal, vertical-slash, sub-tile and
+        sampled-query estimators (each method takes the registry's
+        ``sweep_parameters`` from here).
     vertical_slash_threshold : float
-        Top-p of the vertical and slash distributions in ``prism_vertical_slash``
-        and ``antidiagonal_vertical_slash``.
+        Top-p of the vertical and slash distributions in the estimators that
+        unite them with other tiles (``vertical_slash`` alone moves it with
+        the point's threshold instead).
     passkey_lengths, passkey_depths : sequences
         Passkey prompts per point; empty lengths skip the passkey task.
     new_tokens, seed : int
@@ -74,6 +73,7 @@ class SweepSettings:
     last_queries: int = 64
     vertical_slash_threshold: float = 0.9
     subtile_factor: int = 4
+    sampled_queries: int = 4
     passkey_lengths: Sequence[int] = ()
     passkey_depths: Sequence[float] = (0.1, 0.5, 0.9)
     new_tokens: int = 10
@@ -92,29 +92,35 @@ def method_selection(method: str, threshold: float, settings: SweepSettings):
     """
     base = {"block_size": settings.block_size, "high_threshold": threshold,
             "low_threshold": threshold}
-    if method == "prism":
-        return PrismConfig(**base), None
     if method == "mean_pooling":
         return PrismConfig(block_size=settings.block_size), MeanPoolingSelector(threshold)
-    if method == "antidiagonal":
-        return PrismConfig(**base, estimator="antidiagonal",
-                           antidiagonal_stride=settings.antidiagonal_stride), None
-    if method == "vertical_slash":
-        return PrismConfig(**base, estimator="vertical_slash",
-                           last_queries=settings.last_queries), None
-    if method == "prism_vertical_slash":
-        return PrismConfig(**base, estimator="prism_vertical_slash",
-                           last_queries=settings.last_queries,
-                           vertical_slash_threshold=settings.vertical_slash_threshold), None
-    if method == "subtile":
-        return PrismConfig(**base, estimator="subtile",
-                           subtile_factor=settings.subtile_factor), None
-    if method == "antidiagonal_vertical_slash":
-        return PrismConfig(**base, estimator="antidiagonal_vertical_slash",
-                           antidiagonal_stride=settings.antidiagonal_stride,
-                           last_queries=settings.last_queries,
-                           vertical_slash_threshold=settings.vertical_slash_threshold), None
-    raise ValueError(f"unknown sweep method {method!r}; choose from {SWEEP_METHODS}")
+    spec = ESTIMATOR_REGISTRY.get(method)
+    if spec is None:
+        raise ValueError(f"unknown sweep method {method!r}; choose from {SWEEP_METHODS}")
+    fixed = {name: getattr(settings, name) for name in spec.sweep_parameters}
+    return PrismConfig(**base, estimator=method, **fixed), None
+
+
+def with_preset(settings: SweepSettings, name: str, *, only: bool = False) -> SweepSettings:
+    """``settings`` with the point of :meth:`PrismConfig.preset` ``name`` and its estimator fields.
+
+    The preset's estimator parameters replace the settings' (the sweep's
+    fixed values, e.g. ``vertical_slash_threshold`` of the accurate preset),
+    and its ``(estimator, high_threshold)`` point joins the points, or
+    replaces them when ``only``.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not a preset.
+    """
+    config = PrismConfig.preset(name, block_size=settings.block_size)
+    point = (config.estimator, config.high_threshold)
+    spec = ESTIMATOR_REGISTRY[config.estimator]
+    fixed = {field: getattr(config, field) for field in spec.sweep_parameters}
+    points = [point] if only else [*settings.points,
+                                   *([point] if point not in settings.points else [])]
+    return replace(settings, points=tuple(points), **fixed)
 
 
 def _passkey_trials(model, tokenizer, haystack, settings: SweepSettings, implementation,
@@ -265,4 +271,5 @@ def parse_points(text: str) -> list[tuple[str, float]]:
     return points
 
 
-__all__ = ["SWEEP_METHODS", "SweepSettings", "method_selection", "parse_points", "run_sweep"]
+__all__ = ["SWEEP_METHODS", "SweepSettings", "method_selection", "parse_points", "run_sweep",
+           "with_preset"]

@@ -37,16 +37,37 @@ LABELS = {
 
 
 def curve_key(point: dict) -> str:
-    """The curve a point belongs to: its method, the stride and the vertical-slash top-p."""
-    if point["method"] == "antidiagonal_vertical_slash":
-        config = point["config"]
+    """The curve a point belongs to: its method, the stride or samples and the vertical-slash top-p."""
+    method, config = point["method"], point["config"]
+    if method == "antidiagonal_vertical_slash":
         return (f"antidiagonal_vertical_slash-{config['antidiagonal_stride']}"
                 f"-{config['vertical_slash_threshold']:g}")
-    if point["method"] == "antidiagonal":
-        return f"antidiagonal-{point['config']['antidiagonal_stride']}"
-    if point["method"] == "prism_vertical_slash":
-        return f"prism_vertical_slash-{point['config']['vertical_slash_threshold']:g}"
-    return point["method"]
+    if method == "antidiagonal":
+        return f"antidiagonal-{config['antidiagonal_stride']}"
+    if method == "prism_vertical_slash":
+        return f"prism_vertical_slash-{config['vertical_slash_threshold']:g}"
+    if method == "sampled_vertical_slash":
+        return (f"sampled_vertical_slash-{config['sampled_queries']}"
+                f"-{config['vertical_slash_threshold']:g}")
+    if method == "sampled":
+        return f"sampled-{config['sampled_queries']}"
+    return method
+
+
+def label(key: str) -> str:
+    """The table label of a curve key (LABELS, or one built from the key's parts)."""
+    if key in LABELS:
+        return LABELS[key]
+    method, *parts = key.split("-")
+    if method == "antidiagonal_vertical_slash":
+        return f"antidiagonal stride {parts[0]} + vertical-slash (vs p={parts[1]})"
+    if method == "prism_vertical_slash":
+        return f"Prism + vertical-slash (vs p={parts[0]})"
+    if method == "sampled_vertical_slash":
+        return f"{parts[0]} sampled queries/tile + vertical-slash (vs p={parts[1]})"
+    if method == "sampled":
+        return f"{parts[0]} sampled queries/tile"
+    return key
 
 
 def load_runs() -> list[dict]:
@@ -80,6 +101,10 @@ def selection_flops(method: str, tokens: int, head_dim: int = 64, block: int = 1
         return 2 * tiles**2 * bands
     if method == "mean_pooling":
         return 2 * tiles**2 * head_dim
+    if method.startswith("sampled"):
+        samples = int(method.split("-")[1])
+        vs = 2 * last * tokens * head_dim if method.startswith("sampled_vertical") else 0
+        return 2 * samples * tiles * tokens * head_dim + vs
     if method.startswith("antidiagonal_vertical_slash"):
         stride = int(method.split("-")[1])
         return 2 * tokens**2 * head_dim / stride + 2 * last * tokens * head_dim
@@ -150,13 +175,13 @@ def plot(groups: dict, path: Path) -> None:
     for ax, key in zip(axes[0], keys, strict=True):
         group = groups[key]
         full_ppl = group["full"]["perplexity"]
-        for index, (method, label) in enumerate(LABELS.items()):
+        for index, method in enumerate(curve_keys(groups)):
             points = curve({"points": group["points"]}, method)
             if points:
                 # Ten colours cycle; later curves are dashed with square markers.
                 style = "o-" if index < 10 else "s--"
                 ax.plot([d for d, _ in points], [p / full_ppl for _, p in points], style,
-                        label=label, markersize=3, color=f"C{index % 10}")
+                        label=label(method), markersize=3, color=f"C{index % 10}")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.axhline(1.02, color="grey", linewidth=0.6, linestyle=":")
         ax.set_title(f"{key[0]}, {key[1]} tokens", fontsize=9)
@@ -168,10 +193,18 @@ def plot(groups: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> int:
-    groups = merged(load_runs())
-    plot(groups, HERE / "curves.png")
-    out = sys.stdout
+def curve_keys(groups: dict) -> list[str]:
+    """Every curve of the results: LABELS' order first, then the others sorted."""
+    found = {curve_key(p) for group in groups.values() for p in group["points"]}
+    return [key for key in LABELS if key in found] + sorted(found - set(LABELS))
+
+
+def tables(groups: dict | None = None) -> str:
+    """The two reStructuredText list-tables (every point; matched density)."""
+    import io
+
+    groups = merged(load_runs()) if groups is None else groups
+    out = io.StringIO()
     out.write(".. list-table:: Every measured point\n   :header-rows: 1\n\n")
     header = ("text", "tokens", "method", "p", "density", "perplexity", "ratio", "passkey")
     out.write("   * - " + "\n     - ".join(header) + "\n")
@@ -182,7 +215,7 @@ def main() -> int:
                f"{full['perplexity']:.3f}", "1.000", passkey)
         out.write("   * - " + "\n     - ".join(row) + "\n")
         for p in sorted(group["points"], key=lambda p: (curve_key(p), p["threshold"])):
-            row = (text, str(tokens), LABELS[curve_key(p)], f"{p['threshold']:g}",
+            row = (text, str(tokens), label(curve_key(p)), f"{p['threshold']:g}",
                    f"{p['density']:.3f}", f"{p['perplexity']:.3f}",
                    f"{p['ratio_to_full']:.3f}", passkey_cell(p))
             out.write("   * - " + "\n     - ".join(row) + "\n")
@@ -198,7 +231,7 @@ def main() -> int:
         fake = {"points": group["points"]}
         default = [p for p in group["points"]
                    if p["method"] == "prism" and p["threshold"] == 0.95]
-        for method in LABELS:
+        for method in curve_keys(groups):
             points = curve(fake, method)
             if not points:
                 continue
@@ -220,9 +253,16 @@ def main() -> int:
                 cells.append("-" if reach is None else f"{reach:.3f}")
             times = [p["selection_seconds_per_layer"] for p in group["points"]
                      if curve_key(p) == method]
-            row = (LABELS[method], text, str(tokens), *cells,
+            row = (label(method), text, str(tokens), *cells,
                    f"{selection_flops(method, tokens):.2e}", f"{min(times):.4f}")
             out.write("   * - " + "\n     - ".join(row) + "\n")
+    return out.getvalue()
+
+
+def main() -> int:
+    groups = merged(load_runs())
+    plot(groups, HERE / "curves.png")
+    sys.stdout.write(tables(groups))
     return 0
 
 
