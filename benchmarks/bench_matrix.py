@@ -284,6 +284,22 @@ def host_us(fn, calls=200):
     return elapsed / calls * 1e6
 
 
+def _profile(fn, calls=300, lines=18):
+    """Top functions by own time over ``calls`` calls (cProfile), as text."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(lines)
+    return text.getvalue()[-4000:]
+
+
 def overhead(n=4096):
     """Host microseconds per public call, with and without the Triton launches."""
     from prism.optimized import attention, indices, pooling
@@ -311,12 +327,13 @@ def overhead(n=4096):
         try:
             for name, fn in calls.items():
                 row[f"{name}_no_kernels_us"] = host_us(fn)
+            row["profile_no_kernels"] = _profile(calls["prism_attention"])
         finally:
             for m, name, kernel in saved:
                 setattr(m, name, kernel)
     finally:
         ops.tracing = original_tracing
-    log(f"  overhead: {row}")
+    log(f"  overhead: { {k: v for k, v in row.items() if k != 'profile_no_kernels'} }")
     return row
 
 

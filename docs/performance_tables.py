@@ -118,4 +118,63 @@ def render(root: Path) -> None:
             f"{err['out_error_float32']:.1e}, fp16 {err['out_error_float16']:.1e}, bf16 "
             f"{err['out_error_bfloat16']:.1e}; LSE {err['lse_error_float32']:.1e}.\n"
         )
+    parts.extend(_matrix_parts(results))
     (out_dir / "performance_tables.rst").write_text("\n".join(parts))
+
+
+def _matrix_parts(results: Path) -> list[str]:
+    """Tables of the latest ``h200_matrix_*.json`` (``benchmarks/bench_matrix.py``)."""
+    matrix = _latest(results, "h200_matrix_*.json")
+    if matrix is None:
+        return []
+    data = json.loads(matrix.read_text())
+    parts = [".. rubric:: Off the tuned shape: the shape matrix\n",
+             f"Run ``{matrix.name}``: {data.get('gpu')}, torch {data.get('torch')}, Triton "
+             f"{data.get('triton')}, commit ``{data.get('commit')}``, "
+             f"{str(data.get('date'))[:10]}; bf16, causal, random tile masks keeping the sink "
+             "and the diagonal. Each cell: our kernel's ms, then FlexAttention (compiled, same "
+             "tile mask) over ours; the last column is cuDNN dense.\n"]
+    rows = []
+    for cell in data.get("matrix", []):
+        row = [cell["head_dim"], f"{cell['q_heads']}/{cell['kv_heads']}",
+               f"{cell['tokens'] // 1024}K", cell["tile"], cell["batch"]]
+        for d in (1.0, 0.3, 0.15, 0.05):
+            e = cell.get(f"d{d}")
+            if e is None:
+                row.append("-")
+                continue
+            flex = e.get("flex_over_ours")
+            row.append(f"{e['ours_ms']:.3g} ({flex:.2f})" if flex else f"{e['ours_ms']:.3g} (-)")
+        row.append(_fmt(cell.get("cudnn_ms")))
+        rows.append(row)
+    if rows:
+        parts.append(_table(["D", "heads q/kv", "tokens", "tile", "batch", "density 1.0",
+                             "0.3", "0.15", "0.05", "cuDNN dense"], rows))
+    rows = [[f"{e['tokens'] // 1024}K", f"{e['density']:.3f}", _fmt(e["select_blocks_ms"]),
+             _fmt(e["attention_ms"]), _fmt(e["prism_ms"]), _fmt(e.get("cudnn_ms")),
+             f"{e['cudnn_over_prism']:.2f}x" if e.get("cudnn_over_prism") else "n/a"]
+            for e in data.get("e2e", [])]
+    if rows:
+        parts.append(".. rubric:: ``prism_attention`` on structured inputs at their natural "
+                     "density (32/8 heads, D 128, tile 128; ms)\n")
+        parts.append(_table(["tokens", "density", "select_blocks", "block_sparse_attention",
+                             "prism_attention", "cuDNN dense", "cuDNN / ours"], rows))
+    rows = [[f"{e['tokens'] // 1024}K", _fmt(e["floor_ms"]), _fmt(e["select_blocks_merged_ms"]),
+             f"{e['over_floor']:.1f}x", _fmt(e.get("select_blocks_per_width_ms"))]
+            for e in data.get("selection", [])]
+    if rows:
+        parts.append(".. rubric:: ``select_blocks`` against its memory floor (read Q and K, "
+                     "write mask and indices at the copy ceiling; ms)\n")
+        parts.append(_table(["tokens", "floor", "select_blocks", "over floor",
+                             "one launch per width"], rows))
+    over = data.get("overhead")
+    if over:
+        parts.append(
+            f"Host time per eager call at {over['tokens'] // 1024}K (32/8 heads, D 128), the "
+            f"host never waiting: ``prism_attention`` {over['prism_attention_us']:.0f} us, of "
+            f"which {over['prism_attention_no_kernels_us']:.0f} us outside the Triton launches; "
+            f"``select_blocks`` {over['select_blocks_us']:.0f} us "
+            f"({over['select_blocks_no_kernels_us']:.0f} us); ``block_sparse_attention`` "
+            f"{over['block_sparse_attention_us']:.0f} us "
+            f"({over['block_sparse_attention_no_kernels_us']:.0f} us).\n")
+    return parts

@@ -79,7 +79,7 @@ def _raise_if_nonfinite(nonfinite: torch.Tensor, **tensors: torch.Tensor) -> Non
     """
     if nonfinite is None or ops.tracing():
         return
-    if bool(nonfinite.any()):
+    if bool(nonfinite):  # one element: a copy to the host, no extra kernel
         for name, t in tensors.items():
             check_finite(name, t)
 

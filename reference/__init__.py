@@ -27,6 +27,7 @@ from .estimators import (
     vertical_slash_tiles,
 )
 from .indices import indices_to_mask, mask_to_indices
+from .tile_mask import TileMask
 from .mean_pooling import mean_pooling_select
 from .paged import (
     PooledKeyCache,
@@ -64,6 +65,7 @@ __all__ = [
     "prism_attention",
     "mask_to_indices",
     "indices_to_mask",
+    "TileMask",
     "boundary_ties",
     "mask_differences",
     "trace_selection",

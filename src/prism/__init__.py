@@ -18,6 +18,8 @@ from prism.reference import (
     resolve_config,
 )
 
+from prism.reference.tile_mask import TileMask
+
 __version__ = "0.1.0"
 
 
@@ -31,8 +33,17 @@ def _implementation(*tensors):
 
 
 def select_blocks(q, k, config=None, *, causal=True, **overrides):
-    """Dispatching :func:`prism.reference.select_blocks` (optimized on CUDA)."""
-    return _implementation(q, k).select_blocks(q, k, config, causal=causal, **overrides)
+    """Dispatching :func:`prism.reference.select_blocks` (optimized on CUDA).
+
+    Returns a :class:`~prism.reference.tile_mask.TileMask`: the bool mask, which
+    also carries its compact indices (written by the selection kernel on CUDA,
+    computed on first use elsewhere). Under ``torch.compile``, a plain bool tensor.
+    """
+    mask = _implementation(q, k).select_blocks(q, k, config, causal=causal, **overrides)
+    if isinstance(mask, TileMask) or torch.compiler.is_compiling():
+        return mask
+    return TileMask(mask, block_size=resolve_config(config, **overrides).block_size,
+                    causal=causal, num_queries=q.shape[2], num_keys=k.shape[2])
 
 
 def block_sparse_attention(q, k, v, block_mask, *, block_size=128, causal=True, scale=None,
@@ -105,6 +116,7 @@ __all__ = [
     "block_sparse_attention",
     "prism_attention",
     "mask_to_indices",
+    "TileMask",
     "boundary_ties",
     "select_blocks_varlen",
     "block_sparse_attention_varlen",
