@@ -28,13 +28,17 @@ from prism import optimized, reference  # noqa: E402
 from prism.reference import PrismConfig  # noqa: E402
 
 SETTINGS = {
-    "prism (default, p=0.95)": PrismConfig(),
-    "antidiagonal_vertical_slash (p=0.93, vs=0.3)": PrismConfig(
-        estimator="antidiagonal_vertical_slash", high_threshold=0.93,
-        vertical_slash_threshold=0.3),
-    "antidiagonal (stride 8, p=0.95)": PrismConfig(estimator="antidiagonal"),
-    "antidiagonal (stride 16, p=0.95)": PrismConfig(estimator="antidiagonal",
-                                                    antidiagonal_stride=16),
+    "prism (paper preset, p=0.95)": PrismConfig.preset("paper"),
+    "accurate preset (E5 stride 8, p=0.9, vs=0.5)": PrismConfig.preset("accurate"),
+    "E5 stride 32 (p=0.9, vs=0.5)": PrismConfig.preset("accurate", antidiagonal_stride=32),
+    "E5 stride 128 (p=0.9, vs=0.5)": PrismConfig.preset("accurate", antidiagonal_stride=128),
+    "antidiagonal stride 32 (p=0.9)": PrismConfig(estimator="antidiagonal",
+                                                 antidiagonal_stride=32, high_threshold=0.9),
+    "prism_vertical_slash (vs=0.5)": PrismConfig(estimator="prism_vertical_slash",
+                                                 vertical_slash_threshold=0.5),
+    "sampled_vertical_slash (r=4, p=0.9, vs=0.5)": PrismConfig(
+        estimator="sampled_vertical_slash", sampled_queries=4, high_threshold=0.9,
+        vertical_slash_threshold=0.5),
 }
 REFERENCE_MAX_TOKENS = 32768
 
@@ -57,7 +61,10 @@ def run(lengths):
 
 
 def time_setting(q, k, cfg, n):
-    entry = {}
+    entry = {"config": {"estimator": cfg.estimator, "high_threshold": cfg.high_threshold,
+                        "antidiagonal_stride": cfg.antidiagonal_stride,
+                        "vertical_slash_threshold": cfg.vertical_slash_threshold,
+                        "sampled_queries": cfg.sampled_queries}}
     try:
         mask = optimized.select_blocks(q, k, cfg)
         entry["ms"] = bench(lambda: optimized.select_blocks(q, k, cfg), rep=50)
@@ -68,6 +75,7 @@ def time_setting(q, k, cfg, n):
             expected = reference.select_blocks(q, k, cfg)
             entry["reference_ms"] = bench(lambda: reference.select_blocks(q, k, cfg), rep=10)
             entry["entries_differing_from_reference"] = int((mask != expected).sum())
+            entry["entries_compared"] = int(mask.numel())
     except Exception as error:  # keep the other settings' numbers
         entry["error"] = f"{type(error).__name__}: {str(error)[:200]}"
     return entry

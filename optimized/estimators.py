@@ -24,6 +24,11 @@ so a block of scores is one matrix product. The kernel splits that product into
 ``S`` products of length ``D`` (one per row ``u``), which keeps the registers
 bounded for large ``S * D``.
 
+When the groups per tile are a power of two (strides 1 to 128 on tiles of
+128), the kernel of :mod:`prism.optimized.antidiagonal_packed` runs instead: it
+packs the query heads of a GQA group and several query tiles into one program
+of about 64 rows. Otherwise the per-head kernel below runs.
+
 One program handles one (batch, query head) and up to ``BLOCK_G`` query groups
 of one query tile, in two passes over the admissible key groups:
 
@@ -52,6 +57,7 @@ from prism.reference.tiles import TileLayout, tile_layout
 from prism.reference.validation import check_same_dtype_device, check_tensor
 
 from ._runtime import check_device, kernels_interpreted, next_power_of_2
+from .antidiagonal_packed import antidiagonal_packed_applies, antidiagonal_packed_probabilities
 from .sampled import sampled_tile_probabilities
 
 #: Key groups scored per ``tl.dot`` (columns of one block of scores).
@@ -304,6 +310,9 @@ def antidiagonal_tile_probabilities(q: torch.Tensor, k: torch.Tensor, layout: Ti
     """
     _validate(q, k, layout, stride, causal)
     check_device(_antidiagonal_tile_kernel, q=q, k=k)
+    if antidiagonal_packed_applies(layout, stride, q.shape[1] // k.shape[1]):
+        # The query heads of a GQA group in one program (prism.optimized.antidiagonal_packed).
+        return antidiagonal_packed_probabilities(q, k, layout, stride, causal)
     b, hq, nq_tokens, d = q.shape
     hkv, nk_tokens = k.shape[1], k.shape[2]
     nq, nk = layout.num_query_tiles, layout.num_key_tiles

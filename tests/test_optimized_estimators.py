@@ -443,3 +443,25 @@ def test_estimator_select_blocks_matches_reference_for_every_registry_row(estima
     _assert_masks_agree(actual, expected, boundary)
     forced = forced_tiles(layout, True, True, True, q.device)
     assert (expected & ~forced).any()
+
+
+@pytest.mark.parametrize("stride, bs, hq, hkv, nq, nk, causal, dtype", [
+    (32, 128, 4, 1, 256, 300, True, torch.float32),   # 4 groups per tile, 4 heads: 64 rows
+    (16, 64, 6, 2, 90, 333, True, torch.float16),     # GQA 3, KV prefix of 243
+    (8, 32, 4, 4, 100, 130, False, torch.bfloat16),
+])
+def test_packed_and_per_head_kernels_agree_with_the_reference(stride, bs, hq, hkv, nq, nk,
+                                                              causal, dtype):
+    from prism.optimized.antidiagonal_packed import (
+        antidiagonal_packed_applies,
+        antidiagonal_packed_probabilities,
+    )
+
+    q, k = _qk(1, hq, hkv, nq, nk, 16, seed=stride + nq, dtype=dtype, scale=2.0)
+    layout = tile_layout(nq, nk, bs, causal)
+    assert antidiagonal_packed_applies(layout, stride, hq // hkv)
+    expected = antidiagonal_probabilities(q, k, layout, stride, causal)
+    packed = antidiagonal_packed_probabilities(q, k, layout, stride, causal)
+    torch.testing.assert_close(packed, expected, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(antidiagonal_tile_probabilities(q, k, layout, stride, causal),
+                               expected, rtol=2e-5, atol=1e-6)

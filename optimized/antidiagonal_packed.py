@@ -1,0 +1,196 @@
+"""Antidiagonal tile scores with the query heads of a GQA group packed into one program.
+
+The same result as :func:`prism.optimized.estimators.antidiagonal_tile_probabilities`
+(and :func:`prism.reference.estimators.antidiagonal_probabilities`), laid out
+for tensor cores: one program takes one (batch, KV head) and ``TILES``
+consecutive query tiles, and its rows are the query groups of those tiles for
+every query head of the GQA group (``group * TILES * groups_per_tile`` rows,
+64 for 4 heads at stride 32 and tile 128, or for 4 heads at stride 8 with one
+tile). Each key block it loads serves all of them in one ``ROWS x BLOCK_KG``
+matrix product per antidiagonal row ``u``, where the per-head kernel ran 16-row
+products with most rows empty at large strides.
+
+Two passes over the admissible key groups, as in the per-head kernel: online
+softmax statistics per row, then the normalised scores summed into key tiles
+and over each (head, query tile)'s groups
+(exact fp32 sums over reshaped blocks), stored once per key-tile chunk. Applies when the groups per
+tile are a power of two dividing ``BLOCK_KEY_GROUPS`` and the group's rows fit
+``MAX_ROWS``; :func:`antidiagonal_packed_applies` says when.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from prism.reference.tiles import TileLayout
+
+from ._runtime import kernels_interpreted, next_power_of_2
+
+BLOCK_KEY_GROUPS = 64
+TARGET_ROWS = 64
+MAX_ROWS = 128
+_MIN_DOT = 16
+
+
+def antidiagonal_packed_applies(layout: TileLayout, stride: int, group: int) -> bool:
+    """Whether :func:`antidiagonal_packed_probabilities` takes this shape."""
+    per_tile = layout.block_size // stride
+    return (per_tile & (per_tile - 1) == 0 and BLOCK_KEY_GROUPS % per_tile == 0
+            and group * per_tile <= MAX_ROWS)
+
+
+@triton.jit
+def _packed_kernel(
+    Q, K, OUT,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_ob, stride_oh, stride_orow, stride_otile,
+    num_kv_heads, group, tiles_per_program, programs_per_head, num_queries, num_keys,
+    query_start, first_query_tile, num_query_tiles, num_key_tiles, num_key_groups, qk_scale,
+    CAUSAL: tl.constexpr, STRIDE: tl.constexpr, PER_TILE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr, PAIRS: tl.constexpr,
+    BLOCK_KG: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    block = programs_per_head - 1 - pid % programs_per_head  # heaviest tiles first
+    bh = pid // programs_per_head
+    b = bh // num_kv_heads
+    hk = bh % num_kv_heads
+
+    # Row = (head in group g, tile t, group in tile r); pair = (g, t).
+    rows = tl.arange(0, ROWS)
+    per_head = tiles_per_program * PER_TILE
+    g = rows // per_head
+    t = (rows // PER_TILE) % tiles_per_program
+    tile_row = block * tiles_per_program + t
+    groups = (first_query_tile + tile_row) * PER_TILE + rows % PER_TILE
+    first_valid = query_start // STRIDE
+    last_valid = (query_start + num_queries - 1) // STRIDE
+    rows_ok = ((rows < group * per_head) & (tile_row < num_query_tiles)
+               & (groups >= first_valid) & (groups <= last_valid))
+    q_head = Q + b.to(tl.int64) * stride_qb + (hk * group + g).to(tl.int64) * stride_qh
+    k_head = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    dims = tl.arange(0, D_PAD)
+    dims_ok = dims < HEAD_DIM
+    key_end = num_key_groups
+    if CAUSAL:
+        key_end = tl.minimum(key_end, tl.max(tl.where(rows_ok, groups, -1), axis=0) + 1)
+    else:
+        key_end = tl.where(tl.max(rows_ok.to(tl.int32), axis=0) > 0, key_end, 0)
+
+    m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((ROWS,), dtype=tl.float32)
+    for key_start in range(0, key_end, BLOCK_KG):
+        key_groups = key_start + tl.arange(0, BLOCK_KG)
+        s = tl.zeros((ROWS, BLOCK_KG), dtype=tl.float32)
+        for u in range(STRIDE):
+            positions = groups * STRIDE + u - query_start
+            ok = rows_ok & (positions >= 0) & (positions < num_queries)
+            q_rows = tl.load(q_head[:, None] + positions.to(tl.int64)[:, None] * stride_qn
+                             + dims[None, :] * stride_qd,
+                             mask=ok[:, None] & dims_ok[None, :], other=0.0)
+            keys = key_groups * STRIDE + (STRIDE - 1 - u)
+            k_cols = tl.load(k_head + keys.to(tl.int64)[None, :] * stride_kn
+                             + dims[:, None] * stride_kd,
+                             mask=(keys < num_keys)[None, :] & dims_ok[:, None], other=0.0)
+            if UPCAST:
+                q_rows = q_rows.to(tl.float32)
+                k_cols = k_cols.to(tl.float32)
+            if IEEE:
+                s = tl.dot(q_rows, k_cols, s, input_precision="ieee")
+            else:
+                s = tl.dot(q_rows, k_cols, s)
+        allowed = (key_groups < key_end)[None, :] & rows_ok[:, None]
+        if CAUSAL:
+            allowed = allowed & (key_groups[None, :] <= groups[:, None])
+        s = tl.where(allowed, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.math.exp2(m_i - m_shift) + tl.sum(tl.math.exp2(s - m_shift[:, None]), 1)
+        m_i = m_new
+
+    m_shift = tl.where(m_i == float("-inf"), 0.0, m_i)
+    inv_l = tl.where(rows_ok & (l_i > 0), 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
+    TILES_PER_CHUNK: tl.constexpr = BLOCK_KG // PER_TILE
+    chunk_tiles = tl.arange(0, TILES_PER_CHUNK)
+    # Row // PER_TILE is the row's (head, tile) pair: g * tiles_per_program + t.
+    pairs = tl.arange(0, PAIRS)
+    pair_g = pairs // tiles_per_program
+    pair_tile = block * tiles_per_program + pairs % tiles_per_program
+    pair_ok = (pairs < group * tiles_per_program) & (pair_tile < num_query_tiles)
+    out_rows = (OUT + b.to(tl.int64) * stride_ob
+                + (hk * group + pair_g).to(tl.int64)[:, None] * stride_oh
+                + pair_tile.to(tl.int64)[:, None] * stride_orow)
+    for key_start in range(0, key_end, BLOCK_KG):
+        key_groups = key_start + tl.arange(0, BLOCK_KG)
+        s = tl.zeros((ROWS, BLOCK_KG), dtype=tl.float32)
+        for u in range(STRIDE):
+            positions = groups * STRIDE + u - query_start
+            ok = rows_ok & (positions >= 0) & (positions < num_queries)
+            q_rows = tl.load(q_head[:, None] + positions.to(tl.int64)[:, None] * stride_qn
+                             + dims[None, :] * stride_qd,
+                             mask=ok[:, None] & dims_ok[None, :], other=0.0)
+            keys = key_groups * STRIDE + (STRIDE - 1 - u)
+            k_cols = tl.load(k_head + keys.to(tl.int64)[None, :] * stride_kn
+                             + dims[:, None] * stride_kd,
+                             mask=(keys < num_keys)[None, :] & dims_ok[:, None], other=0.0)
+            if UPCAST:
+                q_rows = q_rows.to(tl.float32)
+                k_cols = k_cols.to(tl.float32)
+            if IEEE:
+                s = tl.dot(q_rows, k_cols, s, input_precision="ieee")
+            else:
+                s = tl.dot(q_rows, k_cols, s)
+        allowed = (key_groups < key_end)[None, :] & rows_ok[:, None]
+        if CAUSAL:
+            allowed = allowed & (key_groups[None, :] <= groups[:, None])
+        s = tl.where(allowed, s * qk_scale, float("-inf"))
+        p = tl.math.exp2(s - m_shift[:, None]) * inv_l[:, None]
+        # Key groups -> key tiles, then a pair's rows -> the pair (exact fp32 sums).
+        by_tile = tl.sum(tl.reshape(p, (ROWS, TILES_PER_CHUNK, PER_TILE)), axis=2)
+        by_pair = tl.sum(tl.reshape(by_tile, (PAIRS, PER_TILE, TILES_PER_CHUNK)), axis=1)
+        tiles = key_start // PER_TILE + chunk_tiles
+        tl.store(out_rows + tiles.to(tl.int64)[None, :] * stride_otile, by_pair,
+                 mask=pair_ok[:, None] & (tiles < num_key_tiles)[None, :])
+
+
+def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
+                                      stride: int, causal: bool = True) -> torch.Tensor:
+    """Antidiagonal tile probabilities, GQA heads packed (inputs validated by the caller).
+
+    Returns
+    -------
+    Tensor (B, Hq, nq, nk), float32
+    """
+    b, hq, nq_tokens, d = q.shape
+    hkv, nk_tokens = k.shape[1], k.shape[2]
+    group = hq // hkv
+    nq, nk = layout.num_query_tiles, layout.num_key_tiles
+    out = torch.zeros(b, hq, nq, nk, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out
+    per_tile = layout.block_size // stride
+    tiles = max(1, TARGET_ROWS // (group * per_tile))
+    rows = max(_MIN_DOT, next_power_of_2(group * per_tile * tiles))
+    pairs = rows // per_tile
+    per_head = -(-nq // tiles)
+    d_pad = max(_MIN_DOT, next_power_of_2(d))
+    upcast = q.dtype == torch.bfloat16 and kernels_interpreted(_packed_kernel)
+    _packed_kernel[(b * hkv * per_head,)](
+        q, k, out, *q.stride(), *k.stride(), *out.stride(),
+        hkv, group, tiles, per_head, nq_tokens, nk_tokens, layout.query_start,
+        layout.first_query_tile, nq, nk, -(-nk_tokens // stride),
+        math.log2(math.e) / (math.sqrt(d) * stride),
+        CAUSAL=causal, STRIDE=stride, PER_TILE=per_tile, HEAD_DIM=d, D_PAD=d_pad, ROWS=rows,
+        PAIRS=pairs, BLOCK_KG=BLOCK_KEY_GROUPS, IEEE=q.dtype == torch.float32 or upcast,
+        UPCAST=upcast, num_warps=4 if rows <= 64 else 8,
+    )
+    total = out.sum(dim=-1, keepdim=True)
+    return torch.where(total > 0, out / total.clamp_min(1e-30), torch.zeros_like(out))
+
+
+__all__ = ["antidiagonal_packed_applies", "antidiagonal_packed_probabilities"]
