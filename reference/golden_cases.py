@@ -19,7 +19,8 @@ MISREADINGS = {
     "tie_larger_index": "equal probabilities ranked by the larger tile index first",
     "query_tiles_from_row_0": "query tiles cut from query row 0, not on the absolute grid",
     "zero_padded_pooling": "partial tiles averaged as if zero-padded to full tiles",
-    "threshold_one": "p = 1 handled by the plain mass rule, or keeping zero-probability tiles",
+    "threshold_one": "p = 1 handled by the plain mass rule, which drops the tail once the "
+                     "fp32 sum reaches 1",
     "empty_rows": "rows that read no key given lse 0 or NaN instead of -inf (and o = 0)",
     "temperatures": "band temperatures ignored when calibrate is off, or used when it is on",
     "rope_base": "inputs with a RoPE base other than 1e4 (long-context models)",
@@ -36,8 +37,8 @@ MISREADINGS = {
     "natural_log": "lse in base 2 instead of the natural log",
     "band_rounding": "band widths rounded to even with halves down (D 12 -> low band 8)",
     "large_logits": "weights normalised with an fp32 log-sum-exp, wrong at large logits",
-    "mass_rule": "a tile kept while the mass including it is < p, or softmax over "
-                 "inadmissible tiles",
+    "mass_rule": "a tile kept while the mass including it is < p, softmax over "
+                 "inadmissible tiles, or band logits divided by sqrt(D) instead of sqrt(d_b)",
     "near_ties": "near-equal probabilities far from the mass boundary (boundary ties)",
 }
 

@@ -214,6 +214,11 @@ def boundary_ties(q, k, config: PrismConfig | None = None, *, causal: bool = Tru
       relative of the last kept entry's (another summation order may swap
       the two, wherever the cut falls in the mass).
 
+    With a threshold of 1 neither rule applies (every tile of non-zero
+    probability is kept, whatever the masses); instead the entries whose fp32
+    probability is below the smallest normal fp32 number, zero included, are
+    ties (underflow decides them).
+
     Exact ties are not boundary ties: when every entry that the second rule
     flags in a row and band has the same pooled band key vector as the last
     kept one (identical key tiles), the probabilities are equal in every
@@ -227,8 +232,8 @@ def boundary_ties(q, k, config: PrismConfig | None = None, *, causal: bool = Tru
     return ties_from_trace(trace, margin)
 
 
-#: Probabilities below the smallest normal fp32 number may flush to zero on
-#: some hardware, so with ``p = 1`` such a tile may be kept or not.
+#: Probabilities below the smallest normal fp32 number may flush or underflow
+#: to zero, or not (in float64), so with ``p = 1`` such a tile may be kept or not.
 _SMALLEST_NORMAL = torch.finfo(torch.float32).tiny
 
 
@@ -250,9 +255,12 @@ def _band_ties(probs, mass, threshold, admissible, key_groups, margin, relative)
     """Entries of one band that another implementation may keep or drop, and the kept ones."""
     positive = probs > 0
     if threshold >= 1.0:
+        # p = 1 keeps every tile of non-zero probability, whatever the masses:
+        # only fp32 underflow can make two implementations disagree (float64
+        # keeps what fp32 rounds to 0; some hardware flushes subnormals).
         keep = positive & admissible
-    else:
-        keep = (mass < threshold) & positive & admissible
+        return admissible & (probs < _SMALLEST_NORMAL), keep
+    keep = (mass < threshold) & positive & admissible
     dropped = admissible & positive & ~keep
     # Rule 1: the mass ranked before the entry is within the margin of p,
     # and the entries whose probability equals such an entry's.
@@ -276,8 +284,6 @@ def _band_ties(probs, mass, threshold, admissible, key_groups, margin, relative)
     same = groups == torch.gather(groups, -1, last_kept_index)
     exact = (swap & ~same).sum(-1, keepdim=True) == 0
     flagged = flagged | (swap & ~exact)
-    if threshold >= 1.0:
-        flagged = flagged | (admissible & positive & (probs < _SMALLEST_NORMAL))
     return flagged, keep
 
 

@@ -112,10 +112,8 @@ def _top_p_variant(rule):
         before = running - sorted_probs
         if rule == "inclusive":
             keep_sorted = (running < threshold) | (before == 0)
-        elif rule == "plain":
+        else:  # "plain": no special case for p = 1
             keep_sorted = before < threshold
-        else:  # "admissible": p = 1 keeps every admissible tile
-            keep_sorted = (before < threshold) | (threshold >= 1.0)
         keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
         mass = torch.zeros_like(before).scatter(-1, order, before)
         return keep & admissible, mass
@@ -222,6 +220,11 @@ def _diagonal_without_causality(q, k, *, causal=True, **config):
     return mask
 
 
+def _logits_over_sqrt_head_dim(q_pooled, k_pooled, dims, tau):
+    logits = BAND_LOGITS(q_pooled, k_pooled, dims, tau)
+    return logits * math.sqrt(dims.numel() / q_pooled.shape[-1])
+
+
 def _softmax_over_all_tiles(logits, admissible):
     return torch.softmax(logits.float(), -1)
 
@@ -230,14 +233,14 @@ POOL = ref_select.pool_tiles
 LAYOUT = ref_select.tile_layout
 BAND_TEMPERATURE = ref_select.band_temperature
 TOP_P = ref_select.top_p_select
+BAND_LOGITS = ref_select.band_logits
 
 MUTATIONS = {
     "tie_larger_index": (_select_with(top_p_select=_ties_to_larger_index), None),
     "query_tiles_from_row_0": (_select_with(pool_tiles=_pool_from_row_zero), None),
     "zero_padded_pooling": (_select_with(pool_tiles=_zero_padded_pool), None),
     "threshold_one_plain_mass": (_select_with(top_p_select=_top_p_variant("plain")), None),
-    "threshold_one_keeps_zero": (_select_with(top_p_select=_top_p_variant("admissible")),
-                                 None),
+    "logits_over_sqrt_head_dim": (_select_with(band_logits=_logits_over_sqrt_head_dim), None),
     "mass_including_itself": (_select_with(top_p_select=_top_p_variant("inclusive")), None),
     "softmax_over_inadmissible": (_select_with(band_probabilities=_softmax_over_all_tiles),
                                   None),

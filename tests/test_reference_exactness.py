@@ -186,3 +186,22 @@ def test_a_near_copy_among_identical_tiles_makes_them_ties():
     cfg = dict(block_size=4, force_sink=False, high_threshold=0.4, low_threshold=0.4)
     ties = boundary_ties(q, k, causal=False, **cfg)
     assert bool(ties[0, 0, 0, 5]) and bool(ties[0, 0, 0, 2])
+
+
+def test_threshold_one_ties_are_only_underflowed_tiles():
+    """At p = 1 the masses decide nothing: only fp32 underflow may differ (float64 keeps it)."""
+    from prism.reference import ties_from_trace
+    from prism.reference.golden_cases import CASES, make_inputs
+
+    case = next(c for c in CASES if c.name == "threshold_one")
+    q, k, _ = make_inputs(case)
+    trace = trace_selection(q, k, **case.config)
+    ties = ties_from_trace(trace)
+    tiny = torch.finfo(torch.float32).tiny
+    underflow = (trace.high_probs < tiny) | (trace.low_probs < tiny)
+    assert bool(ties.any()) and not bool((ties & ~underflow).any())
+    # Tail tiles whose fp32 running sum already reached 1 are kept, and are no ties.
+    tail = (trace.low_mass_before >= 1.0) & (trace.low_probs >= tiny) & trace.admissible
+    assert bool(tail.any()) and bool(trace.mask[tail].all()) and not bool(ties[tail].any())
+    expected = torch.from_numpy(oracle_select(q, k, **case.config))
+    assert mask_differences(trace.mask, expected, ties).numel() == 0
