@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import platform
 import sys
 import time
@@ -49,7 +48,7 @@ from prism import optimized  # noqa: E402
 from prism.optimized import ops  # noqa: E402
 from prism.optimized.attention import sparse_attention_forward  # noqa: E402
 from prism.optimized.indices import mask_rows_to_indices  # noqa: E402
-from prism.reference import apply_rope, tile_layout  # noqa: E402
+from prism.reference import apply_rope  # noqa: E402
 
 DTYPE = torch.bfloat16
 COPY_TB_S = 4.24  # measured device copy ceiling (benchmarks/NOTES.md)

@@ -10,10 +10,7 @@ for the interpreter.
 from __future__ import annotations
 
 import torch
-import triton
 from triton.runtime.interpreter import InterpretedFunction
-
-from prism.reference.validation import check_finite
 
 
 def kernels_interpreted(kernel) -> bool:
@@ -41,23 +38,6 @@ def check_device(kernel, **tensors: torch.Tensor) -> None:
             "tensors (prism.select_blocks and friends dispatch by device); for testing only, "
             "TRITON_INTERPRET=1 set before importing triton runs the kernels on the CPU"
         )
-
-
-def check_finite_fast(**tensors: torch.Tensor) -> None:
-    """Raise the reference's ``ValueError`` if any tensor holds NaN or Inf.
-
-    One fp32 sum per tensor finds them without a full-size temporary: a NaN or
-    Inf entry always makes the sum non-finite. A finite tensor whose sum
-    overflows is confirmed entry by entry and then accepted.
-    """
-    live = {name: t for name, t in tensors.items() if t.numel()}
-    if not live:
-        return
-    sums = torch.stack([t.sum(dtype=torch.float32) for t in live.values()])
-    if bool(torch.isfinite(sums).all()):
-        return
-    for name, t in live.items():
-        check_finite(name, t)
 
 
 def next_power_of_2(n: int) -> int:

@@ -17,7 +17,6 @@ from prism.reference import (
     mask_to_indices,
     resolve_config,
 )
-
 from prism.reference.tile_mask import TileMask
 
 __version__ = "0.1.0"
