@@ -36,7 +36,12 @@ def token_mask(block_mask: torch.Tensor, layout, rows: torch.Tensor, causal: boo
     positions = layout.query_start + rows
     row_tiles = positions // bs - layout.first_query_tile
     keys = torch.arange(layout.num_keys, device=rows.device)
-    allowed = block_mask[:, :, row_tiles][..., keys // bs]
+    tiles = block_mask[:, :, row_tiles]
+    # Each key tile covers ``bs`` consecutive keys, so the key axis is the tile
+    # axis with every entry repeated; a broadcast copy is far cheaper than a
+    # gather. A tile longer than the keys repeats only as often as there are keys.
+    repeat = min(bs, layout.num_keys)
+    allowed = tiles.unsqueeze(-1).expand(*tiles.shape, repeat).flatten(-2)[..., :layout.num_keys]
     if causal:
         allowed = allowed & (keys[None, :] <= positions[:, None])
     return allowed
