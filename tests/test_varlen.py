@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
+from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from helpers import TOLERANCE, make_qkv, relative_error  # noqa: E402
@@ -371,7 +371,6 @@ def chunked_run(chunks, *, impl=reference, block_size=16, page_size=16, hq=4, hk
     return cache
 
 
-@settings(max_examples=15)
 @given(chunks=st.lists(st.integers(1, 40), min_size=1, max_size=4),
        page_size=st.sampled_from([16, 24]), layout=st.sampled_from(["half", "interleaved"]),
        heads=st.sampled_from([(4, 2), (2, 2)]), seed=st.integers(0, 50))
