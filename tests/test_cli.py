@@ -251,6 +251,12 @@ def test_eval_console_run_end_to_end(tiny_run, capsys):
     register("prism-test-cli-mp", cfg, backend="prism", selector=MeanPoolingSelector(threshold))
     assert methods["mean_pooling"]["perplexity"] == pytest.approx(
         perplexity("prism-test-cli-mp"), rel=1e-4)
+    # The fifth row: the accurate preset, run through the same integration.
+    assert "preset accurate" in printed and methods["preset"]["recall"] is None
+    accurate = PrismConfig.preset("accurate", block_size=16)
+    register("prism-test-cli-acc", accurate, backend="prism")
+    assert methods["preset"]["perplexity"] == pytest.approx(perplexity("prism-test-cli-acc"),
+                                                            rel=1e-4)
 
 
 def test_eval_passkey_end_to_end(tiny_run, capsys):
