@@ -447,7 +447,7 @@ def _naive_sampled(q, k, bs, samples, causal):
                     logits = torch.stack([q[bi, h, p - start].double() @ k[bi, kv, n].double()
                                           for n in keys]) / math.sqrt(d)
                     probs = torch.softmax(logits, 0)
-                    for n, value in zip(keys, probs):
+                    for n, value in zip(keys, probs, strict=True):
                         out[bi, h, row, n // bs] += value
     return out / out.sum(-1, keepdim=True).clamp_min(1e-30), layout
 

@@ -37,7 +37,7 @@ LABELS = {
 
 
 def curve_key(point: dict) -> str:
-    """The curve a point belongs to: its method, the stride or samples and the vertical-slash top-p."""
+    """The curve of a point: its method, stride or samples, and vertical-slash top-p."""
     method, config = point["method"], point["config"]
     if method == "antidiagonal_vertical_slash":
         return (f"antidiagonal_vertical_slash-{config['antidiagonal_stride']}"
