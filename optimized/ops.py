@@ -95,10 +95,6 @@ def _layout(nq: int, nk: int, block_size: int, causal: bool):
     return _cached_layout(nq, nk, block_size, causal)
 
 
-def _flag(device) -> torch.Tensor:
-    return torch.zeros(1, dtype=torch.float64, device=device)
-
-
 def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, cfg: PrismConfig,
            causal: bool):
     """Selection on validated inputs: ``(mask, kv_num_blocks, kv_indices, nonfinite)``.
@@ -129,7 +125,7 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, cfg: PrismC
                               antidiagonal_fn=_estimators.antidiagonal_tile_probabilities)
     else:
         mask = reference.select_blocks(q, k, cfg, causal=causal)
-        mask = mask.as_subclass(torch.Tensor).contiguous()
+    mask = mask.as_subclass(torch.Tensor).contiguous()
     num, idx = mask_rows_to_indices(mask)
     return mask, num, idx, nonfinite
 
