@@ -467,28 +467,3 @@ def test_packed_and_per_head_kernels_agree_with_the_reference(stride, bs, hq, hk
     torch.testing.assert_close(antidiagonal_tile_probabilities(q, k, layout, stride, causal),
                                expected, rtol=2e-5, atol=1e-6)
 
-
-@pytest.mark.parametrize("hq, hkv, nq, nk, bs, last, causal, threshold", [
-    (4, 2, 300, 400, 64, 16, True, 0.5),   # KV prefix of 100
-    (3, 1, 200, 200, 32, 64, True, 0.3),
-    (2, 2, 100, 130, 32, 8, False, 0.7),
-    (4, 1, 500, 700, 48, 32, True, 0.5),   # tile 48: offsets and columns in odd bins
-])
-def test_dense_vertical_slash_matches_the_reference(hq, hkv, nq, nk, bs, last, causal,
-                                                    threshold):
-    from prism.optimized.vertical_slash import (
-        last_query_distributions_dense,
-        vertical_slash_tile_mask,
-    )
-    from prism.reference.estimators import last_query_distributions
-
-    q, k = _qk(1, hq, hkv, nq, nk, 16, seed=nq, scale=2.0)
-    layout = tile_layout(nq, nk, bs, causal)
-    vertical, slash = last_query_distributions(q, k, layout, last, causal)
-    dense_vertical, dense_slash = last_query_distributions_dense(q, k, layout, last, causal)
-    torch.testing.assert_close(dense_vertical, vertical, rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(dense_slash, slash, rtol=1e-5, atol=1e-8)
-    expected = vertical_slash_tiles(q, k, layout, last, threshold, causal)
-    actual = vertical_slash_tile_mask(q, k, layout, last, threshold, causal)
-    assert torch.equal(actual, expected)
-    assert expected.any() and not expected.all()
