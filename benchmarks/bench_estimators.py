@@ -29,9 +29,12 @@ from prism.reference import PrismConfig  # noqa: E402
 
 SETTINGS = {
     "prism (paper preset, p=0.95)": PrismConfig.preset("paper"),
-    "accurate preset (E5 stride 8, p=0.9, vs=0.5)": PrismConfig.preset("accurate"),
-    "E5 stride 32 (p=0.9, vs=0.5)": PrismConfig.preset("accurate", antidiagonal_stride=32),
-    "E5 stride 128 (p=0.9, vs=0.5)": PrismConfig.preset("accurate", antidiagonal_stride=128),
+    "accurate preset (antidiagonal_vertical_slash stride 8, p=0.9, vs=0.5)":
+        PrismConfig.preset("accurate"),
+    "antidiagonal_vertical_slash stride 32 (p=0.9, vs=0.5)":
+        PrismConfig.preset("accurate", antidiagonal_stride=32),
+    "antidiagonal_vertical_slash stride 128 (p=0.9, vs=0.5)":
+        PrismConfig.preset("accurate", antidiagonal_stride=128),
     "antidiagonal stride 32 (p=0.9)": PrismConfig(estimator="antidiagonal",
                                                  antidiagonal_stride=32, high_threshold=0.9),
     "prism_vertical_slash (vs=0.5)": PrismConfig(estimator="prism_vertical_slash",

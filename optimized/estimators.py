@@ -278,7 +278,7 @@ def antidiagonal_tile_probabilities(q: torch.Tensor, k: torch.Tensor, layout: Ti
     """Tile probabilities from strided antidiagonal scores, by a Triton kernel.
 
     Same result as :func:`prism.reference.estimators.antidiagonal_probabilities`
-    (docs/estimators.rst, E1), up to fp32 rounding. The kernel fuses that
+    (docs/estimators.rst, "antidiagonal"), up to fp32 rounding. The kernel fuses that
     function's zero-filled grid, group scores, masked softmax and tile sums in
     two passes per query group, never materialising the group score matrix;
     query head ``h`` reads KV head ``h // (Hq // Hkv)``.

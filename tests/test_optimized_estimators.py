@@ -1,4 +1,4 @@
-"""The Triton antidiagonal scoring (estimators E1 and E5) against the reference.
+"""The Triton estimator kernels and every estimator's CUDA path against the reference.
 
 On a machine without CUDA the kernel runs in Triton's interpreter on CPU tensors
 (tests/conftest.py sets ``TRITON_INTERPRET=1``); with CUDA the same tests run on
@@ -340,7 +340,7 @@ def test_masks_match_reference(estimator, nq, nk, causal, threshold):
 
 
 def test_vertical_slash_union_and_indices():
-    """E5 is E1's kernel mask united with the vertical-slash tiles; indices follow the mask."""
+    """antidiagonal_vertical_slash is the antidiagonal mask united with the vertical-slash tiles."""
     q, k = _qk(1, 2, 1, 192, 192, 16, seed=9)
     common = dict(block_size=32, antidiagonal_stride=4, high_threshold=0.5, last_queries=16,
                   vertical_slash_threshold=0.4)
