@@ -12,14 +12,10 @@ Where the kernels do not apply, a documented exact path runs instead:
   runs :func:`prism.reference.block_sparse_attention` (same device, same result);
 * selection with more than ``MAX_WIDTH`` (32768) key tiles runs
   :func:`prism.reference.select_blocks`;
-* selection with ``estimator="antidiagonal"`` or
-  ``"antidiagonal_vertical_slash"`` (docs/estimators.rst) scores tiles with the
-  Triton kernel of :mod:`~prism.optimized.estimators`, then runs the
-  reference's top-p, vertical-slash and forced-tile code in torch on the same
-  device;
-* selection with another non-default ``estimator`` runs
-  :func:`prism.reference.select_blocks` on the same device. ``prism_attention``
-  still runs the Triton attention kernel on that mask.
+* selection with a non-default ``estimator`` (docs/estimators.rst) runs
+  :func:`prism.optimized.estimators.estimator_select_blocks` (its kernels where
+  a stage has one, the reference's torch code elsewhere, same device).
+  ``prism_attention`` still runs the Triton attention kernel on that mask.
 
 No host synchronisation on the CUDA path: NaN/Inf checks run inside the
 kernels that read the data (pooling for q, k and v; a one-pass check for

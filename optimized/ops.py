@@ -48,9 +48,6 @@ from .indices import mask_rows_to_indices
 from .pooling import nonfinite_flag
 from .selection import MAX_WIDTH, select_tiles
 
-# Estimators whose O(N^2) scoring runs as the kernel of :mod:`.estimators`.
-_ANTIDIAGONAL_ESTIMATORS = ("antidiagonal", "antidiagonal_vertical_slash")
-
 # Fixed when triton is imported (TRITON_INTERPRET), so asked once.
 _INTERPRETED = kernels_interpreted(_sparse_attention_kernel)
 
@@ -99,9 +96,11 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, cfg: PrismC
            causal: bool):
     """Selection on validated inputs: ``(mask, kv_num_blocks, kv_indices, nonfinite)``.
 
-    One dispatch for every case: empty grids, the antidiagonal estimators'
-    kernel, the reference for other estimators and very long rows, and the
-    Prism kernels otherwise. ``v`` (optional) is only checked for NaN/Inf.
+    One dispatch for every case: empty grids, the estimators' GPU path
+    (:func:`prism.optimized.estimators.estimator_select_blocks`) for any
+    ``estimator`` other than ``"prism"``, the reference for rows of more than
+    ``MAX_WIDTH`` key tiles, and the Prism kernels otherwise. ``v`` (optional)
+    is only checked for NaN/Inf.
     """
     b, hq, nq, d = q.shape
     nk = k.shape[2]
@@ -114,15 +113,8 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, cfg: PrismC
     nonfinite = nonfinite_flag(q, k, k if v is None else v)
     if nqt == 0 or nkt == 0:
         mask = torch.zeros(b, hq, nqt, nkt, dtype=torch.bool, device=q.device)
-    elif cfg.estimator != "prism" and hasattr(_estimators, "estimator_select_blocks"):
+    elif cfg.estimator != "prism":
         mask = _estimators.estimator_select_blocks(q, k, cfg, causal)
-    elif cfg.estimator in _ANTIDIAGONAL_ESTIMATORS:
-        # The antidiagonal scores run as a Triton kernel; top-p, the
-        # vertical-slash part and the forced tiles are the reference's torch code.
-        from prism.reference.estimators import estimator_mask
-
-        mask = estimator_mask(q, k, cfg, causal,
-                              antidiagonal_fn=_estimators.antidiagonal_tile_probabilities)
     else:
         mask = reference.select_blocks(q, k, cfg, causal=causal)
     mask = mask.as_subclass(torch.Tensor).contiguous()
