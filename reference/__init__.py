@@ -41,8 +41,8 @@ from .scoring import admissible_tiles, band_logits, band_probabilities
 from .select import (
     SelectionTrace,
     boundary_ties,
-    forced_tiles,
     estimator_mask,
+    forced_tiles,
     mask_differences,
     select_blocks,
     ties_from_trace,
