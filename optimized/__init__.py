@@ -1,18 +1,18 @@
 """``prism.optimized``: Prism's public API on Triton kernels (CUDA tensors).
 
 The functions have the signatures and the semantics of :mod:`prism.reference`
-(SPEC.md); ``prism.select_blocks`` and friends dispatch CUDA tensors here.
+(the contract, docs/semantics.rst); ``prism.select_blocks`` and friends dispatch CUDA tensors here.
 
 Kernels, one module each:
 
 * :mod:`~prism.optimized.pooling` - one launch pools query and key tiles on the
-  absolute grid and sums the calibration energies (SPEC 3, 5);
+  absolute grid and sums the calibration energies (contract §3, §5);
 * :mod:`~prism.optimized.selection` - band logits, softmax, top-p by bisection,
   union and forced tiles, written as the bool mask and compact indices, with
-  no probability tensor in global memory (SPEC 5, 6);
+  no probability tensor in global memory (contract §5, §6);
 * :mod:`~prism.optimized.indices` - a bool tile mask to compact indices;
 * :mod:`~prism.optimized.attention` - block-sparse flash attention forward
-  over the compact indices, GQA-native, causal with bottom-right alignment (SPEC 7);
+  over the compact indices, GQA-native, causal with bottom-right alignment (contract §7);
 * :mod:`~prism.optimized.varlen` - packed variable-length batches and paged KV
   caches, a loop of the functions above over per-sequence views (docs/serving.rst).
 

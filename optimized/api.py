@@ -1,7 +1,7 @@
 """The public functions of ``prism.optimized``: the reference's API on Triton kernels.
 
 Each function takes exactly the arguments of its :mod:`prism.reference`
-namesake, validates them with the same shared code (SPEC 8), and returns the
+namesake, validates them with the same shared code (contract §8), and returns the
 same outputs, computed by the kernels of :mod:`~prism.optimized.pooling`,
 :mod:`~prism.optimized.selection`, :mod:`~prism.optimized.indices` and
 :mod:`~prism.optimized.attention`.
@@ -82,7 +82,7 @@ def _raise_if_nonfinite(nonfinite: torch.Tensor, **tensors: torch.Tensor) -> Non
 
 def select_blocks(q, k, config: PrismConfig | None = None, *, causal: bool = True,
                   **overrides) -> torch.Tensor:
-    """Choose the (query tile, key tile) pairs to compute (SPEC 3 to 6), on the GPU.
+    """Choose the (query tile, key tile) pairs to compute (contract §3 to §6), on the GPU.
 
     Same contract as :func:`prism.reference.select_blocks`.
 
@@ -107,7 +107,7 @@ def select_blocks(q, k, config: PrismConfig | None = None, *, causal: bool = Tru
     Raises
     ------
     ValueError, TypeError
-        On bad input (SPEC 8), NaN/Inf included (eager calls), and on CPU tensors.
+        On bad input (contract §8), NaN/Inf included (eager calls), and on CPU tensors.
     """
     cfg = _resolve(config, overrides)
     validate_qk(q, k, causal=causal, check_values=False)
@@ -128,7 +128,7 @@ def _select(q, k, cfg: PrismConfig, causal: bool, *, write_indices: bool = True)
 
 def block_sparse_attention(q, k, v, block_mask, *, block_size: int = 128, causal: bool = True,
                            scale: float | None = None, return_lse: bool = False):
-    """Attention restricted to the selected tiles (SPEC 7), on the GPU.
+    """Attention restricted to the selected tiles (contract §7), on the GPU.
 
     Same contract as :func:`prism.reference.block_sparse_attention`.
 

@@ -1,4 +1,4 @@
-"""Block-sparse flash attention forward over compact tile indices (SPEC 7).
+"""Block-sparse flash attention forward over compact tile indices (contract §7).
 
 Each program owns ``BLOCK_M`` queries of one query tile of one (batch, q head)
 and visits only the key tiles listed for that tile (``kv_indices``), reading
@@ -18,7 +18,7 @@ Only the last listed tile can need a token mask: with ascending indices it is
 the diagonal tile (causal, ``n <= p``) or the partial last key tile
 (``n < Nk``). Every other tile runs the mask-free loop.
 
-Positions follow SPEC 2: query row ``r`` sits at ``query_start + r`` on the
+Positions follow contract §2: query row ``r`` sits at ``query_start + r`` on the
 absolute grid and lies in tile ``(query_start + r) // block_size``.
 """
 

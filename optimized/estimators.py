@@ -236,7 +236,7 @@ def _antidiagonal_tile_kernel(
 
 
 def _validate(q, k, layout, stride, causal) -> None:
-    """Argument checks of :func:`antidiagonal_tile_probabilities` (clear errors, SPEC 8)."""
+    """Argument checks of :func:`antidiagonal_tile_probabilities` (clear errors, contract §8)."""
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be True or False, got {causal!r}")
     check_tensor("q", q)

@@ -1,4 +1,4 @@
-"""Tile pooling and calibration energies in one pass over Q and K (SPEC 3 and 5).
+"""Tile pooling and calibration energies in one pass over Q and K (contract §3 and §5).
 
 One launch pools both tensors: the first programs pool query tiles, the rest
 pool key tiles (K once per KV head). Each program owns one tile:
@@ -6,7 +6,7 @@ pool key tiles (K once per KV head). Each program owns one tile:
 * ``mean[d] = (1 / c) * sum_{n in tile, valid} x[n, d]``, accumulated in fp32,
   where ``c`` is the number of valid tokens of the tile on the absolute grid
   (a partial first or last tile is averaged over the tokens it holds);
-* the calibration energies of SPEC 5 are sums of ``mean[d]^2`` over all tiles
+* the calibration energies of contract §5 are sums of ``mean[d]^2`` over all tiles
   of a head, over all dims and over each band's dims; each program adds its
   tile's three partial sums with one float64 atomic each, so the order in
   which tiles land does not cost fp32 accuracy.
@@ -36,7 +36,7 @@ from ._runtime import next_power_of_2
 
 @triton.jit
 def _band_membership(dims, head_dim, half_layout, band_start_pair, band_pairs):
-    """Which of ``dims`` belong to the band of RoPE pairs ``[start, start + pairs)`` (SPEC 4).
+    """Which of ``dims`` belong to the band of RoPE pairs ``[start, start + pairs)`` (contract §4).
 
     ``half`` layout: dim d is in pair ``d mod D/2``; ``interleaved``: pair ``d // 2``.
     """

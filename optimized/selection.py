@@ -1,11 +1,11 @@
-"""Prism's block selection on the GPU: scores, softmax, top-p, union, forced tiles (SPEC 5-6).
+"""Prism's block selection on the GPU: scores, softmax, top-p, union, forced tiles (contract §5-§6).
 
 After :mod:`~prism.optimized.pooling`, one kernel finishes the selection. A
 program owns ``ROWS`` query-tile rows of one (batch, q head) and keeps the
 whole row of ``WIDTH`` key tiles of both bands in registers, so no
 ``(B, H, 2 * nq, nk)`` probability tensor ever reaches global memory:
 
-1. temperatures ``tau_b`` from the pooled energies (SPEC 5);
+1. temperatures ``tau_b`` from the pooled energies (contract §5);
 2. band logits ``s_b = (qbar_b . kbar_b) / (sqrt(d_b) tau_b)`` - a matrix
    product of the row block's pooled queries, with the scale folded in and the
    other band's dims zeroed, against the pooled keys;
@@ -70,7 +70,7 @@ def _band_temperature(q_energy, k_energy, band_index, band_dim, head_dim, num_qu
 
 @triton.jit
 def _band_dim(i, head_dim, half_layout, band_start, band_pairs):
-    """Head dim of the ``i``-th dim of a band, in ascending order (SPEC 4)."""
+    """Head dim of the ``i``-th dim of a band, in ascending order (contract §4)."""
     in_first_half = i < band_pairs
     half_dim = tl.where(in_first_half, band_start + i, head_dim // 2 + band_start + i - band_pairs)
     return tl.where(half_layout != 0, half_dim, 2 * band_start + i)
@@ -250,7 +250,7 @@ def _select_tiles_kernel(
         admissible = row_ok[:, None] & col_ok[None, :]
         admissible_count = tl.zeros([ROWS], dtype=tl.int32) + num_key_tiles
 
-    # Stage 1 (SPEC 5): one temperature per band for this (batch, q head).
+    # Stage 1 (contract §5): one temperature per band for this (batch, q head).
     if CALIBRATE:
         q_energy = Q_ENERGY + bh * 3
         k_energy = K_ENERGY + bkv * 3
@@ -266,7 +266,7 @@ def _select_tiles_kernel(
     coef_high = (1.0 / (tl.sqrt(high_dim.to(tl.float32)) * tau_high)).to(tl.float32)
     coef_low = (1.0 / (tl.sqrt(low_dim.to(tl.float32)) * tau_low)).to(tl.float32)
 
-    # Stages 2-4 (SPEC 5-6), one band at a time: s_b[i, j] = coef_b * qbar_b . kbar_b,
+    # Stages 2-4 (contract §5-§6), one band at a time: s_b[i, j] = coef_b * qbar_b . kbar_b,
     # softmax over the admissible tiles, top-p.
     q_rows = Q_POOLED + (bh.to(tl.int64) * num_query_tiles + rows) * head_dim
     k_head = K_POOLED_T + bkv.to(tl.int64) * head_dim * k_pooled_stride

@@ -1,16 +1,18 @@
-"""``prism.reference``: the readable PyTorch oracle of Prism's semantics (SPEC.md).
+"""``prism.reference``: the readable PyTorch oracle of Prism's semantics.
+
+The semantics are the contract written out in docs/semantics.rst.
 
 Each module is one stage of the algorithm:
 
-* :mod:`~prism.reference.tiles` - the absolute tile grid and mean pooling (SPEC 3)
-* :mod:`~prism.reference.bands` - high/low RoPE bands for both layouts (SPEC 4)
-* :mod:`~prism.reference.calibration` - per-band energy temperatures (SPEC 5)
-* :mod:`~prism.reference.scoring` - band logits and probabilities (SPEC 6)
-* :mod:`~prism.reference.topp` - top-p with the index tie-break (SPEC 6)
+* :mod:`~prism.reference.tiles` - the absolute tile grid and mean pooling (contract §3)
+* :mod:`~prism.reference.bands` - high/low RoPE bands for both layouts (contract §4)
+* :mod:`~prism.reference.calibration` - per-band energy temperatures (contract §5)
+* :mod:`~prism.reference.scoring` - band logits and probabilities (contract §6)
+* :mod:`~prism.reference.topp` - top-p with the index tie-break (contract §6)
 * :mod:`~prism.reference.select` - the union, forced tiles and tie analysis
 * :mod:`~prism.reference.estimators` - opt-in peer estimators (docs/estimators.rst)
 * :mod:`~prism.reference.registry` - the estimator registry every dispatch reads
-* :mod:`~prism.reference.attention` - block-sparse attention (SPEC 7)
+* :mod:`~prism.reference.attention` - block-sparse attention (contract §7)
 * :mod:`~prism.reference.mean_pooling` - the plain mean-pooling baseline
 * :mod:`~prism.reference.varlen` - packed variable-length batches (docs/serving.rst)
 * :mod:`~prism.reference.paged` - paged KV caches and chunked prefill (docs/serving.rst)
@@ -27,7 +29,6 @@ from .estimators import (
     vertical_slash_tiles,
 )
 from .indices import indices_to_mask, mask_to_indices
-from .tile_mask import TileMask
 from .mean_pooling import mean_pooling_select
 from .paged import (
     PooledKeyCache,
@@ -48,6 +49,7 @@ from .select import (
     ties_from_trace,
     trace_selection,
 )
+from .tile_mask import TileMask
 from .tiles import TileLayout, pool_tiles, tile_layout, tile_token_counts
 from .topp import top_p_select
 from .varlen import (

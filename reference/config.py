@@ -1,4 +1,4 @@
-"""Prism's configuration: one frozen dataclass holding SPEC.md's defaults.
+"""Prism's configuration: one frozen dataclass holding the contract's defaults.
 
 Every public function takes ``config=None`` plus keyword overrides of any field,
 so ``select_blocks(q, k, block_size=64)`` and
@@ -48,7 +48,7 @@ def _is_real(value) -> bool:
 
 @dataclass(frozen=True)
 class PrismConfig:
-    """Settings of Prism's block selection (SPEC.md sections 3 to 6).
+    """Settings of Prism's block selection (contract §3-§6).
 
     Parameters
     ----------
@@ -56,12 +56,12 @@ class PrismConfig:
         Tile edge in tokens, for both query and key tiles (default 128).
     high_dim, low_dim : int or None
         Number of head dimensions in the high- and low-frequency bands. ``None``
-        takes the SPEC default for the head dim ``D``: ``D/2`` and ``3D/4``
+        takes the contract's default for the head dim ``D``: ``D/2`` and ``3D/4``
         (64 and 96 for ``D = 128``), each rounded to an even number.
     high_threshold, low_threshold : float
         Top-p mass kept per band and query tile, in ``(0, 1]`` (default 0.95).
     calibrate : bool
-        Rescale each band's logits by its measured energy (SPEC 5). When off,
+        Rescale each band's logits by its measured energy (contract §5). When off,
         the band temperatures below are used instead.
     high_temperature, low_temperature : float
         Band temperatures used when ``calibrate=False``; must be ``> 0``.
@@ -77,7 +77,7 @@ class PrismConfig:
     estimator : str
         One of ``ESTIMATORS``: how tile pairs are scored
         (docs/estimators.rst). ``"prism"`` (default)
-        is SPEC v1 exactly. ``"antidiagonal"`` scores tiles by strided
+        is contract v1 exactly. ``"antidiagonal"`` scores tiles by strided
         antidiagonal sums (XAttention-style) and keeps them by top-p at
         ``high_threshold``. ``"vertical_slash"`` scores key columns and
         diagonal offsets with the exact attention of the last queries
@@ -184,7 +184,7 @@ class PrismConfig:
         if self.estimator not in ESTIMATORS:
             raise ValueError(
                 f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}; "
-                "'prism' is the SPEC v1 default"
+                "'prism' is the contract v1 default"
             )
         for name in ("antidiagonal_stride", "last_queries", "subtile_factor", "sampled_queries"):
             value = getattr(self, name)

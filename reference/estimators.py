@@ -19,14 +19,14 @@ table of estimators, their parameters and how the stages combine is
   ``q_pos - k_pos``, a distribution over diagonal offsets (slash lines). Top-p
   at ``vertical_slash_threshold`` on each picks token columns and offsets; a
   tile pair is kept when it holds a picked column or a picked offset.
-* ``"prism_vertical_slash"``: the union of Prism's selection (SPEC 6) and the
+* ``"prism_vertical_slash"``: the union of Prism's selection (contract §6) and the
   vertical-slash one.
 * ``"antidiagonal_vertical_slash"``: the union of the antidiagonal selection
   (top-p at ``high_threshold``) and the vertical-slash one (top-p at
   ``vertical_slash_threshold``).
 * ``"subtile"``: Prism's two band distributions computed on sub-tiles of
   ``block_size / subtile_factor`` tokens (finer pooling keeps more of the high
-  band), summed per tile pair, then top-p per band and the union, as in SPEC 6.
+  band), summed per tile pair, then top-p per band and the union, as in contract §6.
 * ``"sampled"``: the exact attention of ``sampled_queries`` queries per query
   tile (the last query of each of its equal runs), summed into key tiles;
   tiles are kept by top-p at ``high_threshold``.
@@ -168,7 +168,7 @@ def vertical_slash_tiles(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
                          causal: bool = True) -> torch.Tensor:
     """Tile pairs holding a top-p key column or a top-p diagonal offset of the last queries.
 
-    Key columns and offsets are kept by top-p (SPEC 6's rule) at ``threshold``
+    Key columns and offsets are kept by top-p (contract §6's rule) at ``threshold``
     on the distributions of :func:`last_query_distributions`. A kept column
     keeps its key tile for every query tile; a kept offset ``o`` keeps every
     tile pair whose token offsets ``(I - j) * bs +- (bs - 1)`` contain ``o``
@@ -296,7 +296,7 @@ def subtile_band_probabilities(q: torch.Tensor, k: torch.Tensor, cfg, causal: bo
                                trace):
     """Prism's band probabilities scored on sub-tiles and summed per tile pair.
 
-    SPEC 3 to 6's pooling, bands, calibration and per-band softmax run with
+    contract §3 to §6's pooling, bands, calibration and per-band softmax run with
     tile ``block_size / subtile_factor`` on the same absolute grid (sub-tile
     ``T`` lies in tile ``T // subtile_factor``). Each band's probabilities are
     summed over the sub-rows of a query tile and the sub-columns of a key tile,

@@ -5,7 +5,7 @@ dims of the mean-pooled vectors,
 
     s[i, j] = (qbar[i] . kbar[j]) / sqrt(D),
 
-keeps tiles by the top-p rule and tie-break of SPEC 6, and forces the sink
+keeps tiles by the top-p rule and tie-break of contract §6, and forces the sink
 and diagonal tiles. It is Prism without bands and without energy
 calibration, built from the same stages, so a comparison isolates what the
 bands add. The theory pages, the tutorials and ``prism eval`` all use this
@@ -62,7 +62,7 @@ def mean_pooling_probabilities(q_pooled: torch.Tensor, k_pooled: torch.Tensor,
 def select_from_probabilities(probs: torch.Tensor, admissible: torch.Tensor, layout: TileLayout,
                               threshold: float, causal: bool = True, force_sink: bool = True,
                               force_diagonal: bool = True) -> torch.Tensor:
-    """Top-p over precomputed probabilities, plus the forced tiles (SPEC 6).
+    """Top-p over precomputed probabilities, plus the forced tiles (contract §6).
 
     Lets a threshold search reuse one probability table for many thresholds.
 
@@ -113,7 +113,7 @@ def mean_pooling_select(q, k, threshold: float = 0.95, *, block_size: int = 128,
     ----------
     q : Tensor (B, Hq, Nq, D)
     k : Tensor (B, Hkv, Nk, D)
-        After RoPE, un-repeated; positions and tiles as in SPEC 2 and 3.
+        After RoPE, un-repeated; positions and tiles as in contract §2 and §3.
     threshold : float in (0, 1]
         Top-p mass kept per query tile over the single all-dims softmax.
     block_size : int

@@ -44,7 +44,7 @@ def test_masked_sdpa_matches_reference(case):
     q, k, v = make_qkv(b, hq, hkv, nq, nk, 32, seed=nq, causal=causal, value_dim=24)
     mask = select_blocks(q, k, block_size=bs, causal=causal, high_threshold=0.6,
                          low_threshold=0.6, force_sink=False, force_diagonal=False)
-    mask[0, 0, -1] = False  # a tile row that reads nothing: SPEC 7 wants zeros
+    mask[0, 0, -1] = False  # a tile row that reads nothing: contract §7 wants zeros
     expected = block_sparse_attention(q, k, v, mask, block_size=bs, causal=causal, scale=0.3)
     out = masked_sdpa_attention(q, k, v, mask, block_size=bs, causal=causal, scale=0.3)
     assert relative_error(out, expected) < 1e-5

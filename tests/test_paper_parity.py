@@ -1,4 +1,4 @@
-"""SPEC 9: where the paper's code and the contract must agree, and where they differ.
+"""contract §9: where the paper's code and the contract must agree, and where they differ.
 
 ``paper_style_select`` re-states the paper's published procedure from its
 description (zero-padded pooling, K repeated per query head, pooled means in

@@ -243,7 +243,7 @@ def test_band_energy_tolerance_is_tight_enough_to_tell_gain_from_squared_gain():
 
 def test_calibration_amplifies_the_filtered_band_at_the_default_setting():
     # D = 128, B = 128, base 5e5: pooling keeps under half of the high band's
-    # energy and almost all of the low band's, so SPEC 5 scales the high band's
+    # energy and almost all of the low band's, so contract §5 scales the high band's
     # logits up by more than 2x relative to the low band's.
     high, low = band_energy_check(128, 5e5, 128, num_tiles=64, seed=1)
     assert high.mean_gain_sq < 0.5 < 0.9 < low.mean_gain_sq

@@ -2,11 +2,11 @@
 
 Mean pooling a tile of ``B`` RoPE'd tokens multiplies RoPE pair ``m`` by the
 normalised Dirichlet kernel ``D_B(w_m) = sin(B w_m / 2) / (B sin(w_m / 2))``
-(SPEC 1), a low-pass filter with cut-off ``2 pi / B``. The modules:
+(contract §1), a low-pass filter with cut-off ``2 pi / B``. The modules:
 
 * :mod:`~prism.theory.frequency` - frequencies, the gain, the cut-off table;
 * :mod:`~prism.theory.checks` - the pooling identity, the score filter and
-  the band energy that SPEC 5's calibration divides out, each measured;
+  the band energy that contract §5's calibration divides out, each measured;
 * :mod:`~prism.theory.blind_spot` - a synthetic head whose slash mean pooling
   loses and Prism keeps, with recall and density against full attention;
 * :mod:`~prism.theory.plots` - the figures of the docs page.

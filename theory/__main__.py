@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     print(format_cutoff_table(cutoff_rows))
 
     print("\nBand energy after pooling (random per-tile content, D = 128, B = 128) and the "
-          "SPEC 5 temperature it implies")
+          "contract §5 temperature it implies")
     energy_lines, energy_records, bands = _band_energy_lines(DEFAULT_BLIND_SPOT_BASES)
     print("\n".join(energy_lines))
 

@@ -15,7 +15,7 @@ contribution to the tile score by ``gain_m^2`` (:func:`prism.theory.score_filter
 which is small on the slash pairs beyond the cut-off ``2 pi / B``, so in one
 softmax over the whole head the slash's tile drowns beside the sink and
 vertical tiles. Prism scores the fast band on its own and calibrates it by its
-energy (SPEC 5), so the remnant of the slash that survives pooling can still
+energy (contract §5), so the remnant of the slash that survives pooling can still
 rank its tile first there (at low bases, where almost every slash pair is
 beyond the cut-off, it often does not, and Prism pays in density).
 
@@ -359,14 +359,14 @@ def kept_attention_mass(probabilities: torch.Tensor, block_mask: torch.Tensor, *
     """Per query, the full-attention mass that falls on its selected tiles.
 
     Query ``p`` keeps key ``n`` iff ``tile(n)`` is selected for ``tile(p)``
-    and, when causal, ``n <= p`` (SPEC 7).
+    and, when causal, ``n <= p`` (contract §7).
 
     Parameters
     ----------
     probabilities : Tensor (B, Hq, Nq, Nk)
         From :func:`full_attention_probabilities`.
     block_mask : Tensor (B, Hq, n_query_tiles, n_key_tiles), bool
-        Tile selection on the SPEC 3 grid; batch and head dims may be 1.
+        Tile selection on the contract §3 grid; batch and head dims may be 1.
     block_size : int
     causal : bool
 
@@ -454,7 +454,7 @@ class BlindSpotResult:
     method : str
         ``"mean pooling"`` or ``"prism"``.
     calibrate : bool or None
-        Prism's SPEC 5 calibration; None for mean pooling.
+        Prism's contract §5 calibration; None for mean pooling.
     threshold : float
         Top-p (both bands for Prism).
     recall : float

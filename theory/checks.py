@@ -8,7 +8,7 @@ Write pair ``m`` of a RoPE'd vector at position ``p`` as the complex number
 (b) the score filter: with content constant inside two tiles, the pooled
     score is ``sum_m D_B(w_m)^2 Re(a_m conj(b_m) exp(i (c_q - c_k) w_m))``;
 (c) the band energy: the pooled energy of a band is the band's mean squared
-    gain times the token energy, which is what SPEC 5's calibration divides out.
+    gain times the token energy, which is what contract §5's calibration divides out.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _validate_int(name: str, value) -> int:
 
 
 def validate_layout(rope_layout) -> str:
-    """Return ``rope_layout`` after checking it names a SPEC 4 layout."""
+    """Return ``rope_layout`` after checking it names a contract §4 layout."""
     if rope_layout not in ROPE_LAYOUTS:
         raise ValueError(
             f"rope_layout must be one of {ROPE_LAYOUTS}, got {rope_layout!r}; Hugging Face "
@@ -100,7 +100,7 @@ def pooling_identity_residuals(
     start : int
         Position of the first token of the tile (any integer).
     rope_layout : {"half", "interleaved"}
-        Which dims form a pair (SPEC 4).
+        Which dims form a pair (contract §4).
     content : Tensor (D,), optional
         The un-rotated vector; a standard normal draw from ``seed`` when None.
     seed : int
@@ -251,7 +251,7 @@ class BandEnergy:
     ratio_stderr : float
         Standard error of ``measured_ratio`` for this content model.
     predicted_tau : float
-        SPEC 5 temperature predicted from the gains alone:
+        contract §5 temperature predicted from the gains alone:
         ``sqrt(d_b / D) * G_b / G``, ``G_b`` and ``G`` the mean ``gain^2`` over
         the band and over all pairs.
     measured_tau : float
@@ -323,7 +323,7 @@ def band_energy_check(
     on content that stays put across a tile.)
 
     The same pooled tiles are passed to
-    :func:`prism.reference.band_temperature`, which shows what SPEC 5's
+    :func:`prism.reference.band_temperature`, which shows what contract §5's
     calibration rescales: its ``tau_b`` estimates
     ``sqrt(d_b / D) * G_b / G``, the band's energy loss relative to the whole
     head, and dividing the band logits by it gives every band the loudness of
@@ -341,7 +341,7 @@ def band_energy_check(
         Tiles of queries and of keys; the statistical error falls like
         ``1 / sqrt(num_tiles)``.
     high_dim, low_dim : int, optional
-        Band widths in dims; SPEC 4 defaults when None (64 and 96 for D = 128,
+        Band widths in dims; contract §4 defaults when None (64 and 96 for D = 128,
         i.e. pairs 0..31 and 16..63).
     rope_layout : {"half", "interleaved"}
     seed : int

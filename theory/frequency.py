@@ -28,7 +28,7 @@ from prism.reference import rope_frequencies as _reference_rope_frequencies
 #: tiny sines would underflow to 0/0 for subnormal ``r``.
 _SERIES_LIMIT = 1e-4
 
-#: Bases and sizes of the cut-off table (SPEC 1 and 4 use D = 128, B = 128).
+#: Bases and sizes of the cut-off table (contract §1 and §4 use D = 128, B = 128).
 DEFAULT_TABLE_BASES = (1e4, 1e5, 5e5, 1e6)
 DEFAULT_TABLE_BLOCK_SIZES = (32, 64, 128, 256)
 DEFAULT_TABLE_HEAD_DIMS = (64, 128)
@@ -90,7 +90,7 @@ def rope_frequencies(head_dim: int, base: float = 10000.0) -> torch.Tensor:
     -------
     Tensor (D/2,), float64
         Pair 0 turns by 1 radian per token; the frequencies fall geometrically
-        with ``m``, so small ``m`` means high frequency (SPEC 4).
+        with ``m``, so small ``m`` means high frequency (contract §4).
 
     Examples
     --------

@@ -93,7 +93,7 @@ def plot_gain_vs_frequency(path: str, block_sizes=(32, 64, 128, 256)) -> str:
 
 def plot_gain_per_pair(path: str, head_dim: int = 128, block_size: int = 128,
                        bases=(1e4, 1e5, 5e5, 1e6)) -> str:
-    """Gain of every RoPE pair of one head at several bases, with SPEC 4's bands.
+    """Gain of every RoPE pair of one head at several bases, with contract §4's bands.
 
     Parameters
     ----------

@@ -2,7 +2,7 @@
 
 The top-level functions dispatch by device: CUDA tensors run the Triton
 kernels of :mod:`prism.optimized`, everything else runs the PyTorch oracle
-:mod:`prism.reference`. Both implement SPEC.md and share one signature.
+:mod:`prism.reference`. Both implement the contract (docs/semantics.rst) and share one signature.
 """
 
 from __future__ import annotations

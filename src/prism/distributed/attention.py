@@ -57,7 +57,10 @@ __all__ = ["context_parallel_prism_attention"]
 # ---------------------------------------------------------------------------
 
 def _pool_segments(x: torch.Tensor, segments, block_size: int) -> torch.Tensor:
-    """Pooled tiles (SPEC 3) of each local segment, concatenated: (B, H, local tiles, D) fp32."""
+    """Pooled tiles (contract §3) of each local segment, concatenated.
+
+    Returns (B, H, local tiles, D), fp32.
+    """
     pooled, row = [], 0
     for start, length in segments:
         pooled.append(pool_tiles(x[:, :, row:row + length], start, block_size))
@@ -262,7 +265,7 @@ def context_parallel_prism_attention(q, k, v, group=None, config: PrismConfig | 
 
     Every rank of ``group`` calls this with its own chunk; the concatenated
     result equals :func:`prism.reference.prism_attention` on the whole
-    sequence: the same mask up to SPEC 6 boundary ties, outputs within the
+    sequence: the same mask up to contract §6 boundary ties, outputs within the
     dtype tolerance.
 
     Parameters
@@ -306,7 +309,7 @@ def context_parallel_prism_attention(q, k, v, group=None, config: PrismConfig | 
     Raises
     ------
     ValueError, TypeError
-        On SPEC 8 bad input on any rank, inputs that differ across ranks
+        On contract §8 bad input on any rank, inputs that differ across ranks
         (batch, heads, head dims, dtype, causal, layout, scale, config), or
         local lengths that break the sharding contract. Every rank raises, so
         none is left waiting in a collective.
@@ -343,16 +346,16 @@ def context_parallel_prism_attention(q, k, v, group=None, config: PrismConfig | 
         stats = CommunicationStats(rank, world_size, 0, 0, 0, 0, 0, 0, 0, 0, ring_bytes)
         return _package(out, lse, mask, stats, return_lse, return_mask, return_stats)
 
-    # Stage 1 (SPEC 3): pool the local tiles; gather every rank's pooled keys.
+    # Stage 1 (contract §3): pool the local tiles; gather every rank's pooled keys.
     q_pooled = _pool_segments(q, plan.segments(rank, "query"), cfg.block_size)
     k_pooled_own = _pool_segments(k, plan.segments(rank, "key"), cfg.block_size)
     k_pooled = _all_gather_pooled_keys(k_pooled_own, plan, group)
 
-    # Stages 2-3 (SPEC 4-5): bands and temperatures from global energies.
+    # Stages 2-3 (contract §4-§5): bands and temperatures from global energies.
     dims_by_band = band_dims(d, cfg.high_dim, cfg.low_dim, cfg.rope_layout, device)
     taus = _temperatures(q_pooled, k_pooled, dims_by_band, cfg, plan, group)
 
-    # Stage 4 (SPEC 6): this rank's rows of the mask.
+    # Stage 4 (contract §6): this rank's rows of the mask.
     mask = _select_rows(q_pooled, k_pooled, query_tiles, dims_by_band, taus, cfg, plan)
 
     # Stage 5: request the selected remote (batch, KV head, key tile) entries.

@@ -71,7 +71,7 @@ def _collective_device(q, group) -> torch.device:
 
 
 def _local_metadata(q, k, v, cfg: PrismConfig, causal, scale, layout) -> list[float]:
-    """Check this rank's inputs (SPEC 8) and describe them for the cross-rank check."""
+    """Check this rank's inputs (contract §8) and describe them for the cross-rank check."""
     validate_qkv(q, k, v, causal=False)  # local Nq may exceed local Nk; checked globally
     validate_scale(scale)
     _check_layout(layout)
@@ -96,7 +96,7 @@ def _exchange_metadata(q, k, v, config, overrides, causal, scale, layout, group,
         cfg = resolve_config(config, **overrides)
         if cfg.estimator != "prism":
             raise ValueError(
-                f"context_parallel_prism_attention implements estimator='prism' (SPEC v1) "
+                f"context_parallel_prism_attention implements estimator='prism' (contract v1) "
                 f"only, got estimator={cfg.estimator!r}; use the single-device "
                 "prism.prism_attention for the other estimators (docs/estimators.rst)"
             )

@@ -201,7 +201,7 @@ def communication_volume(num_tokens: int, world_size: int, density: float, *, ba
     causal : bool
     layout : {"contiguous", "zigzag"}
     calibrate : bool
-        Whether the query energies are all-reduced (SPEC 5 on).
+        Whether the query energies are all-reduced (contract §5 on).
 
     Returns
     -------

@@ -111,7 +111,7 @@ def _drop_empty(segments: tuple[Segment, ...]) -> tuple[Segment, ...]:
 class ShardPlan:
     """Which positions each rank holds, for queries and for keys.
 
-    Positions are absolute on SPEC 3's tile grid: when causal, query row ``r``
+    Positions are absolute on contract §3's tile grid: when causal, query row ``r``
     of the whole sequence sits at ``Nk - Nq + r`` on the key grid; when
     non-causal, queries have their own grid ``0 .. Nq - 1``. A *segment* is
     ``(first position, length)``; a rank's local tensor is its segments
@@ -392,7 +392,7 @@ class ShardPlan:
     # -- communication geometry --------------------------------------------
 
     def admissible_remote_tiles(self, rank: int) -> int:
-        """Key tiles held elsewhere that some local query tile may select (SPEC 6).
+        """Key tiles held elsewhere that some local query tile may select (contract §6).
 
         Causal: the remote key tiles up to the rank's last query tile.
         Non-causal: every remote key tile.

@@ -6,7 +6,7 @@ over all head dims of the mean-pooled vectors,
     s[i, j] = (qbar[i] . kbar[j]) / sqrt(D),
 
 keeps tiles by top-p over the admissible tiles of each row (the same rule and
-tie-break as Prism, SPEC 6), and forces the sink and diagonal tiles. It is
+tie-break as Prism, contract §6), and forces the sink and diagonal tiles. It is
 Prism without bands and without energy calibration, built from the same
 :mod:`prism.reference` stages, so a comparison isolates what the bands add.
 

@@ -7,7 +7,7 @@
 * :mod:`prism.integrations.flex` - a Prism tile mask as a
   ``torch.nn.attention.flex_attention.BlockMask`` (``to_block_mask``).
 * :mod:`prism.integrations.masked_sdpa` - the tile mask expanded to tokens and
-  run by ``torch.nn.functional.scaled_dot_product_attention``: SPEC 7's output
+  run by ``torch.nn.functional.scaled_dot_product_attention``: contract §7's output
   computed densely, a fast stand-in for the reference on the CPU.
 
 The submodules are imported on demand, so ``import prism.integrations`` pulls in

@@ -7,7 +7,7 @@ compact form from :func:`prism.mask_to_indices`) into a
     flex_attention(q, k, v, block_mask=to_block_mask(mask, Nq, Nk, block_size=bs),
                    scale=scale, enable_gqa=True)
 
-computes what :func:`prism.block_sparse_attention` computes (SPEC 7).
+computes what :func:`prism.block_sparse_attention` computes (contract §7).
 
 FlexAttention's query blocks are counted from query row 0, while Prism's tiles
 sit on the absolute grid where query row ``r`` has position ``P + r`` with

@@ -1,6 +1,6 @@
 """Prism's block-sparse attention computed densely by torch SDPA.
 
-:func:`masked_sdpa_attention` returns what SPEC 7 (and
+:func:`masked_sdpa_attention` returns what contract §7 (and
 :func:`prism.reference.block_sparse_attention`) returns, but it expands the tile
 mask to a token mask and hands it to
 :func:`torch.nn.functional.scaled_dot_product_attention`. It does dense work,
@@ -45,7 +45,7 @@ def _row_chunks(layout: TileLayout, rows_per_chunk: int):
 
 def masked_sdpa_attention(q, k, v, block_mask, *, block_size: int = 128, causal: bool = True,
                           scale: float | None = None) -> torch.Tensor:
-    """Block-sparse attention (SPEC 7) by torch SDPA on the expanded token mask.
+    """Block-sparse attention (contract §7) by torch SDPA on the expanded token mask.
 
     Same arguments and output as :func:`prism.reference.block_sparse_attention`
     without ``return_lse``: the softmax runs in fp32 and the result comes back
@@ -89,7 +89,7 @@ def masked_sdpa_attention(q, k, v, block_mask, *, block_size: int = 128, causal:
     if nq == 0 or nk == 0:
         return out
     qf, kf, vf = q.float(), k.float(), v.float()
-    # SPEC 7: a row with nothing to read is 0. A row reads nothing iff its tile
+    # contract §7: a row with nothing to read is 0. A row reads nothing iff its tile
     # selects no key tile starting at or before its position (causal), or none.
     key_tiles = torch.arange(layout.num_key_tiles, device=q.device)
     first_selected = torch.where(block_mask, key_tiles, layout.num_key_tiles).amin(dim=-1)

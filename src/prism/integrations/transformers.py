@@ -34,7 +34,7 @@ What runs where
   :func:`prism.prism_attention` chains; they are called one after the other
   here so that each can be timed when statistics are collected. With a KV
   prefix (chunked prefill) the queries are the last ``L`` of the ``S``
-  positions, as SPEC 2 prescribes.
+  positions, as contract §2 prescribes.
 * Decode steps and any call with fewer queries than ``min_query_length``:
   dense attention, by transformers' own SDPA function (identical to
   ``attn_implementation="sdpa"``).

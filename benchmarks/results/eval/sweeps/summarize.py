@@ -21,7 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 MATCHED = (0.3, 0.4)
 LABELS = {
-    "prism": "Prism (SPEC v1)",
+    "prism": "Prism (contract v1)",
     "mean_pooling": "mean pooling",
     "antidiagonal-8": "antidiagonal, stride 8",
     "antidiagonal-4": "antidiagonal, stride 4",
@@ -96,7 +96,7 @@ def selection_flops(method: str, tokens: int, head_dim: int = 64, block: int = 1
                     last: int = 64, factor: int = 4) -> float:
     """Multiply-add FLOPs of one head's tile scoring (pooling and sorting left out)."""
     tiles = tokens / block
-    bands = head_dim // 2 + (3 * head_dim) // 4  # SPEC 4 default band widths
+    bands = head_dim // 2 + (3 * head_dim) // 4  # contract §4 default band widths
     if method == "prism":
         return 2 * tiles**2 * bands
     if method == "mean_pooling":
