@@ -33,10 +33,19 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run the `slow` tests in Triton's interpreter on the CPU")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_slow = pytest.mark.skip(
+        reason="`slow`: minutes in Triton's interpreter; runs on CUDA, or here with --run-slow")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+        elif "slow" in item.keywords and not config.getoption("--run-slow"):
+            item.add_marker(skip_slow)

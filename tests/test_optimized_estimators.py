@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from helpers import TOLERANCE, relative_error
@@ -125,7 +125,6 @@ def _check_against_reference(case, dtype=torch.float32):
     assert torch.equal(actual == 0, expected == 0), case
 
 
-@settings(max_examples=10)
 @given(case=_cases())
 @example(case=dict(b=1, hq=2, hkv=1, nq=1, nk=77, d=16, bs=32, stride=8, causal=True,
                    transposed=False, seed=0))
