@@ -30,13 +30,9 @@ import torch
 
 from . import attention as _attention
 from . import select as _select
-from .bands import band_dims
-from .calibration import band_temperature
 from .config import PrismConfig, resolve_config
-from .scoring import admissible_tiles, band_logits, band_probabilities
-from .select import forced_tiles
-from .tiles import pool_tiles, tile_layout
-from .topp import top_p_select
+from .select import trace_from_pooled_keys
+from .tiles import pool_tiles
 from .validation import (
     FLOAT_DTYPES,
     check_finite,
@@ -312,28 +308,10 @@ def select_from_pooled(q, k_pooled, num_keys: int, cfg: PrismConfig,
                        causal: bool) -> torch.Tensor:
     """Prism's mask (contract §3-6) from the queries and already pooled key tiles.
 
-    The stages after key pooling, composed as in
-    :func:`prism.reference.trace_selection`: pool the queries, band dims,
-    calibration, band probabilities, top-p, union and forced tiles.
+    The reference's own composition of the stages after key pooling,
+    :func:`prism.reference.select.trace_from_pooled_keys`.
     """
-    b, hq, nq, d = q.shape
-    device = q.device
-    layout = tile_layout(nq, num_keys, cfg.block_size, causal)
-    q_pooled = pool_tiles(q, layout.query_start, cfg.block_size)
-    high_dims, low_dims = band_dims(d, cfg.high_dim, cfg.low_dim, cfg.rope_layout, device)
-    if cfg.calibrate:
-        high_tau = band_temperature(q_pooled, k_pooled, high_dims, cfg.eps)
-        low_tau = band_temperature(q_pooled, k_pooled, low_dims, cfg.eps)
-    else:
-        high_tau = torch.full((b, hq), cfg.high_temperature, dtype=torch.float32, device=device)
-        low_tau = torch.full((b, hq), cfg.low_temperature, dtype=torch.float32, device=device)
-    admissible = admissible_tiles(layout, causal, device)
-    keep = forced_tiles(layout, causal, cfg.force_sink, cfg.force_diagonal, device)
-    for dims, tau, threshold in ((high_dims, high_tau, cfg.high_threshold),
-                                 (low_dims, low_tau, cfg.low_threshold)):
-        probs = band_probabilities(band_logits(q_pooled, k_pooled, dims, tau), admissible)
-        keep = keep | top_p_select(probs, admissible, threshold)[0]
-    return keep & admissible
+    return trace_from_pooled_keys(q, k_pooled, num_keys, cfg, causal).mask
 
 
 def _check_pooled_keys(pooled_keys, batch: int, cfg: PrismConfig) -> list:

@@ -6,7 +6,7 @@ and tie analysis read them); ``select_blocks`` returns only the mask.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -85,14 +85,41 @@ def trace_selection(q, k, config: PrismConfig | None = None, *, causal: bool = T
             "call select_blocks, or prism.reference.select.estimator_mask, instead"
         )
     validate_qk(q, k, causal=causal)
-    b, hq, nq, d = q.shape
-    nk = k.shape[2]
-    device = q.device
-    layout = tile_layout(nq, nk, cfg.block_size, causal)
-
-    # Stage 1 (contract §3): mean-pool the valid tokens of every tile, in fp32.
-    q_pooled = pool_tiles(q, layout.query_start, cfg.block_size)
+    # Stage 1 (contract §3) for the keys; the queries are pooled in the stages below.
     k_pooled = pool_tiles(k, 0, cfg.block_size)
+    trace = trace_from_pooled_keys(q, k_pooled, k.shape[2], cfg, causal)
+    if estimator_spec(cfg.estimator).tiles is None:
+        return trace
+    # Tiles an estimator joins to Prism's bands count as forced (registry).
+    forced = trace.forced | estimator_tiles(q, k, cfg, trace.layout, causal,
+                                            {"prism_trace": trace_selection})
+    return replace(trace, forced=forced, mask=(trace.high_keep | trace.low_keep | forced)
+                   & trace.admissible)
+
+
+def trace_from_pooled_keys(q, k_pooled, num_keys: int, cfg: PrismConfig,
+                           causal: bool) -> SelectionTrace:
+    """Prism's band stages (contract §3-§6) from the queries and already pooled keys.
+
+    The one composition of the stages, shared by :func:`trace_selection` and by
+    chunked prefill, whose key tiles were pooled by earlier chunks
+    (:mod:`prism.reference.paged`). Inputs are not validated here.
+
+    Parameters
+    ----------
+    q : Tensor (B, Hq, Nq, D)
+    k_pooled : Tensor (B or 1, Hkv, ceil(num_keys / block_size), D), float32
+        :func:`prism.reference.pool_tiles` of all ``num_keys`` keys.
+    num_keys : int
+    cfg : PrismConfig
+    causal : bool
+    """
+    b, hq, nq, d = q.shape
+    device = q.device
+    layout = tile_layout(nq, num_keys, cfg.block_size, causal)
+
+    # Stage 1 (contract §3): mean-pool the valid tokens of every query tile, in fp32.
+    q_pooled = pool_tiles(q, layout.query_start, cfg.block_size)
 
     # Stage 2 (contract §4): the two RoPE bands.
     high_dims, low_dims = band_dims(d, cfg.high_dim, cfg.low_dim, cfg.rope_layout, device)
@@ -116,10 +143,6 @@ def trace_selection(q, k, config: PrismConfig | None = None, *, causal: bool = T
 
     # Stage 5: union of the bands, plus the forced sink and diagonal tiles.
     forced = forced_tiles(layout, causal, cfg.force_sink, cfg.force_diagonal, device)
-    if estimator_spec(cfg.estimator).tiles is not None:
-        # Tiles an estimator joins to Prism's bands count as forced (registry).
-        forced = forced | estimator_tiles(q, k, cfg, layout, causal,
-                                          {"prism_trace": trace_selection})
     mask = (high_keep | low_keep | forced) & admissible
     return SelectionTrace(
         config=cfg, causal=causal, layout=layout, high_dims=high_dims, low_dims=low_dims,
