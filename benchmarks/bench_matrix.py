@@ -356,7 +356,7 @@ def main(argv=None):
         import triton
         result["triton"] = triton.__version__
     except ImportError:
-        pass
+        pass  # no Triton here: the record simply has no "triton" version field
 
     def save():
         if args.out:
