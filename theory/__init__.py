@@ -7,8 +7,12 @@ normalised Dirichlet kernel ``D_B(w_m) = sin(B w_m / 2) / (B sin(w_m / 2))``
 * :mod:`~prism.theory.frequency` - frequencies, the gain, the cut-off table;
 * :mod:`~prism.theory.checks` - the pooling identity, the score filter and
   the band energy that contract §5's calibration divides out, each measured;
-* :mod:`~prism.theory.blind_spot` - a synthetic head whose slash mean pooling
-  loses and Prism keeps, with recall and density against full attention;
+* :mod:`~prism.theory.synthetic` - a synthetic positional head (slash, sink
+  and vertical tiles, content) on chosen RoPE pairs;
+* :mod:`~prism.theory.recall` - what a tile selection keeps of full attention
+  (dense weights, per-tile mass, recall, density), in float64;
+* :mod:`~prism.theory.blind_spot` - the slash mean pooling loses and Prism
+  keeps on that head, with recall and density against full attention;
 * :mod:`~prism.theory.plots` - the figures of the docs page.
 
 ``python -m prism.theory`` prints the tables; ``--plots DIR`` draws the figures.
@@ -17,17 +21,10 @@ normalised Dirichlet kernel ``D_B(w_m) = sin(B w_m / 2) / (B sin(w_m / 2))``
 from .blind_spot import (
     DEFAULT_BLIND_SPOT_BASES,
     BlindSpotResult,
-    SyntheticHead,
-    attention_recall,
     blind_spot_table,
-    causal_density,
     compare_selections,
     format_blind_spot_table,
-    full_attention_probabilities,
-    kept_attention_mass,
     mean_pooling_select,
-    synthetic_positional_head,
-    tile_attention_mass,
 )
 from .checks import (
     BandEnergy,
@@ -44,6 +41,14 @@ from .frequency import (
     pooling_gain,
     rope_frequencies,
 )
+from .recall import (
+    attention_recall,
+    causal_density,
+    full_attention_probabilities,
+    kept_attention_mass,
+    tile_attention_mass,
+)
+from .synthetic import SyntheticHead, synthetic_positional_head
 
 __all__ = [
     "rope_frequencies",

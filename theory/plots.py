@@ -20,12 +20,11 @@ from .blind_spot import (
     METHOD_MEAN_POOLING,
     METHOD_PRISM,
     BlindSpotResult,
-    SyntheticHead,
     compare_selections,
-    full_attention_probabilities,
-    synthetic_positional_head,
 )
 from .frequency import cutoff_frequency, pooling_gain, rope_frequencies
+from .recall import full_attention_probabilities
+from .synthetic import SyntheticHead, synthetic_positional_head
 
 #: File names written by :func:`write_all_figures`, in that order.
 FIGURE_NAMES = (
