@@ -3,9 +3,10 @@
 :func:`estimator_select_blocks` runs any estimator of the registry
 (:mod:`prism.reference.registry`) with the scoring stages of
 :data:`KERNEL_STAGES` replaced by Triton kernels: the antidiagonal scores
-below and the sampled-query scores of :mod:`prism.optimized.sampled`. The
-other stages (top-p over tiles, the vertical-slash columns and diagonals) are
-the reference's torch code on the same device.
+below, the sampled-query scores of :mod:`prism.optimized.sampled` and the
+last queries' column and diagonal distributions of
+:mod:`prism.optimized.vertical_slash`. The other stages (top-p, columns and
+offsets to tiles) are the reference's torch code on the same device.
 
 :func:`antidiagonal_tile_probabilities` computes exactly what
 :func:`prism.reference.estimators.antidiagonal_probabilities` computes, without
@@ -59,6 +60,7 @@ from prism.reference.validation import check_same_dtype_device, check_tensor
 from ._runtime import check_device, kernels_interpreted, next_power_of_2
 from .antidiagonal_packed import antidiagonal_packed_applies, antidiagonal_packed_probabilities
 from .sampled import sampled_tile_probabilities
+from .vertical_slash import vertical_slash_tile_mask
 
 #: Key groups scored per ``tl.dot`` (columns of one block of scores).
 BLOCK_KEY_GROUPS = 64
@@ -356,6 +358,7 @@ def antidiagonal_tile_probabilities(q: torch.Tensor, k: torch.Tensor, layout: Ti
 KERNEL_STAGES = {
     "antidiagonal": antidiagonal_tile_probabilities,
     "sampled": sampled_tile_probabilities,
+    "vertical_slash": vertical_slash_tile_mask,
 }
 
 

@@ -181,14 +181,40 @@ def vertical_slash_tiles(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
         Restricted to the admissible tiles; not yet united with forced tiles.
     """
     b, hq = q.shape[0], q.shape[1]
-    nk_tokens = k.shape[2]
+    nq, nk = layout.num_query_tiles, layout.num_key_tiles
+    if nq == 0 or nk == 0:
+        return torch.zeros(b, hq, nq, nk, dtype=torch.bool, device=q.device)
+    vertical, slash = last_query_distributions(q, k, layout, last_queries, causal)
+    return vertical_slash_tiles_from_distributions(vertical, slash, layout, threshold, causal)
+
+
+def vertical_slash_tiles_from_distributions(vertical: torch.Tensor, slash: torch.Tensor,
+                                            layout: TileLayout, threshold: float,
+                                            causal: bool = True) -> torch.Tensor:
+    """The second half of :func:`vertical_slash_tiles`: top-p columns and offsets to tiles.
+
+    Parameters
+    ----------
+    vertical : Tensor (B, Hq, Nk), float32
+    slash : Tensor (B, Hq, P + Nk), float32
+        As returned by :func:`last_query_distributions` (or a kernel computing
+        the same distributions).
+    layout : TileLayout
+    threshold : float in (0, 1]
+    causal : bool
+
+    Returns
+    -------
+    Tensor (B, Hq, nq, nk), bool
+        Restricted to the admissible tiles; not yet united with forced tiles.
+    """
+    b, hq, nk_tokens = vertical.shape
     bs = layout.block_size
     nq, nk = layout.num_query_tiles, layout.num_key_tiles
-    device = q.device
+    device = vertical.device
     admissible = admissible_tiles(layout, causal, device)
     if nq == 0 or nk == 0:
         return torch.zeros(b, hq, nq, nk, dtype=torch.bool, device=device)
-    vertical, slash = last_query_distributions(q, k, layout, last_queries, causal)
     ones = torch.ones((), dtype=torch.bool, device=device)
     keep_columns, _ = top_p_select(vertical, ones, threshold)
     keep_offsets, _ = top_p_select(slash, ones, threshold)
@@ -346,4 +372,5 @@ __all__ = [
     "sampled_query_probabilities",
     "subtile_band_probabilities",
     "vertical_slash_tiles",
+    "vertical_slash_tiles_from_distributions",
 ]

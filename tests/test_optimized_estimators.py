@@ -466,3 +466,116 @@ def test_packed_and_per_head_kernels_agree_with_the_reference(stride, bs, hq, hk
     torch.testing.assert_close(antidiagonal_tile_probabilities(q, k, layout, stride, causal),
                                expected, rtol=2e-5, atol=1e-6)
 
+
+
+# ---------------------------------------------------------------- vertical-slash kernels
+
+
+@pytest.mark.parametrize("b, hq, hkv, nq, nk, d, last, bs, causal, dtype", [
+    (1, 4, 2, 150, 290, 32, 16, 32, True, torch.float32),    # KV prefix, 2 heads/program
+    (2, 2, 2, 100, 100, 16, 64, 32, True, torch.float16),    # more last queries than a tile
+    (1, 3, 1, 120, 200, 16, 20, 32, False, torch.float32),   # non-causal: negative offsets
+    (1, 2, 1, 300, 300, 16, 200, 32, True, torch.float32),   # two row blocks of 128
+    (1, 8, 1, 64, 64, 16, 8, 16, True, torch.bfloat16),      # 8 heads in one program
+])
+def test_last_query_distributions_kernel_matches_reference(b, hq, hkv, nq, nk, d, last, bs,
+                                                           causal, dtype):
+    from prism.optimized.vertical_slash import last_query_distributions_kernel
+    from prism.reference.estimators import last_query_distributions
+
+    q, k = _qk(b, hq, hkv, nq, nk, d, seed=nq + last, dtype=dtype, transposed=nq > 110,
+               scale=2.0)
+    layout = tile_layout(nq, nk, bs, causal)
+    q_before, k_before = q.clone(), k.clone()
+    vertical, slash = last_query_distributions_kernel(q, k, layout, last, causal)
+    ref_vertical, ref_slash = last_query_distributions(q, k, layout, last, causal)
+    assert vertical.shape == ref_vertical.shape and slash.shape == ref_slash.shape
+    torch.testing.assert_close(vertical, ref_vertical, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(slash, ref_slash, rtol=1e-5, atol=1e-7)
+    # Both are distributions per head (each last query's probabilities sum to 1).
+    torch.testing.assert_close(vertical.sum(-1), torch.ones(b, hq, device=q.device))
+    torch.testing.assert_close(slash.sum(-1), torch.ones(b, hq, device=q.device))
+    assert torch.equal(q, q_before) and torch.equal(k, k_before)
+
+
+@given(nq=st.integers(1, 90), prefix=st.integers(0, 70), d=st.sampled_from([8, 16, 24]),
+       last=st.integers(1, 40), heads=st.sampled_from([(1, 1), (2, 1), (4, 2), (3, 3)]),
+       causal=st.booleans(), seed=st.integers(0, 2**16))
+@example(nq=1, prefix=0, d=8, last=1, heads=(1, 1), causal=True, seed=0)
+def test_last_query_distributions_kernel_property(nq, prefix, d, last, heads, causal, seed):
+    from prism.optimized.vertical_slash import last_query_distributions_kernel
+    from prism.reference.estimators import last_query_distributions
+
+    hq, hkv = heads
+    nk = nq + prefix
+    q, k = _qk(1, hq, hkv, nq, nk, d, seed=seed, scale=1.5)
+    layout = tile_layout(nq, nk, 16, causal)
+    vertical, slash = last_query_distributions_kernel(q, k, layout, last, causal)
+    ref_vertical, ref_slash = last_query_distributions(q, k, layout, last, causal)
+    torch.testing.assert_close(vertical, ref_vertical, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(slash, ref_slash, rtol=1e-5, atol=1e-7)
+
+
+def test_vertical_slash_kernel_finds_planted_columns_and_diagonals():
+    """Expected values by construction: head 0 attends to key 5, head 1 to offset 3."""
+    from prism.optimized.vertical_slash import last_query_distributions_kernel
+
+    n, d = 96, 16
+    q = torch.zeros(1, 2, n, d, device=DEVICE)
+    k = torch.zeros(1, 1, n, d, device=DEVICE)
+    q[0, 0, :, 0] = 10.0
+    k[0, 0, 5, 0] = 10.0                      # one hot column for head 0
+    # Head 1: query i matches key i - 3 only (position codes on dims 1..), a slash line.
+    codes = torch.nn.functional.one_hot(torch.arange(n) % 12, 12).float().to(DEVICE) * 10.0
+    q[0, 1, :, 2:14] = codes
+    k[0, 0, :, 2:14] = torch.roll(codes, shifts=-3, dims=0)  # key j: code of j + 3
+    layout = tile_layout(n, n, 32, True)
+    vertical, slash = last_query_distributions_kernel(q, k, layout, 8, True)
+    assert vertical[0, 0].argmax().item() == 5 and vertical[0, 0, 5] > 0.99
+    # Offset o sits at index o + Nk - 1; codes repeat every 12, so the causal keys at
+    # offsets 3, 15, 27, ... score alike and share the mass.
+    lines = slash[0, 1, n - 1 :]
+    assert lines[3::12].sum() > 0.99 and lines[3] >= lines[15] > 0.05
+    assert lines[torch.arange(lines.numel(), device=DEVICE) % 12 != 3].sum() < 0.01
+
+
+def test_vertical_slash_kernel_sees_each_heads_own_rows():
+    """Four query heads of one KV head in one program: each must keep its own column."""
+    from prism.optimized.vertical_slash import last_query_distributions_kernel
+
+    q = torch.zeros(1, 4, 128, 16, device=DEVICE)
+    k = torch.zeros(1, 1, 128, 16, device=DEVICE)
+    for head in range(4):
+        q[0, head, :, head] = 8.0
+        k[0, 0, 20 * head + 7, head] = 8.0
+    vertical, _ = last_query_distributions_kernel(q, k, tile_layout(128, 128, 32, True), 16,
+                                                  True)
+    for head in range(4):
+        assert vertical[0, head].argmax().item() == 20 * head + 7, head
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda f, q, k, lay: f(q, k, lay, 0, True), ValueError, "last_queries"),
+    (lambda f, q, k, lay: f(q, k, lay, 4.0, True), TypeError, "last_queries"),
+    (lambda f, q, k, lay: f(q, torch.cat([k, k], 2), lay, 4, True), ValueError, "layout"),
+    (lambda f, q, k, lay: f(q, k, lay, 4, 1), TypeError, "causal"),
+    (lambda f, q, k, lay: f(q, k.half(), lay, 4, True), (TypeError, ValueError), "dtype"),
+])
+def test_vertical_slash_kernel_bad_arguments(call, error, words):
+    from prism.optimized.vertical_slash import last_query_distributions_kernel
+
+    q, k = _qk(1, 2, 1, 64, 64, 16, seed=0)
+    with pytest.raises(error, match=words):
+        call(last_query_distributions_kernel, q, k, tile_layout(64, 64, 32, True))
+
+
+def test_vertical_slash_tile_mask_matches_reference():
+    from prism.optimized.vertical_slash import vertical_slash_tile_mask
+
+    q, k = _qk(1, 4, 2, 200, 260, 16, seed=21, scale=3.0)
+    layout = tile_layout(200, 260, 32, True)
+    actual = vertical_slash_tile_mask(q, k, layout, 16, 0.5, True)
+    expected = vertical_slash_tiles(q, k, layout, 16, 0.5, True)
+    assert torch.equal(actual, expected)
+    assert expected.any() and not expected[admissible_tiles(layout, True, q.device)
+                                           .expand_as(expected)].all()

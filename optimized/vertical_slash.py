@@ -1,0 +1,349 @@
+"""The vertical-slash stage (docs/estimators.rst, "vertical_slash") as Triton kernels.
+
+:func:`last_query_distributions_kernel` computes what
+:func:`prism.reference.estimators.last_query_distributions` computes: the mean
+attention probability of the last ``L`` queries over every key column
+(vertical) and over every diagonal offset ``q_pos - k_pos`` (slash). The
+reference holds the ``(B, Hq, L, Nk)`` scores and probabilities in memory
+(1 GiB at 128K tokens, 32 heads, ``L = 64``); the kernels never write them.
+:func:`vertical_slash_tile_mask` then hands the two distributions to the
+reference's own second half,
+:func:`prism.reference.estimators.vertical_slash_tiles_from_distributions`
+(top-p of columns and offsets with contract §6's tie rule, columns and
+offsets to tiles), so that stage has one implementation.
+
+Layout. One program holds ``ROWS = HEADS x LB`` query rows: ``LB`` consecutive
+last queries of ``HEADS`` query heads of one GQA group (they read the same KV
+head, so a key block loaded once serves them all).
+
+1. :func:`_stats_kernel` - grid (row blocks, key chunks): the online softmax
+   statistics (running max ``m`` and sum ``l`` of ``2^(s - m)``, base 2, the
+   scale folded in) of every row over one chunk of keys. The host combines
+   the chunks (``ROWS x chunks`` numbers) into each row's ``m`` and
+   ``w = 1 / (l * L)``.
+2. :func:`_distribution_kernel` - grid (row blocks, key blocks of ``BN``):
+   the same scores again, ``p = 2^(s - m) * w``;
+
+   * vertical: ``p`` summed over each head's rows, one store per key;
+   * slash: row ``r`` (absolute position ``P0 + r``) and key ``k0 + j`` lie
+     on offset ``P0 + r - k0 - j``. A ``tl.gather`` along the keys skews the
+     block, ``y[r, c] = p[r, c - (LB - 1) + r]``, so that column ``c`` of
+     every row holds offset ``P0 + LB - 1 - k0 - c``; a sum over each head's
+     rows then gives ``2 * BN`` consecutive offsets (``c < BN + LB - 1``).
+     Its first ``BN`` and its last ``BN`` columns are stored apart: the first
+     halves of successive key blocks tile the offsets without overlap, the
+     second half of block ``kb`` covers the first half of block ``kb + 1``,
+     so the host adds two shifted dense vectors (deterministic, no atomics).
+
+Causal masking is the reference's: key ``k`` counts for row ``r`` iff
+``k <= P0 + r``; keys past ``Nk`` and rows past the ``L`` last queries count
+for nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from prism.reference.estimators import vertical_slash_tiles_from_distributions
+from prism.reference.tiles import TileLayout, tile_layout
+from prism.reference.validation import check_same_dtype_device, check_tensor
+
+from ._runtime import check_device, kernels_interpreted, next_power_of_2
+
+#: Most query rows (heads x last queries) one program holds.
+MAX_ROWS = 128
+#: Keys per program of the statistics pass (a chunk; its blocks are BN keys).
+CHUNK_KEYS = 4096
+_MIN_DOT = 16
+
+
+@triton.jit
+def _tail_rows(Q, K, pid_rows, stride_qb, stride_qh, stride_qn, stride_qd, stride_kb,
+               stride_kh, group, heads_per_row_block, row_blocks, rows, num_queries,
+               query_start, HEADS: tl.constexpr, LB: tl.constexpr, HEAD_DIM: tl.constexpr,
+               D_PAD: tl.constexpr):
+    """The program's query rows: (ROWS, D_PAD) tile, row validity, positions, K head."""
+    b = pid_rows // (heads_per_row_block * row_blocks)
+    rest = pid_rows % (heads_per_row_block * row_blocks)
+    head_block = rest // row_blocks
+    rb = rest % row_blocks
+    i = tl.arange(0, HEADS * LB)
+    h = head_block * HEADS + i // LB
+    local = rb * LB + i % LB  # row among the L last queries
+    row_ok = local < rows
+    q_row = num_queries - rows + local
+    q_pos = query_start + q_row
+    dims = tl.arange(0, D_PAD)
+    q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64)[:, None] * stride_qh
+              + q_row.to(tl.int64)[:, None] * stride_qn + dims[None, :] * stride_qd)
+    q_tile = tl.load(q_ptrs, mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
+    hk = (head_block * HEADS) // group
+    k_head = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    return q_tile, row_ok, q_pos, k_head, rb
+
+
+@triton.jit
+def _block_scores(q_tile, k_head, stride_kn, stride_kd, keys, num_keys,
+                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, IEEE: tl.constexpr,
+                  UPCAST: tl.constexpr):
+    """(ROWS, BN) fp32 dot products of the rows with keys ``keys`` (0 past Nk)."""
+    dims = tl.arange(0, D_PAD)
+    k_cols = tl.load(k_head + keys.to(tl.int64)[None, :] * stride_kn + dims[:, None] * stride_kd,
+                     mask=(keys < num_keys)[None, :] & (dims[:, None] < HEAD_DIM), other=0.0)
+    q_rows = q_tile
+    if UPCAST:
+        q_rows = q_rows.to(tl.float32)
+        k_cols = k_cols.to(tl.float32)
+    if IEEE:
+        return tl.dot(q_rows, k_cols, input_precision="ieee")
+    return tl.dot(q_rows, k_cols)
+
+
+@triton.jit
+def _stats_kernel(
+    Q, K, M_OUT, L_OUT,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    group, heads_per_row_block, row_blocks, rows, num_queries, num_keys, query_start,
+    chunk_keys, num_chunks, qk_scale,
+    CAUSAL: tl.constexpr, HEADS: tl.constexpr, LB: tl.constexpr, BN: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Per row, max ``m`` and sum ``l`` of ``2^(s*qk_scale - m)`` over one key chunk."""
+    pid_rows = tl.program_id(0)
+    chunk = tl.program_id(1)
+    q_tile, row_ok, q_pos, k_head, rb = _tail_rows(
+        Q, K, pid_rows, stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh,
+        group, heads_per_row_block, row_blocks, rows, num_queries, query_start, HEADS, LB,
+        HEAD_DIM, D_PAD)
+    key_end = num_keys
+    if CAUSAL:
+        key_end = tl.minimum(key_end, tl.max(tl.where(row_ok, q_pos, -1), axis=0) + 1)
+    start = chunk * chunk_keys
+    stop = tl.minimum(start + chunk_keys, key_end)
+    m_i = tl.full((HEADS * LB,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((HEADS * LB,), dtype=tl.float32)
+    for key_start in range(start, stop, BN):
+        keys = key_start + tl.arange(0, BN)
+        s = _block_scores(q_tile, k_head, stride_kn, stride_kd, keys, num_keys, HEAD_DIM,
+                          D_PAD, IEEE, UPCAST)
+        allowed = row_ok[:, None] & (keys < stop)[None, :]
+        if CAUSAL:
+            allowed = allowed & (keys[None, :] <= q_pos[:, None])
+        s = tl.where(allowed, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.math.exp2(m_i - m_shift) + tl.sum(tl.math.exp2(s - m_shift[:, None]), 1)
+        m_i = m_new
+    out = (pid_rows * num_chunks + chunk).to(tl.int64) * (HEADS * LB) + tl.arange(0, HEADS * LB)
+    tl.store(M_OUT + out, m_i)
+    tl.store(L_OUT + out, l_i)
+
+
+@triton.jit
+def _distribution_kernel(
+    Q, K, M_IN, W_IN, VERT, SLASH,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    group, heads_per_row_block, row_blocks, rows, num_queries, num_keys, query_start,
+    num_key_blocks, qk_scale,
+    CAUSAL: tl.constexpr, HEADS: tl.constexpr, LB: tl.constexpr, BN: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One key block: per head, column sums (vertical) and skewed diagonal sums (slash).
+
+    ``VERT`` is (row programs, HEADS, num_key_blocks * BN); ``SLASH`` is
+    (row programs, HEADS, num_key_blocks, 2, BN): the two halves of each block's
+    window of ``2 * BN`` offsets.
+    """
+    ROWS: tl.constexpr = HEADS * LB
+    pid_rows = tl.program_id(0)
+    kb = tl.program_id(1)
+    q_tile, row_ok, q_pos, k_head, rb = _tail_rows(
+        Q, K, pid_rows, stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh,
+        group, heads_per_row_block, row_blocks, rows, num_queries, query_start, HEADS, LB,
+        HEAD_DIM, D_PAD)
+    i = tl.arange(0, ROWS)
+    m = tl.load(M_IN + pid_rows.to(tl.int64) * ROWS + i)
+    w = tl.load(W_IN + pid_rows.to(tl.int64) * ROWS + i)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    heads = tl.arange(0, HEADS)
+    cols = tl.arange(0, BN)
+    keys = kb * BN + cols
+    p = tl.zeros((ROWS, BN), dtype=tl.float32)
+    # A causal block entirely after every row's position holds nothing (p stays 0).
+    block_live = True
+    if CAUSAL:
+        block_live = kb * BN <= tl.max(tl.where(row_ok, q_pos, -1), axis=0)
+    if block_live:
+        s = _block_scores(q_tile, k_head, stride_kn, stride_kd, keys, num_keys, HEAD_DIM,
+                          D_PAD, IEEE, UPCAST)
+        allowed = row_ok[:, None] & (keys < num_keys)[None, :]
+        if CAUSAL:
+            allowed = allowed & (keys[None, :] <= q_pos[:, None])
+        p = tl.where(allowed, tl.math.exp2(s * qk_scale - m[:, None]) * w[:, None], 0.0)
+    vert = tl.sum(tl.reshape(p, (HEADS, LB, BN)), axis=1)
+    prog = pid_rows.to(tl.int64) * HEADS + heads
+    tl.store(VERT + prog[:, None] * (num_key_blocks * BN) + keys[None, :], vert)
+    # Skew: y[r, c] = p[r, c - (LB - 1) + r % LB]; column c is one offset for all rows.
+    wide = tl.arange(0, 2 * BN)
+    source = wide[None, :] - (LB - 1) + (i % LB)[:, None]
+    inside = (source >= 0) & (source < BN)
+    y = tl.gather(p, tl.where(inside, source, 0), 1)
+    y = tl.where(inside, y, 0.0)
+    window = tl.reshape(tl.sum(tl.reshape(y, (HEADS, LB, 2 * BN)), axis=1), (HEADS, 2, BN))
+    halves = tl.arange(0, 2)
+    base = (prog[:, None, None] * num_key_blocks + kb) * (2 * BN)
+    tl.store(SLASH + base + halves[None, :, None] * BN + cols[None, None, :], window)
+
+
+def _validate(q, k, layout, last_queries, causal) -> None:
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be True or False, got {causal!r}")
+    check_tensor("q", q)
+    check_tensor("k", k, layout="(B, Hkv, Nk, D)")
+    check_same_dtype_device(q=q, k=k)
+    b, hq, nq, d = q.shape
+    bk, hkv, nk, dk = k.shape
+    if b != bk:
+        raise ValueError(f"q and k must have the same batch size, got {b} and {bk}")
+    if d != dk or d == 0:
+        raise ValueError(f"q and k must have the same positive head_dim, got {d} and {dk}")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"the number of query heads must be a multiple of the number of KV "
+                         f"heads (GQA), got q heads {hq} and k heads {hkv}")
+    if causal and nq > nk:
+        raise ValueError(f"causal scoring needs Nq <= Nk, got q tokens {nq} > k tokens {nk}")
+    if isinstance(last_queries, bool) or not isinstance(last_queries, int):
+        raise TypeError(f"last_queries must be an int, got {type(last_queries).__name__}")
+    if last_queries < 1:
+        raise ValueError(f"last_queries must be >= 1, got {last_queries}")
+    if not isinstance(layout, TileLayout):
+        raise TypeError("layout must be a prism.reference.TileLayout from tile_layout(...), "
+                        f"got {type(layout).__name__}")
+    if layout != tile_layout(nq, nk, layout.block_size, causal):
+        raise ValueError(f"layout does not describe these inputs: got {layout}, but q has {nq} "
+                         f"tokens, k has {nk} and causal={causal}")
+
+
+def _plan(rows: int, group: int):
+    """(HEADS, LB, BN, row blocks): rows per head in a program and heads per program."""
+    lb = max(_MIN_DOT, min(MAX_ROWS, next_power_of_2(rows)))
+    heads = 1
+    while group % (heads * 2) == 0 and heads * 2 * lb <= MAX_ROWS:
+        heads *= 2
+    bn = max(64, lb)  # BN >= LB: a block's offset window fits 2 * BN columns
+    return heads, lb, bn, -(-rows // lb)
+
+
+def last_query_distributions_kernel(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
+                                    last_queries: int, causal: bool = True):
+    """Vertical and slash distributions of the last queries, by Triton kernels.
+
+    Same result as :func:`prism.reference.estimators.last_query_distributions`
+    up to fp32 summation order; never writes the ``(B, Hq, L, Nk)`` scores.
+
+    Parameters
+    ----------
+    q : Tensor (B, Hq, Nq, D)
+        fp32, fp16 or bf16, any strides, on CUDA (or the CPU under Triton's
+        interpreter).
+    k : Tensor (B, Hkv, Nk, D)
+    layout : TileLayout
+    last_queries : int
+    causal : bool
+
+    Returns
+    -------
+    vertical : Tensor (B, Hq, Nk), float32
+    slash : Tensor (B, Hq, P + Nk), float32
+        Entry ``o + Nk - 1`` holds offset ``o``; ``P`` the last query's position.
+    """
+    _validate(q, k, layout, last_queries, causal)
+    check_device(_distribution_kernel, q=q, k=k)
+    b, hq, nq_tokens, d = q.shape
+    hkv, nk_tokens = k.shape[1], k.shape[2]
+    group = hq // hkv
+    device = q.device
+    n_offsets = layout.query_start + nq_tokens + nk_tokens - 1
+    vertical = torch.zeros(b, hq, nk_tokens, dtype=torch.float32, device=device)
+    slash = torch.zeros(b, hq, max(n_offsets, 0), dtype=torch.float32, device=device)
+    rows = min(last_queries, nq_tokens)
+    if rows == 0 or nk_tokens == 0 or b == 0:
+        return vertical, slash
+    heads, lb, bn, row_blocks = _plan(rows, group)
+    row_programs = b * (hq // heads) * row_blocks
+    d_pad = max(_MIN_DOT, next_power_of_2(d))
+    upcast = q.dtype == torch.bfloat16 and kernels_interpreted(_distribution_kernel)
+    ieee = q.dtype == torch.float32 or upcast
+    qk_scale = math.log2(math.e) / math.sqrt(d)
+    common = dict(CAUSAL=causal, HEADS=heads, LB=lb, BN=bn, HEAD_DIM=d, D_PAD=d_pad, IEEE=ieee,
+                  UPCAST=upcast, num_warps=8 if heads * lb * d_pad >= 128 * 128 else 4)
+    chunk = max(bn, CHUNK_KEYS // bn * bn)
+    chunks = -(-nk_tokens // chunk)
+    m_part = torch.empty(row_programs, chunks, heads * lb, dtype=torch.float32, device=device)
+    l_part = torch.empty_like(m_part)
+    args = (*q.stride(), *k.stride(), group, hq // heads, row_blocks, rows, nq_tokens,
+            nk_tokens, layout.query_start)
+    _stats_kernel[(row_programs, chunks)](q, k, m_part, l_part, *args, chunk, chunks, qk_scale,
+                                          **common)
+    # Combine the chunks: m = max, l = sum of l * 2^(m_chunk - m); w = 1 / (l * L).
+    m = m_part.amax(dim=1)
+    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    l_tot = (l_part * torch.exp2(m_part - m_safe[:, None])).sum(dim=1)
+    w = torch.where(l_tot > 0, 1.0 / (l_tot.clamp_min(1e-30) * rows), torch.zeros_like(l_tot))
+    key_blocks = -(-nk_tokens // bn)
+    vert = torch.empty(row_programs, heads, key_blocks * bn, dtype=torch.float32, device=device)
+    parts = torch.empty(row_programs, heads, key_blocks, 2, bn, dtype=torch.float32,
+                        device=device)
+    _distribution_kernel[(row_programs, key_blocks)](
+        q, k, m.contiguous(), w.contiguous(), vert, parts, *args, key_blocks, qk_scale,
+        **common)
+    # (b, head block, row block) programs -> (b, hq, row block).
+    vert = vert.view(b, hq // heads, row_blocks, heads, -1).transpose(2, 3)
+    vertical.copy_(vert.reshape(b, hq, row_blocks, -1)[..., :nk_tokens].sum(dim=2))
+    parts = parts.view(b, hq // heads, row_blocks, heads, key_blocks, 2, bn).transpose(2, 3)
+    parts = parts.reshape(b, hq, row_blocks, key_blocks, 2, bn)
+    dense = torch.zeros(b, hq, row_blocks, (key_blocks + 1) * bn, dtype=torch.float32,
+                        device=device)
+    dense[..., : key_blocks * bn] += parts[..., 0, :].reshape(b, hq, row_blocks, -1)
+    dense[..., bn:] += parts[..., 1, :].reshape(b, hq, row_blocks, -1)
+    # Dense entry t of row block rb is offset base(rb) - t, slash index base(rb) + Nk - 1 - t.
+    first = layout.query_start + nq_tokens - rows
+    for rb in range(row_blocks):
+        top = first + rb * lb + lb - 1 + nk_tokens - 1  # slash index of t = 0
+        length = dense.shape[-1]
+        lo = top - length + 1  # slash index of t = length - 1
+        src = dense[:, :, rb].flip(-1)  # index lo + s
+        a, z = max(lo, 0), min(top + 1, n_offsets)
+        if z > a:
+            slash[..., a:z] += src[..., a - lo : z - lo]
+    return vertical, slash
+
+
+def vertical_slash_tile_mask(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
+                             last_queries: int, threshold: float,
+                             causal: bool = True) -> torch.Tensor:
+    """The vertical-slash tiles, with the distributions computed by Triton kernels.
+
+    Same signature and result as
+    :func:`prism.reference.estimators.vertical_slash_tiles` (up to top-p
+    boundary ties): :func:`last_query_distributions_kernel`, then the
+    reference's :func:`~prism.reference.estimators.vertical_slash_tiles_from_distributions`.
+
+    Returns
+    -------
+    Tensor (B, Hq, nq, nk), bool
+    """
+    nq, nk = layout.num_query_tiles, layout.num_key_tiles
+    if nq == 0 or nk == 0:
+        return torch.zeros(q.shape[0], q.shape[1], nq, nk, dtype=torch.bool, device=q.device)
+    vertical, slash = last_query_distributions_kernel(q, k, layout, last_queries, causal)
+    return vertical_slash_tiles_from_distributions(vertical, slash, layout, threshold, causal)
+
+
+__all__ = ["last_query_distributions_kernel", "vertical_slash_tile_mask"]
