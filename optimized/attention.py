@@ -173,18 +173,25 @@ def _scratch_allocator():
 
 
 @triton.jit
-def _load_kv(k_head, v_head, K_DESC, V_DESC, b, hk, key_start, stride_kn, stride_kd,
+def _load_kv(k_head, v_head, K_DESC, V_DESC, b, hk, key_base, key_start, stride_kn, stride_kd,
              stride_vn, stride_vd, num_keys, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr,
-             DV_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+             DV_PAD: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr):
     """K^T (D_PAD, BLOCK_N) and V (BLOCK_N, DV_PAD) of keys [key_start, key_start + BLOCK_N).
 
     Keys at or past ``num_keys`` load as zeros (the caller masks their scores).
+    ``key_base`` is the first key row of the sequence in a packed (varlen)
+    descriptor (0 for a dense batch).
     """
     if USE_TMA:
         # Bulk tensor copies; the descriptor zero-fills rows past the head's Nk.
-        k = K_DESC.load([b, hk, key_start, 0]).reshape(BLOCK_N, D_PAD).T
-        v = V_DESC.load([b, hk, key_start, 0]).reshape(BLOCK_N, DV_PAD)
+        k = K_DESC.load([b, hk, key_base + key_start, 0]).reshape(BLOCK_N, D_PAD).T
+        v = V_DESC.load([b, hk, key_base + key_start, 0]).reshape(BLOCK_N, DV_PAD)
+        if VARLEN and MASKED:
+            # A packed descriptor runs on into the next sequence's rows: their scores
+            # are masked, and their values are zeroed so that p = 0 meets no Inf.
+            key_ok = key_start + tl.arange(0, BLOCK_N) < num_keys
+            v = tl.where(key_ok[:, None], v, 0.0)
     else:
         keys = key_start + tl.arange(0, BLOCK_N)
         dims = tl.arange(0, D_PAD)
@@ -241,7 +248,7 @@ def _attend_block(acc, l_i, m_i, q, k, v, key_start, positions, num_keys, qk_sca
 
 @triton.jit
 def _sparse_attention_kernel(
-    Q, K, V, O, LSE, NUM, IDX, K_DESC, V_DESC,
+    Q, K, V, O, LSE, NUM, IDX, K_DESC, V_DESC, SEQS, TILES,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -253,6 +260,7 @@ def _sparse_attention_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr,
     DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
     USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, KV_MAJOR: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """Attention of ``BLOCK_M`` queries over their selected key tiles.
 
@@ -260,6 +268,14 @@ def _sparse_attention_kernel(
     and the masked softmax and ``probs @ v`` of ``block_sparse_attention``,
     visiting only the listed tiles. Programs run the query tiles with the most
     keys first (highest tile index first); see ``AttentionConfig.kv_major``.
+
+    ``VARLEN`` (packed batches, :func:`packed_attention_forward`): Q, K, V, O
+    are packed (tokens, H, D) tensors passed as one batch entry (``stride_*b``
+    unused), and the launch's ``num_query_tiles`` rows are those of a tile
+    table (``TILES``: sequence, row of that sequence; ascending work). Each
+    sequence's row offsets, lengths, tile layout and compact-index bases come
+    from ``SEQS`` (:data:`SEQ_FIELDS` int32 per sequence), so one launch
+    covers every query tile of every sequence, each on its own tile grid.
     """
     # Program -> (batch*head, query tile, sub-block), heaviest (last) tiles first.
     subs_m = tl.cdiv(block_size, BLOCK_M)
@@ -286,6 +302,25 @@ def _sparse_attention_kernel(
         hk = h // group
     tile_row = tile_sub // subs_m
     sub = tile_sub % subs_m
+    if VARLEN:
+        # The table row names the sequence and its own query-tile row; the
+        # sequence's entry replaces the launch-wide layout arguments.
+        seq_row = SEQS + tl.load(TILES + 2 * tile_row) * 11
+        tile_row = tl.load(TILES + 2 * tile_row + 1)
+        q_row0 = tl.load(seq_row + 0).to(tl.int64)
+        k_row0 = tl.load(seq_row + 1)
+        lse_stride_h = num_queries  # the host passes total_q here
+        num_queries = tl.load(seq_row + 2)
+        num_keys = tl.load(seq_row + 3)
+        query_start = tl.load(seq_row + 4)
+        first_query_tile = tl.load(seq_row + 5)
+        num_base = NUM + tl.load(seq_row + 6) + h * tl.load(seq_row + 7)
+        idx_row = (IDX + tl.load(seq_row + 8).to(tl.int64)
+                   + h.to(tl.int64) * tl.load(seq_row + 9)
+                   + tile_row.to(tl.int64) * tl.load(seq_row + 10))
+        key_base = k_row0
+    else:
+        key_base = 0
     t_abs = first_query_tile + tile_row
 
     # Absolute positions of this program's queries, and which of them exist.
@@ -294,17 +329,32 @@ def _sparse_attention_kernel(
     rows = positions - query_start
     dims = tl.arange(0, D_PAD)
     dims_v = tl.arange(0, DV_PAD)
-    q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-              + rows.to(tl.int64)[:, None] * stride_qn + dims[None, :] * stride_qd)
+    q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    o_head = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     k_head = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_head = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    if VARLEN:
+        q_head += q_row0 * stride_qn
+        o_head += q_row0 * stride_on
+        k_head += k_row0.to(tl.int64) * stride_kn
+        v_head += k_row0.to(tl.int64) * stride_vn
+    q_ptrs = q_head + rows.to(tl.int64)[:, None] * stride_qn + dims[None, :] * stride_qd
 
     # The row of the tile list: count, then ascending key-tile indices.
-    idx_row = IDX + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih + tile_row * stride_ir
-    num_tiles = tl.load(NUM + b.to(tl.int64) * stride_nb + h.to(tl.int64) * stride_nh + tile_row)
+    if VARLEN:
+        num_tiles = tl.load(num_base + tile_row)
+    else:
+        idx_row = (IDX + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih
+                   + tile_row * stride_ir)
+        num_tiles = tl.load(NUM + b.to(tl.int64) * stride_nb + h.to(tl.int64) * stride_nh
+                            + tile_row)
     # Programs whose queries all lie outside [query_start, query_start + Nq) read nothing.
     num_tiles = tl.where(tl.max(row_ok.to(tl.int32), axis=0) > 0, num_tiles, 0)
-    last_tile = tl.load(idx_row + tl.maximum(num_tiles - 1, 0))
+    if VARLEN:
+        # A sequence without keys has rows of width 0: read nothing there.
+        last_tile = tl.load(idx_row + tl.maximum(num_tiles - 1, 0), mask=num_tiles > 0, other=0)
+    else:
+        last_tile = tl.load(idx_row + tl.maximum(num_tiles - 1, 0))
     last_masked = (last_tile + 1) * block_size > num_keys
     if CAUSAL:
         last_masked = last_masked | (last_tile >= t_abs)
@@ -329,12 +379,15 @@ def _sparse_attention_kernel(
         # descriptors built here, so Q comes by descriptor (the host guarantees
         # query_start % BLOCK_M == 0, so the block's rows start at a row >= 0) and
         # every block runs the masked step; the mask is a no-op on full tiles.
-        q_desc = tl.make_tensor_descriptor(
-            Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh,
-            shape=[num_queries, HEAD_DIM], strides=[stride_qn, 1], block_shape=[BLOCK_M, D_PAD])
-        k_desc = tl.make_tensor_descriptor(k_head, shape=[num_keys, HEAD_DIM],
+        if VARLEN:
+            desc_keys = tl.maximum(num_keys, 1)  # a sequence without keys loads nothing
+        else:
+            desc_keys = num_keys
+        q_desc = tl.make_tensor_descriptor(q_head, shape=[num_queries, HEAD_DIM],
+                                           strides=[stride_qn, 1], block_shape=[BLOCK_M, D_PAD])
+        k_desc = tl.make_tensor_descriptor(k_head, shape=[desc_keys, HEAD_DIM],
                                            strides=[stride_kn, 1], block_shape=[BLOCK_N, D_PAD])
-        v_desc = tl.make_tensor_descriptor(v_head, shape=[num_keys, HEAD_DIM_V],
+        v_desc = tl.make_tensor_descriptor(v_head, shape=[desc_keys, HEAD_DIM_V],
                                            strides=[stride_vn, 1], block_shape=[BLOCK_N, DV_PAD])
         # Blocks wholly before query_start have no steps; clamp their (unused) row.
         q = q_desc.load([tl.maximum(t_abs * block_size + sub * BLOCK_M - query_start, 0), 0])
@@ -353,33 +406,54 @@ def _sparse_attention_kernel(
         for step in tl.range(0, (num_tiles - num_masked) * subs_n):
             tile = tl.load(idx_row + step // subs_n)
             key_start = tile * block_size + (step % subs_n) * BLOCK_N
-            k, v = _load_kv(k_head, v_head, K_DESC, V_DESC, b, hk, key_start, stride_kn,
-                            stride_kd, stride_vn, stride_vd, num_keys, False, USE_TMA, HEAD_DIM,
-                            HEAD_DIM_V, D_PAD, DV_PAD, BLOCK_N)
+            k, v = _load_kv(k_head, v_head, K_DESC, V_DESC, b, hk, key_base, key_start,
+                            stride_kn, stride_kd, stride_vn, stride_vd, num_keys, False, USE_TMA,
+                            HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, BLOCK_N, VARLEN)
             acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, key_start, positions,
                                           num_keys, qk_scale, False, CAUSAL, BLOCK_N, IEEE)
         # The last tile with a token mask, only over key blocks some query can see.
         if num_masked > 0:
             for key_start in range(tile_start, key_end, BLOCK_N):
-                k, v = _load_kv(k_head, v_head, K_DESC, V_DESC, b, hk, key_start, stride_kn,
-                                stride_kd, stride_vn, stride_vd, num_keys, True, USE_TMA,
-                                HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, BLOCK_N)
+                k, v = _load_kv(k_head, v_head, K_DESC, V_DESC, b, hk, key_base, key_start,
+                                stride_kn, stride_kd, stride_vn, stride_vd, num_keys, True,
+                                USE_TMA, HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, BLOCK_N, VARLEN)
                 acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, key_start, positions,
                                               num_keys, qk_scale, True, CAUSAL, BLOCK_N, IEEE)
 
     # o = acc / l (0 where no key was read); lse in natural log.
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    o_ptrs = (O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-              + rows.to(tl.int64)[:, None] * stride_on + dims_v[None, :] * stride_od)
+    o_ptrs = o_head + rows.to(tl.int64)[:, None] * stride_on + dims_v[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (dims_v[None, :] < HEAD_DIM_V))
     if WRITE_LSE:
         # ln(sum_n e^{scale s_n}) = (m + log2 l) / log2(e), m being in base-2 units.
         log2_sum = m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))
         lse = tl.where(has_keys, log2_sum * 0.6931471805599453, float("-inf"))
-        lse_ptrs = LSE + bh.to(tl.int64) * num_queries + rows
+        if VARLEN:
+            # (Hq, total_q): flash-attn's varlen layout.
+            lse_ptrs = LSE + h.to(tl.int64) * lse_stride_h + q_row0 + rows
+        else:
+            lse_ptrs = LSE + bh.to(tl.int64) * num_queries + rows
         tl.store(lse_ptrs, lse, mask=row_ok)
+
+
+def _launch_config(config, q, k, v, d_pad: int, dv_pad: int, query_start: int,
+                   block_size: int, interpreted: bool) -> AttentionConfig:
+    """The launch shape: ``config``, or the measured default (falling back where warp
+    specialisation does not apply). q, k, v are (B, H, N, D) tensors or views."""
+    d = q.shape[3]
+    if config is None:
+        config = default_config(block_size, d, q.dtype, interpreted)
+        if config.warp_specialize and not warp_specialize_compatible(
+                q, k, v, d_pad, dv_pad, query_start, config.block_m):
+            config = fallback_config(block_size, d)
+    elif config.warp_specialize and not warp_specialize_compatible(
+            q, k, v, d_pad, dv_pad, query_start, config.block_m):
+        raise ValueError("AttentionConfig(warp_specialize=True) needs a compute capability 9.x "
+                         "GPU, fp16/bf16 inputs with 16-byte aligned strides, power-of-two head "
+                         "dims and query_start divisible by block_m; use warp_specialize=False")
+    return config
 
 
 def sparse_attention_forward(q, k, v, kv_num_blocks, kv_indices, *, block_size: int,
@@ -425,16 +499,8 @@ def sparse_attention_forward(q, k, v, kv_num_blocks, kv_indices, *, block_size: 
     if return_lse and lse is None:
         lse = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device)
     d_pad, dv_pad = max(16, next_power_of_2(d)), max(16, next_power_of_2(dv))
-    if config is None:
-        config = default_config(block_size, d, q.dtype, interpreted)
-        if config.warp_specialize and not warp_specialize_compatible(
-                q, k, v, d_pad, dv_pad, query_start, config.block_m):
-            config = fallback_config(block_size, d)
-    elif config.warp_specialize and not warp_specialize_compatible(
-            q, k, v, d_pad, dv_pad, query_start, config.block_m):
-        raise ValueError("AttentionConfig(warp_specialize=True) needs a compute capability 9.x "
-                         "GPU, fp16/bf16 inputs with 16-byte aligned strides, power-of-two head "
-                         "dims and query_start divisible by block_m; use warp_specialize=False")
+    config = _launch_config(config, q, k, v, d_pad, dv_pad, query_start, block_size,
+                            interpreted)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     nb_strides = [0 if kv_num_blocks.shape[i] == 1 else kv_num_blocks.stride(i) for i in (0, 1)]
     idx_strides = [0 if kv_indices.shape[i] == 1 else kv_indices.stride(i) for i in (0, 1)]
@@ -448,6 +514,7 @@ def sparse_attention_forward(q, k, v, kv_num_blocks, kv_indices, *, block_size: 
     with scratch:
         _sparse_attention_kernel[grid](
             q, k, v, out, lse if return_lse else out, kv_num_blocks, kv_indices, k_desc, v_desc,
+            None, None,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             *nb_strides, *idx_strides, kv_indices.stride(2),
             b * hq, hq, hq // hkv, nq, nk, query_start, first_query_tile, nqt, block_size,
@@ -456,7 +523,7 @@ def sparse_attention_forward(q, k, v, kv_num_blocks, kv_indices, *, block_size: 
             HEAD_DIM=d, HEAD_DIM_V=dv, D_PAD=d_pad, DV_PAD=dv_pad,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, IEEE=q.dtype == torch.float32,
             USE_TMA=use_tma, WARP_SPECIALIZE=config.warp_specialize, KV_MAJOR=config.kv_major,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            VARLEN=False, num_warps=config.num_warps, num_stages=config.num_stages,
         )
     return out, (lse if return_lse else None)
 

@@ -283,7 +283,15 @@ def _stackable(masks) -> bool:
 
 def run_attention(impl, q, k, v, ranges, block_masks, *, block_size: int, causal: bool, scale,
                   return_lse: bool):
-    """``impl.block_sparse_attention`` on views of each run of equal-shape sequences, packed."""
+    """``impl.block_sparse_attention`` on views of each run of equal-shape sequences, packed.
+
+    An ``impl`` with a ``run_attention_packed`` hook (:mod:`prism.optimized`'s
+    single launch over the whole batch) runs that instead, with these arguments.
+    """
+    packed = getattr(impl, "run_attention_packed", None)
+    if packed is not None:
+        return packed(q, k, v, ranges, block_masks, block_size=block_size, causal=causal,
+                      scale=scale, return_lse=return_lse)
     out, lse = _packed_outputs(q, v, return_lse)
     runs = []
     for first, count in runs_of_equal_shape(ranges):
@@ -311,7 +319,15 @@ def run_attention(impl, q, k, v, ranges, block_masks, *, block_size: int, causal
 
 def run_prism(impl, q, k, v, ranges, cfg: PrismConfig, *, causal: bool, scale,
               return_lse: bool, return_mask: bool):
-    """``impl.prism_attention`` on views of each run of equal-shape sequences, packed."""
+    """``impl.prism_attention`` on views of each run of equal-shape sequences, packed.
+
+    An ``impl`` with a ``run_prism_packed`` hook (:mod:`prism.optimized`: selection
+    per run, one attention launch) runs that instead, with these arguments.
+    """
+    packed = getattr(impl, "run_prism_packed", None)
+    if packed is not None:
+        return packed(q, k, v, ranges, cfg, causal=causal, scale=scale, return_lse=return_lse,
+                      return_mask=return_mask)
     out, lse = _packed_outputs(q, v, return_lse)
     masks = []
     for first, count in runs_of_equal_shape(ranges):
