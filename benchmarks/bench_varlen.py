@@ -17,7 +17,11 @@ Measured:
   threshold whose tile density is <= 0.15 and at threshold 1.0 (density 1.0);
 * the packing overhead: the varlen call against the same per-sequence calls
   on contiguous (1, H, N_i, D) tensors, and a packed batch of 8 x 16K against
-  ``prism_attention`` on the (8, H, 16K, D) batch holding the same tokens;
+  ``prism_attention`` on the (8, H, 16K, D) batch holding the same tokens,
+  with the stages apart (selection on the contiguous batch and on the packed
+  rows; the one packed attention launch against the batched kernel on the
+  contiguous batch and on a strided (8, H, 16K, D) view of the packed rows,
+  all on the same compact indices);
 * the paged path: the same batch in a cache of 64-token pages.
 
 Usage (on the GPU machine, from the repository root)::
@@ -38,7 +42,10 @@ import triton
 from triton.testing import do_bench
 
 from prism import optimized
+from prism.optimized import varlen as packed_launch
+from prism.optimized.attention import sparse_attention_forward
 from prism.reference import PrismConfig, admissible_tiles, apply_rope, tile_layout
+from prism.reference.varlen import as_batch
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 128
 DTYPE = torch.bfloat16
@@ -230,27 +237,60 @@ def prism_entry(q, k, v, cu, max_len, lengths, cfg, masks, qs, ks, vs):
             optimized.prism_attention(qi, ki, vi, cfg)
 
     entry["per_sequence_contiguous_ms"] = bench(per_sequence)
+    # Attention alone on the selected masks (TileMasks hand over their indices).
+    entry["attention_varlen_ms"] = bench(lambda: optimized.block_sparse_attention_varlen(
+        q, k, v, cu, cu, max_len, max_len, masks, block_size=BLOCK))
     entry["packing_overhead"] = entry["varlen_ms"] / entry["per_sequence_contiguous_ms"] - 1
     return entry
 
 
 def equal_length_overhead(cfg_sparse, n=16384, batch=8):
-    """Packed varlen of 8 x 16K against prism_attention on the (8, H, 16K, D) batch."""
+    """Packed varlen of 8 x 16K against prism_attention on the (8, H, 16K, D) batch,
+    end to end and stage by stage on the same compact indices."""
     parts = [structured(n, 100 + i) for i in range(batch)]
     qb, kb, vb = (torch.stack([p[j].transpose(0, 1) for p in parts]) for j in range(3))
     q, k, v = (torch.cat([p[j] for p in parts]) for j in range(3))
+    del parts
     cu = torch.arange(0, (batch + 1) * n, n, dtype=torch.int32)
+    ranges = [(i * n, (i + 1) * n, i * n, (i + 1) * n) for i in range(batch)]
+    strided = [as_batch(t, 0, batch, n) for t in (q, k, v)]
     out = {}
     for name, cfg in (("sparse", cfg_sparse),
                       ("dense", PrismConfig(block_size=BLOCK, high_threshold=1.0,
                                             low_threshold=1.0))):
-        batched = bench(lambda cfg=cfg: optimized.prism_attention(qb, kb, vb, cfg))
-        packed = bench(lambda cfg=cfg: optimized.prism_attention_varlen(q, k, v, cu, cu, n, n,
-                                                                        cfg))
-        out[name] = {"threshold": cfg.high_threshold, "batched_ms": batched,
-                     "varlen_ms": packed, "overhead": packed / batched - 1}
-        log(f"  8 x 16K {name}: batched {batched:.3f} ms, varlen {packed:.3f} ms "
-            f"({100 * (packed / batched - 1):+.1f}%)")
+        entry = {"threshold": cfg.high_threshold}
+        entry["batched_ms"] = bench(lambda cfg=cfg: optimized.prism_attention(qb, kb, vb, cfg))
+        entry["varlen_ms"] = bench(lambda cfg=cfg: optimized.prism_attention_varlen(
+            q, k, v, cu, cu, n, n, cfg))
+        entry["overhead"] = entry["varlen_ms"] / entry["batched_ms"] - 1
+        entry["select_batched_ms"] = bench(lambda cfg=cfg: optimized.select_blocks(qb, kb, cfg))
+        entry["select_packed_rows_ms"] = bench(
+            lambda cfg=cfg: optimized.select_blocks(strided[0], strided[1], cfg))
+        mask = optimized.select_blocks(qb, kb, cfg)
+        num, idx = mask.carried_indices(block_size=BLOCK, causal=True, num_queries=n,
+                                        num_keys=n)
+
+        def kernel(q4, k4, v4, num=num, idx=idx):
+            return sparse_attention_forward(q4, k4, v4, num, idx, block_size=BLOCK, causal=True,
+                                            scale=None, return_lse=False, first_query_tile=0,
+                                            query_start=0, interpreted=False)
+
+        flat_num, flat_idx, placements = packed_launch._flatten_indices([(batch, num, idx)])
+        layout = packed_launch.packed_layout(ranges, placements, BLOCK, True, q.device)
+
+        def packed(flat_num=flat_num, flat_idx=flat_idx, layout=layout):
+            return packed_launch.packed_attention_forward(
+                q, k, v, layout, flat_num, flat_idx, block_size=BLOCK, causal=True,
+                scale=None, return_lse=False)
+
+        same = (packed()[0] - kernel(qb, kb, vb)[0].permute(0, 2, 1, 3).flatten(0, 1))
+        entry["packed_vs_batched_max_abs_diff"] = float(same.abs().max())
+        entry["kernel_batched_ms"] = bench(lambda: kernel(qb, kb, vb))
+        entry["kernel_strided_view_ms"] = bench(lambda: kernel(*strided))
+        entry["kernel_packed_ms"] = bench(packed)
+        entry["kernel_overhead"] = entry["kernel_packed_ms"] / entry["kernel_batched_ms"] - 1
+        out[name] = entry
+        log(f"  8 x 16K {name}: {json.dumps(entry)}")
     return out
 
 
@@ -276,6 +316,17 @@ def paged_time(q, k, v, cu, max_len, lengths, cfg, page=64):
     ms = bench(lambda: optimized.prism_attention_paged(q, k_cache, v_cache, table, seq_lens,
                                                        cu, max_len, cfg))
     return {"page_size": page, "paged_ms": ms, "equals_varlen": same}
+
+
+def guarded(result, key, part):
+    """Run one optional part; record its error instead of losing the other parts."""
+    try:
+        result[key] = part()
+    except Exception as error:  # a failing part must not cost the rest of the run
+        import traceback
+
+        traceback.print_exc()
+        result[key] = {"error": f"{type(error).__name__}: {str(error)[:500]}"}
 
 
 def main(argv=None):
@@ -314,25 +365,26 @@ def main(argv=None):
 
     log("prism, sparse")
     cfg, masks = sparse_config(q, k, cu, max_len, lengths)
-    result["prism_sparse"] = prism_entry(q, k, v, cu, max_len, lengths, cfg, masks, qs, ks, vs)
+    guarded(result, "prism_sparse",
+            lambda: prism_entry(q, k, v, cu, max_len, lengths, cfg, masks, qs, ks, vs))
     log(f"  {result['prism_sparse']}")
     write()
     log("prism, threshold 1.0")
     dense_cfg = PrismConfig(block_size=BLOCK, high_threshold=1.0, low_threshold=1.0)
     dense_masks = optimized.select_blocks_varlen(q, k, cu, cu, max_len, max_len, dense_cfg)
-    result["prism_dense"] = prism_entry(q, k, v, cu, max_len, lengths, dense_cfg, dense_masks,
-                                        qs, ks, vs)
+    guarded(result, "prism_dense", lambda: prism_entry(q, k, v, cu, max_len, lengths,
+                                                       dense_cfg, dense_masks, qs, ks, vs))
     log(f"  {result['prism_dense']}")
-    del qs, ks, vs
+    qs = ks = vs = None  # free the contiguous copies
     write()
 
     if time.time() - started < args.budget_s:
         log("equal lengths, one dense batch")
-        result["equal_length_8x16k"] = equal_length_overhead(cfg)
+        guarded(result, "equal_length_8x16k", lambda: equal_length_overhead(cfg))
         write()
     if time.time() - started < args.budget_s:
         log("paged")
-        result["paged_sparse"] = paged_time(q, k, v, cu, max_len, lengths, cfg)
+        guarded(result, "paged_sparse", lambda: paged_time(q, k, v, cu, max_len, lengths, cfg))
         log(f"  {result['paged_sparse']}")
         write()
     if not args.no_flex and time.time() - started < args.budget_s:
@@ -344,7 +396,7 @@ def main(argv=None):
     dense = [t for t in (result["sdpa_loop_ms"].get("cudnn"), result["sdpa_loop_ms"].get("flash"),
                          result.get("varlen_attn_ms")) if t]
     best = min(dense) if dense else None
-    if best:
+    if best and "varlen_ms" in result["prism_sparse"] and "varlen_ms" in result["prism_dense"]:
         result["ratios"] = {
             "best_dense_ms": best,
             "speedup_sparse_vs_best_dense": best / result["prism_sparse"]["varlen_ms"],
