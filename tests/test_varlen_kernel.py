@@ -20,10 +20,10 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from test_varlen import make_batch  # noqa: E402
 
 from helpers import TOLERANCE, relative_error  # noqa: E402
 from prism import reference  # noqa: E402
-from test_varlen import make_batch  # noqa: E402
 
 
 def _kernels():
