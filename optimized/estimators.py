@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from prism.reference.bands import band_sizes
-from prism.reference.registry import estimator_spec, estimator_tiles
+from prism.reference.registry import estimator_spec, estimator_tiles, top_p_tiles
 from prism.reference.select import estimator_mask, trace_selection
 from prism.reference.tiles import TileLayout, tile_layout
 from prism.reference.validation import check_same_dtype_device, check_tensor
@@ -60,6 +60,7 @@ from prism.reference.validation import check_same_dtype_device, check_tensor
 from ._runtime import check_device, kernels_interpreted, next_power_of_2
 from .antidiagonal_packed import antidiagonal_packed_applies, antidiagonal_packed_probabilities
 from .sampled import sampled_tile_probabilities
+from .selection import _top_p_keep
 from .vertical_slash import vertical_slash_tile_mask
 
 #: Key groups scored per ``tl.dot`` (columns of one block of scores).
@@ -353,12 +354,79 @@ def antidiagonal_tile_probabilities(q: torch.Tensor, k: torch.Tensor, layout: Ti
     return torch.where(total > 0, tiles / total.clamp_min(1e-30), out)
 
 
+#: Widest row of key tiles the top-p kernel keeps in registers; wider rows take
+#: the reference's sort.
+MAX_TOP_P_WIDTH = 8192
+
+
+@triton.jit
+def _tile_top_p_kernel(P, OUT, total_rows, num_query_tiles, num_key_tiles, first_query_tile,
+                       threshold, CAUSAL: tl.constexpr, ROWS: tl.constexpr,
+                       WIDTH: tl.constexpr, LOG2_WIDTH: tl.constexpr):
+    """Top-p of ``ROWS`` rows of tile probabilities, without sorting (contract §6).
+
+    The bisection on the fp32 bits of the cut value is Prism's selection kernel's
+    (:func:`prism.optimized.selection._top_p_keep`): same rule, same tie-break.
+    """
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < total_rows
+    cols = tl.arange(0, WIDTH)
+    admissible = row_ok[:, None] & (cols < num_key_tiles)[None, :]
+    if CAUSAL:
+        abs_rows = first_query_tile + rows % num_query_tiles
+        admissible = admissible & (cols[None, :] <= abs_rows[:, None])
+    offsets = rows.to(tl.int64)[:, None] * num_key_tiles + cols[None, :]
+    prob = tl.load(P + offsets, mask=admissible, other=-2.0)
+    prob = tl.where(admissible, prob, -2.0)
+    count = tl.sum(admissible.to(tl.int32), axis=1)
+    keep = _top_p_keep(prob, threshold, count, ROWS, WIDTH, LOG2_WIDTH, True)
+    # The bisection assumes a row's mass reaches p (rows of probabilities sum to 1);
+    # a row whose whole mass stays below p keeps every non-zero tile, as the sort does.
+    total = tl.sum(tl.where(admissible, prob, 0.0), axis=1)
+    keep = (keep | (total < threshold)[:, None]) & admissible & (prob > 0.0)
+    tl.store(OUT + offsets, keep.to(tl.int8),
+             mask=row_ok[:, None] & (cols < num_key_tiles)[None, :])
+
+
+def tile_top_p_kernel(probs: torch.Tensor, layout: TileLayout, causal: bool,
+                      threshold: float) -> torch.Tensor:
+    """:func:`prism.reference.registry.top_p_tiles` by a Triton kernel.
+
+    Same signature and result (up to fp32 summation order at the top-p
+    boundary): contract §6's top-p with the index tie-break over each row of
+    admissible tiles, never keeping a zero-probability tile. Rows wider than
+    :data:`MAX_TOP_P_WIDTH` tiles run the reference.
+
+    Returns
+    -------
+    Tensor (B, Hq, nq, nk), bool
+    """
+    nq, nk = layout.num_query_tiles, layout.num_key_tiles
+    if probs.dim() != 4 or probs.shape[2:] != (nq, nk):
+        raise ValueError(f"probs must be (B, Hq, {nq}, {nk}) for this layout, got "
+                         f"{tuple(probs.shape)}")
+    if nk > MAX_TOP_P_WIDTH or probs.numel() == 0:
+        return top_p_tiles(probs, layout, causal, threshold)
+    check_device(_tile_top_p_kernel, probs=probs)
+    probs = probs.float().contiguous()
+    out = torch.empty(probs.shape, dtype=torch.int8, device=probs.device)
+    width = next_power_of_2(nk)
+    rows = max(1, min(16, 8192 // width))
+    total = probs.numel() // nk
+    _tile_top_p_kernel[(-(-total // rows),)](
+        probs, out, total, nq, nk, layout.first_query_tile, float(threshold),
+        CAUSAL=causal, ROWS=rows, WIDTH=width, LOG2_WIDTH=width.bit_length() - 1,
+        num_warps=8 if width >= 2048 else 4)
+    return out.view(torch.bool)
+
+
 #: Registry stage name -> the Triton kernel that computes it (same signature and
 #: result as the reference stage of ``prism.reference.registry.REFERENCE_STAGES``).
 KERNEL_STAGES = {
     "antidiagonal": antidiagonal_tile_probabilities,
     "sampled": sampled_tile_probabilities,
     "vertical_slash": vertical_slash_tile_mask,
+    "tile_top_p": tile_top_p_kernel,
 }
 
 
@@ -410,4 +478,5 @@ def estimator_select_blocks(q: torch.Tensor, k: torch.Tensor, cfg, causal: bool)
 
 
 __all__ = ["antidiagonal_tile_probabilities", "estimator_select_blocks", "KERNEL_STAGES",
+           "tile_top_p_kernel", "MAX_TOP_P_WIDTH",
            "BLOCK_KEY_GROUPS", "MAX_BLOCK_QUERY_GROUPS"]

@@ -33,12 +33,34 @@ from .scoring import admissible_tiles
 from .tiles import TileLayout
 from .topp import top_p_select
 
+
+def top_p_tiles(probs: torch.Tensor, layout: TileLayout, causal: bool,
+                threshold: float) -> torch.Tensor:
+    """Tiles kept by contract §6's top-p at ``threshold``, never a zero-probability one.
+
+    Parameters
+    ----------
+    probs : Tensor (B, Hq, nq, nk), float32
+        Tile probabilities of an estimator (zero outside the admissible tiles).
+    layout : TileLayout
+    causal : bool
+    threshold : float in (0, 1]
+
+    Returns
+    -------
+    Tensor (B, Hq, nq, nk), bool, within the admissible tiles
+    """
+    keep, _ = top_p_select(probs, admissible_tiles(layout, causal, probs.device), threshold)
+    return keep & (probs > 0)
+
+
 #: Stage name -> reference implementation. :mod:`prism.optimized` replaces some
 #: of them by kernels with the same signature and result.
 REFERENCE_STAGES: dict[str, Callable] = {
     "antidiagonal": antidiagonal_probabilities,
     "sampled": sampled_query_probabilities,
     "vertical_slash": vertical_slash_tiles,
+    "tile_top_p": top_p_tiles,
 }
 
 
@@ -91,10 +113,9 @@ class EstimatorSpec:
             object.__setattr__(self, "sweep_parameters", self.parameters)
 
 
-def _top_p(probs: torch.Tensor, layout: TileLayout, causal: bool, threshold: float):
-    """Tiles kept by contract §6's top-p at ``threshold``, never a zero-probability one."""
-    keep, _ = top_p_select(probs, admissible_tiles(layout, causal, probs.device), threshold)
-    return keep & (probs > 0)
+def _top_p(probs, layout, causal, threshold, stages):
+    """The ``"tile_top_p"`` stage (:func:`top_p_tiles` or its kernel)."""
+    return stages.get("tile_top_p", top_p_tiles)(probs, layout, causal, threshold)
 
 
 def _vs_threshold(cfg) -> float:
@@ -108,7 +129,7 @@ def _vertical_slash(q, k, cfg, layout, causal, stages):
 
 def _antidiagonal(q, k, cfg, layout, causal, stages):
     probs = stages["antidiagonal"](q, k, layout, cfg.antidiagonal_stride, causal)
-    return _top_p(probs, layout, causal, cfg.high_threshold)
+    return _top_p(probs, layout, causal, cfg.high_threshold, stages)
 
 
 def _antidiagonal_vertical_slash(q, k, cfg, layout, causal, stages):
@@ -118,7 +139,7 @@ def _antidiagonal_vertical_slash(q, k, cfg, layout, causal, stages):
 
 def _sampled(q, k, cfg, layout, causal, stages):
     probs = stages["sampled"](q, k, layout, cfg.sampled_queries, causal)
-    return _top_p(probs, layout, causal, cfg.high_threshold)
+    return _top_p(probs, layout, causal, cfg.high_threshold, stages)
 
 
 def _sampled_vertical_slash(q, k, cfg, layout, causal, stages):
@@ -128,8 +149,8 @@ def _sampled_vertical_slash(q, k, cfg, layout, causal, stages):
 
 def _subtile(q, k, cfg, layout, causal, stages):
     high, low = subtile_band_probabilities(q, k, cfg, causal, stages["prism_trace"])
-    return (_top_p(high, layout, causal, cfg.high_threshold)
-            | _top_p(low, layout, causal, cfg.low_threshold))
+    return (_top_p(high, layout, causal, cfg.high_threshold, stages)
+            | _top_p(low, layout, causal, cfg.low_threshold, stages))
 
 
 _VS = ("last_queries", "vertical_slash_threshold")
@@ -141,7 +162,7 @@ ESTIMATOR_REGISTRY: dict[str, EstimatorSpec] = {spec.name: spec for spec in (
         (), (), "estimator-prism", prism_bands=True),
     EstimatorSpec(
         "antidiagonal", "strided antidiagonal token scores, top-p per query tile",
-        ("antidiagonal_stride",), ("antidiagonal",), "estimator-antidiagonal",
+        ("antidiagonal_stride",), ("antidiagonal", "tile_top_p"), "estimator-antidiagonal",
         tiles=_antidiagonal, block_multiple_of="antidiagonal_stride",
         threshold_moves="the antidiagonal top-p"),
     EstimatorSpec(
@@ -154,21 +175,21 @@ ESTIMATOR_REGISTRY: dict[str, EstimatorSpec] = {spec.name: spec for spec in (
         tiles=_vertical_slash, threshold_moves="Prism's band top-p"),
     EstimatorSpec(
         "subtile", "Prism's bands scored on sub-tiles, summed per tile pair",
-        ("subtile_factor",), ("prism_trace",), "estimator-subtile", tiles=_subtile,
+        ("subtile_factor",), ("prism_trace", "tile_top_p"), "estimator-subtile", tiles=_subtile,
         block_multiple_of="subtile_factor"),
     EstimatorSpec(
         "antidiagonal_vertical_slash",
         "antidiagonal tiles united with the vertical-slash tiles (the accurate preset)",
-        ("antidiagonal_stride", *_VS), ("antidiagonal", "vertical_slash"),
+        ("antidiagonal_stride", *_VS), ("antidiagonal", "tile_top_p", "vertical_slash"),
         "estimator-antidiagonal-vertical-slash", tiles=_antidiagonal_vertical_slash,
         block_multiple_of="antidiagonal_stride", threshold_moves="the antidiagonal top-p"),
     EstimatorSpec(
         "sampled", "exact attention of a few sampled queries per tile, top-p per query tile",
-        ("sampled_queries",), ("sampled",), "estimator-sampled", tiles=_sampled,
+        ("sampled_queries",), ("sampled", "tile_top_p"), "estimator-sampled", tiles=_sampled,
         block_multiple_of="sampled_queries", threshold_moves="the sampled-query top-p"),
     EstimatorSpec(
         "sampled_vertical_slash", "sampled-query tiles united with the vertical-slash tiles",
-        ("sampled_queries", *_VS), ("sampled", "vertical_slash"),
+        ("sampled_queries", *_VS), ("sampled", "tile_top_p", "vertical_slash"),
         "estimator-sampled-vertical-slash", tiles=_sampled_vertical_slash,
         block_multiple_of="sampled_queries", threshold_moves="the sampled-query top-p"),
 )}
@@ -230,4 +251,4 @@ def estimator_tiles(q: torch.Tensor, k: torch.Tensor, cfg, layout: TileLayout, c
 
 
 __all__ = ["ESTIMATORS", "ESTIMATOR_FIELDS", "ESTIMATOR_REGISTRY", "EstimatorSpec",
-           "REFERENCE_STAGES", "estimator_spec", "estimator_tiles"]
+           "REFERENCE_STAGES", "estimator_spec", "estimator_tiles", "top_p_tiles"]

@@ -579,3 +579,34 @@ def test_vertical_slash_tile_mask_matches_reference():
     assert torch.equal(actual, expected)
     assert expected.any() and not expected[admissible_tiles(layout, True, q.device)
                                            .expand_as(expected)].all()
+
+
+@pytest.mark.parametrize("nq, nk, bs, causal, threshold", [
+    (300, 300, 32, True, 0.9),
+    (150, 290, 32, True, 0.5),     # KV prefix: rows start at absolute tile 4
+    (120, 200, 16, False, 0.7),
+    (96, 96, 32, True, 1.0),       # p = 1 keeps exactly the non-zero tiles
+])
+def test_tile_top_p_kernel_matches_reference(nq, nk, bs, causal, threshold):
+    from prism.optimized.estimators import tile_top_p_kernel
+    from prism.reference.registry import top_p_tiles
+
+    layout = tile_layout(nq, nk, bs, causal)
+    admissible = admissible_tiles(layout, causal, DEVICE)
+    gen = torch.Generator().manual_seed(nq + nk)
+    logits = torch.randn(2, 3, layout.num_query_tiles, layout.num_key_tiles, generator=gen) * 2
+    # Exact ties (the index tie-break decides) and exact zeros (never kept).
+    logits[..., 1::3] = logits[..., :1].clone()
+    probs = torch.softmax(logits.to(DEVICE).masked_fill(~admissible, float("-inf")), -1)
+    probs = torch.nan_to_num(probs, nan=0.0)
+    probs[0, 0, :, 2] = 0.0
+    probs_before = probs.clone()
+    actual = tile_top_p_kernel(probs, layout, causal, threshold)
+    expected = top_p_tiles(probs, layout, causal, threshold)
+    _, mass_before = top_p_select(probs, admissible, threshold)
+    # Entries whose mass before lies within fp32 rounding of p may go either way.
+    boundary = ((mass_before - threshold).abs() <= 1e-5) & admissible
+    assert actual.dtype == torch.bool and actual.shape == expected.shape
+    assert not ((actual != expected) & ~boundary).any()
+    assert torch.equal(probs, probs_before)
+    assert expected.any() and (admissible.expand_as(expected) & ~expected).any()
