@@ -21,6 +21,7 @@ tile are a power of two dividing ``BLOCK_KEY_GROUPS`` and the group's rows fit
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -36,11 +37,106 @@ MAX_ROWS = 128
 _MIN_DOT = 16
 
 
+@dataclass(frozen=True)
+class PackedTuning:
+    """Launch shape of the packed kernel.
+
+    Attributes
+    ----------
+    target_rows : int
+        Rows (query groups x heads of a GQA group) a program aims to hold; at
+        large strides more rows reuse each loaded key block more often.
+    block_kg : int
+        Key groups per matrix product (a power of two, a multiple of the groups
+        per tile).
+    num_warps, num_stages : int
+        Triton's launch parameters (``num_stages`` pipelines the loop over the
+        rows ``u`` of a group).
+    """
+
+    target_rows: int = TARGET_ROWS
+    block_kg: int = BLOCK_KEY_GROUPS
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def default_tuning(per_tile: int, group: int) -> PackedTuning:
+    """The launch shape used unless one is passed (see docs/estimators.rst)."""
+    rows = max(_MIN_DOT, next_power_of_2(group * per_tile))
+    return PackedTuning(num_warps=4 if rows <= 64 else 8)
+
+
 def antidiagonal_packed_applies(layout: TileLayout, stride: int, group: int) -> bool:
     """Whether :func:`antidiagonal_packed_probabilities` takes this shape."""
     per_tile = layout.block_size // stride
     return (per_tile & (per_tile - 1) == 0 and BLOCK_KEY_GROUPS % per_tile == 0
             and group * per_tile <= MAX_ROWS)
+
+
+def _check_tuning(tuning: PackedTuning, per_tile: int, group: int) -> None:
+    for name in ("target_rows", "block_kg", "num_warps", "num_stages"):
+        value = getattr(tuning, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"PackedTuning.{name} must be a positive int, got {value!r}")
+    if tuning.block_kg & (tuning.block_kg - 1) or tuning.block_kg % per_tile:
+        raise ValueError(f"PackedTuning.block_kg must be a power of two and a multiple of the "
+                         f"{per_tile} groups per tile, got {tuning.block_kg}")
+    if group * per_tile > max(MAX_ROWS, tuning.target_rows):
+        raise ValueError(f"a GQA group of {group} heads x {per_tile} groups per tile does not "
+                         f"fit {max(MAX_ROWS, tuning.target_rows)} rows")
+
+
+@triton.jit
+def online_softmax_step(m_i, l_i, s):
+    """One block of the online softmax statistics, base 2: the new running max and sum.
+
+    ``s`` (rows, cols) holds scaled scores, -inf where not admissible; ``m_i`` and
+    ``l_i`` the running max and the sum of ``2^(s - m_i)``. A row with nothing
+    admissible yet keeps ``m = -inf`` and ``l = 0`` (it is shifted by 0, never by
+    -inf). Shared by every estimator kernel's first pass.
+    """
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l_new = l_i * tl.math.exp2(m_i - m_shift) + tl.sum(tl.math.exp2(s - m_shift[:, None]), 1)
+    return m_new, l_new
+
+
+@triton.jit
+def _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, groups, rows_ok,
+                   key_groups, key_end, query_start, num_queries, num_keys, qk_scale,
+                   CAUSAL: tl.constexpr, STRIDE: tl.constexpr, D_PAD: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_KG: tl.constexpr,
+                   IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """(ROWS, BLOCK_KG) antidiagonal scores times ``qk_scale``, -inf where not admissible.
+
+    ``sum_u Q_u K_u``: row ``u`` of every query group (``q_head[r]`` is row ``r``'s
+    query head) against row ``S-1-u`` of every key group, one product of depth
+    ``D`` per ``u``; both passes of :func:`_packed_kernel` call this.
+    """
+    dims = tl.arange(0, D_PAD)
+    dims_ok = dims < HEAD_DIM
+    s = tl.zeros((ROWS, BLOCK_KG), dtype=tl.float32)
+    for u in range(STRIDE):
+        positions = groups * STRIDE + u - query_start
+        ok = rows_ok & (positions >= 0) & (positions < num_queries)
+        q_rows = tl.load(q_head[:, None] + positions.to(tl.int64)[:, None] * stride_qn
+                         + dims[None, :] * stride_qd,
+                         mask=ok[:, None] & dims_ok[None, :], other=0.0)
+        keys = key_groups * STRIDE + (STRIDE - 1 - u)
+        k_cols = tl.load(k_head + keys.to(tl.int64)[None, :] * stride_kn
+                         + dims[:, None] * stride_kd,
+                         mask=(keys < num_keys)[None, :] & dims_ok[:, None], other=0.0)
+        if UPCAST:
+            q_rows = q_rows.to(tl.float32)
+            k_cols = k_cols.to(tl.float32)
+        if IEEE:
+            s = tl.dot(q_rows, k_cols, s, input_precision="ieee")
+        else:
+            s = tl.dot(q_rows, k_cols, s)
+    allowed = (key_groups < key_end)[None, :] & rows_ok[:, None]
+    if CAUSAL:
+        allowed = allowed & (key_groups[None, :] <= groups[:, None])
+    return tl.where(allowed, s * qk_scale, float("-inf"))
 
 
 @triton.jit
@@ -74,8 +170,6 @@ def _packed_kernel(
                & (groups >= first_valid) & (groups <= last_valid))
     q_head = Q + b.to(tl.int64) * stride_qb + (hk * group + g).to(tl.int64) * stride_qh
     k_head = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    dims = tl.arange(0, D_PAD)
-    dims_ok = dims < HEAD_DIM
     key_end = num_key_groups
     if CAUSAL:
         key_end = tl.minimum(key_end, tl.max(tl.where(rows_ok, groups, -1), axis=0) + 1)
@@ -86,32 +180,11 @@ def _packed_kernel(
     l_i = tl.zeros((ROWS,), dtype=tl.float32)
     for key_start in range(0, key_end, BLOCK_KG):
         key_groups = key_start + tl.arange(0, BLOCK_KG)
-        s = tl.zeros((ROWS, BLOCK_KG), dtype=tl.float32)
-        for u in range(STRIDE):
-            positions = groups * STRIDE + u - query_start
-            ok = rows_ok & (positions >= 0) & (positions < num_queries)
-            q_rows = tl.load(q_head[:, None] + positions.to(tl.int64)[:, None] * stride_qn
-                             + dims[None, :] * stride_qd,
-                             mask=ok[:, None] & dims_ok[None, :], other=0.0)
-            keys = key_groups * STRIDE + (STRIDE - 1 - u)
-            k_cols = tl.load(k_head + keys.to(tl.int64)[None, :] * stride_kn
-                             + dims[:, None] * stride_kd,
-                             mask=(keys < num_keys)[None, :] & dims_ok[:, None], other=0.0)
-            if UPCAST:
-                q_rows = q_rows.to(tl.float32)
-                k_cols = k_cols.to(tl.float32)
-            if IEEE:
-                s = tl.dot(q_rows, k_cols, s, input_precision="ieee")
-            else:
-                s = tl.dot(q_rows, k_cols, s)
-        allowed = (key_groups < key_end)[None, :] & rows_ok[:, None]
-        if CAUSAL:
-            allowed = allowed & (key_groups[None, :] <= groups[:, None])
-        s = tl.where(allowed, s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.math.exp2(m_i - m_shift) + tl.sum(tl.math.exp2(s - m_shift[:, None]), 1)
-        m_i = m_new
+        s = _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, groups,
+                           rows_ok, key_groups, key_end, query_start, num_queries, num_keys,
+                           qk_scale, CAUSAL, STRIDE, D_PAD, HEAD_DIM, ROWS, BLOCK_KG, IEEE,
+                           UPCAST)
+        m_i, l_i = online_softmax_step(m_i, l_i, s)
 
     m_shift = tl.where(m_i == float("-inf"), 0.0, m_i)
     inv_l = tl.where(rows_ok & (l_i > 0), 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
@@ -127,28 +200,10 @@ def _packed_kernel(
                 + pair_tile.to(tl.int64)[:, None] * stride_orow)
     for key_start in range(0, key_end, BLOCK_KG):
         key_groups = key_start + tl.arange(0, BLOCK_KG)
-        s = tl.zeros((ROWS, BLOCK_KG), dtype=tl.float32)
-        for u in range(STRIDE):
-            positions = groups * STRIDE + u - query_start
-            ok = rows_ok & (positions >= 0) & (positions < num_queries)
-            q_rows = tl.load(q_head[:, None] + positions.to(tl.int64)[:, None] * stride_qn
-                             + dims[None, :] * stride_qd,
-                             mask=ok[:, None] & dims_ok[None, :], other=0.0)
-            keys = key_groups * STRIDE + (STRIDE - 1 - u)
-            k_cols = tl.load(k_head + keys.to(tl.int64)[None, :] * stride_kn
-                             + dims[:, None] * stride_kd,
-                             mask=(keys < num_keys)[None, :] & dims_ok[:, None], other=0.0)
-            if UPCAST:
-                q_rows = q_rows.to(tl.float32)
-                k_cols = k_cols.to(tl.float32)
-            if IEEE:
-                s = tl.dot(q_rows, k_cols, s, input_precision="ieee")
-            else:
-                s = tl.dot(q_rows, k_cols, s)
-        allowed = (key_groups < key_end)[None, :] & rows_ok[:, None]
-        if CAUSAL:
-            allowed = allowed & (key_groups[None, :] <= groups[:, None])
-        s = tl.where(allowed, s * qk_scale, float("-inf"))
+        s = _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, groups,
+                           rows_ok, key_groups, key_end, query_start, num_queries, num_keys,
+                           qk_scale, CAUSAL, STRIDE, D_PAD, HEAD_DIM, ROWS, BLOCK_KG, IEEE,
+                           UPCAST)
         p = tl.math.exp2(s - m_shift[:, None]) * inv_l[:, None]
         # Key groups -> key tiles, then a pair's rows -> the pair (exact fp32 sums).
         by_tile = tl.sum(tl.reshape(p, (ROWS, TILES_PER_CHUNK, PER_TILE)), axis=2)
@@ -159,8 +214,12 @@ def _packed_kernel(
 
 
 def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
-                                      stride: int, causal: bool = True) -> torch.Tensor:
+                                      stride: int, causal: bool = True,
+                                      tuning: PackedTuning | None = None) -> torch.Tensor:
     """Antidiagonal tile probabilities, GQA heads packed (inputs validated by the caller).
+
+    ``tuning`` overrides the launch shape (:func:`default_tuning`); the result
+    does not depend on it beyond fp32 summation order.
 
     Returns
     -------
@@ -174,7 +233,9 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
     if out.numel() == 0:
         return out
     per_tile = layout.block_size // stride
-    tiles = max(1, TARGET_ROWS // (group * per_tile))
+    tuning = default_tuning(per_tile, group) if tuning is None else tuning
+    _check_tuning(tuning, per_tile, group)
+    tiles = max(1, tuning.target_rows // (group * per_tile))
     rows = max(_MIN_DOT, next_power_of_2(group * per_tile * tiles))
     pairs = rows // per_tile
     per_head = -(-nq // tiles)
@@ -186,11 +247,12 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
         layout.first_query_tile, nq, nk, -(-nk_tokens // stride),
         math.log2(math.e) / (math.sqrt(d) * stride),
         CAUSAL=causal, STRIDE=stride, PER_TILE=per_tile, HEAD_DIM=d, D_PAD=d_pad, ROWS=rows,
-        PAIRS=pairs, BLOCK_KG=BLOCK_KEY_GROUPS, IEEE=q.dtype == torch.float32 or upcast,
-        UPCAST=upcast, num_warps=4 if rows <= 64 else 8,
+        PAIRS=pairs, BLOCK_KG=tuning.block_kg, IEEE=q.dtype == torch.float32 or upcast,
+        UPCAST=upcast, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
     )
     total = out.sum(dim=-1, keepdim=True)
     return torch.where(total > 0, out / total.clamp_min(1e-30), torch.zeros_like(out))
 
 
-__all__ = ["antidiagonal_packed_applies", "antidiagonal_packed_probabilities"]
+__all__ = ["PackedTuning", "antidiagonal_packed_applies", "antidiagonal_packed_probabilities",
+           "default_tuning", "online_softmax_step"]

@@ -58,7 +58,11 @@ from prism.reference.tiles import TileLayout, tile_layout
 from prism.reference.validation import check_same_dtype_device, check_tensor
 
 from ._runtime import check_device, kernels_interpreted, next_power_of_2
-from .antidiagonal_packed import antidiagonal_packed_applies, antidiagonal_packed_probabilities
+from .antidiagonal_packed import (
+    antidiagonal_packed_applies,
+    antidiagonal_packed_probabilities,
+    online_softmax_step,
+)
 from .sampled import sampled_tile_probabilities
 from .selection import _top_p_keep
 from .vertical_slash import vertical_slash_tile_mask
@@ -195,12 +199,7 @@ def _antidiagonal_tile_kernel(
         if CAUSAL:
             allowed = allowed & (key_groups[None, :] <= groups[:, None])
         s = tl.where(allowed, s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # A row with nothing admissible yet keeps m = -inf; shift it by 0 instead.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.math.exp2(m_i - m_shift) + tl.sum(tl.math.exp2(s - m_shift[:, None]),
-                                                         axis=1)
-        m_i = m_new
+        m_i, l_i = online_softmax_step(m_i, l_i, s)
 
     # Pass 2: probabilities 2^(a * qk_scale - m) / l, summed over this program's
     # query groups (axis 0) and then over the key groups of each key tile.

@@ -32,6 +32,7 @@ from prism.reference.estimators import sampled_query_positions
 from prism.reference.tiles import TileLayout
 
 from ._runtime import check_device, kernels_interpreted, next_power_of_2
+from .antidiagonal_packed import online_softmax_step
 
 #: Rows (sampled queries of a GQA group) one program aims to hold.
 TARGET_ROWS = 64
@@ -110,11 +111,7 @@ def _sampled_tile_kernel(
             if CAUSAL:
                 allowed = allowed & (keys[None, :] <= pos[:, None])
             scores = tl.where(allowed, scores * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = (l_i * tl.math.exp2(m_i - m_shift)
-                   + tl.sum(tl.math.exp2(scores - m_shift[:, None]), axis=1))
-            m_i = m_new
+            m_i, l_i = online_softmax_step(m_i, l_i, scores)
 
     # Pass 2: per key tile, each row's probability mass, summed over the
     # samples of each (head, tile) pair by a one-hot reduction.

@@ -53,6 +53,7 @@ from prism.reference.tiles import TileLayout, tile_layout
 from prism.reference.validation import check_same_dtype_device, check_tensor
 
 from ._runtime import check_device, kernels_interpreted, next_power_of_2
+from .antidiagonal_packed import online_softmax_step
 
 #: Most query rows (heads x last queries) one program holds.
 MAX_ROWS = 128
@@ -135,10 +136,7 @@ def _stats_kernel(
         if CAUSAL:
             allowed = allowed & (keys[None, :] <= q_pos[:, None])
         s = tl.where(allowed, s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.math.exp2(m_i - m_shift) + tl.sum(tl.math.exp2(s - m_shift[:, None]), 1)
-        m_i = m_new
+        m_i, l_i = online_softmax_step(m_i, l_i, s)
     out = (pid_rows * num_chunks + chunk).to(tl.int64) * (HEADS * LB) + tl.arange(0, HEADS * LB)
     tl.store(M_OUT + out, m_i)
     tl.store(L_OUT + out, l_i)
