@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from ._runtime import next_power_of_2
+from .launch import launch
 
 
 @triton.jit
@@ -69,8 +70,8 @@ def mask_rows_to_indices(block_mask: torch.Tensor, first_query_tile: int = 0,
         return num, idx
     flat = block_mask.contiguous().view(torch.uint8)
     block = min(1024, next_power_of_2(nk))
-    _mask_to_indices_kernel[(rows,)](
-        flat, num, idx, max(nq, 1), nk, first_query_tile,
+    launch(
+        _mask_to_indices_kernel, (rows,), flat, num, idx, max(nq, 1), nk, first_query_tile,
         CAUSAL_TRIM=causal_trim, BLOCK=block, num_warps=4,
     )
     return num, idx

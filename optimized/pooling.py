@@ -32,6 +32,7 @@ import triton.language as tl
 from prism.reference.tiles import TileLayout
 
 from ._runtime import next_power_of_2
+from .launch import launch
 
 
 @triton.jit
@@ -268,7 +269,8 @@ def pool_tiles_and_energy(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
     v_programs = 0 if v is None else b * hkv * nkt
     dv = d if v is None else v.shape[3]
     v_strides = k.stride() if v is None else v.stride()
-    _pool_tiles_kernel[(num_query_programs + num_key_programs + v_programs,)](
+    launch(
+        _pool_tiles_kernel, (num_query_programs + num_key_programs + v_programs,),
         q, k, k if v is None else v, q_pooled, k_pooled_t, q_energy, k_energy, nonfinite,
         *q.stride(), *k.stride(), *v_strides,
         hq, hkv, nq, nk, layout.query_start, layout.first_query_tile,
@@ -295,8 +297,8 @@ def nonfinite_flag(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if grid[0] == 0:
         return flag
     d_pad, dv_pad = next_power_of_2(d), next_power_of_2(dv)
-    _nonfinite_kernel[grid](
-        q, k, v, flag, *q.stride(), *k.stride(), *v.stride(),
+    launch(
+        _nonfinite_kernel, grid, q, k, v, flag, *q.stride(), *k.stride(), *v.stride(),
         hq, hkv, nq, nk, d, dv, q_programs, k_programs, block_rows,
         D_PAD=d_pad, DV_PAD=dv_pad, BLOCK_T=max(1, min(block_rows, 4096 // max(d_pad, dv_pad))),
         num_warps=4,

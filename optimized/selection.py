@@ -43,6 +43,7 @@ from prism.reference.config import PrismConfig
 from prism.reference.tiles import TileLayout
 
 from ._runtime import next_power_of_2
+from .launch import launch
 from .pooling import band_pairs, pool_tiles_and_energy
 
 #: Widest key-tile row that the tensor-core path keeps in registers (16 rows each).
@@ -486,8 +487,8 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: boo
     for step, (row_start, row_end, width, rows, use_dot, programs, warps) in enumerate(plan):
         dk = max(8, min(32, 16384 // width, dk_cap))
         with torch.cuda.stream(side) if overlap and step else contextlib.nullcontext():
-            _select_tiles_kernel[(programs, b * hq)](
-                q_pooled, k_pooled_t, q_energy, k_energy,
+            launch(
+                _select_tiles_kernel, (programs, b * hq), q_pooled, k_pooled_t, q_energy, k_energy,
                 mask if write_mask else placeholder,
                 kv_num_blocks if write_indices else placeholder,
                 kv_indices if write_indices else placeholder,

@@ -1,0 +1,217 @@
+"""Launch compiled Triton kernels without Triton's per-call Python work.
+
+``kernel[grid](*args, **kwargs)`` costs tens of microseconds of host time in
+Triton 3.6 before the GPU sees anything: it binds the arguments, computes
+every argument's specialisation, hashes a cache key built from strings,
+builds launch metadata for profiler hooks, checks the kernel's globals, and
+asks the driver to validate every pointer. At 4K-8K tokens that, not the GPU,
+sets the time of a Prism call.
+
+:func:`launch` takes the same arguments as ``kernel[grid](...)``. The first
+call with a new *launch key* goes through Triton unchanged (compiling if
+needed) and keeps the compiled kernel; later calls with the same key hand the
+arguments straight to the compiled kernel's launcher. The launch key holds
+everything Triton specialises a compiled kernel on, so two calls with one key
+always run the same compiled kernel (a test checks this against Triton's own
+specialisation):
+
+* each tensor argument's dtype and whether its address is 16-byte aligned;
+* each int argument's class: equal to 1, divisible by 16, or neither, and
+  whether it fits int32, int64 or only uint64; bools and floats by type;
+  ``None`` as itself;
+* the keyword arguments (constexprs and launch options such as
+  ``num_warps``) by value, the current CUDA device, and Triton's ``debug``
+  and instrumentation settings.
+
+Anything else falls back to ``kernel[grid](...)``: Triton's interpreter (the
+CPU tests), objects that are not plain ``JITFunction`` s (autotuners,
+benchmark stubs), grids that are callables, argument types the key does not
+cover (tensor descriptors, tuples), CPU tensors, kernels with pre-run hooks,
+and profiler launch hooks (``triton.knobs.runtime.launch_enter_hook``). The
+fast path launches on the current CUDA stream of the current device, as
+Triton does, so it is captured by CUDA graphs like any launch; the custom
+operators of :mod:`prism.optimized.ops` run it inside ``torch.compile``d
+graphs too. Unlike Triton it does not re-check, on every call, that global
+variables the kernel reads have kept the value they had when it was compiled
+(Prism's kernels read none that change).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Triton's classes; without them (no CUDA build) every launch falls back.
+    from triton import knobs as _knobs
+    from triton.knobs import HookChain as _HookChain
+    from triton.runtime.jit import JITFunction as _JITFunction
+except ImportError:  # pragma: no cover - Triton is a core dependency
+    _JITFunction = None
+
+_INT32 = 2 ** 31
+_INT64 = 2 ** 63
+#: Launch keys kept per kernel before the cache is emptied (shapes churn in serving).
+MAX_ENTRIES = 1024
+
+_CACHES: dict = {}  # id(kernel) -> (kernel, {launch key: entry})
+STATS = {"fast": 0, "slow": 0}
+
+_get_device = getattr(torch._C, "_cuda_getDevice", None)
+_get_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def argument_key(args, require_cuda: bool = True) -> tuple | None:
+    """The part of the launch key that comes from positional arguments, or None.
+
+    None means an argument the key does not cover, or (with ``require_cuda``)
+    a tensor not on a CUDA device: the caller falls back to Triton. Exposed
+    for the tests, which compare it with Triton's own specialisation.
+    """
+    key = []
+    append = key.append
+    for a in args:
+        t = type(a)
+        if t is int:
+            if a == 1:
+                append(1)
+            else:
+                size = 0 if -_INT32 <= a < _INT32 else (1 if -_INT64 <= a < _INT64 else 2)
+                append((a % 16 == 0) + 2 + 4 * size)
+        elif t is float:
+            append("f")
+        elif t is bool:  # never 1 or True: 1 == True would merge the two kernels
+            append("b")
+        elif a is None:
+            append(None)
+        elif isinstance(a, torch.Tensor):
+            if require_cuda and not a.is_cuda:
+                return None
+            append((a.dtype, a.data_ptr() % 16 == 0))
+        else:
+            return None
+    return tuple(key)
+
+
+def _hooks_active() -> bool:
+    runtime = _knobs.runtime
+    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
+        if hook is not None and (type(hook) is not _HookChain or hook.calls):
+            return True
+    return False
+
+
+def _pointer(a):
+    """What the compiled launcher takes for an argument: raw addresses for tensors."""
+    return a.data_ptr() if isinstance(a, torch.Tensor) else a
+
+
+class _NotCached(Exception):
+    """A launch whose arguments the cache cannot replay."""
+
+
+def _runtime_params(kernel) -> int:
+    """How many leading parameters are not constexprs (positional args past them are refused)."""
+    count = 0
+    for param in kernel.params:
+        if param.is_constexpr:
+            break
+        count += 1
+    return count
+
+
+class _Entry:
+    """One compiled kernel and what its launcher needs besides the arguments."""
+
+    __slots__ = ("call", "function", "tail", "prefix")
+
+    def __init__(self, kernel, compiled, kwargs: dict, num_args: int):
+        params = kernel.params
+        tail = []
+        for param in params[num_args:]:
+            if param.name in kwargs:
+                if not param.is_constexpr:
+                    # A run-time value by keyword would be frozen into the entry.
+                    raise _NotCached
+                tail.append(kwargs[param.name])
+            elif param.has_default:
+                tail.append(param.default)
+            else:
+                raise TypeError(f"{kernel.__name__}: missing argument {param.name!r}")
+        self.tail = tuple(tail)
+        runner = compiled.run  # creates the launcher and loads the binary
+        self.function = compiled.function
+        scratch = (getattr(runner, "global_scratch_size", 1) or 0) + (
+            getattr(runner, "profile_scratch_size", 1) or 0)
+        direct = getattr(runner, "launch", None)
+        if scratch == 0 and direct is not None and hasattr(
+                runner, "launch_cooperative_grid") and hasattr(runner, "launch_pdl"):
+            # The C entry point itself (what CudaLauncher.__call__ ends in).
+            self.call = direct
+            self.prefix = (runner.launch_cooperative_grid, runner.launch_pdl, None, None,
+                           compiled.packed_metadata, None, None, None)
+        else:  # scratch buffers to allocate, or another backend: its launcher object
+            self.call = runner
+            self.prefix = (compiled.packed_metadata, None, None, None)
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``, through the cached compiled kernel when possible.
+
+    Parameters
+    ----------
+    kernel : triton.JITFunction (or anything indexable by a grid)
+    grid : tuple of 1 to 3 ints (a callable grid always goes through Triton)
+    *args
+        The kernel's leading parameters, positionally (tensors, ints, floats,
+        bools, None).
+    **kwargs
+        The remaining parameters (typically the constexprs) and launch options
+        (``num_warps``, ``num_stages``, ...), as for ``kernel[grid]``.
+    """
+    if type(kernel) is not _JITFunction or type(grid) is not tuple or _get_device is None:
+        kernel[grid](*args, **kwargs)
+        return
+    key = argument_key(args)
+    if key is None or kernel.pre_run_hooks or _hooks_active():
+        STATS["slow"] += 1
+        kernel[grid](*args, **kwargs)
+        return
+    device = _get_device()
+    runtime = _knobs.runtime
+    # Keyword values with their types: a constexpr 1 and 1.0 (or True) compile differently.
+    key = (key, tuple(kwargs.items()), tuple(map(type, kwargs.values())), device,
+           runtime.debug, _knobs.compilation.instrumentation_mode)
+    cached = _CACHES.get(id(kernel))
+    if cached is None or cached[0] is not kernel:
+        cached = _CACHES[id(kernel)] = (kernel, {}, _runtime_params(kernel))
+    entries = cached[1]
+    if len(args) > cached[2]:  # a constexpr passed positionally: its value is not keyed
+        STATS["slow"] += 1
+        kernel[grid](*args, **kwargs)
+        return
+    try:
+        entry = entries.get(key)
+    except TypeError:  # an unhashable keyword value
+        entry = False
+    if not entry:
+        STATS["slow"] += 1
+        compiled = kernel.run(*args, grid=grid, warmup=False, **kwargs)
+        if entry is None and compiled is not None and not hasattr(compiled, "result"):
+            if len(entries) >= MAX_ENTRIES:
+                entries.clear()
+            try:
+                entries[key] = _Entry(kernel, compiled, kwargs, len(args))
+            except _NotCached:
+                entries[key] = False
+        return
+    STATS["fast"] += 1
+    n = len(grid)
+    stream = _get_stream(device)
+    # Raw addresses: the launcher then skips its per-pointer driver query.
+    values = [a.data_ptr() if type(a) is torch.Tensor else _pointer(a) for a in args]
+    entry.call(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream,
+               entry.function, *entry.prefix, *values, *entry.tail)
+
+
+def clear() -> None:
+    """Forget every cached compiled kernel (the next launches go through Triton)."""
+    _CACHES.clear()

@@ -1,0 +1,289 @@
+"""The cached launcher of prism.optimized.launch.
+
+On the CPU (Triton's interpreter) every launch must fall back to
+``kernel[grid](...)`` and give the same outputs; the launch key must be at
+least as fine as Triton's own specialisation, so that two calls with one key
+can share a compiled kernel. On a CUDA GPU the fast path must give bitwise
+the outputs of Triton's launch, re-enter Triton whenever the key changes
+(a misaligned pointer, an int that stops being divisible by 16), and replay
+under CUDA graph capture.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from triton.backends.nvidia.compiler import CUDABackend
+from triton.runtime.jit import JITFunction, native_specialize_impl
+
+from prism.optimized import launch as fast
+from prism.optimized._runtime import kernels_interpreted
+
+
+def _scaled_copy(X, Y, n, scale, shift, FLIP: tl.constexpr, BLOCK: tl.constexpr = 128):
+    """y[i] = x[i] * scale + shift (+ i when FLIP) for i < n."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    x = tl.load(X + offs, mask=ok, other=0.0)
+    y = x * scale + shift
+    if FLIP:
+        y = y + offs.to(tl.float32)
+    tl.store(Y + offs, y, mask=ok)
+
+
+_scaled_copy_kernel = triton.jit(_scaled_copy)
+
+
+def _triton_specialisation(args):
+    """What Triton 3.6 specialises each argument on (type and attribute), as a tuple."""
+    return tuple(native_specialize_impl(CUDABackend, a, False, True, True) for a in args)
+
+
+_BUFFER = torch.zeros(64, dtype=torch.float32)
+_ARG_POOL = [
+    0, 1, 2, 15, 16, 17, 32, -16, -17, 2 ** 31 - 16, 2 ** 31, 2 ** 31 + 1, 2 ** 40,
+    2 ** 63, 2 ** 63 + 16, True, False, 1.0, 0.5, 16.0, None,
+    _BUFFER, _BUFFER[1:], _BUFFER[4:], _BUFFER[3:], _BUFFER.to(torch.bfloat16),
+    _BUFFER.to(torch.bfloat16)[8:], _BUFFER.to(torch.bfloat16)[1:], _BUFFER.bool(),
+    _BUFFER.to(torch.int32)[2:],
+]
+
+
+def test_equal_keys_mean_equal_specialisation():
+    """Two argument lists with one launch key are specialised alike by Triton."""
+    rng = random.Random(0)
+    seen: dict = {}
+    lists = [tuple(rng.choice(_ARG_POOL) for _ in range(3)) for _ in range(3000)]
+    lists += list(itertools.product(_ARG_POOL, repeat=1))
+    for args in lists:
+        key = fast.argument_key(args, require_cuda=False)
+        assert key is not None
+        spec = _triton_specialisation(args)
+        if key in seen:
+            assert seen[key] == spec, (args, key)
+        seen[key] = spec
+
+
+@pytest.mark.parametrize("a,b", [
+    (16, 17), (1, 16), (1, 17), (0, 1), (True, 1), (False, 0), (1.0, 1), (2 ** 31, 16),
+    (2 ** 63, 2 ** 31), (None, 0),
+    (_BUFFER, _BUFFER[1:]), (_BUFFER, _BUFFER.to(torch.bfloat16)), (_BUFFER, 16),
+])
+def test_key_separates_what_triton_separates(a, b):
+    assert _triton_specialisation((a,)) != _triton_specialisation((b,))
+    assert fast.argument_key((a,), require_cuda=False) != fast.argument_key(
+        (b,), require_cuda=False)
+
+
+def test_uncovered_arguments_have_no_key():
+    assert fast.argument_key(((1, 2),)) is None
+    assert fast.argument_key(("x",)) is None
+    # CPU tensors never take the fast path (the launcher would get a host address).
+    assert fast.argument_key((_BUFFER,)) is None
+
+
+def test_interpreter_falls_back_to_triton():
+    """Under the interpreter launch() is kernel[grid](...) and counts nothing."""
+    if not kernels_interpreted(_scaled_copy_kernel):
+        pytest.skip("kernels are compiled here; the CUDA tests cover the fast path")
+    x = torch.randn(100)
+    expected, got = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+    before = dict(fast.STATS)
+    _scaled_copy_kernel[(4,)](x, expected, 100, 2.0, 0.5, FLIP=True, BLOCK=32)
+    fast.launch(_scaled_copy_kernel, (4,), x, got, 100, 2.0, 0.5, FLIP=True, BLOCK=32)
+    assert torch.equal(expected, got)
+    assert torch.equal(got, x * 2.0 + 0.5 + torch.arange(100, dtype=torch.float32))
+    assert fast.STATS == before
+
+
+class _Stub:
+    """Something indexable by a grid that is not a JITFunction (as benchmark stubs are)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((grid, args, kwargs))
+
+
+def test_non_jit_objects_are_indexed_by_the_grid():
+    stub = _Stub()
+    fast.launch(stub, (3, 2), 1, 2.0, X=4)
+    assert stub.calls == [((3, 2), (1, 2.0), {"X": 4})]
+
+
+class _FakeLauncher:
+    """Stands in for Triton's CudaLauncher: records what its C entry point receives."""
+
+    global_scratch_size = 0
+    profile_scratch_size = 0
+    launch_cooperative_grid = False
+    launch_pdl = False
+
+    def __init__(self):
+        self.calls = []
+
+    def launch(self, *args):
+        self.calls.append(args)
+
+
+class _FakeCompiled:
+    function = 1234
+    packed_metadata = (4, 1, 0)
+
+    def __init__(self):
+        self.run = _FakeLauncher()
+
+
+class _FakeTensor(torch.Tensor):
+    """A tensor that reports itself on CUDA, so the key accepts it on the CPU."""
+
+    is_cuda = True
+
+
+def test_cached_launch_passes_what_the_launcher_expects(monkeypatch):
+    """The replayed call: grid, stream, function, the launcher's own prefix, raw
+    addresses, the run-time arguments and the constexprs (defaults included)."""
+
+    class FakeKernel:
+        params = JITFunction(_scaled_copy).params
+        pre_run_hooks: list = []
+
+        def __init__(self):
+            self.compiled = _FakeCompiled()
+            self.runs = 0
+
+        def run(self, *args, grid, warmup, **kwargs):
+            self.runs += 1
+            return self.compiled
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: self.run(*args, grid=grid, warmup=False, **kwargs)
+
+    monkeypatch.setattr(fast, "_JITFunction", FakeKernel)
+    monkeypatch.setattr(fast, "_get_device", lambda: 0)
+    monkeypatch.setattr(fast, "_get_stream", lambda device: 77)
+    fast.clear()
+    kernel = FakeKernel()
+    x = torch.zeros(64).as_subclass(_FakeTensor)
+    y = torch.zeros(64).as_subclass(_FakeTensor)
+    fast.launch(kernel, (2, 3), x, y, 64, 2.0, 0.5, FLIP=True, BLOCK=32, num_warps=4)
+    assert kernel.runs == 1 and kernel.compiled.run.calls == []
+    fast.launch(kernel, (5,), y, x, 48, 3.0, 1.5, FLIP=True, BLOCK=32, num_warps=4)
+    assert kernel.runs == 1
+    (call,) = kernel.compiled.run.calls
+    assert call == (5, 1, 1, 77, 1234, False, False, None, None, (4, 1, 0), None, None, None,
+                    y.data_ptr(), x.data_ptr(), 48, 3.0, 1.5, True, 32)
+    # A left-out constexpr with a default is passed its default.
+    fast.launch(kernel, (1,), x, y, 48, 3.0, 1.5, FLIP=True)
+    fast.launch(kernel, (1,), x, y, 48, 3.0, 1.5, FLIP=True)
+    assert kernel.runs == 2
+    assert kernel.compiled.run.calls[-1][-2:] == (True, 128)
+    # A new constexpr value, or the same value as another type, is a new entry.
+    fast.launch(kernel, (5,), y, x, 48, 3.0, 1.5, FLIP=False, BLOCK=32, num_warps=4)
+    fast.launch(kernel, (5,), y, x, 48, 3.0, 1.5, FLIP=1, BLOCK=32, num_warps=4)
+    assert kernel.runs == 4
+    # A constexpr passed positionally is never served from the cache.
+    fast.launch(kernel, (5,), y, x, 48, 3.0, 1.5, True, 32)
+    fast.launch(kernel, (5,), y, x, 48, 3.0, 1.5, True, 32)
+    assert kernel.runs == 6
+    fast.clear()
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _both(x, n, scale, shift, flip, grid, block=128):
+    """The kernel's output by Triton's launch and by launch(), on NaN-filled outputs."""
+    expected = torch.full_like(x, float("nan"))
+    got = torch.full_like(x, float("nan"))
+    _scaled_copy_kernel[grid](x, expected, n, scale, shift, FLIP=flip, BLOCK=block)
+    fast.launch(_scaled_copy_kernel, grid, x, got, n, scale, shift, FLIP=flip, BLOCK=block)
+    return expected, got
+
+
+@pytest.mark.gpu
+@cuda
+def test_fast_path_is_bitwise_triton():
+    fast.clear()
+    x = torch.randn(4096, device="cuda")
+    before = dict(fast.STATS)
+    for _ in range(3):
+        expected, got = _both(x, 4096, 1.5, -0.25, False, (32,))
+        assert torch.equal(expected, got)
+    assert fast.STATS["slow"] - before["slow"] == 1  # the first call compiles and caches
+    assert fast.STATS["fast"] - before["fast"] == 2
+    # Fresh data through the cached entry: still Triton's bits.
+    y = torch.randn(4096, device="cuda")
+    expected, got = _both(y, 4096, 1.5, -0.25, False, (32,))
+    assert torch.equal(expected, got)
+
+
+@pytest.mark.gpu
+@cuda
+def test_key_changes_go_back_through_triton():
+    fast.clear()
+    x = torch.randn(4096 + 16, device="cuda")
+    _both(x, 4096, 2.0, 1.0, True, (32,))
+    before = dict(fast.STATS)
+    cases = [
+        (x[1:4097], 4096),  # a 4-byte offset: not 16-byte aligned
+        (x[:4096], 4095),   # n no longer divisible by 16
+        (x[:4096], 1),      # n == 1 is a constant to Triton
+        (x[:4096].double().float(), 4096),
+    ]
+    for data, n in cases:
+        expected, got = _both(data, n, 2.0, 1.0, True, (32,))
+        assert torch.equal(expected, got), n
+    assert fast.STATS["fast"] - before["fast"] == 1  # only the last case reuses an entry
+    # A different constexpr is a different compiled kernel, with different results.
+    expected, got = _both(x[:4096], 4096, 2.0, 1.0, False, (32,))
+    assert torch.equal(expected, got)
+    assert torch.equal(got[:4096], x[:4096] * 2.0 + 1.0)
+
+
+@pytest.mark.gpu
+@cuda
+def test_fast_path_under_cuda_graph_capture():
+    fast.clear()
+    x = torch.randn(2048, device="cuda")
+    out = torch.empty_like(x)
+    fast.launch(_scaled_copy_kernel, (16,), x, out, 2048, 3.0, 0.0, FLIP=False, BLOCK=128)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fast.launch(_scaled_copy_kernel, (16,), x, out, 2048, 3.0, 0.0, FLIP=False, BLOCK=128)
+    x.copy_(torch.randn_like(x))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, x * 3.0)
+
+
+@pytest.mark.gpu
+@cuda
+def test_selection_outputs_match_triton_launch():
+    """select_blocks through cached launches equals the same call with the cache off."""
+    from prism import optimized
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q = torch.randn(1, 8, 4096, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 4096, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
+    optimized.select_blocks(q, k)
+    before = fast.STATS["fast"]
+    cached = optimized.select_blocks(q, k)
+    assert fast.STATS["fast"] > before
+    saved = fast._get_device
+    fast._get_device = None  # every launch through kernel[grid]
+    try:
+        plain = optimized.select_blocks(q, k)
+    finally:
+        fast._get_device = saved
+    assert torch.equal(cached.as_tensor(), plain.as_tensor())
+    assert torch.equal(cached.kv_num_blocks, plain.kv_num_blocks)
+    assert torch.equal(cached.kv_indices, plain.kv_indices)
