@@ -10,6 +10,13 @@ attention measured in the same run, and writes one JSON file::
 
 Where the reference implementation fits in memory (up to 32K here) it is
 timed too, and the masks of both are compared (entries that differ).
+
+``--stages`` adds the cost of each stage alone (``stages`` in the JSON): the
+antidiagonal scores per stride with several launch shapes of the packed
+kernel (``--tunings``; achieved TFLOP/s from the ``2 * 2 * N^2/2 * D / S``
+multiply-add FLOPs of its two causal passes per head), the vertical-slash
+distributions and tiles (kernel and the reference's torch code on the GPU),
+and the tile top-p (kernel and the reference's sort).
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ SETTINGS = {
         PrismConfig.preset("accurate"),
     "antidiagonal_vertical_slash stride 32 (p=0.9, vs=0.5)":
         PrismConfig.preset("accurate", antidiagonal_stride=32),
+    "antidiagonal_vertical_slash stride 64 (p=0.9, vs=0.5)":
+        PrismConfig.preset("accurate", antidiagonal_stride=64),
     "antidiagonal_vertical_slash stride 128 (p=0.9, vs=0.5)":
         PrismConfig.preset("accurate", antidiagonal_stride=128),
     "antidiagonal stride 32 (p=0.9)": PrismConfig(estimator="antidiagonal",
@@ -84,17 +93,131 @@ def time_setting(q, k, cfg, n):
     return entry
 
 
+TUNINGS = ("128,64,8,3", "128,128,8,3", "128,128,4,3", "256,64,8,3", "256,128,8,3")
+
+
+def use_fastest(row):
+    """Put each stride's fastest measured launch shape into antidiagonal_packed.TUNED."""
+    from prism.optimized import antidiagonal_packed
+
+    chosen = {}
+    for stride in sorted({entry["stride"] for entry in row["antidiagonal"]}):
+        timed = [e for e in row["antidiagonal"] if e["stride"] == stride and "ms" in e
+                 and e["max_abs_diff_to_default"] < 1e-4]
+        if timed:
+            best = min(timed, key=lambda e: e["ms"])
+            values = best["tuning"].split("(", 1)[1].rstrip(")").split(", ")
+            tuning = antidiagonal_packed.PackedTuning(
+                **{key: int(value) for key, value in (v.split("=") for v in values)})
+            antidiagonal_packed.TUNED[128 // stride] = tuning
+            chosen[stride] = {"tuning": best["tuning"], "ms": best["ms"]}
+    print("launch shapes used:", chosen, flush=True)
+    return chosen
+
+
+def stage_times(lengths, strides, tunings):
+    """Each stage alone at every length (launch shapes at the longest only)."""
+    out = []
+    for n in lengths:
+        out.append(_stage_row(n, strides, tunings if n == max(lengths) else ()))
+        torch.cuda.empty_cache()
+    return out
+
+
+def _stage_row(n, strides, tunings):
+    from prism.optimized.antidiagonal_packed import (
+        PackedTuning,
+        antidiagonal_packed_probabilities,
+        default_tuning,
+    )
+    from prism.optimized.estimators import antidiagonal_tile_probabilities, tile_top_p_kernel
+    from prism.optimized.vertical_slash import (
+        last_query_distributions_kernel,
+        vertical_slash_tile_mask,
+    )
+    from prism.reference import tile_layout
+    from prism.reference.estimators import last_query_distributions, vertical_slash_tiles
+    from prism.reference.registry import top_p_tiles
+
+    q, k, _ = structured_inputs(n)
+    b, hq, _, d = q.shape
+    group = hq // k.shape[1]
+    layout = tile_layout(n, n, 128, True)
+    row = {"tokens": n, "antidiagonal": [], "vertical_slash": {}, "tile_top_p": {}}
+    for stride in strides:
+        flops = 2 * 2 * (n * n / 2) * d / stride * b * hq
+        base = antidiagonal_tile_probabilities(q, k, layout, stride, True)
+        default = default_tuning(128 // stride, group)
+        for tuning in [None, *(PackedTuning(*map(int, t.split(","))) for t in tunings)]:
+            entry = {"stride": stride, "tuning": str(tuning or default)}
+            try:
+                def fn(t=tuning, s=stride):
+                    return antidiagonal_packed_probabilities(q, k, layout, s, True, t)
+                entry["max_abs_diff_to_default"] = float((fn() - base).abs().max())
+                entry["ms"] = bench(fn, rep=30)
+                entry["tflops"] = flops / entry["ms"] / 1e9
+            except Exception as error:
+                entry["error"] = f"{type(error).__name__}: {str(error)[:160]}"
+            row["antidiagonal"].append(entry)
+            print(n, entry, flush=True)
+        torch.cuda.empty_cache()
+    vs = row["vertical_slash"]
+    vs["distributions_kernel_ms"] = bench(
+        lambda: last_query_distributions_kernel(q, k, layout, 64, True), rep=30)
+    vs["tiles_kernel_ms"] = bench(
+        lambda: vertical_slash_tile_mask(q, k, layout, 64, 0.5, True), rep=30)
+    if n <= 32768:
+        kv, ks = last_query_distributions_kernel(q, k, layout, 64, True)
+        rv, rs = last_query_distributions(q, k, layout, 64, True)
+        vs["max_abs_diff_vertical"] = float((kv - rv).abs().max())
+        vs["max_abs_diff_slash"] = float((ks - rs).abs().max())
+        vs["tiles_differing"] = int((vertical_slash_tile_mask(q, k, layout, 64, 0.5, True)
+                                     != vertical_slash_tiles(q, k, layout, 64, 0.5, True)).sum())
+    vs["tiles_reference_torch_ms"] = bench(
+        lambda: vertical_slash_tiles(q, k, layout, 64, 0.5, True), rep=30)
+    print(n, vs, flush=True)
+    probs = antidiagonal_tile_probabilities(q, k, layout, 32, True)
+    tp = row["tile_top_p"]
+    tp["kernel_ms"] = bench(lambda: tile_top_p_kernel(probs, layout, True, 0.9), rep=30)
+    tp["reference_sort_ms"] = bench(lambda: top_p_tiles(probs, layout, True, 0.9), rep=30)
+    tp["tiles_differing"] = int((tile_top_p_kernel(probs, layout, True, 0.9)
+                                 != top_p_tiles(probs, layout, True, 0.9)).sum())
+    print(n, tp, flush=True)
+    return row
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None)
     parser.add_argument("--commit", default="unknown")
     parser.add_argument("--lengths", default="8192,32768,131072")
+    parser.add_argument("--stages", action="store_true",
+                        help="also time each stage alone (see the module docstring)")
+    parser.add_argument("--strides", default="32,64,128")
+    parser.add_argument("--tunings", default=";".join(TUNINGS),
+                        help="packed-kernel launch shapes timed at the longest length: "
+                             "rows,key_groups,warps,stages separated by ';'")
+    parser.add_argument("--use-fastest", action="store_true",
+                        help="with --stages: run the settings with each stride's fastest "
+                             "launch shape at the longest length (antidiagonal_packed.TUNED)")
+    parser.add_argument("--skip-settings", action="store_true",
+                        help="only the stages, not the whole selection per setting")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_estimators.py needs a CUDA GPU")
     started = time.time()
-    result = {"environment": environment(args.commit),
-              "rows": run([int(x) for x in args.lengths.split(",")])}
+    lengths = [int(x) for x in args.lengths.split(",")]
+    result = {"environment": environment(args.commit), "rows": []}
+    if args.stages:
+        result["stages"] = stage_times(lengths, [int(x) for x in args.strides.split(",")],
+                                       [t for t in args.tunings.split(";") if t])
+        if args.use_fastest:
+            result["tuning_used"] = use_fastest(result["stages"][-1])
+        if args.out:  # keep the stage numbers even if the settings run out of time
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+    if not args.skip_settings:
+        result["rows"] = run(lengths)
     result["wall_s"] = time.time() - started
     if args.out:
         with open(args.out, "w") as f:

@@ -60,8 +60,16 @@ class PackedTuning:
     num_stages: int = 3
 
 
+#: Measured launch shapes by groups per tile (``block_size // stride``), filled from
+#: ``benchmarks/bench_estimators.py --stages`` runs; other shapes take the generic one.
+TUNED: dict[int, PackedTuning] = {}
+
+
 def default_tuning(per_tile: int, group: int) -> PackedTuning:
     """The launch shape used unless one is passed (see docs/estimators.rst)."""
+    tuned = TUNED.get(per_tile)
+    if tuned is not None and group * per_tile <= tuned.target_rows:
+        return tuned
     rows = max(_MIN_DOT, next_power_of_2(group * per_tile))
     return PackedTuning(num_warps=4 if rows <= 64 else 8)
 
@@ -255,4 +263,4 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
 
 
 __all__ = ["PackedTuning", "antidiagonal_packed_applies", "antidiagonal_packed_probabilities",
-           "default_tuning", "online_softmax_step"]
+           "TUNED", "default_tuning", "online_softmax_step"]
