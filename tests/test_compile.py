@@ -215,3 +215,91 @@ def test_tile_mask_rejects_what_is_not_a_4d_bool_tensor():
     with pytest.raises(ValueError, match="both"):
         TileMask(torch.zeros(1, 1, 2, 2, dtype=torch.bool), block_size=16, causal=True,
                  num_queries=32, num_keys=32, kv_num_blocks=torch.zeros(1, 1, 2))
+
+
+# --------------------------------------------------------------------------
+# The transformers integration under torch.compile
+# --------------------------------------------------------------------------
+
+def _prism_through_kernels(monkeypatch):
+    """Point the integration at prism.optimized (the Triton kernels; interpreted on the
+    CPU), which traces whole, instead of the CPU reference, whose input checks read
+    values on the host."""
+    import prism.integrations.transformers as integration
+
+    monkeypatch.setattr(integration.prism, "select_blocks", optimized.select_blocks)
+    monkeypatch.setattr(integration.prism, "block_sparse_attention",
+                        optimized.block_sparse_attention)
+
+
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=512, rope_theta=10000.0, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(DEVICE).eval()
+    with torch.no_grad():  # peaked attention, so that the tile choice matters
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6.0)
+            layer.self_attn.k_proj.weight.mul_(6.0)
+    return model
+
+
+def test_prism_mask_gives_no_mask_without_padding_even_while_tracing():
+    pytest.importorskip("transformers")
+    from transformers.masking_utils import sdpa_mask
+
+    from prism.integrations.masks import prism_mask
+
+    assert prism_mask(batch_size=2, q_length=8, kv_length=8) is None
+    # The same call traced: sdpa_mask builds a full causal mask there (torch < 2.14).
+    torch._dynamo.reset()
+    traced = torch.compile(lambda x: (x, prism_mask(batch_size=2, q_length=8, kv_length=8)),
+                           fullgraph=True, backend="eager")
+    assert traced(torch.ones(1))[1] is None
+    # A padding mask, a KV prefix or a sliding window: sdpa_mask's own mask.
+    padding = torch.ones(2, 8, dtype=torch.bool)
+    padding[1, :3] = False
+    for kwargs in (dict(q_length=8, kv_length=8, attention_mask=padding),
+                   dict(q_length=4, kv_length=8, q_offset=4),
+                   dict(q_length=8, kv_length=8, local_size=4)):
+        got, expected = prism_mask(batch_size=2, **kwargs), sdpa_mask(batch_size=2, **kwargs)
+        assert (got is None) == (expected is None)
+        if expected is not None:
+            assert torch.equal(got, expected)
+    assert not bool(prism_mask(batch_size=2, q_length=8, kv_length=8,
+                               attention_mask=padding)[1, 0, :, :3].any())
+
+
+@pytest.mark.slow
+def test_compiled_llama_traces_the_integration_whole_and_matches_eager(monkeypatch):
+    """fullgraph=True through the attention function: no mask (traced into Prism's
+    operators) and a left-padded batch (the opaque masked-call operator), each equal
+    to eager; the padded call still raises eager's errors. (``slow``: about 3 minutes
+    in Triton's interpreter on a busy 2-core machine.)"""
+    from prism.integrations.transformers import register
+
+    _prism_through_kernels(monkeypatch)
+    register("prism-test-compile", block_size=16, high_threshold=0.5, low_threshold=0.5)
+    model = _tiny_llama()
+    model.set_attn_implementation("prism-test-compile")
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 97, (2, 48), generator=gen).to(DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :13] = 0  # left padding of row 1
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for kwargs in ({}, {"attention_mask": mask}):
+            eager = model(ids, **kwargs).logits
+            got = compiled(ids, **kwargs).logits
+            real = kwargs.get("attention_mask", torch.ones_like(ids)).bool()
+            assert relative_error(got[real], eager[real]) <= 1e-5
+        holes = mask.clone()
+        holes[0, 20] = 0  # padding between real tokens: eager raises, so does compiled
+        with pytest.raises(ValueError, match="padding between real tokens"):
+            model(ids, attention_mask=holes)
+        with pytest.raises(ValueError, match="padding between real tokens"):
+            compiled(ids, attention_mask=holes)

@@ -6,8 +6,8 @@
   on new inputs copied into the captured buffers, and so does
   ``torch.compile(mode="reduce-overhead")``;
 * a random-weight Llama-architecture model with ``attn_implementation="prism"``
-  gives the same logits compiled and eager (``fullgraph=True`` needs the
-  transformers integration itself to be free of data-dependent checks).
+  gives the same logits compiled with ``fullgraph=True`` and eager, with and
+  without a padding mask.
 """
 
 from __future__ import annotations
@@ -107,29 +107,25 @@ def _tiny_llama(attn_implementation):
     return model
 
 
-# fullgraph=True traces the transformers integration too; on the H200 (75ea321) Dynamo
-# stopped at its mask analysis (integrations/masks.py: ``bool(read_keys.any())`` on the
-# causal mask transformers passes), not inside Prism's operators. Strict: once the
-# integration traces, this case passes and the marker must go.
-_INTEGRATION_NOT_TRACEABLE = pytest.mark.xfail(
-    raises=(torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError), strict=True,
-    reason="the transformers integration reads the attention mask on the host")
-
-
-@pytest.mark.parametrize("fullgraph", [False, pytest.param(True,
-                                                           marks=_INTEGRATION_NOT_TRACEABLE)])
-def test_compiled_llama_with_prism_attention_matches_eager(fullgraph, record_property):
+def test_compiled_llama_with_prism_attention_matches_eager(record_property):
+    """fullgraph=True through the integration: a batch without padding traces into Prism's
+    operators (no mask is built, none decoded); a left-padded batch runs the masked call
+    as one opaque operator. Both give eager's logits."""
     from prism.integrations.transformers import register
 
     register("prism", block_size=64)
     model = _tiny_llama("prism")
-    ids = torch.randint(0, 1000, (1, 1024), device="cuda",
+    ids = torch.randint(0, 1000, (2, 1024), device="cuda",
                         generator=torch.Generator(device="cuda").manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :300] = 0  # left padding of row 1
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
-        eager = model(ids).logits.float()
-        torch._dynamo.reset()
-        compiled = torch.compile(model, fullgraph=fullgraph)
-        logits = compiled(ids).logits.float()
-    error = relative_error(logits, eager)
-    record_property("logits_error", error)
-    assert error <= 1e-3
+        for name, kwargs in (("unpadded", {}), ("padded", {"attention_mask": mask})):
+            eager = model(ids, **kwargs).logits.float()
+            logits = compiled(ids, **kwargs).logits.float()
+            real = kwargs.get("attention_mask", torch.ones_like(ids)).bool()
+            error = relative_error(logits[real], eager[real])
+            record_property(f"logits_error_{name}", error)
+            assert error <= 1e-3

@@ -19,9 +19,10 @@ dropout=..., scaling=..., **kwargs)`` with ``query`` (B, Hq, L, D) after RoPE,
 ``key``/``value`` (B, Hkv, S, D) after RoPE and after the KV cache update, not
 repeated for GQA, and expects ``(output (B, L, Hq, D), weights or None)``. The
 mask comes from the mask function registered under the same name
-(``AttentionMaskInterface``); :func:`register` registers transformers'
-``sdpa_mask``, which returns ``None`` for a plain causal batch and a bool
-(B, 1, L, S) mask otherwise. Without a registered mask function, transformers
+(``AttentionMaskInterface``); :func:`register` registers
+:func:`~prism.integrations.masks.prism_mask` (transformers' ``sdpa_mask``),
+which returns ``None`` for a plain causal batch and a bool (B, 1, L, S) mask
+otherwise. Without a registered mask function, transformers
 hands custom implementations no mask at all, and a padded batch would be
 silently wrong.
 
@@ -57,21 +58,35 @@ between real tokens as after right padding and generated tokens, additive
 biases) raises ``ValueError`` and names the fix when it reaches Prism, i.e.
 in a call of at least ``min_query_length`` queries; decode steps run SDPA.
 
-Synchronisation
----------------
+Synchronisation and torch.compile
+---------------------------------
 A call does no host synchronisation of its own and reads no clock unless a
 :class:`~prism.integrations.stats.PrismStats` collector was passed to
 :func:`register`: timing and tile counts are the collector's, an optional
 hook. Two things still need the host: decoding a padding mask
-(:mod:`~prism.integrations.masks`; transformers passes no mask for a plain
-causal batch), and whatever the selection and attention functions themselves
-do (:mod:`prism.optimized` on CUDA, whose eager calls read a NaN flag once so
+(:func:`~prism.integrations.masks.key_spans`, one small device-to-host copy),
+and whatever the selection and attention functions themselves do
+(:mod:`prism.optimized` on CUDA, whose eager calls read a NaN flag once so
 they can raise ``ValueError``; the reference elsewhere). A GPU test runs a
 call under ``torch.cuda.set_sync_debug_mode("error")`` to check the first part.
+
+A batch without padding mask gets no mask at all: the registered mask
+function (:func:`~prism.integrations.masks.prism_mask`) returns ``None`` for
+it, also while ``torch.compile`` traces the model, and the call goes straight
+to Prism's operators. ``torch.compile(model, fullgraph=True)`` then traces
+through the attention function without a graph break, and CUDA graphs
+(``mode="reduce-overhead"``) capture it. A call that gets a mask (a padding
+mask, even one of all ones, a static cache, a KV prefix) is decoded on the
+host; under ``torch.compile`` that whole call, decode included, is one opaque
+operator (``torch.ops.prism.transformers_masked_attention``, marked unsafe for
+CUDA graphs), so ``fullgraph=True`` still holds and the result and errors are
+eager's.
 """
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -81,7 +96,7 @@ import prism
 from prism.reference import PrismConfig, resolve_config
 
 from .masked_sdpa import masked_sdpa_attention
-from .masks import key_spans
+from .masks import key_spans, prism_mask
 from .stats import AttentionCall, PrismStats, clock, count_tiles
 
 #: Attention backends: ``"prism"`` runs :func:`prism.block_sparse_attention`
@@ -113,6 +128,24 @@ def _sdpa(module, query, key, value, attention_mask, scaling) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
+class _GroupsOf:
+    """What transformers' SDPA function reads of an attention module, for calls made
+    inside the opaque operator (which cannot take the module itself)."""
+
+    is_causal = True
+
+    def __init__(self, groups: int | None, layer: int | None):
+        if groups is not None:
+            self.num_key_value_groups = groups
+        self.layer_idx = layer
+
+
+#: The live attention functions, by handle: the opaque operator finds its
+#: function (config, backend, selector, statistics) here.
+_FUNCTIONS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_HANDLES = itertools.count()
+
+
 class PrismAttention:
     """The attention function registered by :func:`register`.
 
@@ -138,6 +171,8 @@ class PrismAttention:
         self.min_query_length = min_query_length
         self.backend = backend
         self.selector = selector
+        self.handle = next(_HANDLES)
+        _FUNCTIONS[self.handle] = self
 
     def __repr__(self) -> str:
         selector = "prism.select_blocks" if self.selector is None else repr(self.selector)
@@ -153,12 +188,31 @@ class PrismAttention:
         if q_len < self.min_query_length:
             return self._dense(module, query, key, value, attention_mask, scaling, layer)
 
-        if attention_mask is None and k_len > q_len:
-            # transformers sends no mask with more keys than queries only when it
-            # prefills an empty static cache: the keys past the queries are unused
-            # slots (its own SDPA function drops them the same way).
+        if attention_mask is not None:
+            groups = getattr(module, "num_key_value_groups", None)
+            if torch.compiler.is_compiling():
+                out = torch.ops.prism.transformers_masked_attention(
+                    query, key, value, attention_mask, scaling, self.handle, layer, groups)
+            else:
+                out = self._masked(module, query, key, value, attention_mask, scaling, layer)
+            return out, None
+        if k_len > q_len > 1:
+            # transformers sends no mask with more keys than queries and more than one
+            # query only when it prefills an empty static cache: the keys past the
+            # queries are unused slots (its own SDPA function drops them the same way).
+            # One query without a mask is a decode step: it reads every key.
             key, value = key[:, :, :q_len], value[:, :, :q_len]
-        layout = key_spans(attention_mask, q_len, key.shape[2])
+        out, run = self._sparse(query, key, value, scaling)
+        if self.stats is not None:
+            self._record(layer, b, q_len, k_len, [run], run.mask)
+        return out.transpose(1, 2).contiguous(), None
+
+    def _masked(self, module, query, key, value, attention_mask, scaling, layer):
+        """A call with a mask: decode it (:func:`key_spans`), then Prism on the whole batch
+        or row by row. Eager code; returns the output (B, L, Hq, D)."""
+        b, _, q_len, _ = query.shape
+        k_len = key.shape[2]
+        layout = key_spans(attention_mask, q_len, k_len)
         if layout is None:
             out, run = self._sparse(query, key, value, scaling)
             runs, mask = [run], run.mask
@@ -168,7 +222,7 @@ class PrismAttention:
             mask = [None if run is None else run.mask for run in runs]
         if self.stats is not None:
             self._record(layer, b, q_len, k_len, [r for r in runs if r is not None], mask)
-        return out.transpose(1, 2).contiguous(), None
+        return out.transpose(1, 2).contiguous()
 
     @staticmethod
     def _check_call(module, dropout, is_causal, kwargs) -> None:
@@ -273,15 +327,37 @@ class PrismAttention:
         ))
 
 
+_OP_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
+
+@torch.library.custom_op("prism::transformers_masked_attention", mutates_args=(),
+                         tags=_OP_TAGS)
+def _masked_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor, scaling: float | None, function: int,
+                         layer: int | None, groups: int | None) -> torch.Tensor:
+    """A masked call of the attention function ``function`` (a :class:`PrismAttention`
+    handle), as one operator that ``torch.compile`` does not look into."""
+    return _FUNCTIONS[function]._masked(_GroupsOf(groups, layer), query, key, value,
+                                        attention_mask, scaling, layer)
+
+
+@_masked_attention_op.register_fake
+def _(query, key, value, attention_mask, scaling, function, layer, groups):
+    b, hq, q_len, _ = query.shape
+    return query.new_empty(b, q_len, hq, value.shape[-1])
+
+
 def register(name: str = "prism", config: PrismConfig | None = None, *,
              stats: PrismStats | None = None, backend: str = "prism",
              min_query_length: int | None = None, selector: Selector | None = None,
              **overrides) -> PrismStats | None:
     """Register Prism as ``attn_implementation=name`` in transformers.
 
-    Registers an attention function (``AttentionInterface``) and transformers'
-    ``sdpa_mask`` as the matching mask function (``AttentionMaskInterface``),
-    so that padded batches reach the attention function with their mask.
+    Registers an attention function (``AttentionInterface``) and
+    :func:`~prism.integrations.masks.prism_mask` (transformers' ``sdpa_mask``,
+    with no mask for an unpadded causal batch even under ``torch.compile``) as
+    the matching mask function (``AttentionMaskInterface``), so that padded
+    batches reach the attention function with their mask.
     Afterwards ``from_pretrained(..., attn_implementation=name)`` or
     ``model.set_attn_implementation(name)`` runs Prism in every attention
     layer of a RoPE decoder (Llama, Mistral, Qwen2, SmolLM2, ...).
@@ -349,7 +425,7 @@ def register(name: str = "prism", config: PrismConfig | None = None, *,
         raise TypeError(f"selector must be callable or None, got {type(selector).__name__}")
     try:
         from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.masking_utils import AttentionMaskInterface
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError(
             "prism.integrations.transformers needs transformers: "
@@ -358,7 +434,7 @@ def register(name: str = "prism", config: PrismConfig | None = None, *,
 
     function = PrismAttention(cfg, stats, min_query_length, backend, selector)
     AttentionInterface.register(name, function)
-    AttentionMaskInterface.register(name, sdpa_mask)
+    AttentionMaskInterface.register(name, prism_mask)
     return stats
 
 
