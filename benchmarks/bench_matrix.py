@@ -15,6 +15,15 @@ Four parts, each written to the JSON as soon as it is measured:
     ``select_blocks`` against its memory floor (read Q and K once, write the
     mask and the compact indices), for two launch plans (one launch per
     power-of-two width, or narrow rows merged into one launch).
+``graph``
+    What users run, on the ``e2e`` inputs: ``prism_attention`` eager, under
+    ``torch.compile(fullgraph=True)`` and as a captured CUDA graph replayed,
+    beside cuDNN dense and compiled FlexAttention (on the tile mask that
+    Prism selected, so attention only) in the same run.
+``ncu``
+    One launch of our attention kernel (and cuDNN's, at density 1.0) for
+    Nsight Compute to profile: ``--ncu-cell`` names the cell (run the script
+    under ``ncu``, as ``run_h200.sh ncu`` does).
 ``overhead``
     Host time of a public call: as it runs, and with every Triton launch
     replaced by a no-op (the wrapper alone: validation, allocation, launch
@@ -25,6 +34,13 @@ Usage (GPU machine, repository root)::
 
     python benchmarks/bench_matrix.py --parts overhead,selection,e2e,matrix \\
         --cells small --out benchmarks/results/h200_matrix_<commit>.json
+    python benchmarks/bench_matrix.py --parts graph,matrix --cells full \\
+        --skip-measured benchmarks/results/h200_matrix_75ea321.json --budget-s 200
+
+``--cells full`` is the issue's whole matrix (D 64/128/256 x GQA 1/4/8 with 32
+query heads x 8K/32K/128K x tile 64/128 x batch 1/4, and 256K), cheapest
+cells first, so that a time budget covers as many cells as it can;
+``--skip-measured`` leaves out the cells a committed run already holds.
 
 Times are medians of ``triton.testing.do_bench`` (see ``bench_prism.bench``);
 ratios compare numbers of the same run.
@@ -74,6 +90,29 @@ CELLS = {
     ],
 }
 DENSITIES = (1.0, 0.3, 0.15, 0.05)
+
+
+def full_cells():
+    """The issue's matrix plus 256K, ordered by dense cost (cheapest first)."""
+    cells = [(d, 32, 32 // group, n, bs, b)
+             for d in (64, 128, 256) for group in (1, 4, 8)
+             for n in (8192, 32768, 131072) for bs in (64, 128) for b in (1, 4)]
+    cells.append((128, 32, 8, 262144, 128, 1))
+    return sorted(cells, key=lambda c: (c[3] * c[3] * c[0] * c[5], c))
+
+
+CELLS["full"] = full_cells()
+
+
+def measured_cells(paths) -> set:
+    """Cells (head_dim, q heads, kv heads, tokens, tile, batch) held by earlier runs."""
+    done = set()
+    for path in paths:
+        with open(path) as f:
+            for row in json.load(f).get("matrix", []):
+                done.add((row["head_dim"], row["q_heads"], row["kv_heads"], row["tokens"],
+                          row["tile"], row["batch"]))
+    return done
 
 
 def random_qkv(b, hq, hkv, n, d, seed=0):
@@ -129,7 +168,12 @@ def flex_ms(q, k, v, mask, bs):
         from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
         if "fn" not in _FLEX:
-            _FLEX["fn"] = torch.compile(flex_attention)
+            # One static kernel per shape, as a user's compiled model gets: no
+            # automatic dynamic shapes, and no fallback to eager after 8 shapes.
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(torch._dynamo.config, name):
+                    setattr(torch._dynamo.config, name, 1024)
+            _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
         n, nt = q.shape[2], mask.shape[-1]
         eye = torch.eye(nt, dtype=torch.bool, device=mask.device)
         full_num, full_idx = mask_rows_to_indices(mask & ~eye)
@@ -138,10 +182,13 @@ def flex_ms(q, k, v, mask, bs):
             part_num, part_idx, full_num, full_idx, BLOCK_SIZE=bs,
             mask_mod=lambda b, h, qi, ki: qi >= ki, seq_lengths=(n, n))
         fn = _FLEX["fn"]
-        fn(q, k, v, block_mask=block_mask, enable_gqa=True)
-        return bench(lambda: fn(q, k, v, block_mask=block_mask, enable_gqa=True))
+        # Flex's default kernel tiles are 128 rows: a tile-64 mask needs 64-row tiles.
+        options = {"BLOCK_M": bs, "BLOCK_N": bs} if bs < 128 else None
+        fn(q, k, v, block_mask=block_mask, enable_gqa=True, kernel_options=options)
+        return bench(lambda: fn(q, k, v, block_mask=block_mask, enable_gqa=True,
+                                kernel_options=options))
     except Exception as error:  # noqa: BLE001 - a shape FlexAttention cannot run
-        log(f"  FlexAttention failed: {type(error).__name__}: {str(error)[:160]}")
+        log(f"  FlexAttention failed: {type(error).__name__}: {str(error)[:300]}")
         return None
 
 
@@ -188,6 +235,62 @@ def e2e(n):
         row["cudnn_over_prism"] = row["cudnn_ms"] / row["prism_ms"]
     log(f"  e2e {n}: {row}")
     return row
+
+
+def graph(n):
+    """``prism_attention`` eager, compiled (fullgraph) and CUDA-graph replayed, beside cuDNN
+    and compiled FlexAttention on Prism's own tile mask, on the e2e inputs."""
+    q, k, v = structured_qkv(n)
+    mask = optimized.select_blocks(q, k)
+    nt = mask.shape[-1]
+    row = {"tokens": n, "density": float(mask.sum()) / (mask.shape[1] * nt * (nt + 1) / 2)}
+    row["eager_ms"] = bench(lambda: optimized.prism_attention(q, k, v))
+    compiled = torch.compile(lambda q, k, v: optimized.prism_attention(q, k, v), fullgraph=True)
+    out = compiled(q, k, v)
+    row["compiled_error"] = float((out.float() - optimized.prism_attention(q, k, v).float())
+                                  .norm() / out.float().norm())
+    row["compiled_ms"] = bench(lambda: compiled(q, k, v))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            optimized.prism_attention(q, k, v)
+    torch.cuda.current_stream().wait_stream(stream)
+    captured = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(captured):
+        graph_out = optimized.prism_attention(q, k, v)
+    captured.replay()
+    row["graph_error"] = float((graph_out.float() - out.float()).norm() / out.float().norm())
+    row["graph_ms"] = bench(captured.replay)
+    del captured, graph_out
+    row["cudnn_ms"], _ = cudnn_ms(q, k, v)
+    row["flex_same_mask_ms"] = flex_ms(q, k, v, mask.as_tensor(), 128)
+    if row["cudnn_ms"]:
+        for name in ("eager", "compiled", "graph"):
+            row[f"cudnn_over_{name}"] = row["cudnn_ms"] / row[f"{name}_ms"]
+    log(f"  graph {n}: {row}")
+    return row
+
+
+def ncu_target(cell, density, seed=0):
+    """One warm-up launch, then the launches Nsight Compute profiles (``--launch-skip``
+    the warm-up): our kernel on a random tile mask of ``density``; at density 1.0 also
+    cuDNN dense, warm-up and one launch."""
+    d, hq, hkv, n, bs, b = cell
+    q, k, v = random_qkv(b, hq, hkv, n, d, seed)
+    mask = random_causal_mask(b, hq, n // bs, density, seed + 1)
+    num, idx = mask_rows_to_indices(mask, 0, causal_trim=True)
+    tiles = int(num.sum())
+    for _ in range(2):
+        sparse_attention_forward(q, k, v, num, idx, block_size=bs, causal=True, scale=None,
+                                 return_lse=False, first_query_tile=0, query_start=0,
+                                 interpreted=False)
+    torch.cuda.synchronize()
+    if density == 1.0:
+        cudnn_ms(q, k, v)  # its warm-up and timed calls: profile with --launch-count 1
+    # 2 matrix products of bs x bs x d per computed tile (QK^T and PV).
+    log(f"  ncu cell {cell} density {density}: {tiles} tiles, "
+        f"{4 * tiles * bs * bs * d / 1e12:.4f} TFLOP per call (diagonal tiles counted whole)")
 
 
 def selection(n, hq=32, hkv=8, d=128, bs=128):
@@ -345,6 +448,11 @@ def main(argv=None):
     parser.add_argument("--densities", default=",".join(str(x) for x in DENSITIES))
     parser.add_argument("--commit", default="")
     parser.add_argument("--out", default="")
+    parser.add_argument("--graph-lengths", default="4096,8192,32768,131072")
+    parser.add_argument("--skip-measured", default="",
+                        help="comma list of earlier h200_matrix JSON files whose cells to skip")
+    parser.add_argument("--ncu-cell", default="128,32,8,8192,128,1:0.05",
+                        help="D,hq,hkv,tokens,tile,batch:density for the ncu part")
     parser.add_argument("--budget-s", type=float, default=1e9,
                         help="stop starting new matrix cells after this many seconds")
     args = parser.parse_args(argv)
@@ -364,6 +472,21 @@ def main(argv=None):
                 json.dump(result, f, indent=1)
 
     parts = args.parts.split(",")
+    if "ncu" in parts:
+        cell, density = args.ncu_cell.split(":")
+        ncu_target(tuple(int(x) for x in cell.split(",")), float(density))
+        return result
+    if "graph" in parts:
+        result["graph"] = []
+        for n in args.graph_lengths.split(","):
+            try:
+                result["graph"].append(graph(int(n)))
+            except Exception as error:  # noqa: BLE001 - record the failure, go on
+                result["graph"].append({"tokens": int(n), "error": f"{type(error).__name__}: "
+                                                                   f"{str(error)[:300]}"})
+                log(f"  graph {n} failed: {result['graph'][-1]['error']}")
+            torch.cuda.empty_cache()
+            save()
     if "overhead" in parts:
         result["overhead"] = overhead()
         save()
@@ -383,8 +506,11 @@ def main(argv=None):
     if "matrix" in parts:
         densities = tuple(float(x) for x in args.densities.split(","))
         result["matrix"] = []
+        skip = measured_cells([p for p in args.skip_measured.split(",") if p])
         for group in args.cells.split(","):
             for cell in CELLS[group]:
+                if cell in skip:
+                    continue
                 if time.time() - t0 > args.budget_s:
                     log(f"  budget reached, skipping {cell}")
                     continue

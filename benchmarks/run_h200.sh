@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One call on the H200: install, GPU tests, benchmarks; results under $OUT.
 # Usage: bash benchmarks/run_h200.sh STEPS   (STEPS: comma list of
-#   compile, gpu, optimized, overhead, selection, e2e, tune, matrix)
+#   compile, gpu, optimized, ncu, graph, overhead, selection, e2e, tune, matrix)
+# ncu: Nsight Compute on our attention kernel (and cuDNN's at density 1.0) for each
+#   D,hq,hkv,tokens,tile,batch:density in NCU_CELLS; one CSV per cell under $OUT.
 # Each step has its own time limit so that a slow step leaves the others' files.
 set -u
 STEPS=",${1:-compile,gpu},"
@@ -13,7 +15,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv,noheader
 on() { [[ "$STEPS" == *",$1,"* ]]; }
 if on compile; then
-    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_compile_gpu.py \
+    timeout "${COMPILE_S:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_compile_gpu.py \
         -o junit_family=legacy --junitxml="$OUT/compile_tests.xml" 2>&1 | tail -25
 fi
 if on optimized; then
@@ -25,8 +27,21 @@ if on gpu; then
         -o junit_family=legacy --junitxml="$OUT/gpu_tests.xml" ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} \
         2>&1 | tail -15
 fi
+if on ncu; then
+    ncu --version | tail -1
+    for spec in ${NCU_CELLS:-128,32,8,8192,128,1:0.05 128,32,8,16384,128,1:1.0}; do
+        name="ncu_$(echo "$spec" | tr ',:.' '_-p').csv"
+        timeout "${NCU_S:-90}" ncu --clock-control none --launch-skip 1 --launch-count 2 \
+            -k 'regex:sparse_attention|sdpa|fmha|flash' --section SpeedOfLight \
+            --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+            --section ComputeWorkloadAnalysis --csv --page details --log-file "$OUT/$name" \
+            python3 benchmarks/bench_matrix.py --parts ncu --ncu-cell "$spec" 2>&1 | tail -4
+        grep -E '"(Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Memory Throughput|Registers Per Thread)"' \
+            "$OUT/$name" | cut -d, -f5,12- | head -16
+    done
+fi
 PARTS=""
-for part in overhead selection e2e tune matrix; do
+for part in graph overhead selection e2e tune matrix; do
     on "$part" && PARTS="$PARTS,$part"
 done
 if [ -n "$PARTS" ]; then
