@@ -111,13 +111,14 @@ def select_blocks(q, k, config: PrismConfig | None = None, *, causal: bool = Tru
     """
     cfg = _resolve(config, overrides)
     validate_qk(q, k, causal=causal, check_values=False)
-    check_device(_select_tiles_kernel, q=q, k=k)
+    if not (q.is_cuda and k.is_cuda):
+        check_device(_select_tiles_kernel, q=q, k=k)
     if torch.compiler.is_compiling():
         return torch.ops.prism.select(q, k, None, causal, *ops.config_values(cfg))[0]
     mask, num, idx, nonfinite = ops.select(q, k, None, cfg, causal)
     _raise_if_nonfinite(nonfinite, q=q, k=k)
-    return TileMask(mask, block_size=cfg.block_size, causal=causal, num_queries=q.shape[2],
-                    num_keys=k.shape[2], kv_num_blocks=num, kv_indices=idx)
+    return TileMask.from_selection(mask, cfg.block_size, causal, q.shape[2], k.shape[2], num,
+                                   idx)
 
 
 def _select(q, k, cfg: PrismConfig, causal: bool, *, write_indices: bool = True):
@@ -157,11 +158,13 @@ def block_sparse_attention(q, k, v, block_mask, *, block_size: int = 128, causal
     """
     validate_qkv(q, k, v, causal=causal, check_values=False)
     validate_block_size(block_size)
-    validate_scale(scale)
+    if scale is not None:
+        validate_scale(scale)
     nq, nk = q.shape[2], k.shape[2]
     layout = ops._layout(nq, nk, block_size, causal)
     validate_block_mask(block_mask, q, (layout.num_query_tiles, layout.num_key_tiles))
-    check_device(_sparse_attention_kernel, q=q, k=k, v=v)
+    if not (q.is_cuda and k.is_cuda and v.is_cuda):
+        check_device(_sparse_attention_kernel, q=q, k=k, v=v)
     num = idx = None
     if isinstance(block_mask, TileMask):
         carried = block_mask.carried_indices(block_size=block_size, causal=causal,
@@ -204,8 +207,10 @@ def prism_attention(q, k, v, config: PrismConfig | None = None, *, causal: bool 
     """
     cfg = _resolve(config, overrides)
     validate_qkv(q, k, v, causal=causal, check_values=False)
-    validate_scale(scale)
-    check_device(_sparse_attention_kernel, q=q, k=k, v=v)
+    if scale is not None:
+        validate_scale(scale)
+    if not (q.is_cuda and k.is_cuda and v.is_cuda):
+        check_device(_sparse_attention_kernel, q=q, k=k, v=v)
     if torch.compiler.is_compiling():
         mask, num, idx, _ = torch.ops.prism.select(q, k, v, causal, *ops.config_values(cfg))
         out, lse, _ = torch.ops.prism.block_sparse_attention(
@@ -216,9 +221,8 @@ def prism_attention(q, k, v, config: PrismConfig | None = None, *, causal: bool 
                                     return_lse, False)
         _raise_if_nonfinite(nonfinite, q=q, k=k, v=v)
         if return_mask:
-            mask = TileMask(mask, block_size=cfg.block_size, causal=causal,
-                            num_queries=q.shape[2], num_keys=k.shape[2], kv_num_blocks=num,
-                            kv_indices=idx)
+            mask = TileMask.from_selection(mask, cfg.block_size, causal, q.shape[2], k.shape[2],
+                                           num, idx)
     result = (out, lse) if return_lse else out
     if not return_mask:
         return result

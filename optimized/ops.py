@@ -92,6 +92,21 @@ def _layout(nq: int, nk: int, block_size: int, causal: bool):
     return _cached_layout(nq, nk, block_size, causal)
 
 
+_BANDS: dict = {}
+
+
+def _band_sizes(head_dim: int, high_dim, low_dim):
+    """``band_sizes``, remembered per argument triple (bad widths raise and are not kept)."""
+    key = (head_dim, high_dim, low_dim)
+    sizes = _BANDS.get(key)
+    if sizes is None:
+        sizes = band_sizes(head_dim, high_dim, low_dim)
+        if len(_BANDS) > 1024:
+            _BANDS.clear()
+        _BANDS[key] = sizes
+    return sizes
+
+
 def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, cfg: PrismConfig,
            causal: bool):
     """Selection on validated inputs: ``(mask, kv_num_blocks, kv_indices, nonfinite)``.
@@ -107,7 +122,7 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, cfg: PrismC
     layout = _layout(nq, nk, cfg.block_size, causal)
     nqt, nkt = layout.num_query_tiles, layout.num_key_tiles
     if nqt and nkt and cfg.estimator == "prism" and nkt <= MAX_WIDTH:
-        high_dim, low_dim = band_sizes(d, cfg.high_dim, cfg.low_dim)
+        high_dim, low_dim = _band_sizes(d, cfg.high_dim, cfg.low_dim)
         return select_tiles(q, k, cfg, causal, layout, high_dim, low_dim, write_mask=True,
                             write_indices=True, v=v)
     nonfinite = nonfinite_flag(q, k, k if v is None else v)
@@ -208,8 +223,15 @@ def _attention_fake(q, k, v, block_mask, kv_num_blocks, kv_indices, block_size, 
     return out, lse, q.new_empty((1 if check_values else 0,), dtype=torch.float64)
 
 
+_capturing = None
+
+
 def tracing() -> bool:
     """True under ``torch.compile`` tracing or while the current CUDA stream is captured."""
+    global _capturing
     if torch.compiler.is_compiling():
         return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if _capturing is None:  # asked once: torch.cuda.is_available() costs microseconds
+        _capturing = (torch._C._cuda_isCurrentStreamCapturing if torch.cuda.is_available()
+                      else bool)
+    return _capturing()

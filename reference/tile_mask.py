@@ -101,6 +101,23 @@ class TileMask(torch.Tensor):
         self._given = self._compact
         return self
 
+    @classmethod
+    def from_selection(cls, mask: torch.Tensor, block_size: int, causal: bool,
+                       num_queries: int, num_keys: int, kv_num_blocks: torch.Tensor,
+                       kv_indices: torch.Tensor) -> TileMask:
+        """``TileMask(...)`` for outputs a selection just produced (no argument checks).
+
+        For callers that made ``mask`` (bool, 4-D) and its compact form
+        themselves: the same object as the constructor, without the checks
+        and conversions that cost microseconds on every call.
+        """
+        self = torch.Tensor._make_subclass(cls, mask, False)
+        compact = (kv_num_blocks, kv_indices)
+        self.__dict__.update(block_size=block_size, causal=causal, num_queries=num_queries,
+                             num_keys=num_keys, _compact=compact,
+                             _compact_version=self._version, _given=compact)
+        return self
+
     @property
     def layout(self) -> TileLayout:
         """The tile grid of the call (:func:`prism.reference.tile_layout`)."""

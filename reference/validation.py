@@ -3,6 +3,13 @@
 Every check runs before any computation and raises ``ValueError`` or
 ``TypeError`` with a message that names the argument, what was expected, what
 arrived and how to fix the call. Nothing here modifies a tensor.
+
+The shape and type checks of :func:`validate_qk` and :func:`validate_qkv`
+depend only on each tensor's type, shape, dtype and device and on ``causal``;
+signatures that passed are remembered, so a repeated call (the common case:
+every layer of a model, every decoding step of one length) skips the checks.
+Failing inputs are never remembered and raise every time; value checks
+(``check_values``) always run.
 """
 
 from __future__ import annotations
@@ -65,6 +72,46 @@ def check_same_dtype_device(**tensors: torch.Tensor) -> None:
             )
 
 
+#: Signatures of inputs that passed the shape/type checks (cleared when it grows large).
+_PASSED: dict = {}
+
+
+def _signature(causal, q, k, v=None):
+    """A hashable summary of what the shape/type checks read, or None (not cacheable).
+
+    None under ``torch.compile`` tracing (the checks are traced, not skipped),
+    for a non-bool ``causal`` and for anything that is not a tensor.
+    """
+    if (type(causal) is not bool or not isinstance(q, torch.Tensor)
+            or not isinstance(k, torch.Tensor) or torch.compiler.is_compiling()):
+        return None
+    key = (causal, type(q), q.shape, q.dtype, q.device, type(k), k.shape, k.dtype, k.device)
+    if v is not None:
+        if not isinstance(v, torch.Tensor):
+            return None
+        key += (type(v), v.shape, v.dtype, v.device)
+    return key
+
+
+def _known(key) -> bool:
+    if key is None:
+        return False
+    try:
+        return key in _PASSED
+    except TypeError:  # symbolic sizes are not hashable
+        return False
+
+
+def _remember(key) -> None:
+    if key is not None:
+        if len(_PASSED) > 4096:
+            _PASSED.clear()
+        try:
+            _PASSED[key] = True
+        except TypeError:  # symbolic sizes: such calls are simply checked every time
+            return
+
+
 def validate_qk(q, k, *, causal: bool, check_values: bool = True) -> None:
     """Validate query and key tensors (contract §2 and §8).
 
@@ -77,6 +124,21 @@ def validate_qk(q, k, *, causal: bool, check_values: bool = True) -> None:
     check_values : bool
         Also reject NaN/Inf entries.
     """
+    key = _signature(causal, q, k)
+    if _known(key):
+        if check_values:
+            check_finite("q", q)
+            check_finite("k", k)
+        return
+    _check_qk(q, k, causal)
+    _remember(key)
+    if check_values:
+        check_finite("q", q)
+        check_finite("k", k)
+
+
+def _check_qk(q, k, causal) -> None:
+    """The shape and type checks of :func:`validate_qk`."""
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be True or False, got {causal!r}")
     check_tensor("q", q)
@@ -107,14 +169,26 @@ def validate_qk(q, k, *, causal: bool, check_values: bool = True) -> None:
             f"got q tokens {nq} > k tokens {nk}; pass the whole KV sequence including any "
             "prefix, or use causal=False"
         )
-    if check_values:
-        check_finite("q", q)
-        check_finite("k", k)
 
 
 def validate_qkv(q, k, v, *, causal: bool, check_values: bool = True) -> None:
     """Validate q, k and v (v is (B, Hkv, Nk, Dv))."""
-    validate_qk(q, k, causal=causal, check_values=check_values)
+    key = _signature(causal, q, k, v) if v is not None else None
+    known = _known(key)
+    if not known:
+        _check_qk(q, k, causal)
+    if check_values:
+        check_finite("q", q)
+        check_finite("k", k)
+    if not known:
+        _check_v(q, k, v)
+        _remember(key)
+    if check_values:
+        check_finite("v", v)
+
+
+def _check_v(q, k, v) -> None:
+    """The shape and type checks of v in :func:`validate_qkv` (after q and k passed)."""
     check_tensor("v", v, layout="(B, Hkv, Nk, Dv)")
     check_same_dtype_device(q=q, v=v)
     if v.shape[0] != k.shape[0] or v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:
@@ -124,8 +198,6 @@ def validate_qkv(q, k, v, *, causal: bool, check_values: bool = True) -> None:
         )
     if v.shape[3] == 0:
         raise ValueError("v must have a head_dim of at least 1, got 0")
-    if check_values:
-        check_finite("v", v)
 
 
 def validate_scale(scale) -> None:

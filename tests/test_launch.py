@@ -287,3 +287,60 @@ def test_selection_outputs_match_triton_launch():
     assert torch.equal(cached.as_tensor(), plain.as_tensor())
     assert torch.equal(cached.kv_num_blocks, plain.kv_num_blocks)
     assert torch.equal(cached.kv_indices, plain.kv_indices)
+
+
+# ---------------------------------------------------------------------------
+# Host-side caches of the public calls: remembered validation, TileMask.
+# ---------------------------------------------------------------------------
+
+def test_remembered_validation_still_rejects_bad_calls():
+    """A signature that passed once skips the shape checks, never the others."""
+    from prism.reference.validation import validate_qk, validate_qkv
+
+    q, k = torch.randn(1, 4, 64, 16), torch.randn(1, 2, 64, 16)
+    v = torch.randn(1, 2, 64, 8)
+    for _ in range(2):
+        validate_qk(q, k, causal=True, check_values=False)
+        validate_qkv(q, k, v, causal=True, check_values=False)
+    with pytest.raises(TypeError, match="causal must be True or False"):
+        validate_qk(q, k, causal=1, check_values=False)  # 1 == True, but not a bool
+    with pytest.raises(TypeError, match="causal must be True or False"):
+        validate_qkv(q, k, v, causal=1, check_values=False)
+    bad = q.clone()
+    bad[0, 1, 5, 3] = float("nan")
+    with pytest.raises(ValueError, match="q contains 1 NaN"):
+        validate_qk(bad, k, causal=True)
+    bad_v = v.clone()
+    bad_v[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="v contains 1 NaN or Inf"):
+        validate_qkv(q, k, bad_v, causal=True)
+    for _ in range(2):  # failures are never remembered
+        with pytest.raises(ValueError, match="v must match k"):
+            validate_qkv(q, k, torch.randn(1, 2, 63, 8), causal=True, check_values=False)
+        with pytest.raises(TypeError, match="mixed dtypes"):
+            validate_qk(q, k.double().float().half(), causal=True, check_values=False)
+        with pytest.raises(ValueError, match="Nq <= Nk"):
+            validate_qk(torch.randn(1, 4, 65, 16), k, causal=True, check_values=False)
+        with pytest.raises(TypeError, match="must be a torch.Tensor"):
+            validate_qkv(q, k, v.numpy(), causal=True, check_values=False)
+
+
+def test_tile_mask_from_selection_equals_constructor():
+    from prism.reference.tile_mask import TileMask
+
+    bits = torch.rand(2, 3, 4, 5) < 0.5
+    num = torch.randint(0, 5, (2, 3, 4), dtype=torch.int32)
+    idx = torch.randint(-1, 5, (2, 3, 4, 5), dtype=torch.int32)
+    made = TileMask(bits, block_size=64, causal=True, num_queries=200, num_keys=300,
+                    kv_num_blocks=num, kv_indices=idx)
+    fast_made = TileMask.from_selection(bits, 64, True, 200, 300, num, idx)
+    assert type(fast_made) is TileMask
+    assert vars(made).keys() == vars(fast_made).keys()
+    for name in ("block_size", "causal", "num_queries", "num_keys", "_compact_version"):
+        assert getattr(made, name) == getattr(fast_made, name)
+    assert fast_made.carried_indices(block_size=64, causal=True, num_queries=200,
+                                     num_keys=300) == (num, idx)
+    assert fast_made.data_ptr() == bits.data_ptr()
+    fast_made[0, 0, 0, 0] = not bool(fast_made[0, 0, 0, 0])  # an edit drops the indices
+    assert fast_made.carried_indices(block_size=64, causal=True, num_queries=200,
+                                     num_keys=300) is None
