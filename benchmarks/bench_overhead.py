@@ -1,0 +1,246 @@
+"""Where the fixed cost of a Prism call goes, on a CUDA GPU (issue #14, item 4).
+
+Prints one JSON object (and writes it with ``--out``):
+
+``host_us``
+    Host microseconds per eager call of ``select_blocks``, ``prism_attention``
+    and ``block_sparse_attention`` at 4K (32/8 heads, D 128, bf16), with the
+    eager NaN-flag read switched off (the host never waits, as in
+    ``bench_matrix.py --parts overhead``): with the cached launcher of
+    :mod:`prism.optimized.launch` (``fast``), with every launch through
+    ``kernel[grid]`` (``triton``), and with every launch a no-op (``no_kernels``).
+``launch_us``
+    Host microseconds of one ``pool_tiles_and_energy`` and one ``select_tiles``
+    call at 4K: launches cached, through ``kernel[grid]``, and no-ops.
+``gpu_us``
+    Device time of the selection kernels alone, from CUDA-graph replays, so the
+    host cost is out of the picture: what a host-free call could reach.
+``eager_ms``
+    ``triton.testing.do_bench`` medians of the eager calls as users make them
+    (flag read included), and at 128K pooling alone against the whole selection.
+``profile``
+    cProfile of the no-kernel ``prism_attention`` and ``select_blocks`` wrappers.
+
+Usage (GPU machine, repository root)::
+
+    python benchmarks/bench_overhead.py --out benchmarks/results/h200_overhead_<sha>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from bench_prism import bench  # noqa: E402
+
+from prism import optimized  # noqa: E402
+from prism.optimized import attention, indices, launch, ops, pooling  # noqa: E402
+from prism.optimized import selection as sel  # noqa: E402
+from prism.reference.bands import band_sizes  # noqa: E402
+from prism.reference.config import PrismConfig  # noqa: E402
+
+DTYPE = torch.bfloat16
+KERNELS = [(pooling, "_pool_tiles_kernel"), (pooling, "_nonfinite_kernel"),
+           (sel, "_select_tiles_kernel"), (attention, "_sparse_attention_kernel"),
+           (indices, "_mask_to_indices_kernel")]
+
+
+def qkv(n, hq=32, hkv=8, d=128, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return tuple(torch.randn(1, h, n, d, device="cuda", dtype=DTYPE, generator=gen)
+                 for h in (hq, hkv, hkv))
+
+
+def host_us(fn, calls=300):
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+class _Stubbed:
+    """Every Prism kernel replaced by a no-op launch while inside."""
+
+    def __enter__(self):
+        self.saved = [(m, name, getattr(m, name)) for m, name in KERNELS]
+        for m, name in KERNELS:
+            setattr(m, name, _NoLaunch())
+
+    def __exit__(self, *exc):
+        for m, name, kernel in self.saved:
+            setattr(m, name, kernel)
+
+
+class _TritonLaunches:
+    """Every launch through ``kernel[grid]`` while inside."""
+
+    def __enter__(self):
+        self.saved = launch._get_device
+        launch._get_device = None
+
+    def __exit__(self, *exc):
+        launch._get_device = self.saved
+
+
+def profile(fn, calls=300, lines=22):
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(lines)
+    return text.getvalue()[-5000:]
+
+
+def host_part(n=4096):
+    q, k, v = qkv(n)
+    mask = optimized.select_blocks(q, k)
+    calls = {
+        "select_blocks": lambda: optimized.select_blocks(q, k),
+        "prism_attention": lambda: optimized.prism_attention(q, k, v),
+        "block_sparse_attention": lambda: optimized.block_sparse_attention(q, k, v, mask),
+    }
+    row = {}
+    original = ops.tracing
+    ops.tracing = lambda: True
+    try:
+        for name, fn in calls.items():
+            row[f"{name}_fast"] = host_us(fn)
+            with _TritonLaunches():
+                row[f"{name}_triton"] = host_us(fn)
+            with _Stubbed():
+                row[f"{name}_no_kernels"] = host_us(fn)
+            row[f"{name}_fast_again"] = host_us(fn)
+        with _Stubbed():
+            prof = {name: profile(calls[name]) for name in ("prism_attention", "select_blocks")}
+    finally:
+        ops.tracing = original
+    return row, prof
+
+
+def launch_part(n=4096):
+    """One pooling and one selection launch, Triton's way and launch()'s way."""
+    q, k, _ = qkv(n)
+    cfg = PrismConfig()
+    layout = ops._layout(n, n, cfg.block_size, True)
+    high, low = band_sizes(q.shape[3], cfg.high_dim, cfg.low_dim)
+    row = {}
+    pool = lambda: pooling.pool_tiles_and_energy(q, k, layout, high, low, cfg.rope_layout)  # noqa: E731
+    select = lambda: sel.select_tiles(q, k, cfg, True, layout, high, low,  # noqa: E731
+                                      write_mask=True, write_indices=True)
+    for name, fn in (("pooling_call", pool), ("select_tiles_call", select)):
+        row[f"{name}_fast"] = host_us(fn)
+        with _TritonLaunches():
+            row[f"{name}_triton"] = host_us(fn)
+        with _Stubbed():
+            row[f"{name}_no_kernels"] = host_us(fn)
+    return row
+
+
+def _graph_us(fn, repeats=10):
+    """Device microseconds per call of ``fn`` from the replay of a graph of ``repeats`` calls."""
+    fn()
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats):
+            fn()
+    return bench(graph.replay) * 1e3 / repeats
+
+
+def _gpu_one(n, row):
+    cfg = PrismConfig()
+    q, k, _ = qkv(n)
+    layout = ops._layout(n, n, cfg.block_size, True)
+    high, low = band_sizes(q.shape[3], cfg.high_dim, cfg.low_dim)
+    tuning = sel.SelectionTuning(overlap=False)
+    row[f"pooling_{n}_us"] = _graph_us(
+        lambda: pooling.pool_tiles_and_energy(q, k, layout, high, low, cfg.rope_layout))
+    row[f"select_tiles_{n}_us"] = _graph_us(
+        lambda: sel.select_tiles(q, k, cfg, True, layout, high, low, write_mask=True,
+                                 write_indices=True, tuning=tuning))
+
+
+def gpu_part(lengths=(4096, 8192, 131072)):
+    """Device time of pooling and of select_tiles from CUDA-graph replays (no host cost)."""
+    row = {}
+    for n in lengths:
+        _gpu_one(n, row)
+    return row
+
+
+def _eager_one(n, row):
+    q, k, v = qkv(n)
+    row[f"select_blocks_{n}_ms"] = bench(lambda: optimized.select_blocks(q, k))
+    row[f"prism_attention_{n}_ms"] = bench(lambda: optimized.prism_attention(q, k, v))
+    with _TritonLaunches():
+        row[f"select_blocks_{n}_triton_launch_ms"] = bench(lambda: optimized.select_blocks(q, k))
+
+
+def eager_part(lengths=(4096, 8192, 131072)):
+    row = {}
+    for n in lengths:
+        _eager_one(n, row)
+    return row
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="")
+    parser.add_argument("--parts", default="host,launch,gpu,eager")
+    args = parser.parse_args(argv)
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    parts = args.parts.split(",")
+
+    def save():
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+
+    if "host" in parts:
+        result["host_us"], result["profile"] = host_part()
+        print("host_us", json.dumps(result["host_us"], indent=0), flush=True)
+        save()
+    if "launch" in parts:
+        result["launch_us"] = launch_part()
+        print("launch_us", json.dumps(result["launch_us"], indent=0), flush=True)
+        save()
+    if "gpu" in parts:
+        result["gpu_us"] = gpu_part()
+        print("gpu_us", json.dumps(result["gpu_us"], indent=0), flush=True)
+        save()
+    if "eager" in parts:
+        result["eager_ms"] = eager_part()
+        print("eager_ms", json.dumps(result["eager_ms"], indent=0), flush=True)
+        save()
+    result["launch_stats"] = dict(launch.STATS)
+    save()
+    print(result.get("profile", {}).get("select_blocks", "")[-2500:])
+
+
+if __name__ == "__main__":
+    main()
