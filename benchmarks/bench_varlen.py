@@ -240,11 +240,38 @@ def prism_entry(q, k, v, cu, max_len, lengths, cfg, masks, qs, ks, vs):
     # Attention alone on the selected masks (TileMasks hand over their indices).
     entry["attention_varlen_ms"] = bench(lambda: optimized.block_sparse_attention_varlen(
         q, k, v, cu, cu, max_len, max_len, masks, block_size=BLOCK))
+    bounds = cu.tolist()
+    ranges = [(a, b, a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    pieces = [(1, *optimized.mask_to_indices(m.as_subclass(torch.Tensor))) for m in masks]
+    entry["kernel_packed_order_ms"] = launch_orders(q, k, v, ranges, pieces)
     entry["packing_overhead"] = entry["varlen_ms"] / entry["per_sequence_contiguous_ms"] - 1
     return entry
 
 
-def equal_length_overhead(cfg_sparse, n=16384, batch=8):
+def work_order(layout):
+    """The same launch tables with every tile of every sequence ordered by work alone
+    (causal key tiles up to the diagonal), heaviest first: the order to compare with."""
+    seqs, tiles = layout.seqs.cpu(), layout.tiles.cpu()
+    work = seqs[tiles[:, 0].long(), 5] + tiles[:, 1] + 1
+    order = torch.sort(work, stable=True).indices
+    return packed_launch.PackedLayout(seqs=layout.seqs, tiles=tiles[order].to(layout.tiles.device),
+                                      num_tiles=layout.num_tiles,
+                                      query_start_gcd=layout.query_start_gcd)
+
+
+def launch_orders(q, k, v, ranges, pieces):
+    """The one packed launch on the same indices in its tile order and in work order."""
+    flat_num, flat_idx, placements = packed_launch._flatten_indices(pieces)
+    by_sequence = packed_launch.packed_layout(ranges, placements, BLOCK, True, q.device)
+    times = {}
+    for name, layout in (("by_sequence", by_sequence), ("by_work", work_order(by_sequence))):
+        times[name] = bench(lambda layout=layout: packed_launch.packed_attention_forward(
+            q, k, v, layout, flat_num, flat_idx, block_size=BLOCK, causal=True, scale=None,
+            return_lse=False))
+    return times
+
+
+def equal_length_overhead(cfg_sparse, n=16384, batch=8, which=("sparse", "dense")):
     """Packed varlen of 8 x 16K against prism_attention on the (8, H, 16K, D) batch,
     end to end and stage by stage on the same compact indices."""
     parts = [structured(n, 100 + i) for i in range(batch)]
@@ -258,6 +285,8 @@ def equal_length_overhead(cfg_sparse, n=16384, batch=8):
     for name, cfg in (("sparse", cfg_sparse),
                       ("dense", PrismConfig(block_size=BLOCK, high_threshold=1.0,
                                             low_threshold=1.0))):
+        if name not in which:
+            continue
         entry = {"threshold": cfg.high_threshold}
         entry["batched_ms"] = bench(lambda cfg=cfg: optimized.prism_attention(qb, kb, vb, cfg))
         entry["varlen_ms"] = bench(lambda cfg=cfg: optimized.prism_attention_varlen(
@@ -289,6 +318,7 @@ def equal_length_overhead(cfg_sparse, n=16384, batch=8):
         entry["kernel_strided_view_ms"] = bench(lambda: kernel(*strided))
         entry["kernel_packed_ms"] = bench(packed)
         entry["kernel_overhead"] = entry["kernel_packed_ms"] / entry["kernel_batched_ms"] - 1
+        entry["kernel_packed_order_ms"] = launch_orders(q, k, v, ranges, [(batch, num, idx)])
         out[name] = entry
         log(f"  8 x 16K {name}: {json.dumps(entry)}")
     return out

@@ -49,7 +49,6 @@ from prism.reference.tiles import tile_layout
 from prism.reference.validation import (
     check_finite,
     validate_block_mask,
-    validate_qkv,
     validate_scale,
 )
 from prism.reference.varlen import (
@@ -121,10 +120,16 @@ def packed_layout(ranges, placements, block_size: int, causal: bool,
     device
         Where the tables go (copied from pinned memory without a host wait).
 
-    The tile table lists every (sequence, query-tile row) in ascending work
-    (causal: key tiles up to the diagonal; otherwise the sequence's key
-    tiles), ties in sequence order; the kernel runs it from the end, so the
-    heaviest tiles start first.
+    The tile table lists every (sequence, query-tile row); the kernel runs it
+    from the end. Read from the end, it takes the sequences by descending
+    work of their heaviest tile (causal: key tiles up to the diagonal;
+    otherwise the sequence's key tiles), ties in sequence order, and each
+    sequence's rows from the last (heaviest) one: heavy tiles start first,
+    and the programs running together (one KV head at a time, see
+    ``AttentionConfig.kv_major``) read one sequence's K and V, as a dense
+    batch's programs read one batch entry's. Ordering every tile of every
+    sequence by work alone measured 5% slower on 8 x 16K (H200): concurrent
+    programs then read eight sequences' K and V.
     """
     key = (tuple(ranges), tuple(placements), block_size, causal, str(device))
     cached = _LAYOUTS.get(key)
@@ -149,10 +154,12 @@ def packed_layout(ranges, placements, block_size: int, causal: bool,
     starts = np.cumsum(counts) - counts
     row = np.arange(seq_of_tile.size, dtype=np.int64) - starts[seq_of_tile]
     if causal:
-        work = seqs[seq_of_tile, 5] + row + 1
+        heaviest = seqs[:, 5] + counts
     else:
-        work = -(-seqs[seq_of_tile, 3] // block_size)
-    order = np.argsort(work, kind="stable")
+        heaviest = -(-seqs[:, 3] // block_size)
+    rank = np.empty(batch, dtype=np.int64)
+    rank[np.argsort(-heaviest, kind="stable")] = np.arange(batch)
+    order = np.lexsort((-row, rank[seq_of_tile]))[::-1]  # run order, reversed
     table = np.concatenate([seqs.reshape(-1),
                             np.stack([seq_of_tile[order], row[order]], axis=1).reshape(-1)])
     host = torch.from_numpy(table.astype(np.int32))
@@ -289,8 +296,11 @@ def _raise_named(flags, q, k, v, ranges) -> None:
     ops = importlib.import_module("prism.optimized.ops")
     if not flags or ops.tracing():
         return
-    flag = flags[0] if len(flags) == 1 else torch.cat([f.reshape(-1) for f in flags])
-    if not bool(flag.any()):
+    if len(flags) == 1:
+        flagged = bool(flags[0])  # one element: a copy to the host, no extra kernel
+    else:
+        flagged = bool(torch.cat([f.reshape(-1) for f in flags]).any())
+    if not flagged:
         return
     for i, (q0, q1, k0, k1) in enumerate(ranges):
         try:
@@ -317,11 +327,8 @@ def run_prism_packed(q, k, v, ranges, cfg: PrismConfig, *, causal: bool, scale,
     check_device(_sparse_attention_kernel, q=q, k=k, v=v)
     pieces, flags, masks = [], [], []
     for first, count in runs_of_equal_shape(ranges):
-        (q_run, k_run, v_run), what = _run_views(q, k, v, ranges, first, count)
-        try:
-            validate_qkv(q_run, k_run, v_run, causal=causal, check_values=False)
-        except (ValueError, TypeError) as error:
-            raise _name_sequence(error, first, count, what) from error
+        # validate_varlen checked what the dense validation would check per run.
+        (q_run, k_run, v_run), _ = _run_views(q, k, v, ranges, first, count)
         mask, num, idx, flag = ops.select(q_run, k_run, v_run, cfg, causal)
         pieces.append((count, num, idx))
         flags.append(flag)

@@ -39,6 +39,7 @@ import torch
 from . import attention as _attention
 from . import select as _select
 from .config import PrismConfig, resolve_config
+from .tile_mask import TileMask
 from .validation import FLOAT_DTYPES, check_same_dtype_device, validate_qk, validate_scale
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -236,8 +237,24 @@ def _run_views(q, k, v, ranges, first: int, count: int):
 
 
 def _split(mask, count: int) -> list:
-    """A run's (count, H, nq, nk) mask as ``count`` masks (1, H, nq, nk)."""
-    return [mask] if count == 1 else [mask[g:g + 1] for g in range(count)]
+    """A run's (count, H, nq, nk) mask as ``count`` masks (1, H, nq, nk).
+
+    A :class:`TileMask` carrying compact indices splits into TileMasks carrying
+    their slices of them (so attention on the list need not rebuild them).
+    """
+    if count == 1:
+        return [mask]
+    carried = None
+    if isinstance(mask, TileMask):
+        carried = mask.carried_indices(block_size=mask.block_size, causal=mask.causal,
+                                       num_queries=mask.num_queries, num_keys=mask.num_keys)
+    if carried is None or carried[0].shape[0] != count:
+        return [mask[g:g + 1] for g in range(count)]
+    bits = mask.as_tensor()
+    return [TileMask(bits[g:g + 1], block_size=mask.block_size, causal=mask.causal,
+                     num_queries=mask.num_queries, num_keys=mask.num_keys,
+                     kv_num_blocks=carried[0][g:g + 1], kv_indices=carried[1][g:g + 1])
+            for g in range(count)]
 
 
 def run_select(impl, q, k, ranges, cfg: PrismConfig, causal: bool, indices=None) -> list:

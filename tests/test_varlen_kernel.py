@@ -88,9 +88,10 @@ def count_launches(monkeypatch, packed):
 # The tables the kernel reads.
 # --------------------------------------------------------------------------
 
-def test_tile_table_lists_every_tile_once_heaviest_last():
-    """Each (sequence, row) once; ascending work (the kernel starts from the end); each
-    sequence's entry holds its rows, lengths and bottom-right layout."""
+def test_tile_table_lists_every_tile_once_heaviest_first():
+    """Each (sequence, row) once. Read from the end (the kernel's order): sequences by
+    descending heaviest tile, each one's rows from the last; each sequence's entry
+    holds its rows, lengths and bottom-right layout."""
     _, packed, _ = _kernels()
     lengths_q, lengths_k = [40, 0, 1, 70, 17], [40, 3, 30, 100, 17]
     starts_q = [0, 40, 40, 41, 111]
@@ -100,14 +101,10 @@ def test_tile_table_lists_every_tile_once_heaviest_last():
     placements = [(i, 0, 10 * i, 0, 7) for i in range(5)]
     layout = packed.packed_layout(ranges, placements, 16, True, torch.device("cpu"))
     tiles = layout.tiles.tolist()
-    expected = {(i, r) for i, (nq, nk) in enumerate(zip(lengths_q, lengths_k, strict=True))
-                for r in range(reference.tile_layout(nq, nk, 16, True).num_query_tiles)}
-    assert sorted(map(tuple, tiles)) == sorted(expected) and len(tiles) == len(expected)
-    work = []
-    for i, r in tiles:
-        entry = layout.seqs[i].tolist()
-        work.append(entry[5] + r + 1)  # key tiles up to the diagonal
-    assert work == sorted(work)
+    # Heaviest tiles (key tiles up to the diagonal): sequence 3 ends in tile 6 (7 tiles),
+    # 0 in tile 2 (3), 2 in tile 1 (2), 4 in tile 1 (2); 1 has no query.
+    assert tiles[::-1] == [[3, 5], [3, 4], [3, 3], [3, 2], [3, 1], [3, 0],
+                           [0, 2], [0, 1], [0, 0], [2, 0], [4, 1], [4, 0]]
     # Sequence 3: 70 queries, the last of 100 keys: query_start 30, first tile 1.
     assert layout.seqs[3].tolist() == [41, 73, 70, 100, 30, 1, 3, 0, 30, 0, 7]
     # Query starts 0, 29, 30, 0 (the empty sequence has no tiles and does not count).
@@ -205,6 +202,11 @@ def test_prism_varlen_selects_per_run_and_attends_once(monkeypatch):
     assert all(m.carried_indices(block_size=16, causal=True, num_queries=nq, num_keys=nk)
                is not None for m, nq, nk in zip(masks, lengths_q, lengths_k, strict=True))
     check_against_loop(o, lse, seqs, [m.as_tensor() for m in masks], 16, True, torch.float32)
+    # The selection alone splits its run of two into masks that carry their indices.
+    selected = optimized.select_blocks_varlen(q, k, cu_q, cu_k, 20, 30, cfg)
+    for m, nq, nk in zip(selected[:2], lengths_q[:2], lengths_k[:2], strict=True):
+        num, idx = m.carried_indices(block_size=16, causal=True, num_queries=nq, num_keys=nk)
+        assert num.shape == (1, 2, 1) and idx.shape == (1, 2, 1, 1)
 
 
 @pytest.mark.interpret
