@@ -147,7 +147,7 @@ def _stage_row(n, strides, tunings):
     for stride in strides:
         flops = 2 * 2 * (n * n / 2) * d / stride * b * hq
         base = antidiagonal_tile_probabilities(q, k, layout, stride, True)
-        default = default_tuning(128 // stride, group)
+        default = default_tuning(128 // stride, group, d)
         for tuning in [None, *(PackedTuning(*map(int, t.split(","))) for t in tunings)]:
             entry = {"stride": stride, "tuning": str(tuning or default)}
             try:
