@@ -183,6 +183,15 @@ def _gpu_one(n, row):
     row[f"select_tiles_{n}_us"] = _graph_us(
         lambda: sel.select_tiles(q, k, cfg, True, layout, high, low, write_mask=True,
                                  write_indices=True, tuning=tuning))
+    # Without the compaction (mask only): the difference is what writing indices costs.
+    row[f"select_tiles_mask_only_{n}_us"] = _graph_us(
+        lambda: sel.select_tiles(q, k, cfg, True, layout, high, low, write_mask=True,
+                                 write_indices=False, tuning=tuning))
+    # p = 1 keeps every positive tile: no bisection, so the difference is its cost.
+    dense = PrismConfig(high_threshold=1.0, low_threshold=1.0)
+    row[f"select_tiles_p1_{n}_us"] = _graph_us(
+        lambda: sel.select_tiles(q, k, dense, True, layout, high, low, write_mask=True,
+                                 write_indices=True, tuning=tuning))
 
 
 def gpu_part(lengths=(4096, 8192, 131072)):
