@@ -66,7 +66,43 @@ def h200_tables(root: Path) -> str:
         parts.append(_list_table(
             f"``{path.name}`` (commit {commit}): selection time, median per call, and "
             "causal tile density d", ("tokens", *settings, "cuDNN dense attention"), rows))
+        if data.get("stages"):
+            parts.append(_stage_tables(path.name, commit, data))
     return "\n".join(parts) if parts else "No H200 estimator run is committed.\n"
+
+
+def _stage_tables(name: str, commit: str, data: dict) -> str:
+    """``bench_estimators.py --stages``: each stage alone, and the launch shapes tried."""
+    rows = []
+    for row in data["stages"]:
+        vs, tp = row["vertical_slash"], row["tile_top_p"]
+        anti = {}
+        for entry in row["antidiagonal"]:
+            if "ms" in entry:
+                best = anti.get(entry["stride"])
+                anti[entry["stride"]] = min(best, entry["ms"]) if best else entry["ms"]
+        rows.append((f"{row['tokens'] // 1024}K",
+                     ", ".join(f"S {s}: {ms:.3g} ms" for s, ms in sorted(anti.items())),
+                     f"{vs['distributions_kernel_ms']:.3g} ms",
+                     f"{vs['tiles_kernel_ms']:.3g} ms",
+                     f"{vs['tiles_reference_torch_ms']:.3g} ms",
+                     f"{tp['kernel_ms']:.3g} ms", f"{tp['reference_sort_ms']:.3g} ms"))
+    parts = [_list_table(
+        f"``{name}`` (commit {commit}): each stage alone, median per call (antidiagonal: "
+        "fastest launch shape measured)",
+        ("tokens", "antidiagonal scores", "vertical-slash distributions (kernels)",
+         "vertical-slash tiles (kernels + torch top-p)", "vertical-slash tiles (reference "
+         "torch)", "tile top-p (kernel)", "tile top-p (reference sort)"), rows)]
+    longest = data["stages"][-1]
+    shapes = [(str(e["stride"]), e["tuning"].replace("PackedTuning", ""),
+               f"{e['ms']:.3g} ms" if "ms" in e else "-",
+               f"{e['tflops']:.0f}" if "ms" in e else e.get("error", "")[:60])
+              for e in longest["antidiagonal"]]
+    parts.append(_list_table(
+        f"``{name}``: packed antidiagonal kernel launch shapes at "
+        f"{longest['tokens'] // 1024}K tokens (first row per stride: the default then)",
+        ("stride", "launch shape", "time", "TFLOP/s (or error)"), shapes))
+    return "\n".join(parts)
 
 
 def render(root: Path) -> None:
