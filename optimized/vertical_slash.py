@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from prism.reference.estimators import vertical_slash_tiles_from_distributions
+from prism.reference.estimators import vertical_slash_tiles_from_kept
 from prism.reference.tiles import TileLayout, tile_layout
 from prism.reference.validation import check_same_dtype_device, check_tensor
 
@@ -59,6 +59,8 @@ from .antidiagonal_packed import online_softmax_step
 MAX_ROWS = 128
 #: Keys per program of the statistics pass (a chunk; its blocks are BN keys).
 CHUNK_KEYS = 4096
+#: Values per chunk of the long-row top-p's passes.
+LONG_TOP_P_BLOCK = 2048
 _MIN_DOT = 16
 
 
@@ -323,6 +325,108 @@ def last_query_distributions_kernel(q: torch.Tensor, k: torch.Tensor, layout: Ti
     return vertical, slash
 
 
+@triton.jit
+def _row_mass_above(x_row, length, t, BLOCK: tl.constexpr):
+    """Over one row: ``F(t) = sum_{x > t} x`` and ``C(t) = #{x > t}``, chunk by chunk."""
+    mass = tl.zeros((), dtype=tl.float32)
+    count = tl.zeros((), dtype=tl.int32)
+    for start in range(0, length, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        x = tl.load(x_row + idx, mask=idx < length, other=-1.0)
+        above = x > t
+        mass += tl.sum(tl.where(above, x, 0.0), axis=0)
+        count += tl.sum(above.to(tl.int32), axis=0)
+    return mass, count
+
+
+@triton.jit
+def _bits_threshold(bits):
+    """The fp32 threshold of int32 bits; -1 stands for "below every value"."""
+    return tl.where(bits < 0, -1.0, bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _long_top_p_kernel(X, KEEP, length, threshold, BLOCK: tl.constexpr):
+    """Contract §6's top-p over one long row (``length`` values >= 0) without sorting.
+
+    The rule of :func:`prism.optimized.selection._top_p_keep` for rows too long
+    for registers: ``F(t)``, the mass strictly above ``t``, is a pass over the
+    row. Bisect the fp32 bits of ``t`` for the smallest value ``v`` with
+    ``F(v) < p`` (at most 31 passes; stop once the bracket holds one value,
+    which is then ``v`` itself); keep every ``x > v`` and the first
+    ``ceil((p - F(v)) / v)`` values equal to ``v`` by index (a running count
+    over the chunks, in index order). Rows whose whole mass stays below ``p``,
+    and ``p >= 1``, keep every non-zero value. Zeros are never kept.
+    """
+    row = tl.program_id(0)
+    x_row = X + row.to(tl.int64) * length
+    keep_row = KEEP + row.to(tl.int64) * length
+    total, count_all = _row_mass_above(x_row, length, -1.0, BLOCK)
+    top = tl.zeros((), dtype=tl.float32)
+    for start in range(0, length, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        top = tl.maximum(top, tl.max(tl.load(x_row + idx, mask=idx < length, other=0.0), 0))
+    # Bracket: F(lo) >= p > F(hi), on int32 bits (lo = -1: below every value).
+    lo = tl.full((), -1, dtype=tl.int32)
+    hi = top.to(tl.int32, bitcast=True)
+    count_lo = count_all
+    count_hi = tl.zeros((), dtype=tl.int32)
+    mass_hi = tl.zeros((), dtype=tl.float32)
+    everything = (threshold >= 1.0) | (total < threshold)
+    unresolved = (~everything) & (count_lo - count_hi > 1) & (hi - lo > 1)
+    step = 0
+    while (step < 32) & unresolved:
+        mid = lo + (hi - lo) // 2
+        mass, count = _row_mass_above(x_row, length, _bits_threshold(mid), BLOCK)
+        up = mass >= threshold
+        lo = tl.where(up, mid, lo)
+        count_lo = tl.where(up, count, count_lo)
+        hi = tl.where(up, hi, mid)
+        count_hi = tl.where(up, count_hi, count)
+        mass_hi = tl.where(up, mass_hi, mass)
+        unresolved = (count_lo - count_hi > 1) & (hi - lo > 1)
+        step += 1
+    single = count_lo - count_hi == 1
+    # Cut value and how many of its ties to keep (index order).
+    v = tl.where(everything, 0.0, tl.where(single, _bits_threshold(lo), hi.to(tl.float32,
+                                                                             bitcast=True)))
+    safe_v = tl.where(v > 0.0, v, 1.0)
+    quota = tl.where(everything | single | (v <= 0.0), 0.0,
+                     tl.math.ceil((threshold - mass_hi) / safe_v))
+    seen = tl.zeros((), dtype=tl.int32)
+    for start in range(0, length, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        x = tl.load(x_row + idx, mask=idx < length, other=0.0)
+        at_v = (x == v) & (idx < length) & ~(everything | single)
+        rank = tl.cumsum(at_v.to(tl.int32), axis=0) + seen  # 1-based among the ties
+        keep = (x > v) | (at_v & (rank.to(tl.float32) <= quota))
+        keep = keep & (x > 0.0)
+        tl.store(keep_row + idx, keep.to(tl.int8), mask=idx < length)
+        seen += tl.sum(at_v.to(tl.int32), axis=0)
+
+
+def long_top_p_kernel(values: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Contract §6's top-p along the last axis, for long rows, by a Triton kernel.
+
+    Same result as ``top_p_select(values, True, threshold)[0] & (values > 0)``
+    (:func:`prism.reference.top_p_select`) up to fp32 summation order at the
+    boundary; ``values`` must be non-negative (probabilities).
+
+    Returns
+    -------
+    Tensor, bool, the shape of ``values``
+    """
+    check_device(_long_top_p_kernel, values=values)
+    x = values.float().contiguous()
+    keep = torch.zeros(x.shape, dtype=torch.int8, device=x.device)
+    length = x.shape[-1] if x.dim() else 1
+    if x.numel() == 0:
+        return keep.view(torch.bool)
+    _long_top_p_kernel[(x.numel() // length,)](x, keep, length, float(threshold),
+                                               BLOCK=LONG_TOP_P_BLOCK, num_warps=8)
+    return keep.view(torch.bool)
+
+
 def vertical_slash_tile_mask(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
                              last_queries: int, threshold: float,
                              causal: bool = True) -> torch.Tensor:
@@ -341,7 +445,8 @@ def vertical_slash_tile_mask(q: torch.Tensor, k: torch.Tensor, layout: TileLayou
     if nq == 0 or nk == 0:
         return torch.zeros(q.shape[0], q.shape[1], nq, nk, dtype=torch.bool, device=q.device)
     vertical, slash = last_query_distributions_kernel(q, k, layout, last_queries, causal)
-    return vertical_slash_tiles_from_distributions(vertical, slash, layout, threshold, causal)
+    return vertical_slash_tiles_from_kept(long_top_p_kernel(vertical, threshold),
+                                          long_top_p_kernel(slash, threshold), layout, causal)
 
 
-__all__ = ["last_query_distributions_kernel", "vertical_slash_tile_mask"]
+__all__ = ["last_query_distributions_kernel", "long_top_p_kernel", "vertical_slash_tile_mask"]

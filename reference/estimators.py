@@ -208,25 +208,43 @@ def vertical_slash_tiles_from_distributions(vertical: torch.Tensor, slash: torch
     Tensor (B, Hq, nq, nk), bool
         Restricted to the admissible tiles; not yet united with forced tiles.
     """
-    b, hq, nk_tokens = vertical.shape
+    ones = torch.ones((), dtype=torch.bool, device=vertical.device)
+    keep_columns, _ = top_p_select(vertical, ones, threshold)
+    keep_offsets, _ = top_p_select(slash, ones, threshold)
+    return vertical_slash_tiles_from_kept(keep_columns & (vertical > 0),
+                                          keep_offsets & (slash > 0), layout, causal)
+
+
+def vertical_slash_tiles_from_kept(keep_columns: torch.Tensor, keep_offsets: torch.Tensor,
+                                   layout: TileLayout, causal: bool = True) -> torch.Tensor:
+    """Kept key columns and diagonal offsets to tile pairs (:func:`vertical_slash_tiles`' end).
+
+    Parameters
+    ----------
+    keep_columns : Tensor (B, Hq, Nk), bool
+    keep_offsets : Tensor (B, Hq, P + Nk), bool
+        Entry ``o + Nk - 1`` is offset ``o``.
+    layout : TileLayout
+    causal : bool
+
+    Returns
+    -------
+    Tensor (B, Hq, nq, nk), bool, restricted to the admissible tiles
+    """
+    b, hq, nk_tokens = keep_columns.shape
     bs = layout.block_size
     nq, nk = layout.num_query_tiles, layout.num_key_tiles
-    device = vertical.device
+    device = keep_columns.device
     admissible = admissible_tiles(layout, causal, device)
     if nq == 0 or nk == 0:
         return torch.zeros(b, hq, nq, nk, dtype=torch.bool, device=device)
-    ones = torch.ones((), dtype=torch.bool, device=device)
-    keep_columns, _ = top_p_select(vertical, ones, threshold)
-    keep_offsets, _ = top_p_select(slash, ones, threshold)
-    keep_columns = keep_columns & (vertical > 0)
-    keep_offsets = keep_offsets & (slash > 0)
     # Columns -> key tiles.
     column_hits = torch.zeros(b, hq, nk, dtype=torch.int32, device=device)
     column_hits.index_add_(-1, torch.arange(nk_tokens, device=device) // bs,
                            keep_columns.to(torch.int32))
     column_tiles = column_hits > 0
     # Offsets -> tile offsets; tile offset d sits at index d + nk in the table.
-    offsets = torch.arange(slash.shape[-1], device=device) - (nk_tokens - 1)
+    offsets = torch.arange(keep_offsets.shape[-1], device=device) - (nk_tokens - 1)
     n_diag = layout.first_query_tile + nq + nk + 1
     diagonal_hits = torch.zeros(b, hq, n_diag, dtype=torch.int32, device=device)
     for tile_offset in (torch.div(offsets, bs, rounding_mode="floor"),
@@ -373,4 +391,5 @@ __all__ = [
     "subtile_band_probabilities",
     "vertical_slash_tiles",
     "vertical_slash_tiles_from_distributions",
+    "vertical_slash_tiles_from_kept",
 ]

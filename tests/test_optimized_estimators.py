@@ -610,3 +610,30 @@ def test_tile_top_p_kernel_matches_reference(nq, nk, bs, causal, threshold):
     assert not ((actual != expected) & ~boundary).any()
     assert torch.equal(probs, probs_before)
     assert expected.any() and (admissible.expand_as(expected) & ~expected).any()
+
+
+@pytest.mark.parametrize("n, threshold", [(5000, 0.5), (3000, 0.9), (100, 1.0), (7, 0.3)])
+def test_long_top_p_kernel_matches_reference(n, threshold):
+    """The vertical-slash top-p over long rows (several chunks), with ties and zeros."""
+    from prism.optimized.vertical_slash import long_top_p_kernel
+
+    gen = torch.Generator().manual_seed(n)
+    x = torch.softmax(torch.randn(4, n, generator=gen) * 3, -1)
+    x[0, ::7] = x[0, 3]                      # a tie group
+    x[1, : n // 2] = 0.0                     # zeros are never kept
+    x = x / x.sum(-1, keepdim=True)
+    x[2] *= 0.2                              # whole mass below p: every non-zero value
+    x[3] = 1.0 / n                           # all tied: the index decides
+    x = x.to(DEVICE)
+    before = x.clone()
+    actual = long_top_p_kernel(x, threshold)
+    keep, mass_before = top_p_select(x, torch.ones((), dtype=torch.bool, device=DEVICE),
+                                     threshold)
+    expected = keep & (x > 0)
+    boundary = (mass_before - threshold).abs() <= 1e-5
+    assert actual.dtype == torch.bool and actual.shape == x.shape
+    assert not ((actual != expected) & ~boundary).any()
+    assert torch.equal(x, before)
+    if threshold < 1.0:  # the tie row keeps a prefix by index: ceil(p * n) values
+        assert actual[3].sum().item() == math.ceil(threshold * n - 1e-4)
+        assert actual[3, : int(actual[3].sum())].all()
