@@ -55,12 +55,14 @@ SETTINGS = {
 REFERENCE_MAX_TOKENS = 32768
 
 
-def run(lengths):
+def run(lengths, only=()):
     rows = []
     for n in lengths:
         q, k, v = structured_inputs(n)
         row = {"tokens": n, "sdpa_ms": sdpa_times(q, k, v), "estimators": []}
         for name, cfg in SETTINGS.items():
+            if only and not any(part in name for part in only):
+                continue
             entry = {"setting": name}
             entry.update(time_setting(q, k, cfg, n))
             entry["ratio_to_cudnn_dense"] = (entry["ms"] / row["sdpa_ms"]["cudnn"]
@@ -200,6 +202,9 @@ def main(argv=None):
     parser.add_argument("--use-fastest", action="store_true",
                         help="with --stages: run the settings with each stride's fastest "
                              "launch shape at the longest length (antidiagonal_packed.TUNED)")
+    parser.add_argument("--only", default="",
+                        help="run only the settings whose name contains one of these "
+                             "comma-separated parts")
     parser.add_argument("--skip-settings", action="store_true",
                         help="only the stages, not the whole selection per setting")
     args = parser.parse_args(argv)
@@ -217,7 +222,7 @@ def main(argv=None):
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
     if not args.skip_settings:
-        result["rows"] = run(lengths)
+        result["rows"] = run(lengths, [part for part in args.only.split(",") if part])
     result["wall_s"] = time.time() - started
     if args.out:
         with open(args.out, "w") as f:

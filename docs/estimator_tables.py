@@ -53,6 +53,10 @@ def h200_tables(root: Path) -> str:
     parts = []
     for path in sorted((root / "benchmarks" / "results").glob("h200_estimators_*.json")):
         data = json.loads(path.read_text())
+        commit = data.get("environment", {}).get("commit", path.stem.split("_")[-1])
+        if not data["rows"]:
+            parts.append(_stage_tables(path.name, commit, data))
+            continue
         settings = [entry["setting"] for entry in data["rows"][0]["estimators"]]
         rows = []
         for row in data["rows"]:
