@@ -127,9 +127,9 @@ def packed_layout(ranges, placements, block_size: int, causal: bool,
     sequence's rows from the last (heaviest) one: heavy tiles start first,
     and the programs running together (one KV head at a time, see
     ``AttentionConfig.kv_major``) read one sequence's K and V, as a dense
-    batch's programs read one batch entry's. Ordering every tile of every
-    sequence by work alone measured 5% slower on 8 x 16K (H200): concurrent
-    programs then read eight sequences' K and V.
+    batch's programs read one batch entry's (ordering every tile of every
+    sequence by work alone makes concurrent programs read many sequences'
+    K and V; docs/serving.rst has both orders' times).
     """
     key = (tuple(ranges), tuple(placements), block_size, causal, str(device))
     cached = _LAYOUTS.get(key)
