@@ -30,7 +30,7 @@ fi
 if on ncu; then
     ncu --version | tail -1
     for spec in ${NCU_CELLS:-128,32,8,8192,128,1:0.05 128,32,8,16384,128,1:1.0}; do
-        name="ncu_$(echo "$spec" | tr ',:.' '_-p').csv"
+        name="ncu_$(echo "$spec" | tr ',:.' '__p').csv"
         timeout "${NCU_S:-90}" ncu --clock-control none --launch-skip 1 --launch-count 2 \
             -k 'regex:sparse_attention|sdpa|fmha|flash' --section SpeedOfLight \
             --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
