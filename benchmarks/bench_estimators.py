@@ -95,7 +95,7 @@ def time_setting(q, k, cfg, n):
     return entry
 
 
-TUNINGS = ("128,64,8,3", "128,128,8,3", "128,128,4,3", "256,64,8,3", "256,128,8,3")
+TUNINGS = ("128,128,8,3,0", "128,64,8,3,1", "128,128,4,3,1", "64,64,4,3,1")
 
 
 def use_fastest(row):
@@ -198,7 +198,7 @@ def main(argv=None):
     parser.add_argument("--strides", default="32,64,128")
     parser.add_argument("--tunings", default=";".join(TUNINGS),
                         help="packed-kernel launch shapes timed at the longest length: "
-                             "rows,key_groups,warps,stages separated by ';'")
+                             "rows,key_groups,warps,stages[,one_pass] separated by ';'")
     parser.add_argument("--use-fastest", action="store_true",
                         help="with --stages: run the settings with each stride's fastest "
                              "launch shape at the longest length (antidiagonal_packed.TUNED)")

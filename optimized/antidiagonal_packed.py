@@ -35,6 +35,8 @@ BLOCK_KEY_GROUPS = 64
 TARGET_ROWS = 64
 MAX_ROWS = 128
 _MIN_DOT = 16
+#: Largest number of groups per tile for which the one-pass form applies.
+ONE_PASS_MAX_PER_TILE = 4
 
 
 @dataclass(frozen=True)
@@ -52,12 +54,20 @@ class PackedTuning:
     num_warps, num_stages : int
         Triton's launch parameters (``num_stages`` pipelines the loop over the
         rows ``u`` of a group).
+    one_pass : int
+        1: score every key block once, keep each row's per-tile sums of
+        ``2^(s - m_block)`` and each block's running max ``m_block`` in a
+        scratch buffer, and rescale them by ``2^(m_block - m) / l`` at the end
+        instead of recomputing the scores (applies when a tile holds at most
+        :data:`ONE_PASS_MAX_PER_TILE` groups; the scratch is that many times
+        the output). 0: two passes over the scores.
     """
 
     target_rows: int = TARGET_ROWS
     block_kg: int = BLOCK_KEY_GROUPS
     num_warps: int = 4
     num_stages: int = 3
+    one_pass: int = 1
 
 
 #: Launch shapes by groups per tile (``block_size // stride``) for head dims up to
@@ -67,7 +77,8 @@ class PackedTuning:
 #: in 12.3/6.8/4.2 ms against 20.4/11.5/6.7 ms for the generic 64 x 64 on 4 warps.
 #: ``bench_estimators.py --use-fastest`` overwrites entries with a run's fastest.
 TUNED: dict[int, PackedTuning] = {
-    per_tile: PackedTuning(target_rows=128, block_kg=128, num_warps=8, num_stages=3)
+    per_tile: PackedTuning(target_rows=128, block_kg=128, num_warps=8, num_stages=3,
+                           one_pass=1)
     for per_tile in (1, 2, 4)
 }
 #: Larger head dims take the generic shape (the tuned one's shared memory was sized
@@ -93,10 +104,11 @@ def antidiagonal_packed_applies(layout: TileLayout, stride: int, group: int) -> 
 
 
 def _check_tuning(tuning: PackedTuning, per_tile: int, group: int) -> None:
-    for name in ("target_rows", "block_kg", "num_warps", "num_stages"):
+    for name in ("target_rows", "block_kg", "num_warps", "num_stages", "one_pass"):
         value = getattr(tuning, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"PackedTuning.{name} must be a positive int, got {value!r}")
+        least = 0 if name == "one_pass" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"PackedTuning.{name} must be an int >= {least}, got {value!r}")
     if tuning.block_kg & (tuning.block_kg - 1) or tuning.block_kg % per_tile:
         raise ValueError(f"PackedTuning.block_kg must be a power of two and a multiple of the "
                          f"{per_tile} groups per tile, got {tuning.block_kg}")
@@ -160,15 +172,17 @@ def _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, g
 
 @triton.jit
 def _packed_kernel(
-    Q, K, OUT,
+    Q, K, OUT, E, MB,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_ob, stride_oh, stride_orow, stride_otile,
     num_kv_heads, group, tiles_per_program, programs_per_head, num_queries, num_keys,
     query_start, first_query_tile, num_query_tiles, num_key_tiles, num_key_groups, qk_scale,
+    scratch_tiles, scratch_blocks,
     CAUSAL: tl.constexpr, STRIDE: tl.constexpr, PER_TILE: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr, PAIRS: tl.constexpr,
     BLOCK_KG: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    ONE_PASS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     block = programs_per_head - 1 - pid % programs_per_head  # heaviest tiles first
@@ -195,6 +209,12 @@ def _packed_kernel(
     else:
         key_end = tl.where(tl.max(rows_ok.to(tl.int32), axis=0) > 0, key_end, 0)
 
+    TILES_PER_CHUNK: tl.constexpr = BLOCK_KG // PER_TILE
+    chunk_tiles = tl.arange(0, TILES_PER_CHUNK)
+    # One-pass scratch of this program: per row, per-tile sums of 2^(s - m_block)
+    # (scratch_tiles columns) and each of its scratch_blocks key blocks' m_block.
+    e_rows = E + (pid.to(tl.int64) * ROWS + rows)[:, None] * scratch_tiles
+    mb_rows = MB + (pid.to(tl.int64) * ROWS + rows) * scratch_blocks
     m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((ROWS,), dtype=tl.float32)
     for key_start in range(0, key_end, BLOCK_KG):
@@ -204,11 +224,15 @@ def _packed_kernel(
                            qk_scale, CAUSAL, STRIDE, D_PAD, HEAD_DIM, ROWS, BLOCK_KG, IEEE,
                            UPCAST)
         m_i, l_i = online_softmax_step(m_i, l_i, s)
+        if ONE_PASS:
+            m_block = tl.where(m_i == float("-inf"), 0.0, m_i)
+            e = tl.sum(tl.reshape(tl.math.exp2(s - m_block[:, None]),
+                                  (ROWS, TILES_PER_CHUNK, PER_TILE)), axis=2)
+            tl.store(e_rows + (key_start // PER_TILE + chunk_tiles)[None, :], e)
+            tl.store(mb_rows + key_start // BLOCK_KG, m_block)
 
     m_shift = tl.where(m_i == float("-inf"), 0.0, m_i)
     inv_l = tl.where(rows_ok & (l_i > 0), 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
-    TILES_PER_CHUNK: tl.constexpr = BLOCK_KG // PER_TILE
-    chunk_tiles = tl.arange(0, TILES_PER_CHUNK)
     # Row // PER_TILE is the row's (head, tile) pair: g * tiles_per_program + t.
     pairs = tl.arange(0, PAIRS)
     pair_g = pairs // tiles_per_program
@@ -217,15 +241,24 @@ def _packed_kernel(
     out_rows = (OUT + b.to(tl.int64) * stride_ob
                 + (hk * group + pair_g).to(tl.int64)[:, None] * stride_oh
                 + pair_tile.to(tl.int64)[:, None] * stride_orow)
+    if ONE_PASS:
+        # Other threads of the program read the scratch this pass wrote.
+        tl.debug_barrier()
     for key_start in range(0, key_end, BLOCK_KG):
-        key_groups = key_start + tl.arange(0, BLOCK_KG)
-        s = _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, groups,
-                           rows_ok, key_groups, key_end, query_start, num_queries, num_keys,
-                           qk_scale, CAUSAL, STRIDE, D_PAD, HEAD_DIM, ROWS, BLOCK_KG, IEEE,
-                           UPCAST)
-        p = tl.math.exp2(s - m_shift[:, None]) * inv_l[:, None]
-        # Key groups -> key tiles, then a pair's rows -> the pair (exact fp32 sums).
-        by_tile = tl.sum(tl.reshape(p, (ROWS, TILES_PER_CHUNK, PER_TILE)), axis=2)
+        if ONE_PASS:
+            m_block = tl.load(mb_rows + key_start // BLOCK_KG)
+            e = tl.load(e_rows + (key_start // PER_TILE + chunk_tiles)[None, :])
+            by_tile = e * (tl.math.exp2(m_block - m_shift) * inv_l)[:, None]
+        else:
+            key_groups = key_start + tl.arange(0, BLOCK_KG)
+            s = _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
+                               groups, rows_ok, key_groups, key_end, query_start, num_queries,
+                               num_keys, qk_scale, CAUSAL, STRIDE, D_PAD, HEAD_DIM, ROWS,
+                               BLOCK_KG, IEEE, UPCAST)
+            p = tl.math.exp2(s - m_shift[:, None]) * inv_l[:, None]
+            # Key groups -> key tiles (exact fp32 sums).
+            by_tile = tl.sum(tl.reshape(p, (ROWS, TILES_PER_CHUNK, PER_TILE)), axis=2)
+        # A pair's rows -> the pair.
         by_pair = tl.sum(tl.reshape(by_tile, (PAIRS, PER_TILE, TILES_PER_CHUNK)), axis=1)
         tiles = key_start // PER_TILE + chunk_tiles
         tl.store(out_rows + tiles.to(tl.int64)[None, :] * stride_otile, by_pair,
@@ -261,14 +294,23 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
     per_head = -(-nq // tiles)
     d_pad = max(_MIN_DOT, next_power_of_2(d))
     upcast = q.dtype == torch.bfloat16 and kernels_interpreted(_packed_kernel)
-    _packed_kernel[(b * hkv * per_head,)](
-        q, k, out, *q.stride(), *k.stride(), *out.stride(),
+    programs = b * hkv * per_head
+    one_pass = bool(tuning.one_pass) and per_tile <= ONE_PASS_MAX_PER_TILE
+    key_groups = -(-nk_tokens // stride)
+    key_blocks = -(-key_groups // tuning.block_kg)
+    scratch_tiles = key_blocks * (tuning.block_kg // per_tile) if one_pass else 1
+    e = torch.empty(programs * rows * scratch_tiles if one_pass else 1, dtype=torch.float32,
+                    device=q.device)
+    mb = torch.empty(programs * rows * key_blocks if one_pass else 1, dtype=torch.float32,
+                     device=q.device)
+    _packed_kernel[(programs,)](
+        q, k, out, e, mb, *q.stride(), *k.stride(), *out.stride(),
         hkv, group, tiles, per_head, nq_tokens, nk_tokens, layout.query_start,
-        layout.first_query_tile, nq, nk, -(-nk_tokens // stride),
-        math.log2(math.e) / (math.sqrt(d) * stride),
+        layout.first_query_tile, nq, nk, key_groups,
+        math.log2(math.e) / (math.sqrt(d) * stride), scratch_tiles, key_blocks,
         CAUSAL=causal, STRIDE=stride, PER_TILE=per_tile, HEAD_DIM=d, D_PAD=d_pad, ROWS=rows,
         PAIRS=pairs, BLOCK_KG=tuning.block_kg, IEEE=q.dtype == torch.float32 or upcast,
-        UPCAST=upcast, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+        UPCAST=upcast, ONE_PASS=one_pass, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
     )
     total = out.sum(dim=-1, keepdim=True)
     return torch.where(total > 0, out / total.clamp_min(1e-30), torch.zeros_like(out))

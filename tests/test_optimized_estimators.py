@@ -637,3 +637,39 @@ def test_long_top_p_kernel_matches_reference(n, threshold):
     if threshold < 1.0:  # the tie row keeps a prefix by index: ceil(p * n) values
         assert actual[3].sum().item() == math.ceil(threshold * n - 1e-4)
         assert actual[3, : int(actual[3].sum())].all()
+
+
+@pytest.mark.parametrize("stride, bs, hq, hkv, nq, nk, causal", [
+    (128, 128, 4, 1, 300, 700, True),   # one group per tile, KV prefix
+    (64, 128, 4, 2, 256, 256, True),
+    (8, 32, 4, 4, 100, 130, False),     # four groups per tile, non-causal
+])
+@pytest.mark.parametrize("one_pass", [0, 1])
+def test_packed_one_and_two_pass_match_the_reference(stride, bs, hq, hkv, nq, nk, causal,
+                                                     one_pass):
+    from prism.optimized.antidiagonal_packed import (
+        PackedTuning,
+        antidiagonal_packed_probabilities,
+    )
+
+    q, k = _qk(1, hq, hkv, nq, nk, 16, seed=stride + nk, scale=2.0)
+    layout = tile_layout(nq, nk, bs, causal)
+    expected = antidiagonal_probabilities(q, k, layout, stride, causal)
+    for tuning in (PackedTuning(one_pass=one_pass),
+                   PackedTuning(target_rows=128, block_kg=128, num_warps=8, one_pass=one_pass)):
+        actual = antidiagonal_packed_probabilities(q, k, layout, stride, causal, tuning)
+        torch.testing.assert_close(actual, expected, rtol=2e-5, atol=1e-6)
+
+
+def test_packed_tuning_is_checked():
+    from prism.optimized.antidiagonal_packed import (
+        PackedTuning,
+        antidiagonal_packed_probabilities,
+    )
+
+    q, k = _qk(1, 4, 1, 128, 128, 16, seed=0)
+    layout = tile_layout(128, 128, 32, True)
+    with pytest.raises(ValueError, match="block_kg"):
+        antidiagonal_packed_probabilities(q, k, layout, 8, True, PackedTuning(block_kg=48))
+    with pytest.raises(ValueError, match="num_warps"):
+        antidiagonal_packed_probabilities(q, k, layout, 8, True, PackedTuning(num_warps=0))
