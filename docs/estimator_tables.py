@@ -96,7 +96,8 @@ def _stage_tables(name: str, commit: str, data: dict) -> str:
         "fastest launch shape measured)",
         ("tokens", "antidiagonal scores", "vertical-slash distributions (kernels)",
          "vertical-slash tiles (the stage on the CUDA path at that commit)",
-         "vertical-slash tiles (reference torch)", "tile top-p (kernel)", "tile top-p (reference sort)"), rows)]
+         "vertical-slash tiles (reference torch)", "tile top-p (kernel)",
+         "tile top-p (reference sort)"), rows)]
     longest = data["stages"][-1]
     shapes = [(str(e["stride"]), e["tuning"].replace("PackedTuning", ""),
                f"{e['ms']:.3g} ms" if "ms" in e else "-",
