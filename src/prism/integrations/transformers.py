@@ -327,22 +327,24 @@ class PrismAttention:
         ))
 
 
-_OP_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+torch.library.define(
+    "prism::transformers_masked_attention",
+    "(Tensor query, Tensor key, Tensor value, Tensor attention_mask, float? scaling, "
+    "int function, int? layer, int? groups) -> Tensor",
+    tags=(torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ())
 
 
-@torch.library.custom_op("prism::transformers_masked_attention", mutates_args=(),
-                         tags=_OP_TAGS)
-def _masked_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         attention_mask: torch.Tensor, scaling: float | None, function: int,
-                         layer: int | None, groups: int | None) -> torch.Tensor:
+@torch.library.impl("prism::transformers_masked_attention", "default")
+def _masked_attention_op(query, key, value, attention_mask, scaling, function, layer, groups):
     """A masked call of the attention function ``function`` (a :class:`PrismAttention`
     handle), as one operator that ``torch.compile`` does not look into."""
     return _FUNCTIONS[function]._masked(_GroupsOf(groups, layer), query, key, value,
                                         attention_mask, scaling, layer)
 
 
-@_masked_attention_op.register_fake
-def _(query, key, value, attention_mask, scaling, function, layer, groups):
+@torch.library.register_fake("prism::transformers_masked_attention")
+def _masked_attention_fake(query, key, value, attention_mask, scaling, function, layer,
+                           groups):
     b, hq, q_len, _ = query.shape
     return query.new_empty(b, q_len, hq, value.shape[-1])
 
