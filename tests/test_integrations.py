@@ -501,6 +501,55 @@ def test_key_spans_refuses_other_patterns():
         key_spans(_causal(1, 6, 6), 5, 6)
 
 
+def test_key_spans_reads_the_mask_back_once(monkeypatch):
+    """Decoding a padded mask copies one summary to the host, whatever the batch size."""
+    import sys
+
+    import prism.integrations.masks as masks_module
+
+    seen = []
+
+    def spy(name, method):
+        def wrapped(*args, **kwargs):
+            if sys._getframe(1).f_code.co_filename == masks_module.__file__:
+                seen.append(name)
+            return method(*args, **kwargs)
+        return wrapped
+
+    for name in _SYNC_METHODS:
+        monkeypatch.setattr(torch.Tensor, name, spy(name, getattr(torch.Tensor, name)))
+    mask = _causal(5, 8, 8)
+    for row in range(5):
+        mask[row, :, :, :row] = False  # left padding of `row` tokens
+    assert key_spans(mask, 8, 8) == (0, [(row, 8) for row in range(5)])
+    assert seen == ["tolist"]
+
+
+def test_masked_call_operator_equals_the_eager_call():
+    """What torch.compile runs for a call with a mask (the opaque operator, which gets the
+    module's GQA group count instead of the module) gives the eager call's output."""
+    import prism.integrations.transformers as integration
+
+    class Layer(_Layer):
+        num_key_value_groups = 2
+
+    q, k, v = make_qkv(2, 4, 2, 48, 48, 16, seed=3)
+    mask = _causal(2, 48, 48)
+    mask[1, :, :, :13] = False  # left padding of row 1
+    function = PrismAttention(PrismConfig(block_size=BS, high_threshold=0.5, low_threshold=0.5),
+                              None, min_query_length=BS)
+    eager, _ = function(Layer(), q, k, v, mask, scaling=0.3)
+    op = torch.ops.prism.transformers_masked_attention(q, k, v, mask, 0.3, function.handle,
+                                                       Layer.layer_idx, 2)
+    assert op.shape == (2, 48, 4, 16) and torch.equal(op, eager)
+    assert integration._FUNCTIONS[function.handle] is function
+    holes = mask.clone()
+    holes[0, :, :, 20] = False
+    with pytest.raises(ValueError, match="padding between real tokens"):
+        torch.ops.prism.transformers_masked_attention(q, k, v, holes, 0.3, function.handle,
+                                                      0, 2)
+
+
 def test_register_validates_arguments():
     with pytest.raises(ValueError, match="name"):
         register("sdpa")
