@@ -60,7 +60,7 @@ MAX_ROWS = 128
 #: Keys per program of the statistics pass (a chunk; its blocks are BN keys).
 CHUNK_KEYS = 4096
 #: Values per chunk of the long-row top-p's passes.
-LONG_TOP_P_BLOCK = 2048
+LONG_TOP_P_BLOCK = 8192
 _MIN_DOT = 16
 
 
@@ -345,8 +345,9 @@ def _bits_threshold(bits):
     return tl.where(bits < 0, -1.0, bits.to(tl.float32, bitcast=True))
 
 
-@triton.jit
-def _long_top_p_kernel(X, KEEP, length, threshold, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["length_x", "rows_x", "length_y"])
+def _long_top_p_kernel(X, KEEP, length_x, rows_x, Y, KEEP_Y, length_y, threshold,
+                       BLOCK: tl.constexpr):
     """Contract §6's top-p over one long row (``length`` values >= 0) without sorting.
 
     The rule of :func:`prism.optimized.selection._top_p_keep` for rows too long
@@ -359,8 +360,16 @@ def _long_top_p_kernel(X, KEEP, length, threshold, BLOCK: tl.constexpr):
     and ``p >= 1``, keep every non-zero value. Zeros are never kept.
     """
     row = tl.program_id(0)
-    x_row = X + row.to(tl.int64) * length
-    keep_row = KEEP + row.to(tl.int64) * length
+    # Programs [0, rows_x) take the rows of X, the others those of Y (two sets of
+    # rows of different lengths in one launch, e.g. columns and offsets).
+    if row < rows_x:
+        x_row = X + row.to(tl.int64) * length_x
+        keep_row = KEEP + row.to(tl.int64) * length_x
+        length = length_x
+    else:
+        x_row = Y + (row - rows_x).to(tl.int64) * length_y
+        keep_row = KEEP_Y + (row - rows_x).to(tl.int64) * length_y
+        length = length_y
     total, count_all = _row_mass_above(x_row, length, -1.0, BLOCK)
     top = tl.zeros((), dtype=tl.float32)
     for start in range(0, length, BLOCK):
@@ -405,26 +414,35 @@ def _long_top_p_kernel(X, KEEP, length, threshold, BLOCK: tl.constexpr):
         seen += tl.sum(at_v.to(tl.int32), axis=0)
 
 
-def long_top_p_kernel(values: torch.Tensor, threshold: float) -> torch.Tensor:
+def long_top_p_kernel(values: torch.Tensor, threshold: float,
+                      more: torch.Tensor | None = None):
     """Contract §6's top-p along the last axis, for long rows, by a Triton kernel.
 
     Same result as ``top_p_select(values, True, threshold)[0] & (values > 0)``
     (:func:`prism.reference.top_p_select`) up to fp32 summation order at the
-    boundary; ``values`` must be non-negative (probabilities).
+    boundary; ``values`` must be non-negative (probabilities). ``more``, a
+    second tensor of rows (another length), is done in the same launch.
 
     Returns
     -------
-    Tensor, bool, the shape of ``values``
+    Tensor, bool, the shape of ``values`` (and one the shape of ``more``, if given)
     """
     check_device(_long_top_p_kernel, values=values)
-    x = values.float().contiguous()
-    keep = torch.zeros(x.shape, dtype=torch.int8, device=x.device)
-    length = x.shape[-1] if x.dim() else 1
-    if x.numel() == 0:
-        return keep.view(torch.bool)
-    _long_top_p_kernel[(x.numel() // length,)](x, keep, length, float(threshold),
-                                               BLOCK=LONG_TOP_P_BLOCK, num_warps=8)
-    return keep.view(torch.bool)
+    sets = [values] if more is None else [values, more]
+    xs = [v.float().contiguous() for v in sets]
+    keeps = [torch.zeros(x.shape, dtype=torch.int8, device=x.device) for x in xs]
+    lengths = [x.shape[-1] if x.dim() else 1 for x in xs]
+    rows = [x.numel() // n if n else 0 for x, n in zip(xs, lengths, strict=True)]
+    if more is None:
+        xs, keeps, lengths, rows = xs * 2, keeps * 2, lengths * 2, [rows[0], 0]
+    if sum(rows):
+        longest = max(n for n, r in zip(lengths, rows, strict=True) if r)
+        block = min(LONG_TOP_P_BLOCK, max(_MIN_DOT, next_power_of_2(longest)))
+        _long_top_p_kernel[(sum(rows),)](xs[0], keeps[0], lengths[0], rows[0], xs[1], keeps[1],
+                                         lengths[1], float(threshold), BLOCK=block,
+                                         num_warps=8 if block >= 4096 else 4)
+    out = [keep.view(torch.bool) for keep in keeps]
+    return out[0] if more is None else (out[0], out[1])
 
 
 def vertical_slash_tile_mask(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
@@ -445,8 +463,8 @@ def vertical_slash_tile_mask(q: torch.Tensor, k: torch.Tensor, layout: TileLayou
     if nq == 0 or nk == 0:
         return torch.zeros(q.shape[0], q.shape[1], nq, nk, dtype=torch.bool, device=q.device)
     vertical, slash = last_query_distributions_kernel(q, k, layout, last_queries, causal)
-    return vertical_slash_tiles_from_kept(long_top_p_kernel(vertical, threshold),
-                                          long_top_p_kernel(slash, threshold), layout, causal)
+    keep_columns, keep_offsets = long_top_p_kernel(vertical, threshold, slash)
+    return vertical_slash_tiles_from_kept(keep_columns, keep_offsets, layout, causal)
 
 
 __all__ = ["last_query_distributions_kernel", "long_top_p_kernel", "vertical_slash_tile_mask"]

@@ -215,6 +215,21 @@ def vertical_slash_tiles_from_distributions(vertical: torch.Tensor, slash: torch
                                           keep_offsets & (slash > 0), layout, causal)
 
 
+def _any_per_bin(keep: torch.Tensor, lead: int, width: int, bins: int) -> torch.Tensor:
+    """``out[..., t]``: any ``keep[..., i]`` with ``(i + lead) // width == t``, for ``t < bins``.
+
+    ``lead`` zeros are put before the entries and the rest padded to ``bins``
+    whole bins; entries that would fall past the last bin are dropped (callers
+    never have any).
+    """
+    n = keep.shape[-1]
+    total = bins * width
+    padded = torch.zeros(*keep.shape[:-1], total, dtype=torch.bool, device=keep.device)
+    take = max(0, min(n, total - lead))
+    padded[..., lead : lead + take] = keep[..., :take]
+    return padded.view(*keep.shape[:-1], bins, width).any(dim=-1)
+
+
 def vertical_slash_tiles_from_kept(keep_columns: torch.Tensor, keep_offsets: torch.Tensor,
                                    layout: TileLayout, causal: bool = True) -> torch.Tensor:
     """Kept key columns and diagonal offsets to tile pairs (:func:`vertical_slash_tiles`' end).
@@ -238,20 +253,17 @@ def vertical_slash_tiles_from_kept(keep_columns: torch.Tensor, keep_offsets: tor
     admissible = admissible_tiles(layout, causal, device)
     if nq == 0 or nk == 0:
         return torch.zeros(b, hq, nq, nk, dtype=torch.bool, device=device)
-    # Columns -> key tiles.
-    column_hits = torch.zeros(b, hq, nk, dtype=torch.int32, device=device)
-    column_hits.index_add_(-1, torch.arange(nk_tokens, device=device) // bs,
-                           keep_columns.to(torch.int32))
-    column_tiles = column_hits > 0
+    # Columns -> key tiles: whole tiles of columns (zero-padded), any kept.
+    column_tiles = _any_per_bin(keep_columns, 0, bs, nk)
     # Offsets -> tile offsets; tile offset d sits at index d + nk in the table.
-    offsets = torch.arange(keep_offsets.shape[-1], device=device) - (nk_tokens - 1)
+    # Entry i is offset o = i - (Nk - 1), so floor(o / bs) + nk = floor((i + lead) / bs)
+    # with lead = nk * bs - (Nk - 1) >= 1, and ceil(o / bs) + nk is the same with
+    # lead + bs - 1. Every such index lies in [0, n_diag) (offsets run from
+    # -(Nk - 1) to the last query's position).
     n_diag = layout.first_query_tile + nq + nk + 1
-    diagonal_hits = torch.zeros(b, hq, n_diag, dtype=torch.int32, device=device)
-    for tile_offset in (torch.div(offsets, bs, rounding_mode="floor"),
-                        -torch.div(-offsets, bs, rounding_mode="floor")):
-        index = (tile_offset + nk).clamp(0, n_diag - 1)
-        diagonal_hits.index_add_(-1, index, keep_offsets.to(torch.int32))
-    diagonal_tiles = diagonal_hits > 0
+    lead = nk * bs - (nk_tokens - 1)
+    diagonal_tiles = (_any_per_bin(keep_offsets, lead, bs, n_diag)
+                      | _any_per_bin(keep_offsets, lead + bs - 1, bs, n_diag))
     query_tiles = layout.query_tile_indices(device)
     pair_offsets = query_tiles[:, None] - torch.arange(nk, device=device)[None, :] + nk
     from_slash = diagonal_tiles[..., pair_offsets.clamp(0, n_diag - 1)]

@@ -673,3 +673,16 @@ def test_packed_tuning_is_checked():
         antidiagonal_packed_probabilities(q, k, layout, 8, True, PackedTuning(block_kg=48))
     with pytest.raises(ValueError, match="num_warps"):
         antidiagonal_packed_probabilities(q, k, layout, 8, True, PackedTuning(num_warps=0))
+
+
+def test_long_top_p_kernel_two_row_sets_in_one_launch():
+    """Columns and offsets (rows of two lengths) in one launch: each set as if alone."""
+    from prism.optimized.vertical_slash import long_top_p_kernel
+
+    gen = torch.Generator().manual_seed(5)
+    a = torch.softmax(torch.randn(2, 3, 300, generator=gen) * 3, -1).to(DEVICE)
+    b = torch.softmax(torch.randn(2, 3, 1100, generator=gen) * 3, -1).to(DEVICE)
+    keep_a, keep_b = long_top_p_kernel(a, 0.6, b)
+    assert torch.equal(keep_a, long_top_p_kernel(a, 0.6))
+    assert torch.equal(keep_b, long_top_p_kernel(b, 0.6))
+    assert keep_a.shape == a.shape and keep_b.shape == b.shape and keep_b.any()
