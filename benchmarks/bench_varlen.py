@@ -251,12 +251,12 @@ def prism_entry(q, k, v, cu, max_len, lengths, cfg, masks, qs, ks, vs):
 def work_order(layout):
     """The same launch tables with every tile of every sequence ordered by work alone
     (causal key tiles up to the diagonal), heaviest first: the order to compare with."""
-    seqs, tiles = layout.seqs.cpu(), layout.tiles.cpu()
-    work = seqs[tiles[:, 0].long(), 5] + tiles[:, 1] + 1
+    seqs, tiles = layout.seqs, layout.tiles
+    work = seqs[tiles[:, 0], 5] + tiles[:, 1] + 1
     order = torch.sort(work, stable=True).indices
-    return packed_launch.PackedLayout(seqs=layout.seqs, tiles=tiles[order].to(layout.tiles.device),
-                                      num_tiles=layout.num_tiles,
-                                      query_start_gcd=layout.query_start_gcd)
+    return packed_launch.PackedLayout(
+        table=layout.table[order.to(layout.table.device)], seqs=seqs, tiles=tiles[order],
+        num_tiles=layout.num_tiles, query_start_gcd=layout.query_start_gcd)
 
 
 def launch_orders(q, k, v, ranges, pieces):

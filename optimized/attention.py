@@ -248,7 +248,7 @@ def _attend_block(acc, l_i, m_i, q, k, v, key_start, positions, num_keys, qk_sca
 
 @triton.jit
 def _sparse_attention_kernel(
-    Q, K, V, O, LSE, NUM, IDX, K_DESC, V_DESC, SEQS, TILES,
+    Q, K, V, O, LSE, NUM, IDX, K_DESC, V_DESC, TILES,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -272,10 +272,12 @@ def _sparse_attention_kernel(
     ``VARLEN`` (packed batches, :func:`packed_attention_forward`): Q, K, V, O
     are packed (tokens, H, D) tensors passed as one batch entry (``stride_*b``
     unused), and the launch's ``num_query_tiles`` rows are those of a tile
-    table (``TILES``: sequence, row of that sequence; ascending work). Each
-    sequence's row offsets, lengths, tile layout and compact-index bases come
-    from ``SEQS`` (:data:`SEQ_FIELDS` int32 per sequence), so one launch
-    covers every query tile of every sequence, each on its own tile grid.
+    table (``TILES``, ``prism.optimized.varlen.TILE_FIELDS`` int32 per query
+    tile of every sequence): its sequence's first q and k rows, Nq, Nk and
+    ``query_start``, its absolute tile, and where its row of compact indices
+    sits. One launch covers every query tile of every sequence, each on its
+    own tile grid, with one table read before the indices (as a dense
+    program reads its count first).
     """
     # Program -> (batch*head, query tile, sub-block), heaviest (last) tiles first.
     subs_m = tl.cdiv(block_size, BLOCK_M)
@@ -303,25 +305,22 @@ def _sparse_attention_kernel(
     tile_row = tile_sub // subs_m
     sub = tile_sub % subs_m
     if VARLEN:
-        # The table row names the sequence and its own query-tile row; the
-        # sequence's entry replaces the launch-wide layout arguments.
-        seq_row = SEQS + tl.load(TILES + 2 * tile_row) * 11
-        tile_row = tl.load(TILES + 2 * tile_row + 1)
-        q_row0 = tl.load(seq_row + 0).to(tl.int64)
-        k_row0 = tl.load(seq_row + 1)
+        # This program's row of the tile table replaces the launch-wide layout
+        # arguments (independent loads: one round trip before the indices).
+        entry = TILES + tile_row * 10
+        q_row0 = tl.load(entry).to(tl.int64)
+        k_row0 = tl.load(entry + 1)
         lse_stride_h = num_queries  # the host passes total_q here
-        num_queries = tl.load(seq_row + 2)
-        num_keys = tl.load(seq_row + 3)
-        query_start = tl.load(seq_row + 4)
-        first_query_tile = tl.load(seq_row + 5)
-        num_base = NUM + tl.load(seq_row + 6) + h * tl.load(seq_row + 7)
-        idx_row = (IDX + tl.load(seq_row + 8).to(tl.int64)
-                   + h.to(tl.int64) * tl.load(seq_row + 9)
-                   + tile_row.to(tl.int64) * tl.load(seq_row + 10))
+        num_queries = tl.load(entry + 2)
+        num_keys = tl.load(entry + 3)
+        query_start = tl.load(entry + 4)
+        t_abs = tl.load(entry + 5)
+        num_base = NUM + tl.load(entry + 6) + h * tl.load(entry + 7)
+        idx_row = IDX + tl.load(entry + 8).to(tl.int64) + h.to(tl.int64) * tl.load(entry + 9)
         key_base = k_row0
     else:
         key_base = 0
-    t_abs = first_query_tile + tile_row
+        t_abs = first_query_tile + tile_row
 
     # Absolute positions of this program's queries, and which of them exist.
     positions = t_abs * block_size + sub * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -342,7 +341,7 @@ def _sparse_attention_kernel(
 
     # The row of the tile list: count, then ascending key-tile indices.
     if VARLEN:
-        num_tiles = tl.load(num_base + tile_row)
+        num_tiles = tl.load(num_base)
     else:
         idx_row = (IDX + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih
                    + tile_row * stride_ir)
@@ -514,7 +513,7 @@ def sparse_attention_forward(q, k, v, kv_num_blocks, kv_indices, *, block_size: 
     with scratch:
         _sparse_attention_kernel[grid](
             q, k, v, out, lse if return_lse else out, kv_num_blocks, kv_indices, k_desc, v_desc,
-            None, None,
+            None,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             *nb_strides, *idx_strides, kv_indices.stride(2),
             b * hq, hq, hq // hkv, nq, nk, query_start, first_query_tile, nqt, block_size,

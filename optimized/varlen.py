@@ -73,11 +73,16 @@ from .attention import (
     tma_compatible,
 )
 
-#: int32 entries per sequence in the kernel's ``SEQS`` table, in this order:
-#: first q row, first k row, Nq, Nk, query_start, first_query_tile, then where
-#: its compact indices sit: kv_num_blocks base and head stride, kv_indices
-#: base, head stride and row stride (elements of the flat index buffers).
+#: Per sequence (host table :attr:`PackedLayout.seqs`): first q row, first k
+#: row, Nq, Nk, query_start, first_query_tile, then where its compact indices
+#: sit: kv_num_blocks base and head stride, kv_indices base, head stride and
+#: row stride (elements of the flat index buffers).
 SEQ_FIELDS = 11
+#: Per query tile (the kernel's ``TILES``, :attr:`PackedLayout.table`): first q
+#: row, first k row, Nq, Nk, query_start of its sequence, its absolute tile,
+#: where its count sits and the head stride of counts, where its row of
+#: indices sits and the head stride of indices. Must match the kernel.
+TILE_FIELDS = 10
 
 _INTERPRETED = kernels_interpreted(_sparse_attention_kernel)
 
@@ -93,10 +98,15 @@ def _module():
 
 @dataclass(frozen=True)
 class PackedLayout:
-    """Device tables of one packed launch (see :func:`packed_layout`)."""
+    """The tile table of one packed launch (see :func:`packed_layout`).
 
-    seqs: torch.Tensor         # int32 (B, SEQ_FIELDS)
-    tiles: torch.Tensor        # int32 (num_tiles, 2): sequence, its query-tile row
+    ``table`` is what the kernel reads; ``seqs`` and ``tiles`` say on the host
+    what it was built from (tests and benchmarks read them).
+    """
+
+    table: torch.Tensor        # int32 (num_tiles, TILE_FIELDS), on the launch's device
+    seqs: torch.Tensor         # int64 (B, SEQ_FIELDS), host
+    tiles: torch.Tensor        # int64 (num_tiles, 2), host: sequence, its query-tile row
     num_tiles: int
     query_start_gcd: int       # gcd of every sequence's query_start (0 if all are 0)
 
@@ -107,7 +117,7 @@ _LAYOUT_CACHE_SIZE = 64
 
 def packed_layout(ranges, placements, block_size: int, causal: bool,
                   device: torch.device) -> PackedLayout:
-    """The kernel's tables for a packed batch, cached per (batch, index placement).
+    """The kernel's tile table for a packed batch, cached per (batch, index placement).
 
     Parameters
     ----------
@@ -160,19 +170,33 @@ def packed_layout(ranges, placements, block_size: int, causal: bool,
     rank = np.empty(batch, dtype=np.int64)
     rank[np.argsort(-heaviest, kind="stable")] = np.arange(batch)
     order = np.lexsort((-row, rank[seq_of_tile]))[::-1]  # run order, reversed
-    table = np.concatenate([seqs.reshape(-1),
-                            np.stack([seq_of_tile[order], row[order]], axis=1).reshape(-1)])
-    host = torch.from_numpy(table.astype(np.int32))
-    if torch.device(device).type == "cuda":
-        host = host.pin_memory()
-    flat = host.to(device, non_blocking=True)
-    result = PackedLayout(seqs=flat[: batch * SEQ_FIELDS].view(batch, SEQ_FIELDS),
-                          tiles=flat[batch * SEQ_FIELDS:].view(-1, 2),
-                          num_tiles=int(seq_of_tile.size), query_start_gcd=gcd)
+    tiles = np.stack([seq_of_tile[order], row[order]], axis=1)
+    result = PackedLayout(table=tile_table(seqs, tiles, device), seqs=torch.from_numpy(seqs),
+                          tiles=torch.from_numpy(tiles), num_tiles=int(seq_of_tile.size),
+                          query_start_gcd=gcd)
     _LAYOUTS[key] = result
     if len(_LAYOUTS) > _LAYOUT_CACHE_SIZE:
         _LAYOUTS.popitem(last=False)
     return result
+
+
+def tile_table(seqs: np.ndarray, tiles: np.ndarray, device) -> torch.Tensor:
+    """The kernel's (num_tiles, TILE_FIELDS) int32 table for ``tiles`` (sequence, row),
+    in that order, copied to ``device`` from pinned memory without a host wait."""
+    seq, row = tiles[:, 0], tiles[:, 1]
+    per = seqs[seq]
+    table = np.stack([per[:, 0], per[:, 1], per[:, 2], per[:, 3], per[:, 4],
+                      per[:, 5] + row,                  # absolute tile of the row
+                      per[:, 6] + row, per[:, 7],       # its count, head stride
+                      per[:, 8] + row * per[:, 10],     # its row of indices
+                      per[:, 9]], axis=1) if len(tiles) else np.zeros((0, TILE_FIELDS))
+    if table.size and table.max() > 2**31 - 1:
+        raise ValueError("packed attention needs every row offset and index position below "
+                         "2^31; split the batch into smaller calls")
+    host = torch.from_numpy(np.ascontiguousarray(table, dtype=np.int32))
+    if torch.device(device).type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 def _heads_view(x: torch.Tensor) -> torch.Tensor:
@@ -229,13 +253,13 @@ def packed_attention_forward(q, k, v, layout: PackedLayout, kv_num_blocks, kv_in
         v_desc = TensorDescriptor.from_tensor(v4, [1, 1, config.block_n, dv_pad])
     grid = (layout.num_tiles * -(-block_size // config.block_m) * hq,)
     # Dummy index buffers keep the pointers valid when every row is empty.
-    num = kv_num_blocks if kv_num_blocks.numel() else layout.seqs
-    idx = kv_indices if kv_indices.numel() else layout.seqs
+    num = kv_num_blocks if kv_num_blocks.numel() else layout.table
+    idx = kv_indices if kv_indices.numel() else layout.table
     scratch = _scratch_allocator() if config.warp_specialize else _null()
     with scratch:
         _sparse_attention_kernel[grid](
             q, k, v, out, lse if return_lse else out, num, idx, k_desc, v_desc,
-            layout.seqs, layout.tiles,
+            layout.table,
             0, q.stride(1), q.stride(0), q.stride(2),
             0, k.stride(1), k.stride(0), k.stride(2),
             0, v.stride(1), v.stride(0), v.stride(2),

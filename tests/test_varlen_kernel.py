@@ -105,6 +105,11 @@ def test_tile_table_lists_every_tile_once_heaviest_first():
     # 0 in tile 2 (3), 2 in tile 1 (2), 4 in tile 1 (2); 1 has no query.
     assert tiles[::-1] == [[3, 5], [3, 4], [3, 3], [3, 2], [3, 1], [3, 0],
                            [0, 2], [0, 1], [0, 0], [2, 0], [4, 1], [4, 0]]
+    # The kernel's row of each tile: its sequence's fields, its absolute tile and the
+    # positions of its count and of its row of indices.
+    for (i, r), got in zip(tiles, layout.table.tolist(), strict=True):
+        q0, k0, nq, nk, start, first, nb, ns, ib, ihs, irs = layout.seqs[i].tolist()
+        assert got == [q0, k0, nq, nk, start, first + r, nb + r, ns, ib + r * irs, ihs]
     # Sequence 3: 70 queries, the last of 100 keys: query_start 30, first tile 1.
     assert layout.seqs[3].tolist() == [41, 73, 70, 100, 30, 1, 3, 0, 30, 0, 7]
     # Query starts 0, 29, 30, 0 (the empty sequence has no tiles and does not count).
