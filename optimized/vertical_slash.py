@@ -18,11 +18,11 @@ head, so a key block loaded once serves them all).
 
 1. :func:`_stats_kernel` - grid (row blocks, key chunks): the online softmax
    statistics (running max ``m`` and sum ``l`` of ``2^(s - m)``, base 2, the
-   scale folded in) of every row over one chunk of keys. The host combines
-   the chunks (``ROWS x chunks`` numbers) into each row's ``m`` and
-   ``w = 1 / (l * L)``.
+   scale folded in) of every row over one chunk of keys.
 2. :func:`_distribution_kernel` - grid (row blocks, key blocks of ``BN``):
-   the same scores again, ``p = 2^(s - m) * w``;
+   each program first combines its rows' chunks (``ROWS x chunks`` numbers)
+   into ``m`` and ``w = 1 / (l * L)``, then scores its key block again,
+   ``p = 2^(s - m) * w``;
 
    * vertical: ``p`` summed over each head's rows, one store per key;
    * slash: row ``r`` (absolute position ``P0 + r``) and key ``k0 + j`` lie
@@ -32,8 +32,10 @@ head, so a key block loaded once serves them all).
      rows then gives ``2 * BN`` consecutive offsets (``c < BN + LB - 1``).
      Its first ``BN`` and its last ``BN`` columns are stored apart: the first
      halves of successive key blocks tile the offsets without overlap, the
-     second half of block ``kb`` covers the first half of block ``kb + 1``,
-     so the host adds two shifted dense vectors (deterministic, no atomics).
+     second half of block ``kb`` covers the first half of block ``kb + 1``.
+3. :func:`_slash_combine_kernel` adds, per slash entry, the two halves that
+   cover it (and the row blocks, when ``L > 128``) in a fixed order:
+   deterministic, no atomics.
 
 Causal masking is the reference's: key ``k`` counts for row ``r`` iff
 ``k <= P0 + r``; keys past ``Nk`` and rows past the ``L`` last queries count
@@ -146,19 +148,23 @@ def _stats_kernel(
 
 @triton.jit
 def _distribution_kernel(
-    Q, K, M_IN, W_IN, VERT, SLASH,
+    Q, K, M_PART, L_PART, VERT, SLASH,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     group, heads_per_row_block, row_blocks, rows, num_queries, num_keys, query_start,
-    num_key_blocks, qk_scale,
+    num_key_blocks, num_chunks, qk_scale,
     CAUSAL: tl.constexpr, HEADS: tl.constexpr, LB: tl.constexpr, BN: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    DIRECT_VERT: tl.constexpr,
 ):
     """One key block: per head, column sums (vertical) and skewed diagonal sums (slash).
 
-    ``VERT`` is (row programs, HEADS, num_key_blocks * BN); ``SLASH`` is
-    (row programs, HEADS, num_key_blocks, 2, BN): the two halves of each block's
-    window of ``2 * BN`` offsets.
+    First combines the statistics pass's chunks of its rows: ``m = max m_c``,
+    ``l = sum l_c 2^(m_c - m)``, weight ``w = 1 / (l * rows)``. With
+    ``DIRECT_VERT`` (one row block) ``VERT`` is the (B, Hq, Nk) result;
+    otherwise (row programs, HEADS, num_key_blocks * BN) partial sums. ``SLASH``
+    is (row programs, HEADS, num_key_blocks, 2, BN): the two halves of each
+    block's window of ``2 * BN`` offsets.
     """
     ROWS: tl.constexpr = HEADS * LB
     pid_rows = tl.program_id(0)
@@ -168,9 +174,16 @@ def _distribution_kernel(
         group, heads_per_row_block, row_blocks, rows, num_queries, query_start, HEADS, LB,
         HEAD_DIM, D_PAD)
     i = tl.arange(0, ROWS)
-    m = tl.load(M_IN + pid_rows.to(tl.int64) * ROWS + i)
-    w = tl.load(W_IN + pid_rows.to(tl.int64) * ROWS + i)
+    stats = pid_rows.to(tl.int64) * num_chunks * ROWS + i
+    m = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
+    for c in range(num_chunks):
+        m = tl.maximum(m, tl.load(M_PART + stats + c * ROWS))
     m = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.zeros((ROWS,), dtype=tl.float32)
+    for c in range(num_chunks):
+        total += tl.load(L_PART + stats + c * ROWS) * tl.math.exp2(
+            tl.load(M_PART + stats + c * ROWS) - m)
+    w = tl.where(total > 0.0, 1.0 / (tl.where(total > 0.0, total, 1.0) * rows), 0.0)
     heads = tl.arange(0, HEADS)
     cols = tl.arange(0, BN)
     keys = kb * BN + cols
@@ -188,7 +201,13 @@ def _distribution_kernel(
         p = tl.where(allowed, tl.math.exp2(s * qk_scale - m[:, None]) * w[:, None], 0.0)
     vert = tl.sum(tl.reshape(p, (HEADS, LB, BN)), axis=1)
     prog = pid_rows.to(tl.int64) * HEADS + heads
-    tl.store(VERT + prog[:, None] * (num_key_blocks * BN) + keys[None, :], vert)
+    if DIRECT_VERT:
+        # One row block: program pid_rows = b * (Hq / HEADS) + head block, so prog is
+        # the flat (b, h) index of each of its heads.
+        tl.store(VERT + prog[:, None] * num_keys + keys[None, :], vert,
+                 mask=(keys < num_keys)[None, :])
+    else:
+        tl.store(VERT + prog[:, None] * (num_key_blocks * BN) + keys[None, :], vert)
     # Skew: y[r, c] = p[r, c - (LB - 1) + r % LB]; column c is one offset for all rows.
     wide = tl.arange(0, 2 * BN)
     source = wide[None, :] - (LB - 1) + (i % LB)[:, None]
@@ -199,6 +218,37 @@ def _distribution_kernel(
     halves = tl.arange(0, 2)
     base = (prog[:, None, None] * num_key_blocks + kb) * (2 * BN)
     tl.store(SLASH + base + halves[None, :, None] * BN + cols[None, None, :], window)
+
+
+@triton.jit
+def _slash_combine_kernel(PARTS, SLASH, num_q_heads, heads_per_program, row_blocks,
+                          num_key_blocks, n_offsets, first_top, LB: tl.constexpr,
+                          BN: tl.constexpr, HEADS: tl.constexpr, BLOCK: tl.constexpr):
+    """Slash entries from the distribution kernel's windows, in a fixed order.
+
+    Slash index ``i`` of row block ``rb`` is window column ``t = top(rb) - i``
+    (``top(rb) = first_top + rb * LB``): block ``t // BN``'s first half at
+    ``t % BN`` plus block ``t // BN - 1``'s second half at the same column.
+    """
+    bh = tl.program_id(0)
+    idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    b = bh // num_q_heads
+    h = bh % num_q_heads
+    program0 = (b * heads_per_program + h // HEADS) * row_blocks
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for rb in range(row_blocks):
+        t = first_top + rb * LB - idx
+        inside = (t >= 0) & (idx < n_offsets)
+        t = tl.where(inside, t, 0)
+        kb = t // BN
+        c = t % BN
+        base = ((program0 + rb).to(tl.int64) * HEADS + h % HEADS) * num_key_blocks
+        head_ok = inside & (kb < num_key_blocks)
+        tail_ok = inside & (kb >= 1) & (kb <= num_key_blocks)
+        first = tl.load(PARTS + ((base + kb) * 2) * BN + c, mask=head_ok, other=0.0)
+        second = tl.load(PARTS + ((base + kb - 1) * 2 + 1) * BN + c, mask=tail_ok, other=0.0)
+        acc += first + second
+    tl.store(SLASH + bh.to(tl.int64) * n_offsets + idx, acc, mask=idx < n_offsets)
 
 
 def _validate(q, k, layout, last_queries, causal) -> None:
@@ -291,37 +341,25 @@ def last_query_distributions_kernel(q: torch.Tensor, k: torch.Tensor, layout: Ti
             nk_tokens, layout.query_start)
     _stats_kernel[(row_programs, chunks)](q, k, m_part, l_part, *args, chunk, chunks, qk_scale,
                                           **common)
-    # Combine the chunks: m = max, l = sum of l * 2^(m_chunk - m); w = 1 / (l * L).
-    m = m_part.amax(dim=1)
-    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    l_tot = (l_part * torch.exp2(m_part - m_safe[:, None])).sum(dim=1)
-    w = torch.where(l_tot > 0, 1.0 / (l_tot.clamp_min(1e-30) * rows), torch.zeros_like(l_tot))
     key_blocks = -(-nk_tokens // bn)
-    vert = torch.empty(row_programs, heads, key_blocks * bn, dtype=torch.float32, device=device)
+    direct = row_blocks == 1
+    vert = vertical if direct else torch.empty(row_programs, heads, key_blocks * bn,
+                                               dtype=torch.float32, device=device)
     parts = torch.empty(row_programs, heads, key_blocks, 2, bn, dtype=torch.float32,
                         device=device)
     _distribution_kernel[(row_programs, key_blocks)](
-        q, k, m.contiguous(), w.contiguous(), vert, parts, *args, key_blocks, qk_scale,
-        **common)
-    # (b, head block, row block) programs -> (b, hq, row block).
-    vert = vert.view(b, hq // heads, row_blocks, heads, -1).transpose(2, 3)
-    vertical.copy_(vert.reshape(b, hq, row_blocks, -1)[..., :nk_tokens].sum(dim=2))
-    parts = parts.view(b, hq // heads, row_blocks, heads, key_blocks, 2, bn).transpose(2, 3)
-    parts = parts.reshape(b, hq, row_blocks, key_blocks, 2, bn)
-    dense = torch.zeros(b, hq, row_blocks, (key_blocks + 1) * bn, dtype=torch.float32,
-                        device=device)
-    dense[..., : key_blocks * bn] += parts[..., 0, :].reshape(b, hq, row_blocks, -1)
-    dense[..., bn:] += parts[..., 1, :].reshape(b, hq, row_blocks, -1)
-    # Dense entry t of row block rb is offset base(rb) - t, slash index base(rb) + Nk - 1 - t.
-    first = layout.query_start + nq_tokens - rows
-    for rb in range(row_blocks):
-        top = first + rb * lb + lb - 1 + nk_tokens - 1  # slash index of t = 0
-        length = dense.shape[-1]
-        lo = top - length + 1  # slash index of t = length - 1
-        src = dense[:, :, rb].flip(-1)  # index lo + s
-        a, z = max(lo, 0), min(top + 1, n_offsets)
-        if z > a:
-            slash[..., a:z] += src[..., a - lo : z - lo]
+        q, k, m_part, l_part, vert, parts, *args, key_blocks, chunks, qk_scale,
+        DIRECT_VERT=direct, **common)
+    if not direct:
+        # (b, head block, row block) programs -> (b, hq, row block), summed over row blocks.
+        vert = vert.view(b, hq // heads, row_blocks, heads, -1).transpose(2, 3)
+        vertical.copy_(vert.reshape(b, hq, row_blocks, -1)[..., :nk_tokens].sum(dim=2))
+    # Slash index of window column 0 of row block 0's first key block.
+    first_top = layout.query_start + nq_tokens - rows + lb - 1 + nk_tokens - 1
+    block = 1024
+    _slash_combine_kernel[(b * hq, -(-n_offsets // block))](
+        parts, slash, hq, hq // heads, row_blocks, key_blocks, n_offsets, first_top,
+        LB=lb, BN=bn, HEADS=heads, BLOCK=block)
     return vertical, slash
 
 
