@@ -11,11 +11,11 @@ branch):
 * selection runs per run of adjacent equal-shape sequences, on (count, H, N,
   D) strided views of the packed tensors (no copy), and leaves its compact
   indices per run; the runs' indices are concatenated (one copy of a few MB);
-* a per-sequence table (row offsets, lengths, bottom-right layout, where its
-  indices start) and a tile table (sequence, row) ordered by work, heaviest
-  first, are built on the host from the offsets, copied to the device without
-  a wait, and cached for the next call with the same batch (every layer of a
-  model sees the same offsets);
+* a tile table, one row per query tile of every sequence (its sequence's
+  row offsets, lengths and bottom-right layout, its absolute tile, where its
+  indices sit), sequences heaviest first, is built on the host from the
+  offsets, copied to the device without a wait, and cached for the next
+  call with the same batch (every layer of a model sees the same offsets);
 * the kernel reads q, k and v in place and writes the packed output and
   (Hq, total_q) log-sum-exp directly.
 
@@ -138,8 +138,8 @@ def packed_layout(ranges, placements, block_size: int, causal: bool,
     and the programs running together (one KV head at a time, see
     ``AttentionConfig.kv_major``) read one sequence's K and V, as a dense
     batch's programs read one batch entry's (ordering every tile of every
-    sequence by work alone makes concurrent programs read many sequences'
-    K and V; docs/serving.rst has both orders' times).
+    sequence by work alone timed the same within noise on the H200:
+    docs/serving.rst).
     """
     key = (tuple(ranges), tuple(placements), block_size, causal, str(device))
     cached = _LAYOUTS.get(key)
