@@ -14,7 +14,15 @@ Kernels, one module each:
 * :mod:`~prism.optimized.attention` - block-sparse flash attention forward
   over the compact indices, GQA-native, causal with bottom-right alignment (contract §7);
 * :mod:`~prism.optimized.varlen` - packed variable-length batches and paged KV
-  caches, a loop of the functions above over per-sequence views (docs/serving.rst).
+  caches: selection per run of equal-shape sequences, then one attention
+  launch over every sequence of the batch (docs/serving.rst);
+* :mod:`~prism.optimized.estimators`, :mod:`~prism.optimized.vertical_slash`,
+  :mod:`~prism.optimized.antidiagonal_packed`, :mod:`~prism.optimized.sampled` -
+  the kernels of the other estimators (docs/estimators.rst);
+* :mod:`~prism.optimized.launch` - replays compiled kernels through Triton's
+  launcher after the first call, to cut the per-launch host cost;
+* :mod:`~prism.optimized.ops` - the ``torch.library`` operators that
+  ``torch.compile`` and CUDA graphs trace.
 
 CPU tensors are refused with a message pointing at :mod:`prism.reference`,
 unless Triton runs in its interpreter (``TRITON_INTERPRET=1`` set before
