@@ -212,6 +212,74 @@ def launch(kernel, grid, *args, **kwargs) -> None:
                entry.function, *entry.prefix, *values, *entry.tail)
 
 
+class Prepared:
+    """A launch whose trailing arguments are fixed: per call only the grid and tensors change.
+
+    For call sites that launch one kernel shape many times (a model's layers):
+    the scalar arguments and keyword arguments are given once, and their part
+    of the launch key is computed once. ``prepared.launch(kernel, grid,
+    *tensors)`` is ``kernel[grid](*tensors, *scalars, **kwargs)``, through the
+    cached compiled kernel when :func:`launch` would use it (the same rules and
+    fallbacks); ``kernel`` is passed on every call, so a replaced kernel (a
+    benchmark stub) is honoured.
+    """
+
+    __slots__ = ("scalars", "kwargs", "cacheable", "entries", "kernel")
+
+    def __init__(self, scalars: tuple, kwargs: dict):
+        self.scalars = tuple(scalars)
+        self.kwargs = dict(kwargs)
+        # Scalars the launch key covers (never tensors: they would be frozen in).
+        self.cacheable = argument_key(self.scalars) is not None and not any(
+            isinstance(a, torch.Tensor) for a in self.scalars)
+        self.entries: dict = {}
+        self.kernel = None
+
+    def launch(self, kernel, grid, *tensors) -> None:
+        if (not self.cacheable or type(kernel) is not _JITFunction or _get_device is None
+                or type(grid) is not tuple or kernel.pre_run_hooks or _hooks_active()):
+            kernel[grid](*tensors, *self.scalars, **self.kwargs)
+            return
+        key = [_get_device(), _knobs.runtime.debug, _knobs.compilation.instrumentation_mode]
+        for t in tensors:
+            if type(t) is not torch.Tensor or not t.is_cuda:
+                key = None
+                break
+            key.append(t.dtype)
+            key.append(t.data_ptr() % 16 == 0)
+        if key is None:
+            STATS["slow"] += 1
+            kernel[grid](*tensors, *self.scalars, **self.kwargs)
+            return
+        if kernel is not self.kernel:
+            self.entries.clear()
+            self.kernel = kernel
+            self._check_arity(kernel, len(tensors))
+        key = tuple(key)
+        entry = self.entries.get(key)
+        if not entry:
+            STATS["slow"] += 1
+            compiled = kernel.run(*tensors, *self.scalars, grid=grid, warmup=False, **self.kwargs)
+            if entry is None and self.kernel is not None and compiled is not None and not hasattr(
+                    compiled, "result"):
+                try:
+                    self.entries[key] = _Entry(kernel, compiled, self.kwargs,
+                                               len(tensors) + len(self.scalars))
+                except _NotCached:
+                    self.entries[key] = False
+            return
+        STATS["fast"] += 1
+        n = len(grid)
+        entry.call(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
+                   _get_stream(key[0]), entry.function, *entry.prefix,
+                   *[t.data_ptr() for t in tensors], *self.scalars, *entry.tail)
+
+    def _check_arity(self, kernel, num_tensors: int) -> None:
+        """Constexprs passed positionally are not keyed by value: never cache those."""
+        if num_tensors + len(self.scalars) > _runtime_params(kernel):
+            self.kernel = None
+
+
 def clear() -> None:
     """Forget every cached compiled kernel (the next launches go through Triton)."""
     _CACHES.clear()

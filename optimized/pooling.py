@@ -32,7 +32,7 @@ import triton.language as tl
 from prism.reference.tiles import TileLayout
 
 from ._runtime import next_power_of_2
-from .launch import launch
+from .launch import Prepared, launch
 
 
 @triton.jit
@@ -246,18 +246,42 @@ def pool_tiles_and_energy(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
     nonfinite : Tensor (1,), float64
         Non-zero if some tile of q, k (or v) has a non-finite fp32 sum.
     """
+    key = (q.shape, q.stride(), k.shape, k.stride(),
+           None if v is None else (v.shape, v.stride()), layout, high_dim, low_dim,
+           rope_layout, rows_per_load, num_warps)
+    plan = _POOL_PLANS.get(key)
+    if plan is None:
+        if len(_POOL_PLANS) > 1024:
+            _POOL_PLANS.clear()
+        plan = _POOL_PLANS[key] = _pool_plan(q, k, v, layout, high_dim, low_dim, rope_layout,
+                                             rows_per_load, num_warps)
+    grid, prepared, q_shape, k_shape, num_sums, q_sums = plan
+    device = q.device
+    q_pooled = torch.empty(q_shape, dtype=torch.float32, device=device)
+    k_pooled_t = torch.empty(k_shape, dtype=torch.float32, device=device)
+    # One zeroed buffer (one memset) holds both energies and the flag.
+    sums = torch.zeros(num_sums, dtype=torch.float64, device=device)
+    nonfinite = sums[:1]
+    q_energy = sums[1:1 + q_sums].view(-1, 3)
+    k_energy = sums[1 + q_sums:].view(-1, 3)
+    prepared.launch(_pool_tiles_kernel, grid, q, k, k if v is None else v, q_pooled, k_pooled_t,
+                    q_energy, k_energy, nonfinite)
+    return q_pooled, k_pooled_t, q_energy, k_energy, nonfinite
+
+
+_POOL_PLANS: dict = {}
+
+
+def _pool_plan(q, k, v, layout: TileLayout, high_dim: int, low_dim: int, rope_layout: str,
+               rows_per_load, num_warps: int):
+    """Everything of a pooling launch that depends only on shapes, strides and settings.
+
+    ``(grid, prepared launch, q_pooled shape, k_pooled_t shape, sums, q sums)``.
+    """
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     nqt, nkt = layout.num_query_tiles, layout.num_key_tiles
     k_stride = -(-nkt // 16) * 16
-    device = q.device
-    q_pooled = torch.empty(b, hq, nqt, d, dtype=torch.float32, device=device)
-    k_pooled_t = torch.empty(b, hkv, d, k_stride, dtype=torch.float32, device=device)
-    # One zeroed buffer (one memset) holds both energies and the flag.
-    sums = torch.zeros(3 * b * (hq + hkv) + 1, dtype=torch.float64, device=device)
-    nonfinite = sums[:1]
-    q_energy = sums[1:1 + 3 * b * hq].view(b * hq, 3)
-    k_energy = sums[1 + 3 * b * hq:].view(b * hkv, 3)
     d_pad = next_power_of_2(d)
     if rows_per_load is None:
         # About 4K elements per load (32 x 128) with one warp: the best of six
@@ -269,16 +293,15 @@ def pool_tiles_and_energy(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
     v_programs = 0 if v is None else b * hkv * nkt
     dv = d if v is None else v.shape[3]
     v_strides = k.stride() if v is None else v.stride()
-    launch(
-        _pool_tiles_kernel, (num_query_programs + num_key_programs + v_programs,),
-        q, k, k if v is None else v, q_pooled, k_pooled_t, q_energy, k_energy, nonfinite,
-        *q.stride(), *k.stride(), *v_strides,
-        hq, hkv, nq, nk, layout.query_start, layout.first_query_tile,
-        nqt, nkt, k_stride, layout.block_size, num_query_programs, num_key_programs,
-        d, dv, 1 if rope_layout == "half" else 0, *band_pairs(d, high_dim, low_dim),
-        D_PAD=d_pad, DV_PAD=next_power_of_2(dv), BLOCK_T=block_t, num_warps=num_warps,
-    )
-    return q_pooled, k_pooled_t, q_energy, k_energy, nonfinite
+    prepared = Prepared(
+        (*q.stride(), *k.stride(), *v_strides,
+         hq, hkv, nq, nk, layout.query_start, layout.first_query_tile,
+         nqt, nkt, k_stride, layout.block_size, num_query_programs, num_key_programs,
+         d, dv, 1 if rope_layout == "half" else 0, *band_pairs(d, high_dim, low_dim)),
+        dict(D_PAD=d_pad, DV_PAD=next_power_of_2(dv), BLOCK_T=block_t, num_warps=num_warps))
+    grid = (num_query_programs + num_key_programs + v_programs,)
+    return (grid, prepared, (b, hq, nqt, d), (b, hkv, d, k_stride), 3 * b * (hq + hkv) + 1,
+            3 * b * hq)
 
 
 def nonfinite_flag(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,

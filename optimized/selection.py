@@ -43,7 +43,7 @@ from prism.reference.config import PrismConfig
 from prism.reference.tiles import TileLayout
 
 from ._runtime import next_power_of_2
-from .launch import launch
+from .launch import Prepared
 from .pooling import band_pairs, pool_tiles_and_energy
 
 #: Widest key-tile row that the tensor-core path keeps in registers (16 rows each).
@@ -491,41 +491,68 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: boo
             kv_indices = torch.empty(b, hq, nqt, nkt, dtype=torch.int32, device=device)
     # Unused output pointers still need a tensor on the right device.
     placeholder = q_pooled
-    high_start, _, low_start, _ = band_pairs(d, high_dim, low_dim)
-    plan = _cached_plan(layout, causal, _DEFAULT_TUNING if tuning is None else tuning)
     tuning = _DEFAULT_TUNING if tuning is None else tuning
-    overlap = tuning.overlap and q.is_cuda and len(plan) >= tuning.overlap_min_launches
-    if overlap:
-        main = torch.cuda.current_stream(device)
-        side = _side_stream(device)
-        side.wait_stream(main)
+    key = (layout, causal, tuning, cfg, b, hq, hkv, d, high_dim, low_dim, write_mask,
+           write_indices)
+    steps = _LAUNCHES.get(key)
+    if steps is None:
+        if len(_LAUNCHES) > 1024:
+            _LAUNCHES.clear()
+        steps = _LAUNCHES[key] = _prepare_launches(layout, causal, tuning, cfg, b, hq, hkv, d,
+                                                   high_dim, low_dim, write_mask, write_indices,
+                                                   k_pooled_t.shape[3])
+    tensors = (q_pooled, k_pooled_t, q_energy, k_energy,
+               mask if write_mask else placeholder,
+               kv_num_blocks if write_indices else placeholder,
+               kv_indices if write_indices else placeholder)
+    overlap = tuning.overlap and len(steps) >= tuning.overlap_min_launches and q.is_cuda
+    if not overlap:
+        for grid, prepared in steps:
+            prepared.launch(_select_tiles_kernel, grid, *tensors)
+        return mask, kv_num_blocks, kv_indices, nonfinite
+    main = torch.cuda.current_stream(device)
+    side = _side_stream(device)
+    side.wait_stream(main)
+    # Widest rows first: they hold most of the work.
+    for step, (grid, prepared) in enumerate(steps):
+        with torch.cuda.stream(side) if step else contextlib.nullcontext():
+            prepared.launch(_select_tiles_kernel, grid, *tensors)
+    main.wait_stream(side)
+    return mask, kv_num_blocks, kv_indices, nonfinite
+
+
+_LAUNCHES: dict = {}
+
+
+def _prepare_launches(layout: TileLayout, causal: bool, tuning: SelectionTuning,
+                      cfg: PrismConfig, b: int, hq: int, hkv: int, d: int, high_dim: int,
+                      low_dim: int, write_mask: bool, write_indices: bool, k_stride: int):
+    """``[(grid, Prepared)]`` of every launch of one call shape, widest rows first.
+
+    ``k_stride`` is the row stride of the pooled keys (a function of the layout).
+    """
+    nqt, nkt = layout.num_query_tiles, layout.num_key_tiles
+    high_start, _, low_start, _ = band_pairs(d, high_dim, low_dim)
     dk_cap = next_power_of_2(max(high_dim, low_dim))
     half_layout = 1 if cfg.rope_layout == "half" else 0
-    # Widest rows first: they hold most of the work.
-    for step, (row_start, row_end, width, rows, use_dot, programs, warps) in enumerate(plan):
+    steps = []
+    for row_start, row_end, width, rows, use_dot, programs, warps in _cached_plan(
+            layout, causal, tuning):
         dk = max(8, min(32, 16384 // width, dk_cap))
-        with torch.cuda.stream(side) if overlap and step else contextlib.nullcontext():
-            launch(
-                _select_tiles_kernel, (programs, b * hq), q_pooled, k_pooled_t, q_energy, k_energy,
-                mask if write_mask else placeholder,
-                kv_num_blocks if write_indices else placeholder,
-                kv_indices if write_indices else placeholder,
-                hq, hq // hkv, nqt, nkt, k_pooled_t.shape[-1], layout.first_query_tile,
-                row_start, row_end,
-                d, half_layout, high_dim, low_dim, high_start, low_start,
-                float(cfg.high_threshold), float(cfg.low_threshold),
-                float(cfg.high_temperature), float(cfg.low_temperature), float(cfg.eps),
-                CAUSAL=causal, CALIBRATE=cfg.calibrate,
-                FORCE_SINK=cfg.force_sink, FORCE_DIAGONAL=cfg.force_diagonal,
-                WRITE_MASK=write_mask, WRITE_INDICES=write_indices,
-                ROWS=rows, WIDTH=width, LOG2_WIDTH=width.bit_length() - 1, DK=dk,
-                CHUNK=min(width, 128), USE_DOT=use_dot,
-                EARLY_EXIT=tuning.early_exit, REGISTER_SCAN=tuning.register_scan,
-                num_warps=warps,
-            )
-    if overlap:
-        main.wait_stream(side)
-    return mask, kv_num_blocks, kv_indices, nonfinite
+        steps.append(((programs, b * hq), Prepared(
+            (hq, hq // hkv, nqt, nkt, k_stride, layout.first_query_tile,
+             row_start, row_end,
+             d, half_layout, high_dim, low_dim, high_start, low_start,
+             float(cfg.high_threshold), float(cfg.low_threshold),
+             float(cfg.high_temperature), float(cfg.low_temperature), float(cfg.eps)),
+            dict(CAUSAL=causal, CALIBRATE=cfg.calibrate,
+                 FORCE_SINK=cfg.force_sink, FORCE_DIAGONAL=cfg.force_diagonal,
+                 WRITE_MASK=write_mask, WRITE_INDICES=write_indices,
+                 ROWS=rows, WIDTH=width, LOG2_WIDTH=width.bit_length() - 1, DK=dk,
+                 CHUNK=min(width, 128), USE_DOT=use_dot,
+                 EARLY_EXIT=tuning.early_exit, REGISTER_SCAN=tuning.register_scan,
+                 num_warps=warps))))
+    return steps
 
 
 _SIDE_STREAMS: dict = {}
