@@ -20,6 +20,11 @@ Four parts, each written to the JSON as soon as it is measured:
     ``torch.compile(fullgraph=True)`` and as a captured CUDA graph replayed,
     beside cuDNN dense and compiled FlexAttention (on the tile mask that
     Prism selected, so attention only) in the same run.
+``tune``
+    Launch shapes of the attention kernel: a pruned grid of candidates timed
+    and checked against a reference launch on the weak shapes, beside
+    FlexAttention and cuDNN (``bench_tune.py``; ``bench_tune.py --summarize``
+    reads the result).
 ``ncu``
     One launch of our attention kernel (and cuDNN's, at density 1.0) for
     Nsight Compute to profile: ``--ncu-cell`` names the cell (run the script
@@ -312,63 +317,6 @@ def selection(n, hq=32, hkv=8, d=128, bs=128):
     return row
 
 
-TUNE_CELLS = [
-    # (head_dim, q heads, kv heads, tokens, tile, batch)
-    (64, 32, 8, 16384, 128, 1),
-    (80, 32, 8, 16384, 128, 1),
-    (256, 16, 2, 16384, 128, 1),
-    (128, 32, 8, 16384, 64, 1),
-    (64, 32, 8, 16384, 64, 1),
-]
-
-
-def tune_configs(d, bs):
-    from prism.optimized.attention import AttentionConfig as C
-
-    configs = [C(64, 64, 4, 2), C(64, 64, 4, 3), C(64, 64, 8, 3), C(128, 64, 8, 2),
-               C(128, 64, 8, 3), C(64, 32, 4, 3)]
-    if d <= 128:
-        configs += [C(128, 128, 8, 2), C(128, 128, 8, 3), C(64, 128, 4, 3)]
-    if d & (d - 1) == 0:
-        configs += [C(64, 64, 4, 3, use_tma=True), C(128, 64, 8, 3, use_tma=True)]
-        if d <= 128:
-            configs += [C(128, 128, 8, 3, use_tma=True)]
-        configs += [C(128, 64, 4, 2, warp_specialize=True),
-                    C(128, 64, 4, 3, warp_specialize=True),
-                    C(64, 64, 4, 3, warp_specialize=True)]
-        if d <= 128:
-            configs += [C(128, 128, 4, 2, warp_specialize=True)]
-    return [c for c in configs if bs % c.block_m == 0 and bs % c.block_n == 0]
-
-
-def tune_cell(cell, densities=(0.15, 1.0)):
-    """Every candidate launch shape of the attention kernel on one cell."""
-    from prism.optimized.attention import default_config
-
-    d, hq, hkv, n, bs, b = cell
-    q, k, v = random_qkv(b, hq, hkv, n, d, 0)
-    nt = n // bs
-    row = {"cell": list(cell), "default": repr(default_config(bs, d, DTYPE, False)),
-           "results": []}
-    masks = {x: mask_rows_to_indices(random_causal_mask(b, hq, nt, x, 1), 0, causal_trim=True)
-             for x in densities}
-    for config in tune_configs(d, bs):
-        entry = {"config": repr(config)}
-        for x, (num, idx) in masks.items():
-            try:
-                entry[f"d{x}_ms"] = bench(lambda c=config, num=num, idx=idx:
-                                          sparse_attention_forward(
-                                              q, k, v, num, idx, block_size=bs, causal=True,
-                                              scale=None, return_lse=False, first_query_tile=0,
-                                              query_start=0, interpreted=False, config=c))
-            except Exception as error:  # noqa: BLE001 - a shape that does not compile
-                entry[f"d{x}_ms"] = None
-                entry["error"] = f"{type(error).__name__}: {str(error)[:100]}"
-        row["results"].append(entry)
-        log(f"  tune {cell} {entry}")
-    return row
-
-
 class _NoLaunch:
     def __getitem__(self, grid):
         return lambda *args, **kwargs: None
@@ -497,12 +445,13 @@ def main(argv=None):
         result["e2e"] = [e2e(int(n)) for n in args.e2e_lengths.split(",")]
         save()
     if "tune" in parts:
-        result["tune"] = []
-        for cell in TUNE_CELLS:
-            if time.time() - t0 > args.budget_s:
-                continue
-            result["tune"].append(tune_cell(cell))
+        from bench_tune import tune
+
+        def save_tune(part):
+            result["tune"] = part
             save()
+
+        tune(budget_s=args.budget_s - (time.time() - t0), save=save_tune)
     if "matrix" in parts:
         densities = tuple(float(x) for x in args.densities.split(","))
         result["matrix"] = []
