@@ -183,13 +183,6 @@ def _gpu_one(n, row):
     row[f"select_tiles_{n}_us"] = _graph_us(
         lambda: sel.select_tiles(q, k, cfg, True, layout, high, low, write_mask=True,
                                  write_indices=True, tuning=tuning))
-    scan = sel.SelectionTuning(overlap=False, register_scan=True)
-    try:
-        row[f"select_tiles_register_scan_{n}_us"] = _graph_us(
-            lambda: sel.select_tiles(q, k, cfg, True, layout, high, low, write_mask=True,
-                                     write_indices=True, tuning=scan))
-    except Exception as error:  # noqa: BLE001 - a variant that fails to build is recorded
-        row[f"select_tiles_register_scan_{n}_error"] = f"{type(error).__name__}: {error}"[:300]
     # Without the compaction (mask only): the difference is what writing indices costs.
     row[f"select_tiles_mask_only_{n}_us"] = _graph_us(
         lambda: sel.select_tiles(q, k, cfg, True, layout, high, low, write_mask=True,

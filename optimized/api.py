@@ -56,14 +56,34 @@ from .selection import _select_tiles_kernel
 _DEFAULT_CONFIG = PrismConfig()
 
 
+_RESOLVED: dict = {}
+
+
 def _resolve(config, overrides) -> PrismConfig:
-    """``resolve_config`` without building a new config when nothing is overridden."""
+    """``resolve_config``, returning one config object per (config, overrides) in eager calls.
+
+    Nothing overridden: the given (or default) config itself. Otherwise the
+    resolved config is remembered, so repeated calls with the same overrides
+    get the same object (the kernels' launch caches key on its identity).
+    """
     if not overrides:
         if config is None:
             return _DEFAULT_CONFIG
         if type(config) is PrismConfig:
             return config
-    return resolve_config(config, **overrides)
+    if torch.compiler.is_compiling():
+        return resolve_config(config, **overrides)
+    try:
+        # Values with their types: 64 and 64.0 (or 1 and True) hash alike.
+        key = (id(config), *overrides.items(), *map(type, overrides.values()))
+        cached = _RESOLVED.get(key)
+    except TypeError:  # an unhashable override value: resolve_config says what is wrong
+        return resolve_config(config, **overrides)
+    if cached is None or cached[0] is not config:
+        if len(_RESOLVED) > 256:
+            _RESOLVED.clear()
+        cached = _RESOLVED[key] = (config, resolve_config(config, **overrides))
+    return cached[1]
 
 
 def _raise_if_nonfinite(nonfinite: torch.Tensor, **tensors: torch.Tensor) -> None:

@@ -246,16 +246,17 @@ def pool_tiles_and_energy(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
     nonfinite : Tensor (1,), float64
         Non-zero if some tile of q, k (or v) has a non-finite fp32 sum.
     """
+    # The layout by identity (the entry keeps it alive): hashing its fields costs more.
     key = (q.shape, q.stride(), k.shape, k.stride(),
-           None if v is None else (v.shape, v.stride()), layout, high_dim, low_dim,
+           None if v is None else (v.shape, v.stride()), id(layout), high_dim, low_dim,
            rope_layout, rows_per_load, num_warps)
     plan = _POOL_PLANS.get(key)
     if plan is None:
         if len(_POOL_PLANS) > 1024:
             _POOL_PLANS.clear()
-        plan = _POOL_PLANS[key] = _pool_plan(q, k, v, layout, high_dim, low_dim, rope_layout,
-                                             rows_per_load, num_warps)
-    grid, prepared, q_shape, k_shape, num_sums, q_sums = plan
+        plan = _POOL_PLANS[key] = (layout, *_pool_plan(q, k, v, layout, high_dim, low_dim,
+                                                        rope_layout, rows_per_load, num_warps))
+    _, grid, prepared, q_shape, k_shape, num_sums, q_sums = plan
     device = q.device
     q_pooled = torch.empty(q_shape, dtype=torch.float32, device=device)
     k_pooled_t = torch.empty(k_shape, dtype=torch.float32, device=device)

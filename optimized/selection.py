@@ -225,7 +225,6 @@ def _select_tiles_kernel(
     WRITE_MASK: tl.constexpr, WRITE_INDICES: tl.constexpr,
     ROWS: tl.constexpr, WIDTH: tl.constexpr, LOG2_WIDTH: tl.constexpr, DK: tl.constexpr,
     CHUNK: tl.constexpr, USE_DOT: tl.constexpr, EARLY_EXIT: tl.constexpr,
-    REGISTER_SCAN: tl.constexpr = False,
 ):
     """Select the key tiles of ``ROWS`` query-tile rows of one (batch, q head).
 
@@ -291,21 +290,9 @@ def _select_tiles_kernel(
     # Outputs. Columns at or beyond WIDTH are never selected in this launch.
     row_offsets = (bh.to(tl.int64) * num_query_tiles + rows) * num_key_tiles
     in_row = row_ok[:, None] & col_ok[None, :]
-    if WRITE_MASK and (REGISTER_SCAN or not WRITE_INDICES):
+    if WRITE_MASK and not WRITE_INDICES:
         tl.store(MASK + row_offsets[:, None] + cols[None, :], keep, mask=in_row)
-    if WRITE_INDICES and REGISTER_SCAN:
-        # One prefix sum over the whole row in registers: kept tile j goes to slot
-        # (kept tiles before j); slots from the row's count on get -1. The two
-        # stores cover disjoint slots, so every index slot is written exactly once.
-        taken = keep.to(tl.int32)
-        slot = tl.cumsum(taken, axis=1) - taken
-        count = tl.sum(taken, axis=1)
-        idx_rows = IDX + row_offsets
-        tl.store(idx_rows[:, None] + slot, cols[None, :] + tl.zeros_like(taken), mask=keep)
-        tl.store(idx_rows[:, None] + cols[None, :], tl.full([ROWS, WIDTH], -1, dtype=tl.int32),
-                 mask=in_row & (cols[None, :] >= count[:, None]))
-        tl.store(NUM + bh.to(tl.int64) * num_query_tiles + rows, count, mask=row_ok)
-    if WRITE_INDICES and not REGISTER_SCAN:
+    if WRITE_INDICES:
         # Compact in column chunks: the keep flags go to memory first (the index
         # rows serve as scratch), and each chunk is read back
         # whole before its slots are written. A slot never exceeds its column,
@@ -369,10 +356,6 @@ class SelectionTuning:
         Causal rows that see at most this many key tiles share one launch of
         this width (or of the full row, if narrower) instead of one launch per
         power of two: at short lengths the launches, not the work, cost time.
-    register_scan : bool
-        Compact the indices with one prefix sum over the whole row in
-        registers (each index slot written once) instead of column chunks
-        read back from the index rows (each slot written twice, read once).
     """
 
     dot_max_width: int = 1024
@@ -382,7 +365,6 @@ class SelectionTuning:
     overlap: bool = True
     overlap_min_launches: int = 3
     merge_width: int = 256
-    register_scan: bool = False
 
 
 def _launch_plan(layout: TileLayout, causal: bool, tuning: SelectionTuning):
@@ -492,15 +474,19 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: boo
     # Unused output pointers still need a tensor on the right device.
     placeholder = q_pooled
     tuning = _DEFAULT_TUNING if tuning is None else tuning
-    key = (layout, causal, tuning, cfg, b, hq, hkv, d, high_dim, low_dim, write_mask,
-           write_indices)
-    steps = _LAUNCHES.get(key)
-    if steps is None:
+    # Keyed by the identity of the (frozen) layout, config and tuning: hashing
+    # their fields costs microseconds per call. The entry keeps them alive, so an
+    # id is never reused while its entry exists.
+    key = (id(layout), id(cfg), id(tuning), causal, b, hq, hkv, d, high_dim, low_dim,
+           write_mask, write_indices)
+    cached = _LAUNCHES.get(key)
+    if cached is None:
         if len(_LAUNCHES) > 1024:
             _LAUNCHES.clear()
-        steps = _LAUNCHES[key] = _prepare_launches(layout, causal, tuning, cfg, b, hq, hkv, d,
-                                                   high_dim, low_dim, write_mask, write_indices,
-                                                   k_pooled_t.shape[3])
+        cached = _LAUNCHES[key] = (layout, cfg, tuning, _prepare_launches(
+            layout, causal, tuning, cfg, b, hq, hkv, d, high_dim, low_dim, write_mask,
+            write_indices, k_pooled_t.shape[3]))
+    steps = cached[3]
     tensors = (q_pooled, k_pooled_t, q_energy, k_energy,
                mask if write_mask else placeholder,
                kv_num_blocks if write_indices else placeholder,
@@ -550,8 +536,7 @@ def _prepare_launches(layout: TileLayout, causal: bool, tuning: SelectionTuning,
                  WRITE_MASK=write_mask, WRITE_INDICES=write_indices,
                  ROWS=rows, WIDTH=width, LOG2_WIDTH=width.bit_length() - 1, DK=dk,
                  CHUNK=min(width, 128), USE_DOT=use_dot,
-                 EARLY_EXIT=tuning.early_exit, REGISTER_SCAN=tuning.register_scan,
-                 num_warps=warps))))
+                 EARLY_EXIT=tuning.early_exit, num_warps=warps))))
     return steps
 
 

@@ -391,3 +391,19 @@ def test_prepared_launch_passes_what_the_launcher_expects(monkeypatch):
     frozen.launch(kernel, (2,), x, y)
     frozen.launch(kernel, (2,), x, y)
     assert kernel.runs == 4
+
+
+def test_resolved_configs_are_remembered_by_value_and_type():
+    from prism.optimized import api
+
+    first = api._resolve(None, {"block_size": 64, "high_threshold": 0.8})
+    assert first is api._resolve(None, {"block_size": 64, "high_threshold": 0.8})
+    assert (first.block_size, first.high_threshold) == (64, 0.8)
+    with pytest.raises(TypeError, match="block_size must be an int"):
+        api._resolve(None, {"block_size": 64.0})  # equal to 64, but not an int
+    with pytest.raises(TypeError, match="unknown PrismConfig field"):
+        api._resolve(None, {"block_sise": 64})
+    base = api.PrismConfig(low_threshold=0.7)
+    derived = api._resolve(base, {"block_size": 32})
+    assert (derived.low_threshold, derived.block_size) == (0.7, 32)
+    assert api._resolve(None, {"block_size": 32}).low_threshold != 0.7

@@ -574,30 +574,3 @@ def test_inputs_are_never_modified():
     optimized.prism_attention(q, k, v, block_size=32)
     for t, c in zip((q, k, v), copies, strict=True):
         assert torch.equal(t, c)
-
-
-@pytest.mark.parametrize("nq,nk,causal", [(520, 520, True), (200, 2080, True),
-                                          (300, 2080, False)])
-def test_register_scan_compaction_equals_chunked(nq, nk, causal):
-    """SelectionTuning(register_scan=True) writes the same mask, counts and indices
-    as the chunked compaction, into poisoned outputs (every slot written); rows of
-    130 key tiles cross the 128-column chunks."""
-    q, k, _ = make_qkv(1, 2, 1, nq, nk, 16, base=10000.0, dtype=torch.float32, seed=nk + nq)
-    cfg = resolve_config(None, block_size=16)
-    layout = tile_layout(nq, nk, 16, causal)
-    high, low = band_sizes(16, cfg.high_dim, cfg.low_dim)
-    shape = (1, 2, layout.num_query_tiles, layout.num_key_tiles)
-    outputs = []
-    for register_scan in (False, True):
-        mask = torch.full(shape, True, dtype=torch.bool)
-        num = torch.full(shape[:-1], -7, dtype=torch.int32)
-        idx = torch.full(shape, 12345, dtype=torch.int32)
-        select_tiles(q, k, cfg, causal, layout, high, low, write_mask=True, write_indices=True,
-                     mask=mask, kv_num_blocks=num, kv_indices=idx,
-                     tuning=selection_module.SelectionTuning(register_scan=register_scan))
-        outputs.append((mask, num, idx))
-    (mask, num, idx), (mask2, num2, idx2) = outputs
-    assert torch.equal(mask, mask2) and torch.equal(num, num2) and torch.equal(idx, idx2)
-    ref_num, ref_idx = reference.mask_to_indices(mask2)
-    assert torch.equal(num2, ref_num) and torch.equal(idx2, ref_idx)
-    assert 0 < int(mask2.sum()) < mask2.numel()
