@@ -221,9 +221,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="")
     parser.add_argument("--parts", default="host,launch,gpu,eager")
+    parser.add_argument("--lengths", default="4096,8192,131072",
+                        help="token counts of the gpu and eager parts")
     args = parser.parse_args(argv)
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     parts = args.parts.split(",")
+    lengths = [int(n) for n in args.lengths.split(",")]
 
     def save():
         if args.out:
@@ -239,11 +242,11 @@ def main(argv=None):
         print("launch_us", json.dumps(result["launch_us"], indent=0), flush=True)
         save()
     if "gpu" in parts:
-        result["gpu_us"] = gpu_part()
+        result["gpu_us"] = gpu_part(lengths)
         print("gpu_us", json.dumps(result["gpu_us"], indent=0), flush=True)
         save()
     if "eager" in parts:
-        result["eager_ms"] = eager_part()
+        result["eager_ms"] = eager_part(lengths)
         print("eager_ms", json.dumps(result["eager_ms"], indent=0), flush=True)
         save()
     result["launch_stats"] = dict(launch.STATS)
