@@ -73,24 +73,32 @@ def default_config(block_size: int, head_dim: int, dtype: torch.dtype,
                    interpreted: bool) -> AttentionConfig:
     """Block sizes and pipelining for one call: a table measured on the H200.
 
-    ``benchmarks/bench_matrix.py --parts tune`` times every candidate on 16K
-    tokens at densities 0.15 and 1.0 (benchmarks/NOTES.md, item 25); the
-    winners, 16-bit inputs:
+    ``benchmarks/bench_matrix.py --parts tune`` (``benchmarks/bench_tune.py``)
+    times a pruned grid of candidates, each checked against a plain reference
+    launch, on 32/8 heads, bf16, 8K and 32K tokens at densities 0.05, 0.15 and
+    1.0; a candidate replaces an entry only when its median over those six
+    cells of (old time / new time) exceeds 1.03. The winners, 16-bit inputs:
 
-    ======================  ======  ========================================
-    tile (largest 2^k)      D       launch shape
-    ======================  ======  ========================================
-    >= 128                  <= 64   128 x 64, 8 warps, 2 stages
-    >= 128                  128     128 x 128, warp-specialised, 2 stages
-    >= 128                  other   128 x 128, 8 warps, 2 stages (D 80, 96)
-    >= 128                  > 128   128 x 64, warp-specialised, 2 stages
-    64                      any     64 x 64, 4 warps, 3 stages, TMA
-    16, 32                  any     tile x tile, 4 warps, 3 stages, TMA
-    ======================  ======  ========================================
+    ======================  =========  =============================================
+    tile (largest 2^k)      D          launch shape
+    ======================  =========  =============================================
+    >= 128                  <= 64      64 x 64, 4 warps, 2 stages, TMA (1.13x)
+    >= 128                  128        128 x 128, warp-specialised, 2 stages
+    >= 128                  other      128 x 128, 8 warps, 2 stages (D 80, 96)
+    >= 128                  > 128      128 x 64, warp-specialised, 2 stages
+    64                      <= 64      64 x 64, 4 warps, 2 stages, TMA (1.15x)
+    64                      65 - 128   64 x 64, 4 warps, 3 stages, TMA
+    64                      > 128      64 x 32, 4 warps, 2 stages, TMA (1.13x)
+    16, 32                  any        tile x tile, 4 warps, 3 stages, TMA
+    ======================  =========  =============================================
 
-    Warp-specialised shapes fall back to :func:`fallback_config` where
-    :func:`warp_specialize_compatible` refuses the inputs; TMA needs
-    :func:`tma_compatible` and is skipped otherwise.
+    In brackets: the median speed-up over the entry it replaced
+    (``benchmarks/results/h200_tune_1b04e82.json``, measured at D 64 and 256).
+    Warp-specialised shapes with 3 or 4 stages gave non-finite or unwritten
+    outputs there (D 64 and 128, Triton 3.6), so every table entry that uses
+    warp specialisation has 2 stages. Warp-specialised shapes fall back to
+    :func:`fallback_config` where :func:`warp_specialize_compatible` refuses the
+    inputs; TMA needs :func:`tma_compatible` and is skipped otherwise.
     """
     divisor = block_size & -block_size  # largest power of two dividing block_size
     if interpreted:
@@ -99,10 +107,14 @@ def default_config(block_size: int, head_dim: int, dtype: torch.dtype,
         return AttentionConfig(tile, tile, 4, 1)
     if dtype == torch.float32:
         return AttentionConfig(min(64, divisor), min(32, divisor), 4, 2)
-    if divisor < 128:
+    if divisor < 64:
         return AttentionConfig(divisor, divisor, 4, 3, use_tma=True)
     if head_dim <= 64:
-        return AttentionConfig(128, 64, 8, 2)
+        return AttentionConfig(64, 64, 4, 2, use_tma=True)
+    if divisor == 64:
+        if head_dim > 128:
+            return AttentionConfig(64, 32, 4, 2, use_tma=True)
+        return AttentionConfig(64, 64, 4, 3, use_tma=True)
     if head_dim > 128:
         return AttentionConfig(128, 64, 4, 2, warp_specialize=True)
     if head_dim == 128:
