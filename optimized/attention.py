@@ -62,6 +62,26 @@ class AttentionConfig:
     warp_specialize: bool = False
     kv_major: bool = True
 
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 16 \
+                    or value & (value - 1):
+                raise ValueError(f"AttentionConfig.{name} must be a power of two >= 16, "
+                                 f"got {value!r}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"AttentionConfig.num_warps must be 1, 2, 4, 8 or 16, got "
+                             f"{self.num_warps!r}")
+        if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) \
+                or self.num_stages < 1:
+            raise ValueError(f"AttentionConfig.num_stages must be an int >= 1, got "
+                             f"{self.num_stages!r}")
+        if self.warp_specialize and self.num_stages > 2:
+            # Seen on the H200 with Triton 3.6 (benchmarks/results/h200_tune_1b04e82.json):
+            # every warp-specialised launch with 3 or 4 stages left non-finite outputs.
+            raise ValueError("AttentionConfig(warp_specialize=True) needs num_stages <= 2 "
+                             f"(deeper pipelines give wrong outputs), got {self.num_stages}")
+
 
 def supported_block_size(block_size: int) -> bool:
     """The kernel tiles queries and keys in power-of-two blocks of 16 to 128 tokens

@@ -383,6 +383,22 @@ def test_warp_specialized_config_refuses_inputs_it_cannot_read():
                                  interpreted=INTERPRETED, config=config)
 
 
+@pytest.mark.parametrize("fields, message", [
+    (dict(block_m=48), "power of two"),
+    (dict(block_n=8), "power of two"),
+    (dict(num_warps=3), "num_warps"),
+    (dict(num_stages=0), "num_stages"),
+    (dict(num_stages=3, warp_specialize=True), "num_stages <= 2"),
+])
+def test_attention_config_refuses_launch_shapes_the_kernel_cannot_run(fields, message):
+    """A launch shape the kernel would mis-tile, or (warp-specialised, 3+ stages)
+    one that gave non-finite outputs on the H200, is refused when it is built."""
+    base = dict(block_m=64, block_n=64, num_warps=4, num_stages=2)
+    with pytest.raises(ValueError, match=message):
+        AttentionConfig(**{**base, **fields})
+    assert AttentionConfig(**base).num_stages == 2
+
+
 def test_scratch_allocator_is_scoped_and_respects_the_callers():
     """The warp-specialised launch supplies Triton's scratch allocator only for
     its own launch, and leaves one the caller installed in place."""
