@@ -34,6 +34,10 @@ operators of :mod:`prism.optimized.ops` run it inside ``torch.compile``d
 graphs too. Unlike Triton it does not re-check, on every call, that global
 variables the kernel reads have kept the value they had when it was compiled
 (Prism's kernels read none that change).
+
+:class:`Prepared` is the same for call sites that launch one kernel shape
+again and again: the scalar arguments and keywords are fixed once (pooling
+and selection keep one per call shape), so a call keys only its tensors.
 """
 
 from __future__ import annotations
@@ -281,5 +285,5 @@ class Prepared:
 
 
 def clear() -> None:
-    """Forget every cached compiled kernel (the next launches go through Triton)."""
+    """Forget the compiled kernels :func:`launch` keeps (each :class:`Prepared` keeps its own)."""
     _CACHES.clear()
