@@ -3,10 +3,12 @@
 :func:`estimator_select_blocks` runs any estimator of the registry
 (:mod:`prism.reference.registry`) with the scoring stages of
 :data:`KERNEL_STAGES` replaced by Triton kernels: the antidiagonal scores
-below, the sampled-query scores of :mod:`prism.optimized.sampled` and the
-last queries' column and diagonal distributions of
-:mod:`prism.optimized.vertical_slash`. The other stages (top-p, columns and
-offsets to tiles) are the reference's torch code on the same device.
+below, the sampled-query scores of :mod:`prism.optimized.sampled`, the
+vertical-slash stage of :mod:`prism.optimized.vertical_slash` (the last
+queries' column and diagonal distributions and their top-p) and the top-p over
+tile probabilities (:func:`tile_top_p_kernel`). The mapping of kept columns and
+offsets to tiles and the unions are the reference's torch code on the same
+device.
 
 :func:`antidiagonal_tile_probabilities` computes exactly what
 :func:`prism.reference.estimators.antidiagonal_probabilities` computes, without
