@@ -246,17 +246,25 @@ def pool_tiles_and_energy(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
     nonfinite : Tensor (1,), float64
         Non-zero if some tile of q, k (or v) has a non-finite fp32 sum.
     """
-    # The layout by identity (the entry keeps it alive): hashing its fields costs more.
-    key = (q.shape, q.stride(), k.shape, k.stride(),
-           None if v is None else (v.shape, v.stride()), id(layout), high_dim, low_dim,
-           rope_layout, rows_per_load, num_warps)
-    plan = _POOL_PLANS.get(key)
-    if plan is None:
-        if len(_POOL_PLANS) > 1024:
-            _POOL_PLANS.clear()
-        plan = _POOL_PLANS[key] = (layout, *_pool_plan(q, k, v, layout, high_dim, low_dim,
-                                                        rope_layout, rows_per_load, num_warps))
-    _, grid, prepared, q_shape, k_shape, num_sums, q_sums = plan
+    # The layout by identity (the entry keeps it alive): hashing its fields costs
+    # more. A layout made afresh per call is found by value instead.
+    rest = (q.shape, q.stride(), k.shape, k.stride(),
+            None if v is None else (v.shape, v.stride()), high_dim, low_dim, rope_layout,
+            rows_per_load, num_warps)
+    plan = _POOL_PLANS.get((id(layout), *rest))
+    if plan is not None:
+        plan = plan[1]
+    else:
+        plan = _POOL_PLANS_BY_VALUE.get((layout, *rest))
+        if plan is None:
+            plan = _pool_plan(q, k, v, layout, high_dim, low_dim, rope_layout, rows_per_load,
+                              num_warps)
+            for cache in (_POOL_PLANS, _POOL_PLANS_BY_VALUE):
+                if len(cache) > 1024:
+                    cache.clear()
+            _POOL_PLANS_BY_VALUE[(layout, *rest)] = plan
+            _POOL_PLANS[(id(layout), *rest)] = (layout, plan)
+    grid, prepared, q_shape, k_shape, num_sums, q_sums = plan
     device = q.device
     q_pooled = torch.empty(q_shape, dtype=torch.float32, device=device)
     k_pooled_t = torch.empty(k_shape, dtype=torch.float32, device=device)
@@ -270,7 +278,8 @@ def pool_tiles_and_energy(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
     return q_pooled, k_pooled_t, q_energy, k_energy, nonfinite
 
 
-_POOL_PLANS: dict = {}
+_POOL_PLANS: dict = {}  # by the identity of the layout
+_POOL_PLANS_BY_VALUE: dict = {}
 
 
 def _pool_plan(q, k, v, layout: TileLayout, high_dim: int, low_dim: int, rope_layout: str,

@@ -477,16 +477,22 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: boo
     # Keyed by the identity of the (frozen) layout, config and tuning: hashing
     # their fields costs microseconds per call. The entry keeps them alive, so an
     # id is never reused while its entry exists.
-    key = (id(layout), id(cfg), id(tuning), causal, b, hq, hkv, d, high_dim, low_dim,
-           write_mask, write_indices)
-    cached = _LAUNCHES.get(key)
-    if cached is None:
-        if len(_LAUNCHES) > 1024:
-            _LAUNCHES.clear()
-        cached = _LAUNCHES[key] = (layout, cfg, tuning, _prepare_launches(
-            layout, causal, tuning, cfg, b, hq, hkv, d, high_dim, low_dim, write_mask,
-            write_indices, k_pooled_t.shape[3]))
-    steps = cached[3]
+    # Objects made afresh for every call (a config copied per call) miss here and
+    # are found by value instead, without filling this cache.
+    rest = (causal, b, hq, hkv, d, high_dim, low_dim, write_mask, write_indices)
+    cached = _LAUNCHES.get((id(layout), id(cfg), id(tuning), *rest))
+    if cached is not None:
+        steps = cached[3]
+    else:
+        steps = _LAUNCHES_BY_VALUE.get((layout, cfg, tuning, *rest))
+        if steps is None:
+            steps = _prepare_launches(layout, causal, tuning, cfg, b, hq, hkv, d, high_dim,
+                                      low_dim, write_mask, write_indices, k_pooled_t.shape[3])
+            for cache in (_LAUNCHES, _LAUNCHES_BY_VALUE):
+                if len(cache) > 1024:
+                    cache.clear()
+            _LAUNCHES_BY_VALUE[(layout, cfg, tuning, *rest)] = steps
+            _LAUNCHES[(id(layout), id(cfg), id(tuning), *rest)] = (layout, cfg, tuning, steps)
     tensors = (q_pooled, k_pooled_t, q_energy, k_energy,
                mask if write_mask else placeholder,
                kv_num_blocks if write_indices else placeholder,
@@ -507,7 +513,8 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: boo
     return mask, kv_num_blocks, kv_indices, nonfinite
 
 
-_LAUNCHES: dict = {}
+_LAUNCHES: dict = {}  # by the identity of layout, config and tuning
+_LAUNCHES_BY_VALUE: dict = {}
 
 
 def _prepare_launches(layout: TileLayout, causal: bool, tuning: SelectionTuning,

@@ -409,3 +409,33 @@ def test_resolved_configs_are_remembered_by_value_and_type():
     derived = api._resolve(base, {"block_size": 32})
     assert (derived.low_threshold, derived.block_size) == (0.7, 32)
     assert api._resolve(None, {"block_size": 32}).low_threshold != 0.7
+
+
+def test_selection_launches_are_kept_per_call_shape():
+    """Equal configs made afresh per call share one prepared launch (found by value,
+    without filling the identity cache); other values get their own."""
+    from prism.optimized import selection
+    from prism.reference import band_sizes, resolve_config, tile_layout
+
+    q, k = torch.randn(1, 2, 64, 16), torch.randn(1, 1, 64, 16)
+    layout = tile_layout(64, 64, 16, True)
+    high, low = band_sizes(16, None, None)
+    selection._LAUNCHES.clear()
+    selection._LAUNCHES_BY_VALUE.clear()
+    masks = []
+    for threshold in (0.9, 0.9, 0.9, 0.5):
+        cfg = resolve_config(None, block_size=16, high_threshold=threshold)
+        masks.append(selection.select_tiles(q, k, cfg, True, layout, high, low)[0])
+    assert len(selection._LAUNCHES_BY_VALUE) == 2
+    assert len(selection._LAUNCHES) == 2
+    assert torch.equal(masks[0], masks[1]) and torch.equal(masks[0], masks[2])
+    (first, *_), (second, *_) = selection._LAUNCHES_BY_VALUE.values()
+    assert first[1].scalars != second[1].scalars  # the thresholds differ
+    expected = reference_select(q, k, 16, 0.5)
+    assert torch.equal(masks[3], expected)
+
+
+def reference_select(q, k, block_size, threshold):
+    from prism import reference
+
+    return reference.select_blocks(q, k, block_size=block_size, high_threshold=threshold)
