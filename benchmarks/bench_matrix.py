@@ -167,31 +167,37 @@ def cudnn_ms(q, k, v):
 _FLEX = {}
 
 
-def flex_ms(q, k, v, mask, bs):
-    """Compiled FlexAttention on the tile mask (diagonal tiles token-causal), or None."""
-    try:
-        from torch.nn.attention.flex_attention import BlockMask, flex_attention
+def flex_call(q, k, v, mask, bs):
+    """A no-argument call of compiled FlexAttention on the tile mask (diagonal tiles
+    token-causal), compiled once per process with static shapes."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-        if "fn" not in _FLEX:
-            # One static kernel per shape, as a user's compiled model gets: no
-            # automatic dynamic shapes, and no fallback to eager after 8 shapes.
-            for name in ("recompile_limit", "cache_size_limit"):
-                if hasattr(torch._dynamo.config, name):
-                    setattr(torch._dynamo.config, name, 1024)
-            _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
-        n, nt = q.shape[2], mask.shape[-1]
-        eye = torch.eye(nt, dtype=torch.bool, device=mask.device)
-        full_num, full_idx = mask_rows_to_indices(mask & ~eye)
-        part_num, part_idx = mask_rows_to_indices(mask & eye)
-        block_mask = BlockMask.from_kv_blocks(
-            part_num, part_idx, full_num, full_idx, BLOCK_SIZE=bs,
-            mask_mod=lambda b, h, qi, ki: qi >= ki, seq_lengths=(n, n))
-        fn = _FLEX["fn"]
-        # Flex's default kernel tiles are 128 rows: a tile-64 mask needs 64-row tiles.
-        options = {"BLOCK_M": bs, "BLOCK_N": bs} if bs < 128 else None
-        fn(q, k, v, block_mask=block_mask, enable_gqa=True, kernel_options=options)
-        return bench(lambda: fn(q, k, v, block_mask=block_mask, enable_gqa=True,
-                                kernel_options=options))
+    if "fn" not in _FLEX:
+        # One static kernel per shape, as a user's compiled model gets: no
+        # automatic dynamic shapes, and no fallback to eager after 8 shapes.
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 1024)
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    n, nt = q.shape[2], mask.shape[-1]
+    eye = torch.eye(nt, dtype=torch.bool, device=mask.device)
+    full_num, full_idx = mask_rows_to_indices(mask & ~eye)
+    part_num, part_idx = mask_rows_to_indices(mask & eye)
+    block_mask = BlockMask.from_kv_blocks(
+        part_num, part_idx, full_num, full_idx, BLOCK_SIZE=bs,
+        mask_mod=lambda b, h, qi, ki: qi >= ki, seq_lengths=(n, n))
+    fn = _FLEX["fn"]
+    # Flex's default kernel tiles are 128 rows: a tile-64 mask needs 64-row tiles.
+    options = {"BLOCK_M": bs, "BLOCK_N": bs} if bs < 128 else None
+    return lambda: fn(q, k, v, block_mask=block_mask, enable_gqa=True, kernel_options=options)
+
+
+def flex_ms(q, k, v, mask, bs):
+    """Time of :func:`flex_call` (after one warm-up call that compiles it), or None."""
+    try:
+        call = flex_call(q, k, v, mask, bs)
+        call()
+        return bench(call)
     except Exception as error:  # noqa: BLE001 - a shape FlexAttention cannot run
         log(f"  FlexAttention failed: {type(error).__name__}: {str(error)[:300]}")
         return None
@@ -334,7 +340,7 @@ def host_us(fn, calls=200):
     return elapsed / calls * 1e6
 
 
-def _profile(fn, calls=300, lines=18):
+def profile_text(fn, calls=300, lines=18):
     """Top functions by own time over ``calls`` calls (cProfile), as text."""
     import cProfile
     import io
@@ -377,7 +383,7 @@ def overhead(n=4096):
         try:
             for name, fn in calls.items():
                 row[f"{name}_no_kernels_us"] = host_us(fn)
-            row["profile_no_kernels"] = _profile(calls["prism_attention"])
+            row["profile_no_kernels"] = profile_text(calls["prism_attention"])
         finally:
             for m, name, kernel in saved:
                 setattr(m, name, kernel)

@@ -29,16 +29,13 @@ Usage (GPU machine, repository root)::
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
 import json
-import pstats
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from bench_matrix import _NoLaunch, host_us  # noqa: E402  (one definition each)
 from bench_prism import bench  # noqa: E402
 
 from prism import optimized  # noqa: E402
@@ -57,23 +54,6 @@ def qkv(n, hq=32, hkv=8, d=128, seed=0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     return tuple(torch.randn(1, h, n, d, device="cuda", dtype=DTYPE, generator=gen)
                  for h in (hq, hkv, hkv))
-
-
-def host_us(fn, calls=300):
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed / calls * 1e6
-
-
-class _NoLaunch:
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
 
 
 class _Stubbed:
@@ -101,14 +81,9 @@ class _TritonLaunches:
 
 
 def profile(fn, calls=300, lines=22):
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(calls):
-        fn()
-    profiler.disable()
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(lines)
-    return text.getvalue()[-5000:]
+    from bench_matrix import profile_text  # one cProfile helper for the benchmarks
+
+    return profile_text(fn, calls, lines)
 
 
 def host_part(n=4096):

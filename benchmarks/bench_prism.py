@@ -65,6 +65,17 @@ def log(*parts):
 MIN_SAMPLES = 5
 
 
+def warm_call_ms(fn) -> float:
+    """Milliseconds of one call of ``fn`` after a first (warm-up) call, by CUDA events."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
 def bench(fn, rep=100):
     """Median milliseconds of ``fn`` (do_bench, events, warm-up included).
 
@@ -72,13 +83,7 @@ def bench(fn, rep=100):
     for a 280 ms call; the budget is raised so that every median comes from at
     least ``MIN_SAMPLES`` timed calls after at least two warm-up calls.
     """
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    once = start.elapsed_time(end)
+    once = warm_call_ms(fn)
     return float(do_bench(fn, warmup=max(25, 2 * once), rep=max(rep, MIN_SAMPLES * once),
                           return_mode="median"))
 

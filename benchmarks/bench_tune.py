@@ -112,14 +112,10 @@ def candidates(d: int, tile: int) -> list:
 
 def time_ms(fn, target_ms=20.0, min_reps=5, max_reps=200) -> float:
     """Median of per-call event times, L2 flushed before each call (as do_bench)."""
+    from bench_prism import warm_call_ms
+
     flush = _flush_buffer()
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    reps = int(min(max_reps, max(min_reps, target_ms / max(start.elapsed_time(end), 1e-3))))
+    reps = int(min(max_reps, max(min_reps, target_ms / max(warm_call_ms(fn), 1e-3))))
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(reps)]
     for s, e in events:
@@ -188,27 +184,9 @@ def _compile_worker(jobs, results):
 
 
 def _flex_call(q, k, v, mask, tile):
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    from bench_matrix import flex_call  # the matrix's FlexAttention call, one definition
 
-    from prism.optimized.indices import mask_rows_to_indices
-    if "fn" not in _FLEX:
-        for name in ("recompile_limit", "cache_size_limit"):
-            if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, 1024)
-        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
-    n, nt = q.shape[2], mask.shape[-1]
-    eye = torch.eye(nt, dtype=torch.bool, device=mask.device)
-    full_num, full_idx = mask_rows_to_indices(mask & ~eye)
-    part_num, part_idx = mask_rows_to_indices(mask & eye)
-    block_mask = BlockMask.from_kv_blocks(part_num, part_idx, full_num, full_idx, BLOCK_SIZE=tile,
-                                          mask_mod=lambda b, h, qi, ki: qi >= ki,
-                                          seq_lengths=(n, n))
-    options = {"BLOCK_M": tile, "BLOCK_N": tile} if tile < 128 else None
-    fn = _FLEX["fn"]
-    return lambda: fn(q, k, v, block_mask=block_mask, enable_gqa=True, kernel_options=options)
-
-
-_FLEX = {}
+    return flex_call(q, k, v, mask, tile)
 
 
 def _dense_call(q, k, v):

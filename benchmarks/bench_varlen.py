@@ -35,13 +35,16 @@ import argparse
 import datetime
 import inspect
 import json
+import sys
 import time
 
 import torch
 import triton
-from triton.testing import do_bench
 
-from prism import optimized
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from bench_prism import bench as _bench  # noqa: E402
+
+from prism import optimized  # noqa: E402
 from prism.optimized import varlen as packed_launch
 from prism.optimized.attention import sparse_attention_forward
 from prism.reference import PrismConfig, admissible_tiles, apply_rope, tile_layout
@@ -56,17 +59,9 @@ def log(*parts):
     print(*parts, flush=True)
 
 
-def bench(fn, min_samples=5):
-    """Median ms over at least ``min_samples`` timed calls after two warm-up calls."""
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    once = start.elapsed_time(end)
-    return float(do_bench(fn, warmup=max(10, 2 * once), rep=max(50, min_samples * once),
-                          return_mode="median"))
+def bench(fn):
+    """Median ms of ``fn`` (the benchmarks' one timing helper, bench_prism.bench)."""
+    return _bench(fn, rep=50)
 
 
 def structured(n, seed, sharpness=0.75, base=500000.0):
