@@ -487,6 +487,20 @@ def _launch_config(config, q, k, v, d_pad: int, dv_pad: int, query_start: int,
     return config
 
 
+def launch_constants(config: AttentionConfig, causal: bool, return_lse: bool, d: int, dv: int,
+                     dtype: torch.dtype, use_tma: bool, *, varlen: bool) -> dict:
+    """The constexpr and launch keywords of :func:`_sparse_attention_kernel` (dense and
+    packed launches alike)."""
+    return dict(
+        CAUSAL=causal, WRITE_LSE=return_lse,
+        HEAD_DIM=d, HEAD_DIM_V=dv, D_PAD=max(16, next_power_of_2(d)),
+        DV_PAD=max(16, next_power_of_2(dv)),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, IEEE=dtype == torch.float32,
+        USE_TMA=use_tma, WARP_SPECIALIZE=config.warp_specialize, KV_MAJOR=config.kv_major,
+        VARLEN=varlen, num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+
+
 def sparse_attention_forward(q, k, v, kv_num_blocks, kv_indices, *, block_size: int,
                              causal: bool, scale: float | None, return_lse: bool,
                              first_query_tile: int, query_start: int, interpreted: bool,
@@ -550,11 +564,8 @@ def sparse_attention_forward(q, k, v, kv_num_blocks, kv_indices, *, block_size: 
             *nb_strides, *idx_strides, kv_indices.stride(2),
             b * hq, hq, hq // hkv, nq, nk, query_start, first_query_tile, nqt, block_size,
             scale * LOG2_E,
-            CAUSAL=causal, WRITE_LSE=return_lse,
-            HEAD_DIM=d, HEAD_DIM_V=dv, D_PAD=d_pad, DV_PAD=dv_pad,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, IEEE=q.dtype == torch.float32,
-            USE_TMA=use_tma, WARP_SPECIALIZE=config.warp_specialize, KV_MAJOR=config.kv_major,
-            VARLEN=False, num_warps=config.num_warps, num_stages=config.num_stages,
+            **launch_constants(config, causal, return_lse, d, dv, q.dtype, use_tma,
+                               varlen=False),
         )
     return out, (lse if return_lse else None)
 

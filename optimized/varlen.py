@@ -69,6 +69,7 @@ from .attention import (
     _launch_config,
     _scratch_allocator,
     _sparse_attention_kernel,
+    launch_constants,
     supported_block_size,
     tma_compatible,
 )
@@ -267,11 +268,8 @@ def packed_attention_forward(q, k, v, layout: PackedLayout, kv_num_blocks, kv_in
             0, 0, 0, 0, 0,
             hq, hq, hq // hkv, total_q, 0, 0, 0, layout.num_tiles, block_size,
             scale * LOG2_E,
-            CAUSAL=causal, WRITE_LSE=return_lse,
-            HEAD_DIM=d, HEAD_DIM_V=dv, D_PAD=d_pad, DV_PAD=dv_pad,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, IEEE=q.dtype == torch.float32,
-            USE_TMA=use_tma, WARP_SPECIALIZE=config.warp_specialize, KV_MAJOR=config.kv_major,
-            VARLEN=True, num_warps=config.num_warps, num_stages=config.num_stages,
+            **launch_constants(config, causal, return_lse, d, dv, q.dtype, use_tma,
+                               varlen=True),
         )
     return out, (lse if return_lse else None)
 

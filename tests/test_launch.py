@@ -146,24 +146,27 @@ class _FakeTensor(torch.Tensor):
     is_cuda = True
 
 
+class FakeKernel:
+    """A stand-in JITFunction whose every run returns one fake compiled kernel."""
+
+    params = JITFunction(_scaled_copy).params
+    pre_run_hooks: list = []
+
+    def __init__(self):
+        self.compiled = _FakeCompiled()
+        self.runs = 0
+
+    def run(self, *args, grid, warmup, **kwargs):
+        self.runs += 1
+        return self.compiled
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.run(*args, grid=grid, warmup=False, **kwargs)
+
+
 def test_cached_launch_passes_what_the_launcher_expects(monkeypatch):
     """The replayed call: grid, stream, function, the launcher's own prefix, raw
     addresses, the run-time arguments and the constexprs (defaults included)."""
-
-    class FakeKernel:
-        params = JITFunction(_scaled_copy).params
-        pre_run_hooks: list = []
-
-        def __init__(self):
-            self.compiled = _FakeCompiled()
-            self.runs = 0
-
-        def run(self, *args, grid, warmup, **kwargs):
-            self.runs += 1
-            return self.compiled
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: self.run(*args, grid=grid, warmup=False, **kwargs)
 
     monkeypatch.setattr(fast, "_JITFunction", FakeKernel)
     monkeypatch.setattr(fast, "_get_device", lambda: 0)
@@ -352,21 +355,6 @@ def test_tile_mask_from_selection_equals_constructor():
 def test_prepared_launch_passes_what_the_launcher_expects(monkeypatch):
     """Prepared: tensors per call, scalars and keywords fixed; a new kernel object or a
     misaligned tensor goes back through Triton; tensors in the scalars never cache."""
-
-    class FakeKernel:
-        params = JITFunction(_scaled_copy).params
-        pre_run_hooks: list = []
-
-        def __init__(self):
-            self.compiled = _FakeCompiled()
-            self.runs = 0
-
-        def run(self, *args, grid, warmup, **kwargs):
-            self.runs += 1
-            return self.compiled
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: self.run(*args, grid=grid, warmup=False, **kwargs)
 
     monkeypatch.setattr(fast, "_JITFunction", FakeKernel)
     monkeypatch.setattr(fast, "_get_device", lambda: 0)
