@@ -65,12 +65,15 @@ ATTENTION_SHAPES = [
     (1, 8, 2, 4096, 20480, 128, 128, 0.4),
     (1, 8, 2, 8192, 8192, 128, 256, 0.4),
     (1, 8, 2, 3000, 20000, 128, 128, 0.5),
-    # Launch shapes of the measured table: D 256 (warp-specialised 128 x 64), D 80 and
-    # 96 (padded to 128 in registers), D 64 (128 x 64 blocks), tile 64 with TMA.
+    # Launch shapes of the measured table (optimized.attention.default_config): D 256
+    # (warp-specialised 128 x 64; 64 x 32 with TMA at tile 64), D 80 and 96 (padded to
+    # 128 in registers), D 64 (64 x 64 with TMA at tiles 64 and 128), tile 64 with TMA.
     (1, 8, 2, 8192, 8192, 256, 128, 0.3),
+    (1, 8, 2, 8192, 8192, 256, 64, 0.3),
     (1, 8, 2, 8192, 8192, 80, 128, 0.3),
     (2, 8, 8, 4096, 4096, 96, 64, 0.3),
     (1, 8, 1, 8192, 8192, 64, 128, 0.3),
+    (1, 8, 2, 8192, 8192, 64, 64, 0.3),
     (1, 8, 2, 5000, 8192, 128, 64, 0.3),
 ]
 
@@ -139,7 +142,7 @@ def test_warp_specialized_matches_plain_loop(record_property):
 
 @pytest.mark.parametrize("shape,dtype", ATTENTION_CASES,
                          ids=lambda x: str(x).split(".")[-1] if isinstance(x, torch.dtype)
-                         else f"{x[3]}x{x[4]}-bs{x[6]}-d{x[7]}")
+                         else f"{x[3]}x{x[4]}-bs{x[6]}-D{x[5]}-density{x[7]}")
 def test_attention_long(shape, dtype, record_property):
     b, hq, hkv, nq, nk, d, bs, density = shape
     from prism.reference import tile_layout
