@@ -1,0 +1,239 @@
+"""The kernels of the accurate modes' later stages against the reference.
+
+The vertical-slash stage (the last queries' column and diagonal distributions,
+their top-p over long rows, the mapping to tiles), the tile top-p, and the
+one- and two-pass packed antidiagonal scoring. As in
+``test_optimized_estimators.py``, the kernels run in Triton's interpreter on a
+machine without CUDA and on the GPU otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+from test_optimized_estimators import DEVICE, _qk
+
+from prism.reference import tile_layout, top_p_select
+from prism.reference.estimators import antidiagonal_probabilities, vertical_slash_tiles
+from prism.reference.scoring import admissible_tiles
+
+
+@pytest.mark.parametrize("b, hq, hkv, nq, nk, d, last, bs, causal, dtype", [
+    (1, 4, 2, 150, 290, 32, 16, 32, True, torch.float32),    # KV prefix, 2 heads/program
+    (2, 2, 2, 100, 100, 16, 64, 32, True, torch.float16),    # more last queries than a tile
+    (1, 3, 1, 120, 200, 16, 20, 32, False, torch.float32),   # non-causal: negative offsets
+    (1, 2, 1, 300, 300, 16, 200, 32, True, torch.float32),   # two row blocks of 128
+    (1, 8, 1, 64, 64, 16, 8, 16, True, torch.bfloat16),      # 8 heads in one program
+])
+def test_last_query_distributions_kernel_matches_reference(b, hq, hkv, nq, nk, d, last, bs,
+                                                           causal, dtype):
+    from prism.optimized.vertical_slash import last_query_distributions_kernel
+    from prism.reference.estimators import last_query_distributions
+
+    q, k = _qk(b, hq, hkv, nq, nk, d, seed=nq + last, dtype=dtype, transposed=nq > 110,
+               scale=2.0)
+    layout = tile_layout(nq, nk, bs, causal)
+    q_before, k_before = q.clone(), k.clone()
+    vertical, slash = last_query_distributions_kernel(q, k, layout, last, causal)
+    ref_vertical, ref_slash = last_query_distributions(q, k, layout, last, causal)
+    assert vertical.shape == ref_vertical.shape and slash.shape == ref_slash.shape
+    torch.testing.assert_close(vertical, ref_vertical, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(slash, ref_slash, rtol=1e-5, atol=1e-7)
+    # Both are distributions per head (each last query's probabilities sum to 1).
+    torch.testing.assert_close(vertical.sum(-1), torch.ones(b, hq, device=q.device))
+    torch.testing.assert_close(slash.sum(-1), torch.ones(b, hq, device=q.device))
+    assert torch.equal(q, q_before) and torch.equal(k, k_before)
+
+
+@given(nq=st.integers(1, 90), prefix=st.integers(0, 70), d=st.sampled_from([8, 16, 24]),
+       last=st.integers(1, 40), heads=st.sampled_from([(1, 1), (2, 1), (4, 2), (3, 3)]),
+       causal=st.booleans(), seed=st.integers(0, 2**16))
+@example(nq=1, prefix=0, d=8, last=1, heads=(1, 1), causal=True, seed=0)
+def test_last_query_distributions_kernel_property(nq, prefix, d, last, heads, causal, seed):
+    from prism.optimized.vertical_slash import last_query_distributions_kernel
+    from prism.reference.estimators import last_query_distributions
+
+    hq, hkv = heads
+    nk = nq + prefix
+    q, k = _qk(1, hq, hkv, nq, nk, d, seed=seed, scale=1.5)
+    layout = tile_layout(nq, nk, 16, causal)
+    vertical, slash = last_query_distributions_kernel(q, k, layout, last, causal)
+    ref_vertical, ref_slash = last_query_distributions(q, k, layout, last, causal)
+    torch.testing.assert_close(vertical, ref_vertical, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(slash, ref_slash, rtol=1e-5, atol=1e-7)
+
+
+def test_vertical_slash_kernel_finds_planted_columns_and_diagonals():
+    """Expected values by construction: head 0 attends to key 5, head 1 to offset 3."""
+    from prism.optimized.vertical_slash import last_query_distributions_kernel
+
+    n, d = 96, 16
+    q = torch.zeros(1, 2, n, d, device=DEVICE)
+    k = torch.zeros(1, 1, n, d, device=DEVICE)
+    q[0, 0, :, 0] = 10.0
+    k[0, 0, 5, 0] = 10.0                      # one hot column for head 0
+    # Head 1: query i matches key i - 3 only (position codes on dims 1..), a slash line.
+    codes = torch.nn.functional.one_hot(torch.arange(n) % 12, 12).float().to(DEVICE) * 10.0
+    q[0, 1, :, 2:14] = codes
+    k[0, 0, :, 2:14] = torch.roll(codes, shifts=-3, dims=0)  # key j: code of j + 3
+    layout = tile_layout(n, n, 32, True)
+    vertical, slash = last_query_distributions_kernel(q, k, layout, 8, True)
+    assert vertical[0, 0].argmax().item() == 5 and vertical[0, 0, 5] > 0.99
+    # Offset o sits at index o + Nk - 1; codes repeat every 12, so the causal keys at
+    # offsets 3, 15, 27, ... score alike and share the mass.
+    lines = slash[0, 1, n - 1 :]
+    assert lines[3::12].sum() > 0.99 and lines[3] >= lines[15] > 0.05
+    assert lines[torch.arange(lines.numel(), device=DEVICE) % 12 != 3].sum() < 0.01
+
+
+def test_vertical_slash_kernel_sees_each_heads_own_rows():
+    """Four query heads of one KV head in one program: each must keep its own column."""
+    from prism.optimized.vertical_slash import last_query_distributions_kernel
+
+    q = torch.zeros(1, 4, 128, 16, device=DEVICE)
+    k = torch.zeros(1, 1, 128, 16, device=DEVICE)
+    for head in range(4):
+        q[0, head, :, head] = 8.0
+        k[0, 0, 20 * head + 7, head] = 8.0
+    vertical, _ = last_query_distributions_kernel(q, k, tile_layout(128, 128, 32, True), 16,
+                                                  True)
+    for head in range(4):
+        assert vertical[0, head].argmax().item() == 20 * head + 7, head
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda f, q, k, lay: f(q, k, lay, 0, True), ValueError, "last_queries"),
+    (lambda f, q, k, lay: f(q, k, lay, 4.0, True), TypeError, "last_queries"),
+    (lambda f, q, k, lay: f(q, torch.cat([k, k], 2), lay, 4, True), ValueError, "layout"),
+    (lambda f, q, k, lay: f(q, k, lay, 4, 1), TypeError, "causal"),
+    (lambda f, q, k, lay: f(q, k.half(), lay, 4, True), (TypeError, ValueError), "dtype"),
+])
+def test_vertical_slash_kernel_bad_arguments(call, error, words):
+    from prism.optimized.vertical_slash import last_query_distributions_kernel
+
+    q, k = _qk(1, 2, 1, 64, 64, 16, seed=0)
+    with pytest.raises(error, match=words):
+        call(last_query_distributions_kernel, q, k, tile_layout(64, 64, 32, True))
+
+
+def test_vertical_slash_tile_mask_matches_reference():
+    from prism.optimized.vertical_slash import vertical_slash_tile_mask
+
+    q, k = _qk(1, 4, 2, 200, 260, 16, seed=21, scale=3.0)
+    layout = tile_layout(200, 260, 32, True)
+    actual = vertical_slash_tile_mask(q, k, layout, 16, 0.5, True)
+    expected = vertical_slash_tiles(q, k, layout, 16, 0.5, True)
+    assert torch.equal(actual, expected)
+    assert expected.any() and not expected[admissible_tiles(layout, True, q.device)
+                                           .expand_as(expected)].all()
+
+
+@pytest.mark.parametrize("nq, nk, bs, causal, threshold", [
+    (300, 300, 32, True, 0.9),
+    (150, 290, 32, True, 0.5),     # KV prefix: rows start at absolute tile 4
+    (120, 200, 16, False, 0.7),
+    (96, 96, 32, True, 1.0),       # p = 1 keeps exactly the non-zero tiles
+])
+def test_tile_top_p_kernel_matches_reference(nq, nk, bs, causal, threshold):
+    from prism.optimized.estimators import tile_top_p_kernel
+    from prism.reference.registry import top_p_tiles
+
+    layout = tile_layout(nq, nk, bs, causal)
+    admissible = admissible_tiles(layout, causal, DEVICE)
+    gen = torch.Generator().manual_seed(nq + nk)
+    logits = torch.randn(2, 3, layout.num_query_tiles, layout.num_key_tiles, generator=gen) * 2
+    # Exact ties (the index tie-break decides) and exact zeros (never kept).
+    logits[..., 1::3] = logits[..., :1].clone()
+    probs = torch.softmax(logits.to(DEVICE).masked_fill(~admissible, float("-inf")), -1)
+    probs = torch.nan_to_num(probs, nan=0.0)
+    probs[0, 0, :, 2] = 0.0
+    probs_before = probs.clone()
+    actual = tile_top_p_kernel(probs, layout, causal, threshold)
+    expected = top_p_tiles(probs, layout, causal, threshold)
+    _, mass_before = top_p_select(probs, admissible, threshold)
+    # Entries whose mass before lies within fp32 rounding of p may go either way.
+    boundary = ((mass_before - threshold).abs() <= 1e-5) & admissible
+    assert actual.dtype == torch.bool and actual.shape == expected.shape
+    assert not ((actual != expected) & ~boundary).any()
+    assert torch.equal(probs, probs_before)
+    assert expected.any() and (admissible.expand_as(expected) & ~expected).any()
+
+
+@pytest.mark.parametrize("n, threshold", [(5000, 0.5), (3000, 0.9), (100, 1.0), (7, 0.3)])
+def test_long_top_p_kernel_matches_reference(n, threshold):
+    """The vertical-slash top-p over long rows (several chunks), with ties and zeros."""
+    from prism.optimized.vertical_slash import long_top_p_kernel
+
+    gen = torch.Generator().manual_seed(n)
+    x = torch.softmax(torch.randn(4, n, generator=gen) * 3, -1)
+    x[0, ::7] = x[0, 3]                      # a tie group
+    x[1, : n // 2] = 0.0                     # zeros are never kept
+    x = x / x.sum(-1, keepdim=True)
+    x[2] *= 0.2                              # whole mass below p: every non-zero value
+    x[3] = 1.0 / n                           # all tied: the index decides
+    x = x.to(DEVICE)
+    before = x.clone()
+    actual = long_top_p_kernel(x, threshold)
+    keep, mass_before = top_p_select(x, torch.ones((), dtype=torch.bool, device=DEVICE),
+                                     threshold)
+    expected = keep & (x > 0)
+    boundary = (mass_before - threshold).abs() <= 1e-5
+    assert actual.dtype == torch.bool and actual.shape == x.shape
+    assert not ((actual != expected) & ~boundary).any()
+    assert torch.equal(x, before)
+    if threshold < 1.0:  # the tie row keeps a prefix by index: ceil(p * n) values
+        assert actual[3].sum().item() == math.ceil(threshold * n - 1e-4)
+        assert actual[3, : int(actual[3].sum())].all()
+
+
+@pytest.mark.parametrize("stride, bs, hq, hkv, nq, nk, causal", [
+    (128, 128, 4, 1, 300, 700, True),   # one group per tile, KV prefix
+    (64, 128, 4, 2, 256, 256, True),
+    (8, 32, 4, 4, 100, 130, False),     # four groups per tile, non-causal
+])
+@pytest.mark.parametrize("one_pass", [0, 1])
+def test_packed_one_and_two_pass_match_the_reference(stride, bs, hq, hkv, nq, nk, causal,
+                                                     one_pass):
+    from prism.optimized.antidiagonal_packed import (
+        PackedTuning,
+        antidiagonal_packed_probabilities,
+    )
+
+    q, k = _qk(1, hq, hkv, nq, nk, 16, seed=stride + nk, scale=2.0)
+    layout = tile_layout(nq, nk, bs, causal)
+    expected = antidiagonal_probabilities(q, k, layout, stride, causal)
+    for tuning in (PackedTuning(one_pass=one_pass),
+                   PackedTuning(target_rows=128, block_kg=128, num_warps=8, one_pass=one_pass)):
+        actual = antidiagonal_packed_probabilities(q, k, layout, stride, causal, tuning)
+        torch.testing.assert_close(actual, expected, rtol=2e-5, atol=1e-6)
+
+
+def test_packed_tuning_is_checked():
+    from prism.optimized.antidiagonal_packed import (
+        PackedTuning,
+        antidiagonal_packed_probabilities,
+    )
+
+    q, k = _qk(1, 4, 1, 128, 128, 16, seed=0)
+    layout = tile_layout(128, 128, 32, True)
+    with pytest.raises(ValueError, match="block_kg"):
+        antidiagonal_packed_probabilities(q, k, layout, 8, True, PackedTuning(block_kg=48))
+    with pytest.raises(ValueError, match="num_warps"):
+        antidiagonal_packed_probabilities(q, k, layout, 8, True, PackedTuning(num_warps=0))
+
+
+def test_long_top_p_kernel_two_row_sets_in_one_launch():
+    """Columns and offsets (rows of two lengths) in one launch: each set as if alone."""
+    from prism.optimized.vertical_slash import long_top_p_kernel
+
+    gen = torch.Generator().manual_seed(5)
+    a = torch.softmax(torch.randn(2, 3, 300, generator=gen) * 3, -1).to(DEVICE)
+    b = torch.softmax(torch.randn(2, 3, 1100, generator=gen) * 3, -1).to(DEVICE)
+    keep_a, keep_b = long_top_p_kernel(a, 0.6, b)
+    assert torch.equal(keep_a, long_top_p_kernel(a, 0.6))
+    assert torch.equal(keep_b, long_top_p_kernel(b, 0.6))
+    assert keep_a.shape == a.shape and keep_b.shape == b.shape and keep_b.any()
