@@ -57,7 +57,7 @@ from prism.reference.bands import band_sizes
 from prism.reference.registry import estimator_spec, estimator_tiles, top_p_tiles
 from prism.reference.select import estimator_mask, trace_selection
 from prism.reference.tiles import TileLayout, tile_layout
-from prism.reference.validation import check_same_dtype_device, check_tensor
+from prism.reference.validation import validate_stage_inputs
 
 from ._runtime import check_device, kernels_interpreted, next_power_of_2
 from .antidiagonal_packed import (
@@ -241,40 +241,12 @@ def _antidiagonal_tile_kernel(
 
 def _validate(q, k, layout, stride, causal) -> None:
     """Argument checks of :func:`antidiagonal_tile_probabilities` (clear errors, contract §8)."""
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be True or False, got {causal!r}")
-    check_tensor("q", q)
-    check_tensor("k", k, layout="(B, Hkv, Nk, D)")
-    check_same_dtype_device(q=q, k=k)
-    b, hq, nq, d = q.shape
-    bk, hkv, nk, dk = k.shape
-    if b != bk:
-        raise ValueError(f"q and k must have the same batch size, got q batch {b} and "
-                         f"k batch {bk}")
-    if d != dk or d == 0:
-        raise ValueError(f"q and k must have the same positive head_dim, got q head_dim {d} "
-                         f"and k head_dim {dk}")
-    if hkv == 0 or hq % hkv:
-        raise ValueError(
-            f"the number of query heads must be a multiple of the number of KV heads (GQA), "
-            f"got q heads {hq} and k heads {hkv}; pass k un-repeated with Hq % Hkv == 0")
-    if causal and nq > nk:
-        raise ValueError(f"causal scoring needs Nq <= Nk, got q tokens {nq} > k tokens {nk}; "
-                         "pass the whole key sequence, or causal=False")
     if isinstance(stride, bool) or not isinstance(stride, int):
         raise TypeError(f"stride must be an int, got {type(stride).__name__} {stride!r}")
-    if not isinstance(layout, TileLayout):
-        raise TypeError("layout must be a prism.reference.TileLayout from tile_layout(...), "
-                        f"got {type(layout).__name__}")
+    validate_stage_inputs(q, k, layout, causal)
     if stride < 1 or layout.block_size % stride:
         raise ValueError(f"stride must be >= 1 and divide layout.block_size "
                          f"({layout.block_size}), got {stride}; use e.g. 8 or 16")
-    expected = tile_layout(nq, nk, layout.block_size, causal)
-    if layout != expected:
-        raise ValueError(
-            f"layout does not describe these inputs: got {layout}, but q has {nq} tokens, "
-            f"k has {nk} and causal={causal}; build it with "
-            f"tile_layout({nq}, {nk}, {layout.block_size}, {causal})")
 
 
 def antidiagonal_tile_probabilities(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,

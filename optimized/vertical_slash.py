@@ -51,8 +51,8 @@ import triton
 import triton.language as tl
 
 from prism.reference.estimators import vertical_slash_tiles_from_kept
-from prism.reference.tiles import TileLayout, tile_layout
-from prism.reference.validation import check_same_dtype_device, check_tensor
+from prism.reference.tiles import TileLayout
+from prism.reference.validation import validate_stage_inputs
 
 from ._runtime import check_device, kernels_interpreted, next_power_of_2
 from .antidiagonal_packed import online_softmax_step
@@ -252,32 +252,12 @@ def _slash_combine_kernel(PARTS, SLASH, num_q_heads, heads_per_program, row_bloc
 
 
 def _validate(q, k, layout, last_queries, causal) -> None:
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be True or False, got {causal!r}")
-    check_tensor("q", q)
-    check_tensor("k", k, layout="(B, Hkv, Nk, D)")
-    check_same_dtype_device(q=q, k=k)
-    b, hq, nq, d = q.shape
-    bk, hkv, nk, dk = k.shape
-    if b != bk:
-        raise ValueError(f"q and k must have the same batch size, got {b} and {bk}")
-    if d != dk or d == 0:
-        raise ValueError(f"q and k must have the same positive head_dim, got {d} and {dk}")
-    if hkv == 0 or hq % hkv:
-        raise ValueError(f"the number of query heads must be a multiple of the number of KV "
-                         f"heads (GQA), got q heads {hq} and k heads {hkv}")
-    if causal and nq > nk:
-        raise ValueError(f"causal scoring needs Nq <= Nk, got q tokens {nq} > k tokens {nk}")
+    """Argument checks of :func:`last_query_distributions_kernel` (contract §8)."""
+    validate_stage_inputs(q, k, layout, causal)
     if isinstance(last_queries, bool) or not isinstance(last_queries, int):
         raise TypeError(f"last_queries must be an int, got {type(last_queries).__name__}")
     if last_queries < 1:
         raise ValueError(f"last_queries must be >= 1, got {last_queries}")
-    if not isinstance(layout, TileLayout):
-        raise TypeError("layout must be a prism.reference.TileLayout from tile_layout(...), "
-                        f"got {type(layout).__name__}")
-    if layout != tile_layout(nq, nk, layout.block_size, causal):
-        raise ValueError(f"layout does not describe these inputs: got {layout}, but q has {nq} "
-                         f"tokens, k has {nk} and causal={causal}")
 
 
 def _plan(rows: int, group: int):

@@ -171,6 +171,44 @@ def _check_qk(q, k, causal) -> None:
         )
 
 
+def validate_stage_inputs(q, k, layout, causal) -> None:
+    """Checks shared by the estimators' scoring kernels (clear errors, contract §8).
+
+    Like :func:`validate_qk` without its RoPE rule (any positive head_dim), plus
+    ``layout`` being the :class:`~prism.reference.tiles.TileLayout` of these inputs.
+    """
+    from .tiles import TileLayout, tile_layout
+
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be True or False, got {causal!r}")
+    check_tensor("q", q)
+    check_tensor("k", k, layout="(B, Hkv, Nk, D)")
+    check_same_dtype_device(q=q, k=k)
+    b, hq, nq, d = q.shape
+    bk, hkv, nk, dk = k.shape
+    if b != bk:
+        raise ValueError(f"q and k must have the same batch size, got q batch {b} and "
+                         f"k batch {bk}")
+    if d != dk or d == 0:
+        raise ValueError(f"q and k must have the same positive head_dim, got q head_dim {d} "
+                         f"and k head_dim {dk}")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(
+            f"the number of query heads must be a multiple of the number of KV heads (GQA), "
+            f"got q heads {hq} and k heads {hkv}; pass k un-repeated with Hq % Hkv == 0")
+    if causal and nq > nk:
+        raise ValueError(f"causal scoring needs Nq <= Nk, got q tokens {nq} > k tokens {nk}; "
+                         "pass the whole key sequence, or causal=False")
+    if not isinstance(layout, TileLayout):
+        raise TypeError("layout must be a prism.reference.TileLayout from tile_layout(...), "
+                        f"got {type(layout).__name__}")
+    if layout != tile_layout(nq, nk, layout.block_size, causal):
+        raise ValueError(
+            f"layout does not describe these inputs: got {layout}, but q has {nq} tokens, "
+            f"k has {nk} and causal={causal}; build it with "
+            f"tile_layout({nq}, {nk}, {layout.block_size}, {causal})")
+
+
 def validate_qkv(q, k, v, *, causal: bool, check_values: bool = True) -> None:
     """Validate q, k and v (v is (B, Hkv, Nk, Dv))."""
     key = _signature(causal, q, k, v) if v is not None else None
