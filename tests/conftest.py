@@ -49,3 +49,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         elif "slow" in item.keywords and not config.getoption("--run-slow"):
             item.add_marker(skip_slow)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject's addopts): one worker per core on a CPU, where the
+    kernels run in Triton's interpreter; in-process on a CUDA machine, so GPU
+    tests do not share one device between workers (long shapes would run out of
+    memory and timings would interfere)."""
+    if torch.cuda.is_available():
+        return 0
+    return os.cpu_count() or 1
