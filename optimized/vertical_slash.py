@@ -6,11 +6,10 @@ attention probability of the last ``L`` queries over every key column
 (vertical) and over every diagonal offset ``q_pos - k_pos`` (slash). The
 reference holds the ``(B, Hq, L, Nk)`` scores and probabilities in memory
 (1 GiB at 128K tokens, 32 heads, ``L = 64``); the kernels never write them.
-:func:`vertical_slash_tile_mask` then hands the two distributions to the
-reference's own second half,
-:func:`prism.reference.estimators.vertical_slash_tiles_from_distributions`
-(top-p of columns and offsets with contract §6's tie rule, columns and
-offsets to tiles), so that stage has one implementation.
+:func:`vertical_slash_tile_mask` then hands the two distributions to
+:mod:`prism.optimized.vertical_slash_tiles` (top-p of columns and offsets with
+contract §6's tie rule, columns and offsets to tiles: the kernels of
+:func:`prism.reference.estimators.vertical_slash_tiles_from_distributions`).
 
 Layout. One program holds ``ROWS = HEADS x LB`` query rows: ``LB`` consecutive
 last queries of ``HEADS`` query heads of one GQA group (they read the same KV
@@ -50,19 +49,18 @@ import torch
 import triton
 import triton.language as tl
 
-from prism.reference.estimators import vertical_slash_tiles_from_kept
 from prism.reference.tiles import TileLayout
 from prism.reference.validation import validate_stage_inputs
 
 from ._runtime import check_device, kernels_interpreted, next_power_of_2
 from .antidiagonal_packed import online_softmax_step
+from .launch import launch
+from .vertical_slash_tiles import long_top_p_kernel, vertical_slash_tiles_kernel
 
 #: Most query rows (heads x last queries) one program holds.
 MAX_ROWS = 128
 #: Keys per program of the statistics pass (a chunk; its blocks are BN keys).
 CHUNK_KEYS = 4096
-#: Values per chunk of the long-row top-p's passes.
-LONG_TOP_P_BLOCK = 8192
 _MIN_DOT = 16
 
 
@@ -300,11 +298,14 @@ def last_query_distributions_kernel(q: torch.Tensor, k: torch.Tensor, layout: Ti
     group = hq // hkv
     device = q.device
     n_offsets = layout.query_start + nq_tokens + nk_tokens - 1
-    vertical = torch.zeros(b, hq, nk_tokens, dtype=torch.float32, device=device)
-    slash = torch.zeros(b, hq, max(n_offsets, 0), dtype=torch.float32, device=device)
     rows = min(last_queries, nq_tokens)
     if rows == 0 or nk_tokens == 0 or b == 0:
-        return vertical, slash
+        return (torch.zeros(b, hq, nk_tokens, dtype=torch.float32, device=device),
+                torch.zeros(b, hq, max(n_offsets, 0), dtype=torch.float32, device=device))
+    # Every entry of both is written below (the distribution kernel stores every
+    # key of every block, the combine kernel every offset).
+    vertical = torch.empty(b, hq, nk_tokens, dtype=torch.float32, device=device)
+    slash = torch.empty(b, hq, n_offsets, dtype=torch.float32, device=device)
     heads, lb, bn, row_blocks = _plan(rows, group)
     row_programs = b * (hq // heads) * row_blocks
     d_pad = max(_MIN_DOT, next_power_of_2(d))
@@ -319,17 +320,16 @@ def last_query_distributions_kernel(q: torch.Tensor, k: torch.Tensor, layout: Ti
     l_part = torch.empty_like(m_part)
     args = (*q.stride(), *k.stride(), group, hq // heads, row_blocks, rows, nq_tokens,
             nk_tokens, layout.query_start)
-    _stats_kernel[(row_programs, chunks)](q, k, m_part, l_part, *args, chunk, chunks, qk_scale,
-                                          **common)
+    launch(_stats_kernel, (row_programs, chunks), q, k, m_part, l_part, *args, chunk, chunks,
+           qk_scale, **common)
     key_blocks = -(-nk_tokens // bn)
     direct = row_blocks == 1
     vert = vertical if direct else torch.empty(row_programs, heads, key_blocks * bn,
                                                dtype=torch.float32, device=device)
     parts = torch.empty(row_programs, heads, key_blocks, 2, bn, dtype=torch.float32,
                         device=device)
-    _distribution_kernel[(row_programs, key_blocks)](
-        q, k, m_part, l_part, vert, parts, *args, key_blocks, chunks, qk_scale,
-        DIRECT_VERT=direct, **common)
+    launch(_distribution_kernel, (row_programs, key_blocks), q, k, m_part, l_part, vert, parts,
+           *args, key_blocks, chunks, qk_scale, DIRECT_VERT=direct, **common)
     if not direct:
         # (b, head block, row block) programs -> (b, hq, row block), summed over row blocks.
         vert = vert.view(b, hq // heads, row_blocks, heads, -1).transpose(2, 3)
@@ -337,130 +337,10 @@ def last_query_distributions_kernel(q: torch.Tensor, k: torch.Tensor, layout: Ti
     # Slash index of window column 0 of row block 0's first key block.
     first_top = layout.query_start + nq_tokens - rows + lb - 1 + nk_tokens - 1
     block = 1024
-    _slash_combine_kernel[(b * hq, -(-n_offsets // block))](
-        parts, slash, hq, hq // heads, row_blocks, key_blocks, n_offsets, first_top,
-        LB=lb, BN=bn, HEADS=heads, BLOCK=block)
+    launch(_slash_combine_kernel, (b * hq, -(-n_offsets // block)), parts, slash, hq,
+           hq // heads, row_blocks, key_blocks, n_offsets, first_top, LB=lb, BN=bn, HEADS=heads,
+           BLOCK=block)
     return vertical, slash
-
-
-@triton.jit
-def _row_mass_above(x_row, length, t, BLOCK: tl.constexpr):
-    """Over one row: ``F(t) = sum_{x > t} x`` and ``C(t) = #{x > t}``, chunk by chunk."""
-    mass = tl.zeros((), dtype=tl.float32)
-    count = tl.zeros((), dtype=tl.int32)
-    for start in range(0, length, BLOCK):
-        idx = start + tl.arange(0, BLOCK)
-        x = tl.load(x_row + idx, mask=idx < length, other=-1.0)
-        above = x > t
-        mass += tl.sum(tl.where(above, x, 0.0), axis=0)
-        count += tl.sum(above.to(tl.int32), axis=0)
-    return mass, count
-
-
-@triton.jit
-def _bits_threshold(bits):
-    """The fp32 threshold of int32 bits; -1 stands for "below every value"."""
-    return tl.where(bits < 0, -1.0, bits.to(tl.float32, bitcast=True))
-
-
-@triton.jit(do_not_specialize=["length_x", "rows_x", "length_y"])
-def _long_top_p_kernel(X, KEEP, length_x, rows_x, Y, KEEP_Y, length_y, threshold,
-                       BLOCK: tl.constexpr):
-    """Contract §6's top-p over one long row (``length`` values >= 0) without sorting.
-
-    The rule of :func:`prism.optimized.selection._top_p_keep` for rows too long
-    for registers: ``F(t)``, the mass strictly above ``t``, is a pass over the
-    row. Bisect the fp32 bits of ``t`` for the smallest value ``v`` with
-    ``F(v) < p`` (at most 31 passes; stop once the bracket holds one value,
-    which is then ``v`` itself); keep every ``x > v`` and the first
-    ``ceil((p - F(v)) / v)`` values equal to ``v`` by index (a running count
-    over the chunks, in index order). Rows whose whole mass stays below ``p``,
-    and ``p >= 1``, keep every non-zero value. Zeros are never kept.
-    """
-    row = tl.program_id(0)
-    # Programs [0, rows_x) take the rows of X, the others those of Y (two sets of
-    # rows of different lengths in one launch, e.g. columns and offsets).
-    if row < rows_x:
-        x_row = X + row.to(tl.int64) * length_x
-        keep_row = KEEP + row.to(tl.int64) * length_x
-        length = length_x
-    else:
-        x_row = Y + (row - rows_x).to(tl.int64) * length_y
-        keep_row = KEEP_Y + (row - rows_x).to(tl.int64) * length_y
-        length = length_y
-    total, count_all = _row_mass_above(x_row, length, -1.0, BLOCK)
-    top = tl.zeros((), dtype=tl.float32)
-    for start in range(0, length, BLOCK):
-        idx = start + tl.arange(0, BLOCK)
-        top = tl.maximum(top, tl.max(tl.load(x_row + idx, mask=idx < length, other=0.0), 0))
-    # Bracket: F(lo) >= p > F(hi), on int32 bits (lo = -1: below every value).
-    lo = tl.full((), -1, dtype=tl.int32)
-    hi = top.to(tl.int32, bitcast=True)
-    count_lo = count_all
-    count_hi = tl.zeros((), dtype=tl.int32)
-    mass_hi = tl.zeros((), dtype=tl.float32)
-    everything = (threshold >= 1.0) | (total < threshold)
-    unresolved = (~everything) & (count_lo - count_hi > 1) & (hi - lo > 1)
-    step = 0
-    while (step < 32) & unresolved:
-        mid = lo + (hi - lo) // 2
-        mass, count = _row_mass_above(x_row, length, _bits_threshold(mid), BLOCK)
-        up = mass >= threshold
-        lo = tl.where(up, mid, lo)
-        count_lo = tl.where(up, count, count_lo)
-        hi = tl.where(up, hi, mid)
-        count_hi = tl.where(up, count_hi, count)
-        mass_hi = tl.where(up, mass_hi, mass)
-        unresolved = (count_lo - count_hi > 1) & (hi - lo > 1)
-        step += 1
-    single = count_lo - count_hi == 1
-    # Cut value and how many of its ties to keep (index order).
-    v = tl.where(everything, 0.0, tl.where(single, _bits_threshold(lo), hi.to(tl.float32,
-                                                                             bitcast=True)))
-    safe_v = tl.where(v > 0.0, v, 1.0)
-    quota = tl.where(everything | single | (v <= 0.0), 0.0,
-                     tl.math.ceil((threshold - mass_hi) / safe_v))
-    seen = tl.zeros((), dtype=tl.int32)
-    for start in range(0, length, BLOCK):
-        idx = start + tl.arange(0, BLOCK)
-        x = tl.load(x_row + idx, mask=idx < length, other=0.0)
-        at_v = (x == v) & (idx < length) & ~(everything | single)
-        rank = tl.cumsum(at_v.to(tl.int32), axis=0) + seen  # 1-based among the ties
-        keep = (x > v) | (at_v & (rank.to(tl.float32) <= quota))
-        keep = keep & (x > 0.0)
-        tl.store(keep_row + idx, keep.to(tl.int8), mask=idx < length)
-        seen += tl.sum(at_v.to(tl.int32), axis=0)
-
-
-def long_top_p_kernel(values: torch.Tensor, threshold: float,
-                      more: torch.Tensor | None = None):
-    """Contract §6's top-p along the last axis, for long rows, by a Triton kernel.
-
-    Same result as ``top_p_select(values, True, threshold)[0] & (values > 0)``
-    (:func:`prism.reference.top_p_select`) up to fp32 summation order at the
-    boundary; ``values`` must be non-negative (probabilities). ``more``, a
-    second tensor of rows (another length), is done in the same launch.
-
-    Returns
-    -------
-    Tensor, bool, the shape of ``values`` (and one the shape of ``more``, if given)
-    """
-    check_device(_long_top_p_kernel, values=values)
-    sets = [values] if more is None else [values, more]
-    xs = [v.float().contiguous() for v in sets]
-    keeps = [torch.zeros(x.shape, dtype=torch.int8, device=x.device) for x in xs]
-    lengths = [x.shape[-1] if x.dim() else 1 for x in xs]
-    rows = [x.numel() // n if n else 0 for x, n in zip(xs, lengths, strict=True)]
-    if more is None:
-        xs, keeps, lengths, rows = xs * 2, keeps * 2, lengths * 2, [rows[0], 0]
-    if sum(rows):
-        longest = max(n for n, r in zip(lengths, rows, strict=True) if r)
-        block = min(LONG_TOP_P_BLOCK, max(_MIN_DOT, next_power_of_2(longest)))
-        _long_top_p_kernel[(sum(rows),)](xs[0], keeps[0], lengths[0], rows[0], xs[1], keeps[1],
-                                         lengths[1], float(threshold), BLOCK=block,
-                                         num_warps=8 if block >= 4096 else 4)
-    out = [keep.view(torch.bool) for keep in keeps]
-    return out[0] if more is None else (out[0], out[1])
 
 
 def vertical_slash_tile_mask(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
@@ -470,8 +350,10 @@ def vertical_slash_tile_mask(q: torch.Tensor, k: torch.Tensor, layout: TileLayou
 
     Same signature and result as
     :func:`prism.reference.estimators.vertical_slash_tiles` (up to top-p
-    boundary ties): :func:`last_query_distributions_kernel`, then the
-    reference's :func:`~prism.reference.estimators.vertical_slash_tiles_from_distributions`.
+    boundary ties): :func:`last_query_distributions_kernel` (three launches),
+    then :func:`prism.optimized.vertical_slash_tiles.vertical_slash_tiles_kernel`
+    (the top-p of columns and offsets and their tiles: two launches), every
+    launch through :func:`prism.optimized.launch.launch`.
 
     Returns
     -------
@@ -481,8 +363,7 @@ def vertical_slash_tile_mask(q: torch.Tensor, k: torch.Tensor, layout: TileLayou
     if nq == 0 or nk == 0:
         return torch.zeros(q.shape[0], q.shape[1], nq, nk, dtype=torch.bool, device=q.device)
     vertical, slash = last_query_distributions_kernel(q, k, layout, last_queries, causal)
-    keep_columns, keep_offsets = long_top_p_kernel(vertical, threshold, slash)
-    return vertical_slash_tiles_from_kept(keep_columns, keep_offsets, layout, causal)
+    return vertical_slash_tiles_kernel(vertical, slash, layout, threshold, causal)
 
 
 __all__ = ["last_query_distributions_kernel", "long_top_p_kernel", "vertical_slash_tile_mask"]

@@ -237,3 +237,65 @@ def test_long_top_p_kernel_two_row_sets_in_one_launch():
     assert torch.equal(keep_a, long_top_p_kernel(a, 0.6))
     assert torch.equal(keep_b, long_top_p_kernel(b, 0.6))
     assert keep_a.shape == a.shape and keep_b.shape == b.shape and keep_b.any()
+
+
+def _distributions(b, hq, nq, nk, layout, causal, seed):
+    """Random column and offset distributions shaped as the last queries' (ties, zeros)."""
+    gen = torch.Generator().manual_seed(seed)
+    n_offsets = layout.query_start + nq + nk - 1
+    vertical = torch.softmax(torch.randn(b, hq, nk, generator=gen) * 3, -1)
+    slash = torch.softmax(torch.randn(b, hq, n_offsets, generator=gen) * 3, -1)
+    vertical[0, 0, ::5] = vertical[0, 0, 1]          # a tie group
+    vertical[..., -1, : nk // 3] = 0.0               # zeros are never kept
+    if causal:  # negative offsets hold no mass under the causal mask
+        slash[..., : nk - 1] = 0.0
+    slash = slash / slash.sum(-1, keepdim=True)
+    vertical = vertical / vertical.sum(-1, keepdim=True)
+    return vertical.to(DEVICE), slash.to(DEVICE)
+
+
+@pytest.mark.parametrize("nq, nk, bs, causal, threshold, candidates", [
+    (300, 300, 32, True, 0.5, 4096),
+    (150, 290, 32, True, 0.7, 4096),    # KV prefix: query tiles from absolute tile 4
+    (120, 200, 16, False, 0.5, 4096),   # non-causal: negative offsets carry mass
+    (200, 200, 24, True, 0.9, 8),       # tile of 24; passes over the row before the bracket
+    (64, 64, 32, True, 1.0, 4096),      # p = 1: every non-zero column and offset
+])
+def test_vertical_slash_tiles_kernel_matches_reference(nq, nk, bs, causal, threshold,
+                                                       candidates, monkeypatch):
+    """Top-p of columns and offsets straight to tiles equals the reference's sort and bins."""
+    from prism.optimized import vertical_slash_tiles as vst
+    from prism.reference.estimators import vertical_slash_tiles_from_distributions
+
+    monkeypatch.setattr(vst, "CANDIDATES", candidates)
+    layout = tile_layout(nq, nk, bs, causal)
+    vertical, slash = _distributions(2, 3, nq, nk, layout, causal, seed=nq + bs)
+    before = (vertical.clone(), slash.clone())
+    actual = vst.vertical_slash_tiles_kernel(vertical, slash, layout, threshold, causal)
+    expected = vertical_slash_tiles_from_distributions(vertical, slash, layout, threshold,
+                                                       causal)
+    assert actual.dtype == torch.bool and actual.shape == expected.shape
+    assert torch.equal(actual, expected)
+    assert torch.equal(vertical, before[0]) and torch.equal(slash, before[1])
+    admissible = admissible_tiles(layout, causal, DEVICE).expand_as(expected)
+    assert expected.any() and not (expected & ~admissible).any()
+    if threshold < 1.0:
+        assert (admissible & ~expected).any()
+
+
+def test_long_top_p_kernel_row_passes_and_candidates_agree(monkeypatch):
+    """The bracket finished in registers or by passes over the row: one answer."""
+    from prism.optimized import vertical_slash_tiles as vst
+
+    gen = torch.Generator().manual_seed(11)
+    x = torch.softmax(torch.randn(3, 2000, generator=gen) * 4, -1)
+    x[1, 100:400] = x[1, 50]                 # ties at various places
+    x[2, ::2] = 0.0
+    x = (x / x.sum(-1, keepdim=True)).to(DEVICE)
+    keep, mass_before = top_p_select(x, torch.ones((), dtype=torch.bool, device=DEVICE), 0.6)
+    expected = keep & (x > 0)
+    boundary = (mass_before - 0.6).abs() <= 1e-5
+    for candidates in (4096, 64, 2):
+        monkeypatch.setattr(vst, "CANDIDATES", candidates)
+        actual = vst.long_top_p_kernel(x, 0.6)
+        assert not ((actual != expected) & ~boundary).any(), candidates

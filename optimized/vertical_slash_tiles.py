@@ -1,0 +1,327 @@
+"""The vertical-slash stage's second half as Triton kernels: top-p of long rows, then tiles.
+
+What :func:`prism.reference.estimators.vertical_slash_tiles_from_distributions`
+computes, in two launches and without sorting:
+
+1. :func:`_long_top_p_kernel` - one program per row (every head's column
+   distribution and every head's offset distribution, in one launch): contract
+   §6's top-p with its index tie-break over the row's values, then, instead of
+   one flag per value, the row's *bins*: for columns, key tile ``i // bs``; for
+   offsets, the two tile offsets ``floor(o / bs)`` and ``ceil(o / bs)`` of the
+   reference's :func:`~prism.reference.estimators.vertical_slash_tiles_from_kept`.
+   A bin is set by storing 1 from every kept value in it (the same value from
+   any number of threads: no read-modify-write).
+2. :func:`_tiles_kernel` - the tile pairs: ``column[j] | diagonal[I - j + nk]``
+   within the admissible tiles (``I`` the query tile's absolute index).
+
+The top-p without a sort. ``F(t)``, the mass strictly above ``t``, is one pass
+over the row. Bisect the fp32 bits of ``t`` for the smallest value ``v`` with
+``F(v) < p``. Once the bracket ``(lo, hi]`` holds at most :data:`CANDIDATES`
+values, one pass copies them out (in index order) and the bisection ends on
+them in registers: ``F(t) = F(hi) + sum of those above t``. Keep every
+``x > v`` and the first ``ceil((p - F(v)) / v)`` values equal to ``v`` by
+index (a running count over the chunks). Rows whose whole mass stays below
+``p``, and ``p >= 1``, keep every non-zero value; zeros are never kept.
+Causal offset rows skip their first ``Nk - 1`` entries (negative offsets,
+always 0).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from prism.reference.tiles import TileLayout
+
+from ._runtime import check_device, next_power_of_2
+from .launch import launch
+
+#: Values per chunk of the long-row top-p's passes.
+LONG_TOP_P_BLOCK = 4096
+#: Most values of a bracket finished in registers (one pass copies them out).
+CANDIDATES = 4096
+#: Query-tile rows and key tiles per program of the tile mapping.
+TILE_ROWS = 16
+TILE_COLS = 256
+_MIN_BLOCK = 16
+
+
+@triton.jit
+def _row_mass_above(x_row, length, t, BLOCK: tl.constexpr):
+    """Over one row: ``F(t) = sum_{x > t} x`` and ``C(t) = #{x > t}``, chunk by chunk."""
+    mass = tl.zeros((), dtype=tl.float32)
+    count = tl.zeros((), dtype=tl.int32)
+    for start in range(0, length, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        x = tl.load(x_row + idx, mask=idx < length, other=-1.0)
+        above = x > t
+        mass += tl.sum(tl.where(above, x, 0.0), axis=0)
+        count += tl.sum(above.to(tl.int32), axis=0)
+    return mass, count
+
+
+@triton.jit
+def _bits_threshold(bits):
+    """The fp32 threshold of int32 bits; -1 stands for "below every value"."""
+    return tl.where(bits < 0, -1.0, bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _bisect_step(lo, hi, count_lo, count_hi, mass_hi, mass, count, mid, threshold):
+    """Move one end of the bracket to ``mid`` given ``F(mid)`` and ``C(mid)``."""
+    up = mass >= threshold
+    return (tl.where(up, mid, lo), tl.where(up, hi, mid), tl.where(up, count, count_lo),
+            tl.where(up, count_hi, count), tl.where(up, mass_hi, mass))
+
+
+@triton.jit(do_not_specialize=["length_x", "rows_x", "length_y", "start_x", "start_y",
+                               "stride_x", "stride_y", "bins_x", "bins_y", "lead_x",
+                               "lead_y", "lead2_x", "lead2_y"])
+def _long_top_p_kernel(X, KEEP_X, BINS_X, length_x, rows_x, stride_x, start_x, bins_x, lead_x,
+                       lead2_x, Y, KEEP_Y, BINS_Y, length_y, stride_y, start_y, bins_y, lead_y,
+                       lead2_y, SCRATCH, threshold, width,
+                       BLOCK: tl.constexpr, CAND: tl.constexpr, WRITE_KEEP: tl.constexpr,
+                       WRITE_BINS: tl.constexpr):
+    """Top-p of one row (module docstring); its flags (``KEEP``) and/or bins (``BINS``).
+
+    Programs ``[0, rows_x)`` take the rows of ``X``, the others those of ``Y``
+    (columns and offsets in one launch). Row ``r`` is ``length`` values from
+    ``X + r * stride + start``; its keep flags go to ``KEEP + r * length``
+    and its bins to ``BINS + r * bins`` (value ``idx`` sets bins
+    ``(idx + lead) // width`` and ``(idx + lead2) // width`` below ``bins``).
+    """
+    row = tl.program_id(0)
+    if row < rows_x:
+        x_row = X + row.to(tl.int64) * stride_x + start_x
+        keep_row = KEEP_X + row.to(tl.int64) * length_x
+        bins_row = BINS_X + row.to(tl.int64) * bins_x
+        length = length_x
+        n_bins = bins_x
+        lead = lead_x
+        lead2 = lead2_x
+    else:
+        x_row = Y + (row - rows_x).to(tl.int64) * stride_y + start_y
+        keep_row = KEEP_Y + (row - rows_x).to(tl.int64) * length_y
+        bins_row = BINS_Y + (row - rows_x).to(tl.int64) * bins_y
+        length = length_y
+        n_bins = bins_y
+        lead = lead_y
+        lead2 = lead2_y
+    # Pass 1: total mass, count and maximum.
+    total = tl.zeros((), dtype=tl.float32)
+    count_all = tl.zeros((), dtype=tl.int32)
+    top = tl.zeros((), dtype=tl.float32)
+    for start in range(0, length, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        x = tl.load(x_row + idx, mask=idx < length, other=-1.0)
+        total += tl.sum(tl.where(x > -1.0, x, 0.0), axis=0)
+        count_all += tl.sum((x > -1.0).to(tl.int32), axis=0)
+        top = tl.maximum(top, tl.max(x, 0))
+    # Bracket: F(lo) >= p > F(hi), on int32 bits (lo = -1: below every value).
+    lo = tl.full((), -1, dtype=tl.int32)
+    hi = top.to(tl.int32, bitcast=True)
+    count_lo = count_all
+    count_hi = tl.zeros((), dtype=tl.int32)
+    mass_hi = tl.zeros((), dtype=tl.float32)
+    everything = (threshold >= 1.0) | (total < threshold)
+    unresolved = (~everything) & (count_lo - count_hi > 1) & (hi - lo > 1)
+    step = 0
+    # Passes over the row while the bracket holds more than CAND values.
+    while (step < 32) & unresolved & (count_lo - count_hi > CAND):
+        mid = lo + (hi - lo) // 2
+        mass, count = _row_mass_above(x_row, length, _bits_threshold(mid), BLOCK)
+        lo, hi, count_lo, count_hi, mass_hi = _bisect_step(lo, hi, count_lo, count_hi, mass_hi,
+                                                           mass, count, mid, threshold)
+        unresolved = (count_lo - count_hi > 1) & (hi - lo > 1)
+        step += 1
+    if unresolved:
+        # Copy the bracket's values out (this program's scratch row), then finish
+        # the bisection on them: F(t) = F(hi) + their mass above t.
+        scratch = SCRATCH + row.to(tl.int64) * CAND
+        lo_t = _bits_threshold(lo)
+        hi_t = hi.to(tl.float32, bitcast=True)
+        written = tl.zeros((), dtype=tl.int32)
+        for start in range(0, length, BLOCK):
+            idx = start + tl.arange(0, BLOCK)
+            x = tl.load(x_row + idx, mask=idx < length, other=-1.0)
+            inside = (x > lo_t) & (x <= hi_t) & (idx < length)
+            slot = written + tl.cumsum(inside.to(tl.int32), axis=0) - 1
+            tl.store(scratch + slot, x, mask=inside)
+            written += tl.sum(inside.to(tl.int32), axis=0)
+        tl.debug_barrier()
+        slots = tl.arange(0, CAND)
+        cand = tl.load(scratch + slots, mask=slots < written, other=-1.0)
+        base_mass = mass_hi
+        base_count = count_hi
+        while (step < 64) & unresolved:
+            mid = lo + (hi - lo) // 2
+            above = cand > _bits_threshold(mid)
+            mass = base_mass + tl.sum(tl.where(above, cand, 0.0), axis=0)
+            count = base_count + tl.sum(above.to(tl.int32), axis=0)
+            lo, hi, count_lo, count_hi, mass_hi = _bisect_step(
+                lo, hi, count_lo, count_hi, mass_hi, mass, count, mid, threshold)
+            unresolved = (count_lo - count_hi > 1) & (hi - lo > 1)
+            step += 1
+    single = count_lo - count_hi == 1
+    # Cut value and how many of its ties to keep (index order).
+    v = tl.where(everything, 0.0, tl.where(single, _bits_threshold(lo),
+                                           hi.to(tl.float32, bitcast=True)))
+    safe_v = tl.where(v > 0.0, v, 1.0)
+    quota = tl.where(everything | single | (v <= 0.0), 0.0,
+                     tl.math.ceil((threshold - mass_hi) / safe_v))
+    if WRITE_BINS:
+        for start in range(0, n_bins, BLOCK):
+            b = start + tl.arange(0, BLOCK)
+            tl.store(bins_row + b, tl.zeros((BLOCK,), dtype=tl.int8), mask=b < n_bins)
+        tl.debug_barrier()
+    seen = tl.zeros((), dtype=tl.int32)
+    for start in range(0, length, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        x = tl.load(x_row + idx, mask=idx < length, other=0.0)
+        at_v = (x == v) & (idx < length) & ~(everything | single)
+        rank = tl.cumsum(at_v.to(tl.int32), axis=0) + seen  # 1-based among the ties
+        keep = (x > v) | (at_v & (rank.to(tl.float32) <= quota))
+        keep = keep & (x > 0.0) & (idx < length)
+        if WRITE_KEEP:
+            tl.store(keep_row + idx, keep.to(tl.int8), mask=idx < length)
+        if WRITE_BINS:
+            ones = tl.full((BLOCK,), 1, dtype=tl.int8)
+            first = (idx + lead) // width
+            tl.store(bins_row + first, ones, mask=keep & (first < n_bins))
+            second = (idx + lead2) // width
+            tl.store(bins_row + second, ones, mask=keep & (second < n_bins))
+        seen += tl.sum(at_v.to(tl.int32), axis=0)
+
+
+def _launch_top_p(sets, threshold: float, write_keep: bool, write_bins: bool, width: int = 1):
+    """One launch over up to two sets of rows.
+
+    ``sets``: dicts with ``x`` (rows, full_length) fp32 contiguous, ``start``,
+    ``length``, ``keep`` (rows, length) int8 or None, ``bins`` (rows, n) int8 or
+    None, ``lead``, ``lead2``.
+    """
+    if len(sets) == 1:
+        sets = [sets[0], {**sets[0], "rows": 0}]
+    rows = [s.get("rows", s["x"].shape[0]) for s in sets]
+    if not sum(rows):
+        return
+    device = sets[0]["x"].device
+    dummy = torch.empty(1, dtype=torch.int8, device=device)
+    longest = max(s["length"] for s, r in zip(sets, rows, strict=True) if r)
+    block = min(LONG_TOP_P_BLOCK, max(_MIN_BLOCK, next_power_of_2(longest)))
+    scratch = torch.empty(sum(rows) * CANDIDATES, dtype=torch.float32, device=device)
+    args = []
+    for i, (s, r) in enumerate(zip(sets, rows, strict=True)):
+        keep = s["keep"] if s["keep"] is not None else dummy
+        bins = s["bins"] if s["bins"] is not None else dummy
+        n_bins = bins.shape[-1] if s["bins"] is not None else 0
+        head = [s["x"], keep, bins, s["length"]] + ([r] if i == 0 else [])
+        args += head + [s["x"].shape[-1], s["start"], n_bins, s["lead"], s["lead2"]]
+    launch(_long_top_p_kernel, (sum(rows),), *args, scratch, float(threshold), width,
+           BLOCK=block, CAND=CANDIDATES, WRITE_KEEP=write_keep, WRITE_BINS=write_bins,
+           num_warps=8 if block >= 2048 else 4)
+
+
+def long_top_p_kernel(values: torch.Tensor, threshold: float,
+                      more: torch.Tensor | None = None):
+    """Contract §6's top-p along the last axis, for long rows, by a Triton kernel.
+
+    Same result as ``top_p_select(values, True, threshold)[0] & (values > 0)``
+    (:func:`prism.reference.top_p_select`) up to fp32 summation order at the
+    boundary; ``values`` must be non-negative (probabilities). ``more``, a
+    second tensor of rows (another length), is done in the same launch.
+
+    Returns
+    -------
+    Tensor, bool, the shape of ``values`` (and one the shape of ``more``, if given)
+    """
+    check_device(_long_top_p_kernel, values=values)
+    tensors = [values] if more is None else [values, more]
+    sets, keeps = [], []
+    for t in tensors:
+        length = t.shape[-1] if t.dim() else 1
+        x = t.float().contiguous().view(-1, max(length, 1))
+        keep = torch.zeros(t.shape, dtype=torch.int8, device=t.device)
+        keeps.append(keep)
+        sets.append({"x": x, "rows": x.shape[0] if length else 0, "start": 0,
+                     "length": length, "keep": keep.view(-1, max(length, 1)), "bins": None,
+                     "lead": 0, "lead2": 0})
+    _launch_top_p(sets, threshold, True, False)
+    out = [keep.view(torch.bool) for keep in keeps]
+    return out[0] if more is None else (out[0], out[1])
+
+
+@triton.jit
+def _tiles_kernel(COLUMNS, DIAGONALS, OUT, num_query_tiles, num_key_tiles, num_diagonals,
+                  first_query_tile, CAUSAL: tl.constexpr, ROWS: tl.constexpr,
+                  COLS: tl.constexpr):
+    """``OUT[bh, i, j] = (COLUMNS[bh, j] | DIAGONALS[bh, I - j + nk]) & admissible``."""
+    bh = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < num_query_tiles
+    abs_rows = first_query_tile + rows
+    for col_start in range(0, num_key_tiles, COLS):
+        cols = col_start + tl.arange(0, COLS)
+        ok = row_ok[:, None] & (cols < num_key_tiles)[None, :]
+        admissible = ok
+        if CAUSAL:
+            admissible = admissible & (cols[None, :] <= abs_rows[:, None])
+        column = tl.load(COLUMNS + bh * num_key_tiles + cols, mask=cols < num_key_tiles,
+                         other=0)
+        diag = abs_rows[:, None] - cols[None, :] + num_key_tiles
+        diagonal = tl.load(DIAGONALS + bh * num_diagonals + diag, mask=admissible, other=0)
+        keep = ((column[None, :] != 0) | (diagonal != 0)) & admissible
+        tl.store(OUT + (bh * num_query_tiles + rows[:, None]) * num_key_tiles + cols[None, :],
+                 keep.to(tl.int8), mask=ok)
+
+
+def vertical_slash_tiles_kernel(vertical: torch.Tensor, slash: torch.Tensor,
+                                layout: TileLayout, threshold: float,
+                                causal: bool = True) -> torch.Tensor:
+    """:func:`prism.reference.estimators.vertical_slash_tiles_from_distributions` by kernels.
+
+    Same signature and result (up to fp32 summation order at the top-p
+    boundary): two launches, no sort, no per-value flags in memory.
+
+    Parameters
+    ----------
+    vertical : Tensor (B, Hq, Nk), float32
+    slash : Tensor (B, Hq, P + Nk), float32
+    layout : TileLayout
+    threshold : float in (0, 1]
+    causal : bool
+
+    Returns
+    -------
+    Tensor (B, Hq, nq, nk), bool, restricted to the admissible tiles
+    """
+    check_device(_long_top_p_kernel, vertical=vertical, slash=slash)
+    b, hq, nk_tokens = vertical.shape
+    bs = layout.block_size
+    nq, nk = layout.num_query_tiles, layout.num_key_tiles
+    device = vertical.device
+    out = torch.empty(b, hq, nq, nk, dtype=torch.int8, device=device)
+    if out.numel() == 0:
+        return out.view(torch.bool)
+    n_diag = layout.first_query_tile + nq + nk + 1
+    columns = torch.empty(b * hq, nk, dtype=torch.int8, device=device)
+    diagonals = torch.empty(b * hq, n_diag, dtype=torch.int8, device=device)
+    # Causal: offsets below 0 (the first Nk - 1 entries) hold no mass.
+    skip = min(nk_tokens - 1, slash.shape[-1]) if causal else 0
+    lead = nk * bs - (nk_tokens - 1) + skip
+    vertical = vertical.float().contiguous().view(b * hq, nk_tokens)
+    slash = slash.float().contiguous().view(b * hq, -1)
+    _launch_top_p([
+        {"x": vertical, "start": 0, "length": nk_tokens, "keep": None, "bins": columns,
+         "lead": 0, "lead2": 0},
+        {"x": slash, "start": skip, "length": slash.shape[-1] - skip, "keep": None,
+         "bins": diagonals, "lead": lead, "lead2": lead + bs - 1},
+    ], threshold, False, True, bs)
+    launch(_tiles_kernel, (b * hq, -(-nq // TILE_ROWS)), columns, diagonals, out, nq, nk,
+           n_diag, layout.first_query_tile, CAUSAL=causal, ROWS=TILE_ROWS, COLS=TILE_COLS,
+           num_warps=4)
+    return out.view(torch.bool)
+
+
+__all__ = ["CANDIDATES", "LONG_TOP_P_BLOCK", "long_top_p_kernel", "vertical_slash_tiles_kernel"]
