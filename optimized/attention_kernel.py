@@ -15,14 +15,51 @@ import triton.language as tl
 def _load_kv(k_head, v_head, K_DESC, V_DESC, b, hk, key_base, key_start, stride_kn, stride_kd,
              stride_vn, stride_vd, num_keys, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr,
-             DV_PAD: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr):
+             DV_PAD: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr,
+             pages, stride_kpage, stride_vpage, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):
     """K^T (D_PAD, BLOCK_N) and V (BLOCK_N, DV_PAD) of keys [key_start, key_start + BLOCK_N).
 
     Keys at or past ``num_keys`` load as zeros (the caller masks their scores).
     ``key_base`` is the first key row of the sequence in a packed (varlen)
     descriptor (0 for a dense batch).
+
+    ``PAGED``: ``k_head``/``v_head`` point at the KV head in page 0 of a
+    (num_pages, PAGE_SIZE, Hkv, D) cache and ``pages`` at the sequence's row
+    of the block table; key ``n`` is slot ``n % PAGE_SIZE`` of page
+    ``pages[n // PAGE_SIZE]``. Pointer loads (a bulk tensor copy cannot
+    follow a block table); a block never crosses a page when PAGE_SIZE is a
+    multiple of BLOCK_N (``key_start`` is a multiple of BLOCK_N), so one page
+    index serves the block and its rows are contiguous.
     """
-    if USE_TMA:
+    if PAGED:
+        keys = key_start + tl.arange(0, BLOCK_N)
+        dims = tl.arange(0, D_PAD)
+        dims_v = tl.arange(0, DV_PAD)
+        key_ok = keys < num_keys
+        if PAGE_SIZE % BLOCK_N == 0:
+            # key_start < num_keys in every block the kernel visits: its page is used.
+            page = tl.load(pages + key_start // PAGE_SIZE).to(tl.int64)
+            slots = (key_start % PAGE_SIZE + tl.arange(0, BLOCK_N)).to(tl.int64)
+            k_rows = page * stride_kpage + slots * stride_kn
+            v_rows = page * stride_vpage + slots * stride_vn
+        else:
+            # Entries past the sequence's last page may hold anything: not read.
+            page = tl.load(pages + keys // PAGE_SIZE, mask=key_ok, other=0).to(tl.int64)
+            slots = (keys % PAGE_SIZE).to(tl.int64)
+            k_rows = page * stride_kpage + slots * stride_kn
+            v_rows = page * stride_vpage + slots * stride_vn
+        k_ptrs = k_head + k_rows[None, :] + dims[:, None] * stride_kd
+        v_ptrs = v_head + v_rows[:, None] + dims_v[None, :] * stride_vd
+        if MASKED:
+            k = tl.load(k_ptrs, mask=(dims[:, None] < HEAD_DIM) & key_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=key_ok[:, None] & (dims_v[None, :] < HEAD_DIM_V), other=0.0)
+        elif HEAD_DIM == D_PAD and HEAD_DIM_V == DV_PAD:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=dims[:, None] < HEAD_DIM, other=0.0)
+            v = tl.load(v_ptrs, mask=dims_v[None, :] < HEAD_DIM_V, other=0.0)
+    elif USE_TMA:
         # Bulk tensor copies; the descriptor zero-fills rows past the head's Nk.
         k = K_DESC.load([b, hk, key_base + key_start, 0]).reshape(BLOCK_N, D_PAD).T
         v = V_DESC.load([b, hk, key_base + key_start, 0]).reshape(BLOCK_N, DV_PAD)
@@ -100,6 +137,8 @@ def _sparse_attention_kernel(
     DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
     USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, KV_MAJOR: tl.constexpr,
     VARLEN: tl.constexpr,
+    BLOCK_TABLE=None, stride_kpage=0, stride_vpage=0, PAGED: tl.constexpr = False,
+    PAGE_SIZE: tl.constexpr = 1,
 ):
     """Attention of ``BLOCK_M`` queries over their selected key tiles.
 
@@ -117,7 +156,16 @@ def _sparse_attention_kernel(
     sits. One launch covers every query tile of every sequence, each on its
     own tile grid, with one table read before the indices (as a dense
     program reads its count first).
+
+    ``PAGED`` (with ``VARLEN``; :mod:`prism.optimized.paged_kv`): K and V are
+    (num_pages, PAGE_SIZE, Hkv, D) caches (``stride_kn`` the slot stride,
+    ``stride_kpage`` the page stride), and a tile-table row's "first k row"
+    is where its sequence's row of ``BLOCK_TABLE`` starts: keys are read
+    through the block table in place (no TMA, no warp specialisation).
     """
+    if PAGED:
+        tl.static_assert(VARLEN and not USE_TMA and not WARP_SPECIALIZE,
+                         "PAGED needs VARLEN and pointer loads")
     # Program -> (batch*head, query tile, sub-block), heaviest (last) tiles first.
     subs_m = tl.cdiv(block_size, BLOCK_M)
     pid = tl.program_id(0)
@@ -171,11 +219,15 @@ def _sparse_attention_kernel(
     o_head = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     k_head = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_head = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    pages = BLOCK_TABLE
     if VARLEN:
         q_head += q_row0 * stride_qn
         o_head += q_row0 * stride_on
-        k_head += k_row0.to(tl.int64) * stride_kn
-        v_head += k_row0.to(tl.int64) * stride_vn
+        if PAGED:
+            pages += k_row0
+        else:
+            k_head += k_row0.to(tl.int64) * stride_kn
+            v_head += k_row0.to(tl.int64) * stride_vn
     q_ptrs = q_head + rows.to(tl.int64)[:, None] * stride_qn + dims[None, :] * stride_qd
 
     # The row of the tile list: count, then ascending key-tile indices.
@@ -246,7 +298,8 @@ def _sparse_attention_kernel(
             key_start = tile * block_size + (step % subs_n) * BLOCK_N
             k, v = _load_kv(k_head, v_head, K_DESC, V_DESC, b, hk, key_base, key_start,
                             stride_kn, stride_kd, stride_vn, stride_vd, num_keys, False, USE_TMA,
-                            HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, BLOCK_N, VARLEN)
+                            HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, BLOCK_N, VARLEN,
+                            pages, stride_kpage, stride_vpage, PAGED, PAGE_SIZE)
             acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, key_start, positions,
                                           num_keys, qk_scale, False, CAUSAL, BLOCK_N, IEEE)
         # The last tile with a token mask, only over key blocks some query can see.
@@ -254,7 +307,8 @@ def _sparse_attention_kernel(
             for key_start in range(tile_start, key_end, BLOCK_N):
                 k, v = _load_kv(k_head, v_head, K_DESC, V_DESC, b, hk, key_base, key_start,
                                 stride_kn, stride_kd, stride_vn, stride_vd, num_keys, True,
-                                USE_TMA, HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, BLOCK_N, VARLEN)
+                                USE_TMA, HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, BLOCK_N, VARLEN,
+                                pages, stride_kpage, stride_vpage, PAGED, PAGE_SIZE)
                 acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, key_start, positions,
                                               num_keys, qk_scale, True, CAUSAL, BLOCK_N, IEEE)
 

@@ -20,10 +20,11 @@ branch):
   (Hq, total_q) log-sum-exp directly.
 
 NaN/Inf flags of the selection launches are read once at the end (one host
-wait per call, as the dense API). With a paged cache the pages are gathered
-first (:func:`prism.reference.paged.gather_tokens`); the kernel does not read
-pages in place yet. Tiles that are not multiples of 16 run the reference's
-per-run loop on the dense functions.
+wait per call, as the dense API). With a paged cache the same launch reads K
+and V through the block table (``block_table`` of
+:func:`packed_attention_forward`; :mod:`prism.optimized.paged_kv`). Tiles
+that are not multiples of 16 run the reference's per-run loop on the dense
+functions.
 
 Chunked prefill with :class:`~prism.reference.PooledKeyCache` runs the
 selection stages after key pooling as the reference's torch code on the GPU
@@ -37,7 +38,7 @@ import importlib
 import math
 import types
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -209,7 +210,7 @@ def packed_attention_forward(q, k, v, layout: PackedLayout, kv_num_blocks, kv_in
                              block_size: int, causal: bool, scale: float | None,
                              return_lse: bool, interpreted: bool = _INTERPRETED,
                              out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
-                             config=None):
+                             config=None, block_table: torch.Tensor | None = None):
     """Block-sparse attention of a whole packed batch in one kernel launch.
 
     Parameters
@@ -226,13 +227,20 @@ def packed_attention_forward(q, k, v, layout: PackedLayout, kv_num_blocks, kv_in
         As in :func:`prism.optimized.attention.sparse_attention_forward`.
     out, lse : Tensor, optional
         Preallocated (total_q, Hq, Dv) and (Hq, total_q) float32.
+    block_table : Tensor (B, max_pages), int32 or int64, optional
+        Paged KV: ``k``/``v`` are (num_pages, page_size, Hkv, D) caches and
+        the "first k row" of each sequence in ``layout`` is the offset of its
+        row in ``block_table`` (:mod:`prism.optimized.paged_kv` builds both;
+        the table must have unit column stride). The kernel follows the table
+        with pointer loads: no TMA or warp specialisation (:func:`paged_config`).
 
     Returns
     -------
     out (total_q, Hq, Dv), and lse (Hq, total_q) or None
     """
     total_q, hq, d = q.shape
-    hkv, dv = k.shape[1], v.shape[2]
+    paged = block_table is not None
+    hkv, dv = k.shape[-2], v.shape[-1]
     if out is None:
         out = torch.empty(total_q, hq, dv, dtype=q.dtype, device=q.device)
     if return_lse and lse is None:
@@ -240,11 +248,16 @@ def packed_attention_forward(q, k, v, layout: PackedLayout, kv_num_blocks, kv_in
     if layout.num_tiles == 0:
         return out, lse
     d_pad, dv_pad = max(16, next_power_of_2(d)), max(16, next_power_of_2(dv))
-    q4, k4, v4 = _heads_view(q), _heads_view(k), _heads_view(v)
-    config = _launch_config(config, q4, k4, v4, d_pad, dv_pad, layout.query_start_gcd,
-                            block_size, interpreted)
+    rows_k, rows_v = (k[:1].flatten(0, 1), v[:1].flatten(0, 1)) if paged else (k, v)
+    q4, k4, v4 = _heads_view(q), _heads_view(rows_k), _heads_view(rows_v)
+    if paged:
+        config = paged_config(config, q4, k4, v4, d_pad, dv_pad, layout.query_start_gcd,
+                              block_size, interpreted)
+    else:
+        config = _launch_config(config, q4, k4, v4, d_pad, dv_pad, layout.query_start_gcd,
+                                block_size, interpreted)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    use_tma = (config.use_tma and not config.warp_specialize
+    use_tma = (not paged and config.use_tma and not config.warp_specialize
                and tma_compatible(k4, v4, d_pad, dv_pad))
     k_desc = v_desc = None
     if use_tma:
@@ -257,21 +270,48 @@ def packed_attention_forward(q, k, v, layout: PackedLayout, kv_num_blocks, kv_in
     num = kv_num_blocks if kv_num_blocks.numel() else layout.table
     idx = kv_indices if kv_indices.numel() else layout.table
     scratch = _scratch_allocator() if config.warp_specialize else _null()
+    # Row (token or slot), head and dim strides; a cache's page stride goes separately.
+    k_strides, v_strides = (k.stride()[1:], v.stride()[1:]) if paged else (k.stride(), v.stride())
+    extra = {}
+    if paged:
+        extra = dict(BLOCK_TABLE=block_table, stride_kpage=k.stride(0),
+                     stride_vpage=v.stride(0), PAGED=True, PAGE_SIZE=k.shape[1])
     with scratch:
         _sparse_attention_kernel[grid](
             q, k, v, out, lse if return_lse else out, num, idx, k_desc, v_desc,
             layout.table,
             0, q.stride(1), q.stride(0), q.stride(2),
-            0, k.stride(1), k.stride(0), k.stride(2),
-            0, v.stride(1), v.stride(0), v.stride(2),
+            0, k_strides[1], k_strides[0], k_strides[2],
+            0, v_strides[1], v_strides[0], v_strides[2],
             0, out.stride(1), out.stride(0), out.stride(2),
             0, 0, 0, 0, 0,
             hq, hq, hq // hkv, total_q, 0, 0, 0, layout.num_tiles, block_size,
             scale * LOG2_E,
             **launch_constants(config, causal, return_lse, d, dv, q.dtype, use_tma,
                                varlen=True),
+            **extra,
         )
     return out, (lse if return_lse else None)
+
+
+def paged_config(config, q4, k4, v4, d_pad: int, dv_pad: int, query_start: int,
+                 block_size: int, interpreted: bool):
+    """The launch shape of a paged launch: the dense choice without bulk copies.
+
+    A block table cannot be followed by TMA or by the warp-specialised loop's
+    descriptors, so a warp-specialised default becomes :func:`fallback_config`
+    and TMA is off (an explicit warp-specialised ``config`` is refused).
+    """
+    from .attention import fallback_config
+
+    if config is not None and config.warp_specialize:
+        raise ValueError("a paged launch cannot use AttentionConfig(warp_specialize=True): "
+                         "the kernel follows the block table with pointer loads")
+    config = _launch_config(config, q4, k4, v4, d_pad, dv_pad, query_start, block_size,
+                            interpreted)
+    if config.warp_specialize:
+        config = fallback_config(block_size, q4.shape[3])
+    return replace(config, use_tma=False)
 
 
 class _null:
@@ -338,19 +378,19 @@ def _raise_named(flags, q, k, v, ranges) -> None:
 # The packed stages (hooks of reference.varlen.run_prism / run_attention).
 # --------------------------------------------------------------------------
 
-def run_prism_packed(q, k, v, ranges, cfg: PrismConfig, *, causal: bool, scale,
-                     return_lse: bool, return_mask: bool):
-    """Selection per run of equal-shape sequences, then one attention launch."""
-    impl = _module()
-    if not supported_block_size(cfg.block_size):
-        return run_prism(impl, q, k, v, ranges, cfg, causal=causal, scale=scale,
-                         return_lse=return_lse, return_mask=return_mask)
+def select_runs(q, k, v, ranges, cfg: PrismConfig, causal: bool, return_mask: bool):
+    """Selection per run of equal-shape sequences on strided views (``v`` may be None:
+    then only q and k are checked for NaN/Inf).
+
+    Returns the runs' ``pieces`` for :func:`_flatten_indices`, their NaN/Inf
+    flags and (with ``return_mask``) one :class:`TileMask` per sequence.
+    """
     ops = importlib.import_module("prism.optimized.ops")
-    check_device(_sparse_attention_kernel, q=q, k=k, v=v)
     pieces, flags, masks = [], [], []
     for first, count in runs_of_equal_shape(ranges):
         # validate_varlen checked what the dense validation would check per run.
-        (q_run, k_run, v_run), _ = _run_views(q, k, v, ranges, first, count)
+        views, _ = _run_views(q, k, v, ranges, first, count)
+        q_run, k_run, v_run = views if v is not None else (*views, None)
         mask, num, idx, flag = ops.select(q_run, k_run, v_run, cfg, causal)
         pieces.append((count, num, idx))
         flags.append(flag)
@@ -360,6 +400,18 @@ def run_prism_packed(q, k, v, ranges, cfg: PrismConfig, *, causal: bool, scale,
                 TileMask(mask[g:g + 1], block_size=cfg.block_size, causal=causal,
                          num_queries=nq, num_keys=nk, kv_num_blocks=num[g:g + 1],
                          kv_indices=idx[g:g + 1]) for g in range(count))
+    return pieces, flags, masks
+
+
+def run_prism_packed(q, k, v, ranges, cfg: PrismConfig, *, causal: bool, scale,
+                     return_lse: bool, return_mask: bool):
+    """Selection per run of equal-shape sequences, then one attention launch."""
+    impl = _module()
+    if not supported_block_size(cfg.block_size):
+        return run_prism(impl, q, k, v, ranges, cfg, causal=causal, scale=scale,
+                         return_lse=return_lse, return_mask=return_mask)
+    check_device(_sparse_attention_kernel, q=q, k=k, v=v)
+    pieces, flags, masks = select_runs(q, k, v, ranges, cfg, causal, return_mask)
     flat_num, flat_idx, placements = _flatten_indices(pieces)
     layout = packed_layout(ranges, placements, cfg.block_size, causal, q.device)
     out, lse = packed_attention_forward(q, k, v, layout, flat_num, flat_idx,
@@ -380,6 +432,21 @@ def run_attention_packed(q, k, v, ranges, block_masks, *, block_size: int, causa
         return run_attention(impl, q, k, v, ranges, block_masks, block_size=block_size,
                              causal=causal, scale=scale, return_lse=return_lse)
     check_device(_sparse_attention_kernel, q=q, k=k, v=v)
+    pieces = mask_pieces(q, ranges, block_masks, block_size, causal)
+    flags = [_nonfinite(q, k, v)]
+    flat_num, flat_idx, placements = _flatten_indices(pieces)
+    layout = packed_layout(ranges, placements, block_size, causal, q.device)
+    out, lse = packed_attention_forward(q, k, v, layout, flat_num, flat_idx,
+                                        block_size=block_size, causal=causal, scale=scale,
+                                        return_lse=return_lse)
+    _raise_named(flags, q, k, v, ranges)
+    return (out, lse) if return_lse else out
+
+
+def mask_pieces(q, ranges, block_masks, block_size: int, causal: bool) -> list:
+    """Every sequence's mask checked and turned into compact indices (its indices
+    carried by a :class:`TileMask` where present): ``pieces`` for
+    :func:`_flatten_indices`."""
     pieces = []
     for i, ((q0, q1, k0, k1), mask) in enumerate(zip(ranges, block_masks, strict=True)):
         nq, nk = q1 - q0, k1 - k0
@@ -399,14 +466,7 @@ def run_attention_packed(q, k, v, ranges, block_masks, *, block_size: int, causa
         else:
             num, idx = _compact(mask, tiles.first_query_tile, causal)
         pieces.append((1, num, idx))
-    flags = [_nonfinite(q, k, v)]
-    flat_num, flat_idx, placements = _flatten_indices(pieces)
-    layout = packed_layout(ranges, placements, block_size, causal, q.device)
-    out, lse = packed_attention_forward(q, k, v, layout, flat_num, flat_idx,
-                                        block_size=block_size, causal=causal, scale=scale,
-                                        return_lse=return_lse)
-    _raise_named(flags, q, k, v, ranges)
-    return (out, lse) if return_lse else out
+    return pieces
 
 
 def _compact(mask, first_query_tile: int, causal: bool):
@@ -430,7 +490,8 @@ def _impl():
     return types.SimpleNamespace(
         select_blocks=impl.select_blocks, prism_attention=impl.prism_attention,
         block_sparse_attention=impl.block_sparse_attention,
-        run_prism_packed=run_prism_packed, run_attention_packed=run_attention_packed)
+        run_prism_packed=run_prism_packed, run_attention_packed=run_attention_packed,
+        run_paged_packed=importlib.import_module("prism.optimized.paged_kv").run_paged_packed)
 
 
 # --------------------------------------------------------------------------
@@ -501,7 +562,7 @@ def prism_attention_paged(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens
                           causal: bool = True, scale: float | None = None,
                           return_lse: bool = False, return_mask: bool = False,
                           pooled_keys=None, **overrides):
-    """Prism end to end over a paged KV cache, on the GPU (pages gathered, one launch).
+    """Prism end to end over a paged KV cache, on the GPU (one launch reads the pages).
 
     Same contract as :func:`prism.reference.prism_attention_paged`.
     """

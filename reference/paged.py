@@ -14,10 +14,12 @@ already holds the keys of the chunk being prefilled, as engines write K/V
 before attention). A prefill chunk over a cached prefix is exactly the
 contract's KV-prefix case: ``Nq = chunk``, ``Nk = prefix + chunk``.
 
-How K/V are read: each sequence's pages are gathered into one packed
+How K/V are read here: each sequence's pages are gathered into one packed
 (total_k, Hkv, D) tensor (one indexed copy of the keys and values the call
 reads), then the varlen functions run on views of it. The copy reads and
 writes ``sum_i seq_lens[i] * Hkv * (D + Dv)`` elements once per call.
+:mod:`prism.optimized` reads the pages in place in its attention kernel
+(the ``run_paged_packed`` hook of :func:`run_paged_prism`).
 
 Chunked prefill: :class:`PooledKeyCache` keeps one sequence's pooled key
 tiles between chunks, so selection for a new chunk pools only the keys
@@ -387,6 +389,14 @@ def run_paged_prism(impl, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens
                                        cu_seqlens_q, max_seqlen_q, causal=causal)
     validate_scale(scale)
     caches = _prepare_caches(pooled_keys, lengths, k_cache, cfg)
+    paged = getattr(impl, "run_paged_packed", None)
+    if paged is not None:
+        # prism.optimized: attention reads the pages in place (NotImplemented: gather).
+        result = paged(q, k_cache, v_cache, block_table, ranges_q, lengths, caches, cfg,
+                       causal=causal, scale=scale, return_lse=return_lse,
+                       return_mask=return_mask)
+        if result is not NotImplemented:
+            return result
     zeros = [0] * len(lengths)
     k = gather_tokens(k_cache, block_table, zeros, lengths)
     v = gather_tokens(v_cache, block_table, zeros, lengths)

@@ -1,0 +1,206 @@
+"""Paged KV caches read in place by the attention kernel (docs/serving.rst).
+
+:func:`prism.optimized.prism_attention_paged` validates its arguments with the
+reference's code (:func:`prism.reference.paged.run_paged_prism`), which then
+hands the call to :func:`run_paged_packed`:
+
+* **selection** reads keys as contiguous (B, H, N, D) views, so it gets the
+  keys it reads gathered (:func:`prism.reference.paged.gather_tokens`): all of
+  each sequence's keys, or with a :class:`~prism.reference.PooledKeyCache`
+  only those after its pooled tiles. Values are never gathered;
+* **attention** is one launch of the packed kernel's ``PAGED`` branch: every
+  key and value row is read through the block table (page
+  ``block_table[i, n // page_size]``, slot ``n % page_size``), any page size;
+* **NaN/Inf**: the tokens the call reads that selection did not check (the
+  values, and with pooled caches the keys) are checked by one pass over their
+  pages (:func:`paged_nonfinite`); a hit gathers them and raises the
+  reference's error, which names the sequence.
+
+The gather fallback (the reference's path: pages gathered, then the varlen
+functions) remains only for tile sizes that are not multiples of 16, where
+the varlen functions run the reference's loop on the dense functions anyway.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from prism.reference.paged import (
+    _key_ranges,
+    _select_all,
+    gather_tokens,
+    validate_paged,
+)
+from prism.reference.validation import validate_scale
+from prism.reference.varlen import check_masks
+
+from ._runtime import check_device, next_power_of_2
+from .attention import _sparse_attention_kernel, supported_block_size
+from .varlen import (
+    _flatten_indices,
+    _impl,
+    _nonfinite,
+    _raise_named,
+    mask_pieces,
+    packed_attention_forward,
+    packed_layout,
+    select_runs,
+)
+
+
+@triton.jit
+def _paged_nonfinite_kernel(C, BT, LENS, FLAG, stride_p, stride_s, stride_h, stride_d,
+                            stride_bt, num_heads, PAGE_SIZE: tl.constexpr,
+                            HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """FLAG = 1 if a token ``< LENS[seq]`` of sequence ``seq`` holds NaN or Inf."""
+    seq = tl.program_id(0)
+    start = tl.program_id(1) * BLOCK
+    n = tl.load(LENS + seq)
+    if start < n:
+        rows = start + tl.arange(0, BLOCK)
+        ok = rows < n
+        page = tl.load(BT + seq.to(tl.int64) * stride_bt + rows // PAGE_SIZE, mask=ok,
+                       other=0).to(tl.int64)
+        base = C + page * stride_p + (rows % PAGE_SIZE).to(tl.int64) * stride_s
+        dims = tl.arange(0, D_PAD)
+        mask = ok[:, None] & (dims[None, :] < HEAD_DIM)
+        bad = 0
+        for h in range(num_heads):
+            x = tl.load(base[:, None] + h * stride_h + dims[None, :] * stride_d, mask=mask,
+                        other=0.0).to(tl.float32)
+            bad += tl.sum(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32))
+        if bad > 0:
+            tl.store(FLAG, 1.0)
+
+
+def paged_nonfinite(caches, block_table: torch.Tensor, lengths: list[int],
+                    block: int = 64) -> torch.Tensor:
+    """A (1,) float64 device tensor, non-zero if a token that the call reads from any
+    of ``caches`` (each (num_pages, page_size, H, D)) holds NaN or Inf.
+
+    Reads only the first ``lengths[i]`` tokens of sequence ``i`` through
+    ``block_table`` (validated), once each; no host wait.
+    """
+    block_table = _unit_columns(block_table)
+    flag = torch.zeros(1, dtype=torch.float64, device=block_table.device)
+    longest = max(lengths, default=0)
+    if longest == 0:
+        return flag
+    lens = torch.tensor(lengths, dtype=torch.int32).to(block_table.device, non_blocking=True)
+    grid = (len(lengths), -(-longest // block))
+    for cache in caches:
+        d = cache.shape[3]
+        _paged_nonfinite_kernel[grid](
+            cache, block_table, lens, flag, *cache.stride(), block_table.stride(0),
+            cache.shape[2], PAGE_SIZE=cache.shape[1], HEAD_DIM=d,
+            D_PAD=max(16, next_power_of_2(d)), BLOCK=block)
+    return flag
+
+
+def _unit_columns(block_table: torch.Tensor) -> torch.Tensor:
+    """The kernels index a row of the table as ``row + j``."""
+    return block_table if block_table.stride(1) == 1 else block_table.contiguous()
+
+
+def paged_ranges(ranges_q, lengths: list[int], block_table: torch.Tensor):
+    """The packed layout's rows of a paged call: each sequence's q rows, and for its
+    "k rows" the offset of its row of ``block_table`` plus ``seq_lens[i]`` (the
+    kernel's ``PAGED`` branch reads them so)."""
+    row = _unit_columns(block_table).stride(0)
+    return [(q0, q1, i * row, i * row + n) for i, ((q0, q1), n) in
+            enumerate(zip(ranges_q, lengths, strict=True))]
+
+
+def paged_attention(q, k_cache, v_cache, block_table, ranges_q, lengths, pieces, *,
+                    block_size: int, causal: bool, scale, return_lse: bool, config=None):
+    """One launch of the kernel's paged branch on validated inputs and compact indices
+    (``pieces`` as :func:`prism.optimized.varlen._flatten_indices` takes them)."""
+    block_table = _unit_columns(block_table)
+    flat_num, flat_idx, placements = _flatten_indices(pieces)
+    ranges = paged_ranges(ranges_q, lengths, block_table)
+    layout = packed_layout(ranges, placements, block_size, causal, q.device)
+    return packed_attention_forward(q, k_cache, v_cache, layout, flat_num, flat_idx,
+                                    block_size=block_size, causal=causal, scale=scale,
+                                    return_lse=return_lse, config=config,
+                                    block_table=block_table)
+
+
+def _raise_gathered(flags, q, k_cache, v_cache, block_table, ranges_q, lengths) -> None:
+    """On a NaN/Inf flag, gather the tokens and raise the reference's error (rare path)."""
+    if not flags or not bool(torch.cat([f.reshape(-1) for f in flags]).any()):
+        return
+    zeros = [0] * len(lengths)
+    k = gather_tokens(k_cache, block_table, zeros, lengths)
+    v = gather_tokens(v_cache, block_table, zeros, lengths)
+    _raise_named(flags, q, k, v, _key_ranges(ranges_q, lengths))
+
+
+def run_paged_packed(q, k_cache, v_cache, block_table, ranges_q, lengths, caches, cfg, *,
+                     causal: bool, scale, return_lse: bool, return_mask: bool):
+    """Selection on the gathered keys it needs, attention on the pages in place.
+
+    The hook of :func:`prism.reference.paged.run_paged_prism` (validated
+    arguments; ``caches`` one :class:`~prism.reference.PooledKeyCache` or None
+    per sequence). Returns NotImplemented where the kernel does not apply.
+    """
+    if not supported_block_size(cfg.block_size):
+        return NotImplemented
+    check_device(_sparse_attention_kernel, q=q, k_cache=k_cache, v_cache=v_cache)
+    starts = [0 if c is None else c.num_tokens for c in caches]
+    k = gather_tokens(k_cache, block_table, starts, lengths)
+    ranges = _key_ranges(ranges_q, [n - s for n, s in zip(lengths, starts, strict=True)])
+    if all(c is None for c in caches):
+        # Selection checks q and every key; the values remain.
+        pieces, flags, masks = select_runs(q, k, None, ranges, cfg, causal, return_mask)
+        checked = [v_cache]
+    else:
+        # Checks q and the keys it reads (raising at once, as the reference).
+        masks = _select_all(_impl(), q, k, ranges, [0] * len(lengths), lengths, caches, cfg,
+                            causal)
+        pieces = mask_pieces(q, paged_ranges(ranges_q, lengths, block_table), masks,
+                             cfg.block_size, causal)
+        flags, checked = [], [k_cache, v_cache]
+    flags.append(paged_nonfinite(checked, block_table, lengths))
+    out, lse = paged_attention(q, k_cache, v_cache, block_table, ranges_q, lengths, pieces,
+                               block_size=cfg.block_size, causal=causal, scale=scale,
+                               return_lse=return_lse)
+    _raise_gathered(flags, q, k_cache, v_cache, block_table, ranges_q, lengths)
+    result = (out, lse) if return_lse else (out,)
+    if return_mask:
+        result = (*result, masks)
+    return result if len(result) > 1 else result[0]
+
+
+def block_sparse_attention_paged(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
+                                 max_seqlen_q: int, block_masks, *, block_size: int = 128,
+                                 causal: bool = True, scale: float | None = None,
+                                 return_lse: bool = False, config=None):
+    """Block-sparse attention over a paged KV cache on given per-sequence masks.
+
+    The paged counterpart of
+    :func:`prism.optimized.block_sparse_attention_varlen` (same masks, same
+    result as that function on :func:`prism.reference.gather_paged_kv`'s
+    gathered K and V), in one launch that reads the pages in place. ``config``
+    (an :class:`~prism.optimized.attention.AttentionConfig`) fixes the launch
+    shape (tests and benchmarks).
+    """
+    ranges_q, lengths = validate_paged(q, k_cache, v_cache, block_table, seq_lens,
+                                       cu_seqlens_q, max_seqlen_q, causal=causal)
+    validate_scale(scale)
+    masks = check_masks(block_masks, len(lengths))
+    if not supported_block_size(block_size):
+        raise ValueError(f"block_sparse_attention_paged needs block_size % 16 == 0, got "
+                         f"{block_size}; gather the pages (gather_paged_kv) and use "
+                         "block_sparse_attention_varlen")
+    check_device(_sparse_attention_kernel, q=q, k_cache=k_cache, v_cache=v_cache)
+    pieces = mask_pieces(q, paged_ranges(ranges_q, lengths, block_table), masks, block_size,
+                         causal)
+    flags = [_nonfinite(q, q[:0], q[:0]), paged_nonfinite([k_cache, v_cache], block_table,
+                                                          lengths)]
+    out, lse = paged_attention(q, k_cache, v_cache, block_table, ranges_q, lengths, pieces,
+                               block_size=block_size, causal=causal, scale=scale,
+                               return_lse=return_lse, config=config)
+    _raise_gathered(flags, q, k_cache, v_cache, block_table, ranges_q, lengths)
+    return (out, lse) if return_lse else out

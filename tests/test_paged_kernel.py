@@ -1,0 +1,250 @@
+"""The attention kernel's paged branch: K and V read through the block table in place
+(prism.optimized.paged_kv, docs/serving.rst).
+
+Expected values: the per-sequence loop of the dense reference, and the same
+launch on K and V gathered into packed rows (the gather path), which must agree
+bit for bit where both run one launch shape. Every cache slot that no sequence
+reads holds NaN, and every block-table entry past a sequence's last page an
+out-of-range page, so a read of either shows.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from test_varlen import assert_close, assert_masks_match, make_batch, to_pages  # noqa: E402
+from test_varlen_kernel import _kernels, check_against_loop, random_masks  # noqa: E402
+
+from prism import reference  # noqa: E402
+
+
+def poisoned_pages(k, v, lengths, page_size, *, seed=0, table_form="int32"):
+    """Shuffled pages of packed K/V; unread slots NaN, unread table entries out of range.
+
+    ``table_form``: "int32", "int64", or "strided" (an int32 table whose
+    columns are not contiguous).
+    """
+    device = k.device
+    k_cache, v_cache, table, seq_lens = to_pages(k.cpu(), v.cpu(), lengths, page_size,
+                                                 seed=seed)
+    read = torch.zeros(k_cache.shape[:2], dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        tokens = torch.arange(n)
+        read[table[i, tokens // page_size].long(), tokens % page_size] = True
+    k_cache[~read] = float("nan")
+    v_cache[~read] = float("nan")
+    needed = torch.tensor([-(-n // page_size) for n in lengths])
+    unused = torch.arange(table.shape[1])[None, :] >= needed[:, None]
+    table[unused] = 10**6
+    if table_form == "int64":
+        table = table.long()
+    elif table_form == "strided":
+        table = table.t().contiguous().t()
+    return k_cache.to(device), v_cache.to(device), table.to(device), seq_lens
+
+
+def gathered_launch(q, k, v, lengths_q, lengths_k, masks, block_size, causal, config):
+    """The packed launch on gathered rows with a given launch shape (the gather path)."""
+    from prism.optimized import varlen as packed
+
+    ranges, q0, k0 = [], 0, 0
+    for nq, nk in zip(lengths_q, lengths_k, strict=True):
+        ranges.append((q0, q0 + nq, k0, k0 + nk))
+        q0, k0 = q0 + nq, k0 + nk
+    pieces = packed.mask_pieces(q, ranges, masks, block_size, causal)
+    flat_num, flat_idx, placements = packed._flatten_indices(pieces)
+    layout = packed.packed_layout(ranges, placements, block_size, causal, q.device)
+    return packed.packed_attention_forward(q, k, v, layout, flat_num, flat_idx,
+                                           block_size=block_size, causal=causal, scale=None,
+                                           return_lse=True, config=config)
+
+
+def paged_case(lengths_q, lengths_k, *, heads, dtype, block_size, causal, page_size, seed,
+               table_form="int32", d=16, density=0.5, config=None):
+    optimized, _, device = _kernels()
+    from prism.optimized import paged_kv
+
+    seqs, (q, k, v), cu_q, cu_k = make_batch(lengths_q, lengths_k, hq=heads[0], hkv=heads[1],
+                                             d=d, dtype=dtype, causal=causal, seed=seed,
+                                             device=device)
+    k_cache, v_cache, table, seq_lens = poisoned_pages(k, v, lengths_k, page_size, seed=seed,
+                                                       table_form=table_form)
+    masks = random_masks(lengths_q, lengths_k, heads[0], block_size, causal, seed,
+                         density=density, device=device)
+    o, lse = paged_kv.block_sparse_attention_paged(
+        q, k_cache, v_cache, table, seq_lens, cu_q, max(lengths_q), masks,
+        block_size=block_size, causal=causal, return_lse=True, config=config)
+    check_against_loop(o, lse, seqs, masks, block_size, causal, dtype)
+    return (q, k, v), masks, o, lse
+
+
+# --------------------------------------------------------------------------
+# The interpreter on the CPU.
+# --------------------------------------------------------------------------
+
+sequence = st.tuples(st.sampled_from([0, 1, 2, 16, 17, 33, 40]),
+                     st.sampled_from([0, 0, 1, 7, 30]))
+
+
+@pytest.mark.interpret
+@settings(max_examples=6)
+@given(mix=st.lists(sequence, min_size=1, max_size=4),
+       page_size=st.sampled_from([16, 32, 48, 64, 256]),
+       heads=st.sampled_from([(2, 2), (2, 1), (4, 2)]),
+       dtype=st.sampled_from([torch.float32, torch.float16]),
+       block_size=st.sampled_from([16, 32]), causal=st.booleans(),
+       table_form=st.sampled_from(["int32", "int64", "strided"]), seed=st.integers(0, 99))
+def test_paged_launch_equals_gather_path_and_loop(mix, page_size, heads, dtype, block_size,
+                                                   causal, table_form, seed):
+    """Empty and one-token sequences, KV prefixes, GQA, shuffled pages of 16-256 tokens
+    (smaller than, equal to, not a multiple of and larger than the kernel's key block):
+    the paged launch equals the gathered launch bitwise and the per-sequence loop."""
+    optimized, _, _ = _kernels()
+    lengths_q = [nq for nq, _ in mix]
+    lengths_k = [nq + prefix for nq, prefix in mix]
+    (q, k, v), masks, o, lse = paged_case(
+        lengths_q, lengths_k, heads=heads, dtype=dtype, block_size=block_size, causal=causal,
+        page_size=page_size, seed=seed, table_form=table_form)
+    cu_q = torch.tensor([0, *lengths_q]).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0, *lengths_k]).cumsum(0).to(torch.int32)
+    o2, lse2 = optimized.block_sparse_attention_varlen(
+        q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), masks, block_size=block_size,
+        causal=causal, return_lse=True)
+    assert torch.equal(o, o2) and torch.equal(lse, lse2)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("block_size, page_size", [(64, 16), (128, 256)])
+def test_paged_key_blocks_of_64_and_128(block_size, page_size):
+    """Key blocks of 64 and 128 rows (the GPU's shapes) over pages smaller and larger
+    than a block; bitwise equal to the gather path at the same launch shape."""
+    from prism.optimized.attention import AttentionConfig
+
+    config = AttentionConfig(block_size, block_size, 4, 1)
+    lengths_q, lengths_k = [130, 1, 0], [200, 20, 5]
+    (q, k, v), masks, o, lse = paged_case(
+        lengths_q, lengths_k, heads=(2, 1), dtype=torch.float32, block_size=block_size,
+        causal=True, page_size=page_size, seed=4, config=config)
+    o2, lse2 = gathered_launch(q, k, v, lengths_q, lengths_k, masks, block_size, True, config)
+    assert torch.equal(o, o2) and torch.equal(lse, lse2)
+
+
+@pytest.mark.interpret
+def test_prism_paged_gathers_keys_only_and_launches_once(monkeypatch):
+    """prism_attention_paged: selection on gathered keys, one paged attention launch
+    (values never gathered); same masks and outputs as the varlen call on gathered K/V."""
+    optimized, packed, device = _kernels()
+    from prism.optimized import paged_kv
+
+    gathered, launches = [], []
+    gather, forward = paged_kv.gather_tokens, paged_kv.packed_attention_forward
+    monkeypatch.setattr(paged_kv, "gather_tokens",
+                        lambda cache, *a: gathered.append(cache) or gather(cache, *a))
+    monkeypatch.setattr(paged_kv, "packed_attention_forward",
+                        lambda *a, **kw: launches.append(kw["block_table"]) or forward(*a, **kw))
+    lengths_q, lengths_k = [0, 24], [5, 40]
+    seqs, (q, k, v), cu_q, cu_k = make_batch(lengths_q, lengths_k, hq=2, hkv=1,
+                                             dtype=torch.float16, device=device)
+    k_cache, v_cache, table, seq_lens = poisoned_pages(k, v, lengths_k, 16, seed=1)
+    cfg = reference.PrismConfig(block_size=32)
+    o, lse, masks = optimized.prism_attention_paged(q, k_cache, v_cache, table, seq_lens, cu_q,
+                                                    24, cfg, return_lse=True, return_mask=True)
+    assert len(gathered) == 1 and gathered[0] is k_cache
+    assert len(launches) == 1 and launches[0] is not None
+    assert_masks_match(masks, seqs, cfg, True, exact=False)
+    ref_o = reference.block_sparse_attention_varlen(q, k, v, cu_q, cu_k, 24, 40, masks,
+                                                    block_size=32)
+    assert_close(o, ref_o, torch.float16)
+
+
+@pytest.mark.interpret
+def test_paged_errors():
+    """Bad page indices and non-finite values the call reads raise ValueErrors naming
+    the entry or the sequence; NaN where no sequence reads is fine."""
+    optimized, _, device = _kernels()
+    from prism.optimized import paged_kv
+
+    lengths_q, lengths_k = [5, 9], [20, 9]
+    _, (q, k, v), cu_q, _ = make_batch(lengths_q, lengths_k, d=16, device=device)
+    k_cache, v_cache, table, seq_lens = poisoned_pages(k, v, lengths_k, 16)
+    masks = random_masks(lengths_q, lengths_k, 4, 16, True, 0, device=device)
+
+    def call(fn, **change):
+        args = dict(k_cache=k_cache, v_cache=v_cache, block_table=table, seq_lens=seq_lens)
+        args.update(change)
+        if fn is optimized.prism_attention_paged:
+            return fn(q, args["k_cache"], args["v_cache"], args["block_table"],
+                      args["seq_lens"], cu_q, 9, block_size=16)
+        return fn(q, args["k_cache"], args["v_cache"], args["block_table"], args["seq_lens"],
+                  cu_q, 9, masks, block_size=16)
+
+    bad = table.clone()
+    bad[0, 1] = k_cache.shape[0]
+    for fn in (paged_kv.block_sparse_attention_paged, optimized.prism_attention_paged):
+        with pytest.raises(ValueError, match=r"block_table\[0, 1\] = \d+ is not a page"):
+            call(fn, block_table=bad)
+        with pytest.raises(ValueError, match=r"seq_lens\[1\] = 60 tokens do not fit"):
+            call(fn, seq_lens=torch.tensor([20, 60], dtype=torch.int32))
+    poisoned = v_cache.clone()
+    poisoned[table[1, 0], 3, 1, 2] = float("inf")       # sequence 1, token 3
+    with pytest.raises(ValueError, match=r"sequence 1 .*v"):
+        call(paged_kv.block_sparse_attention_paged, v_cache=poisoned)
+    with pytest.raises(ValueError, match=r"block_size % 16 == 0"):
+        paged_kv.block_sparse_attention_paged(q, k_cache, v_cache, table, seq_lens, cu_q, 9,
+                                              masks, block_size=24)
+
+
+# --------------------------------------------------------------------------
+# The GPU.
+# --------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block_size, page_size", [(128, 16), (128, 64), (128, 256), (64, 32),
+                                                   (64, 128), (64, 48)])
+def test_gpu_paged_launch(dtype, block_size, page_size):
+    """The default paged launch against the per-sequence loop; at a fixed pointer-load
+    shape, bitwise against the gather path."""
+    from prism.optimized.attention import AttentionConfig
+
+    lengths_q = [1000, 1, 0, 2048, 300]
+    lengths_k = [n + p for n, p in zip(lengths_q, [0, 5, 300, 0, 77], strict=True)]
+    (q, k, v), masks, o, lse = paged_case(
+        lengths_q, lengths_k, heads=(8, 2), dtype=dtype, block_size=block_size, causal=True,
+        page_size=page_size, seed=7, d=128, density=0.4)
+    config = AttentionConfig(64, 64, 4, 2)
+    _, _, o1, lse1 = paged_case(
+        lengths_q, lengths_k, heads=(8, 2), dtype=dtype, block_size=block_size, causal=True,
+        page_size=page_size, seed=7, d=128, density=0.4, config=config)
+    o2, lse2 = gathered_launch(q, k, v, lengths_q, lengths_k, masks, block_size, True, config)
+    assert torch.equal(o1, o2) and torch.equal(lse1, lse2)
+
+
+@pytest.mark.gpu
+def test_gpu_prism_paged_equals_varlen():
+    optimized, _, device = _kernels()
+    lengths_q, lengths_k = [1000, 1, 0, 2048, 300], [1000, 700, 5, 2048, 4100]
+    _, (q, k, v), cu_q, cu_k = make_batch(lengths_q, lengths_k, hq=8, hkv=2, d=128,
+                                          dtype=torch.bfloat16, device=device)
+    k_cache, v_cache, table, seq_lens = poisoned_pages(k, v, lengths_k, 64, seed=2)
+    cfg = reference.PrismConfig(block_size=128)
+    o, lse, masks = optimized.prism_attention_paged(q, k_cache, v_cache, table, seq_lens,
+                                                    cu_q, 2048, cfg, return_lse=True,
+                                                    return_mask=True)
+    o2, lse2, masks2 = optimized.prism_attention_varlen(q, k, v, cu_q, cu_k, 2048, 4100, cfg,
+                                                        return_lse=True, return_mask=True)
+    assert all(torch.equal(a.as_tensor(), b.as_tensor()) for a, b in zip(masks, masks2,
+                                                                           strict=True))
+    error = (o.float() - o2.float()).norm() / o2.float().norm()
+    assert error < 1e-2 and not o.isnan().any()
+    finite = lse2.isfinite()
+    assert torch.equal(finite, lse.isfinite())
+    assert (lse[finite] - lse2[finite]).abs().max() < 1e-2
