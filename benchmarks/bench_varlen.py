@@ -22,7 +22,16 @@ Measured:
   rows; the one packed attention launch against the batched kernel on the
   contiguous batch and on a strided (8, H, 16K, D) view of the packed rows,
   all on the same compact indices);
-* the paged path: the same batch in a cache of 64-token pages.
+* the packing overhead again as **interleaved medians** (``--rounds``
+  rounds; each round times the batched and the packed call back to back, in
+  alternating order, so clock and thermal drift hit both alike): the median
+  and the spread of the per-round ratio packed / batched - 1, end to end and
+  for the attention launch alone (``overhead_interleaved``);
+* the paged path: the same batch in a cache of shuffled pages, K/V read by
+  the kernel through the block table (``prism_attention_paged``), against
+  the old gather path (``gather_paged_kv`` then ``prism_attention_varlen``)
+  and the varlen call; attention alone on the same masks at pages of 16, 64
+  and 256 tokens, sparse and at density 1.0.
 
 Usage (on the GPU machine, from the repository root)::
 
@@ -35,6 +44,7 @@ import argparse
 import datetime
 import inspect
 import json
+import statistics
 import sys
 import time
 
@@ -45,14 +55,23 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_prism import bench as _bench  # noqa: E402
 
 from prism import optimized  # noqa: E402
+from prism.optimized import paged_kv
 from prism.optimized import varlen as packed_launch
 from prism.optimized.attention import sparse_attention_forward
-from prism.reference import PrismConfig, admissible_tiles, apply_rope, tile_layout
+from prism.reference import (
+    PrismConfig,
+    admissible_tiles,
+    apply_rope,
+    gather_paged_kv,
+    tile_layout,
+)
 from prism.reference.varlen import as_batch
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 128
 DTYPE = torch.bfloat16
 LENGTHS = (65536, 24576, 16384, 8192, 8192, 4096, 3072, 1024)
+ORDERS = False   # --orders: also time the launch's tile orders (bench_varlen's earlier study)
+ROUNDS = 9       # --rounds: rounds of the interleaved overhead measurement
 
 
 def log(*parts):
@@ -238,7 +257,8 @@ def prism_entry(q, k, v, cu, max_len, lengths, cfg, masks, qs, ks, vs):
     bounds = cu.tolist()
     ranges = [(a, b, a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     pieces = [(1, *optimized.mask_to_indices(m.as_subclass(torch.Tensor))) for m in masks]
-    entry["kernel_packed_order_ms"] = launch_orders(q, k, v, ranges, pieces)
+    if ORDERS:
+        entry["kernel_packed_order_ms"] = launch_orders(q, k, v, ranges, pieces)
     entry["packing_overhead"] = entry["varlen_ms"] / entry["per_sequence_contiguous_ms"] - 1
     return entry
 
@@ -264,6 +284,26 @@ def launch_orders(q, k, v, ranges, pieces):
             q, k, v, layout, flat_num, flat_idx, block_size=BLOCK, causal=True, scale=None,
             return_lse=False))
     return times
+
+
+def interleaved(batched, packed, rounds=None):
+    """Packed against batched time, interleaved: ``rounds`` rounds, each timing both
+    back to back (which goes first alternates); medians, spreads and the per-round
+    ratio packed / batched - 1 (its median is the overhead reported)."""
+    rounds = ROUNDS if rounds is None else rounds
+    times = {"batched": [], "packed": []}
+    for r in range(rounds):
+        for name in (("batched", "packed") if r % 2 == 0 else ("packed", "batched")):
+            times[name].append(bench(batched if name == "batched" else packed))
+    ratios = [p / b - 1 for p, b in zip(times["packed"], times["batched"], strict=True)]
+    result = {"rounds": rounds, "overhead_median": statistics.median(ratios),
+              "overhead_min": min(ratios), "overhead_max": max(ratios),
+              "overhead_per_round": ratios}
+    for name, values in times.items():
+        result[f"{name}_ms_median"] = statistics.median(values)
+        result[f"{name}_ms_spread"] = (max(values) - min(values)) / statistics.median(values)
+        result[f"{name}_ms"] = values
+    return result
 
 
 def equal_length_overhead(cfg_sparse, n=16384, batch=8, which=("sparse", "dense")):
@@ -313,14 +353,21 @@ def equal_length_overhead(cfg_sparse, n=16384, batch=8, which=("sparse", "dense"
         entry["kernel_strided_view_ms"] = bench(lambda: kernel(*strided))
         entry["kernel_packed_ms"] = bench(packed)
         entry["kernel_overhead"] = entry["kernel_packed_ms"] / entry["kernel_batched_ms"] - 1
-        entry["kernel_packed_order_ms"] = launch_orders(q, k, v, ranges, [(batch, num, idx)])
+        if ORDERS:
+            entry["kernel_packed_order_ms"] = launch_orders(q, k, v, ranges,
+                                                            [(batch, num, idx)])
+        entry["overhead_interleaved"] = {
+            "end_to_end": interleaved(
+                lambda cfg=cfg: optimized.prism_attention(qb, kb, vb, cfg),
+                lambda cfg=cfg: optimized.prism_attention_varlen(q, k, v, cu, cu, n, n, cfg)),
+            "attention_launch": interleaved(lambda: kernel(qb, kb, vb), packed)}
         out[name] = entry
         log(f"  8 x 16K {name}: {json.dumps(entry)}")
     return out
 
 
-def paged_time(q, k, v, cu, max_len, lengths, cfg, page=64):
-    """prism_attention_paged on the same batch in a cache of shuffled 64-token pages."""
+def to_cache(k, v, cu, lengths, page):
+    """The packed batch in a cache of shuffled ``page``-token pages (lengths % page == 0)."""
     pages = [n // page for n in lengths]
     order = torch.randperm(sum(pages), device="cuda")
     k_cache = torch.empty(sum(pages), page, KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
@@ -333,14 +380,63 @@ def paged_time(q, k, v, cu, max_len, lengths, cfg, page=64):
         table[i, : n // page] = ids.to(torch.int32)
         k_cache[ids] = k[a:a + n].view(n // page, page, KV_HEADS, HEAD_DIM)
         v_cache[ids] = v[a:a + n].view(n // page, page, KV_HEADS, HEAD_DIM)
-    seq_lens = torch.tensor(lengths, dtype=torch.int32)
-    o_paged = optimized.prism_attention_paged(q, k_cache, v_cache, table, seq_lens, cu,
-                                              max_len, cfg)
-    o_varlen = optimized.prism_attention_varlen(q, k, v, cu, cu, max_len, max_len, cfg)
-    same = bool(torch.equal(o_paged, o_varlen))
-    ms = bench(lambda: optimized.prism_attention_paged(q, k_cache, v_cache, table, seq_lens,
-                                                       cu, max_len, cfg))
-    return {"page_size": page, "paged_ms": ms, "equals_varlen": same}
+    return k_cache, v_cache, table, torch.tensor(lengths, dtype=torch.int32)
+
+
+def relative(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def paged_time(q, k, v, cu, max_len, lengths, cfg, masks, dense_masks, pages=(16, 64, 256)):
+    """The paged path: in-kernel page reads against the gather path and the varlen call,
+    end to end at 64-token pages; attention alone on the same masks at every page size."""
+    result = {}
+    k_cache, v_cache, table, seq_lens = to_cache(k, v, cu, lengths, 64)
+
+    def in_kernel():
+        return optimized.prism_attention_paged(q, k_cache, v_cache, table, seq_lens, cu,
+                                               max_len, cfg)
+
+    def gathered():
+        gk, gv, gcu = gather_paged_kv(k_cache, v_cache, table, seq_lens)
+        return optimized.prism_attention_varlen(q, gk, gv, cu, gcu, max_len, max_len, cfg)
+
+    def varlen():
+        return optimized.prism_attention_varlen(q, k, v, cu, cu, max_len, max_len, cfg)
+
+    o_ref = varlen()
+    e2e = {"page_size": 64,
+           "in_kernel_vs_varlen_rel_error": relative(in_kernel(), o_ref),
+           "gathered_equals_varlen": bool(torch.equal(gathered(), o_ref))}
+    for name, fn in (("in_kernel_ms", in_kernel), ("gathered_ms", gathered),
+                     ("varlen_ms", varlen)):
+        e2e[name] = bench(fn)
+    e2e["gather_only_ms"] = bench(lambda: gather_paged_kv(k_cache, v_cache, table, seq_lens))
+    result["end_to_end_sparse"] = e2e
+    log(f"  paged end to end: {json.dumps(e2e)}")
+    for page in pages:
+        k_cache, v_cache, table, seq_lens = to_cache(k, v, cu, lengths, page)
+        for label, mk in (("sparse", masks), ("dense", dense_masks)):
+            if label == "dense" and page != 64:
+                continue
+            entry = {"page_size": page}
+            o_paged = paged_kv.block_sparse_attention_paged(
+                q, k_cache, v_cache, table, seq_lens, cu, max_len, mk, block_size=BLOCK)
+            o_varlen = optimized.block_sparse_attention_varlen(q, k, v, cu, cu, max_len,
+                                                               max_len, mk, block_size=BLOCK)
+            entry["paged_vs_varlen_rel_error"] = relative(o_paged, o_varlen)
+            entry["paged_attention_ms"] = bench(
+                lambda mk=mk, kc=k_cache, vc=v_cache, t=table, sl=seq_lens:
+                paged_kv.block_sparse_attention_paged(q, kc, vc, t, sl, cu, max_len, mk,
+                                                      block_size=BLOCK))
+            entry["varlen_attention_ms"] = bench(
+                lambda mk=mk: optimized.block_sparse_attention_varlen(
+                    q, k, v, cu, cu, max_len, max_len, mk, block_size=BLOCK))
+            entry["paged_over_varlen"] = entry["paged_attention_ms"] / entry[
+                "varlen_attention_ms"]
+            result[f"attention_{label}_page{page}"] = entry
+            log(f"  paged attention {label}, page {page}: {json.dumps(entry)}")
+    return result
 
 
 def guarded(result, key, part):
@@ -361,7 +457,13 @@ def main(argv=None):
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--budget-s", type=float, default=200.0,
                         help="skip the remaining optional parts after this many seconds")
+    parser.add_argument("--rounds", type=int, default=ROUNDS,
+                        help="rounds of the interleaved overhead measurement")
+    parser.add_argument("--orders", action="store_true",
+                        help="also time the packed launch's tile orders")
     args = parser.parse_args(argv)
+    global ROUNDS, ORDERS
+    ROUNDS, ORDERS = args.rounds, args.orders
     started = time.time()
     lengths = list(LENGTHS)
     max_len = max(lengths)
@@ -402,6 +504,11 @@ def main(argv=None):
     log(f"  {result['prism_dense']}")
     qs = ks = vs = None  # free the contiguous copies
     write()
+    if not args.no_flex:
+        log("flex, document mask")
+        result["flex_document_ms"], result["flex_compile_s"] = flex_time(q, k, v, lengths)
+        log(f"  {result['flex_document_ms']} ms (compile {result['flex_compile_s']} s)")
+        write()
 
     if time.time() - started < args.budget_s:
         log("equal lengths, one dense batch")
@@ -409,13 +516,8 @@ def main(argv=None):
         write()
     if time.time() - started < args.budget_s:
         log("paged")
-        guarded(result, "paged_sparse", lambda: paged_time(q, k, v, cu, max_len, lengths, cfg))
-        log(f"  {result['paged_sparse']}")
-        write()
-    if not args.no_flex and time.time() - started < args.budget_s:
-        log("flex, document mask")
-        result["flex_document_ms"], result["flex_compile_s"] = flex_time(q, k, v, lengths)
-        log(f"  {result['flex_document_ms']} ms (compile {result['flex_compile_s']} s)")
+        guarded(result, "paged", lambda: paged_time(q, k, v, cu, max_len, lengths, cfg, masks,
+                                                    dense_masks))
         write()
 
     dense = [t for t in (result["sdpa_loop_ms"].get("cudnn"), result["sdpa_loop_ms"].get("flash"),
@@ -432,7 +534,22 @@ def main(argv=None):
                 result["flex_document_ms"] / result["prism_sparse"]["varlen_ms"])
         log(json.dumps(result["ratios"]))
     write()
+    summary(result)
     return result
+
+
+def summary(result):
+    """The numbers the issue's targets read, last in the output."""
+    log("summary")
+    for name, entry in result.get("equal_length_8x16k", {}).items():
+        for part, inter in entry.get("overhead_interleaved", {}).items():
+            log(f"  8x16K {name} {part}: overhead median {inter['overhead_median']:+.4f} "
+                f"[{inter['overhead_min']:+.4f}, {inter['overhead_max']:+.4f}] over "
+                f"{inter['rounds']} rounds; batched {inter['batched_ms_median']:.3f} ms "
+                f"(spread {inter['batched_ms_spread']:.3f}), packed "
+                f"{inter['packed_ms_median']:.3f} ms (spread {inter['packed_ms_spread']:.3f})")
+    for name, entry in result.get("paged", {}).items():
+        log(f"  paged {name}: {json.dumps(entry)}")
 
 
 if __name__ == "__main__":
