@@ -542,6 +542,8 @@ def summary(result):
     """The numbers the issue's targets read, last in the output."""
     log("summary")
     for name, entry in result.get("equal_length_8x16k", {}).items():
+        if not isinstance(entry, dict):
+            continue
         for part, inter in entry.get("overhead_interleaved", {}).items():
             log(f"  8x16K {name} {part}: overhead median {inter['overhead_median']:+.4f} "
                 f"[{inter['overhead_min']:+.4f}, {inter['overhead_max']:+.4f}] over "

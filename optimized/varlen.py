@@ -299,18 +299,19 @@ def paged_config(config, q4, k4, v4, d_pad: int, dv_pad: int, query_start: int,
     """The launch shape of a paged launch: the dense choice without bulk copies.
 
     A block table cannot be followed by TMA or by the warp-specialised loop's
-    descriptors, so a warp-specialised default becomes :func:`fallback_config`
-    and TMA is off (an explicit warp-specialised ``config`` is refused).
+    descriptors, so TMA is off and a warp-specialised default keeps its blocks
+    with 8 warps and 2 stages (128 x 128 at D 128: the table's pointer-load
+    entry for D 80 and 96; 3 stages of 128 x 128 K and V blocks would not fit
+    in shared memory without TMA's). An explicit warp-specialised ``config``
+    is refused.
     """
-    from .attention import fallback_config
-
     if config is not None and config.warp_specialize:
         raise ValueError("a paged launch cannot use AttentionConfig(warp_specialize=True): "
                          "the kernel follows the block table with pointer loads")
     config = _launch_config(config, q4, k4, v4, d_pad, dv_pad, query_start, block_size,
                             interpreted)
     if config.warp_specialize:
-        config = fallback_config(block_size, q4.shape[3])
+        config = replace(config, warp_specialize=False, num_warps=8, num_stages=2)
     return replace(config, use_tma=False)
 
 
