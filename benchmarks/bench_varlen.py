@@ -457,7 +457,7 @@ def main(argv=None):
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--budget-s", type=float, default=200.0,
                         help="skip the remaining optional parts after this many seconds")
-    parser.add_argument("--rounds", type=int, default=ROUNDS,
+    parser.add_argument("--rounds", type=int, default=9,
                         help="rounds of the interleaved overhead measurement")
     parser.add_argument("--orders", action="store_true",
                         help="also time the packed launch's tile orders")
