@@ -30,13 +30,18 @@ import triton.language as tl
 from prism.reference.tiles import TileLayout
 
 from ._runtime import kernels_interpreted, next_power_of_2
+from .launch import launch
 
 BLOCK_KEY_GROUPS = 64
 TARGET_ROWS = 64
 MAX_ROWS = 128
 _MIN_DOT = 16
-#: Largest number of groups per tile for which the one-pass form applies.
-ONE_PASS_MAX_PER_TILE = 4
+#: Largest number of groups per tile for which the one-pass form applies (stride 8
+#: at tile 128: the scratch is 16 times the output).
+ONE_PASS_MAX_PER_TILE = 16
+#: Largest one-pass scratch (bytes); a larger call takes the two-pass form. At 128K
+#: tokens, 32/8 heads, tile 128 and stride 8 the scratch is about 2.5 GiB.
+ONE_PASS_MAX_SCRATCH_BYTES = 8 << 30
 
 
 @dataclass(frozen=True)
@@ -295,16 +300,19 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
     d_pad = max(_MIN_DOT, next_power_of_2(d))
     upcast = q.dtype == torch.bfloat16 and kernels_interpreted(_packed_kernel)
     programs = b * hkv * per_head
-    one_pass = bool(tuning.one_pass) and per_tile <= ONE_PASS_MAX_PER_TILE
     key_groups = -(-nk_tokens // stride)
     key_blocks = -(-key_groups // tuning.block_kg)
-    scratch_tiles = key_blocks * (tuning.block_kg // per_tile) if one_pass else 1
+    scratch_tiles = key_blocks * (tuning.block_kg // per_tile)
+    one_pass = (bool(tuning.one_pass) and per_tile <= ONE_PASS_MAX_PER_TILE
+                and programs * rows * (scratch_tiles + key_blocks) * 4
+                <= ONE_PASS_MAX_SCRATCH_BYTES)
+    scratch_tiles = scratch_tiles if one_pass else 1
     e = torch.empty(programs * rows * scratch_tiles if one_pass else 1, dtype=torch.float32,
                     device=q.device)
     mb = torch.empty(programs * rows * key_blocks if one_pass else 1, dtype=torch.float32,
                      device=q.device)
-    _packed_kernel[(programs,)](
-        q, k, out, e, mb, *q.stride(), *k.stride(), *out.stride(),
+    launch(
+        _packed_kernel, (programs,), q, k, out, e, mb, *q.stride(), *k.stride(), *out.stride(),
         hkv, group, tiles, per_head, nq_tokens, nk_tokens, layout.query_start,
         layout.first_query_tile, nq, nk, key_groups,
         math.log2(math.e) / (math.sqrt(d) * stride), scratch_tiles, key_blocks,
@@ -312,8 +320,8 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
         PAIRS=pairs, BLOCK_KG=tuning.block_kg, IEEE=q.dtype == torch.float32 or upcast,
         UPCAST=upcast, ONE_PASS=one_pass, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
     )
-    total = out.sum(dim=-1, keepdim=True)
-    return torch.where(total > 0, out / total.clamp_min(1e-30), torch.zeros_like(out))
+    # Rows sum to 1; a row with no admissible tile is all zeros and stays so (0 / 1e-30).
+    return out.div_(out.sum(dim=-1, keepdim=True).clamp_min_(1e-30))
 
 
 __all__ = ["PackedTuning", "antidiagonal_packed_applies", "antidiagonal_packed_probabilities",

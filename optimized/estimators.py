@@ -65,6 +65,7 @@ from .antidiagonal_packed import (
     antidiagonal_packed_probabilities,
     online_softmax_step,
 )
+from .launch import launch
 from .sampled import sampled_tile_probabilities
 from .selection import _top_p_keep
 from .vertical_slash import vertical_slash_tile_mask
@@ -323,8 +324,7 @@ def antidiagonal_tile_probabilities(q: torch.Tensor, k: torch.Tensor, layout: Ti
     tiles = partial.sum(dim=2).view(b, hq, nq, nk)
     # Renormalise each query tile's row (its query groups' probabilities sum to
     # the number of real groups in it); rows with no admissible tile stay 0.
-    total = tiles.sum(dim=-1, keepdim=True)
-    return torch.where(total > 0, tiles / total.clamp_min(1e-30), out)
+    return tiles.div_(tiles.sum(dim=-1, keepdim=True).clamp_min_(1e-30))
 
 
 #: Widest row of key tiles the top-p kernel keeps in registers; wider rows take
@@ -352,7 +352,7 @@ def _tile_top_p_kernel(P, OUT, total_rows, num_query_tiles, num_key_tiles, first
     prob = tl.load(P + offsets, mask=admissible, other=-2.0)
     prob = tl.where(admissible, prob, -2.0)
     count = tl.sum(admissible.to(tl.int32), axis=1)
-    keep = _top_p_keep(prob, threshold, count, ROWS, WIDTH, LOG2_WIDTH, True)
+    keep = _top_p_keep(prob, threshold, count, ROWS, WIDTH, LOG2_WIDTH, True, 1)
     # The bisection assumes a row's mass reaches p (rows of probabilities sum to 1);
     # a row whose whole mass stays below p keeps every non-zero tile, as the sort does.
     total = tl.sum(tl.where(admissible, prob, 0.0), axis=1)
@@ -386,10 +386,9 @@ def tile_top_p_kernel(probs: torch.Tensor, layout: TileLayout, causal: bool,
     width = next_power_of_2(nk)
     rows = max(1, min(16, 8192 // width))
     total = probs.numel() // nk
-    _tile_top_p_kernel[(-(-total // rows),)](
-        probs, out, total, nq, nk, layout.first_query_tile, float(threshold),
-        CAUSAL=causal, ROWS=rows, WIDTH=width, LOG2_WIDTH=width.bit_length() - 1,
-        num_warps=8 if width >= 2048 else 4)
+    launch(_tile_top_p_kernel, (-(-total // rows),), probs, out, total, nq, nk,
+           layout.first_query_tile, float(threshold), CAUSAL=causal, ROWS=rows, WIDTH=width,
+           LOG2_WIDTH=width.bit_length() - 1, num_warps=8 if width >= 2048 else 4)
     return out.view(torch.bool)
 
 
