@@ -28,9 +28,10 @@ Measured:
   and the spread of the per-round ratio packed / batched - 1, end to end and
   for the attention launch alone (``overhead_interleaved``);
 * the paged path: the same batch in a cache of shuffled pages, K/V read by
-  the kernel through the block table (``prism_attention_paged``), against
-  the old gather path (``gather_paged_kv`` then ``prism_attention_varlen``)
-  and the varlen call; attention alone on the same masks at pages of 16, 64
+  the kernel through the block table (``prism_attention_paged`` with
+  ``paged_kv.PAGED_READS = "kernel"``), against the gather path
+  (``gather_paged_kv`` then ``prism_attention_varlen``), the default
+  (``"auto"``) and the varlen call; attention alone on the same masks at pages of 16, 64
   and 256 tokens, sparse and at density 1.0.
 
 Usage (on the GPU machine, from the repository root)::
@@ -393,9 +394,13 @@ def paged_time(q, k, v, cu, max_len, lengths, cfg, masks, dense_masks, pages=(16
     result = {}
     k_cache, v_cache, table, seq_lens = to_cache(k, v, cu, lengths, 64)
 
-    def in_kernel():
-        return optimized.prism_attention_paged(q, k_cache, v_cache, table, seq_lens, cu,
-                                               max_len, cfg)
+    def in_kernel(reads="kernel"):
+        paged_kv.PAGED_READS = reads  # "kernel": in place; "auto": the default's choice
+        try:
+            return optimized.prism_attention_paged(q, k_cache, v_cache, table, seq_lens, cu,
+                                                   max_len, cfg)
+        finally:
+            paged_kv.PAGED_READS = "auto"
 
     def gathered():
         gk, gv, gcu = gather_paged_kv(k_cache, v_cache, table, seq_lens)
@@ -409,7 +414,7 @@ def paged_time(q, k, v, cu, max_len, lengths, cfg, masks, dense_masks, pages=(16
            "in_kernel_vs_varlen_rel_error": relative(in_kernel(), o_ref),
            "gathered_equals_varlen": bool(torch.equal(gathered(), o_ref))}
     for name, fn in (("in_kernel_ms", in_kernel), ("gathered_ms", gathered),
-                     ("varlen_ms", varlen)):
+                     ("auto_ms", lambda: in_kernel("auto")), ("varlen_ms", varlen)):
         e2e[name] = bench(fn)
     e2e["gather_only_ms"] = bench(lambda: gather_paged_kv(k_cache, v_cache, table, seq_lens))
     result["end_to_end_sparse"] = e2e

@@ -16,9 +16,21 @@ hands the call to :func:`run_paged_packed`:
   pages (:func:`paged_nonfinite`); a hit gathers them and raises the
   reference's error, which names the sequence.
 
-The gather fallback (the reference's path: pages gathered, then the varlen
-functions) remains only for tile sizes that are not multiples of 16, where
-the varlen functions run the reference's loop on the dense functions anyway.
+Which path :func:`prism_attention_paged` takes (:data:`PAGED_READS`): the
+paged launch reads with pointer loads, since a block table cannot be followed
+by Hopper's bulk tensor copies (TMA) or the warp-specialised loop built on
+them. Where the gathered batch would get those (16-bit inputs, power-of-two
+head dims, compute capability >= 9.0, a TMA or warp-specialised default launch
+shape), gathering K and V and running the varlen launch was faster on the
+H200: 16.2 ms against 19.8 ms for 128K tokens in 64-token pages at density
+0.134 (``benchmarks/results/h200_varlen_2e60d7c.json``; attention alone 1.34x
+slower in place at pages of 16 and 64 tokens, 1.14x at 256). So ``"auto"``
+gathers there (the reference's path: pages gathered, then the varlen
+functions, a transient copy of the batch's K and V) and reads in place
+everywhere else, where both launches use pointer loads. Tile sizes that are
+not multiples of 16 always gather (the varlen functions run the reference's
+loop on the dense functions there). :func:`block_sparse_attention_paged`
+always reads in place.
 """
 
 from __future__ import annotations
@@ -36,8 +48,8 @@ from prism.reference.paged import (
 from prism.reference.validation import validate_scale
 from prism.reference.varlen import check_masks
 
-from ._runtime import check_device, next_power_of_2
-from .attention import _sparse_attention_kernel, supported_block_size
+from ._runtime import check_device, device_capability, kernels_interpreted, next_power_of_2
+from .attention import _sparse_attention_kernel, default_config, supported_block_size
 from .varlen import (
     _flatten_indices,
     _impl,
@@ -48,6 +60,26 @@ from .varlen import (
     packed_layout,
     select_runs,
 )
+
+#: How :func:`prism_attention_paged` reads K and V: ``"auto"`` (see the module
+#: docstring), ``"kernel"`` (in place, whenever the tile size allows) or ``"gather"``.
+PAGED_READS = "auto"
+
+
+def reads_pages_in_kernel(q, k_cache, v_cache, block_size: int) -> bool:
+    """Whether a paged call reads the pages in place (:data:`PAGED_READS`)."""
+    if PAGED_READS not in ("auto", "kernel", "gather"):
+        raise ValueError(f"prism.optimized.paged_kv.PAGED_READS must be 'auto', 'kernel' or "
+                         f"'gather', got {PAGED_READS!r}")
+    if not supported_block_size(block_size) or PAGED_READS == "gather":
+        return False
+    if PAGED_READS == "kernel" or not k_cache.is_cuda:
+        return True
+    d, dv = k_cache.shape[3], v_cache.shape[3]
+    config = default_config(block_size, d, q.dtype, kernels_interpreted(_sparse_attention_kernel))
+    bulk = (config.use_tma or config.warp_specialize) and d == next_power_of_2(d) >= 16 \
+        and dv == next_power_of_2(dv) >= 16 and device_capability(k_cache.device)[0] >= 9
+    return not bulk
 
 
 @triton.jit
@@ -143,11 +175,12 @@ def run_paged_packed(q, k_cache, v_cache, block_table, ranges_q, lengths, caches
 
     The hook of :func:`prism.reference.paged.run_paged_prism` (validated
     arguments; ``caches`` one :class:`~prism.reference.PooledKeyCache` or None
-    per sequence). Returns NotImplemented where the kernel does not apply.
+    per sequence). Returns NotImplemented where the pages are to be gathered
+    (:func:`reads_pages_in_kernel`).
     """
-    if not supported_block_size(cfg.block_size):
-        return NotImplemented
     check_device(_sparse_attention_kernel, q=q, k_cache=k_cache, v_cache=v_cache)
+    if not reads_pages_in_kernel(q, k_cache, v_cache, cfg.block_size):
+        return NotImplemented
     starts = [0 if c is None else c.num_tokens for c in caches]
     k = gather_tokens(k_cache, block_table, starts, lengths)
     ranges = _key_ranges(ranges_q, [n - s for n, s in zip(lengths, starts, strict=True)])

@@ -95,8 +95,8 @@ sequence = st.tuples(st.sampled_from([0, 1, 2, 16, 17, 33, 40]),
 
 
 @pytest.mark.interpret
-@settings(max_examples=6)
-@given(mix=st.lists(sequence, min_size=1, max_size=4),
+@settings(max_examples=5)
+@given(mix=st.lists(sequence, min_size=1, max_size=3),
        page_size=st.sampled_from([16, 32, 48, 64, 256]),
        heads=st.sampled_from([(2, 2), (2, 1), (4, 2)]),
        dtype=st.sampled_from([torch.float32, torch.float16]),
@@ -138,18 +138,26 @@ def test_paged_key_blocks_of_64_and_128(block_size, page_size):
 
 
 @pytest.mark.interpret
-def test_prism_paged_gathers_keys_only_and_launches_once(monkeypatch):
+@pytest.mark.parametrize("reads", ["auto", "gather"])
+def test_prism_paged_gathers_keys_only_and_launches_once(reads, monkeypatch):
     """prism_attention_paged: selection on gathered keys, one paged attention launch
-    (values never gathered); same masks and outputs as the varlen call on gathered K/V."""
+    (values never gathered; "auto" reads in place without TMA, as here); with
+    PAGED_READS "gather", K and V gathered and the varlen launch. Masks as the
+    reference's, outputs as the reference on those masks."""
     optimized, packed, device = _kernels()
     from prism.optimized import paged_kv
+    from prism.reference import paged as reference_paged
 
+    monkeypatch.setattr(paged_kv, "PAGED_READS", reads)
     gathered, launches = [], []
-    gather, forward = paged_kv.gather_tokens, paged_kv.packed_attention_forward
-    monkeypatch.setattr(paged_kv, "gather_tokens",
-                        lambda cache, *a: gathered.append(cache) or gather(cache, *a))
-    monkeypatch.setattr(paged_kv, "packed_attention_forward",
-                        lambda *a, **kw: launches.append(kw["block_table"]) or forward(*a, **kw))
+    for module in (paged_kv, reference_paged):
+        gather = module.gather_tokens
+        monkeypatch.setattr(module, "gather_tokens", lambda cache, *a, gather=gather:
+                            gathered.append(cache) or gather(cache, *a))
+    forward = packed.packed_attention_forward
+    spy = (lambda *a, **kw: launches.append(kw.get("block_table")) or forward(*a, **kw))
+    monkeypatch.setattr(paged_kv, "packed_attention_forward", spy)
+    monkeypatch.setattr(packed, "packed_attention_forward", spy)
     lengths_q, lengths_k = [0, 24], [5, 40]
     seqs, (q, k, v), cu_q, cu_k = make_batch(lengths_q, lengths_k, hq=2, hkv=1,
                                              dtype=torch.float16, device=device)
@@ -157,8 +165,12 @@ def test_prism_paged_gathers_keys_only_and_launches_once(monkeypatch):
     cfg = reference.PrismConfig(block_size=32)
     o, lse, masks = optimized.prism_attention_paged(q, k_cache, v_cache, table, seq_lens, cu_q,
                                                     24, cfg, return_lse=True, return_mask=True)
-    assert len(gathered) == 1 and gathered[0] is k_cache
-    assert len(launches) == 1 and launches[0] is not None
+    if reads == "auto":
+        assert len(gathered) == 1 and gathered[0] is k_cache
+        assert len(launches) == 1 and launches[0] is table
+    else:
+        assert len(gathered) == 2 and gathered[0] is k_cache and gathered[1] is v_cache
+        assert launches == [None]
     assert_masks_match(masks, seqs, cfg, True, exact=False)
     ref_o = reference.block_sparse_attention_varlen(q, k, v, cu_q, cu_k, 24, 40, masks,
                                                     block_size=32)
@@ -166,7 +178,7 @@ def test_prism_paged_gathers_keys_only_and_launches_once(monkeypatch):
 
 
 @pytest.mark.interpret
-def test_paged_errors():
+def test_paged_errors(monkeypatch):
     """Bad page indices and non-finite values the call reads raise ValueErrors naming
     the entry or the sequence; NaN where no sequence reads is fine."""
     optimized, _, device = _kernels()
@@ -197,6 +209,9 @@ def test_paged_errors():
     poisoned[table[1, 0], 3, 1, 2] = float("inf")       # sequence 1, token 3
     with pytest.raises(ValueError, match=r"sequence 1 .*v"):
         call(paged_kv.block_sparse_attention_paged, v_cache=poisoned)
+    monkeypatch.setattr(paged_kv, "PAGED_READS", "fast")
+    with pytest.raises(ValueError, match=r"PAGED_READS must be 'auto', 'kernel' or 'gather'"):
+        call(optimized.prism_attention_paged)
     with pytest.raises(ValueError, match=r"block_size % 16 == 0"):
         paged_kv.block_sparse_attention_paged(q, k_cache, v_cache, table, seq_lens, cu_q, 9,
                                               masks, block_size=24)
@@ -228,8 +243,12 @@ def test_gpu_paged_launch(block_size, page_size, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_prism_paged_equals_varlen():
+@pytest.mark.parametrize("reads", ["kernel", "auto"])
+def test_gpu_prism_paged_equals_varlen(reads, monkeypatch):
     optimized, _, device = _kernels()
+    from prism.optimized import paged_kv
+
+    monkeypatch.setattr(paged_kv, "PAGED_READS", reads)
     lengths_q, lengths_k = [1000, 1, 0, 2048, 300], [1000, 700, 5, 2048, 4100]
     _, (q, k, v), cu_q, cu_k = make_batch(lengths_q, lengths_k, hq=8, hkv=2, d=128,
                                           dtype=torch.bfloat16, device=device)
