@@ -20,9 +20,10 @@ branch):
   (Hq, total_q) log-sum-exp directly.
 
 NaN/Inf flags of the selection launches are read once at the end (one host
-wait per call, as the dense API). With a paged cache the same launch reads K
-and V through the block table (``block_table`` of
-:func:`packed_attention_forward`; :mod:`prism.optimized.paged_kv`). Tiles
+wait per call, as the dense API). With a paged cache the same launch can read
+K and V through the block table (``block_table`` of
+:func:`packed_attention_forward`); :mod:`prism.optimized.paged_kv` says when
+it does and when the pages are gathered instead. Tiles
 that are not multiples of 16 run the reference's per-run loop on the dense
 functions.
 
@@ -563,7 +564,8 @@ def prism_attention_paged(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens
                           causal: bool = True, scale: float | None = None,
                           return_lse: bool = False, return_mask: bool = False,
                           pooled_keys=None, **overrides):
-    """Prism end to end over a paged KV cache, on the GPU (one launch reads the pages).
+    """Prism end to end over a paged KV cache, on the GPU: one attention launch, reading
+    the pages in place or gathered first (:data:`prism.optimized.paged_kv.PAGED_READS`).
 
     Same contract as :func:`prism.reference.prism_attention_paged`.
     """
