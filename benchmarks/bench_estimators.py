@@ -15,7 +15,8 @@ timed too, and the masks of both are compared (entries that differ).
 antidiagonal scores per stride with several launch shapes of the packed
 kernel (``--tunings``; achieved TFLOP/s from the ``2 * 2 * N^2/2 * D / S``
 multiply-add FLOPs of its two causal passes per head), the vertical-slash
-distributions and tiles (kernel and the reference's torch code on the GPU),
+distributions and tiles (kernel and the reference's torch code on the GPU; the
+second half, top-p of columns and offsets and their tiles, also alone),
 and the tile top-p (kernel and the reference's sort).
 """
 
@@ -55,7 +56,7 @@ SETTINGS = {
 REFERENCE_MAX_TOKENS = 32768
 
 
-def run(lengths, only=()):
+def run(lengths, only=(), save=None):
     rows = []
     for n in lengths:
         q, k, v = structured_inputs(n)
@@ -71,6 +72,8 @@ def run(lengths, only=()):
             print(n, entry, flush=True)
             torch.cuda.empty_cache()
         rows.append(row)
+        if save is not None:  # keep the finished lengths if a later one runs out of time
+            save(rows)
     return rows
 
 
@@ -137,8 +140,13 @@ def _stage_row(n, strides, tunings):
         last_query_distributions_kernel,
         vertical_slash_tile_mask,
     )
+    from prism.optimized.vertical_slash_tiles import vertical_slash_tiles_kernel
     from prism.reference import tile_layout
-    from prism.reference.estimators import last_query_distributions, vertical_slash_tiles
+    from prism.reference.estimators import (
+        last_query_distributions,
+        vertical_slash_tiles,
+        vertical_slash_tiles_from_distributions,
+    )
     from prism.reference.registry import top_p_tiles
 
     q, k, _ = structured_inputs(n)
@@ -177,6 +185,15 @@ def _stage_row(n, strides, tunings):
                                      != vertical_slash_tiles(q, k, layout, 64, 0.5, True)).sum())
     vs["tiles_reference_torch_ms"] = bench(
         lambda: vertical_slash_tiles(q, k, layout, 64, 0.5, True), rep=30)
+    # The second half alone: top-p of columns and offsets and their tiles.
+    kv, ks = last_query_distributions_kernel(q, k, layout, 64, True)
+    vs["second_half_kernel_ms"] = bench(
+        lambda: vertical_slash_tiles_kernel(kv, ks, layout, 0.5, True), rep=30)
+    vs["second_half_reference_torch_ms"] = bench(
+        lambda: vertical_slash_tiles_from_distributions(kv, ks, layout, 0.5, True), rep=30)
+    vs["second_half_tiles_differing"] = int(
+        (vertical_slash_tiles_kernel(kv, ks, layout, 0.5, True)
+         != vertical_slash_tiles_from_distributions(kv, ks, layout, 0.5, True)).sum())
     print(n, vs, flush=True)
     probs = antidiagonal_tile_probabilities(q, k, layout, 32, True)
     tp = row["tile_top_p"]
@@ -221,8 +238,13 @@ def main(argv=None):
         if args.out:  # keep the stage numbers even if the settings run out of time
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
+    def save(rows):
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({**result, "rows": rows}, f, indent=1)
+
     if not args.skip_settings:
-        result["rows"] = run(lengths, [part for part in args.only.split(",") if part])
+        result["rows"] = run(lengths, [part for part in args.only.split(",") if part], save)
     result["wall_s"] = time.time() - started
     if args.out:
         with open(args.out, "w") as f:

@@ -18,9 +18,9 @@ head, so a key block loaded once serves them all).
 1. :func:`_stats_kernel` - grid (row blocks, key chunks): the online softmax
    statistics (running max ``m`` and sum ``l`` of ``2^(s - m)``, base 2, the
    scale folded in) of every row over one chunk of keys.
-2. :func:`_distribution_kernel` - grid (row blocks, key blocks of ``BN``):
+2. :func:`_distribution_kernel` - grid (row blocks, runs of key blocks of ``BN``):
    each program first combines its rows' chunks (``ROWS x chunks`` numbers)
-   into ``m`` and ``w = 1 / (l * L)``, then scores its key block again,
+   into ``m`` and ``w = 1 / (l * L)``, then scores each of its key blocks again,
    ``p = 2^(s - m) * w``;
 
    * vertical: ``p`` summed over each head's rows, one store per key;
@@ -61,6 +61,8 @@ from .vertical_slash_tiles import long_top_p_kernel, vertical_slash_tiles_kernel
 MAX_ROWS = 128
 #: Keys per program of the statistics pass (a chunk; its blocks are BN keys).
 CHUNK_KEYS = 4096
+#: Programs the distribution kernel's grid aims at (each takes several key blocks).
+DISTRIBUTION_PROGRAMS = 2048
 _MIN_DOT = 16
 
 
@@ -150,7 +152,7 @@ def _distribution_kernel(
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     group, heads_per_row_block, row_blocks, rows, num_queries, num_keys, query_start,
-    num_key_blocks, num_chunks, qk_scale,
+    num_key_blocks, num_chunks, qk_scale, blocks_per_program,
     CAUSAL: tl.constexpr, HEADS: tl.constexpr, LB: tl.constexpr, BN: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     DIRECT_VERT: tl.constexpr,
@@ -166,7 +168,6 @@ def _distribution_kernel(
     """
     ROWS: tl.constexpr = HEADS * LB
     pid_rows = tl.program_id(0)
-    kb = tl.program_id(1)
     q_tile, row_ok, q_pos, k_head, rb = _tail_rows(
         Q, K, pid_rows, stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh,
         group, heads_per_row_block, row_blocks, rows, num_queries, query_start, HEADS, LB,
@@ -184,38 +185,41 @@ def _distribution_kernel(
     w = tl.where(total > 0.0, 1.0 / (tl.where(total > 0.0, total, 1.0) * rows), 0.0)
     heads = tl.arange(0, HEADS)
     cols = tl.arange(0, BN)
-    keys = kb * BN + cols
-    p = tl.zeros((ROWS, BN), dtype=tl.float32)
-    # A causal block entirely after every row's position holds nothing (p stays 0).
-    block_live = True
-    if CAUSAL:
-        block_live = kb * BN <= tl.max(tl.where(row_ok, q_pos, -1), axis=0)
-    if block_live:
-        s = _block_scores(q_tile, k_head, stride_kn, stride_kd, keys, num_keys, HEAD_DIM,
-                          D_PAD, IEEE, UPCAST)
-        allowed = row_ok[:, None] & (keys < num_keys)[None, :]
-        if CAUSAL:
-            allowed = allowed & (keys[None, :] <= q_pos[:, None])
-        p = tl.where(allowed, tl.math.exp2(s * qk_scale - m[:, None]) * w[:, None], 0.0)
-    vert = tl.sum(tl.reshape(p, (HEADS, LB, BN)), axis=1)
     prog = pid_rows.to(tl.int64) * HEADS + heads
-    if DIRECT_VERT:
-        # One row block: program pid_rows = b * (Hq / HEADS) + head block, so prog is
-        # the flat (b, h) index of each of its heads.
-        tl.store(VERT + prog[:, None] * num_keys + keys[None, :], vert,
-                 mask=(keys < num_keys)[None, :])
-    else:
-        tl.store(VERT + prog[:, None] * (num_key_blocks * BN) + keys[None, :], vert)
     # Skew: y[r, c] = p[r, c - (LB - 1) + r % LB]; column c is one offset for all rows.
     wide = tl.arange(0, 2 * BN)
     source = wide[None, :] - (LB - 1) + (i % LB)[:, None]
     inside = (source >= 0) & (source < BN)
-    y = tl.gather(p, tl.where(inside, source, 0), 1)
-    y = tl.where(inside, y, 0.0)
-    window = tl.reshape(tl.sum(tl.reshape(y, (HEADS, LB, 2 * BN)), axis=1), (HEADS, 2, BN))
+    source = tl.where(inside, source, 0)
     halves = tl.arange(0, 2)
-    base = (prog[:, None, None] * num_key_blocks + kb) * (2 * BN)
-    tl.store(SLASH + base + halves[None, :, None] * BN + cols[None, None, :], window)
+    # Keys [0, live_end) may count for some row; a block past them holds nothing.
+    live_end = num_keys
+    if CAUSAL:
+        live_end = tl.minimum(num_keys, tl.max(tl.where(row_ok, q_pos, -1), axis=0) + 1)
+    kb_start = tl.program_id(1) * blocks_per_program
+    kb_stop = tl.minimum(kb_start + blocks_per_program, num_key_blocks)
+    for kb in range(kb_start, kb_stop):
+        keys = kb * BN + cols
+        p = tl.zeros((ROWS, BN), dtype=tl.float32)
+        if kb * BN < live_end:
+            s = _block_scores(q_tile, k_head, stride_kn, stride_kd, keys, num_keys, HEAD_DIM,
+                              D_PAD, IEEE, UPCAST)
+            allowed = row_ok[:, None] & (keys < num_keys)[None, :]
+            if CAUSAL:
+                allowed = allowed & (keys[None, :] <= q_pos[:, None])
+            p = tl.where(allowed, tl.math.exp2(s * qk_scale - m[:, None]) * w[:, None], 0.0)
+        vert = tl.sum(tl.reshape(p, (HEADS, LB, BN)), axis=1)
+        if DIRECT_VERT:
+            # One row block: program pid_rows = b * (Hq / HEADS) + head block, so prog
+            # is the flat (b, h) index of each of its heads.
+            tl.store(VERT + prog[:, None] * num_keys + keys[None, :], vert,
+                     mask=(keys < num_keys)[None, :])
+        else:
+            tl.store(VERT + prog[:, None] * (num_key_blocks * BN) + keys[None, :], vert)
+        y = tl.where(inside, tl.gather(p, source, 1), 0.0)
+        window = tl.reshape(tl.sum(tl.reshape(y, (HEADS, LB, 2 * BN)), axis=1), (HEADS, 2, BN))
+        base = (prog[:, None, None] * num_key_blocks + kb) * (2 * BN)
+        tl.store(SLASH + base + halves[None, :, None] * BN + cols[None, None, :], window)
 
 
 @triton.jit
@@ -328,8 +332,12 @@ def last_query_distributions_kernel(q: torch.Tensor, k: torch.Tensor, layout: Ti
                                                dtype=torch.float32, device=device)
     parts = torch.empty(row_programs, heads, key_blocks, 2, bn, dtype=torch.float32,
                         device=device)
-    launch(_distribution_kernel, (row_programs, key_blocks), q, k, m_part, l_part, vert, parts,
-           *args, key_blocks, chunks, qk_scale, DIRECT_VERT=direct, **common)
+    # Several key blocks per program (its query rows and statistics loaded once) while
+    # the grid keeps about DISTRIBUTION_PROGRAMS programs.
+    per_program = max(1, row_programs * key_blocks // DISTRIBUTION_PROGRAMS)
+    launch(_distribution_kernel, (row_programs, -(-key_blocks // per_program)), q, k, m_part,
+           l_part, vert, parts, *args, key_blocks, chunks, qk_scale, per_program,
+           DIRECT_VERT=direct, **common)
     if not direct:
         # (b, head block, row block) programs -> (b, hq, row block), summed over row blocks.
         vert = vert.view(b, hq // heads, row_blocks, heads, -1).transpose(2, 3)

@@ -300,3 +300,18 @@ def test_long_top_p_kernel_row_passes_and_candidates_agree(monkeypatch):
         monkeypatch.setattr(vst, "CANDIDATES", candidates)
         actual = vst.long_top_p_kernel(x, 0.6)
         assert not ((actual != expected) & ~boundary).any(), candidates
+
+
+@pytest.mark.parametrize("programs", [1, 3])
+def test_last_query_distributions_several_key_blocks_per_program(programs, monkeypatch):
+    """A distribution program walking several key blocks gives the same distributions."""
+    from prism.optimized import vertical_slash
+    from prism.reference.estimators import last_query_distributions
+
+    monkeypatch.setattr(vertical_slash, "DISTRIBUTION_PROGRAMS", programs)
+    q, k = _qk(1, 4, 2, 150, 290, 16, seed=3, scale=2.0)
+    layout = tile_layout(150, 290, 32, True)
+    vertical, slash = vertical_slash.last_query_distributions_kernel(q, k, layout, 16, True)
+    ref_vertical, ref_slash = last_query_distributions(q, k, layout, 16, True)
+    torch.testing.assert_close(vertical, ref_vertical, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(slash, ref_slash, rtol=1e-5, atol=1e-7)
