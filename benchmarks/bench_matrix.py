@@ -248,9 +248,9 @@ def e2e(n):
     return row
 
 
-def graph(n):
+def graph(n, flex=True):
     """``prism_attention`` eager, compiled (fullgraph) and CUDA-graph replayed, beside cuDNN
-    and compiled FlexAttention on Prism's own tile mask, on the e2e inputs."""
+    and (``flex``) compiled FlexAttention on Prism's own tile mask, on the e2e inputs."""
     q, k, v = structured_qkv(n)
     mask = optimized.select_blocks(q, k)
     nt = mask.shape[-1]
@@ -275,7 +275,8 @@ def graph(n):
     row["graph_ms"] = bench(captured.replay)
     del captured, graph_out
     row["cudnn_ms"], _ = cudnn_ms(q, k, v)
-    row["flex_same_mask_ms"] = flex_ms(q, k, v, mask.as_tensor(), 128)
+    if flex:
+        row["flex_same_mask_ms"] = flex_ms(q, k, v, mask.as_tensor(), 128)
     if row["cudnn_ms"]:
         for name in ("eager", "compiled", "graph"):
             row[f"cudnn_over_{name}"] = row["cudnn_ms"] / row[f"{name}_ms"]
@@ -403,6 +404,8 @@ def main(argv=None):
     parser.add_argument("--commit", default="")
     parser.add_argument("--out", default="")
     parser.add_argument("--graph-lengths", default="4096,8192,32768,131072")
+    parser.add_argument("--graph-flex", type=int, default=1,
+                        help="0: leave compiled FlexAttention out of the graph part")
     parser.add_argument("--skip-measured", default="",
                         help="comma list of earlier h200_matrix JSON files whose cells to skip")
     parser.add_argument("--ncu-cell", default="128,32,8,8192,128,1:0.05",
@@ -434,7 +437,7 @@ def main(argv=None):
         result["graph"] = []
         for n in args.graph_lengths.split(","):
             try:
-                result["graph"].append(graph(int(n)))
+                result["graph"].append(graph(int(n), flex=bool(args.graph_flex)))
             except Exception as error:  # noqa: BLE001 - record the failure, go on
                 result["graph"].append({"tokens": int(n), "error": f"{type(error).__name__}: "
                                                                    f"{str(error)[:300]}"})

@@ -24,17 +24,16 @@ absolute grid and lies in tile ``(query_start + r) // block_size``.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
-import triton
-from triton.runtime import _allocation
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._runtime import device_capability, next_power_of_2
 from .attention_kernel import _sparse_attention_kernel  # noqa: F401  (re-exported)
+from .launch import Prepared
+from .launch import scratch_allocator as _scratch_allocator  # noqa: F401  (varlen, tests)
 
 LOG2_E = 1.4426950408889634
 
@@ -181,29 +180,6 @@ def warp_specialize_compatible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return tma_compatible(k, v, d_pad, dv_pad) and tma_compatible(q, v, d_pad, dv_pad)
 
 
-def _torch_scratch(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-@contextlib.contextmanager
-def _scratch_allocator():
-    """Descriptors built inside a kernel need a global scratch buffer per launch;
-    supply one from torch's caching allocator unless the caller set their own."""
-    slot = getattr(_allocation, "_allocator", None)
-    if slot is None:  # another Triton layout: set it the public way, for good
-        triton.set_allocator(_torch_scratch)
-        yield
-        return
-    if not isinstance(slot.get(), _allocation.NullAllocator):
-        yield
-        return
-    token = slot.set(_torch_scratch)
-    try:
-        yield
-    finally:
-        slot.reset(token)
-
-
 def _launch_config(config, q, k, v, d_pad: int, dv_pad: int, query_start: int,
                    block_size: int, interpreted: bool) -> AttentionConfig:
     """The launch shape: ``config``, or the measured default (falling back where warp
@@ -234,6 +210,53 @@ def launch_constants(config: AttentionConfig, causal: bool, return_lse: bool, d:
         USE_TMA=use_tma, WARP_SPECIALIZE=config.warp_specialize, KV_MAJOR=config.kv_major,
         VARLEN=varlen, num_warps=config.num_warps, num_stages=config.num_stages,
     )
+
+
+def host_descriptor(t: torch.Tensor, block_shape: list) -> TensorDescriptor:
+    """``TensorDescriptor.from_tensor(t, block_shape)`` without its checks, for a tensor
+    that :func:`tma_compatible` accepted (the plan is keyed by what it checked)."""
+    desc = object.__new__(TensorDescriptor)
+    desc.base, desc.shape, desc.strides = t, t.shape, t.stride()
+    desc.block_shape, desc.padding = block_shape, "zero"
+    return desc
+
+
+#: Launch plans by call signature (shapes, strides, alignment, settings).
+_PLANS: dict = {}
+
+
+def _plan(q, k, v, kv_num_blocks, kv_indices, out_strides, block_size, causal, scale,
+          return_lse, first_query_tile, query_start, interpreted, config):
+    """Everything of a launch that does not depend on the data: ``(grid, Prepared,
+    out shape, K and V descriptor block shapes or None)``.
+
+    Asks :func:`tma_compatible` and :func:`warp_specialize_compatible` (through
+    :func:`_launch_config`) once per signature; the caller's key holds what they
+    read (device, dtype, shapes, strides, 16-byte alignment of q, k and v).
+    """
+    b, hq, nq, d = q.shape
+    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
+    nqt = kv_num_blocks.shape[-1]
+    d_pad, dv_pad = max(16, next_power_of_2(d)), max(16, next_power_of_2(dv))
+    config = _launch_config(config, q, k, v, d_pad, dv_pad, query_start, block_size,
+                            interpreted)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    nb_strides = [0 if kv_num_blocks.shape[i] == 1 else kv_num_blocks.stride(i) for i in (0, 1)]
+    idx_strides = [0 if kv_indices.shape[i] == 1 else kv_indices.stride(i) for i in (0, 1)]
+    use_tma = config.use_tma and not config.warp_specialize and tma_compatible(k, v, d_pad, dv_pad)
+    blocks = ([1, 1, config.block_n, d_pad], [1, 1, config.block_n, dv_pad]) if use_tma else None
+    out_shape = (b, hq, nq, dv)
+    if out_strides is None:  # a fresh contiguous output
+        out_strides = (hq * nq * dv, nq * dv, dv, 1)
+    grid = (nqt * -(-block_size // config.block_m) * b * hq,)
+    prepared = Prepared(
+        (None,  # TILES: packed launches only
+         *q.stride(), *k.stride(), *v.stride(), *out_strides,
+         *nb_strides, *idx_strides, kv_indices.stride(2),
+         b * hq, hq, hq // hkv, nq, nk, query_start, first_query_tile, nqt, block_size,
+         scale * LOG2_E),
+        launch_constants(config, causal, return_lse, d, dv, q.dtype, use_tma, varlen=False))
+    return grid, prepared, out_shape, blocks
 
 
 def sparse_attention_forward(q, k, v, kv_num_blocks, kv_indices, *, block_size: int,
@@ -270,37 +293,32 @@ def sparse_attention_forward(q, k, v, kv_num_blocks, kv_indices, *, block_size: 
     Returns
     -------
     out, and lse (or None when ``return_lse`` is False)
-    """
-    b, hq, nq, d = q.shape
-    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
-    nqt = kv_num_blocks.shape[-1]
-    if out is None:
-        out = torch.empty(b, hq, nq, dv, dtype=q.dtype, device=q.device)
-    if return_lse and lse is None:
-        lse = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device)
-    d_pad, dv_pad = max(16, next_power_of_2(d)), max(16, next_power_of_2(dv))
-    config = _launch_config(config, q, k, v, d_pad, dv_pad, query_start, block_size,
-                            interpreted)
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    nb_strides = [0 if kv_num_blocks.shape[i] == 1 else kv_num_blocks.stride(i) for i in (0, 1)]
-    idx_strides = [0 if kv_indices.shape[i] == 1 else kv_indices.stride(i) for i in (0, 1)]
-    use_tma = config.use_tma and not config.warp_specialize and tma_compatible(k, v, d_pad, dv_pad)
-    k_desc = v_desc = None
-    if use_tma:
-        k_desc = TensorDescriptor.from_tensor(k, [1, 1, config.block_n, d_pad])
-        v_desc = TensorDescriptor.from_tensor(v, [1, 1, config.block_n, dv_pad])
-    grid = (nqt * -(-block_size // config.block_m) * b * hq,)
-    scratch = _scratch_allocator() if config.warp_specialize else contextlib.nullcontext()
-    with scratch:
-        _sparse_attention_kernel[grid](
-            q, k, v, out, lse if return_lse else out, kv_num_blocks, kv_indices, k_desc, v_desc,
-            None,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            *nb_strides, *idx_strides, kv_indices.stride(2),
-            b * hq, hq, hq // hkv, nq, nk, query_start, first_query_tile, nqt, block_size,
-            scale * LOG2_E,
-            **launch_constants(config, causal, return_lse, d, dv, q.dtype, use_tma,
-                               varlen=False),
-        )
-    return out, (lse if return_lse else None)
 
+    The launch plan (configuration, TMA and warp-specialisation checks, scalar
+    arguments) is kept per call signature, and the kernel is launched through
+    :class:`prism.optimized.launch.Prepared`: a repeated call allocates its
+    outputs and launches, nothing else.
+    """
+    key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), kv_num_blocks.shape,
+           kv_num_blocks.stride(), kv_indices.shape, kv_indices.stride(), q.dtype, q.device,
+           q.data_ptr() % 16 == 0, k.data_ptr() % 16 == 0, v.data_ptr() % 16 == 0,
+           None if out is None else out.stride(), block_size, causal, scale, return_lse,
+           first_query_tile, query_start, interpreted, config)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _plan(q, k, v, kv_num_blocks, kv_indices, key[15], block_size, causal, scale,
+                     return_lse, first_query_tile, query_start, interpreted, config)
+        if len(_PLANS) >= 1024:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    grid, prepared, out_shape, blocks = plan
+    if out is None:
+        out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
+    if return_lse and lse is None:
+        lse = torch.empty(out_shape[:3], dtype=torch.float32, device=q.device)
+    k_desc = v_desc = None
+    if blocks is not None:
+        k_desc, v_desc = host_descriptor(k, blocks[0]), host_descriptor(v, blocks[1])
+    prepared.launch(_sparse_attention_kernel, grid, q, k, v, out, lse if return_lse else out,
+                    kv_num_blocks, kv_indices, k_desc, v_desc)
+    return out, (lse if return_lse else None)

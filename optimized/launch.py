@@ -26,14 +26,20 @@ specialisation):
 Anything else falls back to ``kernel[grid](...)``: Triton's interpreter (the
 CPU tests), objects that are not plain ``JITFunction`` s (autotuners,
 benchmark stubs), grids that are callables, argument types the key does not
-cover (tensor descriptors, tuples), CPU tensors, kernels with pre-run hooks,
-and profiler launch hooks (``triton.knobs.runtime.launch_enter_hook``). The
+cover (tuples, strings), CPU tensors, kernels with pre-run hooks, and
+profiler launch hooks (``triton.knobs.runtime.launch_enter_hook``). The
 fast path launches on the current CUDA stream of the current device, as
 Triton does, so it is captured by CUDA graphs like any launch; the custom
 operators of :mod:`prism.optimized.ops` run it inside ``torch.compile``d
 graphs too. Unlike Triton it does not re-check, on every call, that global
 variables the kernel reads have kept the value they had when it was compiled
 (Prism's kernels read none that change).
+
+Kernels that need a global scratch buffer per launch (descriptors built
+inside the kernel, as the warp-specialised attention loop does) get one
+from the allocator the caller installed with ``triton.set_allocator``, or
+else from torch's caching allocator on the current stream, as Triton's
+launcher would under :func:`scratch_allocator`.
 
 :class:`Prepared` is the same for call sites that launch one kernel shape
 again and again: the scalar arguments and keywords are fixed once (pooling
@@ -42,14 +48,22 @@ and selection keep one per call shape), so a call keys only its tensors.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 try:  # Triton's classes; without them (no CUDA build) every launch falls back.
     from triton import knobs as _knobs
     from triton.knobs import HookChain as _HookChain
+    from triton.runtime import _allocation
     from triton.runtime.jit import JITFunction as _JITFunction
+    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
 except ImportError:  # pragma: no cover - Triton is a core dependency
-    _JITFunction = None
+    _JITFunction = _TensorDescriptor = _allocation = None
+try:  # Triton's expansion of a host descriptor into the launcher's fields (CUDA builds)
+    from triton.backends.nvidia.driver import make_tensordesc_arg as _make_tensordesc_arg
+except ImportError:  # pragma: no cover - a Triton without the NVIDIA backend
+    _make_tensordesc_arg = None
 
 _INT32 = 2 ** 31
 _INT64 = 2 ** 63
@@ -90,9 +104,59 @@ def argument_key(args, require_cuda: bool = True) -> tuple | None:
             if require_cuda and not a.is_cuda:
                 return None
             append((a.dtype, a.data_ptr() % 16 == 0))
+        elif t is _TensorDescriptor:
+            if require_cuda and not a.base.is_cuda:
+                return None
+            append(descriptor_key(a))
         else:
             return None
     return tuple(key)
+
+
+def descriptor_key(desc) -> tuple:
+    """The launch key of a host tensor descriptor: what Triton specialises it on (the
+    base's dtype and the block shape), and its padding mode."""
+    return ("desc", desc.base.dtype, tuple(desc.block_shape), desc.padding)
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+@contextlib.contextmanager
+def scratch_allocator():
+    """Inside, Triton's launcher takes scratch buffers from torch's caching allocator,
+    unless the caller installed an allocator of their own (left in place)."""
+    slot = getattr(_allocation, "_allocator", None)
+    if slot is None:  # another Triton layout: set it the public way, for good
+        import triton
+
+        triton.set_allocator(_torch_scratch)
+        yield
+        return
+    if not isinstance(slot.get(), _allocation.NullAllocator):
+        yield
+        return
+    token = slot.set(_torch_scratch)
+    try:
+        yield
+    finally:
+        slot.reset(token)
+
+
+def _triton_launch(kernel, grid, args, kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``; a Triton kernel runs under :func:`scratch_allocator`."""
+    if type(kernel) is _JITFunction:
+        with scratch_allocator():
+            kernel[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
+def _run(kernel, grid, args, kwargs):
+    """``kernel.run`` (Triton's launch, compiling if needed): the compiled kernel."""
+    with scratch_allocator():
+        return kernel.run(*args, grid=grid, warmup=False, **kwargs)
 
 
 def _hooks_active() -> bool:
@@ -104,8 +168,31 @@ def _hooks_active() -> bool:
 
 
 def _pointer(a):
-    """What the compiled launcher takes for an argument: raw addresses for tensors."""
+    """What the compiled launcher takes for an argument: raw addresses for tensors
+    (descriptors stay objects; :meth:`_Entry.expand` turns them into fields)."""
     return a.data_ptr() if isinstance(a, torch.Tensor) else a
+
+
+def _unwrap_descriptor_launcher(wrapper, positions: tuple):
+    """The C launcher inside Triton's descriptor wrapper (``wrap_handle_tensordesc``)
+    and ``((position, metadata), ...)`` of its descriptor arguments, or None.
+
+    None when the wrapper is not laid out as in Triton 3.6 or its descriptor
+    positions differ from ``positions``: the entry then calls the wrapper itself.
+    """
+    code, closure = getattr(wrapper, "__code__", None), getattr(wrapper, "__closure__", None)
+    if _make_tensordesc_arg is None or code is None or not closure:
+        return None
+    try:
+        cells = dict(zip(code.co_freevars, (c.cell_contents for c in closure), strict=True))
+    except ValueError:  # an empty cell
+        return None
+    launcher = cells.get("launcher")
+    indices, metas = cells.get("tensordesc_indices"), cells.get("tensordesc_meta")
+    if (not callable(launcher) or indices is None or metas is None
+            or tuple(sorted(indices)) != positions or len(metas) != len(positions)):
+        return None
+    return launcher, tuple(zip(positions, metas, strict=True))
 
 
 class _NotCached(Exception):
@@ -123,14 +210,22 @@ def _runtime_params(kernel) -> int:
 
 
 class _Entry:
-    """One compiled kernel and what its launcher needs besides the arguments."""
+    """One compiled kernel and what its launcher needs besides the arguments.
 
-    __slots__ = ("call", "function", "tail", "prefix")
+    ``call(gx, gy, gz, stream, function, *prefix, *values, *tail)`` launches.
+    ``descriptors`` lists ``(position, metadata)`` of host tensor descriptors
+    among the arguments, which :meth:`expand` turns into the launcher's fields;
+    ``scratch`` is the global scratch bytes per program (0: none), which
+    :meth:`scratch_prefix` allocates (-1: Triton's launcher object allocates it,
+    under :func:`scratch_allocator`).
+    """
 
-    def __init__(self, kernel, compiled, kwargs: dict, num_args: int):
+    __slots__ = ("call", "function", "tail", "prefix", "descriptors", "scratch", "align")
+
+    def __init__(self, kernel, compiled, kwargs: dict, args: tuple):
         params = kernel.params
         tail = []
-        for param in params[num_args:]:
+        for param in params[len(args):]:
             if param.name in kwargs:
                 if not param.is_constexpr:
                     # A run-time value by keyword would be frozen into the entry.
@@ -143,18 +238,53 @@ class _Entry:
         self.tail = tuple(tail)
         runner = compiled.run  # creates the launcher and loads the binary
         self.function = compiled.function
-        scratch = (getattr(runner, "global_scratch_size", 1) or 0) + (
-            getattr(runner, "profile_scratch_size", 1) or 0)
+        self.descriptors = ()
+        self.scratch = 0
+        self.align = 1
+        positions = tuple(i for i, a in enumerate(args) if type(a) is _TensorDescriptor)
+        global_scratch = getattr(runner, "global_scratch_size", None)
         direct = getattr(runner, "launch", None)
-        if scratch == 0 and direct is not None and hasattr(
-                runner, "launch_cooperative_grid") and hasattr(runner, "launch_pdl"):
+        if (direct is not None and global_scratch is not None
+                and getattr(runner, "profile_scratch_size", 1) == 0
+                and hasattr(runner, "launch_cooperative_grid") and hasattr(runner, "launch_pdl")):
+            if positions:
+                unwrapped = _unwrap_descriptor_launcher(direct, positions)
+                if unwrapped is not None:
+                    direct, self.descriptors = unwrapped
+                # else: Triton's own wrapper expands the descriptor objects.
             # The C entry point itself (what CudaLauncher.__call__ ends in).
             self.call = direct
             self.prefix = (runner.launch_cooperative_grid, runner.launch_pdl, None, None,
                            compiled.packed_metadata, None, None, None)
-        else:  # scratch buffers to allocate, or another backend: its launcher object
+            if global_scratch:
+                self.scratch = global_scratch * getattr(runner, "num_ctas", 1)
+                self.align = getattr(runner, "global_scratch_align", 1)
+        else:  # profiler scratch, or another backend: its launcher object
             self.call = runner
             self.prefix = (compiled.packed_metadata, None, None, None)
+            if global_scratch:  # it allocates scratch itself, from Triton's allocator
+                self.scratch = -1
+
+    def expand(self, values: list) -> list:
+        """``values`` with each host descriptor replaced by the launcher's fields."""
+        for position, meta in reversed(self.descriptors):
+            fields = _make_tensordesc_arg(values[position], meta)
+            if isinstance(fields[0], torch.Tensor):  # the base of an unlowered descriptor
+                fields[0] = fields[0].data_ptr()
+            values[position:position + 1] = fields
+        return values
+
+    def scratch_prefix(self, programs: int, stream, device: int):
+        """The prefix with a fresh global scratch buffer of ``programs`` programs, and
+        the buffer (kept alive by the caller until the launch returns)."""
+        size = programs * self.scratch
+        allocator = _allocation._allocator.get()
+        if isinstance(allocator, _allocation.NullAllocator):
+            buffer = torch.empty(size, dtype=torch.int8, device=device)
+        else:
+            buffer = allocator(size, self.align, stream)
+        prefix = self.prefix
+        return (prefix[0], prefix[1], buffer.data_ptr(), *prefix[3:]), buffer
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
@@ -172,12 +302,12 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         (``num_warps``, ``num_stages``, ...), as for ``kernel[grid]``.
     """
     if type(kernel) is not _JITFunction or type(grid) is not tuple or _get_device is None:
-        kernel[grid](*args, **kwargs)
+        _triton_launch(kernel, grid, args, kwargs)
         return
     key = argument_key(args)
     if key is None or kernel.pre_run_hooks or _hooks_active():
         STATS["slow"] += 1
-        kernel[grid](*args, **kwargs)
+        _triton_launch(kernel, grid, args, kwargs)
         return
     device = _get_device()
     runtime = _knobs.runtime
@@ -190,7 +320,7 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     entries = cached[1]
     if len(args) > cached[2]:  # a constexpr passed positionally: its value is not keyed
         STATS["slow"] += 1
-        kernel[grid](*args, **kwargs)
+        _triton_launch(kernel, grid, args, kwargs)
         return
     try:
         entry = entries.get(key)
@@ -198,22 +328,38 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         entry = False
     if not entry:
         STATS["slow"] += 1
-        compiled = kernel.run(*args, grid=grid, warmup=False, **kwargs)
+        compiled = _run(kernel, grid, args, kwargs)
         if entry is None and compiled is not None and not hasattr(compiled, "result"):
             if len(entries) >= MAX_ENTRIES:
                 entries.clear()
             try:
-                entries[key] = _Entry(kernel, compiled, kwargs, len(args))
+                entries[key] = _Entry(kernel, compiled, kwargs, args)
             except _NotCached:
                 entries[key] = False
         return
     STATS["fast"] += 1
-    n = len(grid)
-    stream = _get_stream(device)
     # Raw addresses: the launcher then skips its per-pointer driver query.
-    values = [a.data_ptr() if type(a) is torch.Tensor else _pointer(a) for a in args]
-    entry.call(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream,
-               entry.function, *entry.prefix, *values, *entry.tail)
+    _replay(entry, grid, device,
+            [a.data_ptr() if type(a) is torch.Tensor else _pointer(a) for a in args])
+
+
+def _replay(entry: _Entry, grid: tuple, device: int, values: list) -> None:
+    """Launch a cached entry on the current stream of ``device``."""
+    n = len(grid)
+    gx, gy, gz = grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1
+    stream = _get_stream(device)
+    if entry.descriptors:
+        values = entry.expand(values)
+    if not entry.scratch:
+        entry.call(gx, gy, gz, stream, entry.function, *entry.prefix, *values, *entry.tail)
+        return
+    if entry.scratch < 0:
+        with scratch_allocator():
+            entry.call(gx, gy, gz, stream, entry.function, *entry.prefix, *values, *entry.tail)
+        return
+    prefix, buffer = entry.scratch_prefix(gx * gy * gz, stream, device)
+    entry.call(gx, gy, gz, stream, entry.function, *prefix, *values, *entry.tail)
+    del buffer  # freed after the launch is queued: stream-ordered reuse only
 
 
 class Prepared:
@@ -240,20 +386,32 @@ class Prepared:
         self.kernel = None
 
     def launch(self, kernel, grid, *tensors) -> None:
+        """``kernel[grid](*tensors, *scalars, **kwargs)``. ``tensors`` are CUDA
+        tensors, host tensor descriptors of CUDA tensors, or None."""
         if (not self.cacheable or type(kernel) is not _JITFunction or _get_device is None
                 or type(grid) is not tuple or kernel.pre_run_hooks or _hooks_active()):
-            kernel[grid](*tensors, *self.scalars, **self.kwargs)
+            _triton_launch(kernel, grid, (*tensors, *self.scalars), self.kwargs)
             return
         key = [_get_device(), _knobs.runtime.debug, _knobs.compilation.instrumentation_mode]
+        append = key.append
         for t in tensors:
-            if type(t) is not torch.Tensor or not t.is_cuda:
+            kind = type(t)
+            if kind is torch.Tensor:
+                if not t.is_cuda:
+                    key = None
+                    break
+                append(t.dtype)
+                append(t.data_ptr() % 16 == 0)
+            elif t is None:
+                append(None)
+            elif kind is _TensorDescriptor and t.base.is_cuda:
+                append(descriptor_key(t))
+            else:
                 key = None
                 break
-            key.append(t.dtype)
-            key.append(t.data_ptr() % 16 == 0)
         if key is None:
             STATS["slow"] += 1
-            kernel[grid](*tensors, *self.scalars, **self.kwargs)
+            _triton_launch(kernel, grid, (*tensors, *self.scalars), self.kwargs)
             return
         if kernel is not self.kernel:
             self.entries.clear()
@@ -263,20 +421,19 @@ class Prepared:
         entry = self.entries.get(key)
         if not entry:
             STATS["slow"] += 1
-            compiled = kernel.run(*tensors, *self.scalars, grid=grid, warmup=False, **self.kwargs)
+            args = (*tensors, *self.scalars)
+            compiled = _run(kernel, grid, args, self.kwargs)
             if entry is None and self.kernel is not None and compiled is not None and not hasattr(
                     compiled, "result"):
                 try:
-                    self.entries[key] = _Entry(kernel, compiled, self.kwargs,
-                                               len(tensors) + len(self.scalars))
+                    self.entries[key] = _Entry(kernel, compiled, self.kwargs, args)
                 except _NotCached:
                     self.entries[key] = False
             return
         STATS["fast"] += 1
-        n = len(grid)
-        entry.call(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
-                   _get_stream(key[0]), entry.function, *entry.prefix,
-                   *[t.data_ptr() for t in tensors], *self.scalars, *entry.tail)
+        values = [t.data_ptr() if type(t) is torch.Tensor else t for t in tensors]
+        values += self.scalars
+        _replay(entry, grid, key[0], values)
 
     def _check_arity(self, kernel, num_tensors: int) -> None:
         """Constexprs passed positionally are not keyed by value: never cache those."""

@@ -119,7 +119,8 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, cfg: PrismC
     """
     b, hq, nq, d = q.shape
     nk = k.shape[2]
-    layout = _layout(nq, nk, cfg.block_size, causal)
+    # Run only eagerly or inside the operator (never traced): the cached layout.
+    layout = _cached_layout(nq, nk, cfg.block_size, causal)
     nqt, nkt = layout.num_query_tiles, layout.num_key_tiles
     if nqt and nkt and cfg.estimator == "prism" and nkt <= MAX_WIDTH:
         high_dim, low_dim = _band_sizes(d, cfg.high_dim, cfg.low_dim)
@@ -160,7 +161,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: tor
         out = torch.zeros(*q.shape[:3], dv, dtype=q.dtype, device=q.device)
         lse = torch.full(q.shape[:3], -math.inf, dtype=torch.float32, device=q.device)
     else:
-        layout = _layout(nq, nk, block_size, causal)
+        layout = _cached_layout(nq, nk, block_size, causal)
         if kv_num_blocks is None:
             kv_num_blocks, kv_indices = mask_rows_to_indices(
                 block_mask.as_subclass(torch.Tensor), layout.first_query_tile, causal_trim=causal)

@@ -19,7 +19,10 @@ import torch
 import triton
 import triton.language as tl
 from triton.backends.nvidia.compiler import CUDABackend
+from triton.backends.nvidia.driver import wrap_handle_tensordesc
+from triton.runtime import _allocation
 from triton.runtime.jit import JITFunction, native_specialize_impl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from prism.optimized import launch as fast
 from prism.optimized._runtime import kernels_interpreted
@@ -51,7 +54,12 @@ _ARG_POOL = [
     _BUFFER, _BUFFER[1:], _BUFFER[4:], _BUFFER[3:], _BUFFER.to(torch.bfloat16),
     _BUFFER.to(torch.bfloat16)[8:], _BUFFER.to(torch.bfloat16)[1:], _BUFFER.bool(),
     _BUFFER.to(torch.int32)[2:],
+    TensorDescriptor.from_tensor(_BUFFER.view(4, 16), [2, 16]),
+    TensorDescriptor.from_tensor(_BUFFER.view(4, 16), [4, 16]),
+    TensorDescriptor.from_tensor(_BUFFER.view(4, 16), [2, 16], padding="nan"),
+    TensorDescriptor.from_tensor(_BUFFER.to(torch.bfloat16).view(2, 32), [2, 16]),
 ]
+_DESC = _ARG_POOL[-4:]
 
 
 def test_equal_keys_mean_equal_specialisation():
@@ -73,6 +81,7 @@ def test_equal_keys_mean_equal_specialisation():
     (16, 17), (1, 16), (1, 17), (0, 1), (True, 1), (False, 0), (1.0, 1), (2 ** 31, 16),
     (2 ** 63, 2 ** 31), (None, 0),
     (_BUFFER, _BUFFER[1:]), (_BUFFER, _BUFFER.to(torch.bfloat16)), (_BUFFER, 16),
+    (_DESC[0], _DESC[1]), (_DESC[0], _DESC[3]), (_DESC[0], _BUFFER),
 ])
 def test_key_separates_what_triton_separates(a, b):
     assert _triton_specialisation((a,)) != _triton_specialisation((b,))
@@ -85,6 +94,7 @@ def test_uncovered_arguments_have_no_key():
     assert fast.argument_key(("x",)) is None
     # CPU tensors never take the fast path (the launcher would get a host address).
     assert fast.argument_key((_BUFFER,)) is None
+    assert fast.argument_key((_DESC[0],)) is None
 
 
 def test_interpreter_falls_back_to_triton():
@@ -196,6 +206,116 @@ def test_cached_launch_passes_what_the_launcher_expects(monkeypatch):
     fast.launch(kernel, (5,), y, x, 48, 3.0, 1.5, True, 32)
     assert kernel.runs == 6
     fast.clear()
+
+
+def _desc_copy(X_DESC, Y, n, BLOCK: tl.constexpr = 16):
+    """Parameters only: a kernel taking a host tensor descriptor (never compiled here)."""
+    pass
+
+
+class _DescriptorRunner(_FakeLauncher):
+    """A launcher whose entry point is Triton's own descriptor wrapper around a recorder."""
+
+    def __init__(self, global_scratch_size=0):
+        super().__init__()
+        self.global_scratch_size = global_scratch_size
+        self.global_scratch_align = 128
+        signature = {0: "tensordesc<fp32[2, 16]>", 1: "*fp32", 2: "i32", 3: "constexpr"}
+        self.launch = wrap_handle_tensordesc(lambda *args: self.calls.append(args), signature,
+                                             None)
+
+
+def _replay_args(monkeypatch, runner, *args, grid=(5, 2)):
+    """What the cached launch of ``_desc_copy`` hands to ``runner``'s entry point."""
+    monkeypatch.setattr(fast, "_JITFunction", FakeKernel)
+    monkeypatch.setattr(fast, "_get_device", lambda: 0)
+    monkeypatch.setattr(fast, "_get_stream", lambda device: 9)
+    monkeypatch.setattr(FakeKernel, "params", JITFunction(_desc_copy).params)
+    fast.clear()
+    kernel = FakeKernel()
+    kernel.compiled.run = runner
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    fast.launch(kernel, grid, *args, BLOCK=16)
+    fast.launch(kernel, grid, *args, BLOCK=16)
+    assert kernel.runs == 1 and len(runner.calls) == 1
+    fast.clear()
+    return runner.calls[0]
+
+
+def test_cached_launch_expands_descriptors_as_triton_does(monkeypatch):
+    """The replay passes a host descriptor as Triton's wrapper would (its base as a raw
+    address), straight to the C entry point."""
+    x, y = torch.arange(64.0).view(4, 16), torch.zeros(64)
+    desc = TensorDescriptor.from_tensor(x, [2, 16])
+    got = _replay_args(monkeypatch, _DescriptorRunner(), desc, y, 64)
+    runner = _DescriptorRunner()
+    runner.launch(5, 2, 1, 9, 1234, False, False, None, None, (4, 1, 0), None, None, None,
+                  desc, y.data_ptr(), 64, 16)
+    (expected,) = runner.calls
+    expected = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in expected)
+    assert got == expected
+    assert got[13:] == (x.data_ptr(), 4, 16, 16, 1, False, 4, 16, 16, 1, y.data_ptr(), 64, 16)
+
+
+def test_cached_launch_allocates_global_scratch(monkeypatch):
+    """A kernel with global scratch gets programs x bytes per program from the caller's
+    allocator (torch's caching allocator when none is set), in the launcher's slot."""
+    sizes = []
+
+    def allocator(size, alignment, stream):
+        sizes.append((size, alignment, stream))
+        buffers.append(torch.empty(size, dtype=torch.int8))
+        return buffers[-1]
+
+    buffers: list = []
+    token = _allocation._allocator.set(allocator)
+    try:
+        x, y = torch.arange(64.0).view(4, 16), torch.zeros(64)
+        desc = TensorDescriptor.from_tensor(x, [2, 16])
+        got = _replay_args(monkeypatch, _DescriptorRunner(global_scratch_size=48), desc, y, 64)
+    finally:
+        _allocation._allocator.reset(token)
+    # The first (Triton) call never reached the fake launcher's allocation: one replay.
+    assert sizes == [(5 * 2 * 48, 128, 9)]
+    assert got[7] == buffers[0].data_ptr() and got[8] is None
+    assert isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+
+
+def test_attention_plan_is_kept_per_call_signature(monkeypatch):
+    """The launch configuration (with its TMA and warp-specialisation checks) is worked
+    out once per signature; a misaligned input is a new signature; outputs stay right."""
+    from prism import reference
+    from prism.optimized import attention
+    from prism.optimized.indices import mask_rows_to_indices
+
+    device = "cpu" if kernels_interpreted(_scaled_copy_kernel) else "cuda"
+    configs = []
+    real = attention._launch_config
+    monkeypatch.setattr(attention, "_launch_config",
+                        lambda *args: configs.append(args) or real(*args))
+    attention._PLANS.clear()
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 2, 64, 16, generator=gen).to(device)
+    k, v = (torch.randn(1, 1, 64, 16, generator=gen).to(device) for _ in range(2))
+    mask = torch.tensor([[1, 0], [1, 1]], dtype=torch.bool, device=device).expand(1, 2, 2, 2)
+    num, idx = mask_rows_to_indices(mask, 0, causal_trim=True)
+
+    def run(k):
+        return attention.sparse_attention_forward(
+            q, k, v, num, idx, block_size=32, causal=True, scale=None, return_lse=True,
+            first_query_tile=0, query_start=0, interpreted=device == "cpu")
+
+    first, again = run(k), run(k)
+    assert len(configs) == 1 and len(attention._PLANS) == 1
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    expected, expected_lse = reference.block_sparse_attention(
+        q, k, v, mask, block_size=32, causal=True, return_lse=True)
+    torch.testing.assert_close(first[0], expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(first[1], expected_lse, rtol=1e-4, atol=1e-4)
+    shifted = torch.empty(k.numel() + 1, device=device)[1:].view_as(k).copy_(k)
+    assert shifted.data_ptr() % 16
+    torch.testing.assert_close(run(shifted)[0], first[0], rtol=0, atol=0)
+    assert len(configs) == 2 and len(attention._PLANS) == 2
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -427,3 +547,107 @@ def reference_select(q, k, block_size, threshold):
     from prism import reference
 
     return reference.select_blocks(q, k, block_size=block_size, high_threshold=threshold)
+
+
+# ---------------------------------------------------------------------------
+# The attention kernel through the cached launcher (CUDA).
+# ---------------------------------------------------------------------------
+
+def _attention_case(d, bs, dtype, n=2048, hq=8, hkv=2, density=0.4, seed=0):
+    from prism.optimized.indices import mask_rows_to_indices
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(1, h, n, d, device="cuda", dtype=dtype, generator=gen)
+               for h in (hq, hkv, hkv))
+    nt = n // bs
+    mask = torch.rand(1, hq, nt, nt, device="cuda", generator=gen) < density
+    mask |= torch.eye(nt, dtype=torch.bool, device="cuda")
+    num, idx = mask_rows_to_indices(mask, 0, causal_trim=True)
+    return q, k, v, num, idx
+
+
+def _attend(q, k, v, num, idx, bs, config, **outputs):
+    from prism.optimized.attention import sparse_attention_forward
+
+    return sparse_attention_forward(q, k, v, num, idx, block_size=bs, causal=True, scale=None,
+                                    return_lse=True, first_query_tile=0, query_start=0,
+                                    interpreted=False, config=config, **outputs)
+
+
+def _poisoned(q, v):
+    return dict(out=torch.full((*q.shape[:3], v.shape[3]), float("nan"), dtype=q.dtype,
+                               device="cuda"),
+                lse=torch.full(q.shape[:3], float("nan"), device="cuda"))
+
+
+_WS = "warp-specialised"
+_TMA = "host descriptors"
+_PLAIN = "pointers"
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("d,bs,dtype,config,path", [
+    (128, 128, torch.bfloat16, None, _WS),  # the default at D 128, tile 128
+    (64, 128, torch.bfloat16, None, _TMA),  # 64 x 64, TMA
+    (128, 64, torch.float16, None, _TMA),   # tile 64: 3 stages, TMA
+    (96, 128, torch.bfloat16, None, _PLAIN),
+    ("fallback", 128, torch.bfloat16, None, _TMA),
+], ids=lambda x: str(x).replace("torch.", "") if x is not None else "default")
+def test_attention_fast_launch_is_bitwise_triton(d, bs, dtype, config, path):
+    """Warp-specialised (global scratch), host-descriptor (TMA) and plain launches of the
+    attention kernel through the cached launcher give Triton's launch's bits."""
+    from prism.optimized import attention
+
+    if d == "fallback":  # what a warp-specialised default falls back to: TMA, 8 warps
+        d, config = 128, attention.fallback_config(bs, 128)
+    q, k, v, num, idx = _attention_case(d, bs, dtype)
+    attention._PLANS.clear()
+    _attend(q, k, v, num, idx, bs, config)  # compiles; plans the launch
+    (grid, prepared, _, blocks), = attention._PLANS.values()
+    assert prepared.kwargs["WARP_SPECIALIZE"] == (path == _WS)
+    assert (blocks is not None) == (path == _TMA) == prepared.kwargs["USE_TMA"]
+    before = fast.STATS["fast"]
+    fresh = _attend(q, k, v, num, idx, bs, config)
+    written = _poisoned(q, v)
+    _attend(q, k, v, num, idx, bs, config, **written)
+    assert fast.STATS["fast"] - before == 2
+    saved = fast._get_device
+    fast._get_device = None  # every launch through kernel[grid]
+    try:
+        expected = _poisoned(q, v)
+        _attend(q, k, v, num, idx, bs, config, **expected)
+    finally:
+        fast._get_device = saved
+    assert not expected["out"].isnan().any() and not expected["lse"].isnan().any()
+    for got in (fresh, (written["out"], written["lse"])):
+        assert torch.equal(got[0], expected["out"]) and torch.equal(got[1], expected["lse"])
+    # New data through the cached entry (new descriptors, new scratch): Triton's bits still.
+    q2 = torch.randn_like(q)
+    again = _attend(q2, k, v, num, idx, bs, config)
+    fast._get_device = None
+    try:
+        plain = _attend(q2, k, v, num, idx, bs, config)
+    finally:
+        fast._get_device = saved
+    assert torch.equal(again[0], plain[0]) and torch.equal(again[1], plain[1])
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("d", [128, 64], ids=["warp-specialised", "tma"])
+def test_attention_fast_launch_under_cuda_graph_capture(d):
+    """Captured cached launches (scratch taken from the graph's pool, descriptors filled
+    at capture) replay on new data in place."""
+    q, k, v, num, idx = _attention_case(d, 128, torch.bfloat16, seed=1)
+    for _ in range(2):
+        _attend(q, k, v, num, idx, 128, None)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = _attend(q, k, v, num, idx, 128, None)
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.cuda.synchronize()
+    expected, expected_lse = _attend(q, k, v, num, idx, 128, None)
+    assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
