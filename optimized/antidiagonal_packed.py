@@ -80,11 +80,13 @@ class PackedTuning:
 #: h200_estimators_e37bc51.json, ``bench_estimators.py --stages``; 32/8 heads, D 128,
 #: bf16, 128K tokens): 128 rows and 128 key groups on 8 warps ran strides 32/64/128
 #: in 12.3/6.8/4.2 ms against 20.4/11.5/6.7 ms for the generic 64 x 64 on 4 warps.
+#: Stride 8 (16 groups per tile, one pass; h200_estimators_6f0e6ce.json): 25.2 ms
+#: against 34.3 ms for the generic shape and 45.2 ms for two passes.
 #: ``bench_estimators.py --use-fastest`` overwrites entries with a run's fastest.
 TUNED: dict[int, PackedTuning] = {
     per_tile: PackedTuning(target_rows=128, block_kg=128, num_warps=8, num_stages=3,
                            one_pass=1)
-    for per_tile in (1, 2, 4)
+    for per_tile in (1, 2, 4, 16)
 }
 #: Larger head dims take the generic shape (the tuned one's shared memory was sized
 #: for D 128).
