@@ -47,6 +47,7 @@ query tile). Nothing of size ``groups x groups`` is ever written to memory.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -327,6 +328,11 @@ def antidiagonal_tile_probabilities(q: torch.Tensor, k: torch.Tensor, layout: Ti
     return tiles.div_(tiles.sum(dim=-1, keepdim=True).clamp_min_(1e-30))
 
 
+#: Whether :func:`prism.optimized.selection._top_p_keep` takes ``CHECK_EVERY`` (its
+#: bisection's exit-check interval, being added while this was written); 1 is passed.
+_TOP_P_CHECK_EVERY = "CHECK_EVERY" in inspect.signature(
+    getattr(_top_p_keep, "fn", _top_p_keep)).parameters
+
 #: Widest row of key tiles the top-p kernel keeps in registers; wider rows take
 #: the reference's sort.
 MAX_TOP_P_WIDTH = 8192
@@ -335,7 +341,8 @@ MAX_TOP_P_WIDTH = 8192
 @triton.jit
 def _tile_top_p_kernel(P, OUT, total_rows, num_query_tiles, num_key_tiles, first_query_tile,
                        threshold, CAUSAL: tl.constexpr, ROWS: tl.constexpr,
-                       WIDTH: tl.constexpr, LOG2_WIDTH: tl.constexpr):
+                       WIDTH: tl.constexpr, LOG2_WIDTH: tl.constexpr,
+                       CHECK_EVERY_ARG: tl.constexpr = False):
     """Top-p of ``ROWS`` rows of tile probabilities, without sorting (contract §6).
 
     The bisection on the fp32 bits of the cut value is Prism's selection kernel's
@@ -352,7 +359,10 @@ def _tile_top_p_kernel(P, OUT, total_rows, num_query_tiles, num_key_tiles, first
     prob = tl.load(P + offsets, mask=admissible, other=-2.0)
     prob = tl.where(admissible, prob, -2.0)
     count = tl.sum(admissible.to(tl.int32), axis=1)
-    keep = _top_p_keep(prob, threshold, count, ROWS, WIDTH, LOG2_WIDTH, True, 1)
+    if CHECK_EVERY_ARG:  # selection._top_p_keep's CHECK_EVERY parameter, when it has one
+        keep = _top_p_keep(prob, threshold, count, ROWS, WIDTH, LOG2_WIDTH, True, 1)
+    else:
+        keep = _top_p_keep(prob, threshold, count, ROWS, WIDTH, LOG2_WIDTH, True)
     # The bisection assumes a row's mass reaches p (rows of probabilities sum to 1);
     # a row whose whole mass stays below p keeps every non-zero tile, as the sort does.
     total = tl.sum(tl.where(admissible, prob, 0.0), axis=1)
@@ -388,7 +398,8 @@ def tile_top_p_kernel(probs: torch.Tensor, layout: TileLayout, causal: bool,
     total = probs.numel() // nk
     launch(_tile_top_p_kernel, (-(-total // rows),), probs, out, total, nq, nk,
            layout.first_query_tile, float(threshold), CAUSAL=causal, ROWS=rows, WIDTH=width,
-           LOG2_WIDTH=width.bit_length() - 1, num_warps=8 if width >= 2048 else 4)
+           LOG2_WIDTH=width.bit_length() - 1, CHECK_EVERY_ARG=_TOP_P_CHECK_EVERY,
+           num_warps=8 if width >= 2048 else 4)
     return out.view(torch.bool)
 
 
