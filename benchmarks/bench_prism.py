@@ -11,6 +11,7 @@ Usage (on the GPU machine, from the repository root)::
     python benchmarks/bench_prism.py --mode full --out benchmarks/results/full.json
     python benchmarks/bench_prism.py --mode tune             # attention launch shapes
     python benchmarks/bench_prism.py --mode diagnose         # stage and variant timings
+    python benchmarks/bench_prism.py --mode selection --baseline OLD.py  # CUDA-graph device time
 
 What is measured, per sequence length N:
 
@@ -470,9 +471,79 @@ def summary(rows):
     return "\n".join(lines)
 
 
+def graph_ms(fn):
+    """Median ms of replaying ``fn`` captured in a CUDA graph: device time, no host cost."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return float(do_bench(graph.replay, warmup=25, rep=100, return_mode="median"))
+
+
+def selection_graph(lengths, copy_tb_s, baseline_path=None, budget_s=150.0):
+    """Device time of selection (mask + indices) per length and tuning, as graph replays.
+
+    ``baseline_path`` names an older copy of optimized/selection.py, timed and
+    compared bit for bit. The floor reads Q and K once and writes the mask and
+    the int32 indices once.
+    """
+    import importlib.util
+
+    from prism.optimized.selection import SelectionTuning
+    baseline = None
+    if baseline_path:
+        spec = importlib.util.spec_from_file_location("selection_baseline", baseline_path)
+        baseline = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(baseline)
+    variants = {"default": None, "check_every_1": SelectionTuning(check_every=1),
+                "num_stages_2": SelectionTuning(num_stages=2),
+                "elements_per_thread_16": SelectionTuning(elements_per_thread=16)}
+    started = time.time()
+    return [_selection_length(n, copy_tb_s, variants, baseline, started, budget_s)
+            for n in lengths]
+
+
+def _selection_length(n, copy_tb_s, variants, baseline, started, budget_s):
+    from prism.optimized import selection
+    from prism.optimized.pooling import pool_tiles_and_energy
+
+    q, k, _ = random_inputs(n)
+    cfg = resolve_config(None, block_size=BLOCK)
+    layout = tile_layout(n, n, BLOCK, True)
+    high, low = band_sizes(HEAD_DIM, cfg.high_dim, cfg.low_dim)
+    nt = layout.num_key_tiles
+    floor = (q.numel() + k.numel()) * 2 + HEADS * nt * (nt * 5 + 4)
+    row = {"tokens": n, "floor_ms": floor / copy_tb_s / 1e9, "graph_ms": {}, "equal": {}}
+    row["graph_ms"]["pooling"] = graph_ms(
+        lambda: pool_tiles_and_energy(q, k, layout, high, low, cfg.rope_layout))
+    modules = [("baseline", baseline, None)] if baseline is not None else []
+    modules += [(name, selection, tuning) for name, tuning in variants.items()]
+    first = None
+    for name, module, tuning in modules:
+        if time.time() - started > budget_s:
+            row["skipped_from"] = name
+            break
+
+        def run(module=module, tuning=tuning):
+            return module.select_tiles(q, k, cfg, True, layout, high, low, write_mask=True,
+                                       write_indices=True, tuning=tuning)[:3]
+        got = run()
+        first = got if first is None else first
+        row["equal"][name] = all(torch.equal(a, b) for a, b in zip(got, first, strict=True))
+        row["graph_ms"][name] = graph_ms(run)
+        log(f"  {n}: {name} {row['graph_ms'][name]:.4f} ms, equal {row['equal'][name]}")
+    row["eager_select_blocks_ms"] = bench(lambda: optimized.select_blocks(q, k))
+    log(f"  {n}: {row}")
+    return row
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mode", choices=("quick", "full", "tune", "diagnose"),
+    parser.add_argument("--mode", choices=("quick", "full", "tune", "diagnose", "selection"),
                         default="quick")
     parser.add_argument("--out", default=None, help="JSON file to write")
     parser.add_argument("--commit", default="unknown")
@@ -481,6 +552,8 @@ def main(argv=None):
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--parts", default="pooling,selection,attention",
                         help="diagnose mode: comma-separated parts to time")
+    parser.add_argument("--baseline", default=None,
+                        help="selection mode: path of an older selection module to compare")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_prism.py needs a CUDA GPU")
@@ -491,6 +564,11 @@ def main(argv=None):
         result["tune"] = tune()
     elif args.mode == "diagnose":
         result["diagnose"] = diagnose(tuple(args.parts.split(",")))
+    elif args.mode == "selection":
+        result["ceilings"] = ceilings()
+        lengths = [int(x) for x in (args.lengths or "8192,131072,4096,32768").split(",")]
+        result["selection"] = selection_graph(lengths, result["ceilings"]["copy_tb_s"],
+                                              args.baseline)
     else:
         result["ceilings"] = ceilings()
         log("ceilings", result["ceilings"])

@@ -116,11 +116,15 @@ def _bits_to_threshold(bits):
 
 @triton.jit
 def _top_p_keep(prob, threshold, admissible_count, ROWS: tl.constexpr, WIDTH: tl.constexpr,
-                LOG2_WIDTH: tl.constexpr, EARLY_EXIT: tl.constexpr):
+                LOG2_WIDTH: tl.constexpr, EARLY_EXIT: tl.constexpr, CHECK_EVERY: tl.constexpr):
     """Tiles kept by top-p with the index tie-break (reference ``top_p_select``).
 
     ``prob`` is (ROWS, WIDTH) from :func:`_softmax_rows`; ``admissible_count``
     (ROWS,) counts each row's admissible tiles. Returns a bool mask.
+    ``CHECK_EVERY`` bisection steps run between two program-wide exit checks
+    (each check is a reduction across the program's warps). A step on a row
+    whose bracket is already resolved leaves its result unchanged: a bracket
+    holding one tile keeps holding it, and one of a single bit stays put.
     """
     if threshold >= 1.0:
         keep = prob > 0.0
@@ -139,18 +143,19 @@ def _top_p_keep(prob, threshold, admissible_count, ROWS: tl.constexpr, WIDTH: tl
         unresolved = (count_lo - count_hi > 1) & (hi - lo > 1)
         step = 0
         while (step < 30) & (tl.max(unresolved.to(tl.int32), axis=0) > 0):
-            mid = lo + (hi - lo) // 2
-            mass, count = _mass_and_count_above(prob, _bits_to_threshold(mid))
-            up = mass >= threshold
-            lo = tl.where(up, mid, lo)
-            count_lo = tl.where(up, count, count_lo)
-            hi = tl.where(up, hi, mid)
-            count_hi = tl.where(up, count_hi, count)
+            for _inner in tl.static_range(CHECK_EVERY):
+                mid = lo + (hi - lo) // 2
+                mass, count = _mass_and_count_above(prob, _bits_to_threshold(mid))
+                up = mass >= threshold
+                lo = tl.where(up, mid, lo)
+                count_lo = tl.where(up, count, count_lo)
+                hi = tl.where(up, hi, mid)
+                count_hi = tl.where(up, count_hi, count)
             if EARLY_EXIT:
                 unresolved = (count_lo - count_hi > 1) & (hi - lo > 1)
             else:
                 unresolved = hi - lo > 1
-            step += 1
+            step += CHECK_EVERY
         # One tile in (lo, hi]: it is v, it has no tie, keep every x > t(lo).
         single = count_lo - count_hi == 1
         keep = prob > _bits_to_threshold(lo)[:, None]
@@ -225,6 +230,7 @@ def _select_tiles_kernel(
     WRITE_MASK: tl.constexpr, WRITE_INDICES: tl.constexpr,
     ROWS: tl.constexpr, WIDTH: tl.constexpr, LOG2_WIDTH: tl.constexpr, DK: tl.constexpr,
     CHUNK: tl.constexpr, USE_DOT: tl.constexpr, EARLY_EXIT: tl.constexpr,
+    CHECK_EVERY: tl.constexpr,
 ):
     """Select the key tiles of ``ROWS`` query-tile rows of one (batch, q head).
 
@@ -274,11 +280,12 @@ def _select_tiles_kernel(
     logits = _band_logits(q_rows, k_head, row_ok, cols, col_ok, k_pooled_stride, coef_high,
                           head_dim, half_layout, high_start, high_dim, ROWS, WIDTH, DK, USE_DOT)
     keep = _top_p_keep(_softmax_rows(logits, admissible), high_threshold,
-                       admissible_count, ROWS, WIDTH, LOG2_WIDTH, EARLY_EXIT)
+                       admissible_count, ROWS, WIDTH, LOG2_WIDTH, EARLY_EXIT, CHECK_EVERY)
     logits = _band_logits(q_rows, k_head, row_ok, cols, col_ok, k_pooled_stride, coef_low,
                           head_dim, half_layout, low_start, low_dim, ROWS, WIDTH, DK, USE_DOT)
     keep = keep | _top_p_keep(_softmax_rows(logits, admissible), low_threshold,
-                              admissible_count, ROWS, WIDTH, LOG2_WIDTH, EARLY_EXIT)
+                              admissible_count, ROWS, WIDTH, LOG2_WIDTH, EARLY_EXIT,
+                              CHECK_EVERY)
 
     # Stage 5: union, forced sink and diagonal, never outside the admissible set.
     if FORCE_SINK:
@@ -293,23 +300,28 @@ def _select_tiles_kernel(
     if WRITE_MASK and not WRITE_INDICES:
         tl.store(MASK + row_offsets[:, None] + cols[None, :], keep, mask=in_row)
     if WRITE_INDICES:
-        # Compact in column chunks: the keep flags go to memory first (the index
-        # rows serve as scratch), and each chunk is read back
-        # whole before its slots are written. A slot never exceeds its column,
-        # so no unread flag is overwritten; the (ROWS, WIDTH) prefix sums never
-        # have to be live in registers at once.
+        # Compact in column chunks: the keep flags go to memory first, and each
+        # chunk is read back before its slots are written, so the (ROWS, WIDTH)
+        # prefix sums never have to be live in registers at once. With the mask
+        # requested, the mask itself holds the flags (one byte each); otherwise
+        # the index rows do, and each chunk is read whole before its slots are
+        # written: a slot never exceeds its column, so no unread flag is
+        # overwritten.
         idx_rows = IDX + row_offsets
-        flags = idx_rows
-        tl.store(flags[:, None] + cols[None, :], keep.to(tl.int32), mask=in_row)
+        if WRITE_MASK:
+            flags = MASK + row_offsets
+            tl.store(flags[:, None] + cols[None, :], keep, mask=in_row)
+        else:
+            flags = idx_rows
+            tl.store(flags[:, None] + cols[None, :], keep.to(tl.int32), mask=in_row)
         tl.debug_barrier()
         count = tl.zeros([ROWS], dtype=tl.int32)
         for c0 in range(0, WIDTH, CHUNK):
             chunk = c0 + tl.arange(0, CHUNK)
             chunk_ok = row_ok[:, None] & (chunk < num_key_tiles)[None, :]
             taken = tl.load(flags[:, None] + chunk[None, :], mask=chunk_ok, other=0).to(tl.int32)
-            tl.debug_barrier()
-            if WRITE_MASK:
-                tl.store(MASK + row_offsets[:, None] + chunk[None, :], taken != 0, mask=chunk_ok)
+            if not WRITE_MASK:
+                tl.debug_barrier()
             slot = count[:, None] + tl.cumsum(taken, axis=1) - taken
             tl.store(idx_rows[:, None] + slot, chunk[None, :] + tl.zeros_like(taken),
                      mask=taken != 0)
@@ -356,6 +368,10 @@ class SelectionTuning:
         Causal rows that see at most this many key tiles share one launch of
         this width (or of the full row, if narrower) instead of one launch per
         power of two: at short lengths the launches, not the work, cost time.
+    check_every : int
+        Top-p bisection steps between two checks of the early exit.
+    num_stages : int
+        Software-pipelining stages of the pooled-key loads of the logits.
     """
 
     dot_max_width: int = 1024
@@ -365,6 +381,8 @@ class SelectionTuning:
     overlap: bool = True
     overlap_min_launches: int = 3
     merge_width: int = 256
+    check_every: int = 2
+    num_stages: int = 3
 
 
 def _launch_plan(layout: TileLayout, causal: bool, tuning: SelectionTuning):
@@ -543,7 +561,8 @@ def _prepare_launches(layout: TileLayout, causal: bool, tuning: SelectionTuning,
                  WRITE_MASK=write_mask, WRITE_INDICES=write_indices,
                  ROWS=rows, WIDTH=width, LOG2_WIDTH=width.bit_length() - 1, DK=dk,
                  CHUNK=min(width, 128), USE_DOT=use_dot,
-                 EARLY_EXIT=tuning.early_exit, num_warps=warps))))
+                 EARLY_EXIT=tuning.early_exit, CHECK_EVERY=tuning.check_every,
+                 num_warps=warps, num_stages=tuning.num_stages))))
     return steps
 
 
