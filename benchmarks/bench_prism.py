@@ -484,7 +484,7 @@ def graph_ms(fn):
     return float(do_bench(graph.replay, warmup=25, rep=100, return_mode="median"))
 
 
-def selection_graph(lengths, copy_tb_s, baseline_path=None, budget_s=150.0):
+def selection_graph(lengths, copy_tb_s, baseline_path=None, budget_s=100.0):
     """Device time of selection (mask + indices) per length and tuning, as graph replays.
 
     ``baseline_path`` names an older copy of optimized/selection.py, timed and
