@@ -497,7 +497,7 @@ def selection_graph(lengths, copy_tb_s, baseline_path=None, budget_s=100.0):
     baseline = None
     if baseline_path:
         spec = importlib.util.spec_from_file_location("selection_baseline", baseline_path)
-        baseline = importlib.util.module_from_spec(spec)
+        baseline = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(baseline)
     variants = {"default": None, "check_every_1": SelectionTuning(check_every=1),
                 "num_stages_2": SelectionTuning(num_stages=2),
