@@ -20,6 +20,9 @@ Prints one JSON object (and writes it with ``--out``):
     (flag read included), and at 128K pooling alone against the whole selection.
 ``profile``
     cProfile of the no-kernel ``prism_attention`` and ``select_blocks`` wrappers.
+``compiled`` (``--parts compiled``)
+    Host microseconds of ``prism_attention`` compiled with ``fullgraph=True`` at 4K,
+    its do_bench time and graph replay, and a cProfile of the compiled call.
 
 Usage (GPU machine, repository root)::
 
@@ -192,6 +195,27 @@ def eager_part(lengths=(4096, 8192, 131072)):
     return row
 
 
+def compiled_part(n=4096):
+    """Host microseconds per call of ``prism_attention`` compiled with ``fullgraph=True``
+    (static shapes, so no recompilation with dynamic ones), beside the eager call with
+    the flag read off, and a cProfile of the compiled call: where a compiled call's host
+    time goes (Dynamo's guards, Inductor's wrapper, the dispatcher, the operators)."""
+    q, k, v = qkv(n)
+    compiled = torch.compile(lambda q, k, v: optimized.prism_attention(q, k, v),
+                             fullgraph=True, dynamic=False)
+    compiled(q, k, v)
+    row = {"compiled_us": host_us(lambda: compiled(q, k, v))}
+    original = ops.tracing
+    ops.tracing = lambda: True
+    try:
+        row["eager_no_flag_us"] = host_us(lambda: optimized.prism_attention(q, k, v))
+    finally:
+        ops.tracing = original
+    row["compiled_ms"] = bench(lambda: compiled(q, k, v))
+    row["graph_replay_ms"] = _graph_us(lambda: compiled(q, k, v), repeats=1) / 1e3
+    return row, profile(lambda: compiled(q, k, v), lines=30)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="")
@@ -219,6 +243,11 @@ def main(argv=None):
     if "gpu" in parts:
         result["gpu_us"] = gpu_part(lengths)
         print("gpu_us", json.dumps(result["gpu_us"], indent=0), flush=True)
+        save()
+    if "compiled" in parts:
+        result["compiled"], result["profile_compiled"] = compiled_part()
+        print("compiled", json.dumps(result["compiled"], indent=0), flush=True)
+        print(result["profile_compiled"][-3500:])
         save()
     if "eager" in parts:
         result["eager_ms"] = eager_part(lengths)

@@ -246,7 +246,7 @@ def _plan(q, k, v, kv_num_blocks, kv_indices, out_strides, block_size, causal, s
     use_tma = config.use_tma and not config.warp_specialize and tma_compatible(k, v, d_pad, dv_pad)
     blocks = ([1, 1, config.block_n, d_pad], [1, 1, config.block_n, dv_pad]) if use_tma else None
     out_shape = (b, hq, nq, dv)
-    if out_strides is None:  # a fresh contiguous output
+    if out_strides is None:  # a fresh (or given) contiguous output
         out_strides = (hq * nq * dv, nq * dv, dv, 1)
     grid = (nqt * -(-block_size // config.block_m) * b * hq,)
     prepared = Prepared(
@@ -302,7 +302,8 @@ def sparse_attention_forward(q, k, v, kv_num_blocks, kv_indices, *, block_size: 
     key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), kv_num_blocks.shape,
            kv_num_blocks.stride(), kv_indices.shape, kv_indices.stride(), q.dtype, q.device,
            q.data_ptr() % 16 == 0, k.data_ptr() % 16 == 0, v.data_ptr() % 16 == 0,
-           None if out is None else out.stride(), block_size, causal, scale, return_lse,
+           None if out is None or out.is_contiguous() else out.stride(), block_size, causal,
+           scale, return_lse,
            first_query_tile, query_start, interpreted, config)
     plan = _PLANS.get(key)
     if plan is None:
