@@ -277,6 +277,27 @@ def test_selection_of_all_zero_inputs_keeps_first_tiles_by_index():
     check_selection(q, k, block_size=32, force_sink=False, force_diagonal=False)
 
 
+def test_selection_outputs_agree_across_exit_checks_and_output_modes():
+    """Checking the bisection's early exit every 3 steps instead of 2, and writing the
+    mask, the indices or both (the compaction stages its flags in the mask or in the
+    index rows), give the same selection."""
+    q, k, _ = make_qkv(1, 1, 1, 200, 200, 32, seed=11, sharpness=2.0)
+    q, k = _to(DEVICE, q, k)
+    cfg = resolve_config(None, block_size=16)
+    layout = tile_layout(200, 200, 16, True)
+    high, low = band_sizes(32, cfg.high_dim, cfg.low_dim)
+    expected = select_tiles(q, k, cfg, True, layout, high, low)[0]
+    tuning = selection_module.SelectionTuning(check_every=3)
+    mask = select_tiles(q, k, cfg, True, layout, high, low, tuning=tuning)[0]
+    _, num, idx, _ = select_tiles(q, k, cfg, True, layout, high, low, write_mask=False,
+                                  write_indices=True, tuning=tuning)
+    both = select_tiles(q, k, cfg, True, layout, high, low, write_indices=True, tuning=tuning)
+    assert torch.equal(mask, expected) and torch.equal(both[0], expected)
+    ref_num, ref_idx = reference.mask_to_indices(expected)
+    for got_num, got_idx in ((num, idx), both[1:3]):
+        assert torch.equal(got_num, ref_num) and torch.equal(got_idx, ref_idx)
+
+
 @pytest.mark.slow
 def test_selection_long_row_and_prefix():
     """A few hundred key tiles per row, a KV prefix that is not a tile multiple."""
