@@ -31,35 +31,7 @@ def _load_kv(k_head, v_head, K_DESC, V_DESC, b, hk, key_base, key_start, stride_
     multiple of BLOCK_N (``key_start`` is a multiple of BLOCK_N), so one page
     index serves the block and its rows are contiguous.
     """
-    if PAGED:
-        keys = key_start + tl.arange(0, BLOCK_N)
-        dims = tl.arange(0, D_PAD)
-        dims_v = tl.arange(0, DV_PAD)
-        key_ok = keys < num_keys
-        if PAGE_SIZE % BLOCK_N == 0:
-            # key_start < num_keys in every block the kernel visits: its page is used.
-            page = tl.load(pages + key_start // PAGE_SIZE).to(tl.int64)
-            slots = (key_start % PAGE_SIZE + tl.arange(0, BLOCK_N)).to(tl.int64)
-            k_rows = page * stride_kpage + slots * stride_kn
-            v_rows = page * stride_vpage + slots * stride_vn
-        else:
-            # Entries past the sequence's last page may hold anything: not read.
-            page = tl.load(pages + keys // PAGE_SIZE, mask=key_ok, other=0).to(tl.int64)
-            slots = (keys % PAGE_SIZE).to(tl.int64)
-            k_rows = page * stride_kpage + slots * stride_kn
-            v_rows = page * stride_vpage + slots * stride_vn
-        k_ptrs = k_head + k_rows[None, :] + dims[:, None] * stride_kd
-        v_ptrs = v_head + v_rows[:, None] + dims_v[None, :] * stride_vd
-        if MASKED:
-            k = tl.load(k_ptrs, mask=(dims[:, None] < HEAD_DIM) & key_ok[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=key_ok[:, None] & (dims_v[None, :] < HEAD_DIM_V), other=0.0)
-        elif HEAD_DIM == D_PAD and HEAD_DIM_V == DV_PAD:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        else:
-            k = tl.load(k_ptrs, mask=dims[:, None] < HEAD_DIM, other=0.0)
-            v = tl.load(v_ptrs, mask=dims_v[None, :] < HEAD_DIM_V, other=0.0)
-    elif USE_TMA:
+    if USE_TMA:  # never with PAGED (the kernel asserts it)
         # Bulk tensor copies; the descriptor zero-fills rows past the head's Nk.
         k = K_DESC.load([b, hk, key_base + key_start, 0]).reshape(BLOCK_N, D_PAD).T
         v = V_DESC.load([b, hk, key_base + key_start, 0]).reshape(BLOCK_N, DV_PAD)
@@ -72,9 +44,23 @@ def _load_kv(k_head, v_head, K_DESC, V_DESC, b, hk, key_base, key_start, stride_
         keys = key_start + tl.arange(0, BLOCK_N)
         dims = tl.arange(0, D_PAD)
         dims_v = tl.arange(0, DV_PAD)
-        k_ptrs = k_head + keys.to(tl.int64)[None, :] * stride_kn + dims[:, None] * stride_kd
-        v_ptrs = v_head + keys.to(tl.int64)[:, None] * stride_vn + dims_v[None, :] * stride_vd
         key_ok = keys < num_keys
+        if PAGED:
+            if PAGE_SIZE % BLOCK_N == 0:
+                # key_start < num_keys in every block the kernel visits: its page is used.
+                page = tl.load(pages + key_start // PAGE_SIZE).to(tl.int64)
+                slots = (key_start % PAGE_SIZE + tl.arange(0, BLOCK_N)).to(tl.int64)
+            else:
+                # Entries past the sequence's last page may hold anything: not read.
+                page = tl.load(pages + keys // PAGE_SIZE, mask=key_ok, other=0).to(tl.int64)
+                slots = (keys % PAGE_SIZE).to(tl.int64)
+            k_rows = page * stride_kpage + slots * stride_kn
+            v_rows = page * stride_vpage + slots * stride_vn
+        else:
+            k_rows = keys.to(tl.int64) * stride_kn
+            v_rows = keys.to(tl.int64) * stride_vn
+        k_ptrs = k_head + k_rows[None, :] + dims[:, None] * stride_kd
+        v_ptrs = v_head + v_rows[:, None] + dims_v[None, :] * stride_vd
         if MASKED:
             k = tl.load(k_ptrs, mask=(dims[:, None] < HEAD_DIM) & key_ok[None, :], other=0.0)
             v = tl.load(v_ptrs, mask=key_ok[:, None] & (dims_v[None, :] < HEAD_DIM_V), other=0.0)
