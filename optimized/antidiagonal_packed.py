@@ -31,6 +31,7 @@ from prism.reference.tiles import TileLayout
 
 from ._runtime import kernels_interpreted, next_power_of_2
 from .launch import launch
+from .pooling import _flag_if_nonfinite
 
 BLOCK_KEY_GROUPS = 64
 TARGET_ROWS = 64
@@ -140,11 +141,25 @@ def online_softmax_step(m_i, l_i, s):
 
 
 @triton.jit
+def check_scores(scaled, raw):
+    """``scaled`` with NaN wherever ``raw``, the same scores unmasked, is NaN or +-Inf.
+
+    The estimator kernels find NaN/Inf input without a pass of their own: a
+    NaN/Inf in a row of q or k makes every score it enters non-finite (Inf * 0
+    is NaN too, so zero-padded rows and masked keys count), a NaN in a block
+    makes its row's online-softmax sum NaN, and each program flags its sums
+    once at the end (pooling's ``_flag_if_nonfinite``). Finite scores are
+    unchanged (``raw - raw`` is 0).
+    """
+    return scaled + (raw - raw)
+
+
+@triton.jit
 def _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, groups, rows_ok,
                    key_groups, key_end, query_start, num_queries, num_keys, qk_scale,
                    CAUSAL: tl.constexpr, STRIDE: tl.constexpr, D_PAD: tl.constexpr,
                    HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_KG: tl.constexpr,
-                   IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                   IEEE: tl.constexpr, UPCAST: tl.constexpr, CHECK: tl.constexpr):
     """(ROWS, BLOCK_KG) antidiagonal scores times ``qk_scale``, -inf where not admissible.
 
     ``sum_u Q_u K_u``: row ``u`` of every query group (``q_head[r]`` is row ``r``'s
@@ -174,12 +189,15 @@ def _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, g
     allowed = (key_groups < key_end)[None, :] & rows_ok[:, None]
     if CAUSAL:
         allowed = allowed & (key_groups[None, :] <= groups[:, None])
-    return tl.where(allowed, s * qk_scale, float("-inf"))
+    scaled = tl.where(allowed, s * qk_scale, float("-inf"))
+    if CHECK:  # NaN/Inf input -> NaN in the row sums (check_scores)
+        scaled = check_scores(scaled, s)
+    return scaled
 
 
 @triton.jit
 def _packed_kernel(
-    Q, K, OUT, E, MB,
+    Q, K, OUT, E, MB, NONFINITE,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_ob, stride_oh, stride_orow, stride_otile,
@@ -189,7 +207,7 @@ def _packed_kernel(
     CAUSAL: tl.constexpr, STRIDE: tl.constexpr, PER_TILE: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr, PAIRS: tl.constexpr,
     BLOCK_KG: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    ONE_PASS: tl.constexpr,
+    ONE_PASS: tl.constexpr, CHECK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     block = programs_per_head - 1 - pid % programs_per_head  # heaviest tiles first
@@ -229,7 +247,7 @@ def _packed_kernel(
         s = _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, groups,
                            rows_ok, key_groups, key_end, query_start, num_queries, num_keys,
                            qk_scale, CAUSAL, STRIDE, D_PAD, HEAD_DIM, ROWS, BLOCK_KG, IEEE,
-                           UPCAST)
+                           UPCAST, CHECK)
         m_i, l_i = online_softmax_step(m_i, l_i, s)
         if ONE_PASS:
             m_block = tl.where(m_i == float("-inf"), 0.0, m_i)
@@ -238,6 +256,8 @@ def _packed_kernel(
             tl.store(e_rows + (key_start // PER_TILE + chunk_tiles)[None, :], e)
             tl.store(mb_rows + key_start // BLOCK_KG, m_block)
 
+    if CHECK:
+        _flag_if_nonfinite(l_i, NONFINITE)
     m_shift = tl.where(m_i == float("-inf"), 0.0, m_i)
     inv_l = tl.where(rows_ok & (l_i > 0), 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
     # Row // PER_TILE is the row's (head, tile) pair: g * tiles_per_program + t.
@@ -261,7 +281,7 @@ def _packed_kernel(
             s = _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
                                groups, rows_ok, key_groups, key_end, query_start, num_queries,
                                num_keys, qk_scale, CAUSAL, STRIDE, D_PAD, HEAD_DIM, ROWS,
-                               BLOCK_KG, IEEE, UPCAST)
+                               BLOCK_KG, IEEE, UPCAST, False)
             p = tl.math.exp2(s - m_shift[:, None]) * inv_l[:, None]
             # Key groups -> key tiles (exact fp32 sums).
             by_tile = tl.sum(tl.reshape(p, (ROWS, TILES_PER_CHUNK, PER_TILE)), axis=2)
@@ -274,11 +294,16 @@ def _packed_kernel(
 
 def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
                                       stride: int, causal: bool = True,
-                                      tuning: PackedTuning | None = None) -> torch.Tensor:
+                                      tuning: PackedTuning | None = None, *,
+                                      normalize: bool = True,
+                                      nonfinite: torch.Tensor | None = None) -> torch.Tensor:
     """Antidiagonal tile probabilities, GQA heads packed (inputs validated by the caller).
 
     ``tuning`` overrides the launch shape (:func:`default_tuning`); the result
-    does not depend on it beyond fp32 summation order.
+    does not depend on it beyond fp32 summation order. ``normalize=False``
+    returns each row before its division by its sum, defined only at the
+    admissible tiles (the selection's last kernel normalises). ``nonfinite``, a
+    float64 device flag, is set when q or k holds NaN/Inf.
 
     Returns
     -------
@@ -288,7 +313,10 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
     hkv, nk_tokens = k.shape[1], k.shape[2]
     group = hq // hkv
     nq, nk = layout.num_query_tiles, layout.num_key_tiles
-    out = torch.zeros(b, hq, nq, nk, dtype=torch.float32, device=q.device)
+    # Every admissible tile of every row is stored (a program's key groups reach
+    # its last query tile's); the others only matter when normalised here.
+    out = (torch.zeros if normalize else torch.empty)(b, hq, nq, nk, dtype=torch.float32,
+                                                      device=q.device)
     if out.numel() == 0:
         return out
     per_tile = layout.block_size // stride
@@ -314,17 +342,21 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
     mb = torch.empty(programs * rows * key_blocks if one_pass else 1, dtype=torch.float32,
                      device=q.device)
     launch(
-        _packed_kernel, (programs,), q, k, out, e, mb, *q.stride(), *k.stride(), *out.stride(),
+        _packed_kernel, (programs,), q, k, out, e, mb,
+        nonfinite if nonfinite is not None else mb, *q.stride(), *k.stride(), *out.stride(),
         hkv, group, tiles, per_head, nq_tokens, nk_tokens, layout.query_start,
         layout.first_query_tile, nq, nk, key_groups,
         math.log2(math.e) / (math.sqrt(d) * stride), scratch_tiles, key_blocks,
         CAUSAL=causal, STRIDE=stride, PER_TILE=per_tile, HEAD_DIM=d, D_PAD=d_pad, ROWS=rows,
         PAIRS=pairs, BLOCK_KG=tuning.block_kg, IEEE=q.dtype == torch.float32 or upcast,
-        UPCAST=upcast, ONE_PASS=one_pass, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+        UPCAST=upcast, ONE_PASS=one_pass, CHECK=nonfinite is not None,
+        num_warps=tuning.num_warps, num_stages=tuning.num_stages,
     )
+    if not normalize:
+        return out
     # Rows sum to 1; a row with no admissible tile is all zeros and stays so (0 / 1e-30).
     return out.div_(out.sum(dim=-1, keepdim=True).clamp_min_(1e-30))
 
 
 __all__ = ["PackedTuning", "antidiagonal_packed_applies", "antidiagonal_packed_probabilities",
-           "TUNED", "default_tuning", "online_softmax_step"]
+           "TUNED", "check_scores", "default_tuning", "online_softmax_step"]

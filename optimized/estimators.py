@@ -1,14 +1,15 @@
-"""Estimator selection on CUDA, and the antidiagonal tile scores as a Triton kernel.
+"""The antidiagonal tile scores as a Triton kernel, and the estimators' stage kernels.
 
-:func:`estimator_select_blocks` runs any estimator of the registry
-(:mod:`prism.reference.registry`) with the scoring stages of
-:data:`KERNEL_STAGES` replaced by Triton kernels: the antidiagonal scores
-below, the sampled-query scores of :mod:`prism.optimized.sampled`, the
-vertical-slash stage of :mod:`prism.optimized.vertical_slash` (the last
-queries' column and diagonal distributions and their top-p) and the top-p over
-tile probabilities (:func:`tile_top_p_kernel`). The mapping of kept columns and
-offsets to tiles and the unions are the reference's torch code on the same
-device.
+:data:`KERNEL_STAGES` maps the registry's scoring stages
+(:mod:`prism.reference.registry`) to Triton kernels with the reference
+stage's signature and result: the antidiagonal scores below, the
+sampled-query scores of :mod:`prism.optimized.sampled`, the vertical-slash
+stage of :mod:`prism.optimized.vertical_slash` and the top-p over tile
+probabilities (:func:`tile_top_p_kernel`). A whole selection goes through
+:func:`prism.optimized.estimator_path.estimator_select`, which calls the
+scoring kernels without their normalisation and finishes in one kernel
+(:mod:`prism.optimized.tile_union`); :func:`estimator_select_blocks` returns
+its mask.
 
 :func:`antidiagonal_tile_probabilities` computes exactly what
 :func:`prism.reference.estimators.antidiagonal_probabilities` computes, without
@@ -41,22 +42,19 @@ of one query tile, in two passes over the admissible key groups:
    program's query groups and, through a one-hot reduction, over the key
    groups of each key tile: one row of ``nk`` tile probabilities.
 
-The rows are then renormalised in torch (a reduction over ``nk`` numbers per
-query tile). Nothing of size ``groups x groups`` is ever written to memory.
+The rows are then renormalised (in torch, or in the selection's last kernel).
+Nothing of size ``groups x groups`` is ever written to memory.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from prism.reference.bands import band_sizes
-from prism.reference.registry import estimator_spec, estimator_tiles, top_p_tiles
-from prism.reference.select import estimator_mask, trace_selection
+from prism.reference.registry import top_p_tiles
 from prism.reference.tiles import TileLayout, tile_layout
 from prism.reference.validation import validate_stage_inputs
 
@@ -64,11 +62,13 @@ from ._runtime import check_device, kernels_interpreted, next_power_of_2
 from .antidiagonal_packed import (
     antidiagonal_packed_applies,
     antidiagonal_packed_probabilities,
+    check_scores,
     online_softmax_step,
 )
 from .launch import launch
+from .pooling import _flag_if_nonfinite
 from .sampled import sampled_tile_probabilities
-from .selection import _top_p_keep
+from .tile_union import MAX_UNION_WIDTH, union_tiles
 from .vertical_slash import vertical_slash_tile_mask
 
 #: Key groups scored per ``tl.dot`` (columns of one block of scores).
@@ -141,7 +141,7 @@ def _antidiagonal_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride
 
 @triton.jit
 def _antidiagonal_tile_kernel(
-    Q, K, OUT,
+    Q, K, OUT, NONFINITE,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_obh, stride_orow, stride_osub, stride_otile,
@@ -150,14 +150,15 @@ def _antidiagonal_tile_kernel(
     subs_per_tile, qk_scale,
     CAUSAL: tl.constexpr, STRIDE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_KG: tl.constexpr, TILES_PER_CHUNK: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, CHECK: tl.constexpr,
 ):
     """Unnormalised tile probabilities of ``BLOCK_G`` query groups of one query tile.
 
     Fuses the reference ``antidiagonal_probabilities`` stages: the zero-filled
     absolute grid, the group scores, the masked softmax per query group and the
     sum of group probabilities into (query tile, key tile) pairs. Writes
-    ``OUT[bh, row, sub, :]``; the caller sums ``sub`` and renormalises.
+    ``OUT[bh, row, sub, :]``; the caller sums ``sub`` and renormalises. With
+    ``CHECK`` a NaN/Inf in q or k sets ``NONFINITE`` (:func:`check_scores`).
     """
     # Program -> (query tile, batch*head, sub-block); the last (heaviest causal)
     # query tiles first.
@@ -202,8 +203,12 @@ def _antidiagonal_tile_kernel(
         allowed = (key_groups < key_end)[None, :] & rows_ok[:, None]
         if CAUSAL:
             allowed = allowed & (key_groups[None, :] <= groups[:, None])
-        s = tl.where(allowed, s * qk_scale, float("-inf"))
-        m_i, l_i = online_softmax_step(m_i, l_i, s)
+        scaled = tl.where(allowed, s * qk_scale, float("-inf"))
+        if CHECK:
+            scaled = check_scores(scaled, s)
+        m_i, l_i = online_softmax_step(m_i, l_i, scaled)
+    if CHECK:
+        _flag_if_nonfinite(l_i, NONFINITE)
 
     # Pass 2: probabilities 2^(a * qk_scale - m) / l, summed over this program's
     # query groups (axis 0) and then over the key groups of each key tile.
@@ -288,15 +293,28 @@ def antidiagonal_tile_probabilities(q: torch.Tensor, k: torch.Tensor, layout: Ti
     """
     _validate(q, k, layout, stride, causal)
     check_device(_antidiagonal_tile_kernel, q=q, k=k)
+    return antidiagonal_tile_scores(q, k, layout, stride, causal, normalize=True)
+
+
+def antidiagonal_tile_scores(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
+                             stride: int, causal: bool, *, normalize: bool,
+                             nonfinite: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`antidiagonal_tile_probabilities` on validated inputs.
+
+    ``normalize=False`` returns the rows before their division by their sums,
+    defined at the admissible tiles only (the selection's last kernel,
+    :func:`prism.optimized.tile_union.union_tiles`, divides). ``nonfinite`` (a
+    float64 device flag) is set when q or k holds NaN/Inf.
+    """
     if antidiagonal_packed_applies(layout, stride, q.shape[1] // k.shape[1]):
         # The query heads of a GQA group in one program (prism.optimized.antidiagonal_packed).
-        return antidiagonal_packed_probabilities(q, k, layout, stride, causal)
+        return antidiagonal_packed_probabilities(q, k, layout, stride, causal,
+                                                 normalize=normalize, nonfinite=nonfinite)
     b, hq, nq_tokens, d = q.shape
     hkv, nk_tokens = k.shape[1], k.shape[2]
     nq, nk = layout.num_query_tiles, layout.num_key_tiles
-    out = torch.zeros(b, hq, nq, nk, dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
-        return out
+    if b * hq * nq * nk == 0:
+        return torch.zeros(b, hq, nq, nk, dtype=torch.float32, device=q.device)
 
     per_tile = layout.block_size // stride
     block_g = min(MAX_BLOCK_QUERY_GROUPS, max(_MIN_DOT, next_power_of_2(per_tile)))
@@ -311,64 +329,29 @@ def antidiagonal_tile_probabilities(q: torch.Tensor, k: torch.Tensor, layout: Ti
     upcast = q.dtype == torch.bfloat16 and kernels_interpreted(_antidiagonal_tile_kernel)
     partial = torch.zeros(b * hq, nq, subs, nk, dtype=torch.float32, device=q.device)
     grid = (nq * b * hq * subs,)
-    _antidiagonal_tile_kernel[grid](
-        q, k, partial,
+    launch(
+        _antidiagonal_tile_kernel, grid, q, k, partial,
+        nonfinite if nonfinite is not None else partial,
         *q.stride(), *k.stride(), *partial.stride(),
         b * hq, hq, hq // hkv, nq_tokens, nk_tokens, layout.query_start,
         layout.first_query_tile, nq, nk, -(-nk_tokens // stride), per_tile, subs,
         math.log2(math.e) / (math.sqrt(d) * stride),
         CAUSAL=causal, STRIDE=stride, HEAD_DIM=d, D_PAD=d_pad, BLOCK_G=block_g,
         BLOCK_KG=block_kg, TILES_PER_CHUNK=tiles_per_chunk,
-        IEEE=q.dtype == torch.float32 or upcast, UPCAST=upcast,
+        IEEE=q.dtype == torch.float32 or upcast, UPCAST=upcast, CHECK=nonfinite is not None,
         num_warps=8 if d_pad >= 256 else 4,
     )
     tiles = partial.sum(dim=2).view(b, hq, nq, nk)
+    if not normalize:
+        return tiles
     # Renormalise each query tile's row (its query groups' probabilities sum to
     # the number of real groups in it); rows with no admissible tile stay 0.
     return tiles.div_(tiles.sum(dim=-1, keepdim=True).clamp_min_(1e-30))
 
 
-#: Whether :func:`prism.optimized.selection._top_p_keep` takes ``CHECK_EVERY`` (its
-#: bisection's exit-check interval, being added while this was written); 1 is passed.
-_TOP_P_CHECK_EVERY = "CHECK_EVERY" in inspect.signature(
-    getattr(_top_p_keep, "fn", _top_p_keep)).parameters
-
 #: Widest row of key tiles the top-p kernel keeps in registers; wider rows take
 #: the reference's sort.
-MAX_TOP_P_WIDTH = 8192
-
-
-@triton.jit
-def _tile_top_p_kernel(P, OUT, total_rows, num_query_tiles, num_key_tiles, first_query_tile,
-                       threshold, CAUSAL: tl.constexpr, ROWS: tl.constexpr,
-                       WIDTH: tl.constexpr, LOG2_WIDTH: tl.constexpr,
-                       CHECK_EVERY_ARG: tl.constexpr = False):
-    """Top-p of ``ROWS`` rows of tile probabilities, without sorting (contract §6).
-
-    The bisection on the fp32 bits of the cut value is Prism's selection kernel's
-    (:func:`prism.optimized.selection._top_p_keep`): same rule, same tie-break.
-    """
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < total_rows
-    cols = tl.arange(0, WIDTH)
-    admissible = row_ok[:, None] & (cols < num_key_tiles)[None, :]
-    if CAUSAL:
-        abs_rows = first_query_tile + rows % num_query_tiles
-        admissible = admissible & (cols[None, :] <= abs_rows[:, None])
-    offsets = rows.to(tl.int64)[:, None] * num_key_tiles + cols[None, :]
-    prob = tl.load(P + offsets, mask=admissible, other=-2.0)
-    prob = tl.where(admissible, prob, -2.0)
-    count = tl.sum(admissible.to(tl.int32), axis=1)
-    if CHECK_EVERY_ARG:  # selection._top_p_keep's CHECK_EVERY parameter, when it has one
-        keep = _top_p_keep(prob, threshold, count, ROWS, WIDTH, LOG2_WIDTH, True, 1)
-    else:
-        keep = _top_p_keep(prob, threshold, count, ROWS, WIDTH, LOG2_WIDTH, True)
-    # The bisection assumes a row's mass reaches p (rows of probabilities sum to 1);
-    # a row whose whole mass stays below p keeps every non-zero tile, as the sort does.
-    total = tl.sum(tl.where(admissible, prob, 0.0), axis=1)
-    keep = (keep | (total < threshold)[:, None]) & admissible & (prob > 0.0)
-    tl.store(OUT + offsets, keep.to(tl.int8),
-             mask=row_ok[:, None] & (cols < num_key_tiles)[None, :])
+MAX_TOP_P_WIDTH = MAX_UNION_WIDTH
 
 
 def tile_top_p_kernel(probs: torch.Tensor, layout: TileLayout, causal: bool,
@@ -377,8 +360,9 @@ def tile_top_p_kernel(probs: torch.Tensor, layout: TileLayout, causal: bool,
 
     Same signature and result (up to fp32 summation order at the top-p
     boundary): contract §6's top-p with the index tie-break over each row of
-    admissible tiles, never keeping a zero-probability tile. Rows wider than
-    :data:`MAX_TOP_P_WIDTH` tiles run the reference.
+    admissible tiles, never keeping a zero-probability tile, without sorting
+    (the top-p of :func:`prism.optimized.tile_union.union_tiles`). Rows wider
+    than :data:`MAX_TOP_P_WIDTH` tiles run the reference.
 
     Returns
     -------
@@ -390,17 +374,9 @@ def tile_top_p_kernel(probs: torch.Tensor, layout: TileLayout, causal: bool,
                          f"{tuple(probs.shape)}")
     if nk > MAX_TOP_P_WIDTH or probs.numel() == 0:
         return top_p_tiles(probs, layout, causal, threshold)
-    check_device(_tile_top_p_kernel, probs=probs)
-    probs = probs.float().contiguous()
-    out = torch.empty(probs.shape, dtype=torch.int8, device=probs.device)
-    width = next_power_of_2(nk)
-    rows = max(1, min(16, 8192 // width))
-    total = probs.numel() // nk
-    launch(_tile_top_p_kernel, (-(-total // rows),), probs, out, total, nq, nk,
-           layout.first_query_tile, float(threshold), CAUSAL=causal, ROWS=rows, WIDTH=width,
-           LOG2_WIDTH=width.bit_length() - 1, CHECK_EVERY_ARG=_TOP_P_CHECK_EVERY,
-           num_warps=8 if width >= 2048 else 4)
-    return out.view(torch.bool)
+    check_device(_antidiagonal_tile_kernel, probs=probs)
+    return union_tiles(layout, causal, probs.shape[:2], probs=probs.float().contiguous(),
+                       threshold=threshold)[0]
 
 
 #: Registry stage name -> the Triton kernel that computes it (same signature and
@@ -413,27 +389,12 @@ KERNEL_STAGES = {
 }
 
 
-def _prism_band_mask(q, k, cfg, causal, layout):
-    """Prism's own selection (bands and forced tiles): the selection kernel where it fits."""
-    from .selection import MAX_WIDTH, select_tiles
-
-    prism_cfg = cfg.replace(estimator="prism")
-    if layout.num_key_tiles > MAX_WIDTH:
-        return trace_selection(q, k, prism_cfg, causal=causal).mask
-    high_dim, low_dim = band_sizes(q.shape[-1], cfg.high_dim, cfg.low_dim)
-    return select_tiles(q, k, prism_cfg, causal, layout, high_dim, low_dim,
-                        write_mask=True, write_indices=False)[0]
-
-
 def estimator_select_blocks(q: torch.Tensor, k: torch.Tensor, cfg, causal: bool) -> torch.Tensor:
     """The mask of ``cfg.estimator`` on validated CUDA (or interpreted) inputs.
 
-    The registry decides what runs: an estimator with Prism's bands gets
-    Prism's selection kernel united with its own tiles; any other gets its
-    tiles (:func:`prism.reference.registry.estimator_tiles`) with the forced
-    ones (:func:`prism.reference.select.estimator_mask`). Scoring stages with
-    a kernel in :data:`KERNEL_STAGES` run it; the result equals
-    :func:`prism.reference.select_blocks` up to top-p boundary ties.
+    :func:`prism.optimized.estimator_path.estimator_select` without the
+    indices and the NaN/Inf flag; equals :func:`prism.reference.select_blocks`
+    up to top-p boundary ties.
 
     Parameters
     ----------
@@ -446,20 +407,12 @@ def estimator_select_blocks(q: torch.Tensor, k: torch.Tensor, cfg, causal: bool)
     -------
     Tensor (B, Hq, nq, nk), bool
     """
-    spec = estimator_spec(cfg.estimator)
+    from .estimator_path import estimator_select
+
     layout = tile_layout(q.shape[2], k.shape[2], cfg.block_size, causal)
-    if layout.num_query_tiles == 0 or layout.num_key_tiles == 0:
-        return torch.zeros(q.shape[0], q.shape[1], layout.num_query_tiles,
-                           layout.num_key_tiles, dtype=torch.bool, device=q.device)
-    stages = {**KERNEL_STAGES, "prism_trace": trace_selection}
-    if not spec.prism_bands:
-        return estimator_mask(q, k, cfg, causal, stages=stages)
-    mask = _prism_band_mask(q, k, cfg, causal, layout)
-    if spec.tiles is not None:
-        mask = mask | estimator_tiles(q, k, cfg, layout, causal, stages)
-    return mask
+    return estimator_select(q, k, None, cfg, causal, layout, write_indices=False)[0]
 
 
-__all__ = ["antidiagonal_tile_probabilities", "estimator_select_blocks", "KERNEL_STAGES",
-           "tile_top_p_kernel", "MAX_TOP_P_WIDTH",
+__all__ = ["antidiagonal_tile_probabilities", "antidiagonal_tile_scores",
+           "estimator_select_blocks", "KERNEL_STAGES", "tile_top_p_kernel", "MAX_TOP_P_WIDTH",
            "BLOCK_KEY_GROUPS", "MAX_BLOCK_QUERY_GROUPS"]

@@ -41,9 +41,9 @@ from prism.reference.bands import band_sizes
 from prism.reference.config import PrismConfig
 from prism.reference.tiles import tile_layout
 
-from . import estimators as _estimators
 from ._runtime import kernels_interpreted
 from .attention import _sparse_attention_kernel, sparse_attention_forward, supported_block_size
+from .estimator_path import estimator_select
 from .indices import mask_rows_to_indices
 from .pooling import nonfinite_flag
 from .selection import MAX_WIDTH, select_tiles
@@ -111,11 +111,11 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, cfg: PrismC
            causal: bool):
     """Selection on validated inputs: ``(mask, kv_num_blocks, kv_indices, nonfinite)``.
 
-    One dispatch for every case: empty grids, the estimators' GPU path
-    (:func:`prism.optimized.estimators.estimator_select_blocks`) for any
-    ``estimator`` other than ``"prism"``, the reference for rows of more than
-    ``MAX_WIDTH`` key tiles, and the Prism kernels otherwise. ``v`` (optional)
-    is only checked for NaN/Inf.
+    One dispatch for every case: the estimators' GPU path
+    (:func:`prism.optimized.estimator_path.estimator_select`) for any
+    ``estimator`` other than ``"prism"``, empty grids, the reference for rows
+    of more than ``MAX_WIDTH`` key tiles, and the Prism kernels otherwise.
+    ``v`` (optional) is only checked for NaN/Inf.
     """
     b, hq, nq, d = q.shape
     nk = k.shape[2]
@@ -126,11 +126,13 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, cfg: PrismC
         high_dim, low_dim = _band_sizes(d, cfg.high_dim, cfg.low_dim)
         return select_tiles(q, k, cfg, causal, layout, high_dim, low_dim, write_mask=True,
                             write_indices=True, v=v)
+    if cfg.estimator != "prism":
+        # Scoring kernels and one finishing launch that writes the mask and the
+        # indices and checks what no scoring kernel read (estimator_path).
+        return estimator_select(q, k, v, cfg, causal, layout)
     nonfinite = nonfinite_flag(q, k, k if v is None else v)
     if nqt == 0 or nkt == 0:
         mask = torch.zeros(b, hq, nqt, nkt, dtype=torch.bool, device=q.device)
-    elif cfg.estimator != "prism":
-        mask = _estimators.estimator_select_blocks(q, k, cfg, causal)
     else:
         mask = reference.select_blocks(q, k, cfg, causal=causal)
     mask = mask.as_subclass(torch.Tensor).contiguous()

@@ -32,7 +32,9 @@ from prism.reference.estimators import sampled_query_positions
 from prism.reference.tiles import TileLayout
 
 from ._runtime import check_device, kernels_interpreted, next_power_of_2
-from .antidiagonal_packed import online_softmax_step
+from .antidiagonal_packed import check_scores, online_softmax_step
+from .launch import launch
+from .pooling import _flag_if_nonfinite
 
 #: Rows (sampled queries of a GQA group) one program aims to hold.
 TARGET_ROWS = 64
@@ -41,7 +43,7 @@ _MIN_DOT = 16
 
 @triton.jit
 def _sampled_tile_kernel(
-    Q, K, POS, OUT,
+    Q, K, POS, OUT, NONFINITE,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_ob, stride_oh, stride_orow, stride_otile,
@@ -49,9 +51,13 @@ def _sampled_tile_kernel(
     num_query_tiles, num_key_tiles, num_keys, query_start, block_size, qk_scale,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     ROWS: tl.constexpr, PAIRS: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, CHECK: tl.constexpr,
 ):
-    """Unnormalised tile probabilities of ``TILES`` query tiles x one GQA group."""
+    """Unnormalised tile probabilities of ``TILES`` query tiles x one GQA group.
+
+    With ``CHECK`` a NaN/Inf in k (or a sampled query) sets ``NONFINITE``
+    (:func:`prism.optimized.antidiagonal_packed.check_scores`).
+    """
     pid = tl.program_id(0)
     # Heaviest (last) query tiles first.
     block = num_programs_per_head - 1 - pid % num_programs_per_head
@@ -110,8 +116,12 @@ def _sampled_tile_kernel(
             allowed = key_ok[None, :] & rows_ok[:, None]
             if CAUSAL:
                 allowed = allowed & (keys[None, :] <= pos[:, None])
-            scores = tl.where(allowed, scores * qk_scale, float("-inf"))
-            m_i, l_i = online_softmax_step(m_i, l_i, scores)
+            scaled = tl.where(allowed, scores * qk_scale, float("-inf"))
+            if CHECK:
+                scaled = check_scores(scaled, scores)
+            m_i, l_i = online_softmax_step(m_i, l_i, scaled)
+    if CHECK:
+        _flag_if_nonfinite(l_i, NONFINITE)
 
     # Pass 2: per key tile, each row's probability mass, summed over the
     # samples of each (head, tile) pair by a one-hot reduction.
@@ -152,13 +162,17 @@ def _sampled_tile_kernel(
 
 
 def sampled_tile_probabilities(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
-                               samples: int, causal: bool = True) -> torch.Tensor:
+                               samples: int, causal: bool = True, *, normalize: bool = True,
+                               nonfinite: torch.Tensor | None = None) -> torch.Tensor:
     """Tile probabilities of the sampled queries of every tile, by a Triton kernel.
 
     Same arguments and result as
     :func:`prism.reference.estimators.sampled_query_probabilities` (up to fp32
     rounding); inputs must be validated by the caller (``select_blocks``
     does it). The query heads of a GQA group share each loaded key tile.
+    ``normalize=False`` returns the rows before their division by their sums
+    (the selection's last kernel divides); ``nonfinite``, a float64 device
+    flag, is set when k or a sampled query holds NaN/Inf.
 
     Returns
     -------
@@ -182,15 +196,18 @@ def sampled_tile_probabilities(q: torch.Tensor, k: torch.Tensor, layout: TileLay
     block_n = max(_MIN_DOT, min(128, next_power_of_2(layout.block_size)))
     d_pad = max(_MIN_DOT, next_power_of_2(d))
     upcast = q.dtype == torch.bfloat16 and kernels_interpreted(_sampled_tile_kernel)
-    _sampled_tile_kernel[(b * hkv * per_head,)](
-        q, k, positions, out,
+    launch(
+        _sampled_tile_kernel, (b * hkv * per_head,),
+        q, k, positions, out, nonfinite if nonfinite is not None else out,
         *q.stride(), *k.stride(), *out.stride(),
         hkv, group, samples, tiles, per_head, nq, nk, nk_tokens, layout.query_start,
         layout.block_size, math.log2(math.e) / math.sqrt(d),
         CAUSAL=causal, HEAD_DIM=d, D_PAD=d_pad, ROWS=rows, PAIRS=pairs, BLOCK_N=block_n,
-        IEEE=q.dtype == torch.float32 or upcast, UPCAST=upcast,
+        IEEE=q.dtype == torch.float32 or upcast, UPCAST=upcast, CHECK=nonfinite is not None,
         num_warps=4 if d_pad <= 128 else 8,
     )
+    if not normalize:
+        return out
     total = out.sum(dim=-1, keepdim=True)
     return torch.where(total > 0, out / total.clamp_min(1e-30), torch.zeros_like(out))
 

@@ -53,8 +53,9 @@ from prism.reference.tiles import TileLayout
 from prism.reference.validation import validate_stage_inputs
 
 from ._runtime import check_device, kernels_interpreted, next_power_of_2
-from .antidiagonal_packed import online_softmax_step
+from .antidiagonal_packed import check_scores, online_softmax_step
 from .launch import launch
+from .pooling import _flag_if_nonfinite
 from .vertical_slash_tiles import long_top_p_kernel, vertical_slash_tiles_kernel
 
 #: Most query rows (heads x last queries) one program holds.
@@ -110,15 +111,20 @@ def _block_scores(q_tile, k_head, stride_kn, stride_kd, keys, num_keys,
 
 @triton.jit
 def _stats_kernel(
-    Q, K, M_OUT, L_OUT,
+    Q, K, M_OUT, L_OUT, NONFINITE,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     group, heads_per_row_block, row_blocks, rows, num_queries, num_keys, query_start,
     chunk_keys, num_chunks, qk_scale,
     CAUSAL: tl.constexpr, HEADS: tl.constexpr, LB: tl.constexpr, BN: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    CHECK: tl.constexpr,
 ):
-    """Per row, max ``m`` and sum ``l`` of ``2^(s*qk_scale - m)`` over one key chunk."""
+    """Per row, max ``m`` and sum ``l`` of ``2^(s*qk_scale - m)`` over one key chunk.
+
+    With ``CHECK`` a NaN/Inf in k or in the last queries sets ``NONFINITE``
+    (:func:`prism.optimized.antidiagonal_packed.check_scores`).
+    """
     pid_rows = tl.program_id(0)
     chunk = tl.program_id(1)
     q_tile, row_ok, q_pos, k_head, rb = _tail_rows(
@@ -139,8 +145,12 @@ def _stats_kernel(
         allowed = row_ok[:, None] & (keys < stop)[None, :]
         if CAUSAL:
             allowed = allowed & (keys[None, :] <= q_pos[:, None])
-        s = tl.where(allowed, s * qk_scale, float("-inf"))
-        m_i, l_i = online_softmax_step(m_i, l_i, s)
+        scaled = tl.where(allowed, s * qk_scale, float("-inf"))
+        if CHECK:
+            scaled = check_scores(scaled, s)
+        m_i, l_i = online_softmax_step(m_i, l_i, scaled)
+    if CHECK:
+        _flag_if_nonfinite(l_i, NONFINITE)
     out = (pid_rows * num_chunks + chunk).to(tl.int64) * (HEADS * LB) + tl.arange(0, HEADS * LB)
     tl.store(M_OUT + out, m_i)
     tl.store(L_OUT + out, l_i)
@@ -297,6 +307,14 @@ def last_query_distributions_kernel(q: torch.Tensor, k: torch.Tensor, layout: Ti
     """
     _validate(q, k, layout, last_queries, causal)
     check_device(_distribution_kernel, q=q, k=k)
+    return last_query_distributions_unchecked(q, k, layout, last_queries, causal)
+
+
+def last_query_distributions_unchecked(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
+                                       last_queries: int, causal: bool,
+                                       nonfinite: torch.Tensor | None = None):
+    """:func:`last_query_distributions_kernel` on validated inputs; ``nonfinite``, a
+    float64 device flag, is set when k or one of the last queries holds NaN/Inf."""
     b, hq, nq_tokens, d = q.shape
     hkv, nk_tokens = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -324,8 +342,9 @@ def last_query_distributions_kernel(q: torch.Tensor, k: torch.Tensor, layout: Ti
     l_part = torch.empty_like(m_part)
     args = (*q.stride(), *k.stride(), group, hq // heads, row_blocks, rows, nq_tokens,
             nk_tokens, layout.query_start)
-    launch(_stats_kernel, (row_programs, chunks), q, k, m_part, l_part, *args, chunk, chunks,
-           qk_scale, **common)
+    launch(_stats_kernel, (row_programs, chunks), q, k, m_part, l_part,
+           nonfinite if nonfinite is not None else m_part, *args, chunk, chunks, qk_scale,
+           CHECK=nonfinite is not None, **common)
     key_blocks = -(-nk_tokens // bn)
     direct = row_blocks == 1
     vert = vertical if direct else torch.empty(row_programs, heads, key_blocks * bn,
@@ -360,8 +379,9 @@ def vertical_slash_tile_mask(q: torch.Tensor, k: torch.Tensor, layout: TileLayou
     :func:`prism.reference.estimators.vertical_slash_tiles` (up to top-p
     boundary ties): :func:`last_query_distributions_kernel` (three launches),
     then :func:`prism.optimized.vertical_slash_tiles.vertical_slash_tiles_kernel`
-    (the top-p of columns and offsets and their tiles: two launches), every
-    launch through :func:`prism.optimized.launch.launch`.
+    (the top-p of columns and offsets, then their tiles by
+    :func:`prism.optimized.tile_union.union_tiles`: two launches), every launch
+    through :func:`prism.optimized.launch.launch`.
 
     Returns
     -------
@@ -374,4 +394,5 @@ def vertical_slash_tile_mask(q: torch.Tensor, k: torch.Tensor, layout: TileLayou
     return vertical_slash_tiles_kernel(vertical, slash, layout, threshold, causal)
 
 
-__all__ = ["last_query_distributions_kernel", "long_top_p_kernel", "vertical_slash_tile_mask"]
+__all__ = ["last_query_distributions_kernel", "last_query_distributions_unchecked",
+           "long_top_p_kernel", "vertical_slash_tile_mask"]

@@ -11,8 +11,10 @@ computes, in two launches and without sorting:
    reference's :func:`~prism.reference.estimators.vertical_slash_tiles_from_kept`.
    A bin is set by storing 1 from every kept value in it (the same value from
    any number of threads: no read-modify-write).
-2. :func:`_tiles_kernel` - the tile pairs: ``column[j] | diagonal[I - j + nk]``
-   within the admissible tiles (``I`` the query tile's absolute index).
+2. :func:`prism.optimized.tile_union.union_tiles` - the tile pairs:
+   ``column[j] | diagonal[I - j + nk]`` within the admissible tiles (``I`` the
+   query tile's absolute index), in a whole selection together with the other
+   tiles, the forced ones and the compact indices.
 
 The top-p without a sort. ``F(t)``, the mass strictly above ``t``, is one pass
 over the row. Bisect the fp32 bits of ``t`` for the smallest value ``v`` with
@@ -36,14 +38,12 @@ from prism.reference.tiles import TileLayout
 
 from ._runtime import check_device, next_power_of_2
 from .launch import launch
+from .tile_union import MAX_UNION_WIDTH, union_tiles
 
 #: Values per chunk of the long-row top-p's passes.
 LONG_TOP_P_BLOCK = 4096
 #: Most values of a bracket finished in registers (one pass copies them out).
 CANDIDATES = 4096
-#: Query-tile rows and key tiles per program of the tile mapping.
-TILE_ROWS = 16
-TILE_COLS = 256
 _MIN_BLOCK = 16
 
 
@@ -252,58 +252,21 @@ def long_top_p_kernel(values: torch.Tensor, threshold: float,
     return out[0] if more is None else (out[0], out[1])
 
 
-@triton.jit
-def _tiles_kernel(COLUMNS, DIAGONALS, OUT, num_query_tiles, num_key_tiles, num_diagonals,
-                  first_query_tile, CAUSAL: tl.constexpr, ROWS: tl.constexpr,
-                  COLS: tl.constexpr):
-    """``OUT[bh, i, j] = (COLUMNS[bh, j] | DIAGONALS[bh, I - j + nk]) & admissible``."""
-    bh = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < num_query_tiles
-    abs_rows = first_query_tile + rows
-    for col_start in range(0, num_key_tiles, COLS):
-        cols = col_start + tl.arange(0, COLS)
-        ok = row_ok[:, None] & (cols < num_key_tiles)[None, :]
-        admissible = ok
-        if CAUSAL:
-            admissible = admissible & (cols[None, :] <= abs_rows[:, None])
-        column = tl.load(COLUMNS + bh * num_key_tiles + cols, mask=cols < num_key_tiles,
-                         other=0)
-        diag = abs_rows[:, None] - cols[None, :] + num_key_tiles
-        diagonal = tl.load(DIAGONALS + bh * num_diagonals + diag, mask=admissible, other=0)
-        keep = ((column[None, :] != 0) | (diagonal != 0)) & admissible
-        tl.store(OUT + (bh * num_query_tiles + rows[:, None]) * num_key_tiles + cols[None, :],
-                 keep.to(tl.int8), mask=ok)
-
-
-def vertical_slash_tiles_kernel(vertical: torch.Tensor, slash: torch.Tensor,
-                                layout: TileLayout, threshold: float,
-                                causal: bool = True) -> torch.Tensor:
-    """:func:`prism.reference.estimators.vertical_slash_tiles_from_distributions` by kernels.
-
-    Same signature and result (up to fp32 summation order at the top-p
-    boundary): two launches, no sort, no per-value flags in memory.
-
-    Parameters
-    ----------
-    vertical : Tensor (B, Hq, Nk), float32
-    slash : Tensor (B, Hq, P + Nk), float32
-    layout : TileLayout
-    threshold : float in (0, 1]
-    causal : bool
+def vertical_slash_bins(vertical: torch.Tensor, slash: torch.Tensor, layout: TileLayout,
+                        threshold: float, causal: bool):
+    """The top-p of columns and offsets as tile bins, in one launch (step 1 of the module).
 
     Returns
     -------
-    Tensor (B, Hq, nq, nk), bool, restricted to the admissible tiles
+    columns : Tensor (B * Hq, nk), int8
+        1 where a kept column falls in key tile ``j``.
+    diagonals : Tensor (B * Hq, first_query_tile + nq + nk + 1), int8
+        1 at ``I - j + nk`` where a kept offset maps to tile offset ``I - j``.
     """
-    check_device(_long_top_p_kernel, vertical=vertical, slash=slash)
     b, hq, nk_tokens = vertical.shape
     bs = layout.block_size
     nq, nk = layout.num_query_tiles, layout.num_key_tiles
     device = vertical.device
-    out = torch.empty(b, hq, nq, nk, dtype=torch.int8, device=device)
-    if out.numel() == 0:
-        return out.view(torch.bool)
     n_diag = layout.first_query_tile + nq + nk + 1
     columns = torch.empty(b * hq, nk, dtype=torch.int8, device=device)
     diagonals = torch.empty(b * hq, n_diag, dtype=torch.int8, device=device)
@@ -318,10 +281,45 @@ def vertical_slash_tiles_kernel(vertical: torch.Tensor, slash: torch.Tensor,
         {"x": slash, "start": skip, "length": slash.shape[-1] - skip, "keep": None,
          "bins": diagonals, "lead": lead, "lead2": lead + bs - 1},
     ], threshold, False, True, bs)
-    launch(_tiles_kernel, (b * hq, -(-nq // TILE_ROWS)), columns, diagonals, out, nq, nk,
-           n_diag, layout.first_query_tile, CAUSAL=causal, ROWS=TILE_ROWS, COLS=TILE_COLS,
-           num_warps=4)
-    return out.view(torch.bool)
+    return columns, diagonals
 
 
-__all__ = ["CANDIDATES", "LONG_TOP_P_BLOCK", "long_top_p_kernel", "vertical_slash_tiles_kernel"]
+def vertical_slash_tiles_kernel(vertical: torch.Tensor, slash: torch.Tensor,
+                                layout: TileLayout, threshold: float,
+                                causal: bool = True) -> torch.Tensor:
+    """:func:`prism.reference.estimators.vertical_slash_tiles_from_distributions` by kernels.
+
+    Same signature and result (up to fp32 summation order at the top-p
+    boundary): two launches (:func:`vertical_slash_bins`, then the tile pairs
+    ``column[j] | diagonal[I - j + nk]`` within the admissible tiles by
+    :func:`prism.optimized.tile_union.union_tiles`), no sort, no per-value
+    flags in memory.
+
+    Parameters
+    ----------
+    vertical : Tensor (B, Hq, Nk), float32
+    slash : Tensor (B, Hq, P + Nk), float32
+    layout : TileLayout
+    threshold : float in (0, 1]
+    causal : bool
+
+    Returns
+    -------
+    Tensor (B, Hq, nq, nk), bool, restricted to the admissible tiles
+    """
+    check_device(_long_top_p_kernel, vertical=vertical, slash=slash)
+    b, hq = vertical.shape[:2]
+    nq, nk = layout.num_query_tiles, layout.num_key_tiles
+    if b * hq * nq * nk == 0:
+        return torch.zeros(b, hq, nq, nk, dtype=torch.bool, device=vertical.device)
+    if nk > MAX_UNION_WIDTH:
+        from prism.reference.estimators import vertical_slash_tiles_from_distributions
+
+        return vertical_slash_tiles_from_distributions(vertical, slash, layout, threshold,
+                                                       causal)
+    columns, diagonals = vertical_slash_bins(vertical, slash, layout, threshold, causal)
+    return union_tiles(layout, causal, (b, hq), columns=columns, diagonals=diagonals)[0]
+
+
+__all__ = ["CANDIDATES", "LONG_TOP_P_BLOCK", "long_top_p_kernel", "vertical_slash_bins",
+           "vertical_slash_tiles_kernel"]

@@ -1,0 +1,196 @@
+"""A whole estimator selection on the GPU: scoring kernels, then one kernel that finishes it.
+
+:func:`estimator_select` is what :func:`prism.optimized.ops.select` runs for
+every estimator other than ``"prism"``. It reads the estimator's row of the
+registry (:mod:`prism.reference.registry`), never its name:
+
+* its probability stage (``"antidiagonal"`` or ``"sampled"``, each followed
+  by ``"tile_top_p"``) runs its scoring kernel, whose rows stay unnormalised;
+* its ``"vertical_slash"`` stage runs the last queries' distributions and
+  their top-p as tile bins (:func:`~prism.optimized.vertical_slash_tiles.vertical_slash_bins`);
+* with Prism's bands, Prism's selection kernel writes its mask (forced tiles
+  included) first;
+
+then one launch of :func:`prism.optimized.tile_union.union_tiles` normalises
+and top-p's the probabilities, unites them with the vertical-slash tiles,
+Prism's mask and the forced tiles within the admissible ones, and writes the
+bool mask and the compact indices. That is the reference's
+:func:`prism.reference.select.estimator_mask` (or, with Prism's bands, its
+mask united with the estimator's tiles) and ``mask_to_indices``, with no
+torch operation between the kernels.
+
+NaN/Inf: the scoring kernels set a device flag when a score they compute is
+not finite (:func:`prism.optimized.antidiagonal_packed.check_scores`), which
+covers every row of k, and every row of q for the antidiagonal scores; the
+finishing launch checks, in extra programs, whatever no scoring kernel read
+whole (q for the sampled and vertical-slash estimators, v when given). With
+Prism's bands its pooling launch checks q, k and v. Nothing waits for the
+GPU; :mod:`prism.optimized.api` reads the flag at the end of an eager call.
+
+Any other composition of stages (the sub-tile estimator), and rows wider than
+:data:`~prism.optimized.tile_union.MAX_UNION_WIDTH` key tiles, take the
+general path: the registry's own tiles function on the stage kernels, then
+the same finishing launch (or, for the widest rows, torch and a separate
+check).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prism.reference.bands import band_sizes
+from prism.reference.registry import EstimatorSpec, estimator_spec, estimator_tiles
+from prism.reference.select import trace_selection
+from prism.reference.tiles import TileLayout
+
+from .estimators import KERNEL_STAGES, antidiagonal_tile_scores
+from .indices import mask_rows_to_indices
+from .pooling import nonfinite_flag
+from .sampled import sampled_tile_probabilities
+from .selection import MAX_WIDTH, select_tiles
+from .tile_union import MAX_UNION_WIDTH, union_tiles
+from .vertical_slash import last_query_distributions_unchecked
+from .vertical_slash_tiles import vertical_slash_bins
+
+#: Probability stages the fused path runs: stage name -> (scoring function on
+#: validated inputs, the PrismConfig field of its argument, whether it reads
+#: every query row).
+PROBABILITY_STAGES = {
+    "antidiagonal": (antidiagonal_tile_scores, "antidiagonal_stride", True),
+    "sampled": (sampled_tile_probabilities, "sampled_queries", False),
+}
+
+_FORMS: dict = {}
+
+
+def fused_form(spec: EstimatorSpec):
+    """``(probability stage or None, with vertical-slash)`` when :func:`estimator_select`
+    computes ``spec``'s tiles in its fused form, else None (the general path)."""
+    form = _FORMS.get(spec.name, False)
+    if form is not False:
+        return form
+    stages = set(spec.stages)
+    with_vs = "vertical_slash" in stages
+    scoring = stages - {"vertical_slash", "tile_top_p"}
+    form = None
+    if spec.tiles is not None:
+        if spec.prism_bands or not scoring:
+            # Prism's mask or nothing, united with the vertical-slash tiles.
+            form = (None, True) if stages == {"vertical_slash"} else None
+        elif len(scoring) == 1 and scoring <= PROBABILITY_STAGES.keys() and (
+                "tile_top_p" in stages):
+            form = (scoring.pop(), with_vs)
+    _FORMS[spec.name] = form
+    return form
+
+
+def _vs_threshold(cfg) -> float:
+    """The vertical-slash top-p (``high_threshold`` when not set; docs/estimators.rst)."""
+    return cfg.high_threshold if cfg.vertical_slash_threshold is None else (
+        cfg.vertical_slash_threshold)
+
+
+def _prism_mask(q, k, v, cfg, causal, layout):
+    """Prism's own selection (bands and forced tiles) and its pooling's NaN/Inf flag."""
+    prism_cfg = cfg.replace(estimator="prism")
+    if layout.num_key_tiles > MAX_WIDTH:
+        return (trace_selection(q, k, prism_cfg, causal=causal).mask,
+                nonfinite_flag(q, k, k if v is None else v))
+    high_dim, low_dim = band_sizes(q.shape[-1], cfg.high_dim, cfg.low_dim)
+    mask, _, _, nonfinite = select_tiles(q, k, prism_cfg, causal, layout, high_dim, low_dim,
+                                         write_mask=True, write_indices=False, v=v)
+    return mask, nonfinite
+
+
+def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, cfg,
+                     causal: bool, layout: TileLayout, *, write_indices: bool = True):
+    """Selection of ``cfg.estimator`` (not ``"prism"``) on validated inputs.
+
+    Parameters
+    ----------
+    q : Tensor (B, Hq, Nq, D)
+    k : Tensor (B, Hkv, Nk, D)
+    v : Tensor (B, Hkv, Nk, Dv), optional
+        Only checked for NaN/Inf.
+    cfg : PrismConfig
+    causal : bool
+    layout : TileLayout
+        ``tile_layout(Nq, Nk, cfg.block_size, causal)``.
+    write_indices : bool
+        Also return the compact indices.
+
+    Returns
+    -------
+    mask : Tensor (B, Hq, nq, nk), bool
+        :func:`prism.reference.select_blocks`'s mask (up to top-p boundary ties).
+    kv_num_blocks : Tensor (B, Hq, nq) int32, or None
+    kv_indices : Tensor (B, Hq, nq, nk) int32, or None
+        As :func:`prism.reference.mask_to_indices`.
+    nonfinite : Tensor (1,) float64
+        Non-zero when q, k (or v) may hold NaN/Inf; the outputs are then undefined.
+    """
+    b, hq = q.shape[:2]
+    nq, nk = layout.num_query_tiles, layout.num_key_tiles
+    if b * hq * nq * nk == 0:
+        mask = torch.zeros(b, hq, nq, nk, dtype=torch.bool, device=q.device)
+        num, idx = mask_rows_to_indices(mask) if write_indices else (None, None)
+        return mask, num, idx, nonfinite_flag(q, k, k if v is None else v)
+    spec = estimator_spec(cfg.estimator)
+    form = fused_form(spec)
+    if form is None or nk > MAX_UNION_WIDTH:
+        return _general(q, k, v, cfg, causal, layout, spec, write_indices)
+    stage, with_vs = form
+    check = {} if v is None else {"v": v}
+    other = None
+    if spec.prism_bands:
+        other, nonfinite = _prism_mask(q, k, v, cfg, causal, layout)
+        check = {}  # the pooling launch checked q, k and v
+    else:
+        nonfinite = torch.zeros(1, dtype=torch.float64, device=q.device)
+    probs = columns = diagonals = None
+    if stage is not None:
+        scores, field, reads_every_query = PROBABILITY_STAGES[stage]
+        probs = scores(q, k, layout, getattr(cfg, field), causal, normalize=False,
+                       nonfinite=nonfinite)
+        if not reads_every_query:
+            check["q"] = q
+    if with_vs:
+        vertical, slash = last_query_distributions_unchecked(
+            q, k, layout, cfg.last_queries, causal, None if spec.prism_bands else nonfinite)
+        columns, diagonals = vertical_slash_bins(vertical, slash, layout, _vs_threshold(cfg),
+                                                 causal)
+        if stage is None and not spec.prism_bands:
+            check["q"] = q
+    mask, num, idx = union_tiles(
+        layout, causal, (b, hq), probs=probs, normalize=True, threshold=cfg.high_threshold,
+        columns=columns, diagonals=diagonals, other=other, mask=other,
+        force_sink=cfg.force_sink, force_diagonal=cfg.force_diagonal,
+        write_indices=write_indices, check=check, nonfinite=nonfinite)
+    return mask, num, idx, nonfinite
+
+
+def _general(q, k, v, cfg, causal, layout, spec, write_indices):
+    """Any estimator: the registry's tiles on the stage kernels, then the forced tiles."""
+    stages = {**KERNEL_STAGES, "prism_trace": trace_selection}
+    tiles = estimator_tiles(q, k, cfg, layout, causal, stages)
+    if spec.prism_bands:
+        prism, _ = _prism_mask(q, k, None, cfg, causal, layout)
+        tiles = tiles | prism
+    if layout.num_key_tiles > MAX_UNION_WIDTH:
+        from prism.reference.scoring import admissible_tiles
+        from prism.reference.select import forced_tiles
+
+        forced = forced_tiles(layout, causal, cfg.force_sink, cfg.force_diagonal, q.device)
+        mask = ((tiles | forced) & admissible_tiles(layout, causal, q.device)).contiguous()
+        num, idx = mask_rows_to_indices(mask) if write_indices else (None, None)
+        return mask, num, idx, nonfinite_flag(q, k, k if v is None else v)
+    nonfinite = torch.zeros(1, dtype=torch.float64, device=q.device)
+    check = {"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}
+    mask, num, idx = union_tiles(
+        layout, causal, q.shape[:2], other=tiles.contiguous(), force_sink=cfg.force_sink,
+        force_diagonal=cfg.force_diagonal, write_indices=write_indices, check=check,
+        nonfinite=nonfinite)
+    return mask, num, idx, nonfinite
+
+
+__all__ = ["PROBABILITY_STAGES", "estimator_select", "fused_form"]

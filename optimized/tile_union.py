@@ -1,0 +1,250 @@
+"""The last kernel of every estimator's selection: top-p, union, forced tiles, compact indices.
+
+:func:`union_tiles` runs one launch that finishes an estimator's selection
+(docs/estimators.rst) for ``ROWS`` query-tile rows per program, each row of
+``WIDTH`` key tiles in registers:
+
+1. top-p of a row of tile probabilities (optional; contract §6's rule and
+   tie-break by :func:`prism.optimized.selection._top_p_keep`, no sort), the
+   row first normalised to sum 1 when the scoring kernel left it unnormalised;
+2. the vertical-slash tiles (optional): key tile ``j`` of query tile ``I``
+   (absolute) is kept when column bin ``j`` or diagonal bin ``I - j + nk`` is
+   set (:func:`prism.optimized.vertical_slash_tiles.vertical_slash_bins`);
+3. a given bool mask (optional: Prism's own selection, or tiles an estimator
+   computed without a fused form);
+4. the forced sink and diagonal tiles, then the admissible set (contract §6);
+5. the bool mask and/or the compact indices (``kv_num_blocks``, ascending
+   ``kv_indices`` padded with -1, as :func:`prism.reference.mask_to_indices`),
+   written straight from registers: a kept tile's slot is the exclusive
+   prefix sum of its row, and the padding fills the slots at or past the
+   row's count, so the two stores never touch the same entry.
+
+Optional extra programs check whole tensors (q, k, v) for NaN/Inf with the
+pooling kernel's row check and set the caller's device flag, for estimators
+whose scoring kernels do not read every row of them; no launch of its own.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import triton
+import triton.language as tl
+
+from prism.reference.tiles import TileLayout
+
+from ._runtime import next_power_of_2
+from .launch import launch
+from .pooling import _check_rows_finite
+from .selection import _top_p_keep
+
+#: Widest row of key tiles the kernel keeps in registers (rows wider take the
+#: reference's torch code).
+MAX_UNION_WIDTH = 8192
+#: Token rows of q, k or v one checking program reads.
+CHECK_ROWS = 256
+
+#: Whether :func:`prism.optimized.selection._top_p_keep` takes ``CHECK_EVERY`` (its
+#: bisection's exit-check interval); 1 is passed when it does.
+_TOP_P_CHECK_EVERY = "CHECK_EVERY" in inspect.signature(
+    getattr(_top_p_keep, "fn", _top_p_keep)).parameters
+
+
+@triton.jit
+def _check_program(pid, Q, K, V, NONFINITE,
+                   stride_qb, stride_qh, stride_qn, stride_qd,
+                   stride_kb, stride_kh, stride_kn, stride_kd,
+                   stride_vb, stride_vh, stride_vn, stride_vd,
+                   num_q_heads, num_kv_heads, num_queries, num_keys, head_dim, head_dim_v,
+                   q_programs, k_programs, CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr,
+                   D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                   BLOCK_ROWS: tl.constexpr):
+    """Program ``pid`` of the checks: blocks of q rows, then of k rows, then of v rows."""
+    if CHECK_Q and pid < q_programs:
+        _check_rows_finite(Q, stride_qb, stride_qh, stride_qn, stride_qd, num_q_heads,
+                           num_queries, head_dim, pid, BLOCK_ROWS, NONFINITE, D_PAD, BLOCK_T)
+    elif CHECK_K and pid < q_programs + k_programs:
+        _check_rows_finite(K, stride_kb, stride_kh, stride_kn, stride_kd, num_kv_heads,
+                           num_keys, head_dim, pid - q_programs, BLOCK_ROWS, NONFINITE, D_PAD,
+                           BLOCK_T)
+    else:
+        _check_rows_finite(V, stride_vb, stride_vh, stride_vn, stride_vd, num_kv_heads,
+                           num_keys, head_dim_v, pid - q_programs - k_programs, BLOCK_ROWS,
+                           NONFINITE, DV_PAD, BLOCK_T)
+
+
+@triton.jit
+def _union_kernel(
+    PROBS, COLUMNS, DIAGONALS, OTHER, MASK, NUM, IDX,
+    total_rows, num_query_tiles, num_key_tiles, num_diagonals, first_query_tile, threshold,
+    union_programs,
+    Q, K, V, NONFINITE,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    num_q_heads, num_kv_heads, num_queries, num_keys, head_dim, head_dim_v,
+    q_programs, k_programs,
+    CAUSAL: tl.constexpr, HAS_PROBS: tl.constexpr, NORMALIZE: tl.constexpr,
+    HAS_VS: tl.constexpr, HAS_OTHER: tl.constexpr, FORCE_SINK: tl.constexpr,
+    FORCE_DIAGONAL: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_INDICES: tl.constexpr,
+    ROWS: tl.constexpr, WIDTH: tl.constexpr, LOG2_WIDTH: tl.constexpr,
+    CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_ROWS: tl.constexpr, CHECK_EVERY_ARG: tl.constexpr,
+):
+    """``ROWS`` rows of the flat (batch * q head * query tile) grid (module docstring)."""
+    pid = tl.program_id(0)
+    if pid >= union_programs:
+        _check_program(pid - union_programs, Q, K, V, NONFINITE,
+                       stride_qb, stride_qh, stride_qn, stride_qd,
+                       stride_kb, stride_kh, stride_kn, stride_kd,
+                       stride_vb, stride_vh, stride_vn, stride_vd,
+                       num_q_heads, num_kv_heads, num_queries, num_keys, head_dim, head_dim_v,
+                       q_programs, k_programs, CHECK_Q, CHECK_K, D_PAD, DV_PAD, BLOCK_T,
+                       BLOCK_ROWS)
+        return
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < total_rows
+    bh = (rows // num_query_tiles).to(tl.int64)
+    abs_rows = first_query_tile + rows % num_query_tiles
+    cols = tl.arange(0, WIDTH)
+    in_row = row_ok[:, None] & (cols < num_key_tiles)[None, :]
+    admissible = in_row
+    if CAUSAL:
+        admissible = admissible & (cols[None, :] <= abs_rows[:, None])
+    offsets = rows.to(tl.int64)[:, None] * num_key_tiles + cols[None, :]
+    keep = tl.zeros((ROWS, WIDTH), dtype=tl.int1)
+    if HAS_PROBS:
+        prob = tl.load(PROBS + offsets, mask=admissible, other=0.0)
+        if NORMALIZE:
+            # The row's admissible mass, as the stage functions divide by it.
+            mass = tl.maximum(tl.sum(prob, axis=1), 1e-30)
+            prob = tl.math.div_rn(prob, mass[:, None])
+        prob = tl.where(admissible, prob, -2.0)
+        count = tl.sum(admissible.to(tl.int32), axis=1)
+        if CHECK_EVERY_ARG:  # selection._top_p_keep's CHECK_EVERY parameter, if it has one
+            top = _top_p_keep(prob, threshold, count, ROWS, WIDTH, LOG2_WIDTH, True, 1)
+        else:
+            top = _top_p_keep(prob, threshold, count, ROWS, WIDTH, LOG2_WIDTH, True)
+        # The bisection assumes a row's mass reaches p; a row whose whole mass
+        # stays below p (an empty row) keeps every non-zero tile, as the sort does.
+        total = tl.sum(tl.where(admissible, prob, 0.0), axis=1)
+        keep = (top | (total < threshold)[:, None]) & (prob > 0.0)
+    if HAS_VS:
+        column = tl.load(COLUMNS + bh[:, None] * num_key_tiles + cols[None, :],
+                         mask=admissible, other=0)
+        diagonal = tl.load(DIAGONALS + bh[:, None] * num_diagonals
+                           + (abs_rows[:, None] - cols[None, :] + num_key_tiles),
+                           mask=admissible, other=0)
+        keep = keep | (column != 0) | (diagonal != 0)
+    if HAS_OTHER:
+        keep = keep | (tl.load(OTHER + offsets, mask=admissible, other=0) != 0)
+    if FORCE_SINK:
+        keep = keep | (cols[None, :] == 0)
+    if CAUSAL and FORCE_DIAGONAL:
+        keep = keep | (cols[None, :] == abs_rows[:, None])
+    keep = keep & admissible
+    if WRITE_MASK:
+        tl.store(MASK + offsets, keep, mask=in_row)
+    if WRITE_INDICES:
+        taken = keep.to(tl.int32)
+        slot = tl.cumsum(taken, axis=1) - taken
+        count_kept = tl.sum(taken, axis=1)
+        idx_rows = IDX + rows.to(tl.int64) * num_key_tiles
+        tl.store(idx_rows[:, None] + slot, cols[None, :] + tl.zeros_like(taken), mask=keep)
+        tl.store(IDX + offsets, tl.full((ROWS, WIDTH), -1, dtype=tl.int32),
+                 mask=in_row & (cols[None, :] >= count_kept[:, None]))
+        tl.store(NUM + rows, count_kept, mask=row_ok)
+
+
+def union_tiles(layout: TileLayout, causal: bool, heads: tuple, *,
+                probs: torch.Tensor | None = None, normalize: bool = False,
+                threshold: float = 1.0, columns: torch.Tensor | None = None,
+                diagonals: torch.Tensor | None = None, other: torch.Tensor | None = None,
+                force_sink: bool = False, force_diagonal: bool = False,
+                mask: torch.Tensor | None = None, write_mask: bool = True,
+                write_indices: bool = False, check: dict | None = None,
+                nonfinite: torch.Tensor | None = None):
+    """Finish a selection in one launch (module docstring): ``(mask, kv_num_blocks, kv_indices)``.
+
+    Inputs are the callers' own (not validated here).
+
+    Parameters
+    ----------
+    layout : TileLayout
+        With at most :data:`MAX_UNION_WIDTH` key tiles and at least one query tile.
+    causal : bool
+    heads : (B, Hq)
+    probs : Tensor (B, Hq, nq, nk) float32, contiguous, optional
+        Tile probabilities, read only at admissible tiles; with ``normalize``
+        they are unnormalised and each row is first divided by its admissible mass.
+    threshold : float
+        The top-p of ``probs``.
+    columns, diagonals : Tensor (B * Hq, nk) and (B * Hq, n) int8, optional
+        Vertical-slash bins (both or neither).
+    other : Tensor (B, Hq, nq, nk) bool, contiguous, optional
+        Tiles to unite with; may be ``mask`` itself.
+    force_sink, force_diagonal : bool
+    mask : Tensor (B, Hq, nq, nk) bool, optional
+        Where to write the mask (a new tensor otherwise).
+    write_mask, write_indices : bool
+    check : dict, optional
+        ``{"q": q, "k": k, "v": v}``, any subset, (B, H, N, D) each: extra
+        programs check every row for NaN/Inf and set ``nonfinite`` (a float64
+        device flag, required then).
+
+    Returns
+    -------
+    mask : Tensor (B, Hq, nq, nk) bool, or None
+    kv_num_blocks : Tensor (B, Hq, nq) int32, or None
+    kv_indices : Tensor (B, Hq, nq, nk) int32, or None
+    """
+    nq, nk = layout.num_query_tiles, layout.num_key_tiles
+    if nk > MAX_UNION_WIDTH:
+        raise ValueError(f"union_tiles takes rows of at most {MAX_UNION_WIDTH} key tiles, "
+                         f"got {nk}")
+    shape = (*heads, nq, nk)
+    check = check or {}
+    device = next(t for t in (probs, columns, other, mask, *check.values())
+                  if t is not None).device
+    if write_mask and mask is None:
+        mask = torch.empty(shape, dtype=torch.bool, device=device)
+    num = idx = None
+    if write_indices:
+        num = torch.empty(shape[:3], dtype=torch.int32, device=device)
+        idx = torch.empty(shape, dtype=torch.int32, device=device)
+    width = next_power_of_2(max(nk, 16))
+    rows = max(1, min(16, 8192 // width))
+    total = heads[0] * heads[1] * nq
+    union_programs = -(-total // rows)
+    q, k, v = check.get("q"), check.get("k"), check.get("v")
+    counts = [0 if t is None else t.shape[0] * t.shape[1] * -(-t.shape[2] // CHECK_ROWS)
+              for t in (q, k, v)]
+    qk = q if q is not None else k
+    kv = k if k is not None else v
+    d_pad = next_power_of_2(0 if qk is None else qk.shape[3])
+    dv_pad = next_power_of_2(0 if v is None else v.shape[3])
+    spare = mask if mask is not None else idx  # for pointers the kernel does not read
+    tensors = [t if t is not None else spare
+               for t in (probs, columns, diagonals, other, mask, num, idx)]
+    checked = [t if t is not None else spare for t in (q, k, v, nonfinite)]
+    strides = [s for t in (q, k, v) for s in (t.stride() if t is not None else (0, 0, 0, 0))]
+    launch(_union_kernel, (union_programs + sum(counts),), *tensors,
+           total, nq, nk, 0 if diagonals is None else diagonals.shape[-1],
+           layout.first_query_tile, float(threshold), union_programs, *checked, *strides,
+           0 if q is None else q.shape[1],
+           0 if kv is None else kv.shape[1], 0 if q is None else q.shape[2],
+           0 if kv is None else kv.shape[2], 0 if qk is None else qk.shape[3],
+           0 if v is None else v.shape[3], counts[0], counts[1],
+           CAUSAL=causal, HAS_PROBS=probs is not None, NORMALIZE=normalize,
+           HAS_VS=columns is not None, HAS_OTHER=other is not None, FORCE_SINK=force_sink,
+           FORCE_DIAGONAL=force_diagonal, WRITE_MASK=write_mask,
+           WRITE_INDICES=write_indices, ROWS=rows, WIDTH=width,
+           LOG2_WIDTH=width.bit_length() - 1, CHECK_Q=q is not None, CHECK_K=k is not None,
+           D_PAD=d_pad, DV_PAD=dv_pad,
+           BLOCK_T=max(1, min(CHECK_ROWS, 4096 // max(d_pad, dv_pad))), BLOCK_ROWS=CHECK_ROWS,
+           CHECK_EVERY_ARG=_TOP_P_CHECK_EVERY, num_warps=8 if width >= 2048 else 4)
+    return mask, num, idx
+
+
+__all__ = ["CHECK_ROWS", "MAX_UNION_WIDTH", "union_tiles"]
