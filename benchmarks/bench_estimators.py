@@ -9,7 +9,11 @@ attention measured in the same run, and writes one JSON file::
         --out benchmarks/results/h200_estimators_<hash>.json
 
 Where the reference implementation fits in memory (up to 32K here) it is
-timed too, and the masks of both are compared (entries that differ).
+timed too, and the masks of both are compared (entries that differ), and the
+compact indices against the reference's ``mask_to_indices`` of that mask.
+``--graph`` also times each whole selection as a CUDA-graph replay
+(``graph_ms``: device time without the host's per-call cost), next to the
+eager median (``ms``, what a caller sees).
 
 ``--stages`` adds the cost of each stage alone (``stages`` in the JSON): the
 antidiagonal scores per stride with several launch shapes of the packed
@@ -17,7 +21,17 @@ kernel (``--tunings``; achieved TFLOP/s from the ``2 * 2 * N^2/2 * D / S``
 multiply-add FLOPs of its two causal passes per head), the vertical-slash
 distributions and tiles (kernel and the reference's torch code on the GPU; the
 second half, top-p of columns and offsets and their tiles, also alone),
-and the tile top-p (kernel and the reference's sort).
+the tile top-p (kernel and the reference's sort), and the finishing launch
+of a whole selection (``finish``: top-p of the stride-32 probabilities, the
+vertical-slash tiles, forced tiles, mask and indices in one kernel,
+``prism.optimized.tile_union.union_tiles``).
+
+To time the whole selection of the accurate preset, strides 32 and 128 with
+vertical-slash, and Prism, with cuDNN in the same run::
+
+    python benchmarks/bench_estimators.py --commit <hash> --graph \
+        --only "prism (paper,accurate preset,vertical_slash stride 32,vertical_slash stride 128" \
+        --out benchmarks/results/h200_estimators_<hash>.json
 """
 
 from __future__ import annotations
@@ -30,7 +44,13 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_prism import bench, environment, sdpa_times, structured_inputs  # noqa: E402
+from bench_prism import (  # noqa: E402
+    bench,
+    environment,
+    graph_ms,
+    sdpa_times,
+    structured_inputs,
+)
 
 from prism import optimized, reference  # noqa: E402
 from prism.reference import PrismConfig  # noqa: E402
@@ -56,7 +76,7 @@ SETTINGS = {
 REFERENCE_MAX_TOKENS = 32768
 
 
-def run(lengths, only=(), save=None):
+def run(lengths, only=(), save=None, graph=False):
     rows = []
     for n in lengths:
         q, k, v = structured_inputs(n)
@@ -65,7 +85,7 @@ def run(lengths, only=(), save=None):
             if only and not any(part in name for part in only):
                 continue
             entry = {"setting": name}
-            entry.update(time_setting(q, k, cfg, n))
+            entry.update(time_setting(q, k, cfg, n, graph))
             entry["ratio_to_cudnn_dense"] = (entry["ms"] / row["sdpa_ms"]["cudnn"]
                                              if "ms" in entry else None)
             row["estimators"].append(entry)
@@ -77,7 +97,7 @@ def run(lengths, only=(), save=None):
     return rows
 
 
-def time_setting(q, k, cfg, n):
+def time_setting(q, k, cfg, n, graph=False):
     entry = {"config": {"estimator": cfg.estimator, "high_threshold": cfg.high_threshold,
                         "antidiagonal_stride": cfg.antidiagonal_stride,
                         "vertical_slash_threshold": cfg.vertical_slash_threshold,
@@ -85,6 +105,11 @@ def time_setting(q, k, cfg, n):
     try:
         mask = optimized.select_blocks(q, k, cfg)
         entry["ms"] = bench(lambda: optimized.select_blocks(q, k, cfg), rep=50)
+        if graph:
+            try:
+                entry["graph_ms"] = graph_ms(lambda: optimized.select_blocks(q, k, cfg))
+            except Exception as error:  # keep the eager numbers
+                entry["graph_error"] = f"{type(error).__name__}: {str(error)[:200]}"
         nt = mask.shape[-1]
         entry["density"] = float(mask.sum()) / (mask.shape[0] * mask.shape[1]
                                                 * nt * (nt + 1) / 2)
@@ -93,6 +118,10 @@ def time_setting(q, k, cfg, n):
             entry["reference_ms"] = bench(lambda: reference.select_blocks(q, k, cfg), rep=10)
             entry["entries_differing_from_reference"] = int((mask != expected).sum())
             entry["entries_compared"] = int(mask.numel())
+            num, idx = reference.mask_to_indices(mask.as_subclass(torch.Tensor))
+            entry["indices_equal_reference_mask_to_indices"] = bool(
+                torch.equal(mask.kv_num_blocks.long(), num.long())
+                and torch.equal(mask.kv_indices.long(), idx.long()))
     except Exception as error:  # keep the other settings' numbers
         entry["error"] = f"{type(error).__name__}: {str(error)[:200]}"
     return entry
@@ -202,7 +231,31 @@ def _stage_row(n, strides, tunings):
     tp["tiles_differing"] = int((tile_top_p_kernel(probs, layout, True, 0.9)
                                  != top_p_tiles(probs, layout, True, 0.9)).sum())
     print(n, tp, flush=True)
+    row["finish"] = _finish_times(q, k, layout, probs)
+    print(n, row["finish"], flush=True)
     return row
+
+
+def _finish_times(q, k, layout, probs):
+    """The finishing launch of a whole selection alone (eager and graph-replay ms)."""
+    from prism.optimized.tile_union import union_tiles
+    from prism.optimized.vertical_slash import last_query_distributions_kernel
+    from prism.optimized.vertical_slash_tiles import vertical_slash_bins
+
+    kv, ks = last_query_distributions_kernel(q, k, layout, 64, True)
+    columns, diagonals = vertical_slash_bins(kv, ks, layout, 0.5, True)
+
+    def finish():
+        return union_tiles(layout, True, probs.shape[:2], probs=probs, normalize=True,
+                           threshold=0.9, columns=columns, diagonals=diagonals,
+                           force_sink=True, force_diagonal=True, write_indices=True)
+
+    out = {"kernel_ms": bench(finish, rep=30)}
+    try:
+        out["graph_ms"] = graph_ms(finish)
+    except Exception as error:
+        out["graph_error"] = f"{type(error).__name__}: {str(error)[:160]}"
+    return out
 
 
 def main(argv=None):
@@ -222,6 +275,8 @@ def main(argv=None):
     parser.add_argument("--only", default="",
                         help="run only the settings whose name contains one of these "
                              "comma-separated parts")
+    parser.add_argument("--graph", action="store_true",
+                        help="also time each whole selection as a CUDA-graph replay")
     parser.add_argument("--skip-settings", action="store_true",
                         help="only the stages, not the whole selection per setting")
     args = parser.parse_args(argv)
@@ -244,7 +299,8 @@ def main(argv=None):
                 json.dump({**result, "rows": rows}, f, indent=1)
 
     if not args.skip_settings:
-        result["rows"] = run(lengths, [part for part in args.only.split(",") if part], save)
+        result["rows"] = run(lengths, [part for part in args.only.split(",") if part], save,
+                             args.graph)
     result["wall_s"] = time.time() - started
     if args.out:
         with open(args.out, "w") as f:
