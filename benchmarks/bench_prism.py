@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import platform
 import sys
@@ -484,24 +485,20 @@ def graph_ms(fn):
     return float(do_bench(graph.replay, warmup=25, rep=100, return_mode="median"))
 
 
-def selection_graph(lengths, copy_tb_s, baseline_path=None, budget_s=100.0):
-    """Device time of selection (mask + indices) per length and tuning, as graph replays.
-
-    ``baseline_path`` names an older copy of optimized/selection.py, timed and
-    compared bit for bit. The floor reads Q and K once and writes the mask and
-    the int32 indices once.
-    """
-    import importlib.util
-
-    from prism.optimized.selection import SelectionTuning
+def selection_graph(lengths, copy_tb_s, baseline_path=None, budget_s=100.0, names=None):
+    """Device time of selection (mask + indices) per length and tuning, as graph replays;
+    ``baseline_path``: an older copy of optimized/selection.py, timed and compared bit
+    for bit. The floor reads Q and K once and writes the mask and int32 indices once."""
+    from prism.optimized.selection import SelectionTuning as Tuning
     baseline = None
     if baseline_path:
         spec = importlib.util.spec_from_file_location("selection_baseline", baseline_path)
         baseline = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(baseline)
-    variants = {"default": None, "check_every_1": SelectionTuning(check_every=1),
-                "num_stages_2": SelectionTuning(num_stages=2),
-                "elements_per_thread_16": SelectionTuning(elements_per_thread=16)}
+    variants = {"default": None, "check_every_1": Tuning(check_every=1),
+                "num_stages_2": Tuning(num_stages=2), "unstacked": Tuning(stack_bands_max_width=0),
+                "elements_per_thread_16": Tuning(elements_per_thread=16)}
+    variants = {name: variants[name] for name in (names or variants)}
     started = time.time()
     return [_selection_length(n, copy_tb_s, variants, baseline, started, budget_s)
             for n in lengths]
@@ -554,6 +551,7 @@ def main(argv=None):
                         help="diagnose mode: comma-separated parts to time")
     parser.add_argument("--baseline", default=None,
                         help="selection mode: path of an older selection module to compare")
+    parser.add_argument("--variants", default=None, help="selection mode: tunings to time")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_prism.py needs a CUDA GPU")
@@ -567,8 +565,9 @@ def main(argv=None):
     elif args.mode == "selection":
         result["ceilings"] = ceilings()
         lengths = [int(x) for x in (args.lengths or "8192,131072,4096,32768").split(",")]
-        result["selection"] = selection_graph(lengths, result["ceilings"]["copy_tb_s"],
-                                              args.baseline)
+        result["selection"] = selection_graph(
+            lengths, result["ceilings"]["copy_tb_s"], args.baseline,
+            names=args.variants.split(",") if args.variants else None)
     else:
         result["ceilings"] = ceilings()
         log("ceilings", result["ceilings"])

@@ -6,9 +6,9 @@ whole row of ``WIDTH`` key tiles of both bands in registers, so no
 ``(B, H, 2 * nq, nk)`` probability tensor ever reaches global memory:
 
 1. temperatures ``tau_b`` from the pooled energies (contract §5);
-2. band logits ``s_b = (qbar_b . kbar_b) / (sqrt(d_b) tau_b)`` - a matrix
-   product of the row block's pooled queries, with the scale folded in and the
-   other band's dims zeroed, against the pooled keys;
+2. band logits ``s_b = (qbar_b . kbar_b) / (sqrt(d_b) tau_b)``: a tf32x3 matrix
+   product (outer products on the CUDA cores for the widest rows) of the pooled
+   queries, scale folded in, and the band's pooled keys;
 3. softmax over the admissible tiles ``j <= i`` (causal) in fp32;
 4. top-p without sorting. With probabilities ``x_j`` let
    ``F(t) = sum_{x_j > t} x_j``, the mass strictly above ``t``. Ranked by
@@ -25,9 +25,8 @@ whole row of ``WIDTH`` key tiles of both bands in registers, so no
 5. union of the bands, the forced sink and diagonal tiles, and the bool mask
    and the compact indices written straight from registers.
 
-Rows are grouped by how many key tiles they can see: causal row blocks near
-the top of the grid need only a narrow ``WIDTH``, so the host launches one
-program family per power-of-two width.
+Causal rows near the top of the grid see few key tiles: the host launches one
+program family per power-of-two ``WIDTH`` (benchmarks/NOTES.md has the tuning).
 """
 
 from __future__ import annotations
@@ -78,6 +77,20 @@ def _band_dim(i, head_dim, half_layout, band_start, band_pairs):
 
 
 @triton.jit
+def _admissible(rows, row_end, cols, first_query_tile, num_key_tiles, CAUSAL: tl.constexpr):
+    """Admissible (row, key tile) pairs of contract §6.2 and their count per row."""
+    row_ok = rows < row_end
+    if CAUSAL:
+        abs_rows = first_query_tile + rows
+        admissible = row_ok[:, None] & (cols[None, :] <= abs_rows[:, None])
+        count = tl.minimum(abs_rows + 1, num_key_tiles)
+    else:
+        admissible = row_ok[:, None] & (cols < num_key_tiles)[None, :]
+        count = tl.zeros_like(rows) + num_key_tiles
+    return admissible, count
+
+
+@triton.jit
 def _softmax_rows(logits, admissible):
     """Row softmax over admissible tiles in fp32; inadmissible entries become -2.
 
@@ -116,73 +129,93 @@ def _bits_to_threshold(bits):
 
 @triton.jit
 def _top_p_keep(prob, threshold, admissible_count, ROWS: tl.constexpr, WIDTH: tl.constexpr,
-                LOG2_WIDTH: tl.constexpr, EARLY_EXIT: tl.constexpr, CHECK_EVERY: tl.constexpr):
+                LOG2_WIDTH: tl.constexpr, EARLY_EXIT: tl.constexpr, CHECK_EVERY: tl.constexpr,
+                PER_ROW: tl.constexpr = False):
     """Tiles kept by top-p with the index tie-break (reference ``top_p_select``).
 
     ``prob`` is (ROWS, WIDTH) from :func:`_softmax_rows`; ``admissible_count``
-    (ROWS,) counts each row's admissible tiles. Returns a bool mask.
-    ``CHECK_EVERY`` bisection steps run between two program-wide exit checks
-    (each check is a reduction across the program's warps). A step on a row
-    whose bracket is already resolved leaves its result unchanged: a bracket
-    holding one tile keeps holding it, and one of a single bit stays put.
+    (ROWS,) counts each row's admissible tiles; ``threshold`` is one scalar, or
+    with ``PER_ROW`` one value per row. Returns a bool mask. p = 1 keeps
+    exactly the tiles of non-zero probability (contract §6.3).
     """
-    if threshold >= 1.0:
+    if PER_ROW:
+        exact_p1 = threshold >= 1.0
+        keep = _top_p_bisect(prob, threshold, admissible_count, exact_p1, ROWS, WIDTH,
+                             LOG2_WIDTH, EARLY_EXIT, CHECK_EVERY)
+        keep = tl.where(exact_p1[:, None], prob > 0.0, keep)
+    elif threshold >= 1.0:
         keep = prob > 0.0
     else:
-        # Bracket v: F(lo) >= p > F(hi) on int32 bits of thresholds. Tiles at or
-        # below t0 = (1 - p - 1e-5) / n carry at most n * t0 < 1 - p of mass, so
-        # F(t0) > p and lo may start there (the 1e-5 covers fp32 rounding).
-        t0 = (1.0 - threshold - 1e-5) / tl.maximum(admissible_count, 1).to(tl.float32)
-        lo = tl.where(t0 > 0.0, t0.to(tl.int32, bitcast=True), -1)
-        hi = tl.maximum(tl.max(prob, axis=1), 0.0).to(tl.int32, bitcast=True)
-        _, count_lo = _mass_and_count_above(prob, _bits_to_threshold(lo))
-        count_hi = tl.zeros([ROWS], dtype=tl.int32)
-        # 30 halvings shrink any bracket inside [-1, bits(1.0)] to one step. With
-        # EARLY_EXIT the loop also stops once every row's bracket (lo, hi] holds a
-        # single tile, which is then v itself (typically after ~log2(n) + 8 steps).
-        unresolved = (count_lo - count_hi > 1) & (hi - lo > 1)
-        step = 0
-        while (step < 30) & (tl.max(unresolved.to(tl.int32), axis=0) > 0):
-            for _inner in tl.static_range(CHECK_EVERY):
-                mid = lo + (hi - lo) // 2
-                mass, count = _mass_and_count_above(prob, _bits_to_threshold(mid))
-                up = mass >= threshold
-                lo = tl.where(up, mid, lo)
-                count_lo = tl.where(up, count, count_lo)
-                hi = tl.where(up, hi, mid)
-                count_hi = tl.where(up, count_hi, count)
-            if EARLY_EXIT:
-                unresolved = (count_lo - count_hi > 1) & (hi - lo > 1)
-            else:
-                unresolved = hi - lo > 1
-            step += CHECK_EVERY
-        # One tile in (lo, hi]: it is v, it has no tie, keep every x > t(lo).
-        single = count_lo - count_hi == 1
-        keep = prob > _bits_to_threshold(lo)[:, None]
-        if tl.max((~single).to(tl.int32), axis=0) > 0:
-            # Otherwise hi = bits(v): keep x > v and the first ceil((p - F(v)) / v)
-            # ties at v, by index.
-            v = hi.to(tl.float32, bitcast=True)
-            above = prob > v[:, None]
-            mass_above_v = tl.sum(tl.where(above, prob, 0.0), axis=1)
-            at_v = prob == v[:, None]
-            safe_v = tl.where(v > 0.0, v, 1.0)
-            quota = tl.where(v > 0.0, tl.math.ceil((threshold - mass_above_v) / safe_v),
-                             float("inf"))
-            # The ties kept are those before column ``cut``, the smallest m with
-            # quota ties in [0, m) (WIDTH when there are fewer): a bisection on
-            # m instead of a row-wide prefix sum, which would need registers.
-            cols = tl.arange(0, WIDTH)
-            cut_lo = tl.zeros([ROWS], dtype=tl.int32)
-            cut_hi = tl.zeros([ROWS], dtype=tl.int32) + WIDTH
-            for _step in tl.static_range(LOG2_WIDTH + 1):
-                mid = (cut_lo + cut_hi) // 2
-                before = tl.sum((at_v & (cols[None, :] < mid[:, None])).to(tl.int32), axis=1)
-                enough = before.to(tl.float32) >= quota
-                cut_hi = tl.where(enough, mid, cut_hi)
-                cut_lo = tl.where(enough, cut_lo, mid + 1)
-            exact = above | (at_v & (cols[None, :] < cut_hi[:, None]))
-            keep = tl.where(single[:, None], keep, exact)
+        keep = _top_p_bisect(prob, threshold, admissible_count,
+                             tl.zeros([ROWS], dtype=tl.int1), ROWS, WIDTH, LOG2_WIDTH,
+                             EARLY_EXIT, CHECK_EVERY)
+    return keep
+
+
+@triton.jit
+def _top_p_bisect(prob, threshold, admissible_count, exact_p1, ROWS: tl.constexpr,
+                  WIDTH: tl.constexpr, LOG2_WIDTH: tl.constexpr, EARLY_EXIT: tl.constexpr,
+                  CHECK_EVERY: tl.constexpr):
+    """:func:`_top_p_keep` for rows with p < 1 (rows flagged ``exact_p1`` are skipped).
+
+    The exit is checked (a reduction across warps) every ``CHECK_EVERY`` steps:
+    a step on a resolved row changes nothing (a bracket holding one tile keeps
+    it; one of a single bit stays put).
+    """
+    # Bracket v: F(lo) >= p > F(hi) on int32 bits of thresholds. Tiles at or
+    # below t0 = (1 - p - 1e-5) / n carry at most n * t0 < 1 - p of mass, so
+    # F(t0) > p and lo may start there (the 1e-5 covers fp32 rounding).
+    t0 = (1.0 - threshold - 1e-5) / tl.maximum(admissible_count, 1).to(tl.float32)
+    lo = tl.where(t0 > 0.0, t0.to(tl.int32, bitcast=True), -1)
+    hi = tl.maximum(tl.max(prob, axis=1), 0.0).to(tl.int32, bitcast=True)
+    _, count_lo = _mass_and_count_above(prob, _bits_to_threshold(lo))
+    count_hi = tl.zeros([ROWS], dtype=tl.int32)
+    # 30 halvings shrink any bracket inside [-1, bits(1.0)] to one step. With
+    # EARLY_EXIT the loop also stops once every row's bracket (lo, hi] holds a
+    # single tile, which is then v itself (typically after ~log2(n) + 8 steps).
+    unresolved = (count_lo - count_hi > 1) & (hi - lo > 1) & ~exact_p1
+    step = 0
+    while (step < 30) & (tl.max(unresolved.to(tl.int32), axis=0) > 0):
+        for _inner in tl.static_range(CHECK_EVERY):
+            mid = lo + (hi - lo) // 2
+            mass, count = _mass_and_count_above(prob, _bits_to_threshold(mid))
+            up = mass >= threshold
+            lo = tl.where(up, mid, lo)
+            count_lo = tl.where(up, count, count_lo)
+            hi = tl.where(up, hi, mid)
+            count_hi = tl.where(up, count_hi, count)
+        if EARLY_EXIT:
+            unresolved = (count_lo - count_hi > 1) & (hi - lo > 1) & ~exact_p1
+        else:
+            unresolved = (hi - lo > 1) & ~exact_p1
+        step += CHECK_EVERY
+    # One tile in (lo, hi]: it is v, it has no tie, keep every x > t(lo).
+    single = (count_lo - count_hi == 1) | exact_p1
+    keep = prob > _bits_to_threshold(lo)[:, None]
+    if tl.max((~single).to(tl.int32), axis=0) > 0:
+        # Otherwise hi = bits(v): keep x > v and the first ceil((p - F(v)) / v)
+        # ties at v, by index.
+        v = hi.to(tl.float32, bitcast=True)
+        above = prob > v[:, None]
+        mass_above_v = tl.sum(tl.where(above, prob, 0.0), axis=1)
+        at_v = prob == v[:, None]
+        safe_v = tl.where(v > 0.0, v, 1.0)
+        quota = tl.where(v > 0.0, tl.math.ceil((threshold - mass_above_v) / safe_v),
+                         float("inf"))
+        # The ties kept are those before column ``cut``, the smallest m with
+        # quota ties in [0, m) (WIDTH when there are fewer): a bisection on
+        # m instead of a row-wide prefix sum, which would need registers.
+        cols = tl.arange(0, WIDTH)
+        cut_lo = tl.zeros([ROWS], dtype=tl.int32)
+        cut_hi = tl.zeros([ROWS], dtype=tl.int32) + WIDTH
+        for _step in tl.static_range(LOG2_WIDTH + 1):
+            mid = (cut_lo + cut_hi) // 2
+            before = tl.sum((at_v & (cols[None, :] < mid[:, None])).to(tl.int32), axis=1)
+            enough = before.to(tl.float32) >= quota
+            cut_hi = tl.where(enough, mid, cut_hi)
+            cut_lo = tl.where(enough, cut_lo, mid + 1)
+        exact = above | (at_v & (cols[None, :] < cut_hi[:, None]))
+        keep = tl.where(single[:, None], keep, exact)
     return keep
 
 
@@ -230,7 +263,7 @@ def _select_tiles_kernel(
     WRITE_MASK: tl.constexpr, WRITE_INDICES: tl.constexpr,
     ROWS: tl.constexpr, WIDTH: tl.constexpr, LOG2_WIDTH: tl.constexpr, DK: tl.constexpr,
     CHUNK: tl.constexpr, USE_DOT: tl.constexpr, EARLY_EXIT: tl.constexpr,
-    CHECK_EVERY: tl.constexpr,
+    CHECK_EVERY: tl.constexpr, STACK_BANDS: tl.constexpr,
 ):
     """Select the key tiles of ``ROWS`` query-tile rows of one (batch, q head).
 
@@ -238,8 +271,8 @@ def _select_tiles_kernel(
     ``admissible_tiles``, ``band_probabilities``, ``top_p_select`` (both bands),
     ``forced_tiles``, the union, and ``mask_to_indices``. Rows
     ``[row_start, row_end)`` of this launch all see fewer than ``WIDTH`` key tiles.
-    The bands run one after the other, so only one band's (ROWS, WIDTH)
-    probabilities are live at a time (registers, not spills, hold them).
+    Wide rows run the bands one after the other, so that one band's (ROWS, WIDTH)
+    probabilities are live at a time; ``STACK_BANDS`` (narrow rows) runs both at once.
     """
     bh = tl.program_id(1)
     b = bh // num_q_heads
@@ -250,12 +283,8 @@ def _select_tiles_kernel(
     cols = tl.arange(0, WIDTH)
     col_ok = cols < num_key_tiles
     abs_rows = first_query_tile + rows
-    if CAUSAL:
-        admissible = row_ok[:, None] & (cols[None, :] <= abs_rows[:, None])
-        admissible_count = tl.minimum(abs_rows + 1, num_key_tiles)
-    else:
-        admissible = row_ok[:, None] & col_ok[None, :]
-        admissible_count = tl.zeros([ROWS], dtype=tl.int32) + num_key_tiles
+    admissible, admissible_count = _admissible(rows, row_end, cols, first_query_tile,
+                                               num_key_tiles, CAUSAL)
 
     # Stage 1 (contract §5): one temperature per band for this (batch, q head).
     if CALIBRATE:
@@ -279,13 +308,30 @@ def _select_tiles_kernel(
     k_head = K_POOLED_T + bkv.to(tl.int64) * head_dim * k_pooled_stride
     logits = _band_logits(q_rows, k_head, row_ok, cols, col_ok, k_pooled_stride, coef_high,
                           head_dim, half_layout, high_start, high_dim, ROWS, WIDTH, DK, USE_DOT)
-    keep = _top_p_keep(_softmax_rows(logits, admissible), high_threshold,
-                       admissible_count, ROWS, WIDTH, LOG2_WIDTH, EARLY_EXIT, CHECK_EVERY)
-    logits = _band_logits(q_rows, k_head, row_ok, cols, col_ok, k_pooled_stride, coef_low,
-                          head_dim, half_layout, low_start, low_dim, ROWS, WIDTH, DK, USE_DOT)
-    keep = keep | _top_p_keep(_softmax_rows(logits, admissible), low_threshold,
-                              admissible_count, ROWS, WIDTH, LOG2_WIDTH, EARLY_EXIT,
-                              CHECK_EVERY)
+    if STACK_BANDS:
+        # Narrow rows: both bands' rows in one (2 * ROWS, WIDTH) block (row 2r is
+        # row r's high band, 2r + 1 its low band), so one softmax and one top-p
+        # bisection serve both and the chain of dependent reductions halves.
+        low = _band_logits(q_rows, k_head, row_ok, cols, col_ok, k_pooled_stride, coef_low,
+                           head_dim, half_layout, low_start, low_dim, ROWS, WIDTH, DK, USE_DOT)
+        both = tl.reshape(tl.permute(tl.join(logits, low), (0, 2, 1)), (2 * ROWS, WIDTH))
+        pair = tl.arange(0, 2 * ROWS)
+        admissible2, count2 = _admissible(row_start + tl.program_id(0) * ROWS + pair // 2,
+                                          row_end, cols, first_query_tile, num_key_tiles,
+                                          CAUSAL)
+        thresholds = tl.where(pair % 2 == 0, high_threshold, low_threshold).to(tl.float32)
+        keep2 = _top_p_keep(_softmax_rows(both, admissible2), thresholds, count2, 2 * ROWS,
+                            WIDTH, LOG2_WIDTH, EARLY_EXIT, CHECK_EVERY, True)
+        keep = tl.max(tl.reshape(keep2.to(tl.int32), (ROWS, 2, WIDTH)), axis=1) != 0
+    else:
+        keep = _top_p_keep(_softmax_rows(logits, admissible), high_threshold,
+                           admissible_count, ROWS, WIDTH, LOG2_WIDTH, EARLY_EXIT, CHECK_EVERY)
+        logits = _band_logits(q_rows, k_head, row_ok, cols, col_ok, k_pooled_stride, coef_low,
+                              head_dim, half_layout, low_start, low_dim, ROWS, WIDTH, DK,
+                              USE_DOT)
+        keep = keep | _top_p_keep(_softmax_rows(logits, admissible), low_threshold,
+                                  admissible_count, ROWS, WIDTH, LOG2_WIDTH, EARLY_EXIT,
+                                  CHECK_EVERY)
 
     # Stage 5: union, forced sink and diagonal, never outside the admissible set.
     if FORCE_SINK:
@@ -300,13 +346,10 @@ def _select_tiles_kernel(
     if WRITE_MASK and not WRITE_INDICES:
         tl.store(MASK + row_offsets[:, None] + cols[None, :], keep, mask=in_row)
     if WRITE_INDICES:
-        # Compact in column chunks: the keep flags go to memory first, and each
-        # chunk is read back before its slots are written, so the (ROWS, WIDTH)
-        # prefix sums never have to be live in registers at once. With the mask
-        # requested, the mask itself holds the flags (one byte each); otherwise
-        # the index rows do, and each chunk is read whole before its slots are
-        # written: a slot never exceeds its column, so no unread flag is
-        # overwritten.
+        # Compact in column chunks, so no (ROWS, WIDTH) prefix sum is live at
+        # once: the keep flags go to the mask (or, without one, to the index rows,
+        # each chunk read whole before its slots, which never exceed their
+        # column, are written) and come back a chunk at a time.
         idx_rows = IDX + row_offsets
         if WRITE_MASK:
             flags = MASK + row_offsets
@@ -360,18 +403,16 @@ class SelectionTuning:
     rows_per_program : int
         Query-tile rows of one program on the tensor-core path (a power of two, >= 16).
     overlap : bool
-        On CUDA, run the widest launch on the caller's stream and the narrower
-        ones (few, short programs each) on a second stream, so they fill SMs
-        the wide launch leaves idle; the caller's stream waits for both.
-        Only when the plan has at least ``overlap_min_launches`` launches.
+        On CUDA, with at least ``overlap_min_launches`` launches, run the narrower
+        ones on a second stream, filling SMs the widest launch leaves idle.
     merge_width : int
-        Causal rows that see at most this many key tiles share one launch of
-        this width (or of the full row, if narrower) instead of one launch per
-        power of two: at short lengths the launches, not the work, cost time.
-    check_every : int
-        Top-p bisection steps between two checks of the early exit.
-    num_stages : int
-        Software-pipelining stages of the pooled-key loads of the logits.
+        Causal rows that see at most this many key tiles share one launch of this
+        width (or the full row's) instead of one per power of two.
+    check_every, num_stages : int
+        Bisection steps between early-exit checks; pipelining stages of the logits.
+    stack_bands_max_width : int
+        Launches at most this wide run both bands' top-p in one block of twice
+        the rows (one chain of reductions instead of two); 0 turns this off.
     """
 
     dot_max_width: int = 1024
@@ -383,6 +424,7 @@ class SelectionTuning:
     merge_width: int = 256
     check_every: int = 2
     num_stages: int = 3
+    stack_bands_max_width: int = 64
 
 
 def _launch_plan(layout: TileLayout, causal: bool, tuning: SelectionTuning):
@@ -447,33 +489,17 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: boo
     pooling kernel flags NaN/Inf in a device tensor, which the caller reads
     (or not, under compilation and graph capture).
 
-    Parameters
-    ----------
-    q : Tensor (B, Hq, Nq, D)
-    k : Tensor (B, Hkv, Nk, D)
-    cfg : PrismConfig
-    causal : bool
-    layout : TileLayout
-        With ``Nq > 0`` and ``Nk > 0``.
-    high_dim, low_dim : int
-        Resolved band widths.
-    write_mask, write_indices : bool
-        Which outputs to produce.
-    mask, kv_num_blocks, kv_indices : Tensor, optional
-        Preallocated outputs (tests pass poisoned ones to prove every element
-        is written): bool (B, Hq, nq, nk), int32 (B, Hq, nq), int32 (B, Hq, nq, nk).
-    tuning : SelectionTuning, optional
-        Launch shape; the default uses ``DOT_MAX_WIDTH``.
-    v : Tensor (B, Hkv, Nk, Dv), optional
-        Checked for NaN/Inf by the pooling launch too.
+    ``q`` (B, Hq, Nq, D), ``k`` (B, Hkv, Nk, D); ``layout`` with ``Nq, Nk > 0``;
+    ``high_dim``, ``low_dim`` the resolved band widths; ``write_mask``,
+    ``write_indices`` pick the outputs; ``mask`` (bool, (B, Hq, nq, nk)),
+    ``kv_num_blocks`` (int32, (B, Hq, nq)) and ``kv_indices`` (int32,
+    (B, Hq, nq, nk)) may be preallocated (tests pass poisoned ones to prove every
+    element is written); ``tuning`` the launch shape; ``v`` (B, Hkv, Nk, Dv) is
+    checked for NaN/Inf by the pooling launch too.
 
-    Returns
-    -------
-    mask : Tensor (B, Hq, nq, nk) bool, or None
-    kv_num_blocks : Tensor (B, Hq, nq) int32, or None
-    kv_indices : Tensor (B, Hq, nq, nk) int32, or None
-    nonfinite : Tensor (1,) float64
-        Non-zero when q, k (or v) may hold NaN/Inf; then the outputs are undefined.
+    Returns ``(mask, kv_num_blocks, kv_indices, nonfinite)``, the outputs not
+    asked for as None; ``nonfinite`` (1,) float64 is non-zero when q, k (or v)
+    may hold NaN/Inf, and then the outputs are undefined.
     """
     b, hq, _, d = q.shape
     hkv = k.shape[1]
@@ -562,6 +588,7 @@ def _prepare_launches(layout: TileLayout, causal: bool, tuning: SelectionTuning,
                  ROWS=rows, WIDTH=width, LOG2_WIDTH=width.bit_length() - 1, DK=dk,
                  CHUNK=min(width, 128), USE_DOT=use_dot,
                  EARLY_EXIT=tuning.early_exit, CHECK_EVERY=tuning.check_every,
+                 STACK_BANDS=width <= tuning.stack_bands_max_width,
                  num_warps=warps, num_stages=tuning.num_stages))))
     return steps
 
