@@ -58,51 +58,36 @@ def _check_program(pid, Q, K, V, NONFINITE,
                    stride_vb, stride_vh, stride_vn, stride_vd,
                    num_q_heads, num_kv_heads, num_queries, num_keys, head_dim, head_dim_v,
                    q_programs, k_programs, CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr,
-                   D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                   BLOCK_ROWS: tl.constexpr):
-    """Program ``pid`` of the checks: blocks of q rows, then of k rows, then of v rows."""
-    if CHECK_Q and pid < q_programs:
-        _check_rows_finite(Q, stride_qb, stride_qh, stride_qn, stride_qd, num_q_heads,
-                           num_queries, head_dim, pid, BLOCK_ROWS, NONFINITE, D_PAD, BLOCK_T)
-    elif CHECK_K and pid < q_programs + k_programs:
-        _check_rows_finite(K, stride_kb, stride_kh, stride_kn, stride_kd, num_kv_heads,
-                           num_keys, head_dim, pid - q_programs, BLOCK_ROWS, NONFINITE, D_PAD,
-                           BLOCK_T)
+                   CHECK_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    """Program ``pid`` of the checks: blocks of q rows, then of k rows, then of v rows
+    (``q_programs``/``k_programs`` are 0 for a tensor not checked)."""
+    if pid < q_programs:
+        if CHECK_Q:
+            _check_rows_finite(Q, stride_qb, stride_qh, stride_qn, stride_qd, num_q_heads,
+                               num_queries, head_dim, pid, BLOCK_ROWS, NONFINITE, D_PAD,
+                               BLOCK_T)
+    elif pid < q_programs + k_programs:
+        if CHECK_K:
+            _check_rows_finite(K, stride_kb, stride_kh, stride_kn, stride_kd, num_kv_heads,
+                               num_keys, head_dim, pid - q_programs, BLOCK_ROWS, NONFINITE,
+                               D_PAD, BLOCK_T)
     else:
-        _check_rows_finite(V, stride_vb, stride_vh, stride_vn, stride_vd, num_kv_heads,
-                           num_keys, head_dim_v, pid - q_programs - k_programs, BLOCK_ROWS,
-                           NONFINITE, DV_PAD, BLOCK_T)
+        if CHECK_V:
+            _check_rows_finite(V, stride_vb, stride_vh, stride_vn, stride_vd, num_kv_heads,
+                               num_keys, head_dim_v, pid - q_programs - k_programs,
+                               BLOCK_ROWS, NONFINITE, DV_PAD, BLOCK_T)
 
 
 @triton.jit
-def _union_kernel(
-    PROBS, COLUMNS, DIAGONALS, OTHER, MASK, NUM, IDX,
-    total_rows, num_query_tiles, num_key_tiles, num_diagonals, first_query_tile, threshold,
-    union_programs,
-    Q, K, V, NONFINITE,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    num_q_heads, num_kv_heads, num_queries, num_keys, head_dim, head_dim_v,
-    q_programs, k_programs,
-    CAUSAL: tl.constexpr, HAS_PROBS: tl.constexpr, NORMALIZE: tl.constexpr,
-    HAS_VS: tl.constexpr, HAS_OTHER: tl.constexpr, FORCE_SINK: tl.constexpr,
-    FORCE_DIAGONAL: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_INDICES: tl.constexpr,
-    ROWS: tl.constexpr, WIDTH: tl.constexpr, LOG2_WIDTH: tl.constexpr,
-    CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_ROWS: tl.constexpr, CHECK_EVERY_ARG: tl.constexpr,
-):
-    """``ROWS`` rows of the flat (batch * q head * query tile) grid (module docstring)."""
-    pid = tl.program_id(0)
-    if pid >= union_programs:
-        _check_program(pid - union_programs, Q, K, V, NONFINITE,
-                       stride_qb, stride_qh, stride_qn, stride_qd,
-                       stride_kb, stride_kh, stride_kn, stride_kd,
-                       stride_vb, stride_vh, stride_vn, stride_vd,
-                       num_q_heads, num_kv_heads, num_queries, num_keys, head_dim, head_dim_v,
-                       q_programs, k_programs, CHECK_Q, CHECK_K, D_PAD, DV_PAD, BLOCK_T,
-                       BLOCK_ROWS)
-        return
+def _union_rows(pid, PROBS, COLUMNS, DIAGONALS, OTHER, MASK, NUM, IDX, total_rows,
+                num_query_tiles, num_key_tiles, num_diagonals, first_query_tile, threshold,
+                CAUSAL: tl.constexpr, HAS_PROBS: tl.constexpr, NORMALIZE: tl.constexpr,
+                HAS_VS: tl.constexpr, HAS_OTHER: tl.constexpr, FORCE_SINK: tl.constexpr,
+                FORCE_DIAGONAL: tl.constexpr, WRITE_MASK: tl.constexpr,
+                WRITE_INDICES: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr,
+                LOG2_WIDTH: tl.constexpr, CHECK_EVERY_ARG: tl.constexpr):
+    """Steps 1-5 of the module docstring for rows ``[pid * ROWS, (pid + 1) * ROWS)``."""
     rows = pid * ROWS + tl.arange(0, ROWS)
     row_ok = rows < total_rows
     bh = (rows // num_query_tiles).to(tl.int64)
@@ -155,6 +140,43 @@ def _union_kernel(
         tl.store(IDX + offsets, tl.full((ROWS, WIDTH), -1, dtype=tl.int32),
                  mask=in_row & (cols[None, :] >= count_kept[:, None]))
         tl.store(NUM + rows, count_kept, mask=row_ok)
+
+
+@triton.jit
+def _union_kernel(
+    PROBS, COLUMNS, DIAGONALS, OTHER, MASK, NUM, IDX,
+    total_rows, num_query_tiles, num_key_tiles, num_diagonals, first_query_tile, threshold,
+    union_programs,
+    Q, K, V, NONFINITE,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    num_q_heads, num_kv_heads, num_queries, num_keys, head_dim, head_dim_v,
+    q_programs, k_programs,
+    CAUSAL: tl.constexpr, HAS_PROBS: tl.constexpr, NORMALIZE: tl.constexpr,
+    HAS_VS: tl.constexpr, HAS_OTHER: tl.constexpr, FORCE_SINK: tl.constexpr,
+    FORCE_DIAGONAL: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_INDICES: tl.constexpr,
+    ROWS: tl.constexpr, WIDTH: tl.constexpr, LOG2_WIDTH: tl.constexpr,
+    CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, CHECK_V: tl.constexpr,
+    D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, CHECK_EVERY_ARG: tl.constexpr,
+):
+    """``ROWS`` rows of the flat (batch * q head * query tile) grid (module docstring)."""
+    pid = tl.program_id(0)
+    if pid < union_programs:
+        _union_rows(pid, PROBS, COLUMNS, DIAGONALS, OTHER, MASK, NUM, IDX, total_rows,
+                    num_query_tiles, num_key_tiles, num_diagonals, first_query_tile, threshold,
+                    CAUSAL, HAS_PROBS, NORMALIZE, HAS_VS, HAS_OTHER, FORCE_SINK,
+                    FORCE_DIAGONAL, WRITE_MASK, WRITE_INDICES, ROWS, WIDTH, LOG2_WIDTH,
+                    CHECK_EVERY_ARG)
+    else:
+        _check_program(pid - union_programs, Q, K, V, NONFINITE,
+                       stride_qb, stride_qh, stride_qn, stride_qd,
+                       stride_kb, stride_kh, stride_kn, stride_kd,
+                       stride_vb, stride_vh, stride_vn, stride_vd,
+                       num_q_heads, num_kv_heads, num_queries, num_keys, head_dim, head_dim_v,
+                       q_programs, k_programs, CHECK_Q, CHECK_K, CHECK_V, D_PAD, DV_PAD,
+                       BLOCK_T, BLOCK_ROWS)
 
 
 def union_tiles(layout: TileLayout, causal: bool, heads: tuple, *,
@@ -241,6 +263,7 @@ def union_tiles(layout: TileLayout, causal: bool, heads: tuple, *,
            FORCE_DIAGONAL=force_diagonal, WRITE_MASK=write_mask,
            WRITE_INDICES=write_indices, ROWS=rows, WIDTH=width,
            LOG2_WIDTH=width.bit_length() - 1, CHECK_Q=q is not None, CHECK_K=k is not None,
+           CHECK_V=v is not None,
            D_PAD=d_pad, DV_PAD=dv_pad,
            BLOCK_T=max(1, min(CHECK_ROWS, 4096 // max(d_pad, dv_pad))), BLOCK_ROWS=CHECK_ROWS,
            CHECK_EVERY_ARG=_TOP_P_CHECK_EVERY, num_warps=8 if width >= 2048 else 4)
