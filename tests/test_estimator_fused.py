@@ -183,3 +183,51 @@ def test_nan_and_inf_raise_the_reference_error(estimator):
             optimized.select_blocks(q, k, cfg)
         assert str(actual.value) == str(expected.value)
         assert "NaN or Inf" in str(actual.value)
+
+
+# ---------------------------------------------------------------- on the GPU only
+
+# Every fused form (subtile's general path scores with the reference's torch code).
+_GPU_ESTIMATORS = ("antidiagonal", "antidiagonal_vertical_slash", "sampled",
+                   "sampled_vertical_slash", "prism_vertical_slash", "vertical_slash")
+
+
+@pytest.mark.gpu
+def test_estimator_selection_replays_under_cuda_graph_capture():
+    """Capture waits for nothing (no host read of the flag); replays equal eager calls."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 8, 2048, 64, device="cuda", generator=gen).to(torch.bfloat16)
+    k = torch.randn(1, 2, 2048, 64, device="cuda", generator=gen).to(torch.bfloat16)
+    for estimator in _GPU_ESTIMATORS:
+        cfg = PrismConfig(estimator=estimator, antidiagonal_stride=32)
+        eager = ops.select(q, k, None, cfg, True)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            optimized.select_blocks(q, k, cfg)  # warm-up (compiles) outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = optimized.select_blocks(q, k, cfg)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured.as_subclass(torch.Tensor), eager[0]), estimator
+        assert torch.equal(captured.kv_indices, eager[2]), estimator
+        assert eager[3].item() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nan_and_inf_are_flagged_on_the_gpu(value):
+    """Compiled kernels keep the score check (``raw - raw``) and the row checks."""
+    for estimator in _GPU_ESTIMATORS:
+        cfg = PrismConfig(estimator=estimator, antidiagonal_stride=16)
+        for which, row in (("q", 0), ("q", 700), ("k", 5), ("k", 1023)):
+            gen = torch.Generator(device="cuda").manual_seed(row)
+            q = torch.randn(1, 4, 1024, 64, device="cuda", generator=gen).to(torch.bfloat16)
+            k = torch.randn(1, 2, 1024, 64, device="cuda", generator=gen).to(torch.bfloat16)
+            (q if which == "q" else k)[0, -1, row, 63] = value
+            flag = ops.select(q, k, None, cfg, True)[3]
+            assert flag.item() != 0, (estimator, which, row)
+            with pytest.raises(ValueError, match="NaN or Inf"):
+                optimized.select_blocks(q, k, cfg)
