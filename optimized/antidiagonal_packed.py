@@ -141,8 +141,9 @@ def online_softmax_step(m_i, l_i, s):
 
 
 @triton.jit
-def check_scores(scaled, raw):
-    """``scaled`` with NaN wherever ``raw``, the same scores unmasked, is NaN or +-Inf.
+def masked_scores(raw, allowed, qk_scale, CHECK: tl.constexpr):
+    """``raw * qk_scale`` where ``allowed``, else -inf; with ``CHECK``, NaN wherever
+    ``raw`` is NaN or +-Inf, allowed or not.
 
     The estimator kernels find NaN/Inf input without a pass of their own: a
     NaN/Inf in a row of q or k makes every score it enters non-finite (Inf * 0
@@ -151,7 +152,10 @@ def check_scores(scaled, raw):
     once at the end (pooling's ``_flag_if_nonfinite``). Finite scores are
     unchanged (``raw - raw`` is 0).
     """
-    return scaled + (raw - raw)
+    scaled = tl.where(allowed, raw * qk_scale, float("-inf"))
+    if CHECK:
+        scaled = scaled + (raw - raw)
+    return scaled
 
 
 @triton.jit
@@ -189,10 +193,7 @@ def _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, g
     allowed = (key_groups < key_end)[None, :] & rows_ok[:, None]
     if CAUSAL:
         allowed = allowed & (key_groups[None, :] <= groups[:, None])
-    scaled = tl.where(allowed, s * qk_scale, float("-inf"))
-    if CHECK:  # NaN/Inf input -> NaN in the row sums (check_scores)
-        scaled = check_scores(scaled, s)
-    return scaled
+    return masked_scores(s, allowed, qk_scale, CHECK)
 
 
 @triton.jit
@@ -359,4 +360,4 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
 
 
 __all__ = ["PackedTuning", "antidiagonal_packed_applies", "antidiagonal_packed_probabilities",
-           "TUNED", "check_scores", "default_tuning", "online_softmax_step"]
+           "TUNED", "masked_scores", "default_tuning", "online_softmax_step"]

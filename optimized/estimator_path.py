@@ -20,7 +20,7 @@ mask united with the estimator's tiles) and ``mask_to_indices``, with no
 torch operation between the kernels.
 
 NaN/Inf: the scoring kernels set a device flag when a score they compute is
-not finite (:func:`prism.optimized.antidiagonal_packed.check_scores`), which
+not finite (:func:`prism.optimized.antidiagonal_packed.masked_scores`), which
 covers every row of k, and every row of q for the antidiagonal scores; the
 finishing launch checks, in extra programs, whatever no scoring kernel read
 whole (q for the sampled and vertical-slash estimators, v when given). With

@@ -62,7 +62,7 @@ from ._runtime import check_device, kernels_interpreted, next_power_of_2
 from .antidiagonal_packed import (
     antidiagonal_packed_applies,
     antidiagonal_packed_probabilities,
-    check_scores,
+    masked_scores,
     online_softmax_step,
 )
 from .launch import launch
@@ -158,7 +158,8 @@ def _antidiagonal_tile_kernel(
     absolute grid, the group scores, the masked softmax per query group and the
     sum of group probabilities into (query tile, key tile) pairs. Writes
     ``OUT[bh, row, sub, :]``; the caller sums ``sub`` and renormalises. With
-    ``CHECK`` a NaN/Inf in q or k sets ``NONFINITE`` (:func:`check_scores`).
+    ``CHECK`` a NaN/Inf in q or k sets ``NONFINITE``
+    (:func:`~prism.optimized.antidiagonal_packed.masked_scores`).
     """
     # Program -> (query tile, batch*head, sub-block); the last (heaviest causal)
     # query tiles first.
@@ -203,10 +204,7 @@ def _antidiagonal_tile_kernel(
         allowed = (key_groups < key_end)[None, :] & rows_ok[:, None]
         if CAUSAL:
             allowed = allowed & (key_groups[None, :] <= groups[:, None])
-        scaled = tl.where(allowed, s * qk_scale, float("-inf"))
-        if CHECK:
-            scaled = check_scores(scaled, s)
-        m_i, l_i = online_softmax_step(m_i, l_i, scaled)
+        m_i, l_i = online_softmax_step(m_i, l_i, masked_scores(s, allowed, qk_scale, CHECK))
     if CHECK:
         _flag_if_nonfinite(l_i, NONFINITE)
 

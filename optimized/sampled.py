@@ -32,7 +32,7 @@ from prism.reference.estimators import sampled_query_positions
 from prism.reference.tiles import TileLayout
 
 from ._runtime import check_device, kernels_interpreted, next_power_of_2
-from .antidiagonal_packed import check_scores, online_softmax_step
+from .antidiagonal_packed import masked_scores, online_softmax_step
 from .launch import launch
 from .pooling import _flag_if_nonfinite
 
@@ -56,7 +56,7 @@ def _sampled_tile_kernel(
     """Unnormalised tile probabilities of ``TILES`` query tiles x one GQA group.
 
     With ``CHECK`` a NaN/Inf in k (or a sampled query) sets ``NONFINITE``
-    (:func:`prism.optimized.antidiagonal_packed.check_scores`).
+    (:func:`prism.optimized.antidiagonal_packed.masked_scores`).
     """
     pid = tl.program_id(0)
     # Heaviest (last) query tiles first.
@@ -116,9 +116,7 @@ def _sampled_tile_kernel(
             allowed = key_ok[None, :] & rows_ok[:, None]
             if CAUSAL:
                 allowed = allowed & (keys[None, :] <= pos[:, None])
-            scaled = tl.where(allowed, scores * qk_scale, float("-inf"))
-            if CHECK:
-                scaled = check_scores(scaled, scores)
+            scaled = masked_scores(scores, allowed, qk_scale, CHECK)
             m_i, l_i = online_softmax_step(m_i, l_i, scaled)
     if CHECK:
         _flag_if_nonfinite(l_i, NONFINITE)

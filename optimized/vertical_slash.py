@@ -53,7 +53,7 @@ from prism.reference.tiles import TileLayout
 from prism.reference.validation import validate_stage_inputs
 
 from ._runtime import check_device, kernels_interpreted, next_power_of_2
-from .antidiagonal_packed import check_scores, online_softmax_step
+from .antidiagonal_packed import masked_scores, online_softmax_step
 from .launch import launch
 from .pooling import _flag_if_nonfinite
 from .vertical_slash_tiles import long_top_p_kernel, vertical_slash_tiles_kernel
@@ -123,7 +123,7 @@ def _stats_kernel(
     """Per row, max ``m`` and sum ``l`` of ``2^(s*qk_scale - m)`` over one key chunk.
 
     With ``CHECK`` a NaN/Inf in k or in the last queries sets ``NONFINITE``
-    (:func:`prism.optimized.antidiagonal_packed.check_scores`).
+    (:func:`prism.optimized.antidiagonal_packed.masked_scores`).
     """
     pid_rows = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -145,10 +145,7 @@ def _stats_kernel(
         allowed = row_ok[:, None] & (keys < stop)[None, :]
         if CAUSAL:
             allowed = allowed & (keys[None, :] <= q_pos[:, None])
-        scaled = tl.where(allowed, s * qk_scale, float("-inf"))
-        if CHECK:
-            scaled = check_scores(scaled, s)
-        m_i, l_i = online_softmax_step(m_i, l_i, scaled)
+        m_i, l_i = online_softmax_step(m_i, l_i, masked_scores(s, allowed, qk_scale, CHECK))
     if CHECK:
         _flag_if_nonfinite(l_i, NONFINITE)
     out = (pid_rows * num_chunks + chunk).to(tl.int64) * (HEADS * LB) + tl.arange(0, HEADS * LB)
