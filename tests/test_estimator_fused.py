@@ -169,6 +169,31 @@ def test_fused_path_makes_no_separate_check_union_or_index_pass(monkeypatch):
         assert num is not None and idx is not None
 
 
+def test_fused_path_reads_no_unwritten_memory(monkeypatch):
+    """Every torch.empty of the fused path poisoned: the same selection, no NaN flagged.
+
+    The scoring kernels leave inadmissible tiles unwritten when they do not
+    normalise; the finishing launch must never read them.
+    """
+    q, k = _qk(1, 4, 2, 100, 160, 16, seed=8, scale=3.0)
+    cfg = PrismConfig(block_size=32, antidiagonal_stride=8, sampled_queries=2, last_queries=8,
+                      high_threshold=0.7, vertical_slash_threshold=0.3)
+    estimators = ("antidiagonal_vertical_slash",)
+    clean = [ops.select(q, k, None, cfg.replace(estimator=e), True) for e in estimators]
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else 1)
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    for estimator, expected in zip(estimators, clean, strict=True):
+        actual = ops.select(q, k, None, cfg.replace(estimator=estimator), True)
+        for a, e in zip(actual[:3], expected[:3], strict=True):
+            assert torch.equal(a, e), estimator
+        assert actual[3].item() == 0
+
+
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_nan_and_inf_raise_the_reference_error(estimator):
     cfg = PrismConfig(block_size=32, estimator=estimator, last_queries=8, sampled_queries=2,
