@@ -36,6 +36,8 @@ check).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from prism.reference.bands import band_sizes
@@ -90,9 +92,15 @@ def _vs_threshold(cfg) -> float:
         cfg.vertical_slash_threshold)
 
 
+@functools.lru_cache(maxsize=256)
+def _as_prism(cfg):
+    """``cfg`` with ``estimator="prism"`` (made once per configuration)."""
+    return cfg.replace(estimator="prism")
+
+
 def _prism_mask(q, k, v, cfg, causal, layout):
     """Prism's own selection (bands and forced tiles) and its pooling's NaN/Inf flag."""
-    prism_cfg = cfg.replace(estimator="prism")
+    prism_cfg = _as_prism(cfg)
     if layout.num_key_tiles > MAX_WIDTH:
         return (trace_selection(q, k, prism_cfg, causal=causal).mask,
                 nonfinite_flag(q, k, k if v is None else v))
