@@ -161,8 +161,16 @@ def _pool_one_tile(
 
 
 @triton.jit
+def work_pointers(WORK, q_pooled_offset, k_pooled_offset, k_energy_offset):
+    """The flag, the energies (float64) and the pooled q and k (float32) inside ``WORK``."""
+    pooled = WORK.to(tl.pointer_type(tl.float32), bitcast=True)
+    return (WORK, WORK + 1, WORK + k_energy_offset, pooled + q_pooled_offset,
+            pooled + k_pooled_offset)
+
+
+@triton.jit
 def _pool_tiles_kernel(
-    Q, K, V, Q_POOLED, K_POOLED_T, Q_ENERGY, K_ENERGY, NONFINITE,
+    Q, K, V, WORK,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -170,6 +178,7 @@ def _pool_tiles_kernel(
     num_query_tiles, num_key_tiles, k_pooled_stride, block_size, num_query_programs,
     num_key_programs, head_dim, head_dim_v, half_layout,
     high_start, high_pairs, low_start, low_pairs,
+    q_pooled_offset, k_pooled_offset, k_energy_offset,
     D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Pool every query tile and every key tile of one call, in one launch.
@@ -179,8 +188,10 @@ def _pool_tiles_kernel(
     ``check_finite`` of q, k (and v). Programs ``[0, num_query_programs)`` pool
     query tiles (one per (batch, q head, tile)); the next ``num_key_programs``
     pool key tiles (one per (batch, KV head, tile)); any others only check
-    tiles of V for NaN/Inf.
+    tiles of V for NaN/Inf. ``WORK`` is the call's one buffer (:func:`work_layout`).
     """
+    NONFINITE, Q_ENERGY, K_ENERGY, Q_POOLED, K_POOLED_T = work_pointers(
+        WORK, q_pooled_offset, k_pooled_offset, k_energy_offset)
     pid = tl.program_id(0)
     if pid < num_query_programs:
         _pool_one_tile(
@@ -246,36 +257,71 @@ def pool_tiles_and_energy(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
     nonfinite : Tensor (1,), float64
         Non-zero if some tile of q, k (or v) has a non-finite fp32 sum.
     """
-    # The layout by identity (the entry keeps it alive): hashing its fields costs
-    # more. A layout made afresh per call is found by value instead.
+    plan = pool_plan(q, k, v, layout, high_dim, low_dim, rope_layout, rows_per_load, num_warps)
+    work = run_pooling(plan, q, k, v)
+    b, hq, hkv, d = q.shape[0], q.shape[1], k.shape[1], q.shape[3]
+    nqt, nkt = layout.num_query_tiles, layout.num_key_tiles
+    _, q_off, k_off, k_energy_off, num_sums = work_layout(b, hq, hkv, d, nqt, nkt)
+    pooled = work.view(torch.float32)
+    k_stride = plan[3][3]
+    return (pooled[q_off:q_off + b * hq * nqt * d].view(b, hq, nqt, d),
+            pooled[k_off:k_off + b * hkv * d * k_stride].view(b, hkv, d, k_stride),
+            work[1:k_energy_off].view(-1, 3), work[k_energy_off:num_sums].view(-1, 3),
+            work[:1])
+
+
+def work_layout(b: int, hq: int, hkv: int, d: int, nqt: int, nkt: int):
+    """Where pooling's outputs lie in its one float64 buffer, ``WORK``.
+
+    ``(size in float64, q_pooled offset, k_pooled_t offset (both in float32
+    elements), k energy offset, sums)``: the NaN flag at 0, the q energies
+    from 1, the k energies, then (256-byte aligned) the pooled q and pooled keys.
+    Only the first ``sums`` elements need zeroing.
+    """
+    k_stride = -(-nkt // 16) * 16
+    num_sums = 3 * b * (hq + hkv) + 1
+    q_off = 2 * (-(-num_sums // 32) * 32)
+    k_off = q_off + -(-(b * hq * nqt * d) // 64) * 64
+    size = (k_off + b * hkv * d * k_stride + 1) // 2
+    return size, q_off, k_off, 1 + 3 * b * hq, num_sums
+
+
+def pool_plan(q, k, v, layout: TileLayout, high_dim: int, low_dim: int, rope_layout: str,
+              rows_per_load=None, num_warps: int = 1):
+    """:func:`_pool_plan` of one call shape, cached.
+
+    The layout by identity (the entry keeps it alive): hashing its fields costs
+    more. A layout made afresh per call is found by value instead.
+    """
     rest = (q.shape, q.stride(), k.shape, k.stride(),
             None if v is None else (v.shape, v.stride()), high_dim, low_dim, rope_layout,
             rows_per_load, num_warps)
     plan = _POOL_PLANS.get((id(layout), *rest))
     if plan is not None:
-        plan = plan[1]
-    else:
-        plan = _POOL_PLANS_BY_VALUE.get((layout, *rest))
-        if plan is None:
-            plan = _pool_plan(q, k, v, layout, high_dim, low_dim, rope_layout, rows_per_load,
-                              num_warps)
-            for cache in (_POOL_PLANS, _POOL_PLANS_BY_VALUE):
-                if len(cache) > 1024:
-                    cache.clear()
-            _POOL_PLANS_BY_VALUE[(layout, *rest)] = plan
-            _POOL_PLANS[(id(layout), *rest)] = (layout, plan)
-    grid, prepared, q_shape, k_shape, num_sums, q_sums = plan
-    device = q.device
-    q_pooled = torch.empty(q_shape, dtype=torch.float32, device=device)
-    k_pooled_t = torch.empty(k_shape, dtype=torch.float32, device=device)
-    # One zeroed buffer (one memset) holds both energies and the flag.
-    sums = torch.zeros(num_sums, dtype=torch.float64, device=device)
-    nonfinite = sums[:1]
-    q_energy = sums[1:1 + q_sums].view(-1, 3)
-    k_energy = sums[1 + q_sums:].view(-1, 3)
-    prepared.launch(_pool_tiles_kernel, grid, q, k, k if v is None else v, q_pooled, k_pooled_t,
-                    q_energy, k_energy, nonfinite)
-    return q_pooled, k_pooled_t, q_energy, k_energy, nonfinite
+        return plan[1]
+    plan = _POOL_PLANS_BY_VALUE.get((layout, *rest))
+    if plan is None:
+        plan = _pool_plan(q, k, v, layout, high_dim, low_dim, rope_layout, rows_per_load,
+                          num_warps)
+        for cache in (_POOL_PLANS, _POOL_PLANS_BY_VALUE):
+            if len(cache) > 1024:
+                cache.clear()
+        _POOL_PLANS_BY_VALUE[(layout, *rest)] = plan
+        _POOL_PLANS[(id(layout), *rest)] = (layout, plan)
+    return plan
+
+
+def run_pooling(plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
+    """Launch the pooling of ``plan`` (:func:`pool_plan`); return its ``WORK`` buffer.
+
+    One allocation holds every output; only the energies and the flag, which
+    the kernel accumulates into, are zeroed.
+    """
+    grid, prepared, size, num_sums = plan[0], plan[1], plan[2], plan[4]
+    work = torch.empty(size, dtype=torch.float64, device=q.device)
+    work[:num_sums].zero_()
+    prepared.launch(_pool_tiles_kernel, grid, q, k, k if v is None else v, work)
+    return work
 
 
 _POOL_PLANS: dict = {}  # by the identity of the layout
@@ -286,12 +332,13 @@ def _pool_plan(q, k, v, layout: TileLayout, high_dim: int, low_dim: int, rope_la
                rows_per_load, num_warps: int):
     """Everything of a pooling launch that depends only on shapes, strides and settings.
 
-    ``(grid, prepared launch, q_pooled shape, k_pooled_t shape, sums, q sums)``.
+    ``(grid, prepared launch, WORK size, k_pooled_t shape, sums)``.
     """
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     nqt, nkt = layout.num_query_tiles, layout.num_key_tiles
     k_stride = -(-nkt // 16) * 16
+    size, q_off, k_off, k_energy_off, num_sums = work_layout(b, hq, hkv, d, nqt, nkt)
     d_pad = next_power_of_2(d)
     if rows_per_load is None:
         # About 4K elements per load (32 x 128) with one warp: the best of six
@@ -307,11 +354,11 @@ def _pool_plan(q, k, v, layout: TileLayout, high_dim: int, low_dim: int, rope_la
         (*q.stride(), *k.stride(), *v_strides,
          hq, hkv, nq, nk, layout.query_start, layout.first_query_tile,
          nqt, nkt, k_stride, layout.block_size, num_query_programs, num_key_programs,
-         d, dv, 1 if rope_layout == "half" else 0, *band_pairs(d, high_dim, low_dim)),
+         d, dv, 1 if rope_layout == "half" else 0, *band_pairs(d, high_dim, low_dim),
+         q_off, k_off, k_energy_off),
         dict(D_PAD=d_pad, DV_PAD=next_power_of_2(dv), BLOCK_T=block_t, num_warps=num_warps))
     grid = (num_query_programs + num_key_programs + v_programs,)
-    return (grid, prepared, (b, hq, nqt, d), (b, hkv, d, k_stride), 3 * b * (hq + hkv) + 1,
-            3 * b * hq)
+    return grid, prepared, size, (b, hkv, d, k_stride), num_sums
 
 
 def nonfinite_flag(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,

@@ -32,7 +32,6 @@ program family per power-of-two ``WIDTH`` (benchmarks/NOTES.md has the tuning).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -41,9 +40,16 @@ import triton.language as tl
 from prism.reference.config import PrismConfig
 from prism.reference.tiles import TileLayout
 
-from ._runtime import next_power_of_2
-from .launch import Prepared
-from .pooling import band_pairs, pool_tiles_and_energy
+from .pooling import pool_plan, run_pooling, work_pointers
+from .selection_plan import (  # noqa: F401  (SelectionTuning and the caches: public here)
+    _LAUNCHES,
+    _LAUNCHES_BY_VALUE,
+    SelectionTuning,
+    _cached_plan,
+    _launch_plan,
+    _side_stream,
+    launch_steps,
+)
 
 #: Widest key-tile row that the tensor-core path keeps in registers (16 rows each).
 DOT_MAX_WIDTH = 1024
@@ -253,11 +259,12 @@ def _band_logits(q_rows, k_head, row_ok, cols, col_ok, k_pooled_stride, coef,
 
 @triton.jit
 def _select_tiles_kernel(
-    Q_POOLED, K_POOLED_T, Q_ENERGY, K_ENERGY, MASK, NUM, IDX,
+    WORK, MASK, NUM, IDX,
     num_q_heads, group, num_query_tiles, num_key_tiles, k_pooled_stride, first_query_tile,
     row_start, row_end,
     head_dim, half_layout, high_dim, low_dim, high_start, low_start,
     high_threshold, low_threshold, high_temperature, low_temperature, eps,
+    q_pooled_offset, k_pooled_offset, k_energy_offset,
     CAUSAL: tl.constexpr, CALIBRATE: tl.constexpr,
     FORCE_SINK: tl.constexpr, FORCE_DIAGONAL: tl.constexpr,
     WRITE_MASK: tl.constexpr, WRITE_INDICES: tl.constexpr,
@@ -273,7 +280,10 @@ def _select_tiles_kernel(
     ``[row_start, row_end)`` of this launch all see fewer than ``WIDTH`` key tiles.
     Wide rows run the bands one after the other, so that one band's (ROWS, WIDTH)
     probabilities are live at a time; ``STACK_BANDS`` (narrow rows) runs both at once.
+    ``WORK`` is the pooling launch's buffer (:func:`~prism.optimized.pooling.work_layout`).
     """
+    _, Q_ENERGY, K_ENERGY, Q_POOLED, K_POOLED_T = work_pointers(
+        WORK, q_pooled_offset, k_pooled_offset, k_energy_offset)
     bh = tl.program_id(1)
     b = bh // num_q_heads
     h = bh % num_q_heads
@@ -388,93 +398,8 @@ def _select_tiles_kernel(
                      tl.full([ROWS, WIDTH], -1, dtype=tl.int32), mask=tail_ok)
 
 
-@dataclass(frozen=True)
-class SelectionTuning:
-    """Launch shape of the selection kernel (benchmarks/NOTES.md records the tuning).
-
-    Attributes
-    ----------
-    dot_max_width : int
-        Rows that see at most this many key tiles use tensor cores (16 rows a program).
-    elements_per_thread : int
-        Probabilities of one band each thread holds; sets ``num_warps``.
-    early_exit : bool
-        Stop the top-p bisection once each row's bracket holds one tile.
-    rows_per_program : int
-        Query-tile rows of one program on the tensor-core path (a power of two, >= 16).
-    overlap : bool
-        On CUDA, with at least ``overlap_min_launches`` launches, run the narrower
-        ones on a second stream, filling SMs the widest launch leaves idle.
-    merge_width : int
-        Causal rows that see at most this many key tiles share one launch of this
-        width (or the full row's) instead of one per power of two.
-    check_every, num_stages : int
-        Bisection steps between early-exit checks; pipelining stages of the logits.
-    stack_bands_max_width : int
-        Launches at most this wide run both bands' top-p in one block of twice
-        the rows (one chain of reductions instead of two); 0 turns this off.
-    """
-
-    dot_max_width: int = 1024
-    elements_per_thread: int = 32
-    early_exit: bool = True
-    rows_per_program: int = 16
-    overlap: bool = True
-    overlap_min_launches: int = 3
-    merge_width: int = 256
-    check_every: int = 2
-    num_stages: int = 3
-    stack_bands_max_width: int = 64
-
-
-def _launch_plan(layout: TileLayout, causal: bool, tuning: SelectionTuning):
-    """Row ranges that share one kernel shape: ``[(row_start, row_end, width, rows, use_dot)]``.
-
-    A causal row ``i`` sees key tiles ``0 .. first + i``; it goes to the
-    narrowest power-of-two width (at least ``merge_width``, capped by the full
-    row) that holds them. Calls whose rows may see more than ``dot_max_width``
-    tiles use the CUDA-core path with fewer rows per program, so a program
-    keeps at most 8K probabilities per band there.
-    """
-    nqt, nkt = layout.num_query_tiles, layout.num_key_tiles
-    full_width = max(16, next_power_of_2(nkt))
-    narrowest = min(full_width, max(16, next_power_of_2(tuning.merge_width)))
-    use_dot = full_width <= tuning.dot_max_width
-    plan = []
-    row = 0
-    while row < nqt:
-        seen = min(nkt, layout.first_query_tile + row + 1) if causal else nkt
-        width = max(narrowest, next_power_of_2(seen))
-        if causal and width < nkt:
-            # Rows r with first + r + 1 <= width fit in this width.
-            end = max(row + 1, min(nqt, width - layout.first_query_tile))
-        else:
-            end = nqt
-        rows = tuning.rows_per_program if use_dot else max(1, min(16, 8192 // width))
-        plan.append((row, end, width, rows, use_dot))
-        row = end
-    return plan
-
-
+#: The tuning of calls that pass none (a benchmark may rebind it).
 _DEFAULT_TUNING = SelectionTuning()
-_PLANS: dict = {}
-
-
-def _cached_plan(layout: TileLayout, causal: bool, tuning: SelectionTuning):
-    """:func:`_launch_plan` with each launch's grid rows and warps, cached per shape."""
-    key = (layout, causal, tuning)
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = []
-        for row_start, row_end, width, rows, use_dot in reversed(_launch_plan(layout, causal,
-                                                                              tuning)):
-            warps = max(4, min(16, rows * width // (32 * tuning.elements_per_thread)))
-            plan.append((row_start, row_end, width, rows, use_dot,
-                         triton.cdiv(row_end - row_start, rows), warps))
-        if len(_PLANS) > 4096:
-            _PLANS.clear()
-        _PLANS[key] = plan
-    return plan
 
 
 def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: bool,
@@ -502,12 +427,12 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: boo
     may hold NaN/Inf, and then the outputs are undefined.
     """
     b, hq, _, d = q.shape
-    hkv = k.shape[1]
     nqt, nkt = layout.num_query_tiles, layout.num_key_tiles
     device = q.device
-    q_pooled, k_pooled_t, q_energy, k_energy, nonfinite = pool_tiles_and_energy(
-        q, k, layout, high_dim, low_dim, cfg.rope_layout, v=v)
-
+    tuning = _DEFAULT_TUNING if tuning is None else tuning
+    steps = launch_steps(layout, cfg, tuning, causal, b, hq, k.shape[1], d, high_dim, low_dim,
+                         write_mask, write_indices)
+    work = run_pooling(pool_plan(q, k, v, layout, high_dim, low_dim, cfg.rope_layout), q, k, v)
     if write_mask and mask is None:
         mask = torch.empty(b, hq, nqt, nkt, dtype=torch.bool, device=device)
     if write_indices:
@@ -516,33 +441,10 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: boo
         if kv_indices is None:
             kv_indices = torch.empty(b, hq, nqt, nkt, dtype=torch.int32, device=device)
     # Unused output pointers still need a tensor on the right device.
-    placeholder = q_pooled
-    tuning = _DEFAULT_TUNING if tuning is None else tuning
-    # Keyed by the identity of the (frozen) layout, config and tuning: hashing
-    # their fields costs microseconds per call. The entry keeps them alive, so an
-    # id is never reused while its entry exists.
-    # Objects made afresh for every call (a config copied per call) miss here and
-    # are found by value instead, without filling this cache.
-    rest = (causal, b, hq, hkv, d, high_dim, low_dim, write_mask, write_indices)
-    cached = _LAUNCHES.get((id(layout), id(cfg), id(tuning), *rest))
-    if cached is not None:
-        steps = cached[3]
-    else:
-        steps = _LAUNCHES_BY_VALUE.get((layout, cfg, tuning, *rest))
-        if steps is None:
-            steps = _prepare_launches(layout, causal, tuning, cfg, b, hq, hkv, d, high_dim,
-                                      low_dim, write_mask, write_indices, k_pooled_t.shape[3])
-            for cache in (_LAUNCHES, _LAUNCHES_BY_VALUE):
-                if len(cache) > 1024:
-                    cache.clear()
-            _LAUNCHES_BY_VALUE[(layout, cfg, tuning, *rest)] = steps
-            _LAUNCHES[(id(layout), id(cfg), id(tuning), *rest)] = (layout, cfg, tuning, steps)
-    tensors = (q_pooled, k_pooled_t, q_energy, k_energy,
-               mask if write_mask else placeholder,
-               kv_num_blocks if write_indices else placeholder,
-               kv_indices if write_indices else placeholder)
-    overlap = tuning.overlap and len(steps) >= tuning.overlap_min_launches and q.is_cuda
-    if not overlap:
+    tensors = (work, mask if write_mask else work, kv_num_blocks if write_indices else work,
+               kv_indices if write_indices else work)
+    nonfinite = work[:1]
+    if len(steps) < tuning.overlap_min_launches or not tuning.overlap or not q.is_cuda:
         for grid, prepared in steps:
             prepared.launch(_select_tiles_kernel, grid, *tensors)
         return mask, kv_num_blocks, kv_indices, nonfinite
@@ -555,52 +457,3 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: boo
             prepared.launch(_select_tiles_kernel, grid, *tensors)
     main.wait_stream(side)
     return mask, kv_num_blocks, kv_indices, nonfinite
-
-
-_LAUNCHES: dict = {}  # by the identity of layout, config and tuning
-_LAUNCHES_BY_VALUE: dict = {}
-
-
-def _prepare_launches(layout: TileLayout, causal: bool, tuning: SelectionTuning,
-                      cfg: PrismConfig, b: int, hq: int, hkv: int, d: int, high_dim: int,
-                      low_dim: int, write_mask: bool, write_indices: bool, k_stride: int):
-    """``[(grid, Prepared)]`` of every launch of one call shape, widest rows first.
-
-    ``k_stride`` is the row stride of the pooled keys (a function of the layout).
-    """
-    nqt, nkt = layout.num_query_tiles, layout.num_key_tiles
-    high_start, _, low_start, _ = band_pairs(d, high_dim, low_dim)
-    dk_cap = next_power_of_2(max(high_dim, low_dim))
-    half_layout = 1 if cfg.rope_layout == "half" else 0
-    steps = []
-    for row_start, row_end, width, rows, use_dot, programs, warps in _cached_plan(
-            layout, causal, tuning):
-        dk = max(8, min(32, 16384 // width, dk_cap))
-        steps.append(((programs, b * hq), Prepared(
-            (hq, hq // hkv, nqt, nkt, k_stride, layout.first_query_tile,
-             row_start, row_end,
-             d, half_layout, high_dim, low_dim, high_start, low_start,
-             float(cfg.high_threshold), float(cfg.low_threshold),
-             float(cfg.high_temperature), float(cfg.low_temperature), float(cfg.eps)),
-            dict(CAUSAL=causal, CALIBRATE=cfg.calibrate,
-                 FORCE_SINK=cfg.force_sink, FORCE_DIAGONAL=cfg.force_diagonal,
-                 WRITE_MASK=write_mask, WRITE_INDICES=write_indices,
-                 ROWS=rows, WIDTH=width, LOG2_WIDTH=width.bit_length() - 1, DK=dk,
-                 CHUNK=min(width, 128), USE_DOT=use_dot,
-                 EARLY_EXIT=tuning.early_exit, CHECK_EVERY=tuning.check_every,
-                 STACK_BANDS=width <= tuning.stack_bands_max_width,
-                 num_warps=warps, num_stages=tuning.num_stages))))
-    return steps
-
-
-_SIDE_STREAMS: dict = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """One extra stream per device for the narrow selection launches."""
-    key = torch.device(device).index
-    if key is None:
-        key = torch.cuda.current_device()
-    if key not in _SIDE_STREAMS:
-        _SIDE_STREAMS[key] = torch.cuda.Stream(device=key)
-    return _SIDE_STREAMS[key]
