@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_matrix import _NoLaunch, host_us  # noqa: E402  (one definition each)
-from bench_prism import bench  # noqa: E402
+from bench_prism import bench, graph_ms  # noqa: E402
 
 from prism import optimized  # noqa: E402
 from prism.optimized import attention, indices, launch, ops, pooling  # noqa: E402
@@ -136,18 +136,7 @@ def launch_part(n=4096):
 
 def _graph_us(fn, repeats=10):
     """Device microseconds per call of ``fn`` from the replay of a graph of ``repeats`` calls."""
-    fn()
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(repeats):
-            fn()
-    return bench(graph.replay) * 1e3 / repeats
+    return graph_ms(fn, repeats) * 1e3
 
 
 def _gpu_one(n, row):

@@ -11,7 +11,7 @@ Usage (on the GPU machine, from the repository root)::
     python benchmarks/bench_prism.py --mode full --out benchmarks/results/full.json
     python benchmarks/bench_prism.py --mode tune             # attention launch shapes
     python benchmarks/bench_prism.py --mode diagnose         # stage and variant timings
-    python benchmarks/bench_prism.py --mode selection --baseline OLD.py  # CUDA-graph device time
+    python benchmarks/bench_prism.py --mode selection --baseline OLD.py  # bench_selection.py
 
 What is measured, per sequence length N:
 
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import platform
 import sys
@@ -472,8 +471,10 @@ def summary(rows):
     return "\n".join(lines)
 
 
-def graph_ms(fn):
-    """Median ms of replaying ``fn`` captured in a CUDA graph: device time, no host cost."""
+def graph_ms(fn, repeats=1):
+    """Median ms per call of ``fn`` from replays of a CUDA graph of ``repeats`` calls:
+    device time, no host cost. The one capture helper of the benchmarks: ``fn`` runs
+    once on a side stream first (lazy allocations and compilation stay out of the graph)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -481,61 +482,9 @@ def graph_ms(fn):
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
-    return float(do_bench(graph.replay, warmup=25, rep=100, return_mode="median"))
-
-
-def selection_graph(lengths, copy_tb_s, baseline_path=None, budget_s=100.0, names=None):
-    """Device time of selection (mask + indices) per length and tuning, as graph replays;
-    ``baseline_path``: an older copy of optimized/selection.py, timed and compared bit
-    for bit. The floor reads Q and K once and writes the mask and int32 indices once."""
-    from prism.optimized.selection import SelectionTuning as Tuning
-    baseline = None
-    if baseline_path:
-        spec = importlib.util.spec_from_file_location("selection_baseline", baseline_path)
-        baseline = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(baseline)
-    variants = {"default": None, "check_every_1": Tuning(check_every=1),
-                "num_stages_2": Tuning(num_stages=2), "unstacked": Tuning(stack_bands_max_width=0),
-                "elements_per_thread_16": Tuning(elements_per_thread=16)}
-    variants = {name: variants[name] for name in (names or variants)}
-    started = time.time()
-    return [_selection_length(n, copy_tb_s, variants, baseline, started, budget_s)
-            for n in lengths]
-
-
-def _selection_length(n, copy_tb_s, variants, baseline, started, budget_s):
-    from prism.optimized import selection
-    from prism.optimized.pooling import pool_tiles_and_energy
-
-    q, k, _ = random_inputs(n)
-    cfg = resolve_config(None, block_size=BLOCK)
-    layout = tile_layout(n, n, BLOCK, True)
-    high, low = band_sizes(HEAD_DIM, cfg.high_dim, cfg.low_dim)
-    nt = layout.num_key_tiles
-    floor = (q.numel() + k.numel()) * 2 + HEADS * nt * (nt * 5 + 4)
-    row = {"tokens": n, "floor_ms": floor / copy_tb_s / 1e9, "graph_ms": {}, "equal": {}}
-    row["graph_ms"]["pooling"] = graph_ms(
-        lambda: pool_tiles_and_energy(q, k, layout, high, low, cfg.rope_layout))
-    modules = [("baseline", baseline, None)] if baseline is not None else []
-    modules += [(name, selection, tuning) for name, tuning in variants.items()]
-    first = None
-    for name, module, tuning in modules:
-        if time.time() - started > budget_s:
-            row["skipped_from"] = name
-            break
-
-        def run(module=module, tuning=tuning):
-            return module.select_tiles(q, k, cfg, True, layout, high, low, write_mask=True,
-                                       write_indices=True, tuning=tuning)[:3]
-        got = run()
-        first = got if first is None else first
-        row["equal"][name] = all(torch.equal(a, b) for a, b in zip(got, first, strict=True))
-        row["graph_ms"][name] = graph_ms(run)
-        log(f"  {n}: {name} {row['graph_ms'][name]:.4f} ms, equal {row['equal'][name]}")
-    row["eager_select_blocks_ms"] = bench(lambda: optimized.select_blocks(q, k))
-    log(f"  {n}: {row}")
-    return row
+        for _ in range(repeats):
+            fn()
+    return float(do_bench(graph.replay, warmup=25, rep=100, return_mode="median")) / repeats
 
 
 def main(argv=None):
@@ -562,7 +511,9 @@ def main(argv=None):
         result["tune"] = tune()
     elif args.mode == "diagnose":
         result["diagnose"] = diagnose(tuple(args.parts.split(",")))
-    elif args.mode == "selection":
+    elif args.mode == "selection":  # bench_selection.py, kept here for the documented command
+        from bench_selection import selection_graph
+
         result["ceilings"] = ceilings()
         lengths = [int(x) for x in (args.lengths or "8192,131072,4096,32768").split(",")]
         result["selection"] = selection_graph(
