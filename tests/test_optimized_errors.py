@@ -1,0 +1,102 @@
+"""prism.optimized's bad-input handling against prism.reference (contract §8).
+
+Bad arguments raise what the reference raises; NaN/Inf in q, k or v raise a
+ValueError naming the tensor (eager calls read the device flag once, at
+their end); huge finite values are not mistaken for NaN; inputs are never
+modified. Runs in Triton's interpreter on a CPU (see tests/test_optimized.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+from test_optimized import DEVICE, _to, pytestmark  # noqa: E402, F401  (same marks)
+
+import prism.optimized as optimized  # noqa: E402
+from helpers import make_qkv  # noqa: E402
+from prism import reference  # noqa: E402
+
+# --------------------------------------------------------------------------
+# Bad input (contract §8)
+# --------------------------------------------------------------------------
+
+def _bad_qk_cases():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 64, 32, generator=gen)
+    k = torch.randn(1, 2, 64, 32, generator=gen)
+    return [
+        ("rank", (q[0], k), {}),
+        ("batch", (torch.cat([q, q]), k), {}),
+        ("GQA", (q[:, :3], k), {}),
+        ("Nq > Nk", (q, k[:, :, :10]), {}),
+        ("int dtype", (q.long(), k), {}),
+        ("mixed dtypes", (q, k.half()), {}),
+        ("odd head dim", (q[..., :31], k[..., :31]), {}),
+        ("block_size 0", (q, k), {"block_size": 0}),
+        ("threshold", (q, k), {"high_threshold": 0.0}),
+        ("band > D", (q, k), {"low_dim": 64}),
+        ("odd band", (q, k), {"high_dim": 7}),
+        ("layout", (q, k), {"rope_layout": "neox"}),
+        ("unknown field", (q, k), {"blocksize": 64}),
+        ("causal", (q, k), {"causal": "yes"}),
+    ]
+
+
+@pytest.mark.parametrize("name,args,kwargs", _bad_qk_cases(), ids=[c[0] for c in _bad_qk_cases()])
+def test_bad_input_raises_like_the_reference(name, args, kwargs):
+    args = tuple(a.to(DEVICE) for a in args)
+    with pytest.raises((ValueError, TypeError)) as expected:
+        reference.select_blocks(*args, **kwargs)
+    with pytest.raises(expected.type):
+        optimized.select_blocks(*args, **kwargs)
+    v = args[1]
+    with pytest.raises(expected.type):
+        optimized.prism_attention(args[0], args[1], v, **kwargs)
+
+
+@pytest.mark.parametrize("target", ["q", "k", "v"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+# Selection runs its kernels before it reads the finiteness flag back (one host
+# wait, at the end); NumPy, under the interpreter, warns while they see NaN.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+def test_non_finite_values_are_rejected(target, bad):
+    q, k, v = _to(DEVICE, *make_qkv(1, 2, 1, 64, 96, 32, seed=1))
+    tensors = {"q": q.clone(), "k": k.clone(), "v": v.clone()}
+    tensors[target][0, 0, 5, 3] = bad
+    q, k, v = tensors["q"], tensors["k"], tensors["v"]
+    mask = torch.ones(1, 2, 2, 3, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(ValueError, match=f"{target} contains"):
+        optimized.block_sparse_attention(q, k, v, mask, block_size=32)
+    with pytest.raises(ValueError, match=f"{target} contains"):
+        optimized.prism_attention(q, k, v, block_size=32)
+    if target != "v":
+        with pytest.raises(ValueError, match=f"{target} contains"):
+            optimized.select_blocks(q, k, block_size=32)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+def test_huge_finite_values_are_not_mistaken_for_nan():
+    """Sums that overflow are re-checked entry by entry, not rejected."""
+    q, k, v = _to(DEVICE, *make_qkv(1, 2, 1, 64, 64, 32, seed=1))
+    v = v.clone()
+    v[0, 0, :, 0] = 3e38
+    mask = torch.ones(1, 2, 2, 2, dtype=torch.bool, device=DEVICE)
+    o = optimized.block_sparse_attention(q, k, v, mask, block_size=32)
+    assert o.shape == q.shape
+
+
+def test_inputs_are_never_modified():
+    q, k, v = _to(DEVICE, *make_qkv(1, 2, 1, 100, 130, 32, seed=3))
+    copies = [t.clone() for t in (q, k, v)]
+    optimized.prism_attention(q, k, v, block_size=32)
+    for t, c in zip((q, k, v), copies, strict=True):
+        assert torch.equal(t, c)
