@@ -46,6 +46,7 @@ Usage (GPU machine, repository root)::
 query heads x 8K/32K/128K x tile 64/128 x batch 1/4, and 256K), cheapest
 cells first, so that a time budget covers as many cells as it can;
 ``--skip-measured`` leaves out the cells a committed run already holds.
+``--cells axes`` takes one pass over every axis of that matrix (18 cells).
 
 Times are medians of ``triton.testing.do_bench`` (see ``bench_prism.bench``);
 ratios compare numbers of the same run.
@@ -107,6 +108,19 @@ def full_cells():
 
 
 CELLS["full"] = full_cells()
+# One pass over every axis of the matrix (head dim, tile, GQA ratio, batch,
+# 8K-256K) in about five minutes: each head dim at both tiles at 8K, GQA 1/4/8 and
+# batch 4 at 8K-32K, each head dim at 128K, and 256K.
+CELLS["axes"] = [
+    (64, 32, 8, 8192, 128, 1), (64, 32, 8, 8192, 64, 1),
+    (128, 32, 8, 8192, 128, 1), (128, 32, 8, 8192, 64, 1),
+    (256, 32, 8, 8192, 128, 1), (256, 32, 8, 8192, 64, 1),
+    (128, 32, 32, 8192, 128, 4), (64, 32, 4, 8192, 128, 4),
+    (64, 32, 4, 32768, 128, 1), (128, 32, 32, 32768, 128, 1), (128, 32, 4, 32768, 64, 1),
+    (256, 32, 8, 32768, 64, 1), (128, 32, 8, 32768, 128, 4),
+    (64, 32, 8, 131072, 128, 1), (128, 32, 4, 131072, 128, 1), (256, 32, 8, 131072, 128, 1),
+    (128, 32, 8, 131072, 64, 1), (128, 32, 8, 262144, 128, 1),
+]
 
 
 def measured_cells(paths) -> set:
