@@ -141,14 +141,14 @@ def random_qkv(b, hq, hkv, n, d, seed=0):
             torch.randn(b, hkv, n, d, device="cuda", dtype=DTYPE, generator=gen))
 
 
-def structured_qkv(n, hq=32, hkv=8, d=128, seed=1, base=500000.0, sharpness=2.0):
+def structured_qkv(n, hq=32, hkv=8, d=128, seed=1, base=500000.0, sharpness=2.0, b=1):
     """RoPE'd q and k sharing a per-head direction (as bench_prism.structured_inputs)."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    topic = torch.randn(1, hkv, 1, d, device="cuda", generator=gen)
-    k = torch.randn(1, hkv, n, d, device="cuda", generator=gen) + 1.5 * topic
-    q = (torch.randn(1, hq, n, d, device="cuda", generator=gen)
+    topic = torch.randn(b, hkv, 1, d, device="cuda", generator=gen)
+    k = torch.randn(b, hkv, n, d, device="cuda", generator=gen) + 1.5 * topic
+    q = (torch.randn(b, hq, n, d, device="cuda", generator=gen)
          + 1.5 * topic.repeat_interleave(hq // hkv, dim=1)) * sharpness
-    v = torch.randn(1, hkv, n, d, device="cuda", generator=gen).to(DTYPE)
+    v = torch.randn(b, hkv, n, d, device="cuda", generator=gen).to(DTYPE)
     return apply_rope(q, base).to(DTYPE), apply_rope(k, base).to(DTYPE), v
 
 
@@ -262,13 +262,25 @@ def e2e(n):
     return row
 
 
-def graph(n, flex=True):
+def parse_shape(spec: str):
+    """``N`` (32/8 heads, D 128, batch 1) or ``N/D/HQ/HKV/B``: tokens, head dim, query
+    heads, KV heads, batch."""
+    parts = [int(x) for x in spec.split("/")]
+    if len(parts) not in (1, 5):
+        raise ValueError(f"graph shape {spec!r}: write N or N/D/HQ/HKV/B, e.g. 8192/64/32/8/4")
+    return tuple(parts) if len(parts) == 5 else (parts[0], 128, 32, 8, 1)
+
+
+def graph(spec, flex=True):
     """``prism_attention`` eager, compiled (fullgraph) and CUDA-graph replayed, beside cuDNN
-    and (``flex``) compiled FlexAttention on Prism's own tile mask, on the e2e inputs."""
-    q, k, v = structured_qkv(n)
+    and (``flex``) compiled FlexAttention on Prism's own tile mask, on the e2e inputs of
+    shape ``spec`` (:func:`parse_shape`)."""
+    n, d, hq, hkv, b = parse_shape(str(spec))
+    q, k, v = structured_qkv(n, hq=hq, hkv=hkv, d=d, b=b)
     mask = optimized.select_blocks(q, k)
     nt = mask.shape[-1]
-    row = {"tokens": n, "density": float(mask.sum()) / (mask.shape[1] * nt * (nt + 1) / 2)}
+    row = {"tokens": n, "head_dim": d, "q_heads": hq, "kv_heads": hkv, "batch": b,
+           "density": float(mask.sum()) / (b * mask.shape[1] * nt * (nt + 1) / 2)}
     row["eager_ms"] = bench(lambda: optimized.prism_attention(q, k, v))
     compiled = torch.compile(lambda q, k, v: optimized.prism_attention(q, k, v), fullgraph=True)
     out = compiled(q, k, v)
@@ -417,7 +429,8 @@ def main(argv=None):
     parser.add_argument("--densities", default=",".join(str(x) for x in DENSITIES))
     parser.add_argument("--commit", default="")
     parser.add_argument("--out", default="")
-    parser.add_argument("--graph-lengths", default="4096,8192,32768,131072")
+    parser.add_argument("--graph-lengths", default="4096,8192,32768,131072",
+                        help="comma list of N or N/D/HQ/HKV/B (graph part)")
     parser.add_argument("--graph-flex", type=int, default=1,
                         help="0: leave compiled FlexAttention out of the graph part")
     parser.add_argument("--skip-measured", default="",
@@ -451,10 +464,10 @@ def main(argv=None):
         result["graph"] = []
         for n in args.graph_lengths.split(","):
             try:
-                result["graph"].append(graph(int(n), flex=bool(args.graph_flex)))
+                result["graph"].append(graph(n, flex=bool(args.graph_flex)))
             except Exception as error:  # noqa: BLE001 - record the failure, go on
-                result["graph"].append({"tokens": int(n), "error": f"{type(error).__name__}: "
-                                                                   f"{str(error)[:300]}"})
+                result["graph"].append({"shape": n, "error": f"{type(error).__name__}: "
+                                                            f"{str(error)[:300]}"})
                 log(f"  graph {n} failed: {result['graph'][-1]['error']}")
             torch.cuda.empty_cache()
             save()

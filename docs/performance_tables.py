@@ -190,29 +190,36 @@ def _matrix_table(runs) -> list[str]:
     ]
 
 
+def _graph_shape(e) -> str:
+    """``D 128, 32/8, b1``: the shape of a graph row (older runs: the default shape)."""
+    return (f"D {e.get('head_dim', 128)}, {e.get('q_heads', 32)}/{e.get('kv_heads', 8)}, "
+            f"b{e.get('batch', 1)}")
+
+
 def _graph_table(data) -> list[str]:
     rows = []
     for e in data.get("graph", []):
         if "error" in e:
-            rows.append([f"{e['tokens'] // 1024}K", "failed: " + e["error"][:60], *[""] * 8])
+            where = e.get("shape") or f"{e['tokens'] // 1024}K"
+            rows.append([str(where), "", "failed: " + e["error"][:60], *[""] * 8])
             continue
-        rows.append([f"{e['tokens'] // 1024}K", f"{e['density']:.3f}", _fmt(e["eager_ms"]),
-                     _fmt(e["compiled_ms"]), _fmt(e["graph_ms"]), _fmt(e.get("cudnn_ms")),
-                     _fmt(e.get("flex_same_mask_ms")),
+        rows.append([f"{e['tokens'] // 1024}K", _graph_shape(e), f"{e['density']:.3f}",
+                     _fmt(e["eager_ms"]), _fmt(e["compiled_ms"]), _fmt(e["graph_ms"]),
+                     _fmt(e.get("cudnn_ms")), _fmt(e.get("flex_same_mask_ms")),
                      *(f"{e[f'cudnn_over_{m}']:.2f}x" if e.get(f"cudnn_over_{m}") else "n/a"
                        for m in ("eager", "compiled", "graph"))])
     if not rows:
         return []
     return [".. rubric:: ``prism_attention`` as users run it: eager, ``torch.compile"
             "(fullgraph=True)``, a replayed CUDA graph (structured inputs at their natural "
-            "density, 32/8 heads, D 128, tile 128; ms)\n",
+            "density, tile 128; ms)\n",
             f"Run commit ``{str(data.get('commit')).split()[0]}``. FlexAttention is compiled "
             "and runs on the "
             "tile mask Prism selected (attention only, no selection). Targets for cuDNN over "
             "ours: at least 1x at 4K, 2x at 8K, 6x at 128K.\n",
-            _table(["tokens", "density", "eager", "compiled", "CUDA graph", "cuDNN dense",
-                    "Flex, same mask", "cuDNN / eager", "cuDNN / compiled", "cuDNN / graph"],
-                   rows)]
+            _table(["tokens", "shape (D, heads q/kv, batch)", "density", "eager", "compiled",
+                    "CUDA graph", "cuDNN dense", "Flex, same mask", "cuDNN / eager",
+                    "cuDNN / compiled", "cuDNN / graph"], rows)]
 
 
 def _matrix_parts(results: Path) -> list[str]:
