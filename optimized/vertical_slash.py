@@ -25,13 +25,16 @@ head, so a key block loaded once serves them all).
 
    * vertical: ``p`` summed over each head's rows, one store per key;
    * slash: row ``r`` (absolute position ``P0 + r``) and key ``k0 + j`` lie
-     on offset ``P0 + r - k0 - j``. A ``tl.gather`` along the keys skews the
-     block, ``y[r, c] = p[r, c - (LB - 1) + r]``, so that column ``c`` of
-     every row holds offset ``P0 + LB - 1 - k0 - c``; a sum over each head's
-     rows then gives ``2 * BN`` consecutive offsets (``c < BN + LB - 1``).
-     Its first ``BN`` and its last ``BN`` columns are stored apart: the first
-     halves of successive key blocks tile the offsets without overlap, the
-     second half of block ``kb`` covers the first half of block ``kb + 1``.
+     on offset ``P0 + r - k0 - j``. One ``tl.gather`` along the keys rotates
+     each row, ``z[r, c] = p[r, (c - (LB - 1) + r) mod BN]`` (``BN >= LB``),
+     so that column ``c`` of every row holds offset ``P0 + LB - 1 - k0 - c``
+     where ``c + r >= LB - 1`` (the window's first half) and offset
+     ``P0 + LB - 1 - k0 - c - BN`` elsewhere (its second half); two masked
+     sums over each head's rows give the ``2 * BN`` consecutive offsets of
+     the block. The two halves are stored apart: the first halves of
+     successive key blocks tile the offsets without overlap, the second half
+     of block ``kb`` covers the first half of block ``kb + 1``. (The rotation
+     gathers ``BN`` columns per row, not the ``2 * BN`` of a skew.)
 3. :func:`_slash_combine_kernel` adds, per slash entry, the two halves that
    cover it (and the row blocks, when ``L > 128``) in a fixed order:
    deterministic, no atomics.
@@ -44,6 +47,7 @@ for nothing.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -60,10 +64,54 @@ from .vertical_slash_tiles import long_top_p_kernel, vertical_slash_tiles_kernel
 
 #: Most query rows (heads x last queries) one program holds.
 MAX_ROWS = 128
-#: Keys per program of the statistics pass (a chunk; its blocks are BN keys).
+#: Most keys per program of the statistics pass (a chunk; its blocks are BN keys).
 CHUNK_KEYS = 4096
+#: Programs the statistics pass aims at: short inputs take smaller chunks (at 8K
+#: tokens, 32 heads and 128 rows per program, 32 chunks of 256 keys instead of two
+#: chunks of 4096, whose 64 blocks in a row were the pass's whole latency).
+STATS_PROGRAMS = 512
+#: Fewest keys per statistics program (at most STATS_PROGRAMS programs of at least
+#: this many keys each).
+STATS_MIN_KEYS = 256
 #: Programs the distribution kernel's grid aims at (each takes several key blocks).
 DISTRIBUTION_PROGRAMS = 2048
+
+
+@dataclass(frozen=True)
+class VSTuning:
+    """Launch shape of the distribution kernels (the result does not depend on it
+    beyond fp32 summation order).
+
+    Attributes
+    ----------
+    max_rows : int
+        Most query rows (heads of a GQA group x last queries) one program holds.
+    block_n : int
+        Keys per block of the distribution pass (a power of two, at least the
+        rows per head).
+    stats_block_n : int
+        Keys per block of the statistics pass (a power of two).
+    num_warps : int
+        0: 8 when a program's rows x head dim reach 128 x 128, else 4.
+    num_stages : int
+        Triton's software pipelining depth of both passes' key loops.
+    programs : int
+        Programs the distribution pass's grid aims at (each walks a run of key
+        blocks, its query rows and statistics loaded once);
+        0: :data:`DISTRIBUTION_PROGRAMS`.
+    """
+
+    max_rows: int = MAX_ROWS
+    block_n: int = 64
+    stats_block_n: int = 64
+    num_warps: int = 0
+    num_stages: int = 3
+    programs: int = 0
+
+
+#: The launch shape used unless one is passed (``bench_estimators.py --stages``
+#: times others; ``--use-fastest`` puts the fastest here).
+TUNED_VS = VSTuning()
 _MIN_DOT = 16
 
 
@@ -193,12 +241,11 @@ def _distribution_kernel(
     heads = tl.arange(0, HEADS)
     cols = tl.arange(0, BN)
     prog = pid_rows.to(tl.int64) * HEADS + heads
-    # Skew: y[r, c] = p[r, c - (LB - 1) + r % LB]; column c is one offset for all rows.
-    wide = tl.arange(0, 2 * BN)
-    source = wide[None, :] - (LB - 1) + (i % LB)[:, None]
-    inside = (source >= 0) & (source < BN)
-    source = tl.where(inside, source, 0)
-    halves = tl.arange(0, 2)
+    # Rotation: z[r, c] = p[r, (c - (LB - 1) + r % LB) mod BN] (BN a power of two, >= LB).
+    # Where c + r % LB >= LB - 1 column c holds the window's first half, else its second.
+    shifted = cols[None, :] - (LB - 1) + (i % LB)[:, None]
+    first = shifted >= 0
+    source = shifted & (BN - 1)
     # Keys [0, live_end) may count for some row; a block past them holds nothing.
     live_end = num_keys
     if CAUSAL:
@@ -223,10 +270,12 @@ def _distribution_kernel(
                      mask=(keys < num_keys)[None, :])
         else:
             tl.store(VERT + prog[:, None] * (num_key_blocks * BN) + keys[None, :], vert)
-        y = tl.where(inside, tl.gather(p, source, 1), 0.0)
-        window = tl.reshape(tl.sum(tl.reshape(y, (HEADS, LB, 2 * BN)), axis=1), (HEADS, 2, BN))
-        base = (prog[:, None, None] * num_key_blocks + kb) * (2 * BN)
-        tl.store(SLASH + base + halves[None, :, None] * BN + cols[None, None, :], window)
+        z = tl.gather(p, source, 1)
+        head = tl.sum(tl.reshape(tl.where(first, z, 0.0), (HEADS, LB, BN)), axis=1)
+        tail = tl.sum(tl.reshape(tl.where(first, 0.0, z), (HEADS, LB, BN)), axis=1)
+        base = (prog[:, None] * num_key_blocks + kb) * (2 * BN) + cols[None, :]
+        tl.store(SLASH + base, head)
+        tl.store(SLASH + base + BN, tail)
 
 
 @triton.jit
@@ -269,18 +318,42 @@ def _validate(q, k, layout, last_queries, causal) -> None:
         raise ValueError(f"last_queries must be >= 1, got {last_queries}")
 
 
-def _plan(rows: int, group: int):
+def _plan(rows: int, group: int, tuning: VSTuning):
     """(HEADS, LB, BN, row blocks): rows per head in a program and heads per program."""
-    lb = max(_MIN_DOT, min(MAX_ROWS, next_power_of_2(rows)))
+    lb = max(_MIN_DOT, min(tuning.max_rows, next_power_of_2(rows)))
     heads = 1
-    while group % (heads * 2) == 0 and heads * 2 * lb <= MAX_ROWS:
+    while group % (heads * 2) == 0 and heads * 2 * lb <= tuning.max_rows:
         heads *= 2
-    bn = max(64, lb)  # BN >= LB: a block's offset window fits 2 * BN columns
+    bn = max(tuning.block_n, lb)  # BN >= LB: a block's offset window fits 2 * BN columns
     return heads, lb, bn, -(-rows // lb)
 
 
+def _check_tuning(tuning: VSTuning) -> None:
+    for name in ("max_rows", "block_n", "stats_block_n", "num_warps", "num_stages",
+                 "programs"):
+        value = getattr(tuning, name)
+        least = 0 if name in ("num_warps", "programs") else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"VSTuning.{name} must be an int >= {least}, got {value!r}")
+    for name in ("max_rows", "block_n", "stats_block_n"):
+        value = getattr(tuning, name)
+        if value < _MIN_DOT or value & (value - 1):
+            raise ValueError(f"VSTuning.{name} must be a power of two >= {_MIN_DOT}, "
+                             f"got {value}")
+
+
+def _stats_chunk(nk_tokens: int, row_programs: int, bn: int) -> int:
+    """Keys per statistics program: about STATS_PROGRAMS programs, at least
+    STATS_MIN_KEYS and at most CHUNK_KEYS keys each (whole blocks of ``bn``)."""
+    chunks = max(1, -(-STATS_PROGRAMS // row_programs))
+    keys = max(STATS_MIN_KEYS, -(-nk_tokens // chunks))
+    chunk = -(-keys // bn) * bn
+    return max(bn, min(chunk, CHUNK_KEYS // bn * bn))
+
+
 def last_query_distributions_kernel(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
-                                    last_queries: int, causal: bool = True):
+                                    last_queries: int, causal: bool = True,
+                                    tuning: VSTuning | None = None):
     """Vertical and slash distributions of the last queries, by Triton kernels.
 
     Same result as :func:`prism.reference.estimators.last_query_distributions`
@@ -295,6 +368,8 @@ def last_query_distributions_kernel(q: torch.Tensor, k: torch.Tensor, layout: Ti
     layout : TileLayout
     last_queries : int
     causal : bool
+    tuning : VSTuning, optional
+        The launch shape (:data:`TUNED_VS` when not given).
 
     Returns
     -------
@@ -304,12 +379,16 @@ def last_query_distributions_kernel(q: torch.Tensor, k: torch.Tensor, layout: Ti
     """
     _validate(q, k, layout, last_queries, causal)
     check_device(_distribution_kernel, q=q, k=k)
-    return last_query_distributions_unchecked(q, k, layout, last_queries, causal)
+    if tuning is not None:
+        _check_tuning(tuning)
+    return last_query_distributions_unchecked(q, k, layout, last_queries, causal,
+                                              tuning=tuning)
 
 
 def last_query_distributions_unchecked(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
                                        last_queries: int, causal: bool,
-                                       nonfinite: torch.Tensor | None = None):
+                                       nonfinite: torch.Tensor | None = None,
+                                       tuning: VSTuning | None = None):
     """:func:`last_query_distributions_kernel` on validated inputs; ``nonfinite``, a
     float64 device flag, is set when k or one of the last queries holds NaN/Inf."""
     b, hq, nq_tokens, d = q.shape
@@ -325,15 +404,18 @@ def last_query_distributions_unchecked(q: torch.Tensor, k: torch.Tensor, layout:
     # key of every block, the combine kernel every offset).
     vertical = torch.empty(b, hq, nk_tokens, dtype=torch.float32, device=device)
     slash = torch.empty(b, hq, n_offsets, dtype=torch.float32, device=device)
-    heads, lb, bn, row_blocks = _plan(rows, group)
+    tuning = TUNED_VS if tuning is None else tuning
+    heads, lb, bn, row_blocks = _plan(rows, group, tuning)
     row_programs = b * (hq // heads) * row_blocks
     d_pad = max(_MIN_DOT, next_power_of_2(d))
     upcast = q.dtype == torch.bfloat16 and kernels_interpreted(_distribution_kernel)
     ieee = q.dtype == torch.float32 or upcast
     qk_scale = math.log2(math.e) / math.sqrt(d)
-    common = dict(CAUSAL=causal, HEADS=heads, LB=lb, BN=bn, HEAD_DIM=d, D_PAD=d_pad, IEEE=ieee,
-                  UPCAST=upcast, num_warps=8 if heads * lb * d_pad >= 128 * 128 else 4)
-    chunk = max(bn, CHUNK_KEYS // bn * bn)
+    warps = tuning.num_warps or (8 if heads * lb * d_pad >= 128 * 128 else 4)
+    common = dict(CAUSAL=causal, HEADS=heads, LB=lb, HEAD_DIM=d, D_PAD=d_pad, IEEE=ieee,
+                  UPCAST=upcast, num_warps=warps, num_stages=tuning.num_stages)
+    stats_bn = tuning.stats_block_n
+    chunk = _stats_chunk(nk_tokens, row_programs, stats_bn)
     chunks = -(-nk_tokens // chunk)
     m_part = torch.empty(row_programs, chunks, heads * lb, dtype=torch.float32, device=device)
     l_part = torch.empty_like(m_part)
@@ -341,7 +423,7 @@ def last_query_distributions_unchecked(q: torch.Tensor, k: torch.Tensor, layout:
             nk_tokens, layout.query_start)
     launch(_stats_kernel, (row_programs, chunks), q, k, m_part, l_part,
            nonfinite if nonfinite is not None else m_part, *args, chunk, chunks, qk_scale,
-           CHECK=nonfinite is not None, **common)
+           CHECK=nonfinite is not None, BN=stats_bn, **common)
     key_blocks = -(-nk_tokens // bn)
     direct = row_blocks == 1
     vert = vertical if direct else torch.empty(row_programs, heads, key_blocks * bn,
@@ -350,10 +432,11 @@ def last_query_distributions_unchecked(q: torch.Tensor, k: torch.Tensor, layout:
                         device=device)
     # Several key blocks per program (its query rows and statistics loaded once) while
     # the grid keeps about DISTRIBUTION_PROGRAMS programs.
-    per_program = max(1, row_programs * key_blocks // DISTRIBUTION_PROGRAMS)
+    per_program = max(1, row_programs * key_blocks // (tuning.programs
+                                                        or DISTRIBUTION_PROGRAMS))
     launch(_distribution_kernel, (row_programs, -(-key_blocks // per_program)), q, k, m_part,
            l_part, vert, parts, *args, key_blocks, chunks, qk_scale, per_program,
-           DIRECT_VERT=direct, **common)
+           DIRECT_VERT=direct, BN=bn, **common)
     if not direct:
         # (b, head block, row block) programs -> (b, hq, row block), summed over row blocks.
         vert = vert.view(b, hq // heads, row_blocks, heads, -1).transpose(2, 3)
@@ -391,5 +474,5 @@ def vertical_slash_tile_mask(q: torch.Tensor, k: torch.Tensor, layout: TileLayou
     return vertical_slash_tiles_kernel(vertical, slash, layout, threshold, causal)
 
 
-__all__ = ["last_query_distributions_kernel", "last_query_distributions_unchecked",
-           "long_top_p_kernel", "vertical_slash_tile_mask"]
+__all__ = ["TUNED_VS", "VSTuning", "last_query_distributions_kernel",
+           "last_query_distributions_unchecked", "long_top_p_kernel", "vertical_slash_tile_mask"]

@@ -315,3 +315,33 @@ def test_last_query_distributions_several_key_blocks_per_program(programs, monke
     ref_vertical, ref_slash = last_query_distributions(q, k, layout, 16, True)
     torch.testing.assert_close(vertical, ref_vertical, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(slash, ref_slash, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("tuning", [
+    dict(block_n=128),                                  # key blocks wider than the rows
+    dict(max_rows=32, stats_block_n=32, programs=3),    # one head per program, runs of blocks
+    dict(max_rows=16, stats_block_n=16),                # two row blocks of 16 (20 rows)
+])
+def test_last_query_distributions_launch_shapes(tuning):
+    """Every launch shape gives the reference's distributions (rotation, chunks, blocks)."""
+    from prism.optimized.vertical_slash import VSTuning, last_query_distributions_kernel
+    from prism.reference.estimators import last_query_distributions
+
+    q, k = _qk(1, 4, 2, 150, 290, 16, seed=5, scale=2.0)
+    layout = tile_layout(150, 290, 32, True)
+    vertical, slash = last_query_distributions_kernel(q, k, layout, 20, True,
+                                                      tuning=VSTuning(**tuning))
+    ref_vertical, ref_slash = last_query_distributions(q, k, layout, 20, True)
+    torch.testing.assert_close(vertical, ref_vertical, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(slash, ref_slash, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("field, value", [("block_n", 48), ("max_rows", 8), ("num_stages", 0),
+                                          ("programs", -1), ("stats_block_n", True)])
+def test_last_query_distributions_bad_launch_shape(field, value):
+    from prism.optimized.vertical_slash import VSTuning, last_query_distributions_kernel
+
+    q, k = _qk(1, 2, 1, 64, 64, 16, seed=0)
+    with pytest.raises(ValueError, match=field):
+        last_query_distributions_kernel(q, k, tile_layout(64, 64, 32, True), 4, True,
+                                        tuning=VSTuning(**{field: value}))
