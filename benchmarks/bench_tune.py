@@ -1,10 +1,10 @@
 """Launch-shape tuning of the block-sparse attention kernel (``bench_matrix.py --parts tune``).
 
-One GPU call times a grid of :class:`AttentionConfig` candidates on the shapes
-where the launch table was weakest (32 query / 8 KV heads, bf16, batch 1, causal,
-8K and 32K tokens, random causal tile masks at densities 0.05, 0.15 and 1.0, the
-masks and inputs of ``bench_matrix.matrix_cell``), beside compiled FlexAttention
-on the same tile masks and cuDNN dense, all timed the same way in the same call.
+One GPU call times :class:`AttentionConfig` candidates (:data:`CANDIDATES`) on
+:data:`SHAPES` (32 query / 8 KV heads, bf16, batch 1, causal, 8K and 32K tokens,
+random causal tile masks at :data:`DENSITIES`, the masks and inputs of
+``bench_matrix.matrix_cell``), beside compiled FlexAttention on the same tile
+masks and cuDNN dense, all timed the same way in the same call.
 
 * The grid is pruned on the host (:func:`candidates`): block sizes must divide
   the tile, shared memory (K and V per stage, Q, one extra key block under warp
@@ -40,8 +40,13 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 DTYPE = torch.bfloat16
 HQ, HKV, BATCH = 32, 8, 1
 LENGTHS = (8192, 32768)
-DENSITIES = (0.05, 0.15, 1.0)
-SHAPES = ((64, 128), (64, 64), (256, 64), (128, 128))  # (head dim, tile)
+DENSITIES = (0.05, 0.15, 0.3, 1.0)
+SHAPES = ((64, 128), (128, 128), (256, 128))  # (head dim, tile)
+#: "focus": the current default, the warp-specialised shapes with and without
+#: ``min_mask`` and the best plain shapes of h200_tune_1b04e82; "grid": the pruned
+#: grid of :func:`grid_candidates` (the earlier runs' four shapes and densities
+#: 0.05 / 0.15 / 1.0 are in their JSON).
+CANDIDATES = os.environ.get("PRISM_TUNE_CANDIDATES", "focus")
 SMEM_LIMIT = 232448  # bytes of shared memory per block on the H200 (227 KB)
 ATOL, RTOL = 2e-2, 2e-2
 COMPILE_WORKERS = 13
@@ -53,10 +58,14 @@ def _config(**kw):
 
 
 def key(c) -> str:
-    """Short name of a config: m128n64w8s2 [+tma] [+ws] [+hm (head-major order)]."""
+    """Short name of a config: m128n64w8s2 [+tma] [+ws] [+hm (head-major order)]
+    [+cs (compare-and-select mask where min_mask is the default) | +mm (min mask
+    forced on a plain loop)]."""
+    mask = ("+cs" if c.min_mask is False and c.warp_specialize
+            else "+mm" if c.min_mask and not c.warp_specialize else "")
     return (f"m{c.block_m}n{c.block_n}w{c.num_warps}s{c.num_stages}"
             + ("+tma" if c.use_tma else "") + ("+ws" if c.warp_specialize else "")
-            + ("" if c.kv_major else "+hm"))
+            + ("" if c.kv_major else "+hm") + mask)
 
 
 def smem_bytes(c, d: int) -> int:
@@ -74,6 +83,33 @@ def reference_config():
 
 
 def candidates(d: int, tile: int) -> list:
+    """The candidates of :data:`CANDIDATES` for one (head dim, tile), the default first."""
+    return focus_candidates(d, tile) if CANDIDATES == "focus" else grid_candidates(d, tile)
+
+
+def focus_candidates(d: int, tile: int) -> list:
+    """The default; warp-specialised 128 x 128 and 128 x 64 with min(s, cap) masking
+    and with compare-and-select (+cs); the best plain shapes of h200_tune_1b04e82."""
+    from prism.optimized.attention import default_config
+
+    out = [default_config(tile, d, DTYPE, False)]
+    if tile % 128 == 0:
+        for bn in (128, 64):
+            for min_mask in (None, False):
+                out.append(_config(block_m=128, block_n=bn, num_warps=4, num_stages=2,
+                                   use_tma=True, warp_specialize=True, min_mask=min_mask))
+        out.append(_config(block_m=128, block_n=128, num_warps=4, num_stages=3, use_tma=True))
+        out.append(_config(block_m=128, block_n=128, num_warps=8, num_stages=3, use_tma=True))
+    out.append(_config(block_m=64, block_n=64, num_warps=4, num_stages=2, use_tma=True))
+    seen, legal = set(), []
+    for c in out:
+        if key(c) not in seen and smem_bytes(c, d) <= SMEM_LIMIT:
+            seen.add(key(c))
+            legal.append(c)
+    return legal
+
+
+def grid_candidates(d: int, tile: int) -> list:
     """The pruned grid for one (head dim, tile), the current default first."""
     from prism.optimized.attention import default_config
 

@@ -76,7 +76,7 @@ def _load_kv(k_head, v_head, K_DESC, V_DESC, b, hk, key_base, key_start, stride_
 @triton.jit
 def _attend_block(acc, l_i, m_i, q, k, v, key_start, positions, num_keys, qk_scale,
                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-                  IEEE: tl.constexpr):
+                  IEEE: tl.constexpr, MIN_MASK: tl.constexpr = False):
     """One online-softmax step over keys ``[key_start, key_start + BLOCK_N)``."""
     # s = q k^T, in fp32 (exact fp32 products when the inputs are fp32).
     if IEEE:
@@ -84,13 +84,27 @@ def _attend_block(acc, l_i, m_i, q, k, v, key_start, positions, num_keys, qk_sca
     else:
         s = tl.dot(q, k)
     if MASKED:
-        # Key offset j in this block is allowed when j <= limit: one compare per score.
+        # Key offset j in this block is allowed when j <= limit.
         last_key = num_keys - 1
         if CAUSAL:
             last_key = tl.minimum(positions, last_key)
         limit = last_key - key_start
-        s = tl.where(tl.arange(0, BLOCK_N)[None, :] <= limit[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+        if MIN_MASK:
+            # s = min(s, cap) with cap = (limit + 1/2 - j) 2^100 (exact in fp32): >= 2^99
+            # where key j is allowed, <= -2^99 where not. Two float operations per score
+            # and no predicates (ptxas packs those into bit masks across the wgmma of
+            # the warp-specialised loop: 939 -> 623 instructions per 128 x 128 block
+            # and consumer thread at D 128, Triton 3.6). Masked scores then give p = 0;
+            # a row whose block is wholly masked gets m = -inf below, as with -inf.
+            cap = ((limit.to(tl.float32) + 0.5) * 1.2676506002282294e30)[:, None] \
+                - (tl.arange(0, BLOCK_N).to(tl.float32) * 1.2676506002282294e30)[None, :]
+            s = tl.minimum(s, cap, propagate_nan=tl.PropagateNan.ALL)
+            row_max = tl.max(s, axis=1)
+            row_max = tl.where(row_max < -3.1691265005705735e29, float("-inf"), row_max)
+            m_new = tl.maximum(m_i, row_max * qk_scale)
+        else:
+            s = tl.where(tl.arange(0, BLOCK_N)[None, :] <= limit[:, None], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
         # A row with no allowed key so far keeps m = -inf; shift it by 0 instead.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
@@ -124,7 +138,7 @@ def _sparse_attention_kernel(
     USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, KV_MAJOR: tl.constexpr,
     VARLEN: tl.constexpr,
     BLOCK_TABLE=None, stride_kpage=0, stride_vpage=0, PAGED: tl.constexpr = False,
-    PAGE_SIZE: tl.constexpr = 1,
+    PAGE_SIZE: tl.constexpr = 1, MIN_MASK: tl.constexpr = False,
 ):
     """Attention of ``BLOCK_M`` queries over their selected key tiles.
 
@@ -275,7 +289,7 @@ def _sparse_attention_kernel(
             k = k_desc.load([key_start, 0]).T
             v = v_desc.load([key_start, 0])
             acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, key_start, positions, num_keys,
-                                          qk_scale, True, CAUSAL, BLOCK_N, IEEE)
+                                          qk_scale, True, CAUSAL, BLOCK_N, IEEE, MIN_MASK)
     else:
         q = tl.load(q_ptrs, mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
         # Mask-free tiles: every key is valid and precedes every query here.
@@ -296,7 +310,8 @@ def _sparse_attention_kernel(
                                 USE_TMA, HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, BLOCK_N, VARLEN,
                                 pages, stride_kpage, stride_vpage, PAGED, PAGE_SIZE)
                 acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, key_start, positions,
-                                              num_keys, qk_scale, True, CAUSAL, BLOCK_N, IEEE)
+                                              num_keys, qk_scale, True, CAUSAL, BLOCK_N, IEEE,
+                                              MIN_MASK)
 
     # o = acc / l (0 where no key was read); lse in natural log.
     has_keys = l_i > 0.0

@@ -117,3 +117,55 @@ def test_attention_fast_launch_under_cuda_graph_capture(d):
     torch.cuda.synchronize()
     expected, expected_lse = _attend(q, k, v, num, idx, 128, None)
     assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
+
+
+# ---------------------------------------------------------------------------
+# Masking by min(s, cap) (AttentionConfig.min_mask; interpreter or GPU).
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_min_mask_gives_the_compare_and_select_bits(causal):
+    """The warp-specialised loop's masking, ``min(s, cap)``, forced on the plain loop:
+    bitwise the outputs and LSE of compare-and-select, and the reference's, with a
+    KV prefix (query_start > 0), a partial last key tile, rows with no tile, and
+    tiles that are not the diagonal as a row's last."""
+    from helpers import TOLERANCE, relative_error
+    from prism import reference
+    from prism.optimized._runtime import kernels_interpreted
+    from prism.optimized.attention import (
+        AttentionConfig,
+        _sparse_attention_kernel,
+        sparse_attention_forward,
+    )
+    from prism.optimized.indices import mask_rows_to_indices
+
+    interpreted = kernels_interpreted(_sparse_attention_kernel)
+    if not interpreted and not torch.cuda.is_available():
+        pytest.skip("needs the Triton interpreter or a CUDA GPU")
+    device = "cpu" if interpreted else "cuda"
+    bs, nq, nk, d = 32, 50, 90, 16
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (3 * torch.randn(1, h, n, d, generator=gen) for h, n in ((2, nq), (1, nk), (1, nk)))
+    q, k, v = (t.to(device, torch.float16) for t in (q, k, v))
+    layout = reference.tile_layout(nq, nk, bs, causal)
+    mask = torch.rand(1, 2, layout.num_query_tiles, layout.num_key_tiles, generator=gen) < 0.5
+    mask[0, 1, 0] = False  # a query tile with no key tile
+    mask = mask.to(device)
+    num, idx = mask_rows_to_indices(mask, layout.first_query_tile, causal_trim=causal)
+    results = []
+    for min_mask in (True, False):
+        out = torch.full((1, 2, nq, d), float("nan"), dtype=q.dtype, device=device)
+        lse = torch.full((1, 2, nq), float("nan"), device=device)
+        sparse_attention_forward(q, k, v, num, idx, block_size=bs, causal=causal, scale=None,
+                                 return_lse=True, first_query_tile=layout.first_query_tile,
+                                 query_start=layout.query_start, interpreted=interpreted,
+                                 out=out, lse=lse,
+                                 config=AttentionConfig(32, 32, 4, 1, min_mask=min_mask))
+        results.append((out, lse))
+    (out, lse), (plain_out, plain_lse) = results
+    assert torch.equal(out, plain_out) and torch.equal(lse, plain_lse)
+    ref_out, ref_lse = reference.block_sparse_attention(q, k, v, mask, block_size=bs,
+                                                        causal=causal, return_lse=True)
+    assert relative_error(out, ref_out) <= TOLERANCE[q.dtype]
+    assert relative_error(lse, ref_lse) <= 1e-5
+    assert torch.isinf(lse[0, 1, :min(nq, bs - layout.query_start % bs)]).all()
