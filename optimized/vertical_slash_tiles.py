@@ -17,8 +17,10 @@ computes, in two launches and without sorting:
    tiles, the forced ones and the compact indices.
 
 The top-p without a sort. ``F(t)``, the mass strictly above ``t``, is one pass
-over the row. Bisect the fp32 bits of ``t`` for the smallest value ``v`` with
-``F(v) < p``. Once the bracket ``(lo, hi]`` holds at most :data:`CANDIDATES`
+over the row. Search the fp32 bits of ``t`` for the smallest value ``v`` with
+``F(v) < p``: each pass evaluates ``F`` at :data:`TOP_P_POINTS` thresholds
+splitting the bracket evenly (several bisection steps per pass; the answer does
+not depend on the path). Once the bracket ``(lo, hi]`` holds at most :data:`CANDIDATES`
 values, one pass copies them out (in index order) and the bisection ends on
 them in registers: ``F(t) = F(hi) + sum of those above t``. Keep every
 ``x > v`` and the first ``ceil((p - F(v)) / v)`` values equal to ``v`` by
@@ -44,21 +46,12 @@ from .tile_union import MAX_UNION_WIDTH, union_tiles
 LONG_TOP_P_BLOCK = 4096
 #: Most values of a bracket finished in registers (one pass copies them out).
 CANDIDATES = 4096
+#: Thresholds per step of the search (a power of two): a pass over the row
+#: evaluates ``F`` at this many points splitting the bracket evenly,
+#: ``log2(TOP_P_POINTS + 1)`` bisection steps for one pass's memory latency
+#: (1: plain bisection).
+TOP_P_POINTS = 8
 _MIN_BLOCK = 16
-
-
-@triton.jit
-def _row_mass_above(x_row, length, t, BLOCK: tl.constexpr):
-    """Over one row: ``F(t) = sum_{x > t} x`` and ``C(t) = #{x > t}``, chunk by chunk."""
-    mass = tl.zeros((), dtype=tl.float32)
-    count = tl.zeros((), dtype=tl.int32)
-    for start in range(0, length, BLOCK):
-        idx = start + tl.arange(0, BLOCK)
-        x = tl.load(x_row + idx, mask=idx < length, other=-1.0)
-        above = x > t
-        mass += tl.sum(tl.where(above, x, 0.0), axis=0)
-        count += tl.sum(above.to(tl.int32), axis=0)
-    return mass, count
 
 
 @triton.jit
@@ -68,11 +61,53 @@ def _bits_threshold(bits):
 
 
 @triton.jit
-def _bisect_step(lo, hi, count_lo, count_hi, mass_hi, mass, count, mid, threshold):
-    """Move one end of the bracket to ``mid`` given ``F(mid)`` and ``C(mid)``."""
+def _mids(lo, hi, POINTS: tl.constexpr):
+    """``POINTS`` thresholds (int32 bits) splitting ``(lo, hi)`` into ``POINTS + 1``
+    even parts, all strictly inside it (``hi - lo > 1``; repeated where the bracket
+    is narrower). One point is the plain bisection's midpoint."""
+    j = tl.arange(0, POINTS).to(tl.int64) + 1
+    mid = lo.to(tl.int64) + ((hi - lo).to(tl.int64) * j) // (POINTS + 1)
+    return tl.minimum(tl.maximum(mid, lo.to(tl.int64) + 1), hi.to(tl.int64) - 1).to(tl.int32)
+
+
+@triton.jit
+def _mass_above(x, mids):
+    """``F(t)`` and ``C(t)`` of the values ``x`` at each threshold of ``mids`` (bits)."""
+    above = x[:, None] > _bits_threshold(mids)[None, :]
+    return (tl.sum(tl.where(above, x[:, None], 0.0), axis=0),
+            tl.sum(above.to(tl.int32), axis=0))
+
+
+@triton.jit
+def _row_mass_above(x_row, length, mids, BLOCK: tl.constexpr, POINTS: tl.constexpr):
+    """Over one row, chunk by chunk: ``F`` and ``C`` at each threshold of ``mids``."""
+    mass = tl.zeros((POINTS,), dtype=tl.float32)
+    count = tl.zeros((POINTS,), dtype=tl.int32)
+    for start in range(0, length, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        x = tl.load(x_row + idx, mask=idx < length, other=-1.0)
+        chunk_mass, chunk_count = _mass_above(x, mids)
+        mass += chunk_mass
+        count += chunk_count
+    return mass, count
+
+
+@triton.jit
+def _narrow(lo, hi, count_lo, count_hi, mass_hi, mids, mass, count, threshold):
+    """The bracket given ``F`` and ``C`` at the thresholds ``mids`` inside it: its upper
+    end moves to the lowest threshold with ``F < p``, its lower end to the highest
+    threshold below that one with ``F >= p`` (one bisection step for one threshold)."""
     up = mass >= threshold
-    return (tl.where(up, mid, lo), tl.where(up, hi, mid), tl.where(up, count, count_lo),
-            tl.where(up, count_hi, count), tl.where(up, mass_hi, mass))
+    new_hi = tl.min(tl.where(up, hi, mids), axis=0)
+    new_lo = tl.max(tl.where(up & (mids < new_hi), mids, lo), axis=0)
+    at_hi = (mids == new_hi) & ~up
+    at_lo = (mids == new_lo) & up
+    moved_hi = new_hi != hi
+    moved_lo = new_lo != lo
+    return (new_lo, new_hi,
+            tl.where(moved_lo, tl.max(tl.where(at_lo, count, -1), axis=0), count_lo),
+            tl.where(moved_hi, tl.max(tl.where(at_hi, count, -1), axis=0), count_hi),
+            tl.where(moved_hi, tl.max(tl.where(at_hi, mass, -1.0), axis=0), mass_hi))
 
 
 @triton.jit(do_not_specialize=["length_x", "rows_x", "length_y", "start_x", "start_y",
@@ -82,7 +117,7 @@ def _long_top_p_kernel(X, KEEP_X, BINS_X, length_x, rows_x, stride_x, start_x, b
                        lead2_x, Y, KEEP_Y, BINS_Y, length_y, stride_y, start_y, bins_y, lead_y,
                        lead2_y, SCRATCH, threshold, width,
                        BLOCK: tl.constexpr, CAND: tl.constexpr, WRITE_KEEP: tl.constexpr,
-                       WRITE_BINS: tl.constexpr):
+                       WRITE_BINS: tl.constexpr, POINTS: tl.constexpr):
     """Top-p of one row (module docstring); its flags (``KEEP``) and/or bins (``BINS``).
 
     Programs ``[0, rows_x)`` take the rows of ``X``, the others those of ``Y``
@@ -127,12 +162,13 @@ def _long_top_p_kernel(X, KEEP_X, BINS_X, length_x, rows_x, stride_x, start_x, b
     everything = (threshold >= 1.0) | (total < threshold)
     unresolved = (~everything) & (count_lo - count_hi > 1) & (hi - lo > 1)
     step = 0
-    # Passes over the row while the bracket holds more than CAND values.
+    # Passes over the row while the bracket holds more than CAND values; each pass
+    # evaluates POINTS thresholds (log2(POINTS + 1) bisection steps).
     while (step < 32) & unresolved & (count_lo - count_hi > CAND):
-        mid = lo + (hi - lo) // 2
-        mass, count = _row_mass_above(x_row, length, _bits_threshold(mid), BLOCK)
-        lo, hi, count_lo, count_hi, mass_hi = _bisect_step(lo, hi, count_lo, count_hi, mass_hi,
-                                                           mass, count, mid, threshold)
+        mids = _mids(lo, hi, POINTS)
+        mass, count = _row_mass_above(x_row, length, mids, BLOCK, POINTS)
+        lo, hi, count_lo, count_hi, mass_hi = _narrow(lo, hi, count_lo, count_hi, mass_hi,
+                                                      mids, mass, count, threshold)
         unresolved = (count_lo - count_hi > 1) & (hi - lo > 1)
         step += 1
     if unresolved:
@@ -155,12 +191,11 @@ def _long_top_p_kernel(X, KEEP_X, BINS_X, length_x, rows_x, stride_x, start_x, b
         base_mass = mass_hi
         base_count = count_hi
         while (step < 64) & unresolved:
-            mid = lo + (hi - lo) // 2
-            above = cand > _bits_threshold(mid)
-            mass = base_mass + tl.sum(tl.where(above, cand, 0.0), axis=0)
-            count = base_count + tl.sum(above.to(tl.int32), axis=0)
-            lo, hi, count_lo, count_hi, mass_hi = _bisect_step(
-                lo, hi, count_lo, count_hi, mass_hi, mass, count, mid, threshold)
+            mids = _mids(lo, hi, POINTS)
+            mass, count = _mass_above(cand, mids)
+            lo, hi, count_lo, count_hi, mass_hi = _narrow(
+                lo, hi, count_lo, count_hi, mass_hi, mids, base_mass + mass,
+                base_count + count, threshold)
             unresolved = (count_lo - count_hi > 1) & (hi - lo > 1)
             step += 1
     single = count_lo - count_hi == 1
@@ -220,7 +255,7 @@ def _launch_top_p(sets, threshold: float, write_keep: bool, write_bins: bool, wi
         args += head + [s["x"].shape[-1], s["start"], n_bins, s["lead"], s["lead2"]]
     launch(_long_top_p_kernel, (sum(rows),), *args, scratch, float(threshold), width,
            BLOCK=block, CAND=CANDIDATES, WRITE_KEEP=write_keep, WRITE_BINS=write_bins,
-           num_warps=8 if block >= 2048 else 4)
+           POINTS=TOP_P_POINTS, num_warps=8 if block >= 2048 else 4)
 
 
 def long_top_p_kernel(values: torch.Tensor, threshold: float,
@@ -321,5 +356,5 @@ def vertical_slash_tiles_kernel(vertical: torch.Tensor, slash: torch.Tensor,
     return union_tiles(layout, causal, (b, hq), columns=columns, diagonals=diagonals)[0]
 
 
-__all__ = ["CANDIDATES", "LONG_TOP_P_BLOCK", "long_top_p_kernel", "vertical_slash_bins",
-           "vertical_slash_tiles_kernel"]
+__all__ = ["CANDIDATES", "LONG_TOP_P_BLOCK", "TOP_P_POINTS", "long_top_p_kernel",
+           "vertical_slash_bins", "vertical_slash_tiles_kernel"]

@@ -284,8 +284,10 @@ def test_vertical_slash_tiles_kernel_matches_reference(nq, nk, bs, causal, thres
         assert (admissible & ~expected).any()
 
 
-def test_long_top_p_kernel_row_passes_and_candidates_agree(monkeypatch):
-    """The bracket finished in registers or by passes over the row: one answer."""
+@pytest.mark.parametrize("points", [1, 2, 8])
+def test_long_top_p_kernel_row_passes_and_candidates_agree(points, monkeypatch):
+    """The bracket finished in registers or by passes over the row, by plain bisection
+    (1 point per step) or several points per step: one answer."""
     from prism.optimized import vertical_slash_tiles as vst
 
     gen = torch.Generator().manual_seed(11)
@@ -296,6 +298,7 @@ def test_long_top_p_kernel_row_passes_and_candidates_agree(monkeypatch):
     keep, mass_before = top_p_select(x, torch.ones((), dtype=torch.bool, device=DEVICE), 0.6)
     expected = keep & (x > 0)
     boundary = (mass_before - 0.6).abs() <= 1e-5
+    monkeypatch.setattr(vst, "TOP_P_POINTS", points)
     for candidates in (4096, 64, 2):
         monkeypatch.setattr(vst, "CANDIDATES", candidates)
         actual = vst.long_top_p_kernel(x, 0.6)
