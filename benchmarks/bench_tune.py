@@ -41,7 +41,7 @@ DTYPE = torch.bfloat16
 HQ, HKV, BATCH = 32, 8, 1
 LENGTHS = (8192, 32768)
 DENSITIES = (0.05, 0.15, 0.3, 1.0)
-SHAPES = ((64, 128), (128, 128), (256, 128))  # (head dim, tile)
+SHAPES = ((64, 128), (128, 128), (256, 128), (64, 64), (256, 64))  # (head dim, tile)
 #: "focus": the current default, the warp-specialised shapes with and without
 #: ``min_mask`` and the best plain shapes of h200_tune_1b04e82; "grid": the pruned
 #: grid of :func:`grid_candidates` (the earlier runs' four shapes and densities
@@ -60,12 +60,12 @@ def _config(**kw):
 def key(c) -> str:
     """Short name of a config: m128n64w8s2 [+tma] [+ws] [+hm (head-major order)]
     [+cs (compare-and-select mask where min_mask is the default) | +mm (min mask
-    forced on a plain loop)]."""
+    forced on a plain loop)] [+lz (lazy_rescale)]."""
     mask = ("+cs" if c.min_mask is False and c.warp_specialize
             else "+mm" if c.min_mask and not c.warp_specialize else "")
     return (f"m{c.block_m}n{c.block_n}w{c.num_warps}s{c.num_stages}"
             + ("+tma" if c.use_tma else "") + ("+ws" if c.warp_specialize else "")
-            + ("" if c.kv_major else "+hm") + mask)
+            + ("" if c.kv_major else "+hm") + mask + ("+lz" if c.lazy_rescale else ""))
 
 
 def smem_bytes(c, d: int) -> int:
@@ -88,19 +88,29 @@ def candidates(d: int, tile: int) -> list:
 
 
 def focus_candidates(d: int, tile: int) -> list:
-    """The default; warp-specialised 128 x 128 and 128 x 64 with min(s, cap) masking
-    and with compare-and-select (+cs); the best plain shapes of h200_tune_1b04e82."""
+    """The default, and beside it: at tile 128, warp-specialised 128 x 128 and 128 x 64
+    with min(s, cap) masking and with compare-and-select (+cs), and at D 64 the plain
+    64 x 64 and 128 x 128 of h200_tune_1b04e82; the plain defaults with conditional
+    rescaling (+lz), and at D 256 tile 64 also 64 x 64 (+lz)."""
     from prism.optimized.attention import default_config
 
-    out = [default_config(tile, d, DTYPE, False)]
+    default = default_config(tile, d, DTYPE, False)
+    out = [default]
     if tile % 128 == 0:
-        for bn in (128, 64):
-            for min_mask in (None, False):
+        for bn in (128, 64) if d <= 128 else (64,):
+            # compare-and-select (+cs) beside the shape each head dim defaults to
+            for min_mask in (None, False) if (bn == 128) == (d <= 128) else (None,):
                 out.append(_config(block_m=128, block_n=bn, num_warps=4, num_stages=2,
-                                   use_tma=True, warp_specialize=True, min_mask=min_mask))
-        out.append(_config(block_m=128, block_n=128, num_warps=4, num_stages=3, use_tma=True))
-        out.append(_config(block_m=128, block_n=128, num_warps=8, num_stages=3, use_tma=True))
-    out.append(_config(block_m=64, block_n=64, num_warps=4, num_stages=2, use_tma=True))
+                                   use_tma=d <= 128, warp_specialize=True,
+                                   min_mask=min_mask))
+        if d == 64:
+            out.append(_config(block_m=128, block_n=128, num_warps=4, num_stages=3,
+                               use_tma=True))
+    if not default.warp_specialize:
+        out.append(_config(**{**default.__dict__, "lazy_rescale": True}))
+    if d > 128 and tile == 64:
+        out.append(_config(block_m=64, block_n=64, num_warps=4, num_stages=2, use_tma=True,
+                           lazy_rescale=True))
     seen, legal = set(), []
     for c in out:
         if key(c) not in seen and smem_bytes(c, d) <= SMEM_LIMIT:
@@ -243,10 +253,12 @@ def _dense_call(q, k, v):
     return None, None
 
 
-def _baseline_worker(compiled, go, results):
-    """FlexAttention (compiled per shape) and cuDNN: compile at once, time on ``go``."""
+def _baseline_worker(shapes, compiled, go, results):
+    """FlexAttention (compiled per shape) and cuDNN on ``shapes``: compile at once, time
+    on ``go``. One worker per shape compiles in parallel; the timings run one worker
+    after another."""
     calls = {}
-    for d, tile in SHAPES:
+    for d, tile in shapes:
         for n in LENGTHS:
             try:
                 q, k, v = _qkv(d, n)
@@ -322,9 +334,13 @@ def tune(budget_s: float = 170.0, save=lambda result: None) -> dict:
     for job in order:
         jobs.put(job)
     jobs.cancel_join_thread()  # jobs left when the workers stop must not hold up the exit
-    compiled, go, baseline = ctx.Event(), ctx.Event(), ctx.Queue()
-    base_proc = ctx.Process(target=_baseline_worker, args=(compiled, go, baseline))
-    base_proc.start()
+    baseline = ctx.Queue()
+    bases = []
+    for shape in SHAPES:
+        compiled, go = ctx.Event(), ctx.Event()
+        proc = ctx.Process(target=_baseline_worker, args=([shape], compiled, go, baseline))
+        proc.start()
+        bases.append((proc, compiled, go))
     workers = [ctx.Process(target=_compile_worker, args=(jobs, done))
                for _ in range(COMPILE_WORKERS)]
     for w in workers:
@@ -368,21 +384,22 @@ def tune(budget_s: float = 170.0, save=lambda result: None) -> dict:
             save(result)
     result["ours_s"] = time.time() - t0
 
-    go.set()  # the baselines time now that this process has finished timing
     base_deadline = t0 + budget_s
     baselines = []
-    while time.time() < base_deadline:
-        try:
-            row = baseline.get(timeout=max(0.1, base_deadline - time.time()))
-        except queue.Empty:
-            break
-        if row is None:
-            break
-        baselines.append(row)
+    result["baseline_compiled"] = [compiled.is_set() for _, compiled, _ in bases]
+    for proc, _, go in bases:  # one worker times at a time, after this process
+        go.set()
+        while time.time() < base_deadline:
+            try:
+                row = baseline.get(timeout=max(0.1, base_deadline - time.time()))
+            except queue.Empty:
+                break
+            if row is None:
+                break
+            baselines.append(row)
+        if proc.is_alive():
+            proc.terminate()
     result["baselines"] = baselines
-    result["baseline_compiled"] = compiled.is_set()
-    if base_proc.is_alive():
-        base_proc.terminate()
     result["seconds"] = time.time() - t0
     save(result)
     return result

@@ -58,7 +58,11 @@ class AttentionConfig:
     128 x 128 block and consumer thread at D 128. Outputs are bitwise the
     same. ``None`` (default): on in the warp-specialised loop only (the plain
     loops mask only their last tile, and compile a few instructions longer
-    with it).
+    with it). ``lazy_rescale`` (plain loops only) moves a row block's running
+    max, and rescales the accumulator, only when some row's max grows by more
+    than 2^8 (FlashAttention-4's conditional rescaling): a block-wide branch
+    that skips ``D`` multiplies per row in most blocks; outputs differ from the
+    eager rescaling by rounding only.
     """
 
     block_m: int
@@ -69,6 +73,7 @@ class AttentionConfig:
     warp_specialize: bool = False
     kv_major: bool = True
     min_mask: bool | None = None
+    lazy_rescale: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -84,6 +89,9 @@ class AttentionConfig:
                 or self.num_stages < 1:
             raise ValueError(f"AttentionConfig.num_stages must be an int >= 1, got "
                              f"{self.num_stages!r}")
+        if self.warp_specialize and self.lazy_rescale:
+            # The partitioner leaves a loop with a branch unspecialised (Triton 3.6).
+            raise ValueError("AttentionConfig(warp_specialize=True) cannot use lazy_rescale")
         if self.warp_specialize and self.num_stages > 2:
             # Seen on the H200 with Triton 3.6 (benchmarks/results/h200_tune_1b04e82.json):
             # every warp-specialised launch with 3 or 4 stages left non-finite outputs.
@@ -219,6 +227,7 @@ def launch_constants(config: AttentionConfig, causal: bool, return_lse: bool, d:
         USE_TMA=use_tma, WARP_SPECIALIZE=config.warp_specialize, KV_MAJOR=config.kv_major,
         VARLEN=varlen,
         MIN_MASK=config.warp_specialize if config.min_mask is None else config.min_mask,
+        LAZY_RESCALE=config.lazy_rescale,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
