@@ -76,7 +76,7 @@ SETTINGS = {
 REFERENCE_MAX_TOKENS = 32768
 
 
-def run(lengths, only=(), save=None, graph=False):
+def run(lengths, only=(), save=None, graph=False, compare=True, profile=False):
     rows = []
     for n in lengths:
         q, k, v = structured_inputs(n)
@@ -85,7 +85,10 @@ def run(lengths, only=(), save=None, graph=False):
             if only and not any(part in name for part in only):
                 continue
             entry = {"setting": name}
-            entry.update(time_setting(q, k, cfg, n, graph))
+            entry.update(time_setting(q, k, cfg, n, graph, compare))
+            if profile and "error" not in entry:
+                entry["kernels"] = kernel_times(
+                    lambda c=cfg, q=q, k=k: optimized.select_blocks(q, k, c))
             entry["ratio_to_cudnn_dense"] = (entry["ms"] / row["sdpa_ms"]["cudnn"]
                                              if "ms" in entry else None)
             row["estimators"].append(entry)
@@ -97,7 +100,28 @@ def run(lengths, only=(), save=None, graph=False):
     return rows
 
 
-def time_setting(q, k, cfg, n, graph=False):
+def kernel_times(fn, calls=5):
+    """Device ms per call of each kernel ``fn`` launches (torch.profiler, CUDA events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", None)
+        if device_us is None:
+            device_us = getattr(event, "cuda_time_total", 0)
+        if device_us > 0:
+            out[event.key[:60]] = {"ms_per_call": device_us / 1000 / calls,
+                                   "launches_per_call": event.count / calls}
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["ms_per_call"]))
+
+
+def time_setting(q, k, cfg, n, graph=False, compare=True):
     entry = {"config": {"estimator": cfg.estimator, "high_threshold": cfg.high_threshold,
                         "antidiagonal_stride": cfg.antidiagonal_stride,
                         "vertical_slash_threshold": cfg.vertical_slash_threshold,
@@ -113,7 +137,7 @@ def time_setting(q, k, cfg, n, graph=False):
         nt = mask.shape[-1]
         entry["density"] = float(mask.sum()) / (mask.shape[0] * mask.shape[1]
                                                 * nt * (nt + 1) / 2)
-        if n <= REFERENCE_MAX_TOKENS:
+        if compare and n <= REFERENCE_MAX_TOKENS:
             expected = reference.select_blocks(q, k, cfg)
             entry["reference_ms"] = bench(lambda: reference.select_blocks(q, k, cfg), rep=10)
             entry["entries_differing_from_reference"] = int((mask != expected).sum())
@@ -149,16 +173,119 @@ def use_fastest(row):
     return chosen
 
 
-def stage_times(lengths, strides, tunings):
-    """Each stage alone at every length (launch shapes at the longest only)."""
+def use_fastest_vs(rows):
+    """Put the vertical-slash launch shape with the least summed time relative to each
+    length's fastest (device time, graph replay) into vertical_slash.TUNED_VS."""
+    from prism.optimized import vertical_slash
+
+    score = {}
+    for row in rows:
+        timed = [e for e in row["vertical_slash"].get("launch_shapes", [])
+                 if "graph_ms" in e and e["max_abs_diff_to_default"] < 1e-5]
+        if not timed:
+            continue
+        best = min(e["graph_ms"] for e in timed)
+        for e in timed:
+            score.setdefault(e["spec"], []).append(e["graph_ms"] / best)
+    complete = {spec: sum(v) for spec, v in score.items() if len(v) == len(rows)}
+    chosen = {}
+    if complete:
+        spec = min(complete, key=complete.get)
+        if spec != "default":
+            vertical_slash.TUNED_VS = vertical_slash.VSTuning(*map(int, spec.split(",")))
+        chosen["distributions"] = {"spec": spec, "tuning": str(vertical_slash.TUNED_VS),
+                                   "summed_ratio_to_fastest": complete[spec]}
+    score = {}
+    for row in rows:
+        timed = [e for e in row["vertical_slash"].get("top_p_shapes", [])
+                 if "graph_ms" in e and e["tiles_differing_from_default"] == 0]
+        if timed:
+            best = min(e["graph_ms"] for e in timed)
+            for e in timed:
+                score.setdefault(e["spec"], []).append(e["graph_ms"] / best)
+    complete = {spec: sum(v) for spec, v in score.items() if len(v) == len(rows)}
+    if complete:
+        from prism.optimized import vertical_slash_tiles as vst
+
+        spec = min(complete, key=complete.get)
+        if spec != "default":
+            vst.TOP_P_POINTS, vst.LONG_TOP_P_BLOCK = map(int, spec.split(","))
+        chosen["top_p"] = {"spec": spec, "points": vst.TOP_P_POINTS,
+                           "block": vst.LONG_TOP_P_BLOCK,
+                           "summed_ratio_to_fastest": complete[spec]}
+    print("vertical-slash launch shapes used:", chosen, flush=True)
+    return chosen
+
+
+def stage_times(lengths, strides, tunings, vs_tunings=(), tunings_everywhere=False,
+                top_p_shapes=()):
+    """Each stage alone at every length (packed launch shapes at the longest only,
+    unless ``tunings_everywhere``; vertical-slash launch shapes at every length)."""
     out = []
     for n in lengths:
-        out.append(_stage_row(n, strides, tunings if n == max(lengths) else ()))
+        out.append(_stage_row(n, strides, tunings if tunings_everywhere or n == max(lengths)
+                              else (), vs_tunings, top_p_shapes))
         torch.cuda.empty_cache()
     return out
 
 
-def _stage_row(n, strides, tunings):
+def _vs_shapes(q, k, layout, vs_tunings):
+    """The distributions with each VSTuning (``--vs-tunings``): ms and difference."""
+    from prism.optimized.vertical_slash import (
+        TUNED_VS,
+        VSTuning,
+        last_query_distributions_kernel,
+    )
+
+    base_v, base_s = last_query_distributions_kernel(q, k, layout, 64, True)
+    out = []
+    for text in ["default", *vs_tunings]:
+        tuning = TUNED_VS if text == "default" else VSTuning(*map(int, text.split(",")))
+        entry = {"tuning": str(tuning), "spec": text}
+        try:
+            def fn(t=tuning):
+                return last_query_distributions_kernel(q, k, layout, 64, True, tuning=t)
+            v, sl = fn()
+            entry["max_abs_diff_to_default"] = float(max((v - base_v).abs().max(),
+                                                         (sl - base_s).abs().max()))
+            entry["ms"] = bench(fn, rep=30)
+            entry["graph_ms"] = graph_ms(fn)
+        except Exception as error:
+            entry["error"] = f"{type(error).__name__}: {str(error)[:160]}"
+        print(layout.num_key_tiles, entry, flush=True)
+        out.append(entry)
+    return out
+
+
+def _top_p_shapes(kv, ks, layout, shapes):
+    """The second half (top-p and tiles) with each ``points,block`` of the long-row
+    top-p (``--top-p-shapes``): graph-replay ms, tiles differing from the default's."""
+    from prism.optimized import vertical_slash_tiles as vst
+
+    saved = (vst.TOP_P_POINTS, vst.LONG_TOP_P_BLOCK)
+    base = vst.vertical_slash_tiles_kernel(kv, ks, layout, 0.5, True)
+    out = []
+    for text in ["default", *shapes]:
+        entry = {"spec": text}
+        try:
+            if text != "default":
+                vst.TOP_P_POINTS, vst.LONG_TOP_P_BLOCK = map(int, text.split(","))
+            entry["shape"] = f"points={vst.TOP_P_POINTS}, block={vst.LONG_TOP_P_BLOCK}"
+
+            def fn():
+                return vst.vertical_slash_tiles_kernel(kv, ks, layout, 0.5, True)
+            entry["tiles_differing_from_default"] = int((fn() != base).sum())
+            entry["graph_ms"] = graph_ms(fn)
+        except Exception as error:
+            entry["error"] = f"{type(error).__name__}: {str(error)[:160]}"
+        finally:
+            vst.TOP_P_POINTS, vst.LONG_TOP_P_BLOCK = saved
+        print(layout.num_key_tiles, entry, flush=True)
+        out.append(entry)
+    return out
+
+
+def _stage_row(n, strides, tunings, vs_tunings=(), top_p_shapes=()):
     from prism.optimized.antidiagonal_packed import (
         PackedTuning,
         antidiagonal_packed_probabilities,
@@ -203,6 +330,7 @@ def _stage_row(n, strides, tunings):
     vs = row["vertical_slash"]
     vs["distributions_kernel_ms"] = bench(
         lambda: last_query_distributions_kernel(q, k, layout, 64, True), rep=30)
+    vs["launch_shapes"] = _vs_shapes(q, k, layout, vs_tunings)
     vs["tiles_kernel_ms"] = bench(
         lambda: vertical_slash_tile_mask(q, k, layout, 64, 0.5, True), rep=30)
     if n <= 32768:
@@ -218,6 +346,7 @@ def _stage_row(n, strides, tunings):
     kv, ks = last_query_distributions_kernel(q, k, layout, 64, True)
     vs["second_half_kernel_ms"] = bench(
         lambda: vertical_slash_tiles_kernel(kv, ks, layout, 0.5, True), rep=30)
+    vs["top_p_shapes"] = _top_p_shapes(kv, ks, layout, top_p_shapes)
     vs["second_half_reference_torch_ms"] = bench(
         lambda: vertical_slash_tiles_from_distributions(kv, ks, layout, 0.5, True), rep=30)
     vs["second_half_tiles_differing"] = int(
@@ -269,6 +398,23 @@ def main(argv=None):
     parser.add_argument("--tunings", default=";".join(TUNINGS),
                         help="packed-kernel launch shapes timed at the longest length: "
                              "rows,key_groups,warps,stages[,one_pass] separated by ';'")
+    parser.add_argument("--vs-tunings", default="",
+                        help="vertical-slash launch shapes timed at every length with "
+                             "--stages: max_rows,block_n,stats_block_n,num_warps,num_stages,"
+                             "programs separated by ';'")
+    parser.add_argument("--top-p-shapes", default="",
+                        help="long-row top-p shapes timed at every length with --stages: "
+                             "points,block separated by ';'")
+    parser.add_argument("--tunings-everywhere", action="store_true",
+                        help="time the packed-kernel launch shapes at every length")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the reference's selection (mask comparison)")
+    parser.add_argument("--before", default=None,
+                        help="a JSON of this script from an earlier tree in the same "
+                             "session; its rows are kept under 'before'")
+    parser.add_argument("--profile", action="store_true",
+                        help="device time per kernel of each whole selection "
+                             "(torch.profiler, 5 calls)")
     parser.add_argument("--use-fastest", action="store_true",
                         help="with --stages: run the settings with each stride's fastest "
                              "launch shape at the longest length (antidiagonal_packed.TUNED)")
@@ -285,11 +431,18 @@ def main(argv=None):
     started = time.time()
     lengths = [int(x) for x in args.lengths.split(",")]
     result = {"environment": environment(args.commit), "rows": []}
+    if args.before:
+        with open(args.before) as f:
+            result["before"] = json.load(f)
     if args.stages:
         result["stages"] = stage_times(lengths, [int(x) for x in args.strides.split(",")],
-                                       [t for t in args.tunings.split(";") if t])
+                                       [t for t in args.tunings.split(";") if t],
+                                       [t for t in args.vs_tunings.split(";") if t],
+                                       args.tunings_everywhere,
+                                       [t for t in args.top_p_shapes.split(";") if t])
         if args.use_fastest:
             result["tuning_used"] = use_fastest(result["stages"][-1])
+            result["vs_tuning_used"] = use_fastest_vs(result["stages"])
         if args.out:  # keep the stage numbers even if the settings run out of time
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
@@ -300,7 +453,7 @@ def main(argv=None):
 
     if not args.skip_settings:
         result["rows"] = run(lengths, [part for part in args.only.split(",") if part], save,
-                             args.graph)
+                             args.graph, not args.no_reference, args.profile)
     result["wall_s"] = time.time() - started
     if args.out:
         with open(args.out, "w") as f:

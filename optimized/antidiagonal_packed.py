@@ -67,6 +67,13 @@ class PackedTuning:
         instead of recomputing the scores (applies when a tile holds at most
         :data:`ONE_PASS_MAX_PER_TILE` groups; the scratch is that many times
         the output). 0: two passes over the scores.
+    tma : int
+        1: load the query and key rows of each ``u`` through tensor
+        descriptors (the bulk tensor copy engine on Hopper) over q and k seen
+        as ``(heads, groups, S * D)``, where :func:`_tma_applies` says the
+        shapes allow it (contiguous q and k, lengths and the KV prefix whole
+        groups and tiles, the program's rows exactly its heads' groups);
+        elsewhere, and with 0, pointer loads.
     """
 
     target_rows: int = TARGET_ROWS
@@ -74,6 +81,7 @@ class PackedTuning:
     num_warps: int = 4
     num_stages: int = 3
     one_pass: int = 1
+    tma: int = 0
 
 
 #: Launch shapes by groups per tile (``block_size // stride``) for head dims up to
@@ -111,10 +119,23 @@ def antidiagonal_packed_applies(layout: TileLayout, stride: int, group: int) -> 
             and group * per_tile <= MAX_ROWS)
 
 
+def _tma_applies(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, stride: int,
+                 rows: int, group: int, per_head: int, d: int) -> bool:
+    """Whether the packed kernel may load through tensor descriptors (``tma=1``):
+    q and k contiguous, both lengths whole groups, the KV prefix whole tiles, the
+    program's rows exactly ``group`` heads x ``per_head`` groups, D a power of two."""
+    return (q.is_contiguous() and k.is_contiguous() and q.dtype == k.dtype
+            and q.shape[2] % stride == 0 and k.shape[2] % stride == 0
+            and layout.query_start % layout.block_size == 0
+            and group & (group - 1) == 0 and group * per_head == rows
+            and d == next_power_of_2(d) and d >= _MIN_DOT
+            and q.data_ptr() % 16 == 0 and k.data_ptr() % 16 == 0)
+
+
 def _check_tuning(tuning: PackedTuning, per_tile: int, group: int) -> None:
-    for name in ("target_rows", "block_kg", "num_warps", "num_stages", "one_pass"):
+    for name in ("target_rows", "block_kg", "num_warps", "num_stages", "one_pass", "tma"):
         value = getattr(tuning, name)
-        least = 0 if name == "one_pass" else 1
+        least = 0 if name in ("one_pass", "tma") else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"PackedTuning.{name} must be an int >= {least}, got {value!r}")
     if tuning.block_kg & (tuning.block_kg - 1) or tuning.block_kg % per_tile:
@@ -161,28 +182,41 @@ def masked_scores(raw, allowed, qk_scale, CHECK: tl.constexpr):
 @triton.jit
 def _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, groups, rows_ok,
                    key_groups, key_end, query_start, num_queries, num_keys, qk_scale,
+                   q_desc, k_desc, q_head_row, q_group, k_head_row, key_groups_start,
                    CAUSAL: tl.constexpr, STRIDE: tl.constexpr, D_PAD: tl.constexpr,
                    HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_KG: tl.constexpr,
-                   IEEE: tl.constexpr, UPCAST: tl.constexpr, CHECK: tl.constexpr):
+                   IEEE: tl.constexpr, UPCAST: tl.constexpr, CHECK: tl.constexpr,
+                   TMA: tl.constexpr):
     """(ROWS, BLOCK_KG) antidiagonal scores times ``qk_scale``, -inf where not admissible.
 
     ``sum_u Q_u K_u``: row ``u`` of every query group (``q_head[r]`` is row ``r``'s
     query head) against row ``S-1-u`` of every key group, one product of depth
-    ``D`` per ``u``; both passes of :func:`_packed_kernel` call this.
+    ``D`` per ``u``; both passes of :func:`_packed_kernel` call this. With ``TMA``
+    the rows come through the descriptors (box origins ``q_head_row, q_group``
+    and ``k_head_row, key_groups_start``) instead of pointer loads.
     """
     dims = tl.arange(0, D_PAD)
     dims_ok = dims < HEAD_DIM
     s = tl.zeros((ROWS, BLOCK_KG), dtype=tl.float32)
     for u in range(STRIDE):
-        positions = groups * STRIDE + u - query_start
-        ok = rows_ok & (positions >= 0) & (positions < num_queries)
-        q_rows = tl.load(q_head[:, None] + positions.to(tl.int64)[:, None] * stride_qn
-                         + dims[None, :] * stride_qd,
-                         mask=ok[:, None] & dims_ok[None, :], other=0.0)
-        keys = key_groups * STRIDE + (STRIDE - 1 - u)
-        k_cols = tl.load(k_head + keys.to(tl.int64)[None, :] * stride_kn
-                         + dims[:, None] * stride_kd,
-                         mask=(keys < num_keys)[None, :] & dims_ok[:, None], other=0.0)
+        if TMA:
+            # Rows of every head of the group at once: (GROUP, ROWS / GROUP, D) boxes of
+            # q seen as (heads, groups, S * D); key groups past Nk come back as zeros.
+            q_rows = tl.reshape(q_desc.load([q_head_row, q_group, u * HEAD_DIM]),
+                                (ROWS, HEAD_DIM))
+            k_cols = tl.trans(tl.reshape(
+                k_desc.load([k_head_row, key_groups_start, (STRIDE - 1 - u) * HEAD_DIM]),
+                (BLOCK_KG, HEAD_DIM)))
+        else:
+            positions = groups * STRIDE + u - query_start
+            ok = rows_ok & (positions >= 0) & (positions < num_queries)
+            q_rows = tl.load(q_head[:, None] + positions.to(tl.int64)[:, None] * stride_qn
+                             + dims[None, :] * stride_qd,
+                             mask=ok[:, None] & dims_ok[None, :], other=0.0)
+            keys = key_groups * STRIDE + (STRIDE - 1 - u)
+            k_cols = tl.load(k_head + keys.to(tl.int64)[None, :] * stride_kn
+                             + dims[:, None] * stride_kd,
+                             mask=(keys < num_keys)[None, :] & dims_ok[:, None], other=0.0)
         if UPCAST:
             q_rows = q_rows.to(tl.float32)
             k_cols = k_cols.to(tl.float32)
@@ -204,11 +238,12 @@ def _packed_kernel(
     stride_ob, stride_oh, stride_orow, stride_otile,
     num_kv_heads, group, tiles_per_program, programs_per_head, num_queries, num_keys,
     query_start, first_query_tile, num_query_tiles, num_key_tiles, num_key_groups, qk_scale,
-    scratch_tiles, scratch_blocks,
+    scratch_tiles, scratch_blocks, total_q_heads, total_kv_heads, query_groups,
     CAUSAL: tl.constexpr, STRIDE: tl.constexpr, PER_TILE: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr, PAIRS: tl.constexpr,
     BLOCK_KG: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    ONE_PASS: tl.constexpr, CHECK: tl.constexpr,
+    ONE_PASS: tl.constexpr, CHECK: tl.constexpr, TMA: tl.constexpr = False,
+    GROUP: tl.constexpr = 1,
 ):
     pid = tl.program_id(0)
     block = programs_per_head - 1 - pid % programs_per_head  # heaviest tiles first
@@ -234,6 +269,21 @@ def _packed_kernel(
         key_end = tl.minimum(key_end, tl.max(tl.where(rows_ok, groups, -1), axis=0) + 1)
     else:
         key_end = tl.where(tl.max(rows_ok.to(tl.int32), axis=0) > 0, key_end, 0)
+    q_desc = None
+    k_desc = None
+    if TMA:
+        # q and k as (heads, groups, S * D); a program's rows are GROUP heads x
+        # ROWS / GROUP consecutive groups (_tma_applies).
+        q_desc = tl.make_tensor_descriptor(
+            Q, shape=[total_q_heads, query_groups, STRIDE * HEAD_DIM],
+            strides=[query_groups * STRIDE * HEAD_DIM, STRIDE * HEAD_DIM, 1],
+            block_shape=[GROUP, ROWS // GROUP, HEAD_DIM])
+        k_desc = tl.make_tensor_descriptor(
+            K, shape=[total_kv_heads, num_key_groups, STRIDE * HEAD_DIM],
+            strides=[num_key_groups * STRIDE * HEAD_DIM, STRIDE * HEAD_DIM, 1],
+            block_shape=[1, BLOCK_KG, HEAD_DIM])
+    q_head_row = bh * group
+    q_group = block * per_head
 
     TILES_PER_CHUNK: tl.constexpr = BLOCK_KG // PER_TILE
     chunk_tiles = tl.arange(0, TILES_PER_CHUNK)
@@ -247,8 +297,9 @@ def _packed_kernel(
         key_groups = key_start + tl.arange(0, BLOCK_KG)
         s = _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, groups,
                            rows_ok, key_groups, key_end, query_start, num_queries, num_keys,
-                           qk_scale, CAUSAL, STRIDE, D_PAD, HEAD_DIM, ROWS, BLOCK_KG, IEEE,
-                           UPCAST, CHECK)
+                           qk_scale, q_desc, k_desc, q_head_row, q_group, bh, key_start,
+                           CAUSAL, STRIDE, D_PAD, HEAD_DIM, ROWS, BLOCK_KG, IEEE, UPCAST,
+                           CHECK, TMA)
         m_i, l_i = online_softmax_step(m_i, l_i, s)
         if ONE_PASS:
             m_block = tl.where(m_i == float("-inf"), 0.0, m_i)
@@ -281,8 +332,9 @@ def _packed_kernel(
             key_groups = key_start + tl.arange(0, BLOCK_KG)
             s = _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
                                groups, rows_ok, key_groups, key_end, query_start, num_queries,
-                               num_keys, qk_scale, CAUSAL, STRIDE, D_PAD, HEAD_DIM, ROWS,
-                               BLOCK_KG, IEEE, UPCAST, False)
+                               num_keys, qk_scale, q_desc, k_desc, q_head_row, q_group, bh,
+                               key_start, CAUSAL, STRIDE, D_PAD, HEAD_DIM, ROWS, BLOCK_KG,
+                               IEEE, UPCAST, False, TMA)
             p = tl.math.exp2(s - m_shift[:, None]) * inv_l[:, None]
             # Key groups -> key tiles (exact fp32 sums).
             by_tile = tl.sum(tl.reshape(p, (ROWS, TILES_PER_CHUNK, PER_TILE)), axis=2)
@@ -338,6 +390,8 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
                 and programs * rows * (scratch_tiles + key_blocks) * 4
                 <= ONE_PASS_MAX_SCRATCH_BYTES)
     scratch_tiles = scratch_tiles if one_pass else 1
+    tma = bool(tuning.tma) and _tma_applies(q, k, layout, stride, rows, group,
+                                            tiles * per_tile, d)
     e = torch.empty(programs * rows * scratch_tiles if one_pass else 1, dtype=torch.float32,
                     device=q.device)
     mb = torch.empty(programs * rows * key_blocks if one_pass else 1, dtype=torch.float32,
@@ -347,11 +401,12 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
         nonfinite if nonfinite is not None else mb, *q.stride(), *k.stride(), *out.stride(),
         hkv, group, tiles, per_head, nq_tokens, nk_tokens, layout.query_start,
         layout.first_query_tile, nq, nk, key_groups,
-        math.log2(math.e) / (math.sqrt(d) * stride), scratch_tiles, key_blocks,
+        math.log2(math.e) / (math.sqrt(d) * stride), scratch_tiles, key_blocks, b * hq,
+        b * hkv, nq_tokens // stride,
         CAUSAL=causal, STRIDE=stride, PER_TILE=per_tile, HEAD_DIM=d, D_PAD=d_pad, ROWS=rows,
         PAIRS=pairs, BLOCK_KG=tuning.block_kg, IEEE=q.dtype == torch.float32 or upcast,
-        UPCAST=upcast, ONE_PASS=one_pass, CHECK=nonfinite is not None,
-        num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+        UPCAST=upcast, ONE_PASS=one_pass, CHECK=nonfinite is not None, TMA=tma,
+        GROUP=group if tma else 1, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
     )
     if not normalize:
         return out

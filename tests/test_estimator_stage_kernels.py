@@ -213,6 +213,25 @@ def test_packed_one_and_two_pass_match_the_reference(stride, bs, hq, hkv, nq, nk
         torch.testing.assert_close(actual, expected, rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("stride, bs, nq, nk, causal", [
+    (8, 32, 128, 128, True),
+    (16, 32, 80, 144, True),     # KV prefix of two tiles; the last query tile is partial
+    (8, 32, 64, 96, False),
+])
+def test_packed_descriptor_loads_match_the_reference(stride, bs, nq, nk, causal):
+    """Rows loaded through tensor descriptors (tma=1) give the reference's scores."""
+    from prism.optimized import antidiagonal_packed as ap
+
+    q, k = _qk(1, 4, 1, nq, nk, 16, seed=stride + nq, scale=2.0)
+    layout = tile_layout(nq, nk, bs, causal)
+    tuning = ap.PackedTuning(tma=1)
+    rows = max(16, 4 * (bs // stride) * (64 // (4 * (bs // stride))))
+    assert ap._tma_applies(q, k, layout, stride, rows, 4, rows // 4, 16)
+    expected = antidiagonal_probabilities(q, k, layout, stride, causal)
+    actual = ap.antidiagonal_packed_probabilities(q, k, layout, stride, causal, tuning)
+    torch.testing.assert_close(actual, expected, rtol=2e-5, atol=1e-6)
+
+
 def test_packed_tuning_is_checked():
     from prism.optimized.antidiagonal_packed import (
         PackedTuning,
