@@ -3,9 +3,11 @@
 For each length (32/8 heads, D 128, bf16, tile 128, causal, random inputs):
 pooling alone, then ``select_tiles`` (mask + indices) under each tuning of
 ``--variants`` and, with ``--baseline``, an older copy of
-``optimized/selection.py`` (benchmarks/NOTES.md: git show + absolute imports),
-each checked bit for bit against the first; the floor reads Q and K once and
-writes the mask and int32 indices once, at the measured copy bandwidth.
+``optimized/selection.py`` (benchmarks/NOTES.md: git show + absolute imports;
+since the launch plan moved to ``optimized/selection_plan.py`` the old copy
+needs its own plan module too, beside it in ``benchmarks/``, imported by
+name), each checked bit for bit against the first; the floor reads Q and K
+once and writes the mask and int32 indices once, at the measured copy bandwidth.
 
 Usage (GPU machine, repository root)::
 
@@ -52,7 +54,9 @@ def selection_graph(lengths, copy_tb_s, baseline_path=None, budget_s=100.0, name
         spec.loader.exec_module(baseline)
     variants = {"default": None, "check_every_1": Tuning(check_every=1),
                 "num_stages_2": Tuning(num_stages=2), "unstacked": Tuning(stack_bands_max_width=0),
-                "elements_per_thread_16": Tuning(elements_per_thread=16)}
+                "elements_per_thread_16": Tuning(elements_per_thread=16),
+                "split_keys_off": Tuning(split_keys_min_width=0),
+                "split_keys_256": Tuning(split_keys_min_width=256)}
     variants = {name: variants[name] for name in (names or variants)}
     started = time.time()
     return [_selection_length(n, copy_tb_s, variants, baseline, started, budget_s)
