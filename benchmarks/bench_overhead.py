@@ -4,11 +4,17 @@ Prints one JSON object (and writes it with ``--out``):
 
 ``host_us``
     Host microseconds per eager call of ``select_blocks``, ``prism_attention``
-    and ``block_sparse_attention`` at 4K (32/8 heads, D 128, bf16), with the
-    eager NaN-flag read switched off (the host never waits, as in
-    ``bench_matrix.py --parts overhead``): with the cached launcher of
-    :mod:`prism.optimized.launch` (``fast``), with every launch through
+    and ``block_sparse_attention`` at 4K and 8K (32/8 heads, D 128, bf16), with
+    the eager NaN-flag read switched off (the host never waits, as in
+    ``bench_matrix.py --parts overhead``): as users run it (``fast``: a repeated
+    call replays its plan, :mod:`prism.optimized.call_plan`), the plan with its
+    kernel launches as no-ops (``plan_no_launches``: the wrapper alone, memset
+    included), the general path with the cached launcher of
+    :mod:`prism.optimized.launch` (``general``), with every launch through
     ``kernel[grid]`` (``triton``), and with every launch a no-op (``no_kernels``).
+``plan_check``
+    The planned calls against the general path at 4K: outputs bit for bit,
+    NaN input raising, inputs left unchanged.
 ``launch_us``
     Host microseconds of one ``pool_tiles_and_energy`` and one ``select_tiles``
     call at 4K: launches cached, through ``kernel[grid]``, and no-ops.
@@ -42,7 +48,7 @@ from bench_matrix import _NoLaunch, host_us  # noqa: E402  (one definition each)
 from bench_prism import bench, graph_ms  # noqa: E402
 
 from prism import optimized  # noqa: E402
-from prism.optimized import attention, indices, launch, ops, pooling  # noqa: E402
+from prism.optimized import attention, call_plan, indices, launch, ops, pooling  # noqa: E402
 from prism.optimized import selection as sel  # noqa: E402
 from prism.reference.bands import band_sizes  # noqa: E402
 from prism.reference.config import PrismConfig  # noqa: E402
@@ -89,30 +95,113 @@ def profile(fn, calls=300, lines=22):
     return profile_text(fn, calls, lines)
 
 
-def host_part(n=4096):
+class _PlanNoLaunches:
+    """Every kernel launch of every call plan a no-op while inside (memsets still run)."""
+
+    def __enter__(self):
+        self.saved = [(step, step.call) for plan in call_plan._PLANS.values() if plan
+                      for step in plan.steps if step.call is not None]
+        for step, _ in self.saved:
+            step.call = _no_op
+
+    def __exit__(self, *exc):
+        for step, call in self.saved:
+            step.call = call
+
+
+def _no_op(*args):
+    return None
+
+
+class _General:
+    """Every call through the general path while inside."""
+
+    def __enter__(self):
+        call_plan.ENABLED = False
+
+    def __exit__(self, *exc):
+        call_plan.ENABLED = True
+
+
+def _host_calls(n):
     q, k, v = qkv(n)
     mask = optimized.select_blocks(q, k)
-    calls = {
+    return {
         "select_blocks": lambda: optimized.select_blocks(q, k),
         "prism_attention": lambda: optimized.prism_attention(q, k, v),
         "block_sparse_attention": lambda: optimized.block_sparse_attention(q, k, v, mask),
     }
-    row = {}
+
+
+def _host_one(n, row, prof):
+    calls = _host_calls(n)
+    tag = "" if n == 4096 else f"_{n}"
+    for name, fn in calls.items():
+        row[f"{name}{tag}_fast"] = host_us(fn)
+        with _PlanNoLaunches():
+            row[f"{name}{tag}_plan_no_launches"] = host_us(fn)
+        with _General():
+            row[f"{name}{tag}_general"] = host_us(fn)
+        with _TritonLaunches():
+            row[f"{name}{tag}_triton"] = host_us(fn)
+        with _Stubbed():
+            row[f"{name}{tag}_no_kernels"] = host_us(fn)
+        row[f"{name}{tag}_fast_again"] = host_us(fn)
+    if n == 4096:
+        with _PlanNoLaunches():
+            prof.update({f"{name}_plan": profile(calls[name])
+                         for name in ("prism_attention", "select_blocks")})
+        with _Stubbed():
+            prof.update({name: profile(calls[name])
+                         for name in ("prism_attention", "select_blocks")})
+
+
+def host_part(lengths=(4096, 8192)):
+    row, prof = {}, {}
     original = ops.tracing
     ops.tracing = lambda: True
     try:
-        for name, fn in calls.items():
-            row[f"{name}_fast"] = host_us(fn)
-            with _TritonLaunches():
-                row[f"{name}_triton"] = host_us(fn)
-            with _Stubbed():
-                row[f"{name}_no_kernels"] = host_us(fn)
-            row[f"{name}_fast_again"] = host_us(fn)
-        with _Stubbed():
-            prof = {name: profile(calls[name]) for name in ("prism_attention", "select_blocks")}
+        for n in lengths:
+            _host_one(n, row, prof)
     finally:
         ops.tracing = original
+    row["plan_stats"] = dict(call_plan.PLAN_STATS)
     return row, prof
+
+
+def plan_check(n=4096):
+    """Planned calls against the general path: bit for bit, NaN raising, inputs unchanged."""
+    q, k, v = qkv(n, seed=5)
+    copies = [t.clone() for t in (q, k, v)]
+    call_plan._PLANS.clear()
+    with _General():
+        out, lse = optimized.prism_attention(q, k, v, return_lse=True)
+        plain = optimized.prism_attention(q, k, v)
+        mask = optimized.select_blocks(q, k)
+    hits = call_plan.PLAN_STATS["hit"]
+    for _ in range(3):
+        got_out, got_lse = optimized.prism_attention(q, k, v, return_lse=True)
+        got_plain = optimized.prism_attention(q, k, v)
+        got_mask = optimized.select_blocks(q, k)
+    row = {"hits": call_plan.PLAN_STATS["hit"] - hits,
+           "out_equal": torch.equal(got_out, out), "lse_equal": torch.equal(got_lse, lse),
+           "out_no_lse_equal": torch.equal(got_plain, plain),
+           "mask_equal": torch.equal(got_mask.as_tensor(), mask.as_tensor()),
+           "indices_equal": torch.equal(got_mask.kv_indices, mask.kv_indices)
+           and torch.equal(got_mask.kv_num_blocks, mask.kv_num_blocks),
+           "inputs_unchanged": all(torch.equal(a, b) for a, b in zip((q, k, v), copies,
+                                                                      strict=True))}
+    bad = q.clone()
+    bad[0, 2, 77, 9] = float("nan")
+    for name, fn in (("prism_attention", lambda: optimized.prism_attention(bad, k, v)),
+                     ("select_blocks", lambda: optimized.select_blocks(bad, k))):
+        try:
+            fn()
+            row[f"{name}_nan_raises"] = False
+        except ValueError as error:
+            row[f"{name}_nan_raises"] = "NaN or Inf" in str(error)
+    row["hits_total"] = call_plan.PLAN_STATS["hit"] - hits
+    return row
 
 
 def launch_part(n=4096):
@@ -208,7 +297,9 @@ def compiled_part(n=4096):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="")
-    parser.add_argument("--parts", default="host,launch,gpu,eager")
+    parser.add_argument("--parts", default="host,check,launch,gpu,eager")
+    parser.add_argument("--host-lengths", default="4096,8192",
+                        help="token counts of the host part")
     parser.add_argument("--lengths", default="4096,8192,131072",
                         help="token counts of the gpu and eager parts")
     args = parser.parse_args(argv)
@@ -222,8 +313,13 @@ def main(argv=None):
                 json.dump(result, f, indent=1)
 
     if "host" in parts:
-        result["host_us"], result["profile"] = host_part()
+        result["host_us"], result["profile"] = host_part(
+            [int(n) for n in args.host_lengths.split(",")])
         print("host_us", json.dumps(result["host_us"], indent=0), flush=True)
+        save()
+    if "check" in parts:
+        result["plan_check"] = plan_check()
+        print("plan_check", json.dumps(result["plan_check"]), flush=True)
         save()
     if "launch" in parts:
         result["launch_us"] = launch_part()
@@ -244,7 +340,7 @@ def main(argv=None):
         save()
     result["launch_stats"] = dict(launch.STATS)
     save()
-    print(result.get("profile", {}).get("select_blocks", "")[-2500:])
+    print(result.get("profile", {}).get("prism_attention_plan", "")[-2500:])
 
 
 if __name__ == "__main__":

@@ -130,15 +130,39 @@ def select_blocks(q, k, config: PrismConfig | None = None, *, causal: bool = Tru
         On bad input (contract §8), NaN/Inf included (eager calls), and on CPU tensors.
     """
     cfg = _resolve(config, overrides)
+    if not torch.compiler.is_compiling():
+        planned = ops.planned_call(q, k, None, cfg, causal)
+        if planned is not None:  # a repeated eager call (validated when its plan was made)
+            (mask, num, idx), buffer, flag = planned
+            if not ops.tracing():
+                _raise_if_nonfinite(buffer[flag:flag + 1], q=q, k=k)
+            return TileMask.from_selection(mask, cfg.block_size, causal, q.shape[2],
+                                           k.shape[2], num, idx)
     validate_qk(q, k, causal=causal, check_values=False)
     if not (q.is_cuda and k.is_cuda):
         check_device(_select_tiles_kernel, q=q, k=k)
     if torch.compiler.is_compiling():
         return torch.ops.prism.select(q, k, None, causal, *ops.config_values(cfg))[0]
-    mask, num, idx, nonfinite = ops.select(q, k, None, cfg, causal)
+    (mask, num, idx), nonfinite = ops.record_call(lambda: _select_general(q, k, cfg, causal),
+                                                  q, k, None, cfg, causal)
     _raise_if_nonfinite(nonfinite, q=q, k=k)
     return TileMask.from_selection(mask, cfg.block_size, causal, q.shape[2], k.shape[2], num,
                                    idx)
+
+
+def _select_general(q, k, cfg: PrismConfig, causal: bool):
+    """``select_blocks``' general eager path: ``((mask, num, idx), nonfinite)``."""
+    mask, num, idx, nonfinite = ops.select(q, k, None, cfg, causal)
+    return (mask, num, idx), nonfinite
+
+
+def _attention_general(q, k, v, cfg: PrismConfig, causal: bool, scale, return_lse: bool,
+                       return_mask: bool):
+    """``prism_attention``'s general eager path: ``((out, lse[, mask, num, idx]), nonfinite)``."""
+    mask, num, idx, nonfinite = ops.select(q, k, v, cfg, causal)
+    out, lse, _ = ops.attention(q, k, v, mask, num, idx, cfg.block_size, causal, scale,
+                                return_lse, False)
+    return ((out, lse, mask, num, idx) if return_mask else (out, lse)), nonfinite
 
 
 def _select(q, k, cfg: PrismConfig, causal: bool, *, write_indices: bool = True):
@@ -226,6 +250,14 @@ def prism_attention(q, k, v, config: PrismConfig | None = None, *, causal: bool 
     o, or a tuple ``(o, lse)``, ``(o, mask)`` or ``(o, lse, mask)`` in that order.
     """
     cfg = _resolve(config, overrides)
+    if not torch.compiler.is_compiling():
+        planned = ops.planned_call(q, k, v, cfg, causal, scale, return_lse, return_mask)
+        if planned is not None:  # a repeated eager call (validated when its plan was made)
+            outputs, buffer, flag = planned
+            if not ops.tracing():
+                _raise_if_nonfinite(buffer[flag:flag + 1], q=q, k=k, v=v)
+            return _attention_result(*outputs, *(None,) * (5 - len(outputs)), cfg, causal,
+                                     q, k, return_lse, return_mask)
     validate_qkv(q, k, v, causal=causal, check_values=False)
     if scale is not None:
         validate_scale(scale)
@@ -236,16 +268,25 @@ def prism_attention(q, k, v, config: PrismConfig | None = None, *, causal: bool 
         out, lse, _ = torch.ops.prism.block_sparse_attention(
             q, k, v, mask, num, idx, cfg.block_size, causal, scale, return_lse, False)
     else:
-        mask, num, idx, nonfinite = ops.select(q, k, v, cfg, causal)
-        out, lse, _ = ops.attention(q, k, v, mask, num, idx, cfg.block_size, causal, scale,
-                                    return_lse, False)
+        outputs, nonfinite = ops.record_call(
+            lambda: _attention_general(q, k, v, cfg, causal, scale, return_lse, return_mask),
+            q, k, v, cfg, causal, scale, return_lse, return_mask)
         _raise_if_nonfinite(nonfinite, q=q, k=k, v=v)
-        if return_mask:
-            mask = TileMask.from_selection(mask, cfg.block_size, causal, q.shape[2], k.shape[2],
-                                           num, idx)
+        return _attention_result(*outputs, *(None,) * (5 - len(outputs)), cfg, causal, q, k,
+                                 return_lse, return_mask)
+    return _attention_result(out, lse, mask, num, idx, cfg, causal, q, k, return_lse,
+                             return_mask, traced=True)
+
+
+def _attention_result(out, lse, mask, num, idx, cfg, causal, q, k, return_lse, return_mask,
+                      traced=False):
+    """``prism_attention``'s return value (a ``TileMask`` for the mask of an eager call)."""
     result = (out, lse) if return_lse else out
     if not return_mask:
         return result
+    if not traced:
+        mask = TileMask.from_selection(mask, cfg.block_size, causal, q.shape[2], k.shape[2],
+                                       num, idx)
     return (*result, mask) if return_lse else (result, mask)
 
 

@@ -49,6 +49,8 @@ and selection keep one per call shape), so a call keys only its tensors.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import threading
 
 import torch
 
@@ -301,6 +303,8 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         The remaining parameters (typically the constexprs) and launch options
         (``num_warps``, ``num_stages``, ...), as for ``kernel[grid]``.
     """
+    if _RECORDING and (launches := _recording_list()) is not None:
+        launches.append(None)  # not replayable by a call plan
     if type(kernel) is not _JITFunction or type(grid) is not tuple or _get_device is None:
         _triton_launch(kernel, grid, args, kwargs)
         return
@@ -388,6 +392,12 @@ class Prepared:
     def launch(self, kernel, grid, *tensors) -> None:
         """``kernel[grid](*tensors, *scalars, **kwargs)``. ``tensors`` are CUDA
         tensors, host tensor descriptors of CUDA tensors, or None."""
+        if _RECORDING:
+            self._launch_recorded(kernel, grid, tensors)
+            return
+        self._launch(kernel, grid, tensors)
+
+    def _launch(self, kernel, grid, tensors) -> None:
         if (not self.cacheable or type(kernel) is not _JITFunction or _get_device is None
                 or type(grid) is not tuple or kernel.pre_run_hooks or _hooks_active()):
             _triton_launch(kernel, grid, (*tensors, *self.scalars), self.kwargs)
@@ -439,10 +449,137 @@ class Prepared:
         values += self.scalars
         _replay(entry, grid, key[0], values)
 
+    def _launch_recorded(self, kernel, grid, tensors) -> None:
+        """:meth:`launch`, and what :func:`recording` keeps of it."""
+        launches = _recording_list()
+        if launches is None:  # another thread is recording
+            self._launch(kernel, grid, tensors)
+            return
+        self._launch(kernel, grid, tensors)
+        entry = self.entry(kernel, grid, *tensors)
+        launches.append(None if entry is None else (
+            entry, grid, tensors, self.scalars, _get_stream(_get_device())))
+
+    def entry(self, kernel, grid, *tensors):
+        """The cached :class:`_Entry` that :meth:`launch` would replay for these tensors
+        (compiled, without launching, if not yet cached), or None where :meth:`launch`
+        would go through Triton. For callers that replay a whole call's launches
+        themselves (:mod:`prism.optimized.ops`' call plans)."""
+        if (not self.cacheable or type(kernel) is not _JITFunction or _get_device is None
+                or type(grid) is not tuple or kernel.pre_run_hooks):
+            return None
+        key = [_get_device(), _knobs.runtime.debug, _knobs.compilation.instrumentation_mode]
+        for t in tensors:
+            if type(t) is torch.Tensor and t.is_cuda:
+                key += (t.dtype, not t.data_ptr() & 15)
+            elif t is None:
+                key.append(None)
+            elif type(t) is _TensorDescriptor and t.base.is_cuda:
+                key.append(descriptor_key(t))
+            else:
+                return None
+        if kernel is not self.kernel:
+            self.entries.clear()
+            self.kernel = kernel
+            self._check_arity(kernel, len(tensors))
+        if self.kernel is None:
+            return None
+        key = tuple(key)
+        entry = self.entries.get(key)
+        if entry is None:
+            args = (*tensors, *self.scalars)
+            with scratch_allocator():
+                compiled = kernel.run(*args, grid=grid, warmup=True, **self.kwargs)
+            if compiled is None or hasattr(compiled, "result"):
+                return None
+            try:
+                entry = _Entry(kernel, compiled, self.kwargs, args)
+            except _NotCached:
+                entry = False
+            self.entries[key] = entry
+        return entry or None
+
     def _check_arity(self, kernel, num_tensors: int) -> None:
         """Constexprs passed positionally are not keyed by value: never cache those."""
         if num_tensors + len(self.scalars) > _runtime_params(kernel):
             self.kernel = None
+
+
+#: While :func:`recording`: one list per recording, of what each launch replays.
+_RECORDING: list = []
+
+
+@contextlib.contextmanager
+def recording():
+    """Inside, every :meth:`Prepared.launch` is also appended to the yielded list as
+    ``(entry, grid, tensors, scalars, stream)`` (what a replay needs), and every launch
+    that could not be replayed so (Triton's path, :func:`launch`, zeroing by
+    :func:`zero_`) as None or a ``("zero", tensor)`` item."""
+    launches: list = []
+    item = (threading.get_ident(), launches)
+    _RECORDING.append(item)
+    try:
+        yield launches
+    finally:
+        for i, other in enumerate(_RECORDING):
+            if other is item:
+                del _RECORDING[i]
+                break
+
+
+def _recording_list():
+    """The list this thread's innermost :func:`recording` fills, or None."""
+    me = threading.get_ident()
+    for thread, launches in reversed(_RECORDING):
+        if thread == me:
+            return launches
+    return None
+
+
+def zero_(t: torch.Tensor) -> None:
+    """``t.zero_()``, also kept by :func:`recording` (a replay zeroes with the driver)."""
+    t.zero_()
+    if _RECORDING and (launches := _recording_list()) is not None:
+        launches.append(("zero", t))
+
+
+def descriptor_on(base: torch.Tensor, block_shape, padding):
+    """A host tensor descriptor over ``base`` without ``TensorDescriptor.from_tensor``'s
+    checks (for a replay of a launch whose descriptor passed them on such a tensor)."""
+    new = object.__new__(_TensorDescriptor)
+    new.base, new.shape, new.strides = base, base.shape, base.stride()
+    new.block_shape, new.padding = block_shape, padding
+    return new
+
+
+_MEMSET: list = []  # [cuMemsetD32Async or None], loaded on first use
+
+
+def _driver_memset():
+    if not _MEMSET:
+        try:
+            function = ctypes.CDLL("libcuda.so.1").cuMemsetD8Async
+            function.argtypes = (ctypes.c_uint64, ctypes.c_ubyte, ctypes.c_size_t, ctypes.c_void_p)
+            function.restype = ctypes.c_int
+        except (OSError, AttributeError):  # no CUDA driver library: callers use torch
+            function = None
+        _MEMSET.append(function)
+    return _MEMSET[0]
+
+
+def zero_bytes(pointer: int, nbytes: int, stream: int) -> bool:
+    """Zero ``nbytes`` bytes of device memory at ``pointer`` on ``stream`` (a raw CUDA
+    stream handle), through the driver's ``cuMemsetD8Async``: no tensor view and
+    no TensorIterator, so about a microsecond of host time instead of torch's
+    ``zero_``. Captured by CUDA graphs like any memset. False when the driver library
+    is unavailable (the caller zeroes with torch then)."""
+    function = _driver_memset()
+    if function is None:
+        return False
+    status = function(pointer, 0, nbytes, stream)
+    if status:
+        raise RuntimeError(f"cuMemsetD8Async failed with CUDA error {status}")
+    return True
 
 
 def clear() -> None:

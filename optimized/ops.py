@@ -238,3 +238,10 @@ def tracing() -> bool:
         _capturing = (torch._C._cuda_isCurrentStreamCapturing if torch.cuda.is_available()
                       else bool)
     return _capturing()
+
+
+# ---------------------------------------------------------------------------
+# Eager call plans: a repeated eager call replays its recorded launches.
+# ---------------------------------------------------------------------------
+
+from .call_plan import planned_call, record_call  # noqa: E402,F401  (the api's entry points)

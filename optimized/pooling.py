@@ -32,7 +32,7 @@ import triton.language as tl
 from prism.reference.tiles import TileLayout
 
 from ._runtime import next_power_of_2
-from .launch import Prepared, launch
+from .launch import Prepared, launch, zero_
 
 
 @triton.jit
@@ -319,7 +319,7 @@ def run_pooling(plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) 
     """
     grid, prepared, size, num_sums = plan[0], plan[1], plan[2], plan[4]
     work = torch.empty(size, dtype=torch.float64, device=q.device)
-    work[:num_sums].zero_()
+    zero_(work[:num_sums])
     prepared.launch(_pool_tiles_kernel, grid, q, k, k if v is None else v, work)
     return work
 

@@ -1,0 +1,312 @@
+"""Eager call plans (prism.optimized.call_plan): a repeated call replays its recorded launches.
+
+On the CPU the kernels are replaced by fakes whose "launchers" run in Python on
+the raw addresses they receive (the CPU memory of the tensors), standing in for
+the compiled kernels' C entry points: pooling writes its flag and an energy,
+selection reads that energy and writes the mask and indices, attention reads
+the indices and writes its output. A replay must hand every launch what the
+general path did (grids, scalars, constexprs, the inputs' addresses), keep
+the buffers consistent across launches and disjoint, zero the energy sums
+first, return fresh outputs, and raise on NaN input. On a GPU the replay must
+equal the general path bit for bit, also under CUDA graph capture.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+from triton.runtime import _allocation
+from triton.runtime.jit import JITFunction
+
+import prism.optimized as optimized
+from prism.optimized import attention, call_plan, pooling, selection
+from prism.optimized import launch as fast
+from prism.reference import PrismConfig, tile_layout
+
+CFG = PrismConfig(block_size=32)
+B, HQ, HKV, N, D = 1, 4, 2, 96, 16
+NQT = 3
+SCRATCH = 48  # bytes per program of the fake attention kernel
+
+
+class _Launcher:
+    """The C entry point of a fake compiled kernel: records, then runs ``effect``."""
+
+    global_scratch_align = 128
+    profile_scratch_size = 0
+    launch_cooperative_grid = False
+    launch_pdl = False
+
+    def __init__(self, effect, scratch):
+        self.calls, self.effect, self.global_scratch_size = [], effect, scratch
+
+    def launch(self, *args):
+        self.calls.append(args)
+        self.effect(args[13:])  # after grid (3), stream, function and the prefix (8)
+
+
+class _Compiled:
+    function = 99
+    packed_metadata = (4, 1, 0)
+
+    def __init__(self, effect, scratch):
+        self.run = _Launcher(effect, scratch)
+
+
+class _Kernel:
+    """A stand-in JITFunction with the real kernel's parameters."""
+
+    pre_run_hooks: list = []
+
+    def __init__(self, real, effect, scratch=0):
+        self.params = JITFunction(getattr(real, "fn", real)).params
+        self.compiled = _Compiled(effect, scratch)
+
+    def run(self, *args, grid, warmup, **kwargs):
+        if not warmup:
+            self.compiled.run.launch(*grid, *(1,) * (3 - len(grid)), 7, 99, False, False,
+                                     None, None, (4, 1, 0), None, None, None,
+                                     *[a.data_ptr() if isinstance(a, torch.Tensor) else a
+                                       for a in args])
+        return self.compiled
+
+
+def _doubles(address, n):
+    return (ctypes.c_double * n).from_address(address)
+
+
+def _ints(address, n):
+    return (ctypes.c_int32 * n).from_address(address)
+
+
+class _Fakes:
+    """The fake kernels' effects, and what they saw."""
+
+    def __init__(self):
+        layout = tile_layout(N, N, CFG.block_size, True)
+        self.sums = pooling.work_layout(B, HQ, HKV, D, layout.num_query_tiles,
+                                        layout.num_key_tiles)[4]
+        self.poison_flag = False
+        self.sums_seen = []
+
+    def pool(self, values):
+        work = values[3]
+        self.sums_seen.append(list(_doubles(work, self.sums)))
+        _doubles(work, 2)[0] = 1.0 if self.poison_flag else 0.0
+        _doubles(work, 2)[1] = 42.0
+
+    def select(self, values):
+        work, mask, num, idx = values[:4]
+        assert _doubles(work, 2)[1] == 42.0  # pooling's buffer reached the selection
+        rows = B * HQ * NQT
+        ctypes.memset(mask, 1, rows * NQT)
+        for r in range(rows):
+            _ints(num, rows)[r] = r % NQT + 1
+            _ints(idx, rows * NQT)[r * NQT:(r + 1) * NQT] = list(range(NQT))
+
+    def attend(self, values):
+        out, num = values[3], values[5]
+        counts = list(_ints(num, B * HQ * NQT))
+        assert counts == [r % NQT + 1 for r in range(B * HQ * NQT)]
+        (ctypes.c_float * 1).from_address(out)[0] = float(sum(counts))  # float32 output
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    """Fake kernels, CUDA claimed for CPU tensors, a driver memset on CPU memory."""
+    effects = _Fakes()
+    effects.real_select = selection._select_tiles_kernel
+    kernels = {
+        "pool": _Kernel(pooling._pool_tiles_kernel, effects.pool),
+        "select": _Kernel(selection._select_tiles_kernel, effects.select),
+        "attend": _Kernel(attention._sparse_attention_kernel, effects.attend, SCRATCH),
+    }
+    monkeypatch.setattr(pooling, "_pool_tiles_kernel", kernels["pool"])
+    monkeypatch.setattr(selection, "_select_tiles_kernel", kernels["select"])
+    monkeypatch.setattr(attention, "_sparse_attention_kernel", kernels["attend"])
+    monkeypatch.setattr(fast, "_JITFunction", _Kernel)
+    monkeypatch.setattr(fast, "_get_device", lambda: 0)
+    monkeypatch.setattr(fast, "_get_stream", lambda device: 7)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)
+    memsets = []
+
+    def memset(address, value, nbytes, stream):
+        memsets.append((address, nbytes, stream))
+        ctypes.memset(address, value, nbytes)
+        return 0
+
+    monkeypatch.setattr(fast, "_MEMSET", [memset])
+    buffers = []
+
+    def allocator(size, alignment, stream):  # the general path's scratch, on the CPU
+        buffers.append(torch.empty(size, dtype=torch.int8))
+        return buffers[-1]
+
+    token = _allocation._allocator.set(allocator)
+    call_plan._PLANS.clear()
+    effects.kernels, effects.memsets = kernels, memsets
+    yield effects
+    _allocation._allocator.reset(token)
+    call_plan._PLANS.clear()
+    fast.clear()
+
+
+def _inputs(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(B, h, N, D, generator=gen).double().float() for h in (HQ, HKV, HKV))
+
+
+def _last(kernel):
+    return kernel.compiled.run.calls[-1]
+
+
+def test_replay_hands_every_launch_what_the_general_path_did(fakes):
+    q, k, v = _inputs()
+    stats = dict(call_plan.PLAN_STATS)
+    general = [optimized.prism_attention(q, k, v, CFG) for _ in range(2)]  # seen, recorded
+    recorded = {name: _last(kernel) for name, kernel in fakes.kernels.items()}
+    assert call_plan.PLAN_STATS["made"] == stats["made"] + 1
+    replayed_out = optimized.prism_attention(q, k, v, CFG)
+    assert call_plan.PLAN_STATS["hit"] == stats["hit"] + 1
+    replayed = {name: _last(kernel) for name, kernel in fakes.kernels.items()}
+    assert all(len(kernel.compiled.run.calls) == 3 for kernel in fakes.kernels.values())
+    # Same grid, stream, function, constexprs and scalars; inputs at the same addresses.
+    names = [p.name for p in fakes.kernels["select"].params]
+    tensors = {"pool": 4, "select": names.index("num_q_heads"), "attend": 9}
+    for name, call in replayed.items():
+        before = recorded[name]
+        assert len(call) == len(before)
+        differ = {i for i, (a, b) in enumerate(zip(call, before, strict=True)) if a != b}
+        allowed = set(range(13, 13 + tensors[name]))
+        if name == "attend":
+            allowed.add(7)  # the scratch address
+        assert differ <= allowed, name
+    assert replayed["pool"][13:16] == (q.data_ptr(), k.data_ptr(), v.data_ptr())
+    assert replayed["attend"][13:16] == (q.data_ptr(), k.data_ptr(), v.data_ptr())
+    # One buffer: pooling's, the mask, the indices and the scratch, disjoint, in order.
+    work, mask, num, idx = replayed["select"][13:17]
+    assert replayed["pool"][16] == work
+    assert replayed["attend"][18:20] == (num, idx)
+    assert replayed["attend"][16] == replayed_out.data_ptr()
+    rows = B * HQ * NQT
+    work_bytes = 8 * pooling.work_layout(B, HQ, HKV, D, NQT, NQT)[0]
+    scratch = replayed["attend"][7]
+    regions = sorted([(work, work_bytes), (mask, rows * NQT), (num, 4 * rows),
+                      (idx, 4 * rows * NQT), (scratch, SCRATCH * replayed["attend"][0])])
+    for (a, size), (b, _) in zip(regions, regions[1:], strict=False):
+        assert a + size <= b
+    assert (scratch - work) % 128 == 0  # the buffer starts with pooling's (CUDA: 512-aligned)
+    # The energy sums were zeroed by the driver memset before pooling ran.
+    assert fakes.memsets[-1] == (work, 8 * fakes.sums, 7)
+    assert fakes.sums_seen[-1] == [0.0] * fakes.sums
+    # Outputs: fresh tensors of the general path's shape and dtype, written by "attention".
+    assert replayed_out.shape == general[0].shape and replayed_out.dtype == general[0].dtype
+    assert replayed_out.data_ptr() not in (general[0].data_ptr(), general[1].data_ptr())
+    assert replayed_out.flatten()[0].item() == sum(r % NQT + 1 for r in range(rows))
+    assert q.equal(_inputs()[0]) and k.equal(_inputs()[1]) and v.equal(_inputs()[2])
+
+
+def test_replayed_calls_raise_on_nan_input(fakes):
+    q, k, v = _inputs()
+    for _ in range(2):
+        optimized.prism_attention(q, k, v, CFG)
+        optimized.select_blocks(q, k, CFG)
+    hits = call_plan.PLAN_STATS["hit"]
+    bad = q.clone()
+    bad[0, 1, 5, 3] = float("nan")
+    fakes.poison_flag = True
+    with pytest.raises(ValueError, match="q contains 1 NaN or Inf"):
+        optimized.prism_attention(bad, k, v, CFG)
+    with pytest.raises(ValueError, match="q contains 1 NaN or Inf"):
+        optimized.select_blocks(bad, k, CFG)
+    assert call_plan.PLAN_STATS["hit"] == hits + 2
+
+
+def test_replayed_selection_returns_its_own_tile_mask(fakes):
+    q, k, _ = _inputs()
+    first = optimized.select_blocks(q, k, CFG)
+    optimized.select_blocks(q, k, CFG)
+    hits = call_plan.PLAN_STATS["hit"]
+    mask = optimized.select_blocks(q, k, CFG)
+    assert call_plan.PLAN_STATS["hit"] == hits + 1
+    work, mask_at, num_at, idx_at = _last(fakes.kernels["select"])[13:17]
+    assert (mask.data_ptr(), mask.kv_num_blocks.data_ptr(), mask.kv_indices.data_ptr()) == (
+        mask_at, num_at, idx_at)
+    assert mask.shape == first.shape and mask.dtype == torch.bool and mask.all()
+    assert mask.kv_indices[0, 0, 2].tolist() == [0, 1, 2]
+    out, got = optimized.prism_attention(q, k, _inputs()[2], CFG, return_mask=True)
+    out, got = optimized.prism_attention(q, k, _inputs()[2], CFG, return_mask=True)
+    out, got = optimized.prism_attention(q, k, _inputs()[2], CFG, return_mask=True)
+    assert call_plan.PLAN_STATS["hit"] == hits + 2
+    assert got.kv_num_blocks.data_ptr() == _last(fakes.kernels["attend"])[18]
+
+
+def test_plans_are_refused_or_left_when_the_call_changes(fakes, monkeypatch):
+    q, k, v = _inputs()
+    for _ in range(2):
+        optimized.prism_attention(q, k, v, CFG)
+    hits = call_plan.PLAN_STATS["hit"]
+    # A swapped kernel (a benchmark stub): the general path, with the new kernel.
+    other = _Kernel(fakes.real_select, fakes.select)
+    monkeypatch.setattr(selection, "_select_tiles_kernel", other)
+    optimized.prism_attention(q, k, v, CFG)
+    assert call_plan.PLAN_STATS["hit"] == hits and len(other.compiled.run.calls) == 1
+    monkeypatch.setattr(selection, "_select_tiles_kernel", fakes.kernels["select"])
+    optimized.prism_attention(q, k, v, CFG)
+    assert call_plan.PLAN_STATS["hit"] == hits + 1
+    # Another scale, or a misaligned input, is another signature.
+    optimized.prism_attention(q, k, v, CFG, scale=0.5)
+    shifted = torch.empty(q.numel() + 1)[1:].view_as(q).copy_(q)
+    optimized.prism_attention(shifted, k, v, CFG)
+    assert call_plan.PLAN_STATS["hit"] == hits + 1
+    # A call that does more on the device than launches and zeroing is never replayed.
+    real = pooling.run_pooling
+    monkeypatch.setattr(pooling, "run_pooling", lambda *a: real(*a).add_(0))
+    monkeypatch.setattr(selection, "run_pooling", pooling.run_pooling)
+    refused = call_plan.PLAN_STATS["refused"]
+    for _ in range(3):
+        optimized.select_blocks(q, k, CFG)
+    assert call_plan.PLAN_STATS["refused"] == refused + 1
+    assert call_plan.PLAN_STATS["hit"] == hits + 1
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("n, d", [(4096, 128), (2000, 64)])
+def test_replay_equals_the_general_path_on_the_gpu(n, d):
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v = (torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+               for h in (8, 2, 2))
+    copies = [t.clone() for t in (q, k, v)]
+    call_plan._PLANS.clear()
+    general = [optimized.prism_attention(q, k, v, return_lse=True) for _ in range(2)]
+    masks = [optimized.select_blocks(q, k) for _ in range(2)]
+    hits = call_plan.PLAN_STATS["hit"]
+    out, lse = optimized.prism_attention(q, k, v, return_lse=True)
+    mask = optimized.select_blocks(q, k)
+    assert call_plan.PLAN_STATS["hit"] == hits + 2
+    assert torch.equal(out, general[0][0]) and torch.equal(lse, general[0][1])
+    assert torch.equal(mask.as_tensor(), masks[0].as_tensor())
+    assert torch.equal(mask.kv_num_blocks, masks[0].kv_num_blocks)
+    assert torch.equal(mask.kv_indices, masks[0].kv_indices)
+    assert all(torch.equal(a, b) for a, b in zip((q, k, v), copies, strict=True))
+    # Under CUDA graph capture: the replay is captured and gives the same bits.
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        captured, captured_lse = optimized.prism_attention(q, k, v, return_lse=True)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert call_plan.PLAN_STATS["hit"] == hits + 3
+    assert torch.equal(captured, out) and torch.equal(captured_lse, lse)
+    bad = q.clone()
+    bad[0, 3, 100, 5] = float("inf")
+    with pytest.raises(ValueError, match="q contains 1 NaN or Inf"):
+        optimized.prism_attention(bad, k, v, return_lse=True)
+    assert call_plan.PLAN_STATS["hit"] == hits + 4
