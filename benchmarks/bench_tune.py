@@ -39,13 +39,16 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 
 DTYPE = torch.bfloat16
 HQ, HKV, BATCH = 32, 8, 1
-LENGTHS = (8192, 32768)
+LENGTHS = tuple(int(n) for n in os.environ.get("PRISM_TUNE_LENGTHS", "8192,32768").split(","))
 DENSITIES = (0.05, 0.15, 0.3, 1.0)
-SHAPES = ((64, 128), (128, 128), (256, 128), (64, 64), (256, 64))  # (head dim, tile)
+#: (head dim, tile); PRISM_TUNE_SHAPES="64x128,256x64" picks others.
+SHAPES = tuple(tuple(int(x) for x in shape.split("x")) for shape in os.environ.get(
+    "PRISM_TUNE_SHAPES", "64x128,128x128,256x128,64x64,256x64").split(","))
 #: "focus": the current default, the warp-specialised shapes with and without
-#: ``min_mask`` and the best plain shapes of h200_tune_1b04e82; "grid": the pruned
-#: grid of :func:`grid_candidates` (the earlier runs' four shapes and densities
-#: 0.05 / 0.15 / 1.0 are in their JSON).
+#: ``min_mask`` and the best plain shapes of h200_tune_1b04e82; "steps": the default
+#: with the key blocks per tile computed at run time (+rs) beside it; "grid": the
+#: pruned grid of :func:`grid_candidates` (the earlier runs' four shapes and
+#: densities 0.05 / 0.15 / 1.0 are in their JSON).
 CANDIDATES = os.environ.get("PRISM_TUNE_CANDIDATES", "focus")
 SMEM_LIMIT = 232448  # bytes of shared memory per block on the H200 (227 KB)
 ATOL, RTOL = 2e-2, 2e-2
@@ -60,12 +63,13 @@ def _config(**kw):
 def key(c) -> str:
     """Short name of a config: m128n64w8s2 [+tma] [+ws] [+hm (head-major order)]
     [+cs (compare-and-select mask where min_mask is the default) | +mm (min mask
-    forced on a plain loop)] [+lz (lazy_rescale)]."""
+    forced on a plain loop)] [+lz (lazy_rescale)] [+rs (static_steps=False)]."""
     mask = ("+cs" if c.min_mask is False and c.warp_specialize
             else "+mm" if c.min_mask and not c.warp_specialize else "")
     return (f"m{c.block_m}n{c.block_n}w{c.num_warps}s{c.num_stages}"
             + ("+tma" if c.use_tma else "") + ("+ws" if c.warp_specialize else "")
-            + ("" if c.kv_major else "+hm") + mask + ("+lz" if c.lazy_rescale else ""))
+            + ("" if c.kv_major else "+hm") + mask + ("+lz" if c.lazy_rescale else "")
+            + ("" if c.static_steps else "+rs"))
 
 
 def smem_bytes(c, d: int) -> int:
@@ -84,6 +88,11 @@ def reference_config():
 
 def candidates(d: int, tile: int) -> list:
     """The candidates of :data:`CANDIDATES` for one (head dim, tile), the default first."""
+    if CANDIDATES == "steps":
+        from prism.optimized.attention import default_config
+
+        default = default_config(tile, d, DTYPE, False)
+        return [default, _config(**{**default.__dict__, "static_steps": False})]
     return focus_candidates(d, tile) if CANDIDATES == "focus" else grid_candidates(d, tile)
 
 

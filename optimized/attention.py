@@ -62,7 +62,10 @@ class AttentionConfig:
     max, and rescales the accumulator, only when some row's max grows by more
     than 2^8 (FlashAttention-4's conditional rescaling): a block-wide branch
     that skips ``D`` multiplies per row in most blocks; outputs differ from the
-    eager rescaling by rounding only.
+    eager rescaling by rounding only. ``static_steps`` compiles the number of
+    key blocks per tile (tile / ``block_n``) into the kernel, so that the key
+    loop splits its step into tile and block with shifts rather than a
+    division (``False``: computed at run time, as packed launches do).
     """
 
     block_m: int
@@ -74,6 +77,7 @@ class AttentionConfig:
     kv_major: bool = True
     min_mask: bool | None = None
     lazy_rescale: bool = False
+    static_steps: bool = True
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -216,9 +220,12 @@ def _launch_config(config, q, k, v, d_pad: int, dv_pad: int, query_start: int,
 
 
 def launch_constants(config: AttentionConfig, causal: bool, return_lse: bool, d: int, dv: int,
-                     dtype: torch.dtype, use_tma: bool, *, varlen: bool) -> dict:
+                     dtype: torch.dtype, use_tma: bool, *, varlen: bool,
+                     block_size: int | None = None) -> dict:
     """The constexpr and launch keywords of :func:`_sparse_attention_kernel` (dense and
-    packed launches alike)."""
+    packed launches alike); ``block_size`` (the tile) makes the key blocks per tile a
+    compile-time constant where ``config.static_steps``."""
+    static = block_size is not None and config.static_steps
     return dict(
         CAUSAL=causal, WRITE_LSE=return_lse,
         HEAD_DIM=d, HEAD_DIM_V=dv, D_PAD=max(16, next_power_of_2(d)),
@@ -228,6 +235,7 @@ def launch_constants(config: AttentionConfig, causal: bool, return_lse: bool, d:
         VARLEN=varlen,
         MIN_MASK=config.warp_specialize if config.min_mask is None else config.min_mask,
         LAZY_RESCALE=config.lazy_rescale,
+        SUBS_N=-(-block_size // config.block_n) if static else 0,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
@@ -275,7 +283,8 @@ def _plan(q, k, v, kv_num_blocks, kv_indices, out_strides, block_size, causal, s
          *nb_strides, *idx_strides, kv_indices.stride(2),
          b * hq, hq, hq // hkv, nq, nk, query_start, first_query_tile, nqt, block_size,
          scale * LOG2_E),
-        launch_constants(config, causal, return_lse, d, dv, q.dtype, use_tma, varlen=False))
+        launch_constants(config, causal, return_lse, d, dv, q.dtype, use_tma, varlen=False,
+                         block_size=block_size))
     return grid, prepared, out_shape, blocks
 
 
