@@ -90,11 +90,15 @@ class PackedTuning:
 #: bf16, 128K tokens): 128 rows and 128 key groups on 8 warps ran strides 32/64/128
 #: in 12.3/6.8/4.2 ms against 20.4/11.5/6.7 ms for the generic 64 x 64 on 4 warps.
 #: Stride 8 (16 groups per tile, one pass; h200_estimators_6f0e6ce.json): 25.2 ms
-#: against 34.3 ms for the generic shape and 45.2 ms for two passes.
+#: against 34.3 ms for the generic shape and 45.2 ms for two passes. Loads through
+#: tensor descriptors (h200_estimators_4a1c52e.json): stride 8 at 8K/32K/128K
+#: 0.149/1.34/21.3 ms against 0.174/1.54/24.8 ms with pointer loads, stride 32
+#: 0.083/0.475/5.63 against 0.131/0.529/6.28 ms; 128 x 256 and 256 x 128 shapes (two
+#: stages) were slower at every length. Strides 64 and 128 were not timed with them.
 #: ``bench_estimators.py --use-fastest`` overwrites entries with a run's fastest.
 TUNED: dict[int, PackedTuning] = {
     per_tile: PackedTuning(target_rows=128, block_kg=128, num_warps=8, num_stages=3,
-                           one_pass=1)
+                           one_pass=1, tma=int(per_tile in (4, 16)))
     for per_tile in (1, 2, 4, 16)
 }
 #: Larger head dims take the generic shape (the tuned one's shared memory was sized

@@ -110,8 +110,12 @@ class VSTuning:
 
 
 #: The launch shape used unless one is passed (``bench_estimators.py --stages``
-#: times others; ``--use-fastest`` puts the fastest here).
-TUNED_VS = VSTuning()
+#: times others; ``--use-fastest`` puts the fastest here). One head's 64 last
+#: queries per program on 4 warps (h200_estimators_4a1c52e.json, 32/8 heads, D 128,
+#: bf16; graph replay): 0.101/0.307/1.14 ms at 8K/32K/128K against 0.174/0.446/1.55
+#: for two heads on 8 warps, 0.124/0.439/1.33 for four heads and 0.195/0.572/2.00 for
+#: key blocks of 128.
+TUNED_VS = VSTuning(max_rows=64, num_warps=4)
 _MIN_DOT = 16
 
 

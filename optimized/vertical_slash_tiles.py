@@ -19,10 +19,11 @@ computes, in two launches and without sorting:
 The top-p without a sort. ``F(t)``, the mass strictly above ``t``, is one pass
 over the row. Search the fp32 bits of ``t`` for the smallest value ``v`` with
 ``F(v) < p``: each pass evaluates ``F`` at :data:`TOP_P_POINTS` thresholds
-splitting the bracket evenly (several bisection steps per pass; the answer does
-not depend on the path). Once the bracket ``(lo, hi]`` holds at most :data:`CANDIDATES`
-values, one pass copies them out (in index order) and the bisection ends on
-them in registers: ``F(t) = F(hi) + sum of those above t``. Keep every
+splitting the bracket evenly (one, the plain bisection, by default; more give
+several bisection steps per pass; the answer does not depend on the path).
+Once the bracket ``(lo, hi]`` holds at most :data:`CANDIDATES` values, one
+pass copies them out (in index order) and the bisection ends on them in
+registers: ``F(t) = F(hi) + sum of those above t``. Keep every
 ``x > v`` and the first ``ceil((p - F(v)) / v)`` values equal to ``v`` by
 index (a running count over the chunks). Rows whose whole mass stays below
 ``p``, and ``p >= 1``, keep every non-zero value; zeros are never kept.
@@ -48,9 +49,11 @@ LONG_TOP_P_BLOCK = 4096
 CANDIDATES = 4096
 #: Thresholds per step of the search (a power of two): a pass over the row
 #: evaluates ``F`` at this many points splitting the bracket evenly,
-#: ``log2(TOP_P_POINTS + 1)`` bisection steps for one pass's memory latency
-#: (1: plain bisection).
-TOP_P_POINTS = 8
+#: ``log2(TOP_P_POINTS + 1)`` bisection steps per pass (1: plain bisection). On
+#: the H200 (h200_estimators_4a1c52e.json, the top-p and tiles of 32 heads) 8 points
+#: ran 0.035/0.095/0.406 ms at 8K/32K/128K against 0.034/0.094/0.414 for 1 and
+#: 0.051/0.116/0.457 for 16: the passes are not what the kernel waits on, so 1.
+TOP_P_POINTS = 1
 _MIN_BLOCK = 16
 
 
