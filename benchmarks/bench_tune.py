@@ -69,7 +69,7 @@ def key(c) -> str:
     return (f"m{c.block_m}n{c.block_n}w{c.num_warps}s{c.num_stages}"
             + ("+tma" if c.use_tma else "") + ("+ws" if c.warp_specialize else "")
             + ("" if c.kv_major else "+hm") + mask + ("+lz" if c.lazy_rescale else "")
-            + ("" if c.static_steps else "+rs"))
+            + ("" if c.static_steps or c.warp_specialize else "+rs"))
 
 
 def smem_bytes(c, d: int) -> int:
@@ -92,7 +92,8 @@ def candidates(d: int, tile: int) -> list:
         from prism.optimized.attention import default_config
 
         default = default_config(tile, d, DTYPE, False)
-        return [default, _config(**{**default.__dict__, "static_steps": False})]
+        return [default, _config(**{**default.__dict__, "static_steps": False})][
+            :1 if default.warp_specialize else 2]
     return focus_candidates(d, tile) if CANDIDATES == "focus" else grid_candidates(d, tile)
 
 

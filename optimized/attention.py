@@ -62,10 +62,13 @@ class AttentionConfig:
     max, and rescales the accumulator, only when some row's max grows by more
     than 2^8 (FlashAttention-4's conditional rescaling): a block-wide branch
     that skips ``D`` multiplies per row in most blocks; outputs differ from the
-    eager rescaling by rounding only. ``static_steps`` compiles the number of
-    key blocks per tile (tile / ``block_n``) into the kernel, so that the key
-    loop splits its step into tile and block with shifts rather than a
-    division (``False``: computed at run time, as packed launches do).
+    eager rescaling by rounding only. ``static_steps`` (plain loops only)
+    compiles the number of key blocks per tile (tile / ``block_n``) into the
+    kernel, so that the key loop splits its step into tile and block with
+    shifts rather than a 32-bit division: 2-6% faster at D 64 and 256
+    (``benchmarks/results/h200_tune_steps_4f8c77c.json``). The
+    warp-specialised loop keeps the run-time count: with the constant it left
+    non-finite outputs in one cell of eight there (D 128, 32K, density 0.15).
     """
 
     block_m: int
@@ -134,6 +137,30 @@ def default_config(block_size: int, head_dim: int, dtype: torch.dtype,
 
     In brackets: the median speed-up over the entry it replaced
     (``benchmarks/results/h200_tune_1b04e82.json``, measured at D 64 and 256).
+
+    Where the table stands (``h200_tune_ac4020a.json`` and
+    ``h200_tune_steps_4f8c77c.json``, one H200 run each, 32/8 heads, bf16,
+    batch 1, causal random tile masks; compiled FlexAttention time / ours at
+    densities 0.05 / 0.15 / 0.3, and ours / cuDNN at 1.0; plain loops with
+    ``static_steps``, the warp-specialised loop with ``min_mask``):
+
+    ===========  ==========================  ==========================
+    D, tile      8K                          32K
+    ===========  ==========================  ==========================
+    64, 128      1.29 / 1.16 / 1.17; 1.12x   1.20 / 1.14 / 1.09; 1.20x
+    64, 64       1.42 / 1.06 / 1.10; 1.08x   1.15 / 1.16 / 1.12; 1.11x
+    128, 128     1.10-1.18 / 1.20-1.22 /     1.32-1.41 / 1.33 / 1.20-1.30;
+                 1.24-1.30; 1.09-1.16x       1.07-1.11x
+    256, 128     1.79 / 1.89 / 2.00; 1.05x   2.25 / 1.98 / 1.91; 1.06x
+    256, 64      1.39 / 1.28 / 1.17; 1.81x   1.34 / 1.14 / 1.05; 1.72x
+    ===========  ==========================  ==========================
+
+    (D 128, tile 128: the two runs, whose cuDNN times differ by 8% at 8K.)
+    Candidates measured there and not taken: warp specialisation at D 64
+    (128 x 128: 0.77x the default, median over the eight cells; 128 x 64
+    slower still), conditional rescaling (``lazy_rescale``: 0.96-0.97x at
+    D 64 and 256), 128 x 64 at D 128 (0.88x), and compare-and-select in the
+    warp-specialised loop (0.98x against ``min_mask`` at D 128, 1.00x at D 256).
     Warp-specialised shapes with 3 or 4 stages gave non-finite or unwritten
     outputs there (D 64 and 128, Triton 3.6), so every table entry that uses
     warp specialisation has 2 stages. Warp-specialised shapes fall back to
@@ -225,7 +252,7 @@ def launch_constants(config: AttentionConfig, causal: bool, return_lse: bool, d:
     """The constexpr and launch keywords of :func:`_sparse_attention_kernel` (dense and
     packed launches alike); ``block_size`` (the tile) makes the key blocks per tile a
     compile-time constant where ``config.static_steps``."""
-    static = block_size is not None and config.static_steps
+    static = block_size is not None and config.static_steps and not config.warp_specialize
     return dict(
         CAUSAL=causal, WRITE_LSE=return_lse,
         HEAD_DIM=d, HEAD_DIM_V=dv, D_PAD=max(16, next_power_of_2(d)),
