@@ -126,9 +126,11 @@ def antidiagonal_packed_applies(layout: TileLayout, stride: int, group: int) -> 
 def _tma_applies(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, stride: int,
                  rows: int, group: int, per_head: int, d: int) -> bool:
     """Whether the packed kernel may load through tensor descriptors (``tma=1``):
-    q and k contiguous, both lengths whole groups, the KV prefix whole tiles, the
-    program's rows exactly ``group`` heads x ``per_head`` groups, D a power of two."""
-    return (q.is_contiguous() and k.is_contiguous() and q.dtype == k.dtype
+    16-bit q and k, contiguous, both lengths whole groups, the KV prefix whole
+    tiles, the program's rows exactly ``group`` heads x ``per_head`` groups, D a
+    power of two (the shapes measured on the H200: bf16, D 128)."""
+    return (q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype
+            and q.is_contiguous() and k.is_contiguous()
             and q.shape[2] % stride == 0 and k.shape[2] % stride == 0
             and layout.query_start % layout.block_size == 0
             and group & (group - 1) == 0 and group * per_head == rows

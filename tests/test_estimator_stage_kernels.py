@@ -222,9 +222,10 @@ def test_packed_descriptor_loads_match_the_reference(stride, bs, nq, nk, causal)
     """Rows loaded through tensor descriptors (tma=1) give the reference's scores."""
     from prism.optimized import antidiagonal_packed as ap
 
-    q, k = _qk(1, 4, 1, nq, nk, 16, seed=stride + nq, scale=2.0)
+    q, k = _qk(1, 4, 1, nq, nk, 16, seed=stride + nq, scale=2.0, dtype=torch.bfloat16)
     layout = tile_layout(nq, nk, bs, causal)
     tuning = ap.PackedTuning(tma=1)
+    assert not ap._tma_applies(q.float(), k.float(), layout, stride, 64, 4, 16, 16)
     rows = max(16, 4 * (bs // stride) * (64 // (4 * (bs // stride))))
     assert ap._tma_applies(q, k, layout, stride, rows, 4, rows // 4, 16)
     expected = antidiagonal_probabilities(q, k, layout, stride, causal)
