@@ -257,11 +257,17 @@ def test_plans_are_refused_or_left_when_the_call_changes(fakes, monkeypatch):
     monkeypatch.setattr(selection, "_select_tiles_kernel", fakes.kernels["select"])
     optimized.prism_attention(q, k, v, CFG)
     assert call_plan.PLAN_STATS["hit"] == hits + 1
-    # Another scale, or a misaligned input, is another signature.
+    # Another scale, a misaligned input, or k passed as v, is another signature.
     optimized.prism_attention(q, k, v, CFG, scale=0.5)
     shifted = torch.empty(q.numel() + 1)[1:].view_as(q).copy_(q)
     optimized.prism_attention(shifted, k, v, CFG)
-    assert call_plan.PLAN_STATS["hit"] == hits + 1
+    for _ in range(3):
+        optimized.prism_attention(q, k, k, CFG)
+    assert call_plan.PLAN_STATS["hit"] == hits + 2
+    optimized.prism_attention(q, k, v, CFG)  # v's own address, not k's
+    assert _last(fakes.kernels["attend"])[13:16] == (q.data_ptr(), k.data_ptr(), v.data_ptr())
+    assert call_plan.PLAN_STATS["hit"] == hits + 3
+    hits += 2
     # A call that does more on the device than launches and zeroing is never replayed.
     real = pooling.run_pooling
     monkeypatch.setattr(pooling, "run_pooling", lambda *a: real(*a).add_(0))
