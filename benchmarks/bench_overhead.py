@@ -26,6 +26,13 @@ Prints one JSON object (and writes it with ``--out``):
     (flag read included), and at 128K pooling alone against the whole selection.
 ``profile``
     cProfile of the no-kernel ``prism_attention`` and ``select_blocks`` wrappers.
+``cpu_us`` (``--parts cpu``, no GPU needed)
+    The wrapper's Python cost on the CPU machine: host microseconds per call of
+    ``select_blocks`` and ``prism_attention`` on small CPU tensors, with the fake
+    kernels of ``tests/test_call_plan.py`` (launchers that do nothing, CUDA
+    claimed for CPU tensors), through the call plan (``plan``) and the general
+    path (``general``), and a cProfile of the planned call. Allocation costs are
+    the CPU's, not CUDA's caching allocator's.
 ``compiled`` (``--parts compiled``)
     Host microseconds of ``prism_attention`` compiled with ``fullgraph=True`` at 4K,
     its do_bench time and graph replay, and a cProfile of the compiled call.
@@ -223,6 +230,63 @@ def launch_part(n=4096):
     return row
 
 
+class _Patches:
+    """``monkeypatch.setattr`` outside pytest, undone by :meth:`undo`."""
+
+    def __init__(self):
+        self.saved = []
+
+    def setattr(self, obj, name, value):
+        self.saved.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, value)
+
+    def undo(self):
+        for obj, name, value in reversed(self.saved):
+            setattr(obj, name, value)
+
+
+def _cpu_us(fn, calls):
+    import time
+
+    for _ in range(20):
+        fn()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls * 1e6)
+    return best
+
+
+def cpu_part(calls=2000):
+    """The wrappers' Python cost without a GPU (see the module docstring)."""
+    sys.path.insert(0, __file__.rsplit("/", 2)[0] + "/tests")
+    import test_call_plan as fakes_module
+
+    patches = _Patches()
+    fixture = getattr(fakes_module.fakes, "__wrapped__", fakes_module.fakes)(patches)
+    fakes = next(fixture)
+    for kernel in fakes.kernels.values():
+        kernel.compiled.run.effect = _no_op
+    patches.setattr(ops, "tracing", lambda: True)  # no flag read, as on the GPU
+    try:
+        q, k, v = fakes_module._inputs()
+        cfg = fakes_module.CFG
+        calls_ = {"select_blocks": lambda: optimized.select_blocks(q, k, cfg),
+                  "prism_attention": lambda: optimized.prism_attention(q, k, v, cfg)}
+        row = {}
+        for name, fn in calls_.items():
+            row[f"{name}_plan"] = _cpu_us(fn, calls)
+            with _General():
+                row[f"{name}_general"] = _cpu_us(fn, calls)
+        row["plan_stats"] = dict(call_plan.PLAN_STATS)
+        return row, profile(calls_["prism_attention"], calls, lines=25)
+    finally:
+        next(fixture, None)
+        patches.undo()
+
+
 def _graph_us(fn, repeats=10):
     """Device microseconds per call of ``fn`` from the replay of a graph of ``repeats`` calls."""
     return graph_ms(fn, repeats) * 1e3
@@ -303,8 +367,9 @@ def main(argv=None):
     parser.add_argument("--lengths", default="4096,8192,131072",
                         help="token counts of the gpu and eager parts")
     args = parser.parse_args(argv)
-    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     parts = args.parts.split(",")
+    result = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+              "torch": torch.__version__}
     lengths = [int(n) for n in args.lengths.split(",")]
 
     def save():
@@ -312,6 +377,11 @@ def main(argv=None):
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
 
+    if "cpu" in parts:
+        result["cpu_us"], result["profile_cpu"] = cpu_part()
+        print("cpu_us", json.dumps(result["cpu_us"], indent=0), flush=True)
+        print(result["profile_cpu"][-3000:])
+        save()
     if "host" in parts:
         result["host_us"], result["profile"] = host_part(
             [int(n) for n in args.host_lengths.split(",")])

@@ -26,6 +26,12 @@ flag once, at its end, and raises the reference's ``ValueError``. Under
 CUDA graph capture is the flag read: NaN input then gives an undefined
 selection and NaN output rows instead of an error.
 
+A repeated eager ``select_blocks`` or ``prism_attention`` call (same shapes,
+strides, dtypes, devices, config object and options as an earlier one) skips
+validation and the general path's per-call work: it replays the launches
+recorded from an earlier call of that signature (:mod:`~prism.optimized.call_plan`),
+with the same results bit for bit.
+
 ``select_blocks`` returns a :class:`~prism.reference.tile_mask.TileMask`
 carrying the kernel's compact indices, which ``block_sparse_attention`` uses
 instead of rebuilding them (under ``torch.compile`` it returns the plain bool
