@@ -19,6 +19,7 @@ import pytest
 import torch
 from triton.runtime import _allocation
 from triton.runtime.jit import JITFunction
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 import prism.optimized as optimized
 from prism.optimized import attention, call_plan, pooling, selection
@@ -277,6 +278,32 @@ def test_plans_are_refused_or_left_when_the_call_changes(fakes, monkeypatch):
         optimized.select_blocks(q, k, CFG)
     assert call_plan.PLAN_STATS["refused"] == refused + 1
     assert call_plan.PLAN_STATS["hit"] == hits + 1
+
+
+def test_replay_rebuilds_host_descriptors_over_the_new_inputs(fakes, monkeypatch):
+    """Attention launches that read K and V through host tensor descriptors (TMA): the
+    replay builds them over this call's k and v, with the recorded block shapes."""
+    monkeypatch.setattr(attention, "default_config",
+                        lambda *args: attention.AttentionConfig(32, 32, 4, 1, use_tma=True))
+    monkeypatch.setattr(attention, "tma_compatible", lambda *args: True)
+    attention._PLANS.clear()
+    q, k, v = _inputs()
+    for _ in range(2):
+        optimized.prism_attention(q, k, v, CFG)
+    recorded = _last(fakes.kernels["attend"])
+    hits = call_plan.PLAN_STATS["hit"]
+    k2, v2 = k.clone(), v.clone()
+    optimized.prism_attention(q, k2, v2, CFG)
+    assert call_plan.PLAN_STATS["hit"] == hits + 1
+    replayed = _last(fakes.kernels["attend"])
+    for position, base in ((20, k2), (21, v2)):
+        desc, before = replayed[position], recorded[position]
+        assert isinstance(desc, TensorDescriptor) and desc.base is base
+        assert (list(desc.block_shape), desc.padding) == (list(before.block_shape),
+                                                          before.padding)
+        assert tuple(desc.shape) == tuple(base.shape) and tuple(desc.strides) == base.stride()
+    assert replayed[14:16] == (k2.data_ptr(), v2.data_ptr())
+    attention._PLANS.clear()
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
