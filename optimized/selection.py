@@ -268,7 +268,29 @@ def _band_logits(q_rows, k_head, row_ok, cols, col_ok, k_pooled_stride, coef,
     ``tf32x3`` makes, in its order, so the logits are the same bits.
     """
     logits = tl.zeros([ROWS, WIDTH], dtype=tl.float32)
-    if USE_DOT:
+    if USE_DOT and PRESPLIT:
+        for i0 in range(0, band_dim, DK):
+            i = i0 + tl.arange(0, DK)
+            i_ok = i < band_dim
+            dims = _band_dim(i, head_dim, half_layout, band_start, band_dim // 2)
+            qbar = tl.load(q_rows[:, None] + dims[None, :], mask=row_ok[:, None] & i_ok[None, :],
+                           other=0.0).to(tl.float32)
+            # fma(x, coef, 0) rounds the product as x * coef does, but unlike a
+            # product it cannot be fused into the split's subtraction (ptxas makes
+            # x * coef - hi one FFMA, which changes the low part's bits).
+            q_hi, q_lo = _split_tf32(tl.fma(qbar, coef, 0.0))
+            k_offsets = dims[:, None] * k_pooled_stride + cols[None, :]
+            k_ok = i_ok[:, None] & col_ok[None, :]
+            k_hi = tl.load(k_head + k_offsets, mask=k_ok, other=0.0)
+            k_lo = tl.load(k_lo_head + k_offsets, mask=k_ok, other=0.0)
+            # tf32x3 also zeroes a NaN in the two small products before the third
+            # (an Inf operand's low part is NaN); the pooled values are finite here
+            # (non-finite inputs are flagged and their outputs undefined), and
+            # finite ones give no NaN there.
+            part = tl.dot(q_lo, k_hi, input_precision="tf32")
+            part = tl.dot(q_hi, k_lo, part, input_precision="tf32")
+            logits += tl.dot(q_hi, k_hi, part, input_precision="tf32")
+    elif USE_DOT:
         # Tensor cores, DK band dims at a time; "tf32x3" keeps fp32 accuracy.
         for i0 in range(0, band_dim, DK):
             i = i0 + tl.arange(0, DK)
@@ -276,22 +298,9 @@ def _band_logits(q_rows, k_head, row_ok, cols, col_ok, k_pooled_stride, coef,
             dims = _band_dim(i, head_dim, half_layout, band_start, band_dim // 2)
             qbar = (tl.load(q_rows[:, None] + dims[None, :],
                             mask=row_ok[:, None] & i_ok[None, :], other=0.0) * coef).to(tl.float32)
-            k_offsets = dims[:, None] * k_pooled_stride + cols[None, :]
-            k_ok = i_ok[:, None] & col_ok[None, :]
-            if PRESPLIT:
-                q_hi, q_lo = _split_tf32(qbar)
-                k_hi = tl.load(k_head + k_offsets, mask=k_ok, other=0.0)
-                k_lo = tl.load(k_lo_head + k_offsets, mask=k_ok, other=0.0)
-                # tf32x3 also zeroes a NaN in the two small products before the
-                # third (an Inf operand's low part is NaN); the pooled values are
-                # finite here (non-finite inputs are flagged and their outputs
-                # undefined), and finite ones give no NaN there.
-                part = tl.dot(q_lo, k_hi, input_precision="tf32")
-                part = tl.dot(q_hi, k_lo, part, input_precision="tf32")
-                logits += tl.dot(q_hi, k_hi, part, input_precision="tf32")
-            else:
-                kbar = tl.load(k_head + k_offsets, mask=k_ok, other=0.0)
-                logits = tl.dot(qbar, kbar, logits, input_precision="tf32x3")
+            kbar = tl.load(k_head + dims[:, None] * k_pooled_stride + cols[None, :],
+                           mask=i_ok[:, None] & col_ok[None, :], other=0.0)
+            logits = tl.dot(qbar, kbar, logits, input_precision="tf32x3")
     else:
         # CUDA cores, one band dim at a time: an outer product per dim.
         for i in range(0, band_dim):

@@ -46,10 +46,11 @@ class SelectionTuning:
         Launches at most this wide run both bands' top-p in one block of twice
         the rows (one chain of reductions instead of two); 0 turns this off.
     split_keys_min_width : int
-        Tensor-core launches at least this wide read the pooled keys already
-        split into tf32 high and low parts by one small launch per call, instead
-        of every program splitting them again (bit-identical logits); 0 turns
-        this off.
+        Tensor-core launches at least this wide, whose doubled key buffers fit
+        in shared memory with ``num_stages``, read the pooled keys already split
+        into tf32 high and low parts by one small launch per call, instead of
+        every program splitting them again (the same logits for finite inputs);
+        0 (the default: not yet measured in this form, NOTES item 32) turns this off.
     """
 
     dot_max_width: int = 1024
@@ -62,7 +63,7 @@ class SelectionTuning:
     check_every: int = 2
     num_stages: int = 3
     stack_bands_max_width: int = 64
-    split_keys_min_width: int = 512
+    split_keys_min_width: int = 0
 
 
 def _launch_plan(layout: TileLayout, causal: bool, tuning: SelectionTuning):
@@ -146,6 +147,8 @@ def launch_steps(layout: TileLayout, cfg: PrismConfig, tuning: SelectionTuning, 
 
 #: Pooled-key elements each program of the key-splitting launch converts.
 SPLIT_BLOCK = 1024
+#: Shared memory the split keys' buffers may take (the unsplit width-1024 launch takes 128 KiB).
+SPLIT_SMEM_BYTES = 128 * 1024
 
 
 def _prepare_launches(layout: TileLayout, causal: bool, tuning: SelectionTuning,
@@ -169,7 +172,11 @@ def _prepare_launches(layout: TileLayout, causal: bool, tuning: SelectionTuning,
     for row_start, row_end, width, rows, use_dot, programs, warps in _cached_plan(
             layout, causal, tuning):
         dk = max(8, min(32, 16384 // width, dk_cap))
-        presplit = use_dot and 0 < tuning.split_keys_min_width <= width
+        # Split keys double the logits' shared-memory buffers; only where they
+        # still fit with the tuning's stages (one stage in flight was slower:
+        # benchmarks/NOTES.md item 32).
+        presplit = (use_dot and 0 < tuning.split_keys_min_width <= width
+                    and (tuning.num_stages - 1) * 2 * dk * width * 4 <= SPLIT_SMEM_BYTES)
         if presplit and split is None:
             split = ((triton.cdiv(split_elements, SPLIT_BLOCK),),
                      Prepared((k_off, split_elements), dict(BLOCK=SPLIT_BLOCK, num_warps=4)),
@@ -188,9 +195,7 @@ def _prepare_launches(layout: TileLayout, causal: bool, tuning: SelectionTuning,
                  CHUNK=min(width, 128), USE_DOT=use_dot,
                  EARLY_EXIT=tuning.early_exit, CHECK_EVERY=tuning.check_every,
                  STACK_BANDS=width <= tuning.stack_bands_max_width, PRESPLIT=presplit,
-                 # Split keys double the logits' shared-memory stages: one in flight.
-                 num_warps=warps, num_stages=min(tuning.num_stages, 2) if presplit
-                 else tuning.num_stages))))
+                 num_warps=warps, num_stages=tuning.num_stages))))
     return split, steps
 
 

@@ -305,15 +305,23 @@ def test_split_keys_rounds_to_tf32_as_the_tensor_cores_split():
 
 
 def test_selection_with_split_keys_matches_the_reference(monkeypatch):
-    """Every tensor-core launch reading the pre-split keys gives the reference's selection."""
+    """Every tensor-core launch reading the pre-split keys gives the reference's selection
+    (and on the GPU, where tf32 is real, the unsplit kernel's selection bit for bit)."""
     tuning = selection_module.SelectionTuning(split_keys_min_width=16)
-    monkeypatch.setattr(selection_module, "_DEFAULT_TUNING", tuning)
     cfg = resolve_config(None, block_size=16)
-    split, _ = selection_module.launch_steps(tile_layout(160, 160, 16, True), cfg, tuning, True,
-                                             1, 1, 1, 32, *band_sizes(32, None, None), True, True)
+    layout = tile_layout(160, 160, 16, True)
+    high, low = band_sizes(32, cfg.high_dim, cfg.low_dim)
+    split, _ = selection_module.launch_steps(layout, cfg, tuning, True, 1, 1, 1, 32, high, low,
+                                             True, True)
     assert split is not None  # the split launch runs
     q, k, _ = make_qkv(1, 1, 1, 160, 160, 32, seed=5, sharpness=2.0)
-    check_selection(*_to(DEVICE, q, k), block_size=16)
+    q, k = _to(DEVICE, q, k)
+    unsplit = select_tiles(q, k, cfg, True, layout, high, low, write_indices=True)[:3]
+    monkeypatch.setattr(selection_module, "_DEFAULT_TUNING", tuning)
+    check_selection(q, k, block_size=16)
+    if not INTERPRETED:
+        got = select_tiles(q, k, cfg, True, layout, high, low, write_indices=True)[:3]
+        assert all(torch.equal(a, b) for a, b in zip(got, unsplit, strict=True))
 
 
 def test_selection_outputs_agree_across_exit_checks_and_output_modes():
