@@ -97,6 +97,16 @@ def candidates(d: int, tile: int) -> list:
     return focus_candidates(d, tile) if CANDIDATES == "focus" else grid_candidates(d, tile)
 
 
+def _legal(configs: list, d: int) -> list:
+    """``configs`` without repeats and without those over the shared-memory limit."""
+    seen, legal = set(), []
+    for c in configs:
+        if key(c) not in seen and smem_bytes(c, d) <= SMEM_LIMIT:
+            seen.add(key(c))
+            legal.append(c)
+    return legal
+
+
 def focus_candidates(d: int, tile: int) -> list:
     """The default, and beside it: at tile 128, warp-specialised 128 x 128 and 128 x 64
     with min(s, cap) masking and with compare-and-select (+cs), and at D 64 the plain
@@ -121,12 +131,7 @@ def focus_candidates(d: int, tile: int) -> list:
     if d > 128 and tile == 64:
         out.append(_config(block_m=64, block_n=64, num_warps=4, num_stages=2, use_tma=True,
                            lazy_rescale=True))
-    seen, legal = set(), []
-    for c in out:
-        if key(c) not in seen and smem_bytes(c, d) <= SMEM_LIMIT:
-            seen.add(key(c))
-            legal.append(c)
-    return legal
+    return _legal(out, d)
 
 
 def grid_candidates(d: int, tile: int) -> list:
@@ -158,12 +163,7 @@ def grid_candidates(d: int, tile: int) -> list:
     # (the cell where FlexAttention led by 2x at density 0.05).
     twins = out if (d, tile) == (64, 64) else out[:1]
     out += [_config(**{**c.__dict__, "kv_major": False}) for c in twins]
-    seen, legal = set(), []
-    for c in out:
-        if key(c) not in seen and smem_bytes(c, d) <= SMEM_LIMIT:
-            seen.add(key(c))
-            legal.append(c)
-    return legal
+    return _legal(out, d)
 
 
 def time_ms(fn, target_ms=20.0, min_reps=5, max_reps=200) -> float:
