@@ -54,7 +54,7 @@ _INPUTS = 3  # table slots: q, k, v, then the buffer, then the outputs
 def _state() -> tuple:
     """What replayed launches depend on besides the call (benchmarks swap kernels)."""
     return (pooling._pool_tiles_kernel, selection._select_tiles_kernel,
-            getattr(selection, "_split_keys_kernel", None), attention._sparse_attention_kernel,
+            attention._sparse_attention_kernel,
             selection._DEFAULT_TUNING, _launch._get_device, _launch._knobs.runtime.debug,
             _launch._knobs.compilation.instrumentation_mode)
 

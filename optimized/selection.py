@@ -226,71 +226,17 @@ def _top_p_bisect(prob, threshold, admissible_count, exact_p1, ROWS: tl.constexp
 
 
 @triton.jit
-def _split_tf32(x):
-    """``(hi, lo)``: ``x`` rounded to tf32 (to nearest, ties away; NaN and Inf kept) and ``x - hi``.
-
-    The split ``tl.dot(..., input_precision="tf32x3")`` makes of each operand
-    (Triton 3.6: ``cvt.rna.tf32.f32``, which sm_90 runs as these integer steps).
-    """
-    bits = x.to(tl.int32, bitcast=True)
-    finite = tl.abs(x) < float("inf")
-    hi = (tl.where(finite, bits + 0x1000, bits) & -8192).to(tl.float32, bitcast=True)
-    return hi, x - hi
-
-
-@triton.jit
-def _split_keys_kernel(WORK, KS, k_pooled_offset, elements, BLOCK: tl.constexpr):
-    """Split the pooled keys once per call: ``KS[:n]`` the tf32 high parts, ``KS[n:]`` the low.
-
-    Each selection program of a head would otherwise split the same keys again
-    (the logits' ``tf32x3`` products); ``n = elements``, in pooling's layout.
-    """
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offsets < elements
-    x = tl.load(WORK.to(tl.pointer_type(tl.float32), bitcast=True) + k_pooled_offset + offsets,
-                mask=ok, other=0.0)
-    hi, lo = _split_tf32(x)
-    tl.store(KS + offsets, hi, mask=ok)
-    tl.store(KS + elements + offsets, lo, mask=ok)
-
-
-@triton.jit
 def _band_logits(q_rows, k_head, row_ok, cols, col_ok, k_pooled_stride, coef,
                  head_dim, half_layout, band_start, band_dim,
                  ROWS: tl.constexpr, WIDTH: tl.constexpr, DK: tl.constexpr,
-                 USE_DOT: tl.constexpr, k_lo_head=None, PRESPLIT: tl.constexpr = False):
+                 USE_DOT: tl.constexpr):
     """``coef * (qbar_b . kbar_b)`` for ``ROWS`` rows and ``WIDTH`` key tiles of one band.
 
     Only the band's own dims are read (``_band_dim`` maps the band's i-th dim to
-    its head dim), so the two bands together read each pooled dim once. With
-    ``PRESPLIT``, ``k_head`` and ``k_lo_head`` hold the keys' tf32 high and low
-    parts (:func:`_split_keys_kernel`), and the three tf32 products are the ones
-    ``tf32x3`` makes, in its order, so the logits are the same bits.
+    its head dim), so the two bands together read each pooled dim once.
     """
     logits = tl.zeros([ROWS, WIDTH], dtype=tl.float32)
-    if USE_DOT and PRESPLIT:
-        for i0 in range(0, band_dim, DK):
-            i = i0 + tl.arange(0, DK)
-            i_ok = i < band_dim
-            dims = _band_dim(i, head_dim, half_layout, band_start, band_dim // 2)
-            qbar = tl.load(q_rows[:, None] + dims[None, :], mask=row_ok[:, None] & i_ok[None, :],
-                           other=0.0).to(tl.float32)
-            # fma(x, coef, 0) rounds the product as x * coef does, but unlike a
-            # product it cannot be fused into the split's subtraction (ptxas makes
-            # x * coef - hi one FFMA, which changes the low part's bits).
-            q_hi, q_lo = _split_tf32(tl.fma(qbar, coef, 0.0))
-            k_offsets = dims[:, None] * k_pooled_stride + cols[None, :]
-            k_ok = i_ok[:, None] & col_ok[None, :]
-            k_hi = tl.load(k_head + k_offsets, mask=k_ok, other=0.0)
-            k_lo = tl.load(k_lo_head + k_offsets, mask=k_ok, other=0.0)
-            # tf32x3 also zeroes a NaN in the two small products before the third
-            # (an Inf operand's low part is NaN); the pooled values are finite here
-            # (non-finite inputs are flagged and their outputs undefined), and
-            # finite ones give no NaN there.
-            part = tl.dot(q_lo, k_hi, input_precision="tf32")
-            part = tl.dot(q_hi, k_lo, part, input_precision="tf32")
-            logits += tl.dot(q_hi, k_hi, part, input_precision="tf32")
-    elif USE_DOT:
+    if USE_DOT:
         # Tensor cores, DK band dims at a time; "tf32x3" keeps fp32 accuracy.
         for i0 in range(0, band_dim, DK):
             i = i0 + tl.arange(0, DK)
@@ -313,18 +259,18 @@ def _band_logits(q_rows, k_head, row_ok, cols, col_ok, k_pooled_stride, coef,
 
 @triton.jit
 def _select_tiles_kernel(
-    WORK, MASK, NUM, IDX, KS,
+    WORK, MASK, NUM, IDX,
     num_q_heads, group, num_query_tiles, num_key_tiles, k_pooled_stride, first_query_tile,
     row_start, row_end,
     head_dim, half_layout, high_dim, low_dim, high_start, low_start,
     high_threshold, low_threshold, high_temperature, low_temperature, eps,
-    q_pooled_offset, k_pooled_offset, k_energy_offset, k_lo_offset,
+    q_pooled_offset, k_pooled_offset, k_energy_offset,
     CAUSAL: tl.constexpr, CALIBRATE: tl.constexpr,
     FORCE_SINK: tl.constexpr, FORCE_DIAGONAL: tl.constexpr,
     WRITE_MASK: tl.constexpr, WRITE_INDICES: tl.constexpr,
     ROWS: tl.constexpr, WIDTH: tl.constexpr, LOG2_WIDTH: tl.constexpr, DK: tl.constexpr,
     CHUNK: tl.constexpr, USE_DOT: tl.constexpr, EARLY_EXIT: tl.constexpr,
-    CHECK_EVERY: tl.constexpr, STACK_BANDS: tl.constexpr, PRESPLIT: tl.constexpr = False,
+    CHECK_EVERY: tl.constexpr, STACK_BANDS: tl.constexpr,
 ):
     """Select the key tiles of ``ROWS`` query-tile rows of one (batch, q head).
 
@@ -334,9 +280,7 @@ def _select_tiles_kernel(
     ``[row_start, row_end)`` of this launch all see fewer than ``WIDTH`` key tiles.
     Wide rows run the bands one after the other, so that one band's (ROWS, WIDTH)
     probabilities are live at a time; ``STACK_BANDS`` (narrow rows) runs both at once.
-    ``WORK`` is the pooling launch's buffer (:func:`~prism.optimized.pooling.work_layout`);
-    with ``PRESPLIT``, ``KS`` holds the pooled keys split into tf32 parts
-    (:func:`_split_keys_kernel`, the low parts ``k_lo_offset`` elements on).
+    ``WORK`` is the pooling launch's buffer (:func:`~prism.optimized.pooling.work_layout`).
     """
     _, Q_ENERGY, K_ENERGY, Q_POOLED, K_POOLED_T = work_pointers(
         WORK, q_pooled_offset, k_pooled_offset, k_energy_offset)
@@ -372,20 +316,14 @@ def _select_tiles_kernel(
     # softmax over the admissible tiles, top-p.
     q_rows = Q_POOLED + (bh.to(tl.int64) * num_query_tiles + rows) * head_dim
     k_head = K_POOLED_T + bkv.to(tl.int64) * head_dim * k_pooled_stride
-    k_lo_head = k_head
-    if PRESPLIT:
-        k_head = KS + bkv.to(tl.int64) * head_dim * k_pooled_stride
-        k_lo_head = k_head + k_lo_offset
     logits = _band_logits(q_rows, k_head, row_ok, cols, col_ok, k_pooled_stride, coef_high,
-                          head_dim, half_layout, high_start, high_dim, ROWS, WIDTH, DK, USE_DOT,
-                          k_lo_head, PRESPLIT)
+                          head_dim, half_layout, high_start, high_dim, ROWS, WIDTH, DK, USE_DOT)
     if STACK_BANDS:
         # Narrow rows: both bands' rows in one (2 * ROWS, WIDTH) block (row 2r is
         # row r's high band, 2r + 1 its low band), so one softmax and one top-p
         # bisection serve both and the chain of dependent reductions halves.
         low = _band_logits(q_rows, k_head, row_ok, cols, col_ok, k_pooled_stride, coef_low,
-                           head_dim, half_layout, low_start, low_dim, ROWS, WIDTH, DK, USE_DOT,
-                          k_lo_head, PRESPLIT)
+                           head_dim, half_layout, low_start, low_dim, ROWS, WIDTH, DK, USE_DOT)
         both = tl.reshape(tl.permute(tl.join(logits, low), (0, 2, 1)), (2 * ROWS, WIDTH))
         pair = tl.arange(0, 2 * ROWS)
         admissible2, count2 = _admissible(row_start + tl.program_id(0) * ROWS + pair // 2,
@@ -400,7 +338,7 @@ def _select_tiles_kernel(
                            admissible_count, ROWS, WIDTH, LOG2_WIDTH, EARLY_EXIT, CHECK_EVERY)
         logits = _band_logits(q_rows, k_head, row_ok, cols, col_ok, k_pooled_stride, coef_low,
                               head_dim, half_layout, low_start, low_dim, ROWS, WIDTH, DK,
-                              USE_DOT, k_lo_head, PRESPLIT)
+                              USE_DOT)
         keep = keep | _top_p_keep(_softmax_rows(logits, admissible), low_threshold,
                                   admissible_count, ROWS, WIDTH, LOG2_WIDTH, EARLY_EXIT,
                                   CHECK_EVERY)
@@ -492,8 +430,8 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: boo
     nqt, nkt = layout.num_query_tiles, layout.num_key_tiles
     device = q.device
     tuning = _DEFAULT_TUNING if tuning is None else tuning
-    split, steps = launch_steps(layout, cfg, tuning, causal, b, hq, k.shape[1], d, high_dim,
-                                low_dim, write_mask, write_indices)
+    steps = launch_steps(layout, cfg, tuning, causal, b, hq, k.shape[1], d, high_dim, low_dim,
+                         write_mask, write_indices)
     work = run_pooling(pool_plan(q, k, v, layout, high_dim, low_dim, cfg.rope_layout), q, k, v)
     if write_mask and mask is None:
         mask = torch.empty(b, hq, nqt, nkt, dtype=torch.bool, device=device)
@@ -503,12 +441,8 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: boo
         if kv_indices is None:
             kv_indices = torch.empty(b, hq, nqt, nkt, dtype=torch.int32, device=device)
     # Unused output pointers still need a tensor on the right device.
-    split_keys = work
-    if split is not None:
-        split_keys = torch.empty(2 * split[2], dtype=torch.float32, device=device)
-        split[1].launch(_split_keys_kernel, split[0], work, split_keys)
     tensors = (work, mask if write_mask else work, kv_num_blocks if write_indices else work,
-               kv_indices if write_indices else work, split_keys)
+               kv_indices if write_indices else work)
     nonfinite = work[:1]
     if len(steps) < tuning.overlap_min_launches or not tuning.overlap or not q.is_cuda:
         for grid, prepared in steps:

@@ -45,12 +45,6 @@ class SelectionTuning:
     stack_bands_max_width : int
         Launches at most this wide run both bands' top-p in one block of twice
         the rows (one chain of reductions instead of two); 0 turns this off.
-    split_keys_min_width : int
-        Tensor-core launches at least this wide, whose doubled key buffers fit
-        in shared memory with ``num_stages``, read the pooled keys already split
-        into tf32 high and low parts by one small launch per call, instead of
-        every program splitting them again (the same logits for finite inputs);
-        0 (the default: not yet measured in this form, NOTES item 32) turns this off.
     """
 
     dot_max_width: int = 1024
@@ -63,7 +57,6 @@ class SelectionTuning:
     check_every: int = 2
     num_stages: int = 3
     stack_bands_max_width: int = 64
-    split_keys_min_width: int = 0
 
 
 def _launch_plan(layout: TileLayout, causal: bool, tuning: SelectionTuning):
@@ -121,7 +114,7 @@ _LAUNCHES_BY_VALUE: dict = {}
 def launch_steps(layout: TileLayout, cfg: PrismConfig, tuning: SelectionTuning, causal: bool,
                  b: int, hq: int, hkv: int, d: int, high_dim: int, low_dim: int,
                  write_mask: bool, write_indices: bool):
-    """:func:`_prepare_launches` of one call shape, cached: ``(split, steps)``.
+    """:func:`_prepare_launches` of one call shape, cached.
 
     Keyed by the identity of the (frozen) layout, config and tuning: hashing
     their fields costs microseconds per call. The entry keeps them alive, so an
@@ -145,58 +138,36 @@ def launch_steps(layout: TileLayout, cfg: PrismConfig, tuning: SelectionTuning, 
     return steps
 
 
-#: Pooled-key elements each program of the key-splitting launch converts.
-SPLIT_BLOCK = 1024
-#: Shared memory the split keys' buffers may take (the unsplit width-1024 launch takes 128 KiB).
-SPLIT_SMEM_BYTES = 128 * 1024
-
-
 def _prepare_launches(layout: TileLayout, causal: bool, tuning: SelectionTuning,
                       cfg: PrismConfig, b: int, hq: int, hkv: int, d: int, high_dim: int,
                       low_dim: int, write_mask: bool, write_indices: bool):
-    """``(split, [(grid, Prepared)])`` of one call shape, selection launches widest rows first.
-
-    ``split`` is None, or ``(grid, Prepared, elements)`` of the launch that splits
-    the pooled keys into tf32 high and low parts (``2 * elements`` float32) when
-    some selection launch reads them (``SelectionTuning.split_keys_min_width``).
-    """
+    """``[(grid, Prepared)]`` of every launch of one call shape, widest rows first."""
     nqt, nkt = layout.num_query_tiles, layout.num_key_tiles
     k_stride = -(-nkt // 16) * 16  # the row stride of the pooled keys
     _, q_off, k_off, k_energy_off, _ = work_layout(b, hq, hkv, d, nqt, nkt)
     high_start, _, low_start, _ = band_pairs(d, high_dim, low_dim)
     dk_cap = next_power_of_2(max(high_dim, low_dim))
     half_layout = 1 if cfg.rope_layout == "half" else 0
-    split_elements = b * hkv * d * k_stride
-    split = None
     steps = []
     for row_start, row_end, width, rows, use_dot, programs, warps in _cached_plan(
             layout, causal, tuning):
         dk = max(8, min(32, 16384 // width, dk_cap))
-        # Split keys double the logits' shared-memory buffers; only where they
-        # still fit with the tuning's stages (one stage in flight was slower:
-        # benchmarks/NOTES.md item 32).
-        presplit = (use_dot and 0 < tuning.split_keys_min_width <= width
-                    and (tuning.num_stages - 1) * 2 * dk * width * 4 <= SPLIT_SMEM_BYTES)
-        if presplit and split is None:
-            split = ((triton.cdiv(split_elements, SPLIT_BLOCK),),
-                     Prepared((k_off, split_elements), dict(BLOCK=SPLIT_BLOCK, num_warps=4)),
-                     split_elements)
         steps.append(((programs, b * hq), Prepared(
             (hq, hq // hkv, nqt, nkt, k_stride, layout.first_query_tile,
              row_start, row_end,
              d, half_layout, high_dim, low_dim, high_start, low_start,
              float(cfg.high_threshold), float(cfg.low_threshold),
              float(cfg.high_temperature), float(cfg.low_temperature), float(cfg.eps),
-             q_off, k_off, k_energy_off, split_elements),
+             q_off, k_off, k_energy_off),
             dict(CAUSAL=causal, CALIBRATE=cfg.calibrate,
                  FORCE_SINK=cfg.force_sink, FORCE_DIAGONAL=cfg.force_diagonal,
                  WRITE_MASK=write_mask, WRITE_INDICES=write_indices,
                  ROWS=rows, WIDTH=width, LOG2_WIDTH=width.bit_length() - 1, DK=dk,
                  CHUNK=min(width, 128), USE_DOT=use_dot,
                  EARLY_EXIT=tuning.early_exit, CHECK_EVERY=tuning.check_every,
-                 STACK_BANDS=width <= tuning.stack_bands_max_width, PRESPLIT=presplit,
+                 STACK_BANDS=width <= tuning.stack_bands_max_width,
                  num_warps=warps, num_stages=tuning.num_stages))))
-    return split, steps
+    return steps
 
 
 _SIDE_STREAMS: dict = {}

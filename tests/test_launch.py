@@ -536,9 +536,7 @@ def test_selection_launches_are_kept_per_call_shape():
     assert len(selection._LAUNCHES_BY_VALUE) == 2
     assert len(selection._LAUNCHES) == 2
     assert torch.equal(masks[0], masks[1]) and torch.equal(masks[0], masks[2])
-    # Each value: the launches, or (split launch, launches) where selection has a split launch.
-    (first, *_), (second, *_) = (value[1] if isinstance(value, tuple) else value
-                                 for value in selection._LAUNCHES_BY_VALUE.values())
+    (first, *_), (second, *_) = selection._LAUNCHES_BY_VALUE.values()
     assert first[1].scalars != second[1].scalars  # the thresholds differ
     expected = reference_select(q, k, 16, 0.5)
     assert torch.equal(masks[3], expected)

@@ -58,10 +58,6 @@ HEAD_DIMS = [64, 80, 96, 128, 256]
 # Shared checks (tests/test_gpu.py runs them at larger sizes and in bf16).
 # --------------------------------------------------------------------------
 
-def triton_cdiv(a, b):
-    return -(-a // b)
-
-
 def check_selection(q, k, *, causal=True, poison=True, **overrides):
     """Optimized mask and indices equal the reference's, apart from boundary ties.
 
@@ -279,49 +275,6 @@ def test_selection_of_all_zero_inputs_keeps_first_tiles_by_index():
     q = torch.zeros(1, 2, 128, 64, device=DEVICE)
     k = torch.zeros(1, 1, 128, 64, device=DEVICE)
     check_selection(q, k, block_size=32, force_sink=False, force_diagonal=False)
-
-
-def test_split_keys_rounds_to_tf32_as_the_tensor_cores_split():
-    """The pre-split keys: ``hi`` is x rounded to 10 mantissa bits, to nearest with ties
-    away from zero (``cvt.rna.tf32.f32``), ``lo = x - hi`` exactly; Inf stays Inf."""
-    tie = torch.tensor([0x3F801000, 0x3F805000, -0x40800000 + 0x1000], dtype=torch.int32)
-    x = torch.cat([torch.randn(500, generator=torch.Generator().manual_seed(3)) * 100,
-                   tie.view(torch.float32), torch.tensor([0.0, 1e-30, float("inf"), -2.5])])
-    offset = 64  # float32 elements into the float64 work buffer, as pooling lays it out
-    work = torch.zeros((offset + x.numel() + 1) // 2 + 1, dtype=torch.float64, device=DEVICE)
-    work.view(torch.float32)[offset:offset + x.numel()] = x.to(DEVICE)
-    split = torch.full((2 * x.numel(),), float("nan"), device=DEVICE)
-    selection_module._split_keys_kernel[(triton_cdiv(x.numel(), 128),)](
-        work, split, offset, x.numel(), BLOCK=128)
-    hi, lo = split.cpu()[:x.numel()], split.cpu()[x.numel():]
-    finite = x.isfinite()
-    xd = x.double()
-    ulp = torch.ldexp(torch.ones_like(xd), torch.frexp(xd)[1] - 11)
-    expected = torch.sign(xd) * torch.floor(xd.abs() / ulp + 0.5) * ulp
-    assert torch.equal(hi[finite].double(), expected[finite])
-    assert torch.equal((hi + lo)[finite], x[finite]) and torch.equal(hi[~finite], x[~finite])
-    assert torch.equal(hi[500:503], torch.tensor([0x3F802000, 0x3F806000, -0x40800000 + 0x2000],
-                                                 dtype=torch.int32).view(torch.float32))
-
-
-def test_selection_with_split_keys_matches_the_reference(monkeypatch):
-    """Every tensor-core launch reading the pre-split keys gives the reference's selection
-    (and on the GPU, where tf32 is real, the unsplit kernel's selection bit for bit)."""
-    tuning = selection_module.SelectionTuning(split_keys_min_width=16)
-    cfg = resolve_config(None, block_size=16)
-    layout = tile_layout(160, 160, 16, True)
-    high, low = band_sizes(32, cfg.high_dim, cfg.low_dim)
-    split, _ = selection_module.launch_steps(layout, cfg, tuning, True, 1, 1, 1, 32, high, low,
-                                             True, True)
-    assert split is not None  # the split launch runs
-    q, k, _ = make_qkv(1, 1, 1, 160, 160, 32, seed=5, sharpness=2.0)
-    q, k = _to(DEVICE, q, k)
-    unsplit = select_tiles(q, k, cfg, True, layout, high, low, write_indices=True)[:3]
-    monkeypatch.setattr(selection_module, "_DEFAULT_TUNING", tuning)
-    check_selection(q, k, block_size=16)
-    if not INTERPRETED:
-        got = select_tiles(q, k, cfg, True, layout, high, low, write_indices=True)[:3]
-        assert all(torch.equal(a, b) for a, b in zip(got, unsplit, strict=True))
 
 
 def test_selection_outputs_agree_across_exit_checks_and_output_modes():
