@@ -63,12 +63,12 @@ def _config(**kw):
 def key(c) -> str:
     """Short name of a config: m128n64w8s2 [+tma] [+ws] [+hm (head-major order)]
     [+cs (compare-and-select mask where min_mask is the default) | +mm (min mask
-    forced on a plain loop)] [+lz (lazy_rescale)] [+rs (static_steps=False)]."""
+    forced on a plain loop)] [+rs (static_steps=False)]."""
     mask = ("+cs" if c.min_mask is False and c.warp_specialize
             else "+mm" if c.min_mask and not c.warp_specialize else "")
     return (f"m{c.block_m}n{c.block_n}w{c.num_warps}s{c.num_stages}"
             + ("+tma" if c.use_tma else "") + ("+ws" if c.warp_specialize else "")
-            + ("" if c.kv_major else "+hm") + mask + ("+lz" if c.lazy_rescale else "")
+            + ("" if c.kv_major else "+hm") + mask
             + ("" if c.static_steps or c.warp_specialize else "+rs"))
 
 
@@ -126,11 +126,6 @@ def focus_candidates(d: int, tile: int) -> list:
         if d == 64:
             out.append(_config(block_m=128, block_n=128, num_warps=4, num_stages=3,
                                use_tma=True))
-    if not default.warp_specialize:
-        out.append(_config(**{**default.__dict__, "lazy_rescale": True}))
-    if d > 128 and tile == 64:
-        out.append(_config(block_m=64, block_n=64, num_warps=4, num_stages=2, use_tma=True,
-                           lazy_rescale=True))
     return _legal(out, d)
 
 

@@ -58,11 +58,7 @@ class AttentionConfig:
     128 x 128 block and consumer thread at D 128. Outputs are bitwise the
     same. ``None`` (default): on in the warp-specialised loop only (the plain
     loops mask only their last tile, and compile a few instructions longer
-    with it). ``lazy_rescale`` (plain loops only) moves a row block's running
-    max, and rescales the accumulator, only when some row's max grows by more
-    than 2^8 (FlashAttention-4's conditional rescaling): a block-wide branch
-    that skips ``D`` multiplies per row in most blocks; outputs differ from the
-    eager rescaling by rounding only. ``static_steps`` (plain loops only)
+    with it). ``static_steps`` (plain loops only)
     compiles the number of key blocks per tile (tile / ``block_n``) into the
     kernel, so that the key loop splits its step into tile and block with
     shifts rather than a 32-bit division: 2-6% faster at D 64 and 256
@@ -79,7 +75,6 @@ class AttentionConfig:
     warp_specialize: bool = False
     kv_major: bool = True
     min_mask: bool | None = None
-    lazy_rescale: bool = False
     static_steps: bool = True
 
     def __post_init__(self):
@@ -96,9 +91,6 @@ class AttentionConfig:
                 or self.num_stages < 1:
             raise ValueError(f"AttentionConfig.num_stages must be an int >= 1, got "
                              f"{self.num_stages!r}")
-        if self.warp_specialize and self.lazy_rescale:
-            # The partitioner leaves a loop with a branch unspecialised (Triton 3.6).
-            raise ValueError("AttentionConfig(warp_specialize=True) cannot use lazy_rescale")
         if self.warp_specialize and self.num_stages > 2:
             # Seen on the H200 with Triton 3.6 (benchmarks/results/h200_tune_1b04e82.json):
             # every warp-specialised launch with 3 or 4 stages left non-finite outputs.
@@ -158,8 +150,8 @@ def default_config(block_size: int, head_dim: int, dtype: torch.dtype,
     (D 128, tile 128: the two runs, whose cuDNN times differ by 8% at 8K.)
     Candidates measured there and not taken: warp specialisation at D 64
     (128 x 128: 0.77x the default, median over the eight cells; 128 x 64
-    slower still), conditional rescaling (``lazy_rescale``: 0.96-0.97x at
-    D 64 and 256), 128 x 64 at D 128 (0.88x), and compare-and-select in the
+    slower still), conditional rescaling (FlashAttention-4's, plain loops:
+    0.96-0.97x at D 64 and 256; not kept), 128 x 64 at D 128 (0.88x), and compare-and-select in the
     warp-specialised loop (0.98x against ``min_mask`` at D 128, 1.00x at D 256).
     Warp-specialised shapes with 3 or 4 stages gave non-finite or unwritten
     outputs there (D 64 and 128, Triton 3.6), so every table entry that uses
@@ -261,7 +253,6 @@ def launch_constants(config: AttentionConfig, causal: bool, return_lse: bool, d:
         USE_TMA=use_tma, WARP_SPECIALIZE=config.warp_specialize, KV_MAJOR=config.kv_major,
         VARLEN=varlen,
         MIN_MASK=config.warp_specialize if config.min_mask is None else config.min_mask,
-        LAZY_RESCALE=config.lazy_rescale,
         SUBS_N=-(-block_size // config.block_n) if static else 0,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

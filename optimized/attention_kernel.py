@@ -76,8 +76,7 @@ def _load_kv(k_head, v_head, K_DESC, V_DESC, b, hk, key_base, key_start, stride_
 @triton.jit
 def _attend_block(acc, l_i, m_i, q, k, v, key_start, positions, num_keys, qk_scale,
                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-                  IEEE: tl.constexpr, MIN_MASK: tl.constexpr = False,
-                  LAZY_RESCALE: tl.constexpr = False):
+                  IEEE: tl.constexpr, MIN_MASK: tl.constexpr = False):
     """One online-softmax step over keys ``[key_start, key_start + BLOCK_N)``."""
     # s = q k^T, in fp32 (exact fp32 products when the inputs are fp32).
     if IEEE:
@@ -111,27 +110,11 @@ def _attend_block(acc, l_i, m_i, q, k, v, key_start, positions, num_keys, qk_sca
     else:
         m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
         m_shift = m_new
-    if LAZY_RESCALE:
-        # FlashAttention-4's conditional rescaling: the running max m moves only when
-        # some row's would grow by more than 8 (base 2), so most blocks skip alpha and
-        # the rescaling of acc (a branch: plain loops only, the warp-specialising
-        # partitioner leaves a loop with one unspecialised); p <= 2^8 meanwhile.
-        grow = tl.max(tl.where(m_new > m_i + 8.0, 1, 0), axis=0)
-        if grow > 0:
-            alpha = tl.math.exp2(m_i - m_shift)
-            l_i = l_i * alpha
-            acc = acc * alpha[:, None]
-            m_i = m_new
-        m_new = m_i
-        m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
-        p = tl.math.exp2(s * qk_scale - m_use[:, None])
-        l_i = l_i + tl.sum(p, axis=1)
-    else:
-        # p = 2^(s*scale*log2e - m'), alpha = 2^(m - m').
-        p = tl.math.exp2(s * qk_scale - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
+    # p = 2^(s*scale*log2e - m'), alpha = 2^(m - m').
+    p = tl.math.exp2(s * qk_scale - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
     # acc = alpha * acc + p v, with p rounded to V's dtype as FlashAttention does.
     if IEEE:
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
@@ -156,8 +139,7 @@ def _sparse_attention_kernel(
     USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, KV_MAJOR: tl.constexpr,
     VARLEN: tl.constexpr,
     BLOCK_TABLE=None, stride_kpage=0, stride_vpage=0, PAGED: tl.constexpr = False,
-    PAGE_SIZE: tl.constexpr = 1, MIN_MASK: tl.constexpr = False,
-    LAZY_RESCALE: tl.constexpr = False, SUBS_N: tl.constexpr = 0,
+    PAGE_SIZE: tl.constexpr = 1, MIN_MASK: tl.constexpr = False, SUBS_N: tl.constexpr = 0,
 ):
     """Attention of ``BLOCK_M`` queries over their selected key tiles.
 
@@ -326,8 +308,7 @@ def _sparse_attention_kernel(
                             HEAD_DIM, HEAD_DIM_V, D_PAD, DV_PAD, BLOCK_N, VARLEN,
                             pages, stride_kpage, stride_vpage, PAGED, PAGE_SIZE)
             acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, key_start, positions,
-                                          num_keys, qk_scale, False, CAUSAL, BLOCK_N, IEEE,
-                                          False, LAZY_RESCALE)
+                                          num_keys, qk_scale, False, CAUSAL, BLOCK_N, IEEE)
         # The last tile with a token mask, only over key blocks some query can see.
         if num_masked > 0:
             for key_start in range(tile_start, key_end, BLOCK_N):
@@ -337,7 +318,7 @@ def _sparse_attention_kernel(
                                 pages, stride_kpage, stride_vpage, PAGED, PAGE_SIZE)
                 acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, key_start, positions,
                                               num_keys, qk_scale, True, CAUSAL, BLOCK_N, IEEE,
-                                              MIN_MASK, LAZY_RESCALE)
+                                              MIN_MASK)
 
     # o = acc / l (0 where no key was read); lse in natural log.
     has_keys = l_i > 0.0
