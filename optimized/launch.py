@@ -552,7 +552,7 @@ def descriptor_on(base: torch.Tensor, block_shape, padding):
     return new
 
 
-_MEMSET: list = []  # [cuMemsetD32Async or None], loaded on first use
+_MEMSET: list = []  # [cuMemsetD8Async or None], loaded on first use
 
 
 def _driver_memset():
