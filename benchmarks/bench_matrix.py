@@ -16,7 +16,9 @@ Four parts, each written to the JSON as soon as it is measured:
     mask and the compact indices), for two launch plans (one launch per
     power-of-two width, or narrow rows merged into one launch).
 ``graph``
-    What users run, on the ``e2e`` inputs: ``prism_attention`` eager, under
+    What users run, on the ``e2e`` inputs: ``prism_attention`` eager (and its
+    halves, ``select_blocks`` and ``block_sparse_attention`` on the returned
+    tile mask, as public calls), under
     ``torch.compile(fullgraph=True)`` and as a captured CUDA graph replayed,
     beside cuDNN dense and compiled FlexAttention (on the tile mask that
     Prism selected, so attention only) in the same run.
@@ -282,6 +284,10 @@ def graph(spec, flex=True):
     row = {"tokens": n, "head_dim": d, "q_heads": hq, "kv_heads": hkv, "batch": b,
            "density": float(mask.sum()) / (b * mask.shape[1] * nt * (nt + 1) / 2)}
     row["eager_ms"] = bench(lambda: optimized.prism_attention(q, k, v))
+    # The two halves as users call them: public calls, checks and allocations included.
+    row["select_blocks_ms"] = bench(lambda: optimized.select_blocks(q, k))
+    row["block_sparse_attention_ms"] = bench(
+        lambda: optimized.block_sparse_attention(q, k, v, mask))
     compiled = torch.compile(lambda q, k, v: optimized.prism_attention(q, k, v), fullgraph=True)
     out = compiled(q, k, v)
     row["compiled_error"] = float((out.float() - optimized.prism_attention(q, k, v).float())
