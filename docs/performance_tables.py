@@ -208,9 +208,10 @@ def _graph_table(data) -> list[str]:
     for e in data.get("graph", []):
         if "error" in e:
             where = e.get("shape") or f"{e['tokens'] // 1024}K"
-            rows.append([str(where), "", "failed: " + e["error"][:60], *[""] * 8])
+            rows.append([str(where), "", "failed: " + e["error"][:60], *[""] * 10])
             continue
         rows.append([f"{e['tokens'] // 1024}K", _graph_shape(e), f"{e['density']:.3f}",
+                     _fmt(e.get("select_blocks_ms")), _fmt(e.get("block_sparse_attention_ms")),
                      _fmt(e["eager_ms"]), _fmt(e["compiled_ms"]), _fmt(e["graph_ms"]),
                      _fmt(e.get("cudnn_ms")), _fmt(e.get("flex_same_mask_ms")),
                      *(f"{e[f'cudnn_over_{m}']:.2f}x" if e.get(f"cudnn_over_{m}") else "n/a"
@@ -219,12 +220,15 @@ def _graph_table(data) -> list[str]:
         return []
     return [".. rubric:: ``prism_attention`` as users run it: eager, ``torch.compile"
             "(fullgraph=True)``, a replayed CUDA graph (structured inputs at their natural "
-            "density, tile 128; ms)\n",
+            "density, tile 128; ms), and its two halves as public eager calls\n",
             f"Run commit ``{str(data.get('commit')).split()[0]}``. FlexAttention is compiled "
             "and runs on the "
-            "tile mask Prism selected (attention only, no selection). Targets for cuDNN over "
+            "tile mask Prism selected (attention only, no selection), as does the "
+            "``block_sparse_attention`` column (the ``TileMask`` that ``select_blocks`` "
+            "returned; n/a in runs before it was timed). Targets for cuDNN over "
             "ours: at least 1x at 4K, 2x at 8K, 6x at 128K.\n",
-            _table(["tokens", "shape (D, heads q/kv, batch)", "density", "eager", "compiled",
+            _table(["tokens", "shape (D, heads q/kv, batch)", "density", "select_blocks",
+                    "block_sparse_attention", "eager", "compiled",
                     "CUDA graph", "cuDNN dense", "Flex, same mask", "cuDNN / eager",
                     "cuDNN / compiled", "cuDNN / graph"], rows)]
 
