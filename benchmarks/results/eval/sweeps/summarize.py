@@ -34,10 +34,25 @@ LABELS = {
     "antidiagonal_vertical_slash-4-0.3": "antidiagonal stride 4 + vertical-slash (vs p=0.3)",
     "antidiagonal_vertical_slash-8-0.5": "antidiagonal stride 8 + vertical-slash (vs p=0.5)",
 }
+#: Runs of ``share_kv_group`` measured before its final definition (docs/estimators.rst,
+#: "GQA-group-shared scoring"): folder -> curve suffix.
+VARIANTS = {"bible-4k-advs-vs50-s32-kvshared": "kvshared_meanq",
+            "bible-4k-advs-vs50-s32-kvshared-high": "kvshared_meanq"}
+#: Curve suffix -> label suffix, and the scoring FLOPs divisor of each part
+#: (antidiagonal, vertical-slash) per query head (SmolLM2: 3 query heads per KV head).
+SHARED = {"kvshared": (", GQA-group-shared", (3, 1)),
+          "kvshared_meanq": (", GQA-group-shared, mean query in both parts", (3, 3))}
 
 
 def curve_key(point: dict) -> str:
-    """The curve of a point: its method, stride or samples, and vertical-slash top-p."""
+    """The curve of a point: its method, stride or samples, vertical-slash top-p, sharing."""
+    key = _method_key(point)
+    shared = point.get("_variant") or (
+        "kvshared" if point["config"].get("share_kv_group") else None)
+    return key if shared is None else f"{key}-{shared}"
+
+
+def _method_key(point: dict) -> str:
     method, config = point["method"], point["config"]
     if method == "antidiagonal_vertical_slash":
         return (f"antidiagonal_vertical_slash-{config['antidiagonal_stride']}"
@@ -58,6 +73,9 @@ def label(key: str) -> str:
     """The table label of a curve key (LABELS, or one built from the key's parts)."""
     if key in LABELS:
         return LABELS[key]
+    if key.rsplit("-", 1)[-1] in SHARED:
+        base, shared = key.rsplit("-", 1)
+        return label(base) + SHARED[shared][0]
     method, *parts = key.split("-")
     if method == "antidiagonal_vertical_slash":
         return f"antidiagonal stride {parts[0]} + vertical-slash (vs p={parts[1]})"
@@ -76,6 +94,9 @@ def load_runs() -> list[dict]:
     for path in sorted(HERE.glob("*/sweep.json")):
         run = json.loads(path.read_text())
         run["_path"] = str(path.relative_to(HERE))
+        variant = VARIANTS.get(path.parent.name)
+        for point in run["points"] if variant else ():
+            point["_variant"] = variant
         runs.append(run)
     return runs
 
@@ -94,7 +115,19 @@ def passkey_cell(entry: dict) -> str:
 
 def selection_flops(method: str, tokens: int, head_dim: int = 64, block: int = 128,
                     last: int = 64, factor: int = 4) -> float:
-    """Multiply-add FLOPs of one head's tile scoring (pooling and sorting left out)."""
+    """Multiply-add FLOPs of one head's tile scoring (pooling and sorting left out).
+
+    A GQA-group-shared curve (suffix in :data:`SHARED`) scores each part once
+    per group: its FLOPs per query head are divided by the group's size.
+    """
+    if method.rsplit("-", 1)[-1] in SHARED:
+        base, shared = method.rsplit("-", 1)
+        per_part = SHARED[shared][1]
+        if not base.startswith("antidiagonal_vertical_slash"):
+            return selection_flops(base, tokens, head_dim, block, last, factor) / per_part[0]
+        vs = 2 * last * tokens * head_dim
+        scores = selection_flops(base, tokens, head_dim, block, last, factor) - vs
+        return scores / per_part[0] + vs / per_part[1]
     tiles = tokens / block
     bands = head_dim // 2 + (3 * head_dim) // 4  # contract §4 default band widths
     if method == "prism":
