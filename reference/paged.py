@@ -21,9 +21,11 @@ writes ``sum_i seq_lens[i] * Hkv * (D + Dv)`` elements once per call.
 :mod:`prism.optimized` reads the pages in place in its attention kernel
 (the ``run_paged_packed`` hook of :func:`run_paged_prism`).
 
-Chunked prefill: :class:`PooledKeyCache` keeps one sequence's pooled key
-tiles between chunks, so selection for a new chunk pools only the keys
-after the last completed tile (see the class).
+Chunked prefill: :class:`~prism.reference.pooled_cache.PooledKeyCache` keeps
+one sequence's pooled key tiles between chunks, so selection for a new chunk
+pools only the keys after the last completed tile (see the class); an
+implementation with a ``select_cached`` hook (:mod:`prism.optimized`) runs
+the selection of cached sequences itself.
 """
 
 from __future__ import annotations
@@ -33,8 +35,7 @@ import torch
 from . import attention as _attention
 from . import select as _select
 from .config import PrismConfig, resolve_config
-from .select import trace_from_pooled_keys
-from .tiles import pool_tiles
+from .pooled_cache import PooledKeyCache, select_from_pooled
 from .validation import (
     FLOAT_DTYPES,
     check_finite,
@@ -43,6 +44,7 @@ from .validation import (
     validate_scale,
 )
 from .varlen import (
+    _name_sequence,
     as_heads,
     check_cu_seqlens,
     check_lengths_vector,
@@ -218,104 +220,6 @@ def _key_ranges(ranges_q, lengths):
 # Chunked prefill: pooled key tiles kept between chunks.
 # --------------------------------------------------------------------------
 
-class PooledKeyCache:
-    """The pooled key tiles of one sequence's completed tiles, kept across prefill chunks.
-
-    Selection for a chunk needs the mean of every key tile of the sequence so
-    far (contract §3). Tiles that are complete (``block_size`` tokens) never
-    change while the sequence only grows, so their means are stored here once:
-    ``tile_means`` is (Hkv, n_complete, D), float32, tile ``t`` the mean of
-    tokens ``t*bs .. t*bs + bs - 1``. For a new chunk only the tokens from
-    ``num_tokens`` on are pooled: the partial last tile of the previous call
-    (re-pooled from its fewer than ``bs`` cached tokens, so a tile completed by
-    the next chunk is averaged over exactly its own tokens) and the chunk's
-    tiles. The calibration energies of the key tiles (contract §5) are then
-    summed over the stored and new means, once per call, at the cost of one
-    row of band logits; keeping running energy sums instead would change the
-    fp32 summation order with every chunk size.
-
-    With this, a chunk's selection equals the one-shot selection with
-    ``Nq = chunk`` and ``Nk = prefix + chunk``, entry for entry. The query
-    side of calibration sees only the chunk's queries, which is what that
-    one-shot call does too.
-
-    The cache is valid while the tokens it pooled stay in place: an engine
-    that evicts, truncates or rewrites a sequence's KV must :meth:`reset` it.
-    Memory: ``4 * Hkv * D`` bytes per complete tile (4 MiB for 128K tokens at
-    Hkv = 8, D = 128, bs = 128, against 512 MiB of bf16 K and V).
-
-    Parameters
-    ----------
-    block_size : int
-        Must equal the ``block_size`` of the calls that use the cache.
-    """
-
-    def __init__(self, block_size: int = 128):
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
-        self.block_size = block_size
-        self.tile_means: torch.Tensor | None = None
-
-    @property
-    def num_tiles(self) -> int:
-        """Complete tiles stored."""
-        return 0 if self.tile_means is None else self.tile_means.shape[1]
-
-    @property
-    def num_tokens(self) -> int:
-        """Tokens covered by the stored tiles (``num_tiles * block_size``)."""
-        return self.num_tiles * self.block_size
-
-    def reset(self) -> None:
-        """Forget every stored tile (after the sequence's KV changed)."""
-        self.tile_means = None
-
-    def __repr__(self) -> str:
-        return (f"PooledKeyCache(block_size={self.block_size}, num_tiles={self.num_tiles})")
-
-    def check(self, index: int, num_keys: int, k_cache: torch.Tensor, cfg: PrismConfig) -> None:
-        name = f"pooled_keys[{index}]"
-        if self.block_size != cfg.block_size:
-            raise ValueError(f"{name} was built for block_size {self.block_size}, but the call "
-                             f"uses {cfg.block_size}; use one cache per block size")
-        if self.num_tokens > num_keys:
-            raise ValueError(
-                f"{name} holds {self.num_tokens} pooled tokens but sequence {index} now has "
-                f"{num_keys} (seq_lens); the sequence shrank or the cache belongs to another "
-                "one: call reset() after evicting or rewriting its KV"
-            )
-        if self.tile_means is not None:
-            hkv, d = k_cache.shape[2], k_cache.shape[3]
-            if (self.tile_means.shape[0], self.tile_means.shape[2]) != (hkv, d):
-                raise ValueError(f"{name} holds {self.tile_means.shape[0]} heads of dim "
-                                 f"{self.tile_means.shape[2]}, the cache has {hkv} of dim {d}")
-            if self.tile_means.device != k_cache.device:
-                raise ValueError(f"{name} is on {self.tile_means.device}, k_cache on "
-                                 f"{k_cache.device}")
-
-    def pooled(self, k_tail: torch.Tensor, num_keys: int) -> torch.Tensor:
-        """All key tile means (1, Hkv, n_key_tiles, D) given the keys from ``num_tokens`` on.
-
-        Stores the tiles that are complete at ``num_keys`` tokens.
-        """
-        bs = self.block_size
-        new = pool_tiles(k_tail, self.num_tokens, bs)
-        if self.tile_means is not None:
-            new = torch.cat([self.tile_means[None], new], dim=2)
-        self.tile_means = new[0, :, : num_keys // bs].contiguous()
-        return new
-
-
-def select_from_pooled(q, k_pooled, num_keys: int, cfg: PrismConfig,
-                       causal: bool) -> torch.Tensor:
-    """Prism's mask (contract §3-6) from the queries and already pooled key tiles.
-
-    The reference's own composition of the stages after key pooling,
-    :func:`prism.reference.select.trace_from_pooled_keys`.
-    """
-    return trace_from_pooled_keys(q, k_pooled, num_keys, cfg, causal).mask
-
-
 def _check_pooled_keys(pooled_keys, batch: int, cfg: PrismConfig) -> list:
     if not isinstance(pooled_keys, (list, tuple)) or len(pooled_keys) != batch:
         raise TypeError(
@@ -352,11 +256,15 @@ def _select_all(impl, q, k, ranges, skips, lengths, caches, cfg, causal) -> list
     ``ranges[i] = (q0, q1, k0, k1)`` are rows of the packed ``q`` and ``k``;
     rows ``k0 + skips[i]`` to ``k1`` hold sequence ``i``'s tokens from
     ``caches[i].num_tokens`` on. Every input is checked before any cache grows.
+    An ``impl`` with a ``select_cached`` hook (:mod:`prism.optimized`: the
+    selection kernel fed from the caches) runs that instead, with these arguments.
     """
+    hook = getattr(impl, "select_cached", None)
+    if hook is not None:
+        return hook(q, k, ranges, skips, lengths, caches, cfg, causal)
     for i, ((q0, q1, k0, k1), cache) in enumerate(zip(ranges, caches, strict=True)):
         if cache is not None:
-            check_finite("q", as_heads(q, q0, q1))
-            check_finite("k_cache", as_heads(k, k0 + skips[i], k1))
+            check_cached_finite(q, k, i, (q0, q1, k0 + skips[i], k1))
     masks = []
     for i, ((q0, q1, k0, k1), cache) in enumerate(zip(ranges, caches, strict=True)):
         if cache is None:
@@ -365,6 +273,17 @@ def _select_all(impl, q, k, ranges, skips, lengths, caches, cfg, causal) -> list
         k_pooled = cache.pooled(as_heads(k, k0 + skips[i], k1), lengths[i])
         masks.append(select_from_pooled(as_heads(q, q0, q1), k_pooled, lengths[i], cfg, causal))
     return masks
+
+
+def check_cached_finite(q, k, index: int, rows) -> None:
+    """The NaN/Inf check of a cached sequence: its queries, and its keys after the cache
+    (``rows = (q0, q1, k0, k1)``); the error names the sequence."""
+    q0, q1, k0, k1 = rows
+    try:
+        check_finite("q", as_heads(q, q0, q1))
+        check_finite("k_cache", as_heads(k, k0, k1))
+    except ValueError as error:
+        raise _name_sequence(error, index, 1, "pooled_keys given") from error
 
 
 def run_paged_select(impl, q, k_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q,
