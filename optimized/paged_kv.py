@@ -39,20 +39,15 @@ import torch
 import triton
 import triton.language as tl
 
-from prism.reference.paged import (
-    _key_ranges,
-    _select_all,
-    gather_tokens,
-    validate_paged,
-)
+from prism.reference.paged import _key_ranges, gather_tokens, validate_paged
 from prism.reference.validation import validate_scale
 from prism.reference.varlen import check_masks
 
 from ._runtime import check_device, device_capability, kernels_interpreted, next_power_of_2
 from .attention import _sparse_attention_kernel, default_config, supported_block_size
+from .chunked import flagged, select_with_caches, undo_and_raise
 from .varlen import (
     _flatten_indices,
-    _impl,
     _nonfinite,
     _raise_named,
     mask_pieces,
@@ -171,35 +166,56 @@ def _raise_gathered(flags, q, k_cache, v_cache, block_table, ranges_q, lengths) 
 
 def run_paged_packed(q, k_cache, v_cache, block_table, ranges_q, lengths, caches, cfg, *,
                      causal: bool, scale, return_lse: bool, return_mask: bool):
-    """Selection on the gathered keys it needs, attention on the pages in place.
+    """Selection on the gathered keys it needs, one attention launch.
 
     The hook of :func:`prism.reference.paged.run_paged_prism` (validated
     arguments; ``caches`` one :class:`~prism.reference.PooledKeyCache` or None
-    per sequence). Returns NotImplemented where the pages are to be gathered
-    (:func:`reads_pages_in_kernel`).
+    per sequence). Where the pages are read in place
+    (:func:`reads_pages_in_kernel`), selection gets the keys after each cache
+    gathered and attention reads the pages; elsewhere K and V are gathered and
+    the varlen launch runs on them: here when some sequence has a cache (its
+    selection from :mod:`prism.optimized.chunked`), else NotImplemented (the
+    reference gathers and calls the varlen hooks).
     """
     check_device(_sparse_attention_kernel, q=q, k_cache=k_cache, v_cache=v_cache)
-    if not reads_pages_in_kernel(q, k_cache, v_cache, cfg.block_size):
+    cached = any(c is not None for c in caches)
+    in_place = reads_pages_in_kernel(q, k_cache, v_cache, cfg.block_size)
+    if not in_place and not (cached and supported_block_size(cfg.block_size)):
         return NotImplemented
     starts = [0 if c is None else c.num_tokens for c in caches]
-    k = gather_tokens(k_cache, block_table, starts, lengths)
-    ranges = _key_ranges(ranges_q, [n - s for n, s in zip(lengths, starts, strict=True)])
-    if all(c is None for c in caches):
+    if in_place:
+        k, v = gather_tokens(k_cache, block_table, starts, lengths), None
+        ranges = _key_ranges(ranges_q, [n - s for n, s in zip(lengths, starts, strict=True)])
+        skips = [0] * len(lengths)
+    else:
+        zeros = [0] * len(lengths)
+        k = gather_tokens(k_cache, block_table, zeros, lengths)
+        v = gather_tokens(v_cache, block_table, zeros, lengths)
+        ranges, skips = _key_ranges(ranges_q, lengths), starts
+    if not cached:
         # Selection checks q and every key; the values remain.
         pieces, flags, masks = select_runs(q, k, None, ranges, cfg, causal, return_mask)
-        checked = [v_cache]
+        undo, checked = [], [v_cache]
     else:
-        # Checks q and the keys it reads (raising at once, as the reference).
-        masks = _select_all(_impl(), q, k, ranges, [0] * len(lengths), lengths, caches, cfg,
-                            causal)
-        pieces = mask_pieces(q, paged_ranges(ranges_q, lengths, block_table), masks,
-                             cfg.block_size, causal)
-        flags, checked = [], [k_cache, v_cache]
+        # Checks q and the keys it reads; the caches' prefixes and the values remain.
+        pieces, flags, masks, undo = select_with_caches(q, k, ranges, skips, lengths, caches,
+                                                        cfg, causal, return_mask)
+        checked = [k_cache, v_cache]
     flags.append(paged_nonfinite(checked, block_table, lengths))
-    out, lse = paged_attention(q, k_cache, v_cache, block_table, ranges_q, lengths, pieces,
-                               block_size=cfg.block_size, causal=causal, scale=scale,
-                               return_lse=return_lse)
-    _raise_gathered(flags, q, k_cache, v_cache, block_table, ranges_q, lengths)
+    if in_place:
+        out, lse = paged_attention(q, k_cache, v_cache, block_table, ranges_q, lengths, pieces,
+                                   block_size=cfg.block_size, causal=causal, scale=scale,
+                                   return_lse=return_lse)
+    else:
+        flat_num, flat_idx, placements = _flatten_indices(pieces)
+        layout = packed_layout(_key_ranges(ranges_q, lengths), placements, cfg.block_size,
+                               causal, q.device)
+        out, lse = packed_attention_forward(q, k, v, layout, flat_num, flat_idx,
+                                            block_size=cfg.block_size, causal=causal,
+                                            scale=scale, return_lse=return_lse)
+    if flagged(flags):
+        undo_and_raise(undo, q, k, ranges, skips, caches)
+        _raise_gathered(flags, q, k_cache, v_cache, block_table, ranges_q, lengths)
     result = (out, lse) if return_lse else (out,)
     if return_mask:
         result = (*result, masks)

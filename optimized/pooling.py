@@ -287,7 +287,7 @@ def work_layout(b: int, hq: int, hkv: int, d: int, nqt: int, nkt: int):
 
 
 def pool_plan(q, k, v, layout: TileLayout, high_dim: int, low_dim: int, rope_layout: str,
-              rows_per_load=None, num_warps: int = 1):
+              rows_per_load=None, num_warps: int = 1, first_key_tile: int = 0):
     """:func:`_pool_plan` of one call shape, cached.
 
     The layout by identity (the entry keeps it alive): hashing its fields costs
@@ -295,14 +295,14 @@ def pool_plan(q, k, v, layout: TileLayout, high_dim: int, low_dim: int, rope_lay
     """
     rest = (q.shape, q.stride(), k.shape, k.stride(),
             None if v is None else (v.shape, v.stride()), high_dim, low_dim, rope_layout,
-            rows_per_load, num_warps)
+            rows_per_load, num_warps, first_key_tile)
     plan = _POOL_PLANS.get((id(layout), *rest))
     if plan is not None:
         return plan[1]
     plan = _POOL_PLANS_BY_VALUE.get((layout, *rest))
     if plan is None:
         plan = _pool_plan(q, k, v, layout, high_dim, low_dim, rope_layout, rows_per_load,
-                          num_warps)
+                          num_warps, first_key_tile)
         for cache in (_POOL_PLANS, _POOL_PLANS_BY_VALUE):
             if len(cache) > 1024:
                 cache.clear()
@@ -329,10 +329,15 @@ _POOL_PLANS_BY_VALUE: dict = {}
 
 
 def _pool_plan(q, k, v, layout: TileLayout, high_dim: int, low_dim: int, rope_layout: str,
-               rows_per_load, num_warps: int):
+               rows_per_load, num_warps: int, first_key_tile: int = 0):
     """Everything of a pooling launch that depends only on shapes, strides and settings.
 
-    ``(grid, prepared launch, WORK size, k_pooled_t shape, sums)``.
+    ``(grid, prepared launch, WORK size, k_pooled_t shape, sums)``. With
+    ``first_key_tile`` f > 0, row 0 of ``k`` (and ``v``) is absolute position
+    ``f * block_size`` and only key tiles f .. nk - 1 of the layout are pooled,
+    into their own columns of the pooled keys (chunked prefill: columns
+    before f hold a :class:`~prism.reference.PooledKeyCache`'s means); their
+    energies are added to what the energy slots hold.
     """
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -346,16 +351,19 @@ def _pool_plan(q, k, v, layout: TileLayout, high_dim: int, low_dim: int, rope_la
         rows_per_load = 4096 // d_pad
     block_t = max(1, min(next_power_of_2(layout.block_size), next_power_of_2(rows_per_load)))
     num_query_programs = b * hq * nqt
-    num_key_programs = b * hkv * nkt
-    v_programs = 0 if v is None else b * hkv * nkt
+    # Key tile f of the layout is tile 0 of k: the kernel pools k from its row 0,
+    # on a grid aligned with the layout's since row 0 starts a tile.
+    pooled_tiles = nkt - first_key_tile
+    num_key_programs = b * hkv * pooled_tiles
+    v_programs = 0 if v is None else b * hkv * pooled_tiles
     dv = d if v is None else v.shape[3]
     v_strides = k.stride() if v is None else v.stride()
     prepared = Prepared(
         (*q.stride(), *k.stride(), *v_strides,
          hq, hkv, nq, nk, layout.query_start, layout.first_query_tile,
-         nqt, nkt, k_stride, layout.block_size, num_query_programs, num_key_programs,
+         nqt, pooled_tiles, k_stride, layout.block_size, num_query_programs, num_key_programs,
          d, dv, 1 if rope_layout == "half" else 0, *band_pairs(d, high_dim, low_dim),
-         q_off, k_off, k_energy_off),
+         q_off, k_off + first_key_tile, k_energy_off),
         dict(D_PAD=d_pad, DV_PAD=next_power_of_2(dv), BLOCK_T=block_t, num_warps=num_warps))
     grid = (num_query_programs + num_key_programs + v_programs,)
     return grid, prepared, size, (b, hkv, d, k_stride), num_sums

@@ -40,6 +40,7 @@ import triton.language as tl
 from prism.reference.config import PrismConfig
 from prism.reference.tiles import TileLayout
 
+from ._runtime import kernels_interpreted
 from .pooling import pool_plan, run_pooling, work_pointers
 from .selection_plan import (  # noqa: F401  (SelectionTuning and the caches: public here)
     _LAUNCHES,
@@ -117,6 +118,13 @@ def _add_pairs(mass_a, count_a, mass_b, count_b):
     return mass_a + mass_b, count_a + count_b
 
 
+#: Set when Triton runs kernels in its CPU interpreter, whose reductions with a
+#: user combine function call it once per element pair (0.7 s for one 16 x 16
+#: block): there :func:`_mass_and_count_above` sums twice with ``tl.sum``. Compiled
+#: kernels never take that branch (a constexpr, pruned before code generation).
+_INTERPRETED = tl.constexpr(kernels_interpreted(_add_pairs))
+
+
 @triton.jit
 def _mass_and_count_above(prob, t):
     """Per row, ``F(t) = sum_{x_j > t} x_j`` and ``C(t) = #{x_j > t}``.
@@ -124,6 +132,8 @@ def _mass_and_count_above(prob, t):
     One reduction of the pair, so the row's warps meet once per bisection step.
     """
     above = prob > t[:, None]
+    if _INTERPRETED:
+        return tl.sum(tl.where(above, prob, 0.0), axis=1), tl.sum(above.to(tl.int32), axis=1)
     return tl.reduce((tl.where(above, prob, 0.0), above.to(tl.int32)), 1, _add_pairs)
 
 
@@ -433,6 +443,22 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: boo
     steps = launch_steps(layout, cfg, tuning, causal, b, hq, k.shape[1], d, high_dim, low_dim,
                          write_mask, write_indices)
     work = run_pooling(pool_plan(q, k, v, layout, high_dim, low_dim, cfg.rope_layout), q, k, v)
+    mask, kv_num_blocks, kv_indices = run_selection(
+        steps, work, (b, hq, nqt, nkt), device, tuning, write_mask=write_mask,
+        write_indices=write_indices, mask=mask, kv_num_blocks=kv_num_blocks,
+        kv_indices=kv_indices)
+    return mask, kv_num_blocks, kv_indices, work[:1]
+
+
+def run_selection(steps, work: torch.Tensor, shape, device, tuning: SelectionTuning, *,
+                  write_mask: bool, write_indices: bool, mask=None, kv_num_blocks=None,
+                  kv_indices=None):
+    """Launch the selection ``steps`` (:func:`launch_steps`) on a pooling buffer ``work``.
+
+    ``shape`` is ``(B, Hq, nq, nk)``; outputs not given are allocated. Returns
+    ``(mask, kv_num_blocks, kv_indices)``, those not asked for as None.
+    """
+    b, hq, nqt, nkt = shape
     if write_mask and mask is None:
         mask = torch.empty(b, hq, nqt, nkt, dtype=torch.bool, device=device)
     if write_indices:
@@ -443,11 +469,10 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: boo
     # Unused output pointers still need a tensor on the right device.
     tensors = (work, mask if write_mask else work, kv_num_blocks if write_indices else work,
                kv_indices if write_indices else work)
-    nonfinite = work[:1]
-    if len(steps) < tuning.overlap_min_launches or not tuning.overlap or not q.is_cuda:
+    if len(steps) < tuning.overlap_min_launches or not tuning.overlap or not work.is_cuda:
         for grid, prepared in steps:
             prepared.launch(_select_tiles_kernel, grid, *tensors)
-        return mask, kv_num_blocks, kv_indices, nonfinite
+        return mask, kv_num_blocks, kv_indices
     main = torch.cuda.current_stream(device)
     side = _side_stream(device)
     side.wait_stream(main)
@@ -456,4 +481,4 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: boo
         with torch.cuda.stream(side) if step else contextlib.nullcontext():
             prepared.launch(_select_tiles_kernel, grid, *tensors)
     main.wait_stream(side)
-    return mask, kv_num_blocks, kv_indices, nonfinite
+    return mask, kv_num_blocks, kv_indices

@@ -28,8 +28,8 @@ that are not multiples of 16 run the reference's per-run loop on the dense
 functions.
 
 Chunked prefill with :class:`~prism.reference.PooledKeyCache` runs the
-selection stages after key pooling as the reference's torch code on the GPU
-(small: chunk tiles x key tiles per head) and attention as above.
+pooling and selection kernels on the cache's stored tile means
+(:mod:`prism.optimized.chunked`) and attention as above.
 """
 
 from __future__ import annotations
@@ -493,7 +493,8 @@ def _impl():
         select_blocks=impl.select_blocks, prism_attention=impl.prism_attention,
         block_sparse_attention=impl.block_sparse_attention,
         run_prism_packed=run_prism_packed, run_attention_packed=run_attention_packed,
-        run_paged_packed=importlib.import_module("prism.optimized.paged_kv").run_paged_packed)
+        run_paged_packed=importlib.import_module("prism.optimized.paged_kv").run_paged_packed,
+        select_cached=importlib.import_module("prism.optimized.chunked").select_cached)
 
 
 # --------------------------------------------------------------------------
