@@ -18,6 +18,8 @@ Timed, in one process:
   reference's torch stages after key pooling, the packed attention launch);
 * selection alone: ``select_blocks_paged`` with the cache both ways, and the
   uncached kernel selection of the same chunk over all keys (contiguous);
+* where the cached selection's time goes: wall time per call and the torch
+  profiler's operators by host time (``select_cached_kernel_host``);
 * dense baselines on the same chunk (queries bottom-right aligned on the
   prefix + chunk keys): flash varlen (``torch.nn.attention.varlen.varlen_attn``,
   causal), SDPA with ``causal_lower_right`` (whichever backend torch picks),
@@ -33,8 +35,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import sys
+import time
 import types
 
 import torch
@@ -68,12 +72,13 @@ def dense_times(q, k, v, prefix, chunk):
     try:
         from torch.nn.attention.varlen import varlen_attn
 
+        params = inspect.signature(varlen_attn).parameters
+        kwargs = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
         cu_q = torch.tensor([0, chunk], dtype=torch.int32, device="cuda")
         cu_k = torch.tensor([0, prefix + chunk], dtype=torch.int32, device="cuda")
+        kx, vx = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         times["flash_varlen_causal_ms"] = bench(
-            lambda: varlen_attn(q, k.repeat_interleave(group, dim=1),
-                                v.repeat_interleave(group, dim=1), cu_q, cu_k, chunk,
-                                prefix + chunk, is_causal=True))
+            lambda: varlen_attn(q, kx, vx, cu_q, cu_k, chunk, prefix + chunk, **kwargs))
     except Exception as error:  # not in this torch, or another signature
         times["flash_varlen_causal_ms"] = f"{type(error).__name__}: {str(error)[:200]}"
     bias = causal_lower_right(chunk, prefix + chunk)
@@ -84,6 +89,28 @@ def dense_times(q, k, v, prefix, chunk):
     except RuntimeError as error:
         times["cudnn_noncausal_ms"] = f"unavailable: {str(error)[:200]}"
     return times
+
+
+def host_breakdown(fn, calls=20):
+    """Wall ms per call (host and device, synchronised once) and the torch profiler's
+    top operators by host time, per call."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) / calls * 1e3
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]
+    log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    return {"wall_ms_per_call": wall_ms, "top_ops_per_call": {
+        e.key: {"count": e.count / calls, "self_cpu_us": e.self_cpu_time_total / calls,
+                "device_us": getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0))
+                / calls} for e in events}}
 
 
 def main(argv=None):
@@ -159,6 +186,7 @@ def main(argv=None):
         times[name] = bench(fn)
         log(f"  {name}: {times[name]:.3f}")
     times.update(dense_times(q, k, v, prefix, chunk))
+    result["select_cached_kernel_host"] = host_breakdown(select)
     log(json.dumps(times))
     result["times"] = times
     if args.out:

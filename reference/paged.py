@@ -155,7 +155,9 @@ def gather_tokens(cache: torch.Tensor, block_table: torch.Tensor, starts: list[i
                   ends: list[int]) -> torch.Tensor:
     """Tokens ``starts[i] .. ends[i] - 1`` of every sequence, packed: (total, H, D).
 
-    One indexed copy; ``block_table`` must already be validated.
+    One indexed copy; ``block_table`` must already be validated. The token
+    positions are built on the host and sent in one copy, so nothing waits
+    for the device.
     """
     page_size = cache.shape[1]
     device = cache.device
@@ -163,13 +165,14 @@ def gather_tokens(cache: torch.Tensor, block_table: torch.Tensor, starts: list[i
     total = sum(counts)
     if total == 0:
         return cache.new_empty(0, cache.shape[2], cache.shape[3])
-    seq = torch.repeat_interleave(torch.arange(len(counts), device=device),
-                                  torch.tensor(counts, device=device))
-    offsets = torch.tensor([0] + counts[:-1], device=device).cumsum(0)
-    position = (torch.arange(total, device=device) - offsets[seq]
-                + torch.tensor(starts, device=device)[seq])
+    seq = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    first = torch.tensor([0] + counts[:-1]).cumsum(0)
+    position = torch.arange(total) - first[seq] + torch.tensor(starts)[seq]
+    seq, position = torch.stack([seq, position]).to(device, non_blocking=True)
     pages = block_table[seq, position // page_size].long()
-    return cache[pages, position % page_size]
+    rows = pages * page_size + position % page_size
+    return cache.flatten(0, 1).index_select(0, rows) if cache.is_contiguous() else \
+        cache[pages, position % page_size]
 
 
 def gather_paged_kv(k_cache, v_cache, block_table, seq_lens):
