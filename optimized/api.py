@@ -26,11 +26,15 @@ flag once, at its end, and raises the reference's ``ValueError``. Under
 CUDA graph capture is the flag read: NaN input then gives an undefined
 selection and NaN output rows instead of an error.
 
-A repeated eager ``select_blocks`` or ``prism_attention`` call (same shapes,
-strides, dtypes, devices, config object and options as an earlier one) skips
-validation and the general path's per-call work: it replays the launches
-recorded from an earlier call of that signature (:mod:`~prism.optimized.call_plan`),
-with the same results bit for bit.
+A repeated eager ``select_blocks``, ``prism_attention`` or
+``block_sparse_attention`` call (same shapes, strides, dtypes, devices,
+config object and options as an earlier one; any values) skips validation
+and the general path's per-call work: it replays the launches recorded from
+an earlier call of that signature (:mod:`~prism.optimized.call_plan`), with
+the same results bit for bit. Under ``torch.compile``, ``prism_attention``
+is one operator (``prism::prism_attention``) whose body replays the same
+plan at run time; so do ``prism::select`` and
+``prism::block_sparse_attention``.
 
 ``select_blocks`` returns a :class:`~prism.reference.tile_mask.TileMask`
 carrying the kernel's compact indices, which ``block_sparse_attention`` uses
@@ -53,7 +57,7 @@ from prism.reference.validation import (
     validate_scale,
 )
 
-from . import ops
+from . import call_plan, ops
 from ._runtime import check_device
 from .attention import _sparse_attention_kernel
 from .indices import _mask_to_indices_kernel, mask_rows_to_indices
@@ -136,8 +140,10 @@ def select_blocks(q, k, config: PrismConfig | None = None, *, causal: bool = Tru
         On bad input (contract §8), NaN/Inf included (eager calls), and on CPU tensors.
     """
     cfg = _resolve(config, overrides)
-    if not torch.compiler.is_compiling():
-        planned = ops.planned_call(q, k, None, cfg, causal)
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        key = call_plan.call_key("select", q, k, None, cfg, causal)
+        planned = call_plan.planned(key, (q, k, None), cfg)
         if planned is not None:  # a repeated eager call (validated when its plan was made)
             (mask, num, idx), buffer, flag = planned
             if not ops.tracing():
@@ -147,28 +153,13 @@ def select_blocks(q, k, config: PrismConfig | None = None, *, causal: bool = Tru
     validate_qk(q, k, causal=causal, check_values=False)
     if not (q.is_cuda and k.is_cuda):
         check_device(_select_tiles_kernel, q=q, k=k)
-    if torch.compiler.is_compiling():
-        return torch.ops.prism.select(q, k, None, causal, *ops.config_values(cfg))[0]
-    (mask, num, idx), nonfinite = ops.record_call(lambda: _select_general(q, k, cfg, causal),
-                                                  q, k, None, cfg, causal)
+    if compiling:
+        return torch.ops.prism.select(q, k, None, causal, ops.config_string(cfg))[0]
+    (mask, num, idx), nonfinite = call_plan.record(
+        lambda: ops.select_general(q, k, None, cfg, causal), key, (q, k, None), cfg)
     _raise_if_nonfinite(nonfinite, q=q, k=k)
     return TileMask.from_selection(mask, cfg.block_size, causal, q.shape[2], k.shape[2], num,
                                    idx)
-
-
-def _select_general(q, k, cfg: PrismConfig, causal: bool):
-    """``select_blocks``' general eager path: ``((mask, num, idx), nonfinite)``."""
-    mask, num, idx, nonfinite = ops.select(q, k, None, cfg, causal)
-    return (mask, num, idx), nonfinite
-
-
-def _attention_general(q, k, v, cfg: PrismConfig, causal: bool, scale, return_lse: bool,
-                       return_mask: bool):
-    """``prism_attention``'s general eager path: ``((out, lse[, mask, num, idx]), nonfinite)``."""
-    mask, num, idx, nonfinite = ops.select(q, k, v, cfg, causal)
-    out, lse, _ = ops.attention(q, k, v, mask, num, idx, cfg.block_size, causal, scale,
-                                return_lse, False)
-    return ((out, lse, mask, num, idx) if return_mask else (out, lse)), nonfinite
 
 
 def _select(q, k, cfg: PrismConfig, causal: bool, *, write_indices: bool = True):
@@ -206,6 +197,22 @@ def block_sparse_attention(q, k, v, block_mask, *, block_size: int = 128, causal
     o : Tensor (B, Hq, Nq, Dv), dtype of ``q``
     lse : Tensor (B, Hq, Nq), float32, only if ``return_lse``
     """
+    compiling = torch.compiler.is_compiling()
+    mask, num, idx = block_mask, None, None
+    if isinstance(block_mask, TileMask) and type(q) is torch.Tensor and type(k) is torch.Tensor:
+        carried = block_mask.carried_indices(block_size=block_size, causal=causal,
+                                             num_queries=q.shape[2], num_keys=k.shape[2])
+        if carried is not None and carried[0].device == q.device:
+            num, idx = carried
+    if not compiling:
+        key = call_plan.block_sparse_key(q, k, v, mask, num, idx, block_size, causal, scale,
+                                         return_lse, True)
+        planned = call_plan.planned(key, (q, k, v, mask, num, idx))
+        if planned is not None:  # a repeated eager call (validated when its plan was made)
+            (out, lse), buffer, flag = planned
+            if not ops.tracing():
+                _raise_if_nonfinite(buffer[flag:flag + 1], q=q, k=k, v=v)
+            return (out, lse) if return_lse else out
     validate_qkv(q, k, v, causal=causal, check_values=False)
     validate_block_size(block_size)
     if scale is not None:
@@ -215,19 +222,20 @@ def block_sparse_attention(q, k, v, block_mask, *, block_size: int = 128, causal
     validate_block_mask(block_mask, q, (layout.num_query_tiles, layout.num_key_tiles))
     if not (q.is_cuda and k.is_cuda and v.is_cuda):
         check_device(_sparse_attention_kernel, q=q, k=k, v=v)
-    num = idx = None
     if isinstance(block_mask, TileMask):
-        carried = block_mask.carried_indices(block_size=block_size, causal=causal,
-                                             num_queries=nq, num_keys=nk)
-        if carried is not None and carried[0].device == q.device:
-            num, idx = carried
-        block_mask = block_mask.as_tensor()
-    if torch.compiler.is_compiling():
+        mask = block_mask.as_tensor()
+    if compiling:  # nobody reads the NaN/Inf flag of compiled code: not computed
         out, lse, _ = torch.ops.prism.block_sparse_attention(
-            q, k, v, block_mask, num, idx, block_size, causal, scale, return_lse, True)
+            q, k, v, mask, num, idx, block_size, causal, scale, return_lse, False)
     else:
-        out, lse, nonfinite = ops.attention(q, k, v, block_mask, num, idx, block_size, causal,
-                                            scale, return_lse, True)
+        inputs = (q, k, v, mask, num, idx)
+
+        def general():
+            out, lse, nonfinite = ops.attention(*inputs, block_size, causal, scale, return_lse,
+                                                True)
+            return (out, lse), nonfinite
+
+        (out, lse), nonfinite = call_plan.record(general, key, inputs)
         _raise_if_nonfinite(nonfinite, q=q, k=k, v=v)
     return (out, lse) if return_lse else out
 
@@ -256,8 +264,11 @@ def prism_attention(q, k, v, config: PrismConfig | None = None, *, causal: bool 
     o, or a tuple ``(o, lse)``, ``(o, mask)`` or ``(o, lse, mask)`` in that order.
     """
     cfg = _resolve(config, overrides)
-    if not torch.compiler.is_compiling():
-        planned = ops.planned_call(q, k, v, cfg, causal, scale, return_lse, return_mask)
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        key = call_plan.call_key("attention", q, k, v, cfg, causal, scale, return_lse,
+                                 return_mask)
+        planned = call_plan.planned(key, (q, k, v), cfg)
         if planned is not None:  # a repeated eager call (validated when its plan was made)
             outputs, buffer, flag = planned
             if not ops.tracing():
@@ -269,19 +280,17 @@ def prism_attention(q, k, v, config: PrismConfig | None = None, *, causal: bool 
         validate_scale(scale)
     if not (q.is_cuda and k.is_cuda and v.is_cuda):
         check_device(_sparse_attention_kernel, q=q, k=k, v=v)
-    if torch.compiler.is_compiling():
-        mask, num, idx, _ = torch.ops.prism.select(q, k, v, causal, *ops.config_values(cfg))
-        out, lse, _ = torch.ops.prism.block_sparse_attention(
-            q, k, v, mask, num, idx, cfg.block_size, causal, scale, return_lse, False)
-    else:
-        outputs, nonfinite = ops.record_call(
-            lambda: _attention_general(q, k, v, cfg, causal, scale, return_lse, return_mask),
-            q, k, v, cfg, causal, scale, return_lse, return_mask)
-        _raise_if_nonfinite(nonfinite, q=q, k=k, v=v)
-        return _attention_result(*outputs, *(None,) * (5 - len(outputs)), cfg, causal, q, k,
-                                 return_lse, return_mask)
-    return _attention_result(out, lse, mask, num, idx, cfg, causal, q, k, return_lse,
-                             return_mask, traced=True)
+    if compiling:  # one operator, whose body replays this call's plan at run time
+        out, lse, mask = torch.ops.prism.prism_attention(
+            q, k, v, ops.config_string(cfg), causal, scale, return_lse, return_mask)
+        return _attention_result(out, lse, mask, None, None, cfg, causal, q, k, return_lse,
+                                 return_mask, traced=True)
+    outputs, nonfinite = call_plan.record(
+        lambda: ops.attention_general(q, k, v, cfg, causal, scale, return_lse, return_mask),
+        key, (q, k, v), cfg)
+    _raise_if_nonfinite(nonfinite, q=q, k=k, v=v)
+    return _attention_result(*outputs, *(None,) * (5 - len(outputs)), cfg, causal, q, k,
+                             return_lse, return_mask)
 
 
 def _attention_result(out, lse, mask, num, idx, cfg, causal, q, k, return_lse, return_mask,

@@ -1,23 +1,41 @@
-"""Eager call plans: a repeated eager call replays the launches of an earlier one.
+"""Call plans: a repeated call replays the launches of an earlier one.
 
-An eager ``select_blocks`` or ``prism_attention`` call made before with the
-same signature (shapes, strides, dtypes and devices of the inputs, their
-16-byte alignment, the config object, ``causal``, ``scale``, ``return_lse``,
-``return_mask``) needs none of the general path's per-call work: validation
-passed for that signature, and each launch's compiled kernel, grid and scalar
-arguments are known. The second call of a signature runs the general path
-while :func:`prism.optimized.launch.recording` keeps every launch and every
+A ``select_blocks``, ``prism_attention`` or ``block_sparse_attention`` call
+made before with the same signature needs none of the general path's
+per-call work: validation passed for that signature, and each launch's
+compiled kernel, grid and scalar arguments are known. The signature
+(:func:`call_key`, :func:`block_sparse_key`) holds the shapes, strides,
+dtypes and devices of the tensor arguments, their 16-byte alignment, which
+of them are one tensor, the config object, ``causal``, ``scale``,
+``return_lse``, ``return_mask``; for ``block_sparse_attention`` the
+mask's (or, for a :class:`~prism.reference.tile_mask.TileMask` whose indices
+still apply, the carried indices') shape, strides and dtype, ``block_size``
+and whether q, k and v are checked for NaN/Inf. Values are never part of
+it: a replay reads this call's q, k, v and mask (the mask's indices are
+rebuilt by the replayed launch), so it is right for any values; the
+validation it skips only reads what the signature holds (the NaN/Inf check
+is a kernel, and is replayed).
+
+The second call of a signature runs the general path while
+:func:`prism.optimized.launch.recording` keeps every launch and every
 zeroing, and a dispatch mode watches every torch operation; from them a
-:class:`CallPlan` is made. Later calls cost their allocations, a driver memset
-and the launchers' C calls:
+:class:`CallPlan` is made. Later calls cost their allocations, a driver
+memset and the launchers' C calls:
 
 * every buffer of the call that the caller does not get back (pooling's
-  buffer; ``prism_attention``'s mask and indices unless ``return_mask``; the
+  buffer; ``prism_attention``'s mask and indices unless ``return_mask``;
+  ``block_sparse_attention``'s NaN flag and the mask's indices; the
   warp-specialised attention kernel's global scratch) lies in one
   allocation, at fixed offsets; each tensor the caller gets is its own
   ``torch.empty``;
-* the launches take raw addresses: the inputs', the outputs', and the one
-  buffer's base plus an offset.
+* the launches take raw addresses: the inputs' (or, for a view of an input
+  at its address such as the mask read as bytes, that input's), the
+  outputs', and the one buffer's base plus an offset.
+
+The same plans serve compiled code: the custom operators' bodies
+(:mod:`prism.optimized.ops`) look up and record plans at run time, when
+``torch.compiler.is_compiling()`` is False, so a compiled graph's third run
+replays (the first marks the signature, the second records).
 
 A plan is made only if the recorded call did nothing else on the device: only
 launches through :class:`~prism.optimized.launch.Prepared` with a cached
@@ -27,10 +45,10 @@ other torch operation, a launch through Triton's path, a tensor argument
 that is neither an input, nor an output, nor allocated by the call, refuses
 the plan). It is used only while the kernels, the selection tuning and the
 launch settings (Triton's debug and instrumentation knobs, no launch hooks,
-the current device) are those it was recorded with. Otherwise, and under
-``torch.compile`` or CUDA graph capture (recording only), the general path
-runs. Replays run under graph capture like any launch (the memset and the
-launches are captured).
+the current device) are those it was recorded with. Nothing is recorded
+under ``torch.compile`` tracing or CUDA graph capture, or with
+:data:`ENABLED` False; there the general path runs. Replays run under graph
+capture like any launch (the memset and the launches are captured).
 """
 
 from __future__ import annotations
@@ -38,36 +56,42 @@ from __future__ import annotations
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import attention, pooling, selection
+from . import attention, indices, pooling, selection
 from . import launch as _launch
 from .ops import tracing as _tracing  # ops imports this module at its end (it is defined)
 
 #: False: every call takes the general path (benchmarks compare the two).
 ENABLED = True
 _PLANS: dict = {}  # signature -> CallPlan, None (seen once) or False (refused)
-#: Plan hits, plans made and signatures refused (tests and benchmarks read them).
-PLAN_STATS = {"hit": 0, "made": 0, "refused": 0}
+#: Plan hits (all, and per kind of call), plans made and signatures refused (tests and
+#: benchmarks read them). The kinds: ``select`` (``select_blocks``, ``prism::select``),
+#: ``attention`` (``prism_attention``, ``prism::prism_attention``) and ``block_sparse``
+#: (``block_sparse_attention``, ``prism::block_sparse_attention``).
+PLAN_STATS = {"hit": 0, "made": 0, "refused": 0, "select": 0, "attention": 0,
+              "block_sparse": 0}
 _ALIGN = 512  # what torch's caching allocator gives every allocation
-_INPUTS = 3  # table slots: q, k, v, then the buffer, then the outputs
 
 
 def _state() -> tuple:
     """What replayed launches depend on besides the call (benchmarks swap kernels)."""
     return (pooling._pool_tiles_kernel, selection._select_tiles_kernel,
-            attention._sparse_attention_kernel,
+            attention._sparse_attention_kernel, pooling._nonfinite_kernel,
+            indices._mask_to_indices_kernel,
             selection._DEFAULT_TUNING, _launch._get_device, _launch._knobs.runtime.debug,
             _launch._knobs.compilation.instrumentation_mode)
 
 
-def _key(q, k, v, cfg, causal, scale, return_lse, return_mask):
-    """The signature of an eager call, or None (not a call on plain CUDA tensors)."""
+def call_key(kind, q, k, v, cfg, causal, scale=None, return_lse=False, return_mask=False):
+    """The signature of a selection (``v`` None, or only checked) or ``prism_attention``
+    call of ``kind`` (``"select"``, ``"attention"``), or None (not a call on plain
+    CUDA tensors)."""
     if (type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(causal) is not bool
             or not q.is_cuda):
         return None
     try:
         # Which inputs are one tensor is part of the signature: a replay hands each
         # launch argument the address of the input it was in the recorded call.
-        key = (q.shape, k.shape, q.stride(), k.stride(), q.dtype, k.dtype, q.get_device(),
+        key = (kind, q.shape, k.shape, q.stride(), k.stride(), q.dtype, k.dtype, q.get_device(),
                k.get_device(), q.data_ptr() & 15, k.data_ptr() & 15, id(cfg), causal, q is k)
         if v is None:
             return key
@@ -75,6 +99,30 @@ def _key(q, k, v, cfg, causal, scale, return_lse, return_mask):
             return None
         return (*key, v.shape, v.stride(), v.dtype, v.get_device(), v.data_ptr() & 15, scale,
                 type(scale), return_lse, return_mask, k is v, q is v)
+    except RuntimeError:  # tensors without strides or storage: the general path
+        return None
+
+
+def _meta(t):
+    return t.shape, t.stride(), t.dtype, t.get_device(), t.data_ptr() & 15
+
+
+def block_sparse_key(q, k, v, mask, num, idx, block_size, causal, scale, return_lse,
+                     check_values):
+    """The signature of a ``block_sparse_attention`` call on ``mask`` (its values are
+    data: never part of it) or on the compact indices ``num``, ``idx`` that a
+    TileMask carried, or None (the general path)."""
+    if (type(q) is not torch.Tensor or type(k) is not torch.Tensor
+            or type(v) is not torch.Tensor or not isinstance(mask, torch.Tensor)
+            or type(block_size) is not int or type(causal) is not bool
+            or type(return_lse) is not bool or not q.is_cuda):
+        return None
+    try:
+        key = ("block_sparse", *_meta(q), *_meta(k), *_meta(v), *_meta(mask), q is k, k is v,
+               q is v, block_size, causal, scale, type(scale), return_lse, check_values)
+        if num is None:
+            return key
+        return (*key, *_meta(num), *_meta(idx))
     except RuntimeError:  # tensors without strides or storage: the general path
         return None
 
@@ -89,16 +137,20 @@ class _Step:
 class CallPlan:
     """The recorded launches of one call signature, and where their buffers lie."""
 
-    __slots__ = ("cfg", "state", "device", "torch_device", "words", "outputs", "steps", "flag")
+    __slots__ = ("cfg", "state", "device", "torch_device", "words", "outputs", "steps", "flag",
+                 "kind")
 
-    def run(self, q, k, v):
-        """Replay: ``(outputs, buffer, flag)``; the NaN/Inf flag is ``buffer[flag]``."""
+    def run(self, inputs):
+        """Replay on ``inputs`` (as recorded: q, k, v, ...): ``(outputs, buffer, flag)``;
+        the NaN/Inf flag is ``buffer[flag]`` (buffer None: the call had no buffer;
+        flag None: no flag)."""
         device = self.torch_device
-        buffer = torch.empty(self.words, dtype=torch.float64, device=device)
+        buffer = torch.empty(self.words, dtype=torch.float64, device=device) if self.words else None
         outputs = [None if spec is None else torch.empty(spec[0], dtype=spec[1], device=device)
                    for spec in self.outputs]
-        table = [q.data_ptr(), k.data_ptr(), 0 if v is None else v.data_ptr(),
-                 buffer.data_ptr()]
+        table = [0 if x is None else x.data_ptr() for x in inputs]
+        base = 0 if buffer is None else buffer.data_ptr()
+        table.append(base)
         table += [0 if t is None else t.data_ptr() for t in outputs]
         stream = _launch._get_stream(self.device)
         for step in self.steps:
@@ -109,21 +161,20 @@ class CallPlan:
             values = [None if a is None else table[a[0]] + a[1] for a in step.args]
             values += step.scalars
             if step.descriptors:
-                inputs = (q, k, v)
                 for position, slot, (block_shape, padding) in step.descriptors:
                     values[position] = _launch.descriptor_on(inputs[slot], block_shape, padding)
                 values = step.entry.expand(values)
             prefix = step.prefix
             if step.scratch is not None:
-                prefix = (prefix[0], prefix[1], table[_INPUTS] + step.scratch, *prefix[3:])
+                prefix = (prefix[0], prefix[1], base + step.scratch, *prefix[3:])
             step.call(*step.grid, stream, step.function, *prefix, *values, *step.tail)
         return outputs, buffer, self.flag
 
 
-def planned_call(q, k, v, cfg, causal, scale=None, return_lse=False, return_mask=False):
-    """Replay the plan of this call's signature (:meth:`CallPlan.run`), or None (no plan:
-    the caller takes the general path). ``v`` None is ``select_blocks``."""
-    key = _key(q, k, v, cfg, causal, scale, return_lse, return_mask)
+def planned(key, inputs, cfg=None):
+    """Replay the plan of the signature ``key`` (:func:`call_key`, :func:`block_sparse_key`)
+    on ``inputs`` (:meth:`CallPlan.run`), or None (no plan: the caller takes the general
+    path)."""
     if key is None or not ENABLED:
         return None
     plan = _PLANS.get(key)
@@ -131,7 +182,8 @@ def planned_call(q, k, v, cfg, causal, scale=None, return_lse=False, return_mask
             or _launch._get_device() != plan.device or _launch._hooks_active()):
         return None
     PLAN_STATS["hit"] += 1
-    return plan.run(q, k, v)
+    PLAN_STATS[plan.kind] += 1
+    return plan.run(inputs)
 
 
 class _Watch(TorchDispatchMode):
@@ -154,23 +206,22 @@ class _Watch(TorchDispatchMode):
         return result
 
 
-def record_call(general, q, k, v, cfg, causal, scale=None, return_lse=False,
-                return_mask=False):
+def record(general, key, inputs, cfg=None):
     """``general()`` (the general path: ``(outputs, nonfinite flag)``); on the second call
-    of a signature, recorded and made into its plan."""
-    if _tracing():
-        return general()
-    key = _key(q, k, v, cfg, causal, scale, return_lse, return_mask)
-    if key is None or _PLANS.get(key, 0) is not None:
-        if key is not None and key not in _PLANS:
+    of the signature ``key``, recorded and made into its plan over ``inputs``. Never
+    recorded under ``torch.compile`` tracing or CUDA graph capture."""
+    if key is None or not ENABLED or _tracing() or _PLANS.get(key, 0) is not None:
+        if key is not None and ENABLED and key not in _PLANS and not _tracing():
             if len(_PLANS) >= 1024:
                 _PLANS.clear()
             _PLANS[key] = None  # seen: the next call records (this one may compile)
         return general()
     with _launch.recording() as launches, _Watch() as watch:
         result = general()
-    plan = _make_plan(launches, watch, result, (q, k, v), cfg)
+    plan = _make_plan(launches, watch, result, inputs, cfg)
     PLAN_STATS["made" if plan else "refused"] += 1
+    if plan:
+        plan.kind = key[0]
     _PLANS[key] = plan or False
     return result
 
@@ -179,11 +230,13 @@ def _make_plan(launches, watch, result, inputs, cfg):
     """The :class:`CallPlan` of a recorded call, or None where it cannot be replayed."""
     outputs, flag = result
     if (watch.refused or not launches or any(item is None for item in launches)
-            or _launch._driver_memset() is None or flag is None or flag.dtype != torch.float64):
+            or _launch._driver_memset() is None
+            or (flag is not None and flag.dtype != torch.float64)):
         return None
     launched = [item for item in launches if item[0] != "zero"]
     if watch.zeros != len(launches) - len(launched) or len({item[4] for item in launched}) != 1:
         return None  # zeroed other than by launch.zero_, or launches on several streams
+    n = len(inputs)  # table slots: the inputs, the buffer, the outputs
     slots: dict = {}  # storage address -> (table slot, offset of the storage there)
     specs = []
     for i, t in enumerate(outputs):
@@ -195,7 +248,7 @@ def _make_plan(launches, watch, result, inputs, cfg):
                 or not t.is_contiguous() or t.storage_offset()
                 or storage.nbytes() != t.numel() * t.element_size()):
             return None
-        slots[storage.data_ptr()] = (_INPUTS + 1 + i, 0)
+        slots[storage.data_ptr()] = (n + 1 + i, 0)
         specs.append((t.shape, t.dtype))
     size = 0
 
@@ -207,10 +260,15 @@ def _make_plan(launches, watch, result, inputs, cfg):
                 return slot, 0
         storage = t.untyped_storage()
         address = storage.data_ptr()
+        # A view of one input at its address (the mask read as bytes): that input's slot.
+        same = [slot for slot, x in enumerate(inputs) if x is not None and address
+                and x.data_ptr() == t.data_ptr() and x.untyped_storage().data_ptr() == address]
+        if same:
+            return (same[0], 0) if len(same) == 1 else None
         if address not in slots:
             if address not in watch.fresh or not address:
                 return None  # neither an input, nor an output, nor allocated by the call
-            slots[address] = (_INPUTS, size)
+            slots[address] = (n, size)
             size += -(-storage.nbytes() // _ALIGN) * _ALIGN
         slot, offset = slots[address]
         return slot, offset + t.data_ptr() - address
@@ -253,13 +311,16 @@ def _make_plan(launches, watch, result, inputs, cfg):
             step.scratch = size
             size += entry.scratch * step.grid[0] * step.grid[1] * step.grid[2]
         steps.append(step)
-    flag_at = ref(flag)
-    if flag_at is None or flag_at[0] != _INPUTS or flag_at[1] % 8:
-        return None
     plan = CallPlan()
+    plan.flag = None
+    if flag is not None:  # in the buffer, at a word of its own
+        flag_at = ref(flag)
+        if flag_at is None or flag_at[0] != n or flag_at[1] % 8:
+            return None
+        plan.flag = flag_at[1] // 8
     plan.cfg, plan.state, plan.steps, plan.outputs = cfg, _state(), steps, specs
     plan.device, plan.torch_device = inputs[0].get_device(), inputs[0].device
-    plan.words, plan.flag = max(1, -(-size // 8)), flag_at[1] // 8
+    plan.words = -(-size // 8)
     if plan.device != _launch._get_device():
         return None
     return plan

@@ -1,16 +1,38 @@
 """The kernels as PyTorch custom operators, so compiled models and CUDA graphs can hold them.
 
-Two operators, registered with :func:`torch.library.custom_op`:
+Three operators, registered with :func:`torch.library.define`:
 
-* ``prism::select`` - pooling and selection: the tile mask, its compact
-  indices and a NaN/Inf flag, from ``q``, ``k`` (and ``v``, only checked);
+* ``prism::prism_attention`` - what a compiled ``prism_attention`` call is:
+  selection and attention in one operator, returning the output, the LSE
+  and the tile mask (empty ``(0,)`` tensors where not asked for);
+* ``prism::select`` - pooling and selection (a compiled ``select_blocks``):
+  the tile mask, its compact indices and a NaN/Inf flag, from ``q``, ``k``
+  (and ``v``, only checked);
 * ``prism::block_sparse_attention`` - attention over the listed tiles (or
-  over a bool mask whose indices it builds), its LSE, and a flag.
+  over a bool mask whose indices it builds), its LSE, and a flag (empty
+  unless ``check_values``; a compiled ``block_sparse_attention`` does not
+  ask for it).
 
 Each has a fake (meta) implementation that gives the output shapes and dtypes
 without running anything, which is what ``torch.compile`` traces and what
 ``torch.library.opcheck`` checks. To Dynamo and Inductor the operators are
 opaque: the Triton kernels inside are launched as they are in eager mode.
+Every output is a fresh tensor, never an input or a view of one.
+
+At run time an operator's body costs what a repeated eager call does: it
+replays the call plan of its signature (:mod:`prism.optimized.call_plan`;
+recorded on the second run of a compiled graph, never while Dynamo traces
+or a CUDA graph is captured, where the general path runs). The fused
+operator replays the plan an eager ``prism_attention`` would, ``prism::select``
+that of ``select_blocks``, ``prism::block_sparse_attention`` that of
+``block_sparse_attention``. One operator instead of two for
+``prism_attention``, and the configuration as one string, also cut the
+dispatcher's share: the configuration is the ``repr`` of the
+:class:`~prism.reference.config.PrismConfig` field values
+(:func:`config_string`), which Dynamo folds into a constant of the graph and
+the body turns back into one cached config object (:func:`config_from_string`);
+unlike an object id, the string means the same configuration in another
+process, so a graph from Inductor's cache stays correct.
 
 The operators never wait for the GPU. NaN or Inf in an input sets the flag (a
 device tensor); :mod:`prism.optimized.api` reads it at the end of an eager
@@ -19,17 +41,15 @@ CUDA graph capture nobody reads it: the selection is then undefined
 (typically only the forced sink and diagonal tiles survive) and the outputs
 of the affected heads are NaN.
 
-Eager calls run the implementations directly (:func:`select` and
-:func:`attention` below), without the dispatcher's per-call cost; under
+Eager calls run the implementations directly (:func:`planned_select`,
+:func:`planned_attention`, :func:`planned_block_sparse`, or :func:`select`
+and :func:`attention` below), without the dispatcher's per-call cost; under
 tracing the API calls ``torch.ops.prism.*``.
-
-The configuration travels as the operators' trailing arguments, one per
-:class:`~prism.reference.config.PrismConfig` field; the schema is generated
-from the dataclass, so a new field needs no change here.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import math
@@ -43,30 +63,14 @@ from prism.reference.tiles import tile_layout
 
 from ._runtime import kernels_interpreted
 from .attention import _sparse_attention_kernel, sparse_attention_forward, supported_block_size
+from .checked_launches import mask_rows_to_indices, nonfinite_flag
 from .estimator_path import estimator_select
-from .indices import mask_rows_to_indices
-from .pooling import nonfinite_flag
 from .selection import MAX_WIDTH, select_tiles
 
 # Fixed when triton is imported (TRITON_INTERPRET), so asked once.
 _INTERPRETED = kernels_interpreted(_sparse_attention_kernel)
 
-_FIELDS = dataclasses.fields(PrismConfig)
-FIELD_NAMES = tuple(f.name for f in _FIELDS)
-
-
-def _schema_type(field) -> str:
-    """The operator schema type of a PrismConfig field (``int``, ``float?``, ...)."""
-    annotation = field.type if isinstance(field.type, str) else repr(field.type)
-    for python, schema in (("bool", "bool"), ("int", "int"), ("float", "float"), ("str", "str")):
-        if python in annotation:
-            return schema + ("?" if "None" in annotation else "")
-    raise TypeError(f"PrismConfig.{field.name} has type {annotation}, which the prism "
-                    "operators cannot pass; extend optimized/ops.py")
-
-
-#: The configuration's fields, in order, as the operators' trailing arguments.
-CONFIG_SCHEMA = ", ".join(f"{_schema_type(f)} {f.name}" for f in _FIELDS)
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(PrismConfig))
 
 
 def config_values(cfg: PrismConfig) -> tuple:
@@ -74,10 +78,35 @@ def config_values(cfg: PrismConfig) -> tuple:
     return tuple(getattr(cfg, name) for name in FIELD_NAMES)
 
 
+def config_string(cfg: PrismConfig) -> str:
+    """``cfg`` as the operators' ``config`` argument: the ``repr`` of its field values.
+
+    Dynamo folds it to a constant string of the traced graph (one ``str``
+    argument costs the dispatcher less than one argument per field), and
+    unlike an id it means the same configuration in another process (a graph
+    from Inductor's cache).
+    """
+    return repr(config_values(cfg))
+
+
 @functools.lru_cache(maxsize=1024)
 def config_from_values(values: tuple) -> PrismConfig:
     """Inverse of :func:`config_values`."""
     return PrismConfig(**dict(zip(FIELD_NAMES, values, strict=True)))
+
+
+@functools.lru_cache(maxsize=1024)
+def config_from_string(config: str) -> PrismConfig:
+    """Inverse of :func:`config_string`: one config object per string (call plans key on
+    its identity)."""
+    try:  # (no field of a valid PrismConfig takes nan or inf, which repr would not round-trip)
+        values = ast.literal_eval(config)
+    except (ValueError, SyntaxError):
+        values = None
+    if type(values) is not tuple or len(values) != len(FIELD_NAMES):
+        raise ValueError(f"a prism operator's config must be config_string(PrismConfig(...)) "
+                         f"with {len(FIELD_NAMES)} values, got {config!r}")
+    return config_from_values(values)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -175,28 +204,123 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: tor
     return out, (lse if return_lse else None), nonfinite
 
 
+def select_general(q, k, v, cfg: PrismConfig, causal: bool):
+    """The general path of a selection, as call plans record it: ``((mask, num, idx),
+    nonfinite)``."""
+    mask, num, idx, nonfinite = select(q, k, v, cfg, causal)
+    return (mask, num, idx), nonfinite
+
+
+def attention_general(q, k, v, cfg: PrismConfig, causal: bool, scale, return_lse: bool,
+                      return_mask: bool):
+    """``prism_attention``'s general path: ``((out, lse[, mask, num, idx]), nonfinite)``."""
+    mask, num, idx, nonfinite = select(q, k, v, cfg, causal)
+    out, lse, _ = attention(q, k, v, mask, num, idx, cfg.block_size, causal, scale,
+                            return_lse, False)
+    return ((out, lse, mask, num, idx) if return_mask else (out, lse)), nonfinite
+
+
+def planned_select(q, k, v, cfg: PrismConfig, causal: bool):
+    """A selection through its call plan: ``((mask, num, idx), buffer, flag)``, the
+    NaN/Inf flag ``buffer[flag]`` (the general path's when nothing was replayed)."""
+    key = call_plan.call_key("select", q, k, v, cfg, causal)
+    planned = call_plan.planned(key, (q, k, v), cfg)
+    if planned is None:
+        outputs, nonfinite = call_plan.record(lambda: select_general(q, k, v, cfg, causal), key,
+                                              (q, k, v), cfg)
+        return outputs, nonfinite, 0
+    return planned
+
+
+def planned_attention(q, k, v, cfg: PrismConfig, causal: bool, scale, return_lse: bool,
+                      return_mask: bool):
+    """``prism_attention`` through its call plan: ``(outputs, buffer, flag)`` as in
+    :func:`planned_select`, ``outputs`` as :func:`attention_general`'s."""
+    key = call_plan.call_key("attention", q, k, v, cfg, causal, scale, return_lse, return_mask)
+    planned = call_plan.planned(key, (q, k, v), cfg)
+    if planned is None:
+        outputs, nonfinite = call_plan.record(
+            lambda: attention_general(q, k, v, cfg, causal, scale, return_lse, return_mask),
+            key, (q, k, v), cfg)
+        return outputs, nonfinite, 0
+    return planned
+
+
+def planned_block_sparse(q, k, v, block_mask, num, idx, block_size: int, causal: bool, scale,
+                         return_lse: bool, check_values: bool):
+    """:func:`attention` through its call plan: ``((out, lse), buffer, flag)``, the flag
+    ``buffer[flag]`` (None unless ``check_values``)."""
+    key = call_plan.block_sparse_key(q, k, v, block_mask, num, idx, block_size, causal, scale,
+                                     return_lse, check_values)
+    inputs = (q, k, v, block_mask, num, idx)
+    planned = call_plan.planned(key, inputs)
+    if planned is not None:
+        return planned
+
+    def general():
+        out, lse, nonfinite = attention(q, k, v, block_mask, num, idx, block_size, causal,
+                                        scale, return_lse, check_values)
+        return (out, lse), nonfinite
+
+    outputs, nonfinite = call_plan.record(general, key, inputs)
+    return outputs, nonfinite, 0
+
+
 # ---------------------------------------------------------------------------
-# Registration. The operators return fresh tensors only (no aliasing of inputs).
+# Registration. The operators return fresh tensors only (no aliasing of inputs),
+# and take the configuration as one string (config_string). Their bodies replay
+# call plans like eager calls (recorded at compiled run time, never while tracing
+# or capturing); the NaN/Inf flag they return is nobody's to read.
 # ---------------------------------------------------------------------------
+
+def _tile_shape(q, k, block_size: int, causal: bool) -> tuple:
+    layout = tile_layout(q.shape[2], k.shape[2], block_size, causal)
+    return (q.shape[0], q.shape[1], layout.num_query_tiles, layout.num_key_tiles)
+
 
 torch.library.define(
     "prism::select",
-    f"(Tensor q, Tensor k, Tensor? v, bool causal, {CONFIG_SCHEMA}) "
+    "(Tensor q, Tensor k, Tensor? v, bool causal, str config) "
     "-> (Tensor, Tensor, Tensor, Tensor)")
 
 
 @torch.library.impl("prism::select", "default")
-def _select_op(q, k, v, causal, *values):
-    return select(q, k, v, config_from_values(values), causal)
+def _select_op(q, k, v, causal, config):
+    (mask, num, idx), nonfinite, flag = planned_select(q, k, v, config_from_string(config),
+                                                       causal)
+    return mask, num, idx, nonfinite[flag:flag + 1]
 
 
 @torch.library.register_fake("prism::select")
-def _select_fake(q, k, v, causal, *values):
-    cfg = config_from_values(values)
-    layout = tile_layout(q.shape[2], k.shape[2], cfg.block_size, causal)
-    shape = (q.shape[0], q.shape[1], layout.num_query_tiles, layout.num_key_tiles)
+def _select_fake(q, k, v, causal, config):
+    shape = _tile_shape(q, k, config_from_string(config).block_size, causal)
     return (q.new_empty(shape, dtype=torch.bool), q.new_empty(shape[:3], dtype=torch.int32),
             q.new_empty(shape, dtype=torch.int32), q.new_empty((1,), dtype=torch.float64))
+
+
+torch.library.define(
+    "prism::prism_attention",
+    "(Tensor q, Tensor k, Tensor v, str config, bool causal, float? scale, bool return_lse, "
+    "bool return_mask) -> (Tensor, Tensor, Tensor)")
+
+
+@torch.library.impl("prism::prism_attention", "default")
+def _prism_attention_op(q, k, v, config, causal, scale, return_lse, return_mask):
+    outputs = planned_attention(q, k, v, config_from_string(config), causal, scale,
+                                return_lse, return_mask)[0]
+    lse = outputs[1]
+    if lse is None:
+        lse = q.new_empty((0,), dtype=torch.float32)
+    return outputs[0], lse, outputs[2] if return_mask else q.new_empty((0,), dtype=torch.bool)
+
+
+@torch.library.register_fake("prism::prism_attention")
+def _prism_attention_fake(q, k, v, config, causal, scale, return_lse, return_mask):
+    mask = (_tile_shape(q, k, config_from_string(config).block_size, causal) if return_mask
+            else (0,))
+    return (q.new_empty((*q.shape[:3], v.shape[3])),
+            q.new_empty(q.shape[:3] if return_lse else (0,), dtype=torch.float32),
+            q.new_empty(mask, dtype=torch.bool))
 
 
 torch.library.define(
@@ -209,11 +333,14 @@ torch.library.define(
 @torch.library.impl("prism::block_sparse_attention", "default")
 def _attention_op(q, k, v, block_mask, kv_num_blocks, kv_indices, block_size, causal, scale,
                   return_lse, check_values):
-    out, lse, nonfinite = attention(q, k, v, block_mask, kv_num_blocks, kv_indices, block_size,
-                                    causal, scale, return_lse, check_values)
+    (out, lse), nonfinite, flag = planned_block_sparse(
+        q, k, v, block_mask, kv_num_blocks, kv_indices, block_size, causal, scale, return_lse,
+        check_values)
     if lse is None:
         lse = torch.empty(0, dtype=torch.float32, device=q.device)
-    if nonfinite is None:
+    if check_values:
+        nonfinite = nonfinite[flag:flag + 1]
+    else:
         nonfinite = torch.empty(0, dtype=torch.float64, device=q.device)
     return out, lse, nonfinite
 
@@ -240,8 +367,5 @@ def tracing() -> bool:
     return _capturing()
 
 
-# ---------------------------------------------------------------------------
-# Eager call plans: a repeated eager call replays its recorded launches.
-# ---------------------------------------------------------------------------
-
-from .call_plan import planned_call, record_call  # noqa: E402,F401  (the api's entry points)
+# Call plans: a repeated call replays its recorded launches (imports tracing from here).
+from . import call_plan  # noqa: E402
