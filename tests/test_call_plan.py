@@ -22,7 +22,7 @@ from triton.runtime.jit import JITFunction
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 import prism.optimized as optimized
-from prism.optimized import attention, call_plan, pooling, selection
+from prism.optimized import attention, call_plan, indices, ops, pooling, selection
 from prism.optimized import launch as fast
 from prism.reference import PrismConfig, tile_layout
 
@@ -110,8 +110,19 @@ class _Fakes:
     def attend(self, values):
         out, num = values[3], values[5]
         counts = list(_ints(num, B * HQ * NQT))
-        assert counts == [r % NQT + 1 for r in range(B * HQ * NQT)]
         (ctypes.c_float * 1).from_address(out)[0] = float(sum(counts))  # float32 output
+
+    def check(self, values):  # the NaN/Inf check of block_sparse_attention
+        if self.poison_flag:
+            _doubles(values[3], 1)[0] = 1.0
+
+    def index(self, values):  # a (rows, NQT) bool mask to counts and indices
+        mask, num, idx, rows = values[0], values[1], values[2], B * HQ * NQT
+        bits = list((ctypes.c_uint8 * (rows * NQT)).from_address(mask))
+        for r in range(rows):
+            row = [j for j in range(NQT) if bits[r * NQT + j]]
+            _ints(num, rows)[r] = len(row)
+            _ints(idx, rows * NQT)[r * NQT:(r + 1) * NQT] = row + [-1] * (NQT - len(row))
 
 
 @pytest.fixture
@@ -123,7 +134,11 @@ def fakes(monkeypatch):
         "pool": _Kernel(pooling._pool_tiles_kernel, effects.pool),
         "select": _Kernel(selection._select_tiles_kernel, effects.select),
         "attend": _Kernel(attention._sparse_attention_kernel, effects.attend, SCRATCH),
+        "check": _Kernel(pooling._nonfinite_kernel, effects.check),
+        "index": _Kernel(indices._mask_to_indices_kernel, effects.index),
     }
+    monkeypatch.setattr(pooling, "_nonfinite_kernel", kernels["check"])
+    monkeypatch.setattr(indices, "_mask_to_indices_kernel", kernels["index"])
     monkeypatch.setattr(pooling, "_pool_tiles_kernel", kernels["pool"])
     monkeypatch.setattr(selection, "_select_tiles_kernel", kernels["select"])
     monkeypatch.setattr(attention, "_sparse_attention_kernel", kernels["attend"])
@@ -168,12 +183,13 @@ def test_replay_hands_every_launch_what_the_general_path_did(fakes):
     q, k, v = _inputs()
     stats = dict(call_plan.PLAN_STATS)
     general = [optimized.prism_attention(q, k, v, CFG) for _ in range(2)]  # seen, recorded
-    recorded = {name: _last(kernel) for name, kernel in fakes.kernels.items()}
+    selection_kernels = ("pool", "select", "attend")
+    recorded = {name: _last(fakes.kernels[name]) for name in selection_kernels}
     assert call_plan.PLAN_STATS["made"] == stats["made"] + 1
     replayed_out = optimized.prism_attention(q, k, v, CFG)
     assert call_plan.PLAN_STATS["hit"] == stats["hit"] + 1
-    replayed = {name: _last(kernel) for name, kernel in fakes.kernels.items()}
-    assert all(len(kernel.compiled.run.calls) == 3 for kernel in fakes.kernels.values())
+    replayed = {name: _last(fakes.kernels[name]) for name in selection_kernels}
+    assert all(len(fakes.kernels[name].compiled.run.calls) == 3 for name in recorded)
     # Same grid, stream, function, constexprs and scalars; inputs at the same addresses.
     names = [p.name for p in fakes.kernels["select"].params]
     tensors = {"pool": 4, "select": names.index("num_q_heads"), "attend": 9}
@@ -306,6 +322,99 @@ def test_replay_rebuilds_host_descriptors_over_the_new_inputs(fakes, monkeypatch
     attention._PLANS.clear()
 
 
+def _masks(seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(B, HQ, NQT, NQT, generator=gen) < 0.5
+
+
+def test_block_sparse_replay_reads_each_calls_mask(fakes):
+    """block_sparse_attention's plan: the mask's values are data (indices rebuilt from
+    this call's mask), a TileMask's carried indices are read where they lie, NaN raises."""
+    q, k, v = _inputs()
+    stats = dict(call_plan.PLAN_STATS)
+    for seed in (0, 1):  # seen, recorded
+        optimized.block_sparse_attention(q, k, v, _masks(seed), block_size=32)
+    assert call_plan.PLAN_STATS["made"] == stats["made"] + 1
+    for seed in (2, 3, 4):
+        mask = _masks(seed)
+        out = optimized.block_sparse_attention(q, k, v, mask, block_size=32)
+        assert out.flatten()[0].item() == mask.sum().item()  # counts of this mask
+        assert _last(fakes.kernels["index"])[13] == mask.data_ptr()
+        assert _last(fakes.kernels["attend"])[16] == out.data_ptr()
+    assert call_plan.PLAN_STATS["block_sparse"] == stats["block_sparse"] + 3
+    # Same signature with lse: another plan; its lse is a fresh output.
+    for _ in range(3):
+        out, lse = optimized.block_sparse_attention(q, k, v, _masks(5), block_size=32,
+                                                    return_lse=True)
+    assert _last(fakes.kernels["attend"])[17] == lse.data_ptr() != out.data_ptr()
+    assert call_plan.PLAN_STATS["block_sparse"] == stats["block_sparse"] + 4
+    # A TileMask with its indices: not rebuilt, the attention reads the carried ones.
+    selected = optimized.select_blocks(q, k, CFG)
+    index_calls = len(fakes.kernels["index"].compiled.run.calls)
+    for _ in range(3):
+        out = optimized.block_sparse_attention(q, k, v, selected, block_size=32)
+    assert len(fakes.kernels["index"].compiled.run.calls) == index_calls
+    assert _last(fakes.kernels["attend"])[18:20] == (selected.kv_num_blocks.data_ptr(),
+                                                     selected.kv_indices.data_ptr())
+    assert call_plan.PLAN_STATS["block_sparse"] == stats["block_sparse"] + 5
+    # NaN: the replayed check flags it and the call raises the reference's error.
+    bad = v.clone()
+    bad[0, 1, 7, 2] = float("nan")
+    fakes.poison_flag = True
+    with pytest.raises(ValueError, match="v contains 1 NaN or Inf"):
+        optimized.block_sparse_attention(q, k, bad, _masks(6), block_size=32)
+    assert call_plan.PLAN_STATS["block_sparse"] == stats["block_sparse"] + 6
+
+
+def test_operator_bodies_replay_plans(fakes):
+    """What compiled code runs: the operators' bodies record on a second call and replay
+    after, with fresh outputs; the fused operator's plan is prism_attention's."""
+    q, k, v = _inputs()
+    config = ops.config_string(CFG)
+    stats = dict(call_plan.PLAN_STATS)
+    outs = [torch.ops.prism.prism_attention(q, k, v, config, True, None, True, True)
+            for _ in range(3)]
+    assert call_plan.PLAN_STATS["attention"] == stats["attention"] + 1
+    out, lse, mask = outs[2]
+    assert _last(fakes.kernels["attend"])[16:18] == (out.data_ptr(), lse.data_ptr())
+    assert out.flatten()[0].item() == outs[0][0].flatten()[0].item()
+    assert mask.shape == (B, HQ, NQT, NQT) and mask.all()
+    assert len({t.data_ptr() for t in (q, k, v, out, lse, mask)}) == 6
+    selected = [torch.ops.prism.select(q, k, None, True, config) for _ in range(3)]
+    assert call_plan.PLAN_STATS["select"] == stats["select"] + 1
+    assert selected[2][3].dtype == torch.float64 and selected[2][3].shape == (1,)
+    for check in (True, False):
+        for _ in range(3):
+            got = torch.ops.prism.block_sparse_attention(q, k, v, _masks(7), None, None, 32,
+                                                         True, None, False, check)
+        assert got[0].flatten()[0].item() == _masks(7).sum().item()
+        assert got[2].shape == ((1,) if check else (0,))
+    assert call_plan.PLAN_STATS["block_sparse"] == stats["block_sparse"] + 2
+
+
+def test_compiled_calls_replay_plans(fakes):
+    """A compiled layer's operators replay plans from its third run on (the first two:
+    seen, recorded), and never record while Dynamo traces."""
+    q, k, v = _inputs()
+    torch._dynamo.reset()
+
+    def layer(q, k, v):
+        mask = optimized.select_blocks(q, k, CFG)
+        return (optimized.prism_attention(q, k, v, CFG) * 2,
+                optimized.block_sparse_attention(q, k, v, mask, block_size=32))
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    stats = dict(call_plan.PLAN_STATS)
+    outs = [compiled(q, k, v) for _ in range(4)]
+    for kind in ("select", "attention", "block_sparse"):
+        assert call_plan.PLAN_STATS[kind] == stats[kind] + 2, kind
+    assert call_plan.PLAN_STATS["made"] == stats["made"] + 3
+    rows = B * HQ * NQT
+    assert outs[3][0].flatten()[0].item() == 2 * sum(r % NQT + 1 for r in range(rows))
+    assert outs[3][1].flatten()[0].item() == NQT * rows  # the fake selection keeps all
+    torch._dynamo.reset()
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -343,3 +452,35 @@ def test_replay_equals_the_general_path_on_the_gpu(n, d):
     with pytest.raises(ValueError, match="q contains 1 NaN or Inf"):
         optimized.prism_attention(bad, k, v, return_lse=True)
     assert call_plan.PLAN_STATS["hit"] == hits + 4
+
+
+
+@pytest.mark.gpu
+@cuda
+def test_block_sparse_replay_equals_the_general_path_on_the_gpu():
+    """Masks of other values through one plan, a TileMask's carried indices, lse: the
+    replay gives the general path's bits; NaN still raises."""
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    q, k, v = (torch.randn(1, h, 4096, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+               for h in (8, 2, 2))
+    eye = torch.eye(32, dtype=torch.bool, device="cuda")
+    masks = [(torch.rand(1, 8, 32, 32, device="cuda", generator=gen) < p) | eye
+             for p in (0.1, 0.5, 1)]
+    masks.append(optimized.select_blocks(q, k))
+    call_plan._PLANS.clear()
+    call_plan.ENABLED = False
+    try:
+        general = [optimized.block_sparse_attention(q, k, v, m, return_lse=True) for m in masks]
+    finally:
+        call_plan.ENABLED = True
+    assert not call_plan._PLANS  # nothing recorded with plans off
+    hits = call_plan.PLAN_STATS["block_sparse"]
+    for _ in range(3):  # bool masks: seen, recorded, 7 replays; the TileMask: 1 replay
+        for m, (out, lse) in zip(masks, general, strict=True):
+            got, got_lse = optimized.block_sparse_attention(q, k, v, m, return_lse=True)
+            assert torch.equal(got, out) and torch.equal(got_lse, lse)
+    assert call_plan.PLAN_STATS["block_sparse"] == hits + 8
+    bad = v.clone()
+    bad[0, 1, 300, 7] = float("nan")
+    with pytest.raises(ValueError, match="v contains 1 NaN or Inf"):
+        optimized.block_sparse_attention(q, k, bad, masks[0], return_lse=True)

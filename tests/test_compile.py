@@ -11,6 +11,7 @@ tests/test_compile_gpu.py runs Inductor, CUDA graphs and a compiled model.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import math
 
@@ -48,9 +49,9 @@ def _qkv(nq=96, nk=160, d=32, hq=4, hkv=2, seed=0, dtype=torch.float32):
 @pytest.mark.parametrize("causal", [True, False])
 def test_fake_select_gives_the_real_shapes(causal):
     q, k, v = _qkv()
-    values = ops.config_values(PrismConfig(block_size=32))
-    real = torch.ops.prism.select(q, k, v, causal, *values)
-    fake = torch.ops.prism.select(q.to("meta"), k.to("meta"), v.to("meta"), causal, *values)
+    config = ops.config_string(PrismConfig(block_size=32))
+    real = torch.ops.prism.select(q, k, v, causal, config)
+    fake = torch.ops.prism.select(q.to("meta"), k.to("meta"), v.to("meta"), causal, config)
     layout = tile_layout(96, 160, 32, causal)
     assert real[0].shape == (1, 4, layout.num_query_tiles, layout.num_key_tiles)
     for r, f in zip(real, fake, strict=True):
@@ -74,24 +75,40 @@ def test_fake_attention_gives_the_real_shapes(return_lse, check_values):
         assert (r.shape, r.dtype) == (f.shape, f.dtype)
 
 
-def test_opcheck_accepts_both_operators():
+def test_opcheck_accepts_the_operators():
     q, k, v = _qkv(nq=64, nk=64, d=16, hq=2, hkv=1)
-    values = ops.config_values(PrismConfig(block_size=32))
+    config = ops.config_string(PrismConfig(block_size=32))
     tests = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(torch.ops.prism.select.default, (q, k, v, True, *values),
+    torch.library.opcheck(torch.ops.prism.select.default, (q, k, v, True, config),
                           test_utils=tests)
+    # The fused operator on 2 x 2 tiles, its outputs all asked for (test_faketensor: the
+    # fake gives the real shapes and dtypes); without lse and mask, empty placeholders.
+    small = [t[:, :, :32] for t in (q, k, v)]
+    config = ops.config_string(PrismConfig(block_size=16))
+    torch.library.opcheck(torch.ops.prism.prism_attention.default,
+                          (*small, config, True, None, True, True), test_utils=tests)
+    fake = torch.ops.prism.prism_attention(*(t.to("meta") for t in small), config, False, 0.3,
+                                           False, False)
+    assert [(tuple(t.shape), t.dtype) for t in fake] == [
+        ((1, 2, 32, 16), q.dtype), ((0,), torch.float32), ((0,), torch.bool)]
     mask = torch.ones(1, 2, 2, 2, dtype=torch.bool, device=DEVICE)
     torch.library.opcheck(torch.ops.prism.block_sparse_attention.default,
                           (q, k, v, mask, None, None, 32, True, 0.3, True, True),
                           test_utils=tests)
 
 
-def test_config_travels_field_by_field():
+def test_config_travels_as_one_string():
     cfg = PrismConfig(block_size=64, high_threshold=0.9, calibrate=False, rope_layout="interleaved",
-                      vertical_slash_threshold=0.5)
-    assert ops.config_from_values(ops.config_values(cfg)) == cfg
-    schema = str(torch.ops.prism.select.default._schema)
-    assert "float? vertical_slash_threshold" in schema and "int? high_dim" in schema
+                      vertical_slash_threshold=0.5, eps=1e-7)
+    text = ops.config_string(cfg)
+    assert ops.config_from_string(text) == cfg
+    assert ops.config_from_string(text) is ops.config_from_string(str(text))  # one object
+    assert ops.config_from_string(ops.config_string(PrismConfig())) == PrismConfig()
+    with pytest.raises(ValueError, match="config_string"):
+        ops.config_from_string("(1, 2)")
+    for name in ("select", "prism_attention"):
+        schema = str(getattr(torch.ops.prism, name).default._schema)
+        assert "str config" in schema and "high_dim" not in schema
 
 
 # --------------------------------------------------------------------------
@@ -109,10 +126,23 @@ def test_compiled_prism_attention_has_no_graph_break_and_matches_eager(overrides
         o, lse = optimized.prism_attention(q * 1.0, k, v, config, return_lse=True, **overrides)
         return o + 0.0, lse
 
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, inputs)
+
+    compiled = torch.compile(layer, fullgraph=True, backend=backend)
     o, lse = compiled(q, k, v)
     ref_o, ref_lse = optimized.prism_attention(q, k, v, config, return_lse=True, **overrides)
     assert torch.equal(o, ref_o) and torch.equal(lse, ref_lse)
+    # One fused operator, the resolved configuration folded into its string argument.
+    calls = [n for n in graphs[0].graph.nodes if n.op == "call_function"
+             and "prism" in str(n.target)]
+    assert [n.target for n in calls] == [torch.ops.prism.prism_attention]
+    resolved = dataclasses.replace(config, **{k: v for k, v in overrides.items()
+                                              if k != "causal"})
+    assert ops.config_from_string(calls[0].args[3]) == resolved
 
 
 def test_compiled_select_then_attention_matches_eager():

@@ -1,7 +1,8 @@
 """Prism inside compiled code and CUDA graphs, on a CUDA GPU (marker ``gpu``).
 
 * ``torch.compile(fullgraph=True)`` with Inductor traces the public functions
-  into the custom operators and matches eager;
+  into the custom operators and matches eager; at run time the operators
+  replay call plans, bit for bit equal to eager;
 * a CUDA graph captured around ``prism_attention`` replays to eager's result
   on new inputs copied into the captured buffers, and so does
   ``torch.compile(mode="reduce-overhead")``;
@@ -43,6 +44,34 @@ def test_inductor_fullgraph_matches_eager(d, bs):
     ref_o, ref_lse = optimized.prism_attention(q, k, v, block_size=bs, return_lse=True)
     assert relative_error(o, ref_o.float() * 2.0) <= 1e-6
     assert torch.equal(lse, ref_lse)
+
+
+def test_compiled_calls_replay_call_plans_bit_for_bit():
+    """At run time the operators' bodies replay call plans (from the third call on): the
+    compiled outputs equal eager ones bit for bit, select/attend and fused alike."""
+    from prism.optimized import call_plan
+
+    q, k, v = _cuda_qkv(seed=11)
+    torch._dynamo.reset()
+
+    def layer(q, k, v):
+        mask = optimized.select_blocks(q, k)
+        return (*optimized.prism_attention(q, k, v, return_lse=True, return_mask=True),
+                optimized.block_sparse_attention(q, k, v, mask), mask)
+
+    compiled = torch.compile(layer, fullgraph=True)
+    eager_out, eager_lse, eager_mask = optimized.prism_attention(q, k, v, return_lse=True,
+                                                                 return_mask=True)
+    stats = dict(call_plan.PLAN_STATS)
+    for _ in range(4):
+        out, lse, mask, sparse_out, selected = compiled(q, k, v)
+        assert torch.equal(out, eager_out) and torch.equal(lse, eager_lse)
+        assert torch.equal(mask, eager_mask) and torch.equal(selected, eager_mask)
+        assert torch.equal(sparse_out, optimized.block_sparse_attention(q, k, v, eager_mask))
+    for kind in ("select", "attention"):
+        assert call_plan.PLAN_STATS[kind] - stats[kind] == 2, kind
+    # The compiled call (no NaN check) and the eager one (NaN check): 2 replays each.
+    assert call_plan.PLAN_STATS["block_sparse"] - stats["block_sparse"] == 4
 
 
 def test_inductor_select_then_attention_matches_eager():
