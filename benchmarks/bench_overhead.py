@@ -33,9 +33,11 @@ Prints one JSON object (and writes it with ``--out``):
     claimed for CPU tensors), through the call plan (``plan``) and the general
     path (``general``), and a cProfile of the planned call. Allocation costs are
     the CPU's, not CUDA's caching allocator's.
-``compiled`` (``--parts compiled``)
-    Host microseconds of ``prism_attention`` compiled with ``fullgraph=True`` at 4K,
-    its do_bench time and graph replay, and a cProfile of the compiled call.
+``compiled`` (``--parts compiled``, shapes ``--compiled-shapes``)
+    ``prism_attention`` compiled with ``fullgraph=True`` beside eager, CUDA-graph replay
+    and cuDNN SDPA (do_bench medians, host microseconds per call, plan replays, bitwise
+    equality with the general path), the compiled call with call plans off, and eager
+    ``block_sparse_attention`` with and without its plan (:func:`compiled_part`).
 
 Usage (GPU machine, repository root)::
 
@@ -337,25 +339,90 @@ def eager_part(lengths=(4096, 8192, 131072)):
     return row
 
 
-def compiled_part(n=4096):
-    """Host microseconds per call of ``prism_attention`` compiled with ``fullgraph=True``
-    (static shapes, so no recompilation with dynamic ones), beside the eager call with
-    the flag read off, and a cProfile of the compiled call: where a compiled call's host
-    time goes (Dynamo's guards, Inductor's wrapper, the dispatcher, the operators)."""
-    q, k, v = qkv(n)
-    compiled = torch.compile(lambda q, k, v: optimized.prism_attention(q, k, v),
-                             fullgraph=True, dynamic=False)
-    compiled(q, k, v)
-    row = {"compiled_us": host_us(lambda: compiled(q, k, v))}
-    original = ops.tracing
-    ops.tracing = lambda: True
-    try:
-        row["eager_no_flag_us"] = host_us(lambda: optimized.prism_attention(q, k, v))
-    finally:
-        ops.tracing = original
-    row["compiled_ms"] = bench(lambda: compiled(q, k, v))
-    row["graph_replay_ms"] = _graph_us(lambda: compiled(q, k, v), repeats=1) / 1e3
-    return row, profile(lambda: compiled(q, k, v), lines=30)
+class _NoFlagRead:
+    """The eager NaN-flag read off while inside (the host never waits, as compiled code)."""
+
+    def __enter__(self):
+        self.saved = ops.tracing
+        ops.tracing = lambda: True
+
+    def __exit__(self, *exc):
+        ops.tracing = self.saved
+
+
+def _compiled_one(spec, prof):
+    """One shape of :func:`compiled_part`."""
+    from bench_matrix import cudnn_ms, parse_shape, structured_qkv
+
+    n, d, hq, hkv, b = parse_shape(spec)
+    q, k, v = structured_qkv(n, hq=hq, hkv=hkv, d=d, b=b)
+    row = {"tokens": n, "head_dim": d, "q_heads": hq, "kv_heads": hkv, "batch": b}
+    eager = lambda: optimized.prism_attention(q, k, v)  # noqa: E731
+    compiled_fn = torch.compile(lambda q, k, v: optimized.prism_attention(q, k, v),
+                                fullgraph=True, dynamic=False)
+    compiled = lambda: compiled_fn(q, k, v)  # noqa: E731
+    hits = call_plan.PLAN_STATS["attention"]
+    outs = [compiled() for _ in range(3)]  # seen, recorded, replayed
+    row["compiled_replays_of_3"] = call_plan.PLAN_STATS["attention"] - hits
+    with _General():
+        general_out = optimized.prism_attention(q, k, v)
+    row["compiled_equal_general"] = all(torch.equal(o, general_out) for o in outs)
+    row["eager_ms"] = bench(eager)
+    row["compiled_ms"] = bench(compiled)
+    row["graph_ms"] = _graph_us(eager, repeats=1) / 1e3
+    row["cudnn_ms"], row["dense_backend"] = cudnn_ms(q, k, v)
+    row["compiled_host_us"] = host_us(compiled)
+    with _NoFlagRead():
+        row["eager_host_us"] = host_us(eager)
+    with _General():  # the operator bodies without call plans
+        row["compiled_no_plan_ms"] = bench(compiled)
+        row["compiled_no_plan_host_us"] = host_us(compiled)
+    # block_sparse_attention, eager: planned (after) and general path (before), on the
+    # selection's TileMask (carried indices) and on its plain bool tensor (indices built).
+    mask = optimized.select_blocks(q, k)
+    plain = mask.as_tensor().clone()
+    for name, m in (("tile_mask", mask), ("bool_mask", plain)):
+        fn = lambda m=m: optimized.block_sparse_attention(q, k, v, m)  # noqa: E731
+        with _General():
+            reference = fn()
+            row[f"bsa_{name}_general_ms"] = bench(fn)
+            with _NoFlagRead():
+                row[f"bsa_{name}_general_host_us"] = host_us(fn)
+        hits = call_plan.PLAN_STATS["block_sparse"]
+        got = [fn() for _ in range(3)]
+        row[f"bsa_{name}_replays_of_3"] = call_plan.PLAN_STATS["block_sparse"] - hits
+        row[f"bsa_{name}_equal_general"] = all(torch.equal(o, reference) for o in got)
+        row[f"bsa_{name}_ms"] = bench(fn)
+        with _NoFlagRead():
+            row[f"bsa_{name}_host_us"] = host_us(fn)
+    # Another mask's values through the same plan: the indices are this call's.
+    other = plain.clone()
+    other[..., 1:, 0] = ~other[..., 1:, 0]
+    with _General():
+        reference = optimized.block_sparse_attention(q, k, v, other)
+    hits = call_plan.PLAN_STATS["block_sparse"]
+    row["bsa_other_mask_equal_general"] = torch.equal(
+        optimized.block_sparse_attention(q, k, v, other), reference)
+    row["bsa_other_mask_replayed"] = call_plan.PLAN_STATS["block_sparse"] - hits
+    if row["cudnn_ms"]:
+        for name in ("eager", "compiled", "graph"):
+            row[f"cudnn_over_{name}"] = row["cudnn_ms"] / row[f"{name}_ms"]
+    if n == 4096 and d == 128:
+        prof["compiled_4096"] = profile(compiled, lines=30)
+    print("compiled", spec, json.dumps(row), flush=True)
+    return row
+
+
+def compiled_part(specs=("4096", "8192", "8192/64", "8192/256")):
+    """``prism_attention`` compiled with ``fullgraph=True`` (static shapes) beside eager,
+    CUDA-graph replay and cuDNN SDPA on the e2e inputs of ``bench_matrix.py``'s graph part
+    (``N`` or ``N/D/HQ/HKV/B``): do_bench medians, host microseconds per call (flag read
+    off for eager), plan replays and bitwise equality with the general path; the compiled
+    call with plans off (its operator bodies on the general path); eager
+    ``block_sparse_attention`` with and without its plan, on a TileMask and on a plain
+    mask; a cProfile of the compiled call at 4K, D 128."""
+    prof = {}
+    return [_compiled_one(spec, prof) for spec in specs], prof
 
 
 def main(argv=None):
@@ -364,12 +431,15 @@ def main(argv=None):
     parser.add_argument("--parts", default="host,check,launch,gpu,eager")
     parser.add_argument("--host-lengths", default="4096,8192",
                         help="token counts of the host part")
+    parser.add_argument("--compiled-shapes", default="4096,8192,8192/64,8192/256",
+                        help="shapes of the compiled part (N or N/D/HQ/HKV/B)")
+    parser.add_argument("--commit", default="", help="the commit measured (recorded)")
     parser.add_argument("--lengths", default="4096,8192,131072",
                         help="token counts of the gpu and eager parts")
     args = parser.parse_args(argv)
     parts = args.parts.split(",")
     result = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
-              "torch": torch.__version__}
+              "torch": torch.__version__, "commit": args.commit, "command": " ".join(sys.argv)}
     lengths = [int(n) for n in args.lengths.split(",")]
 
     def save():
@@ -400,9 +470,9 @@ def main(argv=None):
         print("gpu_us", json.dumps(result["gpu_us"], indent=0), flush=True)
         save()
     if "compiled" in parts:
-        result["compiled"], result["profile_compiled"] = compiled_part()
-        print("compiled", json.dumps(result["compiled"], indent=0), flush=True)
-        print(result["profile_compiled"][-3500:])
+        result["compiled"], result["profile_compiled"] = compiled_part(
+            args.compiled_shapes.split(","))
+        print(result["profile_compiled"].get("compiled_4096", "")[-3500:])
         save()
     if "eager" in parts:
         result["eager_ms"] = eager_part(lengths)
