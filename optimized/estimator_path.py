@@ -145,8 +145,7 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
         return mask, num, idx, nonfinite_flag(q, k, k if v is None else v)
     spec = estimator_spec(cfg.estimator)
     form = fused_form(spec)
-    # share_kv_group: the registry's group stages (antidiagonal kernel on the group means).
-    if form is None or nk > MAX_UNION_WIDTH or cfg.share_kv_group:
+    if form is None or nk > MAX_UNION_WIDTH:
         return _general(q, k, v, cfg, causal, layout, spec, write_indices)
     stage, with_vs = form
     check = {} if v is None else {"v": v}

@@ -107,12 +107,6 @@ class PrismConfig:
     sampled_queries : int
         Sampled queries per query tile of the ``"sampled"`` estimators
         (default 4); ``block_size`` must be a multiple of it for them.
-    share_kv_group : bool
-        Score once per KV head instead of once per query head (default
-        False): the antidiagonal estimators run on the mean of each GQA
-        group's queries and every query head of the group takes that mask
-        (docs/estimators.rst, "GQA-group-shared scoring"). Only the
-        estimators that list it in the registry accept ``True``.
     """
 
     block_size: int = 128
@@ -133,7 +127,6 @@ class PrismConfig:
     vertical_slash_threshold: float | None = None
     subtile_factor: int = 4
     sampled_queries: int = 4
-    share_kv_group: bool = False
 
     def __post_init__(self) -> None:
         if not _is_int(self.block_size):
@@ -173,7 +166,7 @@ class PrismConfig:
                 raise TypeError(f"{name} must be a positive float, got {type(value).__name__}")
             if not (value > 0.0) or math.isinf(value):
                 raise ValueError(f"{name} must be a finite number > 0, got {value}")
-        for name in ("calibrate", "force_sink", "force_diagonal", "share_kv_group"):
+        for name in ("calibrate", "force_sink", "force_diagonal"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(
                     f"{name} must be True or False, got {getattr(self, name)!r}"
@@ -208,14 +201,6 @@ class PrismConfig:
                 f"block_size ({self.block_size}) must be a multiple of {divisor} "
                 f"({getattr(self, divisor)}) when estimator={self.estimator!r}; use a value "
                 "that divides the tile, e.g. 8 (stride) or 4 (factor, samples) for tile 128"
-            )
-        if self.share_kv_group and "share_kv_group" not in (
-                ESTIMATOR_REGISTRY[self.estimator].parameters):
-            takers = [name for name, spec in ESTIMATOR_REGISTRY.items()
-                      if "share_kv_group" in spec.parameters]
-            raise ValueError(
-                f"share_kv_group=True is not supported by estimator={self.estimator!r}; "
-                f"use one of {takers}, or share_kv_group=False"
             )
         value = self.vertical_slash_threshold
         if value is not None:

@@ -32,10 +32,6 @@ table of estimators, their parameters and how the stages combine is
   tiles are kept by top-p at ``high_threshold``.
 * ``"sampled_vertical_slash"``: the union of the sampled-query selection and
   the vertical-slash one.
-
-With ``share_kv_group`` the antidiagonal estimators score once per KV head, on
-the group's mean query (:func:`group_mean_queries`), and every query head of
-the group takes that mask.
 """
 
 from __future__ import annotations
@@ -56,29 +52,6 @@ def _absolute_grid(x: torch.Tensor, start: int, block_size: int, n_tiles: int) -
     lead = start % block_size
     grid[:, :, lead : lead + n] = x.float()
     return grid
-
-
-def group_mean_queries(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """The mean of each GQA group's queries: one query head per KV head.
-
-    ``out[b, j] = (sum_{g < G} q[b, j*G + g]) / G`` in fp32, rounded to ``q``'s
-    dtype, with ``G = Hq / Hkv`` (query head ``h`` reads KV head ``h // G``).
-    Scores are linear in the query, so the antidiagonal logits of the mean
-    query are the mean of the group's logits, and its last-query logits the
-    mean of the group's logits of the same rows.
-
-    Parameters
-    ----------
-    q : Tensor (B, Hq, Nq, D)
-    kv_heads : int
-        ``Hkv``; must divide ``Hq``.
-
-    Returns
-    -------
-    Tensor (B, Hkv, Nq, D), ``q.dtype``
-    """
-    b, hq, n, d = q.shape
-    return q.float().view(b, kv_heads, hq // kv_heads, n, d).mean(dim=2).to(q.dtype)
 
 
 def antidiagonal_probabilities(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
@@ -212,31 +185,6 @@ def vertical_slash_tiles(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
     if nq == 0 or nk == 0:
         return torch.zeros(b, hq, nq, nk, dtype=torch.bool, device=q.device)
     vertical, slash = last_query_distributions(q, k, layout, last_queries, causal)
-    return vertical_slash_tiles_from_distributions(vertical, slash, layout, threshold, causal)
-
-
-def group_vertical_slash_tiles(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
-                               last_queries: int, threshold: float,
-                               causal: bool = True) -> torch.Tensor:
-    """:func:`vertical_slash_tiles` once per KV head, over the last queries of its whole group.
-
-    The vertical and slash distributions of :func:`last_query_distributions`
-    are averaged over the ``G = Hq / Hkv`` query heads of each GQA group (the
-    rule of E2 applied to the group's ``G * L'`` rows, each row's softmax
-    divided by ``G * L'``); the top-p and the tiles follow as in
-    :func:`vertical_slash_tiles_from_distributions`.
-
-    Returns
-    -------
-    Tensor (B, Hkv, nq, nk), bool
-    """
-    b, hkv = q.shape[0], k.shape[1]
-    nq, nk = layout.num_query_tiles, layout.num_key_tiles
-    if nq == 0 or nk == 0:
-        return torch.zeros(b, hkv, nq, nk, dtype=torch.bool, device=q.device)
-    vertical, slash = last_query_distributions(q, k, layout, last_queries, causal)
-    vertical = vertical.view(b, hkv, -1, vertical.shape[-1]).mean(dim=2)
-    slash = slash.view(b, hkv, -1, slash.shape[-1]).mean(dim=2)
     return vertical_slash_tiles_from_distributions(vertical, slash, layout, threshold, causal)
 
 
@@ -449,8 +397,6 @@ def subtile_band_probabilities(q: torch.Tensor, k: torch.Tensor, cfg, causal: bo
 
 __all__ = [
     "antidiagonal_probabilities",
-    "group_mean_queries",
-    "group_vertical_slash_tiles",
     "last_query_distributions",
     "sampled_query_positions",
     "sampled_query_probabilities",

@@ -25,8 +25,6 @@ import torch
 
 from .estimators import (
     antidiagonal_probabilities,
-    group_mean_queries,
-    group_vertical_slash_tiles,
     sampled_query_probabilities,
     subtile_band_probabilities,
     vertical_slash_tiles,
@@ -62,7 +60,6 @@ REFERENCE_STAGES: dict[str, Callable] = {
     "antidiagonal": antidiagonal_probabilities,
     "sampled": sampled_query_probabilities,
     "vertical_slash": vertical_slash_tiles,
-    "vertical_slash_group": group_vertical_slash_tiles,
     "tile_top_p": top_p_tiles,
 }
 
@@ -157,8 +154,6 @@ def _subtile(q, k, cfg, layout, causal, stages):
 
 
 _VS = ("last_queries", "vertical_slash_threshold")
-#: The field that scores once per GQA group (:func:`estimator_tiles`).
-SHARE_FIELD = "share_kv_group"
 
 #: Every estimator, by name; ``"prism"`` (the paper's, contract §3-6) first.
 ESTIMATOR_REGISTRY: dict[str, EstimatorSpec] = {spec.name: spec for spec in (
@@ -167,8 +162,7 @@ ESTIMATOR_REGISTRY: dict[str, EstimatorSpec] = {spec.name: spec for spec in (
         (), (), "estimator-prism", prism_bands=True),
     EstimatorSpec(
         "antidiagonal", "strided antidiagonal token scores, top-p per query tile",
-        ("antidiagonal_stride", SHARE_FIELD), ("antidiagonal", "tile_top_p"),
-        "estimator-antidiagonal",
+        ("antidiagonal_stride",), ("antidiagonal", "tile_top_p"), "estimator-antidiagonal",
         tiles=_antidiagonal, block_multiple_of="antidiagonal_stride",
         threshold_moves="the antidiagonal top-p"),
     EstimatorSpec(
@@ -186,8 +180,7 @@ ESTIMATOR_REGISTRY: dict[str, EstimatorSpec] = {spec.name: spec for spec in (
     EstimatorSpec(
         "antidiagonal_vertical_slash",
         "antidiagonal tiles united with the vertical-slash tiles (the accurate preset)",
-        ("antidiagonal_stride", *_VS, SHARE_FIELD),
-        ("antidiagonal", "tile_top_p", "vertical_slash"),
+        ("antidiagonal_stride", *_VS), ("antidiagonal", "tile_top_p", "vertical_slash"),
         "estimator-antidiagonal-vertical-slash", tiles=_antidiagonal_vertical_slash,
         block_multiple_of="antidiagonal_stride", threshold_moves="the antidiagonal top-p"),
     EstimatorSpec(
@@ -244,11 +237,6 @@ def estimator_tiles(q: torch.Tensor, k: torch.Tensor, cfg, layout: TileLayout, c
     Returns
     -------
     Tensor (B, Hq, nq, nk), bool, within the admissible tiles
-
-    With ``cfg.share_kv_group`` (an estimator listing it in its parameters)
-    the tiles are those of the group's mean query
-    (:func:`~prism.reference.estimators.group_mean_queries`), one set per KV
-    head, repeated for each of the group's query heads.
     """
     spec = estimator_spec(cfg.estimator)
     if spec.tiles is None:
@@ -259,28 +247,8 @@ def estimator_tiles(q: torch.Tensor, k: torch.Tensor, cfg, layout: TileLayout, c
     if missing:
         raise ValueError(f"estimator {cfg.estimator!r} needs the stage(s) {missing}; pass "
                          "them in stages (prism_trace=prism.reference.trace_selection)")
-    if getattr(cfg, SHARE_FIELD, False) and SHARE_FIELD in spec.parameters:
-        return spec.tiles(q, k, cfg, layout, causal, _group_stages(merged, k.shape[1])
-                          ).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     return spec.tiles(q, k, cfg, layout, causal, merged)
 
 
-def _group_stages(stages: Mapping[str, Callable], kv_heads: int) -> dict[str, Callable]:
-    """The stages of ``share_kv_group``: one row of tiles per KV head.
-
-    The antidiagonal scores run on each group's mean query
-    (:func:`~prism.reference.estimators.group_mean_queries`); the
-    vertical-slash stage is ``"vertical_slash_group"``, whose distributions
-    average the group's query heads.
-    """
-    antidiagonal = stages["antidiagonal"]
-
-    def group_antidiagonal(q, k, layout, stride, causal=True):
-        return antidiagonal(group_mean_queries(q, kv_heads), k, layout, stride, causal)
-
-    return {**stages, "antidiagonal": group_antidiagonal,
-            "vertical_slash": stages["vertical_slash_group"]}
-
-
 __all__ = ["ESTIMATORS", "ESTIMATOR_FIELDS", "ESTIMATOR_REGISTRY", "EstimatorSpec",
-           "REFERENCE_STAGES", "SHARE_FIELD", "estimator_spec", "estimator_tiles", "top_p_tiles"]
+           "REFERENCE_STAGES", "estimator_spec", "estimator_tiles", "top_p_tiles"]

@@ -151,9 +151,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sweep task: vertical-slash top-p inside prism_vertical_slash and "
                          "antidiagonal_vertical_slash "
                          "(default: %(default)s)")
-    ev.add_argument("--share-kv-group", action="store_true",
-                    help="sweep task: the antidiagonal estimators score once per KV head, "
-                         "on the mean of its query heads' queries (share_kv_group)")
     ev.add_argument("--sweep-passkey", action="store_true",
                     help="sweep task: also run passkey retrieval (--lengths, --depths) at "
                          "every point")
@@ -250,7 +247,6 @@ def _sweep_settings(args):
                          vertical_slash_threshold=args.vs_threshold,
                          subtile_factor=args.subtile_factor,
                          sampled_queries=args.sampled_queries,
-                         share_kv_group=args.share_kv_group,
                          passkey_lengths=lengths, passkey_depths=tuple(args.depths),
                          backend=args.backend)
     if getattr(args, "preset", None):

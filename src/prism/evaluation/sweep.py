@@ -58,9 +58,6 @@ class SweepSettings:
         Top-p of the vertical and slash distributions in the estimators that
         unite them with other tiles (``vertical_slash`` alone moves it with
         the point's threshold instead).
-    share_kv_group : bool
-        Score once per GQA group in the estimators that accept it
-        (:class:`~prism.reference.PrismConfig`'s ``share_kv_group``).
     passkey_lengths, passkey_depths : sequences
         Passkey prompts per point; empty lengths skip the passkey task.
     new_tokens, seed : int
@@ -77,7 +74,6 @@ class SweepSettings:
     vertical_slash_threshold: float = 0.9
     subtile_factor: int = 4
     sampled_queries: int = 4
-    share_kv_group: bool = False
     passkey_lengths: Sequence[int] = ()
     passkey_depths: Sequence[float] = (0.1, 0.5, 0.9)
     new_tokens: int = 10

@@ -37,11 +37,14 @@ LABELS = {
 #: Runs of ``share_kv_group`` measured before its final definition (docs/estimators.rst,
 #: "GQA-group-shared scoring"): folder -> curve suffix.
 VARIANTS = {"bible-4k-advs-vs50-s32-kvshared": "kvshared_meanq",
-            "bible-4k-advs-vs50-s32-kvshared-high": "kvshared_meanq"}
+            "bible-4k-advs-vs50-s32-kvshared-high": "kvshared_meanq",
+            "bible-4k-advs-vs50-s32-kvshared-probmean": "kvshared_probmean"}
 #: Curve suffix -> label suffix, and the scoring FLOPs divisor of each part
 #: (antidiagonal, vertical-slash) per query head (SmolLM2: 3 query heads per KV head).
 SHARED = {"kvshared": (", GQA-group-shared", (3, 1)),
-          "kvshared_meanq": (", GQA-group-shared, mean query in both parts", (3, 3))}
+          "kvshared_meanq": (", GQA-group-shared, mean query in both parts", (3, 3)),
+          "kvshared_probmean": (", GQA-group-shared, mean of the heads' tile probabilities",
+                                (1, 1))}
 
 
 def curve_key(point: dict) -> str:
