@@ -20,6 +20,8 @@ Timed, in one process:
   uncached kernel selection of the same chunk over all keys (contiguous);
 * where the cached selection's time goes: wall time per call and the torch
   profiler's operators by host time (``select_cached_kernel_host``);
+* the page gather of ``bench_varlen.py``'s 128K batch (K and V, 64-token
+  pages) against its implementation before ``370b7d1``;
 * dense baselines on the same chunk (queries bottom-right aligned on the
   prefix + chunk keys): flash varlen (``torch.nn.attention.varlen.varlen_attn``,
   causal), SDPA with ``causal_lower_right`` (whichever backend torch picks),
@@ -44,7 +46,17 @@ import types
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_varlen import BLOCK, HEADS, KV_HEADS, bench, log, structured, to_cache  # noqa: E402
+from bench_varlen import (  # noqa: E402
+    BLOCK,
+    HEADS,
+    KV_HEADS,
+    LENGTHS,
+    bench,
+    log,
+    packed_batch,
+    structured,
+    to_cache,
+)
 
 from prism import optimized  # noqa: E402
 from prism.optimized import varlen as packed  # noqa: E402
@@ -89,6 +101,36 @@ def dense_times(q, k, v, prefix, chunk):
     except RuntimeError as error:
         times["cudnn_noncausal_ms"] = f"unavailable: {str(error)[:200]}"
     return times
+
+
+def previous_gather(cache, block_table, starts, ends):
+    """gather_tokens as it was before 370b7d1: the index built on the device (its
+    repeat_interleave waits for the device), then advanced indexing."""
+    page_size, device = cache.shape[1], cache.device
+    counts = [e - s for s, e in zip(starts, ends, strict=True)]
+    seq = torch.repeat_interleave(torch.arange(len(counts), device=device),
+                                  torch.tensor(counts, device=device))
+    offsets = torch.tensor([0] + counts[:-1], device=device).cumsum(0)
+    position = (torch.arange(sum(counts), device=device) - offsets[seq]
+                + torch.tensor(starts, device=device)[seq])
+    pages = block_table[seq, position // page_size].long()
+    return cache[pages, position % page_size]
+
+
+def gather_times():
+    """K and V of bench_varlen's 128K batch gathered from 64-token pages, both ways."""
+    q, k, v, cu = packed_batch(LENGTHS)
+    k_cache, v_cache, table, _ = to_cache(k, v, cu, LENGTHS, 64)
+    zeros, lengths = [0] * len(LENGTHS), list(LENGTHS)
+    new = reference_paged.gather_tokens(k_cache, table, zeros, lengths)
+    out = {"equal": bool(torch.equal(new, previous_gather(k_cache, table, zeros, lengths)))
+           and bool(torch.equal(new, k))}
+    for name, fn in (("gather_kv_ms", reference_paged.gather_tokens),
+                     ("previous_gather_kv_ms", previous_gather)):
+        out[name] = bench(lambda fn=fn: (fn(k_cache, table, zeros, lengths),
+                                         fn(v_cache, table, zeros, lengths)))
+    log(f"  gather: {json.dumps(out)}")
+    return out
 
 
 def host_breakdown(fn, calls=20):
@@ -176,7 +218,12 @@ def main(argv=None):
             (new_o.float() - old_o.float()).norm() / old_o.float().norm()),
     }
     log(json.dumps(result))
-    times = {}
+    def save():
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+
+    times = result["times"] = {}
     for name, fn in (("prism_paged_cached_kernel_ms", attend),
                      ("prism_paged_cached_previous_ms", lambda: attend(old)),
                      ("select_cached_kernel_ms", select),
@@ -185,13 +232,14 @@ def main(argv=None):
                       lambda: optimized.select_blocks(q4, k4, cfg))):
         times[name] = bench(fn)
         log(f"  {name}: {times[name]:.3f}")
-    times.update(dense_times(q, k, v, prefix, chunk))
+    save()
     result["select_cached_kernel_host"] = host_breakdown(select)
+    save()
+    result["gather_128k_batch"] = gather_times()
+    save()
+    times.update(dense_times(q, k, v, prefix, chunk))
     log(json.dumps(times))
-    result["times"] = times
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    save()
 
 
 if __name__ == "__main__":
