@@ -90,7 +90,9 @@ class PrismConfig:
         (the ``"accurate"`` preset). ``"sampled"`` scores tiles with the exact
         attention of ``sampled_queries`` queries per query tile;
         ``"sampled_vertical_slash"`` unites it with the vertical-slash tiles.
-        The table of estimators is :mod:`prism.reference.registry`.
+        ``"cascade"`` scores antidiagonals only on the tiles of Prism's mask
+        at ``candidate_threshold`` and unites its top-p with the
+        vertical-slash tiles. The table of estimators is :mod:`prism.reference.registry`.
     antidiagonal_stride : int
         Stride of the antidiagonal estimator (default 8); ``block_size`` must
         be a multiple of it when ``estimator`` is ``"antidiagonal"`` or
@@ -107,6 +109,9 @@ class PrismConfig:
     sampled_queries : int
         Sampled queries per query tile of the ``"sampled"`` estimators
         (default 4); ``block_size`` must be a multiple of it for them.
+    candidate_threshold : float
+        Top-p of both of Prism's bands whose mask names the tiles the
+        ``"cascade"`` estimator scores (default 0.99), in ``(0, 1]``.
     """
 
     block_size: int = 128
@@ -127,6 +132,7 @@ class PrismConfig:
     vertical_slash_threshold: float | None = None
     subtile_factor: int = 4
     sampled_queries: int = 4
+    candidate_threshold: float = 0.99
 
     def __post_init__(self) -> None:
         if not _is_int(self.block_size):
@@ -202,6 +208,14 @@ class PrismConfig:
                 f"({getattr(self, divisor)}) when estimator={self.estimator!r}; use a value "
                 "that divides the tile, e.g. 8 (stride) or 4 (factor, samples) for tile 128"
             )
+        value = self.candidate_threshold
+        if not _is_real(value):
+            raise TypeError(
+                f"candidate_threshold must be a float in (0, 1], got {type(value).__name__}")
+        if not (0.0 < value <= 1.0) or math.isnan(value):
+            raise ValueError(
+                f"candidate_threshold must lie in (0, 1], got {value}; e.g. 0.99 (1.0 makes "
+                "every tile of non-zero band probability a candidate)")
         value = self.vertical_slash_threshold
         if value is not None:
             if not _is_real(value):

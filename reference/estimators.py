@@ -32,6 +32,10 @@ table of estimators, their parameters and how the stages combine is
   tiles are kept by top-p at ``high_threshold``.
 * ``"sampled_vertical_slash"``: the union of the sampled-query selection and
   the vertical-slash one.
+* ``"cascade"``: Prism's mask at ``candidate_threshold`` names the candidate
+  tiles; antidiagonal scores are taken on the key groups of those tiles only
+  (each query group's softmax over them), top-p at ``high_threshold``, united
+  with the vertical-slash tiles.
 """
 
 from __future__ import annotations
@@ -55,7 +59,8 @@ def _absolute_grid(x: torch.Tensor, start: int, block_size: int, n_tiles: int) -
 
 
 def antidiagonal_probabilities(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
-                               stride: int, causal: bool = True) -> torch.Tensor:
+                               stride: int, causal: bool = True,
+                               candidates: torch.Tensor | None = None) -> torch.Tensor:
     """Tile probabilities from strided antidiagonal scores (XAttention-style).
 
     Token rows are grouped into runs of ``stride`` on the absolute grid. Group
@@ -77,6 +82,12 @@ def antidiagonal_probabilities(q: torch.Tensor, k: torch.Tensor, layout: TileLay
         a multiple of ``stride``.
     stride : int
     causal : bool
+    candidates : Tensor (B, Hq, nq, nk) bool, optional
+        When given, each query group's softmax runs over the admissible key
+        groups that lie in its query tile's candidate key tiles only (the
+        ``"cascade"`` estimator); the result is zero outside the candidates.
+        With every admissible tile a candidate the result is the same, bit
+        for bit, as without.
 
     Returns
     -------
@@ -111,12 +122,47 @@ def antidiagonal_probabilities(q: torch.Tensor, k: torch.Tensor, layout: TileLay
     allowed = key_valid[None, :].expand(query_groups.numel(), -1)
     if causal:
         allowed = allowed & (key_groups[None, :] <= query_groups[:, None])
+    if candidates is not None:
+        allowed = allowed & candidates.repeat_interleave(per_tile, dim=2).repeat_interleave(
+            per_tile, dim=3)
     probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
     probs = torch.nan_to_num(probs, nan=0.0) * query_valid[:, None].to(probs.dtype)
     tiles = probs.view(b, hq, nq, per_tile, nk, per_tile).sum(dim=(3, 5))
     tiles = tiles * admissible_tiles(layout, causal, device).to(tiles.dtype)
     total = tiles.sum(dim=-1, keepdim=True)
     return torch.where(total > 0, tiles / total.clamp_min(1e-30), torch.zeros_like(tiles))
+
+
+def candidate_antidiagonal_probabilities(q: torch.Tensor, k: torch.Tensor,
+                                         layout: TileLayout, stride: int, candidates: torch.Tensor,
+                                         causal: bool = True) -> torch.Tensor:
+    """:func:`antidiagonal_probabilities` over the ``candidates`` tiles only (``"cascade"``).
+
+    Each query group's softmax runs over the admissible key groups of its
+    query tile's candidate key tiles, so every query group weighs 1 in its
+    tile's row; the row is then renormalised over the candidates. This is not
+    the plain probabilities restricted and renormalised (there each query
+    group weighs its mass on the candidates), unless every admissible tile is
+    a candidate, where the two are equal bit for bit.
+    """
+    return antidiagonal_probabilities(q, k, layout, stride, causal, candidates=candidates)
+
+
+def prism_candidate_tiles(q: torch.Tensor, k: torch.Tensor, cfg, causal: bool,
+                          trace) -> torch.Tensor:
+    """Prism's mask (contract §6, forced tiles included) at ``cfg.candidate_threshold``.
+
+    Both bands' top-p run at ``candidate_threshold``; ``trace`` is
+    :func:`prism.reference.trace_selection`, passed in as for
+    :func:`subtile_band_probabilities`.
+
+    Returns
+    -------
+    Tensor (B, Hq, nq, nk), bool
+    """
+    p = cfg.candidate_threshold
+    return trace(q, k, cfg.replace(estimator="prism", high_threshold=p, low_threshold=p),
+                 causal=causal).mask
 
 
 def last_query_distributions(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
@@ -397,7 +443,9 @@ def subtile_band_probabilities(q: torch.Tensor, k: torch.Tensor, cfg, causal: bo
 
 __all__ = [
     "antidiagonal_probabilities",
+    "candidate_antidiagonal_probabilities",
     "last_query_distributions",
+    "prism_candidate_tiles",
     "sampled_query_positions",
     "sampled_query_probabilities",
     "subtile_band_probabilities",

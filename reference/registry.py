@@ -25,6 +25,8 @@ import torch
 
 from .estimators import (
     antidiagonal_probabilities,
+    candidate_antidiagonal_probabilities,
+    prism_candidate_tiles,
     sampled_query_probabilities,
     subtile_band_probabilities,
     vertical_slash_tiles,
@@ -61,6 +63,8 @@ REFERENCE_STAGES: dict[str, Callable] = {
     "sampled": sampled_query_probabilities,
     "vertical_slash": vertical_slash_tiles,
     "tile_top_p": top_p_tiles,
+    "prism_candidates": prism_candidate_tiles,
+    "candidate_antidiagonal": candidate_antidiagonal_probabilities,
 }
 
 
@@ -153,6 +157,14 @@ def _subtile(q, k, cfg, layout, causal, stages):
             | _top_p(low, layout, causal, cfg.low_threshold, stages))
 
 
+def _cascade(q, k, cfg, layout, causal, stages):
+    candidates = stages["prism_candidates"](q, k, cfg, causal, stages["prism_trace"])
+    probs = stages["candidate_antidiagonal"](q, k, layout, cfg.antidiagonal_stride, candidates,
+                                             causal)
+    return (_top_p(probs, layout, causal, cfg.high_threshold, stages)
+            | _vertical_slash(q, k, cfg, layout, causal, stages))
+
+
 _VS = ("last_queries", "vertical_slash_threshold")
 
 #: Every estimator, by name; ``"prism"`` (the paper's, contract §3-6) first.
@@ -192,6 +204,14 @@ ESTIMATOR_REGISTRY: dict[str, EstimatorSpec] = {spec.name: spec for spec in (
         ("sampled_queries", *_VS), ("sampled", "tile_top_p", "vertical_slash"),
         "estimator-sampled-vertical-slash", tiles=_sampled_vertical_slash,
         block_multiple_of="sampled_queries", threshold_moves="the sampled-query top-p"),
+    EstimatorSpec(
+        "cascade", "antidiagonal scores on the tiles of Prism's mask at candidate_threshold, "
+        "top-p, united with the vertical-slash tiles",
+        ("antidiagonal_stride", "candidate_threshold", *_VS),
+        ("prism_trace", "prism_candidates", "candidate_antidiagonal", "tile_top_p",
+         "vertical_slash"),
+        "estimator-cascade", tiles=_cascade, block_multiple_of="antidiagonal_stride",
+        threshold_moves="the antidiagonal top-p"),
 )}
 
 #: The registry's names, in table order.

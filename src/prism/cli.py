@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sweep task: method=thresholds groups separated by ';', e.g. "
                          "'prism=0.9,0.95;mean_pooling=0.95;antidiagonal=0.9'; methods: "
                          "prism, mean_pooling, antidiagonal, vertical_slash, "
-                         "prism_vertical_slash, subtile, antidiagonal_vertical_slash "
+                         "prism_vertical_slash, subtile, antidiagonal_vertical_slash, "
+                         "sampled, sampled_vertical_slash, cascade "
                          "(default: prism=0.9,0.95;mean_pooling=0.9,0.95)")
     ev.add_argument("--subtile-factor", type=_positive_int, default=4,
                     help="sweep task: sub-tiles per tile edge of the subtile estimator "
@@ -142,14 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sweep task: sampled queries per query tile of the sampled and "
                          "sampled_vertical_slash estimators (default: %(default)s)")
     ev.add_argument("--stride", type=_positive_int, default=8,
-                    help="sweep task: stride of the antidiagonal and "
-                         "antidiagonal_vertical_slash estimators (default: %(default)s)")
+                    help="sweep task: stride of the antidiagonal, "
+                         "antidiagonal_vertical_slash and cascade estimators "
+                         "(default: %(default)s)")
+    ev.add_argument("--candidate-threshold", type=_threshold, default=0.99,
+                    help="sweep task: Prism's top-p naming the tiles the cascade estimator "
+                         "scores (default: %(default)s)")
     ev.add_argument("--last-queries", type=_positive_int, default=64,
                     help="sweep task: queries of the vertical-slash estimate "
                          "(default: %(default)s)")
     ev.add_argument("--vs-threshold", type=_threshold, default=0.9,
-                    help="sweep task: vertical-slash top-p inside prism_vertical_slash and "
-                         "antidiagonal_vertical_slash "
+                    help="sweep task: vertical-slash top-p inside prism_vertical_slash, "
+                         "antidiagonal_vertical_slash, sampled_vertical_slash and cascade "
                          "(default: %(default)s)")
     ev.add_argument("--sweep-passkey", action="store_true",
                     help="sweep task: also run passkey retrieval (--lengths, --depths) at "
@@ -247,6 +252,7 @@ def _sweep_settings(args):
                          vertical_slash_threshold=args.vs_threshold,
                          subtile_factor=args.subtile_factor,
                          sampled_queries=args.sampled_queries,
+                         candidate_threshold=args.candidate_threshold,
                          passkey_lengths=lengths, passkey_depths=tuple(args.depths),
                          backend=args.backend)
     if getattr(args, "preset", None):

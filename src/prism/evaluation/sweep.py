@@ -12,7 +12,10 @@ the sweep's fixed value). The estimator parameters come from
 :class:`SweepSettings`.
 
 Each point records perplexity, the mean causal tile density of its own pass,
-the selection time per layer, and (optionally) passkey accuracy.
+the selection time per layer, and (optionally) passkey accuracy. Estimators
+that score only candidate tiles (a ``"prism_candidates"`` stage, the
+``"cascade"``) also record ``candidate_density``: candidate / admissible tile
+pairs over the pass, the fraction of tiles their token-level scoring reads.
 """
 
 from __future__ import annotations
@@ -27,7 +30,11 @@ import torch
 
 from prism.integrations.transformers import PrismStats, register
 from prism.reference import PrismConfig
-from prism.reference.registry import ESTIMATOR_REGISTRY
+from prism.reference.registry import ESTIMATOR_REGISTRY, REFERENCE_STAGES
+from prism.reference.scoring import admissible_tiles
+from prism.reference.select import estimator_mask
+from prism.reference.tiles import tile_layout
+from prism.reference.validation import validate_qk
 
 from .baselines import MeanPoolingSelector
 from .passkey import build_passkey_prompt, first_number, greedy_decode
@@ -54,6 +61,8 @@ class SweepSettings:
         Parameters of the antidiagonal, vertical-slash, sub-tile and
         sampled-query estimators (each method takes the registry's
         ``sweep_parameters`` from here).
+    candidate_threshold : float
+        Prism's top-p that names the candidate tiles of the ``"cascade"``.
     vertical_slash_threshold : float
         Top-p of the vertical and slash distributions in the estimators that
         unite them with other tiles (``vertical_slash`` alone moves it with
@@ -74,12 +83,47 @@ class SweepSettings:
     vertical_slash_threshold: float = 0.9
     subtile_factor: int = 4
     sampled_queries: int = 4
+    candidate_threshold: float = 0.99
     passkey_lengths: Sequence[int] = ()
     passkey_depths: Sequence[float] = (0.1, 0.5, 0.9)
     new_tokens: int = 10
     seed: int = 0
     backend: str = "auto"
     extra: dict = field(default_factory=dict)
+
+
+class CandidateCounter:
+    """The reference selection of a candidate-scoring estimator, counting its candidates.
+
+    A ``selector`` for :func:`prism.integrations.transformers.register`: the
+    mask is :func:`prism.reference.select.estimator_mask`'s (so
+    :func:`prism.reference.select_blocks`'s); its ``"prism_candidates"``
+    stage is the registry's, wrapped to add up candidate and admissible tile
+    pairs.
+    """
+
+    def __init__(self):
+        self.candidate_tiles = 0
+        self.admissible_tiles = 0
+
+    def __repr__(self) -> str:
+        return "CandidateCounter()"
+
+    def _candidates(self, q, k, cfg, causal, trace):
+        tiles = REFERENCE_STAGES["prism_candidates"](q, k, cfg, causal, trace)
+        layout = tile_layout(q.shape[2], k.shape[2], cfg.block_size, causal)
+        admissible = admissible_tiles(layout, causal, q.device)
+        self.candidate_tiles += int((tiles & admissible).sum())
+        self.admissible_tiles += int(admissible.sum()) * tiles.shape[0] * tiles.shape[1]
+        return tiles
+
+    def __call__(self, q, k, config, causal: bool = True) -> torch.Tensor:
+        validate_qk(q, k, causal=causal)
+        return estimator_mask(q, k, config, causal, stages={"prism_candidates": self._candidates})
+
+    def density(self) -> float | None:
+        """Candidate / admissible tile pairs so far (``None`` before any call)."""
+        return self.candidate_tiles / self.admissible_tiles if self.admissible_tiles else None
 
 
 def method_selection(method: str, threshold: float, settings: SweepSettings):
@@ -98,7 +142,8 @@ def method_selection(method: str, threshold: float, settings: SweepSettings):
     if spec is None:
         raise ValueError(f"unknown sweep method {method!r}; choose from {SWEEP_METHODS}")
     fixed = {name: getattr(settings, name) for name in spec.sweep_parameters}
-    return PrismConfig(**base, estimator=method, **fixed), None
+    selector = CandidateCounter() if "prism_candidates" in spec.stages else None
+    return PrismConfig(**base, estimator=method, **fixed), selector
 
 
 def with_preset(settings: SweepSettings, name: str, *, only: bool = False) -> SweepSettings:
@@ -230,6 +275,8 @@ def run_sweep(model, tokenizer, text: str, settings: SweepSettings, *, out_path=
                      "selection_seconds": sum(t["selection"] for t in timing.values()),
                      "selection_seconds_per_layer":
                          sum(t["selection"] for t in timing.values()) / max(len(timing), 1)}
+            if isinstance(selector, CandidateCounter):
+                point["candidate_density"] = selector.density()
             point.update(_passkey_summary(_passkey_trials(model, tokenizer, haystack, settings,
                                                           SWEEP_NAME, stats)))
             result["points"].append(point)
@@ -271,5 +318,5 @@ def parse_points(text: str) -> list[tuple[str, float]]:
     return points
 
 
-__all__ = ["SWEEP_METHODS", "SweepSettings", "method_selection", "parse_points", "run_sweep",
-           "with_preset"]
+__all__ = ["CandidateCounter", "SWEEP_METHODS", "SweepSettings", "method_selection",
+           "parse_points", "run_sweep", "with_preset"]
