@@ -18,6 +18,10 @@ Timed, in one process:
   reference's torch stages after key pooling, the packed attention launch);
 * selection alone: ``select_blocks_paged`` with the cache both ways, and the
   uncached kernel selection of the same chunk over all keys (contiguous);
+* the chunk without a cache: ``select_blocks_paged`` pooling the keys through
+  the block table against the previous path (keys gathered, then the same
+  kernels), and ``prism_attention_paged`` with ``PAGED_READS`` ``"kernel"``
+  (pages read in place by pooling and attention) against ``"auto"``;
 * where the cached selection's time goes: wall time per call and the torch
   profiler's operators by host time (``select_cached_kernel_host``);
 * the page gather of ``bench_varlen.py``'s 128K batch (K and V, 64-token
@@ -67,7 +71,7 @@ from prism.reference import paged as reference_paged  # noqa: E402
 def previous_impl():
     """The optimized hooks without the kernel-fed cache: the path before it."""
     hooks = vars(packed._impl()).copy()
-    del hooks["select_cached"], hooks["run_paged_packed"]
+    del hooks["select_cached"], hooks["run_paged_packed"], hooks["select_paged"]
     return types.SimpleNamespace(**hooks)
 
 
@@ -101,6 +105,36 @@ def dense_times(q, k, v, prefix, chunk):
     except RuntimeError as error:
         times["cudnn_noncausal_ms"] = f"unavailable: {str(error)[:200]}"
     return times
+
+
+def paged_reads(q, k_cache, v_cache, table, lens, cu_q, chunk, cfg):
+    """The chunk without a cache: selection pooling the keys through the block table
+    against the previous path (its keys gathered, then the contiguous kernels), and
+    prism_attention_paged reading the pages in place against "auto" (gathered here)."""
+    from prism.optimized import paged_kv
+
+    hooks = vars(packed._impl()).copy()
+    del hooks["select_paged"]
+    gathered = types.SimpleNamespace(**hooks)
+    new = optimized.select_blocks_paged(q, k_cache, table, lens, cu_q, chunk, cfg)
+    old = reference_paged.run_paged_select(gathered, q, k_cache, table, lens, cu_q, chunk,
+                                           cfg, True, None, {})
+    out = {"select_masks_equal": bool(torch.equal(new[0].as_subclass(torch.Tensor),
+                                                  old[0].as_subclass(torch.Tensor)))}
+    out["select_paged_pooling_ms"] = bench(lambda: optimized.select_blocks_paged(
+        q, k_cache, table, lens, cu_q, chunk, cfg))
+    out["select_gathered_keys_ms"] = bench(lambda: reference_paged.run_paged_select(
+        gathered, q, k_cache, table, lens, cu_q, chunk, cfg, True, None, {}))
+    log(f"  paged reads, selection: {json.dumps(out)}")
+    for reads in ("kernel", "auto"):
+        paged_kv.PAGED_READS = reads
+        try:
+            out[f"prism_paged_{reads}_ms"] = bench(lambda: optimized.prism_attention_paged(
+                q, k_cache, v_cache, table, lens, cu_q, chunk, cfg))
+        finally:
+            paged_kv.PAGED_READS = "auto"
+    log(f"  paged reads: {json.dumps(out)}")
+    return out
 
 
 def previous_gather(cache, block_table, starts, ends):
@@ -232,6 +266,8 @@ def main(argv=None):
                       lambda: optimized.select_blocks(q4, k4, cfg))):
         times[name] = bench(fn)
         log(f"  {name}: {times[name]:.3f}")
+    save()
+    result["paged_reads"] = paged_reads(q, k_cache, v_cache, table, lens, cu_q, chunk, cfg)
     save()
     result["select_cached_kernel_host"] = host_breakdown(select)
     save()

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from prism.reference.bands import band_dims
-from prism.reference.paged import check_cached_finite
+from prism.reference.paged import check_cached_finite, gather_tokens
 from prism.reference.pooled_cache import select_from_pooled
 from prism.reference.tile_mask import TileMask
 from prism.reference.validation import check_finite
@@ -42,6 +42,7 @@ from prism.reference.varlen import _name_sequence, as_heads
 
 from .indices import mask_rows_to_indices
 from .launch import zero_
+from .paged_pooling import _pool_paged_kernel, paged_pool_plan
 from .pooling import _pool_tiles_kernel, nonfinite_flag, pool_plan, work_layout
 from .selection import _DEFAULT_TUNING, MAX_WIDTH, launch_steps, run_selection
 
@@ -66,15 +67,17 @@ def _membership(d: int, high_dim: int, low_dim: int, rope_layout: str, device) -
     return matrix
 
 
-def cached_select(q, k_tail, cache, num_keys: int, cfg, causal: bool, *, tuning=None):
+def cached_select(q, keys, cache, num_keys: int, cfg, causal: bool, *, tuning=None):
     """One sequence's selection from its cache; stores the tiles this call completes.
 
     Parameters
     ----------
     q : Tensor (1, Hq, C, D)
         The chunk's queries (any strides).
-    k_tail : Tensor (1, Hkv, num_keys - cache.num_tokens, D)
-        The sequence's keys from ``cache.num_tokens`` on.
+    keys : Tensor (1, Hkv, num_keys - cache.num_tokens, D), or (k_cache, table_row)
+        The sequence's keys from ``cache.num_tokens`` on; or a paged cache
+        (num_pages, page_size, Hkv, D) and the sequence's (1, max_pages) row of
+        the block table, read in place (:mod:`prism.optimized.paged_pooling`).
     cache : PooledKeyCache
         Checked by the caller (:meth:`~prism.reference.PooledKeyCache.check`).
     num_keys : int
@@ -87,14 +90,19 @@ def cached_select(q, k_tail, cache, num_keys: int, cfg, causal: bool, *, tuning=
     """
     from .ops import _band_sizes, _cached_layout
 
+    paged = isinstance(keys, tuple)
     _, hq, nq, d = q.shape
-    hkv = k_tail.shape[1]
+    hkv = keys[0].shape[2] if paged else keys.shape[1]
     device = q.device
     layout = _cached_layout(nq, num_keys, cfg.block_size, causal)
     nqt, nkt = layout.num_query_tiles, layout.num_key_tiles
     first = cache.num_tiles
     if nkt == 0 or nkt > MAX_WIDTH:
         # No key (an empty mask), or rows too wide for the kernel: the reference's stages.
+        k_tail = keys
+        if paged:
+            k_tail = as_heads(gather_tokens(keys[0], keys[1], [cache.num_tokens], [num_keys]),
+                              0, num_keys - cache.num_tokens)
         k_pooled = cache.pooled(k_tail, num_keys)
         if nqt and nkt:
             mask = select_from_pooled(q, k_pooled, num_keys, cfg, causal)
@@ -103,8 +111,12 @@ def cached_select(q, k_tail, cache, num_keys: int, cfg, causal: bool, *, tuning=
         num, idx = mask_rows_to_indices(mask)
         return mask, num, idx, nonfinite_flag(q, k_tail, k_tail)
     high_dim, low_dim = _band_sizes(d, cfg.high_dim, cfg.low_dim)
-    grid, prepared, size, (_, _, _, k_stride), num_sums = pool_plan(
-        q, k_tail, None, layout, high_dim, low_dim, cfg.rope_layout, first_key_tile=first)
+    if paged:
+        grid, prepared, size, k_stride, num_sums = paged_pool_plan(
+            q, keys[0], keys[1], layout, high_dim, low_dim, cfg.rope_layout, first)
+    else:
+        grid, prepared, size, (_, _, _, k_stride), num_sums = pool_plan(
+            q, keys, None, layout, high_dim, low_dim, cfg.rope_layout, first_key_tile=first)
     _, _, k_off, k_energy_off, _ = work_layout(1, hq, hkv, d, nqt, nkt)
     work = torch.empty(size, dtype=torch.float64, device=device)
     k_pooled = work.view(torch.float32)[k_off:k_off + hkv * d * k_stride].view(hkv, d, k_stride)
@@ -115,8 +127,10 @@ def cached_select(q, k_tail, cache, num_keys: int, cfg, causal: bool, *, tuning=
         k_pooled[:, :, :first].copy_(cache.means_t)
     else:
         zero_(work[:num_sums])
-    if grid[0]:
-        prepared.launch(_pool_tiles_kernel, grid, q, k_tail, k_tail, work)
+    if grid[0] and paged:
+        prepared.launch(_pool_paged_kernel, grid, q, keys[0], keys[1], work)
+    elif grid[0]:
+        prepared.launch(_pool_tiles_kernel, grid, q, keys, keys, work)
     cache.append(k_pooled[:, :, first:num_keys // cfg.block_size])
     if nqt == 0:
         mask = torch.zeros(1, hq, 0, nkt, dtype=torch.bool, device=device)

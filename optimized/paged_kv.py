@@ -4,10 +4,12 @@
 reference's code (:func:`prism.reference.paged.run_paged_prism`), which then
 hands the call to :func:`run_paged_packed`:
 
-* **selection** reads keys as contiguous (B, H, N, D) views, so it gets the
-  keys it reads gathered (:func:`prism.reference.paged.gather_tokens`): all of
-  each sequence's keys, or with a :class:`~prism.reference.PooledKeyCache`
-  only those after its pooled tiles. Values are never gathered;
+* **selection** pools the keys through the block table
+  (:mod:`prism.optimized.paged_pooling`, :mod:`prism.optimized.paged_select`):
+  all of each sequence's keys, or with a
+  :class:`~prism.reference.PooledKeyCache` only those after its pooled tiles.
+  Nothing is gathered (estimators other than Prism's, which read raw keys,
+  get the keys gathered);
 * **attention** is one launch of the packed kernel's ``PAGED`` branch: every
   key and value row is read through the block table (page
   ``block_table[i, n // page_size]``, slot ``n % page_size``), any page size;
@@ -46,6 +48,7 @@ from prism.reference.varlen import check_masks
 from ._runtime import check_device, device_capability, kernels_interpreted, next_power_of_2
 from .attention import _sparse_attention_kernel, default_config, supported_block_size
 from .chunked import flagged, select_with_caches, undo_and_raise
+from .paged_select import raise_paged, select_paged
 from .varlen import (
     _flatten_indices,
     _nonfinite,
@@ -166,16 +169,18 @@ def _raise_gathered(flags, q, k_cache, v_cache, block_table, ranges_q, lengths) 
 
 def run_paged_packed(q, k_cache, v_cache, block_table, ranges_q, lengths, caches, cfg, *,
                      causal: bool, scale, return_lse: bool, return_mask: bool):
-    """Selection on the gathered keys it needs, one attention launch.
+    """Selection and one attention launch over a paged cache.
 
     The hook of :func:`prism.reference.paged.run_paged_prism` (validated
     arguments; ``caches`` one :class:`~prism.reference.PooledKeyCache` or None
     per sequence). Where the pages are read in place
-    (:func:`reads_pages_in_kernel`), selection gets the keys after each cache
-    gathered and attention reads the pages; elsewhere K and V are gathered and
-    the varlen launch runs on them: here when some sequence has a cache (its
-    selection from :mod:`prism.optimized.chunked`), else NotImplemented (the
-    reference gathers and calls the varlen hooks).
+    (:func:`reads_pages_in_kernel`), selection reads the keys through the
+    block table too (:func:`prism.optimized.paged_select.select_paged`; other
+    estimators than Prism's get every key gathered) and attention reads the
+    pages; elsewhere K and V are gathered and the varlen launch runs on them:
+    here when some sequence has a cache (its selection from
+    :mod:`prism.optimized.chunked` on the gathered keys), else NotImplemented
+    (the reference gathers and calls the varlen hooks).
     """
     check_device(_sparse_attention_kernel, q=q, k_cache=k_cache, v_cache=v_cache)
     cached = any(c is not None for c in caches)
@@ -183,20 +188,24 @@ def run_paged_packed(q, k_cache, v_cache, block_table, ranges_q, lengths, caches
     if not in_place and not (cached and supported_block_size(cfg.block_size)):
         return NotImplemented
     starts = [0 if c is None else c.num_tokens for c in caches]
-    if in_place:
-        k, v = gather_tokens(k_cache, block_table, starts, lengths), None
-        ranges = _key_ranges(ranges_q, [n - s for n, s in zip(lengths, starts, strict=True)])
-        skips = [0] * len(lengths)
+    undo, k, v, ranges, skips = [], None, None, None, None
+    if in_place and cfg.estimator == "prism":
+        # Keys read through the block table by the pooling launches.
+        pieces, flags, masks, undo = select_paged(q, k_cache, block_table, ranges_q, lengths,
+                                                  caches, cfg, causal, return_mask)
+        checked = [k_cache, v_cache] if cached else [v_cache]
+    elif in_place:
+        # Other estimators read raw keys: every key gathered (no cache: the reference
+        # refuses caches with them).
+        k = gather_tokens(k_cache, block_table, starts, lengths)
+        ranges = _key_ranges(ranges_q, lengths)
+        pieces, flags, masks = select_runs(q, k, None, ranges, cfg, causal, return_mask)
+        checked = [v_cache]
     else:
         zeros = [0] * len(lengths)
         k = gather_tokens(k_cache, block_table, zeros, lengths)
         v = gather_tokens(v_cache, block_table, zeros, lengths)
         ranges, skips = _key_ranges(ranges_q, lengths), starts
-    if not cached:
-        # Selection checks q and every key; the values remain.
-        pieces, flags, masks = select_runs(q, k, None, ranges, cfg, causal, return_mask)
-        undo, checked = [], [v_cache]
-    else:
         # Checks q and the keys it reads; the caches' prefixes and the values remain.
         pieces, flags, masks, undo = select_with_caches(q, k, ranges, skips, lengths, caches,
                                                         cfg, causal, return_mask)
@@ -214,7 +223,10 @@ def run_paged_packed(q, k_cache, v_cache, block_table, ranges_q, lengths, caches
                                             block_size=cfg.block_size, causal=causal,
                                             scale=scale, return_lse=return_lse)
     if flagged(flags):
-        undo_and_raise(undo, q, k, ranges, skips, caches)
+        if in_place and k is None:
+            raise_paged(undo, starts, q, k_cache, block_table, ranges_q, lengths, caches)
+        else:
+            undo_and_raise(undo, q, k, ranges, skips or [0] * len(lengths), caches)
         _raise_gathered(flags, q, k_cache, v_cache, block_table, ranges_q, lengths)
     result = (out, lse) if return_lse else (out,)
     if return_mask:

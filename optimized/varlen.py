@@ -494,7 +494,9 @@ def _impl():
         block_sparse_attention=impl.block_sparse_attention,
         run_prism_packed=run_prism_packed, run_attention_packed=run_attention_packed,
         run_paged_packed=importlib.import_module("prism.optimized.paged_kv").run_paged_packed,
-        select_cached=importlib.import_module("prism.optimized.chunked").select_cached)
+        select_cached=importlib.import_module("prism.optimized.chunked").select_cached,
+        select_paged=importlib.import_module("prism.optimized.paged_select")
+        .select_blocks_paged_hook)
 
 
 # --------------------------------------------------------------------------

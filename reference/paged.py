@@ -296,6 +296,12 @@ def run_paged_select(impl, q, k_cache, block_table, seq_lens, cu_seqlens_q, max_
     ranges_q, lengths = validate_paged(q, k_cache, None, block_table, seq_lens, cu_seqlens_q,
                                        max_seqlen_q, causal=causal)
     caches = _prepare_caches(pooled_keys, lengths, k_cache, cfg)
+    paged = getattr(impl, "select_paged", None)
+    if paged is not None:
+        # prism.optimized: keys read through the block table (NotImplemented: gather).
+        masks = paged(q, k_cache, block_table, ranges_q, lengths, caches, cfg, causal)
+        if masks is not NotImplemented:
+            return masks
     starts = [0 if c is None else c.num_tokens for c in caches]
     k = gather_tokens(k_cache, block_table, starts, lengths)
     ranges = _key_ranges(ranges_q, [n - s for n, s in zip(lengths, starts, strict=True)])
