@@ -413,16 +413,23 @@ def _compiled_one(spec, prof):
     return row
 
 
-def compiled_part(specs=("4096", "8192", "8192/64", "8192/256")):
+def compiled_part(specs=("4096", "8192", "8192/64/32/8/1", "8192/256/32/8/1"), rows=None,
+                  save=None):
     """``prism_attention`` compiled with ``fullgraph=True`` (static shapes) beside eager,
     CUDA-graph replay and cuDNN SDPA on the e2e inputs of ``bench_matrix.py``'s graph part
     (``N`` or ``N/D/HQ/HKV/B``): do_bench medians, host microseconds per call (flag read
     off for eager), plan replays and bitwise equality with the general path; the compiled
     call with plans off (its operator bodies on the general path); eager
     ``block_sparse_attention`` with and without its plan, on a TileMask and on a plain
-    mask; a cProfile of the compiled call at 4K, D 128."""
+    mask; a cProfile of the compiled call at 4K, D 128. Rows are appended to ``rows``
+    and ``save()`` is called after each (a run cut short keeps the shapes it finished)."""
     prof = {}
-    return [_compiled_one(spec, prof) for spec in specs], prof
+    rows = [] if rows is None else rows
+    for spec in specs:
+        rows.append(_compiled_one(spec, prof))
+        if save is not None:
+            save()
+    return rows, prof
 
 
 def main(argv=None):
@@ -431,7 +438,7 @@ def main(argv=None):
     parser.add_argument("--parts", default="host,check,launch,gpu,eager")
     parser.add_argument("--host-lengths", default="4096,8192",
                         help="token counts of the host part")
-    parser.add_argument("--compiled-shapes", default="4096,8192,8192/64,8192/256",
+    parser.add_argument("--compiled-shapes", default="4096,8192,8192/64/32/8/1,8192/256/32/8/1",
                         help="shapes of the compiled part (N or N/D/HQ/HKV/B)")
     parser.add_argument("--commit", default="", help="the commit measured (recorded)")
     parser.add_argument("--lengths", default="4096,8192,131072",
@@ -470,8 +477,9 @@ def main(argv=None):
         print("gpu_us", json.dumps(result["gpu_us"], indent=0), flush=True)
         save()
     if "compiled" in parts:
-        result["compiled"], result["profile_compiled"] = compiled_part(
-            args.compiled_shapes.split(","))
+        result["compiled"] = []
+        _, result["profile_compiled"] = compiled_part(args.compiled_shapes.split(","),
+                                                      result["compiled"], save)
         print(result["profile_compiled"].get("compiled_4096", "")[-3500:])
         save()
     if "eager" in parts:
