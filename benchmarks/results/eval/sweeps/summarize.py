@@ -57,6 +57,9 @@ def curve_key(point: dict) -> str:
 
 def _method_key(point: dict) -> str:
     method, config = point["method"], point["config"]
+    if method == "cascade":
+        return (f"cascade-{config['antidiagonal_stride']}-{config['candidate_threshold']:g}"
+                f"-{config['vertical_slash_threshold']:g}")
     if method == "antidiagonal_vertical_slash":
         return (f"antidiagonal_vertical_slash-{config['antidiagonal_stride']}"
                 f"-{config['vertical_slash_threshold']:g}")
@@ -80,6 +83,9 @@ def label(key: str) -> str:
         base, shared = key.rsplit("-", 1)
         return label(base) + SHARED[shared][0]
     method, *parts = key.split("-")
+    if method == "cascade":
+        return (f"cascade: Prism p={parts[1]} candidates, antidiagonal stride {parts[0]} "
+                f"+ vertical-slash (vs p={parts[2]})")
     if method == "antidiagonal_vertical_slash":
         return f"antidiagonal stride {parts[0]} + vertical-slash (vs p={parts[1]})"
     if method == "prism_vertical_slash":
@@ -117,11 +123,13 @@ def passkey_cell(entry: dict) -> str:
 
 
 def selection_flops(method: str, tokens: int, head_dim: int = 64, block: int = 128,
-                    last: int = 64, factor: int = 4) -> float:
+                    last: int = 64, factor: int = 4, candidates: float = 1.0) -> float:
     """Multiply-add FLOPs of one head's tile scoring (pooling and sorting left out).
 
     A GQA-group-shared curve (suffix in :data:`SHARED`) scores each part once
-    per group: its FLOPs per query head are divided by the group's size.
+    per group: its FLOPs per query head are divided by the group's size. A
+    cascade scores antidiagonals on the ``candidates`` fraction of the tiles
+    (its curve's mean ``candidate_density``), after Prism's bands.
     """
     if method.rsplit("-", 1)[-1] in SHARED:
         base, shared = method.rsplit("-", 1)
@@ -141,6 +149,10 @@ def selection_flops(method: str, tokens: int, head_dim: int = 64, block: int = 1
         samples = int(method.split("-")[1])
         vs = 2 * last * tokens * head_dim if method.startswith("sampled_vertical") else 0
         return 2 * samples * tiles * tokens * head_dim + vs
+    if method.startswith("cascade"):
+        stride = int(method.split("-")[1])
+        return (2 * tiles**2 * bands + candidates * 2 * tokens**2 * head_dim / stride
+                + 2 * last * tokens * head_dim)
     if method.startswith("antidiagonal_vertical_slash"):
         stride = int(method.split("-")[1])
         return 2 * tokens**2 * head_dim / stride + 2 * last * tokens * head_dim
@@ -242,18 +254,20 @@ def tables(groups: dict | None = None) -> str:
     groups = merged(load_runs()) if groups is None else groups
     out = io.StringIO()
     out.write(".. list-table:: Every measured point\n   :header-rows: 1\n\n")
-    header = ("text", "tokens", "method", "p", "density", "perplexity", "ratio", "passkey")
+    header = ("text", "tokens", "method", "p", "density", "perplexity", "ratio", "passkey",
+              "candidates")
     out.write("   * - " + "\n     - ".join(header) + "\n")
     for (text, tokens), group in sorted(groups.items()):
         full = group["full"]
         passkey = passkey_cell(group.get("full_passkey", full))
         row = (text, str(tokens), "full attention", "-", "1.000",
-               f"{full['perplexity']:.3f}", "1.000", passkey)
+               f"{full['perplexity']:.3f}", "1.000", passkey, "-")
         out.write("   * - " + "\n     - ".join(row) + "\n")
         for p in sorted(group["points"], key=lambda p: (curve_key(p), p["threshold"])):
             row = (text, str(tokens), label(curve_key(p)), f"{p['threshold']:g}",
                    f"{p['density']:.3f}", f"{p['perplexity']:.3f}",
-                   f"{p['ratio_to_full']:.3f}", passkey_cell(p))
+                   f"{p['ratio_to_full']:.3f}", passkey_cell(p),
+                   f"{p['candidate_density']:.3f}" if "candidate_density" in p else "-")
             out.write("   * - " + "\n     - ".join(row) + "\n")
     out.write("\n.. list-table:: Perplexity ratio to full attention at matched density "
               "(interpolated)\n   :header-rows: 1\n\n")
@@ -287,10 +301,13 @@ def tables(groups: dict | None = None) -> str:
                 cells.append(f"<= {points[0][0]:.3f}")
             else:
                 cells.append("-" if reach is None else f"{reach:.3f}")
-            times = [p["selection_seconds_per_layer"] for p in group["points"]
-                     if curve_key(p) == method]
-            row = (label(method), text, str(tokens), *cells,
-                   f"{selection_flops(method, tokens):.2e}", f"{min(times):.4f}")
+            mine = [p for p in group["points"] if curve_key(p) == method]
+            times = [p["selection_seconds_per_layer"] for p in mine]
+            scored = [p["candidate_density"] for p in mine if "candidate_density" in p]
+            flops = selection_flops(method, tokens,
+                                    candidates=sum(scored) / len(scored) if scored else 1.0)
+            row = (label(method), text, str(tokens), *cells, f"{flops:.2e}",
+                   f"{min(times):.4f}")
             out.write("   * - " + "\n     - ".join(row) + "\n")
     return out.getvalue()
 
