@@ -14,8 +14,10 @@ pooling buffer (:func:`~prism.optimized.pooling.work_layout`) filled so:
   band's dims, ``square_sums @ membership`` (one (Hkv, D) x (D, 3) product);
 * the pooling launch pools the chunk's query tiles and only key tiles
   ``f ..`` (the tile left partial by the last chunk, re-pooled, and the
-  chunk's), reading keys from row ``f * block_size`` on, into their own
-  columns, and adds their energies to the slots (its float64 atomics);
+  chunk's), reading keys from row ``f * block_size`` on (contiguous keys, or
+  through the block table: :mod:`~prism.optimized.paged_pooling`), into
+  their own columns, and adds their energies to the slots (its float64
+  atomics);
 * the selection launches are those of the uncached call of that shape.
 
 The newly completed tiles are then copied from the buffer into the cache.

@@ -29,7 +29,10 @@ H200: 16.2 ms against 19.8 ms for 128K tokens in 64-token pages at density
 slower in place at pages of 16 and 64 tokens, 1.14x at 256). So ``"auto"``
 gathers there (the reference's path: pages gathered, then the varlen
 functions, a transient copy of the batch's K and V) and reads in place
-everywhere else, where both launches use pointer loads. Tile sizes that are
+everywhere else, where both launches use pointer loads. (For a 4K-token
+chunk over 32K cached tokens, in place was faster on the H200: 2.10 against
+3.32 ms, ``benchmarks/results/h200_chunked_828c8d5.json``; the crossover is
+not measured, so ``"auto"`` is unchanged.) Tile sizes that are
 not multiples of 16 always gather (the varlen functions run the reference's
 loop on the dense functions there). :func:`block_sparse_attention_paged`
 always reads in place.
