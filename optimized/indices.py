@@ -7,7 +7,9 @@ import triton
 import triton.language as tl
 
 from ._runtime import next_power_of_2
-from .launch import launch
+from .launch import Prepared, zero_
+
+_LAUNCHES: dict = {}  # (rows per matrix, nk, first tile, trim) -> Prepared
 
 
 @triton.jit
@@ -66,12 +68,18 @@ def mask_rows_to_indices(block_mask: torch.Tensor, first_query_tile: int = 0,
     idx = torch.empty(block_mask.shape, dtype=torch.int32, device=block_mask.device)
     rows = num.numel()
     if rows == 0 or nk == 0:
-        num.zero_()
+        zero_(num)
         return num, idx
+    # Launched through Prepared and zeroed through zero_: a call plan
+    # (prism.optimized.call_plan) can record and replay this step.
+    key = (max(nq, 1), nk, first_query_tile, causal_trim)
+    prepared = _LAUNCHES.get(key)
+    if prepared is None:
+        if len(_LAUNCHES) >= 1024:
+            _LAUNCHES.clear()
+        prepared = _LAUNCHES[key] = Prepared(
+            key[:3], dict(CAUSAL_TRIM=causal_trim, BLOCK=min(1024, next_power_of_2(nk)),
+                          num_warps=4))
     flat = block_mask.contiguous().view(torch.uint8)
-    block = min(1024, next_power_of_2(nk))
-    launch(
-        _mask_to_indices_kernel, (rows,), flat, num, idx, max(nq, 1), nk, first_query_tile,
-        CAUSAL_TRIM=causal_trim, BLOCK=block, num_warps=4,
-    )
+    prepared.launch(_mask_to_indices_kernel, (rows,), flat, num, idx)
     return num, idx

@@ -63,8 +63,9 @@ from prism.reference.tiles import tile_layout
 
 from ._runtime import kernels_interpreted
 from .attention import _sparse_attention_kernel, sparse_attention_forward, supported_block_size
-from .checked_launches import mask_rows_to_indices, nonfinite_flag
 from .estimator_path import estimator_select
+from .indices import mask_rows_to_indices
+from .pooling import nonfinite_flag
 from .selection import MAX_WIDTH, select_tiles
 
 # Fixed when triton is imported (TRITON_INTERPRET), so asked once.

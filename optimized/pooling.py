@@ -32,7 +32,7 @@ import triton.language as tl
 from prism.reference.tiles import TileLayout
 
 from ._runtime import next_power_of_2
-from .launch import Prepared, launch, zero_
+from .launch import Prepared, zero_
 
 
 @triton.jit
@@ -369,26 +369,38 @@ def _pool_plan(q, k, v, layout: TileLayout, high_dim: int, low_dim: int, rope_la
     return grid, prepared, size, (b, hkv, d, k_stride), num_sums
 
 
+_FLAG_LAUNCHES: dict = {}  # call shape -> (grid, Prepared)
+
+
 def nonfinite_flag(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                    block_rows: int = 128) -> torch.Tensor:
     """A (1,) float64 device tensor, non-zero if q, k or v may hold NaN or Inf.
 
     One launch reads each tensor once (the reference's ``check_finite`` without
-    a host wait). A finite block whose fp32 sum overflows also sets it.
+    a host wait). A finite block whose fp32 sum overflows also sets it. The
+    launch goes through :class:`~prism.optimized.launch.Prepared` (one per call
+    shape) and the flag is zeroed by :func:`~prism.optimized.launch.zero_`, so a
+    call plan (:mod:`prism.optimized.call_plan`) can record and replay both.
     """
-    b, hq, nq, d = q.shape
-    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
-    flag = torch.zeros(1, dtype=torch.float64, device=q.device)
-    q_programs = b * hq * -(-nq // block_rows)
-    k_programs = b * hkv * -(-nk // block_rows)
-    grid = (q_programs + 2 * k_programs,)
-    if grid[0] == 0:
-        return flag
-    d_pad, dv_pad = next_power_of_2(d), next_power_of_2(dv)
-    launch(
-        _nonfinite_kernel, grid, q, k, v, flag, *q.stride(), *k.stride(), *v.stride(),
-        hq, hkv, nq, nk, d, dv, q_programs, k_programs, block_rows,
-        D_PAD=d_pad, DV_PAD=dv_pad, BLOCK_T=max(1, min(block_rows, 4096 // max(d_pad, dv_pad))),
-        num_warps=4,
-    )
+    key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), block_rows)
+    plan = _FLAG_LAUNCHES.get(key)
+    if plan is None:
+        b, hq, nq, d = q.shape
+        hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
+        q_programs = b * hq * -(-nq // block_rows)
+        k_programs = b * hkv * -(-nk // block_rows)
+        d_pad, dv_pad = next_power_of_2(d), next_power_of_2(dv)
+        prepared = Prepared(
+            (*q.stride(), *k.stride(), *v.stride(), hq, hkv, nq, nk, d, dv, q_programs,
+             k_programs, block_rows),
+            dict(D_PAD=d_pad, DV_PAD=dv_pad,
+                 BLOCK_T=max(1, min(block_rows, 4096 // max(d_pad, dv_pad))), num_warps=4))
+        if len(_FLAG_LAUNCHES) >= 1024:
+            _FLAG_LAUNCHES.clear()
+        plan = _FLAG_LAUNCHES[key] = ((q_programs + 2 * k_programs,), prepared)
+    grid, prepared = plan
+    flag = torch.empty(1, dtype=torch.float64, device=q.device)
+    zero_(flag)
+    if grid[0]:
+        prepared.launch(_nonfinite_kernel, grid, q, k, v, flag)
     return flag
