@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the H200: install, GPU tests, benchmarks; results under $OUT.
 # Usage: bash benchmarks/run_h200.sh STEPS   (STEPS: comma list of
-#   compile, gpu, optimized, ncu, graph, overhead, selection, e2e, tune, matrix)
+#   compile, gpu, gpuall, optimized, ncu, graph, overhead, selection, e2e, tune,
+#   matrix; gpuall: the GPU-marked tests of every file but test_gpu.py)
 # ncu: Nsight Compute on our attention kernel (and cuDNN's at density 1.0) for each
 #   D,hq,hkv,tokens,tile,batch:density in NCU_CELLS; one CSV per cell under $OUT.
 # Each step has its own time limit so that a slow step leaves the others' files.
@@ -26,6 +27,12 @@ if on gpu; then
     timeout "${GPU_TESTS_S:-280}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
         -o junit_family=legacy --junitxml="$OUT/gpu_tests.xml" ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} \
         2>&1 | tail -15
+fi
+if on gpuall; then
+    # Every other file's GPU-marked tests (test_gpu.py is the "gpu" step).
+    timeout "${GPU_ALL_S:-280}" python3 -m pytest -q -p no:cacheprovider -m gpu tests \
+        --ignore=tests/test_gpu.py -n 4 -o junit_family=legacy \
+        --junitxml="$OUT/gpu_all_tests.xml" 2>&1 | tail -15
 fi
 if on ncu; then
     ncu --version | tail -1
