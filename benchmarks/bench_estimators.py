@@ -54,6 +54,7 @@ from bench_prism import (  # noqa: E402
 
 from prism import optimized, reference  # noqa: E402
 from prism.reference import PrismConfig  # noqa: E402
+from prism.reference.registry import estimator_spec  # noqa: E402
 
 SETTINGS = {
     "prism (paper preset, p=0.95)": PrismConfig.preset("paper"),
@@ -72,6 +73,8 @@ SETTINGS = {
     "sampled_vertical_slash (r=4, p=0.9, vs=0.5)": PrismConfig(
         estimator="sampled_vertical_slash", sampled_queries=4, high_threshold=0.9,
         vertical_slash_threshold=0.5),
+    "cascade stride 32 (c=0.99, p=0.9, vs=0.5)": PrismConfig.preset(
+        "accurate", estimator="cascade", antidiagonal_stride=32, candidate_threshold=0.99),
 }
 REFERENCE_MAX_TOKENS = 32768
 
@@ -128,6 +131,17 @@ def time_setting(q, k, cfg, n, graph=False, compare=True):
                         "sampled_queries": cfg.sampled_queries}}
     try:
         mask = optimized.select_blocks(q, k, cfg)
+        if "prism_candidates" in estimator_spec(cfg.estimator).stages:
+            from prism.optimized.cascade import prism_candidate_tiles_kernel
+
+            entry["config"]["candidate_threshold"] = cfg.candidate_threshold
+            cand = prism_candidate_tiles_kernel(q, k, cfg, True)
+            nt = cand.shape[-1]
+            entry["candidate_density"] = float(cand.sum()) / (
+                cand.shape[0] * cand.shape[1] * nt * (nt + 1) / 2)
+            entry["candidates_ms"] = bench(lambda: prism_candidate_tiles_kernel(q, k, cfg, True),
+                                           rep=20)
+            entry["candidate_stage"] = candidate_stage_times(q, k, cfg, cand, n)
         entry["ms"] = bench(lambda: optimized.select_blocks(q, k, cfg), rep=50)
         if graph:
             try:
@@ -152,6 +166,66 @@ def time_setting(q, k, cfg, n, graph=False, compare=True):
 
 
 TUNINGS = ("128,128,8,3,0", "128,64,8,3,1", "128,128,4,3,1", "64,64,4,3,1")
+#: Launch shapes of the candidate-restricted kernel timed at the longest length
+#: (``target_rows,block_kg,num_warps,num_stages,one_pass,tma``): smaller programs
+#: and key blocks skip more blocks but use the tensor cores less well.
+CANDIDATE_TUNINGS = ("64,64,4,3,1,1", "32,32,4,3,1,1")
+CANDIDATE_TUNING_MIN_TOKENS = 131072
+
+
+def _active_blocks(cand, layout, stride, tuning, hkv):
+    """Fraction of the (program, key block) pairs the candidate kernel scores (the
+    others it skips), of those the dense kernel scores, for ``tuning``'s program shape."""
+    b, hq, nq, nk = cand.shape
+    per_tile = layout.block_size // stride
+    tiles = max(1, tuning.target_rows // ((hq // hkv) * per_tile))
+    block_tiles = tuning.block_kg // per_tile
+    any_head = cand.view(b, hkv, hq // hkv, nq, nk).any(2)
+    pad_q, pad_k = -nq % tiles, -nk % block_tiles
+    any_head = torch.nn.functional.pad(any_head, (0, pad_k, 0, pad_q))
+    active = any_head.view(b, hkv, (nq + pad_q) // tiles, tiles, (nk + pad_k) // block_tiles,
+                           block_tiles).any(5).any(3)
+    programs = torch.arange(active.shape[2], device=cand.device)
+    # Causal: a program's key blocks reach its last query tile's diagonal.
+    last_tile = torch.clamp((programs + 1) * tiles, max=nq) - 1 + layout.first_query_tile
+    blocks_visited = (last_tile + 1 + block_tiles - 1) // block_tiles
+    visited = torch.arange(active.shape[3], device=cand.device)[None, :] < blocks_visited[:, None]
+    return float(active[..., visited].sum()) / float(visited.sum() * b * hkv)
+
+
+def candidate_stage_times(q, k, cfg, cand, n):
+    """The antidiagonal scores alone, dense and restricted to ``cand``, with the share
+    of key blocks the restricted kernel scores."""
+    from prism.optimized.antidiagonal_packed import (
+        PackedTuning,
+        antidiagonal_packed_probabilities,
+        default_tuning,
+    )
+    from prism.reference import tile_layout
+
+    layout = tile_layout(n, n, cfg.block_size, True)
+    stride = cfg.antidiagonal_stride
+    per_tile = cfg.block_size // stride
+    default = default_tuning(per_tile, q.shape[1] // k.shape[1], q.shape[-1])
+    out = {"dense_ms": bench(lambda: antidiagonal_packed_probabilities(
+        q, k, layout, stride, True, normalize=False), rep=20)}
+    shapes = [("default", default)]
+    if n >= CANDIDATE_TUNING_MIN_TOKENS:
+        shapes += [(text, PackedTuning(*(int(x) for x in text.split(","))))
+                   for text in CANDIDATE_TUNINGS]
+    for name, tuning in shapes:
+        try:
+            out[name] = {
+                "ms": bench(lambda t=tuning: antidiagonal_packed_probabilities(
+                    q, k, layout, stride, True, t, normalize=False, candidates=cand), rep=20),
+                "dense_ms": (out["dense_ms"] if name == "default" else bench(
+                    lambda t=tuning: antidiagonal_packed_probabilities(
+                        q, k, layout, stride, True, t, normalize=False), rep=20)),
+                "key_blocks_scored": _active_blocks(cand, layout, stride, tuning,
+                                                    k.shape[1])}
+        except Exception as error:  # keep the other shapes
+            out[name] = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
+    return out
 
 
 def use_fastest(row):

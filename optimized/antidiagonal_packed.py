@@ -16,6 +16,11 @@ and over each (head, query tile)'s groups
 (exact fp32 sums over reshaped blocks), stored once per key-tile chunk. Applies when the groups per
 tile are a power of two dividing ``BLOCK_KEY_GROUPS`` and the group's rows fit
 ``MAX_ROWS``; :func:`antidiagonal_packed_applies` says when.
+
+With a candidate tile mask (the ``"cascade"`` estimator, :mod:`prism.optimized.cascade`)
+each row's softmax runs over its candidate key tiles' groups only, and a key
+block in which no row of the program has a candidate tile is skipped in both
+passes.
 """
 
 from __future__ import annotations
@@ -192,14 +197,16 @@ def _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, g
                    CAUSAL: tl.constexpr, STRIDE: tl.constexpr, D_PAD: tl.constexpr,
                    HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_KG: tl.constexpr,
                    IEEE: tl.constexpr, UPCAST: tl.constexpr, CHECK: tl.constexpr,
-                   TMA: tl.constexpr):
+                   TMA: tl.constexpr, cand=None, CANDIDATES: tl.constexpr = False):
     """(ROWS, BLOCK_KG) antidiagonal scores times ``qk_scale``, -inf where not admissible.
 
     ``sum_u Q_u K_u``: row ``u`` of every query group (``q_head[r]`` is row ``r``'s
     query head) against row ``S-1-u`` of every key group, one product of depth
     ``D`` per ``u``; both passes of :func:`_packed_kernel` call this. With ``TMA``
     the rows come through the descriptors (box origins ``q_head_row, q_group``
-    and ``k_head_row, key_groups_start``) instead of pointer loads.
+    and ``k_head_row, key_groups_start``) instead of pointer loads. With
+    ``CANDIDATES``, ``cand`` (ROWS, BLOCK_KG) bool restricts each row to its
+    candidate key groups (:func:`_candidate_block`).
     """
     dims = tl.arange(0, D_PAD)
     dims_ok = dims < HEAD_DIM
@@ -233,15 +240,55 @@ def _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, g
     allowed = (key_groups < key_end)[None, :] & rows_ok[:, None]
     if CAUSAL:
         allowed = allowed & (key_groups[None, :] <= groups[:, None])
+    if CANDIDATES:
+        allowed = allowed & cand
     return masked_scores(s, allowed, qk_scale, CHECK)
 
 
 @triton.jit
+def _candidate_block(cand_rows, rows_ok, key_groups, num_key_tiles, stride_ck,
+                     PER_TILE: tl.constexpr):
+    """(ROWS, BLOCK_KG) bool: key group ``c`` lies in a candidate key tile of row ``r``'s
+    (query head, query tile); rows holding no real query have none."""
+    key_tiles = key_groups // PER_TILE
+    return tl.load(cand_rows[:, None] + key_tiles.to(tl.int64)[None, :] * stride_ck,
+                   mask=rows_ok[:, None] & (key_tiles < num_key_tiles)[None, :],
+                   other=0) != 0
+
+
+@triton.jit
+def _first_pass_block(m_i, l_i, s, e_rows, mb_rows, key_start, chunk_tiles,
+                      ROWS: tl.constexpr, BLOCK_KG: tl.constexpr, PER_TILE: tl.constexpr,
+                      ONE_PASS: tl.constexpr):
+    """Pass 1 on one key block of scaled scores ``s``: the online softmax step and,
+    with ``ONE_PASS``, the block's per-tile sums and running max into the scratch."""
+    m_i, l_i = online_softmax_step(m_i, l_i, s)
+    if ONE_PASS:
+        TILES_PER_CHUNK: tl.constexpr = BLOCK_KG // PER_TILE
+        m_block = tl.where(m_i == float("-inf"), 0.0, m_i)
+        e = tl.sum(tl.reshape(tl.math.exp2(s - m_block[:, None]),
+                              (ROWS, TILES_PER_CHUNK, PER_TILE)), axis=2)
+        tl.store(e_rows + (key_start // PER_TILE + chunk_tiles)[None, :], e)
+        tl.store(mb_rows + key_start // BLOCK_KG, m_block)
+    return m_i, l_i
+
+
+@triton.jit
+def _tile_sums(s, m_shift, inv_l, ROWS: tl.constexpr, BLOCK_KG: tl.constexpr,
+               PER_TILE: tl.constexpr):
+    """Pass 2 on one key block: the normalised scores summed into key tiles (exact fp32
+    sums), (ROWS, BLOCK_KG // PER_TILE)."""
+    p = tl.math.exp2(s - m_shift[:, None]) * inv_l[:, None]
+    return tl.sum(tl.reshape(p, (ROWS, BLOCK_KG // PER_TILE, PER_TILE)), axis=2)
+
+
+@triton.jit
 def _packed_kernel(
-    Q, K, OUT, E, MB, NONFINITE,
+    Q, K, OUT, E, MB, NONFINITE, CAND,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_ob, stride_oh, stride_orow, stride_otile,
+    stride_cb, stride_ch, stride_cq, stride_ck,
     num_kv_heads, group, tiles_per_program, programs_per_head, num_queries, num_keys,
     query_start, first_query_tile, num_query_tiles, num_key_tiles, num_key_groups, qk_scale,
     scratch_tiles, scratch_blocks, total_q_heads, total_kv_heads, query_groups,
@@ -249,7 +296,7 @@ def _packed_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr, PAIRS: tl.constexpr,
     BLOCK_KG: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ONE_PASS: tl.constexpr, CHECK: tl.constexpr, TMA: tl.constexpr = False,
-    GROUP: tl.constexpr = 1,
+    GROUP: tl.constexpr = 1, CANDIDATES: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     block = programs_per_head - 1 - pid % programs_per_head  # heaviest tiles first
@@ -290,6 +337,9 @@ def _packed_kernel(
             block_shape=[1, BLOCK_KG, HEAD_DIM])
     q_head_row = bh * group
     q_group = block * per_head
+    # CANDIDATES: row r's (query head, query tile) row of the candidate tile mask.
+    cand_rows = (CAND + b.to(tl.int64) * stride_cb + (hk * group + g).to(tl.int64) * stride_ch
+                 + tile_row.to(tl.int64) * stride_cq)
 
     TILES_PER_CHUNK: tl.constexpr = BLOCK_KG // PER_TILE
     chunk_tiles = tl.arange(0, TILES_PER_CHUNK)
@@ -301,18 +351,31 @@ def _packed_kernel(
     l_i = tl.zeros((ROWS,), dtype=tl.float32)
     for key_start in range(0, key_end, BLOCK_KG):
         key_groups = key_start + tl.arange(0, BLOCK_KG)
-        s = _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, groups,
-                           rows_ok, key_groups, key_end, query_start, num_queries, num_keys,
-                           qk_scale, q_desc, k_desc, q_head_row, q_group, bh, key_start,
-                           CAUSAL, STRIDE, D_PAD, HEAD_DIM, ROWS, BLOCK_KG, IEEE, UPCAST,
-                           CHECK, TMA)
-        m_i, l_i = online_softmax_step(m_i, l_i, s)
-        if ONE_PASS:
-            m_block = tl.where(m_i == float("-inf"), 0.0, m_i)
-            e = tl.sum(tl.reshape(tl.math.exp2(s - m_block[:, None]),
-                                  (ROWS, TILES_PER_CHUNK, PER_TILE)), axis=2)
-            tl.store(e_rows + (key_start // PER_TILE + chunk_tiles)[None, :], e)
-            tl.store(mb_rows + key_start // BLOCK_KG, m_block)
+        if CANDIDATES:
+            # A key block holding no candidate tile of any row is skipped: zero
+            # one-pass scratch, nothing scored (pass 2 skips it too).
+            cand = _candidate_block(cand_rows, rows_ok, key_groups, num_key_tiles, stride_ck,
+                                    PER_TILE)
+            if tl.max(tl.max(cand.to(tl.int32), axis=1), axis=0) > 0:
+                s = _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
+                                   groups, rows_ok, key_groups, key_end, query_start,
+                                   num_queries, num_keys, qk_scale, q_desc, k_desc, q_head_row,
+                                   q_group, bh, key_start, CAUSAL, STRIDE, D_PAD, HEAD_DIM,
+                                   ROWS, BLOCK_KG, IEEE, UPCAST, CHECK, TMA, cand, CANDIDATES)
+                m_i, l_i = _first_pass_block(m_i, l_i, s, e_rows, mb_rows, key_start,
+                                             chunk_tiles, ROWS, BLOCK_KG, PER_TILE, ONE_PASS)
+            elif ONE_PASS:
+                tl.store(e_rows + (key_start // PER_TILE + chunk_tiles)[None, :],
+                         tl.zeros((ROWS, TILES_PER_CHUNK), dtype=tl.float32))
+                tl.store(mb_rows + key_start // BLOCK_KG, tl.zeros((ROWS,), dtype=tl.float32))
+        else:
+            s = _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
+                               groups, rows_ok, key_groups, key_end, query_start, num_queries,
+                               num_keys, qk_scale, q_desc, k_desc, q_head_row, q_group, bh,
+                               key_start, CAUSAL, STRIDE, D_PAD, HEAD_DIM, ROWS, BLOCK_KG,
+                               IEEE, UPCAST, CHECK, TMA)
+            m_i, l_i = _first_pass_block(m_i, l_i, s, e_rows, mb_rows, key_start, chunk_tiles,
+                                         ROWS, BLOCK_KG, PER_TILE, ONE_PASS)
 
     if CHECK:
         _flag_if_nonfinite(l_i, NONFINITE)
@@ -333,17 +396,30 @@ def _packed_kernel(
         if ONE_PASS:
             m_block = tl.load(mb_rows + key_start // BLOCK_KG)
             e = tl.load(e_rows + (key_start // PER_TILE + chunk_tiles)[None, :])
-            by_tile = e * (tl.math.exp2(m_block - m_shift) * inv_l)[:, None]
+            # e == 0 (nothing admissible yet, or a skipped block) stays 0 whatever m_block.
+            by_tile = tl.where(e > 0, e * (tl.math.exp2(m_block - m_shift) * inv_l)[:, None],
+                               0.0)
         else:
             key_groups = key_start + tl.arange(0, BLOCK_KG)
-            s = _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
-                               groups, rows_ok, key_groups, key_end, query_start, num_queries,
-                               num_keys, qk_scale, q_desc, k_desc, q_head_row, q_group, bh,
-                               key_start, CAUSAL, STRIDE, D_PAD, HEAD_DIM, ROWS, BLOCK_KG,
-                               IEEE, UPCAST, False, TMA)
-            p = tl.math.exp2(s - m_shift[:, None]) * inv_l[:, None]
-            # Key groups -> key tiles (exact fp32 sums).
-            by_tile = tl.sum(tl.reshape(p, (ROWS, TILES_PER_CHUNK, PER_TILE)), axis=2)
+            by_tile = tl.zeros((ROWS, TILES_PER_CHUNK), dtype=tl.float32)
+            if CANDIDATES:
+                cand = _candidate_block(cand_rows, rows_ok, key_groups, num_key_tiles,
+                                        stride_ck, PER_TILE)
+                if tl.max(tl.max(cand.to(tl.int32), axis=1), axis=0) > 0:
+                    s = _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn,
+                                       stride_kd, groups, rows_ok, key_groups, key_end,
+                                       query_start, num_queries, num_keys, qk_scale, q_desc,
+                                       k_desc, q_head_row, q_group, bh, key_start, CAUSAL,
+                                       STRIDE, D_PAD, HEAD_DIM, ROWS, BLOCK_KG, IEEE, UPCAST,
+                                       False, TMA, cand, CANDIDATES)
+                    by_tile = _tile_sums(s, m_shift, inv_l, ROWS, BLOCK_KG, PER_TILE)
+            else:
+                s = _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
+                                   groups, rows_ok, key_groups, key_end, query_start,
+                                   num_queries, num_keys, qk_scale, q_desc, k_desc, q_head_row,
+                                   q_group, bh, key_start, CAUSAL, STRIDE, D_PAD, HEAD_DIM,
+                                   ROWS, BLOCK_KG, IEEE, UPCAST, False, TMA)
+                by_tile = _tile_sums(s, m_shift, inv_l, ROWS, BLOCK_KG, PER_TILE)
         # A pair's rows -> the pair.
         by_pair = tl.sum(tl.reshape(by_tile, (PAIRS, PER_TILE, TILES_PER_CHUNK)), axis=1)
         tiles = key_start // PER_TILE + chunk_tiles
@@ -355,14 +431,22 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
                                       stride: int, causal: bool = True,
                                       tuning: PackedTuning | None = None, *,
                                       normalize: bool = True,
-                                      nonfinite: torch.Tensor | None = None) -> torch.Tensor:
+                                      nonfinite: torch.Tensor | None = None,
+                                      candidates: torch.Tensor | None = None) -> torch.Tensor:
     """Antidiagonal tile probabilities, GQA heads packed (inputs validated by the caller).
 
     ``tuning`` overrides the launch shape (:func:`default_tuning`); the result
     does not depend on it beyond fp32 summation order. ``normalize=False``
     returns each row before its division by its sum, defined only at the
     admissible tiles (the selection's last kernel normalises). ``nonfinite``, a
-    float64 device flag, is set when q or k holds NaN/Inf.
+    float64 device flag, is set when q or k holds NaN/Inf (with ``candidates``, only
+    in the key blocks scored).
+
+    ``candidates`` (B, Hq, nq, nk) bool restricts each query group's softmax to
+    the key groups of its query tile's candidate key tiles (the ``"cascade"``
+    estimator, :func:`prism.reference.estimators.candidate_antidiagonal_probabilities`);
+    a program skips, in both passes, every key block in which none of its rows
+    has a candidate tile.
 
     Returns
     -------
@@ -402,9 +486,15 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
                     device=q.device)
     mb = torch.empty(programs * rows * key_blocks if one_pass else 1, dtype=torch.float32,
                      device=q.device)
+    if candidates is not None:
+        cand = candidates.view(torch.uint8)
+        cand_strides = cand.stride()
+    else:
+        cand, cand_strides = mb, (0, 0, 0, 0)
     launch(
         _packed_kernel, (programs,), q, k, out, e, mb,
-        nonfinite if nonfinite is not None else mb, *q.stride(), *k.stride(), *out.stride(),
+        nonfinite if nonfinite is not None else mb, cand, *q.stride(), *k.stride(),
+        *out.stride(), *cand_strides,
         hkv, group, tiles, per_head, nq_tokens, nk_tokens, layout.query_start,
         layout.first_query_tile, nq, nk, key_groups,
         math.log2(math.e) / (math.sqrt(d) * stride), scratch_tiles, key_blocks, b * hq,
@@ -412,7 +502,8 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
         CAUSAL=causal, STRIDE=stride, PER_TILE=per_tile, HEAD_DIM=d, D_PAD=d_pad, ROWS=rows,
         PAIRS=pairs, BLOCK_KG=tuning.block_kg, IEEE=q.dtype == torch.float32 or upcast,
         UPCAST=upcast, ONE_PASS=one_pass, CHECK=nonfinite is not None, TMA=tma,
-        GROUP=group if tma else 1, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+        GROUP=group if tma else 1, CANDIDATES=candidates is not None,
+        num_warps=tuning.num_warps, num_stages=tuning.num_stages,
     )
     if not normalize:
         return out

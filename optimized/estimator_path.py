@@ -4,8 +4,12 @@
 every estimator other than ``"prism"``. It reads the estimator's row of the
 registry (:mod:`prism.reference.registry`), never its name:
 
-* its probability stage (``"antidiagonal"`` or ``"sampled"``, each followed
-  by ``"tile_top_p"``) runs its scoring kernel, whose rows stay unnormalised;
+* its probability stage (``"antidiagonal"``, ``"sampled"`` or
+  ``"candidate_antidiagonal"``, each followed by ``"tile_top_p"``) runs its
+  scoring kernel, whose rows stay unnormalised;
+* with ``"prism_candidates"`` (the cascade), Prism's selection kernels at
+  ``candidate_threshold`` write the candidate tiles first, and the probability
+  stage scores only those (:mod:`prism.optimized.cascade`);
 * its ``"vertical_slash"`` stage runs the last queries' distributions and
   their top-p as tile bins (:func:`~prism.optimized.vertical_slash_tiles.vertical_slash_bins`);
 * with Prism's bands, Prism's selection kernel writes its mask (forced tiles
@@ -24,7 +28,7 @@ not finite (:func:`prism.optimized.antidiagonal_packed.masked_scores`), which
 covers every row of k, and every row of q for the antidiagonal scores; the
 finishing launch checks, in extra programs, whatever no scoring kernel read
 whole (q for the sampled and vertical-slash estimators, v when given). With
-Prism's bands its pooling launch checks q, k and v. Nothing waits for the
+Prism's bands, or Prism's candidates, its pooling launch checks q, k and v. Nothing waits for the
 GPU; :mod:`prism.optimized.api` reads the flag at the end of an eager call.
 
 Any other composition of stages (the sub-tile estimator), and rows wider than
@@ -36,20 +40,17 @@ check).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from prism.reference.bands import band_sizes
 from prism.reference.registry import EstimatorSpec, estimator_spec, estimator_tiles
 from prism.reference.select import trace_selection
 from prism.reference.tiles import TileLayout
 
+from .cascade import candidate_antidiagonal_tile_scores, prism_mask
 from .estimators import KERNEL_STAGES, antidiagonal_tile_scores
 from .indices import mask_rows_to_indices
 from .pooling import nonfinite_flag
 from .sampled import sampled_tile_probabilities
-from .selection import MAX_WIDTH, select_tiles
 from .tile_union import MAX_UNION_WIDTH, union_tiles
 from .vertical_slash import last_query_distributions_unchecked
 from .vertical_slash_tiles import vertical_slash_bins
@@ -60,28 +61,35 @@ from .vertical_slash_tiles import vertical_slash_bins
 PROBABILITY_STAGES = {
     "antidiagonal": (antidiagonal_tile_scores, "antidiagonal_stride", True),
     "sampled": (sampled_tile_probabilities, "sampled_queries", False),
+    "candidate_antidiagonal": (candidate_antidiagonal_tile_scores, "antidiagonal_stride", True),
 }
+#: Stages that make the candidate tiles a probability stage scores (the cascade's).
+CANDIDATE_STAGES = frozenset({"prism_trace", "prism_candidates"})
 
 _FORMS: dict = {}
 
 
 def fused_form(spec: EstimatorSpec):
-    """``(probability stage or None, with vertical-slash)`` when :func:`estimator_select`
-    computes ``spec``'s tiles in its fused form, else None (the general path)."""
+    """``(probability stage or None, with vertical-slash, on Prism's candidates)`` when
+    :func:`estimator_select` computes ``spec``'s tiles in its fused form, else None (the
+    general path)."""
     form = _FORMS.get(spec.name, False)
     if form is not False:
         return form
     stages = set(spec.stages)
     with_vs = "vertical_slash" in stages
     scoring = stages - {"vertical_slash", "tile_top_p"}
+    candidates = "prism_candidates" in stages
+    if candidates:
+        scoring -= CANDIDATE_STAGES
     form = None
     if spec.tiles is not None:
         if spec.prism_bands or not scoring:
             # Prism's mask or nothing, united with the vertical-slash tiles.
-            form = (None, True) if stages == {"vertical_slash"} else None
+            form = (None, True, False) if stages == {"vertical_slash"} else None
         elif len(scoring) == 1 and scoring <= PROBABILITY_STAGES.keys() and (
                 "tile_top_p" in stages):
-            form = (scoring.pop(), with_vs)
+            form = (scoring.pop(), with_vs, candidates)
     _FORMS[spec.name] = form
     return form
 
@@ -90,24 +98,6 @@ def _vs_threshold(cfg) -> float:
     """The vertical-slash top-p (``high_threshold`` when not set; docs/estimators.rst)."""
     return cfg.high_threshold if cfg.vertical_slash_threshold is None else (
         cfg.vertical_slash_threshold)
-
-
-@functools.lru_cache(maxsize=256)
-def _as_prism(cfg):
-    """``cfg`` with ``estimator="prism"`` (made once per configuration)."""
-    return cfg.replace(estimator="prism")
-
-
-def _prism_mask(q, k, v, cfg, causal, layout):
-    """Prism's own selection (bands and forced tiles) and its pooling's NaN/Inf flag."""
-    prism_cfg = _as_prism(cfg)
-    if layout.num_key_tiles > MAX_WIDTH:
-        return (trace_selection(q, k, prism_cfg, causal=causal).mask,
-                nonfinite_flag(q, k, k if v is None else v))
-    high_dim, low_dim = band_sizes(q.shape[-1], cfg.high_dim, cfg.low_dim)
-    mask, _, _, nonfinite = select_tiles(q, k, prism_cfg, causal, layout, high_dim, low_dim,
-                                         write_mask=True, write_indices=False, v=v)
-    return mask, nonfinite
 
 
 def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, cfg,
@@ -147,11 +137,16 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
     form = fused_form(spec)
     if form is None or nk > MAX_UNION_WIDTH:
         return _general(q, k, v, cfg, causal, layout, spec, write_indices)
-    stage, with_vs = form
+    stage, with_vs, on_candidates = form
     check = {} if v is None else {"v": v}
     other = None
+    extra = {}
     if spec.prism_bands:
-        other, nonfinite = _prism_mask(q, k, v, cfg, causal, layout)
+        other, nonfinite = prism_mask(q, k, v, cfg, causal, layout)
+        check = {}  # the pooling launch checked q, k and v
+    elif on_candidates:
+        extra["candidates"], nonfinite = prism_mask(q, k, v, cfg, causal, layout,
+                                                    cfg.candidate_threshold)
         check = {}  # the pooling launch checked q, k and v
     else:
         nonfinite = torch.zeros(1, dtype=torch.float64, device=q.device)
@@ -159,15 +154,16 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
     if stage is not None:
         scores, field, reads_every_query = PROBABILITY_STAGES[stage]
         probs = scores(q, k, layout, getattr(cfg, field), causal, normalize=False,
-                       nonfinite=nonfinite)
-        if not reads_every_query:
+                       nonfinite=nonfinite, **extra)
+        if not reads_every_query and not on_candidates:
             check["q"] = q
     if with_vs:
         vertical, slash = last_query_distributions_unchecked(
-            q, k, layout, cfg.last_queries, causal, None if spec.prism_bands else nonfinite)
+            q, k, layout, cfg.last_queries, causal,
+            None if spec.prism_bands or on_candidates else nonfinite)
         columns, diagonals = vertical_slash_bins(vertical, slash, layout, _vs_threshold(cfg),
                                                  causal)
-        if stage is None and not spec.prism_bands:
+        if stage is None and not (spec.prism_bands or on_candidates):
             check["q"] = q
     mask, num, idx = union_tiles(
         layout, causal, (b, hq), probs=probs, normalize=True, threshold=cfg.high_threshold,
@@ -182,7 +178,7 @@ def _general(q, k, v, cfg, causal, layout, spec, write_indices):
     stages = {**KERNEL_STAGES, "prism_trace": trace_selection}
     tiles = estimator_tiles(q, k, cfg, layout, causal, stages)
     if spec.prism_bands:
-        prism, _ = _prism_mask(q, k, None, cfg, causal, layout)
+        prism, _ = prism_mask(q, k, None, cfg, causal, layout)
         tiles = tiles | prism
     if layout.num_key_tiles > MAX_UNION_WIDTH:
         from prism.reference.scoring import admissible_tiles
@@ -201,4 +197,4 @@ def _general(q, k, v, cfg, causal, layout, spec, write_indices):
     return mask, num, idx, nonfinite
 
 
-__all__ = ["PROBABILITY_STAGES", "estimator_select", "fused_form"]
+__all__ = ["CANDIDATE_STAGES", "PROBABILITY_STAGES", "estimator_select", "fused_form"]

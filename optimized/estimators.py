@@ -65,6 +65,7 @@ from .antidiagonal_packed import (
     masked_scores,
     online_softmax_step,
 )
+from .cascade import candidate_antidiagonal_tile_probabilities, prism_candidate_tiles_kernel
 from .launch import launch
 from .pooling import _flag_if_nonfinite
 from .sampled import sampled_tile_probabilities
@@ -384,6 +385,8 @@ KERNEL_STAGES = {
     "sampled": sampled_tile_probabilities,
     "vertical_slash": vertical_slash_tile_mask,
     "tile_top_p": tile_top_p_kernel,
+    "prism_candidates": prism_candidate_tiles_kernel,
+    "candidate_antidiagonal": candidate_antidiagonal_tile_probabilities,
 }
 
 

@@ -112,9 +112,10 @@ def test_fused_forms_follow_the_registry():
             assert set(spec.stages) - {"vertical_slash", "tile_top_p",
                                        *estimator_path.PROBABILITY_STAGES}
             continue
-        stage, with_vs = form
+        stage, with_vs, on_candidates = form
         assert with_vs == ("vertical_slash" in spec.stages)
         assert stage is None or stage in spec.stages
+        assert on_candidates == ("prism_candidates" in spec.stages)
 
 
 _CASES = [  # (b, hq, hkv, nq, nk, causal, transposed): KV prefix, GQA, non-causal
@@ -138,7 +139,11 @@ def test_every_estimator_matches_the_reference_with_indices(estimator):
     spec = estimator_spec(estimator)
     for stage, (_, field, _) in estimator_path.PROBABILITY_STAGES.items():
         if stage in spec.stages:
-            probs = REFERENCE_STAGES[stage](q, k, layout, getattr(cfg, field), causal)
+            extra = ()
+            if "prism_candidates" in spec.stages:  # the cascade: the reference's candidates
+                extra = (REFERENCE_STAGES["prism_candidates"](q, k, cfg, causal,
+                                                              reference.trace_selection),)
+            probs = REFERENCE_STAGES[stage](q, k, layout, getattr(cfg, field), *extra, causal)
             boundary |= _stage_boundary(probs, cfg, layout, causal)
     if spec.prism_bands or "prism_trace" in spec.stages:
         boundary |= reference.boundary_ties(q, k, cfg.replace(estimator="prism"),
@@ -214,7 +219,7 @@ def test_nan_and_inf_raise_the_reference_error(estimator):
 
 # Every fused form (subtile's general path scores with the reference's torch code).
 _GPU_ESTIMATORS = ("antidiagonal", "antidiagonal_vertical_slash", "sampled",
-                   "sampled_vertical_slash", "prism_vertical_slash", "vertical_slash")
+                   "sampled_vertical_slash", "prism_vertical_slash", "vertical_slash", "cascade")
 
 
 @pytest.mark.gpu

@@ -1,0 +1,150 @@
+"""The cascade estimator's GPU path (prism.optimized.cascade) against the reference.
+
+The candidate-restricted packed antidiagonal kernel against
+``candidate_antidiagonal_probabilities`` (both launch forms, GQA, a KV prefix,
+non-causal, fp16), its skipping of key blocks without a candidate (NaN keys
+there are never read), and the whole fused selection against
+``reference.select_blocks(..., estimator="cascade")`` up to top-p boundary
+ties. Runs in Triton's interpreter on the CPU (tests/conftest.py) or on CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_optimized_estimators import DEVICE, _assert_masks_agree, _qk, _stage_boundary
+
+from prism import optimized, reference
+from prism.optimized import estimator_path
+from prism.optimized.antidiagonal_packed import PackedTuning, antidiagonal_packed_probabilities
+from prism.optimized.cascade import (
+    candidate_antidiagonal_tile_probabilities,
+    prism_candidate_tiles_kernel,
+)
+from prism.reference import PrismConfig, tile_layout
+from prism.reference.estimators import candidate_antidiagonal_probabilities, prism_candidate_tiles
+from prism.reference.registry import estimator_spec
+from prism.reference.scoring import admissible_tiles
+from prism.reference.select import forced_tiles
+
+pytestmark = [pytest.mark.interpret, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
+
+
+def _random_candidates(layout, hq, causal, seed, density=0.4):
+    gen = torch.Generator().manual_seed(seed)
+    cand = torch.rand(1, hq, layout.num_query_tiles, layout.num_key_tiles, generator=gen)
+    cand = (cand < density).to(DEVICE) | forced_tiles(layout, causal, True, True, DEVICE)
+    return cand & admissible_tiles(layout, causal, DEVICE)
+
+
+@pytest.mark.parametrize("hq, hkv, nq, nk, bs, stride, causal, dtype", [
+    (4, 2, 72, 164, 32, 8, True, torch.float32),     # GQA 2, KV prefix of 92
+    (4, 1, 128, 300, 128, 32, True, torch.float32),  # 4 groups per tile, 4 heads
+    (2, 2, 64, 100, 32, 8, False, torch.float16),
+])
+def test_restricted_kernel_matches_the_reference(hq, hkv, nq, nk, bs, stride, causal, dtype):
+    q, k = _qk(1, hq, hkv, nq, nk, 16, seed=nq + stride, dtype=dtype, scale=2.0)
+    layout = tile_layout(nq, nk, bs, causal)
+    cand = _random_candidates(layout, hq, causal, seed=nk)
+    expected = candidate_antidiagonal_probabilities(q, k, layout, stride, cand, causal)
+    got = candidate_antidiagonal_tile_probabilities(q, k, layout, stride, cand, causal)
+    torch.testing.assert_close(got, expected, rtol=2e-5, atol=1e-6)
+    # Not the plain probabilities: the restriction changes the rows.
+    plain = candidate_antidiagonal_probabilities(q, k, layout, stride,
+                                                 admissible_tiles(layout, causal, DEVICE)
+                                                 .expand_as(cand), causal)
+    assert (plain - expected).abs().max() > 1e-3
+    if causal and stride == 8:
+        # The two-pass form, with small key blocks so that some blocks are skipped
+        # (the one-pass form with skipped blocks: the test below).
+        tuning = PackedTuning(target_rows=32, block_kg=16, one_pass=0)
+        form = antidiagonal_packed_probabilities(q, k, layout, stride, causal, tuning,
+                                                 candidates=cand)
+        torch.testing.assert_close(form, expected, rtol=2e-5, atol=1e-6)
+
+
+def test_key_blocks_without_a_candidate_are_not_read():
+    """NaN keys in blocks no row has a candidate in: no flag, the reference's rows."""
+    hq, nq, nk, bs, stride = 2, 128, 384, 32, 8
+    q, k = _qk(1, hq, 1, nq, nk, 16, seed=5, scale=2.0)
+    layout = tile_layout(nq, nk, bs, True)
+    cand = _random_candidates(layout, hq, True, seed=2, density=0.6)
+    # Key tiles 4-7 (key groups 16-31: one block of 16) are no row's candidate.
+    cand[..., 4:8] = False
+    poisoned = k.clone()
+    poisoned[:, :, 4 * bs : 8 * bs] = float("nan")
+    expected = candidate_antidiagonal_probabilities(q, k, layout, stride, cand, True)
+    tuning = PackedTuning(target_rows=32, block_kg=16)
+    for one_pass in (0, 1):
+        flag = torch.zeros(1, dtype=torch.float64, device=DEVICE)
+        got = antidiagonal_packed_probabilities(
+            q, poisoned, layout, stride, True, PackedTuning(32, 16, one_pass=one_pass),
+            nonfinite=flag, candidates=cand)
+        assert flag.item() == 0, one_pass
+        torch.testing.assert_close(got, expected, rtol=2e-5, atol=1e-6)
+    # The check can fail: with one candidate in that block, the block is read.
+    cand[0, 0, -1, 5] = True
+    flag = torch.zeros(1, dtype=torch.float64, device=DEVICE)
+    antidiagonal_packed_probabilities(q, poisoned, layout, stride, True, tuning,
+                                      nonfinite=flag, candidates=cand)
+    assert flag.item() != 0
+
+
+def test_fused_selection_matches_the_reference(monkeypatch):
+    assert estimator_path.fused_form(estimator_spec("cascade")) == (
+        "candidate_antidiagonal", True, True)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference stage ran")
+
+    # The fused path scores with the kernel, never the reference stage.
+    monkeypatch.setattr("prism.optimized.cascade.candidate_antidiagonal_probabilities", refuse)
+    causal, nq, nk = True, 160, 256
+    q, k = _qk(1, 2, 1, nq, nk, 32, seed=7, transposed=True, scale=4.0)
+    cfg = PrismConfig(block_size=32, estimator="cascade", antidiagonal_stride=8,
+                      candidate_threshold=0.7, high_threshold=0.8,
+                      vertical_slash_threshold=0.3, last_queries=16)
+    layout = tile_layout(nq, nk, 32, causal)
+    cand = prism_candidate_tiles(q, k, cfg, causal, reference.trace_selection)
+    # No candidate boundary tie in this case: the kernels' candidates are the reference's.
+    assert torch.equal(prism_candidate_tiles_kernel(q, k, cfg, causal), cand)
+    admissible = admissible_tiles(layout, causal, DEVICE)
+    assert (cand != admissible).any() and (cand & ~forced_tiles(layout, causal, True, True,
+                                                                 DEVICE)).any()
+    mask, num, idx, flag = optimized.ops.select(q, k, None, cfg, causal)
+    expected = reference.select_blocks(q, k, cfg, causal=causal)
+    probs = candidate_antidiagonal_probabilities(q, k, layout, 8, cand, causal)
+    _assert_masks_agree(mask, expected, _stage_boundary(probs, cfg, layout, causal))
+    ref_num, ref_idx = reference.mask_to_indices(mask)
+    assert torch.equal(num.long(), ref_num.long()) and torch.equal(idx.long(), ref_idx.long())
+    assert flag.item() == 0
+    # Not vacuous: neither the candidates nor the forced tiles alone.
+    assert (expected != cand).any()
+    # NaN anywhere in k is flagged (the candidate pooling reads every key).
+    k_bad = k[:, :, :96].clone()
+    k_bad[0, 0, 50, 3] = float("nan")
+    assert optimized.ops.select(q[:, :, :64], k_bad, None, cfg, causal)[3].item() != 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [4096, 8192])
+def test_cascade_on_the_gpu_bf16(n):
+    """bf16, 8/2 heads, D 128, stride 32: kernel rows vs the reference's, and the mask."""
+    gen = torch.Generator(device="cuda").manual_seed(n)
+    q = torch.randn(1, 8, n, 128, device="cuda", generator=gen).to(torch.bfloat16)
+    k = torch.randn(1, 2, n, 128, device="cuda", generator=gen).to(torch.bfloat16)
+    q[:, :, :, :32] *= 4  # a few dominant dims: non-uniform scores
+    cfg = PrismConfig(estimator="cascade", antidiagonal_stride=32, candidate_threshold=0.9)
+    layout = tile_layout(n, n, cfg.block_size, True)
+    cand = prism_candidate_tiles_kernel(q, k, cfg, True)
+    expected = candidate_antidiagonal_probabilities(q, k, layout, 32, cand, True)
+    got = candidate_antidiagonal_tile_probabilities(q, k, layout, 32, cand, True)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert (expected[cand.logical_not()] == 0).all()
+    mask = optimized.select_blocks(q, k, cfg)
+    tiles = reference.select_blocks(q, k, cfg)
+    # The reference's own candidates may differ at Prism's boundary ties; compare
+    # the rows whose candidates agree.
+    same = (prism_candidate_tiles(q, k, cfg, True, reference.trace_selection) == cand).all(-1)
+    boundary = _stage_boundary(expected, cfg, layout, True) | ~same[..., None]
+    _assert_masks_agree(mask.as_subclass(torch.Tensor), tiles, boundary)
