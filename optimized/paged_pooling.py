@@ -26,9 +26,8 @@ from prism.reference.tiles import TileLayout
 from ._runtime import next_power_of_2
 from .launch import Prepared, zero_
 from .pooling import (
-    _band_membership,
-    _flag_if_nonfinite,
     _pool_one_tile,
+    _store_tile_mean,
     band_pairs,
     work_layout,
     work_pointers,
@@ -65,17 +64,10 @@ def _pool_paged_key_tile(
                 + dims[None, :] * stride_d)
         x = tl.load(ptrs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
         total += tl.sum(x.to(tl.float32), axis=0)
-    _flag_if_nonfinite(total, nonfinite_ptr)
-    mean = total / (row_hi - row_lo).to(tl.float32)
-    out = out_ptr + bh.to(tl.int64) * out_stride_bh + tile
-    tl.store(out + dims * out_stride_dim, mean, mask=dim_ok)
-    square = mean.to(tl.float64) * mean.to(tl.float64)
-    in_high = _band_membership(dims, head_dim, half_layout, high_start, high_pairs)
-    in_low = _band_membership(dims, head_dim, half_layout, low_start, low_pairs)
-    energy = energy_ptr + bh * 3
-    tl.atomic_add(energy + 0, tl.sum(tl.where(dim_ok, square, 0.0), axis=0))
-    tl.atomic_add(energy + 1, tl.sum(tl.where(in_high, square, 0.0), axis=0))
-    tl.atomic_add(energy + 2, tl.sum(tl.where(in_low, square, 0.0), axis=0))
+    _store_tile_mean(total, row_hi - row_lo, dims, dim_ok,
+                     out_ptr + bh.to(tl.int64) * out_stride_bh + tile, out_stride_dim,
+                     energy_ptr + bh * 3, nonfinite_ptr, head_dim, half_layout, high_start,
+                     high_pairs, low_start, low_pairs)
 
 
 @triton.jit

@@ -144,17 +144,26 @@ def _pool_one_tile(
         ptrs = base + rows.to(tl.int64)[:, None] * stride_n + dims[None, :] * stride_d
         x = tl.load(ptrs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
         total += tl.sum(x.to(tl.float32), axis=0)
+    _store_tile_mean(total, row_hi - row_lo, dims, dim_ok,
+                     out_ptr + bh.to(tl.int64) * out_stride_bh + tile * out_stride_tile,
+                     out_stride_dim, energy_ptr + bh * 3, nonfinite_ptr, head_dim,
+                     half_layout, high_start, high_pairs, low_start, low_pairs)
+
+
+@triton.jit
+def _store_tile_mean(total, count, dims, dim_ok, out, out_stride_dim, energy, nonfinite_ptr,
+                     head_dim, half_layout, high_start, high_pairs, low_start, low_pairs):
+    """A tile's column sums ``total`` over ``count`` rows: flag NaN/Inf, store the mean
+    at ``out``, and add its squared norm over all dims and over each band's dims to
+    ``energy[0:3]`` (float64 atomics). Shared by the contiguous and the paged launch."""
     # NaN or Inf anywhere in the tile makes its sum non-finite (x - x != 0).
     _flag_if_nonfinite(total, nonfinite_ptr)
-    mean = total / (row_hi - row_lo).to(tl.float32)
-    out = out_ptr + bh.to(tl.int64) * out_stride_bh + tile * out_stride_tile
+    mean = total / count.to(tl.float32)
     tl.store(out + dims * out_stride_dim, mean, mask=dim_ok)
-
     # Energies: sum_d mean[d]^2 over all dims and over each band's dims.
     square = mean.to(tl.float64) * mean.to(tl.float64)
     in_high = _band_membership(dims, head_dim, half_layout, high_start, high_pairs)
     in_low = _band_membership(dims, head_dim, half_layout, low_start, low_pairs)
-    energy = energy_ptr + bh * 3
     tl.atomic_add(energy + 0, tl.sum(tl.where(dim_ok, square, 0.0), axis=0))
     tl.atomic_add(energy + 1, tl.sum(tl.where(in_high, square, 0.0), axis=0))
     tl.atomic_add(energy + 2, tl.sum(tl.where(in_low, square, 0.0), axis=0))
