@@ -274,6 +274,16 @@ def _first_pass_block(m_i, l_i, s, e_rows, mb_rows, key_start, chunk_tiles,
 
 
 @triton.jit
+def _one_pass_sums(e_rows, key_start, chunk_tiles, m_block, m_shift, inv_l,
+                   PER_TILE: tl.constexpr):
+    """Pass 2 of the one-pass form on one key block: the scratch's per-tile sums of
+    ``2^(s - m_block)`` rescaled to probabilities; a sum of 0 (nothing admissible yet)
+    stays 0 whatever ``m_block``."""
+    e = tl.load(e_rows + (key_start // PER_TILE + chunk_tiles)[None, :])
+    return tl.where(e > 0, e * (tl.math.exp2(m_block - m_shift) * inv_l)[:, None], 0.0)
+
+
+@triton.jit
 def _tile_sums(s, m_shift, inv_l, ROWS: tl.constexpr, BLOCK_KG: tl.constexpr,
                PER_TILE: tl.constexpr):
     """Pass 2 on one key block: the normalised scores summed into key tiles (exact fp32
@@ -352,8 +362,8 @@ def _packed_kernel(
     for key_start in range(0, key_end, BLOCK_KG):
         key_groups = key_start + tl.arange(0, BLOCK_KG)
         if CANDIDATES:
-            # A key block holding no candidate tile of any row is skipped: zero
-            # one-pass scratch, nothing scored (pass 2 skips it too).
+            # A key block holding no candidate tile of any row is skipped: nothing
+            # scored, and for pass 2 (which skips it too) a one-pass block max of -inf.
             cand = _candidate_block(cand_rows, rows_ok, key_groups, num_key_tiles, stride_ck,
                                     PER_TILE)
             if tl.max(tl.max(cand.to(tl.int32), axis=1), axis=0) > 0:
@@ -365,9 +375,8 @@ def _packed_kernel(
                 m_i, l_i = _first_pass_block(m_i, l_i, s, e_rows, mb_rows, key_start,
                                              chunk_tiles, ROWS, BLOCK_KG, PER_TILE, ONE_PASS)
             elif ONE_PASS:
-                tl.store(e_rows + (key_start // PER_TILE + chunk_tiles)[None, :],
-                         tl.zeros((ROWS, TILES_PER_CHUNK), dtype=tl.float32))
-                tl.store(mb_rows + key_start // BLOCK_KG, tl.zeros((ROWS,), dtype=tl.float32))
+                tl.store(mb_rows + key_start // BLOCK_KG,
+                         tl.full((ROWS,), float("-inf"), dtype=tl.float32))
         else:
             s = _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
                                groups, rows_ok, key_groups, key_end, query_start, num_queries,
@@ -395,10 +404,15 @@ def _packed_kernel(
     for key_start in range(0, key_end, BLOCK_KG):
         if ONE_PASS:
             m_block = tl.load(mb_rows + key_start // BLOCK_KG)
-            e = tl.load(e_rows + (key_start // PER_TILE + chunk_tiles)[None, :])
-            # e == 0 (nothing admissible yet, or a skipped block) stays 0 whatever m_block.
-            by_tile = tl.where(e > 0, e * (tl.math.exp2(m_block - m_shift) * inv_l)[:, None],
-                               0.0)
+            if CANDIDATES:
+                by_tile = tl.zeros((ROWS, TILES_PER_CHUNK), dtype=tl.float32)
+                # A skipped block's max is -inf in every row (a scored one's is finite).
+                if tl.max(m_block, axis=0) > float("-inf"):
+                    by_tile = _one_pass_sums(e_rows, key_start, chunk_tiles, m_block, m_shift,
+                                             inv_l, PER_TILE)
+            else:
+                by_tile = _one_pass_sums(e_rows, key_start, chunk_tiles, m_block, m_shift,
+                                         inv_l, PER_TILE)
         else:
             key_groups = key_start + tl.arange(0, BLOCK_KG)
             by_tile = tl.zeros((ROWS, TILES_PER_CHUNK), dtype=tl.float32)

@@ -63,8 +63,9 @@ def test_restricted_kernel_matches_the_reference(hq, hkv, nq, nk, bs, stride, ca
         torch.testing.assert_close(form, expected, rtol=2e-5, atol=1e-6)
 
 
-def test_key_blocks_without_a_candidate_are_not_read():
-    """NaN keys in blocks no row has a candidate in: no flag, the reference's rows."""
+def test_key_blocks_without_a_candidate_are_not_read(monkeypatch):
+    """NaN keys in blocks no row has a candidate in: no flag, the reference's rows (with
+    every torch.empty poisoned: a skipped block's one-pass scratch is never read)."""
     hq, nq, nk, bs, stride = 2, 128, 384, 32, 8
     q, k = _qk(1, hq, 1, nq, nk, 16, seed=5, scale=2.0)
     layout = tile_layout(nq, nk, bs, True)
@@ -75,6 +76,9 @@ def test_key_blocks_without_a_candidate_are_not_read():
     poisoned[:, :, 4 * bs : 8 * bs] = float("nan")
     expected = candidate_antidiagonal_probabilities(q, k, layout, stride, cand, True)
     tuning = PackedTuning(target_rows=32, block_kg=16)
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(
+        float("inf")))
     for one_pass in (0, 1):
         flag = torch.zeros(1, dtype=torch.float64, device=DEVICE)
         got = antidiagonal_packed_probabilities(
