@@ -75,6 +75,8 @@ SETTINGS = {
         vertical_slash_threshold=0.5),
     "cascade stride 32 (c=0.99, p=0.9, vs=0.5)": PrismConfig.preset(
         "accurate", estimator="cascade", antidiagonal_stride=32, candidate_threshold=0.99),
+    "cascade stride 8 (c=0.99, p=0.9, vs=0.5)": PrismConfig.preset(
+        "accurate", estimator="cascade", antidiagonal_stride=8, candidate_threshold=0.99),
 }
 REFERENCE_MAX_TOKENS = 32768
 
