@@ -57,7 +57,7 @@ from prism.reference.validation import (
     validate_scale,
 )
 
-from . import call_plan, ops
+from . import ops
 from ._runtime import check_device
 from .attention import _sparse_attention_kernel
 from .indices import _mask_to_indices_kernel, mask_rows_to_indices
@@ -140,24 +140,18 @@ def select_blocks(q, k, config: PrismConfig | None = None, *, causal: bool = Tru
         On bad input (contract §8), NaN/Inf included (eager calls), and on CPU tensors.
     """
     cfg = _resolve(config, overrides)
-    compiling = torch.compiler.is_compiling()
-    if not compiling:
-        key = call_plan.call_key("select", q, k, None, cfg, causal)
-        planned = call_plan.planned(key, (q, k, None), cfg)
-        if planned is not None:  # a repeated eager call (validated when its plan was made)
-            (mask, num, idx), buffer, flag = planned
-            if not ops.tracing():
-                _raise_if_nonfinite(buffer[flag:flag + 1], q=q, k=k)
-            return TileMask.from_selection(mask, cfg.block_size, causal, q.shape[2],
-                                           k.shape[2], num, idx)
-    validate_qk(q, k, causal=causal, check_values=False)
-    if not (q.is_cuda and k.is_cuda):
-        check_device(_select_tiles_kernel, q=q, k=k)
-    if compiling:
+
+    def validate():
+        validate_qk(q, k, causal=causal, check_values=False)
+        if not (q.is_cuda and k.is_cuda):
+            check_device(_select_tiles_kernel, q=q, k=k)
+
+    if torch.compiler.is_compiling():
+        validate()
         return torch.ops.prism.select(q, k, None, causal, ops.config_string(cfg))[0]
-    (mask, num, idx), nonfinite = call_plan.record(
-        lambda: ops.select_general(q, k, None, cfg, causal), key, (q, k, None), cfg)
-    _raise_if_nonfinite(nonfinite, q=q, k=k)
+    # A repeated call replays its plan (validated when the plan was made).
+    (mask, num, idx), flags, at = ops.planned_select(q, k, None, cfg, causal, validate)
+    _raise_if_nonfinite(flags[at:at + 1], q=q, k=k)
     return TileMask.from_selection(mask, cfg.block_size, causal, q.shape[2], k.shape[2], num,
                                    idx)
 
@@ -197,46 +191,32 @@ def block_sparse_attention(q, k, v, block_mask, *, block_size: int = 128, causal
     o : Tensor (B, Hq, Nq, Dv), dtype of ``q``
     lse : Tensor (B, Hq, Nq), float32, only if ``return_lse``
     """
-    compiling = torch.compiler.is_compiling()
-    mask, num, idx = block_mask, None, None
+    num = idx = None
     if isinstance(block_mask, TileMask) and type(q) is torch.Tensor and type(k) is torch.Tensor:
         carried = block_mask.carried_indices(block_size=block_size, causal=causal,
                                              num_queries=q.shape[2], num_keys=k.shape[2])
         if carried is not None and carried[0].device == q.device:
             num, idx = carried
-    if not compiling:
-        key = call_plan.block_sparse_key(q, k, v, mask, num, idx, block_size, causal, scale,
-                                         return_lse, True)
-        planned = call_plan.planned(key, (q, k, v, mask, num, idx))
-        if planned is not None:  # a repeated eager call (validated when its plan was made)
-            (out, lse), buffer, flag = planned
-            if not ops.tracing():
-                _raise_if_nonfinite(buffer[flag:flag + 1], q=q, k=k, v=v)
-            return (out, lse) if return_lse else out
-    validate_qkv(q, k, v, causal=causal, check_values=False)
-    validate_block_size(block_size)
-    if scale is not None:
-        validate_scale(scale)
-    nq, nk = q.shape[2], k.shape[2]
-    layout = ops._layout(nq, nk, block_size, causal)
-    validate_block_mask(block_mask, q, (layout.num_query_tiles, layout.num_key_tiles))
-    if not (q.is_cuda and k.is_cuda and v.is_cuda):
-        check_device(_sparse_attention_kernel, q=q, k=k, v=v)
-    if isinstance(block_mask, TileMask):
-        mask = block_mask.as_tensor()
-    if compiling:  # nobody reads the NaN/Inf flag of compiled code: not computed
+    mask = block_mask.as_tensor() if isinstance(block_mask, TileMask) else block_mask
+
+    def validate():
+        validate_qkv(q, k, v, causal=causal, check_values=False)
+        validate_block_size(block_size)
+        if scale is not None:
+            validate_scale(scale)
+        layout = ops._layout(q.shape[2], k.shape[2], block_size, causal)
+        validate_block_mask(block_mask, q, (layout.num_query_tiles, layout.num_key_tiles))
+        if not (q.is_cuda and k.is_cuda and v.is_cuda):
+            check_device(_sparse_attention_kernel, q=q, k=k, v=v)
+
+    if torch.compiler.is_compiling():  # nobody reads the NaN/Inf flag of compiled code
+        validate()
         out, lse, _ = torch.ops.prism.block_sparse_attention(
             q, k, v, mask, num, idx, block_size, causal, scale, return_lse, False)
     else:
-        inputs = (q, k, v, mask, num, idx)
-
-        def general():
-            out, lse, nonfinite = ops.attention(*inputs, block_size, causal, scale, return_lse,
-                                                True)
-            return (out, lse), nonfinite
-
-        (out, lse), nonfinite = call_plan.record(general, key, inputs)
-        _raise_if_nonfinite(nonfinite, q=q, k=k, v=v)
+        (out, lse), flags, at = ops.planned_block_sparse(
+            q, k, v, mask, num, idx, block_size, causal, scale, return_lse, True, validate)
+        _raise_if_nonfinite(flags[at:at + 1], q=q, k=k, v=v)
     return (out, lse) if return_lse else out
 
 
@@ -264,31 +244,23 @@ def prism_attention(q, k, v, config: PrismConfig | None = None, *, causal: bool 
     o, or a tuple ``(o, lse)``, ``(o, mask)`` or ``(o, lse, mask)`` in that order.
     """
     cfg = _resolve(config, overrides)
-    compiling = torch.compiler.is_compiling()
-    if not compiling:
-        key = call_plan.call_key("attention", q, k, v, cfg, causal, scale, return_lse,
-                                 return_mask)
-        planned = call_plan.planned(key, (q, k, v), cfg)
-        if planned is not None:  # a repeated eager call (validated when its plan was made)
-            outputs, buffer, flag = planned
-            if not ops.tracing():
-                _raise_if_nonfinite(buffer[flag:flag + 1], q=q, k=k, v=v)
-            return _attention_result(*outputs, *(None,) * (5 - len(outputs)), cfg, causal,
-                                     q, k, return_lse, return_mask)
-    validate_qkv(q, k, v, causal=causal, check_values=False)
-    if scale is not None:
-        validate_scale(scale)
-    if not (q.is_cuda and k.is_cuda and v.is_cuda):
-        check_device(_sparse_attention_kernel, q=q, k=k, v=v)
-    if compiling:  # one operator, whose body replays this call's plan at run time
+
+    def validate():
+        validate_qkv(q, k, v, causal=causal, check_values=False)
+        if scale is not None:
+            validate_scale(scale)
+        if not (q.is_cuda and k.is_cuda and v.is_cuda):
+            check_device(_sparse_attention_kernel, q=q, k=k, v=v)
+
+    if torch.compiler.is_compiling():  # one operator, whose body replays the call's plan
+        validate()
         out, lse, mask = torch.ops.prism.prism_attention(
             q, k, v, ops.config_string(cfg), causal, scale, return_lse, return_mask)
         return _attention_result(out, lse, mask, None, None, cfg, causal, q, k, return_lse,
                                  return_mask, traced=True)
-    outputs, nonfinite = call_plan.record(
-        lambda: ops.attention_general(q, k, v, cfg, causal, scale, return_lse, return_mask),
-        key, (q, k, v), cfg)
-    _raise_if_nonfinite(nonfinite, q=q, k=k, v=v)
+    outputs, flags, at = ops.planned_attention(q, k, v, cfg, causal, scale, return_lse,
+                                               return_mask, validate)
+    _raise_if_nonfinite(flags[at:at + 1], q=q, k=k, v=v)
     return _attention_result(*outputs, *(None,) * (5 - len(outputs)), cfg, causal, q, k,
                              return_lse, return_mask)
 

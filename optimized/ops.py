@@ -221,42 +221,53 @@ def attention_general(q, k, v, cfg: PrismConfig, causal: bool, scale, return_lse
     return ((out, lse, mask, num, idx) if return_mask else (out, lse)), nonfinite
 
 
-def planned_select(q, k, v, cfg: PrismConfig, causal: bool):
+def planned_select(q, k, v, cfg: PrismConfig, causal: bool, validate=None):
     """A selection through its call plan: ``((mask, num, idx), buffer, flag)``, the
-    NaN/Inf flag ``buffer[flag]`` (the general path's when nothing was replayed)."""
+    NaN/Inf flag ``buffer[flag]`` (the general path's when nothing was replayed).
+
+    ``validate`` (the public function's argument checks) runs before the general
+    path only: a replayed signature was validated when its plan was made.
+    """
     key = call_plan.call_key("select", q, k, v, cfg, causal)
     planned = call_plan.planned(key, (q, k, v), cfg)
-    if planned is None:
-        outputs, nonfinite = call_plan.record(lambda: select_general(q, k, v, cfg, causal), key,
-                                              (q, k, v), cfg)
-        return outputs, nonfinite, 0
-    return planned
+    if planned is not None:
+        return planned
+    if validate is not None:
+        validate()
+    outputs, nonfinite = call_plan.record(lambda: select_general(q, k, v, cfg, causal), key,
+                                          (q, k, v), cfg)
+    return outputs, nonfinite, 0
 
 
 def planned_attention(q, k, v, cfg: PrismConfig, causal: bool, scale, return_lse: bool,
-                      return_mask: bool):
+                      return_mask: bool, validate=None):
     """``prism_attention`` through its call plan: ``(outputs, buffer, flag)`` as in
-    :func:`planned_select`, ``outputs`` as :func:`attention_general`'s."""
+    :func:`planned_select` (``validate`` too), ``outputs`` as :func:`attention_general`'s."""
     key = call_plan.call_key("attention", q, k, v, cfg, causal, scale, return_lse, return_mask)
     planned = call_plan.planned(key, (q, k, v), cfg)
-    if planned is None:
-        outputs, nonfinite = call_plan.record(
-            lambda: attention_general(q, k, v, cfg, causal, scale, return_lse, return_mask),
-            key, (q, k, v), cfg)
-        return outputs, nonfinite, 0
-    return planned
+    if planned is not None:
+        return planned
+    if validate is not None:
+        validate()
+    outputs, nonfinite = call_plan.record(
+        lambda: attention_general(q, k, v, cfg, causal, scale, return_lse, return_mask),
+        key, (q, k, v), cfg)
+    return outputs, nonfinite, 0
 
 
 def planned_block_sparse(q, k, v, block_mask, num, idx, block_size: int, causal: bool, scale,
-                         return_lse: bool, check_values: bool):
+                         return_lse: bool, check_values: bool, validate=None):
     """:func:`attention` through its call plan: ``((out, lse), buffer, flag)``, the flag
-    ``buffer[flag]`` (None unless ``check_values``)."""
+    ``buffer[flag]`` (None unless ``check_values``); ``validate`` as in
+    :func:`planned_select`."""
     key = call_plan.block_sparse_key(q, k, v, block_mask, num, idx, block_size, causal, scale,
                                      return_lse, check_values)
     inputs = (q, k, v, block_mask, num, idx)
     planned = call_plan.planned(key, inputs)
     if planned is not None:
         return planned
+    if validate is not None:
+        validate()
 
     def general():
         out, lse, nonfinite = attention(q, k, v, block_mask, num, idx, block_size, causal,
