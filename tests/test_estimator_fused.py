@@ -53,6 +53,9 @@ def _oracle(probs, columns, diagonals, other, layout, causal, threshold):
     (128, 128, 32, True),
     (90, 300, 32, True),    # KV prefix of 210 tokens: first query tile 6
     (100, 170, 16, False),
+    # Rows of 75 key tiles, launch width 128: programs of 16 causal rows run at a
+    # quarter, a half and the whole width, one of them across two heads.
+    (1100, 1200, 16, True),
 ])
 def test_union_tiles_matches_a_torch_oracle(nq, nk, bs, causal):
     layout = tile_layout(nq, nk, bs, causal)
