@@ -347,15 +347,18 @@ def _top_p_shapes(kv, ks, layout, shapes):
     top-p (``--top-p-shapes``): graph-replay ms, tiles differing from the default's."""
     from prism.optimized import vertical_slash_tiles as vst
 
-    saved = (vst.TOP_P_POINTS, vst.LONG_TOP_P_BLOCK)
+    saved = (vst.TOP_P_POINTS, vst.LONG_TOP_P_BLOCK, vst.LONG_TOP_P_WARPS)
     base = vst.vertical_slash_tiles_kernel(kv, ks, layout, 0.5, True)
     out = []
     for text in ["default", *shapes]:
         entry = {"spec": text}
         try:
             if text != "default":
-                vst.TOP_P_POINTS, vst.LONG_TOP_P_BLOCK = map(int, text.split(","))
-            entry["shape"] = f"points={vst.TOP_P_POINTS}, block={vst.LONG_TOP_P_BLOCK}"
+                values = [int(x) for x in text.split(",")]
+                vst.TOP_P_POINTS, vst.LONG_TOP_P_BLOCK = values[:2]
+                vst.LONG_TOP_P_WARPS = values[2] if len(values) > 2 else 0
+            entry["shape"] = (f"points={vst.TOP_P_POINTS}, block={vst.LONG_TOP_P_BLOCK}, "
+                              f"warps={vst.LONG_TOP_P_WARPS or 'default'}")
 
             def fn():
                 return vst.vertical_slash_tiles_kernel(kv, ks, layout, 0.5, True)
@@ -364,7 +367,7 @@ def _top_p_shapes(kv, ks, layout, shapes):
         except Exception as error:
             entry["error"] = f"{type(error).__name__}: {str(error)[:160]}"
         finally:
-            vst.TOP_P_POINTS, vst.LONG_TOP_P_BLOCK = saved
+            vst.TOP_P_POINTS, vst.LONG_TOP_P_BLOCK, vst.LONG_TOP_P_WARPS = saved
         print(layout.num_key_tiles, entry, flush=True)
         out.append(entry)
     return out
@@ -489,7 +492,7 @@ def main(argv=None):
                              "programs separated by ';'")
     parser.add_argument("--top-p-shapes", default="",
                         help="long-row top-p shapes timed at every length with --stages: "
-                             "points,block separated by ';'")
+                             "points,block[,warps] separated by ';'")
     parser.add_argument("--tunings-everywhere", action="store_true",
                         help="time the packed-kernel launch shapes at every length")
     parser.add_argument("--no-reference", action="store_true",

@@ -18,7 +18,9 @@ computes, in two launches and without sorting:
 
 The top-p without a sort. ``F(t)``, the mass strictly above ``t``, is one pass
 over the row. Search the fp32 bits of ``t`` for the smallest value ``v`` with
-``F(v) < p``: each pass evaluates ``F`` at :data:`TOP_P_POINTS` thresholds
+``F(v) < p``, starting from the bracket ``((total - p - 1e-5) / n, max]``
+(values at or below ``t`` carry at most ``n t`` of the mass, so ``F`` is at
+least ``p`` at its lower end): each pass evaluates ``F`` at :data:`TOP_P_POINTS` thresholds
 splitting the bracket evenly (one, the plain bisection, by default; more give
 several bisection steps per pass; the answer does not depend on the path).
 Once the bracket ``(lo, hi]`` holds at most :data:`CANDIDATES` values, one
@@ -54,6 +56,8 @@ CANDIDATES = 4096
 #: ran 0.035/0.095/0.406 ms at 8K/32K/128K against 0.034/0.094/0.414 for 1 and
 #: 0.051/0.116/0.457 for 16: the passes are not what the kernel waits on, so 1.
 TOP_P_POINTS = 1
+#: Warps of a long-row top-p program; 0: 8 for blocks of 2048 values or more, else 4.
+LONG_TOP_P_WARPS = 0
 _MIN_BLOCK = 16
 
 
@@ -157,7 +161,13 @@ def _long_top_p_kernel(X, KEEP_X, BINS_X, length_x, rows_x, stride_x, start_x, b
         count_all += tl.sum((x > -1.0).to(tl.int32), axis=0)
         top = tl.maximum(top, tl.max(x, 0))
     # Bracket: F(lo) >= p > F(hi), on int32 bits (lo = -1: below every value).
-    lo = tl.full((), -1, dtype=tl.int32)
+    # Values at or below t add at most count_all * t to the mass, so F(t0) >= p + 1e-5
+    # at t0 = (total - p - 1e-5) / count_all (the 1e-5 covers fp32 rounding): the
+    # bracket may start there, which saves the passes that would only raise lo.
+    # count_lo then stays an upper bound until lo first moves; the search only
+    # needs it to bound the bracket's count (the cut itself uses counts at hi).
+    t0 = (total - threshold - 1e-5) / tl.maximum(count_all, 1).to(tl.float32)
+    lo = tl.where(t0 > 0.0, t0.to(tl.int32, bitcast=True), -1)
     hi = top.to(tl.int32, bitcast=True)
     count_lo = count_all
     count_hi = tl.zeros((), dtype=tl.int32)
@@ -256,9 +266,10 @@ def _launch_top_p(sets, threshold: float, write_keep: bool, write_bins: bool, wi
         n_bins = bins.shape[-1] if s["bins"] is not None else 0
         head = [s["x"], keep, bins, s["length"]] + ([r] if i == 0 else [])
         args += head + [s["x"].shape[-1], s["start"], n_bins, s["lead"], s["lead2"]]
+    warps = LONG_TOP_P_WARPS or (8 if block >= 2048 else 4)
     launch(_long_top_p_kernel, (sum(rows),), *args, scratch, float(threshold), width,
            BLOCK=block, CAND=CANDIDATES, WRITE_KEEP=write_keep, WRITE_BINS=write_bins,
-           POINTS=TOP_P_POINTS, num_warps=8 if block >= 2048 else 4)
+           POINTS=TOP_P_POINTS, num_warps=warps)
 
 
 def long_top_p_kernel(values: torch.Tensor, threshold: float,

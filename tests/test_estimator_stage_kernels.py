@@ -190,6 +190,28 @@ def test_long_top_p_kernel_matches_reference(n, threshold):
         assert actual[3, : int(actual[3].sum())].all()
 
 
+@pytest.mark.parametrize("threshold", [0.9, 0.99])
+def test_long_top_p_kernel_cut_far_below_the_mean(threshold):
+    """Rows whose cut lies below their mean value (three quarters of the values carry
+    0.4 of the mass and most of them are kept): the search starts its bracket at
+    (total - p - 1e-5) / n, which must stay below the cut."""
+    from prism.optimized.vertical_slash import long_top_p_kernel
+
+    gen = torch.Generator().manual_seed(5)
+    n = 4000
+    x = torch.full((2, n), 0.4 / 3000)
+    x[:, :1000] = 0.6 / 1000
+    x = x * (1 + 0.01 * torch.rand(2, n, generator=gen))
+    x[1] = x[1].flip(0)
+    x = (x / x.sum(-1, keepdim=True)).to(DEVICE)
+    actual = long_top_p_kernel(x, threshold)
+    keep, mass_before = top_p_select(x, torch.ones((), dtype=torch.bool, device=DEVICE),
+                                     threshold)
+    boundary = (mass_before - threshold).abs() <= 1e-5
+    assert not ((actual != (keep & (x > 0))) & ~boundary).any()
+    assert (actual.sum(-1) > 1000 + 2000 * (threshold > 0.95)).all()
+
+
 @pytest.mark.parametrize("stride, bs, hq, hkv, nq, nk, causal", [
     (128, 128, 4, 1, 300, 700, True),   # one group per tile, KV prefix
     (64, 128, 4, 2, 256, 256, True),
