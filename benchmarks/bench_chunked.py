@@ -35,12 +35,17 @@ Timed, in one process:
 Usage (on the GPU machine, from the repository root)::
 
     python benchmarks/bench_chunked.py --out results.json --commit abc1234
+
+``--crossover 0:32768,32768:4096,...`` times only ``prism_attention_paged``
+reading the pages in place against gathering them, per ``prefix:chunk`` (no
+pooled cache): where ``PAGED_READS = "auto"`` should switch.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import inspect
 import json
 import sys
@@ -137,6 +142,41 @@ def paged_reads(q, k_cache, v_cache, table, lens, cu_q, chunk, cfg):
     return out
 
 
+def crossover(pairs, threshold):
+    """``prism_attention_paged`` reading the pages in place ("kernel") against gathering
+    them ("gather"), with no pooled cache, for each ``(prefix, chunk)``: one sequence,
+    the chunk's queries over prefix + chunk keys, 64-token shuffled pages."""
+    from prism.optimized import paged_kv
+
+    cfg = PrismConfig(block_size=BLOCK, high_threshold=threshold, low_threshold=threshold)
+    rows = []
+    for prefix, chunk in pairs:
+        total = prefix + chunk
+        q_all, k, v = structured(total, seed=0)
+        q = q_all[prefix:].contiguous()
+        k_cache, v_cache, table, _ = to_cache(k, v, torch.tensor([0, total]), [total], 64)
+        cu_q = torch.tensor([0, chunk], dtype=torch.int32)
+        lens = torch.tensor([total], dtype=torch.int32)
+        call = functools.partial(optimized.prism_attention_paged, q, k_cache, v_cache, table,
+                                 lens, cu_q, chunk, cfg)
+        row = {"prefix": prefix, "chunk": chunk}
+        outputs = {}
+        for reads in ("kernel", "gather"):
+            paged_kv.PAGED_READS = reads
+            try:
+                outputs[reads] = call().float()
+                row[f"{reads}_ms"] = bench(call)
+            finally:
+                paged_kv.PAGED_READS = "auto"
+        row["gather_over_kernel"] = row["gather_ms"] / row["kernel_ms"]
+        row["output_rel_diff"] = float((outputs["kernel"] - outputs["gather"]).norm()
+                                       / outputs["gather"].norm())
+        log(f"  crossover: {json.dumps(row)}")
+        rows.append(row)
+        torch.cuda.empty_cache()
+    return rows
+
+
 def previous_gather(cache, block_table, starts, ends):
     """gather_tokens as it was before 370b7d1: the index built on the device (its
     repeat_interleave waits for the device), then advanced indexing."""
@@ -196,7 +236,22 @@ def main(argv=None):
     parser.add_argument("--prefix", type=int, default=32768)
     parser.add_argument("--chunk", type=int, default=4096)
     parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--crossover", default="",
+                        help="only time in-place against gathered page reads for these "
+                             "prefix:chunk pairs (comma-separated), e.g. 0:32768,32768:4096")
     args = parser.parse_args(argv)
+    if args.crossover:
+        pairs = [tuple(int(x) for x in pair.split(":")) for pair in args.crossover.split(",")]
+        result = {"commit": args.commit, "device": torch.cuda.get_device_name(),
+                  "torch": torch.__version__, "threshold": args.threshold,
+                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                  "shape": {"heads": HEADS, "kv_heads": KV_HEADS, "block_size": BLOCK,
+                            "page_size": 64},
+                  "crossover": crossover(pairs, args.threshold)}
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return
     prefix, chunk = args.prefix, args.chunk
     total = prefix + chunk
     q_all, k, v = structured(total, seed=0)
