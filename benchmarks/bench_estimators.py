@@ -294,9 +294,11 @@ def use_fastest_vs(rows):
 
         spec = min(complete, key=complete.get)
         if spec != "default":
-            vst.TOP_P_POINTS, vst.LONG_TOP_P_BLOCK = map(int, spec.split(","))
+            values = [int(x) for x in spec.split(",")]
+            vst.TOP_P_POINTS, vst.LONG_TOP_P_BLOCK = values[:2]
+            vst.LONG_TOP_P_WARPS = values[2] if len(values) > 2 else 0
         chosen["top_p"] = {"spec": spec, "points": vst.TOP_P_POINTS,
-                           "block": vst.LONG_TOP_P_BLOCK,
+                           "block": vst.LONG_TOP_P_BLOCK, "warps": vst.LONG_TOP_P_WARPS,
                            "summed_ratio_to_fastest": complete[spec]}
     print("vertical-slash launch shapes used:", chosen, flush=True)
     return chosen

@@ -45,8 +45,11 @@ from ._runtime import check_device, next_power_of_2
 from .launch import launch
 from .tile_union import MAX_UNION_WIDTH, union_tiles
 
-#: Values per chunk of the long-row top-p's passes.
-LONG_TOP_P_BLOCK = 4096
+#: Values per chunk of the long-row top-p's passes. On the H200
+#: (h200_estimators_stages_bfeba9a.json, the top-p and tiles of 32 heads, graph
+#: replays) chunks of 8192 on 16 warps ran 0.0296/0.0703/0.295 ms at 8K/32K/128K
+#: against 0.0302/0.0806/0.357 for 4096 on 8 warps (0.0305/0.0796/0.300 for 8192 on 8).
+LONG_TOP_P_BLOCK = 8192
 #: Most values of a bracket finished in registers (one pass copies them out).
 CANDIDATES = 4096
 #: Thresholds per step of the search (a power of two): a pass over the row
@@ -56,7 +59,8 @@ CANDIDATES = 4096
 #: ran 0.035/0.095/0.406 ms at 8K/32K/128K against 0.034/0.094/0.414 for 1 and
 #: 0.051/0.116/0.457 for 16: the passes are not what the kernel waits on, so 1.
 TOP_P_POINTS = 1
-#: Warps of a long-row top-p program; 0: 8 for blocks of 2048 values or more, else 4.
+#: Warps of a long-row top-p program; 0: 16 for chunks of 8192 values or more, 8 for
+#: 2048 or more, else 4.
 LONG_TOP_P_WARPS = 0
 _MIN_BLOCK = 16
 
@@ -266,7 +270,7 @@ def _launch_top_p(sets, threshold: float, write_keep: bool, write_bins: bool, wi
         n_bins = bins.shape[-1] if s["bins"] is not None else 0
         head = [s["x"], keep, bins, s["length"]] + ([r] if i == 0 else [])
         args += head + [s["x"].shape[-1], s["start"], n_bins, s["lead"], s["lead2"]]
-    warps = LONG_TOP_P_WARPS or (8 if block >= 2048 else 4)
+    warps = LONG_TOP_P_WARPS or (16 if block >= 8192 else 8 if block >= 2048 else 4)
     launch(_long_top_p_kernel, (sum(rows),), *args, scratch, float(threshold), width,
            BLOCK=block, CAND=CANDIDATES, WRITE_KEEP=write_keep, WRITE_BINS=write_bins,
            POINTS=TOP_P_POINTS, num_warps=warps)
