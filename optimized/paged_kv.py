@@ -24,15 +24,19 @@ by Hopper's bulk tensor copies (TMA) or the warp-specialised loop built on
 them. Where the gathered batch would get those (16-bit inputs, power-of-two
 head dims, compute capability >= 9.0, a TMA or warp-specialised default launch
 shape), gathering K and V and running the varlen launch was faster on the
-H200: 16.2 ms against 19.8 ms for 128K tokens in 64-token pages at density
-0.134 (``benchmarks/results/h200_varlen_2e60d7c.json``; attention alone 1.34x
-slower in place at pages of 16 and 64 tokens, 1.14x at 256). So ``"auto"``
-gathers there (the reference's path: pages gathered, then the varlen
-functions, a transient copy of the batch's K and V) and reads in place
-everywhere else, where both launches use pointer loads. (For a 4K-token
-chunk over 32K cached tokens, in place was faster on the H200: 2.10 against
-3.32 ms, ``benchmarks/results/h200_chunked_828c8d5.json``; the crossover is
-not measured, so ``"auto"`` is unchanged.) Tile sizes that are
+H200 for large prefills: 16.2 ms against 19.8 ms for 128K tokens in
+64-token pages at density 0.134 (``benchmarks/results/h200_varlen_2e60d7c.json``;
+attention alone 1.34x slower in place at pages of 16 and 64 tokens, 1.14x at
+256), and 45.0 against 49.8 ms for one fresh 128K-token sequence. But for
+calls of at most 32K queries in place was as fast or faster in every case
+timed (``benchmarks/results/h200_paged_crossover_bfeba9a.json``, one
+sequence, ``prefix:chunk`` tokens, gathered over in place): 0:8K 1.24x, 0:32K
+1.78x, 32K:4K 1.48x, 32K:16K 1.09x, 32K:32K 1.00x, 96K:32K 1.36x, 124K:4K
+1.64x. So ``"auto"`` gathers where the bulk copies apply *and* the call has
+at least :data:`GATHER_MIN_QUERIES` query tokens (the reference's path: pages
+gathered, then the varlen functions, a transient copy of the batch's K and
+V), and reads in place everywhere else (between 32K and 128K queries the
+crossover was not timed). Tile sizes that are
 not multiples of 16 always gather (the varlen functions run the reference's
 loop on the dense functions there). :func:`block_sparse_attention_paged`
 always reads in place.
@@ -65,6 +69,9 @@ from .varlen import (
 #: How :func:`prism_attention_paged` reads K and V: ``"auto"`` (see the module
 #: docstring), ``"kernel"`` (in place, whenever the tile size allows) or ``"gather"``.
 PAGED_READS = "auto"
+#: Fewest query tokens in a call for which ``"auto"`` gathers the pages where the
+#: gathered launch gets Hopper's bulk copies (module docstring).
+GATHER_MIN_QUERIES = 65536
 
 
 def reads_pages_in_kernel(q, k_cache, v_cache, block_size: int) -> bool:
@@ -80,7 +87,7 @@ def reads_pages_in_kernel(q, k_cache, v_cache, block_size: int) -> bool:
     config = default_config(block_size, d, q.dtype, kernels_interpreted(_sparse_attention_kernel))
     bulk = (config.use_tma or config.warp_specialize) and d == next_power_of_2(d) >= 16 \
         and dv == next_power_of_2(dv) >= 16 and device_capability(k_cache.device)[0] >= 9
-    return not bulk
+    return not bulk or q.shape[0] < GATHER_MIN_QUERIES
 
 
 @triton.jit

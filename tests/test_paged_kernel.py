@@ -266,3 +266,21 @@ def test_gpu_prism_paged_equals_varlen(reads, monkeypatch):
     finite = lse2.isfinite()
     assert torch.equal(finite, lse.isfinite())
     assert (lse[finite] - lse2[finite]).abs().max() < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_auto_gathers_only_large_calls(monkeypatch):
+    """``"auto"`` reads in place below GATHER_MIN_QUERIES query tokens; at or above it,
+    it gathers where the gathered launch gets Hopper's bulk copies."""
+    from prism.optimized import paged_kv
+
+    monkeypatch.setattr(paged_kv, "PAGED_READS", "auto")
+    cache = torch.zeros(4, 64, 2, 128, dtype=torch.bfloat16, device="cuda")
+    small = torch.zeros(paged_kv.GATHER_MIN_QUERIES - 1, 1, 128, dtype=torch.bfloat16,
+                        device="cuda")
+    large = torch.zeros(paged_kv.GATHER_MIN_QUERIES, 1, 128, dtype=torch.bfloat16,
+                        device="cuda")
+    assert paged_kv.reads_pages_in_kernel(small, cache, cache, 128)
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    assert paged_kv.reads_pages_in_kernel(large, cache, cache, 128) != hopper
+    assert not paged_kv.reads_pages_in_kernel(small, cache, cache, 24)  # tile not % 16
