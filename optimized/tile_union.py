@@ -193,24 +193,16 @@ def _union_kernel(
         rows = pid * ROWS + tl.arange(0, ROWS)
         need = tl.max(tl.where(rows < total_rows, first_query_tile + rows % num_query_tiles,
                                0), axis=0) + 1
-        if NARROW and need <= WIDTH // 4:
-            _union_rows(pid, PROBS, COLUMNS, DIAGONALS, OTHER, MASK, NUM, IDX, total_rows,
-                        num_query_tiles, num_key_tiles, num_diagonals, first_query_tile,
-                        threshold, CAUSAL, HAS_PROBS, NORMALIZE, HAS_VS, HAS_OTHER,
-                        FORCE_SINK, FORCE_DIAGONAL, WRITE_MASK, WRITE_INDICES, ROWS,
-                        WIDTH // 4, LOG2_WIDTH - 2, CHECK_EVERY_ARG, WIDTH)
-        elif NARROW and need <= WIDTH // 2:
-            _union_rows(pid, PROBS, COLUMNS, DIAGONALS, OTHER, MASK, NUM, IDX, total_rows,
-                        num_query_tiles, num_key_tiles, num_diagonals, first_query_tile,
-                        threshold, CAUSAL, HAS_PROBS, NORMALIZE, HAS_VS, HAS_OTHER,
-                        FORCE_SINK, FORCE_DIAGONAL, WRITE_MASK, WRITE_INDICES, ROWS,
-                        WIDTH // 2, LOG2_WIDTH - 1, CHECK_EVERY_ARG, WIDTH)
-        else:
-            _union_rows(pid, PROBS, COLUMNS, DIAGONALS, OTHER, MASK, NUM, IDX, total_rows,
-                        num_query_tiles, num_key_tiles, num_diagonals, first_query_tile,
-                        threshold, CAUSAL, HAS_PROBS, NORMALIZE, HAS_VS, HAS_OTHER,
-                        FORCE_SINK, FORCE_DIAGONAL, WRITE_MASK, WRITE_INDICES, ROWS,
-                        WIDTH, LOG2_WIDTH, CHECK_EVERY_ARG, WIDTH)
+        level = 0
+        if NARROW:
+            level = tl.where(need <= WIDTH // 4, 2, tl.where(need <= WIDTH // 2, 1, 0))
+        for lv in tl.static_range(3 if NARROW else 1):  # one instance per width
+            if level == lv:
+                _union_rows(pid, PROBS, COLUMNS, DIAGONALS, OTHER, MASK, NUM, IDX, total_rows,
+                            num_query_tiles, num_key_tiles, num_diagonals, first_query_tile,
+                            threshold, CAUSAL, HAS_PROBS, NORMALIZE, HAS_VS, HAS_OTHER,
+                            FORCE_SINK, FORCE_DIAGONAL, WRITE_MASK, WRITE_INDICES, ROWS,
+                            WIDTH >> lv, LOG2_WIDTH - lv, CHECK_EVERY_ARG, WIDTH)
     else:
         _check_program(pid - union_programs, Q, K, V, NONFINITE,
                        stride_qb, stride_qh, stride_qn, stride_qd,
