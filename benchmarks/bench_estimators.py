@@ -58,14 +58,18 @@ from prism.reference.registry import estimator_spec  # noqa: E402
 
 SETTINGS = {
     "prism (paper preset, p=0.95)": PrismConfig.preset("paper"),
-    "accurate preset (antidiagonal_vertical_slash stride 8, p=0.9, vs=0.5)":
-        PrismConfig.preset("accurate"),
+    # The accurate preset before the cascade; "cascade stride 8" below is the preset now.
+    "antidiagonal_vertical_slash stride 8 (p=0.9, vs=0.5)": PrismConfig.preset(
+        "accurate", estimator="antidiagonal_vertical_slash"),
     "antidiagonal_vertical_slash stride 32 (p=0.9, vs=0.5)":
-        PrismConfig.preset("accurate", antidiagonal_stride=32),
+        PrismConfig.preset("accurate", estimator="antidiagonal_vertical_slash",
+                           antidiagonal_stride=32),
     "antidiagonal_vertical_slash stride 64 (p=0.9, vs=0.5)":
-        PrismConfig.preset("accurate", antidiagonal_stride=64),
+        PrismConfig.preset("accurate", estimator="antidiagonal_vertical_slash",
+                           antidiagonal_stride=64),
     "antidiagonal_vertical_slash stride 128 (p=0.9, vs=0.5)":
-        PrismConfig.preset("accurate", antidiagonal_stride=128),
+        PrismConfig.preset("accurate", estimator="antidiagonal_vertical_slash",
+                           antidiagonal_stride=128),
     "antidiagonal stride 32 (p=0.9)": PrismConfig(estimator="antidiagonal",
                                                  antidiagonal_stride=32, high_threshold=0.9),
     "prism_vertical_slash (vs=0.5)": PrismConfig(estimator="prism_vertical_slash",
@@ -75,8 +79,8 @@ SETTINGS = {
         vertical_slash_threshold=0.5),
     "cascade stride 32 (c=0.99, p=0.9, vs=0.5)": PrismConfig.preset(
         "accurate", estimator="cascade", antidiagonal_stride=32, candidate_threshold=0.99),
-    "cascade stride 8 (c=0.99, p=0.9, vs=0.5)": PrismConfig.preset(
-        "accurate", estimator="cascade", antidiagonal_stride=8, candidate_threshold=0.99),
+    "cascade stride 8 (c=0.99, p=0.9, vs=0.5; the accurate preset)": PrismConfig.preset(
+        "accurate"),
     # The vertical-slash stage from the last 16 queries instead of 64: one program
     # then holds a whole GQA group's rows (4 heads x 16), a quarter of the work.
     "cascade stride 32 last 16 (c=0.99, p=0.9, vs=0.5)": PrismConfig.preset(

@@ -191,7 +191,7 @@ ESTIMATOR_REGISTRY: dict[str, EstimatorSpec] = {spec.name: spec for spec in (
         block_multiple_of="subtile_factor"),
     EstimatorSpec(
         "antidiagonal_vertical_slash",
-        "antidiagonal tiles united with the vertical-slash tiles (the accurate preset)",
+        "antidiagonal tiles united with the vertical-slash tiles",
         ("antidiagonal_stride", *_VS), ("antidiagonal", "tile_top_p", "vertical_slash"),
         "estimator-antidiagonal-vertical-slash", tiles=_antidiagonal_vertical_slash,
         block_multiple_of="antidiagonal_stride", threshold_moves="the antidiagonal top-p"),
@@ -206,7 +206,7 @@ ESTIMATOR_REGISTRY: dict[str, EstimatorSpec] = {spec.name: spec for spec in (
         block_multiple_of="sampled_queries", threshold_moves="the sampled-query top-p"),
     EstimatorSpec(
         "cascade", "antidiagonal scores on the tiles of Prism's mask at candidate_threshold, "
-        "top-p, united with the vertical-slash tiles",
+        "top-p, united with the vertical-slash tiles (the accurate preset)",
         ("antidiagonal_stride", "candidate_threshold", *_VS),
         ("prism_trace", "prism_candidates", "candidate_antidiagonal", "tile_top_p",
          "vertical_slash"),

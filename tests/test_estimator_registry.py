@@ -53,7 +53,7 @@ def test_presets():
     paper = PrismConfig.preset("paper")
     assert paper == PrismConfig()
     accurate = PrismConfig.preset("accurate")
-    assert accurate.estimator == "antidiagonal_vertical_slash"
+    assert (accurate.estimator, accurate.candidate_threshold) == ("cascade", 0.99)
     assert (accurate.antidiagonal_stride, accurate.last_queries) == (8, 64)
     assert (accurate.high_threshold, accurate.vertical_slash_threshold) == (0.9, 0.5)
     assert PrismConfig.preset("accurate", block_size=64).block_size == 64
@@ -63,9 +63,9 @@ def test_presets():
         PrismConfig.preset("accurate", strde=4)
     q, k = _qk(nq=256, nk=256)
     assert torch.equal(select_blocks(q, k, accurate.replace(block_size=64)),
-                       select_blocks(q, k, block_size=64, estimator="antidiagonal_vertical_slash",
-                                     high_threshold=0.9, low_threshold=0.9,
-                                     vertical_slash_threshold=0.5))
+                       select_blocks(q, k, block_size=64, estimator="cascade",
+                                     candidate_threshold=0.99, high_threshold=0.9,
+                                     low_threshold=0.9, vertical_slash_threshold=0.5))
 
 
 def test_sweep_methods_come_from_the_registry():
@@ -87,12 +87,13 @@ def test_cli_preset_chooses_the_sweep_point_and_settings():
 
     args = build_parser().parse_args(["eval", "--task", "sweep", "--preset", "accurate"])
     settings = _sweep_settings(args)
-    assert settings.points == (("antidiagonal_vertical_slash", 0.9),)
+    assert settings.points == (("cascade", 0.9),)
     assert (settings.vertical_slash_threshold, settings.antidiagonal_stride) == (0.5, 8)
+    assert settings.candidate_threshold == 0.99
     args = build_parser().parse_args(["eval", "--task", "sweep", "--preset", "accurate",
                                       "--points", "prism=0.95", "--vs-threshold", "0.3"])
     settings = _sweep_settings(args)
-    assert settings.points == (("prism", 0.95), ("antidiagonal_vertical_slash", 0.9))
+    assert settings.points == (("prism", 0.95), ("cascade", 0.9))
     assert settings.vertical_slash_threshold == 0.5
     with pytest.raises(SystemExit):
         build_parser().parse_args(["eval", "--preset", "fastest"])

@@ -373,10 +373,10 @@ def register(name: str = "prism", config: PrismConfig | None = None, *,
         Prism settings; ``**overrides`` change single fields (e.g.
         ``block_size=64, high_threshold=0.9``). Use ``rope_layout="interleaved"``
         for models whose q/k projections pair dims as (2m, 2m+1).
-        For accuracy, pass ``PrismConfig.preset("accurate")``: the mode that
-        stayed within 1.5% of full attention's perplexity at the default's
-        density on SmolLM2 (docs/estimators.rst, "Presets"); its selection
-        costs more than the default's (``PrismConfig.preset("paper")``).
+        For accuracy, pass ``PrismConfig.preset("accurate")`` (the cascade
+        estimator): it stayed within 1.6% of full attention's perplexity at the
+        default's density on SmolLM2 (docs/estimators.rst, "Presets"); its
+        selection costs more than the default's (``PrismConfig.preset("paper")``).
     stats : PrismStats, optional
         Collector for per-call statistics (tile counts, density, stage
         times). Without one nothing is collected, and a call neither
