@@ -145,6 +145,31 @@ def test_compiled_prism_attention_has_no_graph_break_and_matches_eager(overrides
     assert ops.config_from_string(calls[0].args[3]) == resolved
 
 
+def test_compiled_accurate_preset_has_no_graph_break_and_matches_eager():
+    """The accurate preset (the cascade estimator) travels whole through the operator."""
+    q, k, v = _qkv(nq=64, nk=64, d=16, hq=2, hkv=1, seed=6)
+    torch._dynamo.reset()
+    config = PrismConfig.preset("accurate", block_size=16)
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, inputs)
+
+    def layer(q, k, v):
+        o, mask = optimized.prism_attention(q * 1.0, k, v, config, return_mask=True)
+        return o + 0.0, mask
+
+    o, mask = torch.compile(layer, fullgraph=True, backend=backend)(q, k, v)
+    ref_o, ref_mask = optimized.prism_attention(q, k, v, config, return_mask=True)
+    assert torch.equal(o, ref_o) and torch.equal(mask, ref_mask)
+    calls = [n for n in graphs[0].graph.nodes if n.op == "call_function"
+             and "prism" in str(n.target)]
+    assert [n.target for n in calls] == [torch.ops.prism.prism_attention]
+    passed = ops.config_from_string(calls[0].args[3])
+    assert passed == config and (passed.estimator, passed.candidate_threshold) == ("cascade", 0.99)
+
+
 def test_compiled_select_then_attention_matches_eager():
     q, k, v = _qkv(seed=5)
     torch._dynamo.reset()
