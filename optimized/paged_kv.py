@@ -81,13 +81,13 @@ def reads_pages_in_kernel(q, k_cache, v_cache, block_size: int) -> bool:
                          f"'gather', got {PAGED_READS!r}")
     if not supported_block_size(block_size) or PAGED_READS == "gather":
         return False
-    if PAGED_READS == "kernel" or not k_cache.is_cuda:
+    if PAGED_READS == "kernel" or not k_cache.is_cuda or q.shape[0] < GATHER_MIN_QUERIES:
         return True
     d, dv = k_cache.shape[3], v_cache.shape[3]
     config = default_config(block_size, d, q.dtype, kernels_interpreted(_sparse_attention_kernel))
     bulk = (config.use_tma or config.warp_specialize) and d == next_power_of_2(d) >= 16 \
         and dv == next_power_of_2(dv) >= 16 and device_capability(k_cache.device)[0] >= 9
-    return not bulk or q.shape[0] < GATHER_MIN_QUERIES
+    return not bulk
 
 
 @triton.jit

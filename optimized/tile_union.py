@@ -190,11 +190,11 @@ def _union_kernel(
         # Causal rows hold ``first_query_tile + I + 1`` admissible tiles: a program
         # whose rows all fit in a half or a quarter of the width runs that narrower
         # width (about a third less work over a whole causal layout).
-        rows = pid * ROWS + tl.arange(0, ROWS)
-        need = tl.max(tl.where(rows < total_rows, first_query_tile + rows % num_query_tiles,
-                               0), axis=0) + 1
         level = 0
         if NARROW:
+            rows = pid * ROWS + tl.arange(0, ROWS)
+            need = tl.max(tl.where(rows < total_rows,
+                                   first_query_tile + rows % num_query_tiles, 0), axis=0) + 1
             level = tl.where(need <= WIDTH // 4, 2, tl.where(need <= WIDTH // 2, 1, 0))
         for lv in tl.static_range(3 if NARROW else 1):  # one instance per width
             if level == lv:
