@@ -15,6 +15,10 @@ compact indices against the reference's ``mask_to_indices`` of that mask.
 (``graph_ms``: device time without the host's per-call cost), next to the
 eager median (``ms``, what a caller sees).
 
+``--attention`` also times the whole ``prism_attention`` call with each
+setting's config (selection on the setting's mask, attention, checks; eager,
+and with ``--graph`` as a replay) against cuDNN dense attention.
+
 ``--stages`` adds the cost of each stage alone (``stages`` in the JSON): the
 antidiagonal scores per stride with several launch shapes of the packed
 kernel (``--tunings``; achieved TFLOP/s from the ``2 * 2 * N^2/2 * D / S``
@@ -93,7 +97,8 @@ SETTINGS = {
 REFERENCE_MAX_TOKENS = 32768
 
 
-def run(lengths, only=(), save=None, graph=False, compare=True, profile=False):
+def run(lengths, only=(), save=None, graph=False, compare=True, profile=False,
+        attention=False):
     rows = []
     for n in lengths:
         q, k, v = structured_inputs(n)
@@ -103,6 +108,9 @@ def run(lengths, only=(), save=None, graph=False, compare=True, profile=False):
                 continue
             entry = {"setting": name}
             entry.update(time_setting(q, k, cfg, n, graph, compare))
+            if attention and "error" not in entry:
+                entry["prism_attention"] = attention_times(q, k, v, cfg, graph,
+                                                           row["sdpa_ms"]["cudnn"])
             if profile and "error" not in entry:
                 entry["kernels"] = kernel_times(
                     lambda c=cfg, q=q, k=k: optimized.select_blocks(q, k, c))
@@ -115,6 +123,20 @@ def run(lengths, only=(), save=None, graph=False, compare=True, profile=False):
         if save is not None:  # keep the finished lengths if a later one runs out of time
             save(rows)
     return rows
+
+
+def attention_times(q, k, v, cfg, graph, cudnn_ms):
+    """The whole ``prism_attention`` call with ``cfg`` (selection, attention, checks):
+    eager median and, with ``graph``, CUDA-graph replay ms, and cuDNN dense over each."""
+    out = {"ms": bench(lambda: optimized.prism_attention(q, k, v, cfg), rep=20)}
+    out["cudnn_over_eager"] = cudnn_ms / out["ms"]
+    if graph:
+        try:
+            out["graph_ms"] = graph_ms(lambda: optimized.prism_attention(q, k, v, cfg))
+            out["cudnn_over_graph"] = cudnn_ms / out["graph_ms"]
+        except Exception as error:  # keep the eager numbers
+            out["graph_error"] = f"{type(error).__name__}: {str(error)[:200]}"
+    return out
 
 
 def kernel_times(fn, calls=5):
@@ -517,6 +539,9 @@ def main(argv=None):
                              "comma-separated parts")
     parser.add_argument("--graph", action="store_true",
                         help="also time each whole selection as a CUDA-graph replay")
+    parser.add_argument("--attention", action="store_true",
+                        help="also time the whole prism_attention call of each setting "
+                             "against cuDNN dense attention")
     parser.add_argument("--skip-settings", action="store_true",
                         help="only the stages, not the whole selection per setting")
     args = parser.parse_args(argv)
@@ -547,7 +572,7 @@ def main(argv=None):
 
     if not args.skip_settings:
         result["rows"] = run(lengths, [part for part in args.only.split(",") if part], save,
-                             args.graph, not args.no_reference, args.profile)
+                             args.graph, not args.no_reference, args.profile, args.attention)
     result["wall_s"] = time.time() - started
     if args.out:
         with open(args.out, "w") as f:

@@ -42,6 +42,9 @@ BLOCK_KEY_GROUPS = 64
 TARGET_ROWS = 64
 MAX_ROWS = 128
 _MIN_DOT = 16
+#: Candidate flags one step of the candidate kernel's block scan loads (pairs x key
+#: blocks x tiles per block).
+SCAN_ELEMENTS = 4096
 #: Largest number of groups per tile for which the one-pass form applies (stride 8
 #: at tile 128: the scratch is 16 times the output).
 ONE_PASS_MAX_PER_TILE = 16
@@ -293,8 +296,59 @@ def _tile_sums(s, m_shift, inv_l, ROWS: tl.constexpr, BLOCK_KG: tl.constexpr,
 
 
 @triton.jit
+def _candidate_blocks(cand_pairs, pair_ok, num_key_tiles, stride_ck, key_blocks, LIST,
+                      TILES_PER_CHUNK: tl.constexpr, PAIRS: tl.constexpr,
+                      SCAN_BLOCKS: tl.constexpr):
+    """The key blocks (``TILES_PER_CHUNK`` key tiles each) of ``[0, key_blocks)`` in
+    which some (head, query tile) pair of the program has a candidate tile, ascending,
+    written to ``LIST``; returns how many. One vectorised scan of the pairs' candidate
+    rows, so that the passes visit only these blocks instead of testing every block of
+    the row (the test's load latency, paid per block, was most of the restricted
+    kernel's time at 128K)."""
+    count = 0
+    scan = tl.arange(0, SCAN_BLOCKS)
+    in_block = tl.arange(0, TILES_PER_CHUNK)
+    for b0 in range(0, key_blocks, SCAN_BLOCKS):
+        blocks = b0 + scan
+        tiles = blocks[:, None] * TILES_PER_CHUNK + in_block[None, :]
+        hit = tl.load(cand_pairs[:, None, None] + tiles.to(tl.int64)[None, :, :] * stride_ck,
+                      mask=pair_ok[:, None, None] & (tiles < num_key_tiles)[None, :, :],
+                      other=0) != 0
+        active = (tl.max(tl.max(hit.to(tl.int32), axis=2), axis=0) > 0) & (blocks < key_blocks)
+        taken = active.to(tl.int32)
+        slot = count + tl.cumsum(taken, axis=0) - taken
+        tl.store(LIST + slot, blocks, mask=active)
+        count += tl.sum(taken, axis=0)
+    return count
+
+
+@triton.jit
+def _store_pair_sums(out_rows, pair_ok, by_tile, key_start, num_key_tiles, stride_otile,
+                     chunk_tiles, PAIRS: tl.constexpr, PER_TILE: tl.constexpr,
+                     TILES_PER_CHUNK: tl.constexpr):
+    """One key block's per-row tile sums ``by_tile`` summed over each (head, query
+    tile) pair's rows and stored at the block's key tiles."""
+    by_pair = tl.sum(tl.reshape(by_tile, (PAIRS, PER_TILE, TILES_PER_CHUNK)), axis=1)
+    tiles = key_start // PER_TILE + chunk_tiles
+    tl.store(out_rows + tiles.to(tl.int64)[None, :] * stride_otile, by_pair,
+             mask=pair_ok[:, None] & (tiles < num_key_tiles)[None, :])
+
+
+@triton.jit
+def _store_zero_blocks(out_rows, pair_ok, first_block, end_block, num_key_tiles, stride_otile,
+                       chunk_tiles, PAIRS: tl.constexpr, TILES_PER_CHUNK: tl.constexpr):
+    """Zeros in the output tiles of key blocks ``[first_block, end_block)`` (blocks no
+    row of the program has a candidate in)."""
+    zeros = tl.zeros((PAIRS, TILES_PER_CHUNK), dtype=tl.float32)
+    for kb in range(first_block, end_block):
+        tiles = kb * TILES_PER_CHUNK + chunk_tiles
+        tl.store(out_rows + tiles.to(tl.int64)[None, :] * stride_otile, zeros,
+                 mask=pair_ok[:, None] & (tiles < num_key_tiles)[None, :])
+
+
+@triton.jit
 def _packed_kernel(
-    Q, K, OUT, E, MB, NONFINITE, CAND,
+    Q, K, OUT, E, MB, NONFINITE, CAND, LIST,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_ob, stride_oh, stride_orow, stride_otile,
@@ -307,6 +361,7 @@ def _packed_kernel(
     BLOCK_KG: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ONE_PASS: tl.constexpr, CHECK: tl.constexpr, TMA: tl.constexpr = False,
     GROUP: tl.constexpr = 1, CANDIDATES: tl.constexpr = False,
+    SCAN_BLOCKS: tl.constexpr = 16,
 ):
     pid = tl.program_id(0)
     block = programs_per_head - 1 - pid % programs_per_head  # heaviest tiles first
@@ -353,31 +408,47 @@ def _packed_kernel(
 
     TILES_PER_CHUNK: tl.constexpr = BLOCK_KG // PER_TILE
     chunk_tiles = tl.arange(0, TILES_PER_CHUNK)
+    # Row // PER_TILE is the row's (head, tile) pair: g * tiles_per_program + t.
+    pairs = tl.arange(0, PAIRS)
+    pair_g = pairs // tiles_per_program
+    pair_tile = block * tiles_per_program + pairs % tiles_per_program
+    pair_ok = (pairs < group * tiles_per_program) & (pair_tile < num_query_tiles)
+    out_rows = (OUT + b.to(tl.int64) * stride_ob
+                + (hk * group + pair_g).to(tl.int64)[:, None] * stride_oh
+                + pair_tile.to(tl.int64)[:, None] * stride_orow)
+    key_blocks = tl.cdiv(key_end, BLOCK_KG)
     # One-pass scratch of this program: per row, per-tile sums of 2^(s - m_block)
     # (scratch_tiles columns) and each of its scratch_blocks key blocks' m_block.
     e_rows = E + (pid.to(tl.int64) * ROWS + rows)[:, None] * scratch_tiles
     mb_rows = MB + (pid.to(tl.int64) * ROWS + rows) * scratch_blocks
     m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((ROWS,), dtype=tl.float32)
-    for key_start in range(0, key_end, BLOCK_KG):
-        key_groups = key_start + tl.arange(0, BLOCK_KG)
-        if CANDIDATES:
-            # A key block holding no candidate tile of any row is skipped: nothing
-            # scored, and for pass 2 (which skips it too) a one-pass block max of -inf.
+    if CANDIDATES:
+        # Only the key blocks holding a candidate tile of some pair are visited (in
+        # both passes); the others' output tiles get zeros in pass 2.
+        cand_pairs = (CAND + b.to(tl.int64) * stride_cb
+                      + (hk * group + pair_g).to(tl.int64) * stride_ch
+                      + pair_tile.to(tl.int64) * stride_cq)
+        active = LIST + pid.to(tl.int64) * scratch_blocks
+        num_active = _candidate_blocks(cand_pairs, pair_ok, num_key_tiles, stride_ck,
+                                       key_blocks, active, TILES_PER_CHUNK, PAIRS, SCAN_BLOCKS)
+        # Every thread reads the list some threads wrote.
+        tl.debug_barrier()
+        for i in range(num_active):
+            key_start = tl.load(active + i) * BLOCK_KG
+            key_groups = key_start + tl.arange(0, BLOCK_KG)
             cand = _candidate_block(cand_rows, rows_ok, key_groups, num_key_tiles, stride_ck,
                                     PER_TILE)
-            if tl.max(tl.max(cand.to(tl.int32), axis=1), axis=0) > 0:
-                s = _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
-                                   groups, rows_ok, key_groups, key_end, query_start,
-                                   num_queries, num_keys, qk_scale, q_desc, k_desc, q_head_row,
-                                   q_group, bh, key_start, CAUSAL, STRIDE, D_PAD, HEAD_DIM,
-                                   ROWS, BLOCK_KG, IEEE, UPCAST, CHECK, TMA, cand, CANDIDATES)
-                m_i, l_i = _first_pass_block(m_i, l_i, s, e_rows, mb_rows, key_start,
-                                             chunk_tiles, ROWS, BLOCK_KG, PER_TILE, ONE_PASS)
-            elif ONE_PASS:
-                tl.store(mb_rows + key_start // BLOCK_KG,
-                         tl.full((ROWS,), float("-inf"), dtype=tl.float32))
-        else:
+            s = _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
+                               groups, rows_ok, key_groups, key_end, query_start, num_queries,
+                               num_keys, qk_scale, q_desc, k_desc, q_head_row, q_group, bh,
+                               key_start, CAUSAL, STRIDE, D_PAD, HEAD_DIM, ROWS, BLOCK_KG,
+                               IEEE, UPCAST, CHECK, TMA, cand, CANDIDATES)
+            m_i, l_i = _first_pass_block(m_i, l_i, s, e_rows, mb_rows, key_start, chunk_tiles,
+                                         ROWS, BLOCK_KG, PER_TILE, ONE_PASS)
+    else:
+        for key_start in range(0, key_end, BLOCK_KG):
+            key_groups = key_start + tl.arange(0, BLOCK_KG)
             s = _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
                                groups, rows_ok, key_groups, key_end, query_start, num_queries,
                                num_keys, qk_scale, q_desc, k_desc, q_head_row, q_group, bh,
@@ -390,55 +461,50 @@ def _packed_kernel(
         _flag_if_nonfinite(l_i, NONFINITE)
     m_shift = tl.where(m_i == float("-inf"), 0.0, m_i)
     inv_l = tl.where(rows_ok & (l_i > 0), 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
-    # Row // PER_TILE is the row's (head, tile) pair: g * tiles_per_program + t.
-    pairs = tl.arange(0, PAIRS)
-    pair_g = pairs // tiles_per_program
-    pair_tile = block * tiles_per_program + pairs % tiles_per_program
-    pair_ok = (pairs < group * tiles_per_program) & (pair_tile < num_query_tiles)
-    out_rows = (OUT + b.to(tl.int64) * stride_ob
-                + (hk * group + pair_g).to(tl.int64)[:, None] * stride_oh
-                + pair_tile.to(tl.int64)[:, None] * stride_orow)
     if ONE_PASS:
         # Other threads of the program read the scratch this pass wrote.
         tl.debug_barrier()
-    for key_start in range(0, key_end, BLOCK_KG):
-        if ONE_PASS:
-            m_block = tl.load(mb_rows + key_start // BLOCK_KG)
-            if CANDIDATES:
-                by_tile = tl.zeros((ROWS, TILES_PER_CHUNK), dtype=tl.float32)
-                # A skipped block's max is -inf in every row (a scored one's is finite).
-                if tl.max(m_block, axis=0) > float("-inf"):
-                    by_tile = _one_pass_sums(e_rows, key_start, chunk_tiles, m_block, m_shift,
-                                             inv_l, PER_TILE)
+    if CANDIDATES:
+        done = 0
+        for i in range(num_active):
+            kb = tl.load(active + i)
+            _store_zero_blocks(out_rows, pair_ok, done, kb, num_key_tiles, stride_otile,
+                               chunk_tiles, PAIRS, TILES_PER_CHUNK)
+            key_start = kb * BLOCK_KG
+            if ONE_PASS:
+                by_tile = _one_pass_sums(e_rows, key_start, chunk_tiles,
+                                         tl.load(mb_rows + kb), m_shift, inv_l, PER_TILE)
             else:
-                by_tile = _one_pass_sums(e_rows, key_start, chunk_tiles, m_block, m_shift,
-                                         inv_l, PER_TILE)
-        else:
-            key_groups = key_start + tl.arange(0, BLOCK_KG)
-            by_tile = tl.zeros((ROWS, TILES_PER_CHUNK), dtype=tl.float32)
-            if CANDIDATES:
+                key_groups = key_start + tl.arange(0, BLOCK_KG)
                 cand = _candidate_block(cand_rows, rows_ok, key_groups, num_key_tiles,
                                         stride_ck, PER_TILE)
-                if tl.max(tl.max(cand.to(tl.int32), axis=1), axis=0) > 0:
-                    s = _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn,
-                                       stride_kd, groups, rows_ok, key_groups, key_end,
-                                       query_start, num_queries, num_keys, qk_scale, q_desc,
-                                       k_desc, q_head_row, q_group, bh, key_start, CAUSAL,
-                                       STRIDE, D_PAD, HEAD_DIM, ROWS, BLOCK_KG, IEEE, UPCAST,
-                                       False, TMA, cand, CANDIDATES)
-                    by_tile = _tile_sums(s, m_shift, inv_l, ROWS, BLOCK_KG, PER_TILE)
+                s = _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
+                                   groups, rows_ok, key_groups, key_end, query_start,
+                                   num_queries, num_keys, qk_scale, q_desc, k_desc, q_head_row,
+                                   q_group, bh, key_start, CAUSAL, STRIDE, D_PAD, HEAD_DIM,
+                                   ROWS, BLOCK_KG, IEEE, UPCAST, False, TMA, cand, CANDIDATES)
+                by_tile = _tile_sums(s, m_shift, inv_l, ROWS, BLOCK_KG, PER_TILE)
+            _store_pair_sums(out_rows, pair_ok, by_tile, key_start, num_key_tiles, stride_otile,
+                             chunk_tiles, PAIRS, PER_TILE, TILES_PER_CHUNK)
+            done = kb + 1
+        _store_zero_blocks(out_rows, pair_ok, done, key_blocks, num_key_tiles, stride_otile,
+                           chunk_tiles, PAIRS, TILES_PER_CHUNK)
+    else:
+        for key_start in range(0, key_end, BLOCK_KG):
+            if ONE_PASS:
+                by_tile = _one_pass_sums(e_rows, key_start, chunk_tiles,
+                                         tl.load(mb_rows + key_start // BLOCK_KG), m_shift,
+                                         inv_l, PER_TILE)
             else:
+                key_groups = key_start + tl.arange(0, BLOCK_KG)
                 s = _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
                                    groups, rows_ok, key_groups, key_end, query_start,
                                    num_queries, num_keys, qk_scale, q_desc, k_desc, q_head_row,
                                    q_group, bh, key_start, CAUSAL, STRIDE, D_PAD, HEAD_DIM,
                                    ROWS, BLOCK_KG, IEEE, UPCAST, False, TMA)
                 by_tile = _tile_sums(s, m_shift, inv_l, ROWS, BLOCK_KG, PER_TILE)
-        # A pair's rows -> the pair.
-        by_pair = tl.sum(tl.reshape(by_tile, (PAIRS, PER_TILE, TILES_PER_CHUNK)), axis=1)
-        tiles = key_start // PER_TILE + chunk_tiles
-        tl.store(out_rows + tiles.to(tl.int64)[None, :] * stride_otile, by_pair,
-                 mask=pair_ok[:, None] & (tiles < num_key_tiles)[None, :])
+            _store_pair_sums(out_rows, pair_ok, by_tile, key_start, num_key_tiles, stride_otile,
+                             chunk_tiles, PAIRS, PER_TILE, TILES_PER_CHUNK)
 
 
 def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
@@ -503,11 +569,13 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
     if candidates is not None:
         cand = candidates.view(torch.uint8)
         cand_strides = cand.stride()
+        # Per program, the key blocks it visits (written and read by the kernel).
+        active = torch.empty(programs * key_blocks, dtype=torch.int32, device=q.device)
     else:
-        cand, cand_strides = mb, (0, 0, 0, 0)
+        cand, cand_strides, active = mb, (0, 0, 0, 0), mb
     launch(
         _packed_kernel, (programs,), q, k, out, e, mb,
-        nonfinite if nonfinite is not None else mb, cand, *q.stride(), *k.stride(),
+        nonfinite if nonfinite is not None else mb, cand, active, *q.stride(), *k.stride(),
         *out.stride(), *cand_strides,
         hkv, group, tiles, per_head, nq_tokens, nk_tokens, layout.query_start,
         layout.first_query_tile, nq, nk, key_groups,
@@ -517,6 +585,8 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
         PAIRS=pairs, BLOCK_KG=tuning.block_kg, IEEE=q.dtype == torch.float32 or upcast,
         UPCAST=upcast, ONE_PASS=one_pass, CHECK=nonfinite is not None, TMA=tma,
         GROUP=group if tma else 1, CANDIDATES=candidates is not None,
+        SCAN_BLOCKS=min(next_power_of_2(key_blocks),
+                        max(1, SCAN_ELEMENTS // (pairs * (tuning.block_kg // per_tile)))),
         num_warps=tuning.num_warps, num_stages=tuning.num_stages,
     )
     if not normalize:

@@ -15,7 +15,7 @@ import torch
 from test_optimized_estimators import DEVICE, _assert_masks_agree, _qk, _stage_boundary
 
 from prism import optimized, reference
-from prism.optimized import estimator_path
+from prism.optimized import antidiagonal_packed, estimator_path
 from prism.optimized.antidiagonal_packed import PackedTuning, antidiagonal_packed_probabilities
 from prism.optimized.cascade import (
     candidate_antidiagonal_tile_probabilities,
@@ -63,28 +63,42 @@ def test_restricted_kernel_matches_the_reference(hq, hkv, nq, nk, bs, stride, ca
         torch.testing.assert_close(form, expected, rtol=2e-5, atol=1e-6)
 
 
-def test_key_blocks_without_a_candidate_are_not_read(monkeypatch):
+@pytest.mark.parametrize("scan_elements", [4096, 1])
+def test_key_blocks_without_a_candidate_are_not_read(monkeypatch, scan_elements):
     """NaN keys in blocks no row has a candidate in: no flag, the reference's rows (with
-    every torch.empty poisoned: a skipped block's one-pass scratch is never read)."""
-    hq, nq, nk, bs, stride = 2, 128, 384, 32, 8
+    every torch.empty poisoned: a skipped block's one-pass scratch is never read, its
+    output tiles are written as zeros, and the list of visited blocks is the kernel's
+    own). ``scan_elements=1`` scans the candidate rows one key block per step."""
+    monkeypatch.setattr(antidiagonal_packed, "SCAN_ELEMENTS", scan_elements)
+    hq, nq, nk, bs, stride = 2, 128, 640, 32, 8
     q, k = _qk(1, hq, 1, nq, nk, 16, seed=5, scale=2.0)
     layout = tile_layout(nq, nk, bs, True)
     cand = _random_candidates(layout, hq, True, seed=2, density=0.6)
-    # Key tiles 4-7 (key groups 16-31: one block of 16) are no row's candidate.
+    # Key tiles 4-7 and 12-15 (key groups 16-31 and 48-63: blocks 1 and 3 of 16
+    # groups) are no row's candidate: skipped blocks between visited ones.
     cand[..., 4:8] = False
+    cand[..., 12:16] = False
     poisoned = k.clone()
     poisoned[:, :, 4 * bs : 8 * bs] = float("nan")
+    poisoned[:, :, 12 * bs : 16 * bs] = float("nan")
     expected = candidate_antidiagonal_probabilities(q, k, layout, stride, cand, True)
     tuning = PackedTuning(target_rows=32, block_kg=16)
     real_empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(
-        float("inf")))
+
+    def poisoned_empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("inf") if out.is_floating_point() else -7)
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
     for one_pass in (0, 1):
         flag = torch.zeros(1, dtype=torch.float64, device=DEVICE)
         got = antidiagonal_packed_probabilities(
             q, poisoned, layout, stride, True, PackedTuning(32, 16, one_pass=one_pass),
-            nonfinite=flag, candidates=cand)
+            nonfinite=flag, candidates=cand, normalize=False)
         assert flag.item() == 0, one_pass
+        # Unnormalised rows are defined at the admissible tiles, skipped blocks included.
+        got = torch.where(admissible_tiles(layout, True, DEVICE), got, 0.0)
+        got = got / got.sum(-1, keepdim=True).clamp_min(1e-30)
         torch.testing.assert_close(got, expected, rtol=2e-5, atol=1e-6)
     # The check can fail: with one candidate in that block, the block is read.
     cand[0, 0, -1, 5] = True

@@ -1,4 +1,5 @@
-"""Kernels for one Nsight Compute pass: selection at 128K, attention at 32K (density 1.0).
+"""Kernels for one Nsight Compute pass: selection at 128K, attention at 32K (density 1.0),
+the accurate preset's selection.
 
 Run under ``ncu`` (see the device command in benchmarks/NOTES.md); on its own it
 just launches each kernel twice.
@@ -36,12 +37,28 @@ def attention(n, density):
                                  interpreted=False)
 
 
+def accurate_preset(n):
+    """The accurate preset's whole selection (cascade) on the structured inputs."""
+    from bench_prism import structured_inputs
+
+    from prism import optimized
+    from prism.reference import PrismConfig
+
+    q, k, _ = structured_inputs(n)
+    cfg = PrismConfig.preset("accurate")
+    for _ in range(2):
+        optimized.select_blocks(q, k, cfg)
+
+
 def main():
-    """``ncu_targets.py [selection] [attention:N:density ...]`` (default: the first probe's set)."""
+    """``ncu_targets.py [selection] [accurate:N] [attention:N:density ...]`` (default: the
+    first probe's set)."""
     parts = sys.argv[1:] or ["selection", "attention:32768:1.0"]
     for part in parts:
         if part == "selection":
             selection_128k()
+        elif part.startswith("accurate:"):
+            accurate_preset(int(part.split(":")[1]))
         else:
             _, n, density = part.split(":")
             attention(int(n), float(density))
