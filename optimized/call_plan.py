@@ -38,8 +38,10 @@ The same plans serve compiled code: the custom operators' bodies
 replays (the first marks the signature, the second records).
 
 A plan is made only if the recorded call did nothing else on the device: only
-launches through :class:`~prism.optimized.launch.Prepared` with a cached
-compiled kernel, on one stream, zeroing through
+launches through :class:`~prism.optimized.launch.Prepared` or
+:func:`~prism.optimized.launch.launch` with a cached compiled kernel (so the
+estimators' selections, whose kernels launch through the latter, have plans
+too), on one stream, zeroing through
 :func:`~prism.optimized.launch.zero_`, tensors allocated afresh or views (any
 other torch operation, a launch through Triton's path, a tensor argument
 that is neither an input, nor an output, nor allocated by the call, refuses

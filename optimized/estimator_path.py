@@ -49,6 +49,7 @@ from prism.reference.tiles import TileLayout
 from .cascade import candidate_antidiagonal_tile_scores, prism_mask
 from .estimators import KERNEL_STAGES, antidiagonal_tile_scores
 from .indices import mask_rows_to_indices
+from .launch import zero_
 from .pooling import nonfinite_flag
 from .sampled import sampled_tile_probabilities
 from .tile_union import MAX_UNION_WIDTH, union_tiles
@@ -149,7 +150,8 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
                                                     cfg.candidate_threshold)
         check = {}  # the pooling launch checked q, k and v
     else:
-        nonfinite = torch.zeros(1, dtype=torch.float64, device=q.device)
+        nonfinite = torch.empty(1, dtype=torch.float64, device=q.device)
+        zero_(nonfinite)  # a call plan replays this zeroing (a torch fill it would refuse)
     probs = columns = diagonals = None
     if stage is not None:
         scores, field, reads_every_query = PROBABILITY_STAGES[stage]

@@ -304,15 +304,38 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         (``num_warps``, ``num_stages``, ...), as for ``kernel[grid]``.
     """
     if _RECORDING and (launches := _recording_list()) is not None:
-        launches.append(None)  # not replayable by a call plan
+        launches.append(_recorded(_launch_args(kernel, grid, args, kwargs), grid, args))
+        return
+    _launch_args(kernel, grid, args, kwargs)
+
+
+def _recorded(entry, grid: tuple, args: tuple):
+    """What :func:`recording` keeps of a :func:`launch` that replayed (or cached) ``entry``:
+    ``(entry, grid, tensors, scalars, stream)`` as for :meth:`Prepared.launch`, the
+    leading tensor (or None) arguments apart from the scalars after them; None (not
+    replayable) without an entry or with a tensor among the scalars."""
+    if not entry:
+        return None
+    n = 0
+    while n < len(args) and (args[n] is None or type(args[n]) in (torch.Tensor,
+                                                                  _TensorDescriptor)):
+        n += 1
+    if any(isinstance(a, torch.Tensor) or type(a) is _TensorDescriptor for a in args[n:]):
+        return None
+    return entry, grid, args[:n], args[n:], _get_stream(_get_device())
+
+
+def _launch_args(kernel, grid, args: tuple, kwargs: dict):
+    """:func:`launch`'s work: the :class:`_Entry` it replayed or cached, or None where
+    the launch went through Triton uncached."""
     if type(kernel) is not _JITFunction or type(grid) is not tuple or _get_device is None:
         _triton_launch(kernel, grid, args, kwargs)
-        return
+        return None
     key = argument_key(args)
     if key is None or kernel.pre_run_hooks or _hooks_active():
         STATS["slow"] += 1
         _triton_launch(kernel, grid, args, kwargs)
-        return
+        return None
     device = _get_device()
     runtime = _knobs.runtime
     # Keyword values with their types: a constexpr 1 and 1.0 (or True) compile differently.
@@ -325,7 +348,7 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     if len(args) > cached[2]:  # a constexpr passed positionally: its value is not keyed
         STATS["slow"] += 1
         _triton_launch(kernel, grid, args, kwargs)
-        return
+        return None
     try:
         entry = entries.get(key)
     except TypeError:  # an unhashable keyword value
@@ -337,14 +360,15 @@ def launch(kernel, grid, *args, **kwargs) -> None:
             if len(entries) >= MAX_ENTRIES:
                 entries.clear()
             try:
-                entries[key] = _Entry(kernel, compiled, kwargs, args)
+                entry = entries[key] = _Entry(kernel, compiled, kwargs, args)
             except _NotCached:
                 entries[key] = False
-        return
+        return entry or None
     STATS["fast"] += 1
     # Raw addresses: the launcher then skips its per-pointer driver query.
     _replay(entry, grid, device,
             [a.data_ptr() if type(a) is torch.Tensor else _pointer(a) for a in args])
+    return entry
 
 
 def _replay(entry: _Entry, grid: tuple, device: int, values: list) -> None:
@@ -511,10 +535,11 @@ _RECORDING: list = []
 
 @contextlib.contextmanager
 def recording():
-    """Inside, every :meth:`Prepared.launch` is also appended to the yielded list as
-    ``(entry, grid, tensors, scalars, stream)`` (what a replay needs), and every launch
-    that could not be replayed so (Triton's path, :func:`launch`, zeroing by
-    :func:`zero_`) as None or a ``("zero", tensor)`` item."""
+    """Inside, every :meth:`Prepared.launch` and :func:`launch` is also appended to the
+    yielded list as ``(entry, grid, tensors, scalars, stream)`` (what a replay needs;
+    for :func:`launch`, ``tensors`` are its leading tensor arguments), every launch
+    that could not be replayed so (Triton's path, a tensor after a scalar argument) as
+    None, and every zeroing by :func:`zero_` as a ``("zero", tensor)`` item."""
     launches: list = []
     item = (threading.get_ident(), launches)
     _RECORDING.append(item)

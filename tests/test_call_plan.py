@@ -484,3 +484,79 @@ def test_block_sparse_replay_equals_the_general_path_on_the_gpu():
     bad[0, 1, 300, 7] = float("nan")
     with pytest.raises(ValueError, match="v contains 1 NaN or Inf"):
         optimized.block_sparse_attention(q, k, bad, masks[0], return_lse=True)
+
+
+def test_launch_is_recorded_for_plans(fakes):
+    """:func:`prism.optimized.launch.launch` (the estimator kernels' path) is kept by
+    ``recording`` like a prepared launch: its cached entry, the grid, the leading tensor
+    arguments apart from the scalars, the stream; a tensor after a scalar cannot be
+    replayed from that split and is kept as None."""
+    kernel = fakes.kernels["index"]
+    rows = B * HQ * NQT
+    mask = torch.zeros(rows, NQT, dtype=torch.uint8)
+    num = torch.empty(rows, dtype=torch.int32)
+    idx = torch.empty(rows, NQT, dtype=torch.int32)
+    options = dict(CAUSAL_TRIM=False, BLOCK=4, num_warps=4)
+    with fast.recording() as launches:
+        for _ in range(2):  # compiled and cached, then replayed from the cache
+            fast.launch(kernel, (rows,), mask, num, idx, NQT, NQT, 0, **options)
+        kernel.compiled.run.effect = lambda values: None  # its arguments are out of order
+        fast.launch(kernel, (rows,), mask, num, NQT, idx, NQT, 0, **options)
+    assert len(kernel.compiled.run.calls) == 3
+    first, second, mixed = launches
+    assert first is not None and second is not None and mixed is None
+    assert first[0] is second[0]  # one cached entry
+    assert first[1] == (rows,) and first[4] == 7
+    assert all(a is b for a, b in zip(first[2], (mask, num, idx), strict=True))
+    assert first[3] == (NQT, NQT, 0)
+    # Outside a recording nothing is kept, and the launch still runs.
+    fast.launch(kernel, (rows,), mask, num, idx, NQT, NQT, 0, **options)
+    assert len(kernel.compiled.run.calls) == 4
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("cfg", [
+    PrismConfig.preset("accurate"),
+    PrismConfig.preset("accurate", estimator="antidiagonal_vertical_slash",
+                       antidiagonal_stride=32),
+], ids=["accurate-preset", "antidiagonal-vertical-slash"])
+def test_estimator_calls_replay_plans_on_the_gpu(cfg):
+    """The estimators' selections launch through ``launch.launch``: their calls get plans,
+    and a replay on other values gives the general path's bits (also captured in a CUDA
+    graph); NaN input still raises."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    inputs = [tuple(torch.randn(1, h, 4096, 128, device="cuda", dtype=torch.bfloat16,
+                                generator=gen) for h in (8, 2, 2)) for _ in range(2)]
+    call_plan._PLANS.clear()
+    call_plan.ENABLED = False
+    try:
+        general = [(optimized.select_blocks(q, k, cfg), optimized.prism_attention(q, k, v, cfg))
+                   for q, k, v in inputs]
+    finally:
+        call_plan.ENABLED = True
+    stats = dict(call_plan.PLAN_STATS)
+    q, k, v = inputs[0]
+    for _ in range(2):  # seen, recorded
+        optimized.select_blocks(q, k, cfg)
+        optimized.prism_attention(q, k, v, cfg)
+    assert call_plan.PLAN_STATS["made"] == stats["made"] + 2
+    for (q, k, v), (mask, out) in zip(inputs, general, strict=True):
+        got = optimized.select_blocks(q, k, cfg)
+        assert torch.equal(got.as_tensor(), mask.as_tensor())
+        assert torch.equal(got.kv_num_blocks, mask.kv_num_blocks)
+        assert torch.equal(got.kv_indices, mask.kv_indices)
+        assert torch.equal(optimized.prism_attention(q, k, v, cfg), out)
+    assert call_plan.PLAN_STATS["hit"] == stats["hit"] + 4
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        captured = optimized.prism_attention(q, k, v, cfg)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert call_plan.PLAN_STATS["hit"] == stats["hit"] + 5
+    assert torch.equal(captured, general[1][1])
+    bad = k.clone()
+    bad[0, 1, 2000, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        optimized.select_blocks(q, bad, cfg)
