@@ -160,7 +160,9 @@ class CallPlan:
                 slot, delta = step.args
                 _launch.zero_bytes(table[slot] + delta, step.nbytes, stream)
                 continue
-            values = [None if a is None else table[a[0]] + a[1] for a in step.args]
+            # (slot, delta) of a tensor; (-1, value) of a scalar among launch()'s arguments.
+            values = [None if a is None else table[a[0]] + a[1] if a[0] >= 0 else a[1]
+                      for a in step.args]
             values += step.scalars
             if step.descriptors:
                 for position, slot, (block_shape, padding) in step.descriptors:
@@ -228,16 +230,29 @@ def record(general, key, inputs, cfg=None):
     return result
 
 
+#: Why the last refused signature got no plan (tests and users debugging a slow call).
+LAST_REFUSAL = ""
+
+
+def _refuse(reason: str) -> None:
+    global LAST_REFUSAL
+    LAST_REFUSAL = reason
+    return None
+
+
 def _make_plan(launches, watch, result, inputs, cfg):
     """The :class:`CallPlan` of a recorded call, or None where it cannot be replayed."""
     outputs, flag = result
-    if (watch.refused or not launches or any(item is None for item in launches)
-            or _launch._driver_memset() is None
-            or (flag is not None and flag.dtype != torch.float64)):
-        return None
+    if watch.refused:
+        return _refuse(f"torch operations other than allocations and views: "
+                       f"{sorted(set(watch.refused))}")
+    if not launches or any(item is None for item in launches):
+        return _refuse("no launch, or a launch through Triton's own path")
+    if _launch._driver_memset() is None or (flag is not None and flag.dtype != torch.float64):
+        return _refuse("no driver memset, or a NaN flag that is not float64")
     launched = [item for item in launches if item[0] != "zero"]
     if watch.zeros != len(launches) - len(launched) or len({item[4] for item in launched}) != 1:
-        return None  # zeroed other than by launch.zero_, or launches on several streams
+        return _refuse("zeroing other than by launch.zero_, or launches on several streams")
     n = len(inputs)  # table slots: the inputs, the buffer, the outputs
     slots: dict = {}  # storage address -> (table slot, offset of the storage there)
     specs = []
@@ -249,7 +264,7 @@ def _make_plan(launches, watch, result, inputs, cfg):
         if (storage.data_ptr() not in watch.fresh or storage.data_ptr() in slots
                 or not t.is_contiguous() or t.storage_offset()
                 or storage.nbytes() != t.numel() * t.element_size()):
-            return None
+            return _refuse(f"output {i} is not a fresh contiguous tensor of its own storage")
         slots[storage.data_ptr()] = (n + 1 + i, 0)
         specs.append((t.shape, t.dtype))
     size = 0
@@ -283,12 +298,12 @@ def _make_plan(launches, watch, result, inputs, cfg):
             step.call, step.args = None, ref(t)
             step.nbytes = t.numel() * t.element_size()
             if step.args is None or not t.is_contiguous():
-                return None
+                return _refuse("a zeroed tensor is not the call's own, or not contiguous")
             steps.append(step)
             continue
         entry, grid, tensors, scalars, _ = item
         if entry.scratch < 0:
-            return None
+            return _refuse("a kernel whose launcher allocates its own scratch")
         step.entry, step.call, step.function = entry, entry.call, entry.function
         step.prefix, step.tail, step.scalars = entry.prefix, entry.tail, scalars
         step.grid = (*grid, 1, 1)[:3]
@@ -299,13 +314,16 @@ def _make_plan(launches, watch, result, inputs, cfg):
             elif type(t) is torch.Tensor:
                 where = ref(t)
                 if where is None:
-                    return None
+                    return _refuse("a launch argument is neither an input, an output nor "
+                                   "allocated by the call")
                 step.args.append(where)
+            elif type(t) is not _launch._TensorDescriptor:
+                step.args.append((-1, t))  # a scalar between launch()'s tensors
             else:  # a host descriptor: over an input only
                 slot = next((s for s, x in enumerate(inputs) if x is not None and t.base is x),
                             None)
                 if slot is None:
-                    return None
+                    return _refuse("a host tensor descriptor over a tensor other than an input")
                 step.args.append(None)
                 step.descriptors.append((position, slot, (t.block_shape, t.padding)))
         if entry.scratch:
@@ -318,11 +336,11 @@ def _make_plan(launches, watch, result, inputs, cfg):
     if flag is not None:  # in the buffer, at a word of its own
         flag_at = ref(flag)
         if flag_at is None or flag_at[0] != n or flag_at[1] % 8:
-            return None
+            return _refuse("the NaN flag is not a word of the call's buffer")
         plan.flag = flag_at[1] // 8
     plan.cfg, plan.state, plan.steps, plan.outputs = cfg, _state(), steps, specs
     plan.device, plan.torch_device = inputs[0].get_device(), inputs[0].device
     plan.words = -(-size // 8)
     if plan.device != _launch._get_device():
-        return None
+        return _refuse("the inputs are not on the current device")
     return plan

@@ -311,18 +311,12 @@ def launch(kernel, grid, *args, **kwargs) -> None:
 
 def _recorded(entry, grid: tuple, args: tuple):
     """What :func:`recording` keeps of a :func:`launch` that replayed (or cached) ``entry``:
-    ``(entry, grid, tensors, scalars, stream)`` as for :meth:`Prepared.launch`, the
-    leading tensor (or None) arguments apart from the scalars after them; None (not
-    replayable) without an entry or with a tensor among the scalars."""
+    ``(entry, grid, args, (), stream)``, the shape of a :meth:`Prepared.launch` item with
+    every argument in the tensors' place (tensors, None, descriptors and scalars in any
+    order: a call plan takes the scalars there as they are); None without an entry."""
     if not entry:
         return None
-    n = 0
-    while n < len(args) and (args[n] is None or type(args[n]) in (torch.Tensor,
-                                                                  _TensorDescriptor)):
-        n += 1
-    if any(isinstance(a, torch.Tensor) or type(a) is _TensorDescriptor for a in args[n:]):
-        return None
-    return entry, grid, args[:n], args[n:], _get_stream(_get_device())
+    return entry, grid, args, (), _get_stream(_get_device())
 
 
 def _launch_args(kernel, grid, args: tuple, kwargs: dict):
@@ -537,9 +531,9 @@ _RECORDING: list = []
 def recording():
     """Inside, every :meth:`Prepared.launch` and :func:`launch` is also appended to the
     yielded list as ``(entry, grid, tensors, scalars, stream)`` (what a replay needs;
-    for :func:`launch`, ``tensors`` are its leading tensor arguments), every launch
-    that could not be replayed so (Triton's path, a tensor after a scalar argument) as
-    None, and every zeroing by :func:`zero_` as a ``("zero", tensor)`` item."""
+    for :func:`launch`, ``tensors`` holds every argument, scalars included, and
+    ``scalars`` is empty), every launch that could not be replayed so (Triton's path)
+    as None, and every zeroing by :func:`zero_` as a ``("zero", tensor)`` item."""
     launches: list = []
     item = (threading.get_ident(), launches)
     _RECORDING.append(item)

@@ -488,9 +488,8 @@ def test_block_sparse_replay_equals_the_general_path_on_the_gpu():
 
 def test_launch_is_recorded_for_plans(fakes):
     """:func:`prism.optimized.launch.launch` (the estimator kernels' path) is kept by
-    ``recording`` like a prepared launch: its cached entry, the grid, the leading tensor
-    arguments apart from the scalars, the stream; a tensor after a scalar cannot be
-    replayed from that split and is kept as None."""
+    ``recording`` like a prepared launch: its cached entry, the grid, every argument in
+    order (tensors and scalars interleaved as the kernel takes them), the stream."""
     kernel = fakes.kernels["index"]
     rows = B * HQ * NQT
     mask = torch.zeros(rows, NQT, dtype=torch.uint8)
@@ -500,15 +499,16 @@ def test_launch_is_recorded_for_plans(fakes):
     with fast.recording() as launches:
         for _ in range(2):  # compiled and cached, then replayed from the cache
             fast.launch(kernel, (rows,), mask, num, idx, NQT, NQT, 0, **options)
-        kernel.compiled.run.effect = lambda values: None  # its arguments are out of order
+        kernel.compiled.run.effect = lambda values: None  # a scalar before a tensor
         fast.launch(kernel, (rows,), mask, num, NQT, idx, NQT, 0, **options)
     assert len(kernel.compiled.run.calls) == 3
     first, second, mixed = launches
-    assert first is not None and second is not None and mixed is None
-    assert first[0] is second[0]  # one cached entry
+    assert first[0] is second[0] and mixed[0] is not None  # cached entries
     assert first[1] == (rows,) and first[4] == 7
-    assert all(a is b for a, b in zip(first[2], (mask, num, idx), strict=True))
-    assert first[3] == (NQT, NQT, 0)
+    # Every argument where a prepared launch keeps its tensors, scalars in place.
+    assert len(first[2]) == 6 and first[3] == ()
+    assert all(a is b for a, b in zip(first[2][:3], (mask, num, idx), strict=True))
+    assert first[2][3:] == (NQT, NQT, 0) and mixed[2][2] == NQT and mixed[2][3] is idx
     # Outside a recording nothing is kept, and the launch still runs.
     fast.launch(kernel, (rows,), mask, num, idx, NQT, NQT, 0, **options)
     assert len(kernel.compiled.run.calls) == 4
@@ -540,7 +540,7 @@ def test_estimator_calls_replay_plans_on_the_gpu(cfg):
     for _ in range(2):  # seen, recorded
         optimized.select_blocks(q, k, cfg)
         optimized.prism_attention(q, k, v, cfg)
-    assert call_plan.PLAN_STATS["made"] == stats["made"] + 2
+    assert call_plan.PLAN_STATS["made"] == stats["made"] + 2, call_plan.LAST_REFUSAL
     for (q, k, v), (mask, out) in zip(inputs, general, strict=True):
         got = optimized.select_blocks(q, k, cfg)
         assert torch.equal(got.as_tensor(), mask.as_tensor())
