@@ -201,7 +201,8 @@ class _Watch(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
-        if func in (torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default):
+        if func in (torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
+                    torch.ops.aten.empty_like.default):
             self.fresh.add(result.untyped_storage().data_ptr())
         elif func is torch.ops.aten.zero_.default:
             self.zeros += 1
