@@ -112,7 +112,8 @@ def render(root: Path) -> None:
         parts.append(
             f"GPU test suite (``{tests.name}``): "
             f"``{t.get('command') or 'pytest tests/test_gpu.py'}`` gave "
-            f"{t['counts'].get('passed', 0)} passed and {t['counts'].get('skipped', 0)} skipped "
+            f"{t['counts'].get('passed', 0)} passed, {t['counts'].get('failed', 0)} failed and "
+            f"{t['counts'].get('skipped', 0)} skipped "
             f"on {t.get('gpu') or 'the GPU'}. Largest relative errors against the "
             f"reference: {_error_list(err)}.\n"
         )
