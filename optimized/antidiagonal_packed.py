@@ -21,11 +21,8 @@ With a candidate tile mask (the ``"cascade"`` estimator, :mod:`prism.optimized.c
 each row's softmax runs over its candidate key tiles' groups only, and a key
 block in which no row of the program has a candidate tile is skipped in both
 passes: the program first lists the blocks that hold a candidate (one
-vectorised scan of its (head, query tile) pairs' candidate rows, in a small
-int32 scratch), both passes loop over that list, and the second stores zeros
-in the skipped blocks' tiles. (Testing every block in the loop cost a
-dependent load and a reduction per block; at 128K and stride 8 that was most
-of the kernel's time with 3% of the blocks scored.)
+vectorised scan of its pairs' candidate rows), both passes loop over that
+list, and the second stores zeros in the skipped blocks' tiles.
 """
 
 from __future__ import annotations
@@ -306,10 +303,8 @@ def _candidate_blocks(cand_pairs, pair_ok, num_key_tiles, stride_ck, key_blocks,
                       SCAN_BLOCKS: tl.constexpr):
     """The key blocks (``TILES_PER_CHUNK`` key tiles each) of ``[0, key_blocks)`` in
     which some (head, query tile) pair of the program has a candidate tile, ascending,
-    written to ``LIST``; returns how many. One vectorised scan of the pairs' candidate
-    rows, so that the passes visit only these blocks instead of testing every block of
-    the row (the test's load latency, paid per block, was most of the restricted
-    kernel's time at 128K)."""
+    written to ``LIST``; returns how many. Testing each block inside the passes cost a
+    dependent load and a reduction per block: most of the kernel's time at 128K."""
     count = 0
     scan = tl.arange(0, SCAN_BLOCKS)
     in_block = tl.arange(0, TILES_PER_CHUNK)

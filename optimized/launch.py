@@ -310,18 +310,15 @@ def launch(kernel, grid, *args, **kwargs) -> None:
 
 
 def _recorded(entry, grid: tuple, args: tuple):
-    """What :func:`recording` keeps of a :func:`launch` that replayed (or cached) ``entry``:
-    ``(entry, grid, args, (), stream)``, the shape of a :meth:`Prepared.launch` item with
-    every argument in the tensors' place (tensors, None, descriptors and scalars in any
-    order: a call plan takes the scalars there as they are); None without an entry."""
+    """What :func:`recording` keeps of a :func:`launch` of ``entry``: a prepared launch's
+    item with every argument, scalars too, in the tensors' place; None without an entry."""
     if not entry:
         return None
     return entry, grid, args, (), _get_stream(_get_device())
 
 
 def _launch_args(kernel, grid, args: tuple, kwargs: dict):
-    """:func:`launch`'s work: the :class:`_Entry` it replayed or cached, or None where
-    the launch went through Triton uncached."""
+    """:func:`launch`'s work: the :class:`_Entry` it replayed or cached, else None."""
     if type(kernel) is not _JITFunction or type(grid) is not tuple or _get_device is None:
         _triton_launch(kernel, grid, args, kwargs)
         return None
