@@ -562,6 +562,10 @@ def main(argv=None):
         if args.use_fastest:
             result["tuning_used"] = use_fastest(result["stages"][-1])
             result["vs_tuning_used"] = use_fastest_vs(result["stages"])
+            # Call plans keep the launch shapes they were recorded with.
+            from prism.optimized import call_plan
+
+            call_plan._PLANS.clear()
         if args.out:  # keep the stage numbers even if the settings run out of time
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)

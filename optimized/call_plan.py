@@ -47,7 +47,11 @@ other torch operation, a launch through Triton's path, a tensor argument
 that is neither an input, nor an output, nor allocated by the call, refuses
 the plan). It is used only while the kernels, the selection tuning and the
 launch settings (Triton's debug and instrumentation knobs, no launch hooks,
-the current device) are those it was recorded with. Nothing is recorded
+the current device) are those it was recorded with. The estimators' launch
+tables (``antidiagonal_packed.TUNED``, ``vertical_slash.TUNED_VS``, the
+long-row top-p and scan sizes) are read when a call is recorded and not
+checked after: change them before a signature's first calls, or empty
+``_PLANS``. Nothing is recorded
 under ``torch.compile`` tracing or CUDA graph capture, or with
 :data:`ENABLED` False; there the general path runs. Replays run under graph
 capture like any launch (the memset and the launches are captured).
