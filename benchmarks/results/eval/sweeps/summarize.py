@@ -48,8 +48,12 @@ SHARED = {"kvshared": (", GQA-group-shared", (3, 1)),
 
 
 def curve_key(point: dict) -> str:
-    """The curve of a point: its method, stride or samples, vertical-slash top-p, sharing."""
+    """The curve of a point: its method, stride or samples, vertical-slash top-p, the
+    vertical-slash stage's last queries when not 64, sharing."""
     key = _method_key(point)
+    last = point["config"].get("last_queries", 64)
+    if "vertical_slash" in point["method"] or point["method"] == "cascade":
+        key = key if last == 64 else f"{key}-L{last}"
     shared = point.get("_variant") or (
         "kvshared" if point["config"].get("share_kv_group") else None)
     return key if shared is None else f"{key}-{shared}"
@@ -82,6 +86,9 @@ def label(key: str) -> str:
     if key.rsplit("-", 1)[-1] in SHARED:
         base, shared = key.rsplit("-", 1)
         return label(base) + SHARED[shared][0]
+    if key.rsplit("-", 1)[-1].startswith("L"):
+        base, last = key.rsplit("-", 1)
+        return label(base) + f", last {last[1:]} queries"
     method, *parts = key.split("-")
     if method == "cascade":
         return (f"cascade: Prism p={parts[1]} candidates, antidiagonal stride {parts[0]} "
