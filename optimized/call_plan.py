@@ -51,7 +51,9 @@ the current device) are those it was recorded with. The estimators' launch
 tables (``antidiagonal_packed.TUNED``, ``vertical_slash.TUNED_VS``, the
 long-row top-p and scan sizes) are read when a call is recorded and not
 checked after: change them before a signature's first calls, or empty
-``_PLANS``. Nothing is recorded
+``_PLANS``. When a repeated call stays slow, :data:`PLAN_STATS` counts the
+plans made and refused, and :data:`LAST_REFUSAL` says why the last refused
+signature got none. Nothing is recorded
 under ``torch.compile`` tracing or CUDA graph capture, or with
 :data:`ENABLED` False; there the general path runs. Replays run under graph
 capture like any launch (the memset and the launches are captured).
