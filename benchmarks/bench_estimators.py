@@ -93,6 +93,11 @@ SETTINGS = {
     "cascade stride 8 last 16 (c=0.99, p=0.9, vs=0.5)": PrismConfig.preset(
         "accurate", estimator="cascade", antidiagonal_stride=8, candidate_threshold=0.99,
         last_queries=16),
+    # 32 last queries: within 2% on the CPU at 4K and 8K (docs/estimator_results.rst).
+    "cascade stride 8 last 32 (c=0.99, p=0.9, vs=0.5)": PrismConfig.preset(
+        "accurate", last_queries=32),
+    "cascade stride 16 last 32 (c=0.99, p=0.9, vs=0.5)": PrismConfig.preset(
+        "accurate", antidiagonal_stride=16, last_queries=32),
 }
 REFERENCE_MAX_TOKENS = 32768
 

@@ -54,7 +54,9 @@ def selection_graph(lengths, copy_tb_s, baseline_path=None, budget_s=100.0, name
         spec.loader.exec_module(baseline)
     variants = {"default": None, "check_every_1": Tuning(check_every=1),
                 "num_stages_2": Tuning(num_stages=2), "unstacked": Tuning(stack_bands_max_width=0),
-                "elements_per_thread_16": Tuning(elements_per_thread=16)}
+                "elements_per_thread_16": Tuning(elements_per_thread=16),
+                # Rows of 2048 key tiles (256K tokens at tile 128) on the tensor cores.
+                "dot_2048": Tuning(dot_max_width=2048)}
     variants = {name: variants[name] for name in (names or variants)}
     started = time.time()
     return [_selection_length(n, copy_tb_s, variants, baseline, started, budget_s)

@@ -52,8 +52,6 @@ from .selection_plan import (  # noqa: F401  (SelectionTuning and the caches: pu
     launch_steps,
 )
 
-#: Widest key-tile row that the tensor-core path keeps in registers (16 rows each).
-DOT_MAX_WIDTH = 1024
 #: Widest key-tile row of any kernel path; longer rows take the reference's path.
 MAX_WIDTH = 32768
 

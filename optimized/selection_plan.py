@@ -64,14 +64,14 @@ def _launch_plan(layout: TileLayout, causal: bool, tuning: SelectionTuning):
 
     A causal row ``i`` sees key tiles ``0 .. first + i``; it goes to the
     narrowest power-of-two width (at least ``merge_width``, capped by the full
-    row) that holds them. Calls whose rows may see more than ``dot_max_width``
-    tiles use the CUDA-core path with fewer rows per program, so a program
-    keeps at most 8K probabilities per band there.
+    row) that holds them. Launches wider than ``dot_max_width`` tiles use the
+    CUDA-core path with fewer rows per program, so a program keeps at most 8K
+    probabilities per band there; the narrower launches of the same call keep
+    the tensor cores.
     """
     nqt, nkt = layout.num_query_tiles, layout.num_key_tiles
     full_width = max(16, next_power_of_2(nkt))
     narrowest = min(full_width, max(16, next_power_of_2(tuning.merge_width)))
-    use_dot = full_width <= tuning.dot_max_width
     plan = []
     row = 0
     while row < nqt:
@@ -82,6 +82,7 @@ def _launch_plan(layout: TileLayout, causal: bool, tuning: SelectionTuning):
             end = max(row + 1, min(nqt, width - layout.first_query_tile))
         else:
             end = nqt
+        use_dot = width <= tuning.dot_max_width
         rows = tuning.rows_per_program if use_dot else max(1, min(16, 8192 // width))
         plan.append((row, end, width, rows, use_dot))
         row = end

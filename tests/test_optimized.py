@@ -251,8 +251,11 @@ def test_selection_matches_reference(case):
     dict(block_size=32, high_threshold=1.0, low_threshold=0.05),
 ])
 def test_selection_cuda_core_path(monkeypatch, overrides):
-    """Rows wider than DOT_MAX_WIDTH take the CUDA-core path; force it on small rows."""
-    monkeypatch.setattr(selection_module, "DOT_MAX_WIDTH", 8)
+    """Launches wider than ``dot_max_width`` take the CUDA-core path; force it on small rows."""
+    monkeypatch.setattr(selection_module, "_DEFAULT_TUNING",
+                        selection_module.SelectionTuning(dot_max_width=8))
+    assert not any(use_dot for *_, use_dot in selection_module._launch_plan(
+        tile_layout(150, 230, 16, True), True, selection_module._DEFAULT_TUNING))
     q, k, _ = make_qkv(1, 4, 2, 150, 230, 64, seed=5, sharpness=2.0)
     q, k = _to(DEVICE, q, k)
     check_selection(q, k, **overrides)
@@ -533,3 +536,18 @@ def test_mask_to_indices_rejects_what_the_reference_rejects():
         optimized.mask_to_indices(torch.zeros(2, 2, device=DEVICE))
     with pytest.raises(ValueError, match="2 dims"):
         optimized.mask_to_indices(torch.zeros(3, dtype=torch.bool, device=DEVICE))
+
+
+def test_launch_plan_keeps_tensor_cores_below_the_dot_width():
+    """A causal call of 2048 key tiles: the rows that see at most 1024 tiles keep the
+    tensor-core path (16 rows a program); only the widest launch runs on CUDA cores."""
+    tuning = selection_module.SelectionTuning()
+    plan = selection_module._launch_plan(tile_layout(2048 * 16, 2048 * 16, 16, True), True,
+                                         tuning)
+    assert plan[0][0] == 0 and plan[-1][1] == 2048
+    assert all(a[1] == b[0] for a, b in zip(plan, plan[1:]))  # rows covered once, in order
+    for row_start, row_end, width, rows, use_dot in plan:
+        assert row_end <= width  # a causal row i sees i + 1 tiles
+        assert use_dot == (width <= tuning.dot_max_width)
+        assert rows == (tuning.rows_per_program if use_dot else 8192 // width)
+    assert [p[4] for p in plan].count(False) == 1
