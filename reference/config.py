@@ -28,14 +28,14 @@ ESTIMATORS = _REGISTRY_NAMES
 ESTIMATOR_FIELDS = _REGISTRY_FIELDS
 
 #: Named settings of :meth:`PrismConfig.preset` (docs/estimators.rst, "Presets").
-#: ``"paper"`` is the paper's default; ``"accurate"`` is the cascade (E8), within 2%
-#: of full attention's perplexity at the default's density where measured, and
-#: within 0.2% of ``antidiagonal_vertical_slash`` (E5) at stride 8 at about a third
-#: of E5's selection time at 128K tokens on the H200.
+#: ``"paper"`` is the paper's default; ``"accurate"`` is the cascade (E8) at stride 16
+#: with the vertical-slash stage from the last 32 queries, within 2% of full
+#: attention's perplexity at the default's density where measured, at about an
+#: eighth of E5's selection time at 128K tokens on the H200.
 PRESETS = {
     "paper": {},
     "accurate": {"estimator": "cascade", "candidate_threshold": 0.99,
-                 "antidiagonal_stride": 8, "last_queries": 64, "high_threshold": 0.9,
+                 "antidiagonal_stride": 16, "last_queries": 32, "high_threshold": 0.9,
                  "low_threshold": 0.9, "vertical_slash_threshold": 0.5},
 }
 

@@ -54,7 +54,7 @@ def test_presets():
     assert paper == PrismConfig()
     accurate = PrismConfig.preset("accurate")
     assert (accurate.estimator, accurate.candidate_threshold) == ("cascade", 0.99)
-    assert (accurate.antidiagonal_stride, accurate.last_queries) == (8, 64)
+    assert (accurate.antidiagonal_stride, accurate.last_queries) == (16, 32)
     assert (accurate.high_threshold, accurate.vertical_slash_threshold) == (0.9, 0.5)
     assert PrismConfig.preset("accurate", block_size=64).block_size == 64
     with pytest.raises(ValueError, match="unknown preset"):
@@ -64,6 +64,7 @@ def test_presets():
     q, k = _qk(nq=256, nk=256)
     assert torch.equal(select_blocks(q, k, accurate.replace(block_size=64)),
                        select_blocks(q, k, block_size=64, estimator="cascade",
+                                     antidiagonal_stride=16, last_queries=32,
                                      candidate_threshold=0.99, high_threshold=0.9,
                                      low_threshold=0.9, vertical_slash_threshold=0.5))
 
@@ -88,8 +89,8 @@ def test_cli_preset_chooses_the_sweep_point_and_settings():
     args = build_parser().parse_args(["eval", "--task", "sweep", "--preset", "accurate"])
     settings = _sweep_settings(args)
     assert settings.points == (("cascade", 0.9),)
-    assert (settings.vertical_slash_threshold, settings.antidiagonal_stride) == (0.5, 8)
-    assert settings.candidate_threshold == 0.99
+    assert (settings.vertical_slash_threshold, settings.antidiagonal_stride) == (0.5, 16)
+    assert (settings.candidate_threshold, settings.last_queries) == (0.99, 32)
     args = build_parser().parse_args(["eval", "--task", "sweep", "--preset", "accurate",
                                       "--points", "prism=0.95", "--vs-threshold", "0.3"])
     settings = _sweep_settings(args)

@@ -216,7 +216,8 @@ def test_long_top_p_kernel_cut_far_below_the_mean(threshold):
     (128, 128, 4, 1, 300, 700, True),   # one group per tile, KV prefix
     (64, 128, 4, 2, 256, 256, True),
     (8, 32, 4, 4, 100, 130, False),     # four groups per tile, non-causal
-    (8, 128, 4, 1, 200, 300, True),     # sixteen groups per tile (the preset), KV prefix
+    (8, 128, 4, 1, 200, 300, True),     # sixteen groups per tile, KV prefix
+    (16, 128, 4, 1, 200, 300, True),    # eight groups per tile (the preset), KV prefix
 ])
 @pytest.mark.parametrize("one_pass", [0, 1])
 def test_packed_one_and_two_pass_match_the_reference(stride, bs, hq, hkv, nq, nk, causal,

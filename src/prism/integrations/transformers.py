@@ -374,7 +374,7 @@ def register(name: str = "prism", config: PrismConfig | None = None, *,
         ``block_size=64, high_threshold=0.9``). Use ``rope_layout="interleaved"``
         for models whose q/k projections pair dims as (2m, 2m+1).
         For accuracy, pass ``PrismConfig.preset("accurate")`` (the cascade
-        estimator): it stayed within 1.6% of full attention's perplexity at the
+        estimator): it stayed within 1.7% of full attention's perplexity at the
         default's density on SmolLM2 (docs/estimators.rst, "Presets"); its
         selection costs more than the default's (``PrismConfig.preset("paper")``).
     stats : PrismStats, optional
