@@ -152,7 +152,7 @@ def _prepare_launches(layout: TileLayout, causal: bool, tuning: SelectionTuning,
     steps = []
     for row_start, row_end, width, rows, use_dot, programs, warps in _cached_plan(
             layout, causal, tuning):
-        dk = max(8, min(32, 16384 // width, dk_cap))
+        dk = max(16 if use_dot else 8, min(32, 16384 // width, dk_cap))  # tl.dot: K >= 16
         steps.append(((programs, b * hq), Prepared(
             (hq, hq // hkv, nqt, nkt, k_stride, layout.first_query_tile,
              row_start, row_end,
