@@ -56,7 +56,9 @@ def selection_graph(lengths, copy_tb_s, baseline_path=None, budget_s=100.0, name
                 "num_stages_2": Tuning(num_stages=2), "unstacked": Tuning(stack_bands_max_width=0),
                 "elements_per_thread_16": Tuning(elements_per_thread=16),
                 # Rows of 2048 key tiles (256K tokens at tile 128) on the tensor cores.
-                "dot_2048": Tuning(dot_max_width=2048)}
+                "dot_2048": Tuning(dot_max_width=2048),
+                "dot_2048_stages_1": Tuning(dot_max_width=2048, num_stages=1),
+                "dot_2048_stages_2": Tuning(dot_max_width=2048, num_stages=2)}
     variants = {name: variants[name] for name in (names or variants)}
     started = time.time()
     return [_selection_length(n, copy_tb_s, variants, baseline, started, budget_s)

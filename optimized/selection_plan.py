@@ -27,7 +27,10 @@ class SelectionTuning:
     Attributes
     ----------
     dot_max_width : int
-        Rows that see at most this many key tiles use tensor cores (16 rows a program).
+        Launches at most this wide (key tiles) use tensor cores (16 rows a program);
+        wider ones the CUDA cores. 2048 (rows of 256K tokens at tile 128) ran random
+        inputs' selection 8.04 -> 6.15 ms but the structured inputs' 4.27 -> 4.88 ms
+        on the H200 (benchmarks/NOTES.md item 36), so 1024.
     elements_per_thread : int
         Probabilities of one band each thread holds; sets ``num_warps``.
     early_exit : bool
@@ -42,6 +45,9 @@ class SelectionTuning:
         width (or the full row's) instead of one per power of two.
     check_every, num_stages : int
         Bisection steps between early-exit checks; pipelining stages of the logits.
+    wide_num_stages : int
+        Pipelining stages of tensor-core launches wider than 1024 key tiles (three
+        stages of a 2048-wide launch need more shared memory than an H200 SM has).
     stack_bands_max_width : int
         Launches at most this wide run both bands' top-p in one block of twice
         the rows (one chain of reductions instead of two); 0 turns this off.
@@ -57,6 +63,7 @@ class SelectionTuning:
     check_every: int = 2
     num_stages: int = 3
     stack_bands_max_width: int = 64
+    wide_num_stages: int = 2
 
 
 def _launch_plan(layout: TileLayout, causal: bool, tuning: SelectionTuning):
@@ -167,7 +174,8 @@ def _prepare_launches(layout: TileLayout, causal: bool, tuning: SelectionTuning,
                  CHUNK=min(width, 128), USE_DOT=use_dot,
                  EARLY_EXIT=tuning.early_exit, CHECK_EVERY=tuning.check_every,
                  STACK_BANDS=width <= tuning.stack_bands_max_width,
-                 num_warps=warps, num_stages=tuning.num_stages))))
+                 num_warps=warps,
+                 num_stages=tuning.num_stages if width <= 1024 else tuning.wide_num_stages))))
     return steps
 
 

@@ -539,15 +539,17 @@ def test_mask_to_indices_rejects_what_the_reference_rejects():
 
 
 def test_launch_plan_keeps_tensor_cores_below_the_dot_width():
-    """A causal call of 2048 key tiles: the rows that see at most 1024 tiles keep the
-    tensor-core path (16 rows a program); only the widest launch runs on CUDA cores."""
+    """A causal call twice as wide as ``dot_max_width``: the rows that see at most
+    ``dot_max_width`` tiles keep the tensor-core path (16 rows a program); only the
+    widest launch runs on CUDA cores."""
     tuning = selection_module.SelectionTuning()
-    plan = selection_module._launch_plan(tile_layout(2048 * 16, 2048 * 16, 16, True), True,
+    tiles = 2 * tuning.dot_max_width
+    plan = selection_module._launch_plan(tile_layout(tiles * 16, tiles * 16, 16, True), True,
                                          tuning)
-    assert plan[0][0] == 0 and plan[-1][1] == 2048
+    assert plan[0][0] == 0 and plan[-1][1] == tiles
     assert all(a[1] == b[0] for a, b in zip(plan, plan[1:]))  # rows covered once, in order
     for row_start, row_end, width, rows, use_dot in plan:
         assert row_end <= width  # a causal row i sees i + 1 tiles
         assert use_dot == (width <= tuning.dot_max_width)
-        assert rows == (tuning.rows_per_program if use_dot else 8192 // width)
+        assert rows == (tuning.rows_per_program if use_dot else max(1, 8192 // width))
     assert [p[4] for p in plan].count(False) == 1
