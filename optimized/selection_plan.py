@@ -175,7 +175,8 @@ def _prepare_launches(layout: TileLayout, causal: bool, tuning: SelectionTuning,
                  EARLY_EXIT=tuning.early_exit, CHECK_EVERY=tuning.check_every,
                  STACK_BANDS=width <= tuning.stack_bands_max_width,
                  num_warps=warps,
-                 num_stages=tuning.num_stages if width <= 1024 else tuning.wide_num_stages))))
+                 num_stages=(tuning.wide_num_stages if use_dot and width > 1024
+                             else tuning.num_stages)))))
     return steps
 
 
