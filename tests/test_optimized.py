@@ -553,3 +553,25 @@ def test_launch_plan_keeps_tensor_cores_below_the_dot_width():
         assert use_dot == (width <= tuning.dot_max_width)
         assert rows == (tuning.rows_per_program if use_dot else max(1, 8192 // width))
     assert [p[4] for p in plan].count(False) == 1
+
+
+@pytest.mark.parametrize("dot_max_width", [1024, 2048])
+def test_wide_launches_fit_tl_dot_and_shared_memory(dot_max_width):
+    """Tensor-core launches slice the band dims at least 16 wide (``tl.dot``'s K) and
+    those wider than 1024 key tiles take ``wide_num_stages`` (three stages of a
+    2048-wide launch overflow an H200's shared memory); CUDA-core launches keep
+    ``num_stages``."""
+    from prism.optimized.selection_plan import _prepare_launches
+
+    tuning = selection_module.SelectionTuning(dot_max_width=dot_max_width)
+    steps = _prepare_launches(tile_layout(262144, 262144, 128, True), True, tuning,
+                              resolve_config(None), 1, 32, 8, 128, 64, 64, True, True)
+    widths = [prepared.kwargs["WIDTH"] for _, prepared in steps]
+    assert widths == [2048, 1024, 512, 256]
+    for _, prepared in steps:
+        kw = prepared.kwargs
+        assert kw["USE_DOT"] == (kw["WIDTH"] <= dot_max_width)
+        if kw["USE_DOT"]:
+            assert kw["DK"] >= 16
+        wide = kw["USE_DOT"] and kw["WIDTH"] > 1024
+        assert kw["num_stages"] == (tuning.wide_num_stages if wide else tuning.num_stages)
