@@ -560,3 +560,37 @@ def test_estimator_calls_replay_plans_on_the_gpu(cfg):
     bad[0, 1, 2000, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
         optimized.select_blocks(q, bad, cfg)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_block_sparse_plan_replays_other_masks_bit_for_bit(dtype):
+    """One ``block_sparse_attention`` signature recorded on a sparse mask and replayed on
+    a full one and a sparser one (the order of ``test_gpu.py``'s long cases, where one
+    run saw NaN rows once): every replay equals the kernel called directly, bit for bit."""
+    from prism.optimized.indices import mask_rows_to_indices
+
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = (torch.randn(1, h, 8192, 128, generator=gen).to("cuda", dtype)
+               for h in (8, 2, 2))
+    layout = tile_layout(8192, 8192, 128, True)
+    shape = (1, 8, layout.num_query_tiles, layout.num_key_tiles)
+    keys = torch.arange(shape[-1])
+    causal = keys[None, :] <= keys[:, None]
+    call_plan._PLANS.clear()
+    made = call_plan.PLAN_STATS["made"]
+    for density in (0.15, 1.0, 0.05):
+        mask = ((torch.rand(shape, generator=gen) < density) | torch.eye(shape[-1],
+                                                                         dtype=torch.bool))
+        mask = (mask & causal).cuda()
+        num, idx = mask_rows_to_indices(mask, 0, causal_trim=True)
+        direct, direct_lse = attention.sparse_attention_forward(
+            q, k, v, num, idx, block_size=128, causal=True, scale=None, return_lse=True,
+            first_query_tile=0, query_start=0, interpreted=False)
+        for _ in range(3):
+            out, lse = optimized.block_sparse_attention(q, k, v, mask, block_size=128,
+                                                        causal=True, return_lse=True)
+            assert torch.isfinite(out).all()
+            assert torch.equal(out, direct) and torch.equal(lse, direct_lse)
+    assert call_plan.PLAN_STATS["made"] == made + 1  # one plan, replayed on every mask
