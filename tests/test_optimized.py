@@ -547,8 +547,9 @@ def test_launch_plan_keeps_tensor_cores_below_the_dot_width():
     plan = selection_module._launch_plan(tile_layout(tiles * 16, tiles * 16, 16, True), True,
                                          tuning)
     assert plan[0][0] == 0 and plan[-1][1] == tiles
-    assert all(a[1] == b[0] for a, b in zip(plan, plan[1:]))  # rows covered once, in order
-    for row_start, row_end, width, rows, use_dot in plan:
+    # rows covered once, in order
+    assert all(a[1] == b[0] for a, b in zip(plan, plan[1:], strict=False))
+    for _, row_end, width, rows, use_dot in plan:
         assert row_end <= width  # a causal row i sees i + 1 tiles
         assert use_dot == (width <= tuning.dot_max_width)
         assert rows == (tuning.rows_per_program if use_dot else max(1, 8192 // width))
