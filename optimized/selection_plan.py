@@ -19,6 +19,9 @@ from ._runtime import next_power_of_2
 from .launch import Prepared
 from .pooling import band_pairs, work_layout
 
+#: Tensor-core launches wider than this many key tiles take ``wide_num_stages``.
+WIDE_DOT_WIDTH = 1024
+
 
 @dataclass(frozen=True)
 class SelectionTuning:
@@ -46,7 +49,7 @@ class SelectionTuning:
     check_every, num_stages : int
         Bisection steps between early-exit checks; pipelining stages of the logits.
     wide_num_stages : int
-        Pipelining stages of tensor-core launches wider than 1024 key tiles (three
+        Pipelining stages of tensor-core launches wider than ``WIDE_DOT_WIDTH`` (three
         stages of a 2048-wide launch need more shared memory than an H200 SM has).
     stack_bands_max_width : int
         Launches at most this wide run both bands' top-p in one block of twice
@@ -175,7 +178,7 @@ def _prepare_launches(layout: TileLayout, causal: bool, tuning: SelectionTuning,
                  EARLY_EXIT=tuning.early_exit, CHECK_EVERY=tuning.check_every,
                  STACK_BANDS=width <= tuning.stack_bands_max_width,
                  num_warps=warps,
-                 num_stages=(tuning.wide_num_stages if use_dot and width > 1024
+                 num_stages=(tuning.wide_num_stages if use_dot and width > WIDE_DOT_WIDTH
                              else tuning.num_stages)))))
     return steps
 
