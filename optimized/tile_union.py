@@ -7,6 +7,10 @@
 1. top-p of a row of tile probabilities (optional; contract §6's rule and
    tie-break by :func:`prism.optimized.selection._top_p_keep`, no sort), the
    row first normalised to sum 1 when the scoring kernel left it unnormalised;
+   rows of launches at least 64 tiles wide bisect over their compacted
+   survivors when they fit a quarter of the width
+   (:mod:`prism.optimized.top_p_compact`: the cascade's rows are non-zero only
+   at its candidate tiles);
 2. the vertical-slash tiles (optional): key tile ``j`` of query tile ``I``
    (absolute) is kept when column bin ``j`` or diagonal bin ``I - j + nk`` is
    set (:func:`prism.optimized.vertical_slash_tiles.vertical_slash_bins`);
@@ -43,6 +47,7 @@ from ._runtime import next_power_of_2
 from .launch import launch
 from .pooling import _check_rows_finite
 from .selection import _top_p_keep
+from .top_p_compact import _top_p_keep_compact, compact_scratch_elements
 
 #: Widest row of key tiles the kernel keeps in registers (rows wider take the
 #: reference's torch code).
@@ -88,14 +93,14 @@ def _check_program(pid, Q, K, V, NONFINITE,
 
 
 @triton.jit
-def _union_rows(pid, PROBS, COLUMNS, DIAGONALS, OTHER, MASK, NUM, IDX, total_rows,
+def _union_rows(pid, PROBS, COLUMNS, DIAGONALS, OTHER, MASK, NUM, IDX, SCRATCH, total_rows,
                 num_query_tiles, num_key_tiles, num_diagonals, first_query_tile, threshold,
                 CAUSAL: tl.constexpr, HAS_PROBS: tl.constexpr, NORMALIZE: tl.constexpr,
                 HAS_VS: tl.constexpr, HAS_OTHER: tl.constexpr, FORCE_SINK: tl.constexpr,
                 FORCE_DIAGONAL: tl.constexpr, WRITE_MASK: tl.constexpr,
                 WRITE_INDICES: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr,
                 LOG2_WIDTH: tl.constexpr, CHECK_EVERY_ARG: tl.constexpr,
-                FULL_WIDTH: tl.constexpr):
+                FULL_WIDTH: tl.constexpr, SCRATCH_ROW: tl.constexpr):
     """Steps 1-5 of the module docstring for rows ``[pid * ROWS, (pid + 1) * ROWS)``.
 
     The rows are held ``WIDTH`` key tiles wide; when that is narrower than the
@@ -122,10 +127,10 @@ def _union_rows(pid, PROBS, COLUMNS, DIAGONALS, OTHER, MASK, NUM, IDX, total_row
             prob = tl.math.div_rn(prob, mass[:, None])
         prob = tl.where(admissible, prob, -2.0)
         count = tl.sum(admissible.to(tl.int32), axis=1)
-        if CHECK_EVERY_ARG:  # selection._top_p_keep's CHECK_EVERY parameter, if it has one
-            top = _top_p_keep(prob, threshold, count, ROWS, WIDTH, LOG2_WIDTH, True, 1)
-        else:
-            top = _top_p_keep(prob, threshold, count, ROWS, WIDTH, LOG2_WIDTH, True)
+        # The bisection over each row's entries above its bracket's start only.
+        top = _top_p_keep_compact(prob, threshold, count,
+                                  SCRATCH + pid.to(tl.int64) * (ROWS * SCRATCH_ROW), ROWS,
+                                  WIDTH, LOG2_WIDTH, CHECK_EVERY_ARG)
         # The bisection assumes a row's mass reaches p; a row whose whole mass
         # stays below p (an empty row) keeps every non-zero tile, as the sort does.
         total = tl.sum(tl.where(admissible, prob, 0.0), axis=1)
@@ -167,7 +172,7 @@ def _union_rows(pid, PROBS, COLUMNS, DIAGONALS, OTHER, MASK, NUM, IDX, total_row
 
 @triton.jit
 def _union_kernel(
-    PROBS, COLUMNS, DIAGONALS, OTHER, MASK, NUM, IDX,
+    PROBS, COLUMNS, DIAGONALS, OTHER, MASK, NUM, IDX, SCRATCH,
     total_rows, num_query_tiles, num_key_tiles, num_diagonals, first_query_tile, threshold,
     union_programs,
     Q, K, V, NONFINITE,
@@ -183,6 +188,7 @@ def _union_kernel(
     CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, CHECK_V: tl.constexpr,
     D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, CHECK_EVERY_ARG: tl.constexpr, NARROW: tl.constexpr,
+    SCRATCH_ROW: tl.constexpr,
 ):
     """``ROWS`` rows of the flat (batch * q head * query tile) grid (module docstring)."""
     pid = tl.program_id(0)
@@ -198,11 +204,13 @@ def _union_kernel(
             level = tl.where(need <= WIDTH // 4, 2, tl.where(need <= WIDTH // 2, 1, 0))
         for lv in tl.static_range(3 if NARROW else 1):  # one instance per width
             if level == lv:
-                _union_rows(pid, PROBS, COLUMNS, DIAGONALS, OTHER, MASK, NUM, IDX, total_rows,
+                _union_rows(pid, PROBS, COLUMNS, DIAGONALS, OTHER, MASK, NUM, IDX, SCRATCH,
+                            total_rows,
                             num_query_tiles, num_key_tiles, num_diagonals, first_query_tile,
                             threshold, CAUSAL, HAS_PROBS, NORMALIZE, HAS_VS, HAS_OTHER,
                             FORCE_SINK, FORCE_DIAGONAL, WRITE_MASK, WRITE_INDICES, ROWS,
-                            WIDTH >> lv, LOG2_WIDTH - lv, CHECK_EVERY_ARG, WIDTH)
+                            WIDTH >> lv, LOG2_WIDTH - lv, CHECK_EVERY_ARG, WIDTH,
+                            SCRATCH_ROW)
     else:
         _check_program(pid - union_programs, Q, K, V, NONFINITE,
                        stride_qb, stride_qh, stride_qn, stride_qd,
@@ -281,8 +289,14 @@ def union_tiles(layout: TileLayout, causal: bool, heads: tuple, *,
     d_pad = next_power_of_2(0 if qk is None else qk.shape[3])
     dv_pad = next_power_of_2(0 if v is None else v.shape[3])
     spare = mask if mask is not None else idx  # for pointers the kernel does not read
+    scratch_row = compact_scratch_elements(width)
+    scratch = None
+    if probs is not None and scratch_row > 0:
+        # Each program's slot for its rows' compacted top-p (top_p_compact).
+        scratch = torch.empty(union_programs * rows * scratch_row, dtype=torch.float32,
+                              device=device)
     tensors = [t if t is not None else spare
-               for t in (probs, columns, diagonals, other, mask, num, idx)]
+               for t in (probs, columns, diagonals, other, mask, num, idx, scratch)]
     checked = [t if t is not None else spare for t in (q, k, v, nonfinite)]
     strides = [s for t in (q, k, v) for s in (t.stride() if t is not None else (0, 0, 0, 0))]
     launch(_union_kernel, (union_programs + sum(counts),), *tensors,
@@ -301,6 +315,7 @@ def union_tiles(layout: TileLayout, causal: bool, heads: tuple, *,
            D_PAD=d_pad, DV_PAD=dv_pad,
            BLOCK_T=max(1, min(CHECK_ROWS, 4096 // max(d_pad, dv_pad))), BLOCK_ROWS=CHECK_ROWS,
            CHECK_EVERY_ARG=_TOP_P_CHECK_EVERY, NARROW=causal and width >= NARROW_MIN_WIDTH,
+           SCRATCH_ROW=scratch_row,
            num_warps=8 if width >= 2048 else 4)
     return mask, num, idx
 
