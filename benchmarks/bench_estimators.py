@@ -548,12 +548,21 @@ def main(argv=None):
                              "against cuDNN dense attention")
     parser.add_argument("--skip-settings", action="store_true",
                         help="only the stages, not the whole selection per setting")
+    parser.add_argument("--plain-top-p", action="store_true",
+                        help="every top-p bisects whole rows (no compacted survivors: "
+                             "tile_union.COMPACT_TOP_P and SelectionTuning.compact_top_p off)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_estimators.py needs a CUDA GPU")
+    if args.plain_top_p:
+        from prism.optimized import selection, tile_union
+
+        tile_union.COMPACT_TOP_P = False
+        selection._DEFAULT_TUNING = selection.SelectionTuning(compact_top_p=False)
     started = time.time()
     lengths = [int(x) for x in args.lengths.split(",")]
-    result = {"environment": environment(args.commit), "rows": []}
+    result = {"environment": environment(args.commit), "rows": [],
+              "plain_top_p": args.plain_top_p}
     if args.before:
         with open(args.before) as f:
             result["before"] = json.load(f)

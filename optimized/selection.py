@@ -40,7 +40,6 @@ import triton.language as tl
 from prism.reference.config import PrismConfig
 from prism.reference.tiles import TileLayout
 
-from ._runtime import kernels_interpreted
 from .pooling import pool_plan, run_pooling, work_pointers
 from .selection_plan import (  # noqa: F401  (SelectionTuning and the caches: public here)
     _LAUNCHES,
@@ -50,7 +49,9 @@ from .selection_plan import (  # noqa: F401  (SelectionTuning and the caches: pu
     _launch_plan,
     _side_stream,
     launch_steps,
+    scratch_elements,
 )
+from .top_p import _top_p_keep, _top_p_keep_compact
 
 #: Widest key-tile row of any kernel path; longer rows take the reference's path.
 MAX_WIDTH = 32768
@@ -112,128 +113,6 @@ def _softmax_rows(logits, admissible):
 
 
 @triton.jit
-def _add_pairs(mass_a, count_a, mass_b, count_b):
-    return mass_a + mass_b, count_a + count_b
-
-
-#: Set when Triton runs kernels in its CPU interpreter, whose reductions with a
-#: user combine function call it once per element pair (0.7 s for one 16 x 16
-#: block): there :func:`_mass_and_count_above` sums twice with ``tl.sum``. Compiled
-#: kernels never take that branch (a constexpr, pruned before code generation).
-_INTERPRETED = tl.constexpr(kernels_interpreted(_add_pairs))
-
-
-@triton.jit
-def _mass_and_count_above(prob, t):
-    """Per row, ``F(t) = sum_{x_j > t} x_j`` and ``C(t) = #{x_j > t}``.
-
-    One reduction of the pair, so the row's warps meet once per bisection step.
-    """
-    above = prob > t[:, None]
-    if _INTERPRETED:
-        return tl.sum(tl.where(above, prob, 0.0), axis=1), tl.sum(above.to(tl.int32), axis=1)
-    return tl.reduce((tl.where(above, prob, 0.0), above.to(tl.int32)), 1, _add_pairs)
-
-
-@triton.jit
-def _bits_to_threshold(bits):
-    """The fp32 threshold of int32 bits; -1 stands for "below every probability"."""
-    return tl.where(bits < 0, -1.0, bits.to(tl.float32, bitcast=True))
-
-
-@triton.jit
-def _top_p_keep(prob, threshold, admissible_count, ROWS: tl.constexpr, WIDTH: tl.constexpr,
-                LOG2_WIDTH: tl.constexpr, EARLY_EXIT: tl.constexpr, CHECK_EVERY: tl.constexpr,
-                PER_ROW: tl.constexpr = False):
-    """Tiles kept by top-p with the index tie-break (reference ``top_p_select``).
-
-    ``prob`` is (ROWS, WIDTH) from :func:`_softmax_rows`; ``admissible_count``
-    (ROWS,) counts each row's admissible tiles; ``threshold`` is one scalar, or
-    with ``PER_ROW`` one value per row. Returns a bool mask. p = 1 keeps
-    exactly the tiles of non-zero probability (contract §6.3).
-    """
-    if PER_ROW:
-        exact_p1 = threshold >= 1.0
-        keep = _top_p_bisect(prob, threshold, admissible_count, exact_p1, ROWS, WIDTH,
-                             LOG2_WIDTH, EARLY_EXIT, CHECK_EVERY)
-        keep = tl.where(exact_p1[:, None], prob > 0.0, keep)
-    elif threshold >= 1.0:
-        keep = prob > 0.0
-    else:
-        keep = _top_p_bisect(prob, threshold, admissible_count,
-                             tl.zeros([ROWS], dtype=tl.int1), ROWS, WIDTH, LOG2_WIDTH,
-                             EARLY_EXIT, CHECK_EVERY)
-    return keep
-
-
-@triton.jit
-def _top_p_bisect(prob, threshold, admissible_count, exact_p1, ROWS: tl.constexpr,
-                  WIDTH: tl.constexpr, LOG2_WIDTH: tl.constexpr, EARLY_EXIT: tl.constexpr,
-                  CHECK_EVERY: tl.constexpr):
-    """:func:`_top_p_keep` for rows with p < 1 (rows flagged ``exact_p1`` are skipped).
-
-    The exit is checked (a reduction across warps) every ``CHECK_EVERY`` steps:
-    a step on a resolved row changes nothing (a bracket holding one tile keeps
-    it; one of a single bit stays put).
-    """
-    # Bracket v: F(lo) >= p > F(hi) on int32 bits of thresholds. Tiles at or
-    # below t0 = (1 - p - 1e-5) / n carry at most n * t0 < 1 - p of mass, so
-    # F(t0) > p and lo may start there (the 1e-5 covers fp32 rounding).
-    t0 = (1.0 - threshold - 1e-5) / tl.maximum(admissible_count, 1).to(tl.float32)
-    lo = tl.where(t0 > 0.0, t0.to(tl.int32, bitcast=True), -1)
-    hi = tl.maximum(tl.max(prob, axis=1), 0.0).to(tl.int32, bitcast=True)
-    _, count_lo = _mass_and_count_above(prob, _bits_to_threshold(lo))
-    count_hi = tl.zeros([ROWS], dtype=tl.int32)
-    # 30 halvings shrink any bracket inside [-1, bits(1.0)] to one step. With
-    # EARLY_EXIT the loop also stops once every row's bracket (lo, hi] holds a
-    # single tile, which is then v itself (typically after ~log2(n) + 8 steps).
-    unresolved = (count_lo - count_hi > 1) & (hi - lo > 1) & ~exact_p1
-    step = 0
-    while (step < 30) & (tl.max(unresolved.to(tl.int32), axis=0) > 0):
-        for _inner in tl.static_range(CHECK_EVERY):
-            mid = lo + (hi - lo) // 2
-            mass, count = _mass_and_count_above(prob, _bits_to_threshold(mid))
-            up = mass >= threshold
-            lo = tl.where(up, mid, lo)
-            count_lo = tl.where(up, count, count_lo)
-            hi = tl.where(up, hi, mid)
-            count_hi = tl.where(up, count_hi, count)
-        if EARLY_EXIT:
-            unresolved = (count_lo - count_hi > 1) & (hi - lo > 1) & ~exact_p1
-        else:
-            unresolved = (hi - lo > 1) & ~exact_p1
-        step += CHECK_EVERY
-    # One tile in (lo, hi]: it is v, it has no tie, keep every x > t(lo).
-    single = (count_lo - count_hi == 1) | exact_p1
-    keep = prob > _bits_to_threshold(lo)[:, None]
-    if tl.max((~single).to(tl.int32), axis=0) > 0:
-        # Otherwise hi = bits(v): keep x > v and the first ceil((p - F(v)) / v)
-        # ties at v, by index.
-        v = hi.to(tl.float32, bitcast=True)
-        above = prob > v[:, None]
-        mass_above_v = tl.sum(tl.where(above, prob, 0.0), axis=1)
-        at_v = prob == v[:, None]
-        safe_v = tl.where(v > 0.0, v, 1.0)
-        quota = tl.where(v > 0.0, tl.math.ceil((threshold - mass_above_v) / safe_v),
-                         float("inf"))
-        # The ties kept are those before column ``cut``, the smallest m with
-        # quota ties in [0, m) (WIDTH when there are fewer): a bisection on
-        # m instead of a row-wide prefix sum, which would need registers.
-        cols = tl.arange(0, WIDTH)
-        cut_lo = tl.zeros([ROWS], dtype=tl.int32)
-        cut_hi = tl.zeros([ROWS], dtype=tl.int32) + WIDTH
-        for _step in tl.static_range(LOG2_WIDTH + 1):
-            mid = (cut_lo + cut_hi) // 2
-            before = tl.sum((at_v & (cols[None, :] < mid[:, None])).to(tl.int32), axis=1)
-            enough = before.to(tl.float32) >= quota
-            cut_hi = tl.where(enough, mid, cut_hi)
-            cut_lo = tl.where(enough, cut_lo, mid + 1)
-        exact = above | (at_v & (cols[None, :] < cut_hi[:, None]))
-        keep = tl.where(single[:, None], keep, exact)
-    return keep
-
-
-@triton.jit
 def _band_logits(q_rows, k_head, row_ok, cols, col_ok, k_pooled_stride, coef,
                  head_dim, half_layout, band_start, band_dim,
                  ROWS: tl.constexpr, WIDTH: tl.constexpr, DK: tl.constexpr,
@@ -266,19 +145,33 @@ def _band_logits(q_rows, k_head, row_ok, cols, col_ok, k_pooled_stride, coef,
 
 
 @triton.jit
+def _band_top_p(prob, threshold, admissible_count, slots, ROWS: tl.constexpr,
+                WIDTH: tl.constexpr, LOG2_WIDTH: tl.constexpr, EARLY_EXIT: tl.constexpr,
+                CHECK_EVERY: tl.constexpr, SCRATCH_ROW: tl.constexpr):
+    """One band's top-p: over compacted survivors when the launch has scratch slots."""
+    if SCRATCH_ROW > 0:
+        keep = _top_p_keep_compact(prob, threshold, admissible_count, slots, ROWS, WIDTH,
+                                   LOG2_WIDTH, EARLY_EXIT, CHECK_EVERY)
+    else:
+        keep = _top_p_keep(prob, threshold, admissible_count, ROWS, WIDTH, LOG2_WIDTH,
+                           EARLY_EXIT, CHECK_EVERY)
+    return keep
+
+
+@triton.jit
 def _select_tiles_kernel(
-    WORK, MASK, NUM, IDX,
+    WORK, MASK, NUM, IDX, SCRATCH,
     num_q_heads, group, num_query_tiles, num_key_tiles, k_pooled_stride, first_query_tile,
     row_start, row_end,
     head_dim, half_layout, high_dim, low_dim, high_start, low_start,
     high_threshold, low_threshold, high_temperature, low_temperature, eps,
-    q_pooled_offset, k_pooled_offset, k_energy_offset,
+    q_pooled_offset, k_pooled_offset, k_energy_offset, scratch_offset,
     CAUSAL: tl.constexpr, CALIBRATE: tl.constexpr,
     FORCE_SINK: tl.constexpr, FORCE_DIAGONAL: tl.constexpr,
     WRITE_MASK: tl.constexpr, WRITE_INDICES: tl.constexpr,
     ROWS: tl.constexpr, WIDTH: tl.constexpr, LOG2_WIDTH: tl.constexpr, DK: tl.constexpr,
     CHUNK: tl.constexpr, USE_DOT: tl.constexpr, EARLY_EXIT: tl.constexpr,
-    CHECK_EVERY: tl.constexpr, STACK_BANDS: tl.constexpr,
+    CHECK_EVERY: tl.constexpr, STACK_BANDS: tl.constexpr, SCRATCH_ROW: tl.constexpr,
 ):
     """Select the key tiles of ``ROWS`` query-tile rows of one (batch, q head).
 
@@ -289,6 +182,9 @@ def _select_tiles_kernel(
     Wide rows run the bands one after the other, so that one band's (ROWS, WIDTH)
     probabilities are live at a time; ``STACK_BANDS`` (narrow rows) runs both at once.
     ``WORK`` is the pooling launch's buffer (:func:`~prism.optimized.pooling.work_layout`).
+    With ``SCRATCH_ROW`` > 0 the wide rows' top-p runs over compacted survivors
+    (:func:`prism.optimized.top_p._top_p_keep_compact`) in this program's
+    ``ROWS * SCRATCH_ROW`` fp32 slots of ``SCRATCH``, from ``scratch_offset`` on.
     """
     _, Q_ENERGY, K_ENERGY, Q_POOLED, K_POOLED_T = work_pointers(
         WORK, q_pooled_offset, k_pooled_offset, k_energy_offset)
@@ -342,14 +238,17 @@ def _select_tiles_kernel(
                             WIDTH, LOG2_WIDTH, EARLY_EXIT, CHECK_EVERY, True)
         keep = tl.max(tl.reshape(keep2.to(tl.int32), (ROWS, 2, WIDTH)), axis=1) != 0
     else:
-        keep = _top_p_keep(_softmax_rows(logits, admissible), high_threshold,
-                           admissible_count, ROWS, WIDTH, LOG2_WIDTH, EARLY_EXIT, CHECK_EVERY)
+        slots = SCRATCH + scratch_offset + (
+            tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * (
+            ROWS * SCRATCH_ROW)
+        keep = _band_top_p(_softmax_rows(logits, admissible), high_threshold, admissible_count,
+                           slots, ROWS, WIDTH, LOG2_WIDTH, EARLY_EXIT, CHECK_EVERY, SCRATCH_ROW)
         logits = _band_logits(q_rows, k_head, row_ok, cols, col_ok, k_pooled_stride, coef_low,
                               head_dim, half_layout, low_start, low_dim, ROWS, WIDTH, DK,
                               USE_DOT)
-        keep = keep | _top_p_keep(_softmax_rows(logits, admissible), low_threshold,
-                                  admissible_count, ROWS, WIDTH, LOG2_WIDTH, EARLY_EXIT,
-                                  CHECK_EVERY)
+        keep = keep | _band_top_p(_softmax_rows(logits, admissible), low_threshold,
+                                  admissible_count, slots, ROWS, WIDTH, LOG2_WIDTH, EARLY_EXIT,
+                                  CHECK_EVERY, SCRATCH_ROW)
 
     # Stage 5: union, forced sink and diagonal, never outside the admissible set.
     if FORCE_SINK:
@@ -464,9 +363,12 @@ def run_selection(steps, work: torch.Tensor, shape, device, tuning: SelectionTun
             kv_num_blocks = torch.empty(b, hq, nqt, dtype=torch.int32, device=device)
         if kv_indices is None:
             kv_indices = torch.empty(b, hq, nqt, nkt, dtype=torch.int32, device=device)
+    scratch = work
+    if any(prepared.kwargs["SCRATCH_ROW"] for _, prepared in steps):
+        scratch = torch.empty(scratch_elements(steps), dtype=torch.float32, device=device)
     # Unused output pointers still need a tensor on the right device.
     tensors = (work, mask if write_mask else work, kv_num_blocks if write_indices else work,
-               kv_indices if write_indices else work)
+               kv_indices if write_indices else work, scratch)
     if len(steps) < tuning.overlap_min_launches or not tuning.overlap or not work.is_cuda:
         for grid, prepared in steps:
             prepared.launch(_select_tiles_kernel, grid, *tensors)

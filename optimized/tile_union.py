@@ -9,7 +9,7 @@
    row first normalised to sum 1 when the scoring kernel left it unnormalised;
    rows of launches at least 64 tiles wide bisect over their compacted
    survivors when they fit a quarter of the width
-   (:mod:`prism.optimized.top_p_compact`: the cascade's rows are non-zero only
+   (:mod:`prism.optimized.top_p`: the cascade's rows are non-zero only
    at its candidate tiles);
 2. the vertical-slash tiles (optional): key tile ``j`` of query tile ``I``
    (absolute) is kept when column bin ``j`` or diagonal bin ``I - j + nk`` is
@@ -35,8 +35,6 @@ whose scoring kernels do not read every row of them; no launch of its own.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import triton
 import triton.language as tl
@@ -46,8 +44,7 @@ from prism.reference.tiles import TileLayout
 from ._runtime import next_power_of_2
 from .launch import launch
 from .pooling import _check_rows_finite
-from .selection import _top_p_keep
-from .top_p_compact import _top_p_keep_compact, compact_scratch_elements
+from .top_p import _top_p_keep_compact, compact_scratch_elements
 
 #: Widest row of key tiles the kernel keeps in registers (rows wider take the
 #: reference's torch code).
@@ -57,11 +54,10 @@ MAX_UNION_WIDTH = 8192
 NARROW_MIN_WIDTH = 64
 #: Token rows of q, k or v one checking program reads.
 CHECK_ROWS = 256
+#: Whether launches at least 64 tiles wide run the top-p over compacted survivors
+#: (step 1; read at each launch, so a benchmark may switch it off to compare).
+COMPACT_TOP_P = True
 
-#: Whether :func:`prism.optimized.selection._top_p_keep` takes ``CHECK_EVERY`` (its
-#: bisection's exit-check interval); 1 is passed when it does.
-_TOP_P_CHECK_EVERY = "CHECK_EVERY" in inspect.signature(
-    getattr(_top_p_keep, "fn", _top_p_keep)).parameters
 
 
 @triton.jit
@@ -99,7 +95,7 @@ def _union_rows(pid, PROBS, COLUMNS, DIAGONALS, OTHER, MASK, NUM, IDX, SCRATCH, 
                 HAS_VS: tl.constexpr, HAS_OTHER: tl.constexpr, FORCE_SINK: tl.constexpr,
                 FORCE_DIAGONAL: tl.constexpr, WRITE_MASK: tl.constexpr,
                 WRITE_INDICES: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr,
-                LOG2_WIDTH: tl.constexpr, CHECK_EVERY_ARG: tl.constexpr,
+                LOG2_WIDTH: tl.constexpr,
                 FULL_WIDTH: tl.constexpr, SCRATCH_ROW: tl.constexpr):
     """Steps 1-5 of the module docstring for rows ``[pid * ROWS, (pid + 1) * ROWS)``.
 
@@ -130,7 +126,7 @@ def _union_rows(pid, PROBS, COLUMNS, DIAGONALS, OTHER, MASK, NUM, IDX, SCRATCH, 
         # The bisection over each row's entries above its bracket's start only.
         top = _top_p_keep_compact(prob, threshold, count,
                                   SCRATCH + pid.to(tl.int64) * (ROWS * SCRATCH_ROW), ROWS,
-                                  WIDTH, LOG2_WIDTH, CHECK_EVERY_ARG)
+                                  WIDTH, LOG2_WIDTH, True, 1)
         # The bisection assumes a row's mass reaches p; a row whose whole mass
         # stays below p (an empty row) keeps every non-zero tile, as the sort does.
         total = tl.sum(tl.where(admissible, prob, 0.0), axis=1)
@@ -187,7 +183,7 @@ def _union_kernel(
     ROWS: tl.constexpr, WIDTH: tl.constexpr, LOG2_WIDTH: tl.constexpr,
     CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, CHECK_V: tl.constexpr,
     D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, CHECK_EVERY_ARG: tl.constexpr, NARROW: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, NARROW: tl.constexpr,
     SCRATCH_ROW: tl.constexpr,
 ):
     """``ROWS`` rows of the flat (batch * q head * query tile) grid (module docstring)."""
@@ -209,7 +205,7 @@ def _union_kernel(
                             num_query_tiles, num_key_tiles, num_diagonals, first_query_tile,
                             threshold, CAUSAL, HAS_PROBS, NORMALIZE, HAS_VS, HAS_OTHER,
                             FORCE_SINK, FORCE_DIAGONAL, WRITE_MASK, WRITE_INDICES, ROWS,
-                            WIDTH >> lv, LOG2_WIDTH - lv, CHECK_EVERY_ARG, WIDTH,
+                            WIDTH >> lv, LOG2_WIDTH - lv, WIDTH,
                             SCRATCH_ROW)
     else:
         _check_program(pid - union_programs, Q, K, V, NONFINITE,
@@ -289,7 +285,7 @@ def union_tiles(layout: TileLayout, causal: bool, heads: tuple, *,
     d_pad = next_power_of_2(0 if qk is None else qk.shape[3])
     dv_pad = next_power_of_2(0 if v is None else v.shape[3])
     spare = mask if mask is not None else idx  # for pointers the kernel does not read
-    scratch_row = compact_scratch_elements(width)
+    scratch_row = compact_scratch_elements(width) if COMPACT_TOP_P else 0
     scratch = None
     if probs is not None and scratch_row > 0:
         # Each program's slot for its rows' compacted top-p (top_p_compact).
@@ -314,10 +310,10 @@ def union_tiles(layout: TileLayout, causal: bool, heads: tuple, *,
            CHECK_V=v is not None,
            D_PAD=d_pad, DV_PAD=dv_pad,
            BLOCK_T=max(1, min(CHECK_ROWS, 4096 // max(d_pad, dv_pad))), BLOCK_ROWS=CHECK_ROWS,
-           CHECK_EVERY_ARG=_TOP_P_CHECK_EVERY, NARROW=causal and width >= NARROW_MIN_WIDTH,
+           NARROW=causal and width >= NARROW_MIN_WIDTH,
            SCRATCH_ROW=scratch_row,
            num_warps=8 if width >= 2048 else 4)
     return mask, num, idx
 
 
-__all__ = ["CHECK_ROWS", "MAX_UNION_WIDTH", "union_tiles"]
+__all__ = ["CHECK_ROWS", "COMPACT_TOP_P", "MAX_UNION_WIDTH", "union_tiles"]
