@@ -194,8 +194,7 @@ def _top_p_keep_compact(prob, threshold, admissible_count, SCRATCH, ROWS: tl.con
     below 0 elsewhere; ``threshold`` is one scalar; ``SCRATCH`` points at this
     program's ``ROWS * compact_scratch_elements(WIDTH)`` fp32 elements.
     """
-    CW0: tl.constexpr = WIDTH // 4
-    if CW0 < _MIN_CW:
+    if WIDTH // 4 < _MIN_CW:
         keep = _top_p_keep(prob, threshold, admissible_count, ROWS, WIDTH, LOG2_WIDTH,
                            EARLY_EXIT, CHECK_EVERY)
     else:
@@ -204,18 +203,18 @@ def _top_p_keep_compact(prob, threshold, admissible_count, SCRATCH, ROWS: tl.con
         taken = live.to(tl.int32)
         n_live = tl.sum(taken, axis=1)
         fullest = tl.max(n_live, axis=0)
-        if (fullest <= CW0) & (threshold < 1.0):
+        if (fullest <= WIDTH // 4) & (threshold < 1.0):
             slot = tl.cumsum(taken, axis=1) - taken
-            base = SCRATCH + tl.arange(0, ROWS) * CW0
-            if CW0 // 4 < _MIN_CW:
+            base = SCRATCH + tl.arange(0, ROWS) * (WIDTH // 4)
+            if WIDTH // 16 < _MIN_CW:
                 _compact_top_p(prob, threshold, admissible_count, base, live, slot, n_live,
-                               ROWS, CW0, LOG2_WIDTH - 2, EARLY_EXIT, CHECK_EVERY)
-            elif fullest <= CW0 // 4:
+                               ROWS, WIDTH // 4, LOG2_WIDTH - 2, EARLY_EXIT, CHECK_EVERY)
+            elif fullest <= WIDTH // 16:
                 _compact_top_p(prob, threshold, admissible_count, base, live, slot, n_live,
-                               ROWS, CW0 // 4, LOG2_WIDTH - 4, EARLY_EXIT, CHECK_EVERY)
+                               ROWS, WIDTH // 16, LOG2_WIDTH - 4, EARLY_EXIT, CHECK_EVERY)
             else:
                 _compact_top_p(prob, threshold, admissible_count, base, live, slot, n_live,
-                               ROWS, CW0, LOG2_WIDTH - 2, EARLY_EXIT, CHECK_EVERY)
+                               ROWS, WIDTH // 4, LOG2_WIDTH - 2, EARLY_EXIT, CHECK_EVERY)
             tl.debug_barrier()
             kept = tl.load(base[:, None] + slot, mask=live, other=0.0)
             keep = live & (kept != 0.0)
