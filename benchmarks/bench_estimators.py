@@ -549,16 +549,15 @@ def main(argv=None):
     parser.add_argument("--skip-settings", action="store_true",
                         help="only the stages, not the whole selection per setting")
     parser.add_argument("--plain-top-p", action="store_true",
-                        help="every top-p bisects whole rows (no compacted survivors: "
-                             "tile_union.COMPACT_TOP_P and SelectionTuning.compact_top_p off)")
+                        help="the finishing launch's top-p bisects whole rows "
+                             "(tile_union.COMPACT_TOP_P off)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_estimators.py needs a CUDA GPU")
     if args.plain_top_p:
-        from prism.optimized import selection, tile_union
+        from prism.optimized import tile_union
 
         tile_union.COMPACT_TOP_P = False
-        selection._DEFAULT_TUNING = selection.SelectionTuning(compact_top_p=False)
     started = time.time()
     lengths = [int(x) for x in args.lengths.split(",")]
     result = {"environment": environment(args.commit), "rows": [],

@@ -52,8 +52,7 @@ def selection_graph(lengths, copy_tb_s, baseline_path=None, budget_s=100.0, name
         spec = importlib.util.spec_from_file_location("selection_baseline", baseline_path)
         baseline = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(baseline)
-    variants = {"default": None, "plain_top_p": Tuning(compact_top_p=False),
-                "check_every_1": Tuning(check_every=1),
+    variants = {"default": None, "check_every_1": Tuning(check_every=1),
                 "num_stages_2": Tuning(num_stages=2), "unstacked": Tuning(stack_bands_max_width=0),
                 "elements_per_thread_16": Tuning(elements_per_thread=16),
                 # Rows of 2048 key tiles (256K tokens at tile 128) on the tensor cores.

@@ -49,9 +49,8 @@ from .selection_plan import (  # noqa: F401  (SelectionTuning and the caches: pu
     _launch_plan,
     _side_stream,
     launch_steps,
-    scratch_elements,
 )
-from .top_p import _top_p_keep, _top_p_keep_compact
+from .top_p import _top_p_keep
 
 #: Widest key-tile row of any kernel path; longer rows take the reference's path.
 MAX_WIDTH = 32768
@@ -145,33 +144,19 @@ def _band_logits(q_rows, k_head, row_ok, cols, col_ok, k_pooled_stride, coef,
 
 
 @triton.jit
-def _band_top_p(prob, threshold, admissible_count, slots, ROWS: tl.constexpr,
-                WIDTH: tl.constexpr, LOG2_WIDTH: tl.constexpr, EARLY_EXIT: tl.constexpr,
-                CHECK_EVERY: tl.constexpr, SCRATCH_ROW: tl.constexpr):
-    """One band's top-p: over compacted survivors when the launch has scratch slots."""
-    if SCRATCH_ROW > 0:
-        keep = _top_p_keep_compact(prob, threshold, admissible_count, slots, ROWS, WIDTH,
-                                   LOG2_WIDTH, EARLY_EXIT, CHECK_EVERY)
-    else:
-        keep = _top_p_keep(prob, threshold, admissible_count, ROWS, WIDTH, LOG2_WIDTH,
-                           EARLY_EXIT, CHECK_EVERY)
-    return keep
-
-
-@triton.jit
 def _select_tiles_kernel(
-    WORK, MASK, NUM, IDX, SCRATCH,
+    WORK, MASK, NUM, IDX,
     num_q_heads, group, num_query_tiles, num_key_tiles, k_pooled_stride, first_query_tile,
     row_start, row_end,
     head_dim, half_layout, high_dim, low_dim, high_start, low_start,
     high_threshold, low_threshold, high_temperature, low_temperature, eps,
-    q_pooled_offset, k_pooled_offset, k_energy_offset, scratch_offset,
+    q_pooled_offset, k_pooled_offset, k_energy_offset,
     CAUSAL: tl.constexpr, CALIBRATE: tl.constexpr,
     FORCE_SINK: tl.constexpr, FORCE_DIAGONAL: tl.constexpr,
     WRITE_MASK: tl.constexpr, WRITE_INDICES: tl.constexpr,
     ROWS: tl.constexpr, WIDTH: tl.constexpr, LOG2_WIDTH: tl.constexpr, DK: tl.constexpr,
     CHUNK: tl.constexpr, USE_DOT: tl.constexpr, EARLY_EXIT: tl.constexpr,
-    CHECK_EVERY: tl.constexpr, STACK_BANDS: tl.constexpr, SCRATCH_ROW: tl.constexpr,
+    CHECK_EVERY: tl.constexpr, STACK_BANDS: tl.constexpr,
 ):
     """Select the key tiles of ``ROWS`` query-tile rows of one (batch, q head).
 
@@ -182,9 +167,6 @@ def _select_tiles_kernel(
     Wide rows run the bands one after the other, so that one band's (ROWS, WIDTH)
     probabilities are live at a time; ``STACK_BANDS`` (narrow rows) runs both at once.
     ``WORK`` is the pooling launch's buffer (:func:`~prism.optimized.pooling.work_layout`).
-    With ``SCRATCH_ROW`` > 0 the wide rows' top-p runs over compacted survivors
-    (:func:`prism.optimized.top_p._top_p_keep_compact`) in this program's
-    ``ROWS * SCRATCH_ROW`` fp32 slots of ``SCRATCH``, from ``scratch_offset`` on.
     """
     _, Q_ENERGY, K_ENERGY, Q_POOLED, K_POOLED_T = work_pointers(
         WORK, q_pooled_offset, k_pooled_offset, k_energy_offset)
@@ -238,17 +220,14 @@ def _select_tiles_kernel(
                             WIDTH, LOG2_WIDTH, EARLY_EXIT, CHECK_EVERY, True)
         keep = tl.max(tl.reshape(keep2.to(tl.int32), (ROWS, 2, WIDTH)), axis=1) != 0
     else:
-        slots = SCRATCH + scratch_offset + (
-            tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * (
-            ROWS * SCRATCH_ROW)
-        keep = _band_top_p(_softmax_rows(logits, admissible), high_threshold, admissible_count,
-                           slots, ROWS, WIDTH, LOG2_WIDTH, EARLY_EXIT, CHECK_EVERY, SCRATCH_ROW)
+        keep = _top_p_keep(_softmax_rows(logits, admissible), high_threshold,
+                           admissible_count, ROWS, WIDTH, LOG2_WIDTH, EARLY_EXIT, CHECK_EVERY)
         logits = _band_logits(q_rows, k_head, row_ok, cols, col_ok, k_pooled_stride, coef_low,
                               head_dim, half_layout, low_start, low_dim, ROWS, WIDTH, DK,
                               USE_DOT)
-        keep = keep | _band_top_p(_softmax_rows(logits, admissible), low_threshold,
-                                  admissible_count, slots, ROWS, WIDTH, LOG2_WIDTH, EARLY_EXIT,
-                                  CHECK_EVERY, SCRATCH_ROW)
+        keep = keep | _top_p_keep(_softmax_rows(logits, admissible), low_threshold,
+                                  admissible_count, ROWS, WIDTH, LOG2_WIDTH, EARLY_EXIT,
+                                  CHECK_EVERY)
 
     # Stage 5: union, forced sink and diagonal, never outside the admissible set.
     if FORCE_SINK:
@@ -363,12 +342,9 @@ def run_selection(steps, work: torch.Tensor, shape, device, tuning: SelectionTun
             kv_num_blocks = torch.empty(b, hq, nqt, dtype=torch.int32, device=device)
         if kv_indices is None:
             kv_indices = torch.empty(b, hq, nqt, nkt, dtype=torch.int32, device=device)
-    scratch = work
-    if any(prepared.kwargs["SCRATCH_ROW"] for _, prepared in steps):
-        scratch = torch.empty(scratch_elements(steps), dtype=torch.float32, device=device)
     # Unused output pointers still need a tensor on the right device.
     tensors = (work, mask if write_mask else work, kv_num_blocks if write_indices else work,
-               kv_indices if write_indices else work, scratch)
+               kv_indices if write_indices else work)
     if len(steps) < tuning.overlap_min_launches or not tuning.overlap or not work.is_cuda:
         for grid, prepared in steps:
             prepared.launch(_select_tiles_kernel, grid, *tensors)

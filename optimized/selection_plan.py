@@ -18,7 +18,6 @@ from prism.reference.tiles import TileLayout
 from ._runtime import next_power_of_2
 from .launch import Prepared
 from .pooling import band_pairs, work_layout
-from .top_p import compact_scratch_elements
 
 #: Tensor-core launches wider than this many key tiles take ``wide_num_stages``.
 WIDE_DOT_WIDTH = 1024
@@ -55,9 +54,6 @@ class SelectionTuning:
     stack_bands_max_width : int
         Launches at most this wide run both bands' top-p in one block of twice
         the rows (one chain of reductions instead of two); 0 turns this off.
-    compact_top_p : bool
-        Wider launches bisect each band's top-p over the rows' compacted survivors
-        (:mod:`prism.optimized.top_p`) when they fit a quarter of the width.
     """
 
     dot_max_width: int = 1024
@@ -71,7 +67,6 @@ class SelectionTuning:
     num_stages: int = 3
     stack_bands_max_width: int = 64
     wide_num_stages: int = 2
-    compact_top_p: bool = True
 
 
 def _launch_plan(layout: TileLayout, causal: bool, tuning: SelectionTuning):
@@ -165,39 +160,27 @@ def _prepare_launches(layout: TileLayout, causal: bool, tuning: SelectionTuning,
     dk_cap = next_power_of_2(max(high_dim, low_dim))
     half_layout = 1 if cfg.rope_layout == "half" else 0
     steps = []
-    scratch_offset = 0
     for row_start, row_end, width, rows, use_dot, programs, warps in _cached_plan(
             layout, causal, tuning):
         dk = max(16 if use_dot else 8, min(32, 16384 // width, dk_cap))  # tl.dot: K >= 16
-        stacked = width <= tuning.stack_bands_max_width
-        scratch_row = (compact_scratch_elements(width)
-                       if tuning.compact_top_p and not stacked else 0)
         steps.append(((programs, b * hq), Prepared(
             (hq, hq // hkv, nqt, nkt, k_stride, layout.first_query_tile,
              row_start, row_end,
              d, half_layout, high_dim, low_dim, high_start, low_start,
              float(cfg.high_threshold), float(cfg.low_threshold),
              float(cfg.high_temperature), float(cfg.low_temperature), float(cfg.eps),
-             q_off, k_off, k_energy_off, scratch_offset),
+             q_off, k_off, k_energy_off),
             dict(CAUSAL=causal, CALIBRATE=cfg.calibrate,
                  FORCE_SINK=cfg.force_sink, FORCE_DIAGONAL=cfg.force_diagonal,
                  WRITE_MASK=write_mask, WRITE_INDICES=write_indices,
                  ROWS=rows, WIDTH=width, LOG2_WIDTH=width.bit_length() - 1, DK=dk,
                  CHUNK=min(width, 128), USE_DOT=use_dot,
                  EARLY_EXIT=tuning.early_exit, CHECK_EVERY=tuning.check_every,
-                 STACK_BANDS=stacked, SCRATCH_ROW=scratch_row,
+                 STACK_BANDS=width <= tuning.stack_bands_max_width,
                  num_warps=warps,
                  num_stages=(tuning.wide_num_stages if use_dot and width > WIDE_DOT_WIDTH
                              else tuning.num_stages)))))
-        scratch_offset += programs * b * hq * rows * scratch_row
     return steps
-
-
-def scratch_elements(steps) -> int:
-    """fp32 elements of the compacted top-p's scratch that ``steps`` use together
-    (each launch its own range: launches may run at once on two streams)."""
-    return sum(grid[0] * grid[1] * prepared.kwargs["ROWS"] * prepared.kwargs["SCRATCH_ROW"]
-               for grid, prepared in steps)
 
 
 _SIDE_STREAMS: dict = {}

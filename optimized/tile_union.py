@@ -126,7 +126,7 @@ def _union_rows(pid, PROBS, COLUMNS, DIAGONALS, OTHER, MASK, NUM, IDX, SCRATCH, 
         # The bisection over each row's entries above its bracket's start only.
         top = _top_p_keep_compact(prob, threshold, count,
                                   SCRATCH + pid.to(tl.int64) * (ROWS * SCRATCH_ROW), ROWS,
-                                  WIDTH, LOG2_WIDTH, True, 1)
+                                  WIDTH, LOG2_WIDTH, True, 1, SCRATCH_ROW > 0)
         # The bisection assumes a row's mass reaches p; a row whose whole mass
         # stays below p (an empty row) keeps every non-zero tile, as the sort does.
         total = tl.sum(tl.where(admissible, prob, 0.0), axis=1)

@@ -1,5 +1,4 @@
-"""Top-p over compacted survivors (prism.optimized.top_p), in the finishing launch and
-in Prism's selection kernel.
+"""The finishing launch's top-p over compacted survivors (prism.optimized.top_p).
 
 Rows are sparse as the cascade's are (non-zero only at a few tiles), with
 dyadic values whose rows sum to a power of two, so the normalised
@@ -15,14 +14,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_optimized import _assert_equal_up_to_ties
 from test_optimized_estimators import DEVICE
 
-from prism import reference
-from prism.optimized.selection import SelectionTuning, launch_steps, select_tiles
 from prism.optimized.tile_union import union_tiles
 from prism.optimized.top_p import compact_scratch_elements
-from prism.reference import band_sizes, resolve_config, tile_layout
+from prism.reference import tile_layout
 from prism.reference.registry import top_p_tiles
 from prism.reference.scoring import admissible_tiles
 
@@ -90,15 +86,17 @@ def test_compacted_top_p_is_the_reference_top_p_on_every_path(causal, threshold,
     monkeypatch.undo()
     assert torch.equal(mask.cpu(), expected)
 
-    # Which path each program took: compacted programs leave their kept flags
-    # (0 or 1, in column order) in their rows' first slots; plain ones leave NaN.
+    # Which path each program took: compacted programs leave each row's kept flags
+    # (int8, by column) in the last part of their slot; plain ones leave the poison.
     assert len(scratches) == 1
-    slot_width = compact_scratch_elements(width)
-    scratch = scratches[0].cpu().view(-1, rows_per_program, slot_width)
+    slot_bytes = compact_scratch_elements(width) * 4 * rows_per_program
+    flag_bytes = scratches[0].cpu().view(torch.int8).view(-1, slot_bytes)[
+        :, slot_bytes - rows_per_program * width:].reshape(-1, rows_per_program, width)
+    poison = torch.full((1,), float("nan")).view(torch.int8).repeat(width // 4)
     flat_probs = probs.masked_fill(~admissible, 0).view(-1, nk_tiles)
     flat_expected = expected.view(-1, nk_tiles)
     paths = {"sixteenth": 0, "quarter": 0, "plain": 0}
-    for program in range(scratch.shape[0]):
+    for program in range(flag_bytes.shape[0]):
         rows = range(program * rows_per_program,
                      min((program + 1) * rows_per_program, flat_probs.shape[0]))
         fullest = max(int((flat_probs[r] > 0).sum()) for r in rows)
@@ -108,13 +106,12 @@ def test_compacted_top_p_is_the_reference_top_p_on_every_path(causal, threshold,
         # width's programs are classified here.
         full_width = not causal or min(rows) % nq_tiles >= width // 2
         for r in rows:
-            survivors_r = flat_probs[r] > 0
-            n = int(survivors_r.sum())
-            written = scratch[program, r - min(rows), :n]
+            flags = flag_bytes[program, r - min(rows)]
             if compacted and full_width:
-                assert torch.equal(written, flat_expected[r][survivors_r].float()), (program, r)
+                assert torch.equal(flags[:nk_tiles] != 0, flat_expected[r]), (program, r)
+                assert not flags[nk_tiles:].any()
             elif not compacted:
-                assert torch.isnan(scratch[program, r - min(rows)]).all(), (program, r)
+                assert torch.equal(flags, poison), (program, r)
         if full_width:
             paths["plain" if not compacted else
                   "sixteenth" if fullest <= sixteenth else "quarter"] += 1
@@ -124,7 +121,7 @@ def test_compacted_top_p_is_the_reference_top_p_on_every_path(causal, threshold,
 def test_dense_rows_keep_the_plain_bisection_and_small_launches_allocate_nothing(monkeypatch):
     """Rows with more survivors than a quarter of the width never touch the scratch;
     launches narrower than 64 tiles get none."""
-    assert compact_scratch_elements(32) == 0 and compact_scratch_elements(64) == 16
+    assert compact_scratch_elements(32) == 0 and compact_scratch_elements(64) > 0
     layout = tile_layout(16 * 40, 16 * 40, 16, True)  # width 64
     probs = torch.rand(1, 1, 40, 40, generator=torch.Generator().manual_seed(3)) + 0.5
     expected = top_p_tiles(probs.tril() / probs.tril().sum(-1, keepdim=True), layout, True,
@@ -132,59 +129,3 @@ def test_dense_rows_keep_the_plain_bisection_and_small_launches_allocate_nothing
     mask, _, _ = union_tiles(layout, True, (1, 1), probs=probs.to(DEVICE), normalize=True,
                              threshold=0.9)
     assert torch.equal(mask.cpu(), expected)
-
-
-def _needle_heads(bs, nqt, nkt, d, needles_per_head, seed):
-    """q (1, H, nqt * bs, d) near one topic per head; k small noise, except
-    ``needles_per_head[h]`` key tiles of head h that carry 3x the topic. The band
-    softmaxes then put almost all mass on the needles (few survivors), and a head
-    without needles is nearly flat (every tile survives)."""
-    gen = torch.Generator().manual_seed(seed)
-    heads = len(needles_per_head)
-    topic = torch.randn(1, heads, 1, d, generator=gen)
-    q = topic + 0.3 * torch.randn(1, heads, nqt * bs, d, generator=gen)
-    k = 0.3 * torch.randn(1, heads, nkt * bs, d, generator=gen)
-    for h, needles in enumerate(needles_per_head):
-        for t in torch.randperm(nkt, generator=gen)[:needles].tolist():
-            k[0, h, t * bs:(t + 1) * bs] += 3.0 * topic[0, h]
-    return q, k
-
-
-def test_selection_kernel_compacts_peaked_rows_as_the_reference_selects(monkeypatch):
-    """Prism's selection kernel (rows of 136 key tiles, launch width 256): a head with
-    6 needles takes the sixteenth width, one with 40 the quarter, a flat head the
-    plain bisection; each equals the reference (up to boundary ties) and the
-    kernel's own plain path exactly."""
-    bs, nqt, nkt, d = 16, 16, 136, 32
-    q, k = _needle_heads(bs, nqt, nkt, d, (6, 40, 0), seed=0)
-    q, k = q.to(DEVICE), k.to(DEVICE)
-    cfg = resolve_config(None, block_size=bs)
-    layout = tile_layout(nqt * bs, nkt * bs, bs, False)
-    high, low = band_sizes(d, cfg.high_dim, cfg.low_dim)
-
-    scratches = []
-    real_empty = torch.empty
-
-    def recording_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.dtype == torch.float32 and t.dim() == 1:
-            scratches.append(t.fill_(float("nan")))
-        return t
-
-    monkeypatch.setattr(torch, "empty", recording_empty)
-    mask, num, idx, _ = select_tiles(q, k, cfg, False, layout, high, low, write_indices=True)
-    monkeypatch.undo()
-    plain = SelectionTuning(compact_top_p=False)
-    assert launch_steps(layout, cfg, plain, False, 1, 3, 3, d, high, low, True, True)[0][1] \
-        .kwargs["SCRATCH_ROW"] == 0
-    expected, *_ = select_tiles(q, k, cfg, False, layout, high, low, tuning=plain)
-    assert torch.equal(mask, expected)
-    ref_num, ref_idx = reference.mask_to_indices(mask)
-    assert torch.equal(num, ref_num) and torch.equal(idx, ref_idx)
-    trace = reference.trace_selection(q, k, cfg, causal=False)
-    _assert_equal_up_to_ties(mask, trace, reference.ties_from_trace(trace))
-
-    # One program per head (16 rows); the low band's flags are the last written.
-    assert len(scratches) == 1
-    written = (~torch.isnan(scratches[0].cpu().view(3, 16, -1))).sum(-1).amax(-1)
-    assert 0 < written[0] <= 16 < written[1] <= 64 and written[2] == 0, written.tolist()
