@@ -548,6 +548,10 @@ def main(argv=None):
                              "against cuDNN dense attention")
     parser.add_argument("--skip-settings", action="store_true",
                         help="only the stages, not the whole selection per setting")
+    parser.add_argument("--union-shapes", default="",
+                        help="finishing-launch variants timed one after another: "
+                             "elements_per_thread,compact (0/1) separated by ';' "
+                             "(tile_union.ELEMENTS_PER_THREAD, tile_union.COMPACT_TOP_P)")
     parser.add_argument("--plain-top-p", action="store_true",
                         help="the finishing launch's top-p bisects whole rows "
                              "(tile_union.COMPACT_TOP_P off)")
@@ -586,8 +590,19 @@ def main(argv=None):
             with open(args.out, "w") as f:
                 json.dump({**result, "rows": rows}, f, indent=1)
 
+    only = [part for part in args.only.split(",") if part]
+    if args.union_shapes:
+        from prism.optimized import call_plan, tile_union
+
+        result["union_shapes"] = {}
+        for shape in args.union_shapes.split(";"):
+            elements, compact = (int(x) for x in shape.split(","))
+            tile_union.ELEMENTS_PER_THREAD, tile_union.COMPACT_TOP_P = elements, bool(compact)
+            call_plan._PLANS.clear()  # plans keep the launch shapes they were recorded with
+            result["union_shapes"][shape] = run(lengths, only, None, args.graph, False, True)
+            save(result["rows"])
     if not args.skip_settings:
-        result["rows"] = run(lengths, [part for part in args.only.split(",") if part], save,
+        result["rows"] = run(lengths, only, save,
                              args.graph, not args.no_reference, args.profile, args.attention)
     result["wall_s"] = time.time() - started
     if args.out:

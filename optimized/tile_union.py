@@ -57,6 +57,11 @@ CHECK_ROWS = 256
 #: Whether launches at least 64 tiles wide run the top-p over compacted survivors
 #: (step 1; read at each launch, so a benchmark may switch it off to compare).
 COMPACT_TOP_P = True
+#: Probabilities each thread of a 4-warp program holds (``ROWS * WIDTH / 128``);
+#: sets ``ROWS`` (1-16). At 16 no launch spills registers (ptxas for sm_90,
+#: Triton 3.6; 64, the rows of 8192 tiles per program used before, spilled 1.8 KB
+#: per thread at width 1024). Read at each launch (benchmarks/NOTES.md item 37).
+ELEMENTS_PER_THREAD = 16
 
 
 
@@ -217,6 +222,12 @@ def _union_kernel(
                        BLOCK_T, BLOCK_ROWS)
 
 
+def launch_shape(width: int) -> tuple[int, int]:
+    """``(ROWS, num_warps)`` of the launch at ``width`` key tiles."""
+    warps = 4 if width <= 1024 else 8
+    return max(1, min(16, ELEMENTS_PER_THREAD * 32 * warps // width)), warps
+
+
 def union_tiles(layout: TileLayout, causal: bool, heads: tuple, *,
                 probs: torch.Tensor | None = None, normalize: bool = False,
                 threshold: float = 1.0, columns: torch.Tensor | None = None,
@@ -274,7 +285,7 @@ def union_tiles(layout: TileLayout, causal: bool, heads: tuple, *,
         num = torch.empty(shape[:3], dtype=torch.int32, device=device)
         idx = torch.empty(shape, dtype=torch.int32, device=device)
     width = next_power_of_2(max(nk, 16))
-    rows = max(1, min(16, 8192 // width))
+    rows, warps = launch_shape(width)
     total = heads[0] * heads[1] * nq
     union_programs = -(-total // rows)
     q, k, v = check.get("q"), check.get("k"), check.get("v")
@@ -312,8 +323,8 @@ def union_tiles(layout: TileLayout, causal: bool, heads: tuple, *,
            BLOCK_T=max(1, min(CHECK_ROWS, 4096 // max(d_pad, dv_pad))), BLOCK_ROWS=CHECK_ROWS,
            NARROW=causal and width >= NARROW_MIN_WIDTH,
            SCRATCH_ROW=scratch_row,
-           num_warps=8 if width >= 2048 else 4)
+           num_warps=warps)
     return mask, num, idx
 
 
-__all__ = ["CHECK_ROWS", "COMPACT_TOP_P", "MAX_UNION_WIDTH", "union_tiles"]
+__all__ = ["CHECK_ROWS", "COMPACT_TOP_P", "ELEMENTS_PER_THREAD", "MAX_UNION_WIDTH", "union_tiles"]

@@ -16,7 +16,7 @@ import pytest
 import torch
 from test_optimized_estimators import DEVICE
 
-from prism.optimized.tile_union import union_tiles
+from prism.optimized.tile_union import launch_shape, union_tiles
 from prism.optimized.top_p import compact_scratch_elements
 from prism.reference import tile_layout
 from prism.reference.registry import top_p_tiles
@@ -58,7 +58,7 @@ def test_compacted_top_p_is_the_reference_top_p_on_every_path(causal, threshold,
     layout = tile_layout(nq_tiles * bs, nk_tiles * bs, bs, causal)
     heads = (1, 2)
     width = 256
-    rows_per_program = min(16, 8192 // width)  # as union_tiles launches them
+    rows_per_program, _ = launch_shape(width)
     quarter, sixteenth = width // 4, width // 16
 
     def survivors(row):
