@@ -549,23 +549,15 @@ def main(argv=None):
     parser.add_argument("--skip-settings", action="store_true",
                         help="only the stages, not the whole selection per setting")
     parser.add_argument("--union-shapes", default="",
-                        help="finishing-launch variants timed one after another: "
-                             "elements_per_thread,compact (0/1) separated by ';' "
-                             "(tile_union.ELEMENTS_PER_THREAD, tile_union.COMPACT_TOP_P)")
-    parser.add_argument("--plain-top-p", action="store_true",
-                        help="the finishing launch's top-p bisects whole rows "
-                             "(tile_union.COMPACT_TOP_P off)")
+                        help="finishing-launch shapes timed one after another with "
+                             "--only's settings: tile_union.ELEMENTS_PER_THREAD values "
+                             "separated by ','")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_estimators.py needs a CUDA GPU")
-    if args.plain_top_p:
-        from prism.optimized import tile_union
-
-        tile_union.COMPACT_TOP_P = False
     started = time.time()
     lengths = [int(x) for x in args.lengths.split(",")]
-    result = {"environment": environment(args.commit), "rows": [],
-              "plain_top_p": args.plain_top_p}
+    result = {"environment": environment(args.commit), "rows": []}
     if args.before:
         with open(args.before) as f:
             result["before"] = json.load(f)
@@ -595,12 +587,14 @@ def main(argv=None):
         from prism.optimized import call_plan, tile_union
 
         result["union_shapes"] = {}
-        for shape in args.union_shapes.split(";"):
-            elements, compact = (int(x) for x in shape.split(","))
-            tile_union.ELEMENTS_PER_THREAD, tile_union.COMPACT_TOP_P = elements, bool(compact)
+        default = tile_union.ELEMENTS_PER_THREAD
+        for elements in args.union_shapes.split(","):
+            tile_union.ELEMENTS_PER_THREAD = int(elements)
             call_plan._PLANS.clear()  # plans keep the launch shapes they were recorded with
-            result["union_shapes"][shape] = run(lengths, only, None, args.graph, False, True)
+            result["union_shapes"][elements] = run(lengths, only, None, args.graph, False, True)
             save(result["rows"])
+        tile_union.ELEMENTS_PER_THREAD = default
+        call_plan._PLANS.clear()
     if not args.skip_settings:
         result["rows"] = run(lengths, only, save,
                              args.graph, not args.no_reference, args.profile, args.attention)

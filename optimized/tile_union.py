@@ -7,10 +7,6 @@
 1. top-p of a row of tile probabilities (optional; contract §6's rule and
    tie-break by :func:`prism.optimized.selection._top_p_keep`, no sort), the
    row first normalised to sum 1 when the scoring kernel left it unnormalised;
-   rows of launches at least 64 tiles wide bisect over their compacted
-   survivors when they fit a quarter of the width
-   (:mod:`prism.optimized.top_p`: the cascade's rows are non-zero only
-   at its candidate tiles);
 2. the vertical-slash tiles (optional): key tile ``j`` of query tile ``I``
    (absolute) is kept when column bin ``j`` or diagonal bin ``I - j + nk`` is
    set (:func:`prism.optimized.vertical_slash_tiles.vertical_slash_bins`);
@@ -44,7 +40,7 @@ from prism.reference.tiles import TileLayout
 from ._runtime import next_power_of_2
 from .launch import launch
 from .pooling import _check_rows_finite
-from .top_p import _top_p_keep_compact, compact_scratch_elements
+from .top_p import _top_p_keep
 
 #: Widest row of key tiles the kernel keeps in registers (rows wider take the
 #: reference's torch code).
@@ -54,13 +50,11 @@ MAX_UNION_WIDTH = 8192
 NARROW_MIN_WIDTH = 64
 #: Token rows of q, k or v one checking program reads.
 CHECK_ROWS = 256
-#: Whether launches at least 64 tiles wide run the top-p over compacted survivors
-#: (step 1; read at each launch, so a benchmark may switch it off to compare).
-COMPACT_TOP_P = True
-#: Probabilities each thread of a 4-warp program holds (``ROWS * WIDTH / 128``);
-#: sets ``ROWS`` (1-16). At 16 no launch spills registers (ptxas for sm_90,
-#: Triton 3.6; 64, the rows of 8192 tiles per program used before, spilled 1.8 KB
-#: per thread at width 1024). Read at each launch (benchmarks/NOTES.md item 37).
+#: Probabilities each thread holds (``ROWS * WIDTH / threads``; programs of 4 warps
+#: up to 1024 key tiles, 8 above); sets ``ROWS`` (1-16). At 16 the launches keep
+#: their registers (ptxas for sm_90, Triton 3.6); 64, the shape used before,
+#: spilled 1.8 KB per thread at width 1024, and the launch took 0.51 against 0.27
+#: ms at 128K tokens (benchmarks/NOTES.md item 37). Read at each launch.
 ELEMENTS_PER_THREAD = 16
 
 
@@ -94,14 +88,14 @@ def _check_program(pid, Q, K, V, NONFINITE,
 
 
 @triton.jit
-def _union_rows(pid, PROBS, COLUMNS, DIAGONALS, OTHER, MASK, NUM, IDX, SCRATCH, total_rows,
+def _union_rows(pid, PROBS, COLUMNS, DIAGONALS, OTHER, MASK, NUM, IDX, total_rows,
                 num_query_tiles, num_key_tiles, num_diagonals, first_query_tile, threshold,
                 CAUSAL: tl.constexpr, HAS_PROBS: tl.constexpr, NORMALIZE: tl.constexpr,
                 HAS_VS: tl.constexpr, HAS_OTHER: tl.constexpr, FORCE_SINK: tl.constexpr,
                 FORCE_DIAGONAL: tl.constexpr, WRITE_MASK: tl.constexpr,
                 WRITE_INDICES: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr,
                 LOG2_WIDTH: tl.constexpr,
-                FULL_WIDTH: tl.constexpr, SCRATCH_ROW: tl.constexpr):
+                FULL_WIDTH: tl.constexpr):
     """Steps 1-5 of the module docstring for rows ``[pid * ROWS, (pid + 1) * ROWS)``.
 
     The rows are held ``WIDTH`` key tiles wide; when that is narrower than the
@@ -128,10 +122,7 @@ def _union_rows(pid, PROBS, COLUMNS, DIAGONALS, OTHER, MASK, NUM, IDX, SCRATCH, 
             prob = tl.math.div_rn(prob, mass[:, None])
         prob = tl.where(admissible, prob, -2.0)
         count = tl.sum(admissible.to(tl.int32), axis=1)
-        # The bisection over each row's entries above its bracket's start only.
-        top = _top_p_keep_compact(prob, threshold, count,
-                                  SCRATCH + pid.to(tl.int64) * (ROWS * SCRATCH_ROW), ROWS,
-                                  WIDTH, LOG2_WIDTH, True, 1, SCRATCH_ROW > 0)
+        top = _top_p_keep(prob, threshold, count, ROWS, WIDTH, LOG2_WIDTH, True, 1)
         # The bisection assumes a row's mass reaches p; a row whose whole mass
         # stays below p (an empty row) keeps every non-zero tile, as the sort does.
         total = tl.sum(tl.where(admissible, prob, 0.0), axis=1)
@@ -173,7 +164,7 @@ def _union_rows(pid, PROBS, COLUMNS, DIAGONALS, OTHER, MASK, NUM, IDX, SCRATCH, 
 
 @triton.jit
 def _union_kernel(
-    PROBS, COLUMNS, DIAGONALS, OTHER, MASK, NUM, IDX, SCRATCH,
+    PROBS, COLUMNS, DIAGONALS, OTHER, MASK, NUM, IDX,
     total_rows, num_query_tiles, num_key_tiles, num_diagonals, first_query_tile, threshold,
     union_programs,
     Q, K, V, NONFINITE,
@@ -189,7 +180,6 @@ def _union_kernel(
     CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr, CHECK_V: tl.constexpr,
     D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, NARROW: tl.constexpr,
-    SCRATCH_ROW: tl.constexpr,
 ):
     """``ROWS`` rows of the flat (batch * q head * query tile) grid (module docstring)."""
     pid = tl.program_id(0)
@@ -205,13 +195,11 @@ def _union_kernel(
             level = tl.where(need <= WIDTH // 4, 2, tl.where(need <= WIDTH // 2, 1, 0))
         for lv in tl.static_range(3 if NARROW else 1):  # one instance per width
             if level == lv:
-                _union_rows(pid, PROBS, COLUMNS, DIAGONALS, OTHER, MASK, NUM, IDX, SCRATCH,
-                            total_rows,
+                _union_rows(pid, PROBS, COLUMNS, DIAGONALS, OTHER, MASK, NUM, IDX, total_rows,
                             num_query_tiles, num_key_tiles, num_diagonals, first_query_tile,
                             threshold, CAUSAL, HAS_PROBS, NORMALIZE, HAS_VS, HAS_OTHER,
                             FORCE_SINK, FORCE_DIAGONAL, WRITE_MASK, WRITE_INDICES, ROWS,
-                            WIDTH >> lv, LOG2_WIDTH - lv, WIDTH,
-                            SCRATCH_ROW)
+                            WIDTH >> lv, LOG2_WIDTH - lv, WIDTH)
     else:
         _check_program(pid - union_programs, Q, K, V, NONFINITE,
                        stride_qb, stride_qh, stride_qn, stride_qd,
@@ -296,14 +284,8 @@ def union_tiles(layout: TileLayout, causal: bool, heads: tuple, *,
     d_pad = next_power_of_2(0 if qk is None else qk.shape[3])
     dv_pad = next_power_of_2(0 if v is None else v.shape[3])
     spare = mask if mask is not None else idx  # for pointers the kernel does not read
-    scratch_row = compact_scratch_elements(width) if COMPACT_TOP_P else 0
-    scratch = None
-    if probs is not None and scratch_row > 0:
-        # Each program's slot for its rows' compacted top-p (top_p_compact).
-        scratch = torch.empty(union_programs * rows * scratch_row, dtype=torch.float32,
-                              device=device)
     tensors = [t if t is not None else spare
-               for t in (probs, columns, diagonals, other, mask, num, idx, scratch)]
+               for t in (probs, columns, diagonals, other, mask, num, idx)]
     checked = [t if t is not None else spare for t in (q, k, v, nonfinite)]
     strides = [s for t in (q, k, v) for s in (t.stride() if t is not None else (0, 0, 0, 0))]
     launch(_union_kernel, (union_programs + sum(counts),), *tensors,
@@ -322,9 +304,8 @@ def union_tiles(layout: TileLayout, causal: bool, heads: tuple, *,
            D_PAD=d_pad, DV_PAD=dv_pad,
            BLOCK_T=max(1, min(CHECK_ROWS, 4096 // max(d_pad, dv_pad))), BLOCK_ROWS=CHECK_ROWS,
            NARROW=causal and width >= NARROW_MIN_WIDTH,
-           SCRATCH_ROW=scratch_row,
            num_warps=warps)
     return mask, num, idx
 
 
-__all__ = ["CHECK_ROWS", "COMPACT_TOP_P", "ELEMENTS_PER_THREAD", "MAX_UNION_WIDTH", "union_tiles"]
+__all__ = ["CHECK_ROWS", "ELEMENTS_PER_THREAD", "MAX_UNION_WIDTH", "launch_shape", "union_tiles"]

@@ -1,29 +1,9 @@
-"""Top-p without sorting, in registers, and over a row's compacted survivors (contract §6).
+"""Top-p without sorting, in registers (contract §6): the bisection both finishing kernels use.
 
 :func:`_top_p_keep` keeps a (ROWS, WIDTH) block's top-p tiles by a bisection
-on the threshold's fp32 bits (:mod:`prism.optimized.selection`'s docstring,
-step 4, derives the rule); Prism's selection kernel and every estimator's
+on the threshold's fp32 bits; :mod:`prism.optimized.selection`'s docstring,
+step 4, derives the rule. Prism's selection kernel and every estimator's
 finishing launch (:mod:`prism.optimized.tile_union`) call it.
-
-Each of the bisection's 10-20 steps reduces every entry of the block. Most
-entries cannot matter: the bracket starts at ``t0 = (1 - p - 1e-5) / n``
-(``n`` admissible tiles), and an entry at or below ``t0`` is never kept (the
-kept set is ``x > v`` plus ties at ``v``, with ``v > t0``). Rows of sparse
-or peaked probabilities hold few entries above ``t0``: the cascade's scores
-exist only at its candidate tiles (a few per cent of a row at 128K tokens).
-
-:func:`_top_p_keep_compact` therefore writes each row's survivors (entries
-above ``max(t0, 0)``), in column order, to the program's slot of a scratch
-buffer with their columns, reads them back as a ``(ROWS, CW)`` block with
-``CW`` the smaller of ``WIDTH / 4`` and ``WIDTH / 16`` that holds the
-program's fullest row, runs the same bisection there, and sets the kept
-survivors' flags by column in a zeroed full-width row of flags, read back
-whole. The result is the same set: the survivors keep their order (so the
-index tie-break is unchanged), and the bracket, the masses above every
-threshold it tries and the tie quota see the same entries (only the order of
-the fp32 additions differs, as it does between launch widths). Programs whose
-fullest row does not fit in ``WIDTH / 4``, and ``p >= 1``, run the plain
-bisection.
 """
 
 from __future__ import annotations
@@ -154,94 +134,3 @@ def _top_p_bisect(prob, threshold, admissible_count, exact_p1, ROWS: tl.constexp
         exact = above | (at_v & (cols[None, :] < cut_hi[:, None]))
         keep = tl.where(single[:, None], keep, exact)
     return keep
-
-#: Narrowest block width a compacted bisection runs at.
-MIN_COMPACT_WIDTH = 16
-_MIN_CW = tl.constexpr(MIN_COMPACT_WIDTH)
-
-
-def compact_scratch_elements(width: int) -> int:
-    """fp32-sized elements of one block row's scratch slot at launch width ``width``
-    (0 when that width is never compacted): ``width / 4`` survivors (fp32), their
-    ``width / 4`` columns (int32) and ``width`` kept flags (int8)."""
-    return 3 * (width // 4) if width // 4 >= MIN_COMPACT_WIDTH else 0
-
-
-@triton.jit
-def _compact_top_p(prob, threshold, admissible_count, values, columns, flags, live, slot,
-                   n_live, ROWS: tl.constexpr, WIDTH: tl.constexpr, CW: tl.constexpr,
-                   LOG2_CW: tl.constexpr, EARLY_EXIT: tl.constexpr,
-                   CHECK_EVERY: tl.constexpr):
-    """Top-p of the survivors at compacted width ``CW``: the kept survivors' flags are
-    set in ``flags`` (one row of ``WIDTH`` int8 per block row, zeroed here first).
-
-    ``values`` and ``columns`` are the rows' survivor slots (fp32, int32), at
-    least ``CW`` each. Nothing of the full-width block but ``prob`` stays live
-    across the bisection: the flags come back by column, not by slot.
-    """
-    cols = tl.arange(0, WIDTH)
-    tl.store(flags[:, None] + cols[None, :], tl.zeros((ROWS, WIDTH), dtype=tl.int8))
-    tl.store(values[:, None] + slot, prob, mask=live)
-    tl.store(columns[:, None] + slot, cols[None, :] + tl.zeros_like(slot), mask=live)
-    tl.debug_barrier()
-    ccols = tl.arange(0, CW)
-    in_compact = ccols[None, :] < n_live[:, None]
-    cprob = tl.load(values[:, None] + ccols[None, :], mask=in_compact, other=-2.0)
-    kept = _top_p_keep(cprob, threshold, admissible_count, ROWS, CW, LOG2_CW, EARLY_EXIT,
-                       CHECK_EVERY)
-    where = tl.load(columns[:, None] + ccols[None, :], mask=in_compact, other=0)
-    tl.store(flags[:, None] + where, tl.full((ROWS, CW), 1, dtype=tl.int8),
-             mask=in_compact & kept)
-
-
-@triton.jit
-def _top_p_keep_compact(prob, threshold, admissible_count, SCRATCH, ROWS: tl.constexpr,
-                        WIDTH: tl.constexpr, LOG2_WIDTH: tl.constexpr,
-                        EARLY_EXIT: tl.constexpr, CHECK_EVERY: tl.constexpr,
-                        COMPACT: tl.constexpr):
-    """``_top_p_keep(prob, threshold, admissible_count, ROWS, WIDTH, LOG2_WIDTH,
-    EARLY_EXIT, CHECK_EVERY)``, by the module docstring's compaction when ``COMPACT``.
-
-    ``prob`` (ROWS, WIDTH) holds probabilities at admissible tiles and values
-    below 0 elsewhere; ``threshold`` is one scalar; ``SCRATCH`` (fp32) points at
-    this program's ``ROWS * compact_scratch_elements(WIDTH)`` elements.
-    """
-    if (not COMPACT) or (WIDTH // 4 < _MIN_CW):
-        keep = _top_p_keep(prob, threshold, admissible_count, ROWS, WIDTH, LOG2_WIDTH,
-                           EARLY_EXIT, CHECK_EVERY)
-    else:
-        t0 = (1.0 - threshold - 1e-5) / tl.maximum(admissible_count, 1).to(tl.float32)
-        live = prob > tl.maximum(t0, 0.0)[:, None]
-        taken = live.to(tl.int32)
-        n_live = tl.sum(taken, axis=1)
-        fullest = tl.max(n_live, axis=0)
-        if (fullest <= WIDTH // 4) & (threshold < 1.0):
-            slot = tl.cumsum(taken, axis=1) - taken
-            rows = tl.arange(0, ROWS)
-            values = SCRATCH + rows * (WIDTH // 4)
-            columns = (SCRATCH + ROWS * (WIDTH // 4)).to(tl.pointer_type(tl.int32)) \
-                + rows * (WIDTH // 4)
-            flags = (SCRATCH + 2 * ROWS * (WIDTH // 4)).to(tl.pointer_type(tl.int8)) \
-                + rows * WIDTH
-            tl.debug_barrier()  # an earlier use of the slots fully read
-            if WIDTH // 16 < _MIN_CW:
-                _compact_top_p(prob, threshold, admissible_count, values, columns, flags, live,
-                               slot, n_live, ROWS, WIDTH, WIDTH // 4, LOG2_WIDTH - 2,
-                               EARLY_EXIT, CHECK_EVERY)
-            elif fullest <= WIDTH // 16:
-                _compact_top_p(prob, threshold, admissible_count, values, columns, flags, live,
-                               slot, n_live, ROWS, WIDTH, WIDTH // 16, LOG2_WIDTH - 4,
-                               EARLY_EXIT, CHECK_EVERY)
-            else:
-                _compact_top_p(prob, threshold, admissible_count, values, columns, flags, live,
-                               slot, n_live, ROWS, WIDTH, WIDTH // 4, LOG2_WIDTH - 2,
-                               EARLY_EXIT, CHECK_EVERY)
-            tl.debug_barrier()
-            keep = tl.load(flags[:, None] + tl.arange(0, WIDTH)[None, :]) != 0
-        else:
-            keep = _top_p_keep(prob, threshold, admissible_count, ROWS, WIDTH, LOG2_WIDTH,
-                               EARLY_EXIT, CHECK_EVERY)
-    return keep
-
-
-__all__ = ["MIN_COMPACT_WIDTH", "compact_scratch_elements"]
