@@ -5,7 +5,7 @@
 ``WIDTH`` key tiles in registers:
 
 1. top-p of a row of tile probabilities (optional; contract §6's rule and
-   tie-break by :func:`prism.optimized.selection._top_p_keep`, no sort), the
+   tie-break by :func:`prism.optimized.top_p._top_p_keep`, no sort), the
    row first normalised to sum 1 when the scoring kernel left it unnormalised;
 2. the vertical-slash tiles (optional): key tile ``j`` of query tile ``I``
    (absolute) is kept when column bin ``j`` or diagonal bin ``I - j + nk`` is
@@ -56,7 +56,6 @@ CHECK_ROWS = 256
 #: spilled 1.8 KB per thread at width 1024, and the launch took 0.51 against 0.27
 #: ms at 128K tokens (benchmarks/NOTES.md item 37). Read at each launch.
 ELEMENTS_PER_THREAD = 16
-
 
 
 @triton.jit

@@ -50,7 +50,8 @@ def _top_p_keep(prob, threshold, admissible_count, ROWS: tl.constexpr, WIDTH: tl
                 PER_ROW: tl.constexpr = False):
     """Tiles kept by top-p with the index tie-break (reference ``top_p_select``).
 
-    ``prob`` is (ROWS, WIDTH) from :func:`_softmax_rows`; ``admissible_count``
+    ``prob`` is (ROWS, WIDTH), probabilities at admissible tiles and a value below
+    0 elsewhere (:func:`prism.optimized.selection._softmax_rows`); ``admissible_count``
     (ROWS,) counts each row's admissible tiles; ``threshold`` is one scalar, or
     with ``PER_ROW`` one value per row. Returns a bool mask. p = 1 keeps
     exactly the tiles of non-zero probability (contract §6.3).
