@@ -215,6 +215,14 @@ def _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, g
     """
     dims = tl.arange(0, D_PAD)
     dims_ok = dims < HEAD_DIM
+    rows_read = rows_ok
+    keys_read = key_groups >= 0
+    if CANDIDATES:
+        # Rows with no candidate in the block and key groups in no row's candidate
+        # tile are not read (their scores are masked below): the restricted kernel
+        # is bound by its operand reads, and most of a scored block is no candidate.
+        rows_read = rows_read & (tl.max(cand.to(tl.int32), axis=1) > 0)
+        keys_read = tl.max(cand.to(tl.int32), axis=0) > 0
     s = tl.zeros((ROWS, BLOCK_KG), dtype=tl.float32)
     for u in range(STRIDE):
         if TMA:
@@ -227,14 +235,15 @@ def _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, g
                 (BLOCK_KG, HEAD_DIM)))
         else:
             positions = groups * STRIDE + u - query_start
-            ok = rows_ok & (positions >= 0) & (positions < num_queries)
+            ok = rows_read & (positions >= 0) & (positions < num_queries)
             q_rows = tl.load(q_head[:, None] + positions.to(tl.int64)[:, None] * stride_qn
                              + dims[None, :] * stride_qd,
                              mask=ok[:, None] & dims_ok[None, :], other=0.0)
             keys = key_groups * STRIDE + (STRIDE - 1 - u)
             k_cols = tl.load(k_head + keys.to(tl.int64)[None, :] * stride_kn
                              + dims[:, None] * stride_kd,
-                             mask=(keys < num_keys)[None, :] & dims_ok[:, None], other=0.0)
+                             mask=(keys_read & (keys < num_keys))[None, :] & dims_ok[:, None],
+                             other=0.0)
         if UPCAST:
             q_rows = q_rows.to(tl.float32)
             k_cols = k_cols.to(tl.float32)
@@ -520,13 +529,15 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
     returns each row before its division by its sum, defined only at the
     admissible tiles (the selection's last kernel normalises). ``nonfinite``, a
     float64 device flag, is set when q or k holds NaN/Inf (with ``candidates``, only
-    in the key blocks scored).
+    in what is read: the key groups of the candidate tiles of the key blocks scored,
+    and the rows that have a candidate tile there).
 
     ``candidates`` (B, Hq, nq, nk) bool restricts each query group's softmax to
     the key groups of its query tile's candidate key tiles (the ``"cascade"``
     estimator, :func:`prism.reference.estimators.candidate_antidiagonal_probabilities`);
     a program skips, in both passes, every key block in which none of its rows
-    has a candidate tile.
+    has a candidate tile, and in a block it scores reads only the key groups of
+    some row's candidate tiles and the rows that have one there.
 
     Returns
     -------

@@ -206,6 +206,25 @@ def _stats_kernel(
 
 
 @triton.jit
+def _add_triples(a0, a1, a2, b0, b1, b2):
+    return a0 + b0, a1 + b1, a2 + b2
+
+
+#: Set under Triton's CPU interpreter, whose reductions with a user combine function
+#: call it once per element pair (far too slow): there :func:`_row_sums` sums each
+#: with ``tl.sum``. A constexpr: compiled kernels never see that branch.
+_INTERPRETED = tl.constexpr(kernels_interpreted(_add_triples))
+
+
+@triton.jit
+def _row_sums(a, b, c):
+    """Sums over axis 1 of three (HEADS, LB, BN) blocks, in one reduction."""
+    if _INTERPRETED:
+        return tl.sum(a, axis=1), tl.sum(b, axis=1), tl.sum(c, axis=1)
+    return tl.reduce((a, b, c), 1, _add_triples)
+
+
+@triton.jit
 def _distribution_kernel(
     Q, K, M_PART, L_PART, VERT, SLASH,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -256,17 +275,35 @@ def _distribution_kernel(
         live_end = tl.minimum(num_keys, tl.max(tl.where(row_ok, q_pos, -1), axis=0) + 1)
     kb_start = tl.program_id(1) * blocks_per_program
     kb_stop = tl.minimum(kb_start + blocks_per_program, num_key_blocks)
+    # Blocks [kb_start, full_stop) count every key for every row: no mask (the
+    # causal limit of the program's first row, Nk, and every row real).
+    first_pos = tl.min(tl.where(row_ok, q_pos, num_keys), axis=0)
+    full_stop = tl.minimum(kb_stop, tl.minimum(first_pos + 1, num_keys) // BN)
+    if not CAUSAL:
+        full_stop = tl.minimum(kb_stop, num_keys // BN)
+    if tl.min(row_ok.to(tl.int32), axis=0) == 0:
+        full_stop = kb_start
     for kb in range(kb_start, kb_stop):
         keys = kb * BN + cols
-        p = tl.zeros((ROWS, BN), dtype=tl.float32)
-        if kb * BN < live_end:
+        if kb < full_stop:
+            s = _block_scores(q_tile, k_head, stride_kn, stride_kd, keys, num_keys, HEAD_DIM,
+                              D_PAD, IEEE, UPCAST)
+            p = tl.math.exp2(s * qk_scale - m[:, None]) * w[:, None]
+        elif kb * BN < live_end:
             s = _block_scores(q_tile, k_head, stride_kn, stride_kd, keys, num_keys, HEAD_DIM,
                               D_PAD, IEEE, UPCAST)
             allowed = row_ok[:, None] & (keys < num_keys)[None, :]
             if CAUSAL:
                 allowed = allowed & (keys[None, :] <= q_pos[:, None])
             p = tl.where(allowed, tl.math.exp2(s * qk_scale - m[:, None]) * w[:, None], 0.0)
-        vert = tl.sum(tl.reshape(p, (HEADS, LB, BN)), axis=1)
+        else:
+            p = tl.zeros((ROWS, BN), dtype=tl.float32)
+        z = tl.gather(p, source, 1)
+        # The three sums over each head's rows in one reduction (one exchange between
+        # warps instead of three).
+        vert, head, tail = _row_sums(tl.reshape(p, (HEADS, LB, BN)),
+                                     tl.reshape(tl.where(first, z, 0.0), (HEADS, LB, BN)),
+                                     tl.reshape(tl.where(first, 0.0, z), (HEADS, LB, BN)))
         if DIRECT_VERT:
             # One row block: program pid_rows = b * (Hq / HEADS) + head block, so prog
             # is the flat (b, h) index of each of its heads.
@@ -274,9 +311,6 @@ def _distribution_kernel(
                      mask=(keys < num_keys)[None, :])
         else:
             tl.store(VERT + prog[:, None] * (num_key_blocks * BN) + keys[None, :], vert)
-        z = tl.gather(p, source, 1)
-        head = tl.sum(tl.reshape(tl.where(first, z, 0.0), (HEADS, LB, BN)), axis=1)
-        tail = tl.sum(tl.reshape(tl.where(first, 0.0, z), (HEADS, LB, BN)), axis=1)
         base = (prog[:, None] * num_key_blocks + kb) * (2 * BN) + cols[None, :]
         tl.store(SLASH + base, head)
         tl.store(SLASH + base + BN, tail)
