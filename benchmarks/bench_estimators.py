@@ -209,10 +209,8 @@ def time_setting(q, k, cfg, n, graph=False, compare=True):
 TUNINGS = ("128,128,8,3,0", "128,64,8,3,1", "128,128,4,3,1", "64,64,4,3,1")
 #: Launch shapes of the candidate-restricted kernel timed at the longest length
 #: (``target_rows,block_kg,num_warps,num_stages,one_pass,tma``): smaller programs
-#: and key blocks skip more blocks but use the tensor cores less well; with ``tma``
-#: 1 a scored block is read whole (the tensor copies take no row or key mask).
-CANDIDATE_TUNINGS = ("64,64,4,3,1,1", "64,64,4,3,1,0", "64,64,4,2,1,0", "32,32,4,3,1,0",
-                     "128,128,8,3,1,0")
+#: and key blocks skip more blocks but use the tensor cores less well.
+CANDIDATE_TUNINGS = ("64,64,4,3,1,0", "32,32,4,3,1,1", "128,128,8,3,1,1")
 CANDIDATE_TUNING_MIN_TOKENS = 131072
 
 
@@ -249,7 +247,7 @@ def candidate_stage_times(q, k, cfg, cand, n):
     layout = tile_layout(n, n, cfg.block_size, True)
     stride = cfg.antidiagonal_stride
     per_tile = cfg.block_size // stride
-    default = default_tuning(per_tile, q.shape[1] // k.shape[1], q.shape[-1])
+    default = default_tuning(per_tile, q.shape[1] // k.shape[1], q.shape[-1], True)
     out = {"dense_ms": bench(lambda: antidiagonal_packed_probabilities(
         q, k, layout, stride, True, normalize=False), rep=20)}
     shapes = [("default", default)]

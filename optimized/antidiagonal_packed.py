@@ -111,14 +111,27 @@ TUNED: dict[int, PackedTuning] = {
                            one_pass=1, tma=int(per_tile in (4, 16)))
     for per_tile in (1, 2, 4, 16)
 }
+#: Launch shapes of candidate-restricted calls (the cascade), by groups per tile.
+#: Few key blocks of a program are scored, so small programs and blocks win
+#: (h200_estimators_b14b03c.json, stride 8 at 128K: 64 x 64 with tensor descriptors
+#: 0.876 ms against 1.06 for the dense calls' 128 x 128; h200_estimators_f6fb415.json,
+#: stride 16: 0.801 against 0.896 for the generic shape without them, 1.13 for
+#: 128 x 128).
+CANDIDATE_TUNED: dict[int, PackedTuning] = {
+    per_tile: PackedTuning(target_rows=64, block_kg=64, num_warps=4, num_stages=3,
+                           one_pass=1, tma=1)
+    for per_tile in (8, 16)
+}
 #: Larger head dims take the generic shape (the tuned one's shared memory was sized
 #: for D 128).
 TUNED_MAX_HEAD_DIM = 128
 
 
-def default_tuning(per_tile: int, group: int, head_dim: int = 128) -> PackedTuning:
-    """The launch shape used unless one is passed (:data:`TUNED`, else a generic one)."""
-    tuned = TUNED.get(per_tile)
+def default_tuning(per_tile: int, group: int, head_dim: int = 128,
+                   candidates: bool = False) -> PackedTuning:
+    """The launch shape used unless one is passed (:data:`TUNED`, or with
+    ``candidates`` :data:`CANDIDATE_TUNED`; else a generic one)."""
+    tuned = (CANDIDATE_TUNED if candidates else TUNED).get(per_tile)
     if (tuned is not None and group * per_tile <= tuned.target_rows
             and head_dim <= TUNED_MAX_HEAD_DIM):
         return tuned
@@ -215,14 +228,6 @@ def _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, g
     """
     dims = tl.arange(0, D_PAD)
     dims_ok = dims < HEAD_DIM
-    rows_read = rows_ok
-    keys_read = key_groups >= 0
-    if CANDIDATES:
-        # Rows with no candidate in the block and key groups in no row's candidate
-        # tile are not read (their scores are masked below): the restricted kernel
-        # is bound by its operand reads, and most of a scored block is no candidate.
-        rows_read = rows_read & (tl.max(cand.to(tl.int32), axis=1) > 0)
-        keys_read = tl.max(cand.to(tl.int32), axis=0) > 0
     s = tl.zeros((ROWS, BLOCK_KG), dtype=tl.float32)
     for u in range(STRIDE):
         if TMA:
@@ -235,15 +240,14 @@ def _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, g
                 (BLOCK_KG, HEAD_DIM)))
         else:
             positions = groups * STRIDE + u - query_start
-            ok = rows_read & (positions >= 0) & (positions < num_queries)
+            ok = rows_ok & (positions >= 0) & (positions < num_queries)
             q_rows = tl.load(q_head[:, None] + positions.to(tl.int64)[:, None] * stride_qn
                              + dims[None, :] * stride_qd,
                              mask=ok[:, None] & dims_ok[None, :], other=0.0)
             keys = key_groups * STRIDE + (STRIDE - 1 - u)
             k_cols = tl.load(k_head + keys.to(tl.int64)[None, :] * stride_kn
                              + dims[:, None] * stride_kd,
-                             mask=(keys_read & (keys < num_keys))[None, :] & dims_ok[:, None],
-                             other=0.0)
+                             mask=(keys < num_keys)[None, :] & dims_ok[:, None], other=0.0)
         if UPCAST:
             q_rows = q_rows.to(tl.float32)
             k_cols = k_cols.to(tl.float32)
@@ -529,15 +533,13 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
     returns each row before its division by its sum, defined only at the
     admissible tiles (the selection's last kernel normalises). ``nonfinite``, a
     float64 device flag, is set when q or k holds NaN/Inf (with ``candidates``, only
-    in what is read: the key groups of the candidate tiles of the key blocks scored,
-    and the rows that have a candidate tile there).
+    in the key blocks scored).
 
     ``candidates`` (B, Hq, nq, nk) bool restricts each query group's softmax to
     the key groups of its query tile's candidate key tiles (the ``"cascade"``
     estimator, :func:`prism.reference.estimators.candidate_antidiagonal_probabilities`);
     a program skips, in both passes, every key block in which none of its rows
-    has a candidate tile, and in a block it scores reads only the key groups of
-    some row's candidate tiles and the rows that have one there.
+    has a candidate tile.
 
     Returns
     -------
@@ -555,7 +557,8 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
         return out
     per_tile = layout.block_size // stride
     if tuning is None:
-        tuning = default_tuning(per_tile, group, max(_MIN_DOT, next_power_of_2(d)))
+        tuning = default_tuning(per_tile, group, max(_MIN_DOT, next_power_of_2(d)),
+                                candidates is not None)
     _check_tuning(tuning, per_tile, group)
     tiles = max(1, tuning.target_rows // (group * per_tile))
     rows = max(_MIN_DOT, next_power_of_2(group * per_tile * tiles))
@@ -606,5 +609,6 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
     return out.div_(out.sum(dim=-1, keepdim=True).clamp_min_(1e-30))
 
 
-__all__ = ["PackedTuning", "antidiagonal_packed_applies", "antidiagonal_packed_probabilities",
-           "TUNED", "masked_scores", "default_tuning", "online_softmax_step"]
+__all__ = ["CANDIDATE_TUNED", "PackedTuning", "antidiagonal_packed_applies",
+           "antidiagonal_packed_probabilities", "TUNED", "masked_scores", "default_tuning",
+           "online_softmax_step"]

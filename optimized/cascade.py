@@ -85,9 +85,8 @@ def candidate_antidiagonal_tile_scores(q: torch.Tensor, k: torch.Tensor, layout:
 
     ``normalize=False`` returns the rows before their division by their sums
     (defined at the admissible tiles). ``nonfinite`` is set only by what the
-    kernel reads (not the skipped key blocks, nor in a scored block the key tiles no
-    row has as a candidate): callers rely on the candidate selection's pooling
-    launch for the full check.
+    kernel reads (skipped key blocks are not read): callers rely on the
+    candidate selection's pooling launch for the full check.
     """
     if antidiagonal_packed_applies(layout, stride, q.shape[1] // k.shape[1]):
         return antidiagonal_packed_probabilities(

@@ -41,14 +41,22 @@ def _random_candidates(layout, hq, causal, seed, density=0.4):
     (4, 2, 72, 164, 32, 8, True, torch.float32),     # GQA 2, KV prefix of 92
     (4, 1, 128, 300, 128, 32, True, torch.float32),  # 4 groups per tile, 4 heads
     (2, 2, 64, 100, 32, 8, False, torch.float16),
+    (4, 1, 256, 384, 128, 16, True, torch.float16),  # the preset's stride: descriptors
 ])
-def test_restricted_kernel_matches_the_reference(hq, hkv, nq, nk, bs, stride, causal, dtype):
+def test_restricted_kernel_matches_the_reference(hq, hkv, nq, nk, bs, stride, causal, dtype,
+                                                 monkeypatch):
     q, k = _qk(1, hq, hkv, nq, nk, 16, seed=nq + stride, dtype=dtype, scale=2.0)
     layout = tile_layout(nq, nk, bs, causal)
     cand = _random_candidates(layout, hq, causal, seed=nk)
     expected = candidate_antidiagonal_probabilities(q, k, layout, stride, cand, causal)
+    loads = []
+    applies = antidiagonal_packed._tma_applies
+    monkeypatch.setattr(antidiagonal_packed, "_tma_applies",
+                        lambda *a: loads.append(applies(*a)) or loads[-1])
     got = candidate_antidiagonal_tile_probabilities(q, k, layout, stride, cand, causal)
     torch.testing.assert_close(got, expected, rtol=2e-5, atol=1e-6)
+    # Candidate calls at strides 8 and 16 of tile 128 load through descriptors.
+    assert loads == ([True] if bs // stride in antidiagonal_packed.CANDIDATE_TUNED else [])
     # Not the plain probabilities: the restriction changes the rows.
     plain = candidate_antidiagonal_probabilities(q, k, layout, stride,
                                                  admissible_tiles(layout, causal, DEVICE)
@@ -102,36 +110,6 @@ def test_key_blocks_without_a_candidate_are_not_read(monkeypatch, scan_elements)
         torch.testing.assert_close(got, expected, rtol=2e-5, atol=1e-6)
     # The check can fail: with one candidate in that block, the block is read.
     cand[0, 0, -1, 5] = True
-    flag = torch.zeros(1, dtype=torch.float64, device=DEVICE)
-    antidiagonal_packed_probabilities(q, poisoned, layout, stride, True, tuning,
-                                      nonfinite=flag, candidates=cand)
-    assert flag.item() != 0
-
-
-
-@pytest.mark.parametrize("one_pass", [0, 1])
-def test_key_tiles_without_a_candidate_in_a_scored_block_are_not_read(one_pass):
-    """Inside a key block that is scored, key groups of tiles no row has as a
-    candidate are not loaded: NaN there raises no flag and changes no probability;
-    made one row's candidate, the same tile is read and flagged."""
-    hq, nq, nk, bs, stride = 2, 128, 640, 32, 8
-    q, k = _qk(1, hq, 1, nq, nk, 16, seed=11, scale=2.0)
-    layout = tile_layout(nq, nk, bs, True)
-    cand = _random_candidates(layout, hq, True, seed=3, density=0.5)
-    # Key tiles 4-7 form one key block of 16 groups (4 groups per tile): tile 4 is a
-    # candidate of every row, so the block is scored; tile 6 is no row's candidate.
-    cand[..., 4] = True
-    cand[..., 6] = False
-    poisoned = k.clone()
-    poisoned[:, :, 6 * bs : 7 * bs] = float("nan")
-    expected = candidate_antidiagonal_probabilities(q, k, layout, stride, cand, True)
-    tuning = PackedTuning(target_rows=32, block_kg=16, one_pass=one_pass)
-    flag = torch.zeros(1, dtype=torch.float64, device=DEVICE)
-    got = antidiagonal_packed_probabilities(q, poisoned, layout, stride, True, tuning,
-                                            nonfinite=flag, candidates=cand)
-    assert flag.item() == 0
-    torch.testing.assert_close(got, expected, rtol=2e-5, atol=1e-6)
-    cand[0, 1, -1, 6] = True
     flag = torch.zeros(1, dtype=torch.float64, device=DEVICE)
     antidiagonal_packed_probabilities(q, poisoned, layout, stride, True, tuning,
                                       nonfinite=flag, candidates=cand)
