@@ -19,7 +19,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
-from helpers import make_qkv, random_tile_mask  # noqa: E402
+from test_optimized import random_tile_mask  # noqa: E402
+
+from helpers import make_qkv  # noqa: E402
 from prism.optimized.attention import (  # noqa: E402
     default_config,
     fallback_config,
