@@ -50,7 +50,9 @@ class AttentionConfig:
     specialisation (a producer warp group feeding two consumer groups) with
     Q, K and V read through descriptors built in the kernel; it needs what
     :func:`warp_specialize_compatible` checks, and ``num_warps`` 4 (the size
-    of one consumer group). ``min_mask`` masks the scores of masked key blocks
+    of one consumer group). Experimental: with Triton 3.6 it left NaN or
+    unwritten rows when other processes shared the GPU (:func:`default_config`),
+    so no default uses it. ``min_mask`` masks the scores of masked key blocks
     as ``min(s, cap)`` with a per-row, per-key float bound instead of
     compare-and-select, which Triton 3.6 compiles to predicates that ptxas
     packs into bit masks across the tensor-core wait in the warp-specialised
@@ -118,9 +120,9 @@ def default_config(block_size: int, head_dim: int, dtype: torch.dtype,
     tile (largest 2^k)      D          launch shape
     ======================  =========  =============================================
     >= 128                  <= 64      64 x 64, 4 warps, 2 stages, TMA (1.13x)
-    >= 128                  128        128 x 128, warp-specialised, 2 stages
+    >= 128                  128        128 x 128, 8 warps, 3 stages, TMA
     >= 128                  other      128 x 128, 8 warps, 2 stages (D 80, 96)
-    >= 128                  > 128      128 x 64, warp-specialised, 2 stages
+    >= 128                  > 128      128 x 64, 8 warps, 2 stages
     64                      <= 64      64 x 64, 4 warps, 2 stages, TMA (1.15x)
     64                      65 - 128   64 x 64, 4 warps, 3 stages, TMA
     64                      > 128      64 x 32, 4 warps, 2 stages, TMA (1.13x)
@@ -129,6 +131,18 @@ def default_config(block_size: int, head_dim: int, dtype: torch.dtype,
 
     In brackets: the median speed-up over the entry it replaced
     (``benchmarks/results/h200_tune_1b04e82.json``, measured at D 64 and 256).
+
+    No entry is warp-specialised any more. Until 2026-12-03 D 128 and D > 128 at
+    tiles of 128 ran Triton 3.6's warp-specialised loop (128 x 128 and 128 x 64,
+    4 warps, 2 stages; 1.04-1.12x faster than these plain loops at 128K). With
+    several processes sharing the GPU it left NaN or unwritten output rows: at
+    32K tokens, density 1.0, bf16, six processes of 40 calls each
+    (``benchmarks/probes/attention_repeat.py``,
+    ``benchmarks/results/h200_attention_repeat_aec516a.json``) 31 to 40 calls
+    of every process had such rows, in query tiles past ~120 (the long rows);
+    alone, 0 of 60; the plain loop under the same sharing, 0 of 240. Correct
+    outputs come first: ``AttentionConfig(warp_specialize=True)`` is still
+    accepted, for experiments only.
 
     Where the table stands (``h200_tune_ac4020a.json`` and
     ``h200_tune_steps_4f8c77c.json``, one H200 run each, 32/8 heads, bf16,
@@ -174,10 +188,9 @@ def default_config(block_size: int, head_dim: int, dtype: torch.dtype,
         if head_dim > 128:
             return AttentionConfig(64, 32, 4, 2, use_tma=True)
         return AttentionConfig(64, 64, 4, 3, use_tma=True)
-    if head_dim > 128:
-        return AttentionConfig(128, 64, 4, 2, warp_specialize=True)
-    if head_dim == 128:
-        return AttentionConfig(128, 128, 4, 2, use_tma=True, warp_specialize=True)
+    if head_dim >= 128:
+        # Not warp-specialised: see the docstring.
+        return fallback_config(block_size, head_dim)
     return AttentionConfig(128, 128, 8, 2)
 
 
