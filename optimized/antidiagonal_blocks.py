@@ -1,0 +1,270 @@
+"""One key block's work in the packed antidiagonal kernel (:mod:`.antidiagonal_packed`).
+
+The ``@triton.jit`` helpers its kernel calls: the ``u`` products of a block and
+their masks, the online-softmax step and the one-pass scratch, the candidate
+list and mask, the stores of a block's tile sums, and the first pass as one
+flat loop (``PackedTuning.flat``). :func:`online_softmax_step` and
+:func:`masked_scores` also serve the other estimator kernels' first passes.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def online_softmax_step(m_i, l_i, s):
+    """One block of the online softmax statistics, base 2: the new running max and sum.
+
+    ``s`` (rows, cols) holds scaled scores, -inf where not admissible; ``m_i`` and
+    ``l_i`` the running max and the sum of ``2^(s - m_i)``. A row with nothing
+    admissible yet keeps ``m = -inf`` and ``l = 0`` (it is shifted by 0, never by
+    -inf). Shared by every estimator kernel's first pass.
+    """
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l_new = l_i * tl.math.exp2(m_i - m_shift) + tl.sum(tl.math.exp2(s - m_shift[:, None]), 1)
+    return m_new, l_new
+
+
+@triton.jit
+def masked_scores(raw, allowed, qk_scale, CHECK: tl.constexpr):
+    """``raw * qk_scale`` where ``allowed``, else -inf; with ``CHECK``, NaN wherever
+    ``raw`` is NaN or +-Inf, allowed or not.
+
+    The estimator kernels find NaN/Inf input without a pass of their own: a
+    NaN/Inf in a row of q or k makes every score it enters non-finite (Inf * 0
+    is NaN too, so zero-padded rows and masked keys count), a NaN in a block
+    makes its row's online-softmax sum NaN, and each program flags its sums
+    once at the end (pooling's ``_flag_if_nonfinite``). Finite scores are
+    unchanged (``raw - raw`` is 0).
+    """
+    scaled = tl.where(allowed, raw * qk_scale, float("-inf"))
+    if CHECK:
+        scaled = scaled + (raw - raw)
+    return scaled
+
+
+@triton.jit
+def _u_product(s, u, q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, groups,
+               rows_ok, key_groups, query_start, num_queries, num_keys, q_desc, k_desc,
+               q_head_row, q_group, k_head_row, key_groups_start, STRIDE: tl.constexpr,
+               D_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
+               BLOCK_KG: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+               TMA: tl.constexpr):
+    """``s + Q_u K_{S-1-u}^T``: row ``u`` of every query group (``q_head[r]`` is row
+    ``r``'s query head) against row ``S-1-u`` of every key group, one product of depth
+    ``D``. With ``TMA`` the rows come through the descriptors (box origins
+    ``q_head_row, q_group`` and ``k_head_row, key_groups_start``) instead of pointer
+    loads."""
+    if TMA:
+        # Rows of every head of the group at once: (GROUP, ROWS / GROUP, D) boxes of
+        # q seen as (heads, groups, S * D); key groups past Nk come back as zeros.
+        q_rows = tl.reshape(q_desc.load([q_head_row, q_group, u * HEAD_DIM]),
+                            (ROWS, HEAD_DIM))
+        k_cols = tl.trans(tl.reshape(
+            k_desc.load([k_head_row, key_groups_start, (STRIDE - 1 - u) * HEAD_DIM]),
+            (BLOCK_KG, HEAD_DIM)))
+    else:
+        dims = tl.arange(0, D_PAD)
+        dims_ok = dims < HEAD_DIM
+        positions = groups * STRIDE + u - query_start
+        ok = rows_ok & (positions >= 0) & (positions < num_queries)
+        q_rows = tl.load(q_head[:, None] + positions.to(tl.int64)[:, None] * stride_qn
+                         + dims[None, :] * stride_qd,
+                         mask=ok[:, None] & dims_ok[None, :], other=0.0)
+        keys = key_groups * STRIDE + (STRIDE - 1 - u)
+        k_cols = tl.load(k_head + keys.to(tl.int64)[None, :] * stride_kn
+                         + dims[:, None] * stride_kd,
+                         mask=(keys < num_keys)[None, :] & dims_ok[:, None], other=0.0)
+    if UPCAST:
+        q_rows = q_rows.to(tl.float32)
+        k_cols = k_cols.to(tl.float32)
+    if IEEE:
+        return tl.dot(q_rows, k_cols, s, input_precision="ieee")
+    return tl.dot(q_rows, k_cols, s)
+
+
+@triton.jit
+def _admissible_scores(s, groups, rows_ok, key_groups, key_end, qk_scale, CAUSAL: tl.constexpr,
+                       CHECK: tl.constexpr, cand=None, CANDIDATES: tl.constexpr = False):
+    """The block's summed products times ``qk_scale``, -inf where not admissible. With
+    ``CANDIDATES``, ``cand`` (ROWS, BLOCK_KG) bool restricts each row to its candidate
+    key groups (:func:`_candidate_block`)."""
+    allowed = (key_groups < key_end)[None, :] & rows_ok[:, None]
+    if CAUSAL:
+        allowed = allowed & (key_groups[None, :] <= groups[:, None])
+    if CANDIDATES:
+        allowed = allowed & cand
+    return masked_scores(s, allowed, qk_scale, CHECK)
+
+
+@triton.jit
+def _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, groups, rows_ok,
+                   key_groups, key_end, query_start, num_queries, num_keys, qk_scale,
+                   q_desc, k_desc, q_head_row, q_group, k_head_row, key_groups_start,
+                   CAUSAL: tl.constexpr, STRIDE: tl.constexpr, D_PAD: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_KG: tl.constexpr,
+                   IEEE: tl.constexpr, UPCAST: tl.constexpr, CHECK: tl.constexpr,
+                   TMA: tl.constexpr, cand=None, CANDIDATES: tl.constexpr = False):
+    """(ROWS, BLOCK_KG) antidiagonal scores of one key block: ``sum_u Q_u K_{S-1-u}^T``
+    (:func:`_u_product`), then :func:`_admissible_scores`."""
+    s = tl.zeros((ROWS, BLOCK_KG), dtype=tl.float32)
+    for u in range(STRIDE):
+        s = _u_product(s, u, q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, groups,
+                       rows_ok, key_groups, query_start, num_queries, num_keys, q_desc, k_desc,
+                       q_head_row, q_group, k_head_row, key_groups_start, STRIDE, D_PAD,
+                       HEAD_DIM, ROWS, BLOCK_KG, IEEE, UPCAST, TMA)
+    return _admissible_scores(s, groups, rows_ok, key_groups, key_end, qk_scale, CAUSAL, CHECK,
+                              cand, CANDIDATES)
+
+
+@triton.jit
+def _candidate_block(cand_rows, rows_ok, key_groups, num_key_tiles, stride_ck,
+                     PER_TILE: tl.constexpr):
+    """(ROWS, BLOCK_KG) bool: key group ``c`` lies in a candidate key tile of row ``r``'s
+    (query head, query tile); rows holding no real query have none."""
+    key_tiles = key_groups // PER_TILE
+    return tl.load(cand_rows[:, None] + key_tiles.to(tl.int64)[None, :] * stride_ck,
+                   mask=rows_ok[:, None] & (key_tiles < num_key_tiles)[None, :],
+                   other=0) != 0
+
+
+@triton.jit
+def _first_pass_block(m_i, l_i, s, e_rows, mb_rows, key_start, chunk_tiles,
+                      ROWS: tl.constexpr, BLOCK_KG: tl.constexpr, PER_TILE: tl.constexpr,
+                      ONE_PASS: tl.constexpr):
+    """Pass 1 on one key block of scaled scores ``s``: the online softmax step and,
+    with ``ONE_PASS``, the block's per-tile sums and running max into the scratch."""
+    m_i, l_i = online_softmax_step(m_i, l_i, s)
+    if ONE_PASS:
+        TILES_PER_CHUNK: tl.constexpr = BLOCK_KG // PER_TILE
+        m_block = tl.where(m_i == float("-inf"), 0.0, m_i)
+        e = tl.sum(tl.reshape(tl.math.exp2(s - m_block[:, None]),
+                              (ROWS, TILES_PER_CHUNK, PER_TILE)), axis=2)
+        tl.store(e_rows + (key_start // PER_TILE + chunk_tiles)[None, :], e)
+        tl.store(mb_rows + key_start // BLOCK_KG, m_block)
+    return m_i, l_i
+
+
+@triton.jit
+def _one_pass_sums(e_rows, key_start, chunk_tiles, m_block, m_shift, inv_l,
+                   PER_TILE: tl.constexpr):
+    """Pass 2 of the one-pass form on one key block: the scratch's per-tile sums of
+    ``2^(s - m_block)`` rescaled to probabilities; a sum of 0 (nothing admissible yet)
+    stays 0 whatever ``m_block``."""
+    e = tl.load(e_rows + (key_start // PER_TILE + chunk_tiles)[None, :])
+    return tl.where(e > 0, e * (tl.math.exp2(m_block - m_shift) * inv_l)[:, None], 0.0)
+
+
+@triton.jit
+def _tile_sums(s, m_shift, inv_l, ROWS: tl.constexpr, BLOCK_KG: tl.constexpr,
+               PER_TILE: tl.constexpr):
+    """Pass 2 on one key block: the normalised scores summed into key tiles (exact fp32
+    sums), (ROWS, BLOCK_KG // PER_TILE)."""
+    p = tl.math.exp2(s - m_shift[:, None]) * inv_l[:, None]
+    return tl.sum(tl.reshape(p, (ROWS, BLOCK_KG // PER_TILE, PER_TILE)), axis=2)
+
+
+@triton.jit
+def _candidate_blocks(cand_pairs, pair_ok, num_key_tiles, stride_ck, key_blocks, LIST,
+                      TILES_PER_CHUNK: tl.constexpr, PAIRS: tl.constexpr,
+                      SCAN_BLOCKS: tl.constexpr):
+    """The key blocks (``TILES_PER_CHUNK`` key tiles each) of ``[0, key_blocks)`` in
+    which some (head, query tile) pair of the program has a candidate tile, ascending,
+    written to ``LIST``; returns how many. Testing each block inside the passes cost a
+    dependent load and a reduction per block: most of the kernel's time at 128K."""
+    count = 0
+    scan = tl.arange(0, SCAN_BLOCKS)
+    in_block = tl.arange(0, TILES_PER_CHUNK)
+    for b0 in range(0, key_blocks, SCAN_BLOCKS):
+        blocks = b0 + scan
+        tiles = blocks[:, None] * TILES_PER_CHUNK + in_block[None, :]
+        hit = tl.load(cand_pairs[:, None, None] + tiles.to(tl.int64)[None, :, :] * stride_ck,
+                      mask=pair_ok[:, None, None] & (tiles < num_key_tiles)[None, :, :],
+                      other=0) != 0
+        active = (tl.max(tl.max(hit.to(tl.int32), axis=2), axis=0) > 0) & (blocks < key_blocks)
+        taken = active.to(tl.int32)
+        slot = count + tl.cumsum(taken, axis=0) - taken
+        tl.store(LIST + slot, blocks, mask=active)
+        count += tl.sum(taken, axis=0)
+    return count
+
+
+@triton.jit
+def _store_pair_sums(out_rows, pair_ok, by_tile, key_start, num_key_tiles, stride_otile,
+                     chunk_tiles, PAIRS: tl.constexpr, PER_TILE: tl.constexpr,
+                     TILES_PER_CHUNK: tl.constexpr):
+    """One key block's per-row tile sums ``by_tile`` summed over each (head, query
+    tile) pair's rows and stored at the block's key tiles."""
+    by_pair = tl.sum(tl.reshape(by_tile, (PAIRS, PER_TILE, TILES_PER_CHUNK)), axis=1)
+    tiles = key_start // PER_TILE + chunk_tiles
+    tl.store(out_rows + tiles.to(tl.int64)[None, :] * stride_otile, by_pair,
+             mask=pair_ok[:, None] & (tiles < num_key_tiles)[None, :])
+
+
+@triton.jit
+def _store_zero_blocks(out_rows, pair_ok, first_block, end_block, num_key_tiles, stride_otile,
+                       chunk_tiles, PAIRS: tl.constexpr, TILES_PER_CHUNK: tl.constexpr):
+    """Zeros in the output tiles of key blocks ``[first_block, end_block)`` (blocks no
+    row of the program has a candidate in)."""
+    zeros = tl.zeros((PAIRS, TILES_PER_CHUNK), dtype=tl.float32)
+    for kb in range(first_block, end_block):
+        tiles = kb * TILES_PER_CHUNK + chunk_tiles
+        tl.store(out_rows + tiles.to(tl.int64)[None, :] * stride_otile, zeros,
+                 mask=pair_ok[:, None] & (tiles < num_key_tiles)[None, :])
+
+
+@triton.jit
+def _flat_first_pass(m_i, l_i, visits, active, cand_rows, num_key_tiles, stride_ck, q_head,
+                     k_head, stride_qn, stride_qd, stride_kn, stride_kd, groups, rows_ok,
+                     key_end, query_start, num_queries, num_keys, qk_scale, q_desc, k_desc,
+                     q_head_row, q_group, k_head_row, e_rows, mb_rows, chunk_tiles,
+                     CAUSAL: tl.constexpr, STRIDE: tl.constexpr, PER_TILE: tl.constexpr,
+                     D_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
+                     BLOCK_KG: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                     CHECK: tl.constexpr, TMA: tl.constexpr, ONE_PASS: tl.constexpr,
+                     CANDIDATES: tl.constexpr):
+    """Pass 1 as one loop over (key block, ``u``) steps (``PackedTuning.flat``).
+
+    The same products, masks and online-softmax steps as the nested loops, in the
+    same order; but Triton pipelines only innermost loops, so with the nested form
+    every key block starts with its first loads in flight and nothing else to do,
+    while here the loads of the next block's first rows are issued during this
+    block's last products and its softmax step. ``visits`` key blocks: the listed
+    ones (``active``) with ``CANDIDATES``, else ``0, 1, ...``.
+    """
+    s = tl.zeros((ROWS, BLOCK_KG), dtype=tl.float32)
+    for step in range(visits * STRIDE):
+        i = step // STRIDE
+        u = step % STRIDE
+        if CANDIDATES:
+            key_start = tl.load(active + i) * BLOCK_KG
+        else:
+            key_start = i * BLOCK_KG
+        key_groups = key_start + tl.arange(0, BLOCK_KG)
+        # A fresh block at u = 0 (Triton turns this into the tensor-core product's
+        # "no accumulator" flag; zeroing s after the softmax step would serialise
+        # the products).
+        if u == 0:
+            s = tl.zeros((ROWS, BLOCK_KG), dtype=tl.float32)
+        s = _u_product(s, u, q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, groups,
+                       rows_ok, key_groups, query_start, num_queries, num_keys, q_desc, k_desc,
+                       q_head_row, q_group, k_head_row, key_start, STRIDE, D_PAD, HEAD_DIM,
+                       ROWS, BLOCK_KG, IEEE, UPCAST, TMA)
+        if u == STRIDE - 1:
+            if CANDIDATES:
+                cand = _candidate_block(cand_rows, rows_ok, key_groups, num_key_tiles,
+                                        stride_ck, PER_TILE)
+                scores = _admissible_scores(s, groups, rows_ok, key_groups, key_end, qk_scale,
+                                            CAUSAL, CHECK, cand, True)
+            else:
+                scores = _admissible_scores(s, groups, rows_ok, key_groups, key_end, qk_scale,
+                                            CAUSAL, CHECK)
+            m_i, l_i = _first_pass_block(m_i, l_i, scores, e_rows, mb_rows, key_start,
+                                         chunk_tiles, ROWS, BLOCK_KG, PER_TILE, ONE_PASS)
+    return m_i, l_i
+
+
+__all__ = ["masked_scores", "online_softmax_step"]
