@@ -59,9 +59,9 @@ ATTENTION_SHAPES = [
     (1, 8, 2, 32768, 32768, 128, 128, 1.0),
     (1, 8, 2, 3000, 20000, 128, 64, 0.5),  # prefix not a tile multiple
     (1, 4, 4, 8192, 8192, 64, 32, 0.4),
-    # Warp-specialised loop: a KV prefix with tile-aligned queries (Q read by
-    # descriptor from row 0 of the queries), two key blocks per 256-token tile,
-    # and a prefix that is not a multiple of 128 (falls back to the plain loop).
+    # Written for the warp-specialised loop (now opt-in; the default plain loop
+    # reads K and V by descriptor): a KV prefix with tile-aligned queries, two key
+    # blocks per 256-token tile, and a prefix that is not a multiple of 128.
     (1, 8, 2, 4096, 20480, 128, 128, 0.4),
     (1, 8, 2, 8192, 8192, 128, 256, 0.4),
     (1, 8, 2, 3000, 20000, 128, 128, 0.5),
