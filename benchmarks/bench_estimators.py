@@ -210,7 +210,7 @@ TUNINGS = ("128,128,8,3,0", "128,64,8,3,1", "128,128,4,3,1", "64,64,4,3,1")
 #: Launch shapes of the candidate-restricted kernel timed at the longest length
 #: (``target_rows,block_kg,num_warps,num_stages,one_pass,tma``): smaller programs
 #: and key blocks skip more blocks but use the tensor cores less well.
-CANDIDATE_TUNINGS = ("64,64,4,3,1,1,1", "64,64,4,3,1,0", "32,32,4,3,1,1", "128,128,8,3,1,1")
+CANDIDATE_TUNINGS = ("64,64,4,3,1,0", "32,32,4,3,1,1", "128,128,8,3,1,1")
 CANDIDATE_TUNING_MIN_TOKENS = 131072
 
 
@@ -517,8 +517,7 @@ def main(argv=None):
     parser.add_argument("--strides", default="32,64,128")
     parser.add_argument("--tunings", default=";".join(TUNINGS),
                         help="packed-kernel launch shapes timed at the longest length: "
-                             "rows,key_groups,warps,stages[,one_pass[,tma[,flat]]] separated "
-                             "by ';'")
+                             "rows,key_groups,warps,stages[,one_pass[,tma]] separated by ';'")
     parser.add_argument("--vs-tunings", default="",
                         help="vertical-slash launch shapes timed at every length with "
                              "--stages: max_rows,block_n,stats_block_n,num_warps,num_stages,"

@@ -2,9 +2,8 @@
 
 The ``@triton.jit`` helpers its kernel calls: the ``u`` products of a block and
 their masks, the online-softmax step and the one-pass scratch, the candidate
-list and mask, the stores of a block's tile sums, and the first pass as one
-flat loop (``PackedTuning.flat``). :func:`online_softmax_step` and
-:func:`masked_scores` also serve the other estimator kernels' first passes.
+list and mask, and the stores of a block's tile sums. :func:`online_softmax_step`
+and :func:`masked_scores` also serve the other estimator kernels' first passes.
 """
 
 from __future__ import annotations
@@ -214,57 +213,6 @@ def _store_zero_blocks(out_rows, pair_ok, first_block, end_block, num_key_tiles,
         tiles = kb * TILES_PER_CHUNK + chunk_tiles
         tl.store(out_rows + tiles.to(tl.int64)[None, :] * stride_otile, zeros,
                  mask=pair_ok[:, None] & (tiles < num_key_tiles)[None, :])
-
-
-@triton.jit
-def _flat_first_pass(m_i, l_i, visits, active, cand_rows, num_key_tiles, stride_ck, q_head,
-                     k_head, stride_qn, stride_qd, stride_kn, stride_kd, groups, rows_ok,
-                     key_end, query_start, num_queries, num_keys, qk_scale, q_desc, k_desc,
-                     q_head_row, q_group, k_head_row, e_rows, mb_rows, chunk_tiles,
-                     CAUSAL: tl.constexpr, STRIDE: tl.constexpr, PER_TILE: tl.constexpr,
-                     D_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
-                     BLOCK_KG: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                     CHECK: tl.constexpr, TMA: tl.constexpr, ONE_PASS: tl.constexpr,
-                     CANDIDATES: tl.constexpr):
-    """Pass 1 as one loop over (key block, ``u``) steps (``PackedTuning.flat``).
-
-    The same products, masks and online-softmax steps as the nested loops, in the
-    same order; but Triton pipelines only innermost loops, so with the nested form
-    every key block starts with its first loads in flight and nothing else to do,
-    while here the loads of the next block's first rows are issued during this
-    block's last products and its softmax step. ``visits`` key blocks: the listed
-    ones (``active``) with ``CANDIDATES``, else ``0, 1, ...``.
-    """
-    s = tl.zeros((ROWS, BLOCK_KG), dtype=tl.float32)
-    for step in range(visits * STRIDE):
-        i = step // STRIDE
-        u = step % STRIDE
-        if CANDIDATES:
-            key_start = tl.load(active + i) * BLOCK_KG
-        else:
-            key_start = i * BLOCK_KG
-        key_groups = key_start + tl.arange(0, BLOCK_KG)
-        # A fresh block at u = 0 (Triton turns this into the tensor-core product's
-        # "no accumulator" flag; zeroing s after the softmax step would serialise
-        # the products).
-        if u == 0:
-            s = tl.zeros((ROWS, BLOCK_KG), dtype=tl.float32)
-        s = _u_product(s, u, q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, groups,
-                       rows_ok, key_groups, query_start, num_queries, num_keys, q_desc, k_desc,
-                       q_head_row, q_group, k_head_row, key_start, STRIDE, D_PAD, HEAD_DIM,
-                       ROWS, BLOCK_KG, IEEE, UPCAST, TMA)
-        if u == STRIDE - 1:
-            if CANDIDATES:
-                cand = _candidate_block(cand_rows, rows_ok, key_groups, num_key_tiles,
-                                        stride_ck, PER_TILE)
-                scores = _admissible_scores(s, groups, rows_ok, key_groups, key_end, qk_scale,
-                                            CAUSAL, CHECK, cand, True)
-            else:
-                scores = _admissible_scores(s, groups, rows_ok, key_groups, key_end, qk_scale,
-                                            CAUSAL, CHECK)
-            m_i, l_i = _first_pass_block(m_i, l_i, scores, e_rows, mb_rows, key_start,
-                                         chunk_tiles, ROWS, BLOCK_KG, PER_TILE, ONE_PASS)
-    return m_i, l_i
 
 
 __all__ = ["masked_scores", "online_softmax_step"]

@@ -41,7 +41,6 @@ from .antidiagonal_blocks import (
     _candidate_block,
     _candidate_blocks,
     _first_pass_block,
-    _flat_first_pass,
     _one_pass_sums,
     _scaled_scores,
     _store_pair_sums,
@@ -97,11 +96,6 @@ class PackedTuning:
         shapes allow it (contiguous q and k, lengths and the KV prefix whole
         groups and tiles, the program's rows exactly its heads' groups);
         elsewhere, and with 0, pointer loads.
-    flat : int
-        1: the first pass as one loop over (key block, ``u``) steps, so that
-        Triton's pipelining reaches across key blocks (:func:`_flat_first_pass`);
-        0: a loop over key blocks around the loop over ``u``. Same products in the
-        same order: the result does not depend on it.
     """
 
     target_rows: int = TARGET_ROWS
@@ -110,7 +104,6 @@ class PackedTuning:
     num_stages: int = 3
     one_pass: int = 1
     tma: int = 0
-    flat: int = 0
 
 
 #: Launch shapes by groups per tile (``block_size // stride``) for head dims up to
@@ -124,11 +117,13 @@ class PackedTuning:
 #: 0.149/1.34/21.3 ms against 0.174/1.54/24.8 ms with pointer loads, stride 32
 #: 0.083/0.475/5.63 against 0.131/0.529/6.28 ms; 128 x 256 and 256 x 128 shapes (two
 #: stages) were slower at every length. Strides 64 and 128 were not timed with them.
+#: Stride 16 (8 groups per tile; h200_estimators_flat_stages_f3efba6.json, 128K): 12.0
+#: ms with tensor descriptors against 21.8 for the generic shape.
 #: ``bench_estimators.py --use-fastest`` overwrites entries with a run's fastest.
 TUNED: dict[int, PackedTuning] = {
     per_tile: PackedTuning(target_rows=128, block_kg=128, num_warps=8, num_stages=3,
-                           one_pass=1, tma=int(per_tile in (4, 16)))
-    for per_tile in (1, 2, 4, 16)
+                           one_pass=1, tma=int(per_tile in (4, 8, 16)))
+    for per_tile in (1, 2, 4, 8, 16)
 }
 #: Launch shapes of candidate-restricted calls (the cascade), by groups per tile.
 #: Few key blocks of a program are scored, so small programs and blocks win
@@ -181,10 +176,9 @@ def _tma_applies(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, stride: i
 
 
 def _check_tuning(tuning: PackedTuning, per_tile: int, group: int) -> None:
-    for name in ("target_rows", "block_kg", "num_warps", "num_stages", "one_pass", "tma",
-                 "flat"):
+    for name in ("target_rows", "block_kg", "num_warps", "num_stages", "one_pass", "tma"):
         value = getattr(tuning, name)
-        least = 0 if name in ("one_pass", "tma", "flat") else 1
+        least = 0 if name in ("one_pass", "tma") else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"PackedTuning.{name} must be an int >= {least}, got {value!r}")
     if tuning.block_kg & (tuning.block_kg - 1) or tuning.block_kg % per_tile:
@@ -210,7 +204,7 @@ def _packed_kernel(
     BLOCK_KG: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ONE_PASS: tl.constexpr, CHECK: tl.constexpr, TMA: tl.constexpr = False,
     GROUP: tl.constexpr = 1, CANDIDATES: tl.constexpr = False,
-    SCAN_BLOCKS: tl.constexpr = 16, FLAT: tl.constexpr = False,
+    SCAN_BLOCKS: tl.constexpr = 16,
 ):
     pid = tl.program_id(0)
     block = programs_per_head - 1 - pid % programs_per_head  # heaviest tiles first
@@ -283,33 +277,18 @@ def _packed_kernel(
                                        key_blocks, active, TILES_PER_CHUNK, PAIRS, SCAN_BLOCKS)
         # Every thread reads the list some threads wrote.
         tl.debug_barrier()
-        if FLAT:
-            m_i, l_i = _flat_first_pass(
-                m_i, l_i, num_active, active, cand_rows, num_key_tiles, stride_ck, q_head,
-                k_head, stride_qn, stride_qd, stride_kn, stride_kd, groups, rows_ok, key_end,
-                query_start, num_queries, num_keys, qk_scale, q_desc, k_desc, q_head_row,
-                q_group, bh, e_rows, mb_rows, chunk_tiles, CAUSAL, STRIDE, PER_TILE, D_PAD,
-                HEAD_DIM, ROWS, BLOCK_KG, IEEE, UPCAST, CHECK, TMA, ONE_PASS, True)
-        else:
-            for i in range(num_active):
-                key_start = tl.load(active + i) * BLOCK_KG
-                key_groups = key_start + tl.arange(0, BLOCK_KG)
-                cand = _candidate_block(cand_rows, rows_ok, key_groups, num_key_tiles, stride_ck,
-                                        PER_TILE)
-                s = _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
-                                   groups, rows_ok, key_groups, key_end, query_start, num_queries,
-                                   num_keys, qk_scale, q_desc, k_desc, q_head_row, q_group, bh,
-                                   key_start, CAUSAL, STRIDE, D_PAD, HEAD_DIM, ROWS, BLOCK_KG,
-                                   IEEE, UPCAST, CHECK, TMA, cand, CANDIDATES)
-                m_i, l_i = _first_pass_block(m_i, l_i, s, e_rows, mb_rows, key_start, chunk_tiles,
-                                             ROWS, BLOCK_KG, PER_TILE, ONE_PASS)
-    elif FLAT:
-        m_i, l_i = _flat_first_pass(
-            m_i, l_i, key_blocks, LIST, cand_rows, num_key_tiles, stride_ck, q_head, k_head,
-            stride_qn, stride_qd, stride_kn, stride_kd, groups, rows_ok, key_end, query_start,
-            num_queries, num_keys, qk_scale, q_desc, k_desc, q_head_row, q_group, bh, e_rows,
-            mb_rows, chunk_tiles, CAUSAL, STRIDE, PER_TILE, D_PAD, HEAD_DIM, ROWS, BLOCK_KG,
-            IEEE, UPCAST, CHECK, TMA, ONE_PASS, False)
+        for i in range(num_active):
+            key_start = tl.load(active + i) * BLOCK_KG
+            key_groups = key_start + tl.arange(0, BLOCK_KG)
+            cand = _candidate_block(cand_rows, rows_ok, key_groups, num_key_tiles, stride_ck,
+                                    PER_TILE)
+            s = _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
+                               groups, rows_ok, key_groups, key_end, query_start, num_queries,
+                               num_keys, qk_scale, q_desc, k_desc, q_head_row, q_group, bh,
+                               key_start, CAUSAL, STRIDE, D_PAD, HEAD_DIM, ROWS, BLOCK_KG,
+                               IEEE, UPCAST, CHECK, TMA, cand, CANDIDATES)
+            m_i, l_i = _first_pass_block(m_i, l_i, s, e_rows, mb_rows, key_start, chunk_tiles,
+                                         ROWS, BLOCK_KG, PER_TILE, ONE_PASS)
     else:
         for key_start in range(0, key_end, BLOCK_KG):
             key_groups = key_start + tl.arange(0, BLOCK_KG)
@@ -452,7 +431,7 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
         GROUP=group if tma else 1, CANDIDATES=candidates is not None,
         SCAN_BLOCKS=min(next_power_of_2(key_blocks),
                         max(1, SCAN_ELEMENTS // (pairs * (tuning.block_kg // per_tile)))),
-        FLAT=bool(tuning.flat), num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+        num_warps=tuning.num_warps, num_stages=tuning.num_stages,
     )
     if not normalize:
         return out

@@ -236,42 +236,6 @@ def test_packed_one_and_two_pass_match_the_reference(stride, bs, hq, hkv, nq, nk
         torch.testing.assert_close(actual, expected, rtol=2e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("stride, bs, hq, hkv, nq, nk, causal, dtype", [
-    (8, 32, 4, 1, 100, 230, True, torch.float32),     # KV prefix, partial last tile
-    (16, 32, 4, 2, 96, 96, False, torch.float32),
-    (8, 32, 4, 1, 128, 192, True, torch.float16),     # descriptor loads (tma=1)
-])
-@pytest.mark.parametrize("one_pass", [0, 1])
-def test_packed_flat_first_pass_gives_the_nested_loops_bits(stride, bs, hq, hkv, nq, nk, causal,
-                                                             dtype, one_pass):
-    """``PackedTuning.flat``: one loop over (key block, u) steps computes the same
-    products in the same order as the nested loops, so the same bits, with and
-    without a candidate mask (skipped key blocks in between)."""
-    from prism.optimized.antidiagonal_packed import (
-        PackedTuning,
-        antidiagonal_packed_probabilities,
-    )
-    from prism.reference.estimators import candidate_antidiagonal_probabilities
-    from prism.reference.scoring import admissible_tiles
-
-    q, k = _qk(1, hq, hkv, nq, nk, 16, seed=nq + stride, scale=2.0, dtype=dtype)
-    layout = tile_layout(nq, nk, bs, causal)
-    gen = torch.Generator().manual_seed(nk)
-    cand = torch.rand(1, hq, layout.num_query_tiles, layout.num_key_tiles, generator=gen) < 0.3
-    cand = cand.to(DEVICE) & admissible_tiles(layout, causal, DEVICE)
-    cand[..., -1, -1] = causal or cand[..., -1, -1]
-    tma = int(dtype != torch.float32)
-    for candidates in (None, cand):
-        nested, flat = (antidiagonal_packed_probabilities(
-            q, k, layout, stride, causal,
-            PackedTuning(target_rows=32, block_kg=16, one_pass=one_pass, tma=tma, flat=f),
-            candidates=candidates) for f in (0, 1))
-        assert torch.equal(flat, nested)
-        expected = (antidiagonal_probabilities(q, k, layout, stride, causal) if candidates is None
-                    else candidate_antidiagonal_probabilities(q, k, layout, stride, cand, causal))
-        torch.testing.assert_close(flat, expected, rtol=2e-5, atol=1e-6)
-
-
 @pytest.mark.parametrize("stride, bs, nq, nk, causal", [
     (8, 32, 128, 128, True),
     (16, 32, 80, 144, True),     # KV prefix of two tiles; the last query tile is partial
