@@ -53,7 +53,8 @@ _PLAIN = "pointers"
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("d,bs,dtype,config,path", [
-    (128, 128, torch.bfloat16, None, _WS),  # the default at D 128, tile 128
+    ("ws", 128, torch.bfloat16, None, _WS),  # opt-in warp specialisation (D 128)
+    (128, 128, torch.bfloat16, None, _TMA),  # the default at D 128, tile 128
     (64, 128, torch.bfloat16, None, _TMA),  # 64 x 64, TMA
     (128, 64, torch.float16, None, _TMA),   # tile 64: 3 stages, TMA
     (96, 128, torch.bfloat16, None, _PLAIN),
@@ -64,8 +65,11 @@ def test_attention_fast_launch_is_bitwise_triton(d, bs, dtype, config, path):
     attention kernel through the cached launcher give Triton's launch's bits."""
     from prism.optimized import attention
 
-    if d == "fallback":  # what a warp-specialised default falls back to: TMA, 8 warps
+    if d == "fallback":  # what a warp-specialised config falls back to: TMA, 8 warps
         d, config = 128, attention.fallback_config(bs, 128)
+    elif d == "ws":
+        d, config = 128, attention.AttentionConfig(128, 128, 4, 2, use_tma=True,
+                                                   warp_specialize=True)
     q, k, v, num, idx = _attention_case(d, bs, dtype)
     attention._PLANS.clear()
     _attend(q, k, v, num, idx, bs, config)  # compiles; plans the launch
@@ -101,21 +105,27 @@ def test_attention_fast_launch_is_bitwise_triton(d, bs, dtype, config, path):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("d", [128, 64], ids=["warp-specialised", "tma"])
+@pytest.mark.parametrize("d", ["ws", 128, 64], ids=["warp-specialised", "d128-tma", "d64-tma"])
 def test_attention_fast_launch_under_cuda_graph_capture(d):
     """Captured cached launches (scratch taken from the graph's pool, descriptors filled
-    at capture) replay on new data in place."""
+    at capture) replay on new data in place: the opt-in warp-specialised launch and
+    the defaults at D 128 and 64."""
+    from prism.optimized.attention import AttentionConfig
+
+    config = None
+    if d == "ws":
+        d, config = 128, AttentionConfig(128, 128, 4, 2, use_tma=True, warp_specialize=True)
     q, k, v, num, idx = _attention_case(d, 128, torch.bfloat16, seed=1)
     for _ in range(2):
-        _attend(q, k, v, num, idx, 128, None)
+        _attend(q, k, v, num, idx, 128, config)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out, lse = _attend(q, k, v, num, idx, 128, None)
+        out, lse = _attend(q, k, v, num, idx, 128, config)
     q.copy_(torch.randn_like(q))
     graph.replay()
     torch.cuda.synchronize()
-    expected, expected_lse = _attend(q, k, v, num, idx, 128, None)
+    expected, expected_lse = _attend(q, k, v, num, idx, 128, config)
     assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
 
 
