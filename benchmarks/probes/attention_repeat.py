@@ -7,7 +7,10 @@ time checking every row against dense SDPA, and prints one JSON line: how many
 calls left NaN rows, which (head, query tile) pairs, and the largest error.
 Run several copies at once to share the GPU as the test suite does.
 
-    python benchmarks/probes/attention_repeat.py --config default --reps 40
+    python benchmarks/probes/attention_repeat.py --config ws --reps 40
+
+(``--config default`` was the warp-specialised launch when the figures in
+``results/h200_attention_repeat_aec516a.json`` runs A-C were taken.)
 """
 import argparse
 import json
@@ -23,6 +26,7 @@ from test_optimized import random_tile_mask  # noqa: E402
 
 from helpers import make_qkv  # noqa: E402
 from prism.optimized.attention import (  # noqa: E402
+    AttentionConfig,
     default_config,
     fallback_config,
     sparse_attention_forward,
@@ -37,7 +41,9 @@ def main():
     parser.add_argument("--density", type=float, default=1.0)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--reps", type=int, default=40)
-    parser.add_argument("--config", choices=["default", "plain"], default="default")
+    parser.add_argument("--config", choices=["default", "plain", "ws"], default="default",
+                        help="default: default_config; plain: fallback_config; ws: the "
+                             "opt-in warp-specialised launch (the default until 2026-12-03)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     n, dtype = args.tokens, getattr(torch, args.dtype)
@@ -47,8 +53,10 @@ def main():
                             torch.Generator().manual_seed(n), causal=True, first_tile=0,
                             keep_diagonal=True).cuda()
     num, idx = mask_rows_to_indices(mask, 0, causal_trim=True)
-    config = (default_config(128, 128, dtype, False) if args.config == "default"
-              else fallback_config(128))
+    config = {"default": lambda: default_config(128, 128, dtype, False),
+              "plain": lambda: fallback_config(128),
+              "ws": lambda: AttentionConfig(128, 128, 4, 2, use_tma=True,
+                                            warp_specialize=True)}[args.config]()
     expected = None
     if args.density == 1.0:
         expected = torch.nn.functional.scaled_dot_product_attention(
