@@ -407,6 +407,19 @@ def test_warp_specialized_config_refuses_inputs_it_cannot_read():
                                  interpreted=INTERPRETED, config=config)
 
 
+def test_no_default_launch_is_warp_specialized():
+    """Triton 3.6's warp-specialised loop left NaN or unwritten rows when processes
+    shared the H200 (benchmarks/results/h200_attention_repeat_aec516a.json), so no
+    entry of the launch table, nor a paged or varlen call's, may choose it."""
+    from prism.optimized.attention import default_config, fallback_config
+
+    for tile in (16, 32, 64, 128, 192, 256):
+        for d in (32, 64, 80, 96, 128, 160, 256):
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                assert not default_config(tile, d, dtype, False).warp_specialize, (tile, d)
+            assert not fallback_config(tile, d).warp_specialize
+
+
 @pytest.mark.parametrize("fields, message", [
     (dict(block_m=48), "power of two"),
     (dict(block_n=8), "power of two"),
