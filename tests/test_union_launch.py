@@ -12,14 +12,9 @@ with Triton (no GPU needed): a spilling shape took twice as long on the H200
 
 from __future__ import annotations
 
-import inspect
-import os
-import re
-import subprocess
-import sys
-
 import pytest
 import torch
+from sm90 import in_fresh_process, sm90_resources
 from test_optimized_estimators import DEVICE
 
 from prism.optimized import tile_union
@@ -96,15 +91,10 @@ def test_union_top_p_of_dense_rows_at_narrowed_widths():
     assert torch.equal(mask.cpu(), expected)
 
 
-def _ptxas_spill_bytes(width: int) -> int:
-    """Spill-store bytes per thread of the cascade's finishing launch at ``width``
-    (probabilities, vertical-slash bins, forced tiles, mask and indices, causal),
-    compiled for sm_90 at :func:`launch_shape`'s rows and warps."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-    from triton.compiler import ASTSource
-
+def _union_resources(width: int) -> tuple[int, int]:
+    """(registers, spill-store bytes) per thread of the cascade's finishing launch at
+    ``width`` (probabilities, vertical-slash bins, forced tiles, mask and indices,
+    causal), compiled for sm_90 at :func:`launch_shape`'s rows and warps."""
     rows, warps = launch_shape(width)
     constexprs = dict(
         CAUSAL=True, HAS_PROBS=True, NORMALIZE=True, HAS_VS=True, HAS_OTHER=False,
@@ -115,34 +105,11 @@ def _ptxas_spill_bytes(width: int) -> int:
     pointers = {"PROBS": "*fp32", "COLUMNS": "*i8", "DIAGONALS": "*i8", "OTHER": "*i1",
                 "MASK": "*i1", "NUM": "*i32", "IDX": "*i32", "Q": "*bf16", "K": "*bf16",
                 "V": "*bf16", "NONFINITE": "*fp64"}
-    names = list(inspect.signature(tile_union._union_kernel.fn).parameters)
-    signature = {n: "constexpr" if n in constexprs else pointers.get(n) or
-                 ("fp32" if n == "threshold" else "i32") for n in names}
-    source = ASTSource(tile_union._union_kernel, signature,
-                       {(names.index(n),): v for n, v in constexprs.items()},
-                       {(names.index(n),): [["tt.divisibility", 16]] for n in pointers})
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": warps, "num_stages": 1})
-    ptx = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"prism_union_{width}_{os.getpid()}.ptx")
-    with open(ptx, "w") as f:
-        f.write(kernel.asm["ptx"])
-    try:
-        report = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", ptx, "-o",
-                                 os.devnull], capture_output=True, text=True, check=True).stderr
-    finally:
-        os.remove(ptx)
-    return sum(int(b) for b in re.findall(r"(\d+) bytes spill stores", report))
+    return sm90_resources(tile_union._union_kernel, constexprs, pointers, floats=("threshold",),
+                          num_warps=warps, num_stages=1)
 
 
 @pytest.mark.parametrize("width", [256, 1024])
 def test_finishing_launch_does_not_spill_registers(width):
-    # A fresh process, where triton.jit makes compilable kernels (this one may run
-    # them in the interpreter).
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = ("import sys; sys.path.insert(0, sys.argv[1]); "
-              "from test_union_launch import _ptxas_spill_bytes; "
-              "print(_ptxas_spill_bytes(int(sys.argv[2])))")
-    done = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__), str(width)],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert int(done.stdout.split()[-1]) == 0
+    _, spills = in_fresh_process("test_union_launch", "_union_resources", width)
+    assert spills == 0
