@@ -236,9 +236,10 @@ class PrismConfig:
         """A named setting from :data:`PRESETS`, with optional field overrides.
 
         ``"paper"`` is the paper's default (``PrismConfig()``); ``"accurate"`` is
-        ``estimator="cascade"`` with ``candidate_threshold=0.99``, stride 8, the
-        last 64 queries, ``high_threshold=0.9`` and ``vertical_slash_threshold=0.5``
-        (docs/estimators.rst, "Presets").
+        ``estimator="cascade"`` with ``candidate_threshold=0.99``, antidiagonal
+        stride 16, the last 32 queries, ``high_threshold=low_threshold=0.9`` and
+        ``vertical_slash_threshold=0.5`` (:data:`PRESETS`; docs/estimators.rst,
+        "Presets").
 
         >>> PrismConfig.preset("accurate").estimator
         'cascade'
