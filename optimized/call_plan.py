@@ -41,7 +41,10 @@ A plan is made only if the recorded call did nothing else on the device: only
 launches through :class:`~prism.optimized.launch.Prepared` or
 :func:`~prism.optimized.launch.launch` with a cached compiled kernel (so the
 estimators' selections, whose kernels launch through the latter, have plans
-too), on one stream, zeroing through
+too), on the call's stream or on side streams that
+:func:`~prism.optimized.launch.fork` forked from it and
+:func:`~prism.optimized.launch.join` joined back (a replay forks and joins
+them again, so stages that ran side by side still do), zeroing through
 :func:`~prism.optimized.launch.zero_`, tensors allocated afresh or views (any
 other torch operation, a launch through Triton's path, a tensor argument
 that is neither an input, nor an output, nor allocated by the call, refuses
@@ -139,7 +142,7 @@ class _Step:
     """One replayed launch (``call`` set) or zeroing (``call`` None, ``nbytes`` set)."""
 
     __slots__ = ("call", "grid", "function", "prefix", "tail", "scalars", "args", "descriptors",
-                 "entry", "scratch", "nbytes")
+                 "entry", "scratch", "nbytes", "side", "sync")
 
 
 class CallPlan:
@@ -161,10 +164,20 @@ class CallPlan:
         table.append(base)
         table += [0 if t is None else t.data_ptr() for t in outputs]
         stream = _launch._get_stream(self.device)
+        current = None
         for step in self.steps:
+            if step.sync is not None:  # the recorded fork or join of a side stream
+                if current is None:
+                    current = torch.cuda.current_stream(device)
+                if step.sync == "fork":
+                    step.side.wait_stream(current)
+                else:
+                    current.wait_stream(step.side)
+                continue
+            target = stream if step.side is None else step.side.cuda_stream
             if step.call is None:
                 slot, delta = step.args
-                _launch.zero_bytes(table[slot] + delta, step.nbytes, stream)
+                _launch.zero_bytes(table[slot] + delta, step.nbytes, target)
                 continue
             # (slot, delta) of a tensor; (-1, value) of a scalar among launch()'s arguments.
             values = [None if a is None else table[a[0]] + a[1] if a[0] >= 0 else a[1]
@@ -177,7 +190,7 @@ class CallPlan:
             prefix = step.prefix
             if step.scratch is not None:
                 prefix = (prefix[0], prefix[1], base + step.scratch, *prefix[3:])
-            step.call(*step.grid, stream, step.function, *prefix, *values, *step.tail)
+            step.call(*step.grid, target, step.function, *prefix, *values, *step.tail)
         return outputs, buffer, self.flag
 
 
@@ -247,6 +260,35 @@ def _refuse(reason: str) -> None:
     return None
 
 
+def _stream_roles(launches):
+    """Per recorded item, the side stream it ran on (None: the call's stream), or None
+    for the whole list when an item ran on a stream that was neither the call's nor a
+    side stream forked from it and not yet joined, or a side stream is never joined."""
+    main = None
+    active: dict = {}  # raw handle -> torch stream of the forked, not yet joined sides
+    roles = []
+    for item in launches:
+        stream = item[2] if item[0] in ("zero", "fork", "join") else item[4]
+        if item[0] in ("fork", "join"):
+            if main is None:
+                main = stream
+            side = item[1]
+            if stream != main or (item[0] == "fork") == (side.cuda_stream in active):
+                return None
+            if item[0] == "fork":
+                active[side.cuda_stream] = side
+            else:
+                del active[side.cuda_stream]
+            roles.append(side)
+            continue
+        if main is None:
+            main = stream
+        if stream != main and stream not in active:
+            return None
+        roles.append(active.get(stream))
+    return None if active else roles
+
+
 def _make_plan(launches, watch, result, inputs, cfg):
     """The :class:`CallPlan` of a recorded call, or None where it cannot be replayed."""
     outputs, flag = result
@@ -257,9 +299,11 @@ def _make_plan(launches, watch, result, inputs, cfg):
         return _refuse("no launch, or a launch through Triton's own path")
     if _launch._driver_memset() is None or (flag is not None and flag.dtype != torch.float64):
         return _refuse("no driver memset, or a NaN flag that is not float64")
-    launched = [item for item in launches if item[0] != "zero"]
-    if watch.zeros != len(launches) - len(launched) or len({item[4] for item in launched}) != 1:
-        return _refuse("zeroing other than by launch.zero_, or launches on several streams")
+    if watch.zeros != sum(item[0] == "zero" for item in launches):
+        return _refuse("zeroing other than by launch.zero_")
+    sides = _stream_roles(launches)
+    if sides is None:
+        return _refuse("launches on several streams other than forked and joined side streams")
     n = len(inputs)  # table slots: the inputs, the buffer, the outputs
     slots: dict = {}  # storage address -> (table slot, offset of the storage there)
     specs = []
@@ -298,8 +342,13 @@ def _make_plan(launches, watch, result, inputs, cfg):
         return slot, offset + t.data_ptr() - address
 
     steps = []
-    for item in launches:
+    for item, side in zip(launches, sides, strict=True):
         step = _Step()
+        step.side, step.sync = side, None
+        if item[0] in ("fork", "join"):
+            step.sync = item[0]
+            steps.append(step)
+            continue
         if item[0] == "zero":
             t = item[1]
             step.call, step.args = None, ref(t)

@@ -49,12 +49,17 @@ from prism.reference.tiles import TileLayout
 from .cascade import candidate_antidiagonal_tile_scores, prism_mask
 from .estimators import KERNEL_STAGES, antidiagonal_tile_scores
 from .indices import mask_rows_to_indices
-from .launch import zero_
+from .launch import fork, join, zero_
 from .pooling import nonfinite_flag
 from .sampled import sampled_tile_probabilities
+from .selection_plan import _side_stream
 from .tile_union import MAX_UNION_WIDTH, union_tiles
 from .vertical_slash import last_query_distributions_unchecked
 from .vertical_slash_tiles import vertical_slash_bins
+
+#: On CUDA, run the vertical-slash stage (the last queries' distributions and their
+#: top-p) on a second stream, concurrently with the other stages; False: one stream.
+OVERLAP_VERTICAL_SLASH = True
 
 #: Probability stages the fused path runs: stage name -> (scoring function on
 #: validated inputs, the PrismConfig field of its argument, whether it reads
@@ -142,6 +147,25 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
     check = {} if v is None else {"v": v}
     other = None
     extra = {}
+    if not (spec.prism_bands or on_candidates):
+        nonfinite = torch.empty(1, dtype=torch.float64, device=q.device)
+        zero_(nonfinite)  # a call plan replays this zeroing (a torch fill it would refuse)
+
+    def vertical_slash():
+        vertical, slash = last_query_distributions_unchecked(
+            q, k, layout, cfg.last_queries, causal,
+            None if spec.prism_bands or on_candidates else nonfinite)
+        return vertical_slash_bins(vertical, slash, layout, _vs_threshold(cfg), causal)
+
+    columns = diagonals = None
+    side = None
+    if with_vs and OVERLAP_VERTICAL_SLASH and q.is_cuda:
+        # The vertical-slash stage reads only q and k: it runs on its own stream
+        # beside Prism's kernels and the scores, and the finishing launch waits for it.
+        side = _side_stream(q.device, 1)
+        main = fork(side)
+        with torch.cuda.stream(side):
+            columns, diagonals = vertical_slash()
     if spec.prism_bands:
         other, nonfinite = prism_mask(q, k, v, cfg, causal, layout)
         check = {}  # the pooling launch checked q, k and v
@@ -149,10 +173,7 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
         extra["candidates"], nonfinite = prism_mask(q, k, v, cfg, causal, layout,
                                                     cfg.candidate_threshold)
         check = {}  # the pooling launch checked q, k and v
-    else:
-        nonfinite = torch.empty(1, dtype=torch.float64, device=q.device)
-        zero_(nonfinite)  # a call plan replays this zeroing (a torch fill it would refuse)
-    probs = columns = diagonals = None
+    probs = None
     if stage is not None:
         scores, field, reads_every_query = PROBABILITY_STAGES[stage]
         probs = scores(q, k, layout, getattr(cfg, field), causal, normalize=False,
@@ -160,11 +181,10 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
         if not reads_every_query and not on_candidates:
             check["q"] = q
     if with_vs:
-        vertical, slash = last_query_distributions_unchecked(
-            q, k, layout, cfg.last_queries, causal,
-            None if spec.prism_bands or on_candidates else nonfinite)
-        columns, diagonals = vertical_slash_bins(vertical, slash, layout, _vs_threshold(cfg),
-                                                 causal)
+        if side is None:
+            columns, diagonals = vertical_slash()
+        else:
+            join(main, side)
         if stage is None and not (spec.prism_bands or on_candidates):
             check["q"] = q
     mask, num, idx = union_tiles(

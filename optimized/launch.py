@@ -530,7 +530,8 @@ def recording():
     yielded list as ``(entry, grid, tensors, scalars, stream)`` (what a replay needs;
     for :func:`launch`, ``tensors`` holds every argument, scalars included, and
     ``scalars`` is empty), every launch that could not be replayed so (Triton's path)
-    as None, and every zeroing by :func:`zero_` as a ``("zero", tensor)`` item."""
+    as None, every zeroing by :func:`zero_` as a ``("zero", tensor, stream)`` item, and
+    every :func:`fork` and :func:`join` as a ``("fork"|"join", side stream, stream)`` item."""
     launches: list = []
     item = (threading.get_ident(), launches)
     _RECORDING.append(item)
@@ -556,7 +557,26 @@ def zero_(t: torch.Tensor) -> None:
     """``t.zero_()``, also kept by :func:`recording` (a replay zeroes with the driver)."""
     t.zero_()
     if _RECORDING and (launches := _recording_list()) is not None:
-        launches.append(("zero", t))
+        launches.append(("zero", t, _get_stream(_get_device())))
+
+
+def fork(side: torch.cuda.Stream) -> torch.cuda.Stream:
+    """Make ``side`` wait for the current stream's work so far; returns the current
+    stream (give it to :func:`join`). Kept by :func:`recording` as a ``("fork",
+    side)`` item, so a call plan replays the launches queued on ``side`` there."""
+    main = torch.cuda.current_stream(side.device)
+    side.wait_stream(main)
+    if _RECORDING and (launches := _recording_list()) is not None:
+        launches.append(("fork", side, main.cuda_stream))
+    return main
+
+
+def join(main: torch.cuda.Stream, side: torch.cuda.Stream) -> None:
+    """Make ``main`` wait for everything queued on ``side`` (kept by :func:`recording`
+    as a ``("join", side)`` item)."""
+    main.wait_stream(side)
+    if _RECORDING and (launches := _recording_list()) is not None:
+        launches.append(("join", side, main.cuda_stream))
 
 
 def descriptor_on(base: torch.Tensor, block_shape, padding):

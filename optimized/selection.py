@@ -40,6 +40,7 @@ import triton.language as tl
 from prism.reference.config import PrismConfig
 from prism.reference.tiles import TileLayout
 
+from .launch import fork, join
 from .pooling import pool_plan, run_pooling, work_pointers
 from .selection_plan import (  # noqa: F401  (SelectionTuning and the caches: public here)
     _LAUNCHES,
@@ -349,12 +350,11 @@ def run_selection(steps, work: torch.Tensor, shape, device, tuning: SelectionTun
         for grid, prepared in steps:
             prepared.launch(_select_tiles_kernel, grid, *tensors)
         return mask, kv_num_blocks, kv_indices
-    main = torch.cuda.current_stream(device)
     side = _side_stream(device)
-    side.wait_stream(main)
+    main = fork(side)
     # Widest rows first: they hold most of the work.
     for step, (grid, prepared) in enumerate(steps):
         with torch.cuda.stream(side) if step else contextlib.nullcontext():
             prepared.launch(_select_tiles_kernel, grid, *tensors)
-    main.wait_stream(side)
+    join(main, side)
     return mask, kv_num_blocks, kv_indices

@@ -186,11 +186,13 @@ def _prepare_launches(layout: TileLayout, causal: bool, tuning: SelectionTuning,
 _SIDE_STREAMS: dict = {}
 
 
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """One extra stream per device for the narrow selection launches."""
-    key = torch.device(device).index
-    if key is None:
-        key = torch.cuda.current_device()
+def _side_stream(device: torch.device, slot: int = 0) -> torch.cuda.Stream:
+    """Extra streams per device: slot 0 for the narrow selection launches, slot 1 for
+    the estimators' vertical-slash stage (:mod:`prism.optimized.estimator_path`)."""
+    index = torch.device(device).index
+    if index is None:
+        index = torch.cuda.current_device()
+    key = (index, slot)
     if key not in _SIDE_STREAMS:
-        _SIDE_STREAMS[key] = torch.cuda.Stream(device=key)
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=index)
     return _SIDE_STREAMS[key]

@@ -594,3 +594,64 @@ def test_block_sparse_plan_replays_other_masks_bit_for_bit(dtype):
             assert torch.isfinite(out).all()
             assert torch.equal(out, direct) and torch.equal(lse, direct_lse)
     assert call_plan.PLAN_STATS["made"] == made + 1  # one plan, replayed on every mask
+
+
+class _Side:
+    """A stand-in side stream: only its raw handle is read while a plan is made."""
+
+    def __init__(self, handle):
+        self.cuda_stream = handle
+
+
+def test_side_streams_forked_and_joined_are_replayable():
+    """Launches on a side stream forked from the call's stream and joined back get that
+    stream as their role; any other stream, a fork never joined, or a join without its
+    fork refuses the plan."""
+    side, other = _Side(9), _Side(11)
+    main_launch, side_launch = ("e", (1,), (), (), 7), ("e", (1,), (), (), 9)
+    items = [main_launch, ("fork", side, 7), side_launch, ("zero", None, 9), main_launch,
+             ("join", side, 7), main_launch]
+    roles = call_plan._stream_roles(items)
+    assert roles == [None, side, side, side, None, side, None]
+    assert call_plan._stream_roles([main_launch, side_launch]) is None  # never forked
+    assert call_plan._stream_roles(items[:-2]) is None  # never joined
+    assert call_plan._stream_roles([("join", side, 7), main_launch]) is None
+    assert call_plan._stream_roles([("fork", side, 7), ("fork", side, 7)]) is None
+    # A fork from a stream other than the call's, or a launch on an unforked side.
+    assert call_plan._stream_roles([main_launch, ("fork", other, 9), ("join", other, 9)]) is None
+    assert call_plan._stream_roles(items[:2] + [("e", (1,), (), (), 11)] + items[5:]) is None
+
+
+@pytest.mark.gpu
+@cuda
+def test_selection_on_two_streams_replays_its_plan_on_the_gpu():
+    """Prism's selection with three launches (the narrower two on the side stream) and the
+    accurate preset (its vertical-slash stage on its own stream) get plans; their replays,
+    eager and captured in a CUDA graph, equal the general path and the one-stream path
+    bit for bit."""
+    from prism.optimized import estimator_path
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    q, k = (torch.randn(1, h, 16384, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+            for h in (4, 2))
+    for cfg in (PrismConfig(block_size=16), PrismConfig.preset("accurate", block_size=16)):
+        estimator_path.OVERLAP_VERTICAL_SLASH = False
+        try:
+            one_stream = optimized.select_blocks(q, k, cfg)
+        finally:
+            estimator_path.OVERLAP_VERTICAL_SLASH = True
+        call_plan._PLANS.clear()
+        made, hits = call_plan.PLAN_STATS["made"], call_plan.PLAN_STATS["hit"]
+        calls = [optimized.select_blocks(q, k, cfg) for _ in range(4)]  # seen, recorded, 2
+        assert call_plan.PLAN_STATS["made"] == made + 1, call_plan.LAST_REFUSAL
+        assert call_plan.PLAN_STATS["hit"] == hits + 2
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):
+            captured = optimized.select_blocks(q, k, cfg)
+        graph.replay()
+        torch.cuda.synchronize()
+        for got in (*calls, captured):
+            assert torch.equal(got.as_tensor(), one_stream.as_tensor())
+            assert torch.equal(got.kv_num_blocks, one_stream.kv_num_blocks)
+            assert torch.equal(got.kv_indices, one_stream.kv_indices)

@@ -1,0 +1,63 @@
+"""The accurate preset's selection with its vertical-slash stage on a second stream or
+not, and Prism's selection, at several lengths in one run: eager and CUDA-graph ms,
+and whether the masks agree bit for bit.
+
+    python3 benchmarks/probes/overlap_ab.py --lengths 8192,32768,131072 --out x.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench_matrix import structured_qkv  # noqa: E402
+from bench_prism import bench, graph_ms  # noqa: E402
+
+from prism import optimized  # noqa: E402
+from prism.optimized import call_plan, estimator_path  # noqa: E402
+from prism.reference import PrismConfig  # noqa: E402
+
+
+def row(n):
+    q, k, _ = structured_qkv(n)
+    out = {"tokens": n}
+    preset = PrismConfig.preset("accurate")
+    masks = {}
+    for overlap in (False, True, False, True):
+        estimator_path.OVERLAP_VERTICAL_SLASH = overlap
+        call_plan._PLANS.clear()  # plans record the launches of one setting
+        name = "preset_overlap" if overlap else "preset_one_stream"
+        masks[name] = optimized.select_blocks(q, k, preset).as_tensor().clone()
+        out.setdefault(f"{name}_eager_ms", []).append(
+            bench(lambda: optimized.select_blocks(q, k, preset)))
+        out.setdefault(f"{name}_graph_ms", []).append(
+            graph_ms(lambda: optimized.select_blocks(q, k, preset)))
+    estimator_path.OVERLAP_VERTICAL_SLASH = True
+    out["masks_equal"] = bool(torch.equal(masks["preset_overlap"], masks["preset_one_stream"]))
+    paper = PrismConfig()
+    out["prism_eager_ms"] = bench(lambda: optimized.select_blocks(q, k, paper))
+    out["prism_graph_ms"] = graph_ms(lambda: optimized.select_blocks(q, k, paper))
+    out["plan_stats"] = dict(call_plan.PLAN_STATS)
+    out["last_refusal"] = call_plan.LAST_REFUSAL
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lengths", default="8192,32768,131072")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args(argv)
+    rows = [row(int(n)) for n in args.lengths.split(",")]
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
