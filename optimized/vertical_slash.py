@@ -46,7 +46,6 @@ for nothing.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -100,10 +99,6 @@ class VSTuning:
         Programs the distribution pass's grid aims at (each walks a run of key
         blocks, its query rows and statistics loaded once);
         0: :data:`DISTRIBUTION_PROGRAMS`.
-    stats_max_rows : int
-        Most query rows one program of the statistics pass holds (a power of two);
-        0: ``max_rows``. More heads of a GQA group per program read each key block
-        fewer times (the pass reads K once per program's head group).
     """
 
     max_rows: int = MAX_ROWS
@@ -112,7 +107,6 @@ class VSTuning:
     num_warps: int = 0
     num_stages: int = 3
     programs: int = 0
-    stats_max_rows: int = 0
 
 
 #: The launch shape used unless one is passed (``bench_estimators.py --stages``
@@ -168,34 +162,17 @@ def _block_scores(q_tile, k_head, stride_kn, stride_kd, keys, num_keys,
 
 
 @triton.jit
-def _stats_offsets(pid_rows, heads_per_row_block, row_blocks, stats_rows, num_chunks,
-                   HEADS: tl.constexpr, LB: tl.constexpr):
-    """Where a program's rows keep their per-chunk statistics: row ``local`` (among the
-    last queries) of flat head ``b * Hq + h`` at ``((b * Hq + h) * stats_rows + local)
-    * num_chunks``, whatever the program's grouping of heads and rows."""
-    b = pid_rows // (heads_per_row_block * row_blocks)
-    rest = pid_rows % (heads_per_row_block * row_blocks)
-    i = tl.arange(0, HEADS * LB)
-    flat_head = b * (heads_per_row_block * HEADS) + (rest // row_blocks) * HEADS + i // LB
-    local = (rest % row_blocks) * LB + i % LB
-    return (flat_head.to(tl.int64) * stats_rows + local) * num_chunks
-
-
-@triton.jit
 def _stats_kernel(
     Q, K, M_OUT, L_OUT, NONFINITE,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     group, heads_per_row_block, row_blocks, rows, num_queries, num_keys, query_start,
-    chunk_keys, num_chunks, qk_scale, stats_rows,
+    chunk_keys, num_chunks, qk_scale,
     CAUSAL: tl.constexpr, HEADS: tl.constexpr, LB: tl.constexpr, BN: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     CHECK: tl.constexpr,
 ):
     """Per row, max ``m`` and sum ``l`` of ``2^(s*qk_scale - m)`` over one key chunk.
-
-    Stored at :func:`_stats_offsets` (per (batch, head, last query), its chunks in a
-    row), so that the distribution pass may group its rows differently.
 
     With ``CHECK`` a NaN/Inf in k or in the last queries sets ``NONFINITE``
     (:func:`prism.optimized.antidiagonal_packed.masked_scores`).
@@ -223,8 +200,7 @@ def _stats_kernel(
         m_i, l_i = online_softmax_step(m_i, l_i, masked_scores(s, allowed, qk_scale, CHECK))
     if CHECK:
         _flag_if_nonfinite(l_i, NONFINITE)
-    out = _stats_offsets(pid_rows, heads_per_row_block, row_blocks, stats_rows, num_chunks,
-                         HEADS, LB) + chunk
+    out = (pid_rows * num_chunks + chunk).to(tl.int64) * (HEADS * LB) + tl.arange(0, HEADS * LB)
     tl.store(M_OUT + out, m_i)
     tl.store(L_OUT + out, l_i)
 
@@ -254,7 +230,7 @@ def _distribution_kernel(
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     group, heads_per_row_block, row_blocks, rows, num_queries, num_keys, query_start,
-    num_key_blocks, num_chunks, qk_scale, blocks_per_program, stats_rows,
+    num_key_blocks, num_chunks, qk_scale, blocks_per_program,
     CAUSAL: tl.constexpr, HEADS: tl.constexpr, LB: tl.constexpr, BN: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     DIRECT_VERT: tl.constexpr,
@@ -275,15 +251,15 @@ def _distribution_kernel(
         group, heads_per_row_block, row_blocks, rows, num_queries, query_start, HEADS, LB,
         HEAD_DIM, D_PAD)
     i = tl.arange(0, ROWS)
-    stats = _stats_offsets(pid_rows, heads_per_row_block, row_blocks, stats_rows, num_chunks,
-                           HEADS, LB)
+    stats = pid_rows.to(tl.int64) * num_chunks * ROWS + i
     m = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
     for c in range(num_chunks):
-        m = tl.maximum(m, tl.load(M_PART + stats + c))
+        m = tl.maximum(m, tl.load(M_PART + stats + c * ROWS))
     m = tl.where(m == float("-inf"), 0.0, m)
     total = tl.zeros((ROWS,), dtype=tl.float32)
     for c in range(num_chunks):
-        total += tl.load(L_PART + stats + c) * tl.math.exp2(tl.load(M_PART + stats + c) - m)
+        total += tl.load(L_PART + stats + c * ROWS) * tl.math.exp2(
+            tl.load(M_PART + stats + c * ROWS) - m)
     w = tl.where(total > 0.0, 1.0 / (tl.where(total > 0.0, total, 1.0) * rows), 0.0)
     heads = tl.arange(0, HEADS)
     cols = tl.arange(0, BN)
@@ -392,15 +368,13 @@ def _plan(rows: int, group: int, tuning: VSTuning):
 
 def _check_tuning(tuning: VSTuning) -> None:
     for name in ("max_rows", "block_n", "stats_block_n", "num_warps", "num_stages",
-                 "programs", "stats_max_rows"):
+                 "programs"):
         value = getattr(tuning, name)
-        least = 0 if name in ("num_warps", "programs", "stats_max_rows") else 1
+        least = 0 if name in ("num_warps", "programs") else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"VSTuning.{name} must be an int >= {least}, got {value!r}")
-    for name in ("max_rows", "block_n", "stats_block_n", "stats_max_rows"):
+    for name in ("max_rows", "block_n", "stats_block_n"):
         value = getattr(tuning, name)
-        if name == "stats_max_rows" and value == 0:
-            continue
         if value < _MIN_DOT or value & (value - 1):
             raise ValueError(f"VSTuning.{name} must be a power of two >= {_MIN_DOT}, "
                              f"got {value}")
@@ -479,25 +453,15 @@ def last_query_distributions_unchecked(q: torch.Tensor, k: torch.Tensor, layout:
     common = dict(CAUSAL=causal, HEADS=heads, LB=lb, HEAD_DIM=d, D_PAD=d_pad, IEEE=ieee,
                   UPCAST=upcast, num_warps=warps, num_stages=tuning.num_stages)
     stats_bn = tuning.stats_block_n
-    stats_tuning = dataclasses.replace(tuning, max_rows=tuning.stats_max_rows or tuning.max_rows)
-    s_heads, s_lb, _, s_row_blocks = _plan(rows, group, stats_tuning)
-    s_programs = b * (hq // s_heads) * s_row_blocks
-    chunk = _stats_chunk(nk_tokens, s_programs, stats_bn)
+    chunk = _stats_chunk(nk_tokens, row_programs, stats_bn)
     chunks = -(-nk_tokens // chunk)
-    # Per (batch, head, last query) the chunks' statistics (every row either grouping
-    # pads to is stored, padding rows included).
-    stats_rows = max(row_blocks * lb, s_row_blocks * s_lb)
-    m_part = torch.empty(b * hq * stats_rows * chunks, dtype=torch.float32, device=device)
+    m_part = torch.empty(row_programs, chunks, heads * lb, dtype=torch.float32, device=device)
     l_part = torch.empty_like(m_part)
     args = (*q.stride(), *k.stride(), group, hq // heads, row_blocks, rows, nq_tokens,
             nk_tokens, layout.query_start)
-    s_args = (*q.stride(), *k.stride(), group, hq // s_heads, s_row_blocks, rows, nq_tokens,
-              nk_tokens, layout.query_start)
-    s_warps = tuning.num_warps or (8 if s_heads * s_lb * d_pad >= 128 * 128 else 4)
-    launch(_stats_kernel, (s_programs, chunks), q, k, m_part, l_part,
-           nonfinite if nonfinite is not None else m_part, *s_args, chunk, chunks, qk_scale,
-           stats_rows, CHECK=nonfinite is not None, BN=stats_bn,
-           **{**common, "HEADS": s_heads, "LB": s_lb, "num_warps": s_warps})
+    launch(_stats_kernel, (row_programs, chunks), q, k, m_part, l_part,
+           nonfinite if nonfinite is not None else m_part, *args, chunk, chunks, qk_scale,
+           CHECK=nonfinite is not None, BN=stats_bn, **common)
     key_blocks = -(-nk_tokens // bn)
     direct = row_blocks == 1
     vert = vertical if direct else torch.empty(row_programs, heads, key_blocks * bn,
@@ -509,7 +473,7 @@ def last_query_distributions_unchecked(q: torch.Tensor, k: torch.Tensor, layout:
     per_program = max(1, row_programs * key_blocks // (tuning.programs
                                                         or DISTRIBUTION_PROGRAMS))
     launch(_distribution_kernel, (row_programs, -(-key_blocks // per_program)), q, k, m_part,
-           l_part, vert, parts, *args, key_blocks, chunks, qk_scale, per_program, stats_rows,
+           l_part, vert, parts, *args, key_blocks, chunks, qk_scale, per_program,
            DIRECT_VERT=direct, BN=bn, **common)
     if not direct:
         # (b, head block, row block) programs -> (b, hq, row block), summed over row blocks.

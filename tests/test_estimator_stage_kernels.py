@@ -366,9 +366,6 @@ def test_last_query_distributions_several_key_blocks_per_program(programs, monke
 @pytest.mark.parametrize("tuning", [
     dict(block_n=128),                                  # key blocks wider than the rows
     dict(max_rows=32, stats_block_n=32, programs=3),    # one head per program, runs of blocks
-    dict(max_rows=32, stats_max_rows=64),               # statistics: two heads per program
-    dict(max_rows=16, stats_max_rows=64),               # two row blocks, statistics in one
-    dict(max_rows=64, stats_max_rows=16),               # statistics in two row blocks
 ])
 def test_last_query_distributions_launch_shapes(tuning):
     """Every launch shape gives the reference's distributions (rotation, chunks, blocks)."""
@@ -385,8 +382,7 @@ def test_last_query_distributions_launch_shapes(tuning):
 
 
 @pytest.mark.parametrize("field, value", [("block_n", 48), ("max_rows", 8), ("num_stages", 0),
-                                          ("programs", -1), ("stats_block_n", True),
-                                          ("stats_max_rows", 24)])
+                                          ("programs", -1), ("stats_block_n", True)])
 def test_last_query_distributions_bad_launch_shape(field, value):
     from prism.optimized.vertical_slash import VSTuning, last_query_distributions_kernel
 
