@@ -1,7 +1,7 @@
 """The accurate preset's selection with its vertical-slash stage on a second stream or
-not (and with the statistics pass's rows grouped by ``--stats-rows``), and Prism's
-selection, at several lengths in one run: eager and CUDA-graph ms, and whether the
-masks agree bit for bit; the preset's last-query distributions alone per grouping.
+not, and Prism's selection, at several lengths in one run: eager and CUDA-graph ms,
+and whether the masks agree bit for bit. (Run at 76130aa it also timed
+``VSTuning.stats_max_rows``, a grouping of the statistics pass since removed.)
 
     python3 benchmarks/probes/overlap_ab.py --lengths 8192,32768,131072 --out x.json
 """
@@ -9,7 +9,6 @@ masks agree bit for bit; the preset's last-query distributions alone per groupin
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -21,11 +20,11 @@ from bench_matrix import structured_qkv  # noqa: E402
 from bench_prism import bench, graph_ms  # noqa: E402
 
 from prism import optimized  # noqa: E402
-from prism.optimized import call_plan, estimator_path, vertical_slash  # noqa: E402
-from prism.reference import PrismConfig, tile_layout  # noqa: E402
+from prism.optimized import call_plan, estimator_path  # noqa: E402
+from prism.reference import PrismConfig  # noqa: E402
 
 
-def row(n, stats_rows):
+def row(n):
     q, k, _ = structured_qkv(n)
     out = {"tokens": n}
     preset = PrismConfig.preset("accurate")
@@ -40,21 +39,6 @@ def row(n, stats_rows):
         out.setdefault(f"{name}_graph_ms", []).append(
             graph_ms(lambda: optimized.select_blocks(q, k, preset)))
     estimator_path.OVERLAP_VERTICAL_SLASH = True
-    default = vertical_slash.TUNED_VS
-    layout = tile_layout(n, n, 128, True)
-    for rows in [0, *stats_rows]:
-        tuning = dataclasses.replace(default, stats_max_rows=rows)
-        out[f"distributions_stats_rows{rows}_graph_ms"] = graph_ms(
-            lambda t=tuning: vertical_slash.last_query_distributions_kernel(
-                q, k, layout, preset.last_queries, True, tuning=t))
-        if rows:
-            vertical_slash.TUNED_VS = tuning
-            call_plan._PLANS.clear()
-            masks[f"stats{rows}"] = optimized.select_blocks(q, k, preset).as_tensor().clone()
-            out[f"preset_overlap_stats_rows{rows}_graph_ms"] = graph_ms(
-                lambda: optimized.select_blocks(q, k, preset))
-            vertical_slash.TUNED_VS = default
-            call_plan._PLANS.clear()
     out["masks_equal"] = all(torch.equal(mask, masks["preset_one_stream"])
                              for mask in masks.values())
     paper = PrismConfig()
@@ -69,12 +53,9 @@ def row(n, stats_rows):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", default="8192,32768,131072")
-    parser.add_argument("--stats-rows", default="128",
-                        help="comma list of VSTuning.stats_max_rows values to time")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
-    stats_rows = [int(x) for x in args.stats_rows.split(",") if x]
-    rows = [row(int(n), stats_rows) for n in args.lengths.split(",")]
+    rows = [row(int(n)) for n in args.lengths.split(",")]
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
