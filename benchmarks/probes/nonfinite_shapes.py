@@ -1,0 +1,62 @@
+"""Launch shapes of ``block_sparse_attention``'s NaN/Inf pass (``pooling.nonfinite_flag``):
+device ms per call (CUDA-graph replays) and the read bandwidth each reaches, on the
+public calls' shapes; each shape must also flag one NaN.
+
+    python3 benchmarks/probes/nonfinite_shapes.py --out x.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench_prism import graph_ms  # noqa: E402
+
+from prism.optimized.pooling import NONFINITE_SHAPE, nonfinite_flag  # noqa: E402
+
+SHAPES = [NONFINITE_SHAPE, *[(rows, 32, warps, elementwise) for rows in (128, 512)
+                             for warps in (1, 4, 8) for elementwise in (False, True)],
+          (256, 16, 2, True), (1024, 32, 8, True), (256, 32, 4, True)]
+
+
+def row(n, b, hq=32, hkv=8, d=128):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+               for h in (hq, hkv, hkv))
+    gigabytes = sum(t.numel() * t.element_size() for t in (q, k, v)) / 1e9
+    out = {"tokens": n, "batch": b, "gigabytes": gigabytes, "shapes": []}
+    bad = v.clone()
+    bad[-1, -1, n // 3, 5] = float("nan")
+    for shape in SHAPES:
+        entry = {"shape": list(shape)}
+        try:
+            clean = float(nonfinite_flag(q, k, v, shape=shape))
+            flagged = float(nonfinite_flag(q, k, bad, shape=shape))
+            entry["flags_nan"] = clean == 0.0 and flagged != 0.0
+            entry["graph_ms"] = graph_ms(lambda s=shape: nonfinite_flag(q, k, v, shape=s))
+            entry["tb_per_s"] = gigabytes / entry["graph_ms"]
+        except Exception as error:  # noqa: BLE001 - a shape that does not compile
+            entry["error"] = f"{type(error).__name__}: {str(error)[:200]}"
+        print(n, b, entry, flush=True)
+        out["shapes"].append(entry)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", default="131072/1,8192/4,4096/1")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args(argv)
+    rows = [row(*map(int, case.split("/"))) for case in args.cases.split(",")]
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
