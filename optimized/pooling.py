@@ -56,8 +56,7 @@ def _flag_if_nonfinite(sums, nonfinite_ptr):
 @triton.jit
 def _check_rows_finite(x_ptr, stride_b, stride_h, stride_n, stride_d, num_heads, num_rows,
                        num_dims, row_block, block_rows, nonfinite_ptr,
-                       D_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                       ELEMENTWISE: tl.constexpr = False):
+                       D_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
     """Flag NaN/Inf in rows ``[block * block_rows, ...)`` of one head of ``x`` (B, H, N, D).
 
     ``row_block`` numbers (batch * head, block) pairs; fp32 column sums over the
@@ -71,18 +70,12 @@ def _check_rows_finite(x_ptr, stride_b, stride_h, stride_n, stride_d, num_heads,
     dims = tl.arange(0, D_PAD)
     base = x_ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
     total = tl.zeros([D_PAD], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_T, D_PAD], dtype=tl.float32)
     for r0 in range(0, block_rows, BLOCK_T):
         rows = block * block_rows + r0 + tl.arange(0, BLOCK_T)
         ok = (rows < num_rows)[:, None] & (dims < num_dims)[None, :]
         x = tl.load(base + rows.to(tl.int64)[:, None] * stride_n + dims[None, :] * stride_d,
                     mask=ok, other=0.0)
-        if ELEMENTWISE:  # one reduction at the end instead of one per load
-            acc += x.to(tl.float32)
-        else:
-            total += tl.sum(x.to(tl.float32), axis=0)
-    if ELEMENTWISE:
-        total = tl.sum(acc, axis=0)
+        total += tl.sum(x.to(tl.float32), axis=0)
     _flag_if_nonfinite(total, nonfinite_ptr)
 
 
@@ -95,7 +88,6 @@ def _nonfinite_kernel(
     num_q_heads, num_kv_heads, num_queries, num_keys, head_dim, head_dim_v,
     q_programs, k_programs, block_rows,
     D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-    ELEMENTWISE: tl.constexpr,
 ):
     """One pass over Q, K and V that flags NaN/Inf (the reference's ``check_finite``).
 
@@ -105,16 +97,15 @@ def _nonfinite_kernel(
     pid = tl.program_id(0)
     if pid < q_programs:
         _check_rows_finite(Q, stride_qb, stride_qh, stride_qn, stride_qd, num_q_heads,
-                           num_queries, head_dim, pid, block_rows, NONFINITE, D_PAD, BLOCK_T,
-                           ELEMENTWISE)
+                           num_queries, head_dim, pid, block_rows, NONFINITE, D_PAD, BLOCK_T)
     elif pid < q_programs + k_programs:
         _check_rows_finite(K, stride_kb, stride_kh, stride_kn, stride_kd, num_kv_heads,
                            num_keys, head_dim, pid - q_programs, block_rows, NONFINITE,
-                           D_PAD, BLOCK_T, ELEMENTWISE)
+                           D_PAD, BLOCK_T)
     else:
         _check_rows_finite(V, stride_vb, stride_vh, stride_vn, stride_vd, num_kv_heads,
                            num_keys, head_dim_v, pid - q_programs - k_programs, block_rows,
-                           NONFINITE, DV_PAD, BLOCK_T, ELEMENTWISE)
+                           NONFINITE, DV_PAD, BLOCK_T)
 
 
 @triton.jit
@@ -391,9 +382,12 @@ _FLAG_LAUNCHES: dict = {}  # call shape -> (grid, Prepared)
 
 
 #: Launch shape of :func:`nonfinite_flag`: rows per program, rows per load (at most
-#: 4096 elements a load), warps, and whether the loads are summed elementwise with
-#: one reduction at the end (else one reduction per load).
-NONFINITE_SHAPE = (128, 32, 4, False)
+#: 4096 elements a load), warps. One warp per program, as for pooling: on the H200
+#: (``benchmarks/probes/nonfinite_shapes.py``, ``h200_nonfinite_shapes_8a2d70a.json``,
+#: 32/8 heads, D 128, bf16) 0.366 ms at 128K (4.4 TB/s), 0.104 at 8K batch 4 and
+#: 0.024 at 4K, against 0.943 / 0.246 / 0.041 for the earlier 4 warps (1.7 TB/s:
+#: a reduction across warps after every load); 8 warps 1.81 ms at 128K.
+NONFINITE_SHAPE = (128, 32, 1)
 
 
 def nonfinite_flag(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -406,9 +400,9 @@ def nonfinite_flag(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     shape) and the flag is zeroed by :func:`~prism.optimized.launch.zero_`, so a
     call plan (:mod:`prism.optimized.call_plan`) can record and replay both.
     """
-    block_rows, rows_per_load, warps, elementwise = NONFINITE_SHAPE if shape is None else shape
+    block_rows, rows_per_load, warps = NONFINITE_SHAPE if shape is None else shape
     key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), block_rows,
-           rows_per_load, warps, elementwise)
+           rows_per_load, warps)
     plan = _FLAG_LAUNCHES.get(key)
     if plan is None:
         b, hq, nq, d = q.shape
@@ -421,7 +415,7 @@ def nonfinite_flag(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
              k_programs, block_rows),
             dict(D_PAD=d_pad, DV_PAD=dv_pad,
                  BLOCK_T=max(1, min(block_rows, rows_per_load, 4096 // max(d_pad, dv_pad))),
-                 ELEMENTWISE=bool(elementwise), num_warps=warps))
+                 num_warps=warps))
         if len(_FLAG_LAUNCHES) >= 1024:
             _FLAG_LAUNCHES.clear()
         plan = _FLAG_LAUNCHES[key] = ((q_programs + 2 * k_programs,), prepared)
