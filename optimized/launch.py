@@ -563,7 +563,8 @@ def zero_(t: torch.Tensor) -> None:
 def fork(side: torch.cuda.Stream) -> torch.cuda.Stream:
     """Make ``side`` wait for the current stream's work so far; returns the current
     stream (give it to :func:`join`). Kept by :func:`recording` as a ``("fork",
-    side)`` item, so a call plan replays the launches queued on ``side`` there."""
+    side, current stream's handle)`` item, so a call plan replays the launches
+    queued on ``side`` there."""
     main = torch.cuda.current_stream(side.device)
     side.wait_stream(main)
     if _RECORDING and (launches := _recording_list()) is not None:
@@ -573,7 +574,7 @@ def fork(side: torch.cuda.Stream) -> torch.cuda.Stream:
 
 def join(main: torch.cuda.Stream, side: torch.cuda.Stream) -> None:
     """Make ``main`` wait for everything queued on ``side`` (kept by :func:`recording`
-    as a ``("join", side)`` item)."""
+    as a ``("join", side, main's handle)`` item)."""
     main.wait_stream(side)
     if _RECORDING and (launches := _recording_list()) is not None:
         launches.append(("join", side, main.cuda_stream))
