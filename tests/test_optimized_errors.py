@@ -100,3 +100,25 @@ def test_inputs_are_never_modified():
     optimized.prism_attention(q, k, v, block_size=32)
     for t, c in zip((q, k, v), copies, strict=True):
         assert torch.equal(t, c)
+
+
+@pytest.mark.parametrize("target", ["q", "k", "v"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_nan_pass_reaches_every_row_block_head_and_batch(target):
+    """``block_sparse_attention``'s one-pass NaN/Inf check (``pooling.nonfinite_flag``)
+    maps its programs onto every (batch, head, row block): a NaN in the last row of
+    the last head of the last batch, past the first block of rows, is flagged, and
+    clean tensors are not (head dims 80 and 48, so padded columns are masked)."""
+    from prism.optimized.pooling import NONFINITE_SHAPE, nonfinite_flag
+
+    gen = torch.Generator().manual_seed(4)
+    shapes = {"q": (2, 4, 300, 80), "k": (2, 2, 333, 80), "v": (2, 2, 333, 48)}
+    tensors = {name: torch.randn(shape, generator=gen).to(DEVICE)
+               for name, shape in shapes.items()}
+    assert float(nonfinite_flag(tensors["q"], tensors["k"], tensors["v"])) == 0.0
+    rows = NONFINITE_SHAPE[0]
+    for row in (shapes[target][2] - 1, rows + 1):
+        bad = dict(tensors)
+        bad[target] = tensors[target].clone()
+        bad[target][-1, -1, row, -1] = math.nan
+        assert float(nonfinite_flag(bad["q"], bad["k"], bad["v"])) != 0.0, row
