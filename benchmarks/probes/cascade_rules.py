@@ -1,4 +1,4 @@
-"""Two per-row / per-head rules on top of the accurate preset (the cascade), on SmolLM2 (CPU).
+"""Per-row / per-head rules on top of the accurate preset (the cascade), on SmolLM2 (CPU).
 
 Research probe for issue #15's open question (docs/estimator_results.rst, the
 passkey misses of the cascade at 2K): does a rule applied after the cascade's
@@ -42,6 +42,13 @@ or ``--points "RULE@P;..."``):
     positive cascade tile probabilities; the head's flatness is the mean over
     its rows with ``n >= 2``. Heads with flatness ``> T`` take the top-p at
     ``P``, the others at the point's p (the preset's 0.9). Nothing else moves.
+``last_tile=P``
+    The last query tile's row also keeps the key tiles that top-p at ``P``
+    (contract §6's rule and tie-break, tiles of mass 0 never kept) keeps on the
+    last ``last_queries`` queries' exact attention: the vertical distribution
+    of :func:`~prism.reference.estimators.last_query_distributions`, summed into
+    key tiles. ``last_tile=half`` takes ``P = (1 + p) / 2`` of the point's p
+    (0.95 at the preset's 0.9). No other row changes.
 
 Every point records the sweep's fields (perplexity, ratio to full attention,
 density of its own pass, selection time, candidate density, passkeys) plus
@@ -119,7 +126,8 @@ from prism.evaluation.data import (
 from prism.evaluation.perplexity import sequence_nll, token_windows
 from prism.evaluation.sweep import CandidateCounter, SweepSettings, run_sweep, with_preset
 from prism.integrations.transformers import PrismStats, register
-from prism.reference import PrismConfig
+from prism.reference import PrismConfig, top_p_select
+from prism.reference.estimators import last_query_distributions
 from prism.reference.registry import REFERENCE_STAGES
 from prism.reference.scoring import admissible_tiles
 from prism.reference.select import estimator_mask
@@ -151,7 +159,15 @@ def parse_rule(text: str) -> dict:
         if not 0.0 < high <= 1.0:
             raise ValueError(f"entropy_p needs P in (0, 1], got {high}")
         return {"name": "entropy_p", "tau": tau, "p_high": high}
-    raise ValueError(f"unknown rule {text!r}; use none, min_tiles=M or entropy_p=T:P")
+    if name == "last_tile":
+        if value == "half":
+            return {"name": "last_tile", "p": None}
+        p = float(value)
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"last_tile needs P in (0, 1] or 'half', got {p}")
+        return {"name": "last_tile", "p": p}
+    raise ValueError(f"unknown rule {text!r}; use none, min_tiles=M, entropy_p=T:P or "
+                     "last_tile=P")
 
 
 def rule_label(rule: dict) -> str:
@@ -159,7 +175,27 @@ def rule_label(rule: dict) -> str:
         return f"min_tiles={rule['m']}"
     if rule["name"] == "entropy_p":
         return f"entropy_p={rule['tau']:g}:{rule['p_high']:g}"
+    if rule["name"] == "last_tile":
+        return "last_tile=half" if rule["p"] is None else f"last_tile={rule['p']:g}"
     return "none"
+
+
+def last_tile_exact(q, k, layout, last_queries: int, threshold: float,
+                    causal: bool) -> torch.Tensor:
+    """The ``last_tile`` rule's tiles: (B, Hq, nq, nk) bool, set only in the last row."""
+    b, hq = q.shape[:2]
+    nq, nk = layout.num_query_tiles, layout.num_key_tiles
+    out = torch.zeros(b, hq, nq, nk, dtype=torch.bool, device=q.device)
+    if nq == 0 or nk == 0:
+        return out
+    vertical, _ = last_query_distributions(q, k, layout, last_queries, causal)
+    bs = layout.block_size
+    padded = torch.zeros(b, hq, nk * bs, dtype=torch.float32, device=q.device)
+    padded[..., :vertical.shape[-1]] = vertical
+    mass = padded.view(b, hq, nk, bs).sum(-1)
+    keep, _ = top_p_select(mass, admissible_tiles(layout, causal, q.device)[-1], threshold)
+    out[:, :, -1] = keep & (mass > 0)
+    return out
 
 
 def head_flatness(probs: torch.Tensor) -> torch.Tensor:
@@ -265,9 +301,13 @@ class RuleSelector(CandidateCounter):
                 "density": float(mask.sum()) / (int(admissible.sum()) * mask.shape[0]
                                                 * mask.shape[1]),
             })
-        if self.rule["name"] == "min_tiles":
+        if self.rule["name"] in ("min_tiles", "last_tile"):
             before = mask
-            mask = add_min_tiles(mask, kept["probs"], admissible, self.rule["m"])
+            if self.rule["name"] == "min_tiles":
+                mask = add_min_tiles(mask, kept["probs"], admissible, self.rule["m"])
+            else:
+                p = self.rule["p"] or (1.0 + config.high_threshold) / 2
+                mask = mask | last_tile_exact(q, k, layout, config.last_queries, p, causal)
             added = mask & ~before
             self.tiles_added += int(added.sum())
             self.rows_changed += int(added.any(-1).sum())
@@ -275,7 +315,7 @@ class RuleSelector(CandidateCounter):
 
     def stats(self) -> dict:
         out = {"rows": self.rows}
-        if self.rule["name"] == "min_tiles":
+        if self.rule["name"] in ("min_tiles", "last_tile"):
             out.update(rows_changed=self.rows_changed, tiles_added=self.tiles_added)
         if self.rule["name"] == "entropy_p":
             out.update(heads=self.heads, heads_raised=self.heads_raised)
