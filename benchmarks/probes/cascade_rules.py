@@ -95,6 +95,16 @@ tiles, as the forced sink and diagonal guarantee)::
         --lengths 2048 --depths 0.1,0.3,0.5,0.7,0.9 --no-progress \
         --out $S/bible-passkey-2k-cascade-p98-control
 
+The last query tile rule (2026-12-03; the study behind it is in
+``benchmarks/results/eval/sweeps/last-tile-study/``)::
+
+    python benchmarks/probes/cascade_rules.py --tokens 2048 --thresholds 0.9 \
+        --rules "last_tile=half" --lengths 2048 --depths 0.1,0.3,0.5,0.7,0.9 \
+        --no-progress --out $S/bible-passkey-2k-cascade-last-tile
+    python benchmarks/probes/cascade_rules.py --tokens 2048 --thresholds 0.9 \
+        --rules "last_tile=half" --lengths 8192 --depths 0.1,0.5,0.9 \
+        --no-progress --out $S/bible-passkey-8k-cascade-last-tile
+
 Each JSON's ``command`` is the exact command line of its run. The passkey
 keys depend only on the seed, lengths and depths, so these prompts are those of
 ``bible-passkey-2k4k-cascade-c99-vs50-s8`` and
