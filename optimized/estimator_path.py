@@ -49,10 +49,9 @@ from prism.reference.tiles import TileLayout
 from .cascade import candidate_antidiagonal_tile_scores, prism_mask
 from .estimators import KERNEL_STAGES, antidiagonal_tile_scores
 from .indices import mask_rows_to_indices
-from .launch import fork, join, zero_
+from .launch import fork, join, side_stream, zero_
 from .pooling import nonfinite_flag
 from .sampled import sampled_tile_probabilities
-from .selection_plan import _side_stream
 from .tile_union import MAX_UNION_WIDTH, union_tiles
 from .vertical_slash import last_query_distributions_unchecked
 from .vertical_slash_tiles import vertical_slash_bins
@@ -162,7 +161,7 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
     if with_vs and OVERLAP_VERTICAL_SLASH and q.is_cuda:
         # The vertical-slash stage reads only q and k: it runs on its own stream
         # beside Prism's kernels and the scores, and the finishing launch waits for it.
-        side = _side_stream(q.device, 1)
+        side = side_stream(q.device, 1)
         main = fork(side)
         with torch.cuda.stream(side):
             columns, diagonals = vertical_slash()

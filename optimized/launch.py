@@ -560,6 +560,22 @@ def zero_(t: torch.Tensor) -> None:
         launches.append(("zero", t, _get_stream(_get_device())))
 
 
+_SIDE_STREAMS: dict = {}
+
+
+def side_stream(device: torch.device, slot: int = 0) -> torch.cuda.Stream:
+    """An extra stream of ``device`` for launches that run beside the caller's (one per
+    ``slot``: 0 the selection's narrow launches, 1 the estimators' vertical-slash
+    stage); use it between :func:`fork` and :func:`join`."""
+    index = torch.device(device).index
+    if index is None:
+        index = torch.cuda.current_device()
+    key = (index, slot)
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[key]
+
+
 def fork(side: torch.cuda.Stream) -> torch.cuda.Stream:
     """Make ``side`` wait for the current stream's work so far; returns the current
     stream (give it to :func:`join`). Kept by :func:`recording` as a ``("fork",

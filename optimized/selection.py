@@ -40,7 +40,7 @@ import triton.language as tl
 from prism.reference.config import PrismConfig
 from prism.reference.tiles import TileLayout
 
-from .launch import fork, join
+from .launch import fork, join, side_stream
 from .pooling import pool_plan, run_pooling, work_pointers
 from .selection_plan import (  # noqa: F401  (SelectionTuning and the caches: public here)
     _LAUNCHES,
@@ -48,7 +48,6 @@ from .selection_plan import (  # noqa: F401  (SelectionTuning and the caches: pu
     SelectionTuning,
     _cached_plan,
     _launch_plan,
-    _side_stream,
     launch_steps,
 )
 from .top_p import _top_p_keep
@@ -350,7 +349,7 @@ def run_selection(steps, work: torch.Tensor, shape, device, tuning: SelectionTun
         for grid, prepared in steps:
             prepared.launch(_select_tiles_kernel, grid, *tensors)
         return mask, kv_num_blocks, kv_indices
-    side = _side_stream(device)
+    side = side_stream(device)
     main = fork(side)
     # Widest rows first: they hold most of the work.
     for step, (grid, prepared) in enumerate(steps):

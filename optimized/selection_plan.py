@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import triton
 
 from prism.reference.config import PrismConfig
@@ -181,18 +180,3 @@ def _prepare_launches(layout: TileLayout, causal: bool, tuning: SelectionTuning,
                  num_stages=(tuning.wide_num_stages if use_dot and width > WIDE_DOT_WIDTH
                              else tuning.num_stages)))))
     return steps
-
-
-_SIDE_STREAMS: dict = {}
-
-
-def _side_stream(device: torch.device, slot: int = 0) -> torch.cuda.Stream:
-    """Extra streams per device: slot 0 for the narrow selection launches, slot 1 for
-    the estimators' vertical-slash stage (:mod:`prism.optimized.estimator_path`)."""
-    index = torch.device(device).index
-    if index is None:
-        index = torch.cuda.current_device()
-    key = (index, slot)
-    if key not in _SIDE_STREAMS:
-        _SIDE_STREAMS[key] = torch.cuda.Stream(device=index)
-    return _SIDE_STREAMS[key]
