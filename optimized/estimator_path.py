@@ -12,11 +12,14 @@ registry (:mod:`prism.reference.registry`), never its name:
   stage scores only those (:mod:`prism.optimized.cascade`);
 * its ``"vertical_slash"`` stage runs the last queries' distributions and
   their top-p as tile bins (:func:`~prism.optimized.vertical_slash_tiles.vertical_slash_bins`);
+  with ``"last_tile_exact"`` (the cascade) the same launch also sums the
+  vertical distribution into key tiles, for the last query tile's rule;
 * with Prism's bands, Prism's selection kernel writes its mask (forced tiles
   included) first;
 
 then one launch of :func:`prism.optimized.tile_union.union_tiles` normalises
-and top-p's the probabilities, unites them with the vertical-slash tiles,
+and top-p's the probabilities, unites them with the vertical-slash tiles
+(and the last query tile's top tiles of those tile sums),
 Prism's mask and the forced tiles within the admissible ones, and writes the
 bool mask and the compact indices. That is the reference's
 :func:`prism.reference.select.estimator_mask` (or, with Prism's bands, its
@@ -42,7 +45,12 @@ from __future__ import annotations
 
 import torch
 
-from prism.reference.registry import EstimatorSpec, estimator_spec, estimator_tiles
+from prism.reference.registry import (
+    EstimatorSpec,
+    estimator_spec,
+    estimator_tiles,
+    last_tile_threshold,
+)
 from prism.reference.select import trace_selection
 from prism.reference.tiles import TileLayout
 
@@ -75,15 +83,16 @@ _FORMS: dict = {}
 
 
 def fused_form(spec: EstimatorSpec):
-    """``(probability stage or None, with vertical-slash, on Prism's candidates)`` when
-    :func:`estimator_select` computes ``spec``'s tiles in its fused form, else None (the
-    general path)."""
+    """``(probability stage or None, with vertical-slash, on Prism's candidates, with the
+    last-tile rule)`` when :func:`estimator_select` computes ``spec``'s tiles in its
+    fused form, else None (the general path)."""
     form = _FORMS.get(spec.name, False)
     if form is not False:
         return form
     stages = set(spec.stages)
     with_vs = "vertical_slash" in stages
-    scoring = stages - {"vertical_slash", "tile_top_p"}
+    with_last = "last_tile_exact" in stages
+    scoring = stages - {"vertical_slash", "tile_top_p", "last_tile_exact"}
     candidates = "prism_candidates" in stages
     if candidates:
         scoring -= CANDIDATE_STAGES
@@ -91,10 +100,10 @@ def fused_form(spec: EstimatorSpec):
     if spec.tiles is not None:
         if spec.prism_bands or not scoring:
             # Prism's mask or nothing, united with the vertical-slash tiles.
-            form = (None, True, False) if stages == {"vertical_slash"} else None
+            form = (None, True, False, False) if stages == {"vertical_slash"} else None
         elif len(scoring) == 1 and scoring <= PROBABILITY_STAGES.keys() and (
                 "tile_top_p" in stages):
-            form = (scoring.pop(), with_vs, candidates)
+            form = (scoring.pop(), with_vs, candidates, with_last)
     _FORMS[spec.name] = form
     return form
 
@@ -142,7 +151,7 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
     form = fused_form(spec)
     if form is None or nk > MAX_UNION_WIDTH:
         return _general(q, k, v, cfg, causal, layout, spec, write_indices)
-    stage, with_vs, on_candidates = form
+    stage, with_vs, on_candidates, with_last = form
     check = {} if v is None else {"v": v}
     other = None
     extra = {}
@@ -154,17 +163,21 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
         vertical, slash = last_query_distributions_unchecked(
             q, k, layout, cfg.last_queries, causal,
             None if spec.prism_bands or on_candidates else nonfinite)
-        return vertical_slash_bins(vertical, slash, layout, _vs_threshold(cfg), causal)
+        # One launch: the bins' top-p and, for the last-tile rule, the tile sums.
+        out = vertical_slash_bins(vertical, slash, layout, _vs_threshold(cfg), causal,
+                                  with_bins=with_vs, tile_mass=with_last)
+        return out if with_last else (*out, None)
 
-    columns = diagonals = None
+    columns = diagonals = last_mass = None
     side = None
-    if with_vs and OVERLAP_VERTICAL_SLASH and q.is_cuda:
+    uses_last_queries = with_vs or with_last
+    if uses_last_queries and OVERLAP_VERTICAL_SLASH and q.is_cuda:
         # The vertical-slash stage reads only q and k: it runs on its own stream
         # beside Prism's kernels and the scores, and the finishing launch waits for it.
         side = side_stream(q.device, 1)
         main = fork(side)
         with torch.cuda.stream(side):
-            columns, diagonals = vertical_slash()
+            columns, diagonals, last_mass = vertical_slash()
     if spec.prism_bands:
         other, nonfinite = prism_mask(q, k, v, cfg, causal, layout)
         check = {}  # the pooling launch checked q, k and v
@@ -179,9 +192,9 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
                        nonfinite=nonfinite, **extra)
         if not reads_every_query and not on_candidates:
             check["q"] = q
-    if with_vs:
+    if uses_last_queries:
         if side is None:
-            columns, diagonals = vertical_slash()
+            columns, diagonals, last_mass = vertical_slash()
         else:
             join(main, side)
         if stage is None and not (spec.prism_bands or on_candidates):
@@ -190,6 +203,7 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
         layout, causal, (b, hq), probs=probs, normalize=True, threshold=cfg.high_threshold,
         columns=columns, diagonals=diagonals, other=other, mask=other,
         force_sink=cfg.force_sink, force_diagonal=cfg.force_diagonal,
+        last_mass=last_mass, last_threshold=last_tile_threshold(cfg),
         write_indices=write_indices, check=check, nonfinite=nonfinite)
     return mask, num, idx, nonfinite
 

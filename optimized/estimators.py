@@ -70,7 +70,7 @@ from .launch import launch
 from .pooling import _flag_if_nonfinite
 from .sampled import sampled_tile_probabilities
 from .tile_union import MAX_UNION_WIDTH, union_tiles
-from .vertical_slash import vertical_slash_tile_mask
+from .vertical_slash import last_tile_exact_kernel, vertical_slash_tile_mask
 
 #: Key groups scored per ``tl.dot`` (columns of one block of scores).
 BLOCK_KEY_GROUPS = 64
@@ -387,6 +387,7 @@ KERNEL_STAGES = {
     "tile_top_p": tile_top_p_kernel,
     "prism_candidates": prism_candidate_tiles_kernel,
     "candidate_antidiagonal": candidate_antidiagonal_tile_probabilities,
+    "last_tile_exact": last_tile_exact_kernel,
 }
 
 

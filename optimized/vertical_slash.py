@@ -60,7 +60,12 @@ from ._runtime import check_device, kernels_interpreted, next_power_of_2
 from .antidiagonal_packed import masked_scores, online_softmax_step
 from .launch import launch
 from .pooling import _flag_if_nonfinite
-from .vertical_slash_tiles import long_top_p_kernel, vertical_slash_tiles_kernel
+from .tile_union import MAX_UNION_WIDTH, union_tiles
+from .vertical_slash_tiles import (
+    long_top_p_kernel,
+    vertical_slash_bins,
+    vertical_slash_tiles_kernel,
+)
 
 #: Most query rows (heads x last queries) one program holds.
 MAX_ROWS = 128
@@ -512,5 +517,35 @@ def vertical_slash_tile_mask(q: torch.Tensor, k: torch.Tensor, layout: TileLayou
     return vertical_slash_tiles_kernel(vertical, slash, layout, threshold, causal)
 
 
+def last_tile_exact_kernel(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
+                           last_queries: int, threshold: float,
+                           causal: bool = True) -> torch.Tensor:
+    """The cascade's last-tile rule, with its stages computed by Triton kernels.
+
+    Same signature and result as
+    :func:`prism.reference.estimators.last_tile_exact_tiles` (up to top-p
+    boundary ties and fp32 summation order): :func:`last_query_distributions_kernel`,
+    the vertical distribution summed into key tiles
+    (:func:`~prism.optimized.vertical_slash_tiles.vertical_slash_bins`, sums
+    only), then the top-p of the last query tile's row in
+    :func:`~prism.optimized.tile_union.union_tiles`.
+
+    Returns
+    -------
+    Tensor (B, Hq, nq, nk), bool, only the last query tile's row set
+    """
+    b, hq = q.shape[:2]
+    nq, nk = layout.num_query_tiles, layout.num_key_tiles
+    if b * hq * nq * nk == 0 or nk > MAX_UNION_WIDTH:
+        from prism.reference.estimators import last_tile_exact_tiles
+
+        return last_tile_exact_tiles(q, k, layout, last_queries, threshold, causal)
+    vertical, slash = last_query_distributions_kernel(q, k, layout, last_queries, causal)
+    _, _, mass = vertical_slash_bins(vertical, slash, layout, threshold, causal,
+                                     with_bins=False, tile_mass=True)
+    return union_tiles(layout, causal, (b, hq), last_mass=mass, last_threshold=threshold)[0]
+
+
 __all__ = ["TUNED_VS", "VSTuning", "last_query_distributions_kernel",
-           "last_query_distributions_unchecked", "long_top_p_kernel", "vertical_slash_tile_mask"]
+           "last_query_distributions_unchecked", "last_tile_exact_kernel", "long_top_p_kernel",
+           "vertical_slash_tile_mask"]

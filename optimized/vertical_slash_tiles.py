@@ -62,6 +62,9 @@ TOP_P_POINTS = 1
 #: Warps of a long-row top-p program; 0: 16 for chunks of 8192 values or more, 8 for
 #: 2048 or more, else 4.
 LONG_TOP_P_WARPS = 0
+#: Values one tile-sum step of :func:`_long_top_p_kernel` loads (a whole number of
+#: tiles, at least one).
+SUM_VALUES = 4096
 _MIN_BLOCK = 16
 
 
@@ -121,23 +124,58 @@ def _narrow(lo, hi, count_lo, count_hi, mass_hi, mids, mass, count, threshold):
             tl.where(moved_hi, tl.max(tl.where(at_hi, mass, -1.0), axis=0), mass_hi))
 
 
+@triton.jit
+def _tile_sums_program(x_row, length, sums_row, n_tiles, tile,
+                       TILES: tl.constexpr, TILE_PAD: tl.constexpr):
+    """Sums of one row's values by runs of ``tile``: entry ``j`` of ``sums_row`` is
+    the sum of values ``[j * tile, (j + 1) * tile)`` (past ``length``: 0)."""
+    t = tl.arange(0, TILE_PAD)
+    for start in range(0, n_tiles, TILES):
+        tiles = start + tl.arange(0, TILES)
+        idx = tiles[:, None] * tile + t[None, :]
+        x = tl.load(x_row + idx, mask=(t < tile)[None, :] & (idx < length), other=0.0)
+        tl.store(sums_row + tiles, tl.sum(x, axis=1), mask=tiles < n_tiles)
+
+
 @triton.jit(do_not_specialize=["length_x", "rows_x", "length_y", "start_x", "start_y",
                                "stride_x", "stride_y", "bins_x", "bins_y", "lead_x",
-                               "lead_y", "lead2_x", "lead2_y"])
+                               "lead_y", "lead2_x", "lead2_y", "rows_xy", "n_sums"])
 def _long_top_p_kernel(X, KEEP_X, BINS_X, length_x, rows_x, stride_x, start_x, bins_x, lead_x,
                        lead2_x, Y, KEEP_Y, BINS_Y, length_y, stride_y, start_y, bins_y, lead_y,
-                       lead2_y, SCRATCH, threshold, width,
+                       lead2_y, SCRATCH, threshold, width, rows_xy, SUMS, n_sums,
                        BLOCK: tl.constexpr, CAND: tl.constexpr, WRITE_KEEP: tl.constexpr,
-                       WRITE_BINS: tl.constexpr, POINTS: tl.constexpr):
+                       WRITE_BINS: tl.constexpr, POINTS: tl.constexpr,
+                       SUM_TILES: tl.constexpr, TILE_PAD: tl.constexpr):
     """Top-p of one row (module docstring); its flags (``KEEP``) and/or bins (``BINS``).
 
-    Programs ``[0, rows_x)`` take the rows of ``X``, the others those of ``Y``
-    (columns and offsets in one launch). Row ``r`` is ``length`` values from
-    ``X + r * stride + start``; its keep flags go to ``KEEP + r * length``
-    and its bins to ``BINS + r * bins`` (value ``idx`` sets bins
+    Programs ``[0, rows_x)`` take the rows of ``X``, ``[rows_x, rows_xy)`` those
+    of ``Y`` (columns and offsets in one launch). Row ``r`` is ``length``
+    values from ``X + r * stride + start``; its keep flags go to ``KEEP + r *
+    length`` and its bins to ``BINS + r * bins`` (value ``idx`` sets bins
     ``(idx + lead) // width`` and ``(idx + lead2) // width`` below ``bins``).
+    Programs from ``rows_xy`` on (one per row of ``X``, when asked) write the
+    row's sums per ``width`` values to ``SUMS + r * n_sums`` (its key tiles'
+    mass, for the last query tile's rule; :func:`vertical_slash_bins`).
     """
     row = tl.program_id(0)
+    if row >= rows_xy:
+        r = (row - rows_xy).to(tl.int64)
+        _tile_sums_program(X + r * stride_x + start_x, length_x, SUMS + r * n_sums, n_sums,
+                           width, SUM_TILES, TILE_PAD)
+    else:
+        _top_p_program(row, X, KEEP_X, BINS_X, length_x, rows_x, stride_x, start_x, bins_x,
+                       lead_x, lead2_x, Y, KEEP_Y, BINS_Y, length_y, stride_y, start_y,
+                       bins_y, lead_y, lead2_y, SCRATCH, threshold, width, BLOCK, CAND,
+                       WRITE_KEEP, WRITE_BINS, POINTS)
+
+
+@triton.jit
+def _top_p_program(row, X, KEEP_X, BINS_X, length_x, rows_x, stride_x, start_x, bins_x,
+                   lead_x, lead2_x, Y, KEEP_Y, BINS_Y, length_y, stride_y, start_y, bins_y,
+                   lead_y, lead2_y, SCRATCH, threshold, width,
+                   BLOCK: tl.constexpr, CAND: tl.constexpr, WRITE_KEEP: tl.constexpr,
+                   WRITE_BINS: tl.constexpr, POINTS: tl.constexpr):
+    """Program ``row`` of the top-p: one row of ``X`` or of ``Y`` (:func:`_long_top_p_kernel`)."""
     if row < rows_x:
         x_row = X + row.to(tl.int64) * stride_x + start_x
         keep_row = KEEP_X + row.to(tl.int64) * length_x
@@ -246,23 +284,25 @@ def _long_top_p_kernel(X, KEEP_X, BINS_X, length_x, rows_x, stride_x, start_x, b
         seen += tl.sum(at_v.to(tl.int32), axis=0)
 
 
-def _launch_top_p(sets, threshold: float, write_keep: bool, write_bins: bool, width: int = 1):
+def _launch_top_p(sets, threshold: float, write_keep: bool, write_bins: bool, width: int = 1,
+                  sums: torch.Tensor | None = None):
     """One launch over up to two sets of rows.
 
     ``sets``: dicts with ``x`` (rows, full_length) fp32 contiguous, ``start``,
     ``length``, ``keep`` (rows, length) int8 or None, ``bins`` (rows, n) int8 or
-    None, ``lead``, ``lead2``.
+    None, ``lead``, ``lead2``. ``sums`` (rows of the first set, n) fp32: extra
+    programs write each row of the first set summed per ``width`` values there.
     """
     if len(sets) == 1:
         sets = [sets[0], {**sets[0], "rows": 0}]
     rows = [s.get("rows", s["x"].shape[0]) for s in sets]
-    if not sum(rows):
+    if not sum(rows) and sums is None:
         return
     device = sets[0]["x"].device
     dummy = torch.empty(1, dtype=torch.int8, device=device)
-    longest = max(s["length"] for s, r in zip(sets, rows, strict=True) if r)
+    longest = max([s["length"] for s, r in zip(sets, rows, strict=True) if r], default=1)
     block = min(LONG_TOP_P_BLOCK, max(_MIN_BLOCK, next_power_of_2(longest)))
-    scratch = torch.empty(sum(rows) * CANDIDATES, dtype=torch.float32, device=device)
+    scratch = torch.empty(max(sum(rows), 1) * CANDIDATES, dtype=torch.float32, device=device)
     args = []
     for i, (s, r) in enumerate(zip(sets, rows, strict=True)):
         keep = s["keep"] if s["keep"] is not None else dummy
@@ -271,9 +311,14 @@ def _launch_top_p(sets, threshold: float, write_keep: bool, write_bins: bool, wi
         head = [s["x"], keep, bins, s["length"]] + ([r] if i == 0 else [])
         args += head + [s["x"].shape[-1], s["start"], n_bins, s["lead"], s["lead2"]]
     warps = LONG_TOP_P_WARPS or (16 if block >= 8192 else 8 if block >= 2048 else 4)
-    launch(_long_top_p_kernel, (sum(rows),), *args, scratch, float(threshold), width,
+    sum_rows = 0 if sums is None else sums.shape[0]
+    tile_pad = next_power_of_2(width)
+    launch(_long_top_p_kernel, (sum(rows) + sum_rows,), *args, scratch, float(threshold),
+           width, sum(rows), sums if sums is not None else scratch,
+           0 if sums is None else sums.shape[-1],
            BLOCK=block, CAND=CANDIDATES, WRITE_KEEP=write_keep, WRITE_BINS=write_bins,
-           POINTS=TOP_P_POINTS, num_warps=warps)
+           POINTS=TOP_P_POINTS, SUM_TILES=max(1, SUM_VALUES // tile_pad), TILE_PAD=tile_pad,
+           num_warps=warps)
 
 
 def long_top_p_kernel(values: torch.Tensor, threshold: float,
@@ -306,34 +351,49 @@ def long_top_p_kernel(values: torch.Tensor, threshold: float,
 
 
 def vertical_slash_bins(vertical: torch.Tensor, slash: torch.Tensor, layout: TileLayout,
-                        threshold: float, causal: bool):
+                        threshold: float, causal: bool, *, with_bins: bool = True,
+                        tile_mass: bool = False):
     """The top-p of columns and offsets as tile bins, in one launch (step 1 of the module).
+
+    With ``tile_mass`` the same launch also sums ``vertical`` into key tiles
+    (the last query tile's rule of the cascade, docs/estimators.rst E8 step 4);
+    ``with_bins=False`` runs only that sum.
 
     Returns
     -------
-    columns : Tensor (B * Hq, nk), int8
+    columns : Tensor (B * Hq, nk), int8, or None without bins
         1 where a kept column falls in key tile ``j``.
-    diagonals : Tensor (B * Hq, first_query_tile + nq + nk + 1), int8
+    diagonals : Tensor (B * Hq, first_query_tile + nq + nk + 1), int8, or None
         1 at ``I - j + nk`` where a kept offset maps to tile offset ``I - j``.
+    mass : Tensor (B * Hq, nk), float32 (only with ``tile_mass``)
+        ``vertical`` summed over each key tile's tokens.
     """
     b, hq, nk_tokens = vertical.shape
     bs = layout.block_size
     nq, nk = layout.num_query_tiles, layout.num_key_tiles
     device = vertical.device
     n_diag = layout.first_query_tile + nq + nk + 1
-    columns = torch.empty(b * hq, nk, dtype=torch.int8, device=device)
-    diagonals = torch.empty(b * hq, n_diag, dtype=torch.int8, device=device)
-    # Causal: offsets below 0 (the first Nk - 1 entries) hold no mass.
-    skip = min(nk_tokens - 1, slash.shape[-1]) if causal else 0
-    lead = nk * bs - (nk_tokens - 1) + skip
     vertical = vertical.float().contiguous().view(b * hq, nk_tokens)
-    slash = slash.float().contiguous().view(b * hq, -1)
-    _launch_top_p([
-        {"x": vertical, "start": 0, "length": nk_tokens, "keep": None, "bins": columns,
-         "lead": 0, "lead2": 0},
-        {"x": slash, "start": skip, "length": slash.shape[-1] - skip, "keep": None,
-         "bins": diagonals, "lead": lead, "lead2": lead + bs - 1},
-    ], threshold, False, True, bs)
+    mass = torch.empty(b * hq, nk, dtype=torch.float32, device=device) if tile_mass else None
+    columns = diagonals = None
+    if with_bins:
+        columns = torch.empty(b * hq, nk, dtype=torch.int8, device=device)
+        diagonals = torch.empty(b * hq, n_diag, dtype=torch.int8, device=device)
+        # Causal: offsets below 0 (the first Nk - 1 entries) hold no mass.
+        skip = min(nk_tokens - 1, slash.shape[-1]) if causal else 0
+        lead = nk * bs - (nk_tokens - 1) + skip
+        slash = slash.float().contiguous().view(b * hq, -1)
+        sets = [
+            {"x": vertical, "start": 0, "length": nk_tokens, "keep": None, "bins": columns,
+             "lead": 0, "lead2": 0},
+            {"x": slash, "start": skip, "length": slash.shape[-1] - skip, "keep": None,
+             "bins": diagonals, "lead": lead, "lead2": lead + bs - 1}]
+    else:  # no top-p rows: only the tile-sum programs run
+        sets = [{"x": vertical, "start": 0, "length": nk_tokens, "keep": None, "bins": None,
+                 "lead": 0, "lead2": 0, "rows": 0}]
+    _launch_top_p(sets, threshold, False, True, bs, sums=mass)
+    if tile_mass:
+        return columns, diagonals, mass
     return columns, diagonals
 
 

@@ -209,6 +209,38 @@ def last_query_distributions(q: torch.Tensor, k: torch.Tensor, layout: TileLayou
     return vertical, slash
 
 
+def last_tile_exact_tiles(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
+                          last_queries: int, threshold: float,
+                          causal: bool = True) -> torch.Tensor:
+    """The last query tile's key tiles by top-p of the last queries' exact attention.
+
+    The vertical distribution of :func:`last_query_distributions` (the exact
+    attention of the last ``min(last_queries, Nq)`` queries, averaged over
+    them) is summed into key tiles; the last query tile's row keeps the key
+    tiles that top-p (contract §6's rule and tie-break) at ``threshold``
+    keeps, never one of mass 0. Every other row is empty.
+
+    Returns
+    -------
+    Tensor (B, Hq, nq, nk), bool
+        Restricted to the admissible tiles; not yet united with forced tiles.
+    """
+    b, hq = q.shape[0], q.shape[1]
+    nq, nk = layout.num_query_tiles, layout.num_key_tiles
+    out = torch.zeros(b, hq, nq, nk, dtype=torch.bool, device=q.device)
+    if nq == 0 or nk == 0:
+        return out
+    vertical, _ = last_query_distributions(q, k, layout, last_queries, causal)
+    bs = layout.block_size
+    padded = torch.zeros(b, hq, nk * bs, dtype=torch.float32, device=q.device)
+    padded[..., : vertical.shape[-1]] = vertical
+    mass = padded.view(b, hq, nk, bs).sum(dim=-1)
+    admissible = admissible_tiles(layout, causal, q.device)[-1]
+    keep, _ = top_p_select(mass, admissible, threshold)
+    out[:, :, -1] = keep & (mass > 0)
+    return out
+
+
 def vertical_slash_tiles(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
                          last_queries: int, threshold: float,
                          causal: bool = True) -> torch.Tensor:

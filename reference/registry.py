@@ -26,6 +26,7 @@ import torch
 from .estimators import (
     antidiagonal_probabilities,
     candidate_antidiagonal_probabilities,
+    last_tile_exact_tiles,
     prism_candidate_tiles,
     sampled_query_probabilities,
     subtile_band_probabilities,
@@ -65,6 +66,7 @@ REFERENCE_STAGES: dict[str, Callable] = {
     "tile_top_p": top_p_tiles,
     "prism_candidates": prism_candidate_tiles,
     "candidate_antidiagonal": candidate_antidiagonal_probabilities,
+    "last_tile_exact": last_tile_exact_tiles,
 }
 
 
@@ -157,12 +159,24 @@ def _subtile(q, k, cfg, layout, causal, stages):
             | _top_p(low, layout, causal, cfg.low_threshold, stages))
 
 
+def last_tile_threshold(cfg) -> float:
+    """The cascade's last-tile top-p, ``(1 + high_threshold) / 2``: the last query
+    tile's row, on exact evidence, drops at most half the mass the estimated rows
+    may drop (docs/estimators.rst, the cascade's step 4)."""
+    return (1.0 + cfg.high_threshold) / 2
+
+
 def _cascade(q, k, cfg, layout, causal, stages):
     candidates = stages["prism_candidates"](q, k, cfg, causal, stages["prism_trace"])
     probs = stages["candidate_antidiagonal"](q, k, layout, cfg.antidiagonal_stride, candidates,
                                              causal)
+    # The last query tile's row also keeps the key tiles of the last queries'
+    # exact attention at (1 + p) / 2: the tokens that follow the prompt read
+    # that row, and its evidence there is exact, not estimated.
+    last = stages["last_tile_exact"](q, k, layout, cfg.last_queries, last_tile_threshold(cfg),
+                                     causal)
     return (_top_p(probs, layout, causal, cfg.high_threshold, stages)
-            | _vertical_slash(q, k, cfg, layout, causal, stages))
+            | _vertical_slash(q, k, cfg, layout, causal, stages) | last)
 
 
 _VS = ("last_queries", "vertical_slash_threshold")
@@ -206,10 +220,11 @@ ESTIMATOR_REGISTRY: dict[str, EstimatorSpec] = {spec.name: spec for spec in (
         block_multiple_of="sampled_queries", threshold_moves="the sampled-query top-p"),
     EstimatorSpec(
         "cascade", "antidiagonal scores on the tiles of Prism's mask at candidate_threshold, "
-        "top-p, united with the vertical-slash tiles (the accurate preset)",
+        "top-p, united with the vertical-slash tiles and the last query tile's exact top tiles "
+        "(the accurate preset)",
         ("antidiagonal_stride", "candidate_threshold", *_VS),
         ("prism_trace", "prism_candidates", "candidate_antidiagonal", "tile_top_p",
-         "vertical_slash"),
+         "vertical_slash", "last_tile_exact"),
         "estimator-cascade", tiles=_cascade, block_multiple_of="antidiagonal_stride",
         threshold_moves="the antidiagonal top-p"),
 )}
@@ -271,4 +286,5 @@ def estimator_tiles(q: torch.Tensor, k: torch.Tensor, cfg, layout: TileLayout, c
 
 
 __all__ = ["ESTIMATORS", "ESTIMATOR_FIELDS", "ESTIMATOR_REGISTRY", "EstimatorSpec",
-           "REFERENCE_STAGES", "estimator_spec", "estimator_tiles", "top_p_tiles"]
+           "REFERENCE_STAGES", "estimator_spec", "estimator_tiles", "last_tile_threshold",
+           "top_p_tiles"]

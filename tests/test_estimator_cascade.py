@@ -11,6 +11,7 @@ from prism.reference import PrismConfig, select_blocks, trace_selection
 from prism.reference.estimators import (
     antidiagonal_probabilities,
     candidate_antidiagonal_probabilities,
+    last_tile_exact_tiles,
     prism_candidate_tiles,
     vertical_slash_tiles,
 )
@@ -41,12 +42,14 @@ def test_candidates_everywhere_give_the_plain_antidiagonal_bit_for_bit(nq, nk, c
     assert torch.equal(candidate_antidiagonal_probabilities(q, k, layout, 8, admissible, causal),
                        plain)
     # candidate_threshold 1.0: every admissible tile is a candidate here (no band
-    # probability underflows), so the mask is E5's.
+    # probability underflows), so the mask is E5's plus the last query tile's
+    # exact top tiles at (1 + p) / 2.
     cfg = _cfg(candidate_threshold=1.0)
     assert torch.equal(prism_candidate_tiles(q, k, cfg, causal, trace_selection), admissible)
+    last = last_tile_exact_tiles(q, k, layout, 16, (1 + cfg.high_threshold) / 2, causal)
     assert torch.equal(select_blocks(q, k, cfg, causal=causal),
                        select_blocks(q, k, cfg.replace(estimator="antidiagonal_vertical_slash"),
-                                     causal=causal))
+                                     causal=causal) | last)
 
 
 def test_restricted_probabilities_match_a_direct_computation():
@@ -92,8 +95,10 @@ def test_mask_lies_in_candidates_vertical_slash_and_forced():
     assert (admissible & ~candidates).any()  # the restriction prunes something here
     vs = vertical_slash_tiles(q, k, layout, 16, 0.3, True)
     forced = forced_tiles(layout, True, True, True)
+    last = last_tile_exact_tiles(q, k, layout, 16, (1 + cfg.high_threshold) / 2, True)
+    assert not last[:, :, :-1].any()  # only the last query tile's row
     mask = select_blocks(q, k, cfg)
-    assert not (mask & ~(candidates | vs | forced)).any()
+    assert not (mask & ~(candidates | vs | last | forced)).any()
     assert (mask & candidates & ~vs & ~forced).any()  # the antidiagonal part keeps tiles
     assert not torch.equal(mask, select_blocks(q, k, cfg.replace(
         estimator="antidiagonal_vertical_slash")))
@@ -141,3 +146,39 @@ def test_sweep_counts_candidates_and_selects_as_the_reference():
         candidates.sum().item() / (4 * admissible.sum().item()))
     _, selector = method_selection("antidiagonal_vertical_slash", 0.85, _sweep_settings(args))
     assert selector is None
+
+
+@pytest.mark.parametrize("nq, nk, bs, last, causal", [
+    (200, 328, 32, 16, True),   # KV prefix, key count not a tile multiple
+    (96, 96, 32, 40, True),     # more last queries than a tile
+    (64, 150, 32, 8, False),
+])
+def test_last_tile_rule_matches_a_direct_computation(nq, nk, bs, last, causal):
+    """E8 step 4 from its definition, in float64: the last queries' exact softmax,
+    averaged, summed per key tile, then a greedy top-p by descending mass (index
+    order among equals) until the mass before a tile reaches the threshold."""
+    q, k = _qk(seed=nq + nk, nq=nq, nk=nk)
+    layout = tile_layout(nq, nk, bs, causal)
+    threshold = 0.8
+    got = last_tile_exact_tiles(q, k, layout, last, threshold, causal)
+    assert not got[:, :, :-1].any()
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[3]
+    rows = min(last, nq)
+    offset = nk - nq
+    for h in range(hq):
+        mass = [0.0] * layout.num_key_tiles
+        for r in range(nq - rows, nq):
+            visible = [j for j in range(nk) if not causal or j <= r + offset]
+            scores = torch.tensor([float(q[0, h, r].double() @ k[0, h // (hq // hkv), j].double())
+                                   / math.sqrt(d) for j in visible], dtype=torch.float64)
+            for j, prob in zip(visible, torch.softmax(scores, 0).tolist(), strict=True):
+                mass[j // bs] += prob / rows
+        order = sorted(range(len(mass)), key=lambda j: (-mass[j], j))
+        expected, before = set(), 0.0
+        for j in order:
+            if before < threshold and mass[j] > 0:
+                expected.add(j)
+            before += mass[j]
+        assert set(got[0, h, -1].nonzero().flatten().tolist()) == expected, h
+    # It keeps some tiles and drops others here (the test is not vacuous).
+    assert 0 < got[:, :, -1].sum() < got.shape[1] * layout.num_key_tiles

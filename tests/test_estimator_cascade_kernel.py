@@ -22,10 +22,18 @@ from prism.optimized.cascade import (
     prism_candidate_tiles_kernel,
 )
 from prism.reference import PrismConfig, tile_layout
-from prism.reference.estimators import candidate_antidiagonal_probabilities, prism_candidate_tiles
-from prism.reference.registry import estimator_spec
+from prism.optimized.vertical_slash import last_query_distributions_kernel, last_tile_exact_kernel
+from prism.optimized.vertical_slash_tiles import vertical_slash_bins
+from prism.reference.estimators import (
+    candidate_antidiagonal_probabilities,
+    last_query_distributions,
+    last_tile_exact_tiles,
+    prism_candidate_tiles,
+)
+from prism.reference.registry import estimator_spec, last_tile_threshold
 from prism.reference.scoring import admissible_tiles
 from prism.reference.select import forced_tiles
+from prism.reference.topp import top_p_select
 
 pytestmark = [pytest.mark.interpret, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
 
@@ -118,7 +126,7 @@ def test_key_blocks_without_a_candidate_are_not_read(monkeypatch, scan_elements)
 
 def test_fused_selection_matches_the_reference(monkeypatch):
     assert estimator_path.fused_form(estimator_spec("cascade")) == (
-        "candidate_antidiagonal", True, True)
+        "candidate_antidiagonal", True, True, True)
 
     def refuse(*args, **kwargs):
         raise AssertionError("the reference stage ran")
@@ -172,5 +180,95 @@ def test_cascade_on_the_gpu_bf16(n):
     # The reference's own candidates may differ at Prism's boundary ties; compare
     # the rows whose candidates agree.
     same = (prism_candidate_tiles(q, k, cfg, True, reference.trace_selection) == cand).all(-1)
-    boundary = _stage_boundary(expected, cfg, layout, True) | ~same[..., None]
+    boundary = (_stage_boundary(expected, cfg, layout, True) | ~same[..., None]
+                | _last_tile_boundary(q, k, cfg, layout, True))
     _assert_masks_agree(mask.as_subclass(torch.Tensor), tiles, boundary)
+
+
+def _last_tile_masses(q, k, layout, last_queries, causal):
+    """The reference's tile masses of the last-tile rule (E8 step 4), (B, Hq, nk)."""
+    vertical, _ = last_query_distributions(q, k, layout, last_queries, causal)
+    bs, nk = layout.block_size, layout.num_key_tiles
+    padded = torch.zeros(*vertical.shape[:2], nk * bs, device=vertical.device)
+    padded[..., : vertical.shape[-1]] = vertical
+    return padded.view(*vertical.shape[:2], nk, bs).sum(-1)
+
+
+def _last_tile_boundary(q, k, cfg, layout, causal, margin=1e-5):
+    """Last-row entries whose keep/drop may flip with the fp32 order of the tile sums:
+    the mass ranked before them within ``margin`` of the rule's threshold, or a
+    tile of nearly equal mass kept differently (the two may swap ranks)."""
+    mass = _last_tile_masses(q, k, layout, cfg.last_queries, causal)
+    threshold = last_tile_threshold(cfg)
+    keep, before = top_p_select(mass, torch.ones_like(mass, dtype=torch.bool), threshold)
+    keep = keep & (mass > 0)
+    near = (before - threshold).abs() <= margin
+    close = (mass[..., :, None] - mass[..., None, :]).abs() <= 1e-5 * mass[..., :, None]
+    swappable = (close & (keep[..., :, None] != keep[..., None, :])).any(-1)
+    out = torch.zeros(*mass.shape[:2], layout.num_query_tiles, layout.num_key_tiles,
+                      dtype=torch.bool, device=mass.device)
+    out[:, :, -1] = near | swappable
+    return out
+
+
+@pytest.mark.parametrize("b, hq, hkv, nq, nk, bs, last, causal, dtype", [
+    (1, 4, 2, 200, 328, 32, 16, True, torch.float32),   # KV prefix, GQA
+    (2, 2, 1, 100, 300, 48, 8, True, torch.float16),    # tile of 48, rows of 3 tiles
+    (1, 2, 2, 64, 150, 32, 40, False, torch.float32),   # non-causal, more queries than a tile
+    (1, 2, 1, 1, 77, 16, 8, True, torch.float32),       # one query
+])
+def test_last_tile_stage_kernel_matches_the_reference(b, hq, hkv, nq, nk, bs, last, causal,
+                                                      dtype):
+    q, k = _qk(b, hq, hkv, nq, nk, 16, seed=nq + nk, dtype=dtype, scale=3.0)
+    layout = tile_layout(nq, nk, bs, causal)
+    threshold = 0.8
+    cfg = PrismConfig(block_size=bs, last_queries=last, high_threshold=2 * threshold - 1)
+    expected = last_tile_exact_tiles(q, k, layout, last, threshold, causal)
+    got = last_tile_exact_kernel(q, k, layout, last, threshold, causal)
+    _assert_masks_agree(got, expected, _last_tile_boundary(q, k, cfg, layout, causal))
+    # The kernels' tile sums are the reference's up to fp32 order.
+    vertical, slash = last_query_distributions_kernel(q, k, layout, last, causal)
+    _, _, mass = vertical_slash_bins(vertical, slash, layout, 0.5, causal, with_bins=False,
+                                     tile_mass=True)
+    torch.testing.assert_close(mass.view(b, hq, -1),
+                               _last_tile_masses(q, k, layout, last, causal),
+                               rtol=1e-5, atol=1e-6)
+    # Some tiles kept, some dropped in the last row, none elsewhere.
+    assert 0 < expected[:, :, -1].sum() < expected[:, :, -1].numel()
+    assert not got[:, :, :-1].any()
+
+
+def test_fused_cascade_adds_the_last_tile_rule():
+    """The fused path's mask has the rule's tiles (here some tiles only the rule keeps)
+    and gets them from the kernels, never from the reference stage."""
+    causal, nq, nk = True, 160, 256
+    q, k = _qk(1, 2, 1, nq, nk, 32, seed=11, transposed=True, scale=4.0)
+    cfg = PrismConfig(block_size=32, estimator="cascade", antidiagonal_stride=8,
+                      candidate_threshold=0.5, high_threshold=0.6,
+                      vertical_slash_threshold=0.1, last_queries=16)
+    layout = tile_layout(nq, nk, 32, causal)
+    without = reference.estimator_mask(q, k, cfg, causal, stages={
+        "last_tile_exact": lambda q, k, layout, *rest: torch.zeros(
+            *q.shape[:2], layout.num_query_tiles, layout.num_key_tiles, dtype=torch.bool,
+            device=q.device)})
+    expected = reference.select_blocks(q, k, cfg, causal=causal)
+    assert (expected & ~without).any(), "the rule adds no tile here"
+    assert not (expected & ~without)[:, :, :-1].any()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference's last-tile stage ran")
+
+    import prism.reference.estimators as ref_estimators
+    original = ref_estimators.last_tile_exact_tiles
+    ref_estimators.last_tile_exact_tiles = refuse
+    try:
+        mask, _, _, flag = optimized.ops.select(q, k, None, cfg, causal)
+    finally:
+        ref_estimators.last_tile_exact_tiles = original
+    cand = prism_candidate_tiles(q, k, cfg, causal, reference.trace_selection)
+    probs = candidate_antidiagonal_probabilities(q, k, layout, 8, cand, causal)
+    boundary = (_stage_boundary(probs, cfg, layout, causal)
+                | _last_tile_boundary(q, k, cfg, layout, causal))
+    assert not boundary[expected & ~without].any()  # the rule's own tiles are no ties
+    _assert_masks_agree(mask, expected, boundary)
+    assert flag.item() == 0

@@ -112,11 +112,12 @@ def test_fused_forms_follow_the_registry():
         spec = estimator_spec(name)
         form = estimator_path.fused_form(spec)
         if form is None:  # the general path: any stage besides the fused ones
-            assert set(spec.stages) - {"vertical_slash", "tile_top_p",
+            assert set(spec.stages) - {"vertical_slash", "tile_top_p", "last_tile_exact",
                                        *estimator_path.PROBABILITY_STAGES}
             continue
-        stage, with_vs, on_candidates = form
+        stage, with_vs, on_candidates, with_last = form
         assert with_vs == ("vertical_slash" in spec.stages)
+        assert with_last == ("last_tile_exact" in spec.stages)
         assert stage is None or stage in spec.stages
         assert on_candidates == ("prism_candidates" in spec.stages)
 
