@@ -217,7 +217,8 @@ def _union_kernel(
                 _union_rows(pid, PROBS, COLUMNS, DIAGONALS, OTHER, LAST, MASK, NUM, IDX,
                             total_rows, num_query_tiles, num_key_tiles, num_diagonals,
                             first_query_tile, threshold, last_threshold, CAUSAL, HAS_PROBS,
-                            NORMALIZE, HAS_VS, HAS_OTHER, HAS_LAST, FORCE_SINK, FORCE_DIAGONAL, WRITE_MASK, WRITE_INDICES, ROWS,
+                            NORMALIZE, HAS_VS, HAS_OTHER, HAS_LAST, FORCE_SINK, FORCE_DIAGONAL,
+                            WRITE_MASK, WRITE_INDICES, ROWS,
                             WIDTH >> lv, LOG2_WIDTH - lv, WIDTH)
     else:
         _check_program(pid - union_programs, Q, K, V, NONFINITE,

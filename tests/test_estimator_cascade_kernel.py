@@ -21,9 +21,9 @@ from prism.optimized.cascade import (
     candidate_antidiagonal_tile_probabilities,
     prism_candidate_tiles_kernel,
 )
-from prism.reference import PrismConfig, tile_layout
 from prism.optimized.vertical_slash import last_query_distributions_kernel, last_tile_exact_kernel
 from prism.optimized.vertical_slash_tiles import vertical_slash_bins
+from prism.reference import PrismConfig, tile_layout
 from prism.reference.estimators import (
     candidate_antidiagonal_probabilities,
     last_query_distributions,
