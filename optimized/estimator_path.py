@@ -12,14 +12,14 @@ registry (:mod:`prism.reference.registry`), never its name:
   stage scores only those (:mod:`prism.optimized.cascade`);
 * its ``"vertical_slash"`` stage runs the last queries' distributions and
   their top-p as tile bins (:func:`~prism.optimized.vertical_slash_tiles.vertical_slash_bins`);
-  with ``"last_tile_exact"`` (the cascade) the same launch also sums the
-  vertical distribution into key tiles, for the last query tile's rule;
+  with ``"last_tile_exact"`` (the cascade) the same launch also runs the last
+  query tile's rule (the vertical distribution summed into key tiles, top-p);
 * with Prism's bands, Prism's selection kernel writes its mask (forced tiles
   included) first;
 
 then one launch of :func:`prism.optimized.tile_union.union_tiles` normalises
 and top-p's the probabilities, unites them with the vertical-slash tiles
-(and the last query tile's top tiles of those tile sums),
+(and the last query tile's rule's tiles),
 Prism's mask and the forced tiles within the admissible ones, and writes the
 bool mask and the compact indices. That is the reference's
 :func:`prism.reference.select.estimator_mask` (or, with Prism's bands, its
@@ -163,12 +163,13 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
         vertical, slash = last_query_distributions_unchecked(
             q, k, layout, cfg.last_queries, causal,
             None if spec.prism_bands or on_candidates else nonfinite)
-        # One launch: the bins' top-p and, for the last-tile rule, the tile sums.
+        # One launch: the bins' top-p and the last-tile rule's sums and top-p.
         out = vertical_slash_bins(vertical, slash, layout, _vs_threshold(cfg), causal,
-                                  with_bins=with_vs, tile_mass=with_last)
-        return out if with_last else (*out, None)
+                                  with_bins=with_vs,
+                                  last_threshold=last_tile_threshold(cfg) if with_last else None)
+        return out[:3] if with_last else (*out, None)
 
-    columns = diagonals = last_mass = None
+    columns = diagonals = last_tiles = None
     side = None
     uses_last_queries = with_vs or with_last
     if uses_last_queries and OVERLAP_VERTICAL_SLASH and q.is_cuda:
@@ -177,7 +178,7 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
         side = side_stream(q.device, 1)
         main = fork(side)
         with torch.cuda.stream(side):
-            columns, diagonals, last_mass = vertical_slash()
+            columns, diagonals, last_tiles = vertical_slash()
     if spec.prism_bands:
         other, nonfinite = prism_mask(q, k, v, cfg, causal, layout)
         check = {}  # the pooling launch checked q, k and v
@@ -194,7 +195,7 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
             check["q"] = q
     if uses_last_queries:
         if side is None:
-            columns, diagonals, last_mass = vertical_slash()
+            columns, diagonals, last_tiles = vertical_slash()
         else:
             join(main, side)
         if stage is None and not (spec.prism_bands or on_candidates):
@@ -203,7 +204,7 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
         layout, causal, (b, hq), probs=probs, normalize=True, threshold=cfg.high_threshold,
         columns=columns, diagonals=diagonals, other=other, mask=other,
         force_sink=cfg.force_sink, force_diagonal=cfg.force_diagonal,
-        last_mass=last_mass, last_threshold=last_tile_threshold(cfg),
+        last_tiles=last_tiles,
         write_indices=write_indices, check=check, nonfinite=nonfinite)
     return mask, num, idx, nonfinite
 

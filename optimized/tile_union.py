@@ -11,9 +11,9 @@
    (absolute) is kept when column bin ``j`` or diagonal bin ``I - j + nk`` is
    set (:func:`prism.optimized.vertical_slash_tiles.vertical_slash_bins`);
 3. a given bool mask (optional: Prism's own selection, or tiles an estimator
-   computed without a fused form); and, optionally, in the last query tile's
-   row, the key tiles that top-p at a second threshold keeps on a row of tile
-   masses (the cascade's last-tile rule, docs/estimators.rst E8 step 4);
+   computed without a fused form); and, optionally, extra tiles of the last
+   query tile's row (the cascade's last-tile rule, docs/estimators.rst E8
+   step 4, top-p'd by the vertical-slash launch);
 4. the forced sink and diagonal tiles, then the admissible set (contract §6);
 5. the bool mask and/or the compact indices (``kv_num_blocks``, ascending
    ``kv_indices`` padded with -1, as :func:`prism.reference.mask_to_indices`),
@@ -91,7 +91,6 @@ def _check_program(pid, Q, K, V, NONFINITE,
 @triton.jit
 def _union_rows(pid, PROBS, COLUMNS, DIAGONALS, OTHER, LAST, MASK, NUM, IDX, total_rows,
                 num_query_tiles, num_key_tiles, num_diagonals, first_query_tile, threshold,
-                last_threshold,
                 CAUSAL: tl.constexpr, HAS_PROBS: tl.constexpr, NORMALIZE: tl.constexpr,
                 HAS_VS: tl.constexpr, HAS_OTHER: tl.constexpr, HAS_LAST: tl.constexpr,
                 FORCE_SINK: tl.constexpr,
@@ -140,20 +139,12 @@ def _union_rows(pid, PROBS, COLUMNS, DIAGONALS, OTHER, LAST, MASK, NUM, IDX, tot
     if HAS_OTHER:
         keep = keep | (tl.load(OTHER + offsets, mask=admissible, other=0) != 0)
     if HAS_LAST:
-        # The last query tile's row: top-p at last_threshold of its (B * Hq, nk)
-        # row of tile masses, as the reference's top_p_select (no normalisation;
-        # zero mass never kept). Only programs holding such a row pay for it.
+        # The last query tile's row: its extra tiles (the cascade's last-tile rule,
+        # top-p'd beside the vertical-slash bins).
         is_last = row_ok & (rows % num_query_tiles == num_query_tiles - 1)
-        if tl.max(is_last.to(tl.int32), axis=0) > 0:
-            on = admissible & is_last[:, None]
-            last_mass = tl.load(LAST + bh[:, None] * num_key_tiles + cols[None, :], mask=on,
-                                other=0.0)
-            last_top = _top_p_keep(tl.where(on, last_mass, -2.0), last_threshold,
-                                   tl.sum(on.to(tl.int32), axis=1), ROWS, WIDTH, LOG2_WIDTH,
-                                   True, 1)
-            last_total = tl.sum(last_mass, axis=1)
-            keep = keep | ((last_top | (last_total < last_threshold)[:, None])
-                           & (last_mass > 0.0) & on)
+        last = tl.load(LAST + bh[:, None] * num_key_tiles + cols[None, :],
+                       mask=admissible & is_last[:, None], other=0)
+        keep = keep | (last != 0)
     if FORCE_SINK:
         keep = keep | (cols[None, :] == 0)
     if CAUSAL and FORCE_DIAGONAL:
@@ -184,7 +175,7 @@ def _union_rows(pid, PROBS, COLUMNS, DIAGONALS, OTHER, LAST, MASK, NUM, IDX, tot
 def _union_kernel(
     PROBS, COLUMNS, DIAGONALS, OTHER, LAST, MASK, NUM, IDX,
     total_rows, num_query_tiles, num_key_tiles, num_diagonals, first_query_tile, threshold,
-    last_threshold, union_programs,
+    union_programs,
     Q, K, V, NONFINITE,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -216,7 +207,7 @@ def _union_kernel(
             if level == lv:
                 _union_rows(pid, PROBS, COLUMNS, DIAGONALS, OTHER, LAST, MASK, NUM, IDX,
                             total_rows, num_query_tiles, num_key_tiles, num_diagonals,
-                            first_query_tile, threshold, last_threshold, CAUSAL, HAS_PROBS,
+                            first_query_tile, threshold, CAUSAL, HAS_PROBS,
                             NORMALIZE, HAS_VS, HAS_OTHER, HAS_LAST, FORCE_SINK, FORCE_DIAGONAL,
                             WRITE_MASK, WRITE_INDICES, ROWS,
                             WIDTH >> lv, LOG2_WIDTH - lv, WIDTH)
@@ -241,8 +232,8 @@ def union_tiles(layout: TileLayout, causal: bool, heads: tuple, *,
                 threshold: float = 1.0, columns: torch.Tensor | None = None,
                 diagonals: torch.Tensor | None = None, other: torch.Tensor | None = None,
                 force_sink: bool = False, force_diagonal: bool = False,
-                mask: torch.Tensor | None = None, last_mass: torch.Tensor | None = None,
-                last_threshold: float = 1.0, write_mask: bool = True,
+                mask: torch.Tensor | None = None, last_tiles: torch.Tensor | None = None,
+                write_mask: bool = True,
                 write_indices: bool = False, check: dict | None = None,
                 nonfinite: torch.Tensor | None = None):
     """Finish a selection in one launch (module docstring): ``(mask, kv_num_blocks, kv_indices)``.
@@ -267,10 +258,9 @@ def union_tiles(layout: TileLayout, causal: bool, heads: tuple, *,
     force_sink, force_diagonal : bool
     mask : Tensor (B, Hq, nq, nk) bool, optional
         Where to write the mask (a new tensor otherwise).
-    last_mass : Tensor (B * Hq, nk) float32, contiguous, optional
-        Tile masses of the last query tile's row: that row also keeps the tiles
-        top-p at ``last_threshold`` keeps on them (contract §6's rule and
-        tie-break, mass 0 never kept; not normalised).
+    last_tiles : Tensor (B * Hq, nk) int8, optional
+        Extra tiles of the last query tile's row (non-zero: kept), within the
+        admissible ones (:func:`prism.optimized.vertical_slash_tiles.vertical_slash_bins`).
     write_mask, write_indices : bool
     check : dict, optional
         ``{"q": q, "k": k, "v": v}``, any subset, (B, H, N, D) each: extra
@@ -289,7 +279,7 @@ def union_tiles(layout: TileLayout, causal: bool, heads: tuple, *,
                          f"got {nk}")
     shape = (*heads, nq, nk)
     check = check or {}
-    device = next(t for t in (probs, columns, other, mask, last_mass, *check.values())
+    device = next(t for t in (probs, columns, other, mask, last_tiles, *check.values())
                   if t is not None).device
     if write_mask and mask is None:
         mask = torch.empty(shape, dtype=torch.bool, device=device)
@@ -310,20 +300,19 @@ def union_tiles(layout: TileLayout, causal: bool, heads: tuple, *,
     dv_pad = next_power_of_2(0 if v is None else v.shape[3])
     spare = mask if mask is not None else idx  # for pointers the kernel does not read
     tensors = [t if t is not None else spare
-               for t in (probs, columns, diagonals, other, last_mass, mask, num, idx)]
+               for t in (probs, columns, diagonals, other, last_tiles, mask, num, idx)]
     checked = [t if t is not None else spare for t in (q, k, v, nonfinite)]
     strides = [s for t in (q, k, v) for s in (t.stride() if t is not None else (0, 0, 0, 0))]
     launch(_union_kernel, (union_programs + sum(counts),), *tensors,
            total, nq, nk, 0 if diagonals is None else diagonals.shape[-1],
-           layout.first_query_tile, float(threshold), float(last_threshold), union_programs,
-           *checked, *strides,
+           layout.first_query_tile, float(threshold), union_programs, *checked, *strides,
            0 if q is None else q.shape[1],
            0 if kv is None else kv.shape[1], 0 if q is None else q.shape[2],
            0 if kv is None else kv.shape[2], 0 if qk is None else qk.shape[3],
            0 if v is None else v.shape[3], counts[0], counts[1],
            CAUSAL=causal, HAS_PROBS=probs is not None, NORMALIZE=normalize,
            HAS_VS=columns is not None, HAS_OTHER=other is not None,
-           HAS_LAST=last_mass is not None, FORCE_SINK=force_sink,
+           HAS_LAST=last_tiles is not None, FORCE_SINK=force_sink,
            FORCE_DIAGONAL=force_diagonal, WRITE_MASK=write_mask,
            WRITE_INDICES=write_indices, ROWS=rows, WIDTH=width,
            LOG2_WIDTH=width.bit_length() - 1, CHECK_Q=q is not None, CHECK_K=k is not None,

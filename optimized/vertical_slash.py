@@ -525,9 +525,9 @@ def last_tile_exact_kernel(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
     Same signature and result as
     :func:`prism.reference.estimators.last_tile_exact_tiles` (up to top-p
     boundary ties and fp32 summation order): :func:`last_query_distributions_kernel`,
-    the vertical distribution summed into key tiles
-    (:func:`~prism.optimized.vertical_slash_tiles.vertical_slash_bins`, sums
-    only), then the top-p of the last query tile's row in
+    the vertical distribution summed into key tiles and top-p'd
+    (:func:`~prism.optimized.vertical_slash_tiles.vertical_slash_bins`, the
+    rule's programs only), then the last query tile's row written by
     :func:`~prism.optimized.tile_union.union_tiles`.
 
     Returns
@@ -541,9 +541,9 @@ def last_tile_exact_kernel(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
 
         return last_tile_exact_tiles(q, k, layout, last_queries, threshold, causal)
     vertical, slash = last_query_distributions_kernel(q, k, layout, last_queries, causal)
-    _, _, mass = vertical_slash_bins(vertical, slash, layout, threshold, causal,
-                                     with_bins=False, tile_mass=True)
-    return union_tiles(layout, causal, (b, hq), last_mass=mass, last_threshold=threshold)[0]
+    _, _, last, _ = vertical_slash_bins(vertical, slash, layout, threshold, causal,
+                                        with_bins=False, last_threshold=threshold)
+    return union_tiles(layout, causal, (b, hq), last_tiles=last)[0]
 
 
 __all__ = ["TUNED_VS", "VSTuning", "last_query_distributions_kernel",

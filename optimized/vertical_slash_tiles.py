@@ -142,7 +142,8 @@ def _tile_sums_program(x_row, length, sums_row, n_tiles, tile,
                                "lead_y", "lead2_x", "lead2_y", "rows_xy", "n_sums"])
 def _long_top_p_kernel(X, KEEP_X, BINS_X, length_x, rows_x, stride_x, start_x, bins_x, lead_x,
                        lead2_x, Y, KEEP_Y, BINS_Y, length_y, stride_y, start_y, bins_y, lead_y,
-                       lead2_y, SCRATCH, threshold, width, rows_xy, SUMS, n_sums,
+                       lead2_y, SCRATCH, threshold, width, rows_xy, SUMS, LAST, n_sums,
+                       last_threshold,
                        BLOCK: tl.constexpr, CAND: tl.constexpr, WRITE_KEEP: tl.constexpr,
                        WRITE_BINS: tl.constexpr, POINTS: tl.constexpr,
                        SUM_TILES: tl.constexpr, TILE_PAD: tl.constexpr):
@@ -153,15 +154,23 @@ def _long_top_p_kernel(X, KEEP_X, BINS_X, length_x, rows_x, stride_x, start_x, b
     values from ``X + r * stride + start``; its keep flags go to ``KEEP + r *
     length`` and its bins to ``BINS + r * bins`` (value ``idx`` sets bins
     ``(idx + lead) // width`` and ``(idx + lead2) // width`` below ``bins``).
-    Programs from ``rows_xy`` on (one per row of ``X``, when asked) write the
-    row's sums per ``width`` values to ``SUMS + r * n_sums`` (its key tiles'
-    mass, for the last query tile's rule; :func:`vertical_slash_bins`).
+    Programs from ``rows_xy`` on, when launched (one per row of ``X``), are the
+    cascade's last-tile rule: they sum the row per ``width`` values into
+    ``SUMS + r * n_sums`` (its key tiles' mass), then top-p that row at
+    ``last_threshold`` into the flags ``LAST + r * n_sums`` (the same search).
     """
     row = tl.program_id(0)
     if row >= rows_xy:
-        r = (row - rows_xy).to(tl.int64)
-        _tile_sums_program(X + r * stride_x + start_x, length_x, SUMS + r * n_sums, n_sums,
+        r = row - rows_xy
+        sums_row = SUMS + r.to(tl.int64) * n_sums
+        _tile_sums_program(X + r.to(tl.int64) * stride_x + start_x, length_x, sums_row, n_sums,
                            width, SUM_TILES, TILE_PAD)
+        tl.debug_barrier()  # the sums are this program's own stores
+        # Row r of SUMS as the top-p's "X" (rows_x = r + 1), binned one value per
+        # bin; scratch rows past the other programs'.
+        _top_p_program(r, SUMS, LAST, LAST, n_sums, r + 1, n_sums, 0, n_sums, 0, 0,
+                       SUMS, LAST, LAST, 0, 0, 0, 0, 0, 0, SCRATCH + rows_xy.to(tl.int64) * CAND,
+                       last_threshold, 1, BLOCK, CAND, False, True, POINTS)
     else:
         _top_p_program(row, X, KEEP_X, BINS_X, length_x, rows_x, stride_x, start_x, bins_x,
                        lead_x, lead2_x, Y, KEEP_Y, BINS_Y, length_y, stride_y, start_y,
@@ -285,24 +294,28 @@ def _top_p_program(row, X, KEEP_X, BINS_X, length_x, rows_x, stride_x, start_x, 
 
 
 def _launch_top_p(sets, threshold: float, write_keep: bool, write_bins: bool, width: int = 1,
-                  sums: torch.Tensor | None = None):
+                  last: tuple | None = None):
     """One launch over up to two sets of rows.
 
     ``sets``: dicts with ``x`` (rows, full_length) fp32 contiguous, ``start``,
     ``length``, ``keep`` (rows, length) int8 or None, ``bins`` (rows, n) int8 or
-    None, ``lead``, ``lead2``. ``sums`` (rows of the first set, n) fp32: extra
-    programs write each row of the first set summed per ``width`` values there.
+    None, ``lead``, ``lead2``. ``last``: ``(sums, flags, threshold)``, (rows of
+    the first set's ``x``, n) fp32 and int8: extra programs sum each of those
+    rows per ``width`` values into ``sums`` and top-p them into ``flags``.
     """
     if len(sets) == 1:
         sets = [sets[0], {**sets[0], "rows": 0}]
     rows = [s.get("rows", s["x"].shape[0]) for s in sets]
-    if not sum(rows) and sums is None:
+    sum_rows = 0 if last is None else last[0].shape[0]
+    if not sum(rows) + sum_rows:
         return
     device = sets[0]["x"].device
     dummy = torch.empty(1, dtype=torch.int8, device=device)
-    longest = max([s["length"] for s, r in zip(sets, rows, strict=True) if r], default=1)
+    longest = max([s["length"] for s, r in zip(sets, rows, strict=True) if r]
+                  + ([last[0].shape[-1]] if sum_rows else []))
     block = min(LONG_TOP_P_BLOCK, max(_MIN_BLOCK, next_power_of_2(longest)))
-    scratch = torch.empty(max(sum(rows), 1) * CANDIDATES, dtype=torch.float32, device=device)
+    scratch = torch.empty((sum(rows) + sum_rows) * CANDIDATES, dtype=torch.float32,
+                          device=device)
     args = []
     for i, (s, r) in enumerate(zip(sets, rows, strict=True)):
         keep = s["keep"] if s["keep"] is not None else dummy
@@ -311,11 +324,11 @@ def _launch_top_p(sets, threshold: float, write_keep: bool, write_bins: bool, wi
         head = [s["x"], keep, bins, s["length"]] + ([r] if i == 0 else [])
         args += head + [s["x"].shape[-1], s["start"], n_bins, s["lead"], s["lead2"]]
     warps = LONG_TOP_P_WARPS or (16 if block >= 8192 else 8 if block >= 2048 else 4)
-    sum_rows = 0 if sums is None else sums.shape[0]
+    sums, flags, last_threshold = last if last is not None else (scratch, dummy, 1.0)
     tile_pad = next_power_of_2(width)
     launch(_long_top_p_kernel, (sum(rows) + sum_rows,), *args, scratch, float(threshold),
-           width, sum(rows), sums if sums is not None else scratch,
-           0 if sums is None else sums.shape[-1],
+           width, sum(rows), sums, flags, sums.shape[-1] if sum_rows else 0,
+           float(last_threshold),
            BLOCK=block, CAND=CANDIDATES, WRITE_KEEP=write_keep, WRITE_BINS=write_bins,
            POINTS=TOP_P_POINTS, SUM_TILES=max(1, SUM_VALUES // tile_pad), TILE_PAD=tile_pad,
            num_warps=warps)
@@ -352,12 +365,13 @@ def long_top_p_kernel(values: torch.Tensor, threshold: float,
 
 def vertical_slash_bins(vertical: torch.Tensor, slash: torch.Tensor, layout: TileLayout,
                         threshold: float, causal: bool, *, with_bins: bool = True,
-                        tile_mass: bool = False):
+                        last_threshold: float | None = None):
     """The top-p of columns and offsets as tile bins, in one launch (step 1 of the module).
 
-    With ``tile_mass`` the same launch also sums ``vertical`` into key tiles
-    (the last query tile's rule of the cascade, docs/estimators.rst E8 step 4);
-    ``with_bins=False`` runs only that sum.
+    With ``last_threshold`` the same launch also runs the cascade's last-tile
+    rule (docs/estimators.rst E8 step 4): ``vertical`` summed into key tiles,
+    then top-p at ``last_threshold`` over those sums (the same search, one
+    program per head). ``with_bins=False`` runs only that rule.
 
     Returns
     -------
@@ -365,7 +379,9 @@ def vertical_slash_bins(vertical: torch.Tensor, slash: torch.Tensor, layout: Til
         1 where a kept column falls in key tile ``j``.
     diagonals : Tensor (B * Hq, first_query_tile + nq + nk + 1), int8, or None
         1 at ``I - j + nk`` where a kept offset maps to tile offset ``I - j``.
-    mass : Tensor (B * Hq, nk), float32 (only with ``tile_mass``)
+    last_tiles : Tensor (B * Hq, nk), int8 (only with ``last_threshold``)
+        1 at the key tiles the last-tile rule keeps (mass 0 never).
+    mass : Tensor (B * Hq, nk), float32 (only with ``last_threshold``)
         ``vertical`` summed over each key tile's tokens.
     """
     b, hq, nk_tokens = vertical.shape
@@ -374,8 +390,13 @@ def vertical_slash_bins(vertical: torch.Tensor, slash: torch.Tensor, layout: Til
     device = vertical.device
     n_diag = layout.first_query_tile + nq + nk + 1
     vertical = vertical.float().contiguous().view(b * hq, nk_tokens)
-    mass = torch.empty(b * hq, nk, dtype=torch.float32, device=device) if tile_mass else None
+    last = None
+    if last_threshold is not None:
+        last = (torch.empty(b * hq, nk, dtype=torch.float32, device=device),
+                torch.empty(b * hq, nk, dtype=torch.int8, device=device), last_threshold)
     columns = diagonals = None
+    sets = [{"x": vertical, "start": 0, "length": nk_tokens, "keep": None, "bins": None,
+             "lead": 0, "lead2": 0, "rows": 0}]  # without bins: only the last-tile programs
     if with_bins:
         columns = torch.empty(b * hq, nk, dtype=torch.int8, device=device)
         diagonals = torch.empty(b * hq, n_diag, dtype=torch.int8, device=device)
@@ -388,12 +409,9 @@ def vertical_slash_bins(vertical: torch.Tensor, slash: torch.Tensor, layout: Til
              "lead": 0, "lead2": 0},
             {"x": slash, "start": skip, "length": slash.shape[-1] - skip, "keep": None,
              "bins": diagonals, "lead": lead, "lead2": lead + bs - 1}]
-    else:  # no top-p rows: only the tile-sum programs run
-        sets = [{"x": vertical, "start": 0, "length": nk_tokens, "keep": None, "bins": None,
-                 "lead": 0, "lead2": 0, "rows": 0}]
-    _launch_top_p(sets, threshold, False, True, bs, sums=mass)
-    if tile_mass:
-        return columns, diagonals, mass
+    _launch_top_p(sets, threshold, False, True, bs, last=last)
+    if last is not None:
+        return columns, diagonals, last[1], last[0]
     return columns, diagonals
 
 

@@ -228,8 +228,8 @@ def test_last_tile_stage_kernel_matches_the_reference(b, hq, hkv, nq, nk, bs, la
     _assert_masks_agree(got, expected, _last_tile_boundary(q, k, cfg, layout, causal))
     # The kernels' tile sums are the reference's up to fp32 order.
     vertical, slash = last_query_distributions_kernel(q, k, layout, last, causal)
-    _, _, mass = vertical_slash_bins(vertical, slash, layout, 0.5, causal, with_bins=False,
-                                     tile_mass=True)
+    _, _, _, mass = vertical_slash_bins(vertical, slash, layout, 0.5, causal, with_bins=False,
+                                        last_threshold=threshold)
     torch.testing.assert_close(mass.view(b, hq, -1),
                                _last_tile_masses(q, k, layout, last, causal),
                                rtol=1e-5, atol=1e-6)

@@ -105,10 +105,10 @@ def _union_resources(width: int) -> tuple[int, int]:
         CHECK_V=False, D_PAD=128, DV_PAD=128, BLOCK_T=32, BLOCK_ROWS=tile_union.CHECK_ROWS,
         NARROW=True)
     pointers = {"PROBS": "*fp32", "COLUMNS": "*i8", "DIAGONALS": "*i8", "OTHER": "*i1",
-                "LAST": "*fp32", "MASK": "*i1", "NUM": "*i32", "IDX": "*i32", "Q": "*bf16",
+                "LAST": "*i8", "MASK": "*i1", "NUM": "*i32", "IDX": "*i32", "Q": "*bf16",
                 "K": "*bf16", "V": "*bf16", "NONFINITE": "*fp64"}
     return sm90_resources(tile_union._union_kernel, constexprs, pointers,
-                          floats=("threshold", "last_threshold"), num_warps=warps, num_stages=1)
+                          floats=("threshold",), num_warps=warps, num_stages=1)
 
 
 @pytest.mark.parametrize("width", [256, 1024])
