@@ -1,0 +1,79 @@
+"""What the cascade's last-tile rule costs on the GPU: the accurate preset's selection
+with and without it, interleaved, at several lengths in one run (eager and CUDA-graph
+ms), and how many tiles it adds.
+
+"Without" runs the fused path with the rule's stage left out of the estimator's fused
+form (a probe-only switch: the registry's cascade always has it), so both variants run
+the same kernels apart from the rule's extra programs and the row it adds.
+
+    python3 benchmarks/probes/last_tile_ab.py --lengths 8192,32768,131072 --out x.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench_matrix import structured_qkv  # noqa: E402
+from bench_prism import bench, graph_ms  # noqa: E402
+
+from prism import optimized  # noqa: E402
+from prism.optimized import call_plan, estimator_path  # noqa: E402
+from prism.reference import PrismConfig  # noqa: E402
+from prism.reference.registry import estimator_spec  # noqa: E402
+
+
+def _set_rule(on: bool) -> None:
+    estimator_path._FORMS.clear()
+    form = estimator_path.fused_form(estimator_spec("cascade"))
+    if not on:
+        estimator_path._FORMS["cascade"] = (*form[:3], False)
+    call_plan._PLANS.clear()  # plans record the launches of one setting
+
+
+def row(n):
+    q, k, _ = structured_qkv(n)
+    out = {"tokens": n}
+    preset = PrismConfig.preset("accurate")
+    masks = {}
+    for on in (False, True, False, True):
+        _set_rule(on)
+        name = "with_rule" if on else "without_rule"
+        masks[name] = optimized.select_blocks(q, k, preset).as_tensor().clone()
+        out.setdefault(f"{name}_eager_ms", []).append(
+            bench(lambda: optimized.select_blocks(q, k, preset)))
+        out.setdefault(f"{name}_graph_ms", []).append(
+            graph_ms(lambda: optimized.select_blocks(q, k, preset)))
+    _set_rule(True)
+    added = masks["with_rule"] & ~masks["without_rule"]
+    out["rule_only_adds"] = bool(not (masks["without_rule"] & ~masks["with_rule"]).any())
+    out["tiles_added"] = int(added.sum())
+    out["tiles_added_outside_last_row"] = int(added[..., :-1, :].sum())
+    out["density_with_rule"] = float(masks["with_rule"].float().mean())
+    out["plan_stats"] = dict(call_plan.PLAN_STATS)
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lengths", default="8192,32768,131072")
+    parser.add_argument("--out", default="")
+    parser.add_argument("--commit", default="")
+    args = parser.parse_args(argv)
+    rows = [row(int(n)) for n in args.lengths.split(",")]
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "commit": args.commit,
+                       "command": "python3 benchmarks/probes/last_tile_ab.py "
+                                  + " ".join(argv if argv is not None else sys.argv[1:]),
+                       "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
