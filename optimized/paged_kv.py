@@ -27,15 +27,18 @@ shape), gathering K and V and running the varlen launch was faster on the
 H200 for large prefills: 16.2 ms against 19.8 ms for 128K tokens in
 64-token pages at density 0.134 (``benchmarks/results/h200_varlen_2e60d7c.json``;
 attention alone 1.34x slower in place at pages of 16 and 64 tokens, 1.14x at
-256), and 45.0 against 49.8 ms for one fresh 128K-token sequence. But for
-calls of at most 32K queries in place was as fast or faster in every case
-timed (``benchmarks/results/h200_paged_crossover_bfeba9a.json``, one
-sequence, ``prefix:chunk`` tokens, gathered over in place): 0:8K 1.24x, 0:32K
-1.78x, 32K:4K 1.48x, 32K:16K 1.09x, 32K:32K 1.00x, 96K:32K 1.36x, 124K:4K
-1.64x. So ``"auto"`` gathers where the bulk copies apply *and* the call has
-at least :data:`GATHER_MIN_QUERIES` query tokens (the reference's path: pages
+256), and 45.0 against 49.8 ms for one fresh 128K-token sequence. For small
+calls the copy costs more than the bulk copies save. With the plain attention
+loop (the default since the warp-specialised one was dropped), one sequence,
+``prefix:chunk`` tokens, gathered time over in place
+(``benchmarks/results/h200_paged_crossover_eb06ef2.json``, 64-token pages,
+threshold 0.9): 0:16K 1.33x, 32K:4K 1.28x, 0:32K 0.97x, 0:40K 0.83x, 0:48K
+0.81x, 32K:32K 0.82x, 0:128K 0.74x (``h200_paged_crossover_7df1027.json``:
+0:48K 0.82x, 0:64K 0.83x, 0:96K 0.78x, 32K:64K 0.79x). So ``"auto"`` gathers
+where the bulk copies apply *and* the call has at least
+:data:`GATHER_MIN_QUERIES` query tokens (the reference's path: pages
 gathered, then the varlen functions, a transient copy of the batch's K and
-V), and reads in place everywhere else (between 32K and 128K queries the
+V), and reads in place everywhere else (between 16K and 32K queries the
 crossover was not timed). Tile sizes that are
 not multiples of 16 always gather (the varlen functions run the reference's
 loop on the dense functions there). :func:`block_sparse_attention_paged`
@@ -71,7 +74,7 @@ from .varlen import (
 PAGED_READS = "auto"
 #: Fewest query tokens in a call for which ``"auto"`` gathers the pages where the
 #: gathered launch gets Hopper's bulk copies (module docstring).
-GATHER_MIN_QUERIES = 65536
+GATHER_MIN_QUERIES = 32768
 
 
 def reads_pages_in_kernel(q, k_cache, v_cache, block_size: int) -> bool:
