@@ -1,0 +1,90 @@
+"""Prism's default selection at 256K (and 128K) on the structured inputs: where its time
+goes and which switches move it, in one run.
+
+Times ``select_blocks`` eagerly and as a CUDA-graph replay with call plans on and off,
+with the narrow launches beside the wide one (``SelectionTuning.overlap``) and not, and
+with ``dot_max_width`` 1024 (the default) and 2048; lists each launch of one call (grid,
+duration) from torch.profiler. Written to check 256K's select_blocks (4.27 ms at
+3a22a03, 6.03 ms at eb06ef2 in ``bench_matrix.py --graph-lengths 262144``).
+
+    python3 benchmarks/probes/selection_256k.py --lengths 131072,262144 --out x.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench_matrix import structured_qkv  # noqa: E402
+from bench_prism import bench, graph_ms  # noqa: E402
+
+from prism import optimized  # noqa: E402
+from prism.optimized import call_plan, selection  # noqa: E402
+
+
+def launches(fn):
+    """Each CUDA kernel of one call: name and duration (ms), in start order."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    events.sort(key=lambda e: e.time_range.start)
+    return [(e.name[:40], round(e.device_time / 1000, 4)) for e in events]
+
+
+def row(n):
+    q, k, _ = structured_qkv(n)
+    out = {"tokens": n}
+    default = selection._DEFAULT_TUNING
+    variants = {
+        "default": (default, True),
+        "no_plans": (default, False),
+        "no_overlap": (dataclasses.replace(default, overlap=False), True),
+        "dot_2048": (dataclasses.replace(default, dot_max_width=2048), True),
+    }
+    masks = {}
+    for name, (tuning, plans) in variants.items():
+        selection._DEFAULT_TUNING = tuning
+        call_plan.ENABLED = plans
+        call_plan._PLANS.clear()
+        try:
+            fn = lambda: optimized.select_blocks(q, k)  # noqa: E731
+            masks[name] = fn().as_tensor().clone()
+            out[f"{name}_eager_ms"] = bench(fn)
+            out[f"{name}_graph_ms"] = graph_ms(fn)
+            if name == "default":
+                out["launches"] = launches(fn)
+        finally:
+            selection._DEFAULT_TUNING = default
+            call_plan.ENABLED = True
+    out["masks_equal"] = {name: bool(torch.equal(mask, masks["default"]))
+                          for name, mask in masks.items()}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lengths", default="131072,262144")
+    parser.add_argument("--out", default="")
+    parser.add_argument("--commit", default="")
+    args = parser.parse_args(argv)
+    rows = [row(int(n)) for n in args.lengths.split(",")]
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "commit": args.commit,
+                       "command": "python3 benchmarks/probes/selection_256k.py "
+                                  + " ".join(argv if argv is not None else sys.argv[1:]),
+                       "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
