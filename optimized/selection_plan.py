@@ -30,9 +30,11 @@ class SelectionTuning:
     ----------
     dot_max_width : int
         Launches at most this wide (key tiles) use tensor cores (16 rows a program);
-        wider ones the CUDA cores. 2048 (rows of 256K tokens at tile 128) ran random
-        inputs' selection 8.04 -> 6.15 ms but the structured inputs' 4.27 -> 4.88 ms
-        on the H200 (benchmarks/NOTES.md item 36), so 1024.
+        wider ones the CUDA cores. 2048 covers rows of 256K tokens at tile 128: on the
+        H200 it ran random inputs' selection 8.04 -> 6.15 ms (benchmarks/NOTES.md item
+        36) and, timed against 1024 in one process twice, the structured inputs'
+        5.79 -> 4.74 and 5.79 -> 4.71 ms, masks equal (item 40 (e); an earlier trial
+        across runs read 4.27 -> 4.88).
     elements_per_thread : int
         Probabilities of one band each thread holds; sets ``num_warps``.
     early_exit : bool
@@ -55,7 +57,7 @@ class SelectionTuning:
         the rows (one chain of reductions instead of two); 0 turns this off.
     """
 
-    dot_max_width: int = 1024
+    dot_max_width: int = 2048
     elements_per_thread: int = 32
     early_exit: bool = True
     rows_per_program: int = 16

@@ -30,9 +30,9 @@ SELECTION_SHAPES = [
     (2, 8, 2, 4096, 4096, 128, 128),
     (1, 8, 2, 32768, 32768, 128, 128),
     (1, 8, 2, 5000, 32768, 128, 64),  # KV prefix not a tile multiple
-    (1, 4, 1, 16384, 16384, 64, 16),  # 1024 key tiles: widest tensor-core rows
-    (1, 4, 1, 32768, 32768, 64, 16),  # 2048 key tiles: CUDA-core rows
-    (1, 2, 1, 131072, 131072, 64, 16),  # 8192 key tiles per row
+    (1, 4, 1, 16384, 16384, 64, 16),  # 1024 key tiles: tensor-core rows
+    (1, 4, 1, 32768, 32768, 64, 16),  # 2048 key tiles: the widest tensor-core rows
+    (1, 2, 1, 131072, 131072, 64, 16),  # 8192 key tiles per row: CUDA-core rows
 ]
 
 
