@@ -209,16 +209,31 @@ def last_query_distributions(q: torch.Tensor, k: torch.Tensor, layout: TileLayou
     return vertical, slash
 
 
+def last_tile_masses(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
+                     last_queries: int, causal: bool = True) -> torch.Tensor:
+    """The last queries' exact attention per key tile: (B, Hq, nk), float32.
+
+    The vertical distribution of :func:`last_query_distributions` (the exact
+    attention of the last ``min(last_queries, Nq)`` queries, averaged over
+    them) summed over each key tile's tokens (a partial last tile sums what
+    it holds).
+    """
+    b, hq = q.shape[0], q.shape[1]
+    nk, bs = layout.num_key_tiles, layout.block_size
+    vertical, _ = last_query_distributions(q, k, layout, last_queries, causal)
+    padded = torch.zeros(b, hq, nk * bs, dtype=torch.float32, device=q.device)
+    padded[..., : vertical.shape[-1]] = vertical
+    return padded.view(b, hq, nk, bs).sum(dim=-1)
+
+
 def last_tile_exact_tiles(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
                           last_queries: int, threshold: float,
                           causal: bool = True) -> torch.Tensor:
     """The last query tile's key tiles by top-p of the last queries' exact attention.
 
-    The vertical distribution of :func:`last_query_distributions` (the exact
-    attention of the last ``min(last_queries, Nq)`` queries, averaged over
-    them) is summed into key tiles; the last query tile's row keeps the key
-    tiles that top-p (contract §6's rule and tie-break) at ``threshold``
-    keeps, never one of mass 0. Every other row is empty.
+    The last query tile's row keeps the key tiles that top-p (contract §6's
+    rule and tie-break) at ``threshold`` keeps on :func:`last_tile_masses`,
+    never one of mass 0. Every other row is empty.
 
     Returns
     -------
@@ -230,11 +245,7 @@ def last_tile_exact_tiles(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
     out = torch.zeros(b, hq, nq, nk, dtype=torch.bool, device=q.device)
     if nq == 0 or nk == 0:
         return out
-    vertical, _ = last_query_distributions(q, k, layout, last_queries, causal)
-    bs = layout.block_size
-    padded = torch.zeros(b, hq, nk * bs, dtype=torch.float32, device=q.device)
-    padded[..., : vertical.shape[-1]] = vertical
-    mass = padded.view(b, hq, nk, bs).sum(dim=-1)
+    mass = last_tile_masses(q, k, layout, last_queries, causal)
     admissible = admissible_tiles(layout, causal, q.device)[-1]
     keep, _ = top_p_select(mass, admissible, threshold)
     out[:, :, -1] = keep & (mass > 0)
@@ -477,6 +488,8 @@ __all__ = [
     "antidiagonal_probabilities",
     "candidate_antidiagonal_probabilities",
     "last_query_distributions",
+    "last_tile_exact_tiles",
+    "last_tile_masses",
     "prism_candidate_tiles",
     "sampled_query_positions",
     "sampled_query_probabilities",

@@ -26,8 +26,8 @@ from prism.optimized.vertical_slash_tiles import vertical_slash_bins
 from prism.reference import PrismConfig, tile_layout
 from prism.reference.estimators import (
     candidate_antidiagonal_probabilities,
-    last_query_distributions,
     last_tile_exact_tiles,
+    last_tile_masses,
     prism_candidate_tiles,
 )
 from prism.reference.registry import estimator_spec, last_tile_threshold
@@ -185,20 +185,11 @@ def test_cascade_on_the_gpu_bf16(n):
     _assert_masks_agree(mask.as_subclass(torch.Tensor), tiles, boundary)
 
 
-def _last_tile_masses(q, k, layout, last_queries, causal):
-    """The reference's tile masses of the last-tile rule (E8 step 4), (B, Hq, nk)."""
-    vertical, _ = last_query_distributions(q, k, layout, last_queries, causal)
-    bs, nk = layout.block_size, layout.num_key_tiles
-    padded = torch.zeros(*vertical.shape[:2], nk * bs, device=vertical.device)
-    padded[..., : vertical.shape[-1]] = vertical
-    return padded.view(*vertical.shape[:2], nk, bs).sum(-1)
-
-
 def _last_tile_boundary(q, k, cfg, layout, causal, margin=1e-5):
     """Last-row entries whose keep/drop may flip with the fp32 order of the tile sums:
     the mass ranked before them within ``margin`` of the rule's threshold, or a
     tile of nearly equal mass kept differently (the two may swap ranks)."""
-    mass = _last_tile_masses(q, k, layout, cfg.last_queries, causal)
+    mass = last_tile_masses(q, k, layout, cfg.last_queries, causal)
     threshold = last_tile_threshold(cfg)
     keep, before = top_p_select(mass, torch.ones_like(mass, dtype=torch.bool), threshold)
     keep = keep & (mass > 0)
@@ -231,7 +222,7 @@ def test_last_tile_stage_kernel_matches_the_reference(b, hq, hkv, nq, nk, bs, la
     _, _, _, mass = vertical_slash_bins(vertical, slash, layout, 0.5, causal, with_bins=False,
                                         last_threshold=threshold)
     torch.testing.assert_close(mass.view(b, hq, -1),
-                               _last_tile_masses(q, k, layout, last, causal),
+                               last_tile_masses(q, k, layout, last, causal),
                                rtol=1e-5, atol=1e-6)
     # Some tiles kept, some dropped in the last row, none elsewhere.
     assert 0 < expected[:, :, -1].sum() < expected[:, :, -1].numel()

@@ -48,7 +48,10 @@ or ``--points "RULE@P;..."``):
     last ``last_queries`` queries' exact attention: the vertical distribution
     of :func:`~prism.reference.estimators.last_query_distributions`, summed into
     key tiles. ``last_tile=half`` takes ``P = (1 + p) / 2`` of the point's p
-    (0.95 at the preset's 0.9). No other row changes.
+    (0.95 at the preset's 0.9). No other row changes. Since da34f8b this is the
+    cascade's own step 4 (:func:`~prism.reference.estimators.last_tile_exact_tiles`,
+    which the rule calls), so ``last_tile=half`` after the committed cascade
+    adds no tile; other values of ``P`` still add to it.
 
 Every point records the sweep's fields (perplexity, ratio to full attention,
 density of its own pass, selection time, candidate density, passkeys) plus
@@ -136,8 +139,8 @@ from prism.evaluation.data import (
 from prism.evaluation.perplexity import sequence_nll, token_windows
 from prism.evaluation.sweep import CandidateCounter, SweepSettings, run_sweep, with_preset
 from prism.integrations.transformers import PrismStats, register
-from prism.reference import PrismConfig, top_p_select
-from prism.reference.estimators import last_query_distributions
+from prism.reference import PrismConfig
+from prism.reference.estimators import last_tile_exact_tiles
 from prism.reference.registry import REFERENCE_STAGES
 from prism.reference.scoring import admissible_tiles
 from prism.reference.select import estimator_mask
@@ -192,20 +195,10 @@ def rule_label(rule: dict) -> str:
 
 def last_tile_exact(q, k, layout, last_queries: int, threshold: float,
                     causal: bool) -> torch.Tensor:
-    """The ``last_tile`` rule's tiles: (B, Hq, nq, nk) bool, set only in the last row."""
-    b, hq = q.shape[:2]
-    nq, nk = layout.num_query_tiles, layout.num_key_tiles
-    out = torch.zeros(b, hq, nq, nk, dtype=torch.bool, device=q.device)
-    if nq == 0 or nk == 0:
-        return out
-    vertical, _ = last_query_distributions(q, k, layout, last_queries, causal)
-    bs = layout.block_size
-    padded = torch.zeros(b, hq, nk * bs, dtype=torch.float32, device=q.device)
-    padded[..., :vertical.shape[-1]] = vertical
-    mass = padded.view(b, hq, nk, bs).sum(-1)
-    keep, _ = top_p_select(mass, admissible_tiles(layout, causal, q.device)[-1], threshold)
-    out[:, :, -1] = keep & (mass > 0)
-    return out
+    """The ``last_tile`` rule's tiles: the reference's cascade step 4 (since da34f8b
+    part of the cascade itself, so applying it again after the committed cascade
+    adds nothing at ``last_tile=half``)."""
+    return last_tile_exact_tiles(q, k, layout, last_queries, threshold, causal)
 
 
 def head_flatness(probs: torch.Tensor) -> torch.Tensor:
