@@ -11,6 +11,10 @@ computes, in two launches and without sorting:
    reference's :func:`~prism.reference.estimators.vertical_slash_tiles_from_kept`.
    A bin is set by storing 1 from every kept value in it (the same value from
    any number of threads: no read-modify-write).
+   The same launch may hold one more program per head for the cascade's
+   last-tile rule (docs/estimators.rst, the cascade's step 4): it sums the
+   head's column distribution into key tiles, then runs the same top-p on
+   that row of tile masses and stores one flag per key tile.
 2. :func:`prism.optimized.tile_union.union_tiles` - the tile pairs:
    ``column[j] | diagonal[I - j + nk]`` within the admissible tiles (``I`` the
    query tile's absolute index), in a whole selection together with the other
