@@ -17,7 +17,7 @@ validation it skips only reads what the signature holds (the NaN/Inf check
 is a kernel, and is replayed).
 
 The second call of a signature runs the general path while
-:func:`prism.optimized.launch.recording` keeps every launch and every
+:func:`prism.optimized.plan_items.recording` keeps every launch and every
 zeroing, and a dispatch mode watches every torch operation; from them a
 :class:`CallPlan` is made. Later calls cost their allocations, a driver
 memset and the launchers' C calls:
@@ -42,10 +42,10 @@ launches through :class:`~prism.optimized.launch.Prepared` or
 :func:`~prism.optimized.launch.launch` with a cached compiled kernel (so the
 estimators' selections, whose kernels launch through the latter, have plans
 too), on the call's stream or on side streams that
-:func:`~prism.optimized.launch.fork` forked from it and
-:func:`~prism.optimized.launch.join` joined back (a replay forks and joins
+:func:`~prism.optimized.plan_items.fork` forked from it and
+:func:`~prism.optimized.plan_items.join` joined back (a replay forks and joins
 them again, so stages that ran side by side still do), zeroing through
-:func:`~prism.optimized.launch.zero_`, tensors allocated afresh or views (any
+:func:`~prism.optimized.plan_items.zero_`, tensors allocated afresh or views (any
 other torch operation, a launch through Triton's path, a tensor argument
 that is neither an input, nor an output, nor allocated by the call, refuses
 the plan). It is used only while the kernels, the selection tuning and the
@@ -69,6 +69,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import attention, indices, pooling, selection
 from . import launch as _launch
+from . import plan_items as _items
 from .ops import tracing as _tracing  # ops imports this module at its end (it is defined)
 
 #: False: every call takes the general path (benchmarks compare the two).
@@ -177,7 +178,7 @@ class CallPlan:
             target = stream if step.side is None else step.side.cuda_stream
             if step.call is None:
                 slot, delta = step.args
-                _launch.zero_bytes(table[slot] + delta, step.nbytes, target)
+                _items.zero_bytes(table[slot] + delta, step.nbytes, target)
                 continue
             # (slot, delta) of a tensor; (-1, value) of a scalar among launch()'s arguments.
             values = [None if a is None else table[a[0]] + a[1] if a[0] >= 0 else a[1]
@@ -185,7 +186,7 @@ class CallPlan:
             values += step.scalars
             if step.descriptors:
                 for position, slot, (block_shape, padding) in step.descriptors:
-                    values[position] = _launch.descriptor_on(inputs[slot], block_shape, padding)
+                    values[position] = _items.descriptor_on(inputs[slot], block_shape, padding)
                 values = step.entry.expand(values)
             prefix = step.prefix
             if step.scratch is not None:
@@ -240,7 +241,7 @@ def record(general, key, inputs, cfg=None):
                 _PLANS.clear()
             _PLANS[key] = None  # seen: the next call records (this one may compile)
         return general()
-    with _launch.recording() as launches, _Watch() as watch:
+    with _items.recording() as launches, _Watch() as watch:
         result = general()
     plan = _make_plan(launches, watch, result, inputs, cfg)
     PLAN_STATS["made" if plan else "refused"] += 1
@@ -297,10 +298,10 @@ def _make_plan(launches, watch, result, inputs, cfg):
                        f"{sorted(set(watch.refused))}")
     if not launches or any(item is None for item in launches):
         return _refuse("no launch, or a launch through Triton's own path")
-    if _launch._driver_memset() is None or (flag is not None and flag.dtype != torch.float64):
+    if _items._driver_memset() is None or (flag is not None and flag.dtype != torch.float64):
         return _refuse("no driver memset, or a NaN flag that is not float64")
     if watch.zeros != sum(item[0] == "zero" for item in launches):
-        return _refuse("zeroing other than by launch.zero_")
+        return _refuse("zeroing other than by plan_items.zero_")
     sides = _stream_roles(launches)
     if sides is None:
         return _refuse("launches on several streams other than forked and joined side streams")

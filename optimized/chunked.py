@@ -43,8 +43,8 @@ from prism.reference.validation import check_finite
 from prism.reference.varlen import _name_sequence, as_heads
 
 from .indices import mask_rows_to_indices
-from .launch import zero_
 from .paged_pooling import _pool_paged_kernel, paged_pool_plan
+from .plan_items import zero_
 from .pooling import _pool_tiles_kernel, nonfinite_flag, pool_plan, work_layout
 from .selection import _DEFAULT_TUNING, MAX_WIDTH, launch_steps, run_selection
 

@@ -57,7 +57,7 @@ from prism.reference.tiles import TileLayout
 from .cascade import candidate_antidiagonal_tile_scores, prism_mask
 from .estimators import KERNEL_STAGES, antidiagonal_tile_scores
 from .indices import mask_rows_to_indices
-from .launch import fork, join, side_stream, zero_
+from .plan_items import fork, join, side_stream, zero_
 from .pooling import nonfinite_flag
 from .sampled import sampled_tile_probabilities
 from .tile_union import MAX_UNION_WIDTH, union_tiles

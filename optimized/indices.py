@@ -7,7 +7,8 @@ import triton
 import triton.language as tl
 
 from ._runtime import next_power_of_2
-from .launch import Prepared, zero_
+from .launch import Prepared
+from .plan_items import zero_
 
 _LAUNCHES: dict = {}  # (rows per matrix, nk, first tile, trim) -> Prepared
 

@@ -24,7 +24,8 @@ import triton.language as tl
 from prism.reference.tiles import TileLayout
 
 from ._runtime import next_power_of_2
-from .launch import Prepared, zero_
+from .launch import Prepared
+from .plan_items import zero_
 from .pooling import (
     _pool_one_tile,
     _store_tile_mean,

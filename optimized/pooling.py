@@ -32,7 +32,8 @@ import triton.language as tl
 from prism.reference.tiles import TileLayout
 
 from ._runtime import next_power_of_2
-from .launch import Prepared, zero_
+from .launch import Prepared
+from .plan_items import zero_
 
 
 @triton.jit
@@ -397,7 +398,7 @@ def nonfinite_flag(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     One launch reads each tensor once (the reference's ``check_finite`` without
     a host wait). A finite block whose fp32 sum overflows also sets it. The
     launch goes through :class:`~prism.optimized.launch.Prepared` (one per call
-    shape) and the flag is zeroed by :func:`~prism.optimized.launch.zero_`, so a
+    shape) and the flag is zeroed by :func:`~prism.optimized.plan_items.zero_`, so a
     call plan (:mod:`prism.optimized.call_plan`) can record and replay both.
     """
     block_rows, rows_per_load, warps = NONFINITE_SHAPE if shape is None else shape

@@ -40,7 +40,7 @@ import triton.language as tl
 from prism.reference.config import PrismConfig
 from prism.reference.tiles import TileLayout
 
-from .launch import fork, join, side_stream
+from .plan_items import fork, join, side_stream
 from .pooling import pool_plan, run_pooling, work_pointers
 from .selection_plan import (  # noqa: F401  (SelectionTuning and the caches: public here)
     _LAUNCHES,

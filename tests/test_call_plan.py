@@ -22,7 +22,7 @@ from triton.runtime.jit import JITFunction
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 import prism.optimized as optimized
-from prism.optimized import attention, call_plan, indices, ops, pooling, selection
+from prism.optimized import attention, call_plan, indices, ops, plan_items, pooling, selection
 from prism.optimized import launch as fast
 from prism.reference import PrismConfig, tile_layout
 
@@ -143,8 +143,9 @@ def fakes(monkeypatch):
     monkeypatch.setattr(selection, "_select_tiles_kernel", kernels["select"])
     monkeypatch.setattr(attention, "_sparse_attention_kernel", kernels["attend"])
     monkeypatch.setattr(fast, "_JITFunction", _Kernel)
-    monkeypatch.setattr(fast, "_get_device", lambda: 0)
-    monkeypatch.setattr(fast, "_get_stream", lambda device: 7)
+    for module in (fast, plan_items):  # launches, and the zeroing plans record
+        monkeypatch.setattr(module, "_get_device", lambda: 0)
+        monkeypatch.setattr(module, "_get_stream", lambda device: 7)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)
     memsets = []
@@ -154,7 +155,7 @@ def fakes(monkeypatch):
         ctypes.memset(address, value, nbytes)
         return 0
 
-    monkeypatch.setattr(fast, "_MEMSET", [memset])
+    monkeypatch.setattr(plan_items, "_MEMSET", [memset])
     buffers = []
 
     def allocator(size, alignment, stream):  # the general path's scratch, on the CPU
