@@ -11,16 +11,14 @@ the same kernels apart from the rule's extra programs and the row it adds.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench_matrix import structured_qkv  # noqa: E402
 from bench_prism import bench, graph_ms  # noqa: E402
+from by_length import run  # noqa: E402
 
 from prism import optimized  # noqa: E402
 from prism.optimized import call_plan, estimator_path  # noqa: E402
@@ -61,18 +59,7 @@ def row(n):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lengths", default="8192,32768,131072")
-    parser.add_argument("--out", default="")
-    parser.add_argument("--commit", default="")
-    args = parser.parse_args(argv)
-    rows = [row(int(n)) for n in args.lengths.split(",")]
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "commit": args.commit,
-                       "command": "python3 benchmarks/probes/last_tile_ab.py "
-                                  + " ".join(argv if argv is not None else sys.argv[1:]),
-                       "rows": rows}, f, indent=1)
+    run(row, __doc__, "last_tile_ab.py", "8192,32768,131072", argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ and whether the masks agree bit for bit. (Run at 76130aa it also timed
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -18,6 +17,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench_matrix import structured_qkv  # noqa: E402
 from bench_prism import bench, graph_ms  # noqa: E402
+from by_length import run  # noqa: E402
 
 from prism import optimized  # noqa: E402
 from prism.optimized import call_plan, estimator_path  # noqa: E402
@@ -51,14 +51,7 @@ def row(n):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lengths", default="8192,32768,131072")
-    parser.add_argument("--out", default="")
-    args = parser.parse_args(argv)
-    rows = [row(int(n)) for n in args.lengths.split(",")]
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+    run(row, __doc__, "overlap_ab.py", "8192,32768,131072", argv)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ duration) from torch.profiler. Written to check 256K's select_blocks (4.27 ms at
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -23,6 +22,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench_matrix import structured_qkv  # noqa: E402
 from bench_prism import bench, graph_ms  # noqa: E402
+from by_length import run  # noqa: E402
 
 from prism import optimized  # noqa: E402
 from prism.optimized import call_plan, selection  # noqa: E402
@@ -72,18 +72,7 @@ def row(n):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lengths", default="131072,262144")
-    parser.add_argument("--out", default="")
-    parser.add_argument("--commit", default="")
-    args = parser.parse_args(argv)
-    rows = [row(int(n)) for n in args.lengths.split(",")]
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "commit": args.commit,
-                       "command": "python3 benchmarks/probes/selection_256k.py "
-                                  + " ".join(argv if argv is not None else sys.argv[1:]),
-                       "rows": rows}, f, indent=1)
+    run(row, __doc__, "selection_256k.py", "131072,262144", argv)
 
 
 if __name__ == "__main__":
