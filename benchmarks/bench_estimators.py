@@ -492,7 +492,7 @@ def _finish_times(q, k, layout, probs):
     from prism.optimized.vertical_slash_tiles import vertical_slash_bins
 
     kv, ks = last_query_distributions_kernel(q, k, layout, 64, True)
-    columns, diagonals = vertical_slash_bins(kv, ks, layout, 0.5, True)
+    columns, diagonals, _, _ = vertical_slash_bins(kv, ks, layout, 0.5, True)
 
     def finish():
         return union_tiles(layout, True, probs.shape[:2], probs=probs, normalize=True,

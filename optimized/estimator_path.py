@@ -164,10 +164,10 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
             q, k, layout, cfg.last_queries, causal,
             None if spec.prism_bands or on_candidates else nonfinite)
         # One launch: the bins' top-p and the last-tile rule's sums and top-p.
-        out = vertical_slash_bins(vertical, slash, layout, _vs_threshold(cfg), causal,
-                                  with_bins=with_vs,
-                                  last_threshold=last_tile_threshold(cfg) if with_last else None)
-        return out[:3] if with_last else (*out, None)
+        columns, diagonals, last, _ = vertical_slash_bins(
+            vertical, slash, layout, _vs_threshold(cfg), causal, with_bins=with_vs,
+            last_threshold=last_tile_threshold(cfg) if with_last else None)
+        return columns, diagonals, last
 
     columns = diagonals = last_tiles = None
     side = None

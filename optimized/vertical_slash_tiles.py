@@ -383,9 +383,9 @@ def vertical_slash_bins(vertical: torch.Tensor, slash: torch.Tensor, layout: Til
         1 where a kept column falls in key tile ``j``.
     diagonals : Tensor (B * Hq, first_query_tile + nq + nk + 1), int8, or None
         1 at ``I - j + nk`` where a kept offset maps to tile offset ``I - j``.
-    last_tiles : Tensor (B * Hq, nk), int8 (only with ``last_threshold``)
+    last_tiles : Tensor (B * Hq, nk), int8, or None without ``last_threshold``
         1 at the key tiles the last-tile rule keeps (mass 0 never).
-    mass : Tensor (B * Hq, nk), float32 (only with ``last_threshold``)
+    mass : Tensor (B * Hq, nk), float32, or None without ``last_threshold``
         ``vertical`` summed over each key tile's tokens.
     """
     b, hq, nk_tokens = vertical.shape
@@ -414,9 +414,9 @@ def vertical_slash_bins(vertical: torch.Tensor, slash: torch.Tensor, layout: Til
             {"x": slash, "start": skip, "length": slash.shape[-1] - skip, "keep": None,
              "bins": diagonals, "lead": lead, "lead2": lead + bs - 1}]
     _launch_top_p(sets, threshold, False, True, bs, last=last)
-    if last is not None:
-        return columns, diagonals, last[1], last[0]
-    return columns, diagonals
+    if last is None:
+        return columns, diagonals, None, None
+    return columns, diagonals, last[1], last[0]
 
 
 def vertical_slash_tiles_kernel(vertical: torch.Tensor, slash: torch.Tensor,
@@ -452,7 +452,8 @@ def vertical_slash_tiles_kernel(vertical: torch.Tensor, slash: torch.Tensor,
 
         return vertical_slash_tiles_from_distributions(vertical, slash, layout, threshold,
                                                        causal)
-    columns, diagonals = vertical_slash_bins(vertical, slash, layout, threshold, causal)
+    columns, diagonals, _, _ = vertical_slash_bins(vertical, slash, layout, threshold,
+                                                   causal)
     return union_tiles(layout, causal, (b, hq), columns=columns, diagonals=diagonals)[0]
 
 

@@ -8,8 +8,6 @@ timed a variant summing the loads elementwise, since removed: no faster at 1 war
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
@@ -17,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench_prism import graph_ms  # noqa: E402
+from probe_cli import run  # noqa: E402
 
 from prism.optimized.pooling import NONFINITE_SHAPE, nonfinite_flag  # noqa: E402
 
@@ -48,14 +47,8 @@ def row(n, b, hq=32, hkv=8, d=128):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cases", default="131072/1,8192/4,4096/1")
-    parser.add_argument("--out", default="")
-    args = parser.parse_args(argv)
-    rows = [row(*map(int, case.split("/"))) for case in args.cases.split(",")]
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+    run(row, __doc__, "nonfinite_shapes.py", "--cases", "131072/1,8192/4,4096/1", argv,
+        parse=lambda case: tuple(map(int, case.split("/"))))
 
 
 if __name__ == "__main__":

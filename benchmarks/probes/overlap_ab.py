@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench_matrix import structured_qkv  # noqa: E402
 from bench_prism import bench, graph_ms  # noqa: E402
-from by_length import run  # noqa: E402
+from probe_cli import run  # noqa: E402
 
 from prism import optimized  # noqa: E402
 from prism.optimized import call_plan, estimator_path  # noqa: E402
@@ -51,7 +51,7 @@ def row(n):
 
 
 def main(argv=None):
-    run(row, __doc__, "overlap_ab.py", "8192,32768,131072", argv)
+    run(row, __doc__, "overlap_ab.py", "--lengths", "8192,32768,131072", argv)
 
 
 if __name__ == "__main__":

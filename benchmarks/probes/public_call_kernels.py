@@ -10,7 +10,6 @@ tensor, and compiled FlexAttention on the same mask, all in one run. Writes JSON
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -21,6 +20,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench_matrix import flex_ms, parse_shape, structured_qkv  # noqa: E402
 from bench_prism import bench  # noqa: E402
+from probe_cli import run  # noqa: E402
 
 from prism import optimized  # noqa: E402
 
@@ -71,15 +71,8 @@ def shape_row(spec):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shapes", default="8192/128/32/8/4,131072")
-    parser.add_argument("--out", default="")
-    args = parser.parse_args(argv)
-    rows = [shape_row(spec) for spec in args.shapes.split(",")]
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "rows": rows}, f, indent=1)
+    run(shape_row, __doc__, "public_call_kernels.py", "--shapes", "8192/128/32/8/4,131072",
+        argv, parse=str)
 
 
 if __name__ == "__main__":

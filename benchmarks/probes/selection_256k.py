@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench_matrix import structured_qkv  # noqa: E402
 from bench_prism import bench, graph_ms  # noqa: E402
-from by_length import run  # noqa: E402
+from probe_cli import run  # noqa: E402
 
 from prism import optimized  # noqa: E402
 from prism.optimized import call_plan, selection  # noqa: E402
@@ -72,7 +72,7 @@ def row(n):
 
 
 def main(argv=None):
-    run(row, __doc__, "selection_256k.py", "131072,262144", argv)
+    run(row, __doc__, "selection_256k.py", "--lengths", "131072,262144", argv)
 
 
 if __name__ == "__main__":
