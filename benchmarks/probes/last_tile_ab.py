@@ -17,8 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench_matrix import structured_qkv  # noqa: E402
-from bench_prism import bench, graph_ms  # noqa: E402
-from probe_cli import run  # noqa: E402
+from probe_cli import run, time_variants  # noqa: E402
 
 from prism import optimized  # noqa: E402
 from prism.optimized import call_plan, estimator_path  # noqa: E402
@@ -31,23 +30,16 @@ def _set_rule(on: bool) -> None:
     form = estimator_path.fused_form(estimator_spec("cascade"))
     if not on:
         estimator_path._FORMS["cascade"] = (*form[:3], False)
-    call_plan._PLANS.clear()  # plans record the launches of one setting
 
 
 def row(n):
     q, k, _ = structured_qkv(n)
     out = {"tokens": n}
     preset = PrismConfig.preset("accurate")
-    masks = {}
-    for on in (False, True, False, True):
-        _set_rule(on)
-        name = "with_rule" if on else "without_rule"
-        masks[name] = optimized.select_blocks(q, k, preset).as_tensor().clone()
-        out.setdefault(f"{name}_eager_ms", []).append(
-            bench(lambda: optimized.select_blocks(q, k, preset)))
-        out.setdefault(f"{name}_graph_ms", []).append(
-            graph_ms(lambda: optimized.select_blocks(q, k, preset)))
-    _set_rule(True)
+    settings = [("with_rule" if on else "without_rule", lambda on=on: _set_rule(on))
+                for on in (False, True, False, True)]
+    masks = time_variants(lambda: optimized.select_blocks(q, k, preset), settings, out,
+                          lambda: _set_rule(True))
     added = masks["with_rule"] & ~masks["without_rule"]
     out["rule_only_adds"] = bool(not (masks["without_rule"] & ~masks["with_rule"]).any())
     out["tiles_added"] = int(added.sum())

@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench_matrix import structured_qkv  # noqa: E402
 from bench_prism import bench, graph_ms  # noqa: E402
-from probe_cli import run  # noqa: E402
+from probe_cli import run, time_variants  # noqa: E402
 
 from prism import optimized  # noqa: E402
 from prism.optimized import call_plan, estimator_path  # noqa: E402
@@ -28,17 +28,14 @@ def row(n):
     q, k, _ = structured_qkv(n)
     out = {"tokens": n}
     preset = PrismConfig.preset("accurate")
-    masks = {}
-    for overlap in (False, True, False, True):
-        estimator_path.OVERLAP_VERTICAL_SLASH = overlap
-        call_plan._PLANS.clear()  # plans record the launches of one setting
-        name = "preset_overlap" if overlap else "preset_one_stream"
-        masks[name] = optimized.select_blocks(q, k, preset).as_tensor().clone()
-        out.setdefault(f"{name}_eager_ms", []).append(
-            bench(lambda: optimized.select_blocks(q, k, preset)))
-        out.setdefault(f"{name}_graph_ms", []).append(
-            graph_ms(lambda: optimized.select_blocks(q, k, preset)))
-    estimator_path.OVERLAP_VERTICAL_SLASH = True
+
+    def overlap(on):
+        estimator_path.OVERLAP_VERTICAL_SLASH = on
+
+    settings = [("preset_overlap" if on else "preset_one_stream", lambda on=on: overlap(on))
+                for on in (False, True, False, True)]
+    masks = time_variants(lambda: optimized.select_blocks(q, k, preset), settings, out,
+                          lambda: overlap(True))
     out["masks_equal"] = all(torch.equal(mask, masks["preset_one_stream"])
                              for mask in masks.values())
     paper = PrismConfig()

@@ -32,3 +32,31 @@ def run(row, doc: str, script: str, option: str, default: str, argv=None, parse=
                        "command": f"python3 benchmarks/probes/{script} " + " ".join(given),
                        "rows": rows}, f, indent=1)
     return rows
+
+
+def time_variants(fn, settings, out: dict, restore) -> dict:
+    """Time ``fn`` (a ``select_blocks`` call) under each setting, in the order given.
+
+    ``settings`` is a list of ``(name, apply)``; ``apply()`` switches to that
+    variant and ``restore()`` (run at the end, also on error) back to the
+    defaults. Call plans are cleared before each variant (a plan records one
+    setting's launches). Appends eager and CUDA-graph ms to ``out["<name>_eager_ms"]``
+    and ``out["<name>_graph_ms"]`` (a name given twice is timed twice) and returns
+    each variant's bool mask.
+    """
+    from bench_prism import bench, graph_ms
+
+    from prism.optimized import call_plan
+
+    masks = {}
+    try:
+        for name, apply in settings:
+            apply()
+            call_plan._PLANS.clear()
+            masks[name] = fn().as_tensor().clone()
+            out.setdefault(f"{name}_eager_ms", []).append(bench(fn))
+            out.setdefault(f"{name}_graph_ms", []).append(graph_ms(fn))
+    finally:
+        restore()
+        call_plan._PLANS.clear()
+    return masks

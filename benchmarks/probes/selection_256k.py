@@ -21,8 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench_matrix import structured_qkv  # noqa: E402
-from bench_prism import bench, graph_ms  # noqa: E402
-from probe_cli import run  # noqa: E402
+from probe_cli import run, time_variants  # noqa: E402
 
 from prism import optimized  # noqa: E402
 from prism.optimized import call_plan, selection  # noqa: E402
@@ -50,21 +49,15 @@ def row(n):
         "no_overlap": (dataclasses.replace(default, overlap=False), True),
         "dot_2048": (dataclasses.replace(default, dot_max_width=2048), True),
     }
-    masks = {}
-    for name, (tuning, plans) in variants.items():
+
+    def use(tuning, plans):
         selection._DEFAULT_TUNING = tuning
         call_plan.ENABLED = plans
-        call_plan._PLANS.clear()
-        try:
-            fn = lambda: optimized.select_blocks(q, k)  # noqa: E731
-            masks[name] = fn().as_tensor().clone()
-            out[f"{name}_eager_ms"] = bench(fn)
-            out[f"{name}_graph_ms"] = graph_ms(fn)
-            if name == "default":
-                out["launches"] = launches(fn)
-        finally:
-            selection._DEFAULT_TUNING = default
-            call_plan.ENABLED = True
+
+    fn = lambda: optimized.select_blocks(q, k)  # noqa: E731
+    masks = time_variants(fn, [(name, lambda v=v: use(*v)) for name, v in variants.items()],
+                          out, lambda: use(default, True))
+    out["launches"] = launches(fn)
     out["masks_equal"] = {name: bool(torch.equal(mask, masks["default"]))
                           for name, mask in masks.items()}
     print(json.dumps(out), flush=True)
