@@ -1,8 +1,9 @@
 """Launch-shape tuning of the block-sparse attention kernel (``bench_matrix.py --parts tune``).
 
 One GPU call times :class:`AttentionConfig` candidates (:data:`CANDIDATES`) on
-:data:`SHAPES` (32 query / 8 KV heads, bf16, batch 1, causal, 8K and 32K tokens,
-random causal tile masks at :data:`DENSITIES`, the masks and inputs of
+:data:`SHAPES` (by default 32 query / 8 KV heads, bf16, batch 1, causal, 8K and 32K
+tokens; ``PRISM_TUNE_*`` variables change each), random causal tile masks at
+:data:`DENSITIES`, the masks and inputs of
 ``bench_matrix.matrix_cell``), beside compiled FlexAttention on the same tile
 masks and cuDNN dense, all timed the same way in the same call.
 
@@ -38,9 +39,14 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 
 DTYPE = torch.bfloat16
-HQ, HKV, BATCH = 32, 8, 1
+#: Query / KV heads and batch; PRISM_TUNE_HEADS="32/32" and PRISM_TUNE_BATCH=4 pick others.
+HQ, HKV = (int(x) for x in os.environ.get("PRISM_TUNE_HEADS", "32/8").split("/"))
+BATCH = int(os.environ.get("PRISM_TUNE_BATCH", "1"))
 LENGTHS = tuple(int(n) for n in os.environ.get("PRISM_TUNE_LENGTHS", "8192,32768").split(","))
-DENSITIES = (0.05, 0.15, 0.3, 1.0)
+#: Densities of the random tile masks (the sink and the diagonal always kept, so 0.0
+#: gives those two tiles per row only); PRISM_TUNE_DENSITIES="0,0.05" picks others.
+DENSITIES = tuple(float(x) for x in os.environ.get(
+    "PRISM_TUNE_DENSITIES", "0.05,0.15,0.3,1.0").split(","))
 #: (head dim, tile); PRISM_TUNE_SHAPES="64x128,256x64" picks others.
 SHAPES = tuple(tuple(int(x) for x in shape.split("x")) for shape in os.environ.get(
     "PRISM_TUNE_SHAPES", "64x128,128x128,256x128,64x64,256x64").split(","))
@@ -48,7 +54,10 @@ SHAPES = tuple(tuple(int(x) for x in shape.split("x")) for shape in os.environ.g
 #: ``min_mask`` and the best plain shapes of h200_tune_1b04e82; "steps": the default
 #: with the key blocks per tile computed at run time (+rs) beside it; "grid": the
 #: pruned grid of :func:`grid_candidates` (the earlier runs' four shapes and
-#: densities 0.05 / 0.15 / 1.0 are in their JSON).
+#: densities 0.05 / 0.15 / 1.0 are in their JSON); "occupancy": the default beside
+#: shapes of less shared memory per program (fewer stages, narrower key blocks,
+#: 64-query blocks), for rows of few tiles, where one program's load latency is
+#: not hidden by another's work on the same SM.
 CANDIDATES = os.environ.get("PRISM_TUNE_CANDIDATES", "focus")
 SMEM_LIMIT = 232448  # bytes of shared memory per block on the H200 (227 KB)
 ATOL, RTOL = 2e-2, 2e-2
@@ -94,6 +103,8 @@ def candidates(d: int, tile: int) -> list:
         default = default_config(tile, d, DTYPE, False)
         return [default, _config(**{**default.__dict__, "static_steps": False})][
             :1 if default.warp_specialize else 2]
+    if CANDIDATES == "occupancy":
+        return occupancy_candidates(d, tile)
     return focus_candidates(d, tile) if CANDIDATES == "focus" else grid_candidates(d, tile)
 
 
@@ -126,6 +137,24 @@ def focus_candidates(d: int, tile: int) -> list:
         if d == 64:
             out.append(_config(block_m=128, block_n=128, num_warps=4, num_stages=3,
                                use_tma=True))
+    return _legal(out, d)
+
+
+def occupancy_candidates(d: int, tile: int) -> list:
+    """The default, and plain TMA shapes that hold less shared memory per program
+    (so that two or more programs share an SM): 2 stages, 64-key blocks, 64-query
+    blocks on 4 warps, and the default in head-major order."""
+    from prism.optimized.attention import default_config
+
+    default = default_config(tile, d, DTYPE, False)
+    out = [default]
+    for bm, bn, warps, stages in ((128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2),
+                                  (128, 64, 4, 2), (64, 128, 4, 2), (64, 64, 4, 3),
+                                  (64, 64, 4, 2)):
+        if tile % bm == 0 and tile % bn == 0:
+            out.append(_config(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages,
+                               use_tma=True))
+    out.append(_config(**{**default.__dict__, "kv_major": False}))
     return _legal(out, d)
 
 
