@@ -143,14 +143,16 @@ def focus_candidates(d: int, tile: int) -> list:
 def occupancy_candidates(d: int, tile: int) -> list:
     """The default, and plain TMA shapes that hold less shared memory per program
     (so that two or more programs share an SM): 2 stages, 64-key blocks, 64-query
-    blocks on 4 warps, and the default in head-major order."""
-    from prism.optimized.attention import default_config
+    blocks on 4 warps, :func:`fallback_config` (the D 128 default until 7da8a40), and the
+    default in head-major order."""
+    from prism.optimized.attention import default_config, fallback_config
 
     default = default_config(tile, d, DTYPE, False)
-    out = [default]
+    out = [default, fallback_config(tile, d)]
     for bm, bn, warps, stages in ((128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2),
-                                  (128, 64, 4, 2), (64, 128, 4, 2), (64, 64, 4, 3),
-                                  (64, 64, 4, 2)):
+                                  (128, 64, 4, 2), (128, 64, 4, 3), (128, 128, 4, 2),
+                                  (64, 128, 4, 2), (64, 64, 4, 3), (64, 64, 4, 2),
+                                  (64, 32, 4, 2)):
         if tile % bm == 0 and tile % bn == 0:
             out.append(_config(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages,
                                use_tma=True))

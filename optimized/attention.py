@@ -188,8 +188,12 @@ def default_config(block_size: int, head_dim: int, dtype: torch.dtype,
         if head_dim > 128:
             return AttentionConfig(64, 32, 4, 2, use_tma=True)
         return AttentionConfig(64, 64, 4, 3, use_tma=True)
-    if head_dim >= 128:
-        # Not warp-specialised: see the docstring.
+    if head_dim == 128:
+        # One warp group on 128 x 64 blocks, 2 stages: 96 KB of shared memory, so
+        # two programs share an SM (h200_tune_*_7da8a40.json; not warp-specialised,
+        # see the docstring).
+        return AttentionConfig(128, 64, 4, 2, use_tma=True)
+    if head_dim > 128:
         return fallback_config(block_size, head_dim)
     return AttentionConfig(128, 128, 8, 2)
 
