@@ -120,17 +120,28 @@ def default_config(block_size: int, head_dim: int, dtype: torch.dtype,
     tile (largest 2^k)      D          launch shape
     ======================  =========  =============================================
     >= 128                  <= 64      64 x 64, 4 warps, 2 stages, TMA (1.13x)
-    >= 128                  128        128 x 128, 8 warps, 3 stages, TMA
+    >= 128                  128        128 x 64, 4 warps, 2 stages, TMA (1.10-1.17x)
     >= 128                  other      128 x 128, 8 warps, 2 stages (D 80, 96)
-    >= 128                  > 128      128 x 64, 8 warps, 2 stages
+    >= 128                  > 128      128 x 64, 8 warps, 2 stages, TMA (1.11x)
     64                      <= 64      64 x 64, 4 warps, 2 stages, TMA (1.15x)
-    64                      65 - 128   64 x 64, 4 warps, 3 stages, TMA
+    64                      128        64 x 32, 4 warps, 2 stages, TMA (1.09x)
+    64                      65 - 127   64 x 64, 4 warps, 3 stages, TMA
     64                      > 128      64 x 32, 4 warps, 2 stages, TMA (1.13x)
     16, 32                  any        tile x tile, 4 warps, 3 stages, TMA
     ======================  =========  =============================================
 
     In brackets: the median speed-up over the entry it replaced
-    (``benchmarks/results/h200_tune_1b04e82.json``, measured at D 64 and 256).
+    (``benchmarks/results/h200_tune_1b04e82.json``, measured at D 64 and 256;
+    the D 128 and D > 128 entries of 2026-12-03 from
+    ``h200_tune_{g1,b4,g4}_7da8a40.json`` and ``h200_tune_shapes_75d7f97.json``,
+    ``PRISM_TUNE_CANDIDATES=occupancy``, which also time densities 0, i.e. the
+    sink and diagonal alone). Those D 128 shapes hold less shared memory per
+    program than the 128 x 128 / 8-warp / 3-stage shape they replace (96 KB
+    against 224 KB at tile 128), so two programs share an SM; it paid at every
+    density measured, most in rows of few tiles (32 query / 32 KV heads at 32K,
+    sink and diagonal only: 0.656 -> 0.519 ms) and at batch 4 (8K, 1.17x). Earlier
+    grids kept D 128 to 8 warps and never timed them. At D > 128 the descriptor
+    loads (TMA) were simply off.
 
     No entry is warp-specialised any more. Until 2026-12-03 D 128 and D > 128 at
     tiles of 128 ran Triton 3.6's warp-specialised loop (128 x 128 and 128 x 64,
@@ -185,7 +196,7 @@ def default_config(block_size: int, head_dim: int, dtype: torch.dtype,
     if head_dim <= 64:
         return AttentionConfig(64, 64, 4, 2, use_tma=True)
     if divisor == 64:
-        if head_dim > 128:
+        if head_dim >= 128:
             return AttentionConfig(64, 32, 4, 2, use_tma=True)
         return AttentionConfig(64, 64, 4, 3, use_tma=True)
     if head_dim == 128:
@@ -202,7 +213,7 @@ def fallback_config(block_size: int, head_dim: int = 128) -> AttentionConfig:
     """The 16-bit launch shape when warp specialisation does not apply."""
     divisor = block_size & -block_size
     if head_dim > 128 and divisor >= 128:
-        return AttentionConfig(128, 64, 8, 2)
+        return AttentionConfig(128, 64, 8, 2, use_tma=True)
     return AttentionConfig(min(128, divisor), min(128, divisor), 8, 3, use_tma=True)
 
 

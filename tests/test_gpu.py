@@ -66,8 +66,9 @@ ATTENTION_SHAPES = [
     (1, 8, 2, 8192, 8192, 128, 256, 0.4),
     (1, 8, 2, 3000, 20000, 128, 128, 0.5),
     # Launch shapes of the measured table (optimized.attention.default_config): D 256
-    # (128 x 64 on 8 warps; 64 x 32 with TMA at tile 64), D 80 and 96 (padded to
-    # 128 in registers), D 64 (64 x 64 with TMA at tiles 64 and 128), tile 64 with TMA.
+    # (128 x 64 on 8 warps with TMA; 64 x 32 with TMA at tile 64), D 80 and 96 (padded
+    # to 128 in registers), D 64 (64 x 64 with TMA at tiles 64 and 128), tile 64 with
+    # TMA (D 128 there: 64 x 32; at tile 128, 128 x 64 on 4 warps, the cases above).
     (1, 8, 2, 8192, 8192, 256, 128, 0.3),
     (1, 8, 2, 8192, 8192, 256, 64, 0.3),
     (1, 8, 2, 8192, 8192, 80, 128, 0.3),
