@@ -155,7 +155,9 @@ def default_config(block_size: int, head_dim: int, dtype: torch.dtype,
     outputs come first: ``AttentionConfig(warp_specialize=True)`` is still
     accepted, for experiments only.
 
-    Where the table stands (``h200_tune_ac4020a.json`` and
+    Where the table stood before the entries of 2026-12-03 (D 128 and D 256 at
+    tile 128 then ran the warp-specialised loop; the newest figures are the
+    shape matrix of the performance docs) (``h200_tune_ac4020a.json`` and
     ``h200_tune_steps_4f8c77c.json``, one H200 run each, 32/8 heads, bf16,
     batch 1, causal random tile masks; compiled FlexAttention time / ours at
     densities 0.05 / 0.15 / 0.3, and ours / cuDNN at 1.0; plain loops with
