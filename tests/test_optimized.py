@@ -420,6 +420,26 @@ def test_no_default_launch_is_warp_specialized():
             assert not fallback_config(tile, d).warp_specialize
 
 
+def test_default_launch_shapes_fit_the_tile_and_shared_memory():
+    """Every entry of the launch table divides the tile's power-of-two part (the
+    kernel walks tiles in whole blocks) and its pipelined K/V stages plus the Q
+    block fit a Hopper SM's 227 KB of shared memory at 16 bits (the budget that
+    benchmarks/bench_tune.py prunes with; a larger shape fails to launch on the
+    H200)."""
+    from prism.optimized._runtime import next_power_of_2
+    from prism.optimized.attention import default_config
+
+    for tile in (16, 32, 64, 128, 192, 256, 384):
+        divisor = tile & -tile
+        for d in (32, 64, 80, 96, 128, 160, 256):
+            for dtype in (torch.float16, torch.bfloat16):
+                c = default_config(tile, d, dtype, False)
+                assert divisor % c.block_m == 0 and divisor % c.block_n == 0, (tile, d, c)
+                d_pad = max(16, next_power_of_2(d))
+                smem = (c.num_stages * 2 * c.block_n * d_pad + c.block_m * d_pad) * 2
+                assert smem <= 232448, (tile, d, c, smem)
+
+
 @pytest.mark.parametrize("fields, message", [
     (dict(block_m=48), "power of two"),
     (dict(block_n=8), "power of two"),
