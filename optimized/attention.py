@@ -222,15 +222,18 @@ def fallback_config(block_size: int, head_dim: int = 128) -> AttentionConfig:
 def tma_compatible(k: torch.Tensor, v: torch.Tensor, d_pad: int, dv_pad: int) -> bool:
     """Whether K and V can be read through Hopper tensor descriptors (TMA).
 
-    Needs a CUDA device of compute capability 9.0 or newer, head dims that are
-    powers of two, unit-stride head dims, 16-byte aligned strides and bases.
+    Needs a CUDA device of compute capability 9.0 or newer, unit-stride head
+    dims whose rows are a multiple of 16 bytes, 16-byte aligned strides and
+    bases. A head dim that is not a power of two (80, 96, ...) is read through a
+    box of the padded width ``d_pad``: the copy fills the columns past the
+    tensor's last one with zeros, which is what the pointer loads' mask gives.
     """
     if not (k.is_cuda and device_capability(k.device)[0] >= 9):
         return False
-    if d_pad != k.shape[3] or dv_pad != v.shape[3]:
-        return False
+    if d_pad < k.shape[3] or dv_pad < v.shape[3] or d_pad > 256 or dv_pad > 256:
+        return False  # a descriptor box is at most 256 elements wide
     for t in (k, v):
-        if t.stride(3) != 1 or t.data_ptr() % 16:
+        if t.stride(3) != 1 or t.data_ptr() % 16 or (t.shape[3] * t.element_size()) % 16:
             return False
         if any((t.stride(i) * t.element_size()) % 16 for i in range(3)):
             return False

@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_optimized import check_attention, check_selection, random_tile_mask
 
-from helpers import make_qkv
+from helpers import TOLERANCE, make_qkv, relative_error
 
 pytestmark = [
     pytest.mark.gpu,
@@ -143,6 +143,46 @@ def test_warp_specialized_matches_plain_loop(record_property):
     record_property("out_max_abs_diff", out_diff)
     record_property("lse_max_abs_diff", lse_diff)
     assert out_diff <= 1e-2 and lse_diff <= 1e-4
+
+
+@pytest.mark.parametrize("d, tile, nq, nk", [(96, 128, 4096, 4096), (80, 128, 3000, 20000),
+                                              (96, 64, 5000, 8192), (80, 64, 4096, 4096)])
+def test_padded_head_dims_through_descriptors(d, tile, nq, nk, record_property):
+    """Head dims 80 and 96 read K and V through a descriptor box of 128 columns:
+    the copy zero-fills columns 80/96-127, as the masked pointer loads do. Both
+    launches against the reference, and against each other (same math, same
+    keys: a box column past the tensor must add nothing)."""
+    from prism.optimized.attention import (
+        AttentionConfig,
+        sparse_attention_forward,
+        tma_compatible,
+    )
+    from prism.optimized.indices import mask_rows_to_indices
+    from prism.reference import block_sparse_attention, tile_layout
+
+    q, k, v = _cuda(*make_qkv(1, 8, 2, nq, nk, d, dtype=torch.bfloat16, seed=d + tile))
+    assert tma_compatible(k, v, 128, 128), "the padded box must be taken at D %d" % d
+    layout = tile_layout(nq, nk, tile, True)
+    mask = random_tile_mask((1, 8, layout.num_query_tiles, layout.num_key_tiles), 0.3,
+                            torch.Generator().manual_seed(nk), causal=True,
+                            first_tile=layout.first_query_tile, keep_diagonal=True).cuda()
+    num, idx = mask_rows_to_indices(mask, layout.first_query_tile, causal_trim=True)
+    block_m = min(tile, 128)
+    outs = [sparse_attention_forward(q, k, v, num, idx, block_size=tile, causal=True,
+                                     scale=None, return_lse=True,
+                                     first_query_tile=layout.first_query_tile,
+                                     query_start=layout.query_start, interpreted=False,
+                                     config=AttentionConfig(block_m, 64, 4, 2, use_tma=tma))
+            for tma in (True, False)]
+    ref_out, ref_lse = block_sparse_attention(q, k, v, mask, block_size=tile, causal=True,
+                                              return_lse=True)
+    errors = [relative_error(out, ref_out) for out, _ in outs]
+    record_property("out_error_tma", errors[0])
+    record_property("out_error_pointer", errors[1])
+    assert torch.isfinite(outs[0][0]).all()
+    assert max(errors) <= TOLERANCE[torch.bfloat16], errors
+    assert relative_error(outs[0][1], ref_lse) <= 1e-5
+    assert float((outs[0][0].float() - outs[1][0].float()).abs().max()) <= 1e-2
 
 
 @pytest.mark.parametrize("shape,dtype", ATTENTION_CASES,

@@ -440,6 +440,52 @@ def test_default_launch_shapes_fit_the_tile_and_shared_memory():
                 assert smem <= 232448, (tile, d, c, smem)
 
 
+class _CudaLooking:
+    """A CPU tensor that reports itself as on a CUDA device (for host-side rules)."""
+
+    def __init__(self, t, ptr_offset=0):
+        self._t, self._offset = t, ptr_offset
+        self.is_cuda, self.device, self.shape = True, torch.device("cuda", 0), t.shape
+
+    def stride(self, *i):
+        return self._t.stride(*i)
+
+    def data_ptr(self):
+        return 1024 + self._offset
+
+    def element_size(self):
+        return self._t.element_size()
+
+
+def test_descriptor_rules_take_padded_head_dims(monkeypatch):
+    """Tensor descriptors (TMA) take head dims that are not powers of two through a
+    box of the padded width, and still refuse what a copy cannot address: rows not
+    a multiple of 16 bytes, unaligned bases or strides, strided head dims, boxes
+    wider than 256, older GPUs."""
+    from prism.optimized import attention
+
+    monkeypatch.setattr(attention, "device_capability", lambda device: (9, 0))
+
+    def kv(d, dtype=torch.bfloat16, **kwargs):
+        t = torch.zeros(1, 2, 64, d, dtype=dtype)
+        return _CudaLooking(t, **kwargs), _CudaLooking(t, **kwargs)
+
+    for d in (64, 80, 96, 128, 192, 256):
+        d_pad = 1 << (d - 1).bit_length()
+        assert attention.tma_compatible(*kv(d), d_pad, d_pad), d
+    assert not attention.tma_compatible(*kv(72), 64, 64)  # box narrower than the rows
+    assert not attention.tma_compatible(*kv(100), 128, 128)  # 200-byte rows
+    narrow = torch.zeros(1, 2, 64, 104, dtype=torch.bfloat16)[..., :100]  # aligned strides
+    assert not attention.tma_compatible(_CudaLooking(narrow), _CudaLooking(narrow), 128, 128)
+    assert attention.tma_compatible(*kv(100, torch.float32), 128, 128)  # 400-byte rows
+    assert not attention.tma_compatible(*kv(320), 512, 512)  # box wider than 256
+    assert not attention.tma_compatible(*kv(96, ptr_offset=8), 128, 128)
+    strided = torch.zeros(1, 2, 64, 192, dtype=torch.bfloat16)[..., ::2]
+    assert not attention.tma_compatible(_CudaLooking(strided), _CudaLooking(strided), 128, 128)
+    monkeypatch.setattr(attention, "device_capability", lambda device: (8, 0))
+    assert not attention.tma_compatible(*kv(128), 128, 128)
+
+
 @pytest.mark.parametrize("fields, message", [
     (dict(block_m=48), "power of two"),
     (dict(block_n=8), "power of two"),
