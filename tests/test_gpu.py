@@ -161,7 +161,7 @@ def test_padded_head_dims_through_descriptors(d, tile, nq, nk, record_property):
     from prism.reference import block_sparse_attention, tile_layout
 
     q, k, v = _cuda(*make_qkv(1, 8, 2, nq, nk, d, dtype=torch.bfloat16, seed=d + tile))
-    assert tma_compatible(k, v, 128, 128), "the padded box must be taken at D %d" % d
+    assert tma_compatible(k, v, 128, 128), f"the padded box must be taken at D {d}"
     layout = tile_layout(nq, nk, tile, True)
     mask = random_tile_mask((1, 8, layout.num_query_tiles, layout.num_key_tiles), 0.3,
                             torch.Generator().manual_seed(nk), causal=True,
