@@ -121,11 +121,11 @@ def default_config(block_size: int, head_dim: int, dtype: torch.dtype,
     ======================  =========  =============================================
     >= 128                  <= 64      64 x 64, 4 warps, 2 stages, TMA (1.13x)
     >= 128                  128        128 x 64, 4 warps, 2 stages, TMA (1.10-1.17x)
-    >= 128                  other      128 x 128, 8 warps, 2 stages (D 80, 96)
+    >= 128                  65 - 127   128 x 64, 4 warps, 2 stages, TMA (1.24x)
     >= 128                  > 128      128 x 64, 8 warps, 2 stages, TMA (1.11x)
     64                      <= 64      64 x 64, 4 warps, 2 stages, TMA (1.15x)
     64                      128        64 x 32, 4 warps, 2 stages, TMA (1.09x)
-    64                      65 - 127   64 x 64, 4 warps, 3 stages, TMA
+    64                      65 - 127   64 x 32, 4 warps, 2 stages, TMA (1.12x)
     64                      > 128      64 x 32, 4 warps, 2 stages, TMA (1.13x)
     16, 32                  any        tile x tile, 4 warps, 3 stages, TMA
     ======================  =========  =============================================
@@ -135,7 +135,10 @@ def default_config(block_size: int, head_dim: int, dtype: torch.dtype,
     the D 128 and D > 128 entries of 2026-12-03 from
     ``h200_tune_{g1,b4,g4}_7da8a40.json`` and ``h200_tune_shapes_75d7f97.json``,
     ``PRISM_TUNE_CANDIDATES=occupancy``, which also time densities 0, i.e. the
-    sink and diagonal alone). Those D 128 shapes hold less shared memory per
+    sink and diagonal alone; the D 65-127 entries, measured at D 80 and 96, from
+    ``h200_tune_padded_3afe9a7.json``, when K and V of such head dims first went
+    through descriptors with a box of the padded width: before, they took
+    pointer loads on 128 x 128 / 8 warps, or 64 x 64 / 3 stages at tile 64). Those D 128 shapes hold less shared memory per
     program than the 128 x 128 / 8-warp / 3-stage shape they replace (96 KB
     against 224 KB at tile 128), so two programs share an SM; it paid at every
     density measured, most in rows of few tiles (32 query / 32 KV heads at 32K,
@@ -198,17 +201,14 @@ def default_config(block_size: int, head_dim: int, dtype: torch.dtype,
     if head_dim <= 64:
         return AttentionConfig(64, 64, 4, 2, use_tma=True)
     if divisor == 64:
-        if head_dim >= 128:
-            return AttentionConfig(64, 32, 4, 2, use_tma=True)
-        return AttentionConfig(64, 64, 4, 3, use_tma=True)
-    if head_dim == 128:
-        # One warp group on 128 x 64 blocks, 2 stages: 96 KB of shared memory, so
-        # two programs share an SM (h200_tune_*_7da8a40.json; not warp-specialised,
-        # see the docstring).
+        return AttentionConfig(64, 32, 4, 2, use_tma=True)
+    if head_dim <= 128:
+        # One warp group on 128 x 64 blocks, 2 stages: 96 KB of shared memory at D
+        # 128 (D 80 and 96 are padded to 128), so two programs share an SM
+        # (h200_tune_*_7da8a40.json, h200_tune_padded_3afe9a7.json; not
+        # warp-specialised, see the docstring).
         return AttentionConfig(128, 64, 4, 2, use_tma=True)
-    if head_dim > 128:
-        return fallback_config(block_size, head_dim)
-    return AttentionConfig(128, 128, 8, 2)
+    return fallback_config(block_size, head_dim)
 
 
 def fallback_config(block_size: int, head_dim: int = 128) -> AttentionConfig:
@@ -266,8 +266,9 @@ def _launch_config(config, q, k, v, d_pad: int, dv_pad: int, query_start: int,
     elif config.warp_specialize and not warp_specialize_compatible(
             q, k, v, d_pad, dv_pad, query_start, config.block_m):
         raise ValueError("AttentionConfig(warp_specialize=True) needs a compute capability 9.x "
-                         "GPU, fp16/bf16 inputs with 16-byte aligned strides, power-of-two head "
-                         "dims and query_start divisible by block_m; use warp_specialize=False")
+                         "GPU, fp16/bf16 inputs with 16-byte aligned strides, head-dim rows of a "
+                         "multiple of 16 bytes and at most 256 wide once padded, and "
+                         "query_start divisible by block_m; use warp_specialize=False")
     return config
 
 

@@ -21,8 +21,9 @@ hands the call to :func:`run_paged_packed`:
 Which path :func:`prism_attention_paged` takes (:data:`PAGED_READS`): the
 paged launch reads with pointer loads, since a block table cannot be followed
 by Hopper's bulk tensor copies (TMA) or the warp-specialised loop built on
-them. Where the gathered batch would get those (16-bit inputs, power-of-two
-head dims, compute capability >= 9.0, a TMA or warp-specialised default launch
+them. Where the gathered batch would get those (16-bit inputs, head dims whose
+rows are a multiple of 16 bytes and at most 256 wide once padded to a power of
+two, compute capability >= 9.0, a TMA or warp-specialised default launch
 shape), gathering K and V and running the varlen launch was faster on the
 H200 for large prefills: 16.2 ms against 19.8 ms for 128K tokens in
 64-token pages at density 0.134 (``benchmarks/results/h200_varlen_2e60d7c.json``;
@@ -34,12 +35,14 @@ loop (the default since the warp-specialised one was dropped), one sequence,
 (``benchmarks/results/h200_paged_crossover_eb06ef2.json``, 64-token pages,
 threshold 0.9): 0:16K 1.33x, 32K:4K 1.28x, 0:32K 0.97x, 0:40K 0.83x, 0:48K
 0.81x, 32K:32K 0.82x, 0:128K 0.74x (``h200_paged_crossover_7df1027.json``:
-0:48K 0.82x, 0:64K 0.83x, 0:96K 0.78x, 32K:64K 0.79x). So ``"auto"`` gathers
-where the bulk copies apply *and* the call has at least
-:data:`GATHER_MIN_QUERIES` query tokens (the reference's path: pages
+0:48K 0.82x, 0:64K 0.83x, 0:96K 0.78x, 32K:64K 0.79x). Between 16K and 32K
+(``h200_paged_crossover_3afe9a7.json``, with the 128 x 64 launch shape of
+2026-12-03): 0:16K 1.15x, 16K:16K 1.19x, 0:24K 0.93x, 0:32K 0.90x. So
+``"auto"`` gathers where the bulk copies apply *and* the call has at least
+:data:`GATHER_MIN_QUERIES` (24576) query tokens (the reference's path: pages
 gathered, then the varlen functions, a transient copy of the batch's K and
-V), and reads in place everywhere else (between 16K and 32K queries the
-crossover was not timed). Tile sizes that are
+V), and reads in place everywhere else (between 16K and 24K queries the
+crossover is not timed). Tile sizes that are
 not multiples of 16 always gather (the varlen functions run the reference's
 loop on the dense functions there). :func:`block_sparse_attention_paged`
 always reads in place.
@@ -74,7 +77,7 @@ from .varlen import (
 PAGED_READS = "auto"
 #: Fewest query tokens in a call for which ``"auto"`` gathers the pages where the
 #: gathered launch gets Hopper's bulk copies (module docstring).
-GATHER_MIN_QUERIES = 32768
+GATHER_MIN_QUERIES = 24576
 
 
 def reads_pages_in_kernel(q, k_cache, v_cache, block_size: int) -> bool:
@@ -88,8 +91,10 @@ def reads_pages_in_kernel(q, k_cache, v_cache, block_size: int) -> bool:
         return True
     d, dv = k_cache.shape[3], v_cache.shape[3]
     config = default_config(block_size, d, q.dtype, kernels_interpreted(_sparse_attention_kernel))
-    bulk = (config.use_tma or config.warp_specialize) and d == next_power_of_2(d) >= 16 \
-        and dv == next_power_of_2(dv) >= 16 and device_capability(k_cache.device)[0] >= 9
+    rows_ok = all((n * k_cache.element_size()) % 16 == 0 and next_power_of_2(n) <= 256
+                  for n in (d, dv))  # the gathered (contiguous) K and V: attention.tma_compatible
+    bulk = (config.use_tma or config.warp_specialize) and rows_ok \
+        and device_capability(k_cache.device)[0] >= 9
     return not bulk
 
 

@@ -300,11 +300,10 @@ def paged_config(config, q4, k4, v4, d_pad: int, dv_pad: int, query_start: int,
     """The launch shape of a paged launch: the dense choice without bulk copies.
 
     A block table cannot be followed by TMA or by the warp-specialised loop's
-    descriptors, so TMA is off and a warp-specialised default keeps its blocks
-    with 8 warps and 2 stages (128 x 128 at D 128: the table's pointer-load
-    entry for D 80 and 96; 3 stages of 128 x 128 K and V blocks would not fit
-    in shared memory without TMA's). An explicit warp-specialised ``config``
-    is refused.
+    descriptors, so TMA is off (the table's blocks, warps and stages are kept:
+    128 x 64 on 4 warps and 2 stages at D 65-128, tile 128) and a
+    warp-specialised shape, which no table entry uses now, would run with 8
+    warps and 2 stages. An explicit warp-specialised ``config`` is refused.
     """
     if config is not None and config.warp_specialize:
         raise ValueError("a paged launch cannot use AttentionConfig(warp_specialize=True): "
