@@ -139,8 +139,9 @@ def default_config(block_size: int, head_dim: int, dtype: torch.dtype,
     ``h200_tune_padded_3afe9a7.json``, when K and V of such head dims first went
     through descriptors with a box of the padded width: before, they took
     pointer loads on 128 x 128 / 8 warps, or 64 x 64 / 3 stages at tile 64).
-    Those D 128 shapes hold less shared memory per program than the 128 x 128 / 8-warp / 3-stage shape they replace (96 KB
-    against 224 KB at tile 128), so two programs share an SM; it paid at every
+    Those D 128 shapes hold less shared memory per program than the
+    128 x 128 / 8-warp / 3-stage shape they replace (96 KB against 224 KB at
+    tile 128), so two programs share an SM; it paid at every
     density measured, most in rows of few tiles (32 query / 32 KV heads at 32K,
     sink and diagonal only: 0.656 -> 0.519 ms) and at batch 4 (8K, 1.17x). Earlier
     grids kept D 128 to 8 warps and never timed them. At D > 128 the descriptor
