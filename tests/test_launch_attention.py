@@ -57,7 +57,8 @@ _PLAIN = "pointers"
     (128, 128, torch.bfloat16, None, _TMA),  # the default at D 128, tile 128
     (64, 128, torch.bfloat16, None, _TMA),  # 64 x 64, TMA
     (128, 64, torch.float16, None, _TMA),   # tile 64: 3 stages, TMA
-    (96, 128, torch.bfloat16, None, _PLAIN),
+    (96, 128, torch.bfloat16, None, _TMA),  # a 128-wide box over 96-wide rows
+    (100, 128, torch.bfloat16, None, _PLAIN),  # 200-byte rows: no descriptor
     ("fallback", 128, torch.bfloat16, None, _TMA),
 ], ids=lambda x: str(x).replace("torch.", "") if x is not None else "default")
 def test_attention_fast_launch_is_bitwise_triton(d, bs, dtype, config, path):
