@@ -142,10 +142,40 @@ def paged_reads(q, k_cache, v_cache, table, lens, cu_q, chunk, cfg):
     return out
 
 
-def crossover(pairs, threshold):
+def paged_shapes(call, paged_call, shapes):
+    """The in-place launch alone (``block_sparse_attention_paged`` on the masks of
+    ``call``) with each launch shape ``bm,bn,warps,stages`` of ``shapes`` against
+    the default one; each output is compared with the default's."""
+    from prism.optimized import paged_kv
+    from prism.optimized.attention import AttentionConfig
+
+    paged_kv.PAGED_READS = "kernel"
+    try:
+        _, masks = call(return_mask=True)
+    finally:
+        paged_kv.PAGED_READS = "auto"
+    base = paged_call(masks).float()
+    rows = [{"shape": "default", "ms": bench(lambda: paged_call(masks))}]
+    for spec in shapes:
+        bm, bn, warps, stages = (int(x) for x in spec.split(","))
+        config = AttentionConfig(bm, bn, warps, stages)
+        row = {"shape": spec}
+        try:
+            out = paged_call(masks, config=config).float()
+            row["rel_diff_to_default"] = float((out - base).norm() / base.norm())
+            row["ms"] = bench(lambda c=config: paged_call(masks, config=c))
+            row["default_over_shape"] = rows[0]["ms"] / row["ms"]
+        except Exception as error:  # noqa: BLE001 - record the failure, go on
+            row["error"] = f"{type(error).__name__}: {str(error)[:200]}"
+        rows.append(row)
+    return rows
+
+
+def crossover(pairs, threshold, shapes=()):
     """``prism_attention_paged`` reading the pages in place ("kernel") against gathering
     them ("gather"), with no pooled cache, for each ``(prefix, chunk)``: one sequence,
-    the chunk's queries over prefix + chunk keys, 64-token shuffled pages."""
+    the chunk's queries over prefix + chunk keys, 64-token shuffled pages. With
+    ``shapes``, also the in-place launch alone per launch shape (:func:`paged_shapes`)."""
     from prism.optimized import paged_kv
 
     cfg = PrismConfig(block_size=BLOCK, high_threshold=threshold, low_threshold=threshold)
@@ -171,6 +201,10 @@ def crossover(pairs, threshold):
         row["gather_over_kernel"] = row["gather_ms"] / row["kernel_ms"]
         row["output_rel_diff"] = float((outputs["kernel"] - outputs["gather"]).norm()
                                        / outputs["gather"].norm())
+        if shapes:
+            attend = functools.partial(optimized.block_sparse_attention_paged, q, k_cache,
+                                       v_cache, table, lens, cu_q, chunk, block_size=BLOCK)
+            row["paged_shapes"] = paged_shapes(call, attend, shapes)
         log(f"  crossover: {json.dumps(row)}")
         rows.append(row)
         torch.cuda.empty_cache()
@@ -239,6 +273,9 @@ def main(argv=None):
     parser.add_argument("--crossover", default="",
                         help="only time in-place against gathered page reads for these "
                              "prefix:chunk pairs (comma-separated), e.g. 0:32768,32768:4096")
+    parser.add_argument("--paged-shapes", default="",
+                        help="with --crossover: also time the in-place launch alone with "
+                             "these launch shapes bm,bn,warps,stages separated by ';'")
     args = parser.parse_args(argv)
     if args.crossover:
         pairs = [tuple(int(x) for x in pair.split(":")) for pair in args.crossover.split(",")]
@@ -247,7 +284,8 @@ def main(argv=None):
                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                   "shape": {"heads": HEADS, "kv_heads": KV_HEADS, "block_size": BLOCK,
                             "page_size": 64},
-                  "crossover": crossover(pairs, args.threshold)}
+                  "crossover": crossover(pairs, args.threshold,
+                                         [x for x in args.paged_shapes.split(";") if x])}
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)

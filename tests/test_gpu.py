@@ -85,11 +85,12 @@ ATTENTION_CASES = [(shape, dtype) for shape in ATTENTION_SHAPES for dtype in DTY
                    if not (dtype == torch.float32 and shape[4] > 20000 and shape[7] == 1.0)]
 
 
+@pytest.mark.parametrize("d", [128, 96])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_attention_on_strided_views(dtype, record_property):
+def test_attention_on_strided_views(dtype, d, record_property):
     """(B, N, H, D) tensors seen as (B, H, N, D), as transformers passes them: the
-    descriptors of the warp-specialised loop read the real strides; a batch of
-    two, a non-causal call and one with a KV prefix."""
+    K/V descriptors read the real strides (at D 96 through a 128-wide box); a
+    batch of two, a non-causal call and one with a KV prefix."""
     from prism.reference import tile_layout
 
     def as_heads_view(x):
@@ -97,7 +98,7 @@ def test_attention_on_strided_views(dtype, record_property):
 
     for causal, nq, nk in ((True, 4096, 4096), (False, 2048, 6144), (True, 2048, 6144)):
         q, k, v = (as_heads_view(t) for t in
-                   _cuda(*make_qkv(2, 8, 2, nq, nk, 128, dtype=dtype, seed=nq + nk,
+                   _cuda(*make_qkv(2, 8, 2, nq, nk, d, dtype=dtype, seed=nq + nk,
                                    causal=causal)))
         assert q.stride(2) != q.shape[3]
         layout = tile_layout(nq, nk, 128, causal)

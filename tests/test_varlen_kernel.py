@@ -235,17 +235,19 @@ def test_packed_errors_name_the_sequence():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("block_size, prefixes", [
-    (128, [0, 0, 256, 0, 128]),      # every query_start a multiple of 128: warp-specialised
-    (128, [0, 5, 300, 0, 77]),       # unaligned prefixes: the TMA fallback shape
-    (64, [0, 5, 300, 0, 77]),        # tile 64: TMA loads through the packed descriptor
+@pytest.mark.parametrize("block_size, prefixes, d", [
+    (128, [0, 0, 256, 0, 128], 128),  # every query_start a multiple of 128
+    (128, [0, 5, 300, 0, 77], 128),   # unaligned prefixes
+    (64, [0, 5, 300, 0, 77], 128),    # tile 64: TMA loads through the packed descriptor
+    (128, [0, 5, 300, 0, 77], 96),    # a 128-wide descriptor box over 96-wide rows
+    (64, [0, 0, 256, 0, 128], 80),    # the same at tile 64 over 80-wide rows
 ])
-def test_gpu_one_launch_equals_per_sequence_dense(dtype, block_size, prefixes, monkeypatch):
+def test_gpu_one_launch_equals_per_sequence_dense(dtype, block_size, prefixes, d, monkeypatch):
     optimized, packed, device = _kernels()
     launches = count_launches(monkeypatch, packed)
     lengths_q = [1000, 1, 0, 2048, 300]
     lengths_k = [n + p for n, p in zip(lengths_q, prefixes, strict=True)]
-    seqs, (q, k, v), cu_q, cu_k = make_batch(lengths_q, lengths_k, hq=8, hkv=2, d=128,
+    seqs, (q, k, v), cu_q, cu_k = make_batch(lengths_q, lengths_k, hq=8, hkv=2, d=d,
                                              dtype=dtype, seed=7, device=device)
     masks = random_masks(lengths_q, lengths_k, 8, block_size, True, 7, density=0.4,
                          device=device)
