@@ -202,7 +202,7 @@ def crossover(pairs, threshold, shapes=()):
         row["output_rel_diff"] = float((outputs["kernel"] - outputs["gather"]).norm()
                                        / outputs["gather"].norm())
         if shapes:
-            attend = functools.partial(optimized.block_sparse_attention_paged, q, k_cache,
+            attend = functools.partial(paged_kv.block_sparse_attention_paged, q, k_cache,
                                        v_cache, table, lens, cu_q, chunk, block_size=BLOCK)
             row["paged_shapes"] = paged_shapes(call, attend, shapes)
         log(f"  crossover: {json.dumps(row)}")

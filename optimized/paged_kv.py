@@ -35,14 +35,17 @@ loop (the default since the warp-specialised one was dropped), one sequence,
 (``benchmarks/results/h200_paged_crossover_eb06ef2.json``, 64-token pages,
 threshold 0.9): 0:16K 1.33x, 32K:4K 1.28x, 0:32K 0.97x, 0:40K 0.83x, 0:48K
 0.81x, 32K:32K 0.82x, 0:128K 0.74x (``h200_paged_crossover_7df1027.json``:
-0:48K 0.82x, 0:64K 0.83x, 0:96K 0.78x, 32K:64K 0.79x). Between 16K and 32K
-(``h200_paged_crossover_3afe9a7.json``, with the 128 x 64 launch shape of
-2026-12-03): 0:16K 1.15x, 16K:16K 1.19x, 0:24K 0.93x, 0:32K 0.90x. So
-``"auto"`` gathers where the bulk copies apply *and* the call has at least
-:data:`GATHER_MIN_QUERIES` (24576) query tokens (the reference's path: pages
+0:48K 0.82x, 0:64K 0.83x, 0:96K 0.78x, 32K:64K 0.79x). Between 16K and 32K,
+with the 128 x 64 launch shape of 2026-12-03, over three runs
+(``h200_paged_crossover_3afe9a7.json``, ``h200_paged_shapes_1b40961.json``,
+``h200_paged_crossover_repeat_1b40961.json``, the last with two repeats):
+0:16K 1.15x / 1.18x, 16K:16K 1.19x / 1.10x, 0:20K 1.37x / 0.99x, 0:24K 0.93x
+/ 1.03x / 1.03x, 0:28K 1.11x / 0.98x, 0:32K 0.90x / 1.02x / 0.98x / 0.96x. So
+the crossover lies near 28K-32K, within the runs' spread, and ``"auto"``
+gathers where the bulk copies apply *and* the call has at least
+:data:`GATHER_MIN_QUERIES` (32768) query tokens (the reference's path: pages
 gathered, then the varlen functions, a transient copy of the batch's K and
-V), and reads in place everywhere else (between 16K and 24K queries the
-crossover is not timed). Tile sizes that are
+V), and reads in place everywhere else, which also saves that copy. Tile sizes that are
 not multiples of 16 always gather (the varlen functions run the reference's
 loop on the dense functions there). :func:`block_sparse_attention_paged`
 always reads in place.
@@ -77,7 +80,7 @@ from .varlen import (
 PAGED_READS = "auto"
 #: Fewest query tokens in a call for which ``"auto"`` gathers the pages where the
 #: gathered launch gets Hopper's bulk copies (module docstring).
-GATHER_MIN_QUERIES = 24576
+GATHER_MIN_QUERIES = 32768
 
 
 def reads_pages_in_kernel(q, k_cache, v_cache, block_size: int) -> bool:
