@@ -146,13 +146,18 @@ def test_warp_specialized_matches_plain_loop(record_property):
     assert out_diff <= 1e-2 and lse_diff <= 1e-4
 
 
-@pytest.mark.parametrize("d, tile, nq, nk", [(96, 128, 4096, 4096), (80, 128, 3000, 20000),
-                                              (96, 64, 5000, 8192), (80, 64, 4096, 4096)])
-def test_padded_head_dims_through_descriptors(d, tile, nq, nk, record_property):
-    """Head dims 80 and 96 read K and V through a descriptor box of 128 columns:
-    the copy zero-fills columns 80/96-127, as the masked pointer loads do. Both
-    launches against the reference, and against each other (same math, same
-    keys: a box column past the tensor must add nothing)."""
+@pytest.mark.parametrize("d, dv, tile, nq, nk", [
+    (96, 96, 128, 4096, 4096), (80, 80, 128, 3000, 20000), (96, 96, 64, 5000, 8192),
+    (80, 80, 64, 4096, 4096),
+    (192, 128, 128, 4096, 4096),  # DeepSeek-style: a 256-wide box for K, 128 for V
+    (160, 160, 64, 2048, 6144),
+])
+def test_padded_head_dims_through_descriptors(d, dv, tile, nq, nk, record_property):
+    """Head dims that are not powers of two read K and V through a descriptor box
+    of the padded width: the copy zero-fills the columns past the rows, as the
+    masked pointer loads do. Both launches against the reference, and against
+    each other (same math, same keys: a box column past the tensor must add
+    nothing)."""
     from prism.optimized.attention import (
         AttentionConfig,
         sparse_attention_forward,
@@ -161,8 +166,10 @@ def test_padded_head_dims_through_descriptors(d, tile, nq, nk, record_property):
     from prism.optimized.indices import mask_rows_to_indices
     from prism.reference import block_sparse_attention, tile_layout
 
-    q, k, v = _cuda(*make_qkv(1, 8, 2, nq, nk, d, dtype=torch.bfloat16, seed=d + tile))
-    assert tma_compatible(k, v, 128, 128), f"the padded box must be taken at D {d}"
+    q, k, v = _cuda(*make_qkv(1, 8, 2, nq, nk, d, dtype=torch.bfloat16, seed=d + tile,
+                              value_dim=dv))
+    d_pad, dv_pad = 1 << (d - 1).bit_length(), 1 << (dv - 1).bit_length()
+    assert tma_compatible(k, v, d_pad, dv_pad), f"the padded box must be taken at D {d}"
     layout = tile_layout(nq, nk, tile, True)
     mask = random_tile_mask((1, 8, layout.num_query_tiles, layout.num_key_tiles), 0.3,
                             torch.Generator().manual_seed(nk), causal=True,
@@ -173,7 +180,8 @@ def test_padded_head_dims_through_descriptors(d, tile, nq, nk, record_property):
                                      scale=None, return_lse=True,
                                      first_query_tile=layout.first_query_tile,
                                      query_start=layout.query_start, interpreted=False,
-                                     config=AttentionConfig(block_m, 64, 4, 2, use_tma=tma))
+                                     config=AttentionConfig(block_m, 64 if d <= 128 else 32,
+                                                            4, 2, use_tma=tma))
             for tma in (True, False)]
     ref_out, ref_lse = block_sparse_attention(q, k, v, mask, block_size=tile, causal=True,
                                               return_lse=True)
@@ -184,6 +192,12 @@ def test_padded_head_dims_through_descriptors(d, tile, nq, nk, record_property):
     assert max(errors) <= TOLERANCE[torch.bfloat16], errors
     assert relative_error(outs[0][1], ref_lse) <= 1e-5
     assert float((outs[0][0].float() - outs[1][0].float()).abs().max()) <= 1e-2
+    # The public call, with the table's launch shape for this head dim.
+    from prism import optimized
+
+    public = optimized.block_sparse_attention(q, k, v, mask, block_size=tile)
+    record_property("out_error_public", relative_error(public, ref_out))
+    assert relative_error(public, ref_out) <= TOLERANCE[torch.bfloat16]
 
 
 @pytest.mark.parametrize("shape,dtype", ATTENTION_CASES,
