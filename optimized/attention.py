@@ -220,21 +220,34 @@ def fallback_config(block_size: int, head_dim: int = 128) -> AttentionConfig:
     return AttentionConfig(min(128, divisor), min(128, divisor), 8, 3, use_tma=True)
 
 
+def descriptor_rows(width: int, padded: int, element_size: int) -> bool:
+    """Whether rows ``width`` elements wide can be read through a descriptor box of
+    ``padded`` (a power of two) columns: rows of a multiple of 16 bytes, a box of
+    at most 256, and a box wider than the rows (zero-filled past them) only up to
+    128 columns. Padded boxes were checked on the H200 at D 80 and 96 (box 128);
+    wider ones (D 129-255 in a 256 box) are not verified there, so those head
+    dims keep pointer loads."""
+    if width > padded or padded > 256 or (width * element_size) % 16:
+        return False
+    return width == padded or padded <= 128
+
+
 def tma_compatible(k: torch.Tensor, v: torch.Tensor, d_pad: int, dv_pad: int) -> bool:
     """Whether K and V can be read through Hopper tensor descriptors (TMA).
 
     Needs a CUDA device of compute capability 9.0 or newer, unit-stride head
-    dims whose rows are a multiple of 16 bytes, 16-byte aligned strides and
-    bases. A head dim that is not a power of two (80, 96, ...) is read through a
-    box of the padded width ``d_pad``: the copy fills the columns past the
-    tensor's last one with zeros, which is what the pointer loads' mask gives.
+    dims whose rows :func:`descriptor_rows` accepts, 16-byte aligned strides and
+    bases. A head dim that is not a power of two (80, 96) is read through a box
+    of the padded width ``d_pad``: the copy fills the columns past the tensor's
+    last one with zeros, which is what the pointer loads' mask gives.
     """
     if not (k.is_cuda and device_capability(k.device)[0] >= 9):
         return False
-    if d_pad < k.shape[3] or dv_pad < v.shape[3] or d_pad > 256 or dv_pad > 256:
-        return False  # a descriptor box is at most 256 elements wide
+    for t, pad in ((k, d_pad), (v, dv_pad)):
+        if not descriptor_rows(t.shape[3], pad, t.element_size()):
+            return False
     for t in (k, v):
-        if t.stride(3) != 1 or t.data_ptr() % 16 or (t.shape[3] * t.element_size()) % 16:
+        if t.stride(3) != 1 or t.data_ptr() % 16:
             return False
         if any((t.stride(i) * t.element_size()) % 16 for i in range(3)):
             return False

@@ -18,37 +18,37 @@ hands the call to :func:`run_paged_packed`:
   pages (:func:`paged_nonfinite`); a hit gathers them and raises the
   reference's error, which names the sequence.
 
-Which path :func:`prism_attention_paged` takes (:data:`PAGED_READS`): the
-paged launch reads with pointer loads, since a block table cannot be followed
-by Hopper's bulk tensor copies (TMA) or the warp-specialised loop built on
-them. Where the gathered batch would get those (16-bit inputs, head dims whose
-rows are a multiple of 16 bytes and at most 256 wide once padded to a power of
-two, compute capability >= 9.0, a TMA or warp-specialised default launch
-shape), gathering K and V and running the varlen launch was faster on the
-H200 for large prefills: 16.2 ms against 19.8 ms for 128K tokens in
-64-token pages at density 0.134 (``benchmarks/results/h200_varlen_2e60d7c.json``;
-attention alone 1.34x slower in place at pages of 16 and 64 tokens, 1.14x at
-256), and 45.0 against 49.8 ms for one fresh 128K-token sequence. For small
-calls the copy costs more than the bulk copies save. With the plain attention
-loop (the default since the warp-specialised one was dropped), one sequence,
-``prefix:chunk`` tokens, gathered time over in place
+Which path :func:`prism_attention_paged` takes (:data:`PAGED_READS`): the paged
+launch reads with pointer loads, since a block table cannot be followed by
+Hopper's bulk tensor copies (TMA) or the warp-specialised loop built on them.
+Where the gathered batch would get those (16-bit inputs, head dims that
+:func:`~prism.optimized.attention.descriptor_rows` accepts, compute capability
+>= 9.0, a TMA or warp-specialised default launch shape), gathering K and V and
+running the varlen launch was faster on the H200 for large prefills: 16.2 ms
+against 19.8 ms for 128K tokens in 64-token pages at density 0.134
+(``benchmarks/results/h200_varlen_2e60d7c.json``; attention alone 1.34x slower
+in place at pages of 16 and 64 tokens, 1.14x at 256), and 45.0 against 49.8 ms
+for one fresh 128K-token sequence. For small calls the copy costs more than the
+bulk copies save. With the plain attention loop (the default since the
+warp-specialised one was dropped), one sequence, ``prefix:chunk`` tokens,
+gathered time over in place
 (``benchmarks/results/h200_paged_crossover_eb06ef2.json``, 64-token pages,
 threshold 0.9): 0:16K 1.33x, 32K:4K 1.28x, 0:32K 0.97x, 0:40K 0.83x, 0:48K
 0.81x, 32K:32K 0.82x, 0:128K 0.74x (``h200_paged_crossover_7df1027.json``:
 0:48K 0.82x, 0:64K 0.83x, 0:96K 0.78x, 32K:64K 0.79x). Between 16K and 32K,
 with the 128 x 64 launch shape of 2026-12-03, over three runs
 (``h200_paged_crossover_3afe9a7.json``, ``h200_paged_shapes_1b40961.json``,
-``h200_paged_crossover_repeat_1b40961.json``, the last with two repeats):
-0:16K 1.15x / 1.18x, 16K:16K 1.19x / 1.10x, 0:20K 1.37x / 0.99x, 0:24K 0.93x
-/ 1.03x / 1.03x, 0:28K 1.11x / 0.98x, 0:32K 0.90x / 1.02x / 0.98x / 0.96x. So
-the crossover lies near 28K-32K, within the runs' spread, and ``"auto"``
-gathers where the bulk copies apply *and* the call has at least
+``h200_paged_crossover_repeat_1b40961.json``, the last with two repeats): 0:16K
+1.15x / 1.18x, 16K:16K 1.19x / 1.10x, 0:20K 1.37x / 0.99x, 0:24K 0.93x / 1.03x
+/ 1.03x, 0:28K 1.11x / 0.98x, 0:32K 0.90x / 1.02x / 0.98x / 0.96x. So the
+crossover lies near 28K-32K, within the runs' spread, and ``"auto"`` gathers
+where the bulk copies apply *and* the call has at least
 :data:`GATHER_MIN_QUERIES` (32768) query tokens (the reference's path: pages
-gathered, then the varlen functions, a transient copy of the batch's K and
-V), and reads in place everywhere else, which also saves that copy. Tile sizes that are
-not multiples of 16 always gather (the varlen functions run the reference's
-loop on the dense functions there). :func:`block_sparse_attention_paged`
-always reads in place.
+gathered, then the varlen functions, a transient copy of the batch's K and V),
+and reads in place everywhere else, which also saves that copy. Tile sizes that
+are not multiples of 16 always gather (the varlen functions run the reference's
+loop on the dense functions there). :func:`block_sparse_attention_paged` always
+reads in place.
 """
 
 from __future__ import annotations
@@ -62,7 +62,12 @@ from prism.reference.validation import validate_scale
 from prism.reference.varlen import check_masks
 
 from ._runtime import check_device, device_capability, kernels_interpreted, next_power_of_2
-from .attention import _sparse_attention_kernel, default_config, supported_block_size
+from .attention import (
+    _sparse_attention_kernel,
+    default_config,
+    descriptor_rows,
+    supported_block_size,
+)
 from .chunked import flagged, select_with_caches, undo_and_raise
 from .paged_select import raise_paged, select_paged
 from .varlen import (
@@ -94,8 +99,9 @@ def reads_pages_in_kernel(q, k_cache, v_cache, block_size: int) -> bool:
         return True
     d, dv = k_cache.shape[3], v_cache.shape[3]
     config = default_config(block_size, d, q.dtype, kernels_interpreted(_sparse_attention_kernel))
-    rows_ok = all((n * k_cache.element_size()) % 16 == 0 and next_power_of_2(n) <= 256
-                  for n in (d, dv))  # the gathered (contiguous) K and V: attention.tma_compatible
+    # The gathered K and V are contiguous: only their rows decide (tma_compatible).
+    rows_ok = all(descriptor_rows(n, max(16, next_power_of_2(n)), k_cache.element_size())
+                  for n in (d, dv))
     bulk = (config.use_tma or config.warp_specialize) and rows_ok \
         and device_capability(k_cache.device)[0] >= 9
     return not bulk
