@@ -257,13 +257,16 @@ def tma_compatible(k: torch.Tensor, v: torch.Tensor, d_pad: int, dv_pad: int) ->
 def warp_specialize_compatible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d_pad: int,
                                dv_pad: int, query_start: int, block_m: int) -> bool:
     """Whether the warp-specialised loop applies: a Hopper GPU (compute
-    capability 9.x, where Triton 3.6 partitions such loops), 16-bit inputs, Q
-    as well as K and V readable through tensor descriptors, and query blocks
-    aligned to ``query_start`` (each block of queries starts at a row >= 0)."""
+    capability 9.x, where Triton 3.6 partitions such loops), 16-bit inputs,
+    power-of-two head dims, Q as well as K and V readable through tensor
+    descriptors, and query blocks aligned to ``query_start`` (each block of
+    queries starts at a row >= 0)."""
     if not (q.is_cuda and device_capability(q.device)[0] == 9):
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or query_start % block_m:
         return False
+    if d_pad != q.shape[3] or dv_pad != v.shape[3]:
+        return False  # padded boxes were checked on the plain loop only
     return tma_compatible(k, v, d_pad, dv_pad) and tma_compatible(q, v, d_pad, dv_pad)
 
 
@@ -280,9 +283,8 @@ def _launch_config(config, q, k, v, d_pad: int, dv_pad: int, query_start: int,
     elif config.warp_specialize and not warp_specialize_compatible(
             q, k, v, d_pad, dv_pad, query_start, config.block_m):
         raise ValueError("AttentionConfig(warp_specialize=True) needs a compute capability 9.x "
-                         "GPU, fp16/bf16 inputs with 16-byte aligned strides, head-dim rows of a "
-                         "multiple of 16 bytes and at most 256 wide once padded, and "
-                         "query_start divisible by block_m; use warp_specialize=False")
+                         "GPU, fp16/bf16 inputs with 16-byte aligned strides, power-of-two head "
+                         "dims and query_start divisible by block_m; use warp_specialize=False")
     return config
 
 

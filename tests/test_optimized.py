@@ -446,6 +446,7 @@ class _CudaLooking:
     def __init__(self, t, ptr_offset=0):
         self._t, self._offset = t, ptr_offset
         self.is_cuda, self.device, self.shape = True, torch.device("cuda", 0), t.shape
+        self.dtype = t.dtype
 
     def stride(self, *i):
         return self._t.stride(*i)
@@ -485,6 +486,9 @@ def test_descriptor_rules_take_padded_head_dims(monkeypatch):
     assert not attention.tma_compatible(*kv(96, ptr_offset=8), 128, 128)
     strided = torch.zeros(1, 2, 64, 192, dtype=torch.bfloat16)[..., ::2]
     assert not attention.tma_compatible(_CudaLooking(strided), _CudaLooking(strided), 128, 128)
+    # The opt-in warp-specialised loop keeps to power-of-two head dims.
+    assert attention.warp_specialize_compatible(*kv(128), kv(128)[1], 128, 128, 0, 128)
+    assert not attention.warp_specialize_compatible(*kv(96), kv(96)[1], 128, 128, 0, 128)
     monkeypatch.setattr(attention, "device_capability", lambda device: (8, 0))
     assert not attention.tma_compatible(*kv(128), 128, 128)
 
