@@ -84,7 +84,11 @@ def key(c) -> str:
 def smem_bytes(c, d: int) -> int:
     """Shared memory of one program, bf16: K and V blocks per pipeline stage, the Q
     block, one more key block under warp specialisation (what Triton 3.6 asked for
-    in the OutOfResources errors of h200_tune_8c253cc.json), 1 KB for barriers."""
+    in the OutOfResources errors of h200_tune_8c253cc.json), 1 KB for barriers; at
+    the padded width the kernel's blocks have (D 96 holds 128 columns)."""
+    from prism.optimized._runtime import next_power_of_2
+
+    d = max(16, next_power_of_2(d))
     stage = 2 * c.block_n * d * 2
     return (c.num_stages * stage + c.block_m * d * 2
             + (c.block_n * d * 2 if c.warp_specialize else 0) + 1024)
@@ -109,9 +113,23 @@ def candidates(d: int, tile: int) -> list:
 
 
 def _legal(configs: list, d: int) -> list:
-    """``configs`` without repeats and without those over the shared-memory limit."""
+    """``configs`` without repeats and without those over the shared-memory limit.
+    At head dims whose rows no descriptor can read (``attention.descriptor_rows``)
+    a descriptor (``+tma``) shape is listed as the pointer-load shape the launch
+    really runs (D 96 ran pointer loads under ``+tma`` labels in
+    h200_tune_shapes_75d7f97.json), and warp-specialised shapes are left out."""
+    from dataclasses import replace
+
+    from prism.optimized._runtime import next_power_of_2
+    from prism.optimized.attention import descriptor_rows
+
+    rows_ok = descriptor_rows(d, max(16, next_power_of_2(d)), DTYPE.itemsize)
     seen, legal = set(), []
     for c in configs:
+        if not rows_ok:
+            if c.warp_specialize:
+                continue
+            c = replace(c, use_tma=False)
         if key(c) not in seen and smem_bytes(c, d) <= SMEM_LIMIT:
             seen.add(key(c))
             legal.append(c)

@@ -440,6 +440,28 @@ def test_default_launch_shapes_fit_the_tile_and_shared_memory():
                 assert smem <= 232448, (tile, d, c, smem)
 
 
+def test_tuning_grid_prunes_at_the_padded_width_and_labels_descriptors_truly():
+    """benchmarks/bench_tune.py: shared memory counted at the padded head dim (D 96
+    holds 128-wide blocks), and no descriptor (+tma) candidate at a head dim whose
+    rows no descriptor can read, where the launch would quietly use pointers."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import bench_tune
+    finally:
+        sys.path.pop(0)
+    c = AttentionConfig(128, 128, 8, 4, use_tma=True)  # fits at 96 columns, not at 128
+    assert bench_tune.smem_bytes(c, 96) == bench_tune.smem_bytes(c, 128)
+    assert bench_tune.smem_bytes(c, 96) > bench_tune.SMEM_LIMIT
+    for d, tile in ((96, 128), (80, 64), (100, 128), (192, 128)):
+        grid = bench_tune.occupancy_candidates(d, tile)
+        assert grid and all(bench_tune.smem_bytes(g, d) <= bench_tune.SMEM_LIMIT for g in grid)
+        takes_descriptors = d in (96, 80)
+        assert any(g.use_tma for g in grid) == takes_descriptors, d
+
+
 class _CudaLooking:
     """A CPU tensor that reports itself as on a CUDA device (for host-side rules)."""
 
