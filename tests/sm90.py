@@ -15,31 +15,48 @@ import subprocess
 import sys
 
 
-def sm90_resources(kernel, constexprs: dict, pointers: dict, *, floats=(), divisible=(),
-                   num_warps: int, num_stages: int) -> tuple[int, int]:
-    """(registers, spill-store bytes) per thread of ``kernel`` compiled for sm_90a.
+def sm90_compile(kernel, constexprs: dict, pointers: dict, *, floats=(), divisible=(),
+                 num_warps: int, num_stages: int):
+    """``kernel`` compiled for sm_90 (Triton's ``CompiledKernel``: ``asm["ptx"]``,
+    ``asm["cubin"]``).
 
     ``constexprs`` maps parameter names to values; ``pointers`` names to Triton
-    pointer types (``"*bf16"``); ``floats`` names fp32 scalars; every other
-    parameter is an int32. Pointers and the ints named in ``divisible`` carry
-    the divisible-by-16 hint Triton gives such arguments at run time.
+    pointer types (``"*bf16"``) or host tensor-descriptor types
+    (``"tensordesc<bf16[1, 1, 64, 128]>"``); ``floats`` names fp32 scalars; every
+    other parameter is an int32. Pointers and the ints named in ``divisible``
+    carry the divisible-by-16 hint Triton gives such arguments at run time.
     """
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
     names = list(inspect.signature(kernel.fn).parameters)
     signature = {n: "constexpr" if n in constexprs else pointers.get(n) or
                  ("fp32" if n in floats else "i32") for n in names}
+    hinted = [n for n, t in pointers.items() if t.startswith("*")] + list(divisible)
     source = ASTSource(kernel, signature,
                        {(names.index(n),): v for n, v in constexprs.items()},
-                       {(names.index(n),): [["tt.divisibility", 16]]
-                        for n in (*pointers, *divisible)})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+                       {(names.index(n),): [["tt.divisibility", 16]] for n in hinted})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def sm90_resources(kernel, constexprs: dict, pointers: dict, *, floats=(), divisible=(),
+                   num_warps: int, num_stages: int) -> tuple[int, int]:
+    """(registers, spill-store bytes) per thread of ``kernel`` compiled for sm_90a
+    (arguments as :func:`sm90_compile`'s)."""
+    return ptxas_report(sm90_compile(kernel, constexprs, pointers, floats=floats,
+                                     divisible=divisible, num_warps=num_warps,
+                                     num_stages=num_stages))
+
+
+def ptxas_report(compiled) -> tuple[int, int]:
+    """(registers, spill-store bytes) per thread from ptxas's report on the PTX of
+    a kernel compiled for sm_90."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
     ptx = os.path.join(os.environ.get("TMPDIR", "/tmp"),
-                       f"prism_{kernel.fn.__name__}_{os.getpid()}.ptx")
+                       f"prism_{compiled.name}_{os.getpid()}.ptx")
     with open(ptx, "w") as f:
         f.write(compiled.asm["ptx"])
     try:
