@@ -68,6 +68,52 @@ def ptxas_report(compiled) -> tuple[int, int]:
     return registers, sum(int(b) for b in re.findall(r"(\d+) bytes spill stores", report))
 
 
+def sass(compiled) -> str:
+    """The SASS of a kernel compiled for sm_90 (``nvdisasm`` that ships with Triton)."""
+    import triton
+
+    cubin = os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                         f"prism_{compiled.name}_{os.getpid()}.cubin")
+    with open(cubin, "wb") as f:
+        f.write(compiled.asm["cubin"])
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "nvdisasm")
+    try:
+        return subprocess.run([tool, "-c", cubin], capture_output=True, text=True,
+                              check=True).stdout
+    finally:
+        os.remove(cubin)
+
+
+def sass_loops(text: str) -> list[dict]:
+    """Per loop of SASS ``text``, in address order: where it starts, its instruction
+    count, and how many of them are HGMMA, MUFU.EX2, BAR.SYNC, STL and LDL. A loop
+    closes with a predicated backward branch; unconditional backward branches
+    return from out-of-line barrier-wait stubs, and loops of at most 8 lines are
+    those stubs' own polling."""
+    all_lines = text.splitlines()
+    address = re.compile(r"/\*([0-9a-f]{4,})\*/")
+    code = [(i, line) for i, line in enumerate(all_lines) if address.search(line)]
+    first_after = {}
+    for i, line in enumerate(all_lines):
+        label = re.match(r"^(\.L_x_\d+):", line.strip())
+        if label:
+            first_after[label.group(1)] = next((j for j, (k, _) in enumerate(code) if k > i),
+                                               None)
+    found = []
+    for j, (_, line) in enumerate(code):
+        target = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+        start = first_after.get(target.group(1)) if target else None
+        if start is None or "@" not in line or j - start <= 8:
+            continue
+        body = [text_line for _, text_line in code[start:j + 1]]
+        found.append({"start": address.search(code[start][1]).group(1),
+                      "instructions": len(body),
+                      **{key: sum(key in b for b in body)
+                         for key in ("HGMMA", "MUFU.EX2", "BAR.SYNC", "STL", "LDL")}})
+    return sorted(found, key=lambda loop: int(loop["start"], 16))
+
+
 def in_fresh_process(module: str, function: str, *args) -> list[int]:
     """``module.function(*args)`` (ints in, ints out) in a process without Triton's
     interpreter, with this directory on the path; its printed ints."""

@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -27,7 +25,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from sm90 import ptxas_report, sm90_compile  # noqa: E402
+from sm90 import ptxas_report, sass, sass_loops, sm90_compile  # noqa: E402
 
 from prism.optimized.attention import (  # noqa: E402
     AttentionConfig,
@@ -69,49 +67,13 @@ def compile_case(d: int, tile: int, shape: str = ""):
     return config, compiled
 
 
-def loops(sass: str) -> list:
-    """Per loop (a predicated backward branch), counts over the instructions it spans."""
-    lines = [line for line in sass.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", line)]
-    address = [int(re.search(r"/\*([0-9a-f]{4,})\*/", line).group(1), 16) for line in lines]
-    labels = {}
-    for i, line in enumerate(sass.splitlines()):
-        match = re.match(r"^(\.L_x_\d+):", line.strip())
-        if match:
-            following = [j for j, text in enumerate(lines) if text in sass.splitlines()[i:]]
-            if following:
-                labels[match.group(1)] = following[0]
-    found = []
-    for j, line in enumerate(lines):
-        target = re.search(r"BRA `\((\.L_x_\d+)\)", line)
-        # A loop closes with a predicated backward branch; the unconditional ones
-        # return from out-of-line barrier-wait stubs, and two-line ones are those
-        # stubs' own polling.
-        if (target and "@" in line and target.group(1) in labels
-                and j - labels[target.group(1)] > 8):
-            body = lines[labels[target.group(1)]:j + 1]
-            found.append({"start": hex(address[labels[target.group(1)]]),
-                          "instructions": len(body),
-                          **{key: sum(key in text for text in body)
-                             for key in ("HGMMA", "MUFU.EX2", "BAR.SYNC", "STL", "LDL")}})
-    return found
-
-
 def report(case: str) -> dict:
     dims, _, shape = case.partition(":")
     d, tile = (int(x) for x in dims.split("x"))
     config, compiled = compile_case(d, tile, shape)
-    cubin = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"prism_attention_{os.getpid()}.cubin")
-    with open(cubin, "wb") as f:
-        f.write(compiled.asm["cubin"])
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-    try:
-        sass = subprocess.run([tool, "-c", cubin], capture_output=True, text=True,
-                              check=True).stdout
-    finally:
-        os.remove(cubin)
     registers, spills = ptxas_report(compiled)
     return {"case": case, "config": repr(config), "registers": registers,
-            "spill_store_bytes": spills, "loops": loops(sass)}
+            "spill_store_bytes": spills, "loops": sass_loops(sass(compiled))}
 
 
 def main(argv=None) -> list:

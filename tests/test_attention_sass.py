@@ -1,0 +1,54 @@
+"""The attention launch table compiled for sm_90a on the CPU (no GPU needed).
+
+A register spill inside the mask-free key loop costs every key block of every
+program, so no table entry may have one. ptxas's total spill count is not the
+check: the D 128 entry spills 144 bytes, all in the prologue and in the masked
+last-tile loop, which run once per query tile (benchmarks/NOTES.md item 42 (j)).
+The SASS comes from ``benchmarks/probes/attention_sass.py``, with the
+specialisations a bf16 launch gets.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from sm90 import in_fresh_process
+
+#: (head dim, tile) of every table entry family, then one shape that spills in its
+#: loop (128 x 128 on one warp group at D 128), to show the check can fail.
+TABLE = [(64, 128), (80, 128), (96, 128), (128, 128), (256, 128),
+         (64, 64), (96, 64), (128, 64), (256, 64)]
+SPILLING = (128, 128, 128, 128, 4, 2)
+
+
+def _main_loop_counts(*flat) -> tuple:
+    """For each six ints (head dim, tile, block_m, block_n, warps, stages; block_m
+    0 for the table's shape): loops found, local-memory instructions and HGMMA in
+    the first (mask-free) key loop."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks", "probes"))
+    from attention_sass import compile_case
+    from sm90 import sass, sass_loops
+
+    out = []
+    for i in range(0, len(flat), 6):
+        d, tile, bm, bn, warps, stages = flat[i:i + 6]
+        shape = f"{bm}/{bn}/{warps}/{stages}" if bm else ""
+        loops = sass_loops(sass(compile_case(d, tile, shape)[1]))
+        out += [len(loops), loops[0]["STL"] + loops[0]["LDL"] if loops else -1,
+                loops[0]["HGMMA"] if loops else 0]
+    return tuple(out)
+
+
+def test_no_table_entry_spills_in_its_key_loop():
+    cases = [(d, tile, 0, 0, 0, 0) for d, tile in TABLE] + [SPILLING]
+    counts = in_fresh_process("test_attention_sass", "_main_loop_counts",
+                              *(x for case in cases for x in case))
+    for i, case in enumerate(cases):
+        loops, local, hgmma = counts[3 * i:3 * i + 3]
+        assert loops >= 2 and hgmma > 0, f"{case}: no key loops found in the SASS"
+        if case == SPILLING:
+            assert local > 0, "the known spilling shape shows no local memory: check broken"
+        else:
+            assert local == 0, (f"D {case[0]}, tile {case[1]}: the table's key loop has "
+                                f"{local} local-memory instructions (register spills)")
