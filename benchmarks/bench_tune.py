@@ -120,10 +120,9 @@ def _legal(configs: list, d: int) -> list:
     h200_tune_shapes_75d7f97.json), and warp-specialised shapes are left out."""
     from dataclasses import replace
 
-    from prism.optimized._runtime import next_power_of_2
     from prism.optimized.attention import descriptor_rows
 
-    rows_ok = descriptor_rows(d, max(16, next_power_of_2(d)), DTYPE.itemsize)
+    rows_ok = descriptor_rows(d, DTYPE.itemsize)
     seen, legal = set(), []
     for c in configs:
         if not rows_ok:

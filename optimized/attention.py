@@ -220,13 +220,16 @@ def fallback_config(block_size: int, head_dim: int = 128) -> AttentionConfig:
     return AttentionConfig(min(128, divisor), min(128, divisor), 8, 3, use_tma=True)
 
 
-def descriptor_rows(width: int, padded: int, element_size: int) -> bool:
+def descriptor_rows(width: int, element_size: int, padded: int | None = None) -> bool:
     """Whether rows ``width`` elements wide can be read through a descriptor box of
-    ``padded`` (a power of two) columns: rows of a multiple of 16 bytes, a box of
+    ``padded`` columns (a power of two; by default the kernel's padded width,
+    ``max(16, next_power_of_2(width))``): rows of a multiple of 16 bytes, a box of
     at most 256, and a box wider than the rows (zero-filled past them) only up to
     128 columns. Padded boxes were checked on the H200 at D 80 and 96 (box 128);
     wider ones (D 129-255 in a 256 box) are not verified there, so those head
     dims keep pointer loads."""
+    if padded is None:
+        padded = max(16, next_power_of_2(width))
     if width > padded or padded > 256 or (width * element_size) % 16:
         return False
     return width == padded or padded <= 128
@@ -244,7 +247,7 @@ def tma_compatible(k: torch.Tensor, v: torch.Tensor, d_pad: int, dv_pad: int) ->
     if not (k.is_cuda and device_capability(k.device)[0] >= 9):
         return False
     for t, pad in ((k, d_pad), (v, dv_pad)):
-        if not descriptor_rows(t.shape[3], pad, t.element_size()):
+        if not descriptor_rows(t.shape[3], t.element_size(), pad):
             return False
     for t in (k, v):
         if t.stride(3) != 1 or t.data_ptr() % 16:

@@ -100,8 +100,7 @@ def reads_pages_in_kernel(q, k_cache, v_cache, block_size: int) -> bool:
     d, dv = k_cache.shape[3], v_cache.shape[3]
     config = default_config(block_size, d, q.dtype, kernels_interpreted(_sparse_attention_kernel))
     # The gathered K and V are contiguous: only their rows decide (tma_compatible).
-    rows_ok = all(descriptor_rows(n, max(16, next_power_of_2(n)), k_cache.element_size())
-                  for n in (d, dv))
+    rows_ok = all(descriptor_rows(n, k_cache.element_size()) for n in (d, dv))
     bulk = (config.use_tma or config.warp_specialize) and rows_ok \
         and device_capability(k_cache.device)[0] >= 9
     return not bulk

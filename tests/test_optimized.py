@@ -503,7 +503,8 @@ def test_descriptor_rules_take_padded_head_dims(monkeypatch):
     narrow = torch.zeros(1, 2, 64, 104, dtype=torch.bfloat16)[..., :100]  # aligned strides
     assert not attention.tma_compatible(_CudaLooking(narrow), _CudaLooking(narrow), 128, 128)
     assert attention.tma_compatible(*kv(100, torch.float32), 128, 128)  # 400-byte rows
-    assert attention.descriptor_rows(96, 128, 2) and not attention.descriptor_rows(96, 64, 2)
+    assert attention.descriptor_rows(96, 2) and attention.descriptor_rows(96, 2, padded=128)
+    assert not attention.descriptor_rows(96, 2, padded=64)
     assert not attention.tma_compatible(*kv(320), 512, 512)  # box wider than 256
     assert not attention.tma_compatible(*kv(96, ptr_offset=8), 128, 128)
     strided = torch.zeros(1, 2, 64, 192, dtype=torch.bfloat16)[..., ::2]

@@ -46,7 +46,7 @@ def compile_case(d: int, tile: int, shape: str = ""):
     else:
         config = default_config(tile, d, torch.bfloat16, False)
     d_pad = max(16, triton.next_power_of_2(d))
-    tma = config.use_tma and descriptor_rows(d, d_pad, 2)
+    tma = config.use_tma and descriptor_rows(d, 2)
     constants = launch_constants(config, True, True, d, d, torch.bfloat16, tma, varlen=False,
                                  block_size=tile)
     warps, stages = constants.pop("num_warps"), constants.pop("num_stages")
