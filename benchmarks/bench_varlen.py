@@ -58,7 +58,7 @@ from bench_prism import bench as _bench  # noqa: E402
 from prism import optimized  # noqa: E402
 from prism.optimized import paged_kv
 from prism.optimized import varlen as packed_launch
-from prism.optimized.attention import sparse_attention_forward
+from prism.optimized.attention import AttentionConfig, sparse_attention_forward
 from prism.reference import (
     PrismConfig,
     admissible_tiles,
@@ -388,9 +388,12 @@ def relative(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def paged_time(q, k, v, cu, max_len, lengths, cfg, masks, dense_masks, pages=(16, 64, 256)):
+def paged_time(q, k, v, cu, max_len, lengths, cfg, masks, dense_masks, pages=(16, 64, 256),
+               shapes=()):
     """The paged path: in-kernel page reads against the gather path and the varlen call,
-    end to end at 64-token pages; attention alone on the same masks at every page size."""
+    end to end at 64-token pages; attention alone on the same masks at every page size,
+    and, for each launch shape ``bm,bn,warps,stages`` of ``shapes`` (``--paged-shapes``),
+    the sparse in-place launch with that shape (output compared with the default's)."""
     result = {}
     k_cache, v_cache, table, seq_lens = to_cache(k, v, cu, lengths, 64)
 
@@ -439,9 +442,33 @@ def paged_time(q, k, v, cu, max_len, lengths, cfg, masks, dense_masks, pages=(16
                     q, k, v, cu, cu, max_len, max_len, mk, block_size=BLOCK))
             entry["paged_over_varlen"] = entry["paged_attention_ms"] / entry[
                 "varlen_attention_ms"]
+            if label == "sparse" and shapes:
+                entry["shapes"] = paged_shape_times(
+                    lambda config=None, mk=mk, kc=k_cache, vc=v_cache, t=table, sl=seq_lens:
+                    paged_kv.block_sparse_attention_paged(q, kc, vc, t, sl, cu, max_len, mk,
+                                                          block_size=BLOCK, config=config),
+                    o_paged, entry["paged_attention_ms"], shapes)
             result[f"attention_{label}_page{page}"] = entry
             log(f"  paged attention {label}, page {page}: {json.dumps(entry)}")
     return result
+
+
+def paged_shape_times(call, base, base_ms, shapes):
+    """``call(config=...)`` timed per launch shape ``bm,bn,warps,stages``, with its
+    output's relative difference from ``base`` (the default shape's output)."""
+    rows = []
+    for spec in shapes:
+        bm, bn, warps, stages = (int(x) for x in spec.split(","))
+        config = AttentionConfig(bm, bn, warps, stages)
+        row = {"shape": spec}
+        try:
+            row["rel_diff_to_default"] = relative(call(config=config), base)
+            row["ms"] = bench(lambda c=config: call(config=c))
+            row["default_over_shape"] = base_ms / row["ms"]
+        except Exception as error:  # noqa: BLE001 - record the failure, go on
+            row["error"] = f"{type(error).__name__}: {str(error)[:200]}"
+        rows.append(row)
+    return rows
 
 
 def guarded(result, key, part):
@@ -464,6 +491,12 @@ def main(argv=None):
                         help="skip the remaining optional parts after this many seconds")
     parser.add_argument("--rounds", type=int, default=9,
                         help="rounds of the interleaved overhead measurement")
+    parser.add_argument("--paged-shapes", default="",
+                        help="in-place paged launch shapes 'bm,bn,warps,stages;...' to time "
+                             "beside the default one on the mixed batch")
+    parser.add_argument("--only-paged", action="store_true",
+                        help="skip the dense baselines, Prism's varlen entries, Flex and the "
+                             "equal-length batch: the paged part only")
     parser.add_argument("--orders", action="store_true",
                         help="also time the packed launch's tile orders")
     args = parser.parse_args(argv)
@@ -486,6 +519,17 @@ def main(argv=None):
                 json.dump(result, f, indent=1)
 
     q, k, v, cu = packed_batch(lengths)
+    shapes = [x for x in args.paged_shapes.split(";") if x]
+    if args.only_paged:
+        cfg, masks = sparse_config(q, k, cu, max_len, lengths)
+        dense_cfg = PrismConfig(block_size=BLOCK, high_threshold=1.0, low_threshold=1.0)
+        dense_masks = optimized.select_blocks_varlen(q, k, cu, cu, max_len, max_len, dense_cfg)
+        log("paged")
+        guarded(result, "paged", lambda: paged_time(
+            q, k, v, cu, max_len, lengths, cfg, masks, dense_masks, shapes=shapes))
+        write()
+        summary(result)
+        return result
     qs, ks, vs = views(q, cu), views(k, cu), views(v, cu)
     log("dense baselines")
     result["sdpa_loop_ms"] = sdpa_loop_times(qs, ks, vs)
@@ -521,8 +565,8 @@ def main(argv=None):
         write()
     if time.time() - started < args.budget_s:
         log("paged")
-        guarded(result, "paged", lambda: paged_time(q, k, v, cu, max_len, lengths, cfg, masks,
-                                                    dense_masks))
+        guarded(result, "paged", lambda: paged_time(
+            q, k, v, cu, max_len, lengths, cfg, masks, dense_masks, shapes=shapes))
         write()
 
     dense = [t for t in (result["sdpa_loop_ms"].get("cudnn"), result["sdpa_loop_ms"].get("flash"),
