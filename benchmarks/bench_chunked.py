@@ -171,10 +171,10 @@ def paged_shapes(call, paged_call, shapes):
     return rows
 
 
-def crossover(pairs, threshold, shapes=()):
+def crossover(pairs, threshold, shapes=(), page=64):
     """``prism_attention_paged`` reading the pages in place ("kernel") against gathering
     them ("gather"), with no pooled cache, for each ``(prefix, chunk)``: one sequence,
-    the chunk's queries over prefix + chunk keys, 64-token shuffled pages. With
+    the chunk's queries over prefix + chunk keys, ``page``-token shuffled pages. With
     ``shapes``, also the in-place launch alone per launch shape (:func:`paged_shapes`)."""
     from prism.optimized import paged_kv
 
@@ -184,7 +184,7 @@ def crossover(pairs, threshold, shapes=()):
         total = prefix + chunk
         q_all, k, v = structured(total, seed=0)
         q = q_all[prefix:].contiguous()
-        k_cache, v_cache, table, _ = to_cache(k, v, torch.tensor([0, total]), [total], 64)
+        k_cache, v_cache, table, _ = to_cache(k, v, torch.tensor([0, total]), [total], page)
         cu_q = torch.tensor([0, chunk], dtype=torch.int32)
         lens = torch.tensor([total], dtype=torch.int32)
         call = functools.partial(optimized.prism_attention_paged, q, k_cache, v_cache, table,
@@ -276,6 +276,8 @@ def main(argv=None):
     parser.add_argument("--paged-shapes", default="",
                         help="with --crossover: also time the in-place launch alone with "
                              "these launch shapes bm,bn,warps,stages separated by ';'")
+    parser.add_argument("--page", type=int, default=64,
+                        help="with --crossover: tokens per cache page (16-256)")
     args = parser.parse_args(argv)
     if args.crossover:
         pairs = [tuple(int(x) for x in pair.split(":")) for pair in args.crossover.split(",")]
@@ -283,9 +285,10 @@ def main(argv=None):
                   "torch": torch.__version__, "threshold": args.threshold,
                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                   "shape": {"heads": HEADS, "kv_heads": KV_HEADS, "block_size": BLOCK,
-                            "page_size": 64},
+                            "page_size": args.page},
                   "crossover": crossover(pairs, args.threshold,
-                                         [x for x in args.paged_shapes.split(";") if x])}
+                                         [x for x in args.paged_shapes.split(";") if x],
+                                         args.page)}
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)

@@ -52,7 +52,7 @@ def case(d, dv, tokens, tile, density, heads, kv_heads):
         return attention.sparse_attention_forward(
             q, k, v, num, idx, block_size=tile, causal=True, scale=None, return_lse=False,
             first_query_tile=layout.first_query_tile, query_start=layout.query_start,
-            interpreted=False, config=config)
+            interpreted=False, config=config)[0]
 
     row = {"d": d, "dv": dv, "tokens": tokens, "tile": tile, "density": density,
            "heads": heads, "kv_heads": kv_heads, "shape": [table.block_m, table.block_n,
