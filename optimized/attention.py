@@ -223,16 +223,15 @@ def fallback_config(block_size: int, head_dim: int = 128) -> AttentionConfig:
 def descriptor_rows(width: int, element_size: int, padded: int | None = None) -> bool:
     """Whether rows ``width`` elements wide can be read through a descriptor box of
     ``padded`` columns (a power of two; by default the kernel's padded width,
-    ``max(16, next_power_of_2(width))``): rows of a multiple of 16 bytes, a box of
-    at most 256, and a box wider than the rows (zero-filled past them) only up to
-    128 columns. Padded boxes were checked on the H200 at D 80 and 96 (box 128);
-    wider ones (D 129-255 in a 256 box) are not verified there, so those head
-    dims keep pointer loads."""
+    ``max(16, next_power_of_2(width))``): rows of a multiple of 16 bytes and a box
+    of at least the rows and at most 256 columns; the copy zero-fills the box past
+    the rows. Checked on the H200 at D 80 and 96 (box 128) and at D 160, 192 and
+    Q/K 192 with V 128 (box 256): outputs bit for bit those of the pointer loads
+    (``benchmarks/probes/wide_padded_boxes.py``,
+    ``benchmarks/results/h200_wide_boxes_6cab374.json``)."""
     if padded is None:
         padded = max(16, next_power_of_2(width))
-    if width > padded or padded > 256 or (width * element_size) % 16:
-        return False
-    return width == padded or padded <= 128
+    return width <= padded <= 256 and (width * element_size) % 16 == 0
 
 
 def tma_compatible(k: torch.Tensor, v: torch.Tensor, d_pad: int, dv_pad: int) -> bool:
@@ -240,9 +239,9 @@ def tma_compatible(k: torch.Tensor, v: torch.Tensor, d_pad: int, dv_pad: int) ->
 
     Needs a CUDA device of compute capability 9.0 or newer, unit-stride head
     dims whose rows :func:`descriptor_rows` accepts, 16-byte aligned strides and
-    bases. A head dim that is not a power of two (80, 96) is read through a box
-    of the padded width ``d_pad``: the copy fills the columns past the tensor's
-    last one with zeros, which is what the pointer loads' mask gives.
+    bases. A head dim that is not a power of two (80, 96, 160, 192) is read
+    through a box of the padded width ``d_pad``: the copy fills the columns past
+    the tensor's last one with zeros, which is what the pointer loads' mask gives.
     """
     if not (k.is_cuda and device_capability(k.device)[0] >= 9):
         return False

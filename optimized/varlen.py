@@ -68,6 +68,7 @@ from prism.reference.varlen import (
 from ._runtime import check_device, kernels_interpreted, next_power_of_2
 from .attention import (
     LOG2_E,
+    AttentionConfig,
     _launch_config,
     _scratch_allocator,
     _sparse_attention_kernel,
@@ -253,7 +254,7 @@ def packed_attention_forward(q, k, v, layout: PackedLayout, kv_num_blocks, kv_in
     q4, k4, v4 = _heads_view(q), _heads_view(rows_k), _heads_view(rows_v)
     if paged:
         config = paged_config(config, q4, k4, v4, d_pad, dv_pad, layout.query_start_gcd,
-                              block_size, interpreted)
+                              block_size, interpreted, page_size=k.shape[1])
     else:
         config = _launch_config(config, q4, k4, v4, d_pad, dv_pad, layout.query_start_gcd,
                                 block_size, interpreted)
@@ -295,19 +296,39 @@ def packed_attention_forward(q, k, v, layout: PackedLayout, kv_num_blocks, kv_in
     return out, (lse if return_lse else None)
 
 
+#: Pages shorter than this take :data:`SMALL_PAGE_CONFIG` (D 65-128, tile >= 128).
+SMALL_PAGE = 64
+#: The paged launch shape for pages of fewer than :data:`SMALL_PAGE` tokens at head
+#: dims 65-128 and tiles of 128 or more (16-bit inputs). On the H200
+#: (``benchmarks/results/h200_paged_mixed_shapes_818c422.json``, bench_varlen's 8
+#: mixed sequences, 128K tokens, density 0.134; ``h200_paged_shapes_page16_6cab374``,
+#: one sequence, ``prefix:chunk`` 0:4K, 0:16K, 16K:16K, 0:32K), 16-token pages, attention
+#: alone: 19.1 against 30.3 ms for the dense table's 128 x 64 / 4 warps (1.59x), and
+#: 1.17-1.60x on the single sequences. With 64- and 256-token pages the same shape
+#: gave 1.06x and 1.15x on the mixed batch but 0.81x on one 16K sequence
+#: (``h200_paged_shapes_1b40961``), so those pages keep the table's shape.
+SMALL_PAGE_CONFIG = AttentionConfig(128, 128, 8, 2)
+
+
 def paged_config(config, q4, k4, v4, d_pad: int, dv_pad: int, query_start: int,
-                 block_size: int, interpreted: bool):
+                 block_size: int, interpreted: bool, page_size: int = SMALL_PAGE):
     """The launch shape of a paged launch: the dense choice without bulk copies.
 
     A block table cannot be followed by TMA or by the warp-specialised loop's
     descriptors, so TMA is off (the table's blocks, warps and stages are kept:
     128 x 64 on 4 warps and 2 stages at D 65-128, tile 128) and a
     warp-specialised shape, which no table entry uses now, would run with 8
-    warps and 2 stages. An explicit warp-specialised ``config`` is refused.
+    warps and 2 stages. Pages of fewer than :data:`SMALL_PAGE` tokens at D 65-128
+    and tiles of 128 or more take :data:`SMALL_PAGE_CONFIG` instead (measured
+    there; 16-bit inputs). An explicit warp-specialised ``config`` is refused.
     """
     if config is not None and config.warp_specialize:
         raise ValueError("a paged launch cannot use AttentionConfig(warp_specialize=True): "
                          "the kernel follows the block table with pointer loads")
+    if (config is None and not interpreted and page_size < SMALL_PAGE
+            and 64 < max(d_pad, dv_pad) <= 128 and (block_size & -block_size) >= 128
+            and q4.dtype in (torch.float16, torch.bfloat16)):
+        config = SMALL_PAGE_CONFIG
     config = _launch_config(config, q4, k4, v4, d_pad, dv_pad, query_start, block_size,
                             interpreted)
     if config.warp_specialize:

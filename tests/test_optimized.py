@@ -458,7 +458,7 @@ def test_tuning_grid_prunes_at_the_padded_width_and_labels_descriptors_truly():
     for d, tile in ((96, 128), (80, 64), (100, 128), (192, 128)):
         grid = bench_tune.occupancy_candidates(d, tile)
         assert grid and all(bench_tune.smem_bytes(g, d) <= bench_tune.SMEM_LIMIT for g in grid)
-        takes_descriptors = d in (96, 80)
+        takes_descriptors = d != 100  # 200-byte rows: no descriptor
         assert any(g.use_tma for g in grid) == takes_descriptors, d
 
 
@@ -496,8 +496,11 @@ def test_descriptor_rules_take_padded_head_dims(monkeypatch):
     for d in (64, 80, 96, 128, 256):
         d_pad = 1 << (d - 1).bit_length()
         assert attention.tma_compatible(*kv(d), d_pad, d_pad), d
-    for d in (160, 192):  # boxes wider than 128 over narrower rows: not verified, refused
-        assert not attention.tma_compatible(*kv(d), 256, 256), d
+    for d in (160, 192, 136):  # 256-wide boxes over narrower rows, zero-filled past them
+        assert attention.tma_compatible(*kv(d), 256, 256), d
+    assert not attention.descriptor_rows(160, 2, padded=128)  # box narrower than the rows
+    assert attention.descriptor_rows(160, 2) and attention.descriptor_rows(200, 2)
+    assert not attention.descriptor_rows(260, 2)  # padded to 512: wider than a box may be
     assert not attention.tma_compatible(*kv(72), 64, 64)  # box narrower than the rows
     assert not attention.tma_compatible(*kv(100), 128, 128)  # 200-byte rows
     narrow = torch.zeros(1, 2, 64, 104, dtype=torch.bfloat16)[..., :100]  # aligned strides

@@ -121,6 +121,38 @@ def test_paged_launch_equals_gather_path_and_loop(mix, page_size, heads, dtype, 
     assert torch.equal(o, o2) and torch.equal(lse, lse2)
 
 
+def test_paged_launch_shape_by_page_size():
+    """Pages under 64 tokens at D 65-128 and tiles >= 128 take the small-page shape
+    (128 x 128, 8 warps, 2 stages); other pages, head dims, tiles, fp32 and the
+    interpreter keep the dense table's shape; never TMA; a given config wins."""
+    from prism.optimized.attention import AttentionConfig, default_config
+    from prism.optimized.varlen import SMALL_PAGE_CONFIG, paged_config
+
+    def shape(page, d=128, tile=128, dtype=torch.bfloat16, interpreted=False, config=None):
+        q = torch.zeros(1, 4, 8, d, dtype=dtype)
+        kv = torch.zeros(1, 2, 8, d, dtype=dtype)
+        d_pad = max(16, 1 << (d - 1).bit_length())
+        return paged_config(config, q, kv, kv, d_pad, d_pad, 0, tile, interpreted,
+                            page_size=page)
+
+    small = shape(16)
+    assert (small.block_m, small.block_n, small.num_warps, small.num_stages) == (128, 128, 8, 2)
+    assert small == SMALL_PAGE_CONFIG and not small.use_tma
+    assert shape(32) == small and shape(16, d=96) == small and shape(16, tile=256) == small
+    assert shape(16, dtype=torch.float16) == small
+    table = default_config(128, 128, torch.bfloat16, False)
+    for page in (64, 128, 256):
+        assert shape(page) == AttentionConfig(table.block_m, table.block_n, table.num_warps,
+                                              table.num_stages), page
+    for kwargs in (dict(d=64), dict(d=256), dict(tile=64), dict(dtype=torch.float32),
+                   dict(interpreted=True)):
+        got = shape(16, **kwargs)
+        base = shape(64, **kwargs)
+        assert got == base and got != small, kwargs
+    mine = AttentionConfig(64, 64, 4, 3)
+    assert shape(16, config=mine) == mine
+
+
 @pytest.mark.interpret
 @pytest.mark.parametrize("block_size, page_size", [(64, 16), (128, 256)])
 def test_paged_key_blocks_of_64_and_128(block_size, page_size):
@@ -223,7 +255,8 @@ def test_paged_errors(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("block_size, page_size, dtype", [
-    (128, 16, torch.bfloat16), (128, 256, torch.bfloat16), (64, 48, torch.float16)])
+    (128, 16, torch.bfloat16), (128, 32, torch.float16), (128, 256, torch.bfloat16),
+    (64, 48, torch.float16)])
 def test_gpu_paged_launch(block_size, page_size, dtype):
     """The default paged launch against the per-sequence loop; at a fixed pointer-load
     shape, bitwise against the gather path."""
