@@ -52,7 +52,8 @@ SHAPES = tuple(tuple(int(x) for x in shape.split("x")) for shape in os.environ.g
     "PRISM_TUNE_SHAPES", "64x128,128x128,256x128,64x64,256x64").split(","))
 #: "focus": the current default, the warp-specialised shapes with and without
 #: ``min_mask`` and the best plain shapes of h200_tune_1b04e82; "steps": the default
-#: with the key blocks per tile computed at run time (+rs) beside it; "grid": the
+#: with the key blocks per tile computed at run time (+rs) beside it; "registers": the
+#: default with register caps (+r128, +r96; :data:`REGISTER_CAPS`); "grid": the
 #: pruned grid of :func:`grid_candidates` (the earlier runs' four shapes and
 #: densities 0.05 / 0.15 / 1.0 are in their JSON); "occupancy": the default beside
 #: shapes of less shared memory per program (fewer stages, narrower key blocks,
@@ -72,13 +73,14 @@ def _config(**kw):
 def key(c) -> str:
     """Short name of a config: m128n64w8s2 [+tma] [+ws] [+hm (head-major order)]
     [+cs (compare-and-select mask where min_mask is the default) | +mm (min mask
-    forced on a plain loop)] [+rs (static_steps=False)]."""
+    forced on a plain loop)] [+rs (static_steps=False)] [+rN (max_registers=N)]."""
     mask = ("+cs" if c.min_mask is False and c.warp_specialize
             else "+mm" if c.min_mask and not c.warp_specialize else "")
     return (f"m{c.block_m}n{c.block_n}w{c.num_warps}s{c.num_stages}"
             + ("+tma" if c.use_tma else "") + ("+ws" if c.warp_specialize else "")
             + ("" if c.kv_major else "+hm") + mask
-            + ("" if c.static_steps or c.warp_specialize else "+rs"))
+            + ("" if c.static_steps or c.warp_specialize else "+rs")
+            + ("" if c.max_registers is None else f"+r{c.max_registers}"))
 
 
 def smem_bytes(c, d: int) -> int:
@@ -109,6 +111,8 @@ def candidates(d: int, tile: int) -> list:
             :1 if default.warp_specialize else 2]
     if CANDIDATES == "occupancy":
         return occupancy_candidates(d, tile)
+    if CANDIDATES == "registers":
+        return register_candidates(d, tile)
     return focus_candidates(d, tile) if CANDIDATES == "focus" else grid_candidates(d, tile)
 
 
@@ -174,6 +178,25 @@ def occupancy_candidates(d: int, tile: int) -> list:
             out.append(_config(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages,
                                use_tma=True))
     out.append(_config(**{**default.__dict__, "kv_major": False}))
+    return _legal(out, d)
+
+
+#: Register caps tried by the "registers" candidate set: on 4 warps, 128 registers
+#: fit 4 programs in an SM's 65536 and 96 fit 5 (ptxas for sm_90a, Triton 3.6: the D 64
+#: entry 128 -> 96 spills 16-20 bytes outside its key loops; the D 128 tile-64 entry
+#: 130 -> 128 spills nothing).
+REGISTER_CAPS = (128, 96)
+
+
+def register_candidates(d: int, tile: int) -> list:
+    """The default, and the default with each cap of :data:`REGISTER_CAPS` below the
+    registers it uses (more programs per SM)."""
+    from prism.optimized.attention import default_config
+
+    default = default_config(tile, d, DTYPE, False)
+    out = [default]
+    for cap in REGISTER_CAPS:
+        out.append(_config(**{**default.__dict__, "max_registers": cap}))
     return _legal(out, d)
 
 

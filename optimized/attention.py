@@ -67,6 +67,9 @@ class AttentionConfig:
     (``benchmarks/results/h200_tune_steps_4f8c77c.json``). The
     warp-specialised loop keeps the run-time count: with the constant it left
     non-finite outputs in one cell of eight there (D 128, 32K, density 0.15).
+    ``max_registers`` caps the registers per thread (ptxas's ``maxnreg``), so
+    that more programs fit an SM's register file (65536 per SM: 4 programs of 4
+    warps at 128 registers, 5 at 96); ``None`` leaves the choice to ptxas.
     """
 
     block_m: int
@@ -78,8 +81,14 @@ class AttentionConfig:
     kv_major: bool = True
     min_mask: bool | None = None
     static_steps: bool = True
+    max_registers: int | None = None
 
     def __post_init__(self):
+        if self.max_registers is not None and (
+                isinstance(self.max_registers, bool) or not isinstance(self.max_registers, int)
+                or not 24 <= self.max_registers <= 255):
+            raise ValueError(f"AttentionConfig.max_registers must be None or an int from 24 "
+                             f"to 255, got {self.max_registers!r}")
         for name in ("block_m", "block_n"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 16 \
@@ -307,6 +316,7 @@ def launch_constants(config: AttentionConfig, causal: bool, return_lse: bool, d:
         MIN_MASK=config.warp_specialize if config.min_mask is None else config.min_mask,
         SUBS_N=-(-block_size // config.block_n) if static else 0,
         num_warps=config.num_warps, num_stages=config.num_stages,
+        **({} if config.max_registers is None else {"maxnreg": config.max_registers}),
     )
 
 

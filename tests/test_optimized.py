@@ -525,6 +525,9 @@ def test_descriptor_rules_take_padded_head_dims(monkeypatch):
     (dict(num_warps=3), "num_warps"),
     (dict(num_stages=0), "num_stages"),
     (dict(num_stages=3, warp_specialize=True), "num_stages <= 2"),
+    (dict(max_registers=16), "max_registers"),
+    (dict(max_registers=300), "max_registers"),
+    (dict(max_registers=96.0), "max_registers"),
 ])
 def test_attention_config_refuses_launch_shapes_the_kernel_cannot_run(fields, message):
     """A launch shape the kernel would mis-tile, or (warp-specialised, 3+ stages)
@@ -533,6 +536,28 @@ def test_attention_config_refuses_launch_shapes_the_kernel_cannot_run(fields, me
     with pytest.raises(ValueError, match=message):
         AttentionConfig(**{**base, **fields})
     assert AttentionConfig(**base).num_stages == 2
+
+
+def test_register_cap_reaches_the_launch_and_the_interpreter_runs_it():
+    """``max_registers`` becomes Triton's ``maxnreg`` launch option (absent without
+    it), and a capped launch gives the uncapped launch's output."""
+    from prism.optimized import attention
+    from prism.reference import tile_layout
+
+    plain = AttentionConfig(32, 32, 4, 1)
+    capped = AttentionConfig(32, 32, 4, 1, max_registers=96)
+    args = (True, False, 32, 32, torch.float32, False)
+    assert "maxnreg" not in attention.launch_constants(plain, *args, varlen=False)
+    assert attention.launch_constants(capped, *args, varlen=False)["maxnreg"] == 96
+    q, k, v = make_qkv(1, 2, 1, 64, 64, 32, seed=3)
+    layout = tile_layout(64, 64, 32, True)
+    mask = torch.ones(1, 2, 2, 2, dtype=torch.bool).tril()
+    num, idx = mask_rows_to_indices(mask, layout.first_query_tile, causal_trim=True)
+    outs = [attention.sparse_attention_forward(
+        q, k, v, num, idx, block_size=32, causal=True, scale=None, return_lse=False,
+        first_query_tile=0, query_start=0, interpreted=True, config=c)[0]
+        for c in (plain, capped)]
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_scratch_allocator_is_scoped_and_respects_the_callers():
