@@ -26,20 +26,32 @@ def _load_kv(k_head, v_head, K_DESC, V_DESC, b, hk, key_base, key_start, stride_
     ``PAGED``: ``k_head``/``v_head`` point at the KV head in page 0 of a
     (num_pages, PAGE_SIZE, Hkv, D) cache and ``pages`` at the sequence's row
     of the block table; key ``n`` is slot ``n % PAGE_SIZE`` of page
-    ``pages[n // PAGE_SIZE]``. Pointer loads (a bulk tensor copy cannot
-    follow a block table); a block never crosses a page when PAGE_SIZE is a
-    multiple of BLOCK_N (``key_start`` is a multiple of BLOCK_N), so one page
-    index serves the block and its rows are contiguous.
+    ``pages[n // PAGE_SIZE]``. A block never crosses a page when PAGE_SIZE is
+    a multiple of BLOCK_N (``key_start`` is a multiple of BLOCK_N), so one page
+    index serves the block and its rows are contiguous: then ``USE_TMA`` may
+    read it by bulk copy, the descriptors spanning the cache's rows as
+    (1, Hkv, num_pages * PAGE_SIZE, D) (the host checks the page size);
+    otherwise pointer loads.
     """
-    if USE_TMA:  # never with PAGED (the kernel asserts it)
+    if USE_TMA:
         # Bulk tensor copies; the descriptor zero-fills rows past the head's Nk.
-        k = K_DESC.load([b, hk, key_base + key_start, 0]).reshape(BLOCK_N, D_PAD).T
-        v = V_DESC.load([b, hk, key_base + key_start, 0]).reshape(BLOCK_N, DV_PAD)
+        if PAGED:
+            # key_start < num_keys in every block the kernel visits: its page is used.
+            row = (tl.load(pages + key_start // PAGE_SIZE).to(tl.int32) * PAGE_SIZE
+                   + key_start % PAGE_SIZE)
+        else:
+            row = key_base + key_start
+        k = K_DESC.load([b, hk, row, 0]).reshape(BLOCK_N, D_PAD).T
+        v = V_DESC.load([b, hk, row, 0]).reshape(BLOCK_N, DV_PAD)
         if VARLEN and MASKED:
-            # A packed descriptor runs on into the next sequence's rows: their scores
-            # are masked, and their values are zeroed so that p = 0 meets no Inf.
+            # A packed descriptor runs on into the next sequence's rows (a paged one
+            # into the page's other slots): their scores are masked, and their
+            # values are zeroed so that p = 0 meets no Inf or NaN.
             key_ok = key_start + tl.arange(0, BLOCK_N) < num_keys
             v = tl.where(key_ok[:, None], v, 0.0)
+            if PAGED:
+                # Unused slots may hold NaN, which a min(s, cap) mask would keep.
+                k = tl.where(key_ok[None, :], k, 0.0)
     else:
         keys = key_start + tl.arange(0, BLOCK_N)
         dims = tl.arange(0, D_PAD)
@@ -162,11 +174,14 @@ def _sparse_attention_kernel(
     (num_pages, PAGE_SIZE, Hkv, D) caches (``stride_kn`` the slot stride,
     ``stride_kpage`` the page stride), and a tile-table row's "first k row"
     is where its sequence's row of ``BLOCK_TABLE`` starts: keys are read
-    through the block table in place (no TMA, no warp specialisation).
+    through the block table in place (no warp specialisation; TMA only with
+    pages of whole key blocks, :func:`_load_kv`).
     """
     if PAGED:
-        tl.static_assert(VARLEN and not USE_TMA and not WARP_SPECIALIZE,
-                         "PAGED needs VARLEN and pointer loads")
+        tl.static_assert(VARLEN and not WARP_SPECIALIZE, "PAGED needs VARLEN, no warp "
+                         "specialisation")
+        tl.static_assert(not USE_TMA or PAGE_SIZE % BLOCK_N == 0,
+                         "PAGED bulk copies need pages of whole key blocks")
     # Program -> (batch*head, query tile, sub-block), heaviest (last) tiles first.
     subs_m = tl.cdiv(block_size, BLOCK_M)
     pid = tl.program_id(0)

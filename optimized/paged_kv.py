@@ -18,10 +18,15 @@ hands the call to :func:`run_paged_packed`:
   pages (:func:`paged_nonfinite`); a hit gathers them and raises the
   reference's error, which names the sequence.
 
-Which path :func:`prism_attention_paged` takes (:data:`PAGED_READS`): the paged
-launch reads with pointer loads, since a block table cannot be followed by
-Hopper's bulk tensor copies (TMA) or the warp-specialised loop built on them.
-Where the gathered batch would get those (16-bit inputs, head dims that
+Which path :func:`prism_attention_paged` takes (:data:`PAGED_READS`): where pages
+hold whole key blocks (a page size that is a multiple of the launch's
+``block_n``: 64 or more at the table's shapes), the paged launch reads each
+block with Hopper's bulk tensor copies (TMA) from the cache seen as one row
+dimension (:mod:`prism.optimized.paged_launch`), as the packed launch does, and
+``"auto"`` reads in place. Smaller or unaligned pages take pointer loads, and
+the history below applies to them (it was measured when every paged launch
+used pointer loads).
+Where the gathered batch would get bulk copies (16-bit inputs, head dims that
 :func:`~prism.optimized.attention.descriptor_rows` accepts, compute capability
 >= 9.0, a TMA or warp-specialised default launch shape), gathering K and V and
 running the varlen launch was faster on the H200 for large prefills: 16.2 ms
@@ -67,8 +72,10 @@ from .attention import (
     default_config,
     descriptor_rows,
     supported_block_size,
+    tma_compatible,
 )
 from .chunked import flagged, select_with_caches, undo_and_raise
+from .paged_launch import cache_rows
 from .paged_select import raise_paged, select_paged
 from .varlen import (
     _flatten_indices,
@@ -103,7 +110,14 @@ def reads_pages_in_kernel(q, k_cache, v_cache, block_size: int) -> bool:
     rows_ok = all(descriptor_rows(n, k_cache.element_size()) for n in (d, dv))
     bulk = (config.use_tma or config.warp_specialize) and rows_ok \
         and device_capability(k_cache.device)[0] >= 9
-    return not bulk
+    if not bulk:
+        return True
+    # Pages of whole key blocks give the in-place launch the same bulk copies.
+    k_rows, v_rows = cache_rows(k_cache), cache_rows(v_cache)
+    d_pad, dv_pad = max(16, next_power_of_2(d)), max(16, next_power_of_2(dv))
+    return (config.use_tma and k_cache.shape[1] % config.block_n == 0
+            and k_rows is not None and v_rows is not None
+            and tma_compatible(k_rows, v_rows, d_pad, dv_pad))
 
 
 @triton.jit

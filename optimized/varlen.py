@@ -39,7 +39,7 @@ import importlib
 import math
 import types
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -68,7 +68,6 @@ from prism.reference.varlen import (
 from ._runtime import check_device, kernels_interpreted, next_power_of_2
 from .attention import (
     LOG2_E,
-    AttentionConfig,
     _launch_config,
     _scratch_allocator,
     _sparse_attention_kernel,
@@ -76,6 +75,7 @@ from .attention import (
     supported_block_size,
     tma_compatible,
 )
+from .paged_launch import cache_rows, paged_config
 
 #: Per sequence (host table :attr:`PackedLayout.seqs`): first q row, first k
 #: row, Nq, Nk, query_start, first_query_tile, then where its compact indices
@@ -234,7 +234,8 @@ def packed_attention_forward(q, k, v, layout: PackedLayout, kv_num_blocks, kv_in
         the "first k row" of each sequence in ``layout`` is the offset of its
         row in ``block_table`` (:mod:`prism.optimized.paged_kv` builds both;
         the table must have unit column stride). The kernel follows the table
-        with pointer loads: no TMA or warp specialisation (:func:`paged_config`).
+        with pointer loads, or with bulk copies (TMA) where pages hold whole key
+        blocks (:mod:`prism.optimized.paged_launch`); no warp specialisation.
 
     Returns
     -------
@@ -255,12 +256,17 @@ def packed_attention_forward(q, k, v, layout: PackedLayout, kv_num_blocks, kv_in
     if paged:
         config = paged_config(config, q4, k4, v4, d_pad, dv_pad, layout.query_start_gcd,
                               block_size, interpreted, page_size=k.shape[1])
+        # Bulk copies read whole key blocks inside one page, from the cache's rows.
+        k4, v4 = cache_rows(k), cache_rows(v)
+        use_tma = (config.use_tma and k.shape[1] % config.block_n == 0
+                   and k4 is not None and v4 is not None
+                   and tma_compatible(k4, v4, d_pad, dv_pad))
     else:
         config = _launch_config(config, q4, k4, v4, d_pad, dv_pad, layout.query_start_gcd,
                                 block_size, interpreted)
+        use_tma = (config.use_tma and not config.warp_specialize
+                   and tma_compatible(k4, v4, d_pad, dv_pad))
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    use_tma = (not paged and config.use_tma and not config.warp_specialize
-               and tma_compatible(k4, v4, d_pad, dv_pad))
     k_desc = v_desc = None
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -294,46 +300,6 @@ def packed_attention_forward(q, k, v, layout: PackedLayout, kv_num_blocks, kv_in
             **extra,
         )
     return out, (lse if return_lse else None)
-
-
-#: Pages shorter than this take :data:`SMALL_PAGE_CONFIG` (D 65-128, tile >= 128).
-SMALL_PAGE = 64
-#: The paged launch shape for pages of fewer than :data:`SMALL_PAGE` tokens at head
-#: dims 65-128 and tiles of 128 or more (16-bit inputs). On the H200
-#: (``benchmarks/results/h200_paged_mixed_shapes_818c422.json``, bench_varlen's 8
-#: mixed sequences, 128K tokens, density 0.134; ``h200_paged_shapes_page16_6cab374``,
-#: one sequence, ``prefix:chunk`` 0:4K, 0:16K, 16K:16K, 0:32K), 16-token pages, attention
-#: alone: 19.1 against 30.3 ms for the dense table's 128 x 64 / 4 warps (1.59x), and
-#: 1.17-1.60x on the single sequences. With 64- and 256-token pages the same shape
-#: gave 1.06x and 1.15x on the mixed batch but 0.81x on one 16K sequence
-#: (``h200_paged_shapes_1b40961``), so those pages keep the table's shape.
-SMALL_PAGE_CONFIG = AttentionConfig(128, 128, 8, 2)
-
-
-def paged_config(config, q4, k4, v4, d_pad: int, dv_pad: int, query_start: int,
-                 block_size: int, interpreted: bool, page_size: int = SMALL_PAGE):
-    """The launch shape of a paged launch: the dense choice without bulk copies.
-
-    A block table cannot be followed by TMA or by the warp-specialised loop's
-    descriptors, so TMA is off (the table's blocks, warps and stages are kept:
-    128 x 64 on 4 warps and 2 stages at D 65-128, tile 128) and a
-    warp-specialised shape, which no table entry uses now, would run with 8
-    warps and 2 stages. Pages of fewer than :data:`SMALL_PAGE` tokens at D 65-128
-    and tiles of 128 or more take :data:`SMALL_PAGE_CONFIG` instead (measured
-    there; 16-bit inputs). An explicit warp-specialised ``config`` is refused.
-    """
-    if config is not None and config.warp_specialize:
-        raise ValueError("a paged launch cannot use AttentionConfig(warp_specialize=True): "
-                         "the kernel follows the block table with pointer loads")
-    if (config is None and not interpreted and page_size < SMALL_PAGE
-            and 64 < max(d_pad, dv_pad) <= 128 and (block_size & -block_size) >= 128
-            and q4.dtype in (torch.float16, torch.bfloat16)):
-        config = SMALL_PAGE_CONFIG
-    config = _launch_config(config, q4, k4, v4, d_pad, dv_pad, query_start, block_size,
-                            interpreted)
-    if config.warp_specialize:
-        config = replace(config, warp_specialize=False, num_warps=8, num_stages=2)
-    return replace(config, use_tma=False)
 
 
 class _null:

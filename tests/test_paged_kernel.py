@@ -11,6 +11,7 @@ out-of-range page, so a read of either shows.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 
@@ -123,10 +124,10 @@ def test_paged_launch_equals_gather_path_and_loop(mix, page_size, heads, dtype, 
 
 def test_paged_launch_shape_by_page_size():
     """Pages under 64 tokens at D 65-128 and tiles >= 128 take the small-page shape
-    (128 x 128, 8 warps, 2 stages); other pages, head dims, tiles, fp32 and the
-    interpreter keep the dense table's shape; never TMA; a given config wins."""
+    (128 x 128, 8 warps, 2 stages, pointer loads); other pages, head dims, tiles,
+    fp32 and the interpreter keep the dense table's shape; a given config wins."""
     from prism.optimized.attention import AttentionConfig, default_config
-    from prism.optimized.varlen import SMALL_PAGE_CONFIG, paged_config
+    from prism.optimized.paged_launch import SMALL_PAGE_CONFIG, paged_config
 
     def shape(page, d=128, tile=128, dtype=torch.bfloat16, interpreted=False, config=None):
         q = torch.zeros(1, 4, 8, d, dtype=dtype)
@@ -142,8 +143,7 @@ def test_paged_launch_shape_by_page_size():
     assert shape(16, dtype=torch.float16) == small
     table = default_config(128, 128, torch.bfloat16, False)
     for page in (64, 128, 256):
-        assert shape(page) == AttentionConfig(table.block_m, table.block_n, table.num_warps,
-                                              table.num_stages), page
+        assert shape(page) == table, page
     for kwargs in (dict(d=64), dict(d=256), dict(tile=64), dict(dtype=torch.float32),
                    dict(interpreted=True)):
         got = shape(16, **kwargs)
@@ -151,6 +151,24 @@ def test_paged_launch_shape_by_page_size():
         assert got == base and got != small, kwargs
     mine = AttentionConfig(64, 64, 4, 3)
     assert shape(16, config=mine) == mine
+    with pytest.raises(ValueError, match="warp_specialize"):
+        shape(64, config=AttentionConfig(128, 128, 4, 2, warp_specialize=True))
+
+
+def test_cache_rows_views_pages_as_one_row_dimension():
+    """The descriptor view of a cache: (1, H, pages * page_size, D) over the same
+    storage, row r = slot r % page_size of page r // page_size; None where pages and
+    slots do not merge without a copy."""
+    from prism.optimized.paged_launch import cache_rows
+
+    cache = torch.arange(5 * 16 * 2 * 8, dtype=torch.float32).view(5, 16, 2, 8)
+    rows = cache_rows(cache)
+    assert rows.shape == (1, 2, 80, 8) and rows.data_ptr() == cache.data_ptr()
+    for r in (0, 15, 16, 47, 79):
+        assert torch.equal(rows[0, 1, r], cache[r // 16, r % 16, 1])
+    wide = torch.zeros(5, 32, 2, 8)
+    assert cache_rows(wide[:, :16]) is None  # slots 16-31 of each page sit between pages
+    assert cache_rows(wide[:, :, :1]) is not None  # one head of two: rows still merge
 
 
 @pytest.mark.interpret
@@ -276,6 +294,46 @@ def test_gpu_paged_launch(block_size, page_size, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("page_size, d, tile", [(64, 128, 128), (256, 96, 128), (128, 64, 64),
+                                                (64, 192, 128)])
+def test_gpu_paged_bulk_copies_equal_pointer_loads(page_size, d, tile):
+    """Pages of whole key blocks are read by tensor descriptors: bit for bit the
+    pointer loads' result at the same launch shape, with every unread slot NaN
+    (a masked last block reads the rest of its page) and table entries past each
+    sequence out of range."""
+    from prism.optimized import varlen
+    from prism.optimized.attention import default_config
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need compute capability 9.0 or newer")
+    lengths_q = [1000, 1, 0, 2048, 300]
+    lengths_k = [n + p for n, p in zip(lengths_q, [0, 5, 300, 0, 77], strict=True)]
+    table = default_config(tile, d, torch.bfloat16, False)
+    assert table.use_tma and page_size % table.block_n == 0
+    launched = []
+    original = varlen.tma_compatible
+
+    def spy(*args):
+        launched.append(original(*args))
+        return launched[-1]
+
+    varlen.tma_compatible = spy
+    try:
+        (q, k, v), masks, o, lse = paged_case(
+            lengths_q, lengths_k, heads=(8, 2), dtype=torch.bfloat16, block_size=tile,
+            causal=True, page_size=page_size, seed=11, d=d, density=0.4, config=table)
+    finally:
+        varlen.tma_compatible = original
+    assert launched and all(launched)  # the descriptors were used
+    pointers = replace(table, use_tma=False)
+    _, _, o2, lse2 = paged_case(
+        lengths_q, lengths_k, heads=(8, 2), dtype=torch.bfloat16, block_size=tile,
+        causal=True, page_size=page_size, seed=11, d=d, density=0.4, config=pointers)
+    assert not o.isnan().any()
+    assert torch.equal(o, o2) and torch.equal(lse, lse2)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("reads", ["kernel", "auto"])
 def test_gpu_prism_paged_equals_varlen(reads, monkeypatch):
     optimized, _, device = _kernels()
@@ -304,7 +362,8 @@ def test_gpu_prism_paged_equals_varlen(reads, monkeypatch):
 @pytest.mark.gpu
 def test_gpu_auto_gathers_only_large_calls(monkeypatch):
     """``"auto"`` reads in place below GATHER_MIN_QUERIES query tokens; at or above it,
-    it gathers where the gathered launch gets Hopper's bulk copies."""
+    it gathers where the gathered launch gets Hopper's bulk copies and the in-place
+    launch does not (pages that are not whole 64-key blocks here)."""
     from prism.optimized import paged_kv
 
     monkeypatch.setattr(paged_kv, "PAGED_READS", "auto")
@@ -315,5 +374,12 @@ def test_gpu_auto_gathers_only_large_calls(monkeypatch):
                         device="cuda")
     assert paged_kv.reads_pages_in_kernel(small, cache, cache, 128)
     hopper = torch.cuda.get_device_capability()[0] >= 9
-    assert paged_kv.reads_pages_in_kernel(large, cache, cache, 128) != hopper
+    # 64-token pages hold whole key blocks of the table's 128 x 64 shape: bulk copies
+    # in place, no gather.
+    assert paged_kv.reads_pages_in_kernel(large, cache, cache, 128)
+    for page in (16, 48):
+        pages = torch.zeros(8, page, 2, 128, dtype=torch.bfloat16, device="cuda")
+        assert paged_kv.reads_pages_in_kernel(large, pages, pages, 128) != hopper, page
+    sliced = torch.zeros(4, 128, 2, 128, dtype=torch.bfloat16, device="cuda")[:, :64]
+    assert paged_kv.reads_pages_in_kernel(large, sliced, sliced, 128) != hopper
     assert not paged_kv.reads_pages_in_kernel(small, cache, cache, 24)  # tile not % 16
