@@ -58,7 +58,7 @@ from bench_prism import bench as _bench  # noqa: E402
 from prism import optimized  # noqa: E402
 from prism.optimized import paged_kv
 from prism.optimized import varlen as packed_launch
-from prism.optimized.attention import AttentionConfig, sparse_attention_forward
+from prism.optimized.attention import sparse_attention_forward
 from prism.reference import (
     PrismConfig,
     admissible_tiles,
@@ -443,32 +443,17 @@ def paged_time(q, k, v, cu, max_len, lengths, cfg, masks, dense_masks, pages=(16
             entry["paged_over_varlen"] = entry["paged_attention_ms"] / entry[
                 "varlen_attention_ms"]
             if label == "sparse" and shapes:
-                entry["shapes"] = paged_shape_times(
-                    lambda config=None, mk=mk, kc=k_cache, vc=v_cache, t=table, sl=seq_lens:
-                    paged_kv.block_sparse_attention_paged(q, kc, vc, t, sl, cu, max_len, mk,
+                from bench_chunked import paged_shapes  # it imports this module
+
+                entry["shapes"] = paged_shapes(
+                    lambda return_mask, mk=mk: (None, mk),
+                    lambda m, config=None, kc=k_cache, vc=v_cache, t=table, sl=seq_lens:
+                    paged_kv.block_sparse_attention_paged(q, kc, vc, t, sl, cu, max_len, m,
                                                           block_size=BLOCK, config=config),
-                    o_paged, entry["paged_attention_ms"], shapes)
+                    shapes)
             result[f"attention_{label}_page{page}"] = entry
             log(f"  paged attention {label}, page {page}: {json.dumps(entry)}")
     return result
-
-
-def paged_shape_times(call, base, base_ms, shapes):
-    """``call(config=...)`` timed per launch shape ``bm,bn,warps,stages``, with its
-    output's relative difference from ``base`` (the default shape's output)."""
-    rows = []
-    for spec in shapes:
-        bm, bn, warps, stages = (int(x) for x in spec.split(","))
-        config = AttentionConfig(bm, bn, warps, stages)
-        row = {"shape": spec}
-        try:
-            row["rel_diff_to_default"] = relative(call(config=config), base)
-            row["ms"] = bench(lambda c=config: call(config=c))
-            row["default_over_shape"] = base_ms / row["ms"]
-        except Exception as error:  # noqa: BLE001 - record the failure, go on
-            row["error"] = f"{type(error).__name__}: {str(error)[:200]}"
-        rows.append(row)
-    return rows
 
 
 def guarded(result, key, part):
