@@ -19,29 +19,35 @@ from sm90 import in_fresh_process
 #: loop (128 x 128 on one warp group at D 128), to show the check can fail.
 TABLE = [(64, 128), (80, 128), (96, 128), (128, 128), (256, 128),
          (64, 64), (96, 64), (128, 64), (256, 64)]
-SPILLING = (128, 128, 128, 128, 4, 2)
+#: (head dim, tile, page size) of paged launches held to the same rule: the
+#: small-page shape (pointer loads). The table's shape with descriptors over
+#: 64-token pages still has 14 local-memory instructions per key block
+#: (benchmarks/NOTES.md item 43 (f)), so it is not listed.
+PAGED = [(128, 128, 16), (96, 128, 32)]
+SPILLING = (128, 128, 128, 128, 4, 2, 0)
 
 
 def _main_loop_counts(*flat) -> tuple:
-    """For each six ints (head dim, tile, block_m, block_n, warps, stages; block_m
-    0 for the table's shape): loops found, local-memory instructions and HGMMA in
-    the first (mask-free) key loop."""
+    """For each seven ints (head dim, tile, block_m, block_n, warps, stages, page
+    size; block_m 0 for the table's shape, page 0 for a dense launch): loops found,
+    local-memory instructions and HGMMA in the first (mask-free) key loop."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks", "probes"))
     from attention_sass import compile_case
     from sm90 import sass, sass_loops
 
     out = []
-    for i in range(0, len(flat), 6):
-        d, tile, bm, bn, warps, stages = flat[i:i + 6]
+    for i in range(0, len(flat), 7):
+        d, tile, bm, bn, warps, stages, page = flat[i:i + 7]
         shape = f"{bm}/{bn}/{warps}/{stages}" if bm else ""
-        loops = sass_loops(sass(compile_case(d, tile, shape)[1]))
+        loops = sass_loops(sass(compile_case(d, tile, shape, page)[1]))
         out += [len(loops), loops[0]["STL"] + loops[0]["LDL"] if loops else -1,
                 loops[0]["HGMMA"] if loops else 0]
     return tuple(out)
 
 
 def test_no_table_entry_spills_in_its_key_loop():
-    cases = [(d, tile, 0, 0, 0, 0) for d, tile in TABLE] + [SPILLING]
+    cases = ([(d, tile, 0, 0, 0, 0, 0) for d, tile in TABLE]
+             + [(d, tile, 0, 0, 0, 0, page) for d, tile, page in PAGED] + [SPILLING])
     counts = in_fresh_process("test_attention_sass", "_main_loop_counts",
                               *(x for case in cases for x in case))
     for i, case in enumerate(cases):
@@ -50,5 +56,5 @@ def test_no_table_entry_spills_in_its_key_loop():
         if case == SPILLING:
             assert local > 0, "the known spilling shape shows no local memory: check broken"
         else:
-            assert local == 0, (f"D {case[0]}, tile {case[1]}: the table's key loop has "
+            assert local == 0, (f"D {case[0]}, tile {case[1]}, page {case[6]}: the key loop has "
                                 f"{local} local-memory instructions (register spills)")

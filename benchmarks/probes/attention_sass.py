@@ -10,6 +10,7 @@ block barriers and local-memory spills (STL/LDL). Static counts only: where time
 goes needs the GPU (Nsight Compute).
 
     python benchmarks/probes/attention_sass.py --cases 128x128,96x128,64x128:128/64/4/2
+    python benchmarks/probes/attention_sass.py --cases 128x128p64,128x128p16  # paged
 """
 
 from __future__ import annotations
@@ -34,26 +35,39 @@ from prism.optimized.attention import (  # noqa: E402
     launch_constants,
 )
 from prism.optimized.attention_kernel import _sparse_attention_kernel  # noqa: E402
+from prism.optimized.paged_launch import paged_config  # noqa: E402
 
 KERNEL = _sparse_attention_kernel
 
 
-def compile_case(d: int, tile: int, shape: str = ""):
-    """(config, compiled kernel) for head dim ``d`` and tile ``tile``."""
+def compile_case(d: int, tile: int, shape: str = "", page: int = 0):
+    """(config, compiled kernel) for head dim ``d`` and tile ``tile``; with ``page`` > 0
+    the paged launch over ``page``-token pages (its shape from ``paged_config``, and
+    descriptors where the pages hold whole key blocks, as ``packed_attention_forward``
+    decides)."""
     if shape:
         bm, bn, warps, stages = (int(x) for x in shape.split("/"))
         config = AttentionConfig(bm, bn, warps, stages, use_tma=True)
+    elif page:
+        d_pad = max(16, triton.next_power_of_2(d))
+        q4 = torch.empty(1, 1, 1, d, dtype=torch.bfloat16)
+        config = paged_config(None, q4, q4, q4, d_pad, d_pad, 0, tile, False, page_size=page)
     else:
         config = default_config(tile, d, torch.bfloat16, False)
     d_pad = max(16, triton.next_power_of_2(d))
-    tma = config.use_tma and descriptor_rows(d, 2)
-    constants = launch_constants(config, True, True, d, d, torch.bfloat16, tma, varlen=False,
-                                 block_size=tile)
+    tma = config.use_tma and descriptor_rows(d, 2) and (not page or page % config.block_n == 0)
+    constants = launch_constants(config, True, True, d, d, torch.bfloat16, tma,
+                                 varlen=bool(page), block_size=tile)
     warps, stages = constants.pop("num_warps"), constants.pop("num_stages")
-    constants.update(TILES=None, BLOCK_TABLE=None, PAGED=False, PAGE_SIZE=1,
-                     stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1)
+    constants.pop("maxnreg", None)
+    constants.update(stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1)
     pointers = {name: "*bf16" for name in ("Q", "K", "V", "O")}
     pointers.update(LSE="*fp32", NUM="*i32", IDX="*i32")
+    if page:
+        constants.update(PAGED=True, PAGE_SIZE=page)
+        pointers.update(TILES="*i32", BLOCK_TABLE="*i32")
+    else:
+        constants.update(TILES=None, BLOCK_TABLE=None, PAGED=False, PAGE_SIZE=1)
     if tma:
         box = f"tensordesc<bf16[1, 1, {config.block_n}, {d_pad}]>"
         pointers.update(K_DESC=box, V_DESC=box)
@@ -62,15 +76,20 @@ def compile_case(d: int, tile: int, shape: str = ""):
     divisible = [n for n in KERNEL.arg_names if n.startswith("stride_")
                  and n not in constants and n != "stride_ir"]
     divisible += ["num_queries", "num_keys", "block_size"]
+    if page:
+        divisible += ["stride_kpage", "stride_vpage"]
     compiled = sm90_compile(KERNEL, constants, pointers, floats=("qk_scale",),
                             divisible=divisible, num_warps=warps, num_stages=stages)
     return config, compiled
 
 
 def report(case: str) -> dict:
+    """``DxT[pP][:bm/bn/warps/stages]``: head dim D, tile T, optionally the paged
+    launch over P-token pages, optionally a launch shape other than the table's."""
     dims, _, shape = case.partition(":")
+    dims, _, page = dims.partition("p")
     d, tile = (int(x) for x in dims.split("x"))
-    config, compiled = compile_case(d, tile, shape)
+    config, compiled = compile_case(d, tile, shape, int(page or 0))
     registers, spills = ptxas_report(compiled)
     return {"case": case, "config": repr(config), "registers": registers,
             "spill_store_bytes": spills, "loops": sass_loops(sass(compiled))}
