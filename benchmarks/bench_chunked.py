@@ -144,7 +144,7 @@ def paged_reads(q, k_cache, v_cache, table, lens, cu_q, chunk, cfg):
 
 def paged_shapes(call, paged_call, shapes):
     """The in-place launch alone (``block_sparse_attention_paged`` on the masks of
-    ``call``) with each launch shape ``bm,bn,warps,stages`` of ``shapes`` against
+    ``call``) with each launch shape ``bm,bn,warps,stages[,tma]`` of ``shapes`` against
     the default one; each output is compared with the default's."""
     from prism.optimized import paged_kv
     from prism.optimized.attention import AttentionConfig
@@ -157,8 +157,10 @@ def paged_shapes(call, paged_call, shapes):
     base = paged_call(masks).float()
     rows = [{"shape": "default", "ms": bench(lambda: paged_call(masks))}]
     for spec in shapes:
-        bm, bn, warps, stages = (int(x) for x in spec.split(","))
-        config = AttentionConfig(bm, bn, warps, stages)
+        fields = spec.split(",")
+        bm, bn, warps, stages = (int(x) for x in fields[:4])
+        # A fifth field "tma": descriptors where the pages hold whole key blocks.
+        config = AttentionConfig(bm, bn, warps, stages, use_tma=fields[4:] == ["tma"])
         row = {"shape": spec}
         try:
             out = paged_call(masks, config=config).float()
@@ -275,7 +277,7 @@ def main(argv=None):
                              "prefix:chunk pairs (comma-separated), e.g. 0:32768,32768:4096")
     parser.add_argument("--paged-shapes", default="",
                         help="with --crossover: also time the in-place launch alone with "
-                             "these launch shapes bm,bn,warps,stages separated by ';'")
+                             "these launch shapes bm,bn,warps,stages[,tma] separated by ';'")
     parser.add_argument("--page", type=int, default=64,
                         help="with --crossover: tokens per cache page (16-256)")
     args = parser.parse_args(argv)

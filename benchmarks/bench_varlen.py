@@ -392,7 +392,7 @@ def paged_time(q, k, v, cu, max_len, lengths, cfg, masks, dense_masks, pages=(16
                shapes=()):
     """The paged path: in-kernel page reads against the gather path and the varlen call,
     end to end at 64-token pages; attention alone on the same masks at every page size,
-    and, for each launch shape ``bm,bn,warps,stages`` of ``shapes`` (``--paged-shapes``),
+    and, for each launch shape ``bm,bn,warps,stages[,tma]`` of ``shapes`` (``--paged-shapes``),
     the sparse in-place launch with that shape (output compared with the default's)."""
     result = {}
     k_cache, v_cache, table, seq_lens = to_cache(k, v, cu, lengths, 64)
@@ -477,7 +477,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=9,
                         help="rounds of the interleaved overhead measurement")
     parser.add_argument("--paged-shapes", default="",
-                        help="in-place paged launch shapes 'bm,bn,warps,stages;...' to time "
+                        help="in-place paged launch shapes 'bm,bn,warps,stages[,tma];...' to time "
                              "beside the default one on the mixed batch")
     parser.add_argument("--only-paged", action="store_true",
                         help="skip the dense baselines, Prism's varlen entries, Flex and the "
