@@ -7,6 +7,7 @@ Called from ``conf.py`` on every build, so the page always shows what
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -105,20 +106,36 @@ def render(root: Path) -> None:
         for png in results.glob(full.stem + "*.png"):
             shutil.copy(png, static / png.name)
             parts.append(f".. image:: /_static/perf/{png.name}\n   :width: 90%\n")
-    tests = _latest(results, "h200_gpu_tests_*.json")
-    if tests is not None:
-        t = json.loads(tests.read_text())
-        err = t["max_errors"]
-        parts.append(
-            f"GPU test suite (``{tests.name}``): "
-            f"``{t.get('command') or 'pytest tests/test_gpu.py'}`` gave "
-            f"{t['counts'].get('passed', 0)} passed, {t['counts'].get('failed', 0)} failed and "
-            f"{t['counts'].get('skipped', 0)} skipped "
-            f"on {t.get('gpu') or 'the GPU'}. Largest relative errors against the "
-            f"reference: {_error_list(err)}.\n"
-        )
+    parts.extend(_test_parts(results))
     parts.extend(_matrix_parts(results))
     (out_dir / "performance_tables.rst").write_text("\n".join(parts))
+
+
+def _whole_suite(run: dict) -> bool:
+    """Whether a GPU test run's command ran the whole ``tests`` folder (older runs name
+    no command: they ran tests/test_gpu.py, the whole GPU suite then)."""
+    command = run.get("command") or ""
+    return not command or re.search(r"(^|\s)tests/?(\s|$)", command) is not None
+
+
+def _test_parts(results: Path) -> list[str]:
+    """The newest run of the whole GPU suite, then the newer runs of parts of it."""
+    paths = sorted(results.glob("h200_gpu_tests_*.json"), key=lambda p: (_run_date(p), p.name))
+    runs = [(p, json.loads(p.read_text())) for p in paths]
+    whole = [i for i, (_, t) in enumerate(runs) if _whole_suite(t)]
+    first = whole[-1] if whole else 0
+    parts = []
+    for i, (path, t) in enumerate(runs[first:], start=first):
+        counts = t["counts"]
+        label = "GPU test suite" if i == first and whole else "Later run of part of the suite"
+        parts.append(
+            f"{label} (``{path.name}``): "
+            f"``{t.get('command') or 'pytest tests/test_gpu.py'}`` gave "
+            f"{counts.get('passed', 0)} passed, {counts.get('failed', 0)} failed and "
+            f"{counts.get('skipped', 0)} skipped on {t.get('gpu') or 'the GPU'}. "
+            f"Largest relative errors against the reference: "
+            f"{_error_list(t.get('max_errors') or {})}.\n")
+    return parts
 
 
 def _error_list(err: dict) -> str:
@@ -204,14 +221,27 @@ def _graph_shape(e) -> str:
             f"b{e.get('batch', 1)}")
 
 
+def _graph_cells(runs) -> list[dict]:
+    """Every graph cell (tokens, head dim, heads, batch) from the newest run that timed
+    it, cells of newer runs first; each row gets its run's commit as ``run``."""
+    cells = {}
+    for _, data in reversed(runs):
+        for e in data.get("graph") or []:
+            key = (e.get("tokens"), e.get("head_dim", 128), e.get("q_heads", 32),
+                   e.get("kv_heads", 8), e.get("batch", 1), e.get("shape"))
+            cells.setdefault(key, {**e, "run": str(data.get("commit")).split()[0]})
+    return list(cells.values())
+
+
 def _graph_table(data) -> list[str]:
     rows = []
     for e in data.get("graph", []):
         if "error" in e:
             where = e.get("shape") or f"{e['tokens'] // 1024}K"
-            rows.append([str(where), "", "failed: " + e["error"][:60], *[""] * 10])
+            rows.append([str(where), "", "failed: " + e["error"][:60], *[""] * 11])
             continue
-        rows.append([f"{e['tokens'] // 1024}K", _graph_shape(e), f"{e['density']:.3f}",
+        rows.append([f"{e['tokens'] // 1024}K", _graph_shape(e), e.get("run", ""),
+                     f"{e['density']:.3f}",
                      _fmt(e.get("select_blocks_ms")), _fmt(e.get("block_sparse_attention_ms")),
                      _fmt(e["eager_ms"]), _fmt(e["compiled_ms"]), _fmt(e["graph_ms"]),
                      _fmt(e.get("cudnn_ms")), _fmt(e.get("flex_same_mask_ms")),
@@ -222,13 +252,14 @@ def _graph_table(data) -> list[str]:
     return [".. rubric:: ``prism_attention`` as users run it: eager, ``torch.compile"
             "(fullgraph=True)``, a replayed CUDA graph (structured inputs at their natural "
             "density, tile 128; ms), and its two halves as public eager calls\n",
-            f"Run commit ``{str(data.get('commit')).split()[0]}``. FlexAttention is compiled "
-            "and runs on the "
+            "Each cell from the newest run that timed it (its commit in the run "
+            "column; all runs of one cell are in ``benchmarks/results/``). FlexAttention is "
+            "compiled and runs on the "
             "tile mask Prism selected (attention only, no selection), as does the "
             "``block_sparse_attention`` column (the ``TileMask`` that ``select_blocks`` "
             "returned; n/a in runs before it was timed). Targets for cuDNN over "
             "ours: at least 1x at 4K, 2x at 8K, 6x at 128K.\n",
-            _table(["tokens", "shape (D, heads q/kv, batch)", "density", "select_blocks",
+            _table(["tokens", "shape (D, heads q/kv, batch)", "run", "density", "select_blocks",
                     "block_sparse_attention", "eager", "compiled",
                     "CUDA graph", "cuDNN dense", "Flex, same mask", "cuDNN / eager",
                     "cuDNN / compiled", "cuDNN / graph"], rows)]
@@ -250,7 +281,7 @@ def _matrix_parts(results: Path) -> list[str]:
              "Runs " + ", ".join(f"``{p.name}``" for p, _ in runs) + f": {runs[-1][1].get('gpu')}"
              f", torch {runs[-1][1].get('torch')}, Triton {runs[-1][1].get('triton')}.\n"]
     parts += _matrix_table(runs)
-    parts += _graph_table(newest("graph"))
+    parts += _graph_table({"graph": _graph_cells(runs)})
     data = {part: newest(part).get(part) or [] for part in ("e2e", "selection", "overhead")}
     rows = [[f"{e['tokens'] // 1024}K", f"{e['density']:.3f}", _fmt(e["select_blocks_ms"]),
              _fmt(e["attention_ms"]), _fmt(e["prism_ms"]), _fmt(e.get("cudnn_ms")),
