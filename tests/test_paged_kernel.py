@@ -294,13 +294,14 @@ def test_gpu_paged_launch(block_size, page_size, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("page_size, d, tile", [(64, 128, 128), (256, 96, 128), (128, 64, 64),
-                                                (64, 192, 128)])
-def test_gpu_paged_bulk_copies_equal_pointer_loads(page_size, d, tile):
+@pytest.mark.parametrize("page_size, d, tile, table_form", [
+    (64, 128, 128, "int32"), (256, 96, 128, "int64"), (128, 64, 64, "strided"),
+    (64, 192, 128, "int32")])
+def test_gpu_paged_bulk_copies_equal_pointer_loads(page_size, d, tile, table_form):
     """Pages of whole key blocks are read by tensor descriptors: bit for bit the
     pointer loads' result at the same launch shape, with every unread slot NaN
     (a masked last block reads the rest of its page) and table entries past each
-    sequence out of range."""
+    sequence out of range; int32, int64 and column-strided block tables."""
     from prism.optimized import varlen
     from prism.optimized.attention import default_config
 
@@ -321,14 +322,16 @@ def test_gpu_paged_bulk_copies_equal_pointer_loads(page_size, d, tile):
     try:
         (q, k, v), masks, o, lse = paged_case(
             lengths_q, lengths_k, heads=(8, 2), dtype=torch.bfloat16, block_size=tile,
-            causal=True, page_size=page_size, seed=11, d=d, density=0.4, config=table)
+            causal=True, page_size=page_size, seed=11, d=d, density=0.4, config=table,
+            table_form=table_form)
     finally:
         varlen.tma_compatible = original
     assert launched and all(launched)  # the descriptors were used
     pointers = replace(table, use_tma=False)
     _, _, o2, lse2 = paged_case(
         lengths_q, lengths_k, heads=(8, 2), dtype=torch.bfloat16, block_size=tile,
-        causal=True, page_size=page_size, seed=11, d=d, density=0.4, config=pointers)
+        causal=True, page_size=page_size, seed=11, d=d, density=0.4, config=pointers,
+        table_form=table_form)
     assert not o.isnan().any()
     assert torch.equal(o, o2) and torch.equal(lse, lse2)
 
