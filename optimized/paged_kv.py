@@ -47,7 +47,8 @@ with the 128 x 64 launch shape of 2026-12-03, over three runs
 1.15x / 1.18x, 16K:16K 1.19x / 1.10x, 0:20K 1.37x / 0.99x, 0:24K 0.93x / 1.03x
 / 1.03x, 0:28K 1.11x / 0.98x, 0:32K 0.90x / 1.02x / 0.98x / 0.96x. So the
 crossover lies near 28K-32K, within the runs' spread, and ``"auto"`` gathers
-where the bulk copies apply *and* the call has at least
+where the gathered launch gets bulk copies, the in-place one does not (pages
+that are not whole key blocks) *and* the call has at least
 :data:`GATHER_MIN_QUERIES` (32768) query tokens (the reference's path: pages
 gathered, then the varlen functions, a transient copy of the batch's K and V),
 and reads in place everywhere else, which also saves that copy. Tile sizes that
@@ -72,10 +73,9 @@ from .attention import (
     default_config,
     descriptor_rows,
     supported_block_size,
-    tma_compatible,
 )
 from .chunked import flagged, select_with_caches, undo_and_raise
-from .paged_launch import cache_rows
+from .paged_launch import bulk_rows
 from .paged_select import raise_paged, select_paged
 from .varlen import (
     _flatten_indices,
@@ -113,11 +113,8 @@ def reads_pages_in_kernel(q, k_cache, v_cache, block_size: int) -> bool:
     if not bulk:
         return True
     # Pages of whole key blocks give the in-place launch the same bulk copies.
-    k_rows, v_rows = cache_rows(k_cache), cache_rows(v_cache)
     d_pad, dv_pad = max(16, next_power_of_2(d)), max(16, next_power_of_2(dv))
-    return (config.use_tma and k_cache.shape[1] % config.block_n == 0
-            and k_rows is not None and v_rows is not None
-            and tma_compatible(k_rows, v_rows, d_pad, dv_pad))
+    return bulk_rows(k_cache, v_cache, config, d_pad, dv_pad) is not None
 
 
 @triton.jit

@@ -22,7 +22,7 @@ from dataclasses import replace
 
 import torch
 
-from .attention import AttentionConfig, _launch_config
+from .attention import AttentionConfig, _launch_config, tma_compatible
 
 #: Pages shorter than this take :data:`SMALL_PAGE_CONFIG` (D 65-128, tile >= 128).
 SMALL_PAGE = 64
@@ -74,3 +74,16 @@ def cache_rows(cache: torch.Tensor) -> torch.Tensor | None:
     if cache.stride(0) != size * cache.stride(1) or pages * size >= 2**31:
         return None
     return cache.view(pages * size, heads, dim).permute(1, 0, 2).unsqueeze(0)
+
+
+def bulk_rows(k_cache: torch.Tensor, v_cache: torch.Tensor, config: AttentionConfig,
+              d_pad: int, dv_pad: int):
+    """``(k_rows, v_rows)``, the :func:`cache_rows` views the kernel's descriptors read,
+    where a paged launch with ``config`` reads by bulk copy (a TMA shape, pages of
+    whole ``block_n``-key blocks, rows :func:`tma_compatible` accepts); else None."""
+    if not config.use_tma or config.warp_specialize or k_cache.shape[1] % config.block_n:
+        return None
+    k_rows, v_rows = cache_rows(k_cache), cache_rows(v_cache)
+    if k_rows is None or v_rows is None or not tma_compatible(k_rows, v_rows, d_pad, dv_pad):
+        return None
+    return k_rows, v_rows

@@ -75,7 +75,7 @@ from .attention import (
     supported_block_size,
     tma_compatible,
 )
-from .paged_launch import cache_rows, paged_config
+from .paged_launch import bulk_rows, paged_config
 
 #: Per sequence (host table :attr:`PackedLayout.seqs`): first q row, first k
 #: row, Nq, Nk, query_start, first_query_tile, then where its compact indices
@@ -257,10 +257,10 @@ def packed_attention_forward(q, k, v, layout: PackedLayout, kv_num_blocks, kv_in
         config = paged_config(config, q4, k4, v4, d_pad, dv_pad, layout.query_start_gcd,
                               block_size, interpreted, page_size=k.shape[1])
         # Bulk copies read whole key blocks inside one page, from the cache's rows.
-        k4, v4 = cache_rows(k), cache_rows(v)
-        use_tma = (config.use_tma and k.shape[1] % config.block_n == 0
-                   and k4 is not None and v4 is not None
-                   and tma_compatible(k4, v4, d_pad, dv_pad))
+        rows = bulk_rows(k, v, config, d_pad, dv_pad)
+        use_tma = rows is not None
+        if use_tma:
+            k4, v4 = rows
     else:
         config = _launch_config(config, q4, k4, v4, d_pad, dv_pad, layout.query_start_gcd,
                                 block_size, interpreted)

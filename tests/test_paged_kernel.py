@@ -155,6 +155,25 @@ def test_paged_launch_shape_by_page_size():
         shape(64, config=AttentionConfig(128, 128, 4, 2, warp_specialize=True))
 
 
+def test_bulk_rows_only_for_pages_of_whole_key_blocks(monkeypatch):
+    """A paged launch reads by bulk copy only with a TMA shape, pages of whole key
+    blocks and caches whose rows merge (descriptor checks stubbed: no GPU here)."""
+    from prism.optimized import paged_launch
+    from prism.optimized.attention import AttentionConfig
+
+    monkeypatch.setattr(paged_launch, "tma_compatible", lambda *args: True)
+    tma = AttentionConfig(128, 64, 4, 2, use_tma=True)
+    cache = torch.zeros(3, 128, 2, 16)
+    rows = paged_launch.bulk_rows(cache, cache, tma, 16, 16)
+    assert rows is not None and rows[0].shape == (1, 2, 384, 16)
+    assert paged_launch.bulk_rows(torch.zeros(3, 48, 2, 16), torch.zeros(3, 48, 2, 16), tma,
+                                  16, 16) is None  # 48 is not whole 64-key blocks
+    assert paged_launch.bulk_rows(cache, cache, AttentionConfig(128, 64, 4, 2), 16, 16) is None
+    assert paged_launch.bulk_rows(cache[:, :64], cache[:, :64], tma, 16, 16) is None
+    monkeypatch.setattr(paged_launch, "tma_compatible", lambda *args: False)
+    assert paged_launch.bulk_rows(cache, cache, tma, 16, 16) is None
+
+
 def test_cache_rows_views_pages_as_one_row_dimension():
     """The descriptor view of a cache: (1, H, pages * page_size, D) over the same
     storage, row r = slot r % page_size of page r // page_size; None where pages and
@@ -312,20 +331,20 @@ def test_gpu_paged_bulk_copies_equal_pointer_loads(page_size, d, tile, table_for
     table = default_config(tile, d, torch.bfloat16, False)
     assert table.use_tma and page_size % table.block_n == 0
     launched = []
-    original = varlen.tma_compatible
+    original = varlen.bulk_rows
 
     def spy(*args):
-        launched.append(original(*args))
-        return launched[-1]
+        launched.append(original(*args) is not None)
+        return original(*args)
 
-    varlen.tma_compatible = spy
+    varlen.bulk_rows = spy
     try:
         (q, k, v), masks, o, lse = paged_case(
             lengths_q, lengths_k, heads=(8, 2), dtype=torch.bfloat16, block_size=tile,
             causal=True, page_size=page_size, seed=11, d=d, density=0.4, config=table,
             table_form=table_form)
     finally:
-        varlen.tma_compatible = original
+        varlen.bulk_rows = original
     assert launched and all(launched)  # the descriptors were used
     pointers = replace(table, use_tma=False)
     _, _, o2, lse2 = paged_case(
