@@ -1,4 +1,4 @@
-"""The ``"cascade"`` estimator's stages on the GPU (docs/estimators.rst, E8).
+"""The ``"cascade"`` estimator's stages on the GPU (docs/estimators.rst, "cascade").
 
 * ``"prism_candidates"``: Prism's own selection kernels
   (:func:`prism.optimized.selection.select_tiles`) with both bands' top-p at

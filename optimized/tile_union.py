@@ -12,8 +12,8 @@
    set (:func:`prism.optimized.vertical_slash_tiles.vertical_slash_bins`);
 3. a given bool mask (optional: Prism's own selection, or tiles an estimator
    computed without a fused form); and, optionally, extra tiles of the last
-   query tile's row (the cascade's last-tile rule, docs/estimators.rst E8
-   step 4, top-p'd by the vertical-slash launch);
+   query tile's row (the cascade's last-tile rule, step 4 of the cascade in
+   docs/estimators.rst, top-p'd by the vertical-slash launch);
 4. the forced sink and diagonal tiles, then the admissible set (contract §6);
 5. the bool mask and/or the compact indices (``kv_num_blocks``, ascending
    ``kv_indices`` padded with -1, as :func:`prism.reference.mask_to_indices`),

@@ -373,7 +373,7 @@ def vertical_slash_bins(vertical: torch.Tensor, slash: torch.Tensor, layout: Til
     """The top-p of columns and offsets as tile bins, in one launch (step 1 of the module).
 
     With ``last_threshold`` the same launch also runs the cascade's last-tile
-    rule (docs/estimators.rst E8 step 4): ``vertical`` summed into key tiles,
+    rule (step 4 of the cascade in docs/estimators.rst): ``vertical`` summed into key tiles,
     then top-p at ``last_threshold`` over those sums (the same search, one
     program per head). ``with_bins=False`` runs only that rule.
 
