@@ -368,6 +368,24 @@ def _plan(q, k, v, kv_num_blocks, kv_indices, out_strides, block_size, causal, s
     return grid, prepared, out_shape, blocks
 
 
+def positive_scale(q: torch.Tensor, scale: float | None):
+    """``(q', scale')`` with ``scale' > 0`` (or None) and ``scale' * q'.k == scale * q.k``.
+
+    The kernel takes each row's running maximum of the raw scores and scales it
+    afterwards, which is the maximum of the scaled scores only for a positive
+    scale; contract §7 allows any finite one. A negative scale runs on ``-q``
+    (negation is exact, so the scores are exactly the negated ones), a zero
+    scale on ``0 * q`` with scale 1 (every score 0: the mean of the values read;
+    NaN in ``q`` stays NaN). Both copy ``q``; the default and positive scales
+    return ``q`` itself.
+    """
+    if scale is None or float(scale) > 0.0:
+        return q, scale
+    if float(scale) < 0.0:
+        return torch.neg(q), -float(scale)
+    return q * 0.0, 1.0
+
+
 def sparse_attention_forward(q, k, v, kv_num_blocks, kv_indices, *, block_size: int,
                              causal: bool, scale: float | None, return_lse: bool,
                              first_query_tile: int, query_start: int, interpreted: bool,
@@ -406,8 +424,10 @@ def sparse_attention_forward(q, k, v, kv_num_blocks, kv_indices, *, block_size: 
     The launch plan (configuration, TMA and warp-specialisation checks, scalar
     arguments) is kept per call signature, and the kernel is launched through
     :class:`prism.optimized.launch.Prepared`: a repeated call allocates its
-    outputs and launches, nothing else.
+    outputs and launches, nothing else. A scale of 0 or below runs on a copy
+    of ``q`` (:func:`positive_scale`).
     """
+    q, scale = positive_scale(q, scale)
     key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), kv_num_blocks.shape,
            kv_num_blocks.stride(), kv_indices.shape, kv_indices.stride(), q.dtype, q.device,
            q.data_ptr() % 16 == 0, k.data_ptr() % 16 == 0, v.data_ptr() % 16 == 0,

@@ -72,6 +72,7 @@ from .attention import (
     _scratch_allocator,
     _sparse_attention_kernel,
     launch_constants,
+    positive_scale,
     supported_block_size,
     tma_compatible,
 )
@@ -241,6 +242,7 @@ def packed_attention_forward(q, k, v, layout: PackedLayout, kv_num_blocks, kv_in
     -------
     out (total_q, Hq, Dv), and lse (Hq, total_q) or None
     """
+    q, scale = positive_scale(q, scale)
     total_q, hq, d = q.shape
     paged = block_table is not None
     hkv, dv = k.shape[-2], v.shape[-1]

@@ -63,9 +63,15 @@ def _check_cache(name: str, t, layout: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != 4:
-        raise ValueError(f"{name} must have 4 dimensions {layout}, got shape {tuple(t.shape)}")
+        raise ValueError(f"{name} must have 4 dimensions {layout}, got shape {tuple(t.shape)}; "
+                         f"a cache of (num_pages * page_size, Hkv, D) rows can be viewed as "
+                         f"{name}.view(num_pages, page_size, Hkv, D)")
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must have dtype float32, float16 or bfloat16, got {t.dtype}")
+        raise TypeError(f"{name} must have dtype float32, float16 or bfloat16, got {t.dtype}; "
+                        f"cast it, e.g. {name}.to(torch.bfloat16)")
+    if t.shape[1] < 1:
+        raise ValueError(f"{name} must have pages of at least one token: its shape {layout} is "
+                         f"{tuple(t.shape)}, page_size 0; allocate pages of 16 or more tokens")
 
 
 def validate_paged(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,

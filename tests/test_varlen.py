@@ -322,6 +322,8 @@ def _with_table_entry(args, i, j, value):
      r"block_table must be an int32"),
     (lambda a: dict(v_cache=a["v_cache"][:, :8]), ValueError, r"v_cache must match k_cache"),
     (lambda a: dict(k_cache=a["k_cache"][0]), ValueError, r"k_cache must have 4 dimensions"),
+    (lambda a: dict(k_cache=a["k_cache"][:, :0], v_cache=a["v_cache"][:, :0]), ValueError,
+     r"k_cache must have pages of at least one token"),
 ])
 def test_paged_errors(edit, error, words):
     args = _paged_args()
