@@ -1,0 +1,69 @@
+"""``select_blocks``'s device work per call with a warm L2: kernels, their gaps, and the total.
+
+``bench_selection.py`` times one graph replay at a time after flushing L2
+(Triton's ``do_bench``), which is the convention for the memory-floor ratios.
+This probe replays the captured call 100 times back to back instead, as a model's
+layers would run it, and lists the device operations of one call in order
+(name, start in us relative to the call's first operation, duration in us)
+from ``torch.profiler``. Inputs: ``bench_matrix.structured_qkv`` (32/8 heads, D
+128, bf16, tile 128). Below about 8K tokens Q and K fit in the H200's 50 MB L2,
+so the pooling kernel there reads mostly from L2.
+
+    python3 benchmarks/probes/selection_timeline.py --lengths 4096,8192,32768,131072 --out x.json
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench_matrix import structured_qkv  # noqa: E402
+from probe_cli import run  # noqa: E402
+
+from prism import optimized  # noqa: E402
+
+
+def timeline(n: int) -> dict:
+    q, k, _ = structured_qkv(n)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            optimized.select_blocks(q, k)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        optimized.select_blocks(q, k)
+    for _ in range(20):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+    for _ in range(7):
+        start.record()
+        for _ in range(100):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) / 100)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    ops = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                 key=lambda e: e.time_range.start)
+    t0 = ops[0].time_range.start if ops else 0
+    return {"tokens": n, "back_to_back_ms": sorted(samples)[len(samples) // 2],
+            "ops": [(e.name[:40], round(e.time_range.start - t0, 1), round(e.device_time, 1))
+                    for e in ops],
+            "qk_bytes": (q.numel() + k.numel()) * q.element_size()}
+
+
+def main(argv=None):
+    return run(timeline, __doc__, "selection_timeline.py", "--lengths", "4096,8192", argv)
+
+
+if __name__ == "__main__":
+    for row in main():
+        print(row, flush=True)
