@@ -1,5 +1,10 @@
 """Where the Triton kernels may run, and small helpers shared by every kernel module.
 
+It also holds the optimized path's remembered-signature validation
+(:func:`validate_qk`, :func:`validate_qkv`): the shared checks of
+:mod:`prism.reference.validation`, skipped for a signature that already
+passed them (the reference itself keeps no such state).
+
 Triton compiles kernels for CUDA devices. On the CPU the same kernels run only
 under Triton's interpreter, which Triton itself switches on when
 ``TRITON_INTERPRET=1`` is set before ``triton`` is imported. This module never
@@ -11,6 +16,8 @@ from __future__ import annotations
 
 import torch
 from triton.runtime.interpreter import InterpretedFunction
+
+from prism.reference import validation as _validation
 
 
 def kernels_interpreted(kernel) -> bool:
@@ -38,6 +45,80 @@ def check_device(kernel, **tensors: torch.Tensor) -> None:
             "tensors (prism.select_blocks and friends dispatch by device); for testing only, "
             "TRITON_INTERPRET=1 set before importing triton runs the kernels on the CPU"
         )
+
+
+#: Signatures of inputs that passed the shape/type checks (cleared when it grows large).
+_PASSED: dict = {}
+
+
+def _signature(causal, q, k, v=None):
+    """A hashable summary of what the shape/type checks read, or None (not cacheable).
+
+    None under ``torch.compile`` tracing (the checks are traced, not skipped),
+    for a non-bool ``causal`` and for anything that is not a tensor.
+    """
+    if (type(causal) is not bool or not isinstance(q, torch.Tensor)
+            or not isinstance(k, torch.Tensor) or torch.compiler.is_compiling()):
+        return None
+    key = (causal, type(q), q.shape, q.dtype, q.device, type(k), k.shape, k.dtype, k.device)
+    if v is not None:
+        if not isinstance(v, torch.Tensor):
+            return None
+        key += (type(v), v.shape, v.dtype, v.device)
+    return key
+
+
+def _known(key) -> bool:
+    if key is None:
+        return False
+    try:
+        return key in _PASSED
+    except TypeError:  # symbolic sizes are not hashable
+        return False
+
+
+def _remember(key) -> None:
+    if key is not None:
+        if len(_PASSED) > 4096:
+            _PASSED.clear()
+        try:
+            _PASSED[key] = True
+        except TypeError:  # symbolic sizes: such calls are simply checked every time
+            return
+
+
+def validate_qk(q, k, *, causal: bool, check_values: bool = True) -> None:
+    """:func:`prism.reference.validation.validate_qk`, remembering signatures that passed.
+
+    The shape and type checks depend only on each tensor's type, shape, dtype
+    and device and on ``causal``; a signature that passed them once skips them
+    (the common case: every layer of a model, every decoding step of one
+    length), which saves host time per call. Failing inputs are never
+    remembered and raise every time; the value checks (``check_values``)
+    always run. Under ``torch.compile`` tracing nothing is remembered or
+    skipped: the checks are traced.
+    """
+    key = _signature(causal, q, k)
+    if _known(key):
+        if check_values:
+            _validation.check_finite("q", q)
+            _validation.check_finite("k", k)
+        return
+    _validation.validate_qk(q, k, causal=causal, check_values=check_values)
+    _remember(key)
+
+
+def validate_qkv(q, k, v, *, causal: bool, check_values: bool = True) -> None:
+    """:func:`prism.reference.validation.validate_qkv` with :func:`validate_qk`'s fast path."""
+    key = _signature(causal, q, k, v) if v is not None else None
+    if _known(key):
+        if check_values:
+            _validation.check_finite("q", q)
+            _validation.check_finite("k", k)
+            _validation.check_finite("v", v)
+        return
+    _validation.validate_qkv(q, k, v, causal=causal, check_values=check_values)
+    _remember(key)
 
 
 def next_power_of_2(n: int) -> int:

@@ -52,13 +52,11 @@ from prism.reference.validation import (
     check_finite,
     validate_block_mask,
     validate_block_size,
-    validate_qk,
-    validate_qkv,
     validate_scale,
 )
 
 from . import ops
-from ._runtime import check_device
+from ._runtime import check_device, validate_qk, validate_qkv
 from .attention import _sparse_attention_kernel
 from .indices import _mask_to_indices_kernel, mask_rows_to_indices
 from .selection import _select_tiles_kernel

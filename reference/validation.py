@@ -4,12 +4,10 @@ Every check runs before any computation and raises ``ValueError`` or
 ``TypeError`` with a message that names the argument, what was expected, what
 arrived and how to fix the call. Nothing here modifies a tensor.
 
-The shape and type checks of :func:`validate_qk` and :func:`validate_qkv`
-depend only on each tensor's type, shape, dtype and device and on ``causal``;
-signatures that passed are remembered, so a repeated call (the common case:
-every layer of a model, every decoding step of one length) skips the checks.
-Failing inputs are never remembered and raise every time; value checks
-(``check_values``) always run.
+Every function here checks on every call: like the rest of the reference it
+keeps no hidden state and caches nothing. :mod:`prism.optimized` wraps
+:func:`validate_qk` and :func:`validate_qkv` with a remembered-signature fast
+path of its own (:mod:`prism.optimized._runtime`) to cut its host time.
 """
 
 from __future__ import annotations
@@ -23,16 +21,24 @@ def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
-def check_tensor(name: str, t, rank: int = 4, layout: str = "(B, H, N, D)") -> None:
-    """Check that ``t`` is a float tensor of the given rank."""
+def check_tensor(name: str, t, rank: int = 4, layout: str = "(B, H, N, D)", *,
+                 any_float: bool = False) -> None:
+    """Check that ``t`` is a float tensor of the given rank.
+
+    The dtype is one of :data:`FLOAT_DTYPES`, or any floating dtype (float64
+    included) when ``any_float``.
+    """
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}; pass a "
+                        f"tensor, e.g. torch.as_tensor({name})")
     if t.dim() != rank:
         raise ValueError(
             f"{name} must have {rank} dimensions {layout}, got {_describe(t)}; "
             "Prism uses the torch SDPA layout (batch, heads, tokens, head_dim): "
             "transpose (B, N, H, D) inputs with .transpose(1, 2)"
         )
+    if any_float and t.is_floating_point():
+        return
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} must have dtype float32, float16 or bfloat16, got {t.dtype}; "
@@ -72,44 +78,122 @@ def check_same_dtype_device(**tensors: torch.Tensor) -> None:
             )
 
 
-#: Signatures of inputs that passed the shape/type checks (cleared when it grows large).
-_PASSED: dict = {}
+def _is_int(value) -> bool:
+    """A Python int (or a symbolic size under ``torch.compile``), never a bool."""
+    return isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool)
 
 
-def _signature(causal, q, k, v=None):
-    """A hashable summary of what the shape/type checks read, or None (not cacheable).
+def check_head_dim(head_dim, name: str = "head_dim") -> None:
+    """Check that ``head_dim`` is a positive even int (RoPE rotates pairs of dims, §2)."""
+    if not _is_int(head_dim):
+        raise TypeError(
+            f"{name} must be an int, got {type(head_dim).__name__} {head_dim!r}; pass the "
+            "last dim of q, e.g. q.shape[-1]"
+        )
+    if head_dim <= 0 or head_dim % 2:
+        raise ValueError(
+            f"{name} must be a positive even number (RoPE rotates pairs of dims), got "
+            f"{head_dim}; pad the head dim to an even size or pass the q/k of a RoPE model"
+        )
 
-    None under ``torch.compile`` tracing (the checks are traced, not skipped),
-    for a non-bool ``causal`` and for anything that is not a tensor.
+
+def check_band_widths(head_dim: int, high_dim: int, low_dim: int) -> None:
+    """Check resolved band widths: each even, positive and at most ``head_dim`` (§4, §8)."""
+    for name, value in (("high_dim", high_dim), ("low_dim", low_dim)):
+        if not _is_int(value):
+            raise TypeError(
+                f"{name} must be an int or None, got {type(value).__name__} {value!r}; "
+                "pass a whole number of head dims such as 64, or None for the default"
+            )
+        if value <= 0 or value % 2 or value > head_dim:
+            raise ValueError(
+                f"{name} must be a positive even number <= head_dim ({head_dim}), got "
+                f"{value}; pick whole RoPE pairs that fit the head, e.g. "
+                f"{max(2, head_dim // 2 // 2 * 2)}, or None for the default"
+            )
+
+
+def check_threshold(threshold, name: str = "threshold") -> float:
+    """Check a top-p threshold in ``(0, 1]`` (§6.3) and return it as a float.
+
+    Plain Python arithmetic only (no tensor, no device synchronisation).
     """
-    if (type(causal) is not bool or not isinstance(q, torch.Tensor)
-            or not isinstance(k, torch.Tensor) or torch.compiler.is_compiling()):
-        return None
-    key = (causal, type(q), q.shape, q.dtype, q.device, type(k), k.shape, k.dtype, k.device)
-    if v is not None:
-        if not isinstance(v, torch.Tensor):
-            return None
-        key += (type(v), v.shape, v.dtype, v.device)
-    return key
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(
+            f"{name} must be a float in (0, 1], got {type(threshold).__name__}; pass a "
+            "Python number such as 0.95 (float(t) for a 0-d tensor)"
+        )
+    if not 0.0 < threshold <= 1.0:  # NaN fails too
+        raise ValueError(
+            f"{name} must lie in (0, 1], got {threshold}; 0.95 is the default, 1.0 keeps "
+            "every tile with non-zero probability"
+        )
+    return float(threshold)
 
 
-def _known(key) -> bool:
-    if key is None:
-        return False
-    try:
-        return key in _PASSED
-    except TypeError:  # symbolic sizes are not hashable
-        return False
+def check_position(value, name: str) -> None:
+    """Check a token position or count: an int ``>= 0``."""
+    if not _is_int(value):
+        raise TypeError(
+            f"{name} must be an int, got {type(value).__name__} {value!r}; pass a whole "
+            "number of tokens such as 0"
+        )
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}; positions count from 0")
 
 
-def _remember(key) -> None:
-    if key is not None:
-        if len(_PASSED) > 4096:
-            _PASSED.clear()
-        try:
-            _PASSED[key] = True
-        except TypeError:  # symbolic sizes: such calls are simply checked every time
-            return
+def validate_compact_indices(kv_num_blocks, kv_indices, num_key_tiles) -> None:
+    """Validate a compact tile mask ``(kv_num_blocks, kv_indices)`` (as from ``mask_to_indices``).
+
+    ``kv_num_blocks`` is (..., nq) and ``kv_indices`` (..., nq, slots), both
+    integer tensors on one device; each count lies in ``[0, slots]`` and the
+    first ``kv_num_blocks[..., i]`` indices of row ``i`` in
+    ``[0, num_key_tiles)`` (the padding after them is not read). The value
+    checks read the tensors on the host.
+    """
+    check_position(num_key_tiles, "num_key_tiles")
+    for name, t in (("kv_num_blocks", kv_num_blocks), ("kv_indices", kv_indices)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}; pass "
+                            "the output of prism.reference.mask_to_indices")
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got dtype {t.dtype}; convert "
+                            f"with {name}.to(torch.int32) or pass mask_to_indices' output")
+    if kv_indices.dim() < 1 or tuple(kv_indices.shape[:-1]) != tuple(kv_num_blocks.shape):
+        raise ValueError(
+            f"kv_indices must have kv_num_blocks' shape plus one dim (the slots), got "
+            f"kv_num_blocks {tuple(kv_num_blocks.shape)} and kv_indices "
+            f"{tuple(kv_indices.shape)}; pass the pair from mask_to_indices unchanged"
+        )
+    if kv_indices.device != kv_num_blocks.device:
+        raise ValueError(
+            f"kv_indices is on {kv_indices.device} but kv_num_blocks is on "
+            f"{kv_num_blocks.device}; move them to one device, e.g. "
+            "kv_indices.to(kv_num_blocks.device)"
+        )
+    if kv_num_blocks.device.type == "meta" or kv_num_blocks.numel() == 0:
+        return
+    slots = kv_indices.shape[-1]
+    counts = kv_num_blocks.long()
+    bad = (counts < 0) | (counts > slots)
+    if bool(bad.any()):
+        where = tuple(bad.nonzero()[0].tolist())
+        raise ValueError(
+            f"kv_num_blocks must lie in [0, {slots}] (kv_indices holds {slots} slots per "
+            f"row), got {int(counts[where])} at {where}; each count says how many leading "
+            "entries of its kv_indices row are used: pass the pair from mask_to_indices"
+        )
+    used = torch.arange(slots, device=kv_indices.device) < counts.unsqueeze(-1)
+    indices = kv_indices.long()
+    bad = used & ((indices < 0) | (indices >= num_key_tiles))
+    if bool(bad.any()):
+        where = tuple(bad.nonzero()[0].tolist())
+        raise ValueError(
+            f"kv_indices must hold key tiles in [0, {num_key_tiles}) in its first "
+            f"kv_num_blocks entries per row, got {int(indices[where])} at {where}; check "
+            "num_key_tiles (ceil(Nk / block_size)) and that the pair comes from "
+            "mask_to_indices of a mask with that many key tiles"
+        )
 
 
 def validate_qk(q, k, *, causal: bool, check_values: bool = True) -> None:
@@ -124,14 +208,7 @@ def validate_qk(q, k, *, causal: bool, check_values: bool = True) -> None:
     check_values : bool
         Also reject NaN/Inf entries.
     """
-    key = _signature(causal, q, k)
-    if _known(key):
-        if check_values:
-            check_finite("q", q)
-            check_finite("k", k)
-        return
     _check_qk(q, k, causal)
-    _remember(key)
     if check_values:
         check_finite("q", q)
         check_finite("k", k)
@@ -140,7 +217,8 @@ def validate_qk(q, k, *, causal: bool, check_values: bool = True) -> None:
 def _check_qk(q, k, causal) -> None:
     """The shape and type checks of :func:`validate_qk`."""
     if not isinstance(causal, bool):
-        raise TypeError(f"causal must be True or False, got {causal!r}")
+        raise TypeError(f"causal must be True or False, got {causal!r}; pass a bool, "
+                        "e.g. causal=bool(flag)")
     check_tensor("q", q)
     check_tensor("k", k)
     check_same_dtype_device(q=q, k=k)
@@ -148,16 +226,16 @@ def _check_qk(q, k, causal) -> None:
     bk, hkv, nk, dk = k.shape
     if bq != bk:
         raise ValueError(
-            f"q and k must have the same batch size, got q batch {bq} and k batch {bk}"
+            f"q and k must have the same batch size, got q batch {bq} and k batch {bk}; "
+            "pass the q and k of the same batch (dim 0 of the (B, H, N, D) layout), or "
+            "split the call per sequence"
         )
     if d != dk:
         raise ValueError(
-            f"q and k must have the same head_dim, got q head_dim {d} and k head_dim {dk}"
+            f"q and k must have the same head_dim, got q head_dim {d} and k head_dim {dk}; "
+            "pass q and k from the same attention layer (dim 3 of the (B, H, N, D) layout)"
         )
-    if d == 0 or d % 2:
-        raise ValueError(
-            f"head_dim must be a positive even number (RoPE rotates pairs of dims), got {d}"
-        )
+    check_head_dim(d)
     if hkv == 0 or hq % hkv:
         raise ValueError(
             f"the number of query heads must be a multiple of the number of KV heads (GQA), "
@@ -180,7 +258,8 @@ def validate_stage_inputs(q, k, layout, causal) -> None:
     from .tiles import TileLayout, tile_layout
 
     if not isinstance(causal, bool):
-        raise TypeError(f"causal must be True or False, got {causal!r}")
+        raise TypeError(f"causal must be True or False, got {causal!r}; pass a bool, "
+                        "e.g. causal=bool(flag)")
     check_tensor("q", q)
     check_tensor("k", k, layout="(B, Hkv, Nk, D)")
     check_same_dtype_device(q=q, k=k)
@@ -188,10 +267,10 @@ def validate_stage_inputs(q, k, layout, causal) -> None:
     bk, hkv, nk, dk = k.shape
     if b != bk:
         raise ValueError(f"q and k must have the same batch size, got q batch {b} and "
-                         f"k batch {bk}")
+                         f"k batch {bk}; pass the q and k of the same batch")
     if d != dk or d == 0:
         raise ValueError(f"q and k must have the same positive head_dim, got q head_dim {d} "
-                         f"and k head_dim {dk}")
+                         f"and k head_dim {dk}; pass q and k from the same attention layer")
     if hkv == 0 or hq % hkv:
         raise ValueError(
             f"the number of query heads must be a multiple of the number of KV heads (GQA), "
@@ -211,16 +290,11 @@ def validate_stage_inputs(q, k, layout, causal) -> None:
 
 def validate_qkv(q, k, v, *, causal: bool, check_values: bool = True) -> None:
     """Validate q, k and v (v is (B, Hkv, Nk, Dv))."""
-    key = _signature(causal, q, k, v) if v is not None else None
-    known = _known(key)
-    if not known:
-        _check_qk(q, k, causal)
+    _check_qk(q, k, causal)
     if check_values:
         check_finite("q", q)
         check_finite("k", k)
-    if not known:
-        _check_v(q, k, v)
-        _remember(key)
+    _check_v(q, k, v)
     if check_values:
         check_finite("v", v)
 
@@ -232,17 +306,21 @@ def _check_v(q, k, v) -> None:
     if v.shape[0] != k.shape[0] or v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:
         raise ValueError(
             f"v must match k in batch, heads and tokens: k has {tuple(k.shape)}, "
-            f"v has {tuple(v.shape)}"
+            f"v has {tuple(v.shape)}; pass the v of the same layer and cache as k, in the "
+            "(B, Hkv, Nk, Dv) layout (only Dv may differ from k's head_dim)"
         )
     if v.shape[3] == 0:
-        raise ValueError("v must have a head_dim of at least 1, got 0")
+        raise ValueError("v must have a head_dim of at least 1, got 0; pass the value "
+                         "tensor of the layer, (B, Hkv, Nk, Dv) with Dv >= 1")
 
 
 def validate_scale(scale) -> None:
     if scale is None:
         return
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}; "
+                        "pass a Python number such as 0.125 (float(t) for a 0-d tensor), "
+                        "or None for 1/sqrt(head_dim)")
     if not (scale == scale) or scale in (float("inf"), float("-inf")):
         raise ValueError(f"scale must be finite, got {scale}; None means 1/sqrt(head_dim)")
 
@@ -250,7 +328,8 @@ def validate_scale(scale) -> None:
 def validate_block_size(block_size) -> None:
     if isinstance(block_size, bool) or not isinstance(block_size, int):
         raise TypeError(
-            f"block_size must be an int, got {type(block_size).__name__} {block_size!r}"
+            f"block_size must be an int, got {type(block_size).__name__} {block_size!r}; "
+            "pass a whole number of tokens such as 128"
         )
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}; use e.g. 128")

@@ -425,7 +425,7 @@ def test_selection_outputs_match_triton_launch(monkeypatch):
 
 def test_remembered_validation_still_rejects_bad_calls():
     """A signature that passed once skips the shape checks, never the others."""
-    from prism.reference.validation import validate_qk, validate_qkv
+    from prism.optimized._runtime import validate_qk, validate_qkv
 
     q, k = torch.randn(1, 4, 64, 16), torch.randn(1, 2, 64, 16)
     v = torch.randn(1, 2, 64, 8)
@@ -453,6 +453,55 @@ def test_remembered_validation_still_rejects_bad_calls():
             validate_qk(torch.randn(1, 4, 65, 16), k, causal=True, check_values=False)
         with pytest.raises(TypeError, match="must be a torch.Tensor"):
             validate_qkv(q, k, v.numpy(), causal=True, check_values=False)
+
+
+def _count_shape_checks(monkeypatch):
+    """Count calls of the shared shape checks of q and k (prism.reference.validation)."""
+    from prism.reference import validation
+
+    calls = []
+    original = validation._check_qk
+
+    def counting(q, k, causal):
+        calls.append(causal)
+        return original(q, k, causal)
+
+    monkeypatch.setattr(validation, "_check_qk", counting)
+    return calls
+
+
+def test_optimized_validation_remembers_passed_signatures(monkeypatch):
+    """The optimized path skips the shape checks of a signature that passed (host time)."""
+    from prism.optimized import _runtime
+
+    monkeypatch.setattr(_runtime, "_PASSED", {})
+    calls = _count_shape_checks(monkeypatch)
+    q, k = torch.randn(1, 4, 32, 16), torch.randn(1, 2, 32, 16)
+    v = torch.randn(1, 2, 32, 8)
+    for _ in range(3):
+        _runtime.validate_qk(q, k, causal=True, check_values=False)
+    assert len(calls) == 1
+    for _ in range(3):
+        _runtime.validate_qkv(q, k, v, causal=True, check_values=False)
+    assert len(calls) == 2  # its own signature (with v): checked once
+    _runtime.validate_qk(q, k, causal=False, check_values=False)  # a new signature
+    assert len(calls) == 3
+
+
+def test_optimized_validation_is_traced_under_compile(monkeypatch):
+    """Under torch.compile tracing nothing is remembered or skipped."""
+    from prism.optimized import _runtime
+
+    monkeypatch.setattr(_runtime, "_PASSED", {})
+    calls = _count_shape_checks(monkeypatch)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    q, k = torch.randn(1, 4, 32, 16), torch.randn(1, 2, 32, 16)
+    v = torch.randn(1, 2, 32, 8)
+    for _ in range(3):
+        _runtime.validate_qk(q, k, causal=True, check_values=False)
+        _runtime.validate_qkv(q, k, v, causal=True, check_values=False)
+    assert len(calls) == 6
+    assert _runtime._PASSED == {}
 
 
 def test_tile_mask_from_selection_equals_constructor():
