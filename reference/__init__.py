@@ -21,7 +21,7 @@ Each module is one stage of the algorithm:
 from .attention import block_sparse_attention, prism_attention, token_mask
 from .bands import band_dims, band_sizes
 from .calibration import band_temperature
-from .config import ESTIMATORS, TIE_MARGIN, PrismConfig, resolve_config
+from .config import ESTIMATORS, TIE_MARGIN, TIE_RELATIVE, PrismConfig, resolve_config
 from .estimators import (
     antidiagonal_probabilities,
     last_query_distributions,
@@ -61,6 +61,7 @@ from .varlen import (
 __all__ = [
     "PrismConfig",
     "TIE_MARGIN",
+    "TIE_RELATIVE",
     "resolve_config",
     "select_blocks",
     "block_sparse_attention",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .rope import pair_dims
+from .validation import check_band_widths, check_head_dim
 
 
 def _round_even(x: float) -> int:
@@ -14,16 +15,21 @@ def band_sizes(head_dim: int, high_dim: int | None = None, low_dim: int | None =
     """Resolve the band widths ``(h, l)`` in head dims for head dim ``D``.
 
     Defaults: ``h = D/2`` and ``l = 3D/4``, each rounded to an even number
-    (64 and 96 for ``D = 128``). Both must be even, positive and at most ``D``.
+    (64 and 96 for ``D = 128``). Both must be even, positive and at most ``D``,
+    and ``D`` must be a positive even int (contract §2, §4).
+
+    Raises
+    ------
+    ValueError, TypeError
+        For an odd or non-positive ``head_dim`` or a width breaking the rule above.
+
+    >>> band_sizes(128)
+    (64, 96)
     """
+    check_head_dim(head_dim)
     h = high_dim if high_dim is not None else max(2, _round_even(head_dim / 2))
     l = low_dim if low_dim is not None else max(2, _round_even(3 * head_dim / 4))
-    for name, value in (("high_dim", h), ("low_dim", l)):
-        if value <= 0 or value % 2 or value > head_dim:
-            raise ValueError(
-                f"{name} must be a positive even number <= head_dim ({head_dim}), got {value}; "
-                f"pick whole RoPE pairs that fit the head, e.g. {head_dim // 2}"
-            )
+    check_band_widths(head_dim, h, l)
     return h, l
 
 

@@ -14,24 +14,30 @@ from dataclasses import dataclass
 from .registry import ESTIMATOR_FIELDS as _REGISTRY_FIELDS
 from .registry import ESTIMATOR_REGISTRY
 from .registry import ESTIMATORS as _REGISTRY_NAMES
+from .validation import check_threshold
 
 #: Absolute margin on the probability mass ranked before a mask entry within
 #: which two implementations may disagree on it (contract §6.5, which also
 #: covers near-equal probabilities on either side of the cut).
 TIE_MARGIN = 1e-5
 
+#: Relative distance between two probabilities within which two implementations
+#: may rank them either way, so the mask entries may differ (contract §6.5,
+#: rules a and b).
+TIE_RELATIVE = 1e-6
+
 ROPE_LAYOUTS = ("half", "interleaved")
 
 #: Block-score estimators and the fields that tune them come from the estimator
-#: registry (docs/estimators.rst); ``"prism"`` is the paper's (contract v1).
+#: registry (docs/estimators.rst); ``"prism"`` is the paper's (contract v1.1).
 ESTIMATORS = _REGISTRY_NAMES
 ESTIMATOR_FIELDS = _REGISTRY_FIELDS
 
 #: Named settings of :meth:`PrismConfig.preset` (docs/estimators.rst, "Presets").
-#: ``"paper"`` is the paper's default; ``"accurate"`` is the cascade (E8) at stride 16
-#: with the vertical-slash stage from the last 32 queries, within 2% of full
-#: attention's perplexity at the default's density where measured, at about an
-#: eighth of E5's selection time at 128K tokens on the H200.
+#: ``"paper"`` is the paper's default; ``"accurate"`` is the ``"cascade"`` estimator
+#: at stride 16 with the vertical-slash stage from the last 32 queries. How it
+#: compares with the other estimators in quality and speed is measured in
+#: docs/estimators.rst ("Presets") and benchmarks/NOTES.md, not here.
 PRESETS = {
     "paper": {},
     "accurate": {"estimator": "cascade", "candidate_threshold": 0.99,
@@ -79,7 +85,7 @@ class PrismConfig:
     estimator : str
         One of ``ESTIMATORS``: how tile pairs are scored
         (docs/estimators.rst). ``"prism"`` (default)
-        is contract v1 exactly. ``"antidiagonal"`` scores tiles by strided
+        is contract v1.1 exactly. ``"antidiagonal"`` scores tiles by strided
         antidiagonal sums (XAttention-style) and keeps them by top-p at
         ``high_threshold``. ``"vertical_slash"`` scores key columns and
         diagonal offsets with the exact attention of the last queries
@@ -152,7 +158,8 @@ class PrismConfig:
                 continue
             if not _is_int(value):
                 raise TypeError(
-                    f"{name} must be an int or None, got {type(value).__name__} {value!r}"
+                    f"{name} must be an int or None, got {type(value).__name__} {value!r}; "
+                    "pass a whole number of head dims such as 64, or None for the default"
                 )
             if value <= 0 or value % 2:
                 raise ValueError(
@@ -160,24 +167,24 @@ class PrismConfig:
                     f"got {value}; use e.g. 64, or None for the default"
                 )
         for name in ("high_threshold", "low_threshold"):
-            value = getattr(self, name)
-            if not _is_real(value):
-                raise TypeError(f"{name} must be a float in (0, 1], got {type(value).__name__}")
-            if not (0.0 < value <= 1.0) or math.isnan(value):
-                raise ValueError(
-                    f"{name} must lie in (0, 1], got {value}; 0.95 is the default, "
-                    "1.0 keeps every tile with non-zero probability"
-                )
+            check_threshold(getattr(self, name), name)
         for name in ("high_temperature", "low_temperature", "eps"):
             value = getattr(self, name)
             if not _is_real(value):
-                raise TypeError(f"{name} must be a positive float, got {type(value).__name__}")
+                raise TypeError(
+                    f"{name} must be a positive float, got {type(value).__name__}; pass a "
+                    f"Python number such as {1e-6 if name == 'eps' else 1.0}"
+                )
             if not (value > 0.0) or math.isinf(value):
-                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+                raise ValueError(
+                    f"{name} must be a finite number > 0, got {value}; the default is "
+                    f"{1e-6 if name == 'eps' else 1.0}"
+                )
         for name in ("calibrate", "force_sink", "force_diagonal"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(
-                    f"{name} must be True or False, got {getattr(self, name)!r}"
+                    f"{name} must be True or False, got {getattr(self, name)!r}; pass a bool, "
+                    f"e.g. {name}=True"
                 )
         if self.rope_layout not in ROPE_LAYOUTS:
             raise ValueError(
@@ -192,7 +199,7 @@ class PrismConfig:
         if self.estimator not in ESTIMATORS:
             raise ValueError(
                 f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}; "
-                "'prism' is the contract v1 default"
+                "'prism' is the contract v1.1 default"
             )
         for name in ("antidiagonal_stride", "last_queries", "subtile_factor", "sampled_queries"):
             value = getattr(self, name)

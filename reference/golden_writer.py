@@ -19,18 +19,19 @@ import numpy as np
 import torch
 
 from .attention import block_sparse_attention
-from .config import ESTIMATOR_FIELDS, TIE_MARGIN, resolve_config
+from .config import ESTIMATOR_FIELDS, TIE_MARGIN, TIE_RELATIVE, resolve_config
 from .golden import ARRAYS, CONTRACT, FORMAT_VERSION, MANIFEST, TOLERANCE_RULE
 from .golden_cases import CASES, MISREADINGS, GoldenCase, make_inputs
 from .select import boundary_ties, select_blocks
-from .tolerances import RTOL, attention_tolerances
+from .tolerances import RTOL, attention_tolerances, lse_magnitude
 
 
 def expected_results(case: GoldenCase, q, k, v) -> dict[str, torch.Tensor]:
     """The reference's ``mask``, ``ties``, ``attn_mask``, ``out`` and ``lse`` for a case."""
     cfg = resolve_config(None, **case.config)
     mask = select_blocks(q, k, cfg, causal=case.causal)
-    ties = boundary_ties(q, k, cfg, causal=case.causal, margin=TIE_MARGIN)
+    ties = boundary_ties(q, k, cfg, causal=case.causal, margin=TIE_MARGIN,
+                         relative=TIE_RELATIVE)
     attn_mask = mask.clone()
     for row in case.empty_rows:
         attn_mask[:, :, row] = False
@@ -53,10 +54,8 @@ def _sha256(path: Path) -> str:
 def case_entry(case: GoldenCase, q, k, v, results) -> dict:
     """The manifest record of one case."""
     cfg = resolve_config(None, **case.config)
-    finite_lse = results["lse"][torch.isfinite(results["lse"])]
-    lse_mag = float(finite_lse.abs().max()) if finite_lse.numel() else 0.0
     tol = attention_tolerances(q, k, v, case.scale, exact_logits=case.kind == "integers",
-                               lse_magnitude=lse_mag)
+                               lse_magnitude=lse_magnitude(results["lse"]))
     tensors = {"q": q, "k": k, "v": v, **results}
     return {
         "name": case.name,
@@ -111,7 +110,7 @@ def write_golden(out_dir, cases=CASES) -> Path:
         "arrays": ARRAYS,
         "arrays_sha256": _sha256(array_path),
         "tie_margin": TIE_MARGIN,
-        "tie_relative": 1e-6,
+        "tie_relative": TIE_RELATIVE,
         "rtol": RTOL,
         "tolerance_rule": TOLERANCE_RULE,
         "misreadings": MISREADINGS,

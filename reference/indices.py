@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .validation import validate_compact_indices
+
 
 def mask_to_indices(block_mask: torch.Tensor):
     """Per row, the number of selected key tiles and their indices in ascending order.
@@ -55,7 +57,29 @@ def mask_to_indices(block_mask: torch.Tensor):
 
 def indices_to_mask(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
                     num_key_tiles: int) -> torch.Tensor:
-    """Rebuild the bool mask (..., nq, num_key_tiles) from its compact form."""
+    """Rebuild the bool mask (..., nq, num_key_tiles) from its compact form.
+
+    Parameters
+    ----------
+    kv_num_blocks : Tensor (..., nq), integer
+        Selected key tiles per row, each in ``[0, slots]``.
+    kv_indices : Tensor (..., nq, slots), integer
+        The first ``kv_num_blocks[..., i]`` entries of row ``i`` are key tiles
+        in ``[0, num_key_tiles)``; the entries after them are not read.
+    num_key_tiles : int
+
+    Raises
+    ------
+    ValueError, TypeError
+        On a count or an index out of range, mismatched shapes, devices or
+        non-integer tensors (contract §8), before building anything.
+
+    >>> import torch
+    >>> num, idx = torch.tensor([2, 1]), torch.tensor([[0, 2, -1], [1, -1, -1]])
+    >>> indices_to_mask(num, idx, 3).tolist()
+    [[True, False, True], [False, True, False]]
+    """
+    validate_compact_indices(kv_num_blocks, kv_indices, num_key_tiles)
     nk_stored = kv_indices.shape[-1]
     slots = torch.arange(nk_stored, device=kv_indices.device)
     valid = slots < kv_num_blocks.unsqueeze(-1).long()

@@ -20,16 +20,7 @@ from .scoring import admissible_tiles, band_logits, band_probabilities
 from .select import forced_tiles
 from .tiles import TileLayout, pool_tiles, tile_layout
 from .topp import top_p_select
-from .validation import validate_block_size, validate_qk
-
-
-def check_threshold(threshold) -> float:
-    """Validate a top-p threshold in ``(0, 1]`` and return it as a float."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise TypeError(f"threshold must be a float in (0, 1], got {type(threshold).__name__}")
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold must lie in (0, 1], got {threshold}")
-    return float(threshold)
+from .validation import check_threshold, validate_block_size, validate_qk
 
 
 def mean_pooling_probabilities(q_pooled: torch.Tensor, k_pooled: torch.Tensor,

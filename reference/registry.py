@@ -233,7 +233,7 @@ ESTIMATOR_REGISTRY: dict[str, EstimatorSpec] = {spec.name: spec for spec in (
 ESTIMATORS = tuple(ESTIMATOR_REGISTRY)
 
 #: The fields that choose and tune an estimator; absent from the golden records
-#: of contract v1, whose configurations all use the default estimator.
+#: of contract v1.1, whose configurations all use the default estimator.
 ESTIMATOR_FIELDS = ("estimator", *dict.fromkeys(
     field for spec in ESTIMATOR_REGISTRY.values() for field in spec.parameters))
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .bands import band_dims
+from .bands import band_dims, band_sizes
 from .calibration import band_temperature
-from .config import TIE_MARGIN, PrismConfig, resolve_config
+from .config import TIE_MARGIN, TIE_RELATIVE, PrismConfig, resolve_config
 from .registry import estimator_spec, estimator_tiles
 from .scoring import admissible_tiles, band_logits, band_probabilities
 from .tiles import TileLayout, pool_tiles, tile_layout
@@ -85,6 +85,8 @@ def trace_selection(q, k, config: PrismConfig | None = None, *, causal: bool = T
             "call select_blocks, or prism.reference.select.estimator_mask, instead"
         )
     validate_qk(q, k, causal=causal)
+    # The band widths against this head dim (contract §4, §8), before any pooling.
+    band_sizes(q.shape[-1], cfg.high_dim, cfg.low_dim)
     # Stage 1 (contract §3) for the keys; the queries are pooled in the stages below.
     k_pooled = pool_tiles(k, 0, cfg.block_size)
     trace = trace_from_pooled_keys(q, k_pooled, k.shape[2], cfg, causal)
@@ -224,17 +226,19 @@ def estimator_mask(q, k, cfg: PrismConfig, causal: bool = True, *, stages=None) 
 
 
 def boundary_ties(q, k, config: PrismConfig | None = None, *, causal: bool = True,
-                  margin: float = TIE_MARGIN, **overrides) -> torch.Tensor:
+                  margin: float = TIE_MARGIN, relative: float = TIE_RELATIVE,
+                  **overrides) -> torch.Tensor:
     """Mask entries on which two correct implementations may disagree (contract §6).
 
     An entry is a boundary tie when it is admissible and not forced, no band
     keeps it robustly, and in at least one band
 
-    * the mass ranked before it lies within ``margin`` of the band's threshold,
-      or its probability equals such an entry's to within 1e-6 relative; or
-    * it is kept and its probability is within 1e-6 relative of the first
-      dropped entry's, or it is dropped and its probability is within 1e-6
-      relative of the last kept entry's (another summation order may swap
+    * the mass ranked before it lies within ``margin`` (:data:`TIE_MARGIN`)
+      of the band's threshold, or its probability equals such an entry's to
+      within ``relative`` (:data:`TIE_RELATIVE`); or
+    * it is kept and its probability is within ``relative`` of the first
+      dropped entry's, or it is dropped and its probability is within
+      ``relative`` of the last kept entry's (another summation order may swap
       the two, wherever the cut falls in the mass).
 
     With a threshold of 1 neither rule applies (every tile of non-zero
@@ -252,7 +256,7 @@ def boundary_ties(q, k, config: PrismConfig | None = None, *, causal: bool = Tru
     Tensor (B, Hq, n_query_tiles, n_key_tiles), bool
     """
     trace = trace_selection(q, k, config, causal=causal, **overrides)
-    return ties_from_trace(trace, margin)
+    return ties_from_trace(trace, margin, relative)
 
 
 #: Probabilities below the smallest normal fp32 number may flush or underflow
@@ -311,12 +315,13 @@ def _band_ties(probs, mass, threshold, admissible, key_groups, margin, relative)
 
 
 def ties_from_trace(trace: SelectionTrace, margin: float = TIE_MARGIN,
-                    relative: float = 1e-6) -> torch.Tensor:
+                    relative: float = TIE_RELATIVE) -> torch.Tensor:
     """:func:`boundary_ties` computed from an existing trace.
 
     ``margin`` is the absolute distance of the preceding mass from the
-    threshold (contract §6); ``relative`` the relative distance between two
-    probabilities under which they may swap ranks.
+    threshold (contract §6.5, :data:`TIE_MARGIN`); ``relative`` the relative
+    distance between two probabilities under which they may swap ranks
+    (:data:`TIE_RELATIVE`).
     """
     cfg = trace.config
     if trace.mask.numel() == 0:

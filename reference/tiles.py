@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .validation import check_position, check_tensor, validate_block_size
+
 
 @dataclass(frozen=True)
 class TileLayout:
@@ -52,6 +54,7 @@ def tile_layout(num_queries: int, num_keys: int, block_size: int, causal: bool) 
     >>> tile_layout(num_queries=100, num_keys=300, block_size=128, causal=True)
     TileLayout(block_size=128, num_queries=100, num_keys=300, query_start=200, first_query_tile=1, num_query_tiles=2, num_key_tiles=3)
     """  # noqa: E501
+    validate_block_size(block_size)
     query_start = num_keys - num_queries if causal else 0
     first = query_start // block_size
     if num_queries == 0:
@@ -76,6 +79,7 @@ def tile_token_counts(start: int, length: int, block_size: int) -> torch.Tensor:
     Returns an int64 tensor with one entry per tile, from tile
     ``start // block_size`` to the tile that holds the last position.
     """
+    validate_block_size(block_size)
     if length == 0:
         return torch.zeros(0, dtype=torch.int64)
     first = start // block_size
@@ -103,7 +107,16 @@ def pool_tiles(x: torch.Tensor, start: int, block_size: int) -> torch.Tensor:
         Tile ``t`` of the output is absolute tile ``start // block_size + t``.
         Partial tiles (at either end) are averaged over the tokens they hold,
         never diluted by padding.
+
+    Raises
+    ------
+    ValueError, TypeError
+        If ``x`` is not a floating-point tensor of rank 4, ``start`` not an int ``>= 0``
+        or ``block_size`` not an int ``>= 1`` (contract §8).
     """
+    check_tensor("x", x, any_float=True)
+    check_position(start, "start")
+    validate_block_size(block_size)
     b, h, n, d = x.shape
     counts = tile_token_counts(start, n, block_size).to(x.device)
     n_tiles = counts.numel()

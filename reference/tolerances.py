@@ -48,16 +48,33 @@ def logit_bound(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) ->
     return abs(scale) * q_norm * k_norm
 
 
+def lse_magnitude(expected_lse) -> float:
+    """``max|lse_ref|`` over the finite entries of the reference ``lse`` (0 if none).
+
+    The magnitude term of contract §10's bound on ``lse``; pass it to
+    :func:`attention_tolerances` as ``lse_magnitude``.
+    """
+    lse = torch.as_tensor(expected_lse).double()
+    finite = lse[torch.isfinite(lse)]
+    return finite.abs().max().item() if finite.numel() else 0.0
+
+
 def attention_tolerances(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          scale: float | None = None, *, exact_logits: bool = False,
                          lse_magnitude: float | None = None) -> dict[str, float]:
     """Absolute tolerances on ``o`` and ``lse`` for these inputs (contract §10).
 
     ``tol_o = max|v| * (rtol[dtype of q] + rtol[fp32] * L)`` and
-    ``tol_lse = rtol[fp32] * (1 + L + max|lse|)``, with ``L`` from
+    ``tol_lse = rtol[fp32] * (1 + L + max|lse_ref|)``, with ``L`` from
     :func:`logit_bound`. ``exact_logits=True`` declares inputs whose fp32
     scores are exact in any summation order (small integers and a
     power-of-two scale); ``L`` is then 0 in ``tol_o``.
+
+    ``lse_magnitude`` is ``max|lse_ref|`` over the reference's finite ``lse``
+    entries (:func:`lse_magnitude` computes it); callers that compare against
+    a reference ``lse`` pass it, as the golden writer and the test helpers do.
+    Without it ``L`` stands in for ``max|lse_ref|`` (the reference ``lse`` is
+    not known here), which is not the contract's bound.
 
     Returns
     -------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .validation import check_threshold
+
 
 def top_p_select(probs: torch.Tensor, admissible: torch.Tensor, threshold: float):
     """Keep the most probable tiles of each row until their mass reaches ``threshold``.
@@ -30,7 +32,13 @@ def top_p_select(probs: torch.Tensor, admissible: torch.Tensor, threshold: float
     mass_before : Tensor (..., nk) float32
         For each tile, the fp32 mass ranked before it; the distance of this
         value from ``threshold`` tells a boundary tie from a real difference.
+
+    Raises
+    ------
+    ValueError, TypeError
+        If ``threshold`` is not a number in ``(0, 1]`` (a plain Python check).
     """
+    threshold = check_threshold(threshold)
     # A stable descending sort keeps equal probabilities in index order, which
     # is the contract's tie-break (§6).
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)

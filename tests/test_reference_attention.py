@@ -191,3 +191,33 @@ def test_mask_to_indices_round_trip(mask):
         assert idx[i, : len(selected)].tolist() == selected
         assert idx[i, len(selected):].tolist() == [-1] * (len(row) - len(selected))
     assert torch.equal(indices_to_mask(num, idx, m.shape[-1]), m)
+
+
+def test_lse_tolerance_uses_the_reference_lse_magnitude():
+    """Contract §10: tol_lse = rtol32 * (1 + L + max|lse_ref|), max over lse_ref's finite entries.
+
+    With q = 0 the logit bound L is 0 while every lse_ref is ln(Nk), so a bound
+    that put L in place of max|lse_ref| would be ln(Nk) + 1 times too tight.
+    """
+    from prism.reference.tolerances import lse_magnitude
+
+    nk = 64
+    gen = torch.Generator().manual_seed(0)
+    q = torch.zeros(1, 1, 4, 8)
+    k = torch.randn(1, 1, nk, 8, generator=gen)
+    v = torch.randn(1, 1, nk, 8, generator=gen)
+    full = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+    out, lse = block_sparse_attention(q, k, v, full, block_size=64, causal=False,
+                                      return_lse=True)
+    assert torch.allclose(lse.double(), torch.full((1, 1, 4), math.log(nk),
+                                                   dtype=torch.float64))
+    bound = 1e-5 * (1 + 0 + math.log(nk))  # the contract's, with L = 0
+    inside, outside = 0.6 * bound, 1.4 * bound
+    assert inside > 1e-5 * (1 + 0)  # what L in place of max|lse_ref| would allow
+    assert_attention_close(out, lse + inside, out, lse, q, k, v)
+    with pytest.raises(AssertionError, match="lse error"):
+        assert_attention_close(out, lse + outside, out, lse, q, k, v)
+    # Rows of -inf (no key read) do not count in max|lse_ref|.
+    assert lse_magnitude(torch.tensor([-math.inf, -3.0, 2.0])) == 3.0
+    assert lse_magnitude(torch.tensor([-math.inf, -math.inf])) == 0.0
+    assert lse_magnitude(torch.zeros(0)) == 0.0

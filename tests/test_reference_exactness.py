@@ -155,6 +155,22 @@ def test_near_equal_probabilities_far_from_the_mass_boundary_are_ties():
     assert bool((differ & far).any())
 
 
+def test_boundary_ties_passes_relative_through():
+    """``boundary_ties(relative=...)`` reaches the near-equal rule; the default is TIE_RELATIVE."""
+    from prism.reference import TIE_MARGIN, TIE_RELATIVE, ties_from_trace
+
+    q, k, _ = make_qkv(1, 2, 1, 256, 256, 32, seed=3)
+    trace = trace_selection(q, k, block_size=16)
+    default = boundary_ties(q, k, block_size=16)
+    assert torch.equal(default, boundary_ties(q, k, block_size=16, relative=TIE_RELATIVE))
+    assert torch.equal(default, ties_from_trace(trace, TIE_MARGIN, TIE_RELATIVE))
+    # A wide relative margin flags probabilities near the cut's neighbours.
+    wide = boundary_ties(q, k, block_size=16, relative=0.5)
+    assert torch.equal(wide, ties_from_trace(trace, TIE_MARGIN, 0.5))
+    assert int(wide.sum()) > int(default.sum())
+    assert not bool((default & ~wide).any())
+
+
 @pytest.mark.parametrize("seed", [1, 45, 55, 59])
 def test_widened_rule_covers_more_seeds(seed):
     q, k, cfg = _issue_case(seed)

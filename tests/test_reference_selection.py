@@ -294,3 +294,20 @@ def test_near_equal_neighbours_of_a_boundary_entry_are_ties():
     assert ties[0, 0, 3].tolist() == [False, False, True, True]
     # Without the near-equal rule only the boundary entry would be a tie.
     assert ties_from_trace(trace, relative=0.0)[0, 0, 3].tolist() == [False, False, True, False]
+
+
+def test_tie_constants_are_public_and_the_defaults():
+    """TIE_MARGIN and TIE_RELATIVE (contract §6.5) are the defaults of every tie function."""
+    import inspect
+
+    import prism
+    from prism import reference
+
+    assert reference.TIE_MARGIN == 1e-5 and reference.TIE_RELATIVE == 1e-6
+    assert "TIE_RELATIVE" in reference.__all__ and prism.TIE_RELATIVE is reference.TIE_RELATIVE
+    for fn in (boundary_ties, ties_from_trace):
+        params = inspect.signature(fn).parameters
+        assert params["margin"].default is reference.TIE_MARGIN
+        assert params["relative"].default is reference.TIE_RELATIVE
+    assert inspect.signature(boundary_ties).parameters["relative"].kind is \
+        inspect.Parameter.KEYWORD_ONLY

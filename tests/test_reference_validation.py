@@ -133,3 +133,166 @@ def test_inputs_are_never_modified():
     mask_to_indices(mask)
     for original, copy in zip((qq, kk, vv, mask), (*copies, mask_copy), strict=True):
         assert torch.equal(original, copy)
+
+
+# --------------------------------------------------------------------------
+# The reference keeps no validation cache: every call checks.
+# --------------------------------------------------------------------------
+
+def test_reference_validation_checks_every_call(monkeypatch):
+    from prism.reference import validation
+
+    calls = []
+    original = validation._check_qk
+
+    def counting(qq, kk, causal):
+        calls.append(causal)
+        return original(qq, kk, causal)
+
+    monkeypatch.setattr(validation, "_check_qk", counting)
+    for _ in range(3):
+        validation.validate_qk(q, k, causal=True, check_values=False)
+        validation.validate_qkv(q, k, v, causal=True, check_values=False)
+    assert len(calls) == 6
+    assert not hasattr(validation, "_PASSED")
+
+
+# --------------------------------------------------------------------------
+# Public helpers of prism.reference that validate their arguments (contract §8).
+# --------------------------------------------------------------------------
+
+def test_band_sizes_rejects_bad_head_dims_and_widths():
+    from prism.reference import band_sizes
+
+    assert band_sizes(128) == (64, 96)
+    assert band_sizes(8, 4, 8) == (4, 8)
+    _raises(ValueError, ["head_dim", "even", "7"], band_sizes, 7)
+    _raises(ValueError, ["head_dim", "even"], band_sizes, 0)
+    _raises(ValueError, ["head_dim", "even"], band_sizes, -4)
+    _raises(TypeError, ["head_dim", "int"], band_sizes, 8.0)
+    _raises(TypeError, ["head_dim", "int"], band_sizes, True)
+    _raises(ValueError, ["high_dim", "<= head_dim (8)"], band_sizes, 8, 10, None)
+    _raises(ValueError, ["low_dim", "even"], band_sizes, 8, None, 3)
+    _raises(TypeError, ["low_dim", "int"], band_sizes, 8, None, 4.0)
+
+
+def test_pool_tiles_rejects_bad_block_size_and_start():
+    from prism.reference import pool_tiles, tile_layout, tile_token_counts
+
+    x = torch.randn(1, 2, 10, 4)
+    assert pool_tiles(x, 3, 4).shape == (1, 2, 4, 4)
+    _raises(ValueError, ["block_size", ">= 1"], pool_tiles, x, 0, 0)
+    _raises(ValueError, ["block_size", ">= 1"], pool_tiles, x, 0, -2)
+    _raises(TypeError, ["block_size", "int"], pool_tiles, x, 0, 4.0)
+    _raises(ValueError, ["start", ">= 0"], pool_tiles, x, -1, 4)
+    _raises(TypeError, ["start", "int"], pool_tiles, x, 0.5, 4)
+    _raises(ValueError, ["x", "4 dimensions"], pool_tiles, x[0], 0, 4)
+    _raises(TypeError, ["x", "float"], pool_tiles, x.long(), 0, 4)
+    _raises(ValueError, ["block_size", ">= 1"], tile_token_counts, 0, 10, 0)
+    _raises(ValueError, ["block_size", ">= 1"], tile_layout, 10, 10, 0, True)
+
+
+@pytest.mark.parametrize("threshold", [0.0, -0.5, 1.0000001, 2.0, float("nan"), float("inf")])
+def test_top_p_select_rejects_thresholds_outside_unit_interval(threshold):
+    from prism.reference import top_p_select
+
+    probs = torch.tensor([[0.5, 0.3, 0.2]])
+    _raises(ValueError, ["threshold", "(0, 1]", str(threshold)], top_p_select, probs,
+            torch.tensor(True), threshold)
+
+
+def test_top_p_select_threshold_types():
+    from prism.reference import top_p_select
+
+    probs = torch.tensor([[0.5, 0.3, 0.2]])
+    _raises(TypeError, ["threshold", "float"], top_p_select, probs, torch.tensor(True), "0.5")
+    _raises(TypeError, ["threshold", "float"], top_p_select, probs, torch.tensor(True), True)
+    _raises(TypeError, ["threshold", "float"], top_p_select, probs, torch.tensor(True),
+            torch.tensor(0.5))
+    keep, _ = top_p_select(probs, torch.tensor(True), 1)  # an int in range is fine
+    assert keep.tolist() == [[True, True, True]]
+    keep, _ = top_p_select(probs, torch.tensor(True), 0.6)
+    assert keep.tolist() == [[True, True, False]]
+
+
+def test_indices_to_mask_rejects_bad_compact_masks():
+    from prism.reference import indices_to_mask
+
+    num = torch.tensor([[2, 1]], dtype=torch.int32)
+    idx = torch.tensor([[[0, 2, -1], [1, -1, -1]]], dtype=torch.int32)
+    expected = torch.tensor([[[True, False, True], [False, True, False]]])
+    assert torch.equal(indices_to_mask(num, idx, 3), expected)
+    # Entries past kv_num_blocks are padding and never read, whatever they hold.
+    padded = idx.clone()
+    padded[0, 1, 1:] = 99
+    assert torch.equal(indices_to_mask(num, padded, 3), expected)
+    _raises(ValueError, ["kv_num_blocks", "[0, 3]", "got 4"], indices_to_mask,
+            torch.tensor([[4, 1]]), idx, 3)
+    _raises(ValueError, ["kv_num_blocks", "got -1"], indices_to_mask,
+            torch.tensor([[-1, 1]]), idx, 3)
+    _raises(ValueError, ["kv_indices", "[0, 2)", "got 2", "num_key_tiles"], indices_to_mask,
+            num, idx, 2)
+    negative = idx.clone()
+    negative[0, 0, 1] = -1
+    _raises(ValueError, ["kv_indices", "got -1", "(0, 0, 1)"], indices_to_mask,
+            num, negative, 3)
+    _raises(ValueError, ["kv_indices", "shape plus one dim"], indices_to_mask,
+            num[0], idx, 3)
+    _raises(TypeError, ["kv_indices", "integer"], indices_to_mask, num, idx.float(), 3)
+    _raises(TypeError, ["kv_num_blocks", "integer"], indices_to_mask, num.bool(), idx, 3)
+    _raises(TypeError, ["kv_num_blocks", "Tensor"], indices_to_mask, [[2, 1]], idx, 3)
+    _raises(ValueError, ["num_key_tiles", ">= 0"], indices_to_mask, num, idx, -1)
+    _raises(TypeError, ["num_key_tiles", "int"], indices_to_mask, num, idx, 3.0)
+
+
+def test_band_width_above_head_dim_is_rejected_before_pooling(monkeypatch):
+    """Contract §8: validate before computing; no tile is pooled for a bad band width."""
+    from prism.reference import select as select_module
+    from prism.reference import trace_selection
+
+    pooled = []
+    original = select_module.pool_tiles
+
+    def recording(*args, **kwargs):
+        pooled.append(args[1:])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(select_module, "pool_tiles", recording)
+    for fn in (select_blocks, trace_selection):
+        for bad in ({"low_dim": 64}, {"high_dim": 34}):
+            _raises(ValueError, [next(iter(bad)), "head_dim (32)"], fn, q, k, **bad)
+    _raises(ValueError, ["low_dim"], prism_attention, q, k, v, low_dim=64)
+    assert pooled == []
+    select_blocks(q, k, block_size=32)  # the probe does see a good call's pooling
+    assert pooled
+
+
+# --------------------------------------------------------------------------
+# Messages say how to fix the call (contract §8).
+# --------------------------------------------------------------------------
+
+FIX_HINTS = [
+    ("batch", ValueError, ["batch", "split the call"], (torch.cat([q, q]), k, v)),
+    ("head_dim", ValueError, ["head_dim", "same attention layer"], (q, k[..., :16], v)),
+    ("odd D", ValueError, ["even", "pad the head dim"], (q[..., :31], k[..., :31], v)),
+    ("v shape", ValueError, ["v must match k", "pass the v"], (q, k, v[:, :, :10])),
+    ("v empty", ValueError, ["v", "Dv >= 1"], (q, k, v[..., :0])),
+]
+
+
+@pytest.mark.parametrize("name,exc,words,args", FIX_HINTS, ids=[c[0] for c in FIX_HINTS])
+def test_shape_errors_say_how_to_fix(name, exc, words, args):
+    _raises(exc, words, prism_attention, *args)
+
+
+def test_scale_and_config_errors_say_how_to_fix():
+    _raises(TypeError, ["scale", "float", "such as 0.125", "None for 1/sqrt"], prism_attention,
+            q, k, v, scale="0.1")
+    _raises(TypeError, ["high_dim", "int or None", "such as 64"], PrismConfig, high_dim=64.0)
+    _raises(TypeError, ["low_temperature", "positive float", "such as 1.0"], PrismConfig,
+            low_temperature="1")
+    _raises(ValueError, ["eps", "> 0", "default is 1e-06"], PrismConfig, eps=0.0)
+    _raises(ValueError, ["high_temperature", "> 0", "default is 1.0"], PrismConfig,
+            high_temperature=-1.0)
+    for name in ("calibrate", "force_sink", "force_diagonal"):
+        _raises(TypeError, [name, "True or False", f"{name}=True"], PrismConfig, **{name: 1})

@@ -12,6 +12,7 @@ import torch
 from prism import reference
 from prism.reference import (
     TIE_MARGIN,
+    TIE_RELATIVE,
     PrismConfig,
     boundary_ties,
     mask_to_indices,
@@ -110,6 +111,7 @@ __all__ = [
     "__version__",
     "PrismConfig",
     "TIE_MARGIN",
+    "TIE_RELATIVE",
     "resolve_config",
     "select_blocks",
     "block_sparse_attention",

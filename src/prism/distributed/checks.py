@@ -96,7 +96,7 @@ def _exchange_metadata(q, k, v, config, overrides, causal, scale, layout, group,
         cfg = resolve_config(config, **overrides)
         if cfg.estimator != "prism":
             raise ValueError(
-                f"context_parallel_prism_attention implements estimator='prism' (contract v1) "
+                f"context_parallel_prism_attention implements estimator='prism' (contract v1.1) "
                 f"only, got estimator={cfg.estimator!r}; use the single-device "
                 "prism.prism_attention for the other estimators (docs/estimators.rst)"
             )
