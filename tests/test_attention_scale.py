@@ -124,8 +124,6 @@ def test_non_positive_scales_leave_q_alone():
 @pytest.mark.gpu
 @pytest.mark.parametrize("scale", [0.0, -0.125])
 def test_gpu_non_positive_scales_bf16(scale):
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
     import prism.optimized as optimized
 
     q, k, v = make_qkv(2, 8, 2, 1024, 1024, 128, dtype=torch.bfloat16, seed=7)
