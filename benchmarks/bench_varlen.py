@@ -367,10 +367,20 @@ def equal_length_overhead(cfg_sparse, n=16384, batch=8, which=("sparse", "dense"
     return out
 
 
+#: Where ``to_cache`` puts the pages: "shuffled" (a random permutation of the cache)
+#: or "sorted" (each sequence's pages consecutive, in order: what an allocator
+#: handing out free pages in order gives a fresh prefill); ``--page-order``.
+PAGE_ORDER = "shuffled"
+
+
 def to_cache(k, v, cu, lengths, page):
-    """The packed batch in a cache of shuffled ``page``-token pages (lengths % page == 0)."""
+    """The packed batch in a cache of ``page``-token pages (lengths % page == 0), placed
+    as :data:`PAGE_ORDER` says."""
     pages = [n // page for n in lengths]
-    order = torch.randperm(sum(pages), device="cuda")
+    if PAGE_ORDER == "sorted":
+        order = torch.arange(sum(pages), device="cuda")
+    else:
+        order = torch.randperm(sum(pages), device="cuda")
     k_cache = torch.empty(sum(pages), page, KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
     v_cache = torch.empty_like(k_cache)
     table = torch.zeros(len(lengths), max(pages), dtype=torch.int32, device="cuda")
@@ -484,9 +494,12 @@ def main(argv=None):
                              "equal-length batch: the paged part only")
     parser.add_argument("--orders", action="store_true",
                         help="also time the packed launch's tile orders")
+    parser.add_argument("--page-order", choices=("shuffled", "sorted"), default="shuffled",
+                        help="paged part: pages in a random permutation of the cache "
+                             "(default) or each sequence's pages consecutive")
     args = parser.parse_args(argv)
-    global ROUNDS, ORDERS
-    ROUNDS, ORDERS = args.rounds, args.orders
+    global ROUNDS, ORDERS, PAGE_ORDER
+    ROUNDS, ORDERS, PAGE_ORDER = args.rounds, args.orders, args.page_order
     started = time.time()
     lengths = list(LENGTHS)
     max_len = max(lengths)
@@ -495,7 +508,7 @@ def main(argv=None):
         "triton": triton.__version__, "commit": args.commit,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
         "lengths": lengths, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
-        "block_size": BLOCK, "dtype": str(DTYPE)}
+        "block_size": BLOCK, "dtype": str(DTYPE), "page_order": PAGE_ORDER}
 
     def write():
         result["wall_s"] = time.time() - started
