@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -186,8 +187,17 @@ def _check_out(args) -> None:
     existing = out
     while not existing.exists():
         existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--out {args.out}: {existing} is a file, so no folder can be made "
+                         "under it; pass another --out")
     if not os.access(existing, os.W_OK):
         raise UsageError(f"--out {args.out}: {existing} is not writable; pass another --out")
+    try:  # os.access trusts permission bits; some file systems refuse anyway (/proc)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise UsageError(f"--out {args.out}: cannot write in {existing} ({err.strerror}); "
+                         "pass another --out") from None
 
 
 def _check_device(text: str) -> None:
@@ -204,6 +214,9 @@ def _check_device(text: str) -> None:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UsageError(f"--device {text}: there are only {torch.cuda.device_count()} "
                              "CUDA device(s)")
+    elif device.type == "meta":
+        raise UsageError(f"--device {text}: meta tensors hold no values, so nothing can be "
+                         "evaluated on them; use cpu or cuda")
     elif device.type != "cpu":
         try:
             torch.empty(0, device=device)
@@ -277,7 +290,12 @@ def _check_settings(args) -> None:
         return
     from prism.evaluation.sweep import method_selection
 
-    settings = _sweep_settings(args)
+    try:
+        settings = _sweep_settings(args)
+    except (TypeError, ValueError) as err:
+        preset = getattr(args, "preset", None)
+        raise UsageError((f"--preset {preset}: " if preset else "sweep settings: ")
+                         + str(err)) from None
     generator = torch.Generator().manual_seed(0)
     bs = args.block_size
     q = torch.randn(1, 2, 2 * bs, 64, generator=generator)
