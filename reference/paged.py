@@ -240,6 +240,16 @@ def _check_pooled_keys(pooled_keys, batch: int, cfg: PrismConfig) -> list:
         if cache is not None and not isinstance(cache, PooledKeyCache):
             raise TypeError(f"pooled_keys[{i}] must be a PooledKeyCache or None, got "
                             f"{type(cache).__name__}")
+    seen: dict = {}
+    for i, cache in enumerate(pooled_keys):
+        if cache is not None:
+            if id(cache) in seen:
+                raise ValueError(
+                    f"pooled_keys[{seen[id(cache)]}] and pooled_keys[{i}] are the same "
+                    "PooledKeyCache; each sequence keeps its own pooled tiles: give every "
+                    "sequence its own PooledKeyCache(block_size) (or None)"
+                )
+            seen[id(cache)] = i
     if cfg.estimator != "prism" and any(c is not None for c in pooled_keys):
         raise ValueError(
             f"pooled_keys work with estimator='prism' only (the {cfg.estimator!r} estimator "

@@ -459,6 +459,27 @@ def test_pooled_cache_errors():
     with pytest.raises(ValueError, match="estimator='prism' only"):
         reference.prism_attention_paged(**args, block_size=16, estimator="vertical_slash",
                                         pooled_keys=[PooledKeyCache(16), None])
+    shared = PooledKeyCache(16)
+    for impl in _impls_for_errors():
+        with pytest.raises(ValueError, match=r"pooled_keys\[0\] and pooled_keys\[1\] are the same"):
+            impl.prism_attention_paged(**args, block_size=16, pooled_keys=[shared, shared])
+        with pytest.raises(ValueError, match="its own PooledKeyCache"):
+            impl.select_blocks_paged(args["q"], args["k_cache"], args["block_table"],
+                                     args["seq_lens"], args["cu_seqlens_q"],
+                                     args["max_seqlen_q"], block_size=16,
+                                     pooled_keys=[shared, shared])
+    assert shared.num_tiles == 0  # refused before anything was pooled
+
+
+def _impls_for_errors():
+    """The reference, and prism.optimized where it takes these CPU tensors (Triton's
+    interpreter; the check is shared validation, before any kernel)."""
+    impls = [reference]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        import prism.optimized as optimized
+
+        impls.append(optimized)
+    return impls
 
 
 # --------------------------------------------------------------------------
