@@ -64,6 +64,9 @@ def load_function(spec: str):
     target, name = spec.rsplit(":", 1)
     if target.endswith(".py"):
         path = Path(target).resolve()
+        if not path.is_file():
+            raise ValueError(f"no such file: {path}; pass the port's file as path/to/port.py:"
+                             f"{name}")
         module_spec = importlib.util.spec_from_file_location(path.stem, path)
         if module_spec is None or module_spec.loader is None:
             raise ValueError(f"cannot import {path}")
@@ -71,7 +74,11 @@ def load_function(spec: str):
         sys.modules[path.stem] = module
         module_spec.loader.exec_module(module)
     else:
-        module = importlib.import_module(target)
+        try:
+            module = importlib.import_module(target)
+        except ImportError as error:
+            raise ValueError(f"cannot import module {target!r} ({error}); pass an importable "
+                             f"module or a path/to/port.py file") from None
     try:
         return getattr(module, name)
     except AttributeError:
@@ -315,8 +322,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.select is None and args.attention is None:
         parser.error("give a selection function, --attention, or both")
-    select = load_function(args.select) if args.select else None
-    attention = load_function(args.attention) if args.attention else None
+    try:
+        select = load_function(args.select) if args.select else None
+        attention = load_function(args.attention) if args.attention else None
+    except ValueError as error:
+        parser.error(str(error))  # one line and exit status 2, as for other bad arguments
     cases, mismatches = check_golden(select, attention, args.golden, args.arrays, args.save)
     if args.examples > 0:
         mismatches += check_random(select, attention, args.examples, args.arrays, args.save,

@@ -204,6 +204,22 @@ def test_command_line_exit_status_and_file_ports(tmp_path, capsys):
         load_function("prism.reference.select_blocks")
 
 
+@pytest.mark.parametrize("target, words", [
+    ("{port}:nope", "has no attribute 'nope'"),
+    ("{missing}:select", "no such file"),
+    ("no_such_module_xyz:select", "cannot import module 'no_such_module_xyz'"),
+])
+def test_bad_port_targets_are_usage_errors(tmp_path, capsys, target, words):
+    port = tmp_path / "port.py"
+    port.write_text("def select(q, k, **kw):\n    raise AssertionError('never called')\n")
+    spec = target.format(port=port, missing=tmp_path / "missing.py")
+    with pytest.raises(SystemExit) as exit_info:
+        main([spec, "--examples", "0"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+
+
 def test_checker_accepts_attention_without_lse():
     def out_only(q, k, v, mask, *, block_size, causal=True, scale=None):
         return block_sparse_attention(q, k, v, mask, block_size=block_size, causal=causal,
