@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from .registry import ESTIMATOR_FIELDS as _REGISTRY_FIELDS
 from .registry import ESTIMATOR_REGISTRY
 from .registry import ESTIMATORS as _REGISTRY_NAMES
-from .validation import check_threshold
+from .validation import check_band_width, check_threshold
 
 #: Absolute margin on the probability mass ranked before a mask entry within
 #: which two implementations may disagree on it (contract §6.5, which also
@@ -153,19 +153,8 @@ class PrismConfig:
                 f"block_size must be >= 1, got {self.block_size}; use a tile size such as 64 or 128"
             )
         for name in ("high_dim", "low_dim"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if not _is_int(value):
-                raise TypeError(
-                    f"{name} must be an int or None, got {type(value).__name__} {value!r}; "
-                    "pass a whole number of head dims such as 64, or None for the default"
-                )
-            if value <= 0 or value % 2:
-                raise ValueError(
-                    f"{name} must be a positive even number of head dims (whole RoPE pairs), "
-                    f"got {value}; use e.g. 64, or None for the default"
-                )
+            if getattr(self, name) is not None:
+                check_band_width(getattr(self, name), name)
         for name in ("high_threshold", "low_threshold"):
             check_threshold(getattr(self, name), name)
         for name in ("high_temperature", "low_temperature", "eps"):

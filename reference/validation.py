@@ -97,20 +97,32 @@ def check_head_dim(head_dim, name: str = "head_dim") -> None:
         )
 
 
+def check_band_width(value, name: str, head_dim: int | None = None) -> None:
+    """Check one band width (§4, §8): an even int ``> 0``, and ``<= head_dim`` when the
+    head dim is known (a config is checked before any tensor is seen)."""
+    if not _is_int(value):
+        raise TypeError(
+            f"{name} must be an int or None, got {type(value).__name__} {value!r}; "
+            "pass a whole number of head dims such as 64, or None for the default"
+        )
+    if head_dim is None:
+        if value <= 0 or value % 2:
+            raise ValueError(
+                f"{name} must be a positive even number of head dims (whole RoPE pairs), "
+                f"got {value}; use e.g. 64, or None for the default"
+            )
+    elif value <= 0 or value % 2 or value > head_dim:
+        raise ValueError(
+            f"{name} must be a positive even number <= head_dim ({head_dim}), got "
+            f"{value}; pick whole RoPE pairs that fit the head, e.g. "
+            f"{max(2, head_dim // 2 // 2 * 2)}, or None for the default"
+        )
+
+
 def check_band_widths(head_dim: int, high_dim: int, low_dim: int) -> None:
     """Check resolved band widths: each even, positive and at most ``head_dim`` (§4, §8)."""
-    for name, value in (("high_dim", high_dim), ("low_dim", low_dim)):
-        if not _is_int(value):
-            raise TypeError(
-                f"{name} must be an int or None, got {type(value).__name__} {value!r}; "
-                "pass a whole number of head dims such as 64, or None for the default"
-            )
-        if value <= 0 or value % 2 or value > head_dim:
-            raise ValueError(
-                f"{name} must be a positive even number <= head_dim ({head_dim}), got "
-                f"{value}; pick whole RoPE pairs that fit the head, e.g. "
-                f"{max(2, head_dim // 2 // 2 * 2)}, or None for the default"
-            )
+    check_band_width(high_dim, "high_dim", head_dim)
+    check_band_width(low_dim, "low_dim", head_dim)
 
 
 def check_threshold(threshold, name: str = "threshold") -> float:

@@ -193,8 +193,7 @@ def _check_out(args) -> None:
     if not os.access(existing, os.W_OK):
         raise UsageError(f"--out {args.out}: {existing} is not writable; pass another --out")
     try:  # os.access trusts permission bits; some file systems refuse anyway (/proc)
-        with tempfile.TemporaryFile(dir=existing):
-            pass
+        tempfile.TemporaryFile(dir=existing).close()
     except OSError as err:
         raise UsageError(f"--out {args.out}: cannot write in {existing} ({err.strerror}); "
                          "pass another --out") from None
