@@ -67,11 +67,6 @@ from .vertical_slash_tiles import vertical_slash_bins
 #: On CUDA, run the vertical-slash stage (the last queries' distributions and their
 #: top-p) on a second stream, concurrently with the other stages; False: one stream.
 OVERLAP_VERTICAL_SLASH = True
-#: With the overlap, queue the vertical-slash stage's launches after the main stream's
-#: (the side stream still waits only for the work queued before the call): an eager
-#: call's host time then runs beside the main stream's kernels, which are the longer
-#: chain, instead of delaying them. False: the side stage's launches go first.
-MAIN_STREAM_FIRST = True
 
 #: Probability stages the fused path runs: stage name -> (scoring function on
 #: validated inputs, the PrismConfig field of its argument, whether it reads
@@ -180,12 +175,10 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
     if uses_last_queries and OVERLAP_VERTICAL_SLASH and q.is_cuda:
         # The vertical-slash stage reads only q and k: it runs on its own stream
         # beside Prism's kernels and the scores, and the finishing launch waits for it.
-        # The fork comes first, so the side stream never waits for this call's kernels.
         side = side_stream(q.device, 1)
         main = fork(side)
-        if not MAIN_STREAM_FIRST:
-            with torch.cuda.stream(side):
-                columns, diagonals, last_tiles = vertical_slash()
+        with torch.cuda.stream(side):
+            columns, diagonals, last_tiles = vertical_slash()
     if spec.prism_bands:
         other, nonfinite = prism_mask(q, k, v, cfg, causal, layout)
         check = {}  # the pooling launch checked q, k and v
@@ -204,9 +197,6 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
         if side is None:
             columns, diagonals, last_tiles = vertical_slash()
         else:
-            if MAIN_STREAM_FIRST:
-                with torch.cuda.stream(side):
-                    columns, diagonals, last_tiles = vertical_slash()
             join(main, side)
         if stage is None and not (spec.prism_bands or on_candidates):
             check["q"] = q
