@@ -42,7 +42,8 @@ from prism import optimized  # noqa: E402
 from prism.reference import band_sizes, resolve_config, tile_layout  # noqa: E402
 
 
-def selection_graph(lengths, copy_tb_s, baseline_path=None, budget_s=100.0, names=None):
+def selection_graph(lengths, copy_tb_s, baseline_path=None, budget_s=100.0, names=None,
+                    pooling_shapes=()):
     """Device time of selection (mask + indices) per length and tuning, as graph replays;
     ``baseline_path``: an older copy of optimized/selection.py, timed and compared bit
     for bit. The floor reads Q and K once and writes the mask and int32 indices once."""
@@ -58,14 +59,21 @@ def selection_graph(lengths, copy_tb_s, baseline_path=None, budget_s=100.0, name
                 # Rows of 2048 key tiles (256K tokens at tile 128) on the tensor cores.
                 "dot_2048": Tuning(dot_max_width=2048),
                 "dot_2048_stages_1": Tuning(dot_max_width=2048, num_stages=1),
-                "dot_2048_stages_2": Tuning(dot_max_width=2048, num_stages=2)}
+                "dot_2048_stages_2": Tuning(dot_max_width=2048, num_stages=2),
+                # Shapes around the default (a second "default" gauges the run's spread).
+                "default_again": None, "rows_32": Tuning(rows_per_program=32),
+                "merge_128": Tuning(merge_width=128), "merge_512": Tuning(merge_width=512),
+                "check_every_4": Tuning(check_every=4), "stages_4": Tuning(num_stages=4),
+                "no_overlap": Tuning(overlap=False),
+                "elements_per_thread_64": Tuning(elements_per_thread=64)}
     variants = {name: variants[name] for name in (names or variants)}
     started = time.time()
-    return [_selection_length(n, copy_tb_s, variants, baseline, started, budget_s)
+    return [_selection_length(n, copy_tb_s, variants, baseline, started, budget_s,
+                              pooling_shapes)
             for n in lengths]
 
 
-def _selection_length(n, copy_tb_s, variants, baseline, started, budget_s):
+def _selection_length(n, copy_tb_s, variants, baseline, started, budget_s, pooling_shapes=()):
     from prism.optimized import selection
     from prism.optimized.pooling import pool_tiles_and_energy
 
@@ -78,6 +86,17 @@ def _selection_length(n, copy_tb_s, variants, baseline, started, budget_s):
     row = {"tokens": n, "floor_ms": floor / copy_tb_s / 1e9, "graph_ms": {}, "equal": {}}
     row["graph_ms"]["pooling"] = graph_ms(
         lambda: pool_tiles_and_energy(q, k, layout, high, low, cfg.rope_layout))
+    for rows_per_load, warps in pooling_shapes:
+        pooled = pool_tiles_and_energy(q, k, layout, high, low, cfg.rope_layout,
+                                       rows_per_load=rows_per_load, num_warps=warps)
+        plain = pool_tiles_and_energy(q, k, layout, high, low, cfg.rope_layout)
+        name = f"pooling_{rows_per_load}x{warps}"
+        row["graph_ms"][name] = graph_ms(
+            lambda r=rows_per_load, w=warps: pool_tiles_and_energy(
+                q, k, layout, high, low, cfg.rope_layout, rows_per_load=r, num_warps=w))
+        # fp32 sums in another order: compare within a relative 1e-5.
+        row["equal"][name] = all(torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+                                 for a, b in zip(pooled[:2], plain[:2], strict=True))
     modules = [("baseline", baseline, None)] if baseline is not None else []
     modules += [(name, selection, tuning) for name, tuning in variants.items()]
     first = None
@@ -107,6 +126,11 @@ def main(argv=None):
     parser.add_argument("--baseline", default=None,
                         help="path of an older selection module to compare")
     parser.add_argument("--variants", default=None, help="comma-separated tunings to time")
+    parser.add_argument("--budget-s", type=float, default=100.0,
+                        help="seconds after which the remaining tunings are skipped")
+    parser.add_argument("--pooling-shapes", default="",
+                        help="pooling launch shapes to time beside the default, as "
+                             "ROWSxWARPS (token rows per load x warps), comma-separated")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_selection.py needs a CUDA GPU")
@@ -114,7 +138,10 @@ def main(argv=None):
               "ceilings": ceilings()}
     result["selection"] = selection_graph(
         [int(x) for x in args.lengths.split(",")], result["ceilings"]["copy_tb_s"],
-        args.baseline, names=args.variants.split(",") if args.variants else None)
+        args.baseline, budget_s=args.budget_s,
+        names=args.variants.split(",") if args.variants else None,
+        pooling_shapes=[tuple(map(int, shape.split("x")))
+                        for shape in args.pooling_shapes.split(",") if shape])
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
