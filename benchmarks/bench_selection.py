@@ -62,7 +62,9 @@ def selection_graph(lengths, copy_tb_s, baseline_path=None, budget_s=100.0, name
                 "dot_2048_stages_2": Tuning(dot_max_width=2048, num_stages=2),
                 # Shapes around the default (a second "default" gauges the run's spread).
                 "default_again": None, "rows_32": Tuning(rows_per_program=32),
-                "merge_128": Tuning(merge_width=128), "merge_512": Tuning(merge_width=512),
+                "merge_32": Tuning(merge_width=32), "merge_64": Tuning(merge_width=64),
+                "merge_128": Tuning(merge_width=128), "merge_256": Tuning(merge_width=256),
+                "merge_512": Tuning(merge_width=512),
                 "check_every_4": Tuning(check_every=4), "stages_4": Tuning(num_stages=4),
                 "no_overlap": Tuning(overlap=False),
                 "elements_per_thread_64": Tuning(elements_per_thread=64)}
