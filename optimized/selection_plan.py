@@ -46,7 +46,11 @@ class SelectionTuning:
         ones on a second stream, filling SMs the widest launch leaves idle.
     merge_width : int
         Causal rows that see at most this many key tiles share one launch of this
-        width (or the full row's) instead of one per power of two.
+        width (or the full row's) instead of one per power of two. 128 since
+        2026-12-03 (benchmarks/NOTES.md item 45; random inputs, graph replays, two
+        runs): 32K 0.193 against 0.205 ms for 256, 64K 0.498-0.499 against
+        0.522-0.523, 128K 1.452-1.456 against 1.460-1.467, 4K-16K and 256K within
+        1%; 64 and 32 were slower from 16K on.
     check_every, num_stages : int
         Bisection steps between early-exit checks; pipelining stages of the logits.
     wide_num_stages : int
@@ -63,7 +67,7 @@ class SelectionTuning:
     rows_per_program: int = 16
     overlap: bool = True
     overlap_min_launches: int = 3
-    merge_width: int = 256
+    merge_width: int = 128
     check_every: int = 2
     num_stages: int = 3
     stack_bands_max_width: int = 64

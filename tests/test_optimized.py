@@ -705,7 +705,11 @@ def test_wide_launches_fit_tl_dot_and_shared_memory(dot_max_width):
     steps = _prepare_launches(tile_layout(262144, 262144, 128, True), True, tuning,
                               resolve_config(None), 1, 32, 8, 128, 64, 64, True, True)
     widths = [prepared.kwargs["WIDTH"] for _, prepared in steps]
-    assert widths == [2048, 1024, 512, 256]
+    # Widest first, one launch per power of two down to the merged narrow rows.
+    expected = [2048]
+    while expected[-1] > tuning.merge_width:
+        expected.append(expected[-1] // 2)
+    assert widths == expected and len(widths) >= 4
     for _, prepared in steps:
         kw = prepared.kwargs
         assert kw["USE_DOT"] == (kw["WIDTH"] <= dot_max_width)
