@@ -64,6 +64,8 @@ capture like any launch (the memset and the launches are captured).
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -143,7 +145,37 @@ class _Step:
     """One replayed launch (``call`` set) or zeroing (``call`` None, ``nbytes`` set)."""
 
     __slots__ = ("call", "grid", "function", "prefix", "tail", "scalars", "args", "descriptors",
-                 "entry", "scratch", "nbytes", "side", "sync")
+                 "entry", "scratch", "nbytes", "side", "sync", "events")
+
+
+#: torch Stream objects by (device index, raw stream handle): a replay that forks or
+#: joins a side stream needs the current stream as an object, and building one
+#: (``torch.cuda.current_stream``) costs more host time than the launches it orders.
+#: A handle names one stream while it exists; pool streams are never freed.
+_STREAM_OBJECTS: dict = {}
+
+
+def _current_stream_object(device: int, handle: int, torch_device) -> torch.cuda.Stream:
+    """The current stream of ``device`` (raw ``handle``) as a torch Stream, cached."""
+    stream = _STREAM_OBJECTS.get((device, handle))
+    if stream is None:
+        stream = torch.cuda.current_stream(torch_device)
+        if len(_STREAM_OBJECTS) > 256:
+            _STREAM_OBJECTS.clear()
+        _STREAM_OBJECTS[(device, handle)] = stream
+    return stream
+
+
+def _step_event(step: _Step) -> torch.cuda.Event:
+    """The event a fork or join step records and waits on, one per thread (an event
+    shared between threads could be re-recorded between one thread's record and its
+    wait). Recording an event again is how CUDA means events to be reused: a wait
+    already queued keeps the work it saw then."""
+    thread = threading.get_ident()
+    event = step.events.get(thread)
+    if event is None:
+        event = step.events[thread] = torch.cuda.Event()
+    return event
 
 
 class CallPlan:
@@ -169,11 +201,14 @@ class CallPlan:
         for step in self.steps:
             if step.sync is not None:  # the recorded fork or join of a side stream
                 if current is None:
-                    current = torch.cuda.current_stream(device)
-                if step.sync == "fork":
-                    step.side.wait_stream(current)
-                else:
-                    current.wait_stream(step.side)
+                    current = _current_stream_object(self.device, stream, device)
+                event = _step_event(step)
+                if step.sync == "fork":  # as step.side.wait_stream(current)
+                    event.record(current)
+                    step.side.wait_event(event)
+                else:  # as current.wait_stream(step.side)
+                    event.record(step.side)
+                    current.wait_event(event)
                 continue
             target = stream if step.side is None else step.side.cuda_stream
             if step.call is None:
@@ -347,7 +382,7 @@ def _make_plan(launches, watch, result, inputs, cfg):
         step = _Step()
         step.side, step.sync = side, None
         if item[0] in ("fork", "join"):
-            step.sync = item[0]
+            step.sync, step.events = item[0], {}
             steps.append(step)
             continue
         if item[0] == "zero":

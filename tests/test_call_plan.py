@@ -468,3 +468,62 @@ def test_side_streams_forked_and_joined_are_replayable():
     # A fork from a stream other than the call's, or a launch on an unforked side.
     assert call_plan._stream_roles([main_launch, ("fork", other, 9), ("join", other, 9)]) is None
     assert call_plan._stream_roles(items[:2] + [("e", (1,), (), (), 11)] + items[5:]) is None
+
+
+class _FakeStream:
+    """A stream object as a replay uses it: it waits on events, and logs that."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def wait_event(self, event):
+        self.log.append(("wait", self.name, event))
+
+
+def test_replayed_fork_and_join_order_the_streams_with_reused_events(monkeypatch):
+    """A replayed fork makes the side stream wait for the call's stream (an event
+    recorded there), a join the reverse; the current stream's object is built once per
+    raw handle, and each fork or join step reuses one event per thread (never one
+    shared between threads, which could be re-recorded between record and wait)."""
+    import threading
+
+    log, built = [], []
+
+    class _Event:
+        def record(self, stream):
+            log.append(("record", stream.name, self))
+
+    main = _FakeStream("main", log)
+    side = _FakeStream("side", log)
+    side.cuda_stream = 9
+
+    def current_stream(device=None):
+        built.append(device)
+        return main
+
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    monkeypatch.setattr(fast, "_get_stream", lambda device: 7)
+    monkeypatch.setattr(call_plan, "_STREAM_OBJECTS", {})
+    steps = []
+    for kind in ("fork", "join"):
+        step = call_plan._Step()
+        step.side, step.sync, step.events = side, kind, {}
+        steps.append(step)
+    plan = object.__new__(call_plan.CallPlan)
+    plan.torch_device, plan.device, plan.words, plan.outputs = "cuda:0", 0, 0, []
+    plan.steps, plan.flag = steps, None
+    for _ in range(2):
+        assert plan.run([]) == ([], None, None)
+    fork_event, join_event = log[0][2], log[2][2]
+    assert fork_event is not join_event
+    expected = [("record", "main", fork_event), ("wait", "side", fork_event),
+                ("record", "side", join_event), ("wait", "main", join_event)]
+    assert log == expected * 2  # the second replay reuses both events
+    assert built == ["cuda:0"]  # one stream object for the raw handle 7
+    log.clear()
+    thread = threading.Thread(target=plan.run, args=([],))
+    thread.start()
+    thread.join()
+    assert [entry[:2] for entry in log] == [entry[:2] for entry in expected]
+    assert log[0][2] is not fork_event and log[2][2] is not join_event  # its own events
