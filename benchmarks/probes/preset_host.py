@@ -16,12 +16,11 @@ import json
 import os
 import pstats
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from bench_matrix import structured_qkv  # noqa: E402
+from bench_matrix import host_us, structured_qkv  # noqa: E402
 from bench_prism import bench, graph_ms  # noqa: E402
 from probe_cli import run  # noqa: E402
 
@@ -30,19 +29,6 @@ from prism.optimized import call_plan, ops  # noqa: E402
 from prism.reference import PrismConfig  # noqa: E402
 
 CALLS = 200
-
-
-def host_us(fn, calls=CALLS):
-    """Host microseconds per call, back to back, flag read off (no waiting)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed * 1e6 / calls
 
 
 def top_functions(fn, calls=CALLS, top=25):
@@ -75,7 +61,7 @@ def row(n):
         saved = ops.tracing
         ops.tracing = lambda: True
         try:
-            out[f"{name}_host_us"] = host_us(fn)
+            out[f"{name}_host_us"] = host_us(fn, CALLS)  # flag read off: no waiting
             out[f"{name}_profile"] = top_functions(fn)
         finally:
             ops.tracing = saved
