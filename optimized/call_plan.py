@@ -174,6 +174,8 @@ def _step_event(step: _Step) -> torch.cuda.Event:
     thread = threading.get_ident()
     event = step.events.get(thread)
     if event is None:
+        if len(step.events) >= 64:  # threads come and go: keep the table bounded
+            step.events.clear()
         event = step.events[thread] = torch.cuda.Event()
     return event
 

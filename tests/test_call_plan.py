@@ -527,3 +527,4 @@ def test_replayed_fork_and_join_order_the_streams_with_reused_events(monkeypatch
     thread.join()
     assert [entry[:2] for entry in log] == [entry[:2] for entry in expected]
     assert log[0][2] is not fork_event and log[2][2] is not join_event  # its own events
+    assert log[0][2] is not log[2][2]
