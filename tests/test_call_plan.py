@@ -528,3 +528,20 @@ def test_replayed_fork_and_join_order_the_streams_with_reused_events(monkeypatch
     assert [entry[:2] for entry in log] == [entry[:2] for entry in expected]
     assert log[0][2] is not fork_event and log[2][2] is not join_event  # its own events
     assert log[0][2] is not log[2][2]
+
+
+def test_fork_and_join_events_stay_bounded_as_threads_come_and_go(monkeypatch):
+    """Each short-lived thread that replays a plan gets its own event; the table of a
+    step never holds more than 64 of them."""
+    import threading
+
+    monkeypatch.setattr(torch.cuda, "Event", object)
+    step = call_plan._Step()
+    step.events = {}
+    seen = []
+    for _ in range(100):
+        thread = threading.Thread(target=lambda: seen.append(call_plan._step_event(step)))
+        thread.start()
+        thread.join()
+        assert len(step.events) <= 64
+    assert len(seen) == 100 and call_plan._step_event(step) is call_plan._step_event(step)
