@@ -538,10 +538,17 @@ def test_fork_and_join_events_stay_bounded_as_threads_come_and_go(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Event", object)
     step = call_plan._Step()
     step.events = {}
-    seen = []
-    for _ in range(100):
-        thread = threading.Thread(target=lambda: seen.append(call_plan._step_event(step)))
+    seen, together = [], threading.Barrier(100)
+
+    def replay():  # alive until all have their event, so the 100 thread ids differ
+        seen.append(call_plan._step_event(step))
+        together.wait()
+
+    threads = [threading.Thread(target=replay) for _ in range(100)]
+    for thread in threads:
         thread.start()
+    for thread in threads:
         thread.join()
-        assert len(step.events) <= 64
-    assert len(seen) == 100 and call_plan._step_event(step) is call_plan._step_event(step)
+    assert len(seen) == 100 and len({id(event) for event in seen}) == 100
+    assert len(step.events) <= 64
+    assert call_plan._step_event(step) is call_plan._step_event(step)
