@@ -262,6 +262,23 @@ def test_selection_cuda_core_path(monkeypatch, overrides):
     check_selection(q[:, :, :70], k[:, :, :90], causal=False, **overrides)
 
 
+@pytest.mark.parametrize("tuning", [
+    dict(rows_per_program=32), dict(elements_per_thread=64), dict(elements_per_thread=16),
+    dict(merge_width=16), dict(merge_width=512), dict(check_every=4), dict(num_stages=4),
+    dict(early_exit=False), dict(stack_bands_max_width=0),
+], ids=lambda t: ",".join(f"{k}={v}" for k, v in t.items()))
+def test_selection_launch_shapes_keep_the_reference_selection(monkeypatch, tuning):
+    """Every launch shape the benchmarks sweep (``bench_selection.py --variants``) selects
+    what the reference selects, up to boundary ties: the tuning changes fp32 summation
+    order, never the semantics. Rows of up to 64 key tiles, so merged and per-width
+    launches both occur."""
+    monkeypatch.setattr(selection_module, "_DEFAULT_TUNING",
+                        selection_module.SelectionTuning(**tuning))
+    q, k, _ = make_qkv(1, 2, 1, 1024, 1024, 64, seed=17, sharpness=2.0)
+    q, k = _to(DEVICE, q, k)
+    check_selection(q, k, block_size=16)
+
+
 def test_selection_exact_ties_break_by_index():
     """Identical key tiles give exactly equal probabilities; the smaller index goes first."""
     gen = torch.Generator().manual_seed(3)
