@@ -195,3 +195,19 @@ def oracle_attention(q, k, v, block_mask, *, block_size, causal=True, scale=None
                 lse[b, head, r] = torch.logsumexp(scores, 0)
                 o[b, head, r] = torch.softmax(scores, 0) @ v[b, kv, idx].double()
     return o, lse
+
+
+def count_shape_checks(monkeypatch) -> list:
+    """Record every call of the shared q/k shape check (``prism.reference.validation``):
+    the returned list gets one entry (``causal``) per call."""
+    from prism.reference import validation
+
+    calls = []
+    original = validation._check_qk
+
+    def counting(q, k, causal):
+        calls.append(causal)
+        return original(q, k, causal)
+
+    monkeypatch.setattr(validation, "_check_qk", counting)
+    return calls

@@ -24,6 +24,7 @@ from triton.runtime import _allocation
 from triton.runtime.jit import JITFunction, native_specialize_impl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from helpers import count_shape_checks
 from prism.optimized import launch as fast
 from prism.optimized._runtime import kernels_interpreted
 
@@ -455,27 +456,12 @@ def test_remembered_validation_still_rejects_bad_calls():
             validate_qkv(q, k, v.numpy(), causal=True, check_values=False)
 
 
-def _count_shape_checks(monkeypatch):
-    """Count calls of the shared shape checks of q and k (prism.reference.validation)."""
-    from prism.reference import validation
-
-    calls = []
-    original = validation._check_qk
-
-    def counting(q, k, causal):
-        calls.append(causal)
-        return original(q, k, causal)
-
-    monkeypatch.setattr(validation, "_check_qk", counting)
-    return calls
-
-
 def test_optimized_validation_remembers_passed_signatures(monkeypatch):
     """The optimized path skips the shape checks of a signature that passed (host time)."""
     from prism.optimized import _runtime
 
     monkeypatch.setattr(_runtime, "_PASSED", {})
-    calls = _count_shape_checks(monkeypatch)
+    calls = count_shape_checks(monkeypatch)
     q, k = torch.randn(1, 4, 32, 16), torch.randn(1, 2, 32, 16)
     v = torch.randn(1, 2, 32, 8)
     for _ in range(3):
@@ -493,7 +479,7 @@ def test_optimized_validation_is_traced_under_compile(monkeypatch):
     from prism.optimized import _runtime
 
     monkeypatch.setattr(_runtime, "_PASSED", {})
-    calls = _count_shape_checks(monkeypatch)
+    calls = count_shape_checks(monkeypatch)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     q, k = torch.randn(1, 4, 32, 16), torch.randn(1, 2, 32, 16)
     v = torch.randn(1, 2, 32, 8)

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from helpers import count_shape_checks
 from prism.reference import (
     PrismConfig,
     block_sparse_attention,
@@ -142,14 +143,7 @@ def test_inputs_are_never_modified():
 def test_reference_validation_checks_every_call(monkeypatch):
     from prism.reference import validation
 
-    calls = []
-    original = validation._check_qk
-
-    def counting(qq, kk, causal):
-        calls.append(causal)
-        return original(qq, kk, causal)
-
-    monkeypatch.setattr(validation, "_check_qk", counting)
+    calls = count_shape_checks(monkeypatch)
     for _ in range(3):
         validation.validate_qk(q, k, causal=True, check_values=False)
         validation.validate_qkv(q, k, v, causal=True, check_values=False)
