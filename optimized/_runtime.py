@@ -87,6 +87,18 @@ def _remember(key) -> None:
             return
 
 
+def _validated(key, check, check_values: bool, **tensors) -> None:
+    """``check(check_values)`` (the reference's validation) unless the signature ``key``
+    passed it before, then remember ``key``; for a known signature only the NaN/Inf
+    checks of ``tensors`` run (when ``check_values``)."""
+    if not _known(key):
+        check(check_values)
+        _remember(key)
+    elif check_values:
+        for name, t in tensors.items():
+            _validation.check_finite(name, t)
+
+
 def validate_qk(q, k, *, causal: bool, check_values: bool = True) -> None:
     """:func:`prism.reference.validation.validate_qk`, remembering signatures that passed.
 
@@ -98,27 +110,17 @@ def validate_qk(q, k, *, causal: bool, check_values: bool = True) -> None:
     always run. Under ``torch.compile`` tracing nothing is remembered or
     skipped: the checks are traced.
     """
-    key = _signature(causal, q, k)
-    if _known(key):
-        if check_values:
-            _validation.check_finite("q", q)
-            _validation.check_finite("k", k)
-        return
-    _validation.validate_qk(q, k, causal=causal, check_values=check_values)
-    _remember(key)
+    _validated(_signature(causal, q, k),
+               lambda values: _validation.validate_qk(q, k, causal=causal, check_values=values),
+               check_values, q=q, k=k)
 
 
 def validate_qkv(q, k, v, *, causal: bool, check_values: bool = True) -> None:
     """:func:`prism.reference.validation.validate_qkv` with :func:`validate_qk`'s fast path."""
-    key = _signature(causal, q, k, v) if v is not None else None
-    if _known(key):
-        if check_values:
-            _validation.check_finite("q", q)
-            _validation.check_finite("k", k)
-            _validation.check_finite("v", v)
-        return
-    _validation.validate_qkv(q, k, v, causal=causal, check_values=check_values)
-    _remember(key)
+    _validated(_signature(causal, q, k, v) if v is not None else None,
+               lambda values: _validation.validate_qkv(q, k, v, causal=causal,
+                                                       check_values=values),
+               check_values, q=q, k=k, v=v)
 
 
 def next_power_of_2(n: int) -> int:

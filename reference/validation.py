@@ -154,6 +154,11 @@ def check_position(value, name: str) -> None:
         raise ValueError(f"{name} must be >= 0, got {value}; positions count from 0")
 
 
+def _first_true(flags: torch.Tensor):
+    """The index (a tuple) of the first True entry of ``flags``, or None."""
+    return tuple(flags.nonzero()[0].tolist()) if bool(flags.any()) else None
+
+
 def validate_compact_indices(kv_num_blocks, kv_indices, num_key_tiles) -> None:
     """Validate a compact tile mask ``(kv_num_blocks, kv_indices)`` (as from ``mask_to_indices``).
 
@@ -187,9 +192,8 @@ def validate_compact_indices(kv_num_blocks, kv_indices, num_key_tiles) -> None:
         return
     slots = kv_indices.shape[-1]
     counts = kv_num_blocks.long()
-    bad = (counts < 0) | (counts > slots)
-    if bool(bad.any()):
-        where = tuple(bad.nonzero()[0].tolist())
+    where = _first_true((counts < 0) | (counts > slots))
+    if where is not None:
         raise ValueError(
             f"kv_num_blocks must lie in [0, {slots}] (kv_indices holds {slots} slots per "
             f"row), got {int(counts[where])} at {where}; each count says how many leading "
@@ -197,9 +201,8 @@ def validate_compact_indices(kv_num_blocks, kv_indices, num_key_tiles) -> None:
         )
     used = torch.arange(slots, device=kv_indices.device) < counts.unsqueeze(-1)
     indices = kv_indices.long()
-    bad = used & ((indices < 0) | (indices >= num_key_tiles))
-    if bool(bad.any()):
-        where = tuple(bad.nonzero()[0].tolist())
+    where = _first_true(used & ((indices < 0) | (indices >= num_key_tiles)))
+    if where is not None:
         raise ValueError(
             f"kv_indices must hold key tiles in [0, {num_key_tiles}) in its first "
             f"kv_num_blocks entries per row, got {int(indices[where])} at {where}; check "
