@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from .registry import ESTIMATOR_FIELDS as _REGISTRY_FIELDS
 from .registry import ESTIMATOR_REGISTRY
 from .registry import ESTIMATORS as _REGISTRY_NAMES
-from .validation import check_band_width, check_threshold
+from .validation import _is_int, check_band_width, check_int, check_threshold
 
 #: Absolute margin on the probability mass ranked before a mask entry within
 #: which two implementations may disagree on it (contract §6.5, which also
@@ -44,10 +44,6 @@ PRESETS = {
                  "antidiagonal_stride": 16, "last_queries": 32, "high_threshold": 0.9,
                  "low_threshold": 0.9, "vertical_slash_threshold": 0.5},
 }
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_real(value) -> bool:
@@ -191,14 +187,8 @@ class PrismConfig:
                 "'prism' is the contract v1.1 default"
             )
         for name in ("antidiagonal_stride", "last_queries", "subtile_factor", "sampled_queries"):
-            value = getattr(self, name)
-            if not _is_int(value):
-                raise TypeError(
-                    f"{name} must be an int, got {type(value).__name__} {value!r}; "
-                    "pass a whole number such as 8 or 64"
-                )
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}; use e.g. 8 or 64")
+            check_int(getattr(self, name), name, 1, "pass a whole number such as 8 or 64",
+                      "use e.g. 8 or 64")
         divisor = ESTIMATOR_REGISTRY[self.estimator].block_multiple_of
         if divisor is not None and self.block_size % getattr(self, divisor):
             raise ValueError(

@@ -143,15 +143,21 @@ def check_threshold(threshold, name: str = "threshold") -> float:
     return float(threshold)
 
 
-def check_position(value, name: str) -> None:
-    """Check a token position or count: an int ``>= 0``."""
+def check_int(value, name: str, least: int, type_hint: str, value_hint: str) -> None:
+    """Check that ``value`` is an int ``>= least``; the hints end the messages (how to
+    fix the call)."""
     if not _is_int(value):
         raise TypeError(
-            f"{name} must be an int, got {type(value).__name__} {value!r}; pass a whole "
-            "number of tokens such as 0"
+            f"{name} must be an int, got {type(value).__name__} {value!r}; {type_hint}"
         )
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}; positions count from 0")
+    if value < least:
+        raise ValueError(f"{name} must be >= {least}, got {value}; {value_hint}")
+
+
+def check_position(value, name: str) -> None:
+    """Check a token position or count: an int ``>= 0``."""
+    check_int(value, name, 0, "pass a whole number of tokens such as 0",
+              "positions count from 0")
 
 
 def _first_true(flags: torch.Tensor):
