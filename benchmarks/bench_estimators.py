@@ -346,22 +346,24 @@ def stage_times(lengths, strides, tunings, vs_tunings=(), tunings_everywhere=Fal
     return out
 
 
-def _vs_shapes(q, k, layout, vs_tunings):
-    """The distributions with each VSTuning (``--vs-tunings``): ms and difference."""
+def _vs_shapes(q, k, layout, vs_tunings, last_queries=64):
+    """The distributions of ``last_queries`` queries with each VSTuning
+    (``--vs-tunings``): ms and difference."""
     from prism.optimized.vertical_slash import (
         TUNED_VS,
         VSTuning,
         last_query_distributions_kernel,
     )
 
-    base_v, base_s = last_query_distributions_kernel(q, k, layout, 64, True)
+    base_v, base_s = last_query_distributions_kernel(q, k, layout, last_queries, True)
     out = []
     for text in ["default", *vs_tunings]:
         tuning = TUNED_VS if text == "default" else VSTuning(*map(int, text.split(",")))
         entry = {"tuning": str(tuning), "spec": text}
         try:
             def fn(t=tuning):
-                return last_query_distributions_kernel(q, k, layout, 64, True, tuning=t)
+                return last_query_distributions_kernel(q, k, layout, last_queries, True,
+                                                       tuning=t)
             v, sl = fn()
             entry["max_abs_diff_to_default"] = float(max((v - base_v).abs().max(),
                                                          (sl - base_s).abs().max()))

@@ -72,6 +72,10 @@ def zero_(t: torch.Tensor) -> None:
 
 
 _SIDE_STREAMS: dict = {}
+#: CUDA priority of each side-stream slot's stream (lower is more urgent; absent: 0,
+#: the priority of torch's default streams). Read when a slot's stream is made, so a
+#: change takes effect after ``_SIDE_STREAMS.clear()`` (benchmarks/probes/stream_priority.py).
+SIDE_PRIORITIES: dict = {}
 
 
 def side_stream(device: torch.device, slot: int = 0) -> torch.cuda.Stream:
@@ -83,7 +87,8 @@ def side_stream(device: torch.device, slot: int = 0) -> torch.cuda.Stream:
         index = torch.cuda.current_device()
     key = (index, slot)
     if key not in _SIDE_STREAMS:
-        _SIDE_STREAMS[key] = torch.cuda.Stream(device=index)
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=index,
+                                               priority=SIDE_PRIORITIES.get(slot, 0))
     return _SIDE_STREAMS[key]
 
 
