@@ -73,13 +73,20 @@ MAX_ROWS = 128
 CHUNK_KEYS = 4096
 #: Programs the statistics pass aims at: short inputs take smaller chunks (at 8K
 #: tokens, 32 heads and 128 rows per program, 32 chunks of 256 keys instead of two
-#: chunks of 4096, whose 64 blocks in a row were the pass's whole latency).
-STATS_PROGRAMS = 512
+#: chunks of 4096, whose 64 blocks in a row were the pass's whole latency). The
+#: accurate preset's whole selection (32/8 heads, D 128, graph replays,
+#: results/h200_preset_constants_1e512ed.json) ran 0.166/0.278/0.532/1.098/2.526 ms at
+#: 8K/16K/32K/64K/128K with 256 against 0.174/0.288/0.542/1.112/2.520 with 512 (128:
+#: 0.165/0.292/0.525/1.098/2.521): fewer chunks for the distribution pass to combine.
+STATS_PROGRAMS = 256
 #: Fewest keys per statistics program (at most STATS_PROGRAMS programs of at least
 #: this many keys each).
 STATS_MIN_KEYS = 256
 #: Programs the distribution kernel's grid aims at (each takes several key blocks).
-DISTRIBUTION_PROGRAMS = 2048
+#: The accurate preset's whole selection (same run as STATS_PROGRAMS) ran
+#: 0.163/0.280/0.526/1.102/2.534 ms at 8K/16K/32K/64K/128K with 512 against
+#: 0.175/0.287/0.542/1.115/2.534 with 2048 (1024: 0.165/0.282/0.533/1.103/2.531).
+DISTRIBUTION_PROGRAMS = 512
 
 
 @dataclass(frozen=True)
