@@ -53,8 +53,8 @@ NARROW_MIN_WIDTH = 64
 #: Token rows of q, k or v one checking program reads.
 CHECK_ROWS = 256
 #: Probabilities each thread holds (``ROWS * WIDTH / threads``; programs of 4 warps
-#: up to 1024 key tiles, 8 above); sets ``ROWS`` (1-16). At 16 the launches keep
-#: their registers (ptxas for sm_90, Triton 3.6); 64, the shape used before,
+#: up to FOUR_WARPS_MAX_WIDTH key tiles, 8 above); sets ``ROWS`` (1-16). At 16 the
+#: launches keep their registers (ptxas for sm_90, Triton 3.6); 64, the shape used before,
 #: spilled 1.8 KB per thread at width 1024, and the launch took 0.51 against 0.27
 #: ms at 128K tokens (benchmarks/NOTES.md item 37). Read at each launch.
 ELEMENTS_PER_THREAD = 16
@@ -221,9 +221,14 @@ def _union_kernel(
                        BLOCK_T, BLOCK_ROWS)
 
 
+#: Widest launch (key tiles) whose programs run on 4 warps; wider ones take 8. Read
+#: at each launch.
+FOUR_WARPS_MAX_WIDTH = 1024
+
+
 def launch_shape(width: int) -> tuple[int, int]:
     """``(ROWS, num_warps)`` of the launch at ``width`` key tiles."""
-    warps = 4 if width <= 1024 else 8
+    warps = 4 if width <= FOUR_WARPS_MAX_WIDTH else 8
     return max(1, min(16, ELEMENTS_PER_THREAD * 32 * warps // width)), warps
 
 
