@@ -53,11 +53,14 @@ NARROW_MIN_WIDTH = 64
 #: Token rows of q, k or v one checking program reads.
 CHECK_ROWS = 256
 #: Probabilities each thread holds (``ROWS * WIDTH / threads``; programs of 4 warps
-#: up to FOUR_WARPS_MAX_WIDTH key tiles, 8 above); sets ``ROWS`` (1-16). At 16 the
-#: launches keep their registers (ptxas for sm_90, Triton 3.6); 64, the shape used before,
-#: spilled 1.8 KB per thread at width 1024, and the launch took 0.51 against 0.27
-#: ms at 128K tokens (benchmarks/NOTES.md item 37). Read at each launch.
-ELEMENTS_PER_THREAD = 16
+#: up to FOUR_WARPS_MAX_WIDTH key tiles, 8 above); sets ``ROWS`` (1-16). 64, the
+#: shape used first, spilled 1.8 KB per thread at width 1024 and the launch took
+#: 0.51 against 0.27 ms at 16 (128K tokens, benchmarks/NOTES.md item 37). 4 (one row
+#: of 1024 tiles per program, 96 registers, no spills, ptxas for sm_90): the accurate
+#: preset's whole selection ran 0.159/0.515/2.520 ms at 8K/32K/128K against
+#: 0.160/0.521/2.538 with 16 (graph replays, two each; 8: 0.161/0.515/2.520;
+#: results/h200_union_ept_06c3199.json). Read at each launch.
+ELEMENTS_PER_THREAD = 4
 
 
 @triton.jit
