@@ -49,16 +49,22 @@ def _as_prism(cfg, threshold: float | None = None):
     return cfg.replace(estimator="prism", high_threshold=threshold, low_threshold=threshold)
 
 
-def prism_mask(q, k, v, cfg, causal, layout, threshold: float | None = None):
+def prism_mask(q, k, v, cfg, causal, layout, threshold: float | None = None,
+               after_pooling=None):
     """Prism's selection (bands and forced tiles) by its kernels, and the pooling's
-    NaN/Inf flag (which covers q, k and v); ``threshold`` replaces both band thresholds."""
+    NaN/Inf flag (which covers q, k and v); ``threshold`` replaces both band thresholds.
+    ``after_pooling`` (no arguments) is called once the pooling is queued (after
+    the whole selection on the reference's path for rows wider than the kernels')."""
     prism_cfg = _as_prism(cfg, threshold)
     if layout.num_key_tiles > MAX_WIDTH:
-        return (trace_selection(q, k, prism_cfg, causal=causal).mask,
-                nonfinite_flag(q, k, k if v is None else v))
+        mask = trace_selection(q, k, prism_cfg, causal=causal).mask
+        if after_pooling is not None:
+            after_pooling()
+        return mask, nonfinite_flag(q, k, k if v is None else v)
     high_dim, low_dim = band_sizes(q.shape[-1], cfg.high_dim, cfg.low_dim)
     mask, _, _, nonfinite = select_tiles(q, k, prism_cfg, causal, layout, high_dim, low_dim,
-                                         write_mask=True, write_indices=False, v=v)
+                                         write_mask=True, write_indices=False, v=v,
+                                         after_pooling=after_pooling)
     return mask, nonfinite
 
 

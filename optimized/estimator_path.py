@@ -67,6 +67,13 @@ from .vertical_slash_tiles import vertical_slash_bins
 #: On CUDA, run the vertical-slash stage (the last queries' distributions and their
 #: top-p) on a second stream, concurrently with the other stages; False: one stream.
 OVERLAP_VERTICAL_SLASH = True
+#: With the overlap, estimators that run Prism's kernels first (the cascade, Prism
+#: plus vertical-slash) fork the vertical-slash stage right after Prism's pooling
+#: launch, so that it starts when the pooling has finished: the pooling (which
+#: reads q, k and v at the memory's speed) does not share the memory with the
+#: stage's two passes over k, which run beside the selection and the scores
+#: instead. False: the stage is forked before the pooling.
+VS_AFTER_POOLING = True
 
 #: Probability stages the fused path runs: stage name -> (scoring function on
 #: validated inputs, the PrismConfig field of its argument, whether it reads
@@ -169,22 +176,30 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
             last_threshold=last_tile_threshold(cfg) if with_last else None)
         return columns, diagonals, last
 
-    columns = diagonals = last_tiles = None
-    side = None
-    uses_last_queries = with_vs or with_last
-    if uses_last_queries and OVERLAP_VERTICAL_SLASH and q.is_cuda:
+    side_results = []  # (main stream, columns, diagonals, last tiles) once queued
+
+    def start_side():
         # The vertical-slash stage reads only q and k: it runs on its own stream
         # beside Prism's kernels and the scores, and the finishing launch waits for it.
         side = side_stream(q.device, 1)
         main = fork(side)
         with torch.cuda.stream(side):
-            columns, diagonals, last_tiles = vertical_slash()
+            side_results.append((main, side, *vertical_slash()))
+
+    uses_last_queries = with_vs or with_last
+    overlap = uses_last_queries and OVERLAP_VERTICAL_SLASH and q.is_cuda
+    runs_prism = spec.prism_bands or on_candidates
+    if overlap and not (runs_prism and VS_AFTER_POOLING):
+        start_side()
+    after_pooling = start_side if overlap and runs_prism and VS_AFTER_POOLING else None
     if spec.prism_bands:
-        other, nonfinite = prism_mask(q, k, v, cfg, causal, layout)
+        other, nonfinite = prism_mask(q, k, v, cfg, causal, layout,
+                                      after_pooling=after_pooling)
         check = {}  # the pooling launch checked q, k and v
     elif on_candidates:
         extra["candidates"], nonfinite = prism_mask(q, k, v, cfg, causal, layout,
-                                                    cfg.candidate_threshold)
+                                                    cfg.candidate_threshold,
+                                                    after_pooling=after_pooling)
         check = {}  # the pooling launch checked q, k and v
     probs = None
     if stage is not None:
@@ -193,10 +208,12 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
                        nonfinite=nonfinite, **extra)
         if not reads_every_query and not on_candidates:
             check["q"] = q
+    columns = diagonals = last_tiles = None
     if uses_last_queries:
-        if side is None:
+        if not overlap:
             columns, diagonals, last_tiles = vertical_slash()
         else:
+            main, side, columns, diagonals, last_tiles = side_results[0]
             join(main, side)
         if stage is None and not (spec.prism_bands or on_candidates):
             check["q"] = q

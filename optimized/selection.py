@@ -293,7 +293,8 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: boo
                  write_mask: bool = True, write_indices: bool = False,
                  mask: torch.Tensor | None = None, kv_num_blocks: torch.Tensor | None = None,
                  kv_indices: torch.Tensor | None = None,
-                 tuning: SelectionTuning | None = None, v: torch.Tensor | None = None):
+                 tuning: SelectionTuning | None = None, v: torch.Tensor | None = None,
+                 after_pooling=None):
     """Run pooling and selection; return the mask and/or the compact indices, and a NaN flag.
 
     Inputs are validated by the caller. Nothing here waits for the GPU: the
@@ -306,7 +307,9 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: boo
     ``kv_num_blocks`` (int32, (B, Hq, nq)) and ``kv_indices`` (int32,
     (B, Hq, nq, nk)) may be preallocated (tests pass poisoned ones to prove every
     element is written); ``tuning`` the launch shape; ``v`` (B, Hkv, Nk, Dv) is
-    checked for NaN/Inf by the pooling launch too.
+    checked for NaN/Inf by the pooling launch too. ``after_pooling``, a callable
+    with no arguments, is called once the pooling launch is queued (an
+    estimator queues its side-stream stage there).
 
     Returns ``(mask, kv_num_blocks, kv_indices, nonfinite)``, the outputs not
     asked for as None; ``nonfinite`` (1,) float64 is non-zero when q, k (or v)
@@ -319,6 +322,8 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, cfg: PrismConfig, causal: boo
     steps = launch_steps(layout, cfg, tuning, causal, b, hq, k.shape[1], d, high_dim, low_dim,
                          write_mask, write_indices)
     work = run_pooling(pool_plan(q, k, v, layout, high_dim, low_dim, cfg.rope_layout), q, k, v)
+    if after_pooling is not None:
+        after_pooling()
     mask, kv_num_blocks, kv_indices = run_selection(
         steps, work, (b, hq, nqt, nkt), device, tuning, write_mask=write_mask,
         write_indices=write_indices, mask=mask, kv_num_blocks=kv_num_blocks,
