@@ -69,11 +69,15 @@ from .vertical_slash_tiles import vertical_slash_bins
 OVERLAP_VERTICAL_SLASH = True
 #: With the overlap, estimators that run Prism's kernels first (the cascade, Prism
 #: plus vertical-slash) fork the vertical-slash stage right after Prism's pooling
-#: launch, so that it starts when the pooling has finished: the pooling (which
-#: reads q, k and v at the memory's speed) does not share the memory with the
-#: stage's two passes over k, which run beside the selection and the scores
-#: instead. False: the stage is forked before the pooling.
-VS_AFTER_POOLING = True
+#: launch when the layout has at most this many key tiles (so the stage starts once
+#: the pooling has finished, and runs beside the selection and the scores), and
+#: before the pooling otherwise (0: always before). On the H200 (the accurate
+#: preset, 32/8 heads, D 128, graph replays; results/h200_vs_after_pooling_175d4d2.json)
+#: after the pooling took 0.148 / 0.516 / 2.665 ms at 8K / 32K / 128K tokens against
+#: 0.159 / 0.514 / 2.520 before it: at 8K the two chains are short and the stage
+#: no longer delays the pooling; at 128K the main chain is the longer one and the
+#: stage's passes over k then compete with it instead.
+VS_AFTER_POOLING_MAX_KEY_TILES = 64
 
 #: Probability stages the fused path runs: stage name -> (scoring function on
 #: validated inputs, the PrismConfig field of its argument, whether it reads
@@ -189,9 +193,10 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
     uses_last_queries = with_vs or with_last
     overlap = uses_last_queries and OVERLAP_VERTICAL_SLASH and q.is_cuda
     runs_prism = spec.prism_bands or on_candidates
-    if overlap and not (runs_prism and VS_AFTER_POOLING):
+    later = runs_prism and nk <= VS_AFTER_POOLING_MAX_KEY_TILES
+    if overlap and not later:
         start_side()
-    after_pooling = start_side if overlap and runs_prism and VS_AFTER_POOLING else None
+    after_pooling = start_side if overlap and later else None
     if spec.prism_bands:
         other, nonfinite = prism_mask(q, k, v, cfg, causal, layout,
                                       after_pooling=after_pooling)

@@ -1,0 +1,119 @@
+"""Where the estimators' vertical-slash stage is forked onto its side stream.
+
+On CUDA the accurate preset (the cascade) runs its vertical-slash stage on a
+second stream. On layouts of at most ``VS_AFTER_POOLING_MAX_KEY_TILES`` key
+tiles the fork comes right after Prism's pooling launch (so the stage starts
+once the pooling is done); on wider layouts it comes before the pooling. These
+tests record the order of the queued work with the kernels replaced by
+recorders, so they run without a GPU; the GPU suite times and checks the real
+launches (tests/test_estimator_fused.py, tests/test_call_plan_gpu.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from prism.optimized import estimator_path, selection
+from prism.reference import PrismConfig, tile_layout
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Run ``estimator_select`` with every launch replaced by an entry in ``events``."""
+    events = []
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(estimator_path, "side_stream", lambda device, slot: f"side{slot}")
+    monkeypatch.setattr(estimator_path, "fork",
+                        lambda side: events.append(("fork", side)) or "main")
+    monkeypatch.setattr(estimator_path, "join",
+                        lambda main, side: events.append(("join", main, side)))
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+
+    def distributions(q, k, layout, last_queries, causal, nonfinite):
+        events.append("distributions")
+        return "vertical", "slash"
+
+    def bins(vertical, slash, layout, threshold, causal, **kwargs):
+        events.append("bins")
+        return "columns", "diagonals", "last", None
+
+    def prism_mask(q, k, v, cfg, causal, layout, threshold=None, after_pooling=None):
+        events.append("pooling")
+        if after_pooling is not None:
+            after_pooling()
+        events.append("prism selection")
+        return "candidates", "flag"
+
+    def scores(q, k, layout, stride, causal, *, normalize, nonfinite, candidates):
+        events.append("scores")
+        return "probs"
+
+    def union(layout, causal, heads, **kwargs):
+        events.append(("union", kwargs["columns"], kwargs["diagonals"],
+                       kwargs["last_tiles"], kwargs["probs"]))
+        return "mask", "num", "idx"
+
+    monkeypatch.setattr(estimator_path, "last_query_distributions_unchecked", distributions)
+    monkeypatch.setattr(estimator_path, "vertical_slash_bins", bins)
+    monkeypatch.setattr(estimator_path, "prism_mask", prism_mask)
+    monkeypatch.setitem(estimator_path.PROBABILITY_STAGES, "candidate_antidiagonal",
+                        (scores, "antidiagonal_stride", True))
+    monkeypatch.setattr(estimator_path, "union_tiles", union)
+    return events
+
+
+def _select(tokens, cfg=None):
+    cfg = cfg or PrismConfig.preset("accurate")
+    q = torch.zeros(1, 2, tokens, 16)
+    k = torch.zeros(1, 1, tokens, 16)
+    layout = tile_layout(tokens, tokens, cfg.block_size, True)
+    return estimator_path.estimator_select(q, k, None, cfg, True, layout), layout
+
+
+def test_narrow_layouts_fork_the_stage_after_the_pooling(recorded):
+    tiles = estimator_path.VS_AFTER_POOLING_MAX_KEY_TILES
+    (mask, num, idx, flag), layout = _select(tiles * 128)
+    assert layout.num_key_tiles == tiles
+    assert recorded == ["pooling", ("fork", "side1"), "distributions", "bins",
+                        "prism selection", "scores", ("join", "main", "side1"),
+                        ("union", "columns", "diagonals", "last", "probs")]
+    assert (mask, num, idx, flag) == ("mask", "num", "idx", "flag")
+
+
+def test_wider_layouts_fork_the_stage_before_the_pooling(recorded):
+    tiles = estimator_path.VS_AFTER_POOLING_MAX_KEY_TILES + 1
+    _, layout = _select(tiles * 128)
+    assert layout.num_key_tiles == tiles
+    assert recorded == [("fork", "side1"), "distributions", "bins", "pooling",
+                        "prism selection", "scores", ("join", "main", "side1"),
+                        ("union", "columns", "diagonals", "last", "probs")]
+
+
+def test_no_overlap_runs_the_stage_on_the_calls_stream(recorded, monkeypatch):
+    monkeypatch.setattr(estimator_path, "OVERLAP_VERTICAL_SLASH", False)
+    _select(64 * 128)
+    assert ("fork", "side1") not in recorded and not any(
+        isinstance(e, tuple) and e[0] == "join" for e in recorded)
+    assert recorded.index("pooling") < recorded.index("distributions")
+    assert recorded[-1] == ("union", "columns", "diagonals", "last", "probs")
+
+
+def test_select_tiles_calls_after_pooling_between_pooling_and_selection(monkeypatch):
+    events = []
+    monkeypatch.setattr(selection, "launch_steps", lambda *a, **kw: "steps")
+    monkeypatch.setattr(selection, "pool_plan", lambda *a: "plan")
+    monkeypatch.setattr(selection, "run_pooling",
+                        lambda plan, q, k, v: events.append("pooling") or torch.zeros(4))
+    monkeypatch.setattr(selection, "run_selection",
+                        lambda *a, **kw: events.append("selection") or ("m", None, None))
+    q = torch.zeros(1, 2, 256, 16)
+    k = torch.zeros(1, 1, 256, 16)
+    layout = tile_layout(256, 256, 64, True)
+    mask, _, _, flag = selection.select_tiles(
+        q, k, PrismConfig(block_size=64), True, layout, 8, 8,
+        after_pooling=lambda: events.append("after pooling"))
+    assert events == ["pooling", "after pooling", "selection"]
+    assert mask == "m" and flag.shape == (1,)
