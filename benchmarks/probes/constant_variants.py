@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench_prism import structured_inputs  # noqa: E402
-from probe_cli import time_variants  # noqa: E402
+from probe_cli import save, time_variants  # noqa: E402
 
 from prism import optimized  # noqa: E402
 from prism.reference import PrismConfig  # noqa: E402
@@ -77,13 +77,7 @@ def main(argv=None):
     varies = [parse_vary(text) for text in args.vary]
     settings = [s for s in args.settings.split(",") if s]
     rows = [row(int(n), varies, settings) for n in args.lengths.split(",")]
-    if args.out:
-        given = argv if argv is not None else sys.argv[1:]
-        with open(args.out, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "commit": args.commit,
-                       "command": "python3 benchmarks/probes/constant_variants.py "
-                                  + " ".join(given), "rows": rows}, f, indent=1)
+    save(rows, args.out, args.commit, "constant_variants.py", argv)
     return rows
 
 

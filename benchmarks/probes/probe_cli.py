@@ -24,14 +24,20 @@ def run(row, doc: str, script: str, option: str, default: str, argv=None, parse=
     cases = getattr(args, option.lstrip("-").replace("-", "_")).split(",")
     rows = [row(*parsed) if isinstance(parsed := parse(case), tuple) else row(parsed)
             for case in cases]
-    if args.out:
-        given = argv if argv is not None else sys.argv[1:]
-        with open(args.out, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "commit": args.commit,
-                       "command": f"python3 benchmarks/probes/{script} " + " ".join(given),
-                       "rows": rows}, f, indent=1)
+    save(rows, args.out, args.commit, script, argv)
     return rows
+
+
+def save(rows: list, out: str, commit: str, script: str, argv=None) -> None:
+    """Write ``{"gpu", "torch", "commit", "command", "rows"}`` to ``out`` (nothing if empty)."""
+    if not out:
+        return
+    given = argv if argv is not None else sys.argv[1:]
+    with open(out, "w") as f:
+        json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "commit": commit,
+                   "command": f"python3 benchmarks/probes/{script} " + " ".join(given),
+                   "rows": rows}, f, indent=1)
 
 
 def time_variants(fn, settings, out: dict, restore) -> dict:
