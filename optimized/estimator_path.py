@@ -76,7 +76,8 @@ OVERLAP_VERTICAL_SLASH = True
 #: after the pooling took 0.148 / 0.516 / 2.665 ms at 8K / 32K / 128K tokens against
 #: 0.159 / 0.514 / 2.520 before it: at 8K the two chains are short and the stage
 #: no longer delays the pooling; at 128K the main chain is the longer one and the
-#: stage's passes over k then compete with it instead.
+#: stage's passes over k then compete with it instead. Read at each call (a replayed
+#: call plan keeps the order it recorded).
 VS_AFTER_POOLING_MAX_KEY_TILES = 64
 
 #: Probability stages the fused path runs: stage name -> (scoring function on

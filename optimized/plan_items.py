@@ -74,7 +74,8 @@ def zero_(t: torch.Tensor) -> None:
 _SIDE_STREAMS: dict = {}
 #: CUDA priority of each side-stream slot's stream (lower is more urgent; absent: 0,
 #: the priority of torch's default streams). Read when a slot's stream is made, so a
-#: change takes effect after ``_SIDE_STREAMS.clear()`` (benchmarks/probes/stream_priority.py).
+#: change takes effect after ``_SIDE_STREAMS.clear()`` and, for calls already
+#: planned, ``call_plan._PLANS.clear()`` (benchmarks/probes/stream_priority.py).
 SIDE_PRIORITIES: dict = {}
 
 

@@ -59,7 +59,8 @@ CHECK_ROWS = 256
 #: of 1024 tiles per program, 96 registers, no spills, ptxas for sm_90): the accurate
 #: preset's whole selection ran 0.159/0.515/2.520 ms at 8K/32K/128K against
 #: 0.160/0.521/2.538 with 16 (graph replays, two each; 8: 0.161/0.515/2.520;
-#: results/h200_union_ept_06c3199.json). Read at each launch.
+#: results/h200_union_ept_06c3199.json). Read at each launch (a replayed call plan
+#: keeps the launches it recorded).
 ELEMENTS_PER_THREAD = 4
 
 
@@ -225,7 +226,7 @@ def _union_kernel(
 
 
 #: Widest launch (key tiles) whose programs run on 4 warps; wider ones take 8. Read
-#: at each launch.
+#: at each launch (a replayed call plan keeps the launches it recorded).
 FOUR_WARPS_MAX_WIDTH = 1024
 
 

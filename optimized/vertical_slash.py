@@ -72,11 +72,11 @@ MAX_ROWS = 128
 #: Most keys per program of the statistics pass (a chunk; its blocks are BN keys).
 CHUNK_KEYS = 4096
 #: Programs the statistics pass aims at: short inputs take smaller chunks (at 8K
-#: tokens, 32 heads and 128 rows per program, 32 chunks of 256 keys instead of two
+#: tokens, 32 heads and 128 rows per program, 16 chunks of 512 keys instead of two
 #: chunks of 4096, whose 64 blocks in a row were the pass's whole latency). The
 #: accurate preset's whole selection (32/8 heads, D 128, graph replays,
 #: results/h200_preset_constants_1e512ed.json) ran 0.166/0.278/0.532/1.098/2.526 ms at
-#: 8K/16K/32K/64K/128K with 256 against 0.174/0.288/0.542/1.112/2.520 with 512 (128:
+#: 8K/16K/32K/64K/128K with 256 against 0.174/0.288/0.541/1.113/2.520 with 512 (128:
 #: 0.165/0.292/0.525/1.098/2.521): fewer chunks for the distribution pass to combine.
 STATS_PROGRAMS = 256
 #: Fewest keys per statistics program (at most STATS_PROGRAMS programs of at least

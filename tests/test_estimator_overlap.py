@@ -20,9 +20,12 @@ from prism.optimized import estimator_path, selection
 from prism.reference import PrismConfig, tile_layout
 
 
-@pytest.fixture
-def recorded(monkeypatch):
-    """Run ``estimator_select`` with every launch replaced by an entry in ``events``."""
+def _record(monkeypatch, fake_prism: bool) -> list:
+    """Replace every launch of ``estimator_select`` by an entry in the returned list.
+
+    With ``fake_prism`` Prism's selection (``prism_mask``) is one recorder; without,
+    the real ``cascade.prism_mask`` and ``selection.select_tiles`` run with only
+    their pooling and selection launches replaced."""
     events = []
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     monkeypatch.setattr(estimator_path, "side_stream", lambda device, slot: f"side{slot}")
@@ -30,22 +33,22 @@ def recorded(monkeypatch):
                         lambda side: events.append(("fork", side)) or "main")
     monkeypatch.setattr(estimator_path, "join",
                         lambda main, side: events.append(("join", main, side)))
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+
+    @contextlib.contextmanager
+    def on_stream(stream):
+        events.append(("enter", stream))
+        yield
+        events.append(("exit", stream))
+
+    monkeypatch.setattr(torch.cuda, "stream", on_stream)
 
     def distributions(q, k, layout, last_queries, causal, nonfinite):
         events.append("distributions")
         return "vertical", "slash"
 
-    def bins(vertical, slash, layout, threshold, causal, **kwargs):
+    def bins(vertical, slash, layout, threshold, causal, *, with_bins, last_threshold):
         events.append("bins")
-        return "columns", "diagonals", "last", None
-
-    def prism_mask(q, k, v, cfg, causal, layout, threshold=None, after_pooling=None):
-        events.append("pooling")
-        if after_pooling is not None:
-            after_pooling()
-        events.append("prism selection")
-        return "candidates", "flag"
+        return "columns", "diagonals", None if last_threshold is None else "last", None
 
     def scores(q, k, layout, stride, causal, *, normalize, nonfinite, candidates):
         events.append("scores")
@@ -56,13 +59,43 @@ def recorded(monkeypatch):
                        kwargs["last_tiles"], kwargs["probs"]))
         return "mask", "num", "idx"
 
+    if fake_prism:
+        def prism_mask(q, k, v, cfg, causal, layout, threshold=None, after_pooling=None):
+            events.append("pooling")
+            if after_pooling is not None:
+                after_pooling()
+            events.append("prism selection")
+            return "candidates", "flag"
+
+        monkeypatch.setattr(estimator_path, "prism_mask", prism_mask)
+    else:
+        monkeypatch.setattr(selection, "launch_steps", lambda *a, **kw: "steps")
+        monkeypatch.setattr(selection, "pool_plan", lambda *a: "plan")
+        monkeypatch.setattr(selection, "run_pooling",
+                            lambda plan, q, k, v: events.append("pooling") or torch.zeros(4))
+        monkeypatch.setattr(selection, "run_selection", lambda *a, **kw: events.append(
+            "prism selection") or ("candidates", None, None))
     monkeypatch.setattr(estimator_path, "last_query_distributions_unchecked", distributions)
     monkeypatch.setattr(estimator_path, "vertical_slash_bins", bins)
-    monkeypatch.setattr(estimator_path, "prism_mask", prism_mask)
     monkeypatch.setitem(estimator_path.PROBABILITY_STAGES, "candidate_antidiagonal",
                         (scores, "antidiagonal_stride", True))
     monkeypatch.setattr(estimator_path, "union_tiles", union)
     return events
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    return _record(monkeypatch, fake_prism=True)
+
+
+@pytest.fixture
+def recorded_through_prism(monkeypatch):
+    return _record(monkeypatch, fake_prism=False)
+
+
+#: The vertical-slash stage queued on its side stream.
+SIDE_STAGE = [("fork", "side1"), ("enter", "side1"), "distributions", "bins",
+              ("exit", "side1")]
 
 
 def _select(tokens, cfg=None):
@@ -77,8 +110,8 @@ def test_narrow_layouts_fork_the_stage_after_the_pooling(recorded):
     tiles = estimator_path.VS_AFTER_POOLING_MAX_KEY_TILES
     (mask, num, idx, flag), layout = _select(tiles * 128)
     assert layout.num_key_tiles == tiles
-    assert recorded == ["pooling", ("fork", "side1"), "distributions", "bins",
-                        "prism selection", "scores", ("join", "main", "side1"),
+    assert recorded == ["pooling", *SIDE_STAGE, "prism selection", "scores",
+                        ("join", "main", "side1"),
                         ("union", "columns", "diagonals", "last", "probs")]
     assert (mask, num, idx, flag) == ("mask", "num", "idx", "flag")
 
@@ -87,18 +120,42 @@ def test_wider_layouts_fork_the_stage_before_the_pooling(recorded):
     tiles = estimator_path.VS_AFTER_POOLING_MAX_KEY_TILES + 1
     _, layout = _select(tiles * 128)
     assert layout.num_key_tiles == tiles
-    assert recorded == [("fork", "side1"), "distributions", "bins", "pooling",
-                        "prism selection", "scores", ("join", "main", "side1"),
+    assert recorded == [*SIDE_STAGE, "pooling", "prism selection", "scores",
+                        ("join", "main", "side1"),
                         ("union", "columns", "diagonals", "last", "probs")]
 
 
 def test_no_overlap_runs_the_stage_on_the_calls_stream(recorded, monkeypatch):
     monkeypatch.setattr(estimator_path, "OVERLAP_VERTICAL_SLASH", False)
     _select(64 * 128)
-    assert ("fork", "side1") not in recorded and not any(
-        isinstance(e, tuple) and e[0] == "join" for e in recorded)
+    assert not any(isinstance(e, tuple) and e[0] in ("fork", "join", "enter")
+                   for e in recorded)
     assert recorded.index("pooling") < recorded.index("distributions")
     assert recorded[-1] == ("union", "columns", "diagonals", "last", "probs")
+
+
+@pytest.mark.parametrize("tiles_over_limit", [0, 1])
+def test_the_cascade_hands_the_fork_to_prisms_own_pooling(recorded_through_prism,
+                                                          tiles_over_limit):
+    """Through the real ``cascade.prism_mask`` and ``selection.select_tiles``."""
+    tiles = estimator_path.VS_AFTER_POOLING_MAX_KEY_TILES + tiles_over_limit
+    _select(tiles * 128)
+    main_chain = ["pooling", "prism selection", "scores", ("join", "main", "side1"),
+                  ("union", "columns", "diagonals", "last", "probs")]
+    if tiles_over_limit:
+        assert recorded_through_prism == SIDE_STAGE + main_chain
+    else:
+        assert recorded_through_prism == main_chain[:1] + SIDE_STAGE + main_chain[1:]
+
+
+def test_prism_plus_vertical_slash_forks_after_the_pooling(recorded_through_prism):
+    """``prism_vertical_slash`` (Prism's bands united with the vertical-slash tiles,
+    no probability stage) takes the same later fork on a narrow layout."""
+    cfg = PrismConfig(estimator="prism_vertical_slash")
+    _select(estimator_path.VS_AFTER_POOLING_MAX_KEY_TILES * 128, cfg)
+    assert recorded_through_prism == ["pooling", *SIDE_STAGE, "prism selection",
+                                      ("join", "main", "side1"),
+                                      ("union", "columns", "diagonals", None, None)]
 
 
 def test_select_tiles_calls_after_pooling_between_pooling_and_selection(monkeypatch):
