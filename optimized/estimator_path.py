@@ -167,14 +167,17 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
     check = {} if v is None else {"v": v}
     other = None
     extra = {}
-    if not (spec.prism_bands or on_candidates):
+    # Prism's kernels run first (its mask, or the cascade's candidates); their
+    # pooling launch checks q, k and v for NaN/Inf.
+    runs_prism = spec.prism_bands or on_candidates
+    if not runs_prism:
         nonfinite = torch.empty(1, dtype=torch.float64, device=q.device)
         zero_(nonfinite)  # a call plan replays this zeroing (a torch fill it would refuse)
 
     def vertical_slash():
         vertical, slash = last_query_distributions_unchecked(
             q, k, layout, cfg.last_queries, causal,
-            None if spec.prism_bands or on_candidates else nonfinite)
+            None if runs_prism else nonfinite)
         # One launch: the bins' top-p and the last-tile rule's sums and top-p.
         columns, diagonals, last, _ = vertical_slash_bins(
             vertical, slash, layout, _vs_threshold(cfg), causal, with_bins=with_vs,
@@ -193,19 +196,18 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
 
     uses_last_queries = with_vs or with_last
     overlap = uses_last_queries and OVERLAP_VERTICAL_SLASH and q.is_cuda
-    runs_prism = spec.prism_bands or on_candidates
     later = runs_prism and nk <= VS_AFTER_POOLING_MAX_KEY_TILES
     if overlap and not later:
         start_side()
     after_pooling = start_side if overlap and later else None
-    if spec.prism_bands:
-        other, nonfinite = prism_mask(q, k, v, cfg, causal, layout,
+    if runs_prism:
+        prism, nonfinite = prism_mask(q, k, v, cfg, causal, layout,
+                                      cfg.candidate_threshold if on_candidates else None,
                                       after_pooling=after_pooling)
-        check = {}  # the pooling launch checked q, k and v
-    elif on_candidates:
-        extra["candidates"], nonfinite = prism_mask(q, k, v, cfg, causal, layout,
-                                                    cfg.candidate_threshold,
-                                                    after_pooling=after_pooling)
+        if on_candidates:
+            extra["candidates"] = prism
+        else:
+            other = prism
         check = {}  # the pooling launch checked q, k and v
     probs = None
     if stage is not None:
@@ -221,7 +223,7 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
         else:
             main, side, columns, diagonals, last_tiles = side_results[0]
             join(main, side)
-        if stage is None and not (spec.prism_bands or on_candidates):
+        if stage is None and not runs_prism:
             check["q"] = q
     mask, num, idx = union_tiles(
         layout, causal, (b, hq), probs=probs, normalize=True, threshold=cfg.high_threshold,
