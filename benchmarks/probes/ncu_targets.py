@@ -1,5 +1,5 @@
 """Kernels for one Nsight Compute pass: selection at 128K, attention at 32K (density 1.0),
-the accurate preset's selection.
+the accurate preset's selection, the packed antidiagonal scores.
 
 Run under ``ncu`` (see the device command in benchmarks/NOTES.md); on its own it
 just launches each kernel twice.
@@ -50,15 +50,30 @@ def accurate_preset(n):
         optimized.select_blocks(q, k, cfg)
 
 
+def antidiagonal(n, stride):
+    """The packed antidiagonal scores alone (E5's dense kernel) on the structured inputs."""
+    from bench_prism import structured_inputs
+
+    from prism.optimized.antidiagonal_packed import antidiagonal_packed_probabilities
+
+    q, k, _ = structured_inputs(n)
+    layout = tile_layout(n, n, BLOCK, True)
+    for _ in range(2):
+        antidiagonal_packed_probabilities(q, k, layout, stride, True)
+
+
 def main():
-    """``ncu_targets.py [selection] [accurate:N] [attention:N:density ...]`` (default: the
-    first probe's set)."""
+    """``ncu_targets.py [selection] [accurate:N] [antidiagonal:N:stride]
+    [attention:N:density ...]`` (default: the first probe's set)."""
     parts = sys.argv[1:] or ["selection", "attention:32768:1.0"]
     for part in parts:
         if part == "selection":
             selection_128k()
         elif part.startswith("accurate:"):
             accurate_preset(int(part.split(":")[1]))
+        elif part.startswith("antidiagonal:"):
+            _, n, stride = part.split(":")
+            antidiagonal(int(n), int(stride))
         else:
             _, n, density = part.split(":")
             attention(int(n), float(density))
