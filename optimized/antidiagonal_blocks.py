@@ -100,6 +100,24 @@ def _admissible_scores(s, groups, rows_ok, key_groups, key_end, qk_scale, CAUSAL
 
 
 @triton.jit
+def _raw_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, groups, rows_ok,
+                key_groups, query_start, num_queries, num_keys, q_desc, k_desc, q_head_row,
+                q_group, k_head_row, key_groups_start, STRIDE: tl.constexpr,
+                D_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
+                BLOCK_KG: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                TMA: tl.constexpr):
+    """(ROWS, BLOCK_KG) antidiagonal products of one key block, unscaled and unmasked:
+    ``sum_u Q_u K_{S-1-u}^T`` (:func:`_u_product`)."""
+    s = tl.zeros((ROWS, BLOCK_KG), dtype=tl.float32)
+    for u in range(STRIDE):
+        s = _u_product(s, u, q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, groups,
+                       rows_ok, key_groups, query_start, num_queries, num_keys, q_desc, k_desc,
+                       q_head_row, q_group, k_head_row, key_groups_start, STRIDE, D_PAD,
+                       HEAD_DIM, ROWS, BLOCK_KG, IEEE, UPCAST, TMA)
+    return s
+
+
+@triton.jit
 def _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, groups, rows_ok,
                    key_groups, key_end, query_start, num_queries, num_keys, qk_scale,
                    q_desc, k_desc, q_head_row, q_group, k_head_row, key_groups_start,
@@ -107,16 +125,57 @@ def _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, g
                    HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_KG: tl.constexpr,
                    IEEE: tl.constexpr, UPCAST: tl.constexpr, CHECK: tl.constexpr,
                    TMA: tl.constexpr, cand=None, CANDIDATES: tl.constexpr = False):
-    """(ROWS, BLOCK_KG) antidiagonal scores of one key block: ``sum_u Q_u K_{S-1-u}^T``
-    (:func:`_u_product`), then :func:`_admissible_scores`."""
-    s = tl.zeros((ROWS, BLOCK_KG), dtype=tl.float32)
-    for u in range(STRIDE):
-        s = _u_product(s, u, q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, groups,
-                       rows_ok, key_groups, query_start, num_queries, num_keys, q_desc, k_desc,
-                       q_head_row, q_group, k_head_row, key_groups_start, STRIDE, D_PAD,
-                       HEAD_DIM, ROWS, BLOCK_KG, IEEE, UPCAST, TMA)
+    """(ROWS, BLOCK_KG) antidiagonal scores of one key block: :func:`_raw_scores`, then
+    :func:`_admissible_scores`."""
+    s = _raw_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, groups, rows_ok,
+                    key_groups, query_start, num_queries, num_keys, q_desc, k_desc, q_head_row,
+                    q_group, k_head_row, key_groups_start, STRIDE, D_PAD, HEAD_DIM, ROWS,
+                    BLOCK_KG, IEEE, UPCAST, TMA)
     return _admissible_scores(s, groups, rows_ok, key_groups, key_end, qk_scale, CAUSAL, CHECK,
                               cand, CANDIDATES)
+
+
+@triton.jit
+def _dense_first_pass_block(m_i, l_i, bad, raw, full, groups, rows_ok, key_groups, key_end,
+                            qk_scale, e_rows, mb_rows, key_start, chunk_tiles,
+                            CAUSAL: tl.constexpr, CHECK: tl.constexpr, ROWS: tl.constexpr,
+                            BLOCK_KG: tl.constexpr, PER_TILE: tl.constexpr,
+                            ONE_PASS: tl.constexpr):
+    """Pass 1 of the dense (no candidate mask) kernel on one key block of raw products.
+
+    The same statistics as :func:`_admissible_scores` then :func:`_first_pass_block`,
+    in fewer instructions per score (the block's softmax work runs while the tensor
+    cores wait):
+
+    - ``full`` (every row real and every key group of the block admissible for every
+      row) skips the three masks;
+    - the scale is folded into the exponent (``2^(raw * c - m)`` with ``m`` the scaled
+      running max: ``max(raw) * c`` is ``max(raw * c)`` exactly, as ``c > 0``);
+    - each row's sum is the sum of its per-tile sums, not a second pass over the
+      scores;
+    - with ``CHECK``, a full block adds ``sum(raw) * 0`` to ``bad`` (NaN when a score is
+      NaN or +-Inf) instead of ``raw - raw`` per score; a masked block keeps
+      :func:`masked_scores`' per-score form.
+    """
+    TILES_PER_CHUNK: tl.constexpr = BLOCK_KG // PER_TILE
+    if full:
+        s = raw
+        if CHECK:
+            bad += tl.sum(raw, axis=1) * 0.0
+    else:
+        allowed = (key_groups < key_end)[None, :] & rows_ok[:, None]
+        if CAUSAL:
+            allowed = allowed & (key_groups[None, :] <= groups[:, None])
+        s = masked_scores(raw, allowed, 1.0, CHECK)
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s * qk_scale - m_shift[:, None])
+    e = tl.sum(tl.reshape(p, (ROWS, TILES_PER_CHUNK, PER_TILE)), axis=2)
+    l_new = l_i * tl.math.exp2(m_i - m_shift) + tl.sum(e, axis=1)
+    if ONE_PASS:
+        tl.store(e_rows + (key_start // PER_TILE + chunk_tiles)[None, :], e)
+        tl.store(mb_rows + key_start // BLOCK_KG, m_shift)
+    return m_new, l_new, bad
 
 
 @triton.jit

@@ -40,8 +40,10 @@ from ._runtime import kernels_interpreted, next_power_of_2
 from .antidiagonal_blocks import (
     _candidate_block,
     _candidate_blocks,
+    _dense_first_pass_block,
     _first_pass_block,
     _one_pass_sums,
+    _raw_scores,
     _scaled_scores,
     _store_pair_sums,
     _store_zero_blocks,
@@ -266,6 +268,7 @@ def _packed_kernel(
     mb_rows = MB + (pid.to(tl.int64) * ROWS + rows) * scratch_blocks
     m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((ROWS,), dtype=tl.float32)
+    bad = tl.zeros((ROWS,), dtype=tl.float32)  # NaN once a full block held a NaN/Inf score
     if CANDIDATES:
         # Only the key blocks holding a candidate tile of some pair are visited (in
         # both passes); the others' output tiles get zeros in pass 2.
@@ -290,18 +293,26 @@ def _packed_kernel(
             m_i, l_i = _first_pass_block(m_i, l_i, s, e_rows, mb_rows, key_start, chunk_tiles,
                                          ROWS, BLOCK_KG, PER_TILE, ONE_PASS)
     else:
+        # Key blocks below full_end need no mask: every key group of the block is before
+        # key_end and, causally, at or before the program's first real query group. Rows
+        # holding no real query score whatever they loaded there (zeros, or another
+        # position's row through a descriptor); inv_l = 0 drops them below.
+        full_end = key_end
+        if CAUSAL:
+            full_end = tl.minimum(full_end, tl.min(tl.where(rows_ok, groups, key_end), 0) + 1)
         for key_start in range(0, key_end, BLOCK_KG):
             key_groups = key_start + tl.arange(0, BLOCK_KG)
-            s = _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
-                               groups, rows_ok, key_groups, key_end, query_start, num_queries,
-                               num_keys, qk_scale, q_desc, k_desc, q_head_row, q_group, bh,
-                               key_start, CAUSAL, STRIDE, D_PAD, HEAD_DIM, ROWS, BLOCK_KG,
-                               IEEE, UPCAST, CHECK, TMA)
-            m_i, l_i = _first_pass_block(m_i, l_i, s, e_rows, mb_rows, key_start, chunk_tiles,
-                                         ROWS, BLOCK_KG, PER_TILE, ONE_PASS)
+            raw = _raw_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
+                              groups, rows_ok, key_groups, query_start, num_queries, num_keys,
+                              q_desc, k_desc, q_head_row, q_group, bh, key_start, STRIDE, D_PAD,
+                              HEAD_DIM, ROWS, BLOCK_KG, IEEE, UPCAST, TMA)
+            m_i, l_i, bad = _dense_first_pass_block(
+                m_i, l_i, bad, raw, key_start + BLOCK_KG <= full_end, groups, rows_ok,
+                key_groups, key_end, qk_scale, e_rows, mb_rows, key_start, chunk_tiles, CAUSAL,
+                CHECK, ROWS, BLOCK_KG, PER_TILE, ONE_PASS)
 
     if CHECK:
-        _flag_if_nonfinite(l_i, NONFINITE)
+        _flag_if_nonfinite(l_i + bad, NONFINITE)
     m_shift = tl.where(m_i == float("-inf"), 0.0, m_i)
     inv_l = tl.where(rows_ok & (l_i > 0), 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
     if ONE_PASS:

@@ -236,6 +236,56 @@ def test_packed_one_and_two_pass_match_the_reference(stride, bs, hq, hkv, nq, nk
         torch.testing.assert_close(actual, expected, rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("stride, bs, hq, hkv, nq, nk, causal", [
+    (4, 32, 4, 2, 256, 256, True),      # causal: blocks left of each program's first group
+    (4, 32, 2, 2, 150, 290, True),      # KV prefix, last query tile partial
+    (8, 32, 4, 1, 96, 256, False),      # non-causal: every block of a whole tile is full
+])
+@pytest.mark.parametrize("one_pass", [0, 1])
+def test_packed_unmasked_blocks_match_the_reference(stride, bs, hq, hkv, nq, nk, causal,
+                                                    one_pass):
+    """Key blocks of 16 groups: most of a program's blocks hold only admissible scores
+    and take the dense kernel's unmasked step (scale folded into the exponent, row sums
+    from the tile sums); the rest take the masked one."""
+    from prism.optimized.antidiagonal_packed import (
+        PackedTuning,
+        antidiagonal_packed_probabilities,
+    )
+
+    q, k = _qk(1, hq, hkv, nq, nk, 16, seed=stride + nq, scale=2.0)
+    layout = tile_layout(nq, nk, bs, causal)
+    expected = antidiagonal_probabilities(q, k, layout, stride, causal)
+    tuning = PackedTuning(target_rows=16, block_kg=16, num_warps=4, one_pass=one_pass)
+    actual = antidiagonal_packed_probabilities(q, k, layout, stride, causal, tuning)
+    torch.testing.assert_close(actual, expected, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("which, row, dim", [("q", 0, 0), ("q", 63, 15), ("k", 5, 3),
+                                             ("k", 127, 15)])
+def test_packed_unmasked_blocks_flag_nan_and_inf(value, which, row, dim):
+    """Non-causal with whole key blocks: every block is unmasked, so only the unmasked
+    step's check (``sum(raw) * 0`` per row) can see the value. The other side's column
+    ``dim`` is positive, so -Inf makes only -Inf scores: the softmax stays finite and
+    only the check can flag it."""
+    from prism.optimized.antidiagonal_packed import (
+        PackedTuning,
+        antidiagonal_packed_probabilities,
+    )
+
+    q, k = _qk(1, 4, 1, 64, 128, 16, seed=row, scale=2.0)
+    other = k if which == "q" else q
+    other[..., dim] = other[..., dim].abs() + 0.5
+    layout = tile_layout(64, 128, 32, False)
+    tuning = PackedTuning(target_rows=16, block_kg=16, num_warps=4, one_pass=1)
+    flag = torch.zeros((), dtype=torch.float64, device=q.device)
+    antidiagonal_packed_probabilities(q, k, layout, 8, False, tuning, nonfinite=flag)
+    assert flag.item() == 0
+    (q if which == "q" else k)[0, -1, row, dim] = value
+    antidiagonal_packed_probabilities(q, k, layout, 8, False, tuning, nonfinite=flag)
+    assert flag.item() != 0
+
+
 @pytest.mark.parametrize("stride, bs, nq, nk, causal", [
     (8, 32, 128, 128, True),
     (16, 32, 80, 144, True),     # KV prefix of two tiles; the last query tile is partial
