@@ -121,12 +121,18 @@ class PackedTuning:
 #: stages) were slower at every length. Strides 64 and 128 were not timed with them.
 #: Stride 16 (8 groups per tile; h200_estimators_flat_stages_f3efba6.json, 128K): 12.0
 #: ms with tensor descriptors against 21.8 for the generic shape.
+#: Stride 8 since the dense path's unmasked step (h200_packed_shapes_dc0c941.json): 128
+#: rows x 256 key groups on two stages, 19.33 / 1.251 ms at 128K / 32K against 21.01 /
+#: 1.309 for 128 x 128 on three (which no longer fit shared memory at 256); before
+#: that step 128 x 256 spilled 388 bytes a thread and was slower at 32K.
 #: ``bench_estimators.py --use-fastest`` overwrites entries with a run's fastest.
 TUNED: dict[int, PackedTuning] = {
     per_tile: PackedTuning(target_rows=128, block_kg=128, num_warps=8, num_stages=3,
                            one_pass=1, tma=int(per_tile in (4, 8, 16)))
-    for per_tile in (1, 2, 4, 8, 16)
+    for per_tile in (1, 2, 4, 8)
 }
+TUNED[16] = PackedTuning(target_rows=128, block_kg=256, num_warps=8, num_stages=2, one_pass=1,
+                         tma=1)
 #: Launch shapes of candidate-restricted calls (the cascade), by groups per tile.
 #: Few key blocks of a program are scored, so small programs and blocks win
 #: (h200_estimators_b14b03c.json, stride 8 at 128K: 64 x 64 with tensor descriptors

@@ -306,6 +306,29 @@ def test_packed_descriptor_loads_match_the_reference(stride, bs, nq, nk, causal)
     torch.testing.assert_close(actual, expected, rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("stride", [8, 16, 32])
+def test_packed_tuned_shapes_match_the_reference_on_the_gpu(stride):
+    """The tuned launch shapes (``TUNED``: up to 256 key groups a block, tensor
+    descriptors, two or three stages) at 8K tokens, 32/8 heads, D 128, bf16: the
+    reference's probabilities, and the same bits on every call (a buffer refilled
+    while a warp group still reads it would make calls differ)."""
+    from prism.optimized.antidiagonal_packed import (
+        TUNED,
+        antidiagonal_packed_probabilities,
+        default_tuning,
+    )
+
+    q, k = _qk(1, 32, 8, 8192, 8192, 128, seed=stride, dtype=torch.bfloat16, scale=2.0)
+    layout = tile_layout(8192, 8192, 128, True)
+    assert default_tuning(128 // stride, 4, 128) == TUNED[128 // stride]
+    expected = antidiagonal_probabilities(q, k, layout, stride, True)
+    calls = [antidiagonal_packed_probabilities(q, k, layout, stride, True) for _ in range(3)]
+    torch.testing.assert_close(calls[0], expected, rtol=2e-5, atol=1e-6)
+    for again in calls[1:]:
+        assert torch.equal(again, calls[0])
+
+
 def test_packed_tuning_is_checked():
     from prism.optimized.antidiagonal_packed import (
         PackedTuning,
