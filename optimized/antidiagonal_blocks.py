@@ -136,25 +136,27 @@ def _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, g
 
 
 @triton.jit
-def _dense_first_pass_block(m_i, l_i, bad, raw, full, groups, rows_ok, key_groups, key_end,
-                            qk_scale, e_rows, mb_rows, key_start, chunk_tiles,
-                            CAUSAL: tl.constexpr, CHECK: tl.constexpr, ROWS: tl.constexpr,
-                            BLOCK_KG: tl.constexpr, PER_TILE: tl.constexpr,
-                            ONE_PASS: tl.constexpr):
-    """Pass 1 of the dense (no candidate mask) kernel on one key block of raw products.
+def _first_pass_step(m_i, l_i, bad, raw, full, groups, rows_ok, key_groups, key_end, qk_scale,
+                     e_rows, mb_rows, key_start, chunk_tiles, CAUSAL: tl.constexpr,
+                     CHECK: tl.constexpr, ROWS: tl.constexpr, BLOCK_KG: tl.constexpr,
+                     PER_TILE: tl.constexpr, ONE_PASS: tl.constexpr, cand=None,
+                     CANDIDATES: tl.constexpr = False):
+    """Pass 1 on one key block of raw products: the online softmax statistics and, with
+    ``ONE_PASS``, the block's per-tile sums of ``2^(s - m_block)`` and ``m_block`` into
+    the scratch. Returns the new running max, sum and ``bad``.
 
-    The same statistics as :func:`_admissible_scores` then :func:`_first_pass_block`,
-    in fewer instructions per score (the block's softmax work runs while the tensor
-    cores wait):
+    The same statistics as scaling and masking the scores first
+    (:func:`_admissible_scores`), in fewer instructions per score (the block's
+    softmax work runs while the tensor cores wait):
 
-    - ``full`` (every row real and every key group of the block admissible for every
-      row) skips the three masks;
+    - ``full`` (no candidate mask, and every key group of the block admissible for
+      every real row) skips the masks;
     - the scale is folded into the exponent (``2^(raw * c - m)`` with ``m`` the scaled
       running max: ``max(raw) * c`` is ``max(raw * c)`` exactly, as ``c > 0``);
     - each row's sum is the sum of its per-tile sums, not a second pass over the
       scores;
-    - with ``CHECK``, a full block adds ``sum(raw) * 0`` to ``bad`` (NaN when a score is
-      NaN or +-Inf) instead of ``raw - raw`` per score; a masked block keeps
+    - with ``CHECK``, a full block adds ``sum(raw) * 0`` to ``bad`` (NaN when a score
+      is NaN or +-Inf) instead of ``raw - raw`` per score; a masked block keeps
       :func:`masked_scores`' per-score form.
     """
     TILES_PER_CHUNK: tl.constexpr = BLOCK_KG // PER_TILE
@@ -166,6 +168,8 @@ def _dense_first_pass_block(m_i, l_i, bad, raw, full, groups, rows_ok, key_group
         allowed = (key_groups < key_end)[None, :] & rows_ok[:, None]
         if CAUSAL:
             allowed = allowed & (key_groups[None, :] <= groups[:, None])
+        if CANDIDATES:
+            allowed = allowed & cand
         s = masked_scores(raw, allowed, 1.0, CHECK)
     m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -187,23 +191,6 @@ def _candidate_block(cand_rows, rows_ok, key_groups, num_key_tiles, stride_ck,
     return tl.load(cand_rows[:, None] + key_tiles.to(tl.int64)[None, :] * stride_ck,
                    mask=rows_ok[:, None] & (key_tiles < num_key_tiles)[None, :],
                    other=0) != 0
-
-
-@triton.jit
-def _first_pass_block(m_i, l_i, s, e_rows, mb_rows, key_start, chunk_tiles,
-                      ROWS: tl.constexpr, BLOCK_KG: tl.constexpr, PER_TILE: tl.constexpr,
-                      ONE_PASS: tl.constexpr):
-    """Pass 1 on one key block of scaled scores ``s``: the online softmax step and,
-    with ``ONE_PASS``, the block's per-tile sums and running max into the scratch."""
-    m_i, l_i = online_softmax_step(m_i, l_i, s)
-    if ONE_PASS:
-        TILES_PER_CHUNK: tl.constexpr = BLOCK_KG // PER_TILE
-        m_block = tl.where(m_i == float("-inf"), 0.0, m_i)
-        e = tl.sum(tl.reshape(tl.math.exp2(s - m_block[:, None]),
-                              (ROWS, TILES_PER_CHUNK, PER_TILE)), axis=2)
-        tl.store(e_rows + (key_start // PER_TILE + chunk_tiles)[None, :], e)
-        tl.store(mb_rows + key_start // BLOCK_KG, m_block)
-    return m_i, l_i
 
 
 @triton.jit

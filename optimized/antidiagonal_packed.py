@@ -40,8 +40,7 @@ from ._runtime import kernels_interpreted, next_power_of_2
 from .antidiagonal_blocks import (
     _candidate_block,
     _candidate_blocks,
-    _dense_first_pass_block,
-    _first_pass_block,
+    _first_pass_step,
     _one_pass_sums,
     _raw_scores,
     _scaled_scores,
@@ -291,13 +290,14 @@ def _packed_kernel(
             key_groups = key_start + tl.arange(0, BLOCK_KG)
             cand = _candidate_block(cand_rows, rows_ok, key_groups, num_key_tiles, stride_ck,
                                     PER_TILE)
-            s = _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
-                               groups, rows_ok, key_groups, key_end, query_start, num_queries,
-                               num_keys, qk_scale, q_desc, k_desc, q_head_row, q_group, bh,
-                               key_start, CAUSAL, STRIDE, D_PAD, HEAD_DIM, ROWS, BLOCK_KG,
-                               IEEE, UPCAST, CHECK, TMA, cand, CANDIDATES)
-            m_i, l_i = _first_pass_block(m_i, l_i, s, e_rows, mb_rows, key_start, chunk_tiles,
-                                         ROWS, BLOCK_KG, PER_TILE, ONE_PASS)
+            raw = _raw_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
+                              groups, rows_ok, key_groups, query_start, num_queries, num_keys,
+                              q_desc, k_desc, q_head_row, q_group, bh, key_start, STRIDE, D_PAD,
+                              HEAD_DIM, ROWS, BLOCK_KG, IEEE, UPCAST, TMA)
+            m_i, l_i, bad = _first_pass_step(
+                m_i, l_i, bad, raw, False, groups, rows_ok, key_groups, key_end, qk_scale,
+                e_rows, mb_rows, key_start, chunk_tiles, CAUSAL, CHECK, ROWS, BLOCK_KG,
+                PER_TILE, ONE_PASS, cand, CANDIDATES)
     else:
         # Key blocks below full_end need no mask: every key group of the block is before
         # key_end and, causally, at or before the program's first real query group. Rows
@@ -312,7 +312,7 @@ def _packed_kernel(
                               groups, rows_ok, key_groups, query_start, num_queries, num_keys,
                               q_desc, k_desc, q_head_row, q_group, bh, key_start, STRIDE, D_PAD,
                               HEAD_DIM, ROWS, BLOCK_KG, IEEE, UPCAST, TMA)
-            m_i, l_i, bad = _dense_first_pass_block(
+            m_i, l_i, bad = _first_pass_step(
                 m_i, l_i, bad, raw, key_start + BLOCK_KG <= full_end, groups, rows_ok,
                 key_groups, key_end, qk_scale, e_rows, mb_rows, key_start, chunk_tiles, CAUSAL,
                 CHECK, ROWS, BLOCK_KG, PER_TILE, ONE_PASS)
