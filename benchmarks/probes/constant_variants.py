@@ -29,7 +29,13 @@ from probe_cli import save, time_variants  # noqa: E402
 from prism import optimized  # noqa: E402
 from prism.reference import PrismConfig  # noqa: E402
 
-SETTINGS = {"preset": lambda: PrismConfig.preset("accurate"), "prism": PrismConfig}
+#: "e5": antidiagonal_vertical_slash at stride 8, p 0.9 in both bands, vertical-slash
+#: threshold 0.5, 64 last queries (bench_estimators.py's setting of that name).
+SETTINGS = {"preset": lambda: PrismConfig.preset("accurate"), "prism": PrismConfig,
+            "e5": lambda: PrismConfig(estimator="antidiagonal_vertical_slash",
+                                      antidiagonal_stride=8, high_threshold=0.9,
+                                      low_threshold=0.9, vertical_slash_threshold=0.5,
+                                      last_queries=64)}
 
 
 def parse_vary(text: str):
