@@ -87,10 +87,6 @@ STATS_MIN_KEYS = 256
 #: 0.163/0.280/0.526/1.102/2.534 ms at 8K/16K/32K/64K/128K with 512 against
 #: 0.175/0.287/0.542/1.115/2.534 with 2048 (1024: 0.165/0.282/0.533/1.103/2.531).
 DISTRIBUTION_PROGRAMS = 512
-#: The distribution pass scores every key block with the key load outside any branch,
-#: so that Triton pipelines it (``EVERY_BLOCK``); False: blocks past the rows' last
-#: key skip the load and product, and each block's load waits in its branch.
-PIPELINED_DISTRIBUTION = True
 
 
 @dataclass(frozen=True)
@@ -249,7 +245,7 @@ def _distribution_kernel(
     num_key_blocks, num_chunks, qk_scale, blocks_per_program,
     CAUSAL: tl.constexpr, HEADS: tl.constexpr, LB: tl.constexpr, BN: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    DIRECT_VERT: tl.constexpr, EVERY_BLOCK: tl.constexpr = True,
+    DIRECT_VERT: tl.constexpr,
 ):
     """One key block: per head, column sums (vertical) and skewed diagonal sums (slash).
 
@@ -295,37 +291,21 @@ def _distribution_kernel(
         full_stop = tl.minimum(kb_stop, num_keys // BN)
     if tl.min(row_ok.to(tl.int32), axis=0) == 0:
         full_stop = kb_start
-    # Keys [0, live_end) may count for some row; a block past them holds nothing.
-    live_end = num_keys
-    if CAUSAL:
-        live_end = tl.minimum(num_keys, tl.max(tl.where(row_ok, q_pos, -1), axis=0) + 1)
     for kb in range(kb_start, kb_stop):
         keys = kb * BN + cols
-        if EVERY_BLOCK:
-            # Every block is scored, so that the key load sits outside any branch and
-            # Triton pipelines it across blocks (loaded inside the branches below, each
-            # block waits for its keys). A block past live_end is masked to zeros.
-            s = _block_scores(q_tile, k_head, stride_kn, stride_kd, keys, num_keys,
-                              HEAD_DIM, D_PAD, IEEE, UPCAST)
-            p = tl.math.exp2(s * qk_scale - m[:, None]) * w[:, None]
-            if kb >= full_stop:
-                allowed = row_ok[:, None] & (keys < num_keys)[None, :]
-                if CAUSAL:
-                    allowed = allowed & (keys[None, :] <= q_pos[:, None])
-                p = tl.where(allowed, p, 0.0)
-        elif kb < full_stop:
-            s = _block_scores(q_tile, k_head, stride_kn, stride_kd, keys, num_keys, HEAD_DIM,
-                              D_PAD, IEEE, UPCAST)
-            p = tl.math.exp2(s * qk_scale - m[:, None]) * w[:, None]
-        elif kb * BN < live_end:
-            s = _block_scores(q_tile, k_head, stride_kn, stride_kd, keys, num_keys, HEAD_DIM,
-                              D_PAD, IEEE, UPCAST)
+        # Every block is scored, with the key load outside any branch, so that Triton
+        # pipelines it across blocks: loaded inside branches, each block waited for its
+        # keys (h200_pipelined_distribution_8c5dc26.json: the preset's selection 2.507
+        # -> 2.454 ms at 128K, E5's 1.615 -> 1.538 ms at 32K, graph replays). A block
+        # past the rows' last key is masked to zeros like any partial one.
+        s = _block_scores(q_tile, k_head, stride_kn, stride_kd, keys, num_keys, HEAD_DIM,
+                          D_PAD, IEEE, UPCAST)
+        p = tl.math.exp2(s * qk_scale - m[:, None]) * w[:, None]
+        if kb >= full_stop:
             allowed = row_ok[:, None] & (keys < num_keys)[None, :]
             if CAUSAL:
                 allowed = allowed & (keys[None, :] <= q_pos[:, None])
-            p = tl.where(allowed, tl.math.exp2(s * qk_scale - m[:, None]) * w[:, None], 0.0)
-        else:
-            p = tl.zeros((ROWS, BN), dtype=tl.float32)
+            p = tl.where(allowed, p, 0.0)
         z = tl.gather(p, source, 1)
         # The three sums over each head's rows in one reduction (one exchange between
         # warps instead of three).
@@ -502,7 +482,7 @@ def last_query_distributions_unchecked(q: torch.Tensor, k: torch.Tensor, layout:
                                                         or DISTRIBUTION_PROGRAMS))
     launch(_distribution_kernel, (row_programs, -(-key_blocks // per_program)), q, k, m_part,
            l_part, vert, parts, *args, key_blocks, chunks, qk_scale, per_program,
-           DIRECT_VERT=direct, BN=bn, EVERY_BLOCK=PIPELINED_DISTRIBUTION, **common)
+           DIRECT_VERT=direct, BN=bn, **common)
     if not direct:
         # (b, head block, row block) programs -> (b, hq, row block), summed over row blocks.
         vert = vert.view(b, hq // heads, row_blocks, heads, -1).transpose(2, 3)
