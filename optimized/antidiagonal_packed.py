@@ -117,7 +117,8 @@ class PackedTuning:
 #: tensor descriptors (h200_estimators_4a1c52e.json): stride 8 at 8K/32K/128K
 #: 0.149/1.34/21.3 ms against 0.174/1.54/24.8 ms with pointer loads, stride 32
 #: 0.083/0.475/5.63 against 0.131/0.529/6.28 ms; 128 x 256 and 256 x 128 shapes (two
-#: stages) were slower at every length. Strides 64 and 128 were not timed with them.
+#: stages) were then slower at every length (before the unmasked step below).
+#: Strides 64 and 128 were not timed with them.
 #: Stride 16 (8 groups per tile; h200_estimators_flat_stages_f3efba6.json, 128K): 12.0
 #: ms with tensor descriptors against 21.8 for the generic shape.
 #: Stride 8 since the dense path's unmasked step (h200_packed_shapes_dc0c941.json): 128
