@@ -239,6 +239,9 @@ def test_packed_one_and_two_pass_match_the_reference(stride, bs, hq, hkv, nq, nk
 @pytest.mark.parametrize("stride, bs, hq, hkv, nq, nk, causal", [
     (4, 32, 4, 2, 256, 256, True),      # causal: blocks left of each program's first group
     (4, 32, 2, 2, 150, 290, True),      # KV prefix, last query tile partial
+    # The first program's first real group is 14 (prefix 56): block [0, 16) holds key
+    # group 15, inadmissible for that row; unmasking it one group early changes it.
+    (4, 32, 2, 2, 200, 256, True),
     (8, 32, 4, 1, 96, 256, False),      # non-causal: every block of a whole tile is full
 ])
 @pytest.mark.parametrize("one_pass", [0, 1])
@@ -260,14 +263,29 @@ def test_packed_unmasked_blocks_match_the_reference(stride, bs, hq, hkv, nq, nk,
     torch.testing.assert_close(actual, expected, rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_packed_unmasked_blocks_through_descriptors(dtype):
+    """16-group key blocks whose rows come through tensor descriptors (tma=1): the
+    unmasked and the masked steps on descriptor loads give the reference's scores."""
+    from prism.optimized import antidiagonal_packed as ap
+
+    q, k = _qk(1, 4, 2, 256, 256, 16, seed=3, scale=2.0, dtype=dtype)
+    layout = tile_layout(256, 256, 32, True)
+    tuning = ap.PackedTuning(target_rows=16, block_kg=16, num_warps=4, one_pass=1, tma=1)
+    assert ap._tma_applies(q, k, layout, 4, 16, 2, 8, 16)
+    expected = antidiagonal_probabilities(q, k, layout, 4, True)
+    actual = ap.antidiagonal_packed_probabilities(q, k, layout, 4, True, tuning)
+    torch.testing.assert_close(actual, expected, rtol=2e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("which, row, dim", [("q", 0, 0), ("q", 63, 15), ("k", 5, 3),
                                              ("k", 127, 15)])
 def test_packed_unmasked_blocks_flag_nan_and_inf(value, which, row, dim):
-    """Non-causal with whole key blocks: every block is unmasked, so only the unmasked
-    step's check (``sum(raw) * 0`` per row) can see the value. The other side's column
-    ``dim`` is positive, so -Inf makes only -Inf scores: the softmax stays finite and
-    only the check can flag it."""
+    """Non-causal with whole key blocks: every block takes the unmasked step. NaN and
+    +Inf also reach the softmax sums; the other side's column ``dim`` is positive, so
+    -Inf makes only -Inf scores, the softmax stays finite, and only the unmasked
+    step's check (``sum(raw) * 0`` per row) can flag it."""
     from prism.optimized.antidiagonal_packed import (
         PackedTuning,
         antidiagonal_packed_probabilities,
@@ -327,6 +345,15 @@ def test_packed_tuned_shapes_match_the_reference_on_the_gpu(stride):
     torch.testing.assert_close(calls[0], expected, rtol=2e-5, atol=1e-6)
     for again in calls[1:]:
         assert torch.equal(again, calls[0])
+    # As the selection calls it: the NaN/Inf check on, rows left unnormalised.
+    flag = torch.zeros((), dtype=torch.float64, device=q.device)
+    rows = antidiagonal_packed_probabilities(q, k, layout, stride, True, normalize=False,
+                                             nonfinite=flag)
+    admissible = expected > 0
+    rows = torch.where(admissible, rows, 0.0)
+    torch.testing.assert_close(rows / rows.sum(-1, keepdim=True).clamp_min(1e-30), expected,
+                               rtol=2e-5, atol=1e-6)
+    assert flag.item() == 0
 
 
 def test_packed_tuning_is_checked():
