@@ -18,23 +18,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from test_optimized import INTERPRETED, pytestmark  # noqa: E402, F401  (same marks)
 
 from helpers import make_qkv  # noqa: E402
-from prism.optimized._runtime import kernels_interpreted  # noqa: E402
-from prism.optimized.attention import (  # noqa: E402
-    AttentionConfig,
-    _sparse_attention_kernel,
-    sparse_attention_forward,
-)
+from prism.optimized.attention import AttentionConfig, sparse_attention_forward  # noqa: E402
 from prism.optimized.indices import mask_rows_to_indices  # noqa: E402
-
-INTERPRETED = kernels_interpreted(_sparse_attention_kernel)
-
-pytestmark = [
-    pytest.mark.interpret,
-    pytest.mark.skipif(not INTERPRETED and not torch.cuda.is_available(),
-                       reason="triton was imported without its interpreter and there is no GPU"),
-]
 
 
 def test_warp_specialized_config_refuses_inputs_it_cannot_read():
