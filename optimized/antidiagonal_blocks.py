@@ -51,28 +51,32 @@ def _u_product(s, u, q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
                q_head_row, q_group, k_head_row, key_groups_start, STRIDE: tl.constexpr,
                D_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
                BLOCK_KG: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-               TMA: tl.constexpr):
+               TMA: tl.constexpr, GATHER: tl.constexpr = False):
     """``s + Q_u K_{S-1-u}^T``: row ``u`` of every query group (``q_head[r]`` is row
     ``r``'s query head) against row ``S-1-u`` of every key group, one product of depth
     ``D``. With ``TMA`` the rows come through the descriptors (box origins
     ``q_head_row, q_group`` and ``k_head_row, key_groups_start``) instead of pointer
-    loads."""
+    loads; with ``GATHER`` the key groups need not be consecutive
+    (:func:`_gathered_key_groups`) and the keys always come by pointer loads."""
+    dims = tl.arange(0, D_PAD)
+    dims_ok = dims < HEAD_DIM
     if TMA:
         # Rows of every head of the group at once: (GROUP, ROWS / GROUP, D) boxes of
-        # q seen as (heads, groups, S * D); key groups past Nk come back as zeros.
+        # q seen as (heads, groups, S * D).
         q_rows = tl.reshape(q_desc.load([q_head_row, q_group, u * HEAD_DIM]),
                             (ROWS, HEAD_DIM))
-        k_cols = tl.trans(tl.reshape(
-            k_desc.load([k_head_row, key_groups_start, (STRIDE - 1 - u) * HEAD_DIM]),
-            (BLOCK_KG, HEAD_DIM)))
     else:
-        dims = tl.arange(0, D_PAD)
-        dims_ok = dims < HEAD_DIM
         positions = groups * STRIDE + u - query_start
         ok = rows_ok & (positions >= 0) & (positions < num_queries)
         q_rows = tl.load(q_head[:, None] + positions.to(tl.int64)[:, None] * stride_qn
                          + dims[None, :] * stride_qd,
                          mask=ok[:, None] & dims_ok[None, :], other=0.0)
+    if TMA and not GATHER:
+        # Key groups past Nk come back as zeros.
+        k_cols = tl.trans(tl.reshape(
+            k_desc.load([k_head_row, key_groups_start, (STRIDE - 1 - u) * HEAD_DIM]),
+            (BLOCK_KG, HEAD_DIM)))
+    else:
         keys = key_groups * STRIDE + (STRIDE - 1 - u)
         k_cols = tl.load(k_head + keys.to(tl.int64)[None, :] * stride_kn
                          + dims[:, None] * stride_kd,
@@ -105,7 +109,7 @@ def _raw_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, grou
                 q_group, k_head_row, key_groups_start, STRIDE: tl.constexpr,
                 D_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
                 BLOCK_KG: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                TMA: tl.constexpr):
+                TMA: tl.constexpr, GATHER: tl.constexpr = False):
     """(ROWS, BLOCK_KG) antidiagonal products of one key block, unscaled and unmasked:
     ``sum_u Q_u K_{S-1-u}^T`` (:func:`_u_product`)."""
     s = tl.zeros((ROWS, BLOCK_KG), dtype=tl.float32)
@@ -113,7 +117,7 @@ def _raw_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, grou
         s = _u_product(s, u, q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, groups,
                        rows_ok, key_groups, query_start, num_queries, num_keys, q_desc, k_desc,
                        q_head_row, q_group, k_head_row, key_groups_start, STRIDE, D_PAD,
-                       HEAD_DIM, ROWS, BLOCK_KG, IEEE, UPCAST, TMA)
+                       HEAD_DIM, ROWS, BLOCK_KG, IEEE, UPCAST, TMA, GATHER)
     return s
 
 
@@ -124,13 +128,14 @@ def _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, g
                    CAUSAL: tl.constexpr, STRIDE: tl.constexpr, D_PAD: tl.constexpr,
                    HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_KG: tl.constexpr,
                    IEEE: tl.constexpr, UPCAST: tl.constexpr, CHECK: tl.constexpr,
-                   TMA: tl.constexpr, cand=None, CANDIDATES: tl.constexpr = False):
+                   TMA: tl.constexpr, cand=None, CANDIDATES: tl.constexpr = False,
+                   GATHER: tl.constexpr = False):
     """(ROWS, BLOCK_KG) antidiagonal scores of one key block: :func:`_raw_scores`, then
     :func:`_admissible_scores`."""
     s = _raw_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, groups, rows_ok,
                     key_groups, query_start, num_queries, num_keys, q_desc, k_desc, q_head_row,
                     q_group, k_head_row, key_groups_start, STRIDE, D_PAD, HEAD_DIM, ROWS,
-                    BLOCK_KG, IEEE, UPCAST, TMA)
+                    BLOCK_KG, IEEE, UPCAST, TMA, GATHER)
     return _admissible_scores(s, groups, rows_ok, key_groups, key_end, qk_scale, CAUSAL, CHECK,
                               cand, CANDIDATES)
 
@@ -238,15 +243,61 @@ def _candidate_blocks(cand_pairs, pair_ok, num_key_tiles, stride_ck, key_blocks,
 
 
 @triton.jit
-def _store_pair_sums(out_rows, pair_ok, by_tile, key_start, num_key_tiles, stride_otile,
-                     chunk_tiles, PAIRS: tl.constexpr, PER_TILE: tl.constexpr,
+def _store_pair_sums(out_rows, pair_ok, by_tile, tiles, num_key_tiles, stride_otile,
+                     PAIRS: tl.constexpr, PER_TILE: tl.constexpr,
                      TILES_PER_CHUNK: tl.constexpr):
     """One key block's per-row tile sums ``by_tile`` summed over each (head, query
-    tile) pair's rows and stored at the block's key tiles."""
+    tile) pair's rows and stored at the key tiles ``tiles`` (TILES_PER_CHUNK,) (past
+    the last tile: not stored)."""
     by_pair = tl.sum(tl.reshape(by_tile, (PAIRS, PER_TILE, TILES_PER_CHUNK)), axis=1)
-    tiles = key_start // PER_TILE + chunk_tiles
     tl.store(out_rows + tiles.to(tl.int64)[None, :] * stride_otile, by_pair,
              mask=pair_ok[:, None] & (tiles < num_key_tiles)[None, :])
+
+
+@triton.jit
+def _candidate_tiles(cand_pairs, pair_ok, scan_end, stride_ck, LIST, out_rows, stride_otile,
+                     PAIRS: tl.constexpr, SCAN_TILES: tl.constexpr):
+    """The key tiles of ``[0, scan_end)`` in which some (head, query tile) pair of the
+    program has a candidate, ascending, written to ``LIST``; returns how many. Every
+    other tile of that range gets a zero in each pair's output row here (the listed
+    ones are stored by the second pass)."""
+    count = 0
+    scan = tl.arange(0, SCAN_TILES)
+    zeros = tl.zeros((PAIRS, SCAN_TILES), dtype=tl.float32)
+    for t0 in range(0, scan_end, SCAN_TILES):
+        tiles = t0 + scan
+        in_range = tiles < scan_end
+        hit = tl.load(cand_pairs[:, None] + tiles.to(tl.int64)[None, :] * stride_ck,
+                      mask=pair_ok[:, None] & in_range[None, :], other=0) != 0
+        active = (tl.max(hit.to(tl.int32), axis=0) > 0) & in_range
+        taken = active.to(tl.int32)
+        slot = count + tl.cumsum(taken, axis=0) - taken
+        tl.store(LIST + slot, tiles, mask=active)
+        tl.store(out_rows + tiles.to(tl.int64)[None, :] * stride_otile, zeros,
+                 mask=pair_ok[:, None] & (in_range & ~active)[None, :])
+        count += tl.sum(taken, axis=0)
+    return count
+
+
+@triton.jit
+def _listed_tiles(LIST, first, count, num_key_tiles, WIDTH: tl.constexpr):
+    """(WIDTH,) entries ``first ..`` of a program's tile list; past ``count``,
+    ``num_key_tiles`` (a tile past every key, so masked everywhere)."""
+    slots = first + tl.arange(0, WIDTH)
+    return tl.load(LIST + slots, mask=slots < count, other=num_key_tiles)
+
+
+@triton.jit
+def _gathered_key_groups(LIST, first, count, num_key_tiles, BLOCK_KG: tl.constexpr,
+                         PER_TILE: tl.constexpr):
+    """(BLOCK_KG,) key groups of the ``BLOCK_KG // PER_TILE`` listed tiles from entry
+    ``first`` on, each tile's groups in order; entries past ``count`` give groups of
+    tile ``num_key_tiles``, at or past ``num_key_groups``: every mask drops them and
+    their keys load as zeros."""
+    cols = tl.arange(0, BLOCK_KG)
+    slots = first + cols // PER_TILE
+    tiles = tl.load(LIST + slots, mask=slots < count, other=num_key_tiles)
+    return tiles * PER_TILE + cols % PER_TILE
 
 
 @triton.jit

@@ -40,6 +40,9 @@ from ._runtime import kernels_interpreted, next_power_of_2
 from .antidiagonal_blocks import (
     _candidate_block,
     _candidate_blocks,
+    _candidate_tiles,
+    _gathered_key_groups,
+    _listed_tiles,
     _first_pass_step,
     _one_pass_sums,
     _raw_scores,
@@ -60,6 +63,11 @@ _MIN_DOT = 16
 #: Candidate flags one step of the candidate kernel's block scan loads (pairs x key
 #: blocks x tiles per block).
 SCAN_ELEMENTS = 4096
+#: Candidate-restricted calls score only the key tiles holding a candidate of some
+#: row of the program, gathered ``block_kg // per_tile`` at a time into one key
+#: block (True), instead of every key block of ``block_kg`` consecutive groups that
+#: holds one (False).
+GATHER_CANDIDATES = True
 #: Largest number of groups per tile for which the one-pass form applies (stride 8
 #: at tile 128: the scratch is 16 times the output).
 ONE_PASS_MAX_PER_TILE = 16
@@ -212,7 +220,8 @@ def _packed_kernel(
     BLOCK_KG: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ONE_PASS: tl.constexpr, CHECK: tl.constexpr, TMA: tl.constexpr = False,
     GROUP: tl.constexpr = 1, CANDIDATES: tl.constexpr = False,
-    SCAN_BLOCKS: tl.constexpr = 16,
+    SCAN_BLOCKS: tl.constexpr = 16, GATHER: tl.constexpr = False,
+    SCAN_TILES: tl.constexpr = 16,
 ):
     pid = tl.program_id(0)
     block = programs_per_head - 1 - pid % programs_per_head  # heaviest tiles first
@@ -276,12 +285,39 @@ def _packed_kernel(
     l_i = tl.zeros((ROWS,), dtype=tl.float32)
     bad = tl.zeros((ROWS,), dtype=tl.float32)  # NaN once a full block held a NaN/Inf score
     if CANDIDATES:
-        # Only the key blocks holding a candidate tile of some pair are visited (in
-        # both passes); the others' output tiles get zeros in pass 2.
         cand_pairs = (CAND + b.to(tl.int64) * stride_cb
                       + (hk * group + pair_g).to(tl.int64) * stride_ch
                       + pair_tile.to(tl.int64) * stride_cq)
-        active = LIST + pid.to(tl.int64) * scratch_blocks
+        active = LIST + pid.to(tl.int64) * scratch_blocks * TILES_PER_CHUNK
+    if CANDIDATES and GATHER:
+        # Only the key tiles holding a candidate of some pair are scored: they are
+        # listed once (the others' output tiles get zeros there), and each step of
+        # both passes takes the next BLOCK_KG // PER_TILE of them as one gathered
+        # key block (key rows by pointer loads).
+        num_active = _candidate_tiles(cand_pairs, pair_ok,
+                                      tl.minimum(num_key_tiles, key_blocks * TILES_PER_CHUNK),
+                                      stride_ck, active, out_rows, stride_otile, PAIRS,
+                                      SCAN_TILES)
+        # Every thread reads the list some threads wrote.
+        tl.debug_barrier()
+        for slot in range(0, num_active, TILES_PER_CHUNK):
+            key_groups = _gathered_key_groups(active, slot, num_active, num_key_tiles,
+                                              BLOCK_KG, PER_TILE)
+            cand = _candidate_block(cand_rows, rows_ok, key_groups, num_key_tiles, stride_ck,
+                                    PER_TILE)
+            raw = _raw_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
+                              groups, rows_ok, key_groups, query_start, num_queries, num_keys,
+                              q_desc, k_desc, q_head_row, q_group, bh, 0, STRIDE, D_PAD,
+                              HEAD_DIM, ROWS, BLOCK_KG, IEEE, UPCAST, TMA, True)
+            # The scratch is indexed by list position (slot * PER_TILE stands for a
+            # key start), the masks by the gathered groups.
+            m_i, l_i, bad = _first_pass_step(
+                m_i, l_i, bad, raw, False, groups, rows_ok, key_groups, key_end, qk_scale,
+                e_rows, mb_rows, slot * PER_TILE, chunk_tiles, CAUSAL, CHECK, ROWS, BLOCK_KG,
+                PER_TILE, ONE_PASS, cand, CANDIDATES)
+    elif CANDIDATES:
+        # Only the key blocks holding a candidate tile of some pair are visited (in
+        # both passes); the others' output tiles get zeros in pass 2.
         num_active = _candidate_blocks(cand_pairs, pair_ok, num_key_tiles, stride_ck,
                                        key_blocks, active, TILES_PER_CHUNK, PAIRS, SCAN_BLOCKS)
         # Every thread reads the list some threads wrote.
@@ -325,7 +361,29 @@ def _packed_kernel(
     if ONE_PASS:
         # Other threads of the program read the scratch this pass wrote.
         tl.debug_barrier()
-    if CANDIDATES:
+    if CANDIDATES and GATHER:
+        for slot in range(0, num_active, TILES_PER_CHUNK):
+            if ONE_PASS:
+                by_tile = _one_pass_sums(e_rows, slot * PER_TILE, chunk_tiles,
+                                         tl.load(mb_rows + slot // TILES_PER_CHUNK), m_shift,
+                                         inv_l, PER_TILE)
+            else:
+                key_groups = _gathered_key_groups(active, slot, num_active, num_key_tiles,
+                                                  BLOCK_KG, PER_TILE)
+                cand = _candidate_block(cand_rows, rows_ok, key_groups, num_key_tiles,
+                                        stride_ck, PER_TILE)
+                s = _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
+                                   groups, rows_ok, key_groups, key_end, query_start,
+                                   num_queries, num_keys, qk_scale, q_desc, k_desc, q_head_row,
+                                   q_group, bh, 0, CAUSAL, STRIDE, D_PAD, HEAD_DIM,
+                                   ROWS, BLOCK_KG, IEEE, UPCAST, False, TMA, cand, CANDIDATES,
+                                   True)
+                by_tile = _tile_sums(s, m_shift, inv_l, ROWS, BLOCK_KG, PER_TILE)
+            _store_pair_sums(out_rows, pair_ok, by_tile,
+                             _listed_tiles(active, slot, num_active, num_key_tiles,
+                                           TILES_PER_CHUNK),
+                             num_key_tiles, stride_otile, PAIRS, PER_TILE, TILES_PER_CHUNK)
+    elif CANDIDATES:
         done = 0
         for i in range(num_active):
             kb = tl.load(active + i)
@@ -345,8 +403,8 @@ def _packed_kernel(
                                    q_group, bh, key_start, CAUSAL, STRIDE, D_PAD, HEAD_DIM,
                                    ROWS, BLOCK_KG, IEEE, UPCAST, False, TMA, cand, CANDIDATES)
                 by_tile = _tile_sums(s, m_shift, inv_l, ROWS, BLOCK_KG, PER_TILE)
-            _store_pair_sums(out_rows, pair_ok, by_tile, key_start, num_key_tiles, stride_otile,
-                             chunk_tiles, PAIRS, PER_TILE, TILES_PER_CHUNK)
+            _store_pair_sums(out_rows, pair_ok, by_tile, key_start // PER_TILE + chunk_tiles,
+                             num_key_tiles, stride_otile, PAIRS, PER_TILE, TILES_PER_CHUNK)
             done = kb + 1
         _store_zero_blocks(out_rows, pair_ok, done, key_blocks, num_key_tiles, stride_otile,
                            chunk_tiles, PAIRS, TILES_PER_CHUNK)
@@ -364,8 +422,8 @@ def _packed_kernel(
                                    q_group, bh, key_start, CAUSAL, STRIDE, D_PAD, HEAD_DIM,
                                    ROWS, BLOCK_KG, IEEE, UPCAST, False, TMA)
                 by_tile = _tile_sums(s, m_shift, inv_l, ROWS, BLOCK_KG, PER_TILE)
-            _store_pair_sums(out_rows, pair_ok, by_tile, key_start, num_key_tiles, stride_otile,
-                             chunk_tiles, PAIRS, PER_TILE, TILES_PER_CHUNK)
+            _store_pair_sums(out_rows, pair_ok, by_tile, key_start // PER_TILE + chunk_tiles,
+                             num_key_tiles, stride_otile, PAIRS, PER_TILE, TILES_PER_CHUNK)
 
 
 def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
@@ -431,8 +489,9 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
     if candidates is not None:
         cand = candidates.view(torch.uint8)
         cand_strides = cand.stride()
-        # Per program, the key blocks it visits (written and read by the kernel).
-        active = torch.empty(programs * key_blocks, dtype=torch.int32, device=q.device)
+        # Per program, the key tiles (or blocks) it visits (written and read by the kernel).
+        active = torch.empty(programs * key_blocks * (tuning.block_kg // per_tile),
+                             dtype=torch.int32, device=q.device)
     else:
         cand, cand_strides, active = mb, (0, 0, 0, 0), mb
     launch(
@@ -449,6 +508,9 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
         GROUP=group if tma else 1, CANDIDATES=candidates is not None,
         SCAN_BLOCKS=min(next_power_of_2(key_blocks),
                         max(1, SCAN_ELEMENTS // (pairs * (tuning.block_kg // per_tile)))),
+        GATHER=candidates is not None and GATHER_CANDIDATES,
+        SCAN_TILES=min(next_power_of_2(key_blocks * (tuning.block_kg // per_tile)),
+                       max(16, SCAN_ELEMENTS // pairs)),
         num_warps=tuning.num_warps, num_stages=tuning.num_stages,
     )
     if not normalize:

@@ -45,6 +45,14 @@ def _random_candidates(layout, hq, causal, seed, density=0.4):
     return cand & admissible_tiles(layout, causal, DEVICE)
 
 
+@pytest.fixture(params=[True, False], ids=["gathered", "blocks"])
+def gather(request, monkeypatch):
+    """Both candidate forms of the packed kernel: listed key tiles gathered into blocks,
+    and whole key blocks holding a candidate."""
+    monkeypatch.setattr(antidiagonal_packed, "GATHER_CANDIDATES", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("hq, hkv, nq, nk, bs, stride, causal, dtype", [
     (4, 2, 72, 164, 32, 8, True, torch.float32),     # GQA 2, KV prefix of 92
     (4, 1, 128, 300, 128, 32, True, torch.float32),  # 4 groups per tile, 4 heads
@@ -52,7 +60,7 @@ def _random_candidates(layout, hq, causal, seed, density=0.4):
     (4, 1, 256, 384, 128, 16, True, torch.float16),  # the preset's stride: descriptors
 ])
 def test_restricted_kernel_matches_the_reference(hq, hkv, nq, nk, bs, stride, causal, dtype,
-                                                 monkeypatch):
+                                                 monkeypatch, gather):
     q, k = _qk(1, hq, hkv, nq, nk, 16, seed=nq + stride, dtype=dtype, scale=2.0)
     layout = tile_layout(nq, nk, bs, causal)
     cand = _random_candidates(layout, hq, causal, seed=nk)
@@ -80,7 +88,7 @@ def test_restricted_kernel_matches_the_reference(hq, hkv, nq, nk, bs, stride, ca
 
 
 @pytest.mark.parametrize("scan_elements", [4096, 1])
-def test_key_blocks_without_a_candidate_are_not_read(monkeypatch, scan_elements):
+def test_key_blocks_without_a_candidate_are_not_read(monkeypatch, scan_elements, gather):
     """NaN keys in blocks no row has a candidate in: no flag, the reference's rows (with
     every torch.empty poisoned: a skipped block's one-pass scratch is never read, its
     output tiles are written as zeros, and the list of visited blocks is the kernel's
@@ -122,6 +130,15 @@ def test_key_blocks_without_a_candidate_are_not_read(monkeypatch, scan_elements)
     antidiagonal_packed_probabilities(q, poisoned, layout, stride, True, tuning,
                                       nonfinite=flag, candidates=cand)
     assert flag.item() != 0
+    # Gathered, only tile 5 of that block is read: NaN keys in its tiles 4, 6 and 7
+    # alone go unseen; as whole blocks, they are seen.
+    clean = k.clone()
+    clean[:, :, 4 * bs : 5 * bs] = float("nan")
+    clean[:, :, 6 * bs : 8 * bs] = float("nan")
+    flag = torch.zeros(1, dtype=torch.float64, device=DEVICE)
+    antidiagonal_packed_probabilities(q, clean, layout, stride, True, tuning,
+                                      nonfinite=flag, candidates=cand)
+    assert (flag.item() == 0) == gather
 
 
 def test_fused_selection_matches_the_reference(monkeypatch):
