@@ -54,7 +54,7 @@ def row(n: int, variants: list) -> dict:
         packed.CANDIDATE_TUNED.update(saved[1])
 
     names = [f"{int(g)}:{','.join(str(x) for x in vars(t).values())}" for g, t in variants]
-    settings = [(name, lambda v=v: put(*v)) for name, v in zip(names, variants)] * 2
+    settings = [(name, lambda v=v: put(*v)) for name, v in zip(names, variants, strict=True)] * 2
     out = {"tokens": n}
     masks = time_variants(lambda: optimized.select_blocks(q, k, cfg), settings, out, restore)
     out["masks_equal"] = {name: bool(torch.equal(m, masks[names[0]])) for name, m in masks.items()}
@@ -64,7 +64,7 @@ def row(n: int, variants: list) -> dict:
     keep = admissible_tiles(layout, True, q.device)
     first = None
     try:
-        for name, v in zip(names, variants):
+        for name, v in zip(names, variants, strict=True):
             put(*v)
 
             def call():
