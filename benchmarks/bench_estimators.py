@@ -215,23 +215,23 @@ CANDIDATE_TUNING_MIN_TOKENS = 131072
 
 
 def _active_blocks(cand, layout, stride, tuning, hkv):
-    """Fraction of the (program, key block) pairs the candidate kernel scores (the
-    others it skips), of those the dense kernel scores, for ``tuning``'s program shape."""
+    """Gathered key blocks the candidate kernel scores, as a fraction of the key blocks
+    the dense kernel scores, for ``tuning``'s program shape: per program, the key tiles
+    where some of its rows has a candidate, ``block_kg // per_tile`` to a block."""
     b, hq, nq, nk = cand.shape
     per_tile = layout.block_size // stride
     tiles = max(1, tuning.target_rows // ((hq // hkv) * per_tile))
     block_tiles = tuning.block_kg // per_tile
     any_head = cand.view(b, hkv, hq // hkv, nq, nk).any(2)
-    pad_q, pad_k = -nq % tiles, -nk % block_tiles
-    any_head = torch.nn.functional.pad(any_head, (0, pad_k, 0, pad_q))
-    active = any_head.view(b, hkv, (nq + pad_q) // tiles, tiles, (nk + pad_k) // block_tiles,
-                           block_tiles).any(5).any(3)
-    programs = torch.arange(active.shape[2], device=cand.device)
+    pad_q = -nq % tiles
+    any_head = torch.nn.functional.pad(any_head, (0, 0, 0, pad_q))
+    listed = any_head.view(b, hkv, (nq + pad_q) // tiles, tiles, nk).any(3).sum(-1)
+    gathered = (listed + block_tiles - 1) // block_tiles
+    programs = torch.arange(listed.shape[2], device=cand.device)
     # Causal: a program's key blocks reach its last query tile's diagonal.
     last_tile = torch.clamp((programs + 1) * tiles, max=nq) - 1 + layout.first_query_tile
-    blocks_visited = (last_tile + 1 + block_tiles - 1) // block_tiles
-    visited = torch.arange(active.shape[3], device=cand.device)[None, :] < blocks_visited[:, None]
-    return float(active[..., visited].sum()) / float(visited.sum() * b * hkv)
+    dense_blocks = (last_tile + 1 + block_tiles - 1) // block_tiles
+    return float(gathered.sum()) / float(dense_blocks.sum() * b * hkv)
 
 
 def candidate_stage_times(q, k, cfg, cand, n):

@@ -218,31 +218,6 @@ def _tile_sums(s, m_shift, inv_l, ROWS: tl.constexpr, BLOCK_KG: tl.constexpr,
 
 
 @triton.jit
-def _candidate_blocks(cand_pairs, pair_ok, num_key_tiles, stride_ck, key_blocks, LIST,
-                      TILES_PER_CHUNK: tl.constexpr, PAIRS: tl.constexpr,
-                      SCAN_BLOCKS: tl.constexpr):
-    """The key blocks (``TILES_PER_CHUNK`` key tiles each) of ``[0, key_blocks)`` in
-    which some (head, query tile) pair of the program has a candidate tile, ascending,
-    written to ``LIST``; returns how many. Testing each block inside the passes cost a
-    dependent load and a reduction per block: most of the kernel's time at 128K."""
-    count = 0
-    scan = tl.arange(0, SCAN_BLOCKS)
-    in_block = tl.arange(0, TILES_PER_CHUNK)
-    for b0 in range(0, key_blocks, SCAN_BLOCKS):
-        blocks = b0 + scan
-        tiles = blocks[:, None] * TILES_PER_CHUNK + in_block[None, :]
-        hit = tl.load(cand_pairs[:, None, None] + tiles.to(tl.int64)[None, :, :] * stride_ck,
-                      mask=pair_ok[:, None, None] & (tiles < num_key_tiles)[None, :, :],
-                      other=0) != 0
-        active = (tl.max(tl.max(hit.to(tl.int32), axis=2), axis=0) > 0) & (blocks < key_blocks)
-        taken = active.to(tl.int32)
-        slot = count + tl.cumsum(taken, axis=0) - taken
-        tl.store(LIST + slot, blocks, mask=active)
-        count += tl.sum(taken, axis=0)
-    return count
-
-
-@triton.jit
 def _store_pair_sums(out_rows, pair_ok, by_tile, tiles, num_key_tiles, stride_otile,
                      PAIRS: tl.constexpr, PER_TILE: tl.constexpr,
                      TILES_PER_CHUNK: tl.constexpr):
@@ -298,18 +273,6 @@ def _gathered_key_groups(LIST, first, count, num_key_tiles, BLOCK_KG: tl.constex
     slots = first + cols // PER_TILE
     tiles = tl.load(LIST + slots, mask=slots < count, other=num_key_tiles)
     return tiles * PER_TILE + cols % PER_TILE
-
-
-@triton.jit
-def _store_zero_blocks(out_rows, pair_ok, first_block, end_block, num_key_tiles, stride_otile,
-                       chunk_tiles, PAIRS: tl.constexpr, TILES_PER_CHUNK: tl.constexpr):
-    """Zeros in the output tiles of key blocks ``[first_block, end_block)`` (blocks no
-    row of the program has a candidate in)."""
-    zeros = tl.zeros((PAIRS, TILES_PER_CHUNK), dtype=tl.float32)
-    for kb in range(first_block, end_block):
-        tiles = kb * TILES_PER_CHUNK + chunk_tiles
-        tl.store(out_rows + tiles.to(tl.int64)[None, :] * stride_otile, zeros,
-                 mask=pair_ok[:, None] & (tiles < num_key_tiles)[None, :])
 
 
 __all__ = ["masked_scores", "online_softmax_step"]

@@ -18,11 +18,17 @@ tile are a power of two dividing ``BLOCK_KEY_GROUPS`` and the group's rows fit
 ``MAX_ROWS``; :func:`antidiagonal_packed_applies` says when.
 
 With a candidate tile mask (the ``"cascade"`` estimator, :mod:`prism.optimized.cascade`)
-each row's softmax runs over its candidate key tiles' groups only, and a key
-block in which no row of the program has a candidate tile is skipped in both
-passes: the program first lists the blocks that hold a candidate (one
-vectorised scan of its pairs' candidate rows), both passes loop over that
-list, and the second stores zeros in the skipped blocks' tiles.
+each row's softmax runs over its candidate key tiles' groups only, and only the
+key tiles in which some row of the program has a candidate are scored: the
+program first lists them (a vectorised scan of its pairs' candidate rows, which
+also stores zeros in every other tile of their output rows), then both passes
+take the list ``BLOCK_KG // groups_per_tile`` tiles at a time as one gathered
+key block (the key rows of listed tiles by pointer loads, the query rows as
+in the dense form; unused list places are masked everywhere). On the H200 this
+halved the accurate preset's restricted scores against skipping only whole key
+blocks without a candidate (results/h200_candidate_shapes_bd9e739.json: 0.063
+-> 0.039 ms at 8K, 0.210 -> 0.126 at 32K, 0.796 -> 0.539 at 128K), because a
+block of eight tiles held one or two candidates: the sink and the diagonal.
 """
 
 from __future__ import annotations
@@ -39,7 +45,6 @@ from prism.reference.tiles import TileLayout
 from ._runtime import kernels_interpreted, next_power_of_2
 from .antidiagonal_blocks import (
     _candidate_block,
-    _candidate_blocks,
     _candidate_tiles,
     _first_pass_step,
     _gathered_key_groups,
@@ -48,7 +53,6 @@ from .antidiagonal_blocks import (
     _raw_scores,
     _scaled_scores,
     _store_pair_sums,
-    _store_zero_blocks,
     _tile_sums,
     masked_scores,
     online_softmax_step,
@@ -60,14 +64,9 @@ BLOCK_KEY_GROUPS = 64
 TARGET_ROWS = 64
 MAX_ROWS = 128
 _MIN_DOT = 16
-#: Candidate flags one step of the candidate kernel's block scan loads (pairs x key
-#: blocks x tiles per block).
+#: Candidate flags one step of the candidate kernel's tile scan loads (pairs x key
+#: tiles).
 SCAN_ELEMENTS = 4096
-#: Candidate-restricted calls score only the key tiles holding a candidate of some
-#: row of the program, gathered ``block_kg // per_tile`` at a time into one key
-#: block (True), instead of every key block of ``block_kg`` consecutive groups that
-#: holds one (False).
-GATHER_CANDIDATES = True
 #: Largest number of groups per tile for which the one-pass form applies (stride 8
 #: at tile 128: the scratch is 16 times the output).
 ONE_PASS_MAX_PER_TILE = 16
@@ -220,7 +219,6 @@ def _packed_kernel(
     BLOCK_KG: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ONE_PASS: tl.constexpr, CHECK: tl.constexpr, TMA: tl.constexpr = False,
     GROUP: tl.constexpr = 1, CANDIDATES: tl.constexpr = False,
-    SCAN_BLOCKS: tl.constexpr = 16, GATHER: tl.constexpr = False,
     SCAN_TILES: tl.constexpr = 16,
 ):
     pid = tl.program_id(0)
@@ -285,15 +283,14 @@ def _packed_kernel(
     l_i = tl.zeros((ROWS,), dtype=tl.float32)
     bad = tl.zeros((ROWS,), dtype=tl.float32)  # NaN once a full block held a NaN/Inf score
     if CANDIDATES:
-        cand_pairs = (CAND + b.to(tl.int64) * stride_cb
-                      + (hk * group + pair_g).to(tl.int64) * stride_ch
-                      + pair_tile.to(tl.int64) * stride_cq)
-        active = LIST + pid.to(tl.int64) * scratch_blocks * TILES_PER_CHUNK
-    if CANDIDATES and GATHER:
         # Only the key tiles holding a candidate of some pair are scored: they are
         # listed once (the others' output tiles get zeros there), and each step of
         # both passes takes the next BLOCK_KG // PER_TILE of them as one gathered
         # key block (key rows by pointer loads).
+        cand_pairs = (CAND + b.to(tl.int64) * stride_cb
+                      + (hk * group + pair_g).to(tl.int64) * stride_ch
+                      + pair_tile.to(tl.int64) * stride_cq)
+        active = LIST + pid.to(tl.int64) * scratch_blocks * TILES_PER_CHUNK
         num_active = _candidate_tiles(cand_pairs, pair_ok,
                                       tl.minimum(num_key_tiles, key_blocks * TILES_PER_CHUNK),
                                       stride_ck, active, out_rows, stride_otile, PAIRS,
@@ -314,26 +311,6 @@ def _packed_kernel(
             m_i, l_i, bad = _first_pass_step(
                 m_i, l_i, bad, raw, False, groups, rows_ok, key_groups, key_end, qk_scale,
                 e_rows, mb_rows, slot * PER_TILE, chunk_tiles, CAUSAL, CHECK, ROWS, BLOCK_KG,
-                PER_TILE, ONE_PASS, cand, CANDIDATES)
-    elif CANDIDATES:
-        # Only the key blocks holding a candidate tile of some pair are visited (in
-        # both passes); the others' output tiles get zeros in pass 2.
-        num_active = _candidate_blocks(cand_pairs, pair_ok, num_key_tiles, stride_ck,
-                                       key_blocks, active, TILES_PER_CHUNK, PAIRS, SCAN_BLOCKS)
-        # Every thread reads the list some threads wrote.
-        tl.debug_barrier()
-        for i in range(num_active):
-            key_start = tl.load(active + i) * BLOCK_KG
-            key_groups = key_start + tl.arange(0, BLOCK_KG)
-            cand = _candidate_block(cand_rows, rows_ok, key_groups, num_key_tiles, stride_ck,
-                                    PER_TILE)
-            raw = _raw_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
-                              groups, rows_ok, key_groups, query_start, num_queries, num_keys,
-                              q_desc, k_desc, q_head_row, q_group, bh, key_start, STRIDE, D_PAD,
-                              HEAD_DIM, ROWS, BLOCK_KG, IEEE, UPCAST, TMA)
-            m_i, l_i, bad = _first_pass_step(
-                m_i, l_i, bad, raw, False, groups, rows_ok, key_groups, key_end, qk_scale,
-                e_rows, mb_rows, key_start, chunk_tiles, CAUSAL, CHECK, ROWS, BLOCK_KG,
                 PER_TILE, ONE_PASS, cand, CANDIDATES)
     else:
         # Key blocks below full_end need no mask: every key group of the block is before
@@ -361,7 +338,7 @@ def _packed_kernel(
     if ONE_PASS:
         # Other threads of the program read the scratch this pass wrote.
         tl.debug_barrier()
-    if CANDIDATES and GATHER:
+    if CANDIDATES:
         for slot in range(0, num_active, TILES_PER_CHUNK):
             if ONE_PASS:
                 by_tile = _one_pass_sums(e_rows, slot * PER_TILE, chunk_tiles,
@@ -383,31 +360,6 @@ def _packed_kernel(
                              _listed_tiles(active, slot, num_active, num_key_tiles,
                                            TILES_PER_CHUNK),
                              num_key_tiles, stride_otile, PAIRS, PER_TILE, TILES_PER_CHUNK)
-    elif CANDIDATES:
-        done = 0
-        for i in range(num_active):
-            kb = tl.load(active + i)
-            _store_zero_blocks(out_rows, pair_ok, done, kb, num_key_tiles, stride_otile,
-                               chunk_tiles, PAIRS, TILES_PER_CHUNK)
-            key_start = kb * BLOCK_KG
-            if ONE_PASS:
-                by_tile = _one_pass_sums(e_rows, key_start, chunk_tiles,
-                                         tl.load(mb_rows + kb), m_shift, inv_l, PER_TILE)
-            else:
-                key_groups = key_start + tl.arange(0, BLOCK_KG)
-                cand = _candidate_block(cand_rows, rows_ok, key_groups, num_key_tiles,
-                                        stride_ck, PER_TILE)
-                s = _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
-                                   groups, rows_ok, key_groups, key_end, query_start,
-                                   num_queries, num_keys, qk_scale, q_desc, k_desc, q_head_row,
-                                   q_group, bh, key_start, CAUSAL, STRIDE, D_PAD, HEAD_DIM,
-                                   ROWS, BLOCK_KG, IEEE, UPCAST, False, TMA, cand, CANDIDATES)
-                by_tile = _tile_sums(s, m_shift, inv_l, ROWS, BLOCK_KG, PER_TILE)
-            _store_pair_sums(out_rows, pair_ok, by_tile, key_start // PER_TILE + chunk_tiles,
-                             num_key_tiles, stride_otile, PAIRS, PER_TILE, TILES_PER_CHUNK)
-            done = kb + 1
-        _store_zero_blocks(out_rows, pair_ok, done, key_blocks, num_key_tiles, stride_otile,
-                           chunk_tiles, PAIRS, TILES_PER_CHUNK)
     else:
         for key_start in range(0, key_end, BLOCK_KG):
             if ONE_PASS:
@@ -444,8 +396,8 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
     ``candidates`` (B, Hq, nq, nk) bool restricts each query group's softmax to
     the key groups of its query tile's candidate key tiles (the ``"cascade"``
     estimator, :func:`prism.reference.estimators.candidate_antidiagonal_probabilities`);
-    a program skips, in both passes, every key block in which none of its rows
-    has a candidate tile.
+    a program scores only the key tiles in which some of its rows has a
+    candidate tile (module docstring).
 
     Returns
     -------
@@ -506,9 +458,6 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
         PAIRS=pairs, BLOCK_KG=tuning.block_kg, IEEE=q.dtype == torch.float32 or upcast,
         UPCAST=upcast, ONE_PASS=one_pass, CHECK=nonfinite is not None, TMA=tma,
         GROUP=group if tma else 1, CANDIDATES=candidates is not None,
-        SCAN_BLOCKS=min(next_power_of_2(key_blocks),
-                        max(1, SCAN_ELEMENTS // (pairs * (tuning.block_kg // per_tile)))),
-        GATHER=candidates is not None and GATHER_CANDIDATES,
         SCAN_TILES=min(next_power_of_2(key_blocks * (tuning.block_kg // per_tile)),
                        max(16, SCAN_ELEMENTS // pairs)),
         num_warps=tuning.num_warps, num_stages=tuning.num_stages,

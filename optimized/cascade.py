@@ -7,10 +7,10 @@
 * ``"candidate_antidiagonal"``: the packed antidiagonal kernel
   (:mod:`prism.optimized.antidiagonal_packed`) with the candidate mask as an
   input: each query group's softmax runs over the key groups of its query
-  tile's candidate tiles only, and a program visits only the key blocks in
-  which some of its rows has a candidate tile, listed once by a scan of its
-  candidate rows (that is where the cascade costs less than the dense
-  antidiagonal scores). Shapes the packed kernel does not take
+  tile's candidate tiles only, and a program scores only the key tiles in
+  which some of its rows has a candidate, listed once by a scan of its
+  candidate rows and gathered into key blocks (that is where the cascade costs
+  less than the dense antidiagonal scores). Shapes the packed kernel does not take
   (groups per tile not a power of two, a GQA group's rows over its limit) run
   the reference stage in torch.
 

@@ -2,7 +2,7 @@
 
 The candidate-restricted packed antidiagonal kernel against
 ``candidate_antidiagonal_probabilities`` (both launch forms, GQA, a KV prefix,
-non-causal, fp16), its skipping of key blocks without a candidate (NaN keys
+non-causal, fp16), its skipping of key tiles without a candidate (NaN keys
 there are never read), and the whole fused selection against
 ``reference.select_blocks(..., estimator="cascade")`` up to top-p boundary
 ties. Runs in Triton's interpreter on the CPU (tests/conftest.py) or on CUDA.
@@ -45,14 +45,6 @@ def _random_candidates(layout, hq, causal, seed, density=0.4):
     return cand & admissible_tiles(layout, causal, DEVICE)
 
 
-@pytest.fixture(params=[True, False], ids=["gathered", "blocks"])
-def gather(request, monkeypatch):
-    """Both candidate forms of the packed kernel: listed key tiles gathered into blocks,
-    and whole key blocks holding a candidate."""
-    monkeypatch.setattr(antidiagonal_packed, "GATHER_CANDIDATES", request.param)
-    return request.param
-
-
 @pytest.mark.parametrize("hq, hkv, nq, nk, bs, stride, causal, dtype", [
     (4, 2, 72, 164, 32, 8, True, torch.float32),     # GQA 2, KV prefix of 92
     (4, 1, 128, 300, 128, 32, True, torch.float32),  # 4 groups per tile, 4 heads
@@ -60,7 +52,7 @@ def gather(request, monkeypatch):
     (4, 1, 256, 384, 128, 16, True, torch.float16),  # the preset's stride: descriptors
 ])
 def test_restricted_kernel_matches_the_reference(hq, hkv, nq, nk, bs, stride, causal, dtype,
-                                                 monkeypatch, gather):
+                                                 monkeypatch):
     q, k = _qk(1, hq, hkv, nq, nk, 16, seed=nq + stride, dtype=dtype, scale=2.0)
     layout = tile_layout(nq, nk, bs, causal)
     cand = _random_candidates(layout, hq, causal, seed=nk)
@@ -79,8 +71,8 @@ def test_restricted_kernel_matches_the_reference(hq, hkv, nq, nk, bs, stride, ca
                                                  .expand_as(cand), causal)
     assert (plain - expected).abs().max() > 1e-3
     if causal and stride == 8:
-        # The two-pass form, with small key blocks so that some blocks are skipped
-        # (the one-pass form with skipped blocks: the test below).
+        # The two-pass form, with small gathered blocks so that a program takes
+        # several (the one-pass form with skipped tiles: the test below).
         tuning = PackedTuning(target_rows=32, block_kg=16, one_pass=0)
         form = antidiagonal_packed_probabilities(q, k, layout, stride, causal, tuning,
                                                  candidates=cand)
@@ -88,11 +80,12 @@ def test_restricted_kernel_matches_the_reference(hq, hkv, nq, nk, bs, stride, ca
 
 
 @pytest.mark.parametrize("scan_elements", [4096, 1])
-def test_key_blocks_without_a_candidate_are_not_read(monkeypatch, scan_elements, gather):
-    """NaN keys in blocks no row has a candidate in: no flag, the reference's rows (with
-    every torch.empty poisoned: a skipped block's one-pass scratch is never read, its
-    output tiles are written as zeros, and the list of visited blocks is the kernel's
-    own). ``scan_elements=1`` scans the candidate rows one key block per step."""
+def test_key_tiles_without_a_candidate_are_not_read(monkeypatch, scan_elements):
+    """NaN keys in tiles no row has a candidate in: no flag, the reference's rows (with
+    every torch.empty poisoned: unused one-pass scratch is never read, skipped tiles
+    are written as zeros, and the list of scored tiles is the kernel's own), also
+    when such tiles share a key block with a candidate tile. ``scan_elements=1``
+    scans the candidate rows 16 tiles per step (two steps here)."""
     monkeypatch.setattr(antidiagonal_packed, "SCAN_ELEMENTS", scan_elements)
     hq, nq, nk, bs, stride = 2, 128, 640, 32, 8
     q, k = _qk(1, hq, 1, nq, nk, 16, seed=5, scale=2.0)
@@ -130,15 +123,17 @@ def test_key_blocks_without_a_candidate_are_not_read(monkeypatch, scan_elements,
     antidiagonal_packed_probabilities(q, poisoned, layout, stride, True, tuning,
                                       nonfinite=flag, candidates=cand)
     assert flag.item() != 0
-    # Gathered, only tile 5 of that block is read: NaN keys in its tiles 4, 6 and 7
-    # alone go unseen; as whole blocks, they are seen.
+    # Only tile 5 of that block is read: NaN keys in its tiles 4, 6 and 7 alone go
+    # unseen (the key block of 16 groups holding tile 5 is not scored whole).
     clean = k.clone()
     clean[:, :, 4 * bs : 5 * bs] = float("nan")
     clean[:, :, 6 * bs : 8 * bs] = float("nan")
     flag = torch.zeros(1, dtype=torch.float64, device=DEVICE)
-    antidiagonal_packed_probabilities(q, clean, layout, stride, True, tuning,
-                                      nonfinite=flag, candidates=cand)
-    assert (flag.item() == 0) == gather
+    got = antidiagonal_packed_probabilities(q, clean, layout, stride, True, tuning,
+                                            candidates=cand, nonfinite=flag)
+    assert flag.item() == 0
+    expected = candidate_antidiagonal_probabilities(q, k, layout, stride, cand, True)
+    torch.testing.assert_close(got, expected, rtol=2e-5, atol=1e-6)
 
 
 def test_fused_selection_matches_the_reference(monkeypatch):

@@ -3,14 +3,18 @@
 For each length, on the structured inputs of ``bench_prism.py`` (32/8 heads,
 D 128, bf16): the whole ``select_blocks`` call of the accurate preset, eager
 and as CUDA-graph replays, and the restricted scores alone (graph replays),
-with ``antidiagonal_packed.GATHER_CANDIDATES`` and the candidate launch shape
-(``CANDIDATE_TUNED`` at the preset's groups per tile) set to each variant in
-turn, the whole sequence twice, interleaved. Masks are compared with the
-first variant's, and the scores' largest difference from it at the
-admissible tiles is reported. Variants are ``gather:rows,kg,warps,stages,one_pass,tma``::
+with the candidate launch shape (``CANDIDATE_TUNED`` at the preset's groups
+per tile) set to each variant in turn, the whole sequence twice, interleaved.
+Masks are compared with the first variant's, and the scores' largest
+difference from it at the admissible tiles is reported. Variants are
+``rows,kg,warps,stages,one_pass,tma``::
 
     python3 benchmarks/probes/candidate_shapes.py --lengths 8192,32768 \\
-        --variants "0:64,64,4,3,1,1;1:64,64,4,3,1,1;1:64,32,4,3,1,1" --out x.json
+        --variants "64,64,4,3,1,1;64,32,4,3,1,1" --out x.json
+
+(``results/h200_candidate_shapes_bd9e739.json`` was taken at bd9e739, where a
+``gather:`` prefix also switched between the gathered candidate tiles, 1, and
+the whole key blocks holding a candidate that the kernel scored before, 0.)
 """
 
 from __future__ import annotations
@@ -34,27 +38,24 @@ from prism.reference.scoring import admissible_tiles  # noqa: E402
 
 
 def parse_variant(text: str):
-    gather, _, shape = text.partition(":")
-    return bool(int(gather)), packed.PackedTuning(*(int(x) for x in shape.split(",")))
+    return packed.PackedTuning(*(int(x) for x in text.split(",")))
 
 
 def row(n: int, variants: list) -> dict:
     q, k, _ = structured_inputs(n)
     cfg = PrismConfig.preset("accurate")
     per_tile = cfg.block_size // cfg.antidiagonal_stride
-    saved = (packed.GATHER_CANDIDATES, dict(packed.CANDIDATE_TUNED))
+    saved = dict(packed.CANDIDATE_TUNED)
 
-    def put(gather, tuning):
-        packed.GATHER_CANDIDATES = gather
+    def put(tuning):
         packed.CANDIDATE_TUNED[per_tile] = tuning
 
     def restore():
-        packed.GATHER_CANDIDATES = saved[0]
         packed.CANDIDATE_TUNED.clear()
-        packed.CANDIDATE_TUNED.update(saved[1])
+        packed.CANDIDATE_TUNED.update(saved)
 
-    names = [f"{int(g)}:{','.join(str(x) for x in vars(t).values())}" for g, t in variants]
-    settings = [(name, lambda v=v: put(*v)) for name, v in zip(names, variants, strict=True)] * 2
+    names = [",".join(str(x) for x in vars(t).values()) for t in variants]
+    settings = [(name, lambda v=v: put(v)) for name, v in zip(names, variants, strict=True)] * 2
     out = {"tokens": n}
     masks = time_variants(lambda: optimized.select_blocks(q, k, cfg), settings, out, restore)
     out["masks_equal"] = {name: bool(torch.equal(m, masks[names[0]])) for name, m in masks.items()}
@@ -65,7 +66,7 @@ def row(n: int, variants: list) -> dict:
     first = None
     try:
         for name, v in zip(names, variants, strict=True):
-            put(*v)
+            put(v)
 
             def call():
                 return packed.antidiagonal_packed_probabilities(
@@ -85,7 +86,7 @@ def row(n: int, variants: list) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", default="8192,32768,131072")
-    parser.add_argument("--variants", default="0:64,64,4,3,1,1;1:64,64,4,3,1,1")
+    parser.add_argument("--variants", default="64,64,4,3,1,1;64,32,4,3,1,1")
     parser.add_argument("--out", default="")
     parser.add_argument("--commit", default="")
     args = parser.parse_args(argv)

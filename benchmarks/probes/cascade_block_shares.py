@@ -5,9 +5,11 @@ direction; here drawn by the CPU generator, so not the GPU run's values) at
 32/8 heads, D 128, tile 128, causal: Prism's candidate mask at each
 ``candidate_threshold`` (the reference's ``trace_selection``, both bands at
 ``c``), its density over the admissible tiles, and for several launch shapes
-of the packed kernel the share of (program, key block) pairs that hold a
-candidate of some row of the program (the blocks the kernel scores; the others
-it skips), out of those the dense kernel scores. No timing::
+of the packed kernel the key blocks the restricted kernel scores (per
+program, its listed candidate tiles gathered ``block_kg // per_tile`` to a
+block; results before commit bd9e739 counted the whole key blocks holding a
+candidate, which the kernel scored then), out of those the dense kernel
+scores. No timing::
 
     python benchmarks/probes/cascade_block_shares.py --commit <hash> \
         --out benchmarks/results/cpu_cascade_block_shares_<hash>.json
