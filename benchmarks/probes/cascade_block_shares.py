@@ -9,7 +9,8 @@ of the packed kernel the key blocks the restricted kernel scores (per
 program, its listed candidate tiles gathered ``block_kg // per_tile`` to a
 block; results before commit bd9e739 counted the whole key blocks holding a
 candidate, which the kernel scored then), out of those the dense kernel
-scores. No timing::
+scores; and per program of 1, 2 or 4 query tiles, the key tiles it lists.
+No timing::
 
     python benchmarks/probes/cascade_block_shares.py --commit <hash> \
         --out benchmarks/results/cpu_cascade_block_shares_<hash>.json
@@ -44,6 +45,22 @@ def structured_inputs_cpu(n, seed=1, base=500000.0, sharpness=2.0):
     return (apply_rope(q, base).to(torch.bfloat16), apply_rope(k, base).to(torch.bfloat16))
 
 
+def listed_tiles(cand, tiles: int) -> dict:
+    """Mean and largest number of key tiles the restricted kernel lists per program when
+    a program holds ``tiles`` query tiles of every head of a GQA group (the key tiles
+    in which some of its rows has a candidate), and the mean whole key blocks of 8 tiles
+    holding one (what the kernel scored before bd9e739)."""
+    b, hq, nq, nk = cand.shape
+    any_head = cand.view(b, KV_HEADS, hq // KV_HEADS, nq, nk).any(2)
+    pad_q, pad_k = -nq % tiles, -nk % 8
+    any_head = torch.nn.functional.pad(any_head, (0, pad_k, 0, pad_q))
+    union = any_head.view(b, KV_HEADS, (nq + pad_q) // tiles, tiles, nk + pad_k).any(3)
+    listed = union.sum(-1).float()
+    blocks = union.view(*union.shape[:3], -1, 8).any(-1).sum(-1).float()
+    return {"mean": float(listed.mean()), "max": int(listed.max()),
+            "blocks_of_8_mean": float(blocks.mean())}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", default="8192,32768,131072")
@@ -71,7 +88,8 @@ def main(argv=None):
                        name: _active_blocks(cand, layout, STRIDE, tuning, KV_HEADS)
                        for name, tuning in shapes.items()},
                    "launch_shapes": {name: [t.target_rows, t.block_kg]
-                                     for name, t in shapes.items()}}
+                                     for name, t in shapes.items()},
+                   "listed_tiles": {tiles: listed_tiles(cand, tiles) for tiles in (1, 2, 4)}}
             row["wall_s"] = time.time() - started
             rows.append(row)
             print(json.dumps(row), flush=True)
