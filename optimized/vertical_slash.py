@@ -87,6 +87,9 @@ STATS_MIN_KEYS = 256
 #: 0.163/0.280/0.526/1.102/2.534 ms at 8K/16K/32K/64K/128K with 512 against
 #: 0.175/0.287/0.542/1.115/2.534 with 2048 (1024: 0.165/0.282/0.533/1.103/2.531).
 DISTRIBUTION_PROGRAMS = 512
+#: Causal calls store the slash's negative offsets as zeros without reading the
+#: distribution pass's windows there (half of the combine's loads).
+COMBINE_SKIPS_NEGATIVE = True
 
 
 @dataclass(frozen=True)
@@ -326,13 +329,15 @@ def _distribution_kernel(
 
 @triton.jit
 def _slash_combine_kernel(PARTS, SLASH, num_q_heads, heads_per_program, row_blocks,
-                          num_key_blocks, n_offsets, first_top, LB: tl.constexpr,
+                          num_key_blocks, n_offsets, first_top, zero_below, LB: tl.constexpr,
                           BN: tl.constexpr, HEADS: tl.constexpr, BLOCK: tl.constexpr):
     """Slash entries from the distribution kernel's windows, in a fixed order.
 
     Slash index ``i`` of row block ``rb`` is window column ``t = top(rb) - i``
     (``top(rb) = first_top + rb * LB``): block ``t // BN``'s first half at
     ``t % BN`` plus block ``t // BN - 1``'s second half at the same column.
+    Entries below ``zero_below`` are stored as zeros without reading the windows
+    (causally, the ``Nk - 1`` negative offsets: every score there is masked).
     """
     bh = tl.program_id(0)
     idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -342,7 +347,7 @@ def _slash_combine_kernel(PARTS, SLASH, num_q_heads, heads_per_program, row_bloc
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for rb in range(row_blocks):
         t = first_top + rb * LB - idx
-        inside = (t >= 0) & (idx < n_offsets)
+        inside = (t >= 0) & (idx < n_offsets) & (idx >= zero_below)
         t = tl.where(inside, t, 0)
         kb = t // BN
         c = t % BN
@@ -490,9 +495,10 @@ def last_query_distributions_unchecked(q: torch.Tensor, k: torch.Tensor, layout:
     # Slash index of window column 0 of row block 0's first key block.
     first_top = layout.query_start + nq_tokens - rows + lb - 1 + nk_tokens - 1
     block = 1024
+    zero_below = nk_tokens - 1 if causal and COMBINE_SKIPS_NEGATIVE else 0
     launch(_slash_combine_kernel, (b * hq, -(-n_offsets // block)), parts, slash, hq,
-           hq // heads, row_blocks, key_blocks, n_offsets, first_top, LB=lb, BN=bn, HEADS=heads,
-           BLOCK=block)
+           hq // heads, row_blocks, key_blocks, n_offsets, first_top, zero_below, LB=lb, BN=bn,
+           HEADS=heads, BLOCK=block)
     return vertical, slash
 
 
