@@ -87,9 +87,6 @@ STATS_MIN_KEYS = 256
 #: 0.163/0.280/0.526/1.102/2.534 ms at 8K/16K/32K/64K/128K with 512 against
 #: 0.175/0.287/0.542/1.115/2.534 with 2048 (1024: 0.165/0.282/0.533/1.103/2.531).
 DISTRIBUTION_PROGRAMS = 512
-#: Causal calls store the slash's negative offsets as zeros without reading the
-#: distribution pass's windows there (half of the combine's loads).
-COMBINE_SKIPS_NEGATIVE = True
 
 
 @dataclass(frozen=True)
@@ -495,7 +492,10 @@ def last_query_distributions_unchecked(q: torch.Tensor, k: torch.Tensor, layout:
     # Slash index of window column 0 of row block 0's first key block.
     first_top = layout.query_start + nq_tokens - rows + lb - 1 + nk_tokens - 1
     block = 1024
-    zero_below = nk_tokens - 1 if causal and COMBINE_SKIPS_NEGATIVE else 0
+    # Causally the Nk - 1 negative offsets are zeros: stored without reading the windows
+    # (half of the combine's loads; h200_vs_constants_45810d7.json, graph replays: E5
+    # 20.64-20.69 ms at 128K against 20.75-20.79 reading them, the preset within 0.5%).
+    zero_below = nk_tokens - 1 if causal else 0
     launch(_slash_combine_kernel, (b * hq, -(-n_offsets // block)), parts, slash, hq,
            hq // heads, row_blocks, key_blocks, n_offsets, first_top, zero_below, LB=lb, BN=bn,
            HEADS=heads, BLOCK=block)
