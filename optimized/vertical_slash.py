@@ -37,7 +37,8 @@ head, so a key block loaded once serves them all).
      gathers ``BN`` columns per row, not the ``2 * BN`` of a skew.)
 3. :func:`_slash_combine_kernel` adds, per slash entry, the two halves that
    cover it (and the row blocks, when ``L > 128``) in a fixed order:
-   deterministic, no atomics.
+   deterministic, no atomics. Causally the ``Nk - 1`` negative offsets are
+   stored as zeros without reading the windows.
 
 Causal masking is the reference's: key ``k`` counts for row ``r`` iff
 ``k <= P0 + r``; keys past ``Nk`` and rows past the ``L`` last queries count
