@@ -145,7 +145,11 @@ TUNED[16] = PackedTuning(target_rows=128, block_kg=256, num_warps=8, num_stages=
 #: (h200_estimators_b14b03c.json, stride 8 at 128K: 64 x 64 with tensor descriptors
 #: 0.876 ms against 1.06 for the dense calls' 128 x 128; h200_estimators_f6fb415.json,
 #: stride 16: 0.801 against 0.896 for the generic shape without them, 1.13 for
-#: 128 x 128).
+#: 128 x 128; both before the candidate tiles were gathered). With them gathered
+#: (h200_candidate_shapes_634b2a0.json, the preset's whole selection, graph replays at
+#: 8K / 32K / 128K): 64 x 64 on 3 stages 0.136 / 0.420-0.427 / 2.208-2.215 ms; on 4
+#: stages 0.137 / 0.419 / 2.184; 64 x 32 0.134 / 0.427 / 2.188 (bd9e739's run); 32 rows
+#: 0.150 / 0.492 / 2.51; 8 warps 0.140 / 0.443 / 2.35.
 CANDIDATE_TUNED: dict[int, PackedTuning] = {
     per_tile: PackedTuning(target_rows=64, block_kg=64, num_warps=4, num_stages=3,
                            one_pass=1, tma=1)
@@ -441,7 +445,7 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
     if candidates is not None:
         cand = candidates.view(torch.uint8)
         cand_strides = cand.stride()
-        # Per program, the key tiles (or blocks) it visits (written and read by the kernel).
+        # Per program, the key tiles it scores (written and read by the kernel).
         active = torch.empty(programs * key_blocks * (tuning.block_kg // per_tile),
                              dtype=torch.int32, device=q.device)
     else:
