@@ -25,10 +25,13 @@ also stores zeros in every other tile of their output rows), then both passes
 take the list ``BLOCK_KG // groups_per_tile`` tiles at a time as one gathered
 key block (the key rows of listed tiles by pointer loads, the query rows as
 in the dense form; unused list places are masked everywhere). On the H200 this
-halved the accurate preset's restricted scores against skipping only whole key
-blocks without a candidate (results/h200_candidate_shapes_bd9e739.json: 0.063
--> 0.039 ms at 8K, 0.210 -> 0.126 at 32K, 0.796 -> 0.539 at 128K), because a
-block of eight tiles held one or two candidates: the sink and the diagonal.
+cut the accurate preset's restricted scores by a third to two fifths against
+scoring every whole key block that holds a candidate
+(results/h200_candidate_shapes_bd9e739.json: 0.063 -> 0.039 ms at 8K, 0.210 ->
+0.126 at 32K, 0.796 -> 0.539 at 128K): a program's candidates lie mostly in the
+sink and the diagonal tiles, in different blocks of eight (4.6 listed tiles
+against 2.1 such blocks per program at 8K on the CPU draw of the synthetic
+inputs, results/cpu_cascade_block_shares_af005af.json).
 """
 
 from __future__ import annotations
