@@ -76,11 +76,6 @@ ONE_PASS_MAX_PER_TILE = 16
 #: Largest one-pass scratch (bytes); a larger call takes the two-pass form. At 128K
 #: tokens, 32/8 heads, tile 128 and stride 8 the scratch is about 2.5 GiB.
 ONE_PASS_MAX_SCRATCH_BYTES = 8 << 30
-#: Flatten the first pass's loop nest (key blocks x rows ``u``) into one loop, so
-#: that Triton's pipeliner issues a block's first loads before the previous block's
-#: softmax step instead of after it. Dense calls / candidate-restricted calls.
-FLATTEN_DENSE = False
-FLATTEN_CANDIDATES = False
 
 
 @dataclass(frozen=True)
@@ -231,7 +226,7 @@ def _packed_kernel(
     BLOCK_KG: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ONE_PASS: tl.constexpr, CHECK: tl.constexpr, TMA: tl.constexpr = False,
     GROUP: tl.constexpr = 1, CANDIDATES: tl.constexpr = False,
-    SCAN_TILES: tl.constexpr = 16, FLATTEN: tl.constexpr = False,
+    SCAN_TILES: tl.constexpr = 16,
 ):
     pid = tl.program_id(0)
     block = programs_per_head - 1 - pid % programs_per_head  # heaviest tiles first
@@ -309,7 +304,7 @@ def _packed_kernel(
                                       SCAN_TILES)
         # Every thread reads the list some threads wrote.
         tl.debug_barrier()
-        for slot in tl.range(0, num_active, TILES_PER_CHUNK, flatten=FLATTEN):
+        for slot in range(0, num_active, TILES_PER_CHUNK):
             key_groups = _gathered_key_groups(active, slot, num_active, num_key_tiles,
                                               BLOCK_KG, PER_TILE)
             cand = _candidate_block(cand_rows, rows_ok, key_groups, num_key_tiles, stride_ck,
@@ -332,7 +327,7 @@ def _packed_kernel(
         full_end = key_end
         if CAUSAL:
             full_end = tl.minimum(full_end, tl.min(tl.where(rows_ok, groups, key_end), 0) + 1)
-        for key_start in tl.range(0, key_end, BLOCK_KG, flatten=FLATTEN):
+        for key_start in range(0, key_end, BLOCK_KG):
             key_groups = key_start + tl.arange(0, BLOCK_KG)
             raw = _raw_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
                               groups, rows_ok, key_groups, query_start, num_queries, num_keys,
@@ -470,7 +465,6 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
         PAIRS=pairs, BLOCK_KG=tuning.block_kg, IEEE=q.dtype == torch.float32 or upcast,
         UPCAST=upcast, ONE_PASS=one_pass, CHECK=nonfinite is not None, TMA=tma,
         GROUP=group if tma else 1, CANDIDATES=candidates is not None,
-        FLATTEN=FLATTEN_CANDIDATES if candidates is not None else FLATTEN_DENSE,
         SCAN_TILES=min(next_power_of_2(key_blocks * (tuning.block_kg // per_tile)),
                        max(16, SCAN_ELEMENTS // pairs)),
         num_warps=tuning.num_warps, num_stages=tuning.num_stages,
