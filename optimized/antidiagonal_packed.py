@@ -36,6 +36,7 @@ inputs, results/cpu_cascade_block_shares_af005af.json).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -107,6 +108,13 @@ class PackedTuning:
         shapes allow it (contiguous q and k, lengths and the KV prefix whole
         groups and tiles, the program's rows exactly its heads' groups);
         elsewhere, and with 0, pointer loads.
+    heads : int
+        Query heads of a GQA group one program holds (a power of two dividing
+        the group; 0: the whole group). With one head and tensor descriptors a
+        program's query rows are one box of consecutive groups, which the
+        matrix product reads straight from shared memory; several heads' rows
+        come as a ``(heads, groups, D)`` box that Triton 3.6 first copies to
+        registers and rearranges for every ``u``.
     """
 
     target_rows: int = TARGET_ROWS
@@ -115,6 +123,7 @@ class PackedTuning:
     num_stages: int = 3
     one_pass: int = 1
     tma: int = 0
+    heads: int = 0
 
 
 #: Launch shapes by groups per tile (``block_size // stride``) for head dims up to
@@ -168,7 +177,9 @@ def default_tuning(per_tile: int, group: int, head_dim: int = 128,
     """The launch shape used unless one is passed (:data:`TUNED`, or with
     ``candidates`` :data:`CANDIDATE_TUNED`; else a generic one)."""
     tuned = (CANDIDATE_TUNED if candidates else TUNED).get(per_tile)
-    if (tuned is not None and group * per_tile <= tuned.target_rows
+    if tuned is not None and tuned.heads and group % tuned.heads:
+        tuned = dataclasses.replace(tuned, heads=0)
+    if (tuned is not None and (tuned.heads or group) * per_tile <= tuned.target_rows
             and head_dim <= TUNED_MAX_HEAD_DIM):
         return tuned
     rows = max(_MIN_DOT, next_power_of_2(group * per_tile))
@@ -183,32 +194,38 @@ def antidiagonal_packed_applies(layout: TileLayout, stride: int, group: int) -> 
 
 
 def _tma_applies(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, stride: int,
-                 rows: int, group: int, per_head: int, d: int) -> bool:
+                 rows: int, heads: int, per_head: int, d: int) -> bool:
     """Whether the packed kernel may load through tensor descriptors (``tma=1``):
     16-bit q and k, contiguous, both lengths whole groups, the KV prefix whole
-    tiles, the program's rows exactly ``group`` heads x ``per_head`` groups, D a
+    tiles, the program's rows exactly ``heads`` heads x ``per_head`` groups, D a
     power of two (the shapes measured on the H200: bf16, D 128)."""
     return (q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype
             and q.is_contiguous() and k.is_contiguous()
             and q.shape[2] % stride == 0 and k.shape[2] % stride == 0
             and layout.query_start % layout.block_size == 0
-            and group & (group - 1) == 0 and group * per_head == rows
+            and heads & (heads - 1) == 0 and heads * per_head == rows
             and d == next_power_of_2(d) and d >= _MIN_DOT
             and q.data_ptr() % 16 == 0 and k.data_ptr() % 16 == 0)
 
 
 def _check_tuning(tuning: PackedTuning, per_tile: int, group: int) -> None:
-    for name in ("target_rows", "block_kg", "num_warps", "num_stages", "one_pass", "tma"):
+    for name in ("target_rows", "block_kg", "num_warps", "num_stages", "one_pass", "tma",
+                 "heads"):
         value = getattr(tuning, name)
-        least = 0 if name in ("one_pass", "tma") else 1
+        least = 0 if name in ("one_pass", "tma", "heads") else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"PackedTuning.{name} must be an int >= {least}, got {value!r}")
     if tuning.block_kg & (tuning.block_kg - 1) or tuning.block_kg % per_tile:
         raise ValueError(f"PackedTuning.block_kg must be a power of two and a multiple of the "
                          f"{per_tile} groups per tile, got {tuning.block_kg}")
-    if group * per_tile > max(MAX_ROWS, tuning.target_rows):
-        raise ValueError(f"a GQA group of {group} heads x {per_tile} groups per tile does not "
-                         f"fit {max(MAX_ROWS, tuning.target_rows)} rows")
+    if tuning.heads and group % tuning.heads:
+        raise ValueError(f"PackedTuning.heads must divide the GQA group of {group} query heads "
+                         f"(or be 0 for all of them), got {tuning.heads}")
+    heads = tuning.heads or group
+    if heads * per_tile > max(MAX_ROWS, tuning.target_rows):
+        raise ValueError(f"{heads} query heads x {per_tile} groups per tile do not fit "
+                         f"{max(MAX_ROWS, tuning.target_rows)} rows; set PackedTuning.heads "
+                         f"to fewer heads per program")
 
 
 @triton.jit
@@ -218,7 +235,7 @@ def _packed_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_ob, stride_oh, stride_orow, stride_otile,
     stride_cb, stride_ch, stride_cq, stride_ck,
-    num_kv_heads, group, tiles_per_program, programs_per_head, num_queries, num_keys,
+    num_kv_heads, group, heads, tiles_per_program, programs_per_head, num_queries, num_keys,
     query_start, first_query_tile, num_query_tiles, num_key_tiles, num_key_groups, qk_scale,
     scratch_tiles, scratch_blocks, total_q_heads, total_kv_heads, query_groups,
     CAUSAL: tl.constexpr, STRIDE: tl.constexpr, PER_TILE: tl.constexpr,
@@ -230,9 +247,13 @@ def _packed_kernel(
 ):
     pid = tl.program_id(0)
     block = programs_per_head - 1 - pid % programs_per_head  # heaviest tiles first
-    bh = pid // programs_per_head
+    # Program = (batch, KV head, which `heads` of its group, query tiles).
+    bh_part = pid // programs_per_head
+    parts = group // heads
+    bh = bh_part // parts
     b = bh // num_kv_heads
     hk = bh % num_kv_heads
+    head0 = hk * group + (bh_part % parts) * heads  # the program's first query head
 
     # Row = (head in group g, tile t, group in tile r); pair = (g, t).
     rows = tl.arange(0, ROWS)
@@ -243,9 +264,9 @@ def _packed_kernel(
     groups = (first_query_tile + tile_row) * PER_TILE + rows % PER_TILE
     first_valid = query_start // STRIDE
     last_valid = (query_start + num_queries - 1) // STRIDE
-    rows_ok = ((rows < group * per_head) & (tile_row < num_query_tiles)
+    rows_ok = ((rows < heads * per_head) & (tile_row < num_query_tiles)
                & (groups >= first_valid) & (groups <= last_valid))
-    q_head = Q + b.to(tl.int64) * stride_qb + (hk * group + g).to(tl.int64) * stride_qh
+    q_head = Q + b.to(tl.int64) * stride_qb + (head0 + g).to(tl.int64) * stride_qh
     k_head = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     key_end = num_key_groups
     if CAUSAL:
@@ -255,8 +276,8 @@ def _packed_kernel(
     q_desc = None
     k_desc = None
     if TMA:
-        # q and k as (heads, groups, S * D); a program's rows are GROUP heads x
-        # ROWS / GROUP consecutive groups (_tma_applies).
+        # q and k as (heads, groups, S * D); a program's rows are GROUP (= heads) heads
+        # x ROWS / GROUP consecutive groups (_tma_applies).
         q_desc = tl.make_tensor_descriptor(
             Q, shape=[total_q_heads, query_groups, STRIDE * HEAD_DIM],
             strides=[query_groups * STRIDE * HEAD_DIM, STRIDE * HEAD_DIM, 1],
@@ -265,10 +286,10 @@ def _packed_kernel(
             K, shape=[total_kv_heads, num_key_groups, STRIDE * HEAD_DIM],
             strides=[num_key_groups * STRIDE * HEAD_DIM, STRIDE * HEAD_DIM, 1],
             block_shape=[1, BLOCK_KG, HEAD_DIM])
-    q_head_row = bh * group
+    q_head_row = b * (num_kv_heads * group) + head0
     q_group = block * per_head
     # CANDIDATES: row r's (query head, query tile) row of the candidate tile mask.
-    cand_rows = (CAND + b.to(tl.int64) * stride_cb + (hk * group + g).to(tl.int64) * stride_ch
+    cand_rows = (CAND + b.to(tl.int64) * stride_cb + (head0 + g).to(tl.int64) * stride_ch
                  + tile_row.to(tl.int64) * stride_cq)
 
     TILES_PER_CHUNK: tl.constexpr = BLOCK_KG // PER_TILE
@@ -277,9 +298,9 @@ def _packed_kernel(
     pairs = tl.arange(0, PAIRS)
     pair_g = pairs // tiles_per_program
     pair_tile = block * tiles_per_program + pairs % tiles_per_program
-    pair_ok = (pairs < group * tiles_per_program) & (pair_tile < num_query_tiles)
+    pair_ok = (pairs < heads * tiles_per_program) & (pair_tile < num_query_tiles)
     out_rows = (OUT + b.to(tl.int64) * stride_ob
-                + (hk * group + pair_g).to(tl.int64)[:, None] * stride_oh
+                + (head0 + pair_g).to(tl.int64)[:, None] * stride_oh
                 + pair_tile.to(tl.int64)[:, None] * stride_orow)
     key_blocks = tl.cdiv(key_end, BLOCK_KG)
     # One-pass scratch of this program: per row, per-tile sums of 2^(s - m_block)
@@ -295,7 +316,7 @@ def _packed_kernel(
         # both passes takes the next BLOCK_KG // PER_TILE of them as one gathered
         # key block (key rows by pointer loads).
         cand_pairs = (CAND + b.to(tl.int64) * stride_cb
-                      + (hk * group + pair_g).to(tl.int64) * stride_ch
+                      + (head0 + pair_g).to(tl.int64) * stride_ch
                       + pair_tile.to(tl.int64) * stride_cq)
         active = LIST + pid.to(tl.int64) * scratch_blocks * TILES_PER_CHUNK
         num_active = _candidate_tiles(cand_pairs, pair_ok,
@@ -425,13 +446,14 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
         tuning = default_tuning(per_tile, group, max(_MIN_DOT, next_power_of_2(d)),
                                 candidates is not None)
     _check_tuning(tuning, per_tile, group)
-    tiles = max(1, tuning.target_rows // (group * per_tile))
-    rows = max(_MIN_DOT, next_power_of_2(group * per_tile * tiles))
+    heads = tuning.heads or group
+    tiles = max(1, tuning.target_rows // (heads * per_tile))
+    rows = max(_MIN_DOT, next_power_of_2(heads * per_tile * tiles))
     pairs = rows // per_tile
     per_head = -(-nq // tiles)
     d_pad = max(_MIN_DOT, next_power_of_2(d))
     upcast = q.dtype == torch.bfloat16 and kernels_interpreted(_packed_kernel)
-    programs = b * hkv * per_head
+    programs = b * hkv * (group // heads) * per_head
     key_groups = -(-nk_tokens // stride)
     key_blocks = -(-key_groups // tuning.block_kg)
     scratch_tiles = key_blocks * (tuning.block_kg // per_tile)
@@ -439,7 +461,7 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
                 and programs * rows * (scratch_tiles + key_blocks) * 4
                 <= ONE_PASS_MAX_SCRATCH_BYTES)
     scratch_tiles = scratch_tiles if one_pass else 1
-    tma = bool(tuning.tma) and _tma_applies(q, k, layout, stride, rows, group,
+    tma = bool(tuning.tma) and _tma_applies(q, k, layout, stride, rows, heads,
                                             tiles * per_tile, d)
     e = torch.empty(programs * rows * scratch_tiles if one_pass else 1, dtype=torch.float32,
                     device=q.device)
@@ -457,14 +479,14 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
         _packed_kernel, (programs,), q, k, out, e, mb,
         nonfinite if nonfinite is not None else mb, cand, active, *q.stride(), *k.stride(),
         *out.stride(), *cand_strides,
-        hkv, group, tiles, per_head, nq_tokens, nk_tokens, layout.query_start,
+        hkv, group, heads, tiles, per_head, nq_tokens, nk_tokens, layout.query_start,
         layout.first_query_tile, nq, nk, key_groups,
         math.log2(math.e) / (math.sqrt(d) * stride), scratch_tiles, key_blocks, b * hq,
         b * hkv, nq_tokens // stride,
         CAUSAL=causal, STRIDE=stride, PER_TILE=per_tile, HEAD_DIM=d, D_PAD=d_pad, ROWS=rows,
         PAIRS=pairs, BLOCK_KG=tuning.block_kg, IEEE=q.dtype == torch.float32 or upcast,
         UPCAST=upcast, ONE_PASS=one_pass, CHECK=nonfinite is not None, TMA=tma,
-        GROUP=group if tma else 1, CANDIDATES=candidates is not None,
+        GROUP=heads if tma else 1, CANDIDATES=candidates is not None,
         SCAN_TILES=min(next_power_of_2(key_blocks * (tuning.block_kg // per_tile)),
                        max(16, SCAN_ELEMENTS // pairs)),
         num_warps=tuning.num_warps, num_stages=tuning.num_stages,

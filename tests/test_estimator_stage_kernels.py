@@ -278,6 +278,45 @@ def test_packed_unmasked_blocks_through_descriptors(dtype):
     torch.testing.assert_close(actual, expected, rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("batch, hq, hkv, nq, nk, bs, stride, causal, dtype, tma", [
+    (2, 4, 1, 128, 192, 32, 4, True, torch.bfloat16, True),   # KV prefix
+    (1, 8, 2, 104, 104, 32, 8, True, torch.float16, True),    # last query tile partial
+    (1, 8, 2, 100, 100, 32, 8, True, torch.float16, False),   # a partial group
+    (1, 4, 1, 64, 128, 32, 8, False, torch.float32, False),   # non-causal
+])
+def test_packed_heads_per_program_match_the_reference(heads, batch, hq, hkv, nq, nk, bs,
+                                                      stride, causal, dtype, tma):
+    """Programs holding ``heads`` of a GQA group's query heads (PackedTuning.heads),
+    with tensor descriptors where they apply, give the reference's scores for every
+    head and batch entry; with one head the query rows are one 2-D box."""
+    from prism.optimized import antidiagonal_packed as ap
+
+    q, k = _qk(batch, hq, hkv, nq, nk, 16, seed=heads + nq, scale=2.0, dtype=dtype)
+    layout = tile_layout(nq, nk, bs, causal)
+    expected = antidiagonal_probabilities(q, k, layout, stride, causal)
+    per_tile = bs // stride
+    tuning = ap.PackedTuning(target_rows=2 * heads * per_tile, block_kg=16, one_pass=1,
+                             tma=1, heads=heads)
+    assert ap._tma_applies(q, k, layout, stride, 2 * heads * per_tile, heads,
+                           2 * per_tile, 16) == tma
+    actual = ap.antidiagonal_packed_probabilities(q, k, layout, stride, causal, tuning)
+    torch.testing.assert_close(actual, expected, rtol=2e-5, atol=1e-6)
+
+
+def test_packed_heads_per_program_must_divide_the_group():
+    from prism.optimized import antidiagonal_packed as ap
+
+    q, k = _qk(1, 4, 1, 64, 64, 16, seed=1)
+    layout = tile_layout(64, 64, 32, True)
+    with pytest.raises(ValueError, match="PackedTuning.heads must divide"):
+        ap.antidiagonal_packed_probabilities(q, k, layout, 8, True, ap.PackedTuning(heads=3))
+    with pytest.raises(ValueError, match="PackedTuning.heads must be an int"):
+        ap.antidiagonal_packed_probabilities(q, k, layout, 8, True, ap.PackedTuning(heads=-1))
+    # A tuned shape whose heads do not divide a call's group falls back to the whole group.
+    assert ap.default_tuning(16, 2).heads in (0, 1, 2)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("which, row, dim", [("q", 0, 0), ("q", 63, 15), ("k", 5, 3),
                                              ("k", 127, 15)])
