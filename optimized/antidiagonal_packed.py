@@ -14,8 +14,10 @@ Two passes over the admissible key groups, as in the per-head kernel: online
 softmax statistics per row, then the normalised scores summed into key tiles
 and over each (head, query tile)'s groups
 (exact fp32 sums over reshaped blocks), stored once per key-tile chunk. Applies when the groups per
-tile are a power of two dividing ``BLOCK_KEY_GROUPS`` and the group's rows fit
-``MAX_ROWS``; :func:`antidiagonal_packed_applies` says when.
+tile are a power of two dividing ``BLOCK_KEY_GROUPS``
+(:func:`antidiagonal_packed_applies`); a GQA group whose rows pass ``MAX_ROWS``
+(32 query heads per KV head at stride 8, say) is split over programs of fewer
+heads (``PackedTuning.heads``, :func:`fitting_heads`).
 
 With a candidate tile mask (the ``"cascade"`` estimator, :mod:`prism.optimized.cascade`)
 each row's softmax runs over its candidate key tiles' groups only, and only the
@@ -182,15 +184,30 @@ def default_tuning(per_tile: int, group: int, head_dim: int = 128,
     if (tuned is not None and (tuned.heads or group) * per_tile <= tuned.target_rows
             and head_dim <= TUNED_MAX_HEAD_DIM):
         return tuned
+    if group * per_tile > MAX_ROWS:
+        # The group's rows do not fit one program: split it (fitting_heads).
+        return PackedTuning(target_rows=MAX_ROWS, num_warps=8,
+                            heads=fitting_heads(group, per_tile))
     rows = max(_MIN_DOT, next_power_of_2(group * per_tile))
     return PackedTuning(num_warps=4 if rows <= 64 else 8)
 
 
+def fitting_heads(group: int, per_tile: int) -> int:
+    """Query heads per program for a GQA group whose rows (``group * per_tile``)
+    pass :data:`MAX_ROWS`: the largest power of two dividing ``group`` whose rows
+    fit (1 for an odd group)."""
+    heads = 1
+    while group % (heads * 2) == 0 and heads * 2 * per_tile <= MAX_ROWS:
+        heads *= 2
+    return heads
+
+
 def antidiagonal_packed_applies(layout: TileLayout, stride: int, group: int) -> bool:
-    """Whether :func:`antidiagonal_packed_probabilities` takes this shape."""
+    """Whether :func:`antidiagonal_packed_probabilities` takes this shape: groups per
+    tile a power of two dividing ``BLOCK_KEY_GROUPS``. Any GQA group: one whose rows
+    pass :data:`MAX_ROWS` is split over programs of :func:`fitting_heads` heads."""
     per_tile = layout.block_size // stride
-    return (per_tile & (per_tile - 1) == 0 and BLOCK_KEY_GROUPS % per_tile == 0
-            and group * per_tile <= MAX_ROWS)
+    return per_tile & (per_tile - 1) == 0 and BLOCK_KEY_GROUPS % per_tile == 0
 
 
 def _tma_applies(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, stride: int,
@@ -497,6 +514,6 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
     return out.div_(out.sum(dim=-1, keepdim=True).clamp_min_(1e-30))
 
 
-__all__ = ["CANDIDATE_TUNED", "PackedTuning", "antidiagonal_packed_applies",
+__all__ = ["CANDIDATE_TUNED", "PackedTuning", "antidiagonal_packed_applies", "fitting_heads",
            "antidiagonal_packed_probabilities", "TUNED", "masked_scores", "default_tuning",
            "online_softmax_step"]

@@ -10,9 +10,9 @@
   tile's candidate tiles only, and a program scores only the key tiles in
   which some of its rows has a candidate, listed once by a scan of its
   candidate rows and gathered into key blocks (that is where the cascade costs
-  less than the dense antidiagonal scores). Shapes the packed kernel does not take
-  (groups per tile not a power of two, a GQA group's rows over its limit) run
-  the reference stage in torch.
+  less than the dense antidiagonal scores; a GQA group too large for one
+  program is split over several). Shapes the packed kernel does not take (groups
+  per tile not a power of two) run the reference stage in torch.
 
 :func:`prism.optimized.estimator_path.estimator_select` runs both, then the
 selection's finishing launch (:func:`prism.optimized.tile_union.union_tiles`)

@@ -304,6 +304,56 @@ def test_packed_heads_per_program_match_the_reference(heads, batch, hq, hkv, nq,
     torch.testing.assert_close(actual, expected, rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("hq, hkv", [(16, 1), (18, 2), (9, 1)])
+def test_gqa_groups_too_large_for_one_program_are_split(hq, hkv):
+    """Groups whose rows pass MAX_ROWS (16 groups per tile x 16 or 9 heads) take the
+    packed kernel split over programs of fewer heads (8, 1 and 1 here), dense and
+    candidate-restricted, and give the reference's scores."""
+    from prism.optimized import antidiagonal_packed as ap
+    from prism.optimized.cascade import candidate_antidiagonal_tile_probabilities
+    from prism.optimized.estimators import antidiagonal_tile_probabilities
+    from prism.reference.estimators import candidate_antidiagonal_probabilities
+
+    nq, nk, bs, stride = 64, 96, 32, 2
+    group, per_tile = hq // hkv, bs // stride
+    assert group * per_tile > ap.MAX_ROWS
+    heads = ap.fitting_heads(group, per_tile)
+    assert group % heads == 0 and heads * per_tile <= ap.MAX_ROWS
+    assert heads == {16: 8, 9: 1}[group]
+    assert ap.default_tuning(per_tile, group, 16).heads == heads
+    layout = tile_layout(nq, nk, bs, True)
+    assert ap.antidiagonal_packed_applies(layout, stride, group)
+    q, k = _qk(1, hq, hkv, nq, nk, 16, seed=hq, scale=2.0)
+    calls = []
+    real = ap.antidiagonal_packed_probabilities
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    import prism.optimized.cascade as cascade_module
+    import prism.optimized.estimators as estimators_module
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(estimators_module, "antidiagonal_packed_probabilities", counted)
+        mp.setattr(cascade_module, "antidiagonal_packed_probabilities", counted)
+        expected = antidiagonal_probabilities(q, k, layout, stride, True)
+        actual = antidiagonal_tile_probabilities(q, k, layout, stride, True)
+        torch.testing.assert_close(actual, expected, rtol=2e-5, atol=1e-6)
+        # Random candidates plus each row's diagonal tile, admissible ones only.
+        gen = torch.Generator().manual_seed(hq)
+        cand = (torch.rand(1, hq, layout.num_query_tiles, layout.num_key_tiles,
+                           generator=gen) < 0.5).to(q.device)
+        offset = layout.num_key_tiles - layout.num_query_tiles
+        ones = torch.ones_like(cand)
+        cand = (cand | (ones.tril(offset) & ~ones.tril(offset - 1))) \
+            & admissible_tiles(layout, True, q.device)
+        expected = candidate_antidiagonal_probabilities(q, k, layout, stride, cand, True)
+        actual = candidate_antidiagonal_tile_probabilities(q, k, layout, stride, cand, True)
+        torch.testing.assert_close(actual, expected, rtol=2e-5, atol=1e-6)
+    assert len(calls) == 2
+
+
 def test_packed_heads_per_program_must_divide_the_group():
     from prism.optimized import antidiagonal_packed as ap
 
