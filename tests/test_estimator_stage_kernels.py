@@ -304,11 +304,13 @@ def test_packed_heads_per_program_match_the_reference(heads, batch, hq, hkv, nq,
     torch.testing.assert_close(actual, expected, rtol=2e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("hq, hkv", [(16, 1), (18, 2), (9, 1)])
-def test_gqa_groups_too_large_for_one_program_are_split(hq, hkv):
-    """Groups whose rows pass MAX_ROWS (16 groups per tile x 16 or 9 heads) take the
-    packed kernel split over programs of fewer heads (8, 1 and 1 here), dense and
-    candidate-restricted, and give the reference's scores."""
+@pytest.mark.parametrize("hq, hkv, dtype", [(16, 1, torch.float32), (18, 2, torch.float16),
+                                            (32, 2, torch.bfloat16)])
+def test_gqa_groups_too_large_for_one_program_are_split(hq, hkv, dtype):
+    """Groups whose rows pass MAX_ROWS (16 groups per tile x 16 or 9 heads) take
+    the packed kernel split over programs of fewer heads (the tuned shapes' rows
+    filled: 8 or 1 heads dense, 4 or 1 candidate-restricted), with tensor
+    descriptors for 16-bit inputs, and give the reference's scores."""
     from prism.optimized import antidiagonal_packed as ap
     from prism.optimized.cascade import candidate_antidiagonal_tile_probabilities
     from prism.optimized.estimators import antidiagonal_tile_probabilities
@@ -321,9 +323,10 @@ def test_gqa_groups_too_large_for_one_program_are_split(hq, hkv):
     assert group % heads == 0 and heads * per_tile <= ap.MAX_ROWS
     assert heads == {16: 8, 9: 1}[group]
     assert ap.default_tuning(per_tile, group, 16).heads == heads
+    assert ap.default_tuning(per_tile, group, 16, True).heads == {16: 4, 9: 1}[group]
     layout = tile_layout(nq, nk, bs, True)
     assert ap.antidiagonal_packed_applies(layout, stride, group)
-    q, k = _qk(1, hq, hkv, nq, nk, 16, seed=hq, scale=2.0)
+    q, k = _qk(1, hq, hkv, nq, nk, 16, seed=hq, scale=2.0, dtype=dtype)
     calls = []
     real = ap.antidiagonal_packed_probabilities
 
@@ -443,6 +446,38 @@ def test_packed_tuned_shapes_match_the_reference_on_the_gpu(stride):
     torch.testing.assert_close(rows / rows.sum(-1, keepdim=True).clamp_min(1e-30), expected,
                                rtol=2e-5, atol=1e-6)
     assert flag.item() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stride, candidates", [(8, False), (16, True)])
+def test_split_gqa_groups_match_the_reference_on_the_gpu(stride, candidates):
+    """32 query heads on one KV head at 4K, D 128, bf16: the group is split over
+    programs of the tuned shapes (8 heads dense at stride 8, 8 heads restricted at
+    stride 16), and gives the reference's probabilities, the same bits on every call."""
+    from prism.optimized import antidiagonal_packed as ap
+    from prism.optimized.cascade import candidate_antidiagonal_tile_probabilities
+    from prism.reference.estimators import candidate_antidiagonal_probabilities
+
+    n = 4096
+    q, k = _qk(1, 32, 1, n, n, 128, seed=stride, dtype=torch.bfloat16, scale=2.0)
+    layout = tile_layout(n, n, 128, True)
+    tuning = ap.default_tuning(128 // stride, 32, 128, candidates)
+    assert tuning.heads == 8 and tuning.tma == 1
+    if candidates:
+        gen = torch.Generator().manual_seed(stride)
+        cand = (torch.rand(1, 32, 32, 32, generator=gen) < 0.2).to(q.device)
+        cand = (cand | torch.eye(32, dtype=torch.bool, device=q.device)) \
+            & admissible_tiles(layout, True, q.device)
+        expected = candidate_antidiagonal_probabilities(q, k, layout, stride, cand, True)
+        calls = [candidate_antidiagonal_tile_probabilities(q, k, layout, stride, cand, True)
+                 for _ in range(3)]
+    else:
+        expected = antidiagonal_probabilities(q, k, layout, stride, True)
+        calls = [ap.antidiagonal_packed_probabilities(q, k, layout, stride, True)
+                 for _ in range(3)]
+    torch.testing.assert_close(calls[0], expected, rtol=2e-5, atol=1e-6)
+    for again in calls[1:]:
+        assert torch.equal(again, calls[0])
 
 
 def test_packed_tuning_is_checked():
