@@ -202,11 +202,13 @@ def fitting_heads(group: int, per_tile: int, rows: int = MAX_ROWS) -> int:
     pass :data:`MAX_ROWS`: the largest power of two dividing ``group`` whose rows
     fit ``rows`` (1 for an odd group).
 
-    Measured on the H200 (``results/h200_large_groups_7cb18ff.json``, 32 query heads
-    on one KV head, the generic 128-row shape split over 16 heads): the accurate
-    preset's selection 0.216 / 1.52 ms at 8K / 32K against 1.33 / 15.7 for the
-    reference restricted scores in torch that ran before; E5's dense stride-8
-    scores 0.188 / 1.87 against 0.618 / 9.34 for the per-head kernel.
+    Measured on the H200 (``results/h200_large_groups_2c39b58.json``, 32 query heads
+    on one KV head, graph replays): the accurate preset's selection 0.194 / 1.20 ms
+    at 8K / 32K against 1.32 / 15.7 with the reference restricted scores in torch
+    that ran before; E5's dense stride-8 scores 0.146 / 1.23 against 0.623 / 9.47
+    for the per-head kernel (1.26 ms for 32/8 heads at 32K). The generic 128-row
+    shape split over 16 heads instead of the tuned ones gave 0.216 / 1.52 and
+    0.188 / 1.87 (``h200_large_groups_7cb18ff.json``).
     """
     heads = 1
     while group % (heads * 2) == 0 and heads * 2 * per_tile <= rows:
