@@ -4,8 +4,8 @@ Before the split (``PackedTuning.heads``), a group whose rows pass
 ``antidiagonal_packed.MAX_ROWS`` (32 query heads per KV head at stride 8 or 16,
 say) fell back to the per-head antidiagonal kernel (dense scores) or to the
 reference stage in torch (the cascade's candidate-restricted scores). For each
-``tokens:hq:hkv`` case, on the structured inputs of ``bench_prism.py`` with
-``hq`` query and ``hkv`` KV heads (D 128, bf16), this times as CUDA-graph
+``tokens:hq:hkv`` case, on the structured inputs of ``bench_prism.py`` drawn
+with ``hq`` query and ``hkv`` KV heads (D 128, bf16), this times as CUDA-graph
 replays, with the packed kernel allowed (split) and refused (the fallbacks):
 
 * the dense stride-8 scores (E5's stage);
@@ -38,15 +38,6 @@ from prism.reference import PrismConfig, tile_layout  # noqa: E402
 from prism.reference.scoring import admissible_tiles  # noqa: E402
 
 
-def _heads(q, k, hq, hkv):
-    """The first ``hq`` query heads and ``hkv`` KV heads of the structured inputs, tiled
-    along the heads when more are asked for than they hold."""
-    reps_q = -(-hq // q.shape[1])
-    reps_k = -(-hkv // k.shape[1])
-    return (q.repeat(1, reps_q, 1, 1)[:, :hq].contiguous(),
-            k.repeat(1, reps_k, 1, 1)[:, :hkv].contiguous())
-
-
 def _graph(fn):
     """Graph-replay ms, or the capture's error (the torch fallback may not capture)."""
     try:
@@ -56,8 +47,7 @@ def _graph(fn):
 
 
 def row(tokens: int, hq: int, hkv: int) -> dict:
-    q, k, _ = structured_inputs(tokens)
-    q, k = _heads(q, k, hq, hkv)
+    q, k, _ = structured_inputs(tokens, heads=hq, kv_heads=hkv)
     preset = PrismConfig.preset("accurate")
     layout = tile_layout(tokens, tokens, preset.block_size, True)
     keep = admissible_tiles(layout, True, q.device)
