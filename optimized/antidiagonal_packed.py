@@ -202,13 +202,14 @@ def fitting_heads(group: int, per_tile: int, rows: int = MAX_ROWS) -> int:
     pass :data:`MAX_ROWS`: the largest power of two dividing ``group`` whose rows
     fit ``rows`` (1 for an odd group).
 
-    Measured on the H200 (``results/h200_large_groups_2c39b58.json``, 32 query heads
-    on one KV head, graph replays): the accurate preset's selection 0.194 / 1.20 ms
-    at 8K / 32K against 1.32 / 15.7 with the reference restricted scores in torch
-    that ran before; E5's dense stride-8 scores 0.146 / 1.23 against 0.623 / 9.47
-    for the per-head kernel (1.26 ms for 32/8 heads at 32K). The generic 128-row
-    shape split over 16 heads instead of the tuned ones gave 0.216 / 1.52 and
-    0.188 / 1.87 (``h200_large_groups_7cb18ff.json``).
+    Measured on the H200 (``results/h200_large_groups_42b8c73.json``, 32 query heads
+    on one KV head, graph replays, masks equal): the accurate preset's selection
+    0.126 / 0.388 ms at 8K / 32K against 1.32 / 15.7 with the reference restricted
+    scores in torch that ran before; E5's dense stride-8 scores 0.147 / 1.25
+    against 0.619 / 9.47 for the per-head kernel (1.25-1.27 ms for 32/8 heads at
+    32K, ``h200_flatten_dense_dc227d3.json``). The generic 128-row shape instead of
+    the tuned ones (16 heads a program for the restricted scores, 8 for the
+    dense) was slower (``h200_large_groups_{7cb18ff,2c39b58}.json``, NOTES item 49).
     """
     heads = 1
     while group % (heads * 2) == 0 and heads * 2 * per_tile <= rows:
