@@ -110,19 +110,19 @@ def random_inputs(n, seed=0):
 
 
 def structured_inputs(n, seed=1, base=500000.0, sharpness=2.0, heads=HEADS,
-                      kv_heads=KV_HEADS):
+                      kv_heads=KV_HEADS, head_dim=HEAD_DIM):
     """RoPE'd queries and keys that share a per-head direction, so that scores
     carry relative-position structure (local and long-range bands) like a real
     layer; v is random. ``heads`` / ``kv_heads``: query and KV heads (each query
-    head shares its KV head's direction)."""
+    head shares its KV head's direction); ``head_dim``: D (even)."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    topic = torch.randn(1, kv_heads, 1, HEAD_DIM, device="cuda", generator=gen)
-    k = torch.randn(1, kv_heads, n, HEAD_DIM, device="cuda", generator=gen) + 1.5 * topic
-    q = (torch.randn(1, heads, n, HEAD_DIM, device="cuda", generator=gen)
+    topic = torch.randn(1, kv_heads, 1, head_dim, device="cuda", generator=gen)
+    k = torch.randn(1, kv_heads, n, head_dim, device="cuda", generator=gen) + 1.5 * topic
+    q = (torch.randn(1, heads, n, head_dim, device="cuda", generator=gen)
          + 1.5 * topic.repeat_interleave(heads // kv_heads, dim=1)) * sharpness
     q = apply_rope(q, base).to(DTYPE)
     k = apply_rope(k, base).to(DTYPE)
-    v = torch.randn(1, kv_heads, n, HEAD_DIM, device="cuda", generator=gen).to(DTYPE)
+    v = torch.randn(1, kv_heads, n, head_dim, device="cuda", generator=gen).to(DTYPE)
     return q, k, v
 
 
