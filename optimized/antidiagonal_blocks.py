@@ -51,20 +51,23 @@ def _u_product(s, u, q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
                q_head_row, q_group, k_head_row, key_groups_start, STRIDE: tl.constexpr,
                D_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
                BLOCK_KG: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-               TMA: tl.constexpr, GATHER: tl.constexpr = False):
+               TMA: tl.constexpr, GATHER: tl.constexpr = False, part=0,
+               D_SPLIT: tl.constexpr = 1):
     """``s + Q_u K_{S-1-u}^T``: row ``u`` of every query group (``q_head[r]`` is row
     ``r``'s query head) against row ``S-1-u`` of every key group, one product of depth
-    ``D``. With ``TMA`` the rows come through the descriptors (box origins
-    ``q_head_row, q_group`` and ``k_head_row, key_groups_start``) instead of pointer
-    loads; with ``GATHER`` the key groups need not be consecutive
+    ``D`` (with ``D_SPLIT > 1``, of depth ``D_PAD / D_SPLIT``: head dims ``part`` of
+    that many equal pieces). With ``TMA`` the rows come through the descriptors (box
+    origins ``q_head_row, q_group`` and ``k_head_row, key_groups_start``) instead of
+    pointer loads; with ``GATHER`` the key groups need not be consecutive
     (:func:`_gathered_key_groups`) and the keys always come by pointer loads."""
-    dims = tl.arange(0, D_PAD)
+    D_PART: tl.constexpr = D_PAD // D_SPLIT
+    dims = part * D_PART + tl.arange(0, D_PART)
     dims_ok = dims < HEAD_DIM
     if TMA:
-        # Rows of every head of the group at once: (GROUP, ROWS / GROUP, D) boxes of
-        # q seen as (heads, groups, S * D).
-        q_rows = tl.reshape(q_desc.load([q_head_row, q_group, u * HEAD_DIM]),
-                            (ROWS, HEAD_DIM))
+        # Rows of every head of the group at once: (GROUP, ROWS / GROUP, D_PART) boxes
+        # of q seen as (heads, groups, S * D).
+        q_rows = tl.reshape(q_desc.load([q_head_row, q_group, u * HEAD_DIM + part * D_PART]),
+                            (ROWS, D_PART))
     else:
         positions = groups * STRIDE + u - query_start
         ok = rows_ok & (positions >= 0) & (positions < num_queries)
@@ -74,8 +77,9 @@ def _u_product(s, u, q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
     if TMA and not GATHER:
         # Key groups past Nk come back as zeros.
         k_cols = tl.trans(tl.reshape(
-            k_desc.load([k_head_row, key_groups_start, (STRIDE - 1 - u) * HEAD_DIM]),
-            (BLOCK_KG, HEAD_DIM)))
+            k_desc.load([k_head_row, key_groups_start,
+                         (STRIDE - 1 - u) * HEAD_DIM + part * D_PART]),
+            (BLOCK_KG, D_PART)))
     else:
         keys = key_groups * STRIDE + (STRIDE - 1 - u)
         k_cols = tl.load(k_head + keys.to(tl.int64)[None, :] * stride_kn
@@ -109,15 +113,18 @@ def _raw_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, grou
                 q_group, k_head_row, key_groups_start, STRIDE: tl.constexpr,
                 D_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
                 BLOCK_KG: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                TMA: tl.constexpr, GATHER: tl.constexpr = False):
+                TMA: tl.constexpr, GATHER: tl.constexpr = False, D_SPLIT: tl.constexpr = 1):
     """(ROWS, BLOCK_KG) antidiagonal products of one key block, unscaled and unmasked:
-    ``sum_u Q_u K_{S-1-u}^T`` (:func:`_u_product`)."""
+    ``sum_u Q_u K_{S-1-u}^T`` (:func:`_u_product`), each product in ``D_SPLIT``
+    pieces of the head dim, one pipelined loop step each (so a step's loads are
+    those of a ``D_PAD / D_SPLIT``-wide product)."""
     s = tl.zeros((ROWS, BLOCK_KG), dtype=tl.float32)
-    for u in range(STRIDE):
-        s = _u_product(s, u, q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, groups,
-                       rows_ok, key_groups, query_start, num_queries, num_keys, q_desc, k_desc,
-                       q_head_row, q_group, k_head_row, key_groups_start, STRIDE, D_PAD,
-                       HEAD_DIM, ROWS, BLOCK_KG, IEEE, UPCAST, TMA, GATHER)
+    for step in range(STRIDE * D_SPLIT):
+        s = _u_product(s, step // D_SPLIT, q_head, k_head, stride_qn, stride_qd, stride_kn,
+                       stride_kd, groups, rows_ok, key_groups, query_start, num_queries,
+                       num_keys, q_desc, k_desc, q_head_row, q_group, k_head_row,
+                       key_groups_start, STRIDE, D_PAD, HEAD_DIM, ROWS, BLOCK_KG, IEEE, UPCAST,
+                       TMA, GATHER, step % D_SPLIT, D_SPLIT)
     return s
 
 
@@ -129,13 +136,13 @@ def _scaled_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, g
                    HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_KG: tl.constexpr,
                    IEEE: tl.constexpr, UPCAST: tl.constexpr, CHECK: tl.constexpr,
                    TMA: tl.constexpr, cand=None, CANDIDATES: tl.constexpr = False,
-                   GATHER: tl.constexpr = False):
+                   GATHER: tl.constexpr = False, D_SPLIT: tl.constexpr = 1):
     """(ROWS, BLOCK_KG) antidiagonal scores of one key block: :func:`_raw_scores`, then
     :func:`_admissible_scores`."""
     s = _raw_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, groups, rows_ok,
                     key_groups, query_start, num_queries, num_keys, q_desc, k_desc, q_head_row,
                     q_group, k_head_row, key_groups_start, STRIDE, D_PAD, HEAD_DIM, ROWS,
-                    BLOCK_KG, IEEE, UPCAST, TMA, GATHER)
+                    BLOCK_KG, IEEE, UPCAST, TMA, GATHER, D_SPLIT)
     return _admissible_scores(s, groups, rows_ok, key_groups, key_end, qk_scale, CAUSAL, CHECK,
                               cand, CANDIDATES)
 

@@ -117,6 +117,10 @@ class PackedTuning:
         matrix product reads straight from shared memory; several heads' rows
         come as a ``(heads, groups, D)`` box that Triton 3.6 first copies to
         registers and rearranges for every ``u``.
+    d_split : int
+        Pieces each ``u`` product is split into along the head dim (a power of
+        two; each piece is one pipelined step with its own loads), so that a
+        head dim of 256 runs a shape sized for 128 with the same shared memory.
     """
 
     target_rows: int = TARGET_ROWS
@@ -126,6 +130,7 @@ class PackedTuning:
     one_pass: int = 1
     tma: int = 0
     heads: int = 0
+    d_split: int = 1
 
 
 #: Launch shapes by groups per tile (``block_size // stride``) for head dims up to
@@ -169,8 +174,9 @@ CANDIDATE_TUNED: dict[int, PackedTuning] = {
                            one_pass=1, tma=1)
     for per_tile in (8, 16)
 }
-#: Larger head dims take the generic shape (the tuned one's shared memory was sized
-#: for D 128).
+#: The tuned shapes' shared memory is sized for this head dim; larger head dims take
+#: them with each ``u`` product split into pieces of this width
+#: (``PackedTuning.d_split``).
 TUNED_MAX_HEAD_DIM = 128
 
 
@@ -186,8 +192,10 @@ def default_tuning(per_tile: int, group: int, head_dim: int = 128,
         # its heads as fill that shape's rows (fitting_heads).
         tuned = dataclasses.replace(tuned, heads=fitting_heads(group, per_tile,
                                                                tuned.target_rows))
-    if (tuned is not None and (tuned.heads or group) * per_tile <= tuned.target_rows
-            and head_dim <= TUNED_MAX_HEAD_DIM):
+    if tuned is not None and head_dim > TUNED_MAX_HEAD_DIM:
+        tuned = dataclasses.replace(
+            tuned, d_split=next_power_of_2(head_dim) // TUNED_MAX_HEAD_DIM)
+    if tuned is not None and (tuned.heads or group) * per_tile <= tuned.target_rows:
         return tuned
     if group * per_tile > MAX_ROWS:
         # The group's rows do not fit one program: split it (fitting_heads).
@@ -242,7 +250,7 @@ def _tma_applies(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, stride: i
 
 def _check_tuning(tuning: PackedTuning, per_tile: int, group: int) -> None:
     for name in ("target_rows", "block_kg", "num_warps", "num_stages", "one_pass", "tma",
-                 "heads"):
+                 "heads", "d_split"):
         value = getattr(tuning, name)
         least = 0 if name in ("one_pass", "tma", "heads") else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -250,6 +258,8 @@ def _check_tuning(tuning: PackedTuning, per_tile: int, group: int) -> None:
     if tuning.block_kg & (tuning.block_kg - 1) or tuning.block_kg % per_tile:
         raise ValueError(f"PackedTuning.block_kg must be a power of two and a multiple of the "
                          f"{per_tile} groups per tile, got {tuning.block_kg}")
+    if tuning.d_split & (tuning.d_split - 1):
+        raise ValueError(f"PackedTuning.d_split must be a power of two, got {tuning.d_split}")
     if tuning.heads and group % tuning.heads:
         raise ValueError(f"PackedTuning.heads must divide the GQA group of {group} query heads "
                          f"(or be 0 for all of them), got {tuning.heads}")
@@ -275,7 +285,7 @@ def _packed_kernel(
     BLOCK_KG: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ONE_PASS: tl.constexpr, CHECK: tl.constexpr, TMA: tl.constexpr = False,
     GROUP: tl.constexpr = 1, CANDIDATES: tl.constexpr = False,
-    SCAN_TILES: tl.constexpr = 16,
+    SCAN_TILES: tl.constexpr = 16, D_SPLIT: tl.constexpr = 1,
 ):
     pid = tl.program_id(0)
     block = programs_per_head - 1 - pid % programs_per_head  # heaviest tiles first
@@ -313,11 +323,11 @@ def _packed_kernel(
         q_desc = tl.make_tensor_descriptor(
             Q, shape=[total_q_heads, query_groups, STRIDE * HEAD_DIM],
             strides=[query_groups * STRIDE * HEAD_DIM, STRIDE * HEAD_DIM, 1],
-            block_shape=[GROUP, ROWS // GROUP, HEAD_DIM])
+            block_shape=[GROUP, ROWS // GROUP, HEAD_DIM // D_SPLIT])
         k_desc = tl.make_tensor_descriptor(
             K, shape=[total_kv_heads, num_key_groups, STRIDE * HEAD_DIM],
             strides=[num_key_groups * STRIDE * HEAD_DIM, STRIDE * HEAD_DIM, 1],
-            block_shape=[1, BLOCK_KG, HEAD_DIM])
+            block_shape=[1, BLOCK_KG, HEAD_DIM // D_SPLIT])
     q_head_row = b * (num_kv_heads * group) + head0
     q_group = block * per_head
     # CANDIDATES: row r's (query head, query tile) row of the candidate tile mask.
@@ -365,7 +375,7 @@ def _packed_kernel(
             raw = _raw_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
                               groups, rows_ok, key_groups, query_start, num_queries, num_keys,
                               q_desc, k_desc, q_head_row, q_group, bh, 0, STRIDE, D_PAD,
-                              HEAD_DIM, ROWS, BLOCK_KG, IEEE, UPCAST, TMA, True)
+                              HEAD_DIM, ROWS, BLOCK_KG, IEEE, UPCAST, TMA, True, D_SPLIT)
             # The scratch is indexed by list position (slot * PER_TILE stands for a
             # key start), the masks by the gathered groups.
             m_i, l_i, bad = _first_pass_step(
@@ -385,7 +395,7 @@ def _packed_kernel(
             raw = _raw_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
                               groups, rows_ok, key_groups, query_start, num_queries, num_keys,
                               q_desc, k_desc, q_head_row, q_group, bh, key_start, STRIDE, D_PAD,
-                              HEAD_DIM, ROWS, BLOCK_KG, IEEE, UPCAST, TMA)
+                              HEAD_DIM, ROWS, BLOCK_KG, IEEE, UPCAST, TMA, False, D_SPLIT)
             m_i, l_i, bad = _first_pass_step(
                 m_i, l_i, bad, raw, key_start + BLOCK_KG <= full_end, groups, rows_ok,
                 key_groups, key_end, qk_scale, e_rows, mb_rows, key_start, chunk_tiles, CAUSAL,
@@ -414,7 +424,7 @@ def _packed_kernel(
                                    num_queries, num_keys, qk_scale, q_desc, k_desc, q_head_row,
                                    q_group, bh, 0, CAUSAL, STRIDE, D_PAD, HEAD_DIM,
                                    ROWS, BLOCK_KG, IEEE, UPCAST, False, TMA, cand, CANDIDATES,
-                                   True)
+                                   True, D_SPLIT)
                 by_tile = _tile_sums(s, m_shift, inv_l, ROWS, BLOCK_KG, PER_TILE)
             _store_pair_sums(out_rows, pair_ok, by_tile,
                              _listed_tiles(active, slot, num_active, num_key_tiles,
@@ -432,7 +442,8 @@ def _packed_kernel(
                                    groups, rows_ok, key_groups, key_end, query_start,
                                    num_queries, num_keys, qk_scale, q_desc, k_desc, q_head_row,
                                    q_group, bh, key_start, CAUSAL, STRIDE, D_PAD, HEAD_DIM,
-                                   ROWS, BLOCK_KG, IEEE, UPCAST, False, TMA)
+                                   ROWS, BLOCK_KG, IEEE, UPCAST, False, TMA, None, False, False,
+                                   D_SPLIT)
                 by_tile = _tile_sums(s, m_shift, inv_l, ROWS, BLOCK_KG, PER_TILE)
             _store_pair_sums(out_rows, pair_ok, by_tile, key_start // PER_TILE + chunk_tiles,
                              num_key_tiles, stride_otile, PAIRS, PER_TILE, TILES_PER_CHUNK)
@@ -484,6 +495,9 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
     pairs = rows // per_tile
     per_head = -(-nq // tiles)
     d_pad = max(_MIN_DOT, next_power_of_2(d))
+    if d_pad // tuning.d_split < _MIN_DOT:
+        raise ValueError(f"PackedTuning.d_split={tuning.d_split} leaves pieces narrower than "
+                         f"{_MIN_DOT} of the padded head dim {d_pad}; use a smaller d_split")
     upcast = q.dtype == torch.bfloat16 and kernels_interpreted(_packed_kernel)
     programs = b * hkv * (group // heads) * per_head
     key_groups = -(-nk_tokens // stride)
@@ -520,7 +534,7 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
         UPCAST=upcast, ONE_PASS=one_pass, CHECK=nonfinite is not None, TMA=tma,
         GROUP=heads if tma else 1, CANDIDATES=candidates is not None,
         SCAN_TILES=min(next_power_of_2(key_blocks * (tuning.block_kg // per_tile)),
-                       max(16, SCAN_ELEMENTS // pairs)),
+                       max(16, SCAN_ELEMENTS // pairs)), D_SPLIT=tuning.d_split,
         num_warps=tuning.num_warps, num_stages=tuning.num_stages,
     )
     if not normalize:

@@ -357,6 +357,56 @@ def test_gqa_groups_too_large_for_one_program_are_split(hq, hkv, dtype):
     assert len(calls) == 2
 
 
+@pytest.mark.parametrize("d, d_split, dtype, candidates", [
+    (32, 2, torch.float32, False),    # pointer loads, two 16-wide pieces
+    (48, 2, torch.float32, True),     # padded to 64: the second piece half masked
+    (32, 2, torch.float16, False),    # tensor descriptors, 16-wide boxes
+    (64, 4, torch.bfloat16, True),
+])
+def test_packed_products_split_along_the_head_dim(d, d_split, dtype, candidates):
+    """Each u product in d_split pieces of the head dim (PackedTuning.d_split, what
+    head dims above 128 take with the tuned shapes) gives the reference's scores,
+    dense and candidate-restricted."""
+    from prism.optimized import antidiagonal_packed as ap
+    from prism.reference.estimators import candidate_antidiagonal_probabilities
+
+    nq, nk, bs, stride = 96, 160, 32, 4
+    q, k = _qk(1, 4, 2, nq, nk, d, seed=d + d_split, scale=2.0, dtype=dtype)
+    layout = tile_layout(nq, nk, bs, True)
+    tuning = ap.PackedTuning(target_rows=16, block_kg=16, num_warps=4, one_pass=1,
+                             tma=int(dtype != torch.float32), d_split=d_split)
+    if candidates:
+        gen = torch.Generator().manual_seed(d)
+        cand = (torch.rand(1, 4, layout.num_query_tiles, layout.num_key_tiles,
+                           generator=gen) < 0.5).to(q.device)
+        cand &= admissible_tiles(layout, True, q.device)
+        expected = candidate_antidiagonal_probabilities(q, k, layout, stride, cand, True)
+        actual = ap.antidiagonal_packed_probabilities(q, k, layout, stride, True, tuning,
+                                                      candidates=cand)
+    else:
+        expected = antidiagonal_probabilities(q, k, layout, stride, True)
+        actual = ap.antidiagonal_packed_probabilities(q, k, layout, stride, True, tuning)
+    torch.testing.assert_close(actual, expected, rtol=2e-5, atol=1e-6)
+
+
+def test_head_dims_above_128_take_the_tuned_shapes_split():
+    from prism.optimized import antidiagonal_packed as ap
+
+    for per_tile, candidates in ((16, False), (8, True)):
+        tuned = (ap.CANDIDATE_TUNED if candidates else ap.TUNED)[per_tile]
+        for d, split in ((128, 1), (192, 2), (256, 2)):
+            got = ap.default_tuning(per_tile, 4, d, candidates)
+            assert got.d_split == split
+            assert (got.target_rows, got.block_kg, got.num_stages) == (
+                tuned.target_rows, tuned.block_kg, tuned.num_stages)
+    q, k = _qk(1, 4, 1, 64, 64, 32, seed=1)
+    layout = tile_layout(64, 64, 32, True)
+    for bad, match in ((3, "power of two"), (4, "narrower than")):
+        with pytest.raises(ValueError, match=match):
+            ap.antidiagonal_packed_probabilities(q, k, layout, 8, True,
+                                                 ap.PackedTuning(d_split=bad))
+
+
 def test_packed_heads_per_program_must_divide_the_group():
     from prism.optimized import antidiagonal_packed as ap
 
@@ -463,6 +513,37 @@ def test_split_gqa_groups_match_the_reference_on_the_gpu(stride, candidates):
     layout = tile_layout(n, n, 128, True)
     tuning = ap.default_tuning(128 // stride, 32, 128, candidates)
     assert tuning.heads == 8 and tuning.tma == 1
+    if candidates:
+        gen = torch.Generator().manual_seed(stride)
+        cand = (torch.rand(1, 32, 32, 32, generator=gen) < 0.2).to(q.device)
+        cand = (cand | torch.eye(32, dtype=torch.bool, device=q.device)) \
+            & admissible_tiles(layout, True, q.device)
+        expected = candidate_antidiagonal_probabilities(q, k, layout, stride, cand, True)
+        calls = [candidate_antidiagonal_tile_probabilities(q, k, layout, stride, cand, True)
+                 for _ in range(3)]
+    else:
+        expected = antidiagonal_probabilities(q, k, layout, stride, True)
+        calls = [ap.antidiagonal_packed_probabilities(q, k, layout, stride, True)
+                 for _ in range(3)]
+    torch.testing.assert_close(calls[0], expected, rtol=2e-5, atol=1e-6)
+    for again in calls[1:]:
+        assert torch.equal(again, calls[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stride, candidates", [(8, False), (16, True)])
+def test_head_dim_256_takes_the_split_tuned_shapes_on_the_gpu(stride, candidates):
+    """D 256 at 4K, 32/8 heads, bf16: the tuned shapes with each product in two
+    128-wide pieces (tensor descriptors) give the reference's probabilities, the
+    same bits on every call."""
+    from prism.optimized import antidiagonal_packed as ap
+    from prism.optimized.cascade import candidate_antidiagonal_tile_probabilities
+    from prism.reference.estimators import candidate_antidiagonal_probabilities
+
+    n = 4096
+    q, k = _qk(1, 32, 8, n, n, 256, seed=stride, dtype=torch.bfloat16, scale=2.0)
+    layout = tile_layout(n, n, 128, True)
+    assert ap.default_tuning(128 // stride, 4, 256, candidates).d_split == 2
     if candidates:
         gen = torch.Generator().manual_seed(stride)
         cand = (torch.rand(1, 32, 32, 32, generator=gen) < 0.2).to(q.device)

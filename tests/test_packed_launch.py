@@ -34,6 +34,7 @@ def _packed_resources(per_tile: int, candidates: int) -> tuple[int, int, int, in
                       IEEE=False, UPCAST=False, ONE_PASS=True, CHECK=True,
                       TMA=bool(tuning.tma), GROUP=4 if tuning.tma else 1,
                       CANDIDATES=bool(candidates), SCAN_TILES=512 if candidates else 16,
+                      D_SPLIT=tuning.d_split,
                       stride_qd=1, stride_kd=1, stride_ck=1)
     pointers = {"Q": "*bf16", "K": "*bf16", "OUT": "*fp32", "E": "*fp32", "MB": "*fp32",
                 "NONFINITE": "*fp64", "CAND": "*u8", "LIST": "*i32"}
