@@ -111,12 +111,14 @@ class PackedTuning:
         groups and tiles, the program's rows exactly its heads' groups);
         elsewhere, and with 0, pointer loads.
     heads : int
-        Query heads of a GQA group one program holds (a power of two dividing
-        the group; 0: the whole group). With one head and tensor descriptors a
-        program's query rows are one box of consecutive groups, which the
-        matrix product reads straight from shared memory; several heads' rows
-        come as a ``(heads, groups, D)`` box that Triton 3.6 first copies to
-        registers and rearranges for every ``u``.
+        Query heads of a GQA group one program holds (a divisor of the group;
+        tensor descriptors need a power of two; 0: the whole group).
+        :func:`default_tuning` splits only groups whose rows pass
+        :data:`MAX_ROWS` (:func:`fitting_heads`). With one head and descriptors
+        a program's query rows are one box of consecutive groups, which the
+        matrix product reads straight from shared memory (several heads' rows
+        are first copied to registers for every ``u``), but on the H200 that
+        measured slower for the tuned shapes (benchmarks/NOTES.md item 49 (b)).
     d_split : int
         Pieces each ``u`` product is split into along the head dim (a power of
         two; each piece is one pipelined step with its own loads), so that a
