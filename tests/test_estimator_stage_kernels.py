@@ -418,6 +418,13 @@ def test_packed_heads_per_program_must_divide_the_group():
         ap.antidiagonal_packed_probabilities(q, k, layout, 8, True, ap.PackedTuning(heads=-1))
     # A tuned shape whose heads do not divide a call's group falls back to the whole group.
     assert ap.default_tuning(16, 2).heads in (0, 1, 2)
+    # Any divisor works (descriptors need a power of two, so these rows load by pointer).
+    q, k = _qk(1, 6, 1, 64, 96, 16, seed=6, scale=2.0)
+    layout = tile_layout(64, 96, 32, True)
+    expected = antidiagonal_probabilities(q, k, layout, 8, True)
+    actual = ap.antidiagonal_packed_probabilities(q, k, layout, 8, True,
+                                                  ap.PackedTuning(target_rows=16, heads=3))
+    torch.testing.assert_close(actual, expected, rtol=2e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
