@@ -68,11 +68,6 @@ def _u_product(s, u, q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
         # of q seen as (heads, groups, S * D).
         q_rows = tl.reshape(q_desc.load([q_head_row, q_group, u * HEAD_DIM + part * D_PART]),
                             (ROWS, D_PART))
-        if D_PAD != HEAD_DIM:
-            # The box is D_PAD wide: past this row's head dim it holds the next row
-            # of the group (zeros past the last). Zero q there, so that those
-            # products vanish; k's box reads the same columns.
-            q_rows = tl.where(dims_ok[None, :], q_rows, 0.0)
     else:
         positions = groups * STRIDE + u - query_start
         ok = rows_ok & (positions >= 0) & (positions < num_queries)

@@ -239,16 +239,14 @@ def _tma_applies(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, stride: i
                  rows: int, heads: int, per_head: int, d: int) -> bool:
     """Whether the packed kernel may load through tensor descriptors (``tma=1``):
     16-bit q and k, contiguous, both lengths whole groups, the KV prefix whole
-    tiles, the program's rows exactly ``heads`` heads x ``per_head`` groups, rows of
-    ``S * D`` elements a multiple of 16 bytes. A D that is not a power of two is
-    read in boxes of the padded width, whose extra columns (the group's next row,
-    or zeros past its last) meet zeroed q columns (:func:`_u_product`)."""
+    tiles, the program's rows exactly ``heads`` heads x ``per_head`` groups, D a
+    power of two (the shapes measured on the H200: bf16, D 128)."""
     return (q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype
             and q.is_contiguous() and k.is_contiguous()
             and q.shape[2] % stride == 0 and k.shape[2] % stride == 0
             and layout.query_start % layout.block_size == 0
             and heads & (heads - 1) == 0 and heads * per_head == rows
-            and d >= _MIN_DOT and stride * d * q.element_size() % 16 == 0
+            and d == next_power_of_2(d) and d >= _MIN_DOT
             and q.data_ptr() % 16 == 0 and k.data_ptr() % 16 == 0)
 
 
@@ -327,11 +325,11 @@ def _packed_kernel(
         q_desc = tl.make_tensor_descriptor(
             Q, shape=[total_q_heads, query_groups, STRIDE * HEAD_DIM],
             strides=[query_groups * STRIDE * HEAD_DIM, STRIDE * HEAD_DIM, 1],
-            block_shape=[GROUP, ROWS // GROUP, D_PAD // D_SPLIT])
+            block_shape=[GROUP, ROWS // GROUP, HEAD_DIM // D_SPLIT])
         k_desc = tl.make_tensor_descriptor(
             K, shape=[total_kv_heads, num_key_groups, STRIDE * HEAD_DIM],
             strides=[num_key_groups * STRIDE * HEAD_DIM, STRIDE * HEAD_DIM, 1],
-            block_shape=[1, BLOCK_KG, D_PAD // D_SPLIT])
+            block_shape=[1, BLOCK_KG, HEAD_DIM // D_SPLIT])
     q_head_row = b * (num_kv_heads * group) + head0
     q_group = block * per_head
     # CANDIDATES: row r's (query head, query tile) row of the candidate tile mask.

@@ -389,38 +389,6 @@ def test_packed_products_split_along_the_head_dim(d, d_split, dtype, candidates)
     torch.testing.assert_close(actual, expected, rtol=2e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("d, dtype, candidates, nq, nk", [
-    (24, torch.float16, False, 96, 160),    # KV prefix of two tiles
-    (48, torch.bfloat16, True, 96, 96),
-    (40, torch.float16, False, 128, 192),
-])
-def test_packed_descriptors_read_padded_head_dims(d, dtype, candidates, nq, nk):
-    """Head dims that are not a power of two load through descriptors whose boxes are
-    the padded width: the extra columns hold the group's next row (zeros past its
-    last), and the zeroed q columns keep them out of the scores (dense; the
-    candidate-restricted kernel gathers its keys by pointer loads, zero there)."""
-    from prism.optimized import antidiagonal_packed as ap
-    from prism.reference.estimators import candidate_antidiagonal_probabilities
-
-    bs, stride = 32, 4
-    q, k = _qk(1, 4, 2, nq, nk, d, seed=d, scale=2.0, dtype=dtype)
-    layout = tile_layout(nq, nk, bs, True)
-    tuning = ap.PackedTuning(target_rows=16, block_kg=16, num_warps=4, one_pass=1, tma=1)
-    assert ap._tma_applies(q, k, layout, stride, 16, 2, 8, d)
-    if candidates:
-        gen = torch.Generator().manual_seed(d)
-        cand = (torch.rand(1, 4, layout.num_query_tiles, layout.num_key_tiles,
-                           generator=gen) < 0.5).to(q.device)
-        cand &= admissible_tiles(layout, True, q.device)
-        expected = candidate_antidiagonal_probabilities(q, k, layout, stride, cand, True)
-        actual = ap.antidiagonal_packed_probabilities(q, k, layout, stride, True, tuning,
-                                                      candidates=cand)
-    else:
-        expected = antidiagonal_probabilities(q, k, layout, stride, True)
-        actual = ap.antidiagonal_packed_probabilities(q, k, layout, stride, True, tuning)
-    torch.testing.assert_close(actual, expected, rtol=2e-5, atol=1e-6)
-
-
 def test_head_dims_above_128_take_the_tuned_shapes_split():
     from prism.optimized import antidiagonal_packed as ap
 
@@ -570,24 +538,19 @@ def test_split_gqa_groups_match_the_reference_on_the_gpu(stride, candidates):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("d", [256, 96])
 @pytest.mark.parametrize("stride, candidates", [(8, False), (16, True)])
-def test_other_head_dims_take_the_tuned_shapes_on_the_gpu(d, stride, candidates):
-    """D 256 and D 96 at 4K, 32/8 heads, bf16, through tensor descriptors: the tuned
-    shapes with each product in two 128-wide pieces (D 256), or boxes of the padded
-    width 128 (D 96), give the reference's probabilities, the same bits on every
-    call."""
+def test_head_dim_256_takes_the_split_tuned_shapes_on_the_gpu(stride, candidates):
+    """D 256 at 4K, 32/8 heads, bf16: the tuned shapes with each product in two
+    128-wide pieces (tensor descriptors) give the reference's probabilities, the
+    same bits on every call."""
     from prism.optimized import antidiagonal_packed as ap
     from prism.optimized.cascade import candidate_antidiagonal_tile_probabilities
     from prism.reference.estimators import candidate_antidiagonal_probabilities
 
     n = 4096
-    q, k = _qk(1, 32, 8, n, n, d, seed=stride, dtype=torch.bfloat16, scale=2.0)
+    q, k = _qk(1, 32, 8, n, n, 256, seed=stride, dtype=torch.bfloat16, scale=2.0)
     layout = tile_layout(n, n, 128, True)
-    assert ap.default_tuning(128 // stride, 4, 256 if d > 128 else 128,
-                             candidates).d_split == (2 if d > 128 else 1)
-    assert ap._tma_applies(q, k, layout, stride, 64 if candidates else 128, 4,
-                           16 if candidates else 32, d)
+    assert ap.default_tuning(128 // stride, 4, 256, candidates).d_split == 2
     if candidates:
         gen = torch.Generator().manual_seed(stride)
         cand = (torch.rand(1, 32, 32, 32, generator=gen) < 0.2).to(q.device)
