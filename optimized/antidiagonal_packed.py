@@ -187,18 +187,18 @@ def default_tuning(per_tile: int, group: int, head_dim: int = 128,
     """The launch shape used unless one is passed (:data:`TUNED`, or with
     ``candidates`` :data:`CANDIDATE_TUNED`; else a generic one)."""
     tuned = (CANDIDATE_TUNED if candidates else TUNED).get(per_tile)
-    if tuned is not None and tuned.heads and group % tuned.heads:
-        tuned = dataclasses.replace(tuned, heads=0)
-    if tuned is not None and not tuned.heads and group * per_tile > MAX_ROWS:
-        # The group's rows do not fit one program: the tuned shape over as many of
-        # its heads as fill that shape's rows (fitting_heads).
-        tuned = dataclasses.replace(tuned, heads=fitting_heads(group, per_tile,
-                                                               tuned.target_rows))
-    if tuned is not None and head_dim > TUNED_MAX_HEAD_DIM:
-        tuned = dataclasses.replace(
-            tuned, d_split=next_power_of_2(head_dim) // TUNED_MAX_HEAD_DIM)
-    if tuned is not None and (tuned.heads or group) * per_tile <= tuned.target_rows:
-        return tuned
+    if tuned is not None:
+        heads = tuned.heads if tuned.heads and group % tuned.heads == 0 else 0
+        if not heads and group * per_tile > MAX_ROWS:
+            # The group's rows do not fit one program: the tuned shape over as many
+            # of its heads as fill that shape's rows.
+            heads = fitting_heads(group, per_tile, tuned.target_rows)
+        if (heads or group) * per_tile <= tuned.target_rows:
+            # Head dims above TUNED_MAX_HEAD_DIM in pieces of that width.
+            d_split = max(1, next_power_of_2(head_dim) // TUNED_MAX_HEAD_DIM)
+            if (heads, d_split) == (tuned.heads, tuned.d_split):
+                return tuned  # the common case: no new object per call
+            return dataclasses.replace(tuned, heads=heads, d_split=d_split)
     if group * per_tile > MAX_ROWS:
         # The group's rows do not fit one program: split it (fitting_heads).
         return PackedTuning(target_rows=MAX_ROWS, num_warps=8,
@@ -227,7 +227,7 @@ def fitting_heads(group: int, per_tile: int, rows: int = MAX_ROWS) -> int:
     return heads
 
 
-def antidiagonal_packed_applies(layout: TileLayout, stride: int, group: int) -> bool:
+def antidiagonal_packed_applies(layout: TileLayout, stride: int) -> bool:
     """Whether :func:`antidiagonal_packed_probabilities` takes this shape: groups per
     tile a power of two dividing ``BLOCK_KEY_GROUPS``. Any GQA group: one whose rows
     pass :data:`MAX_ROWS` is split over programs of :func:`fitting_heads` heads."""
@@ -250,7 +250,7 @@ def _tma_applies(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, stride: i
             and q.data_ptr() % 16 == 0 and k.data_ptr() % 16 == 0)
 
 
-def _check_tuning(tuning: PackedTuning, per_tile: int, group: int) -> None:
+def _check_tuning(tuning: PackedTuning, per_tile: int, group: int, d_pad: int) -> None:
     for name in ("target_rows", "block_kg", "num_warps", "num_stages", "one_pass", "tma",
                  "heads", "d_split"):
         value = getattr(tuning, name)
@@ -262,6 +262,9 @@ def _check_tuning(tuning: PackedTuning, per_tile: int, group: int) -> None:
                          f"{per_tile} groups per tile, got {tuning.block_kg}")
     if tuning.d_split & (tuning.d_split - 1):
         raise ValueError(f"PackedTuning.d_split must be a power of two, got {tuning.d_split}")
+    if d_pad // tuning.d_split < _MIN_DOT:
+        raise ValueError(f"PackedTuning.d_split={tuning.d_split} leaves pieces narrower than "
+                         f"{_MIN_DOT} of the padded head dim {d_pad}; use a smaller d_split")
     if tuning.heads and group % tuning.heads:
         raise ValueError(f"PackedTuning.heads must divide the GQA group of {group} query heads "
                          f"(or be 0 for all of them), got {tuning.heads}")
@@ -487,19 +490,15 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
     if out.numel() == 0:
         return out
     per_tile = layout.block_size // stride
+    d_pad = max(_MIN_DOT, next_power_of_2(d))
     if tuning is None:
-        tuning = default_tuning(per_tile, group, max(_MIN_DOT, next_power_of_2(d)),
-                                candidates is not None)
-    _check_tuning(tuning, per_tile, group)
+        tuning = default_tuning(per_tile, group, d_pad, candidates is not None)
+    _check_tuning(tuning, per_tile, group, d_pad)
     heads = tuning.heads or group
     tiles = max(1, tuning.target_rows // (heads * per_tile))
     rows = max(_MIN_DOT, next_power_of_2(heads * per_tile * tiles))
     pairs = rows // per_tile
     per_head = -(-nq // tiles)
-    d_pad = max(_MIN_DOT, next_power_of_2(d))
-    if d_pad // tuning.d_split < _MIN_DOT:
-        raise ValueError(f"PackedTuning.d_split={tuning.d_split} leaves pieces narrower than "
-                         f"{_MIN_DOT} of the padded head dim {d_pad}; use a smaller d_split")
     upcast = q.dtype == torch.bfloat16 and kernels_interpreted(_packed_kernel)
     programs = b * hkv * (group // heads) * per_head
     key_groups = -(-nk_tokens // stride)

@@ -94,7 +94,7 @@ def candidate_antidiagonal_tile_scores(q: torch.Tensor, k: torch.Tensor, layout:
     kernel reads (skipped key blocks are not read): callers rely on the
     candidate selection's pooling launch for the full check.
     """
-    if antidiagonal_packed_applies(layout, stride, q.shape[1] // k.shape[1]):
+    if antidiagonal_packed_applies(layout, stride):
         return antidiagonal_packed_probabilities(
             q, k, layout, stride, causal, normalize=normalize, nonfinite=nonfinite,
             candidates=candidates.contiguous())

@@ -305,7 +305,7 @@ def antidiagonal_tile_scores(q: torch.Tensor, k: torch.Tensor, layout: TileLayou
     :func:`prism.optimized.tile_union.union_tiles`, divides). ``nonfinite`` (a
     float64 device flag) is set when q or k holds NaN/Inf.
     """
-    if antidiagonal_packed_applies(layout, stride, q.shape[1] // k.shape[1]):
+    if antidiagonal_packed_applies(layout, stride):
         # The query heads of a GQA group in one program (prism.optimized.antidiagonal_packed).
         return antidiagonal_packed_probabilities(q, k, layout, stride, causal,
                                                  normalize=normalize, nonfinite=nonfinite)

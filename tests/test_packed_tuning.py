@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_estimator_cascade_kernel import _random_candidates
 from test_optimized_estimators import _qk
 
 from prism.reference import tile_layout
 from prism.reference.estimators import antidiagonal_probabilities
-from prism.reference.scoring import admissible_tiles
 
 pytestmark = pytest.mark.interpret
 
@@ -68,7 +68,7 @@ def test_gqa_groups_too_large_for_one_program_are_split(hq, hkv, dtype):
     assert ap.default_tuning(per_tile, group, 16).heads == heads
     assert ap.default_tuning(per_tile, group, 16, True).heads == {16: 4, 9: 1}[group]
     layout = tile_layout(nq, nk, bs, True)
-    assert ap.antidiagonal_packed_applies(layout, stride, group)
+    assert ap.antidiagonal_packed_applies(layout, stride)
     q, k = _qk(1, hq, hkv, nq, nk, 16, seed=hq, scale=2.0, dtype=dtype)
     calls = []
     real = ap.antidiagonal_packed_probabilities
@@ -86,14 +86,8 @@ def test_gqa_groups_too_large_for_one_program_are_split(hq, hkv, dtype):
         expected = antidiagonal_probabilities(q, k, layout, stride, True)
         actual = antidiagonal_tile_probabilities(q, k, layout, stride, True)
         torch.testing.assert_close(actual, expected, rtol=2e-5, atol=1e-6)
-        # Random candidates plus each row's diagonal tile, admissible ones only.
-        gen = torch.Generator().manual_seed(hq)
-        cand = (torch.rand(1, hq, layout.num_query_tiles, layout.num_key_tiles,
-                           generator=gen) < 0.5).to(q.device)
-        offset = layout.num_key_tiles - layout.num_query_tiles
-        ones = torch.ones_like(cand)
-        cand = (cand | (ones.tril(offset) & ~ones.tril(offset - 1))) \
-            & admissible_tiles(layout, True, q.device)
+        # Random candidates plus the forced sink and diagonal, admissible ones only.
+        cand = _random_candidates(layout, hq, True, seed=hq, density=0.5)
         expected = candidate_antidiagonal_probabilities(q, k, layout, stride, cand, True)
         actual = candidate_antidiagonal_tile_probabilities(q, k, layout, stride, cand, True)
         torch.testing.assert_close(actual, expected, rtol=2e-5, atol=1e-6)
@@ -119,10 +113,7 @@ def test_packed_products_split_along_the_head_dim(d, d_split, dtype, candidates)
     tuning = ap.PackedTuning(target_rows=16, block_kg=16, num_warps=4, one_pass=1,
                              tma=int(dtype != torch.float32), d_split=d_split)
     if candidates:
-        gen = torch.Generator().manual_seed(d)
-        cand = (torch.rand(1, 4, layout.num_query_tiles, layout.num_key_tiles,
-                           generator=gen) < 0.5).to(q.device)
-        cand &= admissible_tiles(layout, True, q.device)
+        cand = _random_candidates(layout, 4, True, seed=d, density=0.5)
         expected = candidate_antidiagonal_probabilities(q, k, layout, stride, cand, True)
         actual = ap.antidiagonal_packed_probabilities(q, k, layout, stride, True, tuning,
                                                       candidates=cand)
@@ -172,19 +163,15 @@ def test_packed_heads_per_program_must_divide_the_group():
 
 def _tuned_calls_match_the_reference(q, k, stride, candidates):
     """The default launch at 4K (tile 128) against the reference, dense or restricted
-    to random candidates plus the diagonal, and the same bits on every call."""
+    to random candidates plus the forced tiles, and the same bits on every call."""
     from prism.optimized import antidiagonal_packed as ap
     from prism.optimized.cascade import candidate_antidiagonal_tile_probabilities
     from prism.reference.estimators import candidate_antidiagonal_probabilities
 
     n, hq = q.shape[2], q.shape[1]
     layout = tile_layout(n, n, 128, True)
-    tiles = layout.num_query_tiles
     if candidates:
-        gen = torch.Generator().manual_seed(stride)
-        cand = (torch.rand(1, hq, tiles, tiles, generator=gen) < 0.2).to(q.device)
-        cand = (cand | torch.eye(tiles, dtype=torch.bool, device=q.device)) \
-            & admissible_tiles(layout, True, q.device)
+        cand = _random_candidates(layout, hq, True, seed=stride, density=0.2)
         expected = candidate_antidiagonal_probabilities(q, k, layout, stride, cand, True)
         calls = [candidate_antidiagonal_tile_probabilities(q, k, layout, stride, cand, True)
                  for _ in range(3)]

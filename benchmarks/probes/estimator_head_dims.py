@@ -18,27 +18,26 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench_prism import graph_ms, structured_inputs  # noqa: E402
+from constant_variants import SETTINGS  # noqa: E402
 from probe_cli import run  # noqa: E402
 
 from prism import optimized, reference  # noqa: E402
 from prism.optimized import antidiagonal_packed as packed  # noqa: E402
-from prism.reference import PrismConfig  # noqa: E402
 
-E5 = dict(estimator="antidiagonal_vertical_slash", antidiagonal_stride=8, high_threshold=0.9,
-          low_threshold=0.9, vertical_slash_threshold=0.5, last_queries=64)
 COMPARE_MAX_TOKENS = 8192
 
 
 def row(tokens: int, head_dim: int) -> dict:
     q, k, _ = structured_inputs(tokens, head_dim=head_dim)
     out = {"tokens": tokens, "head_dim": head_dim}
-    settings = {"prism": PrismConfig(), "preset": PrismConfig.preset("accurate"),
-                "e5": PrismConfig(**E5)}
+    settings = {name: SETTINGS[name]() for name in ("prism", "preset", "e5")}
     for name, cfg in settings.items():
         out[f"{name}_graph_ms"] = graph_ms(lambda c=cfg: optimized.select_blocks(q, k, c))
     group = q.shape[1] // k.shape[1]
-    out["preset_tuning"] = str(packed.default_tuning(128 // 16, group, head_dim, True))
-    out["e5_tuning"] = str(packed.default_tuning(128 // 8, group, head_dim))
+    for name, candidates in (("preset", True), ("e5", False)):
+        cfg = settings[name]
+        out[f"{name}_tuning"] = str(packed.default_tuning(
+            cfg.block_size // cfg.antidiagonal_stride, group, head_dim, candidates))
     if tokens <= COMPARE_MAX_TOKENS:
         cfg = settings["preset"]
         got = optimized.select_blocks(q, k, cfg).as_tensor()
