@@ -65,6 +65,7 @@ from ._runtime import kernels_interpreted
 from .attention import _sparse_attention_kernel, sparse_attention_forward, supported_block_size
 from .estimator_path import estimator_select
 from .indices import mask_rows_to_indices
+from .plan_items import fork, join, side_stream
 from .pooling import nonfinite_flag
 from .selection import MAX_WIDTH, select_tiles
 
@@ -72,6 +73,13 @@ from .selection import MAX_WIDTH, select_tiles
 _INTERPRETED = kernels_interpreted(_sparse_attention_kernel)
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(PrismConfig))
+
+#: ``block_sparse_attention``'s NaN/Inf check (one read of q, k and v) runs on a side
+#: stream beside the attention launch, which reads only the selected tiles' keys and
+#: at natural densities leaves most of the memory bandwidth idle; the call's stream
+#: waits for it before returning (the eager call then reads the flag). False: the
+#: check runs first, on the call's stream.
+CHECK_BESIDE_ATTENTION = True
 
 
 def config_values(cfg: PrismConfig) -> tuple:
@@ -179,11 +187,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: tor
     With ``kv_num_blocks``/``kv_indices`` (causal-trimmed for a causal call)
     the mask is not read; without them the indices are built from it. ``lse``
     is None unless ``return_lse``; ``nonfinite`` is None unless
-    ``check_values``, when one pass over q, k and v fills it. (The operator
-    returns empty tensors in their place.)
+    ``check_values``, when one pass over q, k and v fills it (on a side stream
+    beside the attention launch, :data:`CHECK_BESIDE_ATTENTION`; joined before
+    returning). (The operator returns empty tensors in their place.)
     """
     nq, nk, dv = q.shape[2], k.shape[2], v.shape[3]
-    nonfinite = nonfinite_flag(q, k, v) if check_values else None
+    nonfinite = main = side = None
+    if check_values and CHECK_BESIDE_ATTENTION and q.is_cuda:
+        side = side_stream(q.device, 2)
+        main = fork(side)
+        with torch.cuda.stream(side):
+            nonfinite = nonfinite_flag(q, k, v)
+    elif check_values:
+        nonfinite = nonfinite_flag(q, k, v)
     if not supported_block_size(block_size):
         result = reference.block_sparse_attention(
             q, k, v, block_mask.as_subclass(torch.Tensor), block_size=block_size, causal=causal,
@@ -202,6 +218,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: tor
             scale=scale, return_lse=return_lse, first_query_tile=layout.first_query_tile,
             query_start=layout.query_start,
             interpreted=_INTERPRETED)
+    if side is not None:
+        join(main, side)
     return out, (lse if return_lse else None), nonfinite
 
 

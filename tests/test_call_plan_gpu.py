@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import prism.optimized as optimized
-from prism.optimized import attention, call_plan
+from prism.optimized import attention, call_plan, ops
 from prism.reference import PrismConfig, tile_layout
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -57,7 +57,9 @@ def test_replay_equals_the_general_path_on_the_gpu(n, d):
 @cuda
 def test_block_sparse_replay_equals_the_general_path_on_the_gpu():
     """Masks of other values through one plan, a TileMask's carried indices, lse: the
-    replay gives the general path's bits; NaN still raises."""
+    replay gives the general path's bits, which are those of the call with its NaN/Inf
+    check on the call's stream; the plans fork and join the check's side stream; NaN
+    in q, k or v still raises, replayed too."""
     gen = torch.Generator(device="cuda").manual_seed(2)
     q, k, v = (torch.randn(1, h, 4096, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
                for h in (8, 2, 2))
@@ -78,10 +80,25 @@ def test_block_sparse_replay_equals_the_general_path_on_the_gpu():
             got, got_lse = optimized.block_sparse_attention(q, k, v, m, return_lse=True)
             assert torch.equal(got, out) and torch.equal(got_lse, lse)
     assert call_plan.PLAN_STATS["block_sparse"] == hits + 8
-    bad = v.clone()
-    bad[0, 1, 300, 7] = float("nan")
-    with pytest.raises(ValueError, match="v contains 1 NaN or Inf"):
-        optimized.block_sparse_attention(q, k, bad, masks[0], return_lse=True)
+    plans = [plan for plan in call_plan._PLANS.values() if plan]
+    assert plans and all(any(step.sync == "fork" for step in plan.steps) for plan in plans)
+    ops.CHECK_BESIDE_ATTENTION = False
+    try:
+        call_plan._PLANS.clear()
+        one_stream = [optimized.block_sparse_attention(q, k, v, m, return_lse=True)
+                      for m in masks]
+    finally:
+        ops.CHECK_BESIDE_ATTENTION = True
+    for (out, lse), (got, got_lse) in zip(general, one_stream, strict=True):
+        assert torch.equal(got, out) and torch.equal(got_lse, lse)
+    call_plan._PLANS.clear()
+    for name, position in (("v", 2), ("q", 0), ("k", 1)):
+        args = [q, k, v]
+        args[position] = args[position].clone()
+        args[position][0, 1, 300, 7] = float("nan")
+        for _ in range(3):  # seen, recorded, replayed
+            with pytest.raises(ValueError, match=f"{name} contains 1 NaN or Inf"):
+                optimized.block_sparse_attention(*args, masks[0], return_lse=True)
 
 
 @pytest.mark.gpu
