@@ -1,5 +1,6 @@
 """``block_sparse_attention`` with its NaN/Inf check beside the attention launch (on a
-side stream, ``ops.CHECK_BESIDE_ATTENTION``) or before it on the call's stream, on
+side stream, ``ops.CHECK_BESIDE_ATTENTION``; at the default priority or a higher one,
+``plan_items.SIDE_PRIORITIES[2] = -1``) or before it on the call's stream, on
 Prism's own masks of the structured inputs: eager and CUDA-graph ms, two
 interleaved rounds each, whether the outputs agree bit for bit, and the two parts
 alone (the check's launch; the attention on the same indices without the check).
@@ -22,7 +23,7 @@ from bench_prism import bench, graph_ms  # noqa: E402
 from probe_cli import run  # noqa: E402
 
 from prism import optimized  # noqa: E402
-from prism.optimized import call_plan, ops  # noqa: E402
+from prism.optimized import call_plan, ops, plan_items  # noqa: E402
 from prism.optimized.pooling import nonfinite_flag  # noqa: E402
 
 
@@ -38,18 +39,22 @@ def row(spec: str) -> dict:
         return optimized.block_sparse_attention(q, k, v, mask)
 
     outputs = {}
+    variants = [("before", False, 0), ("beside", True, 0), ("beside_urgent", True, -1)]
     try:
-        for beside in (False, True, False, True):
-            name = "beside" if beside else "before"
+        for name, beside, priority in variants + variants:
             ops.CHECK_BESIDE_ATTENTION = beside
+            plan_items.SIDE_PRIORITIES[2] = priority
+            plan_items._SIDE_STREAMS.pop((q.device.index, 2), None)
             call_plan._PLANS.clear()
             outputs[name] = call().clone()
             out.setdefault(f"{name}_eager_ms", []).append(bench(call))
             out.setdefault(f"{name}_graph_ms", []).append(graph_ms(call))
     finally:
         ops.CHECK_BESIDE_ATTENTION = True
+        plan_items.SIDE_PRIORITIES.pop(2, None)
+        plan_items._SIDE_STREAMS.pop((q.device.index, 2), None)
         call_plan._PLANS.clear()
-    out["outputs_equal"] = torch.equal(outputs["before"], outputs["beside"])
+    out["outputs_equal"] = all(torch.equal(outputs["before"], o) for o in outputs.values())
     out["check_alone_ms"] = graph_ms(lambda: nonfinite_flag(q, k, v))
     num, idx = mask.carried_indices(block_size=128, causal=True, num_queries=n, num_keys=n)
     out["attention_alone_ms"] = graph_ms(lambda: ops.attention(
