@@ -301,10 +301,11 @@ def _launch_config(config, q, k, v, d_pad: int, dv_pad: int, query_start: int,
 
 def launch_constants(config: AttentionConfig, causal: bool, return_lse: bool, d: int, dv: int,
                      dtype: torch.dtype, use_tma: bool, *, varlen: bool,
-                     block_size: int | None = None) -> dict:
+                     block_size: int | None = None, check_finite: bool = False) -> dict:
     """The constexpr and launch keywords of :func:`_sparse_attention_kernel` (dense and
     packed launches alike); ``block_size`` (the tile) makes the key blocks per tile a
-    compile-time constant where ``config.static_steps``."""
+    compile-time constant where ``config.static_steps``; ``check_finite`` flags NaN/Inf
+    in the queries (the launch then passes a flag tensor as ``NONFINITE``)."""
     static = block_size is not None and config.static_steps and not config.warp_specialize
     return dict(
         CAUSAL=causal, WRITE_LSE=return_lse,
@@ -315,6 +316,7 @@ def launch_constants(config: AttentionConfig, causal: bool, return_lse: bool, d:
         VARLEN=varlen,
         MIN_MASK=config.warp_specialize if config.min_mask is None else config.min_mask,
         SUBS_N=-(-block_size // config.block_n) if static else 0,
+        CHECK_FINITE=check_finite,
         num_warps=config.num_warps, num_stages=config.num_stages,
         **({} if config.max_registers is None else {"maxnreg": config.max_registers}),
     )
@@ -334,7 +336,7 @@ _PLANS: dict = {}
 
 
 def _plan(q, k, v, kv_num_blocks, kv_indices, out_strides, block_size, causal, scale,
-          return_lse, first_query_tile, query_start, interpreted, config):
+          return_lse, first_query_tile, query_start, interpreted, config, check_finite):
     """Everything of a launch that does not depend on the data: ``(grid, Prepared,
     out shape, K and V descriptor block shapes or None)``.
 
@@ -364,7 +366,7 @@ def _plan(q, k, v, kv_num_blocks, kv_indices, out_strides, block_size, causal, s
          b * hq, hq, hq // hkv, nq, nk, query_start, first_query_tile, nqt, block_size,
          scale * LOG2_E),
         launch_constants(config, causal, return_lse, d, dv, q.dtype, use_tma, varlen=False,
-                         block_size=block_size))
+                         block_size=block_size, check_finite=check_finite))
     return grid, prepared, out_shape, blocks
 
 
@@ -390,7 +392,8 @@ def sparse_attention_forward(q, k, v, kv_num_blocks, kv_indices, *, block_size: 
                              causal: bool, scale: float | None, return_lse: bool,
                              first_query_tile: int, query_start: int, interpreted: bool,
                              out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
-                             config: AttentionConfig | None = None):
+                             config: AttentionConfig | None = None,
+                             nonfinite: torch.Tensor | None = None):
     """Launch the block-sparse attention kernel on validated inputs.
 
     Parameters
@@ -416,6 +419,11 @@ def sparse_attention_forward(q, k, v, kv_num_blocks, kv_indices, *, block_size: 
         (tests pass NaN-filled ones to prove every element is written).
     config : AttentionConfig, optional
         Launch shape; defaults to :func:`default_config`.
+    nonfinite : Tensor, optional
+        A float64 device flag the kernel sets (stores 1 in) when a query row holds
+        NaN/Inf (``_flag_nonfinite_rows`` in :mod:`.attention_kernel`; also when a
+        row's fp32 sums overflow). Keys and values are not covered: only the
+        selected tiles are read.
 
     Returns
     -------
@@ -433,11 +441,12 @@ def sparse_attention_forward(q, k, v, kv_num_blocks, kv_indices, *, block_size: 
            q.data_ptr() % 16 == 0, k.data_ptr() % 16 == 0, v.data_ptr() % 16 == 0,
            None if out is None or out.is_contiguous() else out.stride(), block_size, causal,
            scale, return_lse,
-           first_query_tile, query_start, interpreted, config)
+           first_query_tile, query_start, interpreted, config, nonfinite is not None)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _plan(q, k, v, kv_num_blocks, kv_indices, key[15], block_size, causal, scale,
-                     return_lse, first_query_tile, query_start, interpreted, config)
+                     return_lse, first_query_tile, query_start, interpreted, config,
+                     nonfinite is not None)
         if len(_PLANS) >= 1024:
             _PLANS.clear()
         _PLANS[key] = plan
@@ -450,5 +459,5 @@ def sparse_attention_forward(q, k, v, kv_num_blocks, kv_indices, *, block_size: 
     if blocks is not None:
         k_desc, v_desc = host_descriptor(k, blocks[0]), host_descriptor(v, blocks[1])
     prepared.launch(_sparse_attention_kernel, grid, q, k, v, out, lse if return_lse else out,
-                    kv_num_blocks, kv_indices, k_desc, v_desc)
+                    kv_num_blocks, kv_indices, k_desc, v_desc, nonfinite)
     return out, (lse if return_lse else None)

@@ -136,8 +136,27 @@ def _attend_block(acc, l_i, m_i, q, k, v, key_start, positions, num_keys, qk_sca
 
 
 @triton.jit
+def _flag_nonfinite_rows(l_i, q, row_ok, NONFINITE):
+    """Set ``NONFINITE`` when a query row of this program holds NaN/Inf.
+
+    A row that read a key has a NaN or infinite softmax sum ``l_i`` when its
+    query (or a key it read) holds NaN/Inf: every score it enters is then NaN
+    or infinite (Inf * 0 is NaN), and an infinite maximum gives ``2^(Inf -
+    Inf)``. Rows that read no key (``l_i == 0``) have their query summed here
+    instead. A finite row whose fp32 sum overflows sets the flag too (the host
+    confirms before raising).
+    """
+    bad = tl.sum((l_i - l_i != 0).to(tl.int32), axis=0)
+    unread = row_ok & (l_i == 0.0)
+    if tl.max(unread.to(tl.int32), axis=0) > 0:
+        sums = tl.sum(tl.where(unread[:, None], q.to(tl.float32), 0.0), axis=1)
+        bad += tl.sum((sums - sums != 0).to(tl.int32), axis=0)
+    tl.store(NONFINITE, 1.0, mask=bad > 0)
+
+
+@triton.jit
 def _sparse_attention_kernel(
-    Q, K, V, O, LSE, NUM, IDX, K_DESC, V_DESC, TILES,
+    Q, K, V, O, LSE, NUM, IDX, K_DESC, V_DESC, NONFINITE, TILES,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -152,6 +171,7 @@ def _sparse_attention_kernel(
     VARLEN: tl.constexpr,
     BLOCK_TABLE=None, stride_kpage=0, stride_vpage=0, PAGED: tl.constexpr = False,
     PAGE_SIZE: tl.constexpr = 1, MIN_MASK: tl.constexpr = False, SUBS_N: tl.constexpr = 0,
+    CHECK_FINITE: tl.constexpr = False,
 ):
     """Attention of ``BLOCK_M`` queries over their selected key tiles.
 
@@ -176,6 +196,10 @@ def _sparse_attention_kernel(
     is where its sequence's row of ``BLOCK_TABLE`` starts: keys are read
     through the block table in place (no warp specialisation; TMA only with
     pages of whole key blocks, :func:`_load_kv`).
+
+    ``CHECK_FINITE``: NaN/Inf in the program's queries sets ``NONFINITE``
+    (:func:`_flag_nonfinite_rows`); ``block_sparse_attention`` then checks only
+    k and v in a launch of their own.
     """
     if PAGED:
         tl.static_assert(VARLEN and not WARP_SPECIALIZE, "PAGED needs VARLEN, no warp "
@@ -335,6 +359,8 @@ def _sparse_attention_kernel(
                                               num_keys, qk_scale, True, CAUSAL, BLOCK_N, IEEE,
                                               MIN_MASK)
 
+    if CHECK_FINITE:
+        _flag_nonfinite_rows(l_i, q, row_ok, NONFINITE)
     # o = acc / l (0 where no key was read); lse in natural log.
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]

@@ -65,7 +65,7 @@ from ._runtime import kernels_interpreted
 from .attention import _sparse_attention_kernel, sparse_attention_forward, supported_block_size
 from .estimator_path import estimator_select
 from .indices import mask_rows_to_indices
-from .plan_items import fork, join, side_stream
+from .plan_items import fork, join, side_stream, zero_
 from .pooling import nonfinite_flag
 from .selection import MAX_WIDTH, select_tiles
 
@@ -74,12 +74,17 @@ _INTERPRETED = kernels_interpreted(_sparse_attention_kernel)
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(PrismConfig))
 
-#: ``block_sparse_attention``'s NaN/Inf check (one read of q, k and v) runs on a side
-#: stream beside the attention launch, which reads only the selected tiles' keys and
-#: at natural densities leaves most of the memory bandwidth idle; the call's stream
-#: waits for it before returning (the eager call then reads the flag). False: the
-#: check runs first, on the call's stream.
+#: ``block_sparse_attention``'s NaN/Inf check of k and v (the attention kernel checks
+#: the queries) runs on a side stream beside the attention launch; the call's stream
+#: waits for it before returning (an eager call then reads the flag). False: it runs
+#: first, on the call's stream. On the H200 with the check of q, k and v
+#: (results/h200_check_beside_a6af80c.json, Prism's masks of the structured inputs):
+#: CUDA-graph replays 1-2% faster beside (the two launches share the memory bandwidth
+#: rather than overlap), eager calls at 4K-8K 5-9% faster.
 CHECK_BESIDE_ATTENTION = True
+#: The attention kernel checks the queries it reads for NaN/Inf, so that the check
+#: launch reads only k and v (False: that launch reads q too; benchmarks compare).
+CHECK_QUERIES_IN_KERNEL = True
 
 
 def config_values(cfg: PrismConfig) -> tuple:
@@ -187,25 +192,33 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: tor
     With ``kv_num_blocks``/``kv_indices`` (causal-trimmed for a causal call)
     the mask is not read; without them the indices are built from it. ``lse``
     is None unless ``return_lse``; ``nonfinite`` is None unless
-    ``check_values``, when one pass over q, k and v fills it (on a side stream
-    beside the attention launch, :data:`CHECK_BESIDE_ATTENTION`; joined before
-    returning). (The operator returns empty tensors in their place.)
+    ``check_values``, when it flags NaN/Inf in q, k or v: the attention kernel
+    checks the queries it reads, and one launch reads k and v (on a side stream
+    beside the attention launch, :data:`CHECK_BESIDE_ATTENTION`, joined before
+    returning). Paths without the kernel (tiles it does not take, empty inputs)
+    check all three in that launch. (The operator returns empty tensors in
+    their place.)
     """
     nq, nk, dv = q.shape[2], k.shape[2], v.shape[3]
+    kernel = supported_block_size(block_size) and nq > 0 and nk > 0
+    in_kernel = kernel and CHECK_QUERIES_IN_KERNEL
     nonfinite = main = side = None
-    if check_values and CHECK_BESIDE_ATTENTION and q.is_cuda:
-        side = side_stream(q.device, 2)
-        main = fork(side)
-        with torch.cuda.stream(side):
-            nonfinite = nonfinite_flag(q, k, v)
-    elif check_values:
-        nonfinite = nonfinite_flag(q, k, v)
+    if check_values:
+        nonfinite = torch.empty(1, dtype=torch.float64, device=q.device)
+        zero_(nonfinite)
+        if CHECK_BESIDE_ATTENTION and q.is_cuda:
+            side = side_stream(q.device, 2)
+            main = fork(side)
+            with torch.cuda.stream(side):
+                nonfinite_flag(q, k, v, check_q=not in_kernel, flag=nonfinite)
+        else:
+            nonfinite_flag(q, k, v, check_q=not in_kernel, flag=nonfinite)
     if not supported_block_size(block_size):
         result = reference.block_sparse_attention(
             q, k, v, block_mask.as_subclass(torch.Tensor), block_size=block_size, causal=causal,
             scale=scale, return_lse=True)
         out, lse = result
-    elif nq == 0 or nk == 0:
+    elif not kernel:
         out = torch.zeros(*q.shape[:3], dv, dtype=q.dtype, device=q.device)
         lse = torch.full(q.shape[:3], -math.inf, dtype=torch.float32, device=q.device)
     else:
@@ -217,7 +230,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: tor
             q, k, v, kv_num_blocks, kv_indices, block_size=block_size, causal=causal,
             scale=scale, return_lse=return_lse, first_query_tile=layout.first_query_tile,
             query_start=layout.query_start,
-            interpreted=_INTERPRETED)
+            interpreted=_INTERPRETED, nonfinite=nonfinite if in_kernel else None)
     if side is not None:
         join(main, side)
     return out, (lse if return_lse else None), nonfinite

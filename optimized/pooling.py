@@ -392,7 +392,8 @@ NONFINITE_SHAPE = (128, 32, 1)
 
 
 def nonfinite_flag(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                   shape: tuple | None = None) -> torch.Tensor:
+                   shape: tuple | None = None, check_q: bool = True,
+                   flag: torch.Tensor | None = None) -> torch.Tensor:
     """A (1,) float64 device tensor, non-zero if q, k or v may hold NaN or Inf.
 
     One launch reads each tensor once (the reference's ``check_finite`` without
@@ -400,15 +401,17 @@ def nonfinite_flag(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     launch goes through :class:`~prism.optimized.launch.Prepared` (one per call
     shape) and the flag is zeroed by :func:`~prism.optimized.plan_items.zero_`, so a
     call plan (:mod:`prism.optimized.call_plan`) can record and replay both.
+    ``check_q=False`` reads only k and v (a kernel that reads q checks it); with
+    ``flag`` given, the launch sets that zeroed flag instead of a new one.
     """
     block_rows, rows_per_load, warps = NONFINITE_SHAPE if shape is None else shape
     key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), block_rows,
-           rows_per_load, warps)
+           rows_per_load, warps, check_q)
     plan = _FLAG_LAUNCHES.get(key)
     if plan is None:
         b, hq, nq, d = q.shape
         hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
-        q_programs = b * hq * -(-nq // block_rows)
+        q_programs = b * hq * -(-nq // block_rows) if check_q else 0
         k_programs = b * hkv * -(-nk // block_rows)
         d_pad, dv_pad = next_power_of_2(d), next_power_of_2(dv)
         prepared = Prepared(
@@ -421,8 +424,9 @@ def nonfinite_flag(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             _FLAG_LAUNCHES.clear()
         plan = _FLAG_LAUNCHES[key] = ((q_programs + 2 * k_programs,), prepared)
     grid, prepared = plan
-    flag = torch.empty(1, dtype=torch.float64, device=q.device)
-    zero_(flag)
+    if flag is None:
+        flag = torch.empty(1, dtype=torch.float64, device=q.device)
+        zero_(flag)
     if grid[0]:
         prepared.launch(_nonfinite_kernel, grid, q, k, v, flag)
     return flag

@@ -288,7 +288,7 @@ def packed_attention_forward(q, k, v, layout: PackedLayout, kv_num_blocks, kv_in
                      stride_vpage=v.stride(0), PAGED=True, PAGE_SIZE=k.shape[1])
     with scratch:
         _sparse_attention_kernel[grid](
-            q, k, v, out, lse if return_lse else out, num, idx, k_desc, v_desc,
+            q, k, v, out, lse if return_lse else out, num, idx, k_desc, v_desc, None,
             layout.table,
             0, q.stride(1), q.stride(0), q.stride(2),
             0, k_strides[1], k_strides[0], k_strides[2],

@@ -83,6 +83,40 @@ def test_non_finite_values_are_rejected(target, bad):
             optimized.select_blocks(q, k, block_size=32)
 
 
+@pytest.mark.parametrize("case", ["row_with_keys", "row_without_keys", "unselected_key"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_block_sparse_attention_checks_queries_in_its_kernel(case, monkeypatch):
+    """The attention kernel flags NaN in the queries it reads (rows that read keys through
+    their softmax sums, rows that read none through their own sums), so the separate
+    check reads only k and v; NaN in a key tile that no row selected is still found."""
+    from prism.optimized import ops
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("check_q", True))
+        return real(*args, **kwargs)
+
+    real = ops.nonfinite_flag
+    monkeypatch.setattr(ops, "nonfinite_flag", spy)
+    q, k, v = _to(DEVICE, *make_qkv(1, 2, 1, 64, 96, 32, seed=1, causal=False))
+    mask = torch.ones(1, 2, 2, 3, dtype=torch.bool, device=DEVICE)
+    mask[..., 2] = False  # no row reads key tile 2
+    mask[0, 1, 1] = False  # head 1's second query tile reads nothing
+    clean = optimized.block_sparse_attention(q, k, v, mask, block_size=32, causal=False)
+    assert torch.isfinite(clean).all() and seen == [False]
+    q, k = q.clone(), k.clone()
+    if case == "row_with_keys":
+        q[0, 0, 40, 3] = math.nan
+    elif case == "row_without_keys":
+        q[0, 1, 40, 3] = math.nan
+    else:
+        k[0, 0, 70, 3] = math.nan
+    with pytest.raises(ValueError, match=f"{'k' if case == 'unselected_key' else 'q'} contains"):
+        optimized.block_sparse_attention(q, k, v, mask, block_size=32, causal=False)
+    assert seen == [False, False]
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered")
 def test_huge_finite_values_are_not_mistaken_for_nan():
     """Sums that overflow are re-checked entry by entry, not rejected."""

@@ -1,6 +1,7 @@
 """``block_sparse_attention`` with its NaN/Inf check beside the attention launch (on a
-side stream, ``ops.CHECK_BESIDE_ATTENTION``; at the default priority or a higher one,
-``plan_items.SIDE_PRIORITIES[2] = -1``) or before it on the call's stream, on
+side stream, ``ops.CHECK_BESIDE_ATTENTION``) or before it on the call's stream, with
+the queries checked by that launch or by the attention kernel
+(``ops.CHECK_QUERIES_IN_KERNEL``), on
 Prism's own masks of the structured inputs: eager and CUDA-graph ms, two
 interleaved rounds each, whether the outputs agree bit for bit, and the two parts
 alone (the check's launch; the attention on the same indices without the check).
@@ -39,10 +40,13 @@ def row(spec: str) -> dict:
         return optimized.block_sparse_attention(q, k, v, mask)
 
     outputs = {}
-    variants = [("before", False, 0), ("beside", True, 0), ("beside_urgent", True, -1)]
+    # (name, beside, side-stream priority, queries checked by the attention kernel)
+    variants = [("before", False, 0, False), ("beside", True, 0, False),
+                ("fused_before", False, 0, True), ("fused_beside", True, 0, True)]
     try:
-        for name, beside, priority in variants + variants:
+        for name, beside, priority, fused in variants + variants:
             ops.CHECK_BESIDE_ATTENTION = beside
+            ops.CHECK_QUERIES_IN_KERNEL = fused
             plan_items.SIDE_PRIORITIES[2] = priority
             plan_items._SIDE_STREAMS.pop((q.device.index, 2), None)
             call_plan._PLANS.clear()
@@ -51,11 +55,13 @@ def row(spec: str) -> dict:
             out.setdefault(f"{name}_graph_ms", []).append(graph_ms(call))
     finally:
         ops.CHECK_BESIDE_ATTENTION = True
+        ops.CHECK_QUERIES_IN_KERNEL = True
         plan_items.SIDE_PRIORITIES.pop(2, None)
         plan_items._SIDE_STREAMS.pop((q.device.index, 2), None)
         call_plan._PLANS.clear()
     out["outputs_equal"] = all(torch.equal(outputs["before"], o) for o in outputs.values())
     out["check_alone_ms"] = graph_ms(lambda: nonfinite_flag(q, k, v))
+    out["check_kv_alone_ms"] = graph_ms(lambda: nonfinite_flag(q, k, v, check_q=False))
     num, idx = mask.carried_indices(block_size=128, causal=True, num_queries=n, num_keys=n)
     out["attention_alone_ms"] = graph_ms(lambda: ops.attention(
         q, k, v, mask, num, idx, 128, True, None, False, False))
