@@ -136,21 +136,17 @@ def _attend_block(acc, l_i, m_i, q, k, v, key_start, positions, num_keys, qk_sca
 
 
 @triton.jit
-def _flag_nonfinite_rows(l_i, q, row_ok, NONFINITE):
-    """Set ``NONFINITE`` when a query row of this program holds NaN/Inf.
+def _flag_nonfinite_rows(l_i, NONFINITE):
+    """Set ``NONFINITE`` when a query row of this program that read a key holds NaN/Inf.
 
-    A row that read a key has a NaN or infinite softmax sum ``l_i`` when its
-    query (or a key it read) holds NaN/Inf: every score it enters is then NaN
-    or infinite (Inf * 0 is NaN), and an infinite maximum gives ``2^(Inf -
-    Inf)``. Rows that read no key (``l_i == 0``) have their query summed here
-    instead. A finite row whose fp32 sum overflows sets the flag too (the host
-    confirms before raising).
+    Such a row's softmax sum ``l_i`` is then NaN or infinite: every score the
+    row enters is NaN or infinite (Inf * 0 is NaN), and an infinite maximum
+    gives ``2^(Inf - Inf)``. A key it read that holds NaN/Inf does the same. Rows
+    that read no key (``l_i == 0``: their query tile's list is empty) are left to
+    the check launch (``pooling.nonfinite_flag`` with ``unread``); loading them
+    here kept enough state live past the key loops to make ptxas spill inside them.
     """
     bad = tl.sum((l_i - l_i != 0).to(tl.int32), axis=0)
-    unread = row_ok & (l_i == 0.0)
-    if tl.max(unread.to(tl.int32), axis=0) > 0:
-        sums = tl.sum(tl.where(unread[:, None], q.to(tl.float32), 0.0), axis=1)
-        bad += tl.sum((sums - sums != 0).to(tl.int32), axis=0)
     tl.store(NONFINITE, 1.0, mask=bad > 0)
 
 
@@ -197,9 +193,9 @@ def _sparse_attention_kernel(
     through the block table in place (no warp specialisation; TMA only with
     pages of whole key blocks, :func:`_load_kv`).
 
-    ``CHECK_FINITE``: NaN/Inf in the program's queries sets ``NONFINITE``
-    (:func:`_flag_nonfinite_rows`); ``block_sparse_attention`` then checks only
-    k and v in a launch of their own.
+    ``CHECK_FINITE``: NaN/Inf in a query row that reads a key sets ``NONFINITE``
+    (:func:`_flag_nonfinite_rows`); ``block_sparse_attention``'s check launch then
+    reads k, v and only the query rows of tiles with an empty list.
     """
     if PAGED:
         tl.static_assert(VARLEN and not WARP_SPECIALIZE, "PAGED needs VARLEN, no warp "
@@ -359,8 +355,6 @@ def _sparse_attention_kernel(
                                               num_keys, qk_scale, True, CAUSAL, BLOCK_N, IEEE,
                                               MIN_MASK)
 
-    if CHECK_FINITE:
-        _flag_nonfinite_rows(l_i, q, row_ok, NONFINITE)
     # o = acc / l (0 where no key was read); lse in natural log.
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -377,3 +371,5 @@ def _sparse_attention_kernel(
         else:
             lse_ptrs = LSE + bh.to(tl.int64) * num_queries + rows
         tl.store(lse_ptrs, lse, mask=row_ok)
+    if CHECK_FINITE:
+        _flag_nonfinite_rows(l_i, NONFINITE)

@@ -193,7 +193,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: tor
     the mask is not read; without them the indices are built from it. ``lse``
     is None unless ``return_lse``; ``nonfinite`` is None unless
     ``check_values``, when it flags NaN/Inf in q, k or v: the attention kernel
-    checks the queries it reads, and one launch reads k and v (on a side stream
+    checks the query rows that read a key, and one launch reads k, v and the
+    query rows of tiles with an empty list (on a side stream
     beside the attention launch, :data:`CHECK_BESIDE_ATTENTION`, joined before
     returning). Paths without the kernel (tiles it does not take, empty inputs)
     check all three in that launch. (The operator returns empty tensors in
@@ -202,17 +203,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: tor
     nq, nk, dv = q.shape[2], k.shape[2], v.shape[3]
     kernel = supported_block_size(block_size) and nq > 0 and nk > 0
     in_kernel = kernel and CHECK_QUERIES_IN_KERNEL
+    if kernel:
+        layout = _cached_layout(nq, nk, block_size, causal)
+        if kv_num_blocks is None:
+            kv_num_blocks, kv_indices = mask_rows_to_indices(
+                block_mask.as_subclass(torch.Tensor), layout.first_query_tile, causal_trim=causal)
     nonfinite = main = side = None
     if check_values:
         nonfinite = torch.empty(1, dtype=torch.float64, device=q.device)
         zero_(nonfinite)
+        unread = ((kv_num_blocks, block_size, layout.first_query_tile, layout.query_start)
+                  if in_kernel else None)
         if CHECK_BESIDE_ATTENTION and q.is_cuda:
             side = side_stream(q.device, 2)
             main = fork(side)
             with torch.cuda.stream(side):
-                nonfinite_flag(q, k, v, check_q=not in_kernel, flag=nonfinite)
+                nonfinite_flag(q, k, v, unread=unread, flag=nonfinite)
         else:
-            nonfinite_flag(q, k, v, check_q=not in_kernel, flag=nonfinite)
+            nonfinite_flag(q, k, v, unread=unread, flag=nonfinite)
     if not supported_block_size(block_size):
         result = reference.block_sparse_attention(
             q, k, v, block_mask.as_subclass(torch.Tensor), block_size=block_size, causal=causal,
@@ -222,10 +230,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: tor
         out = torch.zeros(*q.shape[:3], dv, dtype=q.dtype, device=q.device)
         lse = torch.full(q.shape[:3], -math.inf, dtype=torch.float32, device=q.device)
     else:
-        layout = _cached_layout(nq, nk, block_size, causal)
-        if kv_num_blocks is None:
-            kv_num_blocks, kv_indices = mask_rows_to_indices(
-                block_mask.as_subclass(torch.Tensor), layout.first_query_tile, causal_trim=causal)
         out, lse = sparse_attention_forward(
             q, k, v, kv_num_blocks, kv_indices, block_size=block_size, causal=causal,
             scale=scale, return_lse=return_lse, first_query_tile=layout.first_query_tile,

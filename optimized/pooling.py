@@ -57,11 +57,16 @@ def _flag_if_nonfinite(sums, nonfinite_ptr):
 @triton.jit
 def _check_rows_finite(x_ptr, stride_b, stride_h, stride_n, stride_d, num_heads, num_rows,
                        num_dims, row_block, block_rows, nonfinite_ptr,
-                       D_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
+                       D_PAD: tl.constexpr, BLOCK_T: tl.constexpr, counts=None, stride_cb=0,
+                       stride_ch=0, stride_ct=0, tile_size=1, first_tile=0, row_start=0,
+                       UNREAD: tl.constexpr = False):
     """Flag NaN/Inf in rows ``[block * block_rows, ...)`` of one head of ``x`` (B, H, N, D).
 
     ``row_block`` numbers (batch * head, block) pairs; fp32 column sums over the
-    rows find a non-finite entry as :func:`_pool_one_tile` does.
+    rows find a non-finite entry as :func:`_pool_one_tile` does. With ``UNREAD``
+    only the rows of query tiles whose count in ``counts`` (an attention
+    launch's ``kv_num_blocks``, strides 0 where broadcast) is 0 are read: row
+    ``r`` lies in tile ``(row_start + r) // tile_size - first_tile``.
     """
     blocks_per_head = tl.cdiv(num_rows, block_rows)
     bh = row_block // blocks_per_head
@@ -73,7 +78,13 @@ def _check_rows_finite(x_ptr, stride_b, stride_h, stride_n, stride_d, num_heads,
     total = tl.zeros([D_PAD], dtype=tl.float32)
     for r0 in range(0, block_rows, BLOCK_T):
         rows = block * block_rows + r0 + tl.arange(0, BLOCK_T)
-        ok = (rows < num_rows)[:, None] & (dims < num_dims)[None, :]
+        row_ok = rows < num_rows
+        if UNREAD:
+            tiles = (row_start + rows) // tile_size - first_tile
+            count = tl.load(counts + b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch
+                            + tiles * stride_ct, mask=row_ok, other=1)
+            row_ok = row_ok & (count == 0)
+        ok = row_ok[:, None] & (dims < num_dims)[None, :]
         x = tl.load(base + rows.to(tl.int64)[:, None] * stride_n + dims[None, :] * stride_d,
                     mask=ok, other=0.0)
         total += tl.sum(x.to(tl.float32), axis=0)
@@ -82,23 +93,28 @@ def _check_rows_finite(x_ptr, stride_b, stride_h, stride_n, stride_d, num_heads,
 
 @triton.jit
 def _nonfinite_kernel(
-    Q, K, V, NONFINITE,
+    Q, K, V, NONFINITE, COUNTS,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     num_q_heads, num_kv_heads, num_queries, num_keys, head_dim, head_dim_v,
-    q_programs, k_programs, block_rows,
-    D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    q_programs, k_programs, block_rows, stride_cb, stride_ch, stride_ct, tile_size,
+    first_tile, query_start,
+    D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_T: tl.constexpr, UNREAD: tl.constexpr,
 ):
     """One pass over Q, K and V that flags NaN/Inf (the reference's ``check_finite``).
 
     Programs ``[0, q_programs)`` read blocks of ``block_rows`` query rows, the
-    next ``k_programs`` key rows, the rest value rows.
+    next ``k_programs`` key rows, the rest value rows. With ``UNREAD`` the query
+    programs read only the rows of query tiles with a count of 0 in ``COUNTS``
+    (:func:`_check_rows_finite`).
     """
     pid = tl.program_id(0)
     if pid < q_programs:
         _check_rows_finite(Q, stride_qb, stride_qh, stride_qn, stride_qd, num_q_heads,
-                           num_queries, head_dim, pid, block_rows, NONFINITE, D_PAD, BLOCK_T)
+                           num_queries, head_dim, pid, block_rows, NONFINITE, D_PAD, BLOCK_T,
+                           COUNTS, stride_cb, stride_ch, stride_ct, tile_size, first_tile,
+                           query_start, UNREAD)
     elif pid < q_programs + k_programs:
         _check_rows_finite(K, stride_kb, stride_kh, stride_kn, stride_kd, num_kv_heads,
                            num_keys, head_dim, pid - q_programs, block_rows, NONFINITE,
@@ -392,7 +408,7 @@ NONFINITE_SHAPE = (128, 32, 1)
 
 
 def nonfinite_flag(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                   shape: tuple | None = None, check_q: bool = True,
+                   shape: tuple | None = None, unread: tuple | None = None,
                    flag: torch.Tensor | None = None) -> torch.Tensor:
     """A (1,) float64 device tensor, non-zero if q, k or v may hold NaN or Inf.
 
@@ -401,25 +417,34 @@ def nonfinite_flag(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     launch goes through :class:`~prism.optimized.launch.Prepared` (one per call
     shape) and the flag is zeroed by :func:`~prism.optimized.plan_items.zero_`, so a
     call plan (:mod:`prism.optimized.call_plan`) can record and replay both.
-    ``check_q=False`` reads only k and v (a kernel that reads q checks it); with
+    ``unread = (kv_num_blocks, tile size, first query tile, query start)`` of an
+    attention launch that checks the query rows it reads (``CHECK_FINITE`` of
+    :func:`prism.optimized.attention_kernel._sparse_attention_kernel`): then only
+    the query rows of tiles with a count of 0 are read here, with k and v. With
     ``flag`` given, the launch sets that zeroed flag instead of a new one.
     """
     block_rows, rows_per_load, warps = NONFINITE_SHAPE if shape is None else shape
+    counts = None
+    count_strides, layout = (0, 0, 0), (1, 0, 0)
+    if unread is not None:
+        counts, layout = unread[0], unread[1:]
+        count_strides = tuple(0 if counts.shape[i] == 1 else counts.stride(i) for i in (0, 1, 2))
     key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), block_rows,
-           rows_per_load, warps, check_q)
+           rows_per_load, warps, None if counts is None else counts.shape, count_strides,
+           layout)
     plan = _FLAG_LAUNCHES.get(key)
     if plan is None:
         b, hq, nq, d = q.shape
         hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
-        q_programs = b * hq * -(-nq // block_rows) if check_q else 0
+        q_programs = b * hq * -(-nq // block_rows)
         k_programs = b * hkv * -(-nk // block_rows)
         d_pad, dv_pad = next_power_of_2(d), next_power_of_2(dv)
         prepared = Prepared(
             (*q.stride(), *k.stride(), *v.stride(), hq, hkv, nq, nk, d, dv, q_programs,
-             k_programs, block_rows),
+             k_programs, block_rows, *count_strides, *layout),
             dict(D_PAD=d_pad, DV_PAD=dv_pad,
                  BLOCK_T=max(1, min(block_rows, rows_per_load, 4096 // max(d_pad, dv_pad))),
-                 num_warps=warps))
+                 UNREAD=counts is not None, num_warps=warps))
         if len(_FLAG_LAUNCHES) >= 1024:
             _FLAG_LAUNCHES.clear()
         plan = _FLAG_LAUNCHES[key] = ((q_programs + 2 * k_programs,), prepared)
@@ -428,5 +453,5 @@ def nonfinite_flag(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         flag = torch.empty(1, dtype=torch.float64, device=q.device)
         zero_(flag)
     if grid[0]:
-        prepared.launch(_nonfinite_kernel, grid, q, k, v, flag)
+        prepared.launch(_nonfinite_kernel, grid, q, k, v, flag, counts)
     return flag

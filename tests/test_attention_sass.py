@@ -25,12 +25,17 @@ TABLE = [(64, 128), (80, 128), (96, 128), (128, 128), (256, 128),
 #: (benchmarks/NOTES.md item 43 (f)), so it is not listed.
 PAGED = [(128, 128, 16), (96, 128, 32)]
 SPILLING = (128, 128, 128, 128, 4, 2, 0)
+#: (head dim, tile) of table entries also compiled with the query NaN/Inf flag that
+#: ``block_sparse_attention``'s eager calls set (``CHECK_FINITE``): keeping the
+#: queries live for it once put 2 local-memory instructions in the D 128 loop.
+CHECKED = [(128, 128), (256, 128), (64, 128)]
 
 
 def _main_loop_counts(*flat) -> tuple:
     """For each seven ints (head dim, tile, block_m, block_n, warps, stages, page
-    size; block_m 0 for the table's shape, page 0 for a dense launch): loops found,
-    local-memory instructions and HGMMA in the first (mask-free) key loop."""
+    size; block_m 0 for the table's shape, page 0 for a dense launch; page -1: the
+    table's dense launch with ``block_sparse_attention``'s query NaN/Inf flag): loops
+    found, local-memory instructions and HGMMA in the first (mask-free) key loop."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks", "probes"))
     from attention_sass import compile_case
     from sm90 import sass, sass_loops
@@ -39,7 +44,8 @@ def _main_loop_counts(*flat) -> tuple:
     for i in range(0, len(flat), 7):
         d, tile, bm, bn, warps, stages, page = flat[i:i + 7]
         shape = f"{bm}/{bn}/{warps}/{stages}" if bm else ""
-        loops = sass_loops(sass(compile_case(d, tile, shape, page)[1]))
+        compiled = compile_case(d, tile, shape, max(page, 0), check=page < 0)[1]
+        loops = sass_loops(sass(compiled))
         out += [len(loops), loops[0]["STL"] + loops[0]["LDL"] if loops else -1,
                 loops[0]["HGMMA"] if loops else 0]
     return tuple(out)
@@ -47,7 +53,8 @@ def _main_loop_counts(*flat) -> tuple:
 
 def test_no_table_entry_spills_in_its_key_loop():
     cases = ([(d, tile, 0, 0, 0, 0, 0) for d, tile in TABLE]
-             + [(d, tile, 0, 0, 0, 0, page) for d, tile, page in PAGED] + [SPILLING])
+             + [(d, tile, 0, 0, 0, 0, page) for d, tile, page in PAGED]
+             + [(d, tile, 0, 0, 0, 0, -1) for d, tile in CHECKED] + [SPILLING])
     counts = in_fresh_process("test_attention_sass", "_main_loop_counts",
                               *(x for case in cases for x in case))
     for i, case in enumerate(cases):

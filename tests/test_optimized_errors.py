@@ -86,15 +86,16 @@ def test_non_finite_values_are_rejected(target, bad):
 @pytest.mark.parametrize("case", ["row_with_keys", "row_without_keys", "unselected_key"])
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 def test_block_sparse_attention_checks_queries_in_its_kernel(case, monkeypatch):
-    """The attention kernel flags NaN in the queries it reads (rows that read keys through
-    their softmax sums, rows that read none through their own sums), so the separate
-    check reads only k and v; NaN in a key tile that no row selected is still found."""
+    """The attention kernel flags NaN in the query rows that read keys (through their
+    softmax sums), so the check launch reads only k, v and the rows of query tiles with
+    an empty list; NaN in such a row, and in a key tile that no row selected, is found
+    there."""
     from prism.optimized import ops
 
     seen = []
 
     def spy(*args, **kwargs):
-        seen.append(kwargs.get("check_q", True))
+        seen.append(kwargs.get("unread") is None)  # True: the launch reads every query
         return real(*args, **kwargs)
 
     real = ops.nonfinite_flag
@@ -115,6 +116,23 @@ def test_block_sparse_attention_checks_queries_in_its_kernel(case, monkeypatch):
     with pytest.raises(ValueError, match=f"{'k' if case == 'unselected_key' else 'q'} contains"):
         optimized.block_sparse_attention(q, k, v, mask, block_size=32, causal=False)
     assert seen == [False, False]
+
+
+@pytest.mark.parametrize("row", [0, 20, 49])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_unread_query_rows_are_checked_through_a_broadcast_mask(row):
+    """A causal call over a KV prefix (queries 60..109: query tiles 1, 2 and 3 of 32,
+    the first partial) with a (1, 1, ...) mask whose middle query tile reads nothing:
+    a NaN query in the partial tile, in the empty one or in the last is found."""
+    q, k, v = _to(DEVICE, *make_qkv(1, 2, 1, 50, 110, 32, seed=2))
+    mask = torch.ones(1, 1, 3, 4, dtype=torch.bool, device=DEVICE)
+    mask[0, 0, 1] = False  # query tile 2 (rows 4..35) reads no key
+    clean = optimized.block_sparse_attention(q, k, v, mask, block_size=32)
+    assert torch.isfinite(clean).all() and (clean[0, :, 4:36] == 0).all()
+    q = q.clone()
+    q[0, 1, row, 5] = math.nan
+    with pytest.raises(ValueError, match="q contains"):
+        optimized.block_sparse_attention(q, k, v, mask, block_size=32)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered")

@@ -40,11 +40,12 @@ from prism.optimized.paged_launch import paged_config  # noqa: E402
 KERNEL = _sparse_attention_kernel
 
 
-def compile_case(d: int, tile: int, shape: str = "", page: int = 0):
+def compile_case(d: int, tile: int, shape: str = "", page: int = 0, check: bool = False):
     """(config, compiled kernel) for head dim ``d`` and tile ``tile``; with ``page`` > 0
     the paged launch over ``page``-token pages (its shape from ``paged_config``, and
     descriptors where the pages hold whole key blocks, as ``packed_attention_forward``
-    decides)."""
+    decides); ``check``: with the query NaN/Inf flag of ``block_sparse_attention``'s
+    eager calls (``CHECK_FINITE``)."""
     if shape:
         bm, bn, warps, stages = (int(x) for x in shape.split("/"))
         config = AttentionConfig(bm, bn, warps, stages, use_tma=True)
@@ -57,12 +58,14 @@ def compile_case(d: int, tile: int, shape: str = "", page: int = 0):
     d_pad = max(16, triton.next_power_of_2(d))
     tma = config.use_tma and descriptor_rows(d, 2) and (not page or page % config.block_n == 0)
     constants = launch_constants(config, True, True, d, d, torch.bfloat16, tma,
-                                 varlen=bool(page), block_size=tile)
+                                 varlen=bool(page), block_size=tile, check_finite=check)
     warps, stages = constants.pop("num_warps"), constants.pop("num_stages")
     constants.pop("maxnreg", None)
     constants.update(stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1)
     pointers = {name: "*bf16" for name in ("Q", "K", "V", "O")}
     pointers.update(LSE="*fp32", NUM="*i32", IDX="*i32")
+    if check:
+        pointers.update(NONFINITE="*fp64")
     if page:
         constants.update(PAGED=True, PAGE_SIZE=page)
         pointers.update(TILES="*i32", BLOCK_TABLE="*i32")
