@@ -420,10 +420,11 @@ def sparse_attention_forward(q, k, v, kv_num_blocks, kv_indices, *, block_size: 
     config : AttentionConfig, optional
         Launch shape; defaults to :func:`default_config`.
     nonfinite : Tensor, optional
-        A float64 device flag the kernel sets (stores 1 in) when a query row holds
-        NaN/Inf (``_flag_nonfinite_rows`` in :mod:`.attention_kernel`; also when a
-        row's fp32 sums overflow). Keys and values are not covered: only the
-        selected tiles are read.
+        A float64 device flag the kernel sets (stores 1 in) when a query row that
+        reads a key holds NaN/Inf (``_flag_nonfinite_rows`` in
+        :mod:`.attention_kernel`; also when a row's fp32 sums overflow). Rows of
+        tiles with an empty list, and the keys and values, are not covered: only
+        the selected tiles are read.
 
     Returns
     -------

@@ -74,16 +74,18 @@ _INTERPRETED = kernels_interpreted(_sparse_attention_kernel)
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(PrismConfig))
 
-#: ``block_sparse_attention``'s NaN/Inf check of k and v (the attention kernel checks
-#: the queries) runs on a side stream beside the attention launch; the call's stream
+#: ``block_sparse_attention``'s NaN/Inf check launch (k and v; the attention kernel
+#: checks most of the queries) runs on a side stream beside the attention launch; the call's stream
 #: waits for it before returning (an eager call then reads the flag). False: it runs
 #: first, on the call's stream. On the H200 with the check of q, k and v
 #: (results/h200_check_beside_a6af80c.json, Prism's masks of the structured inputs):
 #: CUDA-graph replays 1-2% faster beside (the two launches share the memory bandwidth
 #: rather than overlap), eager calls at 4K-8K 5-9% faster.
 CHECK_BESIDE_ATTENTION = True
-#: The attention kernel checks the queries it reads for NaN/Inf, so that the check
-#: launch reads only k and v (False: that launch reads q too; benchmarks compare).
+#: The attention kernel checks the query rows that read a key for NaN/Inf, so that the
+#: check launch reads k, v and only the query rows of tiles with an empty list (False:
+#: that launch reads all of q too; benchmarks compare). On the H200
+#: (results/h200_check_beside_fc100fc.json) 6-10% off the call's CUDA-graph replay.
 CHECK_QUERIES_IN_KERNEL = True
 
 
