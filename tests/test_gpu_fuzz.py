@@ -21,13 +21,17 @@ one), and checks on that one input:
   probabilities equal the reference's, and its mask the reference's away from
   the boundary.
 
-``PRISM_GPU_FUZZ_CASES`` sets the number of cases (default 40).
+``PRISM_GPU_FUZZ_CASES`` sets the number of cases (default 40). Without a GPU
+(CI), two cases shrunk to interpreter sizes run the same checks in Triton's
+interpreter, so this file's code runs everywhere.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -52,10 +56,8 @@ from prism.reference.estimators import (
     prism_candidate_tiles,
 )
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
 
 CASES = int(os.environ.get("PRISM_GPU_FUZZ_CASES", "40"))
 #: Largest B x Hq x Nq x Nk of a case (the reference attention holds that many fp32
@@ -115,8 +117,8 @@ def make_inputs(case: Case):
                        dtype=case.dtype, seed=case.seed, causal=case.causal,
                        value_dim=case.value_dim, sharpness=case.sharpness)
     if case.strided:
-        return tuple(t.transpose(1, 2).contiguous().cuda().transpose(1, 2) for t in (q, k, v))
-    return q.cuda(), k.cuda(), v.cuda()
+        return tuple(t.transpose(1, 2).contiguous().to(DEVICE).transpose(1, 2) for t in (q, k, v))
+    return q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
 
 
 def _label(seed: int) -> str:
@@ -130,6 +132,8 @@ SEEDS = list(range(CASES))
 
 
 @pytest.mark.parametrize("seed", SEEDS, ids=_label)
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_prism_selection_and_attention(seed, record_property):
     case = draw_case(seed)
     q, k, v = make_inputs(case)
@@ -162,6 +166,8 @@ def _estimator_inputs(seed: int):
 
 
 @pytest.mark.parametrize("seed", SEEDS, ids=_label)
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_accurate_preset(seed):
     case, q, k = _estimator_inputs(seed)
     cfg = PrismConfig.preset("accurate").replace(block_size=case.block_size,
@@ -191,6 +197,8 @@ def test_accurate_preset(seed):
 
 
 @pytest.mark.parametrize("seed", SEEDS, ids=_label)
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_antidiagonal_vertical_slash(seed):
     case, q, k = _estimator_inputs(seed)
     cfg = PrismConfig(block_size=case.block_size, estimator="antidiagonal_vertical_slash",
@@ -204,3 +212,30 @@ def test_antidiagonal_vertical_slash(seed):
     expected = reference.select_blocks(q, k, cfg, causal=case.causal)
     _assert_masks_agree(mask.as_subclass(torch.Tensor), expected,
                         _stage_boundary(probs, cfg, layout, case.causal))
+
+
+def _shrunk(seed: int) -> Case:
+    """The case of ``seed`` at interpreter sizes: at most 300 tokens, a quarter of the
+    head dim (a multiple of 8), batch at most 2, fp16 (the interpreter's bf16 products
+    are wrong)."""
+    case = _DRAW(seed)
+    d = max(16, case.head_dim // 4 // 8 * 8)
+    dv = d if case.value_dim == case.head_dim else max(16, case.value_dim // 4 // 8 * 8)
+    nk = min(case.num_keys, 300)
+    nq = min(case.num_queries, nk if case.causal else 300)
+    return dataclasses.replace(case, num_keys=nk, num_queries=nq, batch=min(case.batch, 2),
+                               head_dim=d, value_dim=dv, dtype=torch.float16)
+
+
+_DRAW = draw_case
+
+
+@pytest.mark.interpret
+@pytest.mark.skipif(CUDA, reason="the GPU runs the full-size cases")
+@pytest.mark.parametrize("seed", [2, 4, 7])
+def test_the_checks_on_shrunk_cases(seed, monkeypatch):
+    module = sys.modules[__name__]
+    monkeypatch.setattr(module, "draw_case", _shrunk)
+    test_prism_selection_and_attention(seed, lambda *args: None)
+    test_accurate_preset(seed)
+    test_antidiagonal_vertical_slash(seed)
