@@ -1,4 +1,4 @@
-"""Random shapes through the public CUDA functions, against the reference (GPU only).
+"""Random shapes through the public CUDA functions, against the reference.
 
 The other GPU tests pin the shapes the kernels were tuned on. Users call Prism
 at shapes nobody listed: odd lengths, KV prefixes, head dims that are not powers
@@ -234,6 +234,7 @@ _DRAW = draw_case
 @pytest.mark.skipif(CUDA, reason="the GPU runs the full-size cases")
 @pytest.mark.parametrize("seed", [2, 4, 7])
 def test_the_checks_on_shrunk_cases(seed, monkeypatch):
+    """The three checks above on a case shrunk to interpreter sizes (no GPU here)."""
     module = sys.modules[__name__]
     monkeypatch.setattr(module, "draw_case", _shrunk)
     test_prism_selection_and_attention(seed, lambda *args: None)
