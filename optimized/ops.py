@@ -79,13 +79,14 @@ FIELD_NAMES = tuple(f.name for f in dataclasses.fields(PrismConfig))
 #: waits for it before returning (an eager call then reads the flag). False: it runs
 #: first, on the call's stream. On the H200 with the check of q, k and v
 #: (results/h200_check_beside_a6af80c.json, Prism's masks of the structured inputs):
-#: CUDA-graph replays 1-2% faster beside (the two launches share the memory bandwidth
-#: rather than overlap), eager calls at 4K-8K 5-9% faster.
+#: CUDA-graph replays 0.3-2.3% faster beside (the two launches share the memory
+#: bandwidth rather than overlap); eager calls within host noise (5-9% faster at 4K
+#: and 8K D 64 in that run, 3-5% slower at 8K in h200_check_beside_e089f01.json).
 CHECK_BESIDE_ATTENTION = True
 #: The attention kernel checks the query rows that read a key for NaN/Inf, so that the
 #: check launch reads k, v and only the query rows of tiles with an empty list (False:
 #: that launch reads all of q too; benchmarks compare). On the H200, both beside the
-#: attention launch (results/h200_check_beside_fc100fc.json): 6-7% off the call's
+#: attention launch (results/h200_check_beside_fc100fc.json): 6-7.5% off the call's
 #: CUDA-graph replay at 4K, 8K and 128K; with 32/32 heads at 32K one round of two.
 CHECK_QUERIES_IN_KERNEL = True
 
