@@ -59,14 +59,16 @@ def _check_rows_finite(x_ptr, stride_b, stride_h, stride_n, stride_d, num_heads,
                        num_dims, row_block, block_rows, nonfinite_ptr,
                        D_PAD: tl.constexpr, BLOCK_T: tl.constexpr, counts=None, stride_cb=0,
                        stride_ch=0, stride_ct=0, tile_size=1, first_tile=0, row_start=0,
-                       UNREAD: tl.constexpr = False):
+                       UNREAD: tl.constexpr = False, SPAN_TILES: tl.constexpr = 1):
     """Flag NaN/Inf in rows ``[block * block_rows, ...)`` of one head of ``x`` (B, H, N, D).
 
     ``row_block`` numbers (batch * head, block) pairs; fp32 column sums over the
     rows find a non-finite entry as :func:`_pool_one_tile` does. With ``UNREAD``
     only the rows of query tiles whose count in ``counts`` (an attention
     launch's ``kv_num_blocks``, strides 0 where broadcast) is 0 are read: row
-    ``r`` lies in tile ``(row_start + r) // tile_size - first_tile``.
+    ``r`` lies in tile ``(row_start + r) // tile_size - first_tile``. The
+    block's rows then span at most ``SPAN_TILES`` tiles, whose counts are read
+    first: a block whose tiles all have keys reads nothing more.
     """
     blocks_per_head = tl.cdiv(num_rows, block_rows)
     bh = row_block // blocks_per_head
@@ -76,7 +78,18 @@ def _check_rows_finite(x_ptr, stride_b, stride_h, stride_n, stride_d, num_heads,
     dims = tl.arange(0, D_PAD)
     base = x_ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
     total = tl.zeros([D_PAD], dtype=tl.float32)
-    for r0 in range(0, block_rows, BLOCK_T):
+    rows_end = block_rows
+    if UNREAD:
+        first_row = block * block_rows
+        last_row = tl.minimum(first_row + block_rows, num_rows) - 1
+        first = (row_start + first_row) // tile_size - first_tile
+        spanned = first + tl.arange(0, SPAN_TILES)
+        spanned_counts = tl.load(
+            counts + b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch
+            + spanned * stride_ct,
+            mask=spanned <= (row_start + last_row) // tile_size - first_tile, other=1)
+        rows_end = tl.where(tl.min(spanned_counts, axis=0) == 0, block_rows, 0)
+    for r0 in range(0, rows_end, BLOCK_T):
         rows = block * block_rows + r0 + tl.arange(0, BLOCK_T)
         row_ok = rows < num_rows
         if UNREAD:
@@ -98,23 +111,24 @@ def _nonfinite_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     num_q_heads, num_kv_heads, num_queries, num_keys, head_dim, head_dim_v,
-    q_programs, k_programs, block_rows, stride_cb, stride_ch, stride_ct, tile_size,
-    first_tile, query_start,
+    q_programs, k_programs, block_rows, q_block_rows, stride_cb, stride_ch, stride_ct,
+    tile_size, first_tile, query_start,
     D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_T: tl.constexpr, UNREAD: tl.constexpr,
+    SPAN_TILES: tl.constexpr,
 ):
     """One pass over Q, K and V that flags NaN/Inf (the reference's ``check_finite``).
 
     Programs ``[0, q_programs)`` read blocks of ``block_rows`` query rows, the
     next ``k_programs`` key rows, the rest value rows. With ``UNREAD`` the query
-    programs read only the rows of query tiles with a count of 0 in ``COUNTS``
-    (:func:`_check_rows_finite`).
+    programs take ``q_block_rows`` rows each and read only the rows of query tiles
+    with a count of 0 in ``COUNTS`` (:func:`_check_rows_finite`).
     """
     pid = tl.program_id(0)
     if pid < q_programs:
         _check_rows_finite(Q, stride_qb, stride_qh, stride_qn, stride_qd, num_q_heads,
-                           num_queries, head_dim, pid, block_rows, NONFINITE, D_PAD, BLOCK_T,
-                           COUNTS, stride_cb, stride_ch, stride_ct, tile_size, first_tile,
-                           query_start, UNREAD)
+                           num_queries, head_dim, pid, q_block_rows, NONFINITE, D_PAD,
+                           BLOCK_T, COUNTS, stride_cb, stride_ch, stride_ct, tile_size,
+                           first_tile, query_start, UNREAD, SPAN_TILES)
     elif pid < q_programs + k_programs:
         _check_rows_finite(K, stride_kb, stride_kh, stride_kn, stride_kd, num_kv_heads,
                            num_keys, head_dim, pid - q_programs, block_rows, NONFINITE,
@@ -405,6 +419,11 @@ _FLAG_LAUNCHES: dict = {}  # call shape -> (grid, Prepared)
 #: 0.024 at 4K, against 0.943 / 0.246 / 0.041 for the earlier 4 warps (1.7 TB/s:
 #: a reduction across warps after every load); 8 warps 1.81 ms at 128K.
 NONFINITE_SHAPE = (128, 32, 1)
+#: Query tiles a query program of :func:`nonfinite_flag` spans when it reads only
+#: the rows of tiles without keys (``unread``): it reads their counts first and
+#: most programs stop there (the rows of a tile that reads keys are the attention
+#: kernel's to check), so fewer, wider programs.
+UNREAD_TILES = 16
 
 
 def nonfinite_flag(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -422,12 +441,16 @@ def nonfinite_flag(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     :func:`prism.optimized.attention_kernel._sparse_attention_kernel`): then only
     the query rows of tiles with a count of 0 are read here, with k and v. With
     ``flag`` given, the launch sets that zeroed flag instead of a new one.
+    A query program then takes :data:`UNREAD_TILES` tiles' rows.
     """
     block_rows, rows_per_load, warps = NONFINITE_SHAPE if shape is None else shape
+    q_block_rows, span_tiles = block_rows, 1
     counts = None
     count_strides, layout = (0, 0, 0), (1, 0, 0)
     if unread is not None:
         counts, layout = unread[0], unread[1:]
+        # Rows of UNREAD_TILES tiles; a run that does not start a tile touches one more.
+        q_block_rows, span_tiles = UNREAD_TILES * layout[0], next_power_of_2(UNREAD_TILES + 1)
         count_strides = tuple(0 if counts.shape[i] == 1 else counts.stride(i) for i in (0, 1, 2))
     key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), block_rows,
            rows_per_load, warps, None if counts is None else counts.shape, count_strides,
@@ -436,15 +459,15 @@ def nonfinite_flag(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if plan is None:
         b, hq, nq, d = q.shape
         hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
-        q_programs = b * hq * -(-nq // block_rows)
+        q_programs = b * hq * -(-nq // q_block_rows)
         k_programs = b * hkv * -(-nk // block_rows)
         d_pad, dv_pad = next_power_of_2(d), next_power_of_2(dv)
         prepared = Prepared(
             (*q.stride(), *k.stride(), *v.stride(), hq, hkv, nq, nk, d, dv, q_programs,
-             k_programs, block_rows, *count_strides, *layout),
+             k_programs, block_rows, q_block_rows, *count_strides, *layout),
             dict(D_PAD=d_pad, DV_PAD=dv_pad,
                  BLOCK_T=max(1, min(block_rows, rows_per_load, 4096 // max(d_pad, dv_pad))),
-                 UNREAD=counts is not None, num_warps=warps))
+                 UNREAD=counts is not None, SPAN_TILES=span_tiles, num_warps=warps))
         if len(_FLAG_LAUNCHES) >= 1024:
             _FLAG_LAUNCHES.clear()
         plan = _FLAG_LAUNCHES[key] = ((q_programs + 2 * k_programs,), prepared)

@@ -135,6 +135,30 @@ def test_unread_query_rows_are_checked_through_a_broadcast_mask(row):
         optimized.block_sparse_attention(q, k, v, mask, block_size=32)
 
 
+@pytest.mark.parametrize("row", [248, 249, 255, 256, 264, 299])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_unread_query_rows_across_wide_check_programs(row):
+    """The check launch's query programs each take UNREAD_TILES tiles' rows and read
+    those tiles' counts first. Tile 16, queries 7..306 (a KV prefix of 7), so program
+    0 takes rows 0..255 over tiles 0..16 and program 1 rows 256..299 over tiles 16..19:
+    tile 16 (rows 249..264) straddles them. Head 1's tile 16 reads nothing; a NaN in
+    any of its rows, on either side of the programs' boundary, is found (row 248, in
+    a tile with keys, is the attention kernel's; row 299 the last query)."""
+    from prism.optimized import pooling
+
+    tiles = pooling.UNREAD_TILES
+    assert tiles * 16 == 256, "the rows below assume 16-tile programs"
+    q, k, v = _to(DEVICE, *make_qkv(1, 2, 1, 300, 307, 32, seed=3))
+    mask = torch.ones(1, 2, 20, 20, dtype=torch.bool, device=DEVICE).tril()
+    mask[0, 1, 16] = False
+    clean = optimized.block_sparse_attention(q, k, v, mask, block_size=16)
+    assert torch.isfinite(clean).all() and (clean[0, 1, 249:265] == 0).all()
+    q = q.clone()
+    q[0, 1, row, 7] = math.nan
+    with pytest.raises(ValueError, match="q contains"):
+        optimized.block_sparse_attention(q, k, v, mask, block_size=16)
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered")
 def test_huge_finite_values_are_not_mistaken_for_nan():
     """Sums that overflow are re-checked entry by entry, not rejected."""
