@@ -24,15 +24,12 @@ The top-p without a sort. ``F(t)``, the mass strictly above ``t``, is one pass
 over the row. Search the fp32 bits of ``t`` for the smallest value ``v`` with
 ``F(v) < p``, starting from the bracket ``((total - p - 1e-5) / n, max]``
 (values at or below ``t`` carry at most ``n t`` of the mass, so ``F`` is at
-least ``p`` at its lower end). One pass copies the bracket's values out (in
-index order, at most :data:`CANDIDATES`) and counts them. Only if they do not
-fit, passes over the row narrow the bracket first, each evaluating ``F`` at
-:data:`TOP_P_POINTS` thresholds splitting it evenly (one, the plain bisection,
-by default), and the copy is made again. The bisection goes on in registers on
-the copied values, ``F(t) = F(hi) + sum of those above t``, until the bracket
-``(lo, hi]`` holds at most :data:`SMALL_BRACKET` values; then each of those
-values ``u`` gets ``F(u)`` from the others at once and the cut ``v`` is the
-smallest with ``F(v) < p`` (the answer does not depend on the path). Keep every
+least ``p`` at its lower end): each pass evaluates ``F`` at :data:`TOP_P_POINTS` thresholds
+splitting the bracket evenly (one, the plain bisection, by default; more give
+several bisection steps per pass; the answer does not depend on the path).
+Once the bracket ``(lo, hi]`` holds at most :data:`CANDIDATES` values, one
+pass copies them out (in index order) and the bisection ends on them in
+registers: ``F(t) = F(hi) + sum of those above t``. Keep every
 ``x > v`` and the first ``ceil((p - F(v)) / v)`` values equal to ``v`` by
 index (a running count over the chunks). Rows whose whole mass stays below
 ``p``, and ``p >= 1``, keep every non-zero value; zeros are never kept.
@@ -66,11 +63,6 @@ CANDIDATES = 4096
 #: ran 0.035/0.095/0.406 ms at 8K/32K/128K against 0.034/0.094/0.414 for 1 and
 #: 0.051/0.116/0.457 for 16: the passes are not what the kernel waits on, so 1.
 TOP_P_POINTS = 1
-#: A bracket holding at most this many values (a power of two) is finished in one
-#: step: each value's ``F`` from the others (a SMALL x SMALL comparison), instead of
-#: bisecting the fp32 bits between them (up to ~30 steps, each a reduction across
-#: the program's warps, when two values lie close together).
-SMALL_BRACKET = 64
 #: Warps of a long-row top-p program; 0: 16 for chunks of 8192 values or more, 8 for
 #: 2048 or more, else 4.
 LONG_TOP_P_WARPS = 0
@@ -137,47 +129,6 @@ def _narrow(lo, hi, count_lo, count_hi, mass_hi, mids, mass, count, threshold):
 
 
 @triton.jit
-def _copy_bracket(x_row, length, lo, hi, scratch, BLOCK: tl.constexpr, CAND: tl.constexpr):
-    """Copy the row's values in ``(lo, hi]`` (bits) to ``scratch`` in index order, at
-    most ``CAND`` of them; returns how many there are (all of them, copied or not)."""
-    lo_t = _bits_threshold(lo)
-    hi_t = hi.to(tl.float32, bitcast=True)
-    written = tl.zeros((), dtype=tl.int32)
-    for start in range(0, length, BLOCK):
-        idx = start + tl.arange(0, BLOCK)
-        x = tl.load(x_row + idx, mask=idx < length, other=-1.0)
-        inside = (x > lo_t) & (x <= hi_t) & (idx < length)
-        slot = written + tl.cumsum(inside.to(tl.int32), axis=0) - 1
-        tl.store(scratch + slot, x, mask=inside & (slot < CAND))
-        written += tl.sum(inside.to(tl.int32), axis=0)
-    tl.debug_barrier()  # the program's threads read what others wrote
-    return written
-
-
-@triton.jit
-def _small_bracket_cut(cand, lo, hi, mass_hi, inside_count, scratch, threshold,
-                       CAND: tl.constexpr, SMALL: tl.constexpr):
-    """The cut of a bracket ``(lo, hi]`` holding ``inside_count <= SMALL`` of the values
-    ``cand``: each such value ``u`` has ``F(u) = F(hi) + (mass of those above u)``,
-    and the cut is the smallest with ``F(u) < p``. Returns its bits and ``F`` there.
-    The values are packed into the first slots of ``scratch`` on the way."""
-    lo_t = _bits_threshold(lo)
-    hi_t = hi.to(tl.float32, bitcast=True)
-    inside = (cand > lo_t) & (cand <= hi_t)
-    slot = tl.cumsum(inside.to(tl.int32), axis=0) - 1
-    tl.debug_barrier()  # every thread has read the scratch row into cand
-    tl.store(scratch + slot, cand, mask=inside & (slot < SMALL))
-    tl.debug_barrier()
-    i = tl.arange(0, SMALL)
-    u = tl.load(scratch + i, mask=i < inside_count, other=-1.0)
-    f = mass_hi + tl.sum(tl.where(u[None, :] > u[:, None], u[None, :], 0.0), axis=1)
-    below = (i < inside_count) & (f < threshold)
-    cut = tl.min(tl.where(below, u, float("inf")), axis=0)
-    mass_cut = tl.max(tl.where(below & (u == cut), f, -1.0), axis=0)
-    return cut.to(tl.int32, bitcast=True), mass_cut
-
-
-@triton.jit
 def _tile_sums_program(x_row, length, sums_row, n_tiles, tile,
                        TILES: tl.constexpr, TILE_PAD: tl.constexpr):
     """Sums of one row's values by runs of ``tile``: entry ``j`` of ``sums_row`` is
@@ -198,7 +149,7 @@ def _long_top_p_kernel(X, KEEP_X, BINS_X, length_x, rows_x, stride_x, start_x, b
                        lead2_y, SCRATCH, threshold, width, rows_xy, SUMS, LAST, n_sums,
                        last_threshold,
                        BLOCK: tl.constexpr, CAND: tl.constexpr, WRITE_KEEP: tl.constexpr,
-                       WRITE_BINS: tl.constexpr, POINTS: tl.constexpr, SMALL: tl.constexpr,
+                       WRITE_BINS: tl.constexpr, POINTS: tl.constexpr,
                        SUM_TILES: tl.constexpr, TILE_PAD: tl.constexpr):
     """Top-p of one row (module docstring); its flags (``KEEP``) and/or bins (``BINS``).
 
@@ -223,12 +174,12 @@ def _long_top_p_kernel(X, KEEP_X, BINS_X, length_x, rows_x, stride_x, start_x, b
         # bin; scratch rows past the other programs'.
         _top_p_program(r, SUMS, LAST, LAST, n_sums, r + 1, n_sums, 0, n_sums, 0, 0,
                        SUMS, LAST, LAST, 0, 0, 0, 0, 0, 0, SCRATCH + rows_xy.to(tl.int64) * CAND,
-                       last_threshold, 1, BLOCK, CAND, False, True, POINTS, SMALL)
+                       last_threshold, 1, BLOCK, CAND, False, True, POINTS)
     else:
         _top_p_program(row, X, KEEP_X, BINS_X, length_x, rows_x, stride_x, start_x, bins_x,
                        lead_x, lead2_x, Y, KEEP_Y, BINS_Y, length_y, stride_y, start_y,
                        bins_y, lead_y, lead2_y, SCRATCH, threshold, width, BLOCK, CAND,
-                       WRITE_KEEP, WRITE_BINS, POINTS, SMALL)
+                       WRITE_KEEP, WRITE_BINS, POINTS)
 
 
 @triton.jit
@@ -236,7 +187,7 @@ def _top_p_program(row, X, KEEP_X, BINS_X, length_x, rows_x, stride_x, start_x, 
                    lead_x, lead2_x, Y, KEEP_Y, BINS_Y, length_y, stride_y, start_y, bins_y,
                    lead_y, lead2_y, SCRATCH, threshold, width,
                    BLOCK: tl.constexpr, CAND: tl.constexpr, WRITE_KEEP: tl.constexpr,
-                   WRITE_BINS: tl.constexpr, POINTS: tl.constexpr, SMALL: tl.constexpr):
+                   WRITE_BINS: tl.constexpr, POINTS: tl.constexpr):
     """Program ``row`` of the top-p: one row of ``X`` or of ``Y`` (:func:`_long_top_p_kernel`)."""
     if row < rows_x:
         x_row = X + row.to(tl.int64) * stride_x + start_x
@@ -279,32 +230,35 @@ def _top_p_program(row, X, KEEP_X, BINS_X, length_x, rows_x, stride_x, start_x, 
     everything = (threshold >= 1.0) | (total < threshold)
     unresolved = (~everything) & (count_lo - count_hi > 1) & (hi - lo > 1)
     step = 0
-    scratch = SCRATCH + row.to(tl.int64) * CAND
-    if unresolved:
-        # Copy the bracket's values out (this program's scratch row, at most CAND of
-        # them); their number is C(lo) exactly. Only if they overflow, passes over the
-        # row narrow the bracket (each evaluates POINTS thresholds: log2(POINTS + 1)
-        # bisection steps) until they fit, and copy them out again.
-        count_lo = _copy_bracket(x_row, length, lo, hi, scratch, BLOCK, CAND)
-        if count_lo > CAND:
-            while (step < 32) & unresolved & (count_lo - count_hi > CAND):
-                mids = _mids(lo, hi, POINTS)
-                mass, count = _row_mass_above(x_row, length, mids, BLOCK, POINTS)
-                lo, hi, count_lo, count_hi, mass_hi = _narrow(lo, hi, count_lo, count_hi,
-                                                              mass_hi, mids, mass, count,
-                                                              threshold)
-                unresolved = (count_lo - count_hi > 1) & (hi - lo > 1)
-                step += 1
-            count_lo = count_hi + _copy_bracket(x_row, length, lo, hi, scratch, BLOCK, CAND)
+    # Passes over the row while the bracket holds more than CAND values; each pass
+    # evaluates POINTS thresholds (log2(POINTS + 1) bisection steps).
+    while (step < 32) & unresolved & (count_lo - count_hi > CAND):
+        mids = _mids(lo, hi, POINTS)
+        mass, count = _row_mass_above(x_row, length, mids, BLOCK, POINTS)
+        lo, hi, count_lo, count_hi, mass_hi = _narrow(lo, hi, count_lo, count_hi, mass_hi,
+                                                      mids, mass, count, threshold)
         unresolved = (count_lo - count_hi > 1) & (hi - lo > 1)
+        step += 1
     if unresolved:
-        # Bisect on the bracket's values in registers, F(t) = F(hi) + their mass above
-        # t, until at most SMALL remain; then finish on those exactly.
+        # Copy the bracket's values out (this program's scratch row), then finish
+        # the bisection on them: F(t) = F(hi) + their mass above t.
+        scratch = SCRATCH + row.to(tl.int64) * CAND
+        lo_t = _bits_threshold(lo)
+        hi_t = hi.to(tl.float32, bitcast=True)
+        written = tl.zeros((), dtype=tl.int32)
+        for start in range(0, length, BLOCK):
+            idx = start + tl.arange(0, BLOCK)
+            x = tl.load(x_row + idx, mask=idx < length, other=-1.0)
+            inside = (x > lo_t) & (x <= hi_t) & (idx < length)
+            slot = written + tl.cumsum(inside.to(tl.int32), axis=0) - 1
+            tl.store(scratch + slot, x, mask=inside)
+            written += tl.sum(inside.to(tl.int32), axis=0)
+        tl.debug_barrier()
         slots = tl.arange(0, CAND)
-        cand = tl.load(scratch + slots, mask=slots < count_lo - count_hi, other=-1.0)
+        cand = tl.load(scratch + slots, mask=slots < written, other=-1.0)
         base_mass = mass_hi
         base_count = count_hi
-        while (step < 64) & unresolved & (count_lo - count_hi > SMALL):
+        while (step < 64) & unresolved:
             mids = _mids(lo, hi, POINTS)
             mass, count = _mass_above(cand, mids)
             lo, hi, count_lo, count_hi, mass_hi = _narrow(
@@ -312,11 +266,6 @@ def _top_p_program(row, X, KEEP_X, BINS_X, length_x, rows_x, stride_x, start_x, 
                 base_count + count, threshold)
             unresolved = (count_lo - count_hi > 1) & (hi - lo > 1)
             step += 1
-        if unresolved:
-            hi, mass_hi = _small_bracket_cut(cand, lo, hi, mass_hi, count_lo - count_hi,
-                                             scratch, threshold, CAND, SMALL)
-            unresolved = False
-            count_lo = count_hi + 2  # not single: the cut is hi, with its ties by quota
     single = count_lo - count_hi == 1
     # Cut value and how many of its ties to keep (index order).
     v = tl.where(everything, 0.0, tl.where(single, _bits_threshold(lo),
@@ -385,8 +334,8 @@ def _launch_top_p(sets, threshold: float, write_keep: bool, write_bins: bool, wi
            width, sum(rows), sums, flags, sums.shape[-1] if sum_rows else 0,
            float(last_threshold),
            BLOCK=block, CAND=CANDIDATES, WRITE_KEEP=write_keep, WRITE_BINS=write_bins,
-           POINTS=TOP_P_POINTS, SMALL=SMALL_BRACKET, SUM_TILES=max(1, SUM_VALUES // tile_pad),
-           TILE_PAD=tile_pad, num_warps=warps)
+           POINTS=TOP_P_POINTS, SUM_TILES=max(1, SUM_VALUES // tile_pad), TILE_PAD=tile_pad,
+           num_warps=warps)
 
 
 def long_top_p_kernel(values: torch.Tensor, threshold: float,
