@@ -448,6 +448,35 @@ def test_long_top_p_kernel_row_passes_and_candidates_agree(points, monkeypatch):
         assert not ((actual != expected) & ~boundary).any(), candidates
 
 
+def test_long_top_p_kernel_cut_among_close_values_and_inside_ties(monkeypatch):
+    """The cut among values a few ulps apart (shuffled, and sorted), and inside a
+    group of exact ties, whether the bracket is finished in registers or by passes
+    over the row, by one or several thresholds per pass: the reference's answer (no
+    mass within 1e-4 of p, so no entry is a boundary case)."""
+    from prism.optimized import vertical_slash_tiles as vst
+
+    n = 3000
+    gen = torch.Generator().manual_seed(4)
+    close = 1e-3 * (1 + torch.arange(500, dtype=torch.float64) * 2.0 ** -22)
+    rows = torch.full((3, n), 0.5 / (n - 500), dtype=torch.float64)
+    rows[0, torch.randperm(n, generator=gen)[:500]] = close[torch.randperm(500, generator=gen)]
+    rows[1, 1:1001:2] = 1e-3              # 500 exact ties, the cut inside them
+    rows[2, 200:700] = close.flip(0)      # sorted, descending
+    x = rows.float().to(DEVICE)
+    threshold = 0.2505  # ~250.5 values of ~1e-3 above the small ones: quota mid-group
+    keep, mass_before = top_p_select(x, torch.ones((), dtype=torch.bool, device=DEVICE),
+                                     threshold)
+    assert ((mass_before - threshold).abs() > 1e-4).all()
+    expected = keep & (x > 0)
+    assert (expected.sum(-1) == 251).all()
+    for points in (1, 8):
+        for candidates in (4096, 8):
+            monkeypatch.setattr(vst, "TOP_P_POINTS", points)
+            monkeypatch.setattr(vst, "CANDIDATES", candidates)
+            assert torch.equal(vst.long_top_p_kernel(x, threshold), expected), (points,
+                                                                                candidates)
+
+
 @pytest.mark.parametrize("programs", [1, 3])
 def test_last_query_distributions_several_key_blocks_per_program(programs, monkeypatch):
     """A distribution program walking several key blocks gives the same distributions."""
