@@ -129,6 +129,45 @@ def _narrow(lo, hi, count_lo, count_hi, mass_hi, mids, mass, count, threshold):
 
 
 @triton.jit
+def _bisect_in_registers(cand, lo, hi, count_lo, count_hi, mass_hi, unresolved, step,
+                         threshold, POINTS: tl.constexpr):
+    """The bisection on values held in registers: ``cand`` holds the bracket's values
+    (anything else <= -1), so ``F(t) = F(hi) + sum of cand above t``. Returns the
+    final ``lo, hi, count_lo, count_hi, mass_hi`` and the step count."""
+    base_mass = mass_hi
+    base_count = count_hi
+    while (step < 64) & unresolved:
+        mids = _mids(lo, hi, POINTS)
+        mass, count = _mass_above(cand, mids)
+        lo, hi, count_lo, count_hi, mass_hi = _narrow(
+            lo, hi, count_lo, count_hi, mass_hi, mids, base_mass + mass,
+            base_count + count, threshold)
+        unresolved = (count_lo - count_hi > 1) & (hi - lo > 1)
+        step += 1
+    return lo, hi, count_lo, count_hi, mass_hi, step
+
+
+@triton.jit
+def _copy_bracket(x_row, length, lo, hi, scratch, BLOCK: tl.constexpr):
+    """Copy the row's values in ``(lo, hi]`` (bits) to ``scratch`` in index order and
+    return how many there are; a block holding none of them skips its scan."""
+    lo_t = _bits_threshold(lo)
+    hi_t = hi.to(tl.float32, bitcast=True)
+    written = tl.zeros((), dtype=tl.int32)
+    for start in range(0, length, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        x = tl.load(x_row + idx, mask=idx < length, other=-1.0)
+        inside = (x > lo_t) & (x <= hi_t) & (idx < length)
+        inside_count = tl.sum(inside.to(tl.int32), axis=0)
+        if inside_count > 0:
+            slot = written + tl.cumsum(inside.to(tl.int32), axis=0) - 1
+            tl.store(scratch + slot, x, mask=inside)
+        written += inside_count
+    tl.debug_barrier()  # the program's threads read what others wrote
+    return written
+
+
+@triton.jit
 def _tile_sums_program(x_row, length, sums_row, n_tiles, tile,
                        TILES: tl.constexpr, TILE_PAD: tl.constexpr):
     """Sums of one row's values by runs of ``tile``: entry ``j`` of ``sums_row`` is
@@ -229,43 +268,39 @@ def _top_p_program(row, X, KEEP_X, BINS_X, length_x, rows_x, stride_x, start_x, 
     mass_hi = tl.zeros((), dtype=tl.float32)
     everything = (threshold >= 1.0) | (total < threshold)
     unresolved = (~everything) & (count_lo - count_hi > 1) & (hi - lo > 1)
-    step = 0
-    # Passes over the row while the bracket holds more than CAND values; each pass
-    # evaluates POINTS thresholds (log2(POINTS + 1) bisection steps).
-    while (step < 32) & unresolved & (count_lo - count_hi > CAND):
-        mids = _mids(lo, hi, POINTS)
-        mass, count = _row_mass_above(x_row, length, mids, BLOCK, POINTS)
-        lo, hi, count_lo, count_hi, mass_hi = _narrow(lo, hi, count_lo, count_hi, mass_hi,
-                                                      mids, mass, count, threshold)
-        unresolved = (count_lo - count_hi > 1) & (hi - lo > 1)
-        step += 1
+    step = tl.zeros((), dtype=tl.int32)
     if unresolved:
-        # Copy the bracket's values out (this program's scratch row), then finish
-        # the bisection on them: F(t) = F(hi) + their mass above t.
-        scratch = SCRATCH + row.to(tl.int64) * CAND
-        lo_t = _bits_threshold(lo)
-        hi_t = hi.to(tl.float32, bitcast=True)
-        written = tl.zeros((), dtype=tl.int32)
-        for start in range(0, length, BLOCK):
-            idx = start + tl.arange(0, BLOCK)
+        if length <= BLOCK:
+            # The whole row is one block in registers: finish the search on it.
+            idx = tl.arange(0, BLOCK)
             x = tl.load(x_row + idx, mask=idx < length, other=-1.0)
-            inside = (x > lo_t) & (x <= hi_t) & (idx < length)
-            slot = written + tl.cumsum(inside.to(tl.int32), axis=0) - 1
-            tl.store(scratch + slot, x, mask=inside)
-            written += tl.sum(inside.to(tl.int32), axis=0)
-        tl.debug_barrier()
-        slots = tl.arange(0, CAND)
-        cand = tl.load(scratch + slots, mask=slots < written, other=-1.0)
-        base_mass = mass_hi
-        base_count = count_hi
-        while (step < 64) & unresolved:
-            mids = _mids(lo, hi, POINTS)
-            mass, count = _mass_above(cand, mids)
-            lo, hi, count_lo, count_hi, mass_hi = _narrow(
-                lo, hi, count_lo, count_hi, mass_hi, mids, base_mass + mass,
-                base_count + count, threshold)
+            inside = (x > _bits_threshold(lo)) & (x <= hi.to(tl.float32, bitcast=True))
+            count_lo = count_hi + tl.sum(inside.to(tl.int32), axis=0)
             unresolved = (count_lo - count_hi > 1) & (hi - lo > 1)
-            step += 1
+            lo, hi, count_lo, count_hi, mass_hi, step = _bisect_in_registers(
+                tl.where(inside, x, -1.0), lo, hi, count_lo, count_hi, mass_hi, unresolved,
+                step, threshold, POINTS)
+        else:
+            # Passes over the row while the bracket holds more than CAND values; each
+            # evaluates POINTS thresholds (log2(POINTS + 1) bisection steps).
+            while (step < 32) & unresolved & (count_lo - count_hi > CAND):
+                mids = _mids(lo, hi, POINTS)
+                mass, count = _row_mass_above(x_row, length, mids, BLOCK, POINTS)
+                lo, hi, count_lo, count_hi, mass_hi = _narrow(lo, hi, count_lo, count_hi,
+                                                              mass_hi, mids, mass, count,
+                                                              threshold)
+                unresolved = (count_lo - count_hi > 1) & (hi - lo > 1)
+                step += 1
+            if unresolved:
+                # Copy the bracket's values out (this program's scratch row), then
+                # finish the search on them in registers.
+                scratch = SCRATCH + row.to(tl.int64) * CAND
+                written = _copy_bracket(x_row, length, lo, hi, scratch, BLOCK)
+                slots = tl.arange(0, CAND)
+                cand = tl.load(scratch + slots, mask=slots < written, other=-1.0)
+                lo, hi, count_lo, count_hi, mass_hi, step = _bisect_in_registers(
+                    cand, lo, hi, count_lo, count_hi, mass_hi, unresolved, step, threshold,
+                    POINTS)
     single = count_lo - count_hi == 1
     # Cut value and how many of its ties to keep (index order).
     v = tl.where(everything, 0.0, tl.where(single, _bits_threshold(lo),
@@ -283,8 +318,12 @@ def _top_p_program(row, X, KEEP_X, BINS_X, length_x, rows_x, stride_x, start_x, 
         idx = start + tl.arange(0, BLOCK)
         x = tl.load(x_row + idx, mask=idx < length, other=0.0)
         at_v = (x == v) & (idx < length) & ~(everything | single)
-        rank = tl.cumsum(at_v.to(tl.int32), axis=0) + seen  # 1-based among the ties
-        keep = (x > v) | (at_v & (rank.to(tl.float32) <= quota))
+        ties = tl.sum(at_v.to(tl.int32), axis=0)
+        keep = (x > v) | at_v
+        if (seen + ties).to(tl.float32) > quota:
+            # Not every tie of this block is kept: rank them (1-based, index order).
+            rank = tl.cumsum(at_v.to(tl.int32), axis=0) + seen
+            keep = (x > v) | (at_v & (rank.to(tl.float32) <= quota))
         keep = keep & (x > 0.0) & (idx < length)
         if WRITE_KEEP:
             tl.store(keep_row + idx, keep.to(tl.int8), mask=idx < length)
@@ -294,7 +333,7 @@ def _top_p_program(row, X, KEEP_X, BINS_X, length_x, rows_x, stride_x, start_x, 
             tl.store(bins_row + first, ones, mask=keep & (first < n_bins))
             second = (idx + lead2) // width
             tl.store(bins_row + second, ones, mask=keep & (second < n_bins))
-        seen += tl.sum(at_v.to(tl.int32), axis=0)
+        seen += ties
 
 
 def _launch_top_p(sets, threshold: float, write_keep: bool, write_bins: bool, width: int = 1,

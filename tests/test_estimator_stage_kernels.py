@@ -412,6 +412,8 @@ def test_vertical_slash_tiles_kernel_matches_reference(nq, nk, bs, causal, thres
     from prism.reference.estimators import vertical_slash_tiles_from_distributions
 
     monkeypatch.setattr(vst, "CANDIDATES", candidates)
+    if candidates < 4096:  # rows over several blocks: copied out, after passes
+        monkeypatch.setattr(vst, "LONG_TOP_P_BLOCK", 64)
     layout = tile_layout(nq, nk, bs, causal)
     vertical, slash = _distributions(2, 3, nq, nk, layout, causal, seed=nq + bs)
     before = (vertical.clone(), slash.clone())
@@ -442,17 +444,24 @@ def test_long_top_p_kernel_row_passes_and_candidates_agree(points, monkeypatch):
     expected = keep & (x > 0)
     boundary = (mass_before - 0.6).abs() <= 1e-5
     monkeypatch.setattr(vst, "TOP_P_POINTS", points)
-    for candidates in (4096, 64, 2):
-        monkeypatch.setattr(vst, "CANDIDATES", candidates)
-        actual = vst.long_top_p_kernel(x, 0.6)
-        assert not ((actual != expected) & ~boundary).any(), candidates
+    # Blocks of 8192: each row is one block, searched in registers; of 256: the rows
+    # span blocks, so the bracket is copied out (blocks without its values skip the
+    # copy's scan), after passes over the row when it holds more than CANDIDATES.
+    for block in (8192, 256):
+        for candidates in (4096, 64, 2):
+            monkeypatch.setattr(vst, "LONG_TOP_P_BLOCK", block)
+            monkeypatch.setattr(vst, "CANDIDATES", candidates)
+            actual = vst.long_top_p_kernel(x, 0.6)
+            assert not ((actual != expected) & ~boundary).any(), (block, candidates)
 
 
 def test_long_top_p_kernel_cut_among_close_values_and_inside_ties(monkeypatch):
     """The cut among values a few ulps apart (shuffled, and sorted), and inside a
     group of exact ties, whether the bracket is finished in registers or by passes
     over the row, by one or several thresholds per pass: the reference's answer (no
-    mass within 1e-4 of p, so no entry is a boundary case)."""
+    mass within 1e-4 of p, so no entry is a boundary case). Rows of one block (the
+    search on the row in registers) and of six (copied out, with and without passes
+    over the row; the ties' ranks carried across blocks)."""
     from prism.optimized import vertical_slash_tiles as vst
 
     n = 3000
@@ -469,12 +478,13 @@ def test_long_top_p_kernel_cut_among_close_values_and_inside_ties(monkeypatch):
     assert ((mass_before - threshold).abs() > 1e-4).all()
     expected = keep & (x > 0)
     assert (expected.sum(-1) == 251).all()
-    for points in (1, 8):
-        for candidates in (4096, 8):
-            monkeypatch.setattr(vst, "TOP_P_POINTS", points)
-            monkeypatch.setattr(vst, "CANDIDATES", candidates)
-            assert torch.equal(vst.long_top_p_kernel(x, threshold), expected), (points,
-                                                                                candidates)
+    for points, block, candidates in [(1, 4096, 4096), (8, 4096, 4096), (1, 512, 4096),
+                                      (1, 512, 8), (8, 512, 8)]:
+        monkeypatch.setattr(vst, "TOP_P_POINTS", points)
+        monkeypatch.setattr(vst, "LONG_TOP_P_BLOCK", block)
+        monkeypatch.setattr(vst, "CANDIDATES", candidates)
+        assert torch.equal(vst.long_top_p_kernel(x, threshold), expected), (points, block,
+                                                                             candidates)
 
 
 @pytest.mark.parametrize("programs", [1, 3])
