@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -66,3 +67,21 @@ def time_variants(fn, settings, out: dict, restore) -> dict:
         restore()
         call_plan._PLANS.clear()
     return masks
+
+
+def load_package_module(source: str, name: str):
+    """Import ``source`` (a module of ``prism.optimized``, changed or older) as
+    ``prism.optimized.<name>`` from a temporary file (Triton reads kernels' source
+    from their file), beside the package's own modules."""
+    import importlib.util
+    import tempfile
+
+    path = os.path.join(tempfile.mkdtemp(), f"{name}.py")
+    with open(path, "w") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location(f"prism.optimized.{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "prism.optimized"
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

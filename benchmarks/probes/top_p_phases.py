@@ -7,8 +7,8 @@ with the number of bisection steps it took. The estimator path is pointed at
 that module's ``vertical_slash_bins`` and ``select_blocks`` runs a setting of
 ``constant_variants.py`` on the structured inputs (eager, after a warm-up
 call, call plans off); the production module is not touched. The stamps cost
-registers (ptxas for sm_90: 92 bytes spilled a thread, against 28), so the
-phases add up to a little more than the launch's usual time. Reported per phase: the median
+registers (ptxas for sm_90 reports spills the plain kernel does not have), so
+the phases add up to a little more than the launch's usual time. Reported per phase: the median
 and the largest duration over the launch's programs (us), by kind of row
 (columns, offsets, the cascade's last-tile rule), and the launch's span.
 
@@ -17,18 +17,16 @@ and the largest duration over the launch's programs (us), by kind of row
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import os
 import sys
-import tempfile
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench_matrix import structured_qkv  # noqa: E402
 from constant_variants import SETTINGS  # noqa: E402
-from probe_cli import run  # noqa: E402
+from probe_cli import load_package_module, run  # noqa: E402
 
 from prism import optimized  # noqa: E402
 from prism.optimized import call_plan, estimator_path  # noqa: E402
@@ -37,8 +35,7 @@ from prism.optimized import vertical_slash_tiles as production  # noqa: E402
 #: Phases, each stamped at its end: (name, source line the stamp goes before).
 PHASES = [
     ("totals", "    # Bracket: F(lo) >= p > F(hi)"),
-    ("row passes", "    if unresolved:\n        # Copy the bracket's values out"),
-    ("copy", "        base_mass = mass_hi\n"),
+    ("passes and copy", "                slots = tl.arange(0, CAND)\n"),
     ("register steps", "    single = count_lo - count_hi == 1\n"),
     ("zero bins", "    seen = tl.zeros((), dtype=tl.int32)\n"),
 ]
@@ -61,7 +58,7 @@ def instrumented_source() -> str:
             raise SystemExit(f"anchor not found once: {anchor!r} (the kernel changed)")
         indent = anchor[:len(anchor) - len(anchor.lstrip())]
         src = src.replace(anchor, _stamp(slot, indent) + anchor)
-    tail = "        seen += tl.sum(at_v.to(tl.int32), axis=0)\n"
+    tail = "        seen += ties\n"
     end = src.index(tail, src.index(head)) + len(tail)
     steps = (f"    tl.store(SCRATCH + row.to(tl.int64) * CAND + CAND - {SLOTS} + "
              f"{len(PHASES) + 2}, step.to(tl.float32))\n")
@@ -79,16 +76,7 @@ def instrumented_source() -> str:
 
 
 def load_instrumented():
-    folder = tempfile.mkdtemp()
-    path = os.path.join(folder, "top_p_phases_module.py")
-    with open(path, "w") as f:
-        f.write(instrumented_source())
-    spec = importlib.util.spec_from_file_location("prism.optimized._top_p_phases", path)
-    module = importlib.util.module_from_spec(spec)
-    module.__package__ = "prism.optimized"
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_package_module(instrumented_source(), "_top_p_phases")
 
 
 def _summary(stamps: torch.Tensor) -> dict:
