@@ -119,7 +119,8 @@ def phases(n: int, setting: str) -> dict:
     cand = module.CANDIDATES
     stamps = scratch.view(-1, cand)[:, cand - SLOTS:].cpu()
     ints = stamps.view(torch.int32)
-    stamps = torch.cat([ints[:, : len(PHASES) + 2].double(), stamps[:, -1:].double()], 1)
+    steps = len(PHASES) + 2  # the slot after the end stamp
+    stamps = torch.cat([ints[:, :steps].double(), stamps[:, steps:steps + 1].double()], 1)
     starts = stamps[:, 0]
     ends = stamps[:, len(PHASES) + 1]
     kinds = {"columns": slice(0, rows[0]), "offsets": slice(rows[0], rows[0] + rows[1]),
