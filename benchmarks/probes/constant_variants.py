@@ -13,7 +13,6 @@ mask is compared with the current value's. The constant is put back after.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import importlib
 import json
@@ -24,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench_prism import structured_inputs  # noqa: E402
-from probe_cli import save, time_variants  # noqa: E402
+from probe_cli import save, selection_args, time_variants  # noqa: E402
 
 from prism import optimized  # noqa: E402
 from prism.reference import PrismConfig  # noqa: E402
@@ -73,16 +72,10 @@ def row(n, varies, settings):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lengths", default="8192,32768,131072")
-    parser.add_argument("--vary", action="append", required=True)
-    parser.add_argument("--settings", default="preset")
-    parser.add_argument("--out", default="")
-    parser.add_argument("--commit", default="")
-    args = parser.parse_args(argv)
+    args = selection_args(__doc__, "preset", argv,
+                          [("--vary", dict(action="append", required=True))])
     varies = [parse_vary(text) for text in args.vary]
-    settings = [s for s in args.settings.split(",") if s]
-    rows = [row(int(n), varies, settings) for n in args.lengths.split(",")]
+    rows = [row(n, varies, args.settings) for n in args.lengths]
     save(rows, args.out, args.commit, "constant_variants.py", argv)
     return rows
 

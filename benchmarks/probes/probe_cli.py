@@ -29,6 +29,24 @@ def run(row, doc: str, script: str, option: str, default: str, argv=None, parse=
     return rows
 
 
+def selection_args(doc: str, settings: str, argv=None, extra=()) -> argparse.Namespace:
+    """The options of the probes that time whole selections per length and setting:
+    ``--lengths``, ``--settings`` (names of ``constant_variants.SETTINGS``), ``--out``,
+    ``--commit``, plus ``extra``: ``(flag, keyword arguments of add_argument)`` pairs.
+    Returns the parsed arguments with ``lengths`` and ``settings`` as lists."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--lengths", default="8192,32768,131072")
+    parser.add_argument("--settings", default=settings)
+    parser.add_argument("--out", default="")
+    parser.add_argument("--commit", default="")
+    for flag, options in extra:
+        parser.add_argument(flag, **options)
+    args = parser.parse_args(argv)
+    args.lengths = [int(n) for n in args.lengths.split(",") if n]
+    args.settings = [s for s in args.settings.split(",") if s]
+    return args
+
+
 def save(rows: list, out: str, commit: str, script: str, argv=None) -> None:
     """Write ``{"gpu", "torch", "commit", "command", "rows"}`` to ``out`` (nothing if empty)."""
     if not out:

@@ -14,7 +14,6 @@ one, each twice, interleaved, and the masks are compared.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -24,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench_prism import structured_inputs  # noqa: E402
 from constant_variants import SETTINGS  # noqa: E402
-from probe_cli import load_package_module, save, time_variants  # noqa: E402
+from probe_cli import load_package_module, save, selection_args, time_variants  # noqa: E402
 
 from prism import optimized  # noqa: E402
 from prism.optimized import estimator_path, vertical_slash  # noqa: E402
@@ -56,17 +55,10 @@ def row(n: int, before, settings) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--before", required=True)
-    parser.add_argument("--lengths", default="8192,32768,131072")
-    parser.add_argument("--settings", default="preset,e5")
-    parser.add_argument("--out", default="")
-    parser.add_argument("--commit", default="")
-    args = parser.parse_args(argv)
+    args = selection_args(__doc__, "preset,e5", argv, [("--before", dict(required=True))])
     with open(args.before) as f:
         before = load_package_module(f.read(), "_top_p_before")
-    settings = [s for s in args.settings.split(",") if s]
-    rows = [row(int(n), before, settings) for n in args.lengths.split(",")]
+    rows = [row(n, before, args.settings) for n in args.lengths]
     save(rows, args.out, args.commit, "top_p_ab.py", argv)
     return rows
 
