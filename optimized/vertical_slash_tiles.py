@@ -26,12 +26,17 @@ over the row. Search the fp32 bits of ``t`` for the smallest value ``v`` with
 (values at or below ``t`` carry at most ``n t`` of the mass, so ``F`` is at
 least ``p`` at its lower end): each pass evaluates ``F`` at :data:`TOP_P_POINTS` thresholds
 splitting the bracket evenly (one, the plain bisection, by default; more give
-several bisection steps per pass; the answer does not depend on the path).
-Once the bracket ``(lo, hi]`` holds at most :data:`CANDIDATES` values, one
-pass copies them out (in index order) and the bisection ends on them in
+several bisection steps per pass; the answer does not depend on the path, up
+to fp32 summation order at the boundary).
+A row of at most one block (:data:`LONG_TOP_P_BLOCK` values) stays in registers
+and the bisection runs on it, the values outside the bracket masked. A longer
+row is narrowed by passes until the bracket ``(lo, hi]`` holds at most
+:data:`CANDIDATES` values; one pass copies them out (in index order; a block
+holding none of them skips the scan) and the bisection ends on them in
 registers: ``F(t) = F(hi) + sum of those above t``. Keep every
 ``x > v`` and the first ``ceil((p - F(v)) / v)`` values equal to ``v`` by
-index (a running count over the chunks). Rows whose whole mass stays below
+index (a running count over the chunks; a chunk whose ties are all kept is not
+ranked). Rows whose whole mass stays below
 ``p``, and ``p >= 1``, keep every non-zero value; zeros are never kept.
 Causal offset rows skip their first ``Nk - 1`` entries (negative offsets,
 always 0).
