@@ -80,7 +80,13 @@ def _resolve(config, overrides) -> PrismConfig:
         if type(config) is PrismConfig:
             return config
     if torch.compiler.is_compiling():
-        return resolve_config(config, **overrides)
+        if type(config) is PrismConfig:
+            # Every field replaced, so that the new config's checks see no symbolic value
+            # (ops.traced_constant).
+            overrides = {**{name: getattr(config, name) for name in ops.FIELD_NAMES},
+                         **overrides}
+        return resolve_config(config, **{name: ops.traced_constant(value)
+                                         for name, value in overrides.items()})
     try:
         # Values with their types: 64 and 64.0 (or 1 and True) hash alike.
         key = (id(config), *overrides.items(), *map(type, overrides.values()))

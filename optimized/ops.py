@@ -55,6 +55,7 @@ import functools
 import math
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 from prism import reference
 from prism.reference.bands import band_sizes
@@ -103,8 +104,27 @@ def config_string(cfg: PrismConfig) -> str:
     argument costs the dispatcher less than one argument per field), and
     unlike an id it means the same configuration in another process (a graph
     from Inductor's cache).
+
+    Under ``torch.compile(..., dynamic=True)`` the values are specialised first
+    (:func:`traced_constant`): ``repr`` of a symbolic float is a graph break.
     """
-    return repr(config_values(cfg))
+    return repr(tuple(map(traced_constant, config_values(cfg))))
+
+
+def traced_constant(value):
+    """``value``, with an int or float that a trace made symbolic specialised to its
+    value (a guard on it); anything else, and every value in eager calls, unchanged.
+
+    ``torch.compile(..., dynamic=True)`` makes the floats and ints read from a
+    config object symbolic. The operators take the configuration as a constant
+    string, and the config's own checks (``math.isinf``) and ``repr`` cannot
+    take a symbolic value, so they are specialised first: another threshold
+    then compiles another graph, as a constant would.
+    """
+    if (torch.compiler.is_compiling() and isinstance(value, (int, float))
+            and not isinstance(value, bool)):
+        return guard_scalar(value)
+    return value
 
 
 @functools.lru_cache(maxsize=1024)

@@ -184,6 +184,66 @@ def test_compiled_select_then_attention_matches_eager():
     assert torch.equal(o, optimized.block_sparse_attention(q, k, v, ref_mask, block_size=32))
 
 
+def _prism_calls(graphs):
+    return [n.target for g in graphs for n in g.graph.nodes
+            if n.op == "call_function" and "prism" in str(n.target)]
+
+
+def test_dynamic_shapes_trace_one_graph_for_every_length():
+    """``torch.compile(dynamic=True)``: Dynamo makes the config's floats and ints
+    symbolic; the operators' constant config string still forms (no graph break),
+    and one graph with symbolic lengths serves every length, equal to eager."""
+    torch._dynamo.reset()
+    config = PrismConfig(block_size=16)
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, inputs)
+
+    def layer(q, k, v):  # overrides, so that a config is also built while tracing
+        return optimized.prism_attention(q * 1.0, k, v, config, high_threshold=0.9,
+                                         return_lse=True)
+
+    def two_calls(q, k, v):
+        mask = optimized.select_blocks(q, k, config)
+        return optimized.block_sparse_attention(q, k, v, mask, block_size=16, scale=0.2), mask
+
+    for fn, name in ((layer, "prism_attention"), (two_calls, "select")):
+        graphs.clear()
+        compiled = torch.compile(fn, fullgraph=True, backend=backend, dynamic=True)
+        for n in (64, 96, 80):
+            q, k, v = _qkv(nq=n, nk=n, d=16, hq=2, hkv=1, seed=n)
+            got, expected = compiled(q, k, v), fn(q, k, v)
+            assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+        calls = _prism_calls(graphs)
+        assert getattr(torch.ops.prism, name) in calls and len(calls) == (1 if name ==
+                                                                          "prism_attention" else 2)
+        symbolic = [n for g in graphs for n in g.graph.nodes
+                    if n.op == "placeholder" and isinstance(n.meta.get("example_value"),
+                                                            torch.SymInt)]
+        assert symbolic, "the lengths were not traced as symbols"
+
+
+def test_dynamic_shapes_specialise_each_config_value():
+    """Under ``dynamic=True`` a config's threshold is specialised, not frozen: a config
+    with another threshold gets its own graph and its own (eager-equal) selection."""
+    torch._dynamo.reset()
+    q, k, _ = _qkv(nq=96, nk=96, d=16, hq=2, hkv=1, seed=11)
+
+    def selection(q, k, cfg):
+        return optimized.select_blocks(q, k, cfg)
+
+    compiled = torch.compile(selection, fullgraph=True, backend="aot_eager", dynamic=True)
+    masks = []
+    for threshold in (0.3, 0.99):
+        cfg = PrismConfig(block_size=16, high_threshold=threshold, low_threshold=threshold)
+        got = compiled(q, k, cfg)
+        assert torch.equal(got, selection(q, k, cfg))
+        masks.append(got)
+    assert not torch.equal(masks[0], masks[1]), "the two thresholds should select differently"
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
 def test_nan_input_under_tracing_flags_and_gives_nan_rows():

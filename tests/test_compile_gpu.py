@@ -8,7 +8,7 @@
   ``torch.compile(mode="reduce-overhead")``;
 * a random-weight Llama-architecture model with ``attn_implementation="prism"``
   gives the same logits compiled with ``fullgraph=True`` and eager, with and
-  without a padding mask.
+  without a padding mask, and with ``dynamic=True`` at two lengths.
 """
 
 from __future__ import annotations
@@ -157,4 +157,23 @@ def test_compiled_llama_with_prism_attention_matches_eager(record_property):
             real = kwargs.get("attention_mask", torch.ones_like(ids)).bool()
             error = relative_error(logits[real], eager[real])
             record_property(f"logits_error_{name}", error)
+            assert error <= 1e-3
+
+
+def test_compiled_llama_with_dynamic_shapes_matches_eager(record_property):
+    """``torch.compile(model, fullgraph=True, dynamic=True)``, as engines compile for
+    varying prompt lengths: the config's floats are symbolic while tracing, and the
+    operators still trace (no graph break); two lengths, one compile, eager's logits."""
+    from prism.integrations.transformers import register
+
+    register("prism", block_size=64)
+    model = _tiny_llama("prism")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for length in (1024, 1600):
+            ids = torch.randint(0, 1000, (1, length), device="cuda",
+                                generator=torch.Generator(device="cuda").manual_seed(length))
+            error = relative_error(compiled(ids).logits.float(), model(ids).logits.float())
+            record_property(f"logits_error_{length}", error)
             assert error <= 1e-3
