@@ -55,7 +55,7 @@ from prism.reference.validation import (
     validate_scale,
 )
 
-from . import ops
+from . import gradients, ops
 from ._runtime import check_device, validate_qk, validate_qkv
 from .attention import _sparse_attention_kernel
 from .indices import _mask_to_indices_kernel, mask_rows_to_indices
@@ -218,9 +218,17 @@ def block_sparse_attention(q, k, v, block_mask, *, block_size: int = 128, causal
         out, lse, _ = torch.ops.prism.block_sparse_attention(
             q, k, v, mask, num, idx, block_size, causal, scale, return_lse, False)
     else:
-        (out, lse), flags, at = ops.planned_block_sparse(
-            q, k, v, mask, num, idx, block_size, causal, scale, return_lse, True, validate)
-        _raise_if_nonfinite(flags[at:at + 1], q=q, k=k, v=v)
+        def forward():
+            (out, lse), flags, at = ops.planned_block_sparse(
+                q, k, v, mask, num, idx, block_size, causal, scale, return_lse, True, validate)
+            _raise_if_nonfinite(flags[at:at + 1], q=q, k=k, v=v)
+            return out, lse
+
+        if gradients.needs_gradients(q, k, v):  # the kernels' output, the reference's backward
+            validate()
+            return gradients.with_gradients(q, k, v, mask, forward, block_size=block_size,
+                                            causal=causal, scale=scale)
+        out, lse = forward()
     return (out, lse) if return_lse else out
 
 
@@ -262,6 +270,15 @@ def prism_attention(q, k, v, config: PrismConfig | None = None, *, causal: bool 
             q, k, v, ops.config_string(cfg), causal, scale, return_lse, return_mask)
         return _attention_result(out, lse, mask, None, None, cfg, causal, q, k, return_lse,
                                  return_mask, traced=True)
+    if gradients.needs_gradients(q, k, v):
+        # Selection, then attention whose backward is the reference's (optimized.gradients);
+        # the same outputs as the fused call.
+        mask = select_blocks(q, k, cfg, causal=causal)
+        result = block_sparse_attention(q, k, v, mask, block_size=cfg.block_size, causal=causal,
+                                        scale=scale, return_lse=return_lse)
+        if not return_mask:
+            return result
+        return (*result, mask) if return_lse else (result, mask)
     outputs, flags, at = ops.planned_attention(q, k, v, cfg, causal, scale, return_lse,
                                                return_mask, validate)
     _raise_if_nonfinite(flags[at:at + 1], q=q, k=k, v=v)

@@ -62,6 +62,7 @@ from prism.reference.bands import band_sizes
 from prism.reference.config import PrismConfig
 from prism.reference.tiles import tile_layout
 
+from . import gradients
 from ._runtime import kernels_interpreted
 from .attention import _sparse_attention_kernel, sparse_attention_forward, supported_block_size
 from .estimator_path import estimator_select
@@ -422,6 +423,54 @@ def _attention_fake(q, k, v, block_mask, kv_num_blocks, kv_indices, block_size, 
     out = q.new_empty((*q.shape[:3], v.shape[3]))
     lse = q.new_empty(q.shape[:3] if return_lse else (0,), dtype=torch.float32)
     return out, lse, q.new_empty((1 if check_values else 0,), dtype=torch.float64)
+
+
+# Gradients (optimized.gradients): the kernels compute forward passes only; the
+# attention operators' backward is the reference's softmax gradient, recomputed
+# per chunk of query rows for the operator's tile mask (prism_attention's own
+# selection, made again when its mask was not returned).
+
+def _lse_grad(grad_lse, return_lse: bool):
+    return grad_lse if return_lse and grad_lse is not None and grad_lse.numel() else None
+
+
+def _setup_block_sparse(ctx, inputs, output):
+    q, k, v, block_mask, _, _, block_size, causal, scale, return_lse, _ = inputs
+    ctx.save_for_backward(q, k, v, block_mask)
+    ctx.options = (block_size, causal, scale, return_lse)
+
+
+def _block_sparse_backward(ctx, grad_out, grad_lse, _):
+    q, k, v, block_mask = ctx.saved_tensors
+    block_size, causal, scale, return_lse = ctx.options
+    grads = gradients.attention_gradients(q, k, v, block_mask, block_size, causal, scale,
+                                          grad_out, _lse_grad(grad_lse, return_lse),
+                                          ctx.needs_input_grad[:3])
+    return (*grads, *(None,) * 8)
+
+
+def _setup_prism(ctx, inputs, output):
+    q, k, v, config, causal, scale, return_lse, return_mask = inputs
+    ctx.save_for_backward(q, k, v, output[2] if return_mask else None)
+    ctx.options = (config, causal, scale, return_lse)
+
+
+def _prism_backward(ctx, grad_out, grad_lse, _):
+    q, k, v, mask = ctx.saved_tensors
+    config, causal, scale, return_lse = ctx.options
+    if mask is None:  # the same selection again (deterministic kernels)
+        mask = torch.ops.prism.select(q, k, None, causal, config)[0]
+    grads = gradients.attention_gradients(q, k, v, mask, config_from_string(config).block_size,
+                                          causal, scale, grad_out,
+                                          _lse_grad(grad_lse, return_lse),
+                                          ctx.needs_input_grad[:3])
+    return (*grads, *(None,) * 5)
+
+
+torch.library.register_autograd("prism::block_sparse_attention", _block_sparse_backward,
+                                setup_context=_setup_block_sparse)
+torch.library.register_autograd("prism::prism_attention", _prism_backward,
+                                setup_context=_setup_prism)
 
 
 _capturing = None
