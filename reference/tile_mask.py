@@ -37,7 +37,10 @@ diagonal, so the indices are ready for causal attention.
 
 Editing a TileMask in place (``mask[..., 3] = False``) is allowed: the next use
 of the indices sees that the tensor changed (its version counter moved) and
-rebuilds them from the bits.
+rebuilds them from the bits. A mask made under ``torch.inference_mode()`` is an
+inference tensor, which has no version counter: its edits cannot be seen, so
+its indices are rebuilt from the bits on every use (attention then builds its
+own) rather than trusted.
 """
 
 from __future__ import annotations
@@ -46,6 +49,11 @@ import torch
 
 from .indices import mask_to_indices
 from .tiles import TileLayout, tile_layout
+
+
+def _version(t: torch.Tensor):
+    """``t``'s version counter, or None for an inference tensor (which has none)."""
+    return None if t.is_inference() else t._version
 
 
 class TileMask(torch.Tensor):
@@ -97,7 +105,7 @@ class TileMask(torch.Tensor):
         self.num_queries = int(num_queries)
         self.num_keys = int(num_keys)
         self._compact = None if kv_num_blocks is None else (kv_num_blocks, kv_indices)
-        self._compact_version = self._version
+        self._compact_version = _version(self)
         self._given = self._compact
         return self
 
@@ -115,7 +123,7 @@ class TileMask(torch.Tensor):
         compact = (kv_num_blocks, kv_indices)
         self.__dict__.update(block_size=block_size, causal=causal, num_queries=num_queries,
                              num_keys=num_keys, _compact=compact,
-                             _compact_version=self._version, _given=compact)
+                             _compact_version=_version(self), _given=compact)
         return self
 
     @property
@@ -125,10 +133,11 @@ class TileMask(torch.Tensor):
 
     def compact(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(kv_num_blocks, kv_indices)`` of the current bits (rebuilt after an edit)."""
-        if self._compact is None or self._compact_version != self._version:
+        version = _version(self)
+        if self._compact is None or version is None or self._compact_version != version:
             plain = self.as_tensor()
             self._compact = mask_to_indices(plain)
-            self._compact_version = self._version
+            self._compact_version = version
         return self._compact
 
     def carried_indices(self, *, block_size: int, causal: bool, num_queries: int,
@@ -139,8 +148,9 @@ class TileMask(torch.Tensor):
         differs (:meth:`matches`). A causal selection's indices list no tile
         above the diagonal, which is what causal attention kernels need.
         """
-        if (self._given is None or self._given is not self._compact
-                or self._compact_version != self._version
+        version = _version(self)
+        if (self._given is None or self._given is not self._compact or version is None
+                or self._compact_version != version
                 or not self.matches(block_size=block_size, causal=causal,
                                     num_queries=num_queries, num_keys=num_keys)):
             return None

@@ -312,6 +312,30 @@ def test_attention_uses_the_carried_indices_and_rebuilds_them_after_an_edit(monk
     assert built == [1, 1, 1]
 
 
+def test_calls_under_inference_mode_and_edits_of_their_masks():
+    """Serving code runs under ``torch.inference_mode()``, whose tensors have no version
+    counter: the TileMask of such a call cannot see an in-place edit, so it rebuilds its
+    indices from the bits on every use instead of trusting them."""
+    q, k, v = _qkv(seed=14)
+    expected_mask = optimized.select_blocks(q, k, block_size=32)
+    expected = optimized.prism_attention(q, k, v, block_size=32)
+    with torch.inference_mode():
+        qi, ki, vi = q.clone(), k.clone(), v.clone()
+        for _ in range(3):  # repeated calls replay call plans
+            assert torch.equal(optimized.prism_attention(qi, ki, vi, block_size=32), expected)
+        mask = optimized.select_blocks(qi, ki, block_size=32)
+        assert isinstance(mask, TileMask) and torch.equal(mask, expected_mask)
+        assert torch.equal(optimized.block_sparse_attention(qi, ki, vi, mask, block_size=32),
+                           expected)
+        row = int(mask[0, 0, -1].nonzero()[-1])
+        mask[0, 0, -1, row] = False  # an edit the version counter cannot record
+        assert int(mask.kv_num_blocks[0, 0, -1]) == int(mask[0, 0, -1].sum())
+        got = optimized.block_sparse_attention(qi, ki, vi, mask, block_size=32)
+        edited = reference.block_sparse_attention(qi, ki, vi, mask.as_tensor(), block_size=32)
+    assert not torch.equal(got, expected)
+    assert relative_error(got, edited) <= 1e-5
+
+
 def test_tile_mask_survives_copy_and_save():
     q, k, _ = _qkv(seed=9)
     mask = optimized.select_blocks(q, k, block_size=32)
