@@ -118,7 +118,8 @@ def pool_tiles(x: torch.Tensor, start: int, block_size: int) -> torch.Tensor:
     check_position(start, "start")
     validate_block_size(block_size)
     b, h, n, d = x.shape
-    counts = tile_token_counts(start, n, block_size).to(x.device)
+    host_counts = tile_token_counts(start, n, block_size)
+    counts = host_counts.to(x.device)
     n_tiles = counts.numel()
     lead = start % block_size
     if n == 0:
@@ -126,7 +127,7 @@ def pool_tiles(x: torch.Tensor, start: int, block_size: int) -> torch.Tensor:
     if block_size > n:
         # Tiles longer than the data (two tiles at most): sum each tile's rows
         # directly, so memory follows the data, not block_size.
-        ends = torch.cumsum(counts, 0).tolist()
+        ends = torch.cumsum(host_counts, 0).tolist()  # on the host (meta tensors too)
         starts = [0] + ends[:-1]
         pieces = [x[:, :, lo:hi].float().sum(dim=2) for lo, hi in zip(starts, ends, strict=True)]
         sums = torch.stack(pieces, dim=2)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from helpers import assert_attention_close, make_qkv, oracle_attention, oracle_select
 from prism.reference import (
+    PrismConfig,
     apply_rope,
     block_sparse_attention,
     boundary_ties,
@@ -101,6 +102,12 @@ def test_meta_tensors_give_shape_only_results():
     assert mask.device.type == "meta" and mask.shape == (2, 4, 8, 9)
     o, lse = prism_attention(q, k, v, block_size=16, return_lse=True)
     assert o.device.type == "meta" and o.shape == (2, 4, 100, 16) and lse.shape == (2, 4, 100)
+    # Tiles longer than the tokens (the default 128 over 100 and 130 tokens: pooling
+    # takes its per-tile path there, whose bounds come from the host).
+    mask = select_blocks(q, k)
+    assert mask.device.type == "meta" and mask.shape == (2, 4, 2, 2)  # positions 30-129
+    o = prism_attention(q, k, v, PrismConfig.preset("accurate", block_size=256))
+    assert o.device.type == "meta" and o.shape == (2, 4, 100, 16)
 
 
 def test_threshold_one_never_keeps_a_zero_probability_tile():
