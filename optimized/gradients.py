@@ -2,7 +2,10 @@
 
 The kernels compute the forward pass only. When grad mode is on and q, k or v
 requires grad, :func:`prism.optimized.block_sparse_attention` and
-:func:`prism.optimized.prism_attention` return outputs whose backward runs
+:func:`prism.optimized.prism_attention` (and the packed
+:func:`~prism.optimized.varlen.prism_attention_varlen` and
+:func:`~prism.optimized.varlen.block_sparse_attention_varlen`, per sequence)
+return outputs whose backward runs
 contract §7's softmax again in torch (:func:`prism.reference.attention.masked_weights`)
 for one chunk of query rows at a time and applies the softmax's gradient
 formulas to it, so that the gradients are the reference's (up to fp32
@@ -117,4 +120,53 @@ def with_gradients(q, k, v, block_mask, forward, *, block_size: int, causal: boo
     return _KernelAttention.apply(q, k, v, mask.detach(), forward, block_size, causal, scale)
 
 
-__all__ = ["attention_gradients", "needs_gradients", "with_gradients"]
+
+
+class _PackedAttention(torch.autograd.Function):
+    """A packed batch's kernel output with each sequence's reference gradients."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, forward, ranges, masks, block_size, causal, scale):
+        out, lse = forward()
+        ctx.save_for_backward(q, k, v, *masks)
+        ctx.options = (ranges, block_size, causal, scale)
+        ctx.set_materialize_grads(False)
+        if lse is None:
+            return out
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse=None):
+        q, k, v, *masks = ctx.saved_tensors
+        ranges, block_size, causal, scale = ctx.options
+        needs = ctx.needs_input_grad[:3]
+        totals = [torch.zeros_like(t) if need else None for t, need in zip((q, k, v), needs,
+                                                                         strict=True)]
+
+        def heads(x, lo, hi):  # (tokens, H, D) rows lo:hi as (1, H, n, D)
+            return x[lo:hi].transpose(0, 1).unsqueeze(0)
+
+        for (q0, q1, k0, k1), mask in zip(ranges, masks, strict=True):
+            if q1 == q0 or k1 == k0:
+                continue
+            grads = attention_gradients(
+                heads(q, q0, q1), heads(k, k0, k1), heads(v, k0, k1), mask, block_size, causal,
+                scale, None if grad_out is None else heads(grad_out, q0, q1),
+                None if grad_lse is None else grad_lse[:, q0:q1].unsqueeze(0), needs)
+            for total, grad, (lo, hi) in zip(totals, grads, ((q0, q1), (k0, k1), (k0, k1)),
+                                             strict=True):
+                if total is not None:
+                    total[lo:hi] += grad[0].transpose(0, 1)
+        return (*totals, None, None, None, None, None, None)
+
+
+def with_packed_gradients(q, k, v, ranges, masks, forward, *, block_size: int, causal: bool,
+                          scale):
+    """:func:`with_gradients` for a packed batch, (tokens, H, D) tensors: ``ranges``
+    holds each sequence's ``(q0, q1, k0, k1)`` rows, ``masks`` its tile mask."""
+    masks = [m.as_tensor() if isinstance(m, TileMask) else m for m in masks]
+    return _PackedAttention.apply(q, k, v, forward, list(ranges), [m.detach() for m in masks],
+                                  block_size, causal, scale)
+
+
+__all__ = ["attention_gradients", "needs_gradients", "with_gradients", "with_packed_gradients"]

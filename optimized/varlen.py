@@ -65,6 +65,7 @@ from prism.reference.varlen import (
     validate_varlen,
 )
 
+from . import gradients
 from ._runtime import check_device, kernels_interpreted, next_power_of_2
 from .attention import (
     LOG2_E,
@@ -518,8 +519,17 @@ def block_sparse_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqle
                              causal=causal)
     validate_scale(scale)
     masks = check_masks(block_masks, len(ranges))
-    return run_attention(_impl(), q, k, v, ranges, masks, block_size=block_size,
-                         causal=causal, scale=scale, return_lse=return_lse)
+
+    def forward():
+        result = run_attention(_impl(), q, k, v, ranges, masks, block_size=block_size,
+                               causal=causal, scale=scale, return_lse=return_lse)
+        return result if return_lse else (result, None)
+
+    if gradients.needs_gradients(q, k, v):  # the kernels' output, the reference's backward
+        return gradients.with_packed_gradients(q, k, v, ranges, masks, forward,
+                                               block_size=block_size, causal=causal, scale=scale)
+    result = forward()
+    return result if return_lse else result[0]
 
 
 def prism_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
@@ -535,6 +545,15 @@ def prism_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
     ranges = validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                              causal=causal)
     validate_scale(scale)
+    if gradients.needs_gradients(q, k, v):  # selection, then attention with a backward
+        masks = run_select(_impl(), q, k, ranges, cfg, causal)
+        result = block_sparse_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                               max_seqlen_q, max_seqlen_k, masks,
+                                               block_size=cfg.block_size, causal=causal,
+                                               scale=scale, return_lse=return_lse)
+        if not return_mask:
+            return result
+        return (*result, masks) if return_lse else (result, masks)
     return run_prism(_impl(), q, k, v, ranges, cfg, causal=causal, scale=scale,
                      return_lse=return_lse, return_mask=return_mask)
 
@@ -558,8 +577,16 @@ def prism_attention_paged(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens
     """Prism end to end over a paged KV cache, on the GPU: one attention launch, reading
     the pages in place or gathered first (:data:`prism.optimized.paged_kv.PAGED_READS`).
 
-    Same contract as :func:`prism.reference.prism_attention_paged`.
+    Same contract as :func:`prism.reference.prism_attention_paged`. Forward only:
+    with grad mode on and an input that requires grad it raises ``TypeError``
+    (gather the pages and call :func:`prism_attention_varlen` for gradients).
     """
+    if gradients.needs_gradients(q, k_cache, v_cache):
+        raise TypeError("prism_attention_paged computes forward passes only, but q, k_cache or "
+                        "v_cache requires grad; call it under torch.no_grad() or "
+                        "torch.inference_mode(), or gather the pages "
+                        "(prism.reference.gather_paged_kv) and call prism_attention_varlen, "
+                        "whose outputs carry gradients")
     return run_paged_prism(_impl(), q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
                            max_seqlen_q, config, causal=causal, scale=scale,
                            return_lse=return_lse, return_mask=return_mask,

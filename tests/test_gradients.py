@@ -163,3 +163,45 @@ def test_compiled_calls_differentiate_like_eager(return_mask):
         eager_o, eager_lse = fn(q, k, v)
         expected = _grads((eager_o * w_o).sum() + (eager_lse * w_lse).sum(), (q, k, v))
         _close(got, expected, rtol=1e-6)
+
+
+def _cu(lengths):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32,
+                        device=DEVICE)
+
+
+def test_varlen_gradients_equal_autograd_through_the_reference():
+    """A packed batch with an empty, a one-token and prefixed sequences: each sequence's
+    gradients are its own, as autograd through the reference's per-sequence loop."""
+    q_lens, k_lens = [40, 0, 1, 56], [40, 8, 20, 70]
+    gen = torch.Generator().manual_seed(31)
+    q, k, v = (torch.randn(sum(lens), heads, 16, generator=gen).to(DEVICE).requires_grad_()
+               for lens, heads in ((q_lens, 4), (k_lens, 2), (k_lens, 2)))
+    args = (_cu(q_lens), _cu(k_lens), max(q_lens), max(k_lens))
+    o, lse, masks = optimized.prism_attention_varlen(q, k, v, *args, block_size=16,
+                                                     return_lse=True, return_mask=True)
+    assert o.grad_fn is not None
+    w_o, w_lse = _loss_weights(o, lse, seed=33)
+
+    def loss(o, lse):  # lse is -inf on rows without keys (none here, but kept general)
+        return (o * w_o).sum() + (torch.where(torch.isfinite(lse), lse, 0.0) * w_lse).sum()
+
+    got = _grads(loss(o, lse), (q, k, v))
+    plain = [m.as_tensor() for m in masks]
+    ref_o, ref_lse = reference.block_sparse_attention_varlen(q, k, v, *args, plain,
+                                                             block_size=16, return_lse=True)
+    _close(got, _grads(loss(ref_o, ref_lse), (q, k, v)))
+    with torch.no_grad():
+        assert torch.equal(o, optimized.prism_attention_varlen(q, k, v, *args, block_size=16))
+
+
+def test_paged_calls_refuse_to_drop_gradients():
+    q = torch.randn(32, 2, 16, device=DEVICE, requires_grad=True)
+    cache = torch.randn(2, 16, 1, 16, device=DEVICE)
+    table = torch.arange(2, dtype=torch.int32, device=DEVICE).reshape(1, 2)
+    args = (q, cache, cache, table, torch.tensor([32], dtype=torch.int32, device=DEVICE),
+            _cu([32]), 32)
+    with pytest.raises(TypeError, match="forward passes only.*prism_attention_varlen"):
+        optimized.prism_attention_paged(*args, block_size=16)
+    with torch.no_grad():
+        assert optimized.prism_attention_paged(*args, block_size=16).shape == (32, 2, 16)
