@@ -19,9 +19,10 @@ rounding) for the same tile mask:
 * ``dq``, ``dk`` and ``dv`` come in the inputs' dtypes; rows with no key to
   read give zero gradients.
 
-This is an fp32 recomputation, as slow as the reference's forward pass
-(about dense attention's cost in torch), meant for fine-tuning experiments
-and gradient checks, not for training at scale. Calls made under
+This is a dense fp32 recomputation in torch, meant for fine-tuning experiments
+and gradient checks, not for training at scale: on the H200 a training step
+(forward and backward) cost 34x torch SDPA's at 4K tokens and 45x at 8K
+(docs/performance.rst, "Gradients"). Calls made under
 ``torch.no_grad()``, or on inputs that do not require grad, never come here.
 """
 
