@@ -79,6 +79,14 @@ OVERLAP_VERTICAL_SLASH = True
 #: stage's passes over k then compete with it instead. Read at each call (a replayed
 #: call plan keeps the order it recorded).
 VS_AFTER_POOLING_MAX_KEY_TILES = 64
+#: ... and at least this many: below it the stage is forked before the pooling again.
+#: On the H200 (the same preset and shape, graph replays,
+#: results/h200_vs_fork_a60fdf7.json and h200_vs_fork_mid_a60fdf7.json) before the
+#: pooling took 0.0751-0.0755 ms at 4K (32 key tiles) against 0.0817-0.0822 after it,
+#: while after it stayed faster at 5K / 6K / 8K (40 / 48 / 64 tiles: 0.1021-0.1023 /
+#: 0.1034-0.1037 / 0.1257-0.1261 against 0.1035-0.1038 / 0.1065-0.1068 /
+#: 0.1263-0.1267) and slower at 12K (96 tiles: 0.1836 against 0.1664-0.1670).
+VS_AFTER_POOLING_MIN_KEY_TILES = 33
 
 #: Probability stages the fused path runs: stage name -> (scoring function on
 #: validated inputs, the PrismConfig field of its argument, whether it reads
@@ -196,7 +204,7 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
 
     uses_last_queries = with_vs or with_last
     overlap = uses_last_queries and OVERLAP_VERTICAL_SLASH and q.is_cuda
-    later = runs_prism and nk <= VS_AFTER_POOLING_MAX_KEY_TILES
+    later = runs_prism and VS_AFTER_POOLING_MIN_KEY_TILES <= nk <= VS_AFTER_POOLING_MAX_KEY_TILES
     if overlap and not later:
         start_side()
     after_pooling = start_side if overlap and later else None

@@ -1,9 +1,10 @@
 """Where the estimators' vertical-slash stage is forked onto its side stream.
 
 On CUDA the accurate preset (the cascade) runs its vertical-slash stage on a
-second stream. On layouts of at most ``VS_AFTER_POOLING_MAX_KEY_TILES`` key
-tiles the fork comes right after Prism's pooling launch (so the stage starts
-once the pooling is done); on wider layouts it comes before the pooling. These
+second stream. On layouts of ``VS_AFTER_POOLING_MIN_KEY_TILES`` to
+``VS_AFTER_POOLING_MAX_KEY_TILES`` key tiles the fork comes right after Prism's
+pooling launch (so the stage starts once the pooling is done); on narrower and
+wider layouts it comes before the pooling. These
 tests record the order of the queued work with the kernels replaced by
 recorders, so they run without a GPU; the GPU suite times and checks the real
 launches (tests/test_estimator_fused.py, tests/test_call_plan_gpu.py).
@@ -114,6 +115,18 @@ def test_narrow_layouts_fork_the_stage_after_the_pooling(recorded):
                         ("join", "main", "side1"),
                         ("union", "columns", "diagonals", "last", "probs")]
     assert (mask, num, idx, flag) == ("mask", "num", "idx", "flag")
+
+
+def test_the_narrowest_layouts_fork_the_stage_before_the_pooling(recorded):
+    tiles = estimator_path.VS_AFTER_POOLING_MIN_KEY_TILES - 1
+    _, layout = _select(tiles * 128)
+    assert layout.num_key_tiles == tiles
+    assert recorded == [*SIDE_STAGE, "pooling", "prism selection", "scores",
+                        ("join", "main", "side1"),
+                        ("union", "columns", "diagonals", "last", "probs")]
+    recorded.clear()
+    _select(estimator_path.VS_AFTER_POOLING_MIN_KEY_TILES * 128)
+    assert recorded[0] == "pooling"
 
 
 def test_wider_layouts_fork_the_stage_before_the_pooling(recorded):
