@@ -1,29 +1,27 @@
-"""Gradients of the optimized attention calls: the reference's, recomputed chunk by chunk.
+"""Gradients of the optimized attention calls: the reference's, recomputed block-sparsely.
 
 The kernels compute the forward pass only. When grad mode is on and q, k or v
 requires grad, :func:`prism.optimized.block_sparse_attention` and
 :func:`prism.optimized.prism_attention` (and the packed
 :func:`~prism.optimized.varlen.prism_attention_varlen` and
 :func:`~prism.optimized.varlen.block_sparse_attention_varlen`, per sequence)
-return outputs whose backward runs
-contract §7's softmax again in torch (:func:`prism.reference.attention.masked_weights`)
-for one chunk of query rows at a time and applies the softmax's gradient
-formulas to it, so that the gradients are the reference's (up to fp32
-rounding) for the same tile mask:
+return outputs whose backward recomputes contract §7's softmax in torch over
+each query tile's selected key tiles only (:func:`attention_gradients`) and
+applies the softmax's gradient formulas, so that the gradients are the
+reference's (up to fp32 rounding) for the same tile mask:
 
 * the tile mask is a constant (selection is a discrete choice: no gradient
   flows through it, in the reference either);
-* a chunk's scores are freed before the next chunk, so the backward pass
-  holds a few (rows x Nk) fp32 blocks per head at a time, not the whole
-  (Nq x Nk) matrices that autograd through the reference keeps;
+* the work and memory follow the mask's density: a chunk of query tiles
+  gathers its selected key tiles (as many slots as the fullest row), and the
+  chunk's blocks are freed before the next;
 * ``dq``, ``dk`` and ``dv`` come in the inputs' dtypes; rows with no key to
   read give zero gradients.
 
-This is a dense fp32 recomputation in torch, meant for fine-tuning experiments
-and gradient checks, not for training at scale: on the H200 a training step
-(forward and backward) cost 34x torch SDPA's at 4K tokens and 45x at 8K
-(docs/performance.rst, "Gradients"). Calls made under
-``torch.no_grad()``, or on inputs that do not require grad, never come here.
+fp32 torch operations, not a fused kernel: meant for fine-tuning experiments
+and gradient checks more than for training at scale (docs/performance.rst,
+"Gradients", has its measured cost). Calls made under ``torch.no_grad()``, or
+on inputs that do not require grad, never come here.
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ import math
 
 import torch
 
-from prism.reference.attention import masked_weights, query_chunks
+from prism.reference.indices import mask_to_indices
 from prism.reference.tile_mask import TileMask
 from prism.reference.tiles import tile_layout
 
@@ -42,55 +40,111 @@ def needs_gradients(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+#: Bytes of one fp32 (query rows x gathered keys) block, over all heads of the
+#: batch, that a chunk of query tiles aims at.
+CHUNK_BYTES = 256 * 2**20
+
+
 def attention_gradients(q, k, v, block_mask, block_size: int, causal: bool, scale, grad_out,
                         grad_lse, needs=(True, True, True)):
     """``(dq, dk, dv)`` of contract §7's output (and log-sum-exp) for one tile mask.
 
     ``grad_out`` (B, Hq, Nq, Dv) and ``grad_lse`` (B, Hq, Nq) are the incoming
     gradients (either may be None: zero). ``needs`` says which of the three to
-    return (the others are None). Per chunk of query rows, with ``P`` the
-    softmax (the reference's weights over their row sums, 0 in empty rows),
-    ``O = P V`` and ``dS = P * (dO V^T - rowsum(dO * O) + dlse)``:
-    ``dq = scale * dS K``, ``dk = scale * dS^T Q``, ``dv = P^T dO``, the last
-    two summed over the query heads of each KV head. Plain tensor operations
-    (no nested autograd), so Dynamo and AOTAutograd trace it too.
+    return (the others are None).
+
+    Block-sparse, in torch: each query tile reads only its selected key tiles,
+    gathered (``mask_to_indices``; as many slots as the fullest row of the
+    mask, every tile while tracing, where that count is not known), so the work
+    follows the density. Per chunk of query tiles, with ``P`` the softmax over
+    a row's allowed keys (tile selected, key inside ``Nk``, causally at or
+    before the query's position; 0 in rows with none), ``O = P V`` and
+    ``dS = P * (dO V^T - rowsum(dO * O) + dlse)``: ``dq = scale * dS K``,
+    ``dk = scale * dS^T Q``, ``dv = P^T dO``, the last two added into each
+    key's row of its KV head. fp32 throughout; plain tensor operations (no
+    nested autograd), so AOTAutograd traces it too.
     """
     b, hq, nq, d = q.shape
     hkv, nk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     group = hq // hkv
-    layout = tile_layout(nq, nk, block_size, causal)
+    bs = block_size
+    layout = tile_layout(nq, nk, bs, causal)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     mask = block_mask.as_tensor() if isinstance(block_mask, TileMask) else block_mask
-    kf = k.detach().float().unsqueeze(2)  # (B, Hkv, 1, Nk, D)
-    vf = v.detach().float().unsqueeze(2)
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if needs[0] else None
-    dk = torch.zeros(kf.shape, dtype=torch.float32, device=q.device) if needs[1] else None
-    dv = torch.zeros(vf.shape[:-1] + (dv_dim,), dtype=torch.float32, device=q.device) \
-        if needs[2] else None
-    for rows in query_chunks(q, k):
-        r = rows.numel()
-        q_rows = q[:, :, rows].detach().float()
-        weights, _, total = masked_weights(q_rows, kf, mask, layout, rows, causal, scale)
-        inv = torch.where(total > 0, 1.0 / torch.where(total > 0, total, 1.0), 0.0)
-        p = weights * inv.reshape(b, hkv, group, r, 1)  # (B, Hkv, G, r, Nk)
+    nqt, nkt = layout.num_query_tiles, layout.num_key_tiles
+    mask = mask.expand(b, hq, nqt, nkt)
+    num, idx = mask_to_indices(mask)
+    width = nkt if torch.compiler.is_compiling() else max(1, int(num.max()))
+    idx = idx[..., :width]
+    # Query rows laid out in whole tiles of the absolute grid (contract §2).
+    lead = layout.query_start - layout.first_query_tile * bs
+    padded = nqt * bs
+
+    def tiles(x):  # (B, Hq, Nq, X) rows -> (B, Hq, nqt * bs, X) fp32, zero padded
+        out = x.new_zeros((b, hq, padded, x.shape[-1]), dtype=torch.float32)
+        out[:, :, lead:lead + nq] = x.float()
+        return out
+
+    qt = tiles(q.detach())
+    go = tiles(grad_out) if grad_out is not None else None
+    gl = tiles(grad_lse.unsqueeze(-1))[..., 0] if grad_lse is not None else None
+    kf, vf = k.detach().float(), v.detach().float()
+    dq = torch.zeros_like(qt) if needs[0] else None
+    dk = torch.zeros_like(kf) if needs[1] else None
+    dv = torch.zeros_like(vf) if needs[2] else None
+    rows = torch.arange(padded, device=q.device)
+    positions = layout.first_query_tile * bs + rows
+    row_ok = (rows >= lead) & (rows < lead + nq)
+    slots = torch.arange(width, device=q.device)
+    offsets = torch.arange(bs, device=q.device)
+    batch = torch.arange(b, device=q.device).view(b, 1, 1, 1)
+    kv_head = (torch.arange(hq, device=q.device) // group).view(1, hq, 1, 1)
+    keys = width * bs
+    per_tile = 4 * b * hq * bs * keys
+    step = max(1, CHUNK_BYTES // max(1, per_tile))
+    for t0 in range(0, nqt, step):
+        t1 = min(nqt, t0 + step)
+        c = t1 - t0
+        sel = idx[:, :, t0:t1]  # (B, Hq, c, W)
+        slot_ok = slots < num[:, :, t0:t1, None]
+        token = (sel.clamp_min(0)[..., None] * bs + offsets).reshape(b, hq, c, keys)
+        token_ok = (slot_ok[..., None] & (sel[..., None] * bs + offsets < nk)).reshape(
+            b, hq, c, keys)
+        token = token.clamp_max(nk - 1)
+        r = slice(t0 * bs, t1 * bs)
+        allowed = token_ok[:, :, :, None, :] & row_ok[r].view(1, 1, c, bs, 1)
+        if causal:
+            allowed = allowed & (token[:, :, :, None, :]
+                                 <= positions[r].view(1, 1, c, bs, 1))
+        k_sel = kf[batch, kv_head, token]  # (B, Hq, c, W * bs, D)
+        v_sel = vf[batch, kv_head, token]
+        q_rows = qt[:, :, r].reshape(b, hq, c, bs, d)
+        scores = torch.matmul(q_rows, k_sel.transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        row_max = scores.amax(dim=-1, keepdim=True)
+        weights = torch.exp(scores - torch.where(torch.isfinite(row_max), row_max, 0.0))
+        total = weights.sum(dim=-1, keepdim=True)
+        p = weights / torch.where(total > 0, total, 1.0)  # rows without a key stay 0
         d_scores = torch.zeros_like(p)
-        if grad_out is not None:
-            g_out = grad_out[:, :, rows].float().reshape(b, hkv, group, r, dv_dim)
-            out = torch.matmul(p, vf)
-            d_p = torch.matmul(g_out, vf.transpose(-1, -2))
+        if go is not None:
+            g_out = go[:, :, r].reshape(b, hq, c, bs, dv_dim)
+            out = torch.matmul(p, v_sel)
+            d_p = torch.matmul(g_out, v_sel.transpose(-1, -2))
             d_scores = p * (d_p - (g_out * out).sum(dim=-1, keepdim=True))
             if dv is not None:
-                dv += torch.matmul(p.transpose(-1, -2), g_out).sum(dim=2, keepdim=True)
-        if grad_lse is not None:
-            d_scores = d_scores + p * grad_lse[:, :, rows].float().reshape(b, hkv, group, r, 1)
+                dv.index_put_((batch, kv_head, token), torch.matmul(p.transpose(-1, -2), g_out),
+                              accumulate=True)
+        if gl is not None:
+            d_scores = d_scores + p * gl[:, :, r].reshape(b, hq, c, bs, 1)
         if dq is not None:
-            dq[:, :, rows] = (torch.matmul(d_scores, kf) * scale).reshape(b, hq, r, d)
+            dq[:, :, r] = (torch.matmul(d_scores, k_sel) * scale).reshape(b, hq, c * bs, d)
         if dk is not None:
-            dk += (torch.matmul(d_scores.transpose(-1, -2),
-                                q_rows.reshape(b, hkv, group, r, d)) * scale).sum(dim=2,
-                                                                                 keepdim=True)
-    return tuple(None if g is None else g.reshape(t.shape).to(t.dtype)
-                 for g, t in ((dq, q), (dk, k), (dv, v)))
+            dk.index_put_((batch, kv_head, token),
+                          torch.matmul(d_scores.transpose(-1, -2), q_rows) * scale,
+                          accumulate=True)
+    if dq is not None:
+        dq = dq[:, :, lead:lead + nq]
+    return tuple(None if g is None else g.to(t.dtype) for g, t in ((dq, q), (dk, k), (dv, v)))
 
 
 class _KernelAttention(torch.autograd.Function):

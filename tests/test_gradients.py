@@ -87,16 +87,16 @@ def test_prism_attention_gradients_equal_autograd_through_the_reference(nq, nk, 
 
 
 def test_block_sparse_gradients_for_some_inputs_over_several_chunks(monkeypatch):
-    """Only q and v require grad (dk is never formed), and the rows run in several
-    chunks, so dq is written chunk by chunk and dv summed over them."""
-    import prism.reference.attention as ref_attention
+    """Only q and v require grad (dk is never formed), and the query tiles run one
+    chunk each, so dq is written chunk by chunk and dv summed over them."""
+    from prism.optimized import gradients
 
     q, k, v = _inputs(80, 80, 4, 2, seed=5, needs=(1, 0, 1))
     mask = optimized.select_blocks(q.detach(), k, block_size=16)
     expected_o = reference.block_sparse_attention(q, k, v, mask.as_tensor(), block_size=16)
     w_o = _loss_weights(expected_o, expected_o[..., 0], seed=7)[0]
     expected = _grads((expected_o * w_o).sum(), (q, k, v))
-    monkeypatch.setattr(ref_attention, "_CHUNK_BYTES", 4 * 4 * 80 * 16)  # 16-row chunks
+    monkeypatch.setattr(gradients, "CHUNK_BYTES", 1)  # one query tile per chunk
     o = optimized.block_sparse_attention(q, k, v, mask, block_size=16)
     got = _grads((o * w_o).sum(), (q, k, v))
     assert got[1] is None
