@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from prism.reference.indices import mask_to_indices
 from prism.reference.tile_mask import TileMask
@@ -38,6 +39,13 @@ from prism.reference.tiles import tile_layout
 def needs_gradients(*tensors: torch.Tensor) -> bool:
     """Whether an attention call must return outputs that carry a backward."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _shapes_only(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values cannot be read on the host: Dynamo or AOTAutograd tracing
+    (fake tensors), or a CUDA stream being captured."""
+    return (torch.compiler.is_compiling() or is_fake(t)
+            or (t.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
 #: Bytes of one fp32 (query rows x gathered keys) block, over all heads of the
@@ -74,7 +82,7 @@ def attention_gradients(q, k, v, block_mask, block_size: int, causal: bool, scal
     nqt, nkt = layout.num_query_tiles, layout.num_key_tiles
     mask = mask.expand(b, hq, nqt, nkt)
     num, idx = mask_to_indices(mask)
-    width = nkt if torch.compiler.is_compiling() else max(1, int(num.max()))
+    width = nkt if _shapes_only(num) else max(1, int(num.max()))
     idx = idx[..., :width]
     # Query rows laid out in whole tiles of the absolute grid (contract §2).
     lead = layout.query_start - layout.first_query_tile * bs
