@@ -25,7 +25,7 @@ Kernels, one module each:
   ``torch.compile`` and CUDA graphs trace;
 * :mod:`~prism.optimized.gradients` - the kernels compute forward passes; with
   inputs that require grad, the attention outputs backpropagate the
-  reference's gradients, recomputed in torch per chunk of query rows.
+  reference's gradients, recomputed in torch over the selected key tiles.
 
 CPU tensors are refused with a message pointing at :mod:`prism.reference`,
 unless Triton runs in its interpreter (``TRITON_INTERPRET=1`` set before

@@ -427,7 +427,7 @@ def _attention_fake(q, k, v, block_mask, kv_num_blocks, kv_indices, block_size, 
 
 # Gradients (optimized.gradients): the kernels compute forward passes only; the
 # attention operators' backward is the reference's softmax gradient, recomputed
-# per chunk of query rows for the operator's tile mask (prism_attention's own
+# over the selected key tiles of the operator's tile mask (prism_attention's own
 # selection, made again when its mask was not returned).
 
 def _lse_grad(grad_lse, return_lse: bool):
