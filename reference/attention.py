@@ -47,71 +47,6 @@ def token_mask(block_mask: torch.Tensor, layout, rows: torch.Tensor, causal: boo
     return allowed
 
 
-def query_chunks(q: torch.Tensor, k: torch.Tensor):
-    """Query row indices in chunks whose (rows x Nk) fp32 scores stay near
-    ``_CHUNK_BYTES`` for all heads of the batch."""
-    b, hq, nq = q.shape[:3]
-    chunk = max(1, _CHUNK_BYTES // max(1, 4 * b * hq * k.shape[2]))
-    for r0 in range(0, nq, chunk):
-        yield torch.arange(r0, min(nq, r0 + chunk), device=q.device)
-
-
-def masked_weights(q_rows, kf, block_mask, layout, rows, causal: bool, scale: float):
-    """Softmax weights of some query rows relative to each row's maximum (contract §7).
-
-    ``q_rows`` (B, Hq, len(rows), D) holds the rows ``rows`` of q; ``kf`` is k in
-    fp32 with a group axis, (B, Hkv, 1, Nk, D).
-
-    Returns
-    -------
-    weights : Tensor (B, Hkv, G, len(rows), Nk), float32
-        ``exp(s - max)``, 0 at keys the row may not read.
-    row_max : Tensor (B, Hq, len(rows)), float32
-        The row maximum of the scaled scores, 0 for rows with no key.
-    total : Tensor (B, Hq, len(rows)), float32
-        Row sums of ``weights``: 0 exactly for rows with no key.
-    """
-    b, hq, r, d = q_rows.shape
-    hkv, nk = kf.shape[1], kf.shape[3]
-    group = hq // hkv
-    qf = q_rows.float().reshape(b, hkv, group, r, d)
-    scores = (torch.matmul(qf, kf.transpose(-1, -2)) * scale).reshape(b, hq, r, nk)
-    allowed = token_mask(block_mask, layout, rows, causal)  # may broadcast over B and Hq
-    scores = scores.masked_fill(~allowed, float("-inf")).reshape(b, hkv, group, r, nk)
-    # Softmax weights relative to the row maximum: the largest weight is
-    # exactly 1 and the row sum lies in [1, Nk], so normalising never
-    # depends on an fp32 log-sum-exp, whose rounding at large logits
-    # (|s| ~ 1e6) would make the weights sum to anything but 1.
-    row_max = scores.amax(dim=-1, keepdim=True)  # -inf where nothing is allowed
-    safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    weights = torch.exp(scores - safe_max)  # exp(-inf) = 0 for masked keys
-    return weights, safe_max.reshape(b, hq, r), weights.sum(dim=-1).reshape(b, hq, r)
-
-
-def attend_rows(q_rows, kf, vf, block_mask, layout, rows, causal: bool, scale: float):
-    """Contract §7 for some query rows: their fp32 outputs and log-sum-exps.
-
-    Arguments as :func:`masked_weights`'s; ``vf`` is v in fp32 with a group
-    axis, (B, Hkv, 1, Nk, Dv).
-
-    Returns
-    -------
-    out : Tensor (B, Hq, len(rows), Dv), float32
-    lse : Tensor (B, Hq, len(rows)), float32
-        Rows with no key give ``out = 0`` and ``lse = -inf``.
-    """
-    b, hq, r = q_rows.shape[:3]
-    weights, safe_max, total = masked_weights(q_rows, kf, block_mask, layout, rows, causal,
-                                              scale)
-    weighted = torch.matmul(weights, vf).reshape(b, hq, r, vf.shape[-1])
-    nonempty = total > 0
-    out = torch.where(nonempty[..., None],
-                      weighted / torch.where(nonempty, total, 1.0)[..., None],
-                      torch.zeros_like(weighted))
-    lse = safe_max + torch.log(total)  # log 0 = -inf for empty rows
-    return out, lse
-
-
 def block_sparse_attention(q, k, v, block_mask, *, block_size: int = 128, causal: bool = True,
                            scale: float | None = None, return_lse: bool = False):
     """Attention restricted to the selected tiles (contract §7).
@@ -150,7 +85,8 @@ def block_sparse_attention(q, k, v, block_mask, *, block_size: int = 128, causal
     validate_block_size(block_size)
     validate_scale(scale)
     b, hq, nq, d = q.shape
-    nk, dv = k.shape[2], v.shape[3]
+    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
+    group = hq // hkv
     layout = tile_layout(nq, nk, block_size, causal)
     validate_block_mask(block_mask, q, (layout.num_query_tiles, layout.num_key_tiles))
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
@@ -164,9 +100,29 @@ def block_sparse_attention(q, k, v, block_mask, *, block_size: int = 128, causal
     # Grouped views: the G query heads of a KV head share one K/V without copies.
     kf = k.float().unsqueeze(2)  # (B, Hkv, 1, Nk, D)
     vf = v.float().unsqueeze(2)
-    for rows in query_chunks(q, k):
-        out[:, :, rows], lse[:, :, rows] = attend_rows(q[:, :, rows], kf, vf, block_mask,
-                                                       layout, rows, causal, scale)
+    chunk = max(1, _CHUNK_BYTES // max(1, 4 * b * hq * nk))
+    for r0 in range(0, nq, chunk):
+        rows = torch.arange(r0, min(nq, r0 + chunk), device=q.device)
+        qf = q[:, :, rows].float().reshape(b, hkv, group, rows.numel(), d)
+        scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # (B, Hkv, G, r, Nk)
+        scores = scores.reshape(b, hq, rows.numel(), nk)
+        allowed = token_mask(block_mask, layout, rows, causal)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        # Softmax weights relative to the row maximum: the largest weight is
+        # exactly 1 and the row sum lies in [1, Nk], so normalising never
+        # depends on an fp32 log-sum-exp, whose rounding at large logits
+        # (|s| ~ 1e6) would make the weights sum to anything but 1.
+        row_max = scores.amax(dim=-1)  # -inf where nothing is allowed
+        safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        weights = torch.exp(scores - safe_max[..., None])  # exp(-inf) = 0 for masked keys
+        total = weights.sum(dim=-1)  # 0 exactly where nothing is allowed
+        weighted = torch.matmul(weights.reshape(b, hkv, group, rows.numel(), nk), vf)
+        weighted = weighted.reshape(b, hq, rows.numel(), dv)
+        nonempty = total > 0
+        out[:, :, rows] = torch.where(nonempty[..., None],
+                                      weighted / torch.where(nonempty, total, 1.0)[..., None],
+                                      torch.zeros_like(weighted))
+        lse[:, :, rows] = safe_max + torch.log(total)  # log 0 = -inf for empty rows
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 
