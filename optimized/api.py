@@ -269,16 +269,15 @@ def prism_attention(q, k, v, config: PrismConfig | None = None, *, causal: bool 
         out, lse, mask = torch.ops.prism.prism_attention(
             q, k, v, ops.config_string(cfg), causal, scale, return_lse, return_mask)
         return _attention_result(out, lse, mask, None, None, cfg, causal, q, k, return_lse,
-                                 return_mask, traced=True)
+                                 return_mask, wrap=False)
     if gradients.needs_gradients(q, k, v):
         # Selection, then attention whose backward is the reference's (optimized.gradients);
         # the same outputs as the fused call.
         mask = select_blocks(q, k, cfg, causal=causal)
-        result = block_sparse_attention(q, k, v, mask, block_size=cfg.block_size, causal=causal,
-                                        scale=scale, return_lse=return_lse)
-        if not return_mask:
-            return result
-        return (*result, mask) if return_lse else (result, mask)
+        out, lse = block_sparse_attention(q, k, v, mask, block_size=cfg.block_size,
+                                          causal=causal, scale=scale, return_lse=True)
+        return _attention_result(out, lse, mask, None, None, cfg, causal, q, k, return_lse,
+                                 return_mask, wrap=False)
     outputs, flags, at = ops.planned_attention(q, k, v, cfg, causal, scale, return_lse,
                                                return_mask, validate)
     _raise_if_nonfinite(flags[at:at + 1], q=q, k=k, v=v)
@@ -287,12 +286,13 @@ def prism_attention(q, k, v, config: PrismConfig | None = None, *, causal: bool 
 
 
 def _attention_result(out, lse, mask, num, idx, cfg, causal, q, k, return_lse, return_mask,
-                      traced=False):
-    """``prism_attention``'s return value (a ``TileMask`` for the mask of an eager call)."""
+                      wrap=True):
+    """``prism_attention``'s return value; ``wrap``: the mask of an eager call's plan, made a
+    ``TileMask`` here (traced calls return a plain tensor, the gradient path's is one)."""
     result = (out, lse) if return_lse else out
     if not return_mask:
         return result
-    if not traced:
+    if wrap:
         mask = TileMask.from_selection(mask, cfg.block_size, causal, q.shape[2], k.shape[2],
                                        num, idx)
     return (*result, mask) if return_lse else (result, mask)

@@ -156,37 +156,9 @@ def attention_gradients(q, k, v, block_mask, block_size: int, causal: bool, scal
 
 
 class _KernelAttention(torch.autograd.Function):
-    """The kernels' forward output, the reference's gradients (module docstring)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, block_mask, forward, block_size, causal, scale):
-        out, lse = forward()
-        ctx.save_for_backward(q, k, v, block_mask)
-        ctx.options = (block_size, causal, scale)
-        ctx.set_materialize_grads(False)
-        if lse is None:
-            return out
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse=None):
-        q, k, v, block_mask = ctx.saved_tensors
-        dq, dk, dv = attention_gradients(q, k, v, block_mask, *ctx.options, grad_out, grad_lse,
-                                         ctx.needs_input_grad[:3])
-        return dq, dk, dv, None, None, None, None, None
-
-
-def with_gradients(q, k, v, block_mask, forward, *, block_size: int, causal: bool, scale):
-    """``forward()`` (returning ``(out, lse or None)``, computed by the kernels) as outputs
-    whose backward gives the reference's gradients: ``out``, or ``(out, lse)``."""
-    mask = block_mask.as_tensor() if isinstance(block_mask, TileMask) else block_mask
-    return _KernelAttention.apply(q, k, v, mask.detach(), forward, block_size, causal, scale)
-
-
-
-
-class _PackedAttention(torch.autograd.Function):
-    """A packed batch's kernel output with each sequence's reference gradients."""
+    """The kernels' forward output, the reference's gradients (module docstring): one
+    dense call (``ranges`` None, one mask) or a packed batch (each sequence's
+    ``(q0, q1, k0, k1)`` rows and mask)."""
 
     @staticmethod
     def forward(ctx, q, k, v, forward, ranges, masks, block_size, causal, scale):
@@ -203,32 +175,54 @@ class _PackedAttention(torch.autograd.Function):
         q, k, v, *masks = ctx.saved_tensors
         ranges, block_size, causal, scale = ctx.options
         needs = ctx.needs_input_grad[:3]
-        totals = [torch.zeros_like(t) if need else None for t, need in zip((q, k, v), needs,
-                                                                         strict=True)]
+        if ranges is None:
+            grads = attention_gradients(q, k, v, masks[0], block_size, causal, scale, grad_out,
+                                        grad_lse, needs)
+        else:
+            grads = _packed_gradients(q, k, v, ranges, masks, block_size, causal, scale,
+                                      grad_out, grad_lse, needs)
+        return (*grads, None, None, None, None, None, None)
 
-        def heads(x, lo, hi):  # (tokens, H, D) rows lo:hi as (1, H, n, D)
-            return x[lo:hi].transpose(0, 1).unsqueeze(0)
 
-        for (q0, q1, k0, k1), mask in zip(ranges, masks, strict=True):
-            if q1 == q0 or k1 == k0:
-                continue
-            grads = attention_gradients(
-                heads(q, q0, q1), heads(k, k0, k1), heads(v, k0, k1), mask, block_size, causal,
-                scale, None if grad_out is None else heads(grad_out, q0, q1),
-                None if grad_lse is None else grad_lse[:, q0:q1].unsqueeze(0), needs)
-            for total, grad, (lo, hi) in zip(totals, grads, ((q0, q1), (k0, k1), (k0, k1)),
-                                             strict=True):
-                if total is not None:
-                    total[lo:hi] += grad[0].transpose(0, 1)
-        return (*totals, None, None, None, None, None, None)
+def _packed_gradients(q, k, v, ranges, masks, block_size, causal, scale, grad_out, grad_lse,
+                      needs):
+    """:func:`attention_gradients` per sequence of a packed batch ((tokens, H, D) rows)."""
+    totals = [torch.zeros_like(t) if need else None for t, need in zip((q, k, v), needs,
+                                                                     strict=True)]
+
+    def heads(x, lo, hi):  # (tokens, H, D) rows lo:hi as (1, H, n, D)
+        return x[lo:hi].transpose(0, 1).unsqueeze(0)
+
+    for (q0, q1, k0, k1), mask in zip(ranges, masks, strict=True):
+        if q1 == q0 or k1 == k0:
+            continue
+        grads = attention_gradients(
+            heads(q, q0, q1), heads(k, k0, k1), heads(v, k0, k1), mask, block_size, causal,
+            scale, None if grad_out is None else heads(grad_out, q0, q1),
+            None if grad_lse is None else grad_lse[:, q0:q1].unsqueeze(0), needs)
+        for total, grad, (lo, hi) in zip(totals, grads, ((q0, q1), (k0, k1), (k0, k1)),
+                                         strict=True):
+            if total is not None:
+                total[lo:hi] += grad[0].transpose(0, 1)
+    return totals
+
+
+def _plain(mask):
+    return (mask.as_tensor() if isinstance(mask, TileMask) else mask).detach()
+
+
+def with_gradients(q, k, v, block_mask, forward, *, block_size: int, causal: bool, scale):
+    """``forward()`` (returning ``(out, lse or None)``, computed by the kernels) as outputs
+    whose backward gives the reference's gradients: ``out``, or ``(out, lse)``."""
+    return _KernelAttention.apply(q, k, v, forward, None, [_plain(block_mask)], block_size,
+                                  causal, scale)
 
 
 def with_packed_gradients(q, k, v, ranges, masks, forward, *, block_size: int, causal: bool,
                           scale):
     """:func:`with_gradients` for a packed batch, (tokens, H, D) tensors: ``ranges``
     holds each sequence's ``(q0, q1, k0, k1)`` rows, ``masks`` its tile mask."""
-    masks = [m.as_tensor() if isinstance(m, TileMask) else m for m in masks]
-    return _PackedAttention.apply(q, k, v, forward, list(ranges), [m.detach() for m in masks],
+    return _KernelAttention.apply(q, k, v, forward, list(ranges), [_plain(m) for m in masks],
                                   block_size, causal, scale)
 
 
