@@ -211,3 +211,20 @@ def count_shape_checks(monkeypatch) -> list:
 
     monkeypatch.setattr(validation, "_check_qk", counting)
     return calls
+
+
+def kernel_test_setup():
+    """``(INTERPRETED, DEVICE, pytestmark)`` of a test file that runs the Triton kernels:
+    in Triton's interpreter on the CPU when it is on (CI), else on CUDA; marked
+    ``interpret`` and skipped when neither is there."""
+    import pytest
+
+    from prism.optimized._runtime import kernels_interpreted
+    from prism.optimized.attention import _sparse_attention_kernel
+
+    interpreted = kernels_interpreted(_sparse_attention_kernel)
+    marks = [pytest.mark.interpret,
+             pytest.mark.skipif(not interpreted and not torch.cuda.is_available(),
+                                reason="triton was imported without its interpreter and there "
+                                       "is no GPU")]
+    return interpreted, "cpu" if interpreted else "cuda", marks

@@ -19,22 +19,13 @@ import pytest
 import torch
 
 import prism.optimized as optimized
-from helpers import make_qkv, relative_error
+from helpers import kernel_test_setup, make_qkv, relative_error
 from prism import reference
 from prism.optimized import ops
-from prism.optimized._runtime import kernels_interpreted
-from prism.optimized.attention import _sparse_attention_kernel
 from prism.reference import PrismConfig, tile_layout
 from prism.reference.tile_mask import TileMask
 
-INTERPRETED = kernels_interpreted(_sparse_attention_kernel)
-DEVICE = "cpu" if INTERPRETED else "cuda"
-
-pytestmark = [
-    pytest.mark.interpret,
-    pytest.mark.skipif(not INTERPRETED and not torch.cuda.is_available(),
-                       reason="triton was imported without its interpreter and there is no GPU"),
-]
+INTERPRETED, DEVICE, pytestmark = kernel_test_setup()
 
 
 def _qkv(nq=96, nk=160, d=32, hq=4, hkv=2, seed=0, dtype=torch.float32):

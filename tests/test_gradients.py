@@ -14,19 +14,10 @@ import pytest
 import torch
 
 import prism.optimized as optimized
-from helpers import make_qkv
+from helpers import kernel_test_setup, make_qkv
 from prism import reference
-from prism.optimized._runtime import kernels_interpreted
-from prism.optimized.attention import _sparse_attention_kernel
 
-INTERPRETED = kernels_interpreted(_sparse_attention_kernel)
-DEVICE = "cpu" if INTERPRETED else "cuda"
-
-pytestmark = [
-    pytest.mark.interpret,
-    pytest.mark.skipif(not INTERPRETED and not torch.cuda.is_available(),
-                       reason="triton was imported without its interpreter and there is no GPU"),
-]
+INTERPRETED, DEVICE, pytestmark = kernel_test_setup()
 
 
 def _inputs(nq, nk, hq, hkv, d=16, dv=16, seed=0, dtype=torch.float32, needs=(1, 1, 1)):

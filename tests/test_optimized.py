@@ -28,26 +28,18 @@ from hypothesis import strategies as st  # noqa: E402
 
 import prism.optimized as optimized  # noqa: E402
 import prism.optimized.selection as selection_module  # noqa: E402
-from helpers import TOLERANCE, make_qkv, relative_error  # noqa: E402
+from helpers import TOLERANCE, kernel_test_setup, make_qkv, relative_error  # noqa: E402
 from prism import reference  # noqa: E402
-from prism.optimized._runtime import check_device, kernels_interpreted  # noqa: E402
+from prism.optimized._runtime import check_device  # noqa: E402
 from prism.optimized.attention import (  # noqa: E402
     AttentionConfig,
-    _sparse_attention_kernel,
     sparse_attention_forward,
 )
 from prism.optimized.indices import mask_rows_to_indices  # noqa: E402
 from prism.optimized.selection import select_tiles  # noqa: E402
 from prism.reference import TIE_MARGIN, band_sizes, resolve_config, tile_layout  # noqa: E402
 
-INTERPRETED = kernels_interpreted(_sparse_attention_kernel)
-DEVICE = "cpu" if INTERPRETED else "cuda"
-
-pytestmark = [
-    pytest.mark.interpret,
-    pytest.mark.skipif(not INTERPRETED and not torch.cuda.is_available(),
-                       reason="triton was imported without its interpreter and there is no GPU"),
-]
+INTERPRETED, DEVICE, pytestmark = kernel_test_setup()
 
 PUBLIC = ("select_blocks", "block_sparse_attention", "prism_attention", "mask_to_indices")
 # Head dims of the models Prism targets; 80 and 96 pad to 128 inside the kernels.
