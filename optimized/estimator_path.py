@@ -83,7 +83,7 @@ VS_AFTER_POOLING_MAX_KEY_TILES = 64
 #: On the H200 (the same preset and shape, graph replays,
 #: results/h200_vs_fork_a60fdf7.json and h200_vs_fork_mid_a60fdf7.json) before the
 #: pooling took 0.0751-0.0755 ms at 4K (32 key tiles) against 0.0817-0.0822 after it,
-#: while after it stayed faster at 5K / 6K / 8K (40 / 48 / 64 tiles: 0.1021-0.1023 /
+#: while after it stayed faster at 5K / 6K / 8K (40 / 48 / 64 tiles: 0.1021-0.1031 /
 #: 0.1034-0.1037 / 0.1257-0.1261 against 0.1035-0.1038 / 0.1065-0.1068 /
 #: 0.1263-0.1267) and slower at 12K (96 tiles: 0.1836 against 0.1664-0.1670).
 VS_AFTER_POOLING_MIN_KEY_TILES = 33
