@@ -180,13 +180,14 @@ def test_register_cap_reaches_the_launch_and_the_interpreter_runs_it():
     args = (True, False, 32, 32, torch.float32, False)
     assert "maxnreg" not in attention.launch_constants(plain, *args, varlen=False)
     assert attention.launch_constants(capped, *args, varlen=False)["maxnreg"] == 96
-    q, k, v = make_qkv(1, 2, 1, 64, 64, 32, seed=3)
+    device = "cpu" if INTERPRETED else "cuda"  # the interpreter, or the real launch
+    q, k, v = (t.to(device) for t in make_qkv(1, 2, 1, 64, 64, 32, seed=3))
     layout = tile_layout(64, 64, 32, True)
-    mask = torch.ones(1, 2, 2, 2, dtype=torch.bool).tril()
+    mask = torch.ones(1, 2, 2, 2, dtype=torch.bool, device=device).tril()
     num, idx = mask_rows_to_indices(mask, layout.first_query_tile, causal_trim=True)
     outs = [attention.sparse_attention_forward(
         q, k, v, num, idx, block_size=32, causal=True, scale=None, return_lse=False,
-        first_query_tile=0, query_start=0, interpreted=True, config=c)[0]
+        first_query_tile=0, query_start=0, interpreted=INTERPRETED, config=c)[0]
         for c in (plain, capped)]
     assert torch.equal(outs[0], outs[1])
 

@@ -69,7 +69,10 @@ def test_paged_pooling_equals_contiguous(count, nq, nk, block_size, page_size, f
         count, nq, nk, block_size=block_size, page_size=page_size, first=first,
         table_form=table_form)
     assert float(paged[0]) == 0.0, "the flag is set: a stray read of a NaN slot"
-    assert torch.equal(paged[:sums], contiguous[:sums])            # flag and energies
+    assert float(paged[0]) == float(contiguous[0])                # the NaN/Inf flag
+    # The energies: float64 sums of per-tile atomics, which land in any order on a GPU
+    # (bit-equal in the interpreter, which runs the programs one by one).
+    torch.testing.assert_close(paged[1:sums], contiguous[1:sums], rtol=1e-12, atol=0.0)
     as32 = (contiguous.view(torch.float32), paged.view(torch.float32))
     hkv, d = 2, 16
     columns = [x[k_off:k_off + count * hkv * d * k_stride]
