@@ -22,7 +22,8 @@ Kernels, one module each:
 * :mod:`~prism.optimized.launch` - replays compiled kernels through Triton's
   launcher after the first call, to cut the per-launch host cost;
 * :mod:`~prism.optimized.ops` - the ``torch.library`` operators that
-  ``torch.compile`` and CUDA graphs trace;
+  ``torch.compile`` and CUDA graphs trace (:mod:`~prism.optimized.varlen_ops`:
+  the packed and paged calls as opaque operators);
 * :mod:`~prism.optimized.gradients` - the kernels compute forward passes; with
   inputs that require grad, the attention outputs backpropagate the
   reference's gradients, recomputed in torch over the selected key tiles.

@@ -65,7 +65,7 @@ from prism.reference.varlen import (
     validate_varlen,
 )
 
-from . import gradients
+from . import gradients, varlen_ops
 from ._runtime import check_device, kernels_interpreted, next_power_of_2
 from .attention import (
     LOG2_E,
@@ -540,7 +540,13 @@ def prism_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
 
     Same contract as :func:`prism.reference.prism_attention_varlen`: selection
     per run of equal-shape sequences, then one attention launch for the batch.
+    Under ``torch.compile`` one operator (:mod:`prism.optimized.varlen_ops`).
     """
+    if torch.compiler.is_compiling():
+        return varlen_ops.prism_attention_varlen(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, config,
+            causal=causal, scale=scale, return_lse=return_lse, return_mask=return_mask,
+            **overrides)
     cfg = resolve_config(config, **overrides)
     ranges = validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                              causal=causal)
@@ -580,13 +586,17 @@ def prism_attention_paged(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens
     Same contract as :func:`prism.reference.prism_attention_paged`. Forward only:
     with grad mode on and an input that requires grad it raises ``TypeError``
     (gather the pages and call :func:`prism_attention_varlen` for gradients).
+    Under ``torch.compile`` one operator (:mod:`prism.optimized.varlen_ops`).
     """
+    if torch.compiler.is_compiling():
+        return varlen_ops.prism_attention_paged(
+            q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, config,
+            causal=causal, scale=scale, return_lse=return_lse, return_mask=return_mask,
+            pooled_keys=pooled_keys, **overrides)
     if gradients.needs_gradients(q, k_cache, v_cache):
-        raise TypeError("prism_attention_paged computes forward passes only, but q, k_cache or "
-                        "v_cache requires grad; call it under torch.no_grad() or "
-                        "torch.inference_mode(), or gather the pages "
-                        "(prism.reference.gather_paged_kv) and call prism_attention_varlen, "
-                        "whose outputs carry gradients")
+        raise TypeError("prism_attention_paged computes forward passes only, but an input "
+                        "requires grad; call it under torch.no_grad(), or gather the pages "
+                        "(prism.reference.gather_paged_kv) and call prism_attention_varlen")
     return run_paged_prism(_impl(), q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
                            max_seqlen_q, config, causal=causal, scale=scale,
                            return_lse=return_lse, return_mask=return_mask,
