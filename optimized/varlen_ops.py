@@ -20,6 +20,8 @@ while tracing instead.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from . import gradients, ops
@@ -66,62 +68,35 @@ def prism_attention_paged(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens
     return (out, lse) if return_lse else out
 
 
-def _lse_or_empty(result, return_lse: bool, q):
-    if return_lse:
-        return result
-    return result, q.new_empty((0,), dtype=torch.float32)
+def _define(name: str, arguments: str) -> None:
+    """``prism::<name>``: the leading ``arguments`` of the eager call, then its config string,
+    ``causal``, ``scale`` and ``return_lse``; returns ``(out, lse)`` (``lse`` empty unless
+    asked for). The body runs :mod:`prism.optimized.varlen`'s function of that name."""
+    torch.library.define(f"prism::{name}", f"({arguments}, str config, bool causal, "
+                         "float? scale, bool return_lse) -> (Tensor, Tensor)")
+
+    def body(*args):
+        *leading, config, causal, scale, return_lse = args
+        eager = getattr(importlib.import_module("prism.optimized.varlen"), name)
+        result = eager(*leading, ops.config_from_string(config), causal=causal, scale=scale,
+                       return_lse=return_lse)
+        return result if return_lse else (result, leading[0].new_empty((0,),
+                                                                       dtype=torch.float32))
+
+    def fake(*args):
+        q, v, return_lse = args[0], args[2], args[-1]  # v: packed (T, H, Dv) or paged
+        lse = (q.shape[1], q.shape[0]) if return_lse else (0,)
+        return (q.new_empty((q.shape[0], q.shape[1], v.shape[-1])),
+                q.new_empty(lse, dtype=torch.float32))
+
+    torch.library.impl(f"prism::{name}", "default")(body)
+    torch.library.register_fake(f"prism::{name}")(fake)
 
 
-torch.library.define(
-    "prism::prism_attention_varlen",
-    "(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-    "SymInt max_seqlen_q, SymInt max_seqlen_k, str config, bool causal, float? scale, "
-    "bool return_lse) -> (Tensor, Tensor)")
-
-
-@torch.library.impl("prism::prism_attention_varlen", "default")
-def _varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, config,
-               causal, scale, return_lse):
-    from .varlen import prism_attention_varlen as eager
-
-    result = eager(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                   ops.config_from_string(config), causal=causal, scale=scale,
-                   return_lse=return_lse)
-    return _lse_or_empty(result, return_lse, q)
-
-
-@torch.library.register_fake("prism::prism_attention_varlen")
-def _varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, config,
-                 causal, scale, return_lse):
-    lse = (q.shape[1], q.shape[0]) if return_lse else (0,)
-    return (q.new_empty((q.shape[0], q.shape[1], v.shape[2])),
-            q.new_empty(lse, dtype=torch.float32))
-
-
-torch.library.define(
-    "prism::prism_attention_paged",
-    "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, "
-    "Tensor cu_seqlens_q, SymInt max_seqlen_q, str config, bool causal, float? scale, "
-    "bool return_lse) -> (Tensor, Tensor)")
-
-
-@torch.library.impl("prism::prism_attention_paged", "default")
-def _paged_op(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, config,
-              causal, scale, return_lse):
-    from .varlen import prism_attention_paged as eager
-
-    result = eager(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q,
-                   ops.config_from_string(config), causal=causal, scale=scale,
-                   return_lse=return_lse)
-    return _lse_or_empty(result, return_lse, q)
-
-
-@torch.library.register_fake("prism::prism_attention_paged")
-def _paged_fake(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, config,
-                causal, scale, return_lse):
-    lse = (q.shape[1], q.shape[0]) if return_lse else (0,)
-    return (q.new_empty((q.shape[0], q.shape[1], v_cache.shape[3])),
-            q.new_empty(lse, dtype=torch.float32))
+_define("prism_attention_varlen", "Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
+        "Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k")
+_define("prism_attention_paged", "Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
+        "Tensor seq_lens, Tensor cu_seqlens_q, SymInt max_seqlen_q")
 
 
 __all__ = ["prism_attention_paged", "prism_attention_varlen"]
