@@ -78,7 +78,7 @@ def attention_gradients(q, k, v, block_mask, block_size: int, causal: bool, scal
     bs = block_size
     layout = tile_layout(nq, nk, bs, causal)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    mask = block_mask.as_tensor() if isinstance(block_mask, TileMask) else block_mask
+    mask = _plain(block_mask)
     nqt, nkt = layout.num_query_tiles, layout.num_key_tiles
     mask = mask.expand(b, hq, nqt, nkt)
     num, idx = mask_to_indices(mask)
@@ -133,7 +133,7 @@ def attention_gradients(q, k, v, block_mask, block_size: int, causal: bool, scal
         weights = torch.exp(scores - torch.where(torch.isfinite(row_max), row_max, 0.0))
         total = weights.sum(dim=-1, keepdim=True)
         p = weights / torch.where(total > 0, total, 1.0)  # rows without a key stay 0
-        d_scores = torch.zeros_like(p)
+        d_scores = 0.0  # dS, formed by the terms present (no zero block to add to)
         if go is not None:
             g_out = go[:, :, r].reshape(b, hq, c, bs, dv_dim)
             out = torch.matmul(p, v_sel)
@@ -144,6 +144,8 @@ def attention_gradients(q, k, v, block_mask, block_size: int, causal: bool, scal
                               accumulate=True)
         if gl is not None:
             d_scores = d_scores + p * gl[:, :, r].reshape(b, hq, c, bs, 1)
+        if not isinstance(d_scores, torch.Tensor):  # neither gradient given
+            d_scores = torch.zeros_like(p)
         if dq is not None:
             dq[:, :, r] = (torch.matmul(d_scores, k_sel) * scale).reshape(b, hq, c * bs, d)
         if dk is not None:
