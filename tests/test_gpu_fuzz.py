@@ -21,7 +21,8 @@ one), and checks on that one input:
   probabilities equal the reference's, and its mask the reference's away from
   the boundary.
 
-``PRISM_GPU_FUZZ_CASES`` sets the number of cases (default 40). Without a GPU
+``PRISM_GPU_FUZZ_CASES`` sets the number of cases (default 40) and
+``PRISM_GPU_FUZZ_FIRST`` the first case's seed (default 0). Without a GPU
 (CI), two cases shrunk to interpreter sizes run the same checks in Triton's
 interpreter, so this file's code runs everywhere.
 """
@@ -60,6 +61,8 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
 CASES = int(os.environ.get("PRISM_GPU_FUZZ_CASES", "40"))
+#: Seed of the first case: a run from another seed draws cases no earlier run drew.
+FIRST = int(os.environ.get("PRISM_GPU_FUZZ_FIRST", "0"))
 #: Largest B x Hq x Nq x Nk of a case (the reference attention holds that many fp32
 #: scores).
 MAX_SCORES = 1 << 28
@@ -128,7 +131,7 @@ def _label(seed: int) -> str:
             f"{'' if case.causal else '-noncausal'}{'-strided' if case.strided else ''}")
 
 
-SEEDS = list(range(CASES))
+SEEDS = list(range(FIRST, FIRST + CASES))
 
 
 @pytest.mark.parametrize("seed", SEEDS, ids=_label)
