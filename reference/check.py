@@ -9,6 +9,12 @@ ties (contract §6) and outside the tolerances (contract §10), with a minimal
 reproducer: Python code that rebuilds the case, and an ``.npz`` file with its
 inputs and expected results. The exit status is 1 when anything mismatches.
 
+With ``--estimators`` it also runs the estimators' set (``estimators/`` under
+the golden folder; docs/estimators.rst) and random estimator cases: the port's
+``select`` then also receives ``estimator=...`` and that estimator's fields
+(``antidiagonal_stride``, ``last_queries``, ``vertical_slash_threshold``,
+``candidate_threshold``, ``sampled_queries``, ``subtile_factor``).
+
 The port's functions are called as
 
 * ``select(q, k, causal=..., block_size=..., high_dim=..., low_dim=...,
@@ -43,6 +49,7 @@ import torch
 
 from .golden import compare_attention, compare_mask, load_golden
 from .golden_cases import CASES, GoldenCase, make_inputs
+from .golden_estimator_cases import ESTIMATOR_CASES
 
 
 @dataclass
@@ -136,6 +143,10 @@ def check_case(entry: dict, arrays: dict, select=None, attention=None,
     return problems
 
 
+#: The golden sets by name: their cases, and their folder under a golden root.
+SETS = {"prism": (CASES, "."), "estimators": (ESTIMATOR_CASES, "estimators")}
+
+
 def reference_set(cases=CASES) -> tuple[dict, dict]:
     """The golden set built in memory (the same as the committed one), as ``load_golden``."""
     from .golden_writer import _as_array, case_entry, expected_results
@@ -183,15 +194,17 @@ def _save(path: Path, arrays: dict) -> str:
 
 
 def check_golden(select=None, attention=None, directory=None, array_kind: str = "torch",
-                 save_dir=None) -> tuple[int, list[Mismatch]]:
-    """Run a port on every golden case; returns (cases run, mismatches).
+                 save_dir=None, golden_set: str = "prism") -> tuple[int, list[Mismatch]]:
+    """Run a port on every case of a golden set; returns (cases run, mismatches).
 
-    ``directory`` is a golden set on disk; ``None`` builds the reference set
-    in memory.
+    ``directory`` is a golden root on disk (``tests/golden``; the estimators' set
+    is its ``estimators`` folder); ``None`` builds the set in memory.
+    ``golden_set`` is ``"prism"`` (contract §2-§7) or ``"estimators"``.
     """
-    manifest, arrays = (load_golden(directory) if directory is not None
-                        else reference_set())
-    by_name = {case.name: case for case in CASES}
+    cases, folder = SETS[golden_set]
+    manifest, arrays = (load_golden(Path(directory) / folder) if directory is not None
+                        else reference_set(cases))
+    by_name = {case.name: case for case in cases}
     mismatches = []
     for entry in manifest["cases"]:
         problems = check_case(entry, arrays[entry["name"]], select, attention, array_kind)
@@ -240,10 +253,36 @@ def _random_case(draw) -> GoldenCase:
         config=config)
 
 
+#: The estimators random cases draw from (``"subtile"`` has no golden cases either).
+RANDOM_ESTIMATORS = ("cascade", "antidiagonal_vertical_slash", "antidiagonal",
+                     "vertical_slash", "sampled", "sampled_vertical_slash",
+                     "prism_vertical_slash")
+
+
+def _random_estimator_case(draw) -> GoldenCase:
+    """A small random case of one of :data:`RANDOM_ESTIMATORS`, on structured inputs."""
+    from hypothesis import strategies as st
+
+    case = _random_case(draw)
+    bs = draw(st.sampled_from([8, 16]))
+    estimator = draw(st.sampled_from(RANDOM_ESTIMATORS))
+    config = {**case.config, "block_size": bs, "estimator": estimator,
+              "antidiagonal_stride": draw(st.sampled_from([s for s in (2, 4, 8) if s <= bs])),
+              "last_queries": draw(st.sampled_from([1, 4, 16])),
+              "vertical_slash_threshold": draw(st.sampled_from([None, 0.3, 0.6])),
+              "candidate_threshold": draw(st.sampled_from([0.6, 0.9, 0.99])),
+              "sampled_queries": draw(st.sampled_from([1, 2, 4]))}
+    kind = draw(st.sampled_from(["topic", "slash"])) if case.num_keys else "topic"
+    return dataclasses.replace(case, kind=kind, config=config)
+
+
 def check_random(select=None, attention=None, max_examples: int = 50, array_kind="torch",
-                 save_dir=None, select_spec: str = "", attention_spec: str = ""
-                 ) -> list[Mismatch]:
-    """Run a port on hypothesis-generated cases; returns the shrunk failure, if any."""
+                 save_dir=None, select_spec: str = "", attention_spec: str = "",
+                 estimators: bool = False) -> list[Mismatch]:
+    """Run a port on hypothesis-generated cases; returns the shrunk failure, if any.
+
+    ``estimators``: the cases use the estimators of :data:`RANDOM_ESTIMATORS`
+    instead of Prism's bands."""
     try:
         from hypothesis import HealthCheck, given, settings
         from hypothesis import strategies as st
@@ -253,9 +292,11 @@ def check_random(select=None, attention=None, max_examples: int = 50, array_kind
 
     failures: list[tuple[GoldenCase, dict, dict, list[str]]] = []
 
+    draw_case = _random_estimator_case if estimators else _random_case
+
     @settings(max_examples=max_examples, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck), print_blob=False)
-    @given(st.composite(lambda draw: _random_case(draw))())
+    @given(st.composite(lambda draw: draw_case(draw))())
     def run(case):
         if case.kind == "copies" and case.num_keys % case.config["block_size"]:
             case = dataclasses.replace(case, kind="topic")
@@ -317,6 +358,9 @@ def main(argv=None) -> int:
                         help="hypothesis examples (0: golden set only; default 50)")
     parser.add_argument("--arrays", choices=["torch", "numpy"], default="torch",
                         help="what the port receives (default torch tensors)")
+    parser.add_argument("--estimators", action="store_true",
+                        help="also check the estimators' selections (their golden set and "
+                             "random cases; the port's select takes estimator=...)")
     parser.add_argument("--save", default="prism-check-failures",
                         help="folder for the .npz reproducers (default %(default)s)")
     args = parser.parse_args(argv)
@@ -328,10 +372,20 @@ def main(argv=None) -> int:
     except ValueError as error:
         parser.error(str(error))  # one line and exit status 2, as for other bad arguments
     cases, mismatches = check_golden(select, attention, args.golden, args.arrays, args.save)
+    examples = args.examples
     if args.examples > 0:
         mismatches += check_random(select, attention, args.examples, args.arrays, args.save,
                                    args.select or "", args.attention or "")
-    print(report(mismatches, cases, args.examples))
+    if args.estimators:
+        more, found = check_golden(select, attention, args.golden, args.arrays, args.save,
+                                   golden_set="estimators")
+        cases, mismatches = cases + more, mismatches + found
+        if args.examples > 0:
+            examples += args.examples
+            mismatches += check_random(select, attention, args.examples, args.arrays,
+                                       args.save, args.select or "", args.attention or "",
+                                       estimators=True)
+    print(report(mismatches, cases, examples))
     return 1 if mismatches else 0
 
 

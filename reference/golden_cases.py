@@ -51,7 +51,9 @@ class GoldenCase:
     per-head direction, amplitude changing every 8 keys), ``"copies"`` (small-integer
     key tiles copied from a few distinct ones, so probabilities tie exactly),
     ``"integers"`` (small integers, exact fp32 scores at large logits),
-    ``"constant"`` (the same content on every token, then RoPE). ``empty_rows``
+    ``"constant"`` (the same content on every token, then RoPE), ``"slash"`` (one
+    content vector per KV head with a little noise, then RoPE: attention follows the
+    distance between positions). ``empty_rows``
     lists query-tile rows that the attention mask clears, so that those rows
     read no key.
     """
@@ -255,6 +257,17 @@ def make_inputs(case: GoldenCase) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         q = torch.randint(-20, 21, (b, case.q_heads, case.num_queries, d), generator=gen)
         k = torch.randint(-20, 21, (b, hkv, nk, d), generator=gen)
         q, k = q.float(), k.float()
+    elif case.kind == "slash":
+        # One content vector per KV head (its query heads share it) plus a little noise:
+        # after RoPE the scores follow the distance q_pos - k_pos, a slash pattern.
+        group = case.q_heads // hkv
+        content = torch.randn(b, hkv, 1, d, generator=gen)
+        q = case.sharpness * (content.repeat_interleave(group, dim=1)
+                              + 0.3 * torch.randn(b, case.q_heads, case.num_queries, d,
+                                                  generator=gen))
+        k = content + 0.3 * torch.randn(b, hkv, nk, d, generator=gen)
+        q = apply_rope(q, case.rope_base, rope_layout=layout, start=query_start)
+        k = apply_rope(k, case.rope_base, rope_layout=layout)
     elif case.kind == "constant":
         content = torch.randn(b, hkv, 1, d, generator=gen)
         q = apply_rope(content.expand(b, case.q_heads, case.num_queries, d).contiguous(),

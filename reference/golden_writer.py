@@ -22,6 +22,7 @@ from .attention import block_sparse_attention
 from .config import ESTIMATOR_FIELDS, TIE_MARGIN, TIE_RELATIVE, resolve_config
 from .golden import ARRAYS, CONTRACT, FORMAT_VERSION, MANIFEST, TOLERANCE_RULE
 from .golden_cases import CASES, MISREADINGS, GoldenCase, make_inputs
+from .golden_estimator_cases import ESTIMATOR_CASES, ESTIMATOR_MISREADINGS
 from .select import boundary_ties, select_blocks
 from .tolerances import RTOL, attention_tolerances, lse_magnitude
 
@@ -30,6 +31,7 @@ def expected_results(case: GoldenCase, q, k, v) -> dict[str, torch.Tensor]:
     """The reference's ``mask``, ``ties``, ``attn_mask``, ``out`` and ``lse`` for a case."""
     cfg = resolve_config(None, **case.config)
     mask = select_blocks(q, k, cfg, causal=case.causal)
+    # For an estimator's case, the ties of every top-p decision of its selection.
     ties = boundary_ties(q, k, cfg, causal=case.causal, margin=TIE_MARGIN,
                          relative=TIE_RELATIVE)
     attn_mask = mask.clone()
@@ -51,6 +53,15 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _recorded_config(cfg) -> dict:
+    """The config a port is called with: every field, except that Prism's own cases (the
+    contract's set) leave out the estimator fields, which are then at their defaults."""
+    fields = dataclasses.asdict(cfg)
+    if cfg.estimator == "prism":
+        return {name: value for name, value in fields.items() if name not in ESTIMATOR_FIELDS}
+    return fields
+
+
 def case_entry(case: GoldenCase, q, k, v, results) -> dict:
     """The manifest record of one case."""
     cfg = resolve_config(None, **case.config)
@@ -64,9 +75,7 @@ def case_entry(case: GoldenCase, q, k, v, results) -> dict:
         "causal": case.causal,
         "scale": case.scale,
         "dtype": case.dtype,
-        # The estimator fields are at their defaults in every case and not recorded.
-        "config": {name: value for name, value in dataclasses.asdict(cfg).items()
-                   if name not in ESTIMATOR_FIELDS},
+        "config": _recorded_config(cfg),
         "rope_base": case.rope_base,
         "input_kind": case.kind,
         "seed": case.seed,
@@ -81,7 +90,13 @@ def case_entry(case: GoldenCase, q, k, v, results) -> dict:
     }
 
 
-def write_golden(out_dir, cases=CASES) -> Path:
+#: The two sets: Prism's (contract §2-§7) and the estimators' (docs/estimators.rst),
+#: each with the misreadings it is built to catch and its folder under a set's root.
+SETS = {"prism": (CASES, MISREADINGS, "."), "estimators": (ESTIMATOR_CASES, ESTIMATOR_MISREADINGS,
+                                                            "estimators")}
+
+
+def write_golden(out_dir, cases=CASES, misreadings=MISREADINGS) -> Path:
     """Write ``manifest.json`` and ``cases.npz`` for ``cases`` into ``out_dir``.
 
     Returns
@@ -113,7 +128,7 @@ def write_golden(out_dir, cases=CASES) -> Path:
         "tie_relative": TIE_RELATIVE,
         "rtol": RTOL,
         "tolerance_rule": TOLERANCE_RULE,
-        "misreadings": MISREADINGS,
+        "misreadings": misreadings,
         "cases": entries,
     }
     manifest_path = out_dir / MANIFEST
@@ -127,10 +142,14 @@ def main(argv=None) -> int:
         prog="python -m prism.reference.golden_writer",
         description="Write Prism's golden vectors (inputs, masks, outputs, LSE) for ports.")
     parser.add_argument("out_dir", help="folder for manifest.json and cases.npz")
+    parser.add_argument("--set", choices=sorted(SETS), default="prism",
+                        help="Prism's cases (contract §2-§7, the default) or the "
+                             "estimators' (docs/estimators.rst)")
     args = parser.parse_args(argv)
-    manifest = write_golden(args.out_dir)
+    cases, misreadings, _ = SETS[args.set]
+    manifest = write_golden(args.out_dir, cases, misreadings)
     size = sum(p.stat().st_size for p in manifest.parent.iterdir() if p.is_file())
-    print(f"wrote {len(CASES)} cases to {manifest.parent} ({size / 1024:.0f} KiB)")
+    print(f"wrote {len(cases)} cases to {manifest.parent} ({size / 1024:.0f} KiB)")
     return 0
 
 

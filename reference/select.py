@@ -246,6 +246,10 @@ def boundary_ties(q, k, config: PrismConfig | None = None, *, causal: bool = Tru
     probability is below the smallest normal fp32 number, zero included, are
     ties (underflow decides them).
 
+    With another ``estimator`` (docs/estimators.rst) the entries come from every
+    top-p decision of its selection:
+    :func:`prism.reference.estimator_ties.estimator_boundary_ties`.
+
     Exact ties are not boundary ties: when every entry that the second rule
     flags in a row and band has the same pooled band key vector as the last
     kept one (identical key tiles), the probabilities are equal in every
@@ -255,8 +259,14 @@ def boundary_ties(q, k, config: PrismConfig | None = None, *, causal: bool = Tru
     -------
     Tensor (B, Hq, n_query_tiles, n_key_tiles), bool
     """
-    trace = trace_selection(q, k, config, causal=causal, **overrides)
-    return ties_from_trace(trace, margin, relative)
+    cfg = resolve_config(config, **overrides)
+    if estimator_spec(cfg.estimator).tiles is not None:
+        # An estimator's union of top-p decisions (docs/estimators.rst).
+        from .estimator_ties import estimator_boundary_ties
+
+        return estimator_boundary_ties(q, k, cfg, causal=causal, margin=margin,
+                                       relative=relative)
+    return ties_from_trace(trace_selection(q, k, cfg, causal=causal), margin, relative)
 
 
 #: Probabilities below the smallest normal fp32 number may flush or underflow
