@@ -59,7 +59,7 @@ ESTIMATOR_CASES = (
            "candidate_threshold", "last_queries", "slash_sign", "slash_tile_offsets",
            "vertical_slash_threshold", "last_tile_threshold", "estimator_forced_tiles"],
           (1, 4, 2, 150, 160, 32, 4), seed=310, sharpness=2.0, config=_cascade()),
-    _case("cascade_interleaved_prefix", "the cascade, interleaved pairs, RoPE base 5e5, a "
+    _case("cascade_interleaved_prefix", "the cascade, interleaved pairs, RoPE base 5e5, an "
           "87-token prefix, GQA 6:2",
           ["antidiagonal_direction", "antidiagonal_grid", "antidiagonal_scale",
            "candidate_threshold", "last_queries", "slash_sign", "slash_tile_offsets",
