@@ -358,19 +358,27 @@ def main(argv=None) -> int:
                         help="hypothesis examples (0: golden set only; default 50)")
     parser.add_argument("--arrays", choices=["torch", "numpy"], default="torch",
                         help="what the port receives (default torch tensors)")
+    parser.add_argument("--varlen", help="module:function of the port's packed call "
+                        "(prism_attention_varlen's arguments; docs/golden.rst)")
     parser.add_argument("--estimators", action="store_true",
                         help="also check the estimators' selections (their golden set and "
                              "random cases; the port's select takes estimator=...)")
     parser.add_argument("--save", default="prism-check-failures",
                         help="folder for the .npz reproducers (default %(default)s)")
     args = parser.parse_args(argv)
-    if args.select is None and args.attention is None:
-        parser.error("give a selection function, --attention, or both")
+    if args.select is None and args.attention is None and args.varlen is None:
+        parser.error("give a selection function, --attention, --varlen, or several")
     try:
         select = load_function(args.select) if args.select else None
         attention = load_function(args.attention) if args.attention else None
+        varlen = load_function(args.varlen) if args.varlen else None
     except ValueError as error:
         parser.error(str(error))  # one line and exit status 2, as for other bad arguments
+    status = 0
+    if varlen is not None:
+        status = _check_varlen(varlen, args.examples)
+        if select is None and attention is None:
+            return status
     cases, mismatches = check_golden(select, attention, args.golden, args.arrays, args.save)
     examples = args.examples
     if args.examples > 0:
@@ -386,7 +394,26 @@ def main(argv=None) -> int:
                                        args.save, args.select or "", args.attention or "",
                                        estimators=True)
     print(report(mismatches, cases, examples))
-    return 1 if mismatches else 0
+    return 1 if mismatches or status else 0
+
+
+def _check_varlen(varlen, examples: int) -> int:
+    """The packed cases (:mod:`prism.reference.check_varlen`) and ``examples`` random
+    ones; prints each failing case and a summary line, returns 1 on any failure."""
+    from .check_varlen import PACKED_CASES, check_packed, random_packed_cases
+
+    cases = [*PACKED_CASES, *random_packed_cases(examples)]
+    count, failed = check_packed(varlen, cases)
+    by_name = {case.name: case for case in cases}
+    for name, problems in failed.items():
+        case = by_name[name]
+        print(f"MISMATCH [packed] {name}: {case.description}; sequences (Nq, Nk) "
+              f"{list(case.lengths)}, causal={case.causal}, {case.dtype}, config {case.config}")
+        if case.catches:
+            print(f"  this case catches: {', '.join(case.catches)}")
+        print("\n".join(f"  - {p}" for p in problems))
+    print(f"packed: {count - len(failed)} of {count} cases agree")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
