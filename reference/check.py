@@ -9,7 +9,10 @@ ties (contract §6) and outside the tolerances (contract §10), with a minimal
 reproducer: Python code that rebuilds the case, and an ``.npz`` file with its
 inputs and expected results. The exit status is 1 when anything mismatches.
 
-With ``--estimators`` it also runs the estimators' set (``estimators/`` under
+With ``--varlen module:function`` it runs a port of the packed call
+(``prism_attention_varlen``) sequence by sequence against the dense reference
+(:mod:`prism.reference.check_varlen`). With ``--estimators`` it also runs the
+estimators' set (``estimators/`` under
 the golden folder; docs/estimators.rst) and random estimator cases: the port's
 ``select`` then also receives ``estimator=...`` and that estimator's fields
 (``antidiagonal_stride``, ``last_queries``, ``vertical_slash_threshold``,
@@ -49,7 +52,6 @@ import torch
 
 from .golden import compare_attention, compare_mask, load_golden
 from .golden_cases import CASES, GoldenCase, make_inputs
-from .golden_estimator_cases import ESTIMATOR_CASES
 
 
 @dataclass
@@ -143,10 +145,6 @@ def check_case(entry: dict, arrays: dict, select=None, attention=None,
     return problems
 
 
-#: The golden sets by name: their cases, and their folder under a golden root.
-SETS = {"prism": (CASES, "."), "estimators": (ESTIMATOR_CASES, "estimators")}
-
-
 def reference_set(cases=CASES) -> tuple[dict, dict]:
     """The golden set built in memory (the same as the committed one), as ``load_golden``."""
     from .golden_writer import _as_array, case_entry, expected_results
@@ -201,7 +199,9 @@ def check_golden(select=None, attention=None, directory=None, array_kind: str = 
     is its ``estimators`` folder); ``None`` builds the set in memory.
     ``golden_set`` is ``"prism"`` (contract §2-§7) or ``"estimators"``.
     """
-    cases, folder = SETS[golden_set]
+    from .golden_writer import SETS
+
+    cases, _, folder = SETS[golden_set]
     manifest, arrays = (load_golden(Path(directory) / folder) if directory is not None
                         else reference_set(cases))
     by_name = {case.name: case for case in cases}

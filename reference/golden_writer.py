@@ -90,10 +90,11 @@ def case_entry(case: GoldenCase, q, k, v, results) -> dict:
     }
 
 
-#: The two sets: Prism's (contract §2-§7) and the estimators' (docs/estimators.rst),
-#: each with the misreadings it is built to catch and its folder under a set's root.
-SETS = {"prism": (CASES, MISREADINGS, "."), "estimators": (ESTIMATOR_CASES, ESTIMATOR_MISREADINGS,
-                                                            "estimators")}
+#: The two sets by name: Prism's (contract §2-§7) and the estimators'
+#: (docs/estimators.rst), each as (cases, the misreadings they are built to catch, its
+#: folder under a golden root such as tests/golden).
+SETS = {"prism": (CASES, MISREADINGS, "."),
+        "estimators": (ESTIMATOR_CASES, ESTIMATOR_MISREADINGS, "estimators")}
 
 
 def write_golden(out_dir, cases=CASES, misreadings=MISREADINGS) -> Path:
