@@ -34,6 +34,8 @@ ESTIMATOR_MISREADINGS = {
     "last_tile_threshold": "the cascade's last-tile rule at p instead of (1 + p) / 2",
     "sampled_queries": "the first query of each run sampled instead of its last",
     "estimator_forced_tiles": "the sink and diagonal tiles not added to an estimator's tiles",
+    "half_precision_scores": "bf16 or fp16 inputs scored in their own dtype (a matrix product "
+                             "of 16-bit tensors rounded to 16 bits) instead of fp32",
 }
 
 _AD = {"antidiagonal_stride": 4}
@@ -129,6 +131,20 @@ ESTIMATOR_CASES = (
           (1, 6, 2, 70, 157, 16, 4), seed=227, sharpness=2.0,
           config={**_P, "estimator": "sampled_vertical_slash", "sampled_queries": 4,
                   "last_queries": 8, "vertical_slash_threshold": 0.4}),
+    _case("cascade_bf16", "the cascade on bf16 inputs (scored in fp32), 16 tiles per row",
+          ["antidiagonal_direction", "antidiagonal_scale", "candidate_threshold",
+           "candidate_softmax", "last_queries", "slash_sign", "slash_tile_offsets",
+           "vertical_slash_threshold", "last_tile_threshold", "estimator_forced_tiles",
+           "half_precision_scores"],
+          (1, 4, 2, 256, 256, 32, 4), seed=302, sharpness=2.0, dtype="bfloat16",
+          config=_cascade()),
+    _case("antidiagonal_vertical_slash_bf16", "E5 on bf16 inputs, a 56-token prefix",
+          ["antidiagonal_direction", "antidiagonal_scale", "last_queries", "slash_sign",
+           "slash_tile_offsets", "vertical_slash_threshold", "estimator_forced_tiles",
+           "half_precision_scores"],
+          (1, 4, 2, 200, 256, 32, 4), seed=304, sharpness=4.0, dtype="bfloat16",
+          config={**_P, "estimator": "antidiagonal_vertical_slash", **_AD,
+                  "last_queries": 16, "vertical_slash_threshold": 0.3}),
     _case("prism_vertical_slash", "Prism's bands united with vertical-slash",
           ["last_queries", "slash_sign", "slash_tile_offsets", "vertical_slash_threshold"],
           (1, 4, 2, 150, 160, 16, 4), seed=310, sharpness=2.0,

@@ -29,7 +29,19 @@ KNOBS = {
     "last_tile_threshold": "last_tile_at_p",
     "sampled_queries": "first_of_run",
     "estimator_forced_tiles": "no_forced",
+    "half_precision_scores": "scores_in_input_dtype",
 }
+
+
+def _as_input_dtype(scores, knobs):
+    """The scores rounded to the inputs' 16-bit dtype (what a matrix product of bf16 or
+    fp16 tensors returns) when that misreading is on; else unchanged."""
+    rounding = knobs.get("scores_in_input_dtype")
+    if rounding is None or rounding is True:
+        return scores
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(scores)).to(rounding).double().numpy()
 
 
 def _top_p(probs, admissible, p):
@@ -90,7 +102,7 @@ def antidiagonal(q, k, lay, stride, candidates=None, *, dtype, knobs):
     qg = qg.reshape(b, hq, -1, stride * d)
     kg = np.repeat(k_grid.reshape(b, k.shape[1], -1, stride * d), group, axis=1)
     divisor = math.sqrt(d) * (1 if knobs.get("unscaled_by_stride") else stride)
-    scores = qg @ np.swapaxes(kg, -1, -2) / divisor
+    scores = _as_input_dtype(qg @ np.swapaxes(kg, -1, -2) / divisor, knobs)
     n_groups_q = scores.shape[2]
     q_group = base // stride + np.arange(n_groups_q)
     k_group = np.arange(scores.shape[3])
@@ -119,7 +131,7 @@ def last_query_attention(q, k, lay, last, *, dtype, knobs):
     picked = np.arange(rows) if knobs.get("first_queries") else np.arange(nq - rows, nq)
     pos = lay.start + picked
     kk = np.repeat(k, group, axis=1)
-    scores = q[:, :, picked] @ np.swapaxes(kk, -1, -2) / math.sqrt(d)
+    scores = _as_input_dtype(q[:, :, picked] @ np.swapaxes(kk, -1, -2) / math.sqrt(d), knobs)
     allowed = np.ones((rows, lay.nk), bool)
     if lay.causal:
         allowed = np.arange(lay.nk)[None] <= pos[:, None]
@@ -183,7 +195,8 @@ def sampled(q, k, lay, samples, *, dtype, knobs):
             pos = lo_real if knobs.get("first_of_run") else min(hi, last_pos)
             if pos < lo_real or pos > min(hi, last_pos):
                 continue
-            s = np.einsum("bhd,bhnd->bhn", q[:, :, pos - lay.start], kk) / math.sqrt(d)
+            s = _as_input_dtype(np.einsum("bhd,bhnd->bhn", q[:, :, pos - lay.start], kk)
+                                / math.sqrt(d), knobs)
             allowed = np.arange(lay.nk) <= pos if lay.causal else np.ones(lay.nk, bool)
             probs = _softmax(s, allowed)
             padded = np.zeros((b, hq, lay.nkt * bs), dtype)
@@ -200,6 +213,9 @@ def estimator_select(q, k, *, causal=True, block_size=128, estimator="prism",
     """The estimator's bool tile mask; ``other`` holds Prism's fields and the knobs."""
     knobs = {name: other.pop(name) for name in list(other) if name in KNOBS.values()}
     other.pop("subtile_factor", None)
+    if knobs.get("scores_in_input_dtype") and getattr(q, "dtype", None) is not None and \
+            str(q.dtype) in ("torch.bfloat16", "torch.float16"):
+        knobs["scores_in_input_dtype"] = q.dtype  # the dtype to round the scores to
     q, k = (np.asarray(x.float() if hasattr(x, "float") else x, dtype) for x in (q, k))
     lay = _Layout(q.shape[2], k.shape[2], block_size, causal)
     if not (q.shape[0] * q.shape[1] * len(lay.q_tiles) * lay.nkt):
