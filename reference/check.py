@@ -111,14 +111,20 @@ def _inputs(arrays: dict, dtype: str, kind: str) -> dict:
             else torch.from_numpy(arrays[n]).to(tdtype) for n in names}
 
 
+def takes_argument(fn, name: str) -> bool:
+    """Whether ``fn``'s signature names ``name`` (False when it has none to read: a
+    builtin or C function is then called without that optional flag)."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _call_attention(fn, inputs, entry):
     kwargs = dict(block_size=entry["config"]["block_size"], causal=entry["causal"],
                   scale=entry["scale"])
-    try:
-        if "return_lse" in inspect.signature(fn).parameters:
-            kwargs["return_lse"] = True
-    except (TypeError, ValueError):
-        pass  # no introspectable signature (a builtin or C function): call without return_lse
+    if takes_argument(fn, "return_lse"):
+        kwargs["return_lse"] = True
     result = fn(inputs["q"], inputs["k"], inputs["v"], inputs["attn_mask"], **kwargs)
     if isinstance(result, (tuple, list)):
         return _to_numpy(result[0]), _to_numpy(result[1])

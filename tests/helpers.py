@@ -228,3 +228,15 @@ def kernel_test_setup():
                                 reason="triton was imported without its interpreter and there "
                                        "is no GPU")]
     return interpreted, "cpu" if interpreted else "cuda", marks
+
+
+def golden_case_tensors(entry: dict, arrays: dict):
+    """``(entry, PrismConfig, tensors)`` of one case of a loaded golden set: its arrays
+    as torch tensors, q, k and v in the case's dtype."""
+    from prism.reference import PrismConfig
+
+    dtype = getattr(torch, entry["dtype"])
+    tensors = {key: torch.from_numpy(value) for key, value in arrays.items()}
+    for key in ("q", "k", "v"):
+        tensors[key] = tensors[key].to(dtype)
+    return entry, PrismConfig(**entry["config"]), tensors

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import golden_case_tensors
 from prism.reference import (
-    PrismConfig,
     block_sparse_attention,
     boundary_ties,
     mask_differences,
@@ -51,12 +51,7 @@ def _one_thread():
 
 
 def _case(name):
-    entry = CASE_ENTRIES[name]
-    dtype = getattr(torch, entry["dtype"])
-    tensors = {key: torch.from_numpy(value) for key, value in ARRAYS[name].items()}
-    for key in ("q", "k", "v"):
-        tensors[key] = tensors[key].to(dtype)
-    return entry, PrismConfig(**entry["config"]), tensors
+    return golden_case_tensors(CASE_ENTRIES[name], ARRAYS[name])
 
 
 def test_committed_set_is_small_and_versioned():

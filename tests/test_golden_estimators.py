@@ -23,6 +23,7 @@ import pytest
 import torch
 from estimator_port import KNOBS, estimator_select
 
+from helpers import golden_case_tensors
 from prism.reference import PrismConfig, block_sparse_attention, boundary_ties, select_blocks
 from prism.reference.check import check_golden, main, report
 from prism.reference.config import resolve_config
@@ -42,12 +43,7 @@ CASES = {case.name: case for case in ESTIMATOR_CASES}
 
 
 def _tensors(name):
-    entry = ENTRIES[name]
-    dtype = getattr(torch, entry["dtype"])
-    t = {key: torch.from_numpy(value) for key, value in ARRAYS[name].items()}
-    for key in ("q", "k", "v"):
-        t[key] = t[key].to(dtype)
-    return entry, PrismConfig(**entry["config"]), t
+    return golden_case_tensors(ENTRIES[name], ARRAYS[name])
 
 
 def _port(**knobs):
