@@ -259,10 +259,10 @@ def _random_case(draw) -> GoldenCase:
         config=config)
 
 
-#: The estimators random cases draw from (``"subtile"`` has no golden cases either).
+#: The estimators random cases draw from: every one but Prism's own.
 RANDOM_ESTIMATORS = ("cascade", "antidiagonal_vertical_slash", "antidiagonal",
                      "vertical_slash", "sampled", "sampled_vertical_slash",
-                     "prism_vertical_slash")
+                     "prism_vertical_slash", "subtile")
 
 
 def _random_estimator_case(draw) -> GoldenCase:
@@ -277,7 +277,8 @@ def _random_estimator_case(draw) -> GoldenCase:
               "last_queries": draw(st.sampled_from([1, 4, 16])),
               "vertical_slash_threshold": draw(st.sampled_from([None, 0.3, 0.6])),
               "candidate_threshold": draw(st.sampled_from([0.6, 0.9, 0.99])),
-              "sampled_queries": draw(st.sampled_from([1, 2, 4]))}
+              "sampled_queries": draw(st.sampled_from([1, 2, 4])),
+              "subtile_factor": draw(st.sampled_from([1, 2, 4]))}
     kind = draw(st.sampled_from(["topic", "slash"])) if case.num_keys else "topic"
     return dataclasses.replace(case, kind=kind, config=config)
 

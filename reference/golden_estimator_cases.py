@@ -36,6 +36,13 @@ ESTIMATOR_MISREADINGS = {
     "estimator_forced_tiles": "the sink and diagonal tiles not added to an estimator's tiles",
     "half_precision_scores": "bf16 or fp16 inputs scored in their own dtype (a matrix product "
                              "of 16-bit tensors rounded to 16 bits) instead of fp32",
+    "subtile_renormalise": "the sub-tile probabilities summed per tile pair but not "
+                           "renormalised per query tile (each row then holds one unit of "
+                           "mass per sub-row)",
+    "subtile_energies": "the band energies of the sub-tile estimator's calibration measured "
+                        "on the means of whole tiles instead of sub-tiles",
+    "subtile_logits": "the sub-tile logits averaged per tile pair and one softmax taken per "
+                      "query tile, instead of the sub-tile probabilities summed",
 }
 
 _AD = {"antidiagonal_stride": 4}
@@ -145,6 +152,24 @@ ESTIMATOR_CASES = (
           (1, 4, 2, 200, 256, 32, 4), seed=304, sharpness=4.0, dtype="bfloat16",
           config={**_P, "estimator": "antidiagonal_vertical_slash", **_AD,
                   "last_queries": 16, "vertical_slash_threshold": 0.3}),
+    _case("subtile_prefix", "sub-tiles of 8 (factor 4, tiles of 32) with a 10-token KV "
+          "prefix, GQA 2:1",
+          ["subtile_renormalise", "subtile_energies", "subtile_logits",
+           "estimator_forced_tiles"],
+          (1, 2, 1, 150, 160, 32, 4), seed=310, sharpness=2.0,
+          config={**_P, "block_size": 32, "estimator": "subtile", "subtile_factor": 4}),
+    _case("subtile_interleaved_non_causal", "sub-tiles of 8 (factor 2), non-causal, "
+          "interleaved pairs, RoPE base 5e5, batch 2, 48 queries, 100 keys",
+          ["subtile_renormalise", "subtile_energies", "subtile_logits",
+           "estimator_forced_tiles"],
+          (2, 2, 1, 48, 100, 32, 4), causal=False, seed=61, sharpness=2.0, rope_base=5e5,
+          config={**_P, "estimator": "subtile", "subtile_factor": 2,
+                  "rope_layout": "interleaved"}),
+    _case("subtile_bf16", "sub-tiles of 8 (factor 4) on bf16 inputs, 6 tiles of 32",
+          ["subtile_renormalise", "subtile_energies", "subtile_logits",
+           "estimator_forced_tiles"],
+          (1, 2, 1, 192, 192, 32, 4), seed=47, sharpness=2.0, dtype="bfloat16",
+          config={**_P, "block_size": 32, "estimator": "subtile", "subtile_factor": 4}),
     _case("prism_vertical_slash", "Prism's bands united with vertical-slash",
           ["last_queries", "slash_sign", "slash_tile_offsets", "vertical_slash_threshold"],
           (1, 4, 2, 150, 160, 16, 4), seed=310, sharpness=2.0,

@@ -1,7 +1,7 @@
 """An independent NumPy port of the estimators' selections, for the golden tests.
 
 Written from docs/estimators.rst (not from ``prism.reference``): the
-antidiagonal, vertical-slash, sampled-query and cascade estimators and their
+antidiagonal, vertical-slash, sampled-query, sub-tile and cascade estimators and their
 unions. Prism's own mask (the cascade's candidates, ``prism_vertical_slash``)
 comes from the NumPy port of contract §2-§6 in test_port_checker.py. Each
 keyword in :data:`KNOBS` turns the port into one classic misreading of the
@@ -30,6 +30,9 @@ KNOBS = {
     "sampled_queries": "first_of_run",
     "estimator_forced_tiles": "no_forced",
     "half_precision_scores": "scores_in_input_dtype",
+    "subtile_renormalise": "subtile_sums_unnormalised",
+    "subtile_energies": "subtile_energies_of_tiles",
+    "subtile_logits": "subtile_logits_averaged",
 }
 
 
@@ -205,6 +208,44 @@ def sampled(q, k, lay, samples, *, dtype, knobs):
     return _renormalise(tiles, lay.admissible)
 
 
+def subtile(q, k, lay, factor, thresholds, prism_fields, *, dtype, knobs):
+    """Kept tiles of Prism's bands scored on sub-tiles of ``bs / factor`` tokens and summed
+    per tile pair (docs/estimators.rst, E4)."""
+    fields = dict(prism_fields, block_size=lay.bs // factor)
+    if knobs.get("subtile_energies_of_tiles"):
+        fields["calibration_block_size"] = lay.bs
+    bands, fine_rows, _ = numpy_select(q, k, return_bands=True, **fields)
+    rows = fine_rows // factor - lay.q_tiles[0]
+    keep = np.zeros(q.shape[:2] + (len(lay.q_tiles), lay.nkt), bool)
+    for (logits, probs), p in zip(bands, thresholds, strict=True):
+        cols = np.arange(probs.shape[-1]) // factor
+        if knobs.get("subtile_logits_averaged"):
+            # Misread: the admissible sub-tile logits averaged per tile pair, then one
+            # softmax per query tile.
+            finite = np.isfinite(logits)
+            sums = np.zeros(keep.shape, dtype)
+            counts = np.zeros(keep.shape, dtype)
+            by_col = np.zeros(logits.shape[:3] + (lay.nkt,), dtype)
+            count_col = np.zeros_like(by_col)
+            np.add.at(by_col, (Ellipsis, cols), np.where(finite, logits, 0.0).astype(dtype))
+            np.add.at(count_col, (Ellipsis, cols), finite.astype(dtype))
+            np.add.at(sums, (slice(None), slice(None), rows), by_col)
+            np.add.at(counts, (slice(None), slice(None), rows), count_col)
+            mean = sums / np.where(counts > 0, counts, 1)
+            tiles = _softmax(mean, lay.admissible & (counts > 0))
+        else:
+            by_col = np.zeros(probs.shape[:3] + (lay.nkt,), dtype)
+            np.add.at(by_col, (Ellipsis, cols), probs.astype(dtype))
+            tiles = np.zeros(keep.shape, dtype)
+            np.add.at(tiles, (slice(None), slice(None), rows), by_col)
+            if knobs.get("subtile_sums_unnormalised"):
+                tiles = tiles * lay.admissible
+            else:
+                tiles = _renormalise(tiles, lay.admissible)
+        keep |= _top_p(tiles, lay.admissible, p)
+    return keep
+
+
 def estimator_select(q, k, *, causal=True, block_size=128, estimator="prism",
                      high_threshold=0.95, low_threshold=0.95, antidiagonal_stride=8,
                      last_queries=64, vertical_slash_threshold=None, candidate_threshold=0.99,
@@ -212,7 +253,7 @@ def estimator_select(q, k, *, causal=True, block_size=128, estimator="prism",
                      dtype=np.float64, **other):
     """The estimator's bool tile mask; ``other`` holds Prism's fields and the knobs."""
     knobs = {name: other.pop(name) for name in list(other) if name in KNOBS.values()}
-    other.pop("subtile_factor", None)
+    factor = other.pop("subtile_factor", 4)
     if knobs.get("scores_in_input_dtype") and getattr(q, "dtype", None) is not None and \
             str(q.dtype) in ("torch.bfloat16", "torch.float16"):
         knobs["scores_in_input_dtype"] = q.dtype  # the dtype to round the scores to
@@ -247,6 +288,9 @@ def estimator_select(q, k, *, causal=True, block_size=128, estimator="prism",
         tiles = top(sampled(q, k, lay, sampled_queries, dtype=dtype, knobs=knobs))
     elif estimator == "sampled_vertical_slash":
         tiles = top(sampled(q, k, lay, sampled_queries, dtype=dtype, knobs=knobs)) | vs()
+    elif estimator == "subtile":
+        tiles = subtile(q, k, lay, factor, (high_threshold, low_threshold), prism_fields,
+                        dtype=dtype, knobs=knobs)
     elif estimator == "cascade":
         c = high_threshold if knobs.get("candidates_at_p") else candidate_threshold
         c_low = low_threshold if knobs.get("candidates_at_p") else candidate_threshold

@@ -36,8 +36,15 @@ def numpy_select(q, k, *, causal=True, block_size=128, high_dim=None, low_dim=No
                  high_threshold=0.95, low_threshold=0.95, calibrate=True,
                  high_temperature=1.0, low_temperature=1.0, force_sink=True,
                  force_diagonal=True, rope_layout="half", eps=1e-6,
-                 ties_to_larger=False, zero_pad=False):
-    """Prism's tile selection in NumPy, fp32 (contract §2-§6)."""
+                 ties_to_larger=False, zero_pad=False, calibration_block_size=None,
+                 return_bands=False):
+    """Prism's tile selection in NumPy, fp32 (contract §2-§6).
+
+    ``return_bands`` returns ``([(logits, probs), ...] per band, q_tiles,
+    admissible)`` instead of the mask (the sub-tile estimator sums the
+    probabilities); ``calibration_block_size`` measures the band energies on
+    tiles of another size (a misreading of that estimator).
+    """
     q, k = np.asarray(q, np.float32), np.asarray(k, np.float32)
     b, hq, nq, d = q.shape
     hkv, nk, bs = k.shape[1], k.shape[2], block_size
@@ -46,16 +53,15 @@ def numpy_select(q, k, *, causal=True, block_size=128, high_dim=None, low_dim=No
     nkt = -(-nk // bs)
 
     def pool(x, first):
-        tiles = (first + np.arange(x.shape[2])) // bs
-        out = np.zeros(x.shape[:2] + (len(np.unique(tiles)), d), np.float32)
-        if x.shape[2] == 0:
-            return out
-        np.add.at(out, (slice(None), slice(None), tiles - tiles[0]), x)
-        counts = np.bincount(tiles - tiles[0]).astype(np.float32)
-        return out / (np.full_like(counts, bs) if zero_pad else counts)[:, None]
+        return numpy_pooled(x, first, bs, zero_pad)
 
     qbar = pool(q, start)
     kbar = np.repeat(pool(k, 0), hq // hkv, axis=1)
+    q_energy, k_energy = qbar, kbar
+    if calibration_block_size is not None:
+        q_energy, k_energy = (numpy_pooled(x, first, calibration_block_size, zero_pad)
+                              for x, first in ((q, start), (k, 0)))
+        k_energy = np.repeat(k_energy, hq // hkv, axis=1)
     admissible = (np.arange(nkt)[None] <= q_tiles[:, None]) if causal else \
         np.ones((len(q_tiles), nkt), bool)
     half = d // 2
@@ -68,12 +74,14 @@ def numpy_select(q, k, *, causal=True, block_size=128, high_dim=None, low_dim=No
               low_temperature)]
     rms = lambda x: np.sqrt(np.mean(x.astype(np.float32) ** 2, axis=(-2, -1)))
     mask = np.zeros((b, hq, len(q_tiles), nkt), bool)
-    if mask.size == 0:
+    if mask.size == 0 and not return_bands:
         return mask
+    per_band = []
     for dims, p, temperature in bands:
         if calibrate:
-            tau = (np.sqrt(len(dims) / d) * rms(qbar[..., dims]) / np.maximum(rms(qbar), eps)
-                   * rms(kbar[..., dims]) / np.maximum(rms(kbar), eps))
+            tau = (np.sqrt(len(dims) / d) * rms(q_energy[..., dims])
+                   / np.maximum(rms(q_energy), eps)
+                   * rms(k_energy[..., dims]) / np.maximum(rms(k_energy), eps))
             tau = np.maximum(tau, eps)[..., None, None]
         else:
             tau = temperature
@@ -81,6 +89,7 @@ def numpy_select(q, k, *, causal=True, block_size=128, high_dim=None, low_dim=No
         logits = np.where(admissible, logits / (np.sqrt(len(dims)) * tau), -np.inf)
         w = np.exp(logits - logits.max(-1, keepdims=True))
         probs = (w / w.sum(-1, keepdims=True)).astype(np.float32)
+        per_band.append((logits, probs))
         index = np.broadcast_to(np.arange(nkt), probs.shape)
         tie_key = -index if ties_to_larger else index
         order = np.lexsort((tie_key, -probs), axis=-1)
@@ -90,11 +99,26 @@ def numpy_select(q, k, *, causal=True, block_size=128, high_dim=None, low_dim=No
         keep = np.zeros_like(mask)
         np.put_along_axis(keep, order, keep_ranked, -1)
         mask |= keep & admissible
+    if return_bands:
+        return per_band, q_tiles, admissible
     if force_sink:
         mask[..., 0] = True
     if causal and force_diagonal:
         mask[..., np.arange(len(q_tiles)), q_tiles] = True
     return mask & admissible
+
+
+def numpy_pooled(x, first, bs, zero_pad=False):
+    """Means of the tiles of ``bs`` tokens that ``x``'s tokens (absolute positions from
+    ``first``) fall in, fp32 (contract §3)."""
+    x = np.asarray(x, np.float32)
+    tiles = (first + np.arange(x.shape[2])) // bs
+    out = np.zeros(x.shape[:2] + (len(np.unique(tiles)), x.shape[3]), np.float32)
+    if x.shape[2] == 0:
+        return out
+    np.add.at(out, (slice(None), slice(None), tiles - tiles[0]), x)
+    counts = np.bincount(tiles - tiles[0]).astype(np.float32)
+    return out / (np.full_like(counts, bs) if zero_pad else counts)[:, None]
 
 
 def numpy_attention(q, k, v, mask, *, block_size, causal=True, scale=None):
