@@ -185,7 +185,7 @@ def paged_attention(q, k_cache, v_cache, block_table, ranges_q, lengths, pieces,
     """One launch of the kernel's paged branch on validated inputs and compact indices
     (``pieces`` as :func:`prism.optimized.varlen._flatten_indices` takes them)."""
     block_table = _unit_columns(block_table)
-    flat_num, flat_idx, placements = _flatten_indices(pieces)
+    flat_num, flat_idx, placements = _flatten_indices(pieces, q.device)
     ranges = paged_ranges(ranges_q, lengths, block_table)
     layout = packed_layout(ranges, placements, block_size, causal, q.device)
     return packed_attention_forward(q, k_cache, v_cache, layout, flat_num, flat_idx,
@@ -253,7 +253,7 @@ def run_paged_packed(q, k_cache, v_cache, block_table, ranges_q, lengths, caches
                                    block_size=cfg.block_size, causal=causal, scale=scale,
                                    return_lse=return_lse)
     else:
-        flat_num, flat_idx, placements = _flatten_indices(pieces)
+        flat_num, flat_idx, placements = _flatten_indices(pieces, q.device)
         layout = packed_layout(_key_ranges(ranges_q, lengths), placements, cfg.block_size,
                                causal, q.device)
         out, lse = packed_attention_forward(q, k, v, layout, flat_num, flat_idx,

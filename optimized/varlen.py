@@ -317,7 +317,7 @@ class _null:
 # Compact indices of every sequence, flat, and where each one sits.
 # --------------------------------------------------------------------------
 
-def _flatten_indices(pieces):
+def _flatten_indices(pieces, device):
     """Concatenate per-group compact indices and say where each sequence's sit.
 
     ``pieces`` lists ``(count, num, idx)``: ``count`` sequences whose counts
@@ -339,6 +339,9 @@ def _flatten_indices(pieces):
         idxs.append(idx.reshape(-1))
         num_at += nums[-1].numel()
         idx_at += idxs[-1].numel()
+    if not pieces:  # an empty batch (B = 0): nothing to place
+        empty = torch.zeros(0, dtype=torch.int32, device=device)
+        return empty, empty, placements
     flat_num = nums[0] if len(nums) == 1 else torch.cat(nums)
     flat_idx = idxs[0] if len(idxs) == 1 else torch.cat(idxs)
     return flat_num, flat_idx, placements
@@ -403,7 +406,7 @@ def run_prism_packed(q, k, v, ranges, cfg: PrismConfig, *, causal: bool, scale,
                          return_lse=return_lse, return_mask=return_mask)
     check_device(_sparse_attention_kernel, q=q, k=k, v=v)
     pieces, flags, masks = select_runs(q, k, v, ranges, cfg, causal, return_mask)
-    flat_num, flat_idx, placements = _flatten_indices(pieces)
+    flat_num, flat_idx, placements = _flatten_indices(pieces, q.device)
     layout = packed_layout(ranges, placements, cfg.block_size, causal, q.device)
     out, lse = packed_attention_forward(q, k, v, layout, flat_num, flat_idx,
                                         block_size=cfg.block_size, causal=causal, scale=scale,
@@ -425,7 +428,7 @@ def run_attention_packed(q, k, v, ranges, block_masks, *, block_size: int, causa
     check_device(_sparse_attention_kernel, q=q, k=k, v=v)
     pieces = mask_pieces(q, ranges, block_masks, block_size, causal)
     flags = [_nonfinite(q, k, v)]
-    flat_num, flat_idx, placements = _flatten_indices(pieces)
+    flat_num, flat_idx, placements = _flatten_indices(pieces, q.device)
     layout = packed_layout(ranges, placements, block_size, causal, q.device)
     out, lse = packed_attention_forward(q, k, v, layout, flat_num, flat_idx,
                                         block_size=block_size, causal=causal, scale=scale,

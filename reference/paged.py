@@ -35,7 +35,7 @@ import torch
 from . import attention as _attention
 from . import select as _select
 from .config import PrismConfig, resolve_config
-from .pooled_cache import PooledKeyCache, select_from_pooled
+from .pooled_cache import PooledKeyCache, select_from_pooled, unchanged_on_error
 from .validation import (
     FLOAT_DTYPES,
     check_finite,
@@ -312,16 +312,18 @@ def run_paged_select(impl, q, k_cache, block_table, seq_lens, cu_seqlens_q, max_
     ranges_q, lengths = validate_paged(q, k_cache, None, block_table, seq_lens, cu_seqlens_q,
                                        max_seqlen_q, causal=causal)
     caches = _prepare_caches(pooled_keys, lengths, k_cache, cfg)
-    paged = getattr(impl, "select_paged", None)
-    if paged is not None:
-        # prism.optimized: keys read through the block table (NotImplemented: gather).
-        masks = paged(q, k_cache, block_table, ranges_q, lengths, caches, cfg, causal)
-        if masks is not NotImplemented:
-            return masks
-    starts = [0 if c is None else c.num_tokens for c in caches]
-    k = gather_tokens(k_cache, block_table, starts, lengths)
-    ranges = _key_ranges(ranges_q, [n - s for n, s in zip(lengths, starts, strict=True)])
-    return _select_all(impl, q, k, ranges, [0] * len(lengths), lengths, caches, cfg, causal)
+    with unchanged_on_error(caches):
+        paged = getattr(impl, "select_paged", None)
+        if paged is not None:
+            # prism.optimized: keys read through the block table (NotImplemented: gather).
+            masks = paged(q, k_cache, block_table, ranges_q, lengths, caches, cfg, causal)
+            if masks is not NotImplemented:
+                return masks
+        starts = [0 if c is None else c.num_tokens for c in caches]
+        k = gather_tokens(k_cache, block_table, starts, lengths)
+        ranges = _key_ranges(ranges_q, [n - s for n, s in zip(lengths, starts, strict=True)])
+        return _select_all(impl, q, k, ranges, [0] * len(lengths), lengths, caches, cfg,
+                           causal)
 
 
 def run_paged_prism(impl, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
@@ -333,6 +335,15 @@ def run_paged_prism(impl, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens
                                        cu_seqlens_q, max_seqlen_q, causal=causal)
     validate_scale(scale)
     caches = _prepare_caches(pooled_keys, lengths, k_cache, cfg)
+    with unchanged_on_error(caches):
+        return _paged_prism(impl, q, k_cache, v_cache, block_table, ranges_q, lengths, caches,
+                            cfg, causal=causal, scale=scale, return_lse=return_lse,
+                            return_mask=return_mask, cached=pooled_keys is not None)
+
+
+def _paged_prism(impl, q, k_cache, v_cache, block_table, ranges_q, lengths, caches, cfg, *,
+                 causal, scale, return_lse, return_mask, cached):
+    """:func:`run_paged_prism` after validation."""
     paged = getattr(impl, "run_paged_packed", None)
     if paged is not None:
         # prism.optimized: attention reads the pages in place (NotImplemented: gather).
@@ -345,7 +356,7 @@ def run_paged_prism(impl, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens
     k = gather_tokens(k_cache, block_table, zeros, lengths)
     v = gather_tokens(v_cache, block_table, zeros, lengths)
     ranges = _key_ranges(ranges_q, lengths)
-    if pooled_keys is None:
+    if not cached:
         return run_prism(impl, q, k, v, ranges, cfg, causal=causal, scale=scale,
                          return_lse=return_lse, return_mask=return_mask)
     skips = [0 if c is None else c.num_tokens for c in caches]

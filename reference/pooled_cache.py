@@ -11,6 +11,8 @@ the stored means and their squared sums to the Triton selection kernel.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .config import PrismConfig
@@ -101,8 +103,21 @@ class PooledKeyCache:
         """Tokens covered by the stored tiles (``num_tiles * block_size``)."""
         return self._count * self.block_size
 
+    def _own_buffers(self) -> None:
+        """Buffers this call may write. Storage made under ``torch.inference_mode()``
+        cannot be updated in place outside it, so a cache filled there and used after
+        it gets ordinary copies first (inside inference mode ordinary tensors can be
+        updated, so the reverse needs nothing)."""
+        if torch.is_inference_mode_enabled():
+            return
+        if self._means_t is not None and self._means_t.is_inference():
+            self._means_t = self._means_t.clone()
+        if self._squares is not None and self._squares.is_inference():
+            self._squares = self._squares.clone()
+
     def append(self, means_t: torch.Tensor) -> None:
         """Store newly completed tiles, given transposed: (Hkv, D, n_new) float32."""
+        self._own_buffers()
         n_new = means_t.shape[2]
         needed = self._count + n_new
         store = self._means_t
@@ -132,6 +147,7 @@ class PooledKeyCache:
         """
         if self._count == 0:
             return None
+        self._own_buffers()
         if self._squares is None:
             self._squares = torch.zeros(self._means_t.shape[:2], dtype=torch.float64,
                                         device=self._means_t.device)
@@ -179,6 +195,20 @@ class PooledKeyCache:
         if n_old:
             new = torch.cat([self._means_t[None, :, :, :n_old].transpose(2, 3), new], dim=2)
         return new
+
+
+@contextlib.contextmanager
+def unchanged_on_error(caches):
+    """Truncate every cache of ``caches`` (None entries skipped) back to its size at the
+    start of the block if the block raises: a failed call leaves the caches as it found
+    them (docs/serving.rst, chunked prefill)."""
+    sizes = [(c, c.num_tiles) for c in caches if c is not None]
+    try:
+        yield
+    except BaseException:
+        for cache, num_tiles in sizes:
+            cache.truncate(num_tiles)
+        raise
 
 
 def select_from_pooled(q, k_pooled, num_keys: int, cfg: PrismConfig,

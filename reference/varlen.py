@@ -202,6 +202,25 @@ def _name_sequence(error: Exception, first: int, count: int, what: str) -> Excep
     return type(error)(f"{who} ({what}): {error}")
 
 
+def _blame(error: Exception, retry, first: int, count: int, what: str, describe,
+           number=None) -> Exception:
+    """The exception to raise for ``error`` from a run of ``count`` sequences from ``first``.
+
+    A run of several sequences is one batched call, whose error cannot say which
+    sequence caused it: each is then retried alone (``retry(i)``, on this error
+    path only) and the first that fails is named, with ``describe(i)``. ``number``
+    maps a sequence's place in ``ranges`` to the index to report.
+    """
+    number = number or (lambda i: i)
+    if count > 1:
+        for i in range(first, first + count):
+            try:
+                retry(i)
+            except (ValueError, TypeError) as single:
+                return _name_sequence(single, number(i), 1, describe(i))
+    return _name_sequence(error, number(first), count, what)
+
+
 def runs_of_equal_shape(ranges) -> list[tuple[int, int]]:
     """``(first, count)`` of each run of adjacent sequences with the same ``(Nq, Nk)``.
 
@@ -268,8 +287,12 @@ def run_select(impl, q, k, ranges, cfg: PrismConfig, causal: bool, indices=None)
         try:
             mask = impl.select_blocks(q_run, k_run, cfg, causal=causal)
         except (ValueError, TypeError) as error:
-            number = first if indices is None else indices[first]
-            raise _name_sequence(error, number, count, what) from error
+            def retry(i):
+                impl.select_blocks(*_run_views(q, k, None, ranges, i, 1)[0], cfg,
+                                   causal=causal)
+            raise _blame(error, retry, first, count, what,
+                         lambda i: _run_views(q, k, None, ranges, i, 1)[1],
+                         None if indices is None else indices.__getitem__) from error
         masks.extend(_split(mask, count))
     return masks
 
@@ -326,9 +349,15 @@ def run_attention(impl, q, k, v, ranges, block_masks, *, block_size: int, causal
                                                  block_size=block_size, causal=causal,
                                                  scale=scale, return_lse=return_lse)
         except (ValueError, TypeError) as error:
+            def retry(i):
+                impl.block_sparse_attention(*_run_views(q, k, v, ranges, i, 1)[0],
+                                            block_masks[i], block_size=block_size,
+                                            causal=causal, scale=scale,
+                                            return_lse=return_lse)
             what = f"block_masks[{first}]" if count == 1 else (
                 f"block_masks[{first}:{first + count}]")
-            raise _name_sequence(error, first, count, what) from error
+            raise _blame(error, retry, first, count, what,
+                         lambda i: f"block_masks[{i}]") from error
         q0, q1 = ranges[first][:2]
         _store(out, lse, result, q0, count, q1 - q0, return_lse)
     return (out, lse) if return_lse else out
@@ -353,7 +382,11 @@ def run_prism(impl, q, k, v, ranges, cfg: PrismConfig, *, causal: bool, scale,
             result = impl.prism_attention(q_run, k_run, v_run, cfg, causal=causal, scale=scale,
                                           return_lse=return_lse, return_mask=True)
         except (ValueError, TypeError) as error:
-            raise _name_sequence(error, first, count, what) from error
+            def retry(i):
+                impl.prism_attention(*_run_views(q, k, v, ranges, i, 1)[0], cfg,
+                                     causal=causal, scale=scale)
+            raise _blame(error, retry, first, count, what,
+                         lambda i: _run_views(q, k, v, ranges, i, 1)[1]) from error
         masks.extend(_split(result[-1], count))
         q0, q1 = ranges[first][:2]
         _store(out, lse, result[:-1] if return_lse else result[0], q0, count, q1 - q0,
