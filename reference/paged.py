@@ -206,6 +206,10 @@ def gather_paged_kv(k_cache, v_cache, block_table, seq_lens):
     >>> k[:, 0, 0].tolist(), cu.tolist()
     ([12.0, 14.0, 0.0, 4.0], [0, 3, 4])
     """
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(cache, torch.Tensor):
+            raise TypeError(f"gather_paged_kv needs {name} as a (num_pages, page_size, H, D) "
+                            f"tensor, got {type(cache).__name__}")
     q_probe = k_cache.new_empty(0, k_cache.shape[2], k_cache.shape[3])
     batch = block_table.shape[0] if isinstance(block_table, torch.Tensor) else 0
     cu_q = torch.zeros(batch + 1, dtype=torch.int32)

@@ -154,3 +154,13 @@ def test_a_cache_filled_in_inference_mode_serves_later_chunks(which):
     assert torch.equal(got, expected)
     assert inferred.num_tiles == plain.num_tiles == 5
     assert not inferred.tile_means.is_inference()
+
+
+@pytest.mark.parametrize("missing", ["k_cache", "v_cache"])
+def test_gather_paged_kv_names_a_missing_cache(missing):
+    cache = torch.zeros(4, 16, 1, 32)
+    table = torch.zeros(1, 2, dtype=torch.int32)
+    caches = {"k_cache": cache, "v_cache": cache, missing: None}
+    with pytest.raises(TypeError, match=f"needs {missing} as a"):
+        reference.gather_paged_kv(caches["k_cache"], caches["v_cache"], table,
+                                  torch.tensor([20], dtype=torch.int32))
