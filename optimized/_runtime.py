@@ -60,11 +60,12 @@ def _signature(causal, q, k, v=None):
     if (type(causal) is not bool or not isinstance(q, torch.Tensor)
             or not isinstance(k, torch.Tensor) or torch.compiler.is_compiling()):
         return None
-    key = (causal, type(q), q.shape, q.dtype, q.device, type(k), k.shape, k.dtype, k.device)
+    key = (causal, type(q), q.shape, q.dtype, q.device, q.layout, type(k), k.shape, k.dtype,
+           k.device, k.layout)
     if v is not None:
         if not isinstance(v, torch.Tensor):
             return None
-        key += (type(v), v.shape, v.dtype, v.device)
+        key += (type(v), v.shape, v.dtype, v.device, v.layout)
     return key
 
 

@@ -370,6 +370,10 @@ def _plan(q, k, v, kv_num_blocks, kv_indices, out_strides, block_size, causal, s
     return grid, prepared, out_shape, blocks
 
 
+#: Largest finite float32.
+_FP32_MAX = 3.4028234663852886e38
+
+
 def positive_scale(q: torch.Tensor, scale: float | None):
     """``(q', scale')`` with ``scale' > 0`` (or None) and ``scale' * q'.k == scale * q.k``.
 
@@ -381,11 +385,31 @@ def positive_scale(q: torch.Tensor, scale: float | None):
     NaN in ``q`` stays NaN). Both copy ``q``; the default and positive scales
     return ``q`` itself.
     """
+    if scale is not None and abs(float(scale)) * LOG2_E > _FP32_MAX:
+        raise ValueError(
+            f"scale {float(scale):g} is too large for the kernels, which take scale * log2(e) "
+            f"as a float32: use |scale| <= {_FP32_MAX / LOG2_E:.3g} (or prism.reference)")
     if scale is None or float(scale) > 0.0:
         return q, scale
     if float(scale) < 0.0:
         return torch.neg(q), -float(scale)
     return q * 0.0, 1.0
+
+
+def launch_block_size(block_size: int, query_end: int, num_keys: int) -> int:
+    """The tile size to launch with: ``block_size``, or a smaller power of two when one
+    tile holds every query position (below ``query_end``) and every key either way.
+
+    The grid has ``ceil(block_size / BLOCK_M)`` programs per query tile, so a tile far
+    longer than the sequence (contract §3 allows any) would launch programs in
+    proportion to ``block_size``, not to the data. With a single tile on both sides
+    every tile index is 0 under either size, so the launch computes the same thing.
+    """
+    extent = max(query_end, num_keys, 1)
+    if block_size < extent:
+        return block_size
+    smaller = max(16, next_power_of_2(extent))
+    return smaller if smaller < block_size else block_size
 
 
 def sparse_attention_forward(q, k, v, kv_num_blocks, kv_indices, *, block_size: int,
@@ -437,6 +461,7 @@ def sparse_attention_forward(q, k, v, kv_num_blocks, kv_indices, *, block_size: 
     of ``q`` (:func:`positive_scale`).
     """
     q, scale = positive_scale(q, scale)
+    block_size = launch_block_size(block_size, query_start + q.shape[2], k.shape[2])
     key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), kv_num_blocks.shape,
            kv_num_blocks.stride(), kv_indices.shape, kv_indices.stride(), q.dtype, q.device,
            q.data_ptr() % 16 == 0, k.data_ptr() % 16 == 0, v.data_ptr() % 16 == 0,

@@ -122,8 +122,14 @@ def _attend_block(acc, l_i, m_i, q, k, v, key_start, positions, num_keys, qk_sca
     else:
         m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
         m_shift = m_new
-    # p = 2^(s*scale*log2e - m'), alpha = 2^(m - m').
-    p = tl.math.exp2(s * qk_scale - m_shift[:, None])
+    # p = 2^(s*scale*log2e - m'), alpha = 2^(m - m'). One fused multiply-add, so the
+    # product s * qk_scale is not rounded before m' is subtracted: m' carries one
+    # rounding common to the whole row (it cancels in o), and the exponent's own
+    # error then scales with |s * qk_scale - m'|, not with |s|. Contract §10 asks
+    # for exact normalisation of exact scores at any magnitude; rounding the product
+    # first would err by |s| * 2^-24 per weight. (Triton's interpreter, which runs
+    # the CPU tests, evaluates fma as a rounded product plus a sum.)
+    p = tl.math.exp2(tl.fma(s, qk_scale, -m_shift[:, None]))
     alpha = tl.math.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]

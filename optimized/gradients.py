@@ -38,7 +38,8 @@ from prism.reference.tiles import tile_layout
 
 def needs_gradients(*tensors: torch.Tensor) -> bool:
     """Whether an attention call must return outputs that carry a backward."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                           for t in tensors)
 
 
 def _shapes_only(t: torch.Tensor) -> bool:
@@ -70,7 +71,12 @@ def attention_gradients(q, k, v, block_mask, block_size: int, causal: bool, scal
     ``dS = P * (dO V^T - rowsum(dO * O) + dlse)``: ``dq = scale * dS K``,
     ``dk = scale * dS^T Q``, ``dv = P^T dO``, the last two added into each
     key's row of its KV head. fp32 throughout; plain tensor operations (no
-    nested autograd), so AOTAutograd traces it too.
+    nested autograd), so AOTAutograd traces it too. Nothing is detached: under
+    ``create_graph=True`` autograd records these operations on q, k, v and the
+    incoming gradients, so second derivatives (a gradient penalty, a
+    Hessian-vector product) are those of the recomputed softmax, the
+    reference's; otherwise the backward runs without grad mode and records
+    nothing.
     """
     b, hq, nq, d = q.shape
     hkv, nk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
@@ -81,6 +87,9 @@ def attention_gradients(q, k, v, block_mask, block_size: int, causal: bool, scal
     mask = _plain(block_mask)
     nqt, nkt = layout.num_query_tiles, layout.num_key_tiles
     mask = mask.expand(b, hq, nqt, nkt)
+    if 0 in (b, hq, nq, nk):  # no score: every gradient is zero
+        return tuple(None if not need else torch.zeros_like(t)
+                     for t, need in zip((q, k, v), needs, strict=True))
     num, idx = mask_to_indices(mask)
     width = nkt if _shapes_only(num) else max(1, int(num.max()))
     idx = idx[..., :width]
@@ -93,10 +102,10 @@ def attention_gradients(q, k, v, block_mask, block_size: int, causal: bool, scal
         out[:, :, lead:lead + nq] = x.float()
         return out
 
-    qt = tiles(q.detach())
+    qt = tiles(q)
     go = tiles(grad_out) if grad_out is not None else None
     gl = tiles(grad_lse.unsqueeze(-1))[..., 0] if grad_lse is not None else None
-    kf, vf = k.detach().float(), v.detach().float()
+    kf, vf = k.float(), v.float()
     dq = torch.zeros_like(qt) if needs[0] else None
     dk = torch.zeros_like(kf) if needs[1] else None
     dv = torch.zeros_like(vf) if needs[2] else None

@@ -55,7 +55,7 @@ def _pool_paged_key_tile(
     dim_ok = dims < head_dim
     head = C + h.to(tl.int64) * stride_h
     total = tl.zeros([D_PAD], dtype=tl.float32)
-    for r0 in range(0, block_size, BLOCK_T):
+    for r0 in range(0, row_hi - row_lo, BLOCK_T):  # the tile's rows with data only
         rows = row_lo + r0 + tl.arange(0, BLOCK_T)
         row_ok = rows < row_hi
         position = row0 + rows

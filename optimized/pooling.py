@@ -78,7 +78,8 @@ def _check_rows_finite(x_ptr, stride_b, stride_h, stride_n, stride_d, num_heads,
     dims = tl.arange(0, D_PAD)
     base = x_ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
     total = tl.zeros([D_PAD], dtype=tl.float32)
-    rows_end = block_rows
+    # The block's rows that exist (a block as long as a tile may pass the data's end).
+    rows_end = tl.minimum(block_rows, num_rows - block * block_rows)
     if UNREAD:
         first_row = block * block_rows
         last_row = tl.minimum(first_row + block_rows, num_rows) - 1
@@ -88,7 +89,7 @@ def _check_rows_finite(x_ptr, stride_b, stride_h, stride_n, stride_d, num_heads,
             counts + b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch
             + spanned * stride_ct,
             mask=spanned <= (row_start + last_row) // tile_size - first_tile, other=1)
-        rows_end = tl.where(tl.min(spanned_counts, axis=0) == 0, block_rows, 0)
+        rows_end = tl.where(tl.min(spanned_counts, axis=0) == 0, rows_end, 0)
     for r0 in range(0, rows_end, BLOCK_T):
         rows = block * block_rows + r0 + tl.arange(0, BLOCK_T)
         row_ok = rows < num_rows
@@ -169,7 +170,11 @@ def _pool_one_tile(
     total = tl.zeros([D_PAD], dtype=tl.float32)
     # sum_n x[n, d] over the valid rows, BLOCK_T rows at a time, in fp32.
     tile_row0 = abs_tile * block_size - start
-    for r0 in range(0, block_size, BLOCK_T):
+    # Only the chunks that hold valid rows, on the tile-aligned chunk grid: the skipped
+    # ones are all masked (their sum, +0, leaves the total's bits as they are), and a
+    # tile longer than the data costs nothing past it.
+    first_chunk = (row_lo - tile_row0) // BLOCK_T * BLOCK_T
+    for r0 in range(first_chunk, row_hi - tile_row0, BLOCK_T):
         rows = tile_row0 + r0 + tl.arange(0, BLOCK_T)
         row_ok = (rows >= row_lo) & (rows < row_hi)
         ptrs = base + rows.to(tl.int64)[:, None] * stride_n + dims[None, :] * stride_d

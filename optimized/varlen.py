@@ -317,13 +317,14 @@ class _null:
 # Compact indices of every sequence, flat, and where each one sits.
 # --------------------------------------------------------------------------
 
-def _flatten_indices(pieces, device):
+def _flatten_indices(pieces, device=None):
     """Concatenate per-group compact indices and say where each sequence's sit.
 
     ``pieces`` lists ``(count, num, idx)``: ``count`` sequences whose counts
     ``num`` are (count or 1, Hq or 1, nqt) and indices ``idx`` (count or 1,
     Hq or 1, nqt, width). Returns the flat num, flat idx and one placement
-    per sequence (see :func:`packed_layout`).
+    per sequence (see :func:`packed_layout`). ``device`` places the empty
+    indices of a batch without sequences.
     """
     nums, idxs, placements = [], [], []
     num_at = idx_at = 0

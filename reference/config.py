@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from .registry import ESTIMATOR_FIELDS as _REGISTRY_FIELDS
 from .registry import ESTIMATOR_REGISTRY
 from .registry import ESTIMATORS as _REGISTRY_NAMES
-from .validation import _is_int, check_band_width, check_int, check_threshold
+from .validation import (
+    MAX_BLOCK_SIZE,
+    _is_int,
+    check_band_width,
+    check_int,
+    check_threshold,
+)
 
 #: Absolute margin on the probability mass ranked before a mask entry within
 #: which two implementations may disagree on it (contract §6.5, which also
@@ -147,6 +153,12 @@ class PrismConfig:
         if self.block_size < 1:
             raise ValueError(
                 f"block_size must be >= 1, got {self.block_size}; use a tile size such as 64 or 128"
+            )
+        if self.block_size > MAX_BLOCK_SIZE:
+            raise ValueError(
+                f"block_size must be at most {MAX_BLOCK_SIZE} (2**31 - 1: token positions are "
+                f"int32 in the kernels), got {self.block_size}; a tile longer than the "
+                "sequence already holds all of it"
             )
         for name in ("high_dim", "low_dim"):
             if getattr(self, name) is not None:

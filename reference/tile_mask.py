@@ -40,7 +40,11 @@ of the indices sees that the tensor changed (its version counter moved) and
 rebuilds them from the bits. A mask made under ``torch.inference_mode()`` is an
 inference tensor, which has no version counter: its edits cannot be seen, so
 its indices are rebuilt from the bits on every use (attention then builds its
-own) rather than trusted.
+own) rather than trusted. Writes that torch does not count, those through
+``mask.data``, a NumPy view (``mask.numpy()``), DLPack or a raw pointer, do
+not move the counter either: after such a write call
+:meth:`TileMask.forget_indices` (or pass ``mask.as_tensor()``), or the carried
+indices of the old bits are used.
 """
 
 from __future__ import annotations
@@ -139,6 +143,16 @@ class TileMask(torch.Tensor):
             self._compact = mask_to_indices(plain)
             self._compact_version = version
         return self._compact
+
+    def forget_indices(self) -> TileMask:
+        """Drop the carried indices: the next use rebuilds them from the bits.
+
+        Needed only after writes that bypass torch's version counter (through
+        ``.data``, a NumPy view, DLPack); ordinary in-place edits are seen.
+        Returns the mask itself.
+        """
+        self._compact = self._given = None
+        return self
 
     def carried_indices(self, *, block_size: int, causal: bool, num_queries: int,
                         num_keys: int):

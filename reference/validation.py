@@ -15,6 +15,9 @@ from __future__ import annotations
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Largest tile accepted (token positions are int32 in the kernels; any tile at least
+#: as long as the sequence holds all of it).
+MAX_BLOCK_SIZE = 2**31 - 1
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -31,6 +34,9 @@ def check_tensor(name: str, t, rank: int = 4, layout: str = "(B, H, N, D)", *,
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}; pass a "
                         f"tensor, e.g. torch.as_tensor({name})")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; "
+                        f"convert it with {name}.to_dense()")
     if t.dim() != rank:
         raise ValueError(
             f"{name} must have {rank} dimensions {layout}, got {_describe(t)}; "
@@ -354,6 +360,10 @@ def validate_block_size(block_size) -> None:
         )
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}; use e.g. 128")
+    if block_size > MAX_BLOCK_SIZE:
+        raise ValueError(f"block_size must be at most {MAX_BLOCK_SIZE} (2**31 - 1: token "
+                         f"positions are int32 in the kernels), got {block_size}; a tile "
+                         "longer than the sequence already holds all of it")
 
 
 def validate_block_mask(block_mask, q, expected_tiles: tuple[int, int]) -> None:

@@ -168,7 +168,7 @@ def test_every_output_element_is_written(causal):
         num, idx = packed._compact(mask, first, causal)
         pieces.append((1, num, idx))
         q0, k0 = q0 + nq, k0 + nk
-    flat_num, flat_idx, placements = packed._flatten_indices(pieces)
+    flat_num, flat_idx, placements = packed._flatten_indices(pieces, device)
     layout = packed.packed_layout(ranges, placements, 16, causal, q.device)
     out = torch.full((q.shape[0], 2, 16), float("nan"), device=device)
     lse = torch.full((2, q.shape[0]), float("nan"), device=device)
