@@ -76,13 +76,13 @@ def test_gradients_of_empty_inputs_are_zeros(b, nq, nk, causal):
 @pytest.mark.parametrize("impl", [reference, optimized], ids=["reference", "optimized"])
 @pytest.mark.parametrize("bad", ["list", "none", "sparse"])
 def test_inputs_that_are_not_dense_tensors_are_type_errors(impl, bad):
-    q, k, v = (t.cpu().requires_grad_() for t in _qkv())
+    q, k, v = (t.requires_grad_() for t in _qkv())
     value = {"list": [[1.0]], "none": None, "sparse": v.detach().to_sparse()}[bad]
     with pytest.raises(TypeError, match=r"^v must be a"):
         impl.prism_attention(q, k, value, block_size=32)
     with pytest.raises(TypeError, match=r"^v must be a"):
-        impl.block_sparse_attention(q, k, value, torch.ones(1, 1, 2, 2, dtype=torch.bool),
-                                    block_size=32)
+        impl.block_sparse_attention(q, k, value, torch.ones(1, 1, 2, 2, dtype=torch.bool,
+                                                            device=q.device), block_size=32)
 
 
 @pytest.mark.parametrize("block_size", [2**31, 2**70])
@@ -123,11 +123,9 @@ def test_a_scale_past_float32_is_refused():
         optimized.prism_attention(q, k, v, block_size=32, scale=3e38)
     # Tiny scores times a scale near the limit: finite scaled scores, the reference's.
     q = q * 1e-38
-    got = optimized.block_sparse_attention(q, k, v, torch.ones(1, 1, 2, 2, dtype=torch.bool),
-                                           block_size=32, scale=2e38)
-    expected = reference.block_sparse_attention(q, k, v, torch.ones(1, 1, 2, 2,
-                                                                    dtype=torch.bool),
-                                                block_size=32, scale=2e38)
+    full = torch.ones(1, 1, 2, 2, dtype=torch.bool, device=q.device)
+    got = optimized.block_sparse_attention(q, k, v, full, block_size=32, scale=2e38)
+    expected = reference.block_sparse_attention(q, k, v, full, block_size=32, scale=2e38)
     assert not got.isnan().any()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
