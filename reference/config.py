@@ -156,9 +156,8 @@ class PrismConfig:
             )
         if self.block_size > MAX_BLOCK_SIZE:
             raise ValueError(
-                f"block_size must be at most {MAX_BLOCK_SIZE} (2**31 - 1: token positions are "
-                f"int32 in the kernels), got {self.block_size}; a tile longer than the "
-                "sequence already holds all of it"
+                f"block_size must be at most 2**62 (tile bounds are int64 token positions), "
+                f"got {self.block_size}; a tile longer than the sequence already holds all of it"
             )
         for name in ("high_dim", "low_dim"):
             if getattr(self, name) is not None:

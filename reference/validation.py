@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-#: Largest tile accepted (token positions are int32 in the kernels; any tile at least
-#: as long as the sequence holds all of it).
-MAX_BLOCK_SIZE = 2**31 - 1
+#: Largest tile accepted: tile bounds are int64 token positions (any tile at least as
+#: long as the sequence already holds all of it).
+MAX_BLOCK_SIZE = 2**62
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -361,9 +361,9 @@ def validate_block_size(block_size) -> None:
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}; use e.g. 128")
     if block_size > MAX_BLOCK_SIZE:
-        raise ValueError(f"block_size must be at most {MAX_BLOCK_SIZE} (2**31 - 1: token "
-                         f"positions are int32 in the kernels), got {block_size}; a tile "
-                         "longer than the sequence already holds all of it")
+        raise ValueError(f"block_size must be at most 2**62 (tile bounds are int64 token "
+                         f"positions), got {block_size}; a tile longer than the sequence "
+                         "already holds all of it")
 
 
 def validate_block_mask(block_mask, q, expected_tiles: tuple[int, int]) -> None:

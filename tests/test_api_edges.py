@@ -5,7 +5,7 @@
 * gradients of empty inputs are zeros, not an error from deep inside the backward;
 * inputs that are not dense tensors get the reference's TypeError;
 * a tile far longer than the sequence costs what the data costs, and tiles past
-  int32 positions are refused with a ValueError;
+  int64 positions are refused with a ValueError;
 * a scale too large for the kernels' float32 ``scale * log2(e)`` is refused;
 * a TileMask written through ``.data`` serves attention after ``forget_indices``;
 * on the GPU, exact scores at large logits are normalised to contract §10's
@@ -85,12 +85,12 @@ def test_inputs_that_are_not_dense_tensors_are_type_errors(impl, bad):
                                                             device=q.device), block_size=32)
 
 
-@pytest.mark.parametrize("block_size", [2**31, 2**70])
-def test_tiles_past_int32_positions_are_refused(block_size):
+@pytest.mark.parametrize("block_size", [2**62 + 1, 2**70])
+def test_tiles_past_int64_positions_are_refused(block_size):
     q, k, _ = _qkv()
-    with pytest.raises(ValueError, match="block_size must be at most 2147483647"):
+    with pytest.raises(ValueError, match=r"block_size must be at most 2\*\*62"):
         reference.PrismConfig(block_size=block_size)
-    with pytest.raises(ValueError, match="block_size must be at most 2147483647"):
+    with pytest.raises(ValueError, match=r"block_size must be at most 2\*\*62"):
         reference.block_sparse_attention(q, k, k, torch.ones(1, 1, 1, 1, dtype=torch.bool),
                                          block_size=block_size)
 
@@ -98,7 +98,7 @@ def test_tiles_past_int32_positions_are_refused(block_size):
 @pytest.mark.interpret
 @pytest.mark.parametrize("causal", [True, False])
 def test_a_tile_far_longer_than_the_sequence(causal):
-    """block_size 2**30 on 64 tokens: one tile, the reference's output; the pooling and
+    """block_size 2**40 on 64 tokens: one tile, the reference's output; the pooling and
     check loops and the attention grid follow the 64 tokens (before, the interpreter
     ran about block_size / 32 loop steps per tile and never finished)."""
     if not INTERPRETED and not torch.cuda.is_available():
@@ -106,10 +106,10 @@ def test_a_tile_far_longer_than_the_sequence(causal):
     q, k, v = _qkv(nq=40, nk=64, seed=2)
     from prism.optimized.attention import launch_block_size
 
-    assert launch_block_size(2**30, 64, 64) == 64 and launch_block_size(64, 200, 64) == 64
-    got, mask = optimized.prism_attention(q, k, v, block_size=2**30, causal=causal,
+    assert launch_block_size(2**40, 64, 64) == 64 and launch_block_size(64, 200, 64) == 64
+    got, mask = optimized.prism_attention(q, k, v, block_size=2**40, causal=causal,
                                           return_mask=True)
-    expected = reference.prism_attention(q, k, v, block_size=2**30, causal=causal)
+    expected = reference.prism_attention(q, k, v, block_size=2**40, causal=causal)
     assert mask.shape == (1, 2, 1, 1) and bool(mask.all())
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
