@@ -397,8 +397,9 @@ def positive_scale(q: torch.Tensor, scale: float | None):
 
 
 def launch_block_size(block_size: int, query_end: int, num_keys: int) -> int:
-    """The tile size to launch with: ``block_size``, or a smaller power of two when one
-    tile holds every query position (below ``query_end``) and every key either way.
+    """The tile size to launch with: ``block_size``, or a smaller power of two (128 at
+    least, the tuned tile) when one tile holds every query position (below
+    ``query_end``) and every key either way.
 
     The grid has ``ceil(block_size / BLOCK_M)`` programs per query tile, so a tile far
     longer than the sequence (contract §3 allows any) would launch programs in
@@ -408,7 +409,7 @@ def launch_block_size(block_size: int, query_end: int, num_keys: int) -> int:
     extent = max(query_end, num_keys, 1)
     if block_size < extent:
         return block_size
-    smaller = max(16, next_power_of_2(extent))
+    smaller = max(128, next_power_of_2(extent))
     return smaller if smaller < block_size else block_size
 
 

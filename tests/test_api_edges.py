@@ -106,7 +106,8 @@ def test_a_tile_far_longer_than_the_sequence(causal):
     q, k, v = _qkv(nq=40, nk=64, seed=2)
     from prism.optimized.attention import launch_block_size
 
-    assert launch_block_size(2**40, 64, 64) == 64 and launch_block_size(64, 200, 64) == 64
+    assert launch_block_size(2**40, 64, 64) == 128 and launch_block_size(64, 200, 64) == 64
+    assert launch_block_size(2**40, 40, 300) == 512 and launch_block_size(96, 40, 64) == 96
     got, mask = optimized.prism_attention(q, k, v, block_size=2**40, causal=causal,
                                           return_mask=True)
     expected = reference.prism_attention(q, k, v, block_size=2**40, causal=causal)
