@@ -50,6 +50,11 @@ _VS = {"last_queries": 16, "vertical_slash_threshold": 0.5}
 _P = {"block_size": 16, "high_threshold": 0.8, "low_threshold": 0.8}
 
 
+#: What every sub-tile case catches.
+_SUBTILE = ["subtile_renormalise", "subtile_energies", "subtile_logits", "estimator_forced_tiles"]
+_SUBTILE_CONFIG = {**_P, "estimator": "subtile"}
+
+
 def _cascade(**fields):
     return {**_P, "estimator": "cascade", "candidate_threshold": 0.99, **_AD, **_VS, **fields}
 
@@ -154,22 +159,18 @@ ESTIMATOR_CASES = (
                   "last_queries": 16, "vertical_slash_threshold": 0.3}),
     _case("subtile_prefix", "sub-tiles of 8 (factor 4, tiles of 32) with a 10-token KV "
           "prefix, GQA 2:1",
-          ["subtile_renormalise", "subtile_energies", "subtile_logits",
-           "estimator_forced_tiles"],
+          _SUBTILE,
           (1, 2, 1, 150, 160, 32, 4), seed=310, sharpness=2.0,
-          config={**_P, "block_size": 32, "estimator": "subtile", "subtile_factor": 4}),
+          config={**_SUBTILE_CONFIG, "block_size": 32, "subtile_factor": 4}),
     _case("subtile_interleaved_non_causal", "sub-tiles of 8 (factor 2), non-causal, "
           "interleaved pairs, RoPE base 5e5, batch 2, 48 queries, 100 keys",
-          ["subtile_renormalise", "subtile_energies", "subtile_logits",
-           "estimator_forced_tiles"],
+          _SUBTILE,
           (2, 2, 1, 48, 100, 32, 4), causal=False, seed=61, sharpness=2.0, rope_base=5e5,
-          config={**_P, "estimator": "subtile", "subtile_factor": 2,
-                  "rope_layout": "interleaved"}),
+          config={**_SUBTILE_CONFIG, "subtile_factor": 2, "rope_layout": "interleaved"}),
     _case("subtile_bf16", "sub-tiles of 8 (factor 4) on bf16 inputs, 6 tiles of 32",
-          ["subtile_renormalise", "subtile_energies", "subtile_logits",
-           "estimator_forced_tiles"],
+          _SUBTILE,
           (1, 2, 1, 192, 192, 32, 4), seed=47, sharpness=2.0, dtype="bfloat16",
-          config={**_P, "block_size": 32, "estimator": "subtile", "subtile_factor": 4}),
+          config={**_SUBTILE_CONFIG, "block_size": 32, "subtile_factor": 4}),
     _case("prism_vertical_slash", "Prism's bands united with vertical-slash",
           ["last_queries", "slash_sign", "slash_tile_offsets", "vertical_slash_threshold"],
           (1, 4, 2, 150, 160, 16, 4), seed=310, sharpness=2.0,

@@ -30,6 +30,13 @@ from prism.reference.tolerances import attention_tolerances  # noqa: E402
 INTERPRETED, DEVICE, MARKS = kernel_test_setup()
 
 
+def KERNELS(test):  # noqa: N802 - a decorator, named like pytest's marks
+    """The interpret mark, and a skip where neither the interpreter nor a GPU exists."""
+    for mark in MARKS:
+        test = mark(test)
+    return test
+
+
 def _qkv(nq=64, nk=64, d=16, seed=0, b=1):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(b, 2, nq, d, generator=gen)
@@ -46,12 +53,10 @@ def _penalty_gradients(impl, q0, k0, v0, block_size):
     return q.grad, k.grad, v.grad
 
 
-@pytest.mark.interpret
+@KERNELS
 @pytest.mark.parametrize("block_size", [32, 64])
 def test_second_derivatives_are_the_references(block_size):
     """d/dq, d/dk, d/dv of |dL/dq|^2: the backward is recorded under create_graph."""
-    if not INTERPRETED and not torch.cuda.is_available():
-        pytest.skip("no Triton interpreter or CUDA device")
     q, k, v = _qkv(seed=1)
     expected = _penalty_gradients(reference, q, k, v, block_size)
     got = _penalty_gradients(optimized, q, k, v, block_size)
@@ -60,12 +65,10 @@ def test_second_derivatives_are_the_references(block_size):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4, msg=name)
 
 
-@pytest.mark.interpret
+@KERNELS
 @pytest.mark.parametrize("b, nq, nk, causal", [(0, 16, 16, True), (1, 0, 16, True),
                                                 (1, 16, 0, False)])
 def test_gradients_of_empty_inputs_are_zeros(b, nq, nk, causal):
-    if not INTERPRETED and not torch.cuda.is_available():
-        pytest.skip("no Triton interpreter or CUDA device")
     q, k, v = (t.requires_grad_() for t in _qkv(nq, nk, b=b))
     out = optimized.prism_attention(q, k, v, block_size=32, causal=causal)
     (out.sum() + q.sum() + k.sum() + v.sum()).backward()
@@ -95,14 +98,12 @@ def test_tiles_past_int64_positions_are_refused(block_size):
                                          block_size=block_size)
 
 
-@pytest.mark.interpret
+@KERNELS
 @pytest.mark.parametrize("causal", [True, False])
 def test_a_tile_far_longer_than_the_sequence(causal):
     """block_size 2**40 on 64 tokens: one tile, the reference's output; the pooling and
     check loops and the attention grid follow the 64 tokens (before, the interpreter
     ran about block_size / 32 loop steps per tile and never finished)."""
-    if not INTERPRETED and not torch.cuda.is_available():
-        pytest.skip("no Triton interpreter or CUDA device")
     q, k, v = _qkv(nq=40, nk=64, seed=2)
     from prism.optimized.attention import launch_block_size
 
@@ -115,10 +116,8 @@ def test_a_tile_far_longer_than_the_sequence(causal):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.interpret
+@KERNELS
 def test_a_scale_past_float32_is_refused():
-    if not INTERPRETED and not torch.cuda.is_available():
-        pytest.skip("no Triton interpreter or CUDA device")
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="scale 3e\\+38 is too large for the kernels"):
         optimized.prism_attention(q, k, v, block_size=32, scale=3e38)
@@ -131,10 +130,8 @@ def test_a_scale_past_float32_is_refused():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.interpret
+@KERNELS
 def test_a_mask_written_through_data_serves_after_forget_indices():
-    if not INTERPRETED and not torch.cuda.is_available():
-        pytest.skip("no Triton interpreter or CUDA device")
     q, k, v = _qkv(nq=96, nk=96, seed=3)
     mask = optimized.select_blocks(q, k, block_size=32)
     assert mask.carried_indices(block_size=32, causal=True, num_queries=96,
