@@ -36,8 +36,9 @@ from __future__ import annotations
 import torch
 
 from prism.reference.bands import band_dims
-from prism.reference.paged import check_cached_finite, gather_tokens
+from prism.reference.paged import check_cached_finite, checked_skips, gather_tokens
 from prism.reference.pooled_cache import select_from_pooled
+from prism.reference.registry import estimator_spec
 from prism.reference.tile_mask import TileMask
 from prism.reference.validation import check_finite
 from prism.reference.varlen import _name_sequence, as_heads
@@ -146,14 +147,41 @@ def cached_select(q, keys, cache, num_keys: int, cfg, causal: bool, *, tuning=No
     return mask, num, idx, work[:1]
 
 
+def cached_estimator_select(q, k, cache, num_keys: int, cfg, causal: bool):
+    """One sequence's selection by an estimator with Prism's pooled tiles in it that also
+    reads raw keys (Prism's bands joined with vertical-slash tiles, the cascade): Prism's
+    stage is :func:`cached_select` on the keys after the cache (which stores the tiles
+    this call completes), every other stage reads all of ``k``, (1, Hkv, num_keys, D).
+    Returns ``(mask, kv_num_blocks, kv_indices, nonfinite)`` as :func:`cached_select`."""
+    from .cascade import _as_prism
+    from .estimator_path import estimator_select
+    from .ops import _cached_layout
+
+    tail = k[:, :, cache.num_tokens:]
+    layout = _cached_layout(q.shape[2], num_keys, cfg.block_size, causal)
+    if layout.num_query_tiles * layout.num_key_tiles * q.shape[1] == 0:
+        # Nothing to select; the cache still takes the tiles this call completes.
+        return cached_select(q, tail, cache, num_keys, _as_prism(cfg), causal)
+
+    def prism_source(prism_cfg, after_pooling):
+        mask, _, _, flag = cached_select(q, tail, cache, num_keys, prism_cfg, causal)
+        if after_pooling is not None:
+            after_pooling()
+        return mask, flag
+
+    return estimator_select(q, k, None, cfg, causal, layout, prism_source=prism_source)
+
+
 def select_with_caches(q, k, ranges, skips, lengths, caches, cfg, causal: bool,
                        return_mask: bool):
     """Selection of a batch in which some sequences have a cache.
 
     ``ranges[i] = (q0, q1, k0, k1)`` are packed rows; rows ``k0 + skips[i]`` to
     ``k1`` of ``k`` hold sequence ``i``'s keys from ``caches[i].num_tokens`` on
-    (all of them without a cache). Cached sequences run :func:`cached_select`,
-    runs of adjacent uncached ones the varlen path's
+    (all of them without a cache; for estimators that read raw keys, rows ``k0``
+    on hold all of them: :func:`prism.reference.paged.key_starts`). Cached
+    sequences run :func:`cached_select` (:func:`cached_estimator_select` for
+    those estimators), runs of adjacent uncached ones the varlen path's
     :func:`~prism.optimized.varlen.select_runs`. Nothing waits for the GPU.
 
     Returns ``(pieces, flags, masks, undo)``: ``pieces`` for
@@ -165,6 +193,7 @@ def select_with_caches(q, k, ranges, skips, lengths, caches, cfg, causal: bool,
 
     pieces, flags, masks = [], [], []
     undo = [(cache, cache.num_tiles) for cache in caches if cache is not None]
+    raw = estimator_spec(cfg.estimator).raw_keys
     pending: list = []
 
     def flush():
@@ -180,8 +209,13 @@ def select_with_caches(q, k, ranges, skips, lengths, caches, cfg, causal: bool,
             pending.append((q0, q1, k0, k1))
             continue
         flush()
-        mask, num, idx, flag = cached_select(as_heads(q, q0, q1), as_heads(k, k0 + skips[i], k1),
-                                             cache, lengths[i], cfg, causal)
+        if raw:
+            mask, num, idx, flag = cached_estimator_select(
+                as_heads(q, q0, q1), as_heads(k, k0, k1), cache, lengths[i], cfg, causal)
+        else:
+            mask, num, idx, flag = cached_select(as_heads(q, q0, q1),
+                                                 as_heads(k, k0 + skips[i], k1), cache,
+                                                 lengths[i], cfg, causal)
         pieces.append((1, num, idx))
         flags.append(flag)
         if return_mask:
@@ -230,5 +264,5 @@ def select_cached(q, k, ranges, skips, lengths, caches, cfg, causal: bool) -> li
     _, flags, masks, undo = select_with_caches(q, k, ranges, skips, lengths, caches, cfg,
                                                causal, True)
     if flagged(flags):
-        undo_and_raise(undo, q, k, ranges, skips, caches)
+        undo_and_raise(undo, q, k, ranges, checked_skips(cfg, skips), caches)
     return masks

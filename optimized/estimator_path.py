@@ -54,7 +54,7 @@ from prism.reference.registry import (
 from prism.reference.select import trace_selection
 from prism.reference.tiles import TileLayout
 
-from .cascade import candidate_antidiagonal_tile_scores, prism_mask
+from .cascade import _as_prism, candidate_antidiagonal_tile_scores, prism_mask
 from .estimators import KERNEL_STAGES, antidiagonal_tile_scores
 from .indices import mask_rows_to_indices
 from .plan_items import fork, join, side_stream, zero_
@@ -135,7 +135,8 @@ def _vs_threshold(cfg) -> float:
 
 
 def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, cfg,
-                     causal: bool, layout: TileLayout, *, write_indices: bool = True):
+                     causal: bool, layout: TileLayout, *, write_indices: bool = True,
+                     prism_source=None):
     """Selection of ``cfg.estimator`` (not ``"prism"``) on validated inputs.
 
     Parameters
@@ -150,6 +151,14 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
         ``tile_layout(Nq, Nk, cfg.block_size, causal)``.
     write_indices : bool
         Also return the compact indices.
+    prism_source : callable, optional
+        ``prism_source(prism_cfg, after_pooling) -> (mask, nonfinite)``: Prism's
+        mask for ``prism_cfg`` (the estimator's bands, or the cascade's
+        candidates) from elsewhere than Prism's kernels on ``k``, called once,
+        and with it the NaN/Inf flag the other stages add to. Chunked prefill
+        passes :func:`prism.optimized.chunked.cached_select` on a
+        :class:`~prism.reference.PooledKeyCache`. Not for estimators without
+        Prism's pooled tiles.
 
     Returns
     -------
@@ -170,7 +179,7 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
     spec = estimator_spec(cfg.estimator)
     form = fused_form(spec)
     if form is None or nk > MAX_UNION_WIDTH:
-        return _general(q, k, v, cfg, causal, layout, spec, write_indices)
+        return _general(q, k, v, cfg, causal, layout, spec, write_indices, prism_source)
     stage, with_vs, on_candidates, with_last = form
     check = {} if v is None else {"v": v}
     other = None
@@ -209,14 +218,20 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
         start_side()
     after_pooling = start_side if overlap and later else None
     if runs_prism:
-        prism, nonfinite = prism_mask(q, k, v, cfg, causal, layout,
-                                      cfg.candidate_threshold if on_candidates else None,
-                                      after_pooling=after_pooling)
+        threshold = cfg.candidate_threshold if on_candidates else None
+        if prism_source is None:
+            prism, nonfinite = prism_mask(q, k, v, cfg, causal, layout, threshold,
+                                          after_pooling=after_pooling)
+        else:
+            # The cached pooling checks q and the keys after the cache (not v: kept in
+            # check); the keys before it are read by the vertical-slash launch.
+            prism, nonfinite = prism_source(_as_prism(cfg, threshold), after_pooling)
         if on_candidates:
             extra["candidates"] = prism
         else:
             other = prism
-        check = {}  # the pooling launch checked q, k and v
+        if prism_source is None:
+            check = {}  # the pooling launch checked q, k and v
     probs = None
     if stage is not None:
         scores, field, reads_every_query = PROBABILITY_STAGES[stage]
@@ -242,12 +257,20 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
     return mask, num, idx, nonfinite
 
 
-def _general(q, k, v, cfg, causal, layout, spec, write_indices):
-    """Any estimator: the registry's tiles on the stage kernels, then the forced tiles."""
+def _general(q, k, v, cfg, causal, layout, spec, write_indices, prism_source=None):
+    """Any estimator: the registry's tiles on the stage kernels, then the forced tiles
+    (``prism_source`` as in :func:`estimator_select`)."""
     stages = {**KERNEL_STAGES, "prism_trace": trace_selection}
+    if prism_source is not None and "prism_candidates" in spec.stages:
+        def candidates(q_, k_, cfg_, causal_, trace=None):
+            return prism_source(_as_prism(cfg, cfg.candidate_threshold), None)[0]
+        stages["prism_candidates"] = candidates
     tiles = estimator_tiles(q, k, cfg, layout, causal, stages)
     if spec.prism_bands:
-        prism, _ = prism_mask(q, k, None, cfg, causal, layout)
+        if prism_source is None:
+            prism, _ = prism_mask(q, k, None, cfg, causal, layout)
+        else:
+            prism = prism_source(_as_prism(cfg), None)[0]
         tiles = tiles | prism
     if layout.num_key_tiles > MAX_UNION_WIDTH:
         from prism.reference.scoring import admissible_tiles

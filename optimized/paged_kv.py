@@ -63,7 +63,8 @@ import torch
 import triton
 import triton.language as tl
 
-from prism.reference.paged import _key_ranges, gather_tokens, validate_paged
+from prism.reference.paged import _key_ranges, checked_skips, gather_tokens, validate_paged
+from prism.reference.registry import estimator_spec
 from prism.reference.validation import validate_scale
 from prism.reference.varlen import check_masks
 
@@ -84,7 +85,6 @@ from .varlen import (
     mask_pieces,
     packed_attention_forward,
     packed_layout,
-    select_runs,
 )
 
 #: How :func:`prism_attention_paged` reads K and V: ``"auto"`` (see the module
@@ -226,18 +226,19 @@ def run_paged_packed(q, k_cache, v_cache, block_table, ranges_q, lengths, caches
         return NotImplemented
     starts = [0 if c is None else c.num_tokens for c in caches]
     undo, k, v, ranges, skips = [], None, None, None, None
-    if in_place and cfg.estimator == "prism":
+    if in_place and not estimator_spec(cfg.estimator).raw_keys:
         # Keys read through the block table by the pooling launches.
         pieces, flags, masks, undo = select_paged(q, k_cache, block_table, ranges_q, lengths,
                                                   caches, cfg, causal, return_mask)
         checked = [k_cache, v_cache] if cached else [v_cache]
     elif in_place:
-        # Other estimators read raw keys: every key gathered (no cache: the reference
-        # refuses caches with them).
-        k = gather_tokens(k_cache, block_table, starts, lengths)
-        ranges = _key_ranges(ranges_q, lengths)
-        pieces, flags, masks = select_runs(q, k, None, ranges, cfg, causal, return_mask)
-        checked = [v_cache]
+        # Other estimators read raw keys: every key gathered (with a cache, the part
+        # from Prism's tiles is fed from it: select_with_caches).
+        k = gather_tokens(k_cache, block_table, [0] * len(lengths), lengths)
+        ranges, skips = _key_ranges(ranges_q, lengths), starts
+        pieces, flags, masks, undo = select_with_caches(q, k, ranges, skips, lengths, caches,
+                                                        cfg, causal, return_mask)
+        checked = [k_cache, v_cache] if cached else [v_cache]
     else:
         zeros = [0] * len(lengths)
         k = gather_tokens(k_cache, block_table, zeros, lengths)
@@ -263,7 +264,8 @@ def run_paged_packed(q, k_cache, v_cache, block_table, ranges_q, lengths, caches
         if in_place and k is None:
             raise_paged(undo, starts, q, k_cache, block_table, ranges_q, lengths, caches)
         else:
-            undo_and_raise(undo, q, k, ranges, skips or [0] * len(lengths), caches)
+            undo_and_raise(undo, q, k, ranges, checked_skips(cfg, skips or [0] * len(lengths)),
+                           caches)
         _raise_gathered(flags, q, k_cache, v_cache, block_table, ranges_q, lengths)
     result = (out, lse) if return_lse else (out,)
     if return_mask:

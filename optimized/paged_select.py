@@ -16,6 +16,7 @@ selection.
 from __future__ import annotations
 
 from prism.reference.paged import _key_ranges, gather_tokens
+from prism.reference.registry import estimator_spec
 from prism.reference.tile_mask import TileMask
 from prism.reference.varlen import as_batch, as_heads
 
@@ -99,7 +100,7 @@ def select_blocks_paged_hook(q, k_cache, block_table, ranges_q, lengths, caches,
     """The ``select_paged`` hook of :func:`prism.reference.paged.run_paged_select`:
     masks with the keys read in place, after one read of the NaN/Inf flags
     (NotImplemented for estimators other than Prism's: the reference gathers)."""
-    if cfg.estimator != "prism":
+    if estimator_spec(cfg.estimator).raw_keys:
         return NotImplemented
     starts = [0 if c is None else c.num_tokens for c in caches]
     _, flags, masks, undo = select_paged(q, k_cache, block_table, ranges_q, lengths, caches,

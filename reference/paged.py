@@ -25,7 +25,9 @@ Chunked prefill: :class:`~prism.reference.pooled_cache.PooledKeyCache` keeps
 one sequence's pooled key tiles between chunks, so selection for a new chunk
 pools only the keys after the last completed tile (see the class); an
 implementation with a ``select_cached`` hook (:mod:`prism.optimized`) runs
-the selection of cached sequences itself.
+the selection of cached sequences itself. Estimators that also read raw keys
+(the accurate preset) still read every key; only Prism's tiles come from
+the cache (:func:`key_starts`, docs/serving.rst).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from . import attention as _attention
 from . import select as _select
 from .config import PrismConfig, resolve_config
 from .pooled_cache import PooledKeyCache, select_from_pooled, unchanged_on_error
+from .registry import ESTIMATORS, estimator_spec
 from .validation import (
     FLOAT_DTYPES,
     check_finite,
@@ -254,10 +257,12 @@ def _check_pooled_keys(pooled_keys, batch: int, cfg: PrismConfig) -> list:
                     "sequence its own PooledKeyCache(block_size) (or None)"
                 )
             seen[id(cache)] = i
-    if cfg.estimator != "prism" and any(c is not None for c in pooled_keys):
+    if not estimator_spec(cfg.estimator).pooled_tiles and any(c is not None for c in pooled_keys):
+        usable = [name for name in ESTIMATORS if estimator_spec(name).pooled_tiles]
         raise ValueError(
-            f"pooled_keys work with estimator='prism' only (the {cfg.estimator!r} estimator "
-            "reads raw keys, not pooled tiles); pass pooled_keys=None"
+            f"pooled_keys work with the estimators that use Prism's pooled key tiles "
+            f"({', '.join(usable)}); the {cfg.estimator!r} estimator reads raw keys only: "
+            "pass pooled_keys=None"
         )
     return list(pooled_keys)
 
@@ -285,17 +290,36 @@ def _select_all(impl, q, k, ranges, skips, lengths, caches, cfg, causal) -> list
     hook = getattr(impl, "select_cached", None)
     if hook is not None:
         return hook(q, k, ranges, skips, lengths, caches, cfg, causal)
+    checked = checked_skips(cfg, skips)
     for i, ((q0, q1, k0, k1), cache) in enumerate(zip(ranges, caches, strict=True)):
         if cache is not None:
-            check_cached_finite(q, k, i, (q0, q1, k0 + skips[i], k1))
+            check_cached_finite(q, k, i, (q0, q1, k0 + checked[i], k1))
+    raw = estimator_spec(cfg.estimator).raw_keys
     masks = []
     for i, ((q0, q1, k0, k1), cache) in enumerate(zip(ranges, caches, strict=True)):
         if cache is None:
             masks.extend(run_select(impl, q, k, [(q0, q1, k0, k1)], cfg, causal, [i]))
             continue
         k_pooled = cache.pooled(as_heads(k, k0 + skips[i], k1), lengths[i])
-        masks.append(select_from_pooled(as_heads(q, q0, q1), k_pooled, lengths[i], cfg, causal))
+        masks.append(select_from_pooled(as_heads(q, q0, q1), k_pooled, lengths[i], cfg, causal,
+                                        k=as_heads(k, k0, k1) if raw else None))
     return masks
+
+
+def checked_skips(cfg: PrismConfig, skips: list[int]) -> list[int]:
+    """Per sequence, the key rows before its NaN/Inf check starts: ``skips`` (the keys its
+    cache pooled earlier) for Prism, none for estimators that read every raw key."""
+    return [0] * len(skips) if estimator_spec(cfg.estimator).raw_keys else list(skips)
+
+
+def key_starts(cfg: PrismConfig, caches: list) -> tuple[list[int], list[int]]:
+    """``(starts, skips)`` for gathering a paged batch's keys with pooled caches: the
+    token each sequence's gathered keys start at, and the gathered rows its cache covers.
+    Prism reads only the keys after each cache; estimators that read raw keys read all."""
+    ends = [0 if c is None else c.num_tokens for c in caches]
+    if estimator_spec(cfg.estimator).raw_keys:
+        return [0] * len(caches), ends
+    return ends, [0] * len(caches)
 
 
 def check_cached_finite(q, k, index: int, rows) -> None:
@@ -323,11 +347,10 @@ def run_paged_select(impl, q, k_cache, block_table, seq_lens, cu_seqlens_q, max_
             masks = paged(q, k_cache, block_table, ranges_q, lengths, caches, cfg, causal)
             if masks is not NotImplemented:
                 return masks
-        starts = [0 if c is None else c.num_tokens for c in caches]
+        starts, skips = key_starts(cfg, caches)
         k = gather_tokens(k_cache, block_table, starts, lengths)
         ranges = _key_ranges(ranges_q, [n - s for n, s in zip(lengths, starts, strict=True)])
-        return _select_all(impl, q, k, ranges, [0] * len(lengths), lengths, caches, cfg,
-                           causal)
+        return _select_all(impl, q, k, ranges, skips, lengths, caches, cfg, causal)
 
 
 def run_paged_prism(impl, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
@@ -395,7 +418,9 @@ def select_blocks_paged(q, k_cache, block_table, seq_lens, cu_seqlens_q, max_seq
     causal : bool
     pooled_keys : list of B :class:`PooledKeyCache` or None, optional
         Per sequence, the pooled tiles kept from earlier chunks; given caches
-        are read and extended in place (chunked prefill).
+        are read and extended in place (chunked prefill). Estimators with
+        Prism's pooled tiles only: ``"prism"``, ``"prism_vertical_slash"``,
+        ``"cascade"`` (the accurate preset).
     **overrides
         Any :class:`PrismConfig` field.
 

@@ -16,8 +16,9 @@ import contextlib
 import torch
 
 from .config import PrismConfig
-from .select import trace_from_pooled_keys
-from .tiles import pool_tiles
+from .registry import estimator_spec
+from .select import estimator_mask, join_estimator_tiles, trace_from_pooled_keys
+from .tiles import pool_tiles, tile_layout
 
 
 class PooledKeyCache:
@@ -211,11 +212,36 @@ def unchanged_on_error(caches):
         raise
 
 
-def select_from_pooled(q, k_pooled, num_keys: int, cfg: PrismConfig,
-                       causal: bool) -> torch.Tensor:
-    """Prism's mask (contract §3-6) from the queries and already pooled key tiles.
+def select_from_pooled(q, k_pooled, num_keys: int, cfg: PrismConfig, causal: bool,
+                       k: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`~prism.reference.select_blocks`'s mask with the key tiles already pooled.
 
-    The reference's own composition of the stages after key pooling,
-    :func:`prism.reference.select.trace_from_pooled_keys`.
+    ``k_pooled`` (1, Hkv, n_key_tiles, D) holds the means of all ``num_keys``
+    keys. With ``estimator="prism"`` this is the reference's composition of the
+    stages after key pooling (:func:`prism.reference.select.trace_from_pooled_keys`).
+    The other estimators with Prism's pooled tiles in them (registry
+    ``pooled_tiles``: Prism's bands joined with vertical-slash tiles, the
+    cascade's candidates) also read the raw keys ``k`` (1, Hkv, num_keys, D);
+    their Prism stage is fed from ``k_pooled``, every other stage is the one
+    :func:`~prism.reference.select_blocks` runs, so the mask is that call's.
     """
-    return trace_from_pooled_keys(q, k_pooled, num_keys, cfg, causal).mask
+    if estimator_spec(cfg.estimator).tiles is None:
+        return trace_from_pooled_keys(q, k_pooled, num_keys, cfg, causal).mask
+    if k is None or k.shape[2] != num_keys:
+        raise ValueError(f"estimator {cfg.estimator!r} also reads the raw keys: pass all "
+                         f"{num_keys} of them as k")
+    if q.shape[2] == 0 or num_keys == 0:
+        layout = tile_layout(q.shape[2], num_keys, cfg.block_size, causal)
+        return torch.zeros(q.shape[0], q.shape[1], layout.num_query_tiles,
+                           layout.num_key_tiles, dtype=torch.bool, device=q.device)
+
+    def pooled_trace(q_, k_, cfg_, *, causal):
+        # The Prism stage inside the estimator: the same queries and keys, tiles from cache.
+        if cfg_.block_size != cfg.block_size or k_.shape[2] != num_keys:
+            raise ValueError("the pooled key tiles serve only their own block_size and keys")
+        return trace_from_pooled_keys(q_, k_pooled, num_keys, cfg_, causal)
+
+    if estimator_spec(cfg.estimator).prism_bands:
+        trace = trace_from_pooled_keys(q, k_pooled, num_keys, cfg, causal)
+        return join_estimator_tiles(trace, q, k, cfg, causal, pooled_trace).mask
+    return estimator_mask(q, k, cfg, causal, stages={"prism_trace": pooled_trace})

@@ -118,6 +118,19 @@ class EstimatorSpec:
         if self.sweep_parameters is None:
             object.__setattr__(self, "sweep_parameters", self.parameters)
 
+    @property
+    def pooled_tiles(self) -> bool:
+        """Whether Prism's mean-pooled key tiles at ``block_size`` enter the selection
+        (its bands, or the cascade's candidates): a
+        :class:`~prism.reference.PooledKeyCache` can hold them between prefill chunks."""
+        return self.prism_bands or "prism_candidates" in self.stages
+
+    @property
+    def raw_keys(self) -> bool:
+        """Whether the selection also reads the raw keys (every estimator but ``"prism"``):
+        with a :class:`~prism.reference.PooledKeyCache`, it still reads every key."""
+        return self.tiles is not None
+
 
 def _top_p(probs, layout, causal, threshold, stages):
     """The ``"tile_top_p"`` stage (:func:`top_p_tiles` or its kernel)."""

@@ -90,11 +90,21 @@ def trace_selection(q, k, config: PrismConfig | None = None, *, causal: bool = T
     # Stage 1 (contract §3) for the keys; the queries are pooled in the stages below.
     k_pooled = pool_tiles(k, 0, cfg.block_size)
     trace = trace_from_pooled_keys(q, k_pooled, k.shape[2], cfg, causal)
+    return join_estimator_tiles(trace, q, k, cfg, causal, trace_selection)
+
+
+def join_estimator_tiles(trace: SelectionTrace, q, k, cfg: PrismConfig, causal: bool,
+                         prism_trace) -> SelectionTrace:
+    """``trace`` (Prism's bands) with the tiles of a ``prism_bands`` estimator joined.
+
+    The estimator's own tiles (registry) count as forced, so tie analysis covers
+    only the bands; ``prism_trace`` is the ``"prism_trace"`` stage they may use.
+    Returns ``trace`` itself for ``estimator="prism"``.
+    """
     if estimator_spec(cfg.estimator).tiles is None:
         return trace
-    # Tiles an estimator joins to Prism's bands count as forced (registry).
     forced = trace.forced | estimator_tiles(q, k, cfg, trace.layout, causal,
-                                            {"prism_trace": trace_selection})
+                                            {"prism_trace": prism_trace})
     return replace(trace, forced=forced, mask=(trace.high_keep | trace.low_keep | forced)
                    & trace.admissible)
 

@@ -32,6 +32,32 @@ def test_registry_rows_are_consistent():
         registry.estimator_spec("xattention")
 
 
+def test_pooled_key_cache_estimators_match_the_serving_docs():
+    """The estimators that take a PooledKeyCache (registry ``pooled_tiles``) are those the
+    serving docs list, the accurate preset's among them, and each of the others is refused
+    with an error that names the usable ones."""
+    import re
+    from pathlib import Path
+
+    from prism.reference import PooledKeyCache, registry, select_blocks_paged
+
+    text = (Path(__file__).parents[1] / "docs" / "serving_chunked.inc").read_text()
+    listed = text[text.index("**Which estimators take a cache.**"):]
+    listed = set(re.findall(r'``"(\w+)"``', listed[:listed.index("The others")]))
+    usable = {name for name, spec in registry.ESTIMATOR_REGISTRY.items() if spec.pooled_tiles}
+    assert usable == listed
+    assert PrismConfig.preset("accurate").estimator in usable
+    q, k = torch.randn(8, 2, 16), torch.randn(2, 16, 1, 16)
+    table = torch.tensor([[0, 1]], dtype=torch.int32)
+    call = (q, k, table, torch.tensor([24], dtype=torch.int32),
+            torch.tensor([0, 8], dtype=torch.int32), 8)
+    for name in set(registry.ESTIMATORS) - usable:
+        with pytest.raises(ValueError, match="pooled_keys=None") as error:
+            select_blocks_paged(*call, estimator=name, block_size=16,
+                                pooled_keys=[PooledKeyCache(16)])
+        assert all(u in str(error.value) for u in usable)
+
+
 def test_reference_modules_do_not_import_in_a_loop():
     """The registry sits between the scoring stages and the selection, in one direction."""
     import ast

@@ -42,9 +42,12 @@ def _uncached_pool(q, k, cfg):
 
 
 def run_chunks(chunks, *, block_size, page_size, heads, layout="half", d=16,
-               dtype=torch.float32, seed=0, reads=None, monkeypatch=None, full=True):
+               dtype=torch.float32, seed=0, reads=None, monkeypatch=None, full=True,
+               config=None):
     """Prefill one sequence chunk by chunk, kernel-fed and reference caches side by side
-    (``full``: also the reference's cached path and attention on the chosen masks)."""
+    (``full``: also the reference's cached path and attention on the chosen masks).
+    ``config``: another estimator or preset (block size and RoPE layout replaced); its
+    masks are compared with the uncached kernels up to the boundary ties."""
     optimized, _, device = _kernels()
     from prism.optimized import paged_kv
 
@@ -55,7 +58,8 @@ def run_chunks(chunks, *, block_size, page_size, heads, layout="half", d=16,
                                          layout=layout, dtype=dtype, seed=seed, device=device)
     k_cache, v_cache, table, _ = to_pages(k.cpu(), v.cpu(), [total], page_size, seed=seed)
     k_cache, v_cache, table = k_cache.to(device), v_cache.to(device), table.to(device)
-    cfg = reference.PrismConfig(block_size=block_size, rope_layout=layout)
+    cfg = (reference.PrismConfig() if config is None else config).replace(
+        block_size=block_size, rope_layout=layout)
     kernel_cache, ref_cache = PooledKeyCache(block_size), PooledKeyCache(block_size)
     start = 0
     for chunk in chunks:
@@ -67,8 +71,12 @@ def run_chunks(chunks, *, block_size, page_size, heads, layout="half", d=16,
                                                    pooled_keys=[kernel_cache])
         q_i, k_i, v_i = seq[0][:, :, start:end], seq[1][:, :, :end], seq[2][:, :, :end]
         mask = masks[0].as_tensor()
-        uncached = optimized.select_blocks(q_i, k_i, cfg)
-        assert torch.equal(mask, uncached), f"chunk ending at {end}: not the uncached mask"
+        uncached = optimized.select_blocks(q_i, k_i, cfg).as_subclass(torch.Tensor)
+        if config is None:
+            assert torch.equal(mask, uncached), f"chunk ending at {end}: not the uncached mask"
+        else:
+            differ = reference.mask_differences(mask, uncached, _ties(q_i, k_i, cfg))
+            assert differ.numel() == 0, f"chunk ending at {end}: not the uncached mask"
         complete = end // block_size
         assert kernel_cache.num_tiles == complete
         if full:
@@ -183,6 +191,51 @@ def test_kernel_fed_batch_and_nan_rollback(reads, monkeypatch):
                zip((caches[0], caches[2]), snapshot, strict=True))
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("reads, preset", [("kernel", "accurate"),
+                                           ("gather", "prism_vertical_slash")])
+def test_kernel_fed_chunks_raw_key_estimators(reads, preset, monkeypatch):
+    """The accurate preset (cascade) and Prism's bands with vertical-slash tiles, chunk by
+    chunk with a cache, pages in place and gathered: Prism's stage from the cache, the
+    other stages on every key; masks as the reference's cached path and the uncached
+    kernels up to the boundary ties, the stored means bitwise the pooling kernel's."""
+    config = (reference.PrismConfig.preset("accurate") if preset == "accurate" else
+              reference.PrismConfig(estimator=preset, last_queries=8))
+    run_chunks([20, 1, 27], block_size=16, page_size=24, heads=(2, 1), reads=reads,
+               monkeypatch=monkeypatch, config=config, seed=2)
+
+
+@pytest.mark.interpret
+def test_raw_key_estimator_nan_in_prefix_rolls_back():
+    """With the cascade and a cache, an Inf in a key before the cache's end (which its
+    raw-key stages read) raises the reference's error naming the sequence, and the cache
+    is left as the call found it."""
+    optimized, _, device = _kernels()
+    total = 48
+    (seq,), (q, k, v), _, _ = make_batch([total], [total], hq=2, hkv=1, d=16, seed=6,
+                                         device=device)
+    k_cache, v_cache, table, _ = to_pages(k, v, [total], 16, seed=6)
+    cfg = reference.PrismConfig.preset("accurate", block_size=16)
+    cache = PooledKeyCache(16)
+    first = (torch.tensor([20], dtype=torch.int32), torch.tensor([0, 20], dtype=torch.int32), 20)
+    optimized.prism_attention_paged(q[:20], k_cache, v_cache, table, *first, cfg,
+                                    pooled_keys=[cache])
+    assert cache.num_tiles == 1
+    stored = cache.means_t.clone()
+    poisoned = k_cache.clone()
+    poisoned[table[0, 0], 3, 0, 5] = float("inf")
+    second = (torch.tensor([total], dtype=torch.int32), torch.tensor([0, 28], dtype=torch.int32),
+              28, cfg)
+    for impl in (optimized, reference):
+        with pytest.raises(ValueError, match=r"sequence 0 \(pooled_keys given\): k_cache"):
+            impl.select_blocks_paged(q[20:], poisoned, table, *second, pooled_keys=[cache])
+        assert cache.num_tiles == 1 and torch.equal(cache.means_t, stored)
+    with pytest.raises(ValueError, match="sequence 0"):
+        optimized.prism_attention_paged(q[20:], poisoned, v_cache, table, *second,
+                                        pooled_keys=[cache])
+    assert cache.num_tiles == 1 and torch.equal(cache.means_t, stored)
+
+
 # --------------------------------------------------------------------------
 # The GPU.
 # --------------------------------------------------------------------------
@@ -195,6 +248,16 @@ def test_gpu_kernel_fed_chunks(layout, page_size, reads, monkeypatch):
     run_chunks([1, 700, 1, 900, 450], block_size=128, page_size=page_size, heads=(32, 8),
                layout=layout, d=128, dtype=torch.bfloat16, reads=reads,
                monkeypatch=monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reads", ["kernel", "gather"])
+def test_gpu_kernel_fed_chunks_accurate(reads, monkeypatch):
+    """The accurate preset, bf16, tile 128, 32/8 heads, D 128: chunks of 1, 700, 1, 900
+    and 450 tokens, against the reference's cached path and the uncached kernels."""
+    run_chunks([1, 700, 1, 900, 450], block_size=128, page_size=64, heads=(32, 8), d=128,
+               dtype=torch.bfloat16, reads=reads, monkeypatch=monkeypatch, seed=3,
+               config=reference.PrismConfig.preset("accurate"))
 
 
 @pytest.mark.gpu

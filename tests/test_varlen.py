@@ -337,15 +337,18 @@ def test_paged_errors(edit, error, words):
 # --------------------------------------------------------------------------
 
 def chunked_run(chunks, *, impl=reference, block_size=16, page_size=16, hq=4, hkv=2,
-                layout="half", dtype=torch.float32, seed=0, device="cpu", with_cache=True):
+                layout="half", dtype=torch.float32, seed=0, device="cpu", with_cache=True,
+                config=None):
     """Prefill one sequence chunk by chunk over its paged cache; compare every chunk with
-    the one-shot reference (Nq = chunk, Nk = prefix + chunk)."""
+    the one-shot reference (Nq = chunk, Nk = prefix + chunk). ``config``: another
+    estimator or preset (its block size and RoPE layout replaced by these)."""
     total = sum(chunks)
     (seq,), (q, k, v), _, _ = make_batch([total], [total], hq=hq, hkv=hkv, layout=layout,
                                          dtype=dtype, seed=seed, device=device)
     k_cache, v_cache, table, _ = to_pages(k.cpu(), v.cpu(), [total], page_size, seed=seed)
     k_cache, v_cache, table = k_cache.to(device), v_cache.to(device), table.to(device)
-    cfg = reference.PrismConfig(block_size=block_size, rope_layout=layout)
+    cfg = (reference.PrismConfig() if config is None else config).replace(
+        block_size=block_size, rope_layout=layout)
     cache = PooledKeyCache(block_size) if with_cache else None
     start = 0
     for chunk in chunks:
@@ -380,6 +383,50 @@ def test_chunked_prefill_equals_one_shot(chunks, page_size, layout, heads, seed)
     """Chunk boundaries anywhere: a partial last tile is completed by the next chunk."""
     chunked_run(chunks, page_size=page_size, layout=layout, hq=heads[0], hkv=heads[1],
                 seed=seed)
+
+
+@given(chunks=st.lists(st.integers(1, 40), min_size=1, max_size=4),
+       preset=st.sampled_from(["accurate", "prism_vertical_slash"]),
+       layout=st.sampled_from(["half", "interleaved"]), seed=st.integers(0, 50))
+def test_chunked_prefill_with_raw_key_estimators(chunks, preset, layout, seed):
+    """The accurate preset (the cascade: Prism's candidates from the cache, antidiagonal and
+    vertical-slash stages on every key) and Prism's bands joined with vertical-slash tiles:
+    each chunk's mask equals the one-shot reference's entry for entry, the cache as Prism's."""
+    config = (reference.PrismConfig.preset("accurate") if preset == "accurate" else
+              reference.PrismConfig(estimator=preset, last_queries=8))
+    chunked_run(chunks, layout=layout, seed=seed, config=config)
+
+
+def test_raw_key_estimator_chunks_read_the_whole_prefix():
+    """With the cascade, Prism's candidates come from the stored means while its
+    antidiagonal and vertical-slash stages read every key, those before the cache's end
+    included: keys 0-7 edited in the pages after they were pooled change the mask, to
+    exactly the reference's composition on the stored means and the edited keys."""
+    from prism.reference.pooled_cache import select_from_pooled
+
+    total = 70
+    (seq,), (q, k, v), _, _ = make_batch([total], [total], hq=4, hkv=2, seed=9)
+    k_cache, _, table, _ = to_pages(k, v, [total], 16, seed=9)
+    cfg = reference.PrismConfig.preset("accurate", block_size=16)
+    cache = PooledKeyCache(16)
+    reference.select_blocks_paged(q[:40], k_cache, table, torch.tensor([40], dtype=torch.int32),
+                                  torch.tensor([0, 40], dtype=torch.int32), 40, cfg,
+                                  pooled_keys=[cache])
+    assert cache.num_tiles == 2
+    stored = cache.tile_means.clone()
+    args = (torch.tensor([total], dtype=torch.int32), torch.tensor([0, 30], dtype=torch.int32),
+            30, cfg)
+    mask = reference.select_blocks_paged(q[40:], k_cache, table, *args, pooled_keys=[cache])[0]
+    assert torch.equal(mask, reference.select_blocks(seq[0][:, :, 40:], seq[1], cfg))
+    edited, k_edited = k_cache.clone(), seq[1].clone()
+    edited[table[0, 0], :8] *= 50
+    k_edited[:, :, :8] *= 50
+    cache.truncate(2)
+    got = reference.select_blocks_paged(q[40:], edited, table, *args, pooled_keys=[cache])[0]
+    assert not torch.equal(got, mask), "the raw-key stages did not read the prefix"
+    k_pooled = torch.cat([stored[None], reference.pool_tiles(k_edited[:, :, 32:], 32, 16)], 2)
+    assert torch.equal(got, select_from_pooled(seq[0][:, :, 40:], k_pooled, total, cfg, True,
+                                               k=k_edited))
 
 
 def test_partial_tile_completed_by_next_chunk():
@@ -456,7 +503,7 @@ def test_pooled_cache_errors():
         reference.prism_attention_paged(**args, block_size=16, pooled_keys=[big, None])
     with pytest.raises(TypeError, match="one per sequence"):
         reference.prism_attention_paged(**args, block_size=16, pooled_keys=[None])
-    with pytest.raises(ValueError, match="estimator='prism' only"):
+    with pytest.raises(ValueError, match="'vertical_slash' estimator reads raw keys only"):
         reference.prism_attention_paged(**args, block_size=16, estimator="vertical_slash",
                                         pooled_keys=[PooledKeyCache(16), None])
     shared = PooledKeyCache(16)
