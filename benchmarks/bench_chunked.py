@@ -36,6 +36,10 @@ Usage (on the GPU machine, from the repository root)::
 
     python benchmarks/bench_chunked.py --out results.json --commit abc1234
 
+``--preset accurate`` times only one chunk's ``prism_attention_paged`` and
+``select_blocks_paged`` with that preset, with the prefix's tiles in a cache and
+without one, beside the paper's default both ways and the dense baselines.
+
 ``--crossover 0:32768,32768:4096,...`` times only ``prism_attention_paged``
 reading the pages in place against gathering them, per ``prefix:chunk`` (no
 pooled cache): where ``PAGED_READS = "auto"`` should switch.
@@ -265,6 +269,46 @@ def host_breakdown(fn, calls=20):
                 / calls} for e in events}}
 
 
+def preset_times(preset: str, prefix: int, chunk: int) -> dict:
+    """``--preset``: one chunk's calls with that preset, with the prefix's tiles in a cache
+    and without one, beside Prism's default with a cache and dense attention."""
+    total = prefix + chunk
+    q_all, k, v = structured(total, seed=0)
+    q = q_all[prefix:].contiguous()
+    k_cache, v_cache, table, _ = to_cache(k, v, torch.tensor([0, total]), [total], 64)
+    cu_q = torch.tensor([0, chunk], dtype=torch.int32)
+    lens = torch.tensor([total], dtype=torch.int32)
+    out = {"preset": preset, "times": {}}
+    for name, cfg in ((preset, PrismConfig.preset(preset, block_size=BLOCK)),
+                      ("paper", PrismConfig(block_size=BLOCK))):
+        cache = PooledKeyCache(BLOCK)
+        optimized.select_blocks_paged(q_all[prefix - 1:prefix], k_cache, table,
+                                      torch.tensor([prefix], dtype=torch.int32),
+                                      torch.tensor([0, 1], dtype=torch.int32), 1, cfg,
+                                      pooled_keys=[cache])
+        stored = cache.num_tiles
+
+        def call(fn, cached, cfg=cfg, cache=cache, stored=stored):
+            cache.truncate(stored)
+            extra = (v_cache,) if fn is optimized.prism_attention_paged else ()
+            return fn(q, k_cache, *extra, table, lens, cu_q, chunk, cfg,
+                      pooled_keys=[cache] if cached else None)
+
+        cached_mask = call(optimized.select_blocks_paged, True)[0].as_subclass(torch.Tensor)
+        plain_mask = call(optimized.select_blocks_paged, False)[0].as_subclass(torch.Tensor)
+        out[f"{name}_tile_density"] = float(cached_mask.float().mean())
+        out[f"{name}_cached_mask_entries_differing_from_uncached"] = int(
+            mask_differences(cached_mask, plain_mask).shape[0])
+        for fn, label in ((optimized.prism_attention_paged, "prism_attention_paged"),
+                          (optimized.select_blocks_paged, "select_blocks_paged")):
+            for cached in (True, False):
+                key = f"{name}_{label}_{'cached' if cached else 'no_cache'}_ms"
+                out["times"][key] = bench(functools.partial(call, fn, cached))
+                log(f"  {key}: {out['times'][key]:.3f}")
+    out["times"].update(dense_times(q, k, v, prefix, chunk))
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None)
@@ -280,7 +324,22 @@ def main(argv=None):
                              "these launch shapes bm,bn,warps,stages[,tma] separated by ';'")
     parser.add_argument("--page", type=int, default=64,
                         help="with --crossover: tokens per cache page (16-256)")
+    parser.add_argument("--preset", default="",
+                        help="only time one chunk with this preset (e.g. accurate), with and "
+                             "without the pooled-key cache, beside the paper's default")
     args = parser.parse_args(argv)
+    if args.preset:
+        result = {"commit": args.commit, "device": torch.cuda.get_device_name(),
+                  "torch": torch.__version__,
+                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                  "shape": {"prefix": args.prefix, "chunk": args.chunk, "heads": HEADS,
+                            "kv_heads": KV_HEADS, "block_size": BLOCK, "page_size": 64},
+                  **preset_times(args.preset, args.prefix, args.chunk)}
+        log(json.dumps(result))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return
     if args.crossover:
         pairs = [tuple(int(x) for x in pair.split(":")) for pair in args.crossover.split(",")]
         result = {"commit": args.commit, "device": torch.cuda.get_device_name(),
