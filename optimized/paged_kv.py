@@ -63,7 +63,13 @@ import torch
 import triton
 import triton.language as tl
 
-from prism.reference.paged import _key_ranges, checked_skips, gather_tokens, validate_paged
+from prism.reference.paged import (
+    _key_ranges,
+    checked_skips,
+    gather_tokens,
+    paged_nonfinite_error,
+    validate_paged,
+)
 from prism.reference.registry import estimator_spec
 from prism.reference.validation import validate_scale
 from prism.reference.varlen import check_masks
@@ -81,7 +87,6 @@ from .paged_select import raise_paged, select_paged
 from .varlen import (
     _flatten_indices,
     _nonfinite,
-    _raise_named,
     mask_pieces,
     packed_attention_forward,
     packed_layout,
@@ -195,13 +200,14 @@ def paged_attention(q, k_cache, v_cache, block_table, ranges_q, lengths, pieces,
 
 
 def _raise_gathered(flags, q, k_cache, v_cache, block_table, ranges_q, lengths) -> None:
-    """On a NaN/Inf flag, gather the tokens and raise the reference's error (rare path)."""
-    if not flags or not bool(torch.cat([f.reshape(-1) for f in flags]).any()):
+    """On a NaN/Inf flag, raise the reference's error naming the sequence, the cache, the
+    token, page and slot (:func:`prism.reference.paged.paged_nonfinite_error`; rare path).
+    Returns if no input holds one (a finite tile whose fp32 sum overflowed)."""
+    if not flagged(flags):
         return
-    zeros = [0] * len(lengths)
-    k = gather_tokens(k_cache, block_table, zeros, lengths)
-    v = gather_tokens(v_cache, block_table, zeros, lengths)
-    _raise_named(flags, q, k, v, _key_ranges(ranges_q, lengths))
+    error = paged_nonfinite_error(q, k_cache, v_cache, block_table, ranges_q, lengths)
+    if error is not None:
+        raise error
 
 
 def run_paged_packed(q, k_cache, v_cache, block_table, ranges_q, lengths, caches, cfg, *,

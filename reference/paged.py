@@ -32,6 +32,8 @@ the cache (:func:`key_starts`, docs/serving.rst).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import attention as _attention
@@ -182,6 +184,78 @@ def gather_tokens(cache: torch.Tensor, block_table: torch.Tensor, starts: list[i
     rows = pages * page_size + position % page_size
     return cache.flatten(0, 1).index_select(0, rows) if cache.is_contiguous() else \
         cache[pages, position % page_size]
+
+
+# --------------------------------------------------------------------------
+# NaN/Inf errors in the caller's terms: pages, slots and tokens, not gathered rows.
+# --------------------------------------------------------------------------
+
+_NONFINITE_ADVICE = ("Prism's selection and attention are undefined on non-finite inputs: "
+                     "clean or clamp them first")
+
+
+def _first_nonfinite(rows: torch.Tensor):
+    """``(count, row, head)`` of the non-finite entries of (n, H, D) ``rows``; None if none."""
+    if rows.numel() == 0:
+        return None
+    bad = ~torch.isfinite(rows)
+    count = int(bad.sum())
+    if count == 0:
+        return None
+    row, head, _ = (int(x) for x in bad.nonzero()[0])
+    return count, row, head
+
+
+def paged_nonfinite_error(q, k_cache, v_cache, block_table, ranges_q, lengths,
+                          starts=None) -> ValueError | None:
+    """The first NaN/Inf a paged call reads, as the ``ValueError`` to raise (None if none).
+
+    Sequence by sequence: its queries (rows of the packed ``q``), its keys from
+    token ``starts[i]`` on (0 by default; a :class:`PooledKeyCache`'s end where
+    selection reads only the keys after it), then its values (``v_cache`` None:
+    selection only). The message names the tensor the caller passed
+    (``k_cache``, ``v_cache``), the sequence, the token and its page and slot.
+    """
+    page_size = k_cache.shape[1]
+    for i, ((q0, q1), n) in enumerate(zip(ranges_q, lengths, strict=True)):
+        found = _first_nonfinite(q[q0:q1])
+        if found:
+            count, row, head = found
+            return ValueError(f"sequence {i}: q contains {count} NaN or Inf value(s) in its "
+                              f"rows {q0}:{q1}, the first at row {q0 + row} (query head "
+                              f"{head}); {_NONFINITE_ADVICE}")
+        start = 0 if starts is None else starts[i]
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if cache is None:
+                continue
+            found = _first_nonfinite(gather_tokens(cache, block_table[i:i + 1], [start], [n]))
+            if found:
+                count, row, head = found
+                token = start + row
+                read = f"tokens {start}:{n}" + (
+                    f" (those after its PooledKeyCache's {start})" if start else "")
+                return ValueError(
+                    f"sequence {i}: {name} contains {count} NaN or Inf value(s) in its {read}, "
+                    f"the first at token {token} (page "
+                    f"{int(block_table[i, token // page_size])}, slot {token % page_size}, KV "
+                    f"head {head}); {_NONFINITE_ADVICE}")
+    return None
+
+
+@contextlib.contextmanager
+def paged_errors(q, k_cache, v_cache, block_table, ranges_q, lengths, starts=None):
+    """Re-raise a NaN/Inf ``ValueError`` from the packed functions (which name rows of
+    gathered tensors) as :func:`paged_nonfinite_error`'s, from the original."""
+    try:
+        yield
+    except ValueError as error:
+        if "NaN or Inf" not in str(error):
+            raise
+        better = paged_nonfinite_error(q, k_cache, v_cache, block_table, ranges_q, lengths,
+                                       starts)
+        if better is None:
+            raise
+        raise better from error
 
 
 def gather_paged_kv(k_cache, v_cache, block_table, seq_lens):
@@ -340,7 +414,8 @@ def run_paged_select(impl, q, k_cache, block_table, seq_lens, cu_seqlens_q, max_
     ranges_q, lengths = validate_paged(q, k_cache, None, block_table, seq_lens, cu_seqlens_q,
                                        max_seqlen_q, causal=causal)
     caches = _prepare_caches(pooled_keys, lengths, k_cache, cfg)
-    with unchanged_on_error(caches):
+    with unchanged_on_error(caches), paged_errors(q, k_cache, None, block_table, ranges_q,
+                                                  lengths, key_starts(cfg, caches)[0]):
         paged = getattr(impl, "select_paged", None)
         if paged is not None:
             # prism.optimized: keys read through the block table (NotImplemented: gather).
@@ -362,7 +437,8 @@ def run_paged_prism(impl, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens
                                        cu_seqlens_q, max_seqlen_q, causal=causal)
     validate_scale(scale)
     caches = _prepare_caches(pooled_keys, lengths, k_cache, cfg)
-    with unchanged_on_error(caches):
+    with unchanged_on_error(caches), paged_errors(q, k_cache, v_cache, block_table, ranges_q,
+                                                  lengths):
         return _paged_prism(impl, q, k_cache, v_cache, block_table, ranges_q, lengths, caches,
                             cfg, causal=causal, scale=scale, return_lse=return_lse,
                             return_mask=return_mask, cached=pooled_keys is not None)

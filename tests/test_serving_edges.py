@@ -5,7 +5,8 @@
   inside the loop): the error names that sequence, not the run;
 * a failed chunked call leaves every PooledKeyCache as it found it, whether
   selection or attention raised, in both implementations;
-* a cache filled under ``torch.inference_mode()`` serves later chunks outside it.
+* a cache filled under ``torch.inference_mode()`` serves later chunks outside it;
+* NaN/Inf in a paged call is named by sequence, cache tensor, token, page and slot.
 
 Each runs on the reference and on the kernels (Triton's interpreter on the CPU).
 """
@@ -80,6 +81,57 @@ def test_an_error_in_a_run_names_its_sequence(which, tensor):
     masks = reference.select_blocks_varlen(q, k, cu, cu, 32, 32, block_size=16)
     with pytest.raises(ValueError, match=named):
         impl.block_sparse_attention_varlen(q_, k_, v_, cu, cu, 32, 32, masks, block_size=16)
+
+
+@pytest.mark.interpret
+@IMPLS
+@pytest.mark.parametrize("tensor", ["q", "k_cache", "v_cache"])
+def test_paged_errors_name_the_cache_token_page_and_slot(which, tensor):
+    """A NaN in a paged call is reported in the caller's terms: the sequence, q's packed
+    row or the cache tensor passed (k_cache, v_cache) with the token, its page and slot,
+    and the KV head; never rows of the tensors gathered inside the call. With a
+    PooledKeyCache, select_blocks_paged reads (and names) only the keys after it."""
+    impl, device = _impl(which)
+    q, k_cache, v_cache, table, seq_lens, cu = _two_cached_sequences(device)
+    page = int(table[1, 1])                       # sequence 1, tokens 16-31
+    bad = {"q": q, "k_cache": k_cache, "v_cache": v_cache}[tensor].clone()
+    if tensor == "q":
+        bad[40 + 25, 1, 4] = float("inf")
+        words = r"^sequence 1: q contains 1 NaN or Inf value\(s\) in its rows 40:80, the first " \
+                r"at row 65 \(query head 1\)"
+    else:
+        bad[page, 5, 0, 4] = float("nan")
+        words = rf"^sequence 1: {tensor} contains 1 NaN or Inf value\(s\) in its tokens 0:40, " \
+                rf"the first at token 21 \(page {page}, slot 5, KV head 0\)"
+    args = {"q": q, "k_cache": k_cache, "v_cache": v_cache, **{tensor: bad}}
+    with pytest.raises(ValueError, match=words):
+        impl.prism_attention_paged(args["q"], args["k_cache"], args["v_cache"], table,
+                                   seq_lens, cu, 40, block_size=16)
+    if tensor != "v_cache":
+        with pytest.raises(ValueError, match=words):
+            impl.select_blocks_paged(args["q"], args["k_cache"], table, seq_lens, cu, 40,
+                                     block_size=16)
+    if which == "optimized":
+        from prism.optimized.paged_kv import block_sparse_attention_paged
+
+        masks = reference.select_blocks_paged(q, k_cache, table, seq_lens, cu, 40,
+                                              block_size=16)
+        with pytest.raises(ValueError, match=words):
+            block_sparse_attention_paged(args["q"], args["k_cache"], args["v_cache"],
+                                              table, seq_lens, cu, 40, masks, block_size=16)
+    if tensor == "k_cache":
+        # Sequence 1's first 16 tokens sit in its cache; its chunk is tokens 16-39.
+        cache = PooledKeyCache(16)
+        cache.tile_means = reference.pool_tiles(
+            reference.gather_paged_kv(k_cache, v_cache, table[1:], seq_lens[1:])[0][:16]
+            .transpose(0, 1)[None], 0, 16)[0]
+        with pytest.raises(ValueError, match=r"^sequence 1: k_cache contains 1 NaN or Inf "
+                           r"value\(s\) in its tokens 16:40 \(those after its PooledKeyCache's "
+                           r"16\), the first at token 21"):
+            impl.select_blocks_paged(q[:64], bad, table, seq_lens,
+                                     torch.tensor([0, 40, 64], dtype=torch.int32, device=device),
+                                     40, block_size=16, pooled_keys=[None, cache])
+        assert cache.num_tiles == 1
 
 
 def _two_cached_sequences(device):
