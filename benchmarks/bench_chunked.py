@@ -269,6 +269,16 @@ def host_breakdown(fn, calls=20):
                 / calls} for e in events}}
 
 
+def filled_cache(q_all, k_cache, table, prefix: int, cfg) -> PooledKeyCache:
+    """A cache holding the prefix's tiles (filled by a prefix-only select call)."""
+    cache = PooledKeyCache(BLOCK)
+    optimized.select_blocks_paged(q_all[prefix - 1:prefix], k_cache, table,
+                                  torch.tensor([prefix], dtype=torch.int32),
+                                  torch.tensor([0, 1], dtype=torch.int32), 1, cfg,
+                                  pooled_keys=[cache])
+    return cache
+
+
 def preset_times(preset: str, prefix: int, chunk: int) -> dict:
     """``--preset``: one chunk's calls with that preset, with the prefix's tiles in a cache
     and without one, beside Prism's default with a cache and dense attention."""
@@ -281,11 +291,7 @@ def preset_times(preset: str, prefix: int, chunk: int) -> dict:
     out = {"preset": preset, "times": {}}
     for name, cfg in ((preset, PrismConfig.preset(preset, block_size=BLOCK)),
                       ("paper", PrismConfig(block_size=BLOCK))):
-        cache = PooledKeyCache(BLOCK)
-        optimized.select_blocks_paged(q_all[prefix - 1:prefix], k_cache, table,
-                                      torch.tensor([prefix], dtype=torch.int32),
-                                      torch.tensor([0, 1], dtype=torch.int32), 1, cfg,
-                                      pooled_keys=[cache])
+        cache = filled_cache(q_all, k_cache, table, prefix, cfg)
         stored = cache.num_tiles
 
         def call(fn, cached, cfg=cfg, cache=cache, stored=stored):
@@ -363,12 +369,7 @@ def main(argv=None):
                       low_threshold=args.threshold)
     cu_q = torch.tensor([0, chunk], dtype=torch.int32)
     lens = torch.tensor([total], dtype=torch.int32)
-    cache = PooledKeyCache(BLOCK)
-    # Fill the cache with the prefix's tiles (a prefix-only select call).
-    optimized.select_blocks_paged(q_all[prefix - 1:prefix], k_cache, table,
-                                  torch.tensor([prefix], dtype=torch.int32),
-                                  torch.tensor([0, 1], dtype=torch.int32), 1, cfg,
-                                  pooled_keys=[cache])
+    cache = filled_cache(q_all, k_cache, table, prefix, cfg)
     stored = cache.num_tiles
     old = previous_impl()
 
