@@ -11,7 +11,9 @@ inputs and expected results. The exit status is 1 when anything mismatches.
 
 With ``--varlen module:function`` it runs a port of the packed call
 (``prism_attention_varlen``) sequence by sequence against the dense reference
-(:mod:`prism.reference.check_varlen`). With ``--estimators`` it also runs the
+(:mod:`prism.reference.check_varlen`); with ``--paged module:function`` a
+port of the paged call (``prism_attention_paged``), prefilling chunk by chunk
+(:mod:`prism.reference.check_paged`). With ``--estimators`` it also runs the
 estimators' set (``estimators/`` under
 the golden folder; docs/estimators.rst) and random estimator cases: the port's
 ``select`` then also receives ``estimator=...`` and that estimator's fields
@@ -367,25 +369,30 @@ def main(argv=None) -> int:
                         help="what the port receives (default torch tensors)")
     parser.add_argument("--varlen", help="module:function of the port's packed call "
                         "(prism_attention_varlen's arguments; docs/golden.rst)")
+    parser.add_argument("--paged", help="module:function of the port's paged call, run "
+                        "chunk by chunk (prism_attention_paged's arguments; docs/golden.rst)")
     parser.add_argument("--estimators", action="store_true",
                         help="also check the estimators' selections (their golden set and "
                              "random cases; the port's select takes estimator=...)")
     parser.add_argument("--save", default="prism-check-failures",
                         help="folder for the .npz reproducers (default %(default)s)")
     args = parser.parse_args(argv)
-    if args.select is None and args.attention is None and args.varlen is None:
-        parser.error("give a selection function, --attention, --varlen, or several")
+    if not (args.select or args.attention or args.varlen or args.paged):
+        parser.error("give a selection function, --attention, --varlen, --paged, or several")
     try:
         select = load_function(args.select) if args.select else None
         attention = load_function(args.attention) if args.attention else None
         varlen = load_function(args.varlen) if args.varlen else None
+        paged = load_function(args.paged) if args.paged else None
     except ValueError as error:
         parser.error(str(error))  # one line and exit status 2, as for other bad arguments
     status = 0
     if varlen is not None:
         status = _check_varlen(varlen, args.examples)
-        if select is None and attention is None:
-            return status
+    if paged is not None:
+        status = max(status, _check_paged(paged, args.examples))
+    if select is None and attention is None:
+        return status
     cases, mismatches = check_golden(select, attention, args.golden, args.arrays, args.save)
     examples = args.examples
     if args.examples > 0:
@@ -420,6 +427,26 @@ def _check_varlen(varlen, examples: int) -> int:
             print(f"  this case catches: {', '.join(case.catches)}")
         print("\n".join(f"  - {p}" for p in problems))
     print(f"packed: {count - len(failed)} of {count} cases agree")
+    return 1 if failed else 0
+
+
+def _check_paged(paged, examples: int) -> int:
+    """The paged, chunked cases (:mod:`prism.reference.check_paged`) and ``examples``
+    random ones; prints each failing case and a summary line, returns 1 on any failure."""
+    from .check_paged import PAGED_CASES, check_paged, random_paged_cases
+
+    cases = [*PAGED_CASES, *random_paged_cases(examples)]
+    count, failed = check_paged(paged, cases)
+    by_name = {case.name: case for case in cases}
+    for name, problems in failed.items():
+        case = by_name[name]
+        print(f"MISMATCH [paged] {name}: {case.description}; chunks per sequence "
+              f"{list(case.chunks)}, pages of {case.page_size}, {case.dtype}, config "
+              f"{case.config}")
+        if case.catches:
+            print(f"  this case catches: {', '.join(case.catches)}")
+        print("\n".join(f"  - {p}" for p in problems))
+    print(f"paged: {count - len(failed)} of {count} cases agree")
     return 1 if failed else 0
 
 

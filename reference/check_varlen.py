@@ -115,15 +115,20 @@ def expected_masks(case: PackedCase, seqs) -> list[dict]:
 
 
 def _call(fn, q, k, v, cu_q, cu_k, case: PackedCase):
-    cfg = resolve_config(None, **case.config)
-    from .check import takes_argument
-
-    kwargs = dict(causal=case.causal, scale=None, **dataclasses.asdict(cfg))
-    kwargs.update({name: True for name in ("return_lse", "return_mask")
-                   if takes_argument(fn, name)})
     max_q = max((n for n, _ in case.lengths), default=0)
     max_k = max((n for _, n in case.lengths), default=0)
-    result = fn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+    return call_port(fn, (q, k, v, cu_q, cu_k, max_q, max_k), case.config, case.causal)
+
+
+def call_port(fn, args, config: dict, causal: bool):
+    """``fn(*args, causal=..., scale=None, **config fields)``, with ``return_lse`` and
+    ``return_mask`` when it takes them; returns ``(out, lse or None, masks or None)``."""
+    from .check import takes_argument
+
+    kwargs = dict(causal=causal, scale=None, **dataclasses.asdict(resolve_config(None, **config)))
+    kwargs.update({name: True for name in ("return_lse", "return_mask")
+                   if takes_argument(fn, name)})
+    result = fn(*args, **kwargs)
     if not isinstance(result, (tuple, list)):
         return result, None, None
     out = result[0]
@@ -141,22 +146,32 @@ def check_packed_case(fn, case: PackedCase) -> list[str]:
     q, k, v, cu_q, cu_k, seqs = packed_inputs(case)
     expected = expected_masks(case, seqs)
     try:
-        out, lse, masks = _call(fn, q, k, v, cu_q, cu_k, case)
+        result = _call(fn, q, k, v, cu_q, cu_k, case)
     except Exception as exc:  # a port that raises fails the case
         return [f"raised {type(exc).__name__}: {exc}"]
+    return compare_packed(result, q.shape, v.shape[2], cu_q, seqs, expected,
+                          resolve_config(None, **case.config), case.causal)
+
+
+def compare_packed(result, q_shape, value_dim: int, cu_q, seqs, expected, cfg,
+                   causal: bool) -> list[str]:
+    """Problems of a packed result ``(out, lse or None, masks or None)`` against each
+    sequence's dense reference: ``seqs[i] = (q, k, v)`` of sequence ``i`` alone,
+    ``expected[i]`` its mask and boundary ties (:func:`expected_masks`)."""
+    out, lse, masks = result
+    tokens, heads = q_shape[0], q_shape[1]
     problems = []
     out = _tensor(out).double()
-    if tuple(out.shape) != (q.shape[0], q.shape[1], v.shape[2]):
-        return [f"out shape {tuple(out.shape)}, expected {(q.shape[0], q.shape[1], v.shape[2])}"]
+    if tuple(out.shape) != (tokens, heads, value_dim):
+        return [f"out shape {tuple(out.shape)}, expected {(tokens, heads, value_dim)}"]
     if lse is not None:
         lse = _tensor(lse).double()
-        if tuple(lse.shape) != (q.shape[1], q.shape[0]):
+        if tuple(lse.shape) != (heads, tokens):
             problems.append(f"lse shape {tuple(lse.shape)}, expected (H, tokens) = "
-                            f"{(q.shape[1], q.shape[0])}")
+                            f"{(heads, tokens)}")
             lse = None
     if masks is not None and len(masks) != len(seqs):
         return problems + [f"{len(masks)} masks for {len(seqs)} sequences"]
-    cfg = resolve_config(None, **case.config)
     for i, ((sq, sk, sv), want) in enumerate(zip(seqs, expected, strict=True)):
         rows = slice(int(cu_q[i]), int(cu_q[i + 1]))
         mask = want["mask"]
@@ -171,7 +186,7 @@ def check_packed_case(fn, case: PackedCase) -> list[str]:
                 problems.append(f"sequence {i}: mask differs outside the boundary ties at "
                                 f"{differ.shape[0]} entries, first {differ[:3].tolist()}")
         ref_out, ref_lse = block_sparse_attention(sq, sk, sv, mask, block_size=cfg.block_size,
-                                                  causal=case.causal, return_lse=True)
+                                                  causal=causal, return_lse=True)
         tol = attention_tolerances(sq, sk, sv, None, lse_magnitude=lse_magnitude(ref_lse))
         if rows.stop > rows.start:
             err = (out[rows] - ref_out[0].transpose(0, 1).double()).abs().max().item()
@@ -222,5 +237,6 @@ def random_packed_cases(count: int, seed: int = 0) -> list[PackedCase]:
     return cases
 
 
-__all__ = ["PACKED_CASES", "PACKED_MISREADINGS", "PackedCase", "check_packed",
-           "check_packed_case", "expected_masks", "packed_inputs", "random_packed_cases"]
+__all__ = ["PACKED_CASES", "PACKED_MISREADINGS", "PackedCase", "call_port", "check_packed",
+           "check_packed_case", "compare_packed", "expected_masks", "packed_inputs",
+           "random_packed_cases"]
