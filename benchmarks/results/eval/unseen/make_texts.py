@@ -2,8 +2,8 @@
 
     python benchmarks/results/eval/unseen/make_texts.py OUTDIR [MAX_CHARS]
 
-writes OUTDIR/vim-usr.txt, OUTDIR/rust-book.txt and OUTDIR/py-email.txt and prints
-their sizes and SHA-256. With MAX_CHARS (the committed texts/ used 100000), each text
+writes OUTDIR/vim-usr.txt, OUTDIR/rust-book.txt, OUTDIR/py-email.txt,
+OUTDIR/licenses.txt and OUTDIR/py-argparse.txt and prints their sizes and SHA-256. With MAX_CHARS (the committed texts/ used 100000), each text
 is cut after its last newline within the first MAX_CHARS characters; 100000 characters
 are 26K to 28.5K SmolLM2 tokens, more than the 2 x 8192 that --tokens 8192 reads.
 Sources (Debian 12 image of 2026-12, rustup stable 1.95.0, pyenv CPython 3.11.7):
@@ -19,6 +19,11 @@ Sources (Debian 12 image of 2026-12, rustup stable 1.95.0, pyenv CPython 3.11.7)
 * py-email.txt: the source of CPython 3.11.7's email package, Lib/email/*.py and
   Lib/email/mime/*.py in sorted path order, each preceded by a "# file: NAME" line.
   Python Software Foundation License.
+* licenses.txt (added 2026-12-04): /usr/share/common-licenses/GPL-3, GFDL-1.3, MPL-2.0,
+  LGPL-3 and Apache-2.0 of Debian's base-files, concatenated as they are (93,840
+  bytes, under 100000 characters: not cut). Each licence text may be copied verbatim.
+* py-argparse.txt (added 2026-12-04): CPython 3.11.7's Lib/argparse.py as it is
+  (99,661 bytes). Python Software Foundation License.
 """
 import hashlib
 import sys
@@ -89,10 +94,25 @@ def py_email() -> str:
     return "\n\n".join(parts) + "\n"
 
 
+LICENSES = Path("/usr/share/common-licenses")
+
+
+def licenses() -> str:
+    """Five licence texts of Debian's base-files, in this order, each file as it is."""
+    names = ("GPL-3", "GFDL-1.3", "MPL-2.0", "LGPL-3", "Apache-2.0")
+    return "".join((LICENSES / name).read_text(encoding="utf-8") for name in names)
+
+
+def py_argparse() -> str:
+    """CPython's argparse module source, as it is."""
+    return (Path(sysconfig.get_paths()["stdlib"]) / "argparse.py").read_text(encoding="utf-8")
+
+
 def main(out: str, max_chars: int | None = None) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, make in (("vim-usr", vim_usr), ("rust-book", rust_book), ("py-email", py_email)):
+    for name, make in (("vim-usr", vim_usr), ("rust-book", rust_book), ("py-email", py_email),
+                       ("licenses", licenses), ("py-argparse", py_argparse)):
         text = make()
         if max_chars is not None and len(text) > max_chars:
             text = text[: text.rindex("\n", 0, max_chars) + 1]
