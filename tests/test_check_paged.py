@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from helpers import kernel_test_setup  # noqa: E402
 from prism import reference  # noqa: E402
 from prism.reference import PooledKeyCache  # noqa: E402
 from prism.reference.check import main  # noqa: E402
@@ -132,6 +133,9 @@ def test_a_failure_names_the_step_and_the_sequence():
     assert "sequence 0" in problems[0]
 
 
+INTERPRETED, DEVICE, MARKS = kernel_test_setup()
+
+
 class OnDevice:
     """A port run on ``device``: inputs moved there, results back to the CPU; ``reset``
     passed through."""
@@ -151,19 +155,15 @@ class OnDevice:
 
 
 @pytest.mark.interpret
+@MARKS[1]
 def test_the_kernels_pass_with_and_without_caches():
     """prism.optimized's paged call (Triton's interpreter on the CPU, or the GPU), plain and
     with a PooledKeyCache per sequence, on the fp32 cases."""
-    from helpers import kernel_test_setup
-
-    interpreted, device, _ = kernel_test_setup()
-    if not (interpreted or torch.cuda.is_available()):
-        pytest.skip("no Triton interpreter or CUDA device")
     from prism import optimized
 
     cases = [case for case in PAGED_CASES if case.dtype == "float32"]
     for port in (optimized.prism_attention_paged, WithPooledKeys(optimized.prism_attention_paged)):
-        _, failed = check_paged(OnDevice(port, device), cases)
+        _, failed = check_paged(OnDevice(port, DEVICE), cases)
         assert failed == {}, failed
 
 
