@@ -3,9 +3,10 @@
     python benchmarks/results/eval/unseen/make_texts.py OUTDIR [MAX_CHARS]
 
 writes OUTDIR/vim-usr.txt, OUTDIR/rust-book.txt, OUTDIR/py-email.txt,
-OUTDIR/licenses.txt and OUTDIR/py-argparse.txt and prints their sizes and SHA-256. With MAX_CHARS (the committed texts/ used 100000), each text
-is cut after its last newline within the first MAX_CHARS characters; 100000 characters
-are 26K to 28.5K SmolLM2 tokens, more than the 2 x 8192 that --tokens 8192 reads.
+OUTDIR/licenses.txt and OUTDIR/py-argparse.txt and prints their sizes and SHA-256.
+With MAX_CHARS (the committed texts/ used 100000), each text is cut after its last
+newline within the first MAX_CHARS characters; 100000 characters are 26K to 28.5K
+SmolLM2 tokens, more than the 2 x 8192 that --tokens 8192 reads.
 Sources (Debian 12 image of 2026-12, rustup stable 1.95.0, pyenv CPython 3.11.7):
 
 * vim-usr.txt: the Vim user manual, /usr/share/vim/vim90/doc/usr_01.txt .. usr_90.txt
