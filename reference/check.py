@@ -412,41 +412,38 @@ def main(argv=None) -> int:
 
 
 def _check_varlen(varlen, examples: int) -> int:
-    """The packed cases (:mod:`prism.reference.check_varlen`) and ``examples`` random
-    ones; prints each failing case and a summary line, returns 1 on any failure."""
+    """The packed cases (:mod:`prism.reference.check_varlen`) and ``examples`` random ones."""
     from .check_varlen import PACKED_CASES, check_packed, random_packed_cases
 
-    cases = [*PACKED_CASES, *random_packed_cases(examples)]
-    count, failed = check_packed(varlen, cases)
-    by_name = {case.name: case for case in cases}
-    for name, problems in failed.items():
-        case = by_name[name]
-        print(f"MISMATCH [packed] {name}: {case.description}; sequences (Nq, Nk) "
-              f"{list(case.lengths)}, causal={case.causal}, {case.dtype}, config {case.config}")
-        if case.catches:
-            print(f"  this case catches: {', '.join(case.catches)}")
-        print("\n".join(f"  - {p}" for p in problems))
-    print(f"packed: {count - len(failed)} of {count} cases agree")
-    return 1 if failed else 0
+    return _report_port("packed", check_packed, varlen,
+                        [*PACKED_CASES, *random_packed_cases(examples)],
+                        lambda c: f"sequences (Nq, Nk) {list(c.lengths)}, causal={c.causal}")
 
 
 def _check_paged(paged, examples: int) -> int:
     """The paged, chunked cases (:mod:`prism.reference.check_paged`) and ``examples``
-    random ones; prints each failing case and a summary line, returns 1 on any failure."""
+    random ones."""
     from .check_paged import PAGED_CASES, check_paged, random_paged_cases
 
-    cases = [*PAGED_CASES, *random_paged_cases(examples)]
-    count, failed = check_paged(paged, cases)
+    return _report_port("paged", check_paged, paged,
+                        [*PAGED_CASES, *random_paged_cases(examples)],
+                        lambda c: f"chunks per sequence {list(c.chunks)}, pages of "
+                                  f"{c.page_size}")
+
+
+def _report_port(kind: str, check, fn, cases, shape) -> int:
+    """Run ``check(fn, cases)``; print each failing case (``shape(case)`` describes its
+    sequences) and a summary line; return 1 on any failure."""
+    count, failed = check(fn, cases)
     by_name = {case.name: case for case in cases}
     for name, problems in failed.items():
         case = by_name[name]
-        print(f"MISMATCH [paged] {name}: {case.description}; chunks per sequence "
-              f"{list(case.chunks)}, pages of {case.page_size}, {case.dtype}, config "
-              f"{case.config}")
+        print(f"MISMATCH [{kind}] {name}: {case.description}; {shape(case)}, {case.dtype}, "
+              f"config {case.config}")
         if case.catches:
             print(f"  this case catches: {', '.join(case.catches)}")
         print("\n".join(f"  - {p}" for p in problems))
-    print(f"paged: {count - len(failed)} of {count} cases agree")
+    print(f"{kind}: {count - len(failed)} of {count} cases agree")
     return 1 if failed else 0
 
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .check_varlen import call_port, compare_packed, expected_masks
+from .check_varlen import call_port, compare_packed, expected_masks, run_cases
 from .config import resolve_config
 from .golden_cases import GoldenCase, make_inputs
 from .paged import prism_attention_paged
@@ -183,12 +183,7 @@ def check_paged_case(fn, case: PagedCase) -> list[str]:
 
 def check_paged(fn, cases=PAGED_CASES) -> tuple[int, dict[str, list[str]]]:
     """Run a paged port on ``cases``; returns (cases run, problems by case name)."""
-    failed = {}
-    for case in cases:
-        problems = check_paged_case(fn, case)
-        if problems:
-            failed[case.name] = problems
-    return len(cases), failed
+    return run_cases(check_paged_case, fn, cases)
 
 
 def random_paged_cases(count: int, seed: int = 0) -> list[PagedCase]:

@@ -205,11 +205,12 @@ def compare_packed(result, q_shape, value_dim: int, cu_q, seqs, expected, cfg,
 
 def check_packed(fn, cases=PACKED_CASES) -> tuple[int, dict[str, list[str]]]:
     """Run a packed port on ``cases``; returns (cases run, problems by case name)."""
-    failed = {}
-    for case in cases:
-        problems = check_packed_case(fn, case)
-        if problems:
-            failed[case.name] = problems
+    return run_cases(check_packed_case, fn, cases)
+
+
+def run_cases(check_case, fn, cases) -> tuple[int, dict[str, list[str]]]:
+    """``check_case(fn, case)`` on every case: (cases run, problems by case name)."""
+    failed = {case.name: problems for case in cases if (problems := check_case(fn, case))}
     return len(cases), failed
 
 
@@ -239,4 +240,4 @@ def random_packed_cases(count: int, seed: int = 0) -> list[PackedCase]:
 
 __all__ = ["PACKED_CASES", "PACKED_MISREADINGS", "PackedCase", "call_port", "check_packed",
            "check_packed_case", "compare_packed", "expected_masks", "packed_inputs",
-           "random_packed_cases"]
+           "random_packed_cases", "run_cases"]
