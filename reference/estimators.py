@@ -60,7 +60,8 @@ def _absolute_grid(x: torch.Tensor, start: int, block_size: int, n_tiles: int) -
 
 def antidiagonal_probabilities(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
                                stride: int, causal: bool = True,
-                               candidates: torch.Tensor | None = None) -> torch.Tensor:
+                               candidates: torch.Tensor | None = None,
+                               reduce: str = "mean") -> torch.Tensor:
     """Tile probabilities from strided antidiagonal scores (XAttention-style).
 
     Token rows are grouped into runs of ``stride`` on the absolute grid. Group
@@ -88,6 +89,14 @@ def antidiagonal_probabilities(q: torch.Tensor, k: torch.Tensor, layout: TileLay
         ``"cascade"`` estimator); the result is zero outside the candidates.
         With every admissible tile a candidate the result is the same, bit
         for bit, as without.
+    reduce : ``"mean"``, ``"lse"`` or ``"max"``
+        How the ``S`` products of an antidiagonal make the group's logit.
+        ``"mean"`` (every estimator's) is the formula above. ``"lse"``
+        (a research variant, not an estimator's setting) takes
+        ``log(mean_t exp(q[g*S + S-1-t] . k[g'*S + t] / sqrt(D)))``, so that
+        ``exp`` of the logit is the sampled products' mean attention weight
+        instead of the weight of their mean logit; ``"max"`` takes the largest
+        product. With ``S = 1`` all three are the exact logit.
 
     Returns
     -------
@@ -105,9 +114,19 @@ def antidiagonal_probabilities(q: torch.Tensor, k: torch.Tensor, layout: TileLay
     k_grid = _absolute_grid(k, 0, bs, nk)
     # Reversing each query group pairs row S-1-t with key row t: an antidiagonal.
     q_groups = q_grid.view(b, hq, nq * per_tile, stride, d).flip(3)
-    q_groups = q_groups.reshape(b, hkv, group, nq * per_tile, stride * d)
-    k_groups = k_grid.view(b, hkv, 1, nk * per_tile, stride * d)
-    scores = torch.matmul(q_groups, k_groups.transpose(-1, -2)) / (math.sqrt(d) * stride)
+    if reduce == "mean":
+        q_groups = q_groups.reshape(b, hkv, group, nq * per_tile, stride * d)
+        k_groups = k_grid.view(b, hkv, 1, nk * per_tile, stride * d)
+        scores = torch.matmul(q_groups, k_groups.transpose(-1, -2)) / (math.sqrt(d) * stride)
+    elif reduce in ("lse", "max"):
+        # One product per position t of the antidiagonal, then reduced over t.
+        q_rows = q_groups.reshape(b, hkv, group, nq * per_tile, stride, d).movedim(4, 1)
+        k_rows = k_grid.view(b, hkv, nk * per_tile, stride, d).movedim(3, 1).unsqueeze(3)
+        products = torch.matmul(q_rows, k_rows.transpose(-1, -2)) / math.sqrt(d)
+        scores = (torch.logsumexp(products, dim=1) - math.log(stride) if reduce == "lse"
+                  else products.amax(dim=1))
+    else:
+        raise ValueError(f"reduce must be 'mean', 'lse' or 'max', got {reduce!r}")
     scores = scores.reshape(b, hq, nq * per_tile, nk * per_tile)
 
     device = q.device

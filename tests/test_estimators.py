@@ -66,8 +66,11 @@ def test_bad_estimator_fields(overrides, error, words):
 # ---------------------------------------------------------------- naive oracles
 
 
-def _naive_antidiagonal(q, k, bs, stride, causal):
-    """Loop-by-loop XAttention scoring on the absolute grid, for tiny inputs."""
+def _naive_antidiagonal(q, k, bs, stride, causal, reduce="mean"):
+    """Loop-by-loop XAttention scoring on the absolute grid, for tiny inputs.
+
+    A product whose query or key is padding counts as 0 (the grid is zero-filled).
+    """
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     layout = tile_layout(nq, nk, bs, causal)
@@ -87,12 +90,19 @@ def _naive_antidiagonal(q, k, bs, stride, causal):
                 for gk in range(n_key_groups):
                     if causal and gk > gq:
                         continue
-                    total = 0.0
+                    products = []
                     for t in range(stride):
                         p, n = positions[t], gk * stride + t
-                        if start <= p < start + nq and n < nk:
-                            total += float(q[bi, h, p - start].double() @ k[bi, kv, n].double())
-                    logits[gk] = total / (math.sqrt(d) * stride)
+                        real = start <= p < start + nq and n < nk
+                        products.append(float(q[bi, h, p - start].double()
+                                              @ k[bi, kv, n].double()) / math.sqrt(d)
+                                        if real else 0.0)
+                    if reduce == "mean":
+                        logits[gk] = sum(products) / stride
+                    elif reduce == "lse":
+                        logits[gk] = math.log(sum(math.exp(x) for x in products) / stride)
+                    else:
+                        logits[gk] = max(products)
                 top = max(logits.values())
                 norm = sum(math.exp(v - top) for v in logits.values())
                 row = gq * stride // bs - layout.first_query_tile
@@ -110,6 +120,28 @@ def test_antidiagonal_matches_naive(nq, nk, causal):
     expected, layout = _naive_antidiagonal(q, k, 32, 8, causal)
     actual = antidiagonal_probabilities(q, k, layout, 8, causal)
     torch.testing.assert_close(actual.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduce", ["lse", "max"])
+@pytest.mark.parametrize("nq, nk, causal", [(200, 328, True), (40, 100, False)])
+def test_antidiagonal_research_reductions_match_naive(reduce, nq, nk, causal):
+    """The probes' ``reduce="lse"`` / ``"max"`` variants (NOTES item 56) against loops."""
+    q, k = _qk(nq=nq, nk=nk, d=16, seed=nq + 1)
+    expected, layout = _naive_antidiagonal(q, k, 32, 8, causal, reduce)
+    actual = antidiagonal_probabilities(q, k, layout, 8, causal, reduce=reduce)
+    torch.testing.assert_close(actual.double(), expected, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(actual, antidiagonal_probabilities(q, k, layout, 8, causal))
+
+
+def test_antidiagonal_reductions_agree_at_stride_one_and_refuse_unknown_names():
+    q, k = _qk(nq=96, nk=96, d=16)
+    layout = tile_layout(96, 96, 32, True)
+    mean = antidiagonal_probabilities(q, k, layout, 1, True)
+    for reduce in ("lse", "max"):
+        torch.testing.assert_close(antidiagonal_probabilities(q, k, layout, 1, True,
+                                                              reduce=reduce), mean)
+    with pytest.raises(ValueError, match="reduce must be"):
+        antidiagonal_probabilities(q, k, layout, 8, True, reduce="median")
 
 
 def _naive_vertical_slash(q, k, bs, last, threshold, causal):

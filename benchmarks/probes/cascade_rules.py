@@ -42,6 +42,35 @@ or ``--points "RULE@P;..."``):
     positive cascade tile probabilities; the head's flatness is the mean over
     its rows with ``n >= 2``. Heads with flatness ``> T`` take the top-p at
     ``P``, the others at the point's p (the preset's 0.9). Nothing else moves.
+``prism_count=P``
+    Like ``min_tiles``, but each row's minimum is the number of tiles Prism's
+    own mask (contract §6 with both bands at ``P``, forced tiles included;
+    the cascade's candidate stage run at ``P`` instead of
+    ``candidate_threshold``) keeps in that row. ``prism_count=0.95`` keeps at
+    least as many tiles per row as the paper's default, ranked by the
+    cascade's scores (NOTES item 56).
+``global_p=head`` / ``global_p=layer``
+    The antidiagonal top-p runs over all rows of a (batch, head), or of the
+    whole layer call, at once instead of row by row (:func:`global_top_p`):
+    the highest cascade tile probabilities are kept until the kept mass is
+    the point's p times the number of rows. For a fixed total mass this keeps
+    the fewest tiles; rows no longer each keep p of their mass. Everything
+    else in the cascade (vertical-slash tiles, the last-tile rule, forced
+    tiles) is unchanged.
+``reduce=lse``
+    The cascade's restricted antidiagonal scores take each group's logit as
+    the log of the mean of ``exp`` of its ``S`` antidiagonal products
+    (``antidiagonal_probabilities(..., reduce="lse")``) instead of the mean
+    of the products: a sampled estimate of the group's attention weight
+    rather than the weight of its mean logit. ``reduce=max`` takes the largest
+    product. ``reduce=mean`` is the preset.
+``hybrid=count`` / ``hybrid=rank``
+    A diagnostic that splits the antidiagonal top-p into how many tiles a row
+    keeps and which. ``count``: each row keeps as many tiles as top-p at the
+    point's p keeps on the exact tile masses (the cascade's restricted
+    scores at stride 1), chosen by the preset's stride-16 scores. ``rank``:
+    as many as top-p keeps on the stride-16 scores, chosen by the exact
+    masses (ties to the lower index).
 ``last_tile=P``
     The last query tile's row also keeps the key tiles that top-p at ``P``
     (contract §6's rule and tie-break, tiles of mass 0 never kept) keeps on the
@@ -140,7 +169,7 @@ from prism.evaluation.perplexity import sequence_nll, token_windows
 from prism.evaluation.sweep import CandidateCounter, SweepSettings, run_sweep, with_preset
 from prism.integrations.transformers import PrismStats, register
 from prism.reference import PrismConfig
-from prism.reference.estimators import last_tile_exact_tiles
+from prism.reference.estimators import antidiagonal_probabilities, last_tile_exact_tiles
 from prism.reference.registry import REFERENCE_STAGES
 from prism.reference.scoring import admissible_tiles
 from prism.reference.select import estimator_mask
@@ -172,6 +201,23 @@ def parse_rule(text: str) -> dict:
         if not 0.0 < high <= 1.0:
             raise ValueError(f"entropy_p needs P in (0, 1], got {high}")
         return {"name": "entropy_p", "tau": tau, "p_high": high}
+    if name == "reduce":
+        if value not in ("mean", "lse", "max"):
+            raise ValueError(f"reduce needs mean, lse or max, got {value!r}")
+        return {"name": "reduce", "reduce": value}
+    if name == "hybrid":
+        if value not in ("count", "rank"):
+            raise ValueError(f"hybrid needs count or rank, got {value!r}")
+        return {"name": "hybrid", "take": value}
+    if name == "global_p":
+        if value not in ("head", "layer"):
+            raise ValueError(f"global_p needs head or layer, got {value!r}")
+        return {"name": "global_p", "scope": value}
+    if name == "prism_count":
+        p = float(value)
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"prism_count needs P in (0, 1], got {p}")
+        return {"name": "prism_count", "p": p}
     if name == "last_tile":
         if value == "half":
             return {"name": "last_tile", "p": None}
@@ -179,8 +225,9 @@ def parse_rule(text: str) -> dict:
         if not 0.0 < p <= 1.0:
             raise ValueError(f"last_tile needs P in (0, 1] or 'half', got {p}")
         return {"name": "last_tile", "p": p}
-    raise ValueError(f"unknown rule {text!r}; use none, min_tiles=M, entropy_p=T:P or "
-                     "last_tile=P")
+    raise ValueError(f"unknown rule {text!r}; use none, min_tiles=M, entropy_p=T:P, "
+                     "prism_count=P, global_p=head|layer, reduce=lse|max, "
+                     "hybrid=count|rank or last_tile=P")
 
 
 def rule_label(rule: dict) -> str:
@@ -188,6 +235,14 @@ def rule_label(rule: dict) -> str:
         return f"min_tiles={rule['m']}"
     if rule["name"] == "entropy_p":
         return f"entropy_p={rule['tau']:g}:{rule['p_high']:g}"
+    if rule["name"] == "prism_count":
+        return f"prism_count={rule['p']:g}"
+    if rule["name"] == "global_p":
+        return f"global_p={rule['scope']}"
+    if rule["name"] == "reduce":
+        return f"reduce={rule['reduce']}"
+    if rule["name"] == "hybrid":
+        return f"hybrid={rule['take']}"
     if rule["name"] == "last_tile":
         return "last_tile=half" if rule["p"] is None else f"last_tile={rule['p']:g}"
     return "none"
@@ -221,7 +276,7 @@ def head_flatness(probs: torch.Tensor) -> torch.Tensor:
 
 
 def add_min_tiles(mask: torch.Tensor, probs: torch.Tensor, admissible: torch.Tensor,
-                  m: int) -> torch.Tensor:
+                  m: int | torch.Tensor) -> torch.Tensor:
     """``mask`` with every row topped up to ``m`` admissible tiles by ``probs`` (ties: lower index).
 
     Parameters
@@ -229,7 +284,7 @@ def add_min_tiles(mask: torch.Tensor, probs: torch.Tensor, admissible: torch.Ten
     mask : Tensor (B, Hq, nq, nk), bool, within ``admissible``
     probs : Tensor (B, Hq, nq, nk), float32 (the cascade's tile probabilities)
     admissible : Tensor (nq, nk), bool
-    m : int
+    m : int, or Tensor (B, Hq, nq, 1) of per-row minimums
     """
     admissible = admissible.expand_as(mask)
     need = (m - mask.sum(-1, keepdim=True)).clamp_min(0)
@@ -242,6 +297,31 @@ def add_min_tiles(mask: torch.Tensor, probs: torch.Tensor, admissible: torch.Ten
     rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
                   .expand_as(order).contiguous())
     return mask | (free & (rank < need))
+
+
+def global_top_p(probs: torch.Tensor, threshold: float, scope: str) -> torch.Tensor:
+    """Top-p over all rows of a head (``scope="head"``) or of the call (``"layer"``) at once.
+
+    Every row of ``probs`` with positive mass sums to 1. The tiles of the
+    scope are taken in descending probability (ties: lower flat index), and
+    kept while the mass before them is below ``threshold`` times the number of
+    rows with mass: the fewest tiles that keep that total mass, wherever the
+    rows lose it. Tiles of probability 0 are never kept.
+
+    Returns
+    -------
+    Tensor (B, Hq, nq, nk), bool
+    """
+    b, hq, nq, nk = probs.shape
+    flat = probs.reshape(b, hq, nq * nk) if scope == "head" else probs.reshape(b, 1, -1)
+    rows = (probs.sum(-1) > 0).reshape(flat.shape[0], flat.shape[1], -1).sum(-1, keepdim=True)
+    order = torch.sort(flat, dim=-1, descending=True, stable=True).indices
+    ranked = torch.gather(flat, -1, order)
+    before = torch.cumsum(ranked, dim=-1) - ranked
+    keep_ranked = (before < threshold * rows.to(ranked.dtype)) & (ranked > 0)
+    keep = torch.zeros_like(keep_ranked)
+    keep.scatter_(-1, order, keep_ranked)
+    return keep.reshape(b, hq, nq, nk)
 
 
 class RuleSelector(CandidateCounter):
@@ -270,12 +350,37 @@ class RuleSelector(CandidateCounter):
         validate_qk(q, k, causal=causal)
         kept = {}
 
-        def candidate_probs(*args, **kwargs):
-            probs = REFERENCE_STAGES["candidate_antidiagonal"](*args, **kwargs)
+        def candidates(q_, k_, cfg, causal_, trace):
+            kept["trace"] = trace
+            return self._candidates(q_, k_, cfg, causal_, trace)
+
+        def candidate_probs(q_, k_, layout, stride, candidates_, causal_):
+            if self.rule["name"] == "reduce":
+                probs = antidiagonal_probabilities(q_, k_, layout, stride, causal_,
+                                                   candidates=candidates_,
+                                                   reduce=self.rule["reduce"])
+            else:
+                probs = REFERENCE_STAGES["candidate_antidiagonal"](q_, k_, layout, stride,
+                                                                   candidates_, causal_)
+            if self.rule["name"] == "hybrid":
+                kept["exact"] = REFERENCE_STAGES["candidate_antidiagonal"](
+                    q_, k_, layout, 1, candidates_, causal_)
             kept["probs"] = probs
             return probs
 
         def tile_top_p(probs, layout, causal_, threshold):
+            if self.rule["name"] == "global_p":
+                return global_top_p(probs, threshold, self.rule["scope"])
+            if self.rule["name"] == "hybrid":
+                exact = kept["exact"]
+                top_p = REFERENCE_STAGES["tile_top_p"]
+                admissible_ = admissible_tiles(layout, causal_, probs.device)
+                none = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device)
+                if self.rule["take"] == "count":  # exact counts, estimated ranking
+                    counts = top_p(exact, layout, causal_, threshold).sum(-1, keepdim=True)
+                    return add_min_tiles(none, probs, admissible_, counts)
+                counts = top_p(probs, layout, causal_, threshold).sum(-1, keepdim=True)
+                return add_min_tiles(none, exact, admissible_, counts)
             keep = REFERENCE_STAGES["tile_top_p"](probs, layout, causal_, threshold)
             if self.rule["name"] != "entropy_p":
                 return keep
@@ -288,7 +393,7 @@ class RuleSelector(CandidateCounter):
             return torch.where(raise_head[:, :, None, None], high, keep)
 
         mask = estimator_mask(q, k, config, causal,
-                              stages={"prism_candidates": self._candidates,
+                              stages={"prism_candidates": candidates,
                                       "candidate_antidiagonal": candidate_probs,
                                       "tile_top_p": tile_top_p})
         layout = tile_layout(q.shape[2], k.shape[2], config.block_size, causal)
@@ -304,10 +409,16 @@ class RuleSelector(CandidateCounter):
                 "density": float(mask.sum()) / (int(admissible.sum()) * mask.shape[0]
                                                 * mask.shape[1]),
             })
-        if self.rule["name"] in ("min_tiles", "last_tile"):
+        if self.rule["name"] in ("min_tiles", "prism_count", "last_tile"):
             before = mask
             if self.rule["name"] == "min_tiles":
                 mask = add_min_tiles(mask, kept["probs"], admissible, self.rule["m"])
+            elif self.rule["name"] == "prism_count":
+                p = self.rule["p"]
+                prism = REFERENCE_STAGES["prism_candidates"](
+                    q, k, config.replace(candidate_threshold=p), causal, kept["trace"])
+                counts = (prism & admissible).sum(-1, keepdim=True)
+                mask = add_min_tiles(mask, kept["probs"], admissible, counts)
             else:
                 p = self.rule["p"] or (1.0 + config.high_threshold) / 2
                 mask = mask | last_tile_exact(q, k, layout, config.last_queries, p, causal)
@@ -318,7 +429,7 @@ class RuleSelector(CandidateCounter):
 
     def stats(self) -> dict:
         out = {"rows": self.rows}
-        if self.rule["name"] in ("min_tiles", "last_tile"):
+        if self.rule["name"] in ("min_tiles", "prism_count", "last_tile"):
             out.update(rows_changed=self.rows_changed, tiles_added=self.tiles_added)
         if self.rule["name"] == "entropy_p":
             out.update(heads=self.heads, heads_raised=self.heads_raised)
