@@ -71,6 +71,11 @@ or ``--points "RULE@P;..."``):
     scores at stride 1), chosen by the preset's stride-16 scores. ``rank``:
     as many as top-p keeps on the stride-16 scores, chosen by the exact
     masses (ties to the lower index).
+``mix=Q:W``
+    The cascade's tile probabilities become ``(1 - W)`` times its restricted
+    antidiagonal ones plus ``W`` times the exact attention of ``Q`` sampled
+    queries per query tile (:func:`~prism.reference.estimators.sampled_query_probabilities`),
+    restricted to the candidates and renormalised per row.
 ``last_tile=P``
     The last query tile's row also keeps the key tiles that top-p at ``P``
     (contract §6's rule and tie-break, tiles of mass 0 never kept) keeps on the
@@ -169,7 +174,11 @@ from prism.evaluation.perplexity import sequence_nll, token_windows
 from prism.evaluation.sweep import CandidateCounter, SweepSettings, run_sweep, with_preset
 from prism.integrations.transformers import PrismStats, register
 from prism.reference import PrismConfig
-from prism.reference.estimators import antidiagonal_probabilities, last_tile_exact_tiles
+from prism.reference.estimators import (
+    antidiagonal_probabilities,
+    last_tile_exact_tiles,
+    sampled_query_probabilities,
+)
 from prism.reference.registry import REFERENCE_STAGES
 from prism.reference.scoring import admissible_tiles
 from prism.reference.select import estimator_mask
@@ -205,6 +214,12 @@ def parse_rule(text: str) -> dict:
         if value not in ("mean", "lse", "max"):
             raise ValueError(f"reduce needs mean, lse or max, got {value!r}")
         return {"name": "reduce", "reduce": value}
+    if name == "mix":
+        samples, _, weight = value.partition(":")
+        samples, weight = int(samples), float(weight)
+        if samples < 1 or not 0.0 <= weight <= 1.0:
+            raise ValueError(f"mix needs Q >= 1 and W in [0, 1], got {value!r}")
+        return {"name": "mix", "samples": samples, "weight": weight}
     if name == "hybrid":
         if value not in ("count", "rank"):
             raise ValueError(f"hybrid needs count or rank, got {value!r}")
@@ -227,7 +242,7 @@ def parse_rule(text: str) -> dict:
         return {"name": "last_tile", "p": p}
     raise ValueError(f"unknown rule {text!r}; use none, min_tiles=M, entropy_p=T:P, "
                      "prism_count=P, global_p=head|layer, reduce=lse|max, "
-                     "hybrid=count|rank or last_tile=P")
+                     "hybrid=count|rank, mix=Q:W or last_tile=P")
 
 
 def rule_label(rule: dict) -> str:
@@ -243,6 +258,8 @@ def rule_label(rule: dict) -> str:
         return f"reduce={rule['reduce']}"
     if rule["name"] == "hybrid":
         return f"hybrid={rule['take']}"
+    if rule["name"] == "mix":
+        return f"mix={rule['samples']}:{rule['weight']:g}"
     if rule["name"] == "last_tile":
         return "last_tile=half" if rule["p"] is None else f"last_tile={rule['p']:g}"
     return "none"
@@ -362,6 +379,13 @@ class RuleSelector(CandidateCounter):
             else:
                 probs = REFERENCE_STAGES["candidate_antidiagonal"](q_, k_, layout, stride,
                                                                    candidates_, causal_)
+            if self.rule["name"] == "mix":
+                sampled = sampled_query_probabilities(q_, k_, layout, self.rule["samples"],
+                                                      causal_) * candidates_
+                total = sampled.sum(-1, keepdim=True)
+                sampled = torch.where(total > 0, sampled / total.clamp_min(1e-30), sampled)
+                w = self.rule["weight"]
+                probs = (1.0 - w) * probs + w * sampled
             if self.rule["name"] == "hybrid":
                 kept["exact"] = REFERENCE_STAGES["candidate_antidiagonal"](
                     q_, k_, layout, 1, candidates_, causal_)
