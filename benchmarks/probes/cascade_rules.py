@@ -245,24 +245,22 @@ def parse_rule(text: str) -> dict:
                      "hybrid=count|rank, mix=Q:W or last_tile=P")
 
 
+#: Rule name -> its label (the inverse of :func:`parse_rule`).
+_LABELS = {
+    "min_tiles": lambda r: f"min_tiles={r['m']}",
+    "entropy_p": lambda r: f"entropy_p={r['tau']:g}:{r['p_high']:g}",
+    "prism_count": lambda r: f"prism_count={r['p']:g}",
+    "global_p": lambda r: f"global_p={r['scope']}",
+    "reduce": lambda r: f"reduce={r['reduce']}",
+    "hybrid": lambda r: f"hybrid={r['take']}",
+    "mix": lambda r: f"mix={r['samples']}:{r['weight']:g}",
+    "last_tile": lambda r: "last_tile=half" if r["p"] is None else f"last_tile={r['p']:g}",
+    "none": lambda r: "none",
+}
+
+
 def rule_label(rule: dict) -> str:
-    if rule["name"] == "min_tiles":
-        return f"min_tiles={rule['m']}"
-    if rule["name"] == "entropy_p":
-        return f"entropy_p={rule['tau']:g}:{rule['p_high']:g}"
-    if rule["name"] == "prism_count":
-        return f"prism_count={rule['p']:g}"
-    if rule["name"] == "global_p":
-        return f"global_p={rule['scope']}"
-    if rule["name"] == "reduce":
-        return f"reduce={rule['reduce']}"
-    if rule["name"] == "hybrid":
-        return f"hybrid={rule['take']}"
-    if rule["name"] == "mix":
-        return f"mix={rule['samples']}:{rule['weight']:g}"
-    if rule["name"] == "last_tile":
-        return "last_tile=half" if rule["p"] is None else f"last_tile={rule['p']:g}"
-    return "none"
+    return _LABELS[rule["name"]](rule)
 
 
 def last_tile_exact(q, k, layout, last_queries: int, threshold: float,
