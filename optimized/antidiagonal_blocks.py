@@ -238,11 +238,12 @@ def _store_pair_sums(out_rows, pair_ok, by_tile, tiles, num_key_tiles, stride_ot
 
 @triton.jit
 def _candidate_tiles(cand_pairs, pair_ok, scan_end, stride_ck, LIST, out_rows, stride_otile,
-                     PAIRS: tl.constexpr, SCAN_TILES: tl.constexpr):
+                     PAIRS: tl.constexpr, SCAN_TILES: tl.constexpr,
+                     STORE_ZEROS: tl.constexpr = True):
     """The key tiles of ``[0, scan_end)`` in which some (head, query tile) pair of the
-    program has a candidate, ascending, written to ``LIST``; returns how many. Every
-    other tile of that range gets a zero in each pair's output row here (the listed
-    ones are stored by the second pass)."""
+    program has a candidate, ascending, written to ``LIST``; returns how many. With
+    ``STORE_ZEROS`` every other tile of that range gets a zero in each pair's output
+    row here (the listed ones are stored by the second pass)."""
     count = 0
     scan = tl.arange(0, SCAN_TILES)
     zeros = tl.zeros((PAIRS, SCAN_TILES), dtype=tl.float32)
@@ -255,8 +256,9 @@ def _candidate_tiles(cand_pairs, pair_ok, scan_end, stride_ck, LIST, out_rows, s
         taken = active.to(tl.int32)
         slot = count + tl.cumsum(taken, axis=0) - taken
         tl.store(LIST + slot, tiles, mask=active)
-        tl.store(out_rows + tiles.to(tl.int64)[None, :] * stride_otile, zeros,
-                 mask=pair_ok[:, None] & (in_range & ~active)[None, :])
+        if STORE_ZEROS:
+            tl.store(out_rows + tiles.to(tl.int64)[None, :] * stride_otile, zeros,
+                     mask=pair_ok[:, None] & (in_range & ~active)[None, :])
         count += tl.sum(taken, axis=0)
     return count
 

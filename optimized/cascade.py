@@ -83,6 +83,15 @@ def prism_candidate_tiles_kernel(q: torch.Tensor, k: torch.Tensor, cfg, causal: 
     return prism_mask(q, k, None, cfg, causal, layout, cfg.candidate_threshold)[0]
 
 
+def check_candidates(candidates, q: torch.Tensor, layout: TileLayout) -> None:
+    """A clear ``ValueError`` unless ``candidates`` is a (B, Hq, nq, nk) bool tensor on
+    ``q``'s device."""
+    shape = (q.shape[0], q.shape[1], layout.num_query_tiles, layout.num_key_tiles)
+    if not isinstance(candidates, torch.Tensor) or candidates.dtype != torch.bool or (
+            tuple(candidates.shape) != shape or candidates.device != q.device):
+        raise ValueError(f"candidates must be a bool tensor of shape {shape} on {q.device}")
+
+
 def candidate_antidiagonal_tile_scores(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
                                        stride: int, causal: bool, *, normalize: bool,
                                        candidates: torch.Tensor,
@@ -126,14 +135,11 @@ def candidate_antidiagonal_tile_probabilities(q: torch.Tensor, k: torch.Tensor,
     from .estimators import _validate
 
     _validate(q, k, layout, stride, causal)
-    shape = (q.shape[0], q.shape[1], layout.num_query_tiles, layout.num_key_tiles)
-    if not isinstance(candidates, torch.Tensor) or candidates.dtype != torch.bool or (
-            tuple(candidates.shape) != shape or candidates.device != q.device):
-        raise ValueError(f"candidates must be a bool tensor of shape {shape} on {q.device}")
+    check_candidates(candidates, q, layout)
     check_device(_packed_kernel, q=q, k=k)
     return candidate_antidiagonal_tile_scores(q, k, layout, stride, causal, normalize=True,
                                               candidates=candidates)
 
 
 __all__ = ["candidate_antidiagonal_tile_probabilities", "candidate_antidiagonal_tile_scores",
-           "prism_candidate_tiles_kernel", "prism_mask"]
+           "check_candidates", "prism_candidate_tiles_kernel", "prism_mask"]

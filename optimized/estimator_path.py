@@ -9,7 +9,10 @@ registry (:mod:`prism.reference.registry`), never its name:
   scoring kernel, whose rows stay unnormalised;
 * with ``"prism_candidates"`` (the cascade), Prism's selection kernels at
   ``candidate_threshold`` write the candidate tiles first, and the probability
-  stage scores only those (:mod:`prism.optimized.cascade`);
+  stage scores only those (:mod:`prism.optimized.cascade`); with
+  ``"candidate_sampled"`` and ``sampled_weight`` > 0, one more launch mixes
+  the sampled queries' exact attention on those tiles into its output, in
+  place (:mod:`prism.optimized.candidate_sampled`);
 * its ``"vertical_slash"`` stage runs the last queries' distributions and
   their top-p as tile bins (:func:`~prism.optimized.vertical_slash_tiles.vertical_slash_bins`);
   with ``"last_tile_exact"`` (the cascade) the same launch also runs the last
@@ -54,6 +57,7 @@ from prism.reference.registry import (
 from prism.reference.select import trace_selection
 from prism.reference.tiles import TileLayout
 
+from .candidate_sampled import candidate_sampled_mix_
 from .cascade import _as_prism, candidate_antidiagonal_tile_scores, prism_mask
 from .estimators import KERNEL_STAGES, antidiagonal_tile_scores
 from .indices import mask_rows_to_indices
@@ -98,14 +102,17 @@ PROBABILITY_STAGES = {
 }
 #: Stages that make the candidate tiles a probability stage scores (the cascade's).
 CANDIDATE_STAGES = frozenset({"prism_trace", "prism_candidates"})
+#: A stage mixed into the probability stage's output on the candidates, when its
+#: weight (``sampled_weight``) is above 0.
+MIX_STAGE = "candidate_sampled"
 
 _FORMS: dict = {}
 
 
 def fused_form(spec: EstimatorSpec):
     """``(probability stage or None, with vertical-slash, on Prism's candidates, with the
-    last-tile rule)`` when :func:`estimator_select` computes ``spec``'s tiles in its
-    fused form, else None (the general path)."""
+    last-tile rule, with the mixed sampled stage)`` when :func:`estimator_select`
+    computes ``spec``'s tiles in its fused form, else None (the general path)."""
     form = _FORMS.get(spec.name, False)
     if form is not False:
         return form
@@ -114,16 +121,17 @@ def fused_form(spec: EstimatorSpec):
     with_last = "last_tile_exact" in stages
     scoring = stages - {"vertical_slash", "tile_top_p", "last_tile_exact"}
     candidates = "prism_candidates" in stages
+    with_mix = candidates and MIX_STAGE in stages
     if candidates:
-        scoring -= CANDIDATE_STAGES
+        scoring -= CANDIDATE_STAGES | {MIX_STAGE}
     form = None
     if spec.tiles is not None:
         if spec.prism_bands or not scoring:
             # Prism's mask or nothing, united with the vertical-slash tiles.
-            form = (None, True, False, False) if stages == {"vertical_slash"} else None
+            form = (None, True, False, False, False) if stages == {"vertical_slash"} else None
         elif len(scoring) == 1 and scoring <= PROBABILITY_STAGES.keys() and (
                 "tile_top_p" in stages):
-            form = (scoring.pop(), with_vs, candidates, with_last)
+            form = (scoring.pop(), with_vs, candidates, with_last, with_mix)
     _FORMS[spec.name] = form
     return form
 
@@ -180,7 +188,7 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
     form = fused_form(spec)
     if form is None or nk > MAX_UNION_WIDTH:
         return _general(q, k, v, cfg, causal, layout, spec, write_indices, prism_source)
-    stage, with_vs, on_candidates, with_last = form
+    stage, with_vs, on_candidates, with_last, with_mix = form
     check = {} if v is None else {"v": v}
     other = None
     extra = {}
@@ -237,6 +245,9 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
         scores, field, reads_every_query = PROBABILITY_STAGES[stage]
         probs = scores(q, k, layout, getattr(cfg, field), causal, normalize=False,
                        nonfinite=nonfinite, **extra)
+        if with_mix and cfg.sampled_weight > 0:
+            probs = candidate_sampled_mix_(probs, q, k, layout, cfg.sampled_queries,
+                                           cfg.sampled_weight, extra["candidates"], causal)
         if not reads_every_query and not on_candidates:
             check["q"] = q
     columns = diagonals = last_tiles = None
@@ -289,4 +300,5 @@ def _general(q, k, v, cfg, causal, layout, spec, write_indices, prism_source=Non
     return mask, num, idx, nonfinite
 
 
-__all__ = ["CANDIDATE_STAGES", "PROBABILITY_STAGES", "estimator_select", "fused_form"]
+__all__ = ["CANDIDATE_STAGES", "MIX_STAGE", "PROBABILITY_STAGES", "estimator_select",
+           "fused_form"]

@@ -3,7 +3,8 @@
 :data:`KERNEL_STAGES` maps the registry's scoring stages
 (:mod:`prism.reference.registry`) to Triton kernels with the reference
 stage's signature and result: the antidiagonal scores below, the
-sampled-query scores of :mod:`prism.optimized.sampled`, the vertical-slash
+sampled-query scores of :mod:`prism.optimized.sampled` (and the cascade's,
+restricted to its candidates, of :mod:`prism.optimized.candidate_sampled`), the vertical-slash
 stage of :mod:`prism.optimized.vertical_slash` and the top-p over tile
 probabilities (:func:`tile_top_p_kernel`). A whole selection goes through
 :func:`prism.optimized.estimator_path.estimator_select`, which calls the
@@ -65,6 +66,7 @@ from .antidiagonal_packed import (
     masked_scores,
     online_softmax_step,
 )
+from .candidate_sampled import candidate_sampled_tile_probabilities
 from .cascade import candidate_antidiagonal_tile_probabilities, prism_candidate_tiles_kernel
 from .launch import launch
 from .pooling import _flag_if_nonfinite
@@ -387,6 +389,7 @@ KERNEL_STAGES = {
     "tile_top_p": tile_top_p_kernel,
     "prism_candidates": prism_candidate_tiles_kernel,
     "candidate_antidiagonal": candidate_antidiagonal_tile_probabilities,
+    "candidate_sampled": candidate_sampled_tile_probabilities,
     "last_tile_exact": last_tile_exact_kernel,
 }
 

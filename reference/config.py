@@ -122,6 +122,13 @@ class PrismConfig:
     candidate_threshold : float
         Top-p of both of Prism's bands whose mask names the tiles the
         ``"cascade"`` estimator scores (default 0.99), in ``(0, 1]``.
+    sampled_weight : float
+        Weight in ``[0, 1]`` of the ``"cascade"``'s sampled-query stage
+        (default 0: the antidiagonal scores alone). Above 0 the cascade's tile
+        probabilities are ``(1 - w)`` times its antidiagonal ones plus ``w``
+        times the exact attention of ``sampled_queries`` queries per query
+        tile over the same candidate tiles (docs/estimators.rst, "cascade");
+        ``block_size`` must then be a multiple of ``sampled_queries``.
     """
 
     block_size: int = 128
@@ -143,6 +150,7 @@ class PrismConfig:
     subtile_factor: int = 4
     sampled_queries: int = 4
     candidate_threshold: float = 0.99
+    sampled_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if not _is_int(self.block_size):
@@ -207,6 +215,21 @@ class PrismConfig:
                 f"({getattr(self, divisor)}) when estimator={self.estimator!r}; use a value "
                 "that divides the tile, e.g. 8 (stride) or 4 (factor, samples) for tile 128"
             )
+        value = self.sampled_weight
+        if not _is_real(value):
+            raise TypeError(
+                f"sampled_weight must be a float in [0, 1], got {type(value).__name__}; "
+                "e.g. 0.3, or 0 for no sampled-query stage")
+        if not (0.0 <= value <= 1.0) or math.isnan(value):
+            raise ValueError(
+                f"sampled_weight must lie in [0, 1], got {value}; e.g. 0.3, or 0 for no "
+                "sampled-query stage")
+        if (value > 0 and "candidate_sampled" in ESTIMATOR_REGISTRY[self.estimator].stages
+                and self.block_size % self.sampled_queries):
+            raise ValueError(
+                f"block_size ({self.block_size}) must be a multiple of sampled_queries "
+                f"({self.sampled_queries}) when sampled_weight > 0; use e.g. "
+                "sampled_queries=8 for tile 128")
         value = self.candidate_threshold
         if not _is_real(value):
             raise TypeError(

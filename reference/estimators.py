@@ -34,8 +34,10 @@ table of estimators, their parameters and how the stages combine is
   the vertical-slash one.
 * ``"cascade"``: Prism's mask at ``candidate_threshold`` names the candidate
   tiles; antidiagonal scores are taken on the key groups of those tiles only
-  (each query group's softmax over them), top-p at ``high_threshold``, united
-  with the vertical-slash tiles.
+  (each query group's softmax over them); with ``sampled_weight`` > 0 these
+  tile probabilities are mixed with the candidate-restricted exact attention
+  of ``sampled_queries`` sampled queries per tile; top-p at
+  ``high_threshold``, united with the vertical-slash tiles.
 """
 
 from __future__ import annotations
@@ -406,7 +408,8 @@ def sampled_query_positions(layout: TileLayout, samples: int, device=None):
 
 
 def sampled_query_probabilities(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
-                                samples: int, causal: bool = True) -> torch.Tensor:
+                                samples: int, causal: bool = True,
+                                candidates: torch.Tensor | None = None) -> torch.Tensor:
     """Tile probabilities from the exact attention of a few sampled queries per tile.
 
     Each sampled query (:func:`sampled_query_positions`) takes the exact
@@ -416,6 +419,11 @@ def sampled_query_probabilities(q: torch.Tensor, k: torch.Tensor, layout: TileLa
     admissible tiles and renormalised to 1. This costs ``samples * N / bs``
     query rows against all keys: ``N^2 D * samples / bs`` multiply-adds
     instead of dense attention's ``N^2 D``.
+
+    With ``candidates`` (B, Hq, nq, nk) bool, a sample's softmax runs over the
+    admissible keys of its (query head, query tile)'s candidate key tiles
+    only, so every sample with such a key weighs 1 in its row (the
+    ``"cascade"``'s sampled stage, :func:`candidate_sampled_probabilities`).
 
     Parameters
     ----------
@@ -446,6 +454,10 @@ def sampled_query_probabilities(q: torch.Tensor, k: torch.Tensor, layout: TileLa
     if causal:
         key_pos = torch.arange(nk_tokens, device=device)
         allowed = allowed & (key_pos[None, :] <= positions.reshape(-1, 1))
+    if candidates is not None:
+        # Key token j lies in key tile j // bs; each sample takes its tile's row.
+        by_key = candidates[..., torch.arange(nk_tokens, device=device) // bs]
+        allowed = allowed & by_key.repeat_interleave(samples, dim=2)
     probs = torch.nan_to_num(torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1),
                              nan=0.0)
     padded = torch.zeros(b, hq, nq * samples, nk * bs, dtype=torch.float32, device=device)
@@ -454,6 +466,32 @@ def sampled_query_probabilities(q: torch.Tensor, k: torch.Tensor, layout: TileLa
     tiles = tiles * admissible_tiles(layout, causal, device).to(tiles.dtype)
     total = tiles.sum(dim=-1, keepdim=True)
     return torch.where(total > 0, tiles / total.clamp_min(1e-30), torch.zeros_like(tiles))
+
+
+def candidate_sampled_probabilities(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
+                                    samples: int, candidates: torch.Tensor,
+                                    causal: bool = True) -> torch.Tensor:
+    """The ``"cascade"``'s sampled stage: :func:`sampled_query_probabilities` with
+    each sample's softmax over its query tile's candidate key tiles only.
+
+    Returns
+    -------
+    Tensor (B, Hq, nq, nk), float32
+        Zero outside the admissible candidate tiles; rows with one sum to 1.
+    """
+    return sampled_query_probabilities(q, k, layout, samples, causal, candidates=candidates)
+
+
+def mix_tile_probabilities(first: torch.Tensor, second: torch.Tensor,
+                           weight: float) -> torch.Tensor:
+    """``(1 - weight) * first + weight * second``, each row renormalised to 1.
+
+    Both inputs hold rows that sum to 1 or are all zero (tile probabilities);
+    a row zero in one input is the other's row. Rows zero in both stay zero.
+    """
+    mixed = (1.0 - weight) * first + weight * second
+    total = mixed.sum(dim=-1, keepdim=True)
+    return torch.where(total > 0, mixed / total.clamp_min(1e-30), torch.zeros_like(mixed))
 
 
 def subtile_band_probabilities(q: torch.Tensor, k: torch.Tensor, cfg, causal: bool,

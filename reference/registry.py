@@ -26,7 +26,9 @@ import torch
 from .estimators import (
     antidiagonal_probabilities,
     candidate_antidiagonal_probabilities,
+    candidate_sampled_probabilities,
     last_tile_exact_tiles,
+    mix_tile_probabilities,
     prism_candidate_tiles,
     sampled_query_probabilities,
     subtile_band_probabilities,
@@ -66,6 +68,7 @@ REFERENCE_STAGES: dict[str, Callable] = {
     "tile_top_p": top_p_tiles,
     "prism_candidates": prism_candidate_tiles,
     "candidate_antidiagonal": candidate_antidiagonal_probabilities,
+    "candidate_sampled": candidate_sampled_probabilities,
     "last_tile_exact": last_tile_exact_tiles,
 }
 
@@ -183,6 +186,11 @@ def _cascade(q, k, cfg, layout, causal, stages):
     candidates = stages["prism_candidates"](q, k, cfg, causal, stages["prism_trace"])
     probs = stages["candidate_antidiagonal"](q, k, layout, cfg.antidiagonal_stride, candidates,
                                              causal)
+    if cfg.sampled_weight > 0:
+        # Exact evidence from a few queries per tile, on the same candidates.
+        sampled = stages["candidate_sampled"](q, k, layout, cfg.sampled_queries, candidates,
+                                              causal)
+        probs = mix_tile_probabilities(probs, sampled, cfg.sampled_weight)
     # The last query tile's row also keeps the key tiles of the last queries'
     # exact attention at (1 + p) / 2: the tokens that follow the prompt read
     # that row, and its evidence there is exact, not estimated.
@@ -233,11 +241,12 @@ ESTIMATOR_REGISTRY: dict[str, EstimatorSpec] = {spec.name: spec for spec in (
         block_multiple_of="sampled_queries", threshold_moves="the sampled-query top-p"),
     EstimatorSpec(
         "cascade", "antidiagonal scores on the tiles of Prism's mask at candidate_threshold, "
-        "top-p, united with the vertical-slash tiles and the last query tile's exact top tiles "
-        "(the accurate preset)",
-        ("antidiagonal_stride", "candidate_threshold", *_VS),
-        ("prism_trace", "prism_candidates", "candidate_antidiagonal", "tile_top_p",
-         "vertical_slash", "last_tile_exact"),
+        "optionally mixed with sampled queries' exact attention there, top-p, united with the "
+        "vertical-slash tiles and the last query tile's exact top tiles (the accurate preset)",
+        ("antidiagonal_stride", "candidate_threshold", *_VS, "sampled_queries",
+         "sampled_weight"),
+        ("prism_trace", "prism_candidates", "candidate_antidiagonal", "candidate_sampled",
+         "tile_top_p", "vertical_slash", "last_tile_exact"),
         "estimator-cascade", tiles=_cascade, block_multiple_of="antidiagonal_stride",
         threshold_moves="the antidiagonal top-p"),
 )}

@@ -138,7 +138,7 @@ def test_key_tiles_without_a_candidate_are_not_read(monkeypatch, scan_elements):
 
 def test_fused_selection_matches_the_reference(monkeypatch):
     assert estimator_path.fused_form(estimator_spec("cascade")) == (
-        "candidate_antidiagonal", True, True, True)
+        "candidate_antidiagonal", True, True, True, True)
 
     def refuse(*args, **kwargs):
         raise AssertionError("the reference stage ran")

@@ -115,7 +115,8 @@ def test_fused_forms_follow_the_registry():
             assert set(spec.stages) - {"vertical_slash", "tile_top_p", "last_tile_exact",
                                        *estimator_path.PROBABILITY_STAGES}
             continue
-        stage, with_vs, on_candidates, with_last = form
+        stage, with_vs, on_candidates, with_last, with_mix = form
+        assert with_mix == ("candidate_sampled" in spec.stages)
         assert with_vs == ("vertical_slash" in spec.stages)
         assert with_last == ("last_tile_exact" in spec.stages)
         assert stage is None or stage in spec.stages

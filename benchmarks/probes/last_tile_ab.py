@@ -29,7 +29,7 @@ def _set_rule(on: bool) -> None:
     estimator_path._FORMS.clear()
     form = estimator_path.fused_form(estimator_spec("cascade"))
     if not on:
-        estimator_path._FORMS["cascade"] = (*form[:3], False)
+        estimator_path._FORMS["cascade"] = (*form[:3], False, form[4])
 
 
 def row(n):

@@ -50,6 +50,16 @@ def _threshold(text: str) -> float:
     return value
 
 
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
 def _int_list(text: str) -> list[int]:
     values = [_positive_int(part) for part in text.split(",") if part.strip()]
     if not values:
@@ -141,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sweep task: sub-tiles per tile edge of the subtile estimator "
                          "(default: %(default)s)")
     ev.add_argument("--sampled-queries", type=_positive_int, default=4,
-                    help="sweep task: sampled queries per query tile of the sampled and "
-                         "sampled_vertical_slash estimators (default: %(default)s)")
+                    help="sweep task: sampled queries per query tile of the sampled, "
+                         "sampled_vertical_slash and cascade estimators (default: %(default)s)")
     ev.add_argument("--stride", type=_positive_int, default=8,
                     help="sweep task: stride of the antidiagonal, "
                          "antidiagonal_vertical_slash and cascade estimators "
@@ -150,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--candidate-threshold", type=_threshold, default=0.99,
                     help="sweep task: Prism's top-p naming the tiles the cascade estimator "
                          "scores (default: %(default)s)")
+    ev.add_argument("--sampled-weight", type=_unit_interval, default=0.0,
+                    help="sweep task: weight in [0, 1] of the cascade's sampled-query stage "
+                         "(sampled queries per tile: --sampled-queries; default: %(default)s)")
     ev.add_argument("--last-queries", type=_positive_int, default=64,
                     help="sweep task: queries of the vertical-slash estimate "
                          "(default: %(default)s)")
@@ -265,6 +278,7 @@ def _sweep_settings(args):
                          subtile_factor=args.subtile_factor,
                          sampled_queries=args.sampled_queries,
                          candidate_threshold=args.candidate_threshold,
+                         sampled_weight=args.sampled_weight,
                          passkey_lengths=lengths, passkey_depths=tuple(args.depths),
                          backend=args.backend)
     if getattr(args, "preset", None):

@@ -63,6 +63,8 @@ class SweepSettings:
         ``sweep_parameters`` from here).
     candidate_threshold : float
         Prism's top-p that names the candidate tiles of the ``"cascade"``.
+    sampled_weight : float
+        Weight of the ``"cascade"``'s sampled-query stage (0: none).
     vertical_slash_threshold : float
         Top-p of the vertical and slash distributions in the estimators that
         unite them with other tiles (``vertical_slash`` alone moves it with
@@ -84,6 +86,7 @@ class SweepSettings:
     subtile_factor: int = 4
     sampled_queries: int = 4
     candidate_threshold: float = 0.99
+    sampled_weight: float = 0.0
     passkey_lengths: Sequence[int] = ()
     passkey_depths: Sequence[float] = (0.1, 0.5, 0.9)
     new_tokens: int = 10

@@ -1,0 +1,272 @@
+"""The ``"cascade"``'s sampled-query stage as a Triton kernel (docs/estimators.rst, "cascade").
+
+With ``sampled_weight`` > 0 the cascade mixes its candidate-restricted
+antidiagonal tile probabilities with the exact attention of
+``sampled_queries`` sampled queries per query tile over the same candidate
+tiles (:func:`prism.reference.estimators.candidate_sampled_probabilities`,
+mixed by :func:`prism.reference.estimators.mix_tile_probabilities`).
+
+:func:`candidate_sampled_mix_` does both in one launch, in place on the
+antidiagonal stage's output. One program takes one (batch, KV head), the
+query heads of its GQA group that fit (``heads``) and ``TILES`` consecutive
+query tiles; its rows are those tiles' samples for each of those heads. It
+lists the key tiles in which some of its (head, query tile) pairs has a
+candidate (the same scan as the restricted antidiagonal kernel,
+:func:`prism.optimized.antidiagonal_blocks._candidate_tiles`), then makes two
+passes over them, one key tile at a time:
+
+1. each row's online softmax statistics over its candidate keys (causal: at
+   or before the sample's position), and each pair's sum of the antidiagonal
+   probabilities over its candidate tiles;
+2. the same scores as probabilities, summed over each key tile and over the
+   samples of each pair (a one-hot reduction), and written over the
+   antidiagonal value of every candidate tile of the pair:
+   ``(1 - w) * a / sum(a) + w * s / sum(s)``, where ``sum(s)`` is the number of
+   the pair's samples with a candidate key. Tiles that are no pair's candidate
+   are not touched (the antidiagonal stage wrote zeros there).
+
+The selection's finishing launch (:func:`prism.optimized.tile_union.union_tiles`)
+renormalises each row, as the reference's mix does. The pooling launch of the
+candidate selection has already checked q and k for NaN/Inf, so this kernel
+checks nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from prism.reference.estimators import sampled_query_positions
+from prism.reference.tiles import TileLayout
+from prism.reference.validation import validate_stage_inputs
+
+from ._runtime import check_device, kernels_interpreted, next_power_of_2
+from .antidiagonal_blocks import _candidate_tiles, masked_scores, online_softmax_step
+from .antidiagonal_packed import fitting_heads
+from .launch import launch
+
+#: Rows (samples x query heads x query tiles) a program aims to hold.
+TARGET_ROWS = 64
+#: Most rows of one program; a GQA group with more samples is split over programs.
+MAX_ROWS = 128
+#: Candidate flags one step of the tile scan loads (pairs x key tiles).
+SCAN_ELEMENTS = 4096
+_MIN_DOT = 16
+
+
+@triton.jit
+def _tile_scores(q_rows, k_head, stride_kn, stride_kd, tile, chunk, block_size, num_keys,
+                 pos, rows_ok, row_cand, qk_scale, CAUSAL: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                 IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """(ROWS, BLOCK_N) scaled scores (base 2) of chunk ``chunk`` of key tile ``tile``,
+    -inf where a key is not admissible or not in the row's candidates."""
+    dims = tl.arange(0, D_PAD)
+    offset = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
+    keys = tile * block_size + offset
+    key_ok = (offset < block_size) & (keys < num_keys)
+    k_cols = tl.load(k_head + keys.to(tl.int64)[None, :] * stride_kn + dims[:, None] * stride_kd,
+                     mask=key_ok[None, :] & (dims[:, None] < HEAD_DIM), other=0.0)
+    if UPCAST:
+        k_cols = k_cols.to(tl.float32)
+    if IEEE:
+        scores = tl.dot(q_rows, k_cols, input_precision="ieee")
+    else:
+        scores = tl.dot(q_rows, k_cols)
+    allowed = key_ok[None, :] & (rows_ok & row_cand)[:, None]
+    if CAUSAL:
+        allowed = allowed & (keys[None, :] <= pos[:, None])
+    return masked_scores(scores, allowed, qk_scale, False)
+
+
+@triton.jit
+def _candidate_sampled_kernel(
+    Q, K, POS, CAND, OUT, LIST,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_ob, stride_oh, stride_orow, stride_otile,
+    stride_cb, stride_ch, stride_cq, stride_ck,
+    num_kv_heads, group, heads, samples, tiles_per_program, programs_per_head,
+    num_query_tiles, num_key_tiles, num_keys, query_start, block_size, qk_scale, weight,
+    list_width,
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    ROWS: tl.constexpr, PAIRS: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, SCAN_TILES: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    block = programs_per_head - 1 - pid % programs_per_head  # heaviest tiles first
+    bh_part = pid // programs_per_head
+    parts = group // heads
+    bh = bh_part // parts
+    b = bh // num_kv_heads
+    hk = bh % num_kv_heads
+    head0 = hk * group + (bh_part % parts) * heads  # the program's first query head
+
+    # Row r = (head g of the program's heads, tile t, sample s); pair = (g, t).
+    r = tl.arange(0, ROWS)
+    per_head = tiles_per_program * samples
+    g = r // per_head
+    t = (r // samples) % tiles_per_program
+    tile_row = block * tiles_per_program + t
+    row_used = (r < heads * per_head) & (tile_row < num_query_tiles)
+    # POS: each sample's absolute position, or -1 where its run holds no query.
+    pos = tl.load(POS + tile_row * samples + r % samples, mask=row_used, other=-1)
+    rows_ok = row_used & (pos >= 0)
+    dims = tl.arange(0, D_PAD)
+    q_rows = tl.load(Q + b.to(tl.int64) * stride_qb + (head0 + g).to(tl.int64)[:, None] * stride_qh
+                     + (pos - query_start).to(tl.int64)[:, None] * stride_qn
+                     + dims[None, :] * stride_qd,
+                     mask=rows_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
+    if UPCAST:
+        q_rows = q_rows.to(tl.float32)
+    k_head = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    cand_rows = (CAND + b.to(tl.int64) * stride_cb + (head0 + g).to(tl.int64) * stride_ch
+                 + tile_row.to(tl.int64) * stride_cq)
+
+    pairs = tl.arange(0, PAIRS)
+    pair_g = pairs // tiles_per_program
+    pair_tile = block * tiles_per_program + pairs % tiles_per_program
+    pair_ok = (pairs < heads * tiles_per_program) & (pair_tile < num_query_tiles)
+    one_hot = (g * tiles_per_program + t)[:, None] == pairs[None, :]
+    cand_pairs = (CAND + b.to(tl.int64) * stride_cb + (head0 + pair_g).to(tl.int64) * stride_ch
+                  + pair_tile.to(tl.int64) * stride_cq)
+    out_rows = (OUT + b.to(tl.int64) * stride_ob + (head0 + pair_g).to(tl.int64) * stride_oh
+                + pair_tile.to(tl.int64) * stride_orow)
+
+    if CAUSAL:
+        last_key = tl.max(tl.where(rows_ok, pos, -1), axis=0)
+        scan_end = tl.where(last_key >= 0, last_key // block_size + 1, 0)
+    else:
+        scan_end = tl.where(tl.max(rows_ok.to(tl.int32), axis=0) > 0, num_key_tiles, 0)
+    scan_end = tl.minimum(scan_end, num_key_tiles)
+    active = LIST + pid.to(tl.int64) * list_width
+    num_active = _candidate_tiles(cand_pairs, pair_ok, scan_end, stride_ck, active, out_rows,
+                                  stride_otile, PAIRS, SCAN_TILES, False)
+    tl.debug_barrier()  # every thread reads the list some threads wrote
+    chunks = tl.cdiv(block_size, BLOCK_N)
+
+    # Pass 1: the rows' softmax statistics; the pairs' antidiagonal sums.
+    m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((ROWS,), dtype=tl.float32)
+    a_sum = tl.zeros((PAIRS,), dtype=tl.float32)
+    for slot in range(0, num_active):
+        tile = tl.load(active + slot)
+        row_cand = tl.load(cand_rows + tile.to(tl.int64) * stride_ck, mask=rows_ok, other=0) != 0
+        pair_cand = tl.load(cand_pairs + tile.to(tl.int64) * stride_ck, mask=pair_ok,
+                            other=0) != 0
+        a_sum += tl.load(out_rows + tile.to(tl.int64) * stride_otile, mask=pair_cand, other=0.0)
+        for c in range(0, chunks):
+            s = _tile_scores(q_rows, k_head, stride_kn, stride_kd, tile, c, block_size,
+                             num_keys, pos, rows_ok, row_cand, qk_scale, CAUSAL, HEAD_DIM,
+                             D_PAD, BLOCK_N, IEEE, UPCAST)
+            m_i, l_i = online_softmax_step(m_i, l_i, s)
+
+    # Pass 2: per candidate tile, the pair's sampled mass mixed into its value.
+    m_shift = tl.where(m_i == float("-inf"), 0.0, m_i)
+    counted = rows_ok & (l_i > 0)
+    inv_l = tl.where(counted, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
+    s_count = tl.sum(tl.where(one_hot & counted[:, None], 1.0, 0.0), axis=0)
+    s_scale = tl.where(s_count > 0, weight / tl.where(s_count > 0, s_count, 1.0), 0.0)
+    a_scale = tl.where(a_sum > 0, (1.0 - weight) / tl.where(a_sum > 0, a_sum, 1.0), 0.0)
+    for slot in range(0, num_active):
+        tile = tl.load(active + slot)
+        row_cand = tl.load(cand_rows + tile.to(tl.int64) * stride_ck, mask=rows_ok, other=0) != 0
+        pair_cand = tl.load(cand_pairs + tile.to(tl.int64) * stride_ck, mask=pair_ok,
+                            other=0) != 0
+        row_mass = tl.zeros((ROWS,), dtype=tl.float32)
+        for c in range(0, chunks):
+            s = _tile_scores(q_rows, k_head, stride_kn, stride_kd, tile, c, block_size,
+                             num_keys, pos, rows_ok, row_cand, qk_scale, CAUSAL, HEAD_DIM,
+                             D_PAD, BLOCK_N, IEEE, UPCAST)
+            row_mass += tl.sum(tl.math.exp2(s - m_shift[:, None]), axis=1)
+        pair_mass = tl.sum(tl.where(one_hot, (row_mass * inv_l)[:, None], 0.0), axis=0)
+        where = out_rows + tile.to(tl.int64) * stride_otile
+        a = tl.load(where, mask=pair_cand, other=0.0)
+        tl.store(where, a * a_scale + pair_mass * s_scale, mask=pair_cand)
+
+
+def candidate_sampled_mix_(probs: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                           layout: TileLayout, samples: int, weight: float,
+                           candidates: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """Mix the candidate-restricted sampled-query probabilities into ``probs``, in place.
+
+    ``probs`` (B, Hq, nq, nk) float32 holds the cascade's antidiagonal tile
+    probabilities at the candidate tiles, each row normalised or not (a row is
+    divided by its sum over the candidates here). Afterwards each candidate
+    tile holds ``(1 - weight) * a / sum(a) + weight * s / sum(s)`` (a term is
+    dropped where its row sums to 0); other tiles are not touched. Dividing
+    each row by its sum then gives
+    :func:`prism.reference.estimators.mix_tile_probabilities` of the
+    reference stages (up to fp32 rounding). Inputs are validated by the caller.
+
+    Returns
+    -------
+    ``probs``
+    """
+    b, hq, _, d = q.shape
+    hkv, nk_tokens = k.shape[1], k.shape[2]
+    nq, nk = layout.num_query_tiles, layout.num_key_tiles
+    if probs.numel() == 0:
+        return probs
+    group = hq // hkv
+    heads = group if group * samples <= MAX_ROWS else fitting_heads(group, samples, MAX_ROWS)
+    _, positions, valid = sampled_query_positions(layout, samples, q.device)
+    positions = torch.where(valid, positions, torch.full_like(positions, -1))
+    positions = positions.to(torch.int32).contiguous()
+    tiles = max(1, TARGET_ROWS // (heads * samples))
+    rows = max(_MIN_DOT, next_power_of_2(heads * samples * tiles))
+    pairs = next_power_of_2(heads * tiles)
+    per_head = -(-nq // tiles)
+    programs = b * hkv * (group // heads) * per_head
+    d_pad = max(_MIN_DOT, next_power_of_2(d))
+    block_n = max(_MIN_DOT, min(128 if d_pad <= 128 else 64,
+                                next_power_of_2(layout.block_size)))
+    upcast = q.dtype == torch.bfloat16 and kernels_interpreted(_candidate_sampled_kernel)
+    cand = candidates.view(torch.uint8)
+    active = torch.empty(programs * nk, dtype=torch.int32, device=q.device)
+    launch(
+        _candidate_sampled_kernel, (programs,),
+        q, k, positions, cand, probs, active,
+        *q.stride(), *k.stride(), *probs.stride(), *cand.stride(),
+        hkv, group, heads, samples, tiles, per_head, nq, nk, nk_tokens, layout.query_start,
+        layout.block_size, math.log2(math.e) / math.sqrt(d), float(weight), nk,
+        CAUSAL=causal, HEAD_DIM=d, D_PAD=d_pad, ROWS=rows, PAIRS=pairs, BLOCK_N=block_n,
+        IEEE=q.dtype == torch.float32 or upcast, UPCAST=upcast,
+        SCAN_TILES=min(next_power_of_2(nk), max(16, SCAN_ELEMENTS // pairs)),
+        num_warps=4 if rows * d_pad <= 64 * 128 else 8,
+    )
+    return probs
+
+
+def candidate_sampled_tile_probabilities(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
+                                         samples: int, candidates: torch.Tensor,
+                                         causal: bool = True) -> torch.Tensor:
+    """:func:`prism.reference.estimators.candidate_sampled_probabilities` by the kernel
+    (same signature and result, up to fp32 rounding).
+
+    Returns
+    -------
+    Tensor (B, Hq, nq, nk), float32
+        Zero outside the admissible candidate tiles; rows with one sum to 1.
+    """
+    from .cascade import check_candidates
+
+    if isinstance(samples, bool) or not isinstance(samples, int):
+        raise TypeError(f"samples must be an int, got {type(samples).__name__} {samples!r}")
+    validate_stage_inputs(q, k, layout, causal)
+    if samples < 1 or layout.block_size % samples:
+        raise ValueError(f"samples must be >= 1 and divide layout.block_size "
+                         f"({layout.block_size}), got {samples}; use e.g. 8 for tile 128")
+    check_candidates(candidates, q, layout)
+    check_device(_candidate_sampled_kernel, q=q, k=k)
+    shape = (q.shape[0], q.shape[1], layout.num_query_tiles, layout.num_key_tiles)
+    out = torch.zeros(shape, dtype=torch.float32, device=q.device)
+    candidate_sampled_mix_(out, q, k, layout, samples, 1.0, candidates.contiguous(), causal)
+    total = out.sum(dim=-1, keepdim=True)
+    return torch.where(total > 0, out / total.clamp_min(1e-30), torch.zeros_like(out))
+
+
+__all__ = ["candidate_sampled_mix_", "candidate_sampled_tile_probabilities"]
