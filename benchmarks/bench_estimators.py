@@ -181,6 +181,7 @@ def time_setting(q, k, cfg, n, graph=False, compare=True):
             from prism.optimized.cascade import prism_candidate_tiles_kernel
 
             entry["config"]["candidate_threshold"] = cfg.candidate_threshold
+            entry["config"]["sampled_weight"] = cfg.sampled_weight
             cand = prism_candidate_tiles_kernel(q, k, cfg, True)
             nt = cand.shape[-1]
             entry["candidate_density"] = float(cand.sum()) / (

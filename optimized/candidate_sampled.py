@@ -17,9 +17,11 @@ passes over them, one key tile at a time:
 
 1. each row's online softmax statistics over its candidate keys (causal: at
    or before the sample's position), and each pair's sum of the antidiagonal
-   probabilities over its candidate tiles;
-2. the same scores as probabilities, summed over each key tile and over the
-   samples of each pair (a one-hot reduction), and written over the
+   probabilities over its candidate tiles; with :data:`ONE_PASS`, also each
+   row's sum of ``2^(s - m)`` per tile and that ``m``, into a scratch buffer;
+2. the probabilities (the scratch rescaled by the final statistics, or,
+   without :data:`ONE_PASS`, the scores computed again), summed over each key
+   tile and over the samples of each pair (a one-hot reduction), and written over the
    antidiagonal value of every candidate tile of the pair:
    ``(1 - w) * a / sum(a) + w * s / sum(s)``, where ``sum(s)`` is the number of
    the pair's samples with a candidate key. Tiles that are no pair's candidate
@@ -39,7 +41,6 @@ import torch
 import triton
 import triton.language as tl
 
-from prism.reference.estimators import sampled_query_positions
 from prism.reference.tiles import TileLayout
 from prism.reference.validation import validate_stage_inputs
 
@@ -54,6 +55,12 @@ TARGET_ROWS = 64
 MAX_ROWS = 128
 #: Candidate flags one step of the tile scan loads (pairs x key tiles).
 SCAN_ELEMENTS = 4096
+#: True: score each listed tile once, keeping each row's per-tile sum of ``2^(s - m)``
+#: and that ``m`` in a scratch buffer (``programs x key tiles x rows`` floats of
+#: each) that the second pass rescales; False: score them twice, the second time
+#: with the final statistics. Read at each call (a call plan keeps the form it
+#: recorded).
+ONE_PASS = True
 _MIN_DOT = 16
 
 
@@ -83,18 +90,32 @@ def _tile_scores(q_rows, k_head, stride_kn, stride_kd, tile, chunk, block_size, 
 
 
 @triton.jit
+def _mix_tile(out_rows, cand_pairs, tile, pair_ok, one_hot, row_p, a_scale, s_scale,
+              stride_ck, stride_otile):
+    """Each pair's value at key tile ``tile``, where it is a candidate: its antidiagonal
+    value times ``a_scale`` plus the sum of its rows' probabilities ``row_p`` times
+    ``s_scale``."""
+    pair_cand = tl.load(cand_pairs + tile.to(tl.int64) * stride_ck, mask=pair_ok, other=0) != 0
+    pair_mass = tl.sum(tl.where(one_hot, row_p[:, None], 0.0), axis=0)
+    where = out_rows + tile.to(tl.int64) * stride_otile
+    a = tl.load(where, mask=pair_cand, other=0.0)
+    tl.store(where, a * a_scale + pair_mass * s_scale, mask=pair_cand)
+
+
+@triton.jit
 def _candidate_sampled_kernel(
-    Q, K, POS, CAND, OUT, LIST,
+    Q, K, CAND, OUT, LIST, E, MB,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_ob, stride_oh, stride_orow, stride_otile,
     stride_cb, stride_ch, stride_cq, stride_ck,
     num_kv_heads, group, heads, samples, tiles_per_program, programs_per_head,
-    num_query_tiles, num_key_tiles, num_keys, query_start, block_size, qk_scale, weight,
-    list_width,
+    num_query_tiles, num_key_tiles, num_keys, num_queries, query_start, first_query_tile,
+    block_size, qk_scale, weight, list_width,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    ROWS: tl.constexpr, PAIRS: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr, PAIRS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr, SCAN_TILES: tl.constexpr,
+    ONE_PASS: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     block = programs_per_head - 1 - pid % programs_per_head  # heaviest tiles first
@@ -112,9 +133,12 @@ def _candidate_sampled_kernel(
     t = (r // samples) % tiles_per_program
     tile_row = block * tiles_per_program + t
     row_used = (r < heads * per_head) & (tile_row < num_query_tiles)
-    # POS: each sample's absolute position, or -1 where its run holds no query.
-    pos = tl.load(POS + tile_row * samples + r % samples, mask=row_used, other=-1)
-    rows_ok = row_used & (pos >= 0)
+    # Sample s of a tile: the last real query of its s-th run of block_size / samples
+    # positions (none when the run holds no query).
+    run = block_size // samples
+    start = (first_query_tile + tile_row) * block_size + (r % samples) * run
+    pos = tl.minimum(start + run - 1, query_start + num_queries - 1)
+    rows_ok = row_used & (pos >= tl.maximum(start, query_start))
     dims = tl.arange(0, D_PAD)
     q_rows = tl.load(Q + b.to(tl.int64) * stride_qb + (head0 + g).to(tl.int64)[:, None] * stride_qh
                      + (pos - query_start).to(tl.int64)[:, None] * stride_qn
@@ -146,22 +170,41 @@ def _candidate_sampled_kernel(
     num_active = _candidate_tiles(cand_pairs, pair_ok, scan_end, stride_ck, active, out_rows,
                                   stride_otile, PAIRS, SCAN_TILES, False)
     tl.debug_barrier()  # every thread reads the list some threads wrote
-    chunks = tl.cdiv(block_size, BLOCK_N)
 
-    # Pass 1: the rows' softmax statistics; the pairs' antidiagonal sums.
+    # Pass 1: the rows' softmax statistics; the pairs' antidiagonal sums. One loop
+    # over (listed tile, chunk of its keys), so that Triton pipelines its loads.
     m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((ROWS,), dtype=tl.float32)
     a_sum = tl.zeros((PAIRS,), dtype=tl.float32)
-    for slot in range(0, num_active):
-        tile = tl.load(active + slot)
+    e_tile = tl.zeros((ROWS,), dtype=tl.float32)  # ONE_PASS: the tile's sum of 2^(s - m)
+    # ONE_PASS scratch of this program: per list slot, each row's tile sum and its m.
+    e_rows = E + (pid.to(tl.int64) * list_width) * ROWS + r
+    mb_rows = MB + (pid.to(tl.int64) * list_width) * ROWS + r
+    for step in range(0, num_active * CHUNKS):
+        tile = tl.load(active + step // CHUNKS)
         row_cand = tl.load(cand_rows + tile.to(tl.int64) * stride_ck, mask=rows_ok, other=0) != 0
-        pair_cand = tl.load(cand_pairs + tile.to(tl.int64) * stride_ck, mask=pair_ok,
-                            other=0) != 0
-        a_sum += tl.load(out_rows + tile.to(tl.int64) * stride_otile, mask=pair_cand, other=0.0)
-        for c in range(0, chunks):
-            s = _tile_scores(q_rows, k_head, stride_kn, stride_kd, tile, c, block_size,
-                             num_keys, pos, rows_ok, row_cand, qk_scale, CAUSAL, HEAD_DIM,
-                             D_PAD, BLOCK_N, IEEE, UPCAST)
+        if step % CHUNKS == 0:
+            pair_cand = tl.load(cand_pairs + tile.to(tl.int64) * stride_ck, mask=pair_ok,
+                                other=0) != 0
+            a_sum += tl.load(out_rows + tile.to(tl.int64) * stride_otile, mask=pair_cand,
+                             other=0.0)
+        s = _tile_scores(q_rows, k_head, stride_kn, stride_kd, tile, step % CHUNKS, block_size,
+                         num_keys, pos, rows_ok, row_cand, qk_scale, CAUSAL, HEAD_DIM, D_PAD,
+                         BLOCK_N, IEEE, UPCAST)
+        if ONE_PASS:
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_step = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_step)  # 0 while m_i is -inf
+            p_sum = tl.sum(tl.math.exp2(s - m_step[:, None]), axis=1)
+            l_i = l_i * alpha + p_sum
+            e_tile = e_tile * alpha + p_sum
+            m_i = m_new
+            if step % CHUNKS == CHUNKS - 1:
+                slot = (step // CHUNKS) * ROWS  # small: the program's own slots
+                tl.store(e_rows + slot, e_tile)
+                tl.store(mb_rows + slot, m_step)
+                e_tile = tl.zeros((ROWS,), dtype=tl.float32)
+        else:
             m_i, l_i = online_softmax_step(m_i, l_i, s)
 
     # Pass 2: per candidate tile, the pair's sampled mass mixed into its value.
@@ -171,21 +214,29 @@ def _candidate_sampled_kernel(
     s_count = tl.sum(tl.where(one_hot & counted[:, None], 1.0, 0.0), axis=0)
     s_scale = tl.where(s_count > 0, weight / tl.where(s_count > 0, s_count, 1.0), 0.0)
     a_scale = tl.where(a_sum > 0, (1.0 - weight) / tl.where(a_sum > 0, a_sum, 1.0), 0.0)
-    for slot in range(0, num_active):
-        tile = tl.load(active + slot)
-        row_cand = tl.load(cand_rows + tile.to(tl.int64) * stride_ck, mask=rows_ok, other=0) != 0
-        pair_cand = tl.load(cand_pairs + tile.to(tl.int64) * stride_ck, mask=pair_ok,
-                            other=0) != 0
+    if ONE_PASS:
+        tl.debug_barrier()  # other threads of the program wrote the scratch
+        for slot in range(0, num_active):
+            tile = tl.load(active + slot)
+            e = tl.load(e_rows + slot * ROWS)
+            m_tile = tl.load(mb_rows + slot * ROWS)
+            row_p = tl.where(e > 0, e * tl.math.exp2(m_tile - m_shift) * inv_l, 0.0)
+            _mix_tile(out_rows, cand_pairs, tile, pair_ok, one_hot, row_p, a_scale, s_scale,
+                      stride_ck, stride_otile)
+    else:
         row_mass = tl.zeros((ROWS,), dtype=tl.float32)
-        for c in range(0, chunks):
-            s = _tile_scores(q_rows, k_head, stride_kn, stride_kd, tile, c, block_size,
-                             num_keys, pos, rows_ok, row_cand, qk_scale, CAUSAL, HEAD_DIM,
-                             D_PAD, BLOCK_N, IEEE, UPCAST)
+        for step in range(0, num_active * CHUNKS):
+            tile = tl.load(active + step // CHUNKS)
+            row_cand = tl.load(cand_rows + tile.to(tl.int64) * stride_ck, mask=rows_ok,
+                               other=0) != 0
+            s = _tile_scores(q_rows, k_head, stride_kn, stride_kd, tile, step % CHUNKS,
+                             block_size, num_keys, pos, rows_ok, row_cand, qk_scale, CAUSAL,
+                             HEAD_DIM, D_PAD, BLOCK_N, IEEE, UPCAST)
             row_mass += tl.sum(tl.math.exp2(s - m_shift[:, None]), axis=1)
-        pair_mass = tl.sum(tl.where(one_hot, (row_mass * inv_l)[:, None], 0.0), axis=0)
-        where = out_rows + tile.to(tl.int64) * stride_otile
-        a = tl.load(where, mask=pair_cand, other=0.0)
-        tl.store(where, a * a_scale + pair_mass * s_scale, mask=pair_cand)
+            if step % CHUNKS == CHUNKS - 1:  # the tile's last chunk: mix and store its value
+                _mix_tile(out_rows, cand_pairs, tile, pair_ok, one_hot, row_mass * inv_l,
+                          a_scale, s_scale, stride_ck, stride_otile)
+                row_mass = tl.zeros((ROWS,), dtype=tl.float32)
 
 
 def candidate_sampled_mix_(probs: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -213,9 +264,6 @@ def candidate_sampled_mix_(probs: torch.Tensor, q: torch.Tensor, k: torch.Tensor
         return probs
     group = hq // hkv
     heads = group if group * samples <= MAX_ROWS else fitting_heads(group, samples, MAX_ROWS)
-    _, positions, valid = sampled_query_positions(layout, samples, q.device)
-    positions = torch.where(valid, positions, torch.full_like(positions, -1))
-    positions = positions.to(torch.int32).contiguous()
     tiles = max(1, TARGET_ROWS // (heads * samples))
     rows = max(_MIN_DOT, next_power_of_2(heads * samples * tiles))
     pairs = next_power_of_2(heads * tiles)
@@ -227,15 +275,21 @@ def candidate_sampled_mix_(probs: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     upcast = q.dtype == torch.bfloat16 and kernels_interpreted(_candidate_sampled_kernel)
     cand = candidates.view(torch.uint8)
     active = torch.empty(programs * nk, dtype=torch.int32, device=q.device)
+    scratch = programs * nk * rows if ONE_PASS else 1
+    e = torch.empty(scratch, dtype=torch.float32, device=q.device)
+    mb = torch.empty(scratch, dtype=torch.float32, device=q.device)
     launch(
         _candidate_sampled_kernel, (programs,),
-        q, k, positions, cand, probs, active,
+        q, k, cand, probs, active, e, mb,
         *q.stride(), *k.stride(), *probs.stride(), *cand.stride(),
-        hkv, group, heads, samples, tiles, per_head, nq, nk, nk_tokens, layout.query_start,
-        layout.block_size, math.log2(math.e) / math.sqrt(d), float(weight), nk,
+        hkv, group, heads, samples, tiles, per_head, nq, nk, nk_tokens, q.shape[2],
+        layout.query_start, layout.first_query_tile, layout.block_size,
+        math.log2(math.e) / math.sqrt(d), float(weight), nk,
         CAUSAL=causal, HEAD_DIM=d, D_PAD=d_pad, ROWS=rows, PAIRS=pairs, BLOCK_N=block_n,
+        CHUNKS=-(-layout.block_size // block_n),
         IEEE=q.dtype == torch.float32 or upcast, UPCAST=upcast,
         SCAN_TILES=min(next_power_of_2(nk), max(16, SCAN_ELEMENTS // pairs)),
+        ONE_PASS=bool(ONE_PASS),
         num_warps=4 if rows * d_pad <= 64 * 128 else 8,
     )
     return probs

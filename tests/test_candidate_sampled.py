@@ -127,6 +127,7 @@ def test_mix_rule_on_hand_worked_rows():
     (1, 3, 1, 100, 100, 32, 8, True, torch.float32),   # odd group, partial last tile
     (1, 32, 1, 64, 64, 16, 8, True, torch.float32),    # group of 32: heads split
     (1, 2, 1, 96, 96, 16, 16, True, torch.float16),    # every query of a tile sampled
+    (1, 2, 1, 200, 300, 256, 8, True, torch.float32),  # a tile of two key chunks
 ])
 def test_kernel_matches_the_reference(b, hq, hkv, nq, nk, bs, samples, causal, dtype):
     q, k = _qk(b, hq, hkv, nq, nk, 16, seed=nq + hq, dtype=dtype, scale=2.0)
@@ -145,6 +146,19 @@ def test_kernel_matches_the_reference(b, hq, hkv, nq, nk, bs, samples, causal, d
     torch.testing.assert_close(mixed, mix_tile_probabilities(anti, expected, 0.3),
                                rtol=2e-5, atol=1e-6)
     assert torch.equal(q, q0) and torch.equal(k, k0) and torch.equal(cand, c0)
+
+
+@pytest.mark.parametrize("bs", [32, 256])
+def test_two_pass_form_matches_the_one_pass_form(bs, monkeypatch):
+    q, k = _qk(1, 4, 2, 300, 420, 16, seed=bs, scale=2.0)
+    layout = tile_layout(300, 420, bs, True)
+    cand = _random_candidates(layout, 4, True, seed=bs)
+    raw = torch.rand(cand.shape, device=DEVICE) * cand
+    one = candidate_sampled_mix_(raw.clone(), q, k, layout, 8, 0.3, cand, True)
+    monkeypatch.setattr(candidate_sampled, "ONE_PASS", False)
+    two = candidate_sampled_mix_(raw.clone(), q, k, layout, 8, 0.3, cand, True)
+    torch.testing.assert_close(one, two, rtol=2e-5, atol=1e-6)
+    assert not torch.equal(one, raw)
 
 
 def test_kernel_leaves_tiles_off_the_candidates_alone():

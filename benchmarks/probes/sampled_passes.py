@@ -1,0 +1,59 @@
+"""What the cascade's sampled-query stage costs on the GPU, in its two forms.
+
+For each length (the structured inputs of ``bench_matrix.py``: 32/8 heads, D 128,
+bf16, tile 128, causal), the accurate preset's whole selection without the stage
+(``sampled_weight`` 0), and with 8 sampled queries at weight 0.3 in the stage's
+one-pass form (``candidate_sampled.ONE_PASS``, a scratch buffer) and its two-pass
+form (scores computed twice), interleaved, as eager and CUDA-graph ms; whether the
+two forms' masks are equal, and how many tiles the stage changes.
+
+    python3 benchmarks/probes/sampled_passes.py --lengths 8192,32768,131072 --out x.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench_matrix import structured_qkv  # noqa: E402
+from probe_cli import run, time_variants  # noqa: E402
+
+from prism import optimized  # noqa: E402
+from prism.optimized import call_plan, candidate_sampled  # noqa: E402
+from prism.reference import PrismConfig  # noqa: E402
+
+
+def row(n):
+    q, k, _ = structured_qkv(n)
+    out = {"tokens": n}
+    configs = {"preset": PrismConfig.preset("accurate"),
+               "sampled": PrismConfig.preset("accurate", sampled_queries=8, sampled_weight=0.3)}
+    chosen = {}
+
+    def pick(name, one_pass):
+        def apply():
+            chosen["cfg"] = configs[name]
+            candidate_sampled.ONE_PASS = one_pass
+        return apply
+
+    settings = [("preset", pick("preset", True)), ("one_pass", pick("sampled", True)),
+                ("two_pass", pick("sampled", False))] * 2
+    masks = time_variants(lambda: optimized.select_blocks(q, k, chosen["cfg"]), settings, out,
+                          pick("preset", True))
+    out["forms_equal"] = bool(masks["one_pass"].equal(masks["two_pass"]))
+    out["tiles_changed_by_stage"] = int((masks["one_pass"] != masks["preset"]).sum())
+    out["mask_mean_preset"] = float(masks["preset"].float().mean())
+    out["mask_mean_sampled"] = float(masks["one_pass"].float().mean())
+    out["plan_stats"] = dict(call_plan.PLAN_STATS)
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def main(argv=None):
+    run(row, __doc__, "sampled_passes.py", "--lengths", "4096,8192,32768,131072", argv)
+
+
+if __name__ == "__main__":
+    main()
