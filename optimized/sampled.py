@@ -28,7 +28,6 @@ import torch
 import triton
 import triton.language as tl
 
-from prism.reference.estimators import sampled_query_positions
 from prism.reference.tiles import TileLayout
 
 from ._runtime import check_device, kernels_interpreted, next_power_of_2
@@ -43,12 +42,13 @@ _MIN_DOT = 16
 
 @triton.jit
 def _sampled_tile_kernel(
-    Q, K, POS, OUT, NONFINITE,
+    Q, K, OUT, NONFINITE,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_ob, stride_oh, stride_orow, stride_otile,
     num_kv_heads, group, samples, tiles_per_program, num_programs_per_head,
-    num_query_tiles, num_key_tiles, num_keys, query_start, block_size, qk_scale,
+    num_query_tiles, num_key_tiles, num_keys, num_queries, query_start, first_query_tile,
+    block_size, qk_scale,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     ROWS: tl.constexpr, PAIRS: tl.constexpr, BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr, CHECK: tl.constexpr,
@@ -72,11 +72,14 @@ def _sampled_tile_kernel(
     t = (r // samples) % tiles_per_program
     s = r % samples
     tile_row = block * tiles_per_program + t
-    pos_index = tile_row * samples + s
     row_used = (r < group * per_head) & (tile_row < num_query_tiles)
-    # POS holds each sample's absolute position, or -1 where the run has no query.
-    pos = tl.load(POS + pos_index, mask=row_used, other=-1)
-    rows_ok = row_used & (pos >= 0)
+    # Sample s of a tile: the last real query of its s-th run of block_size / samples
+    # positions (none when the run holds no query;
+    # prism.reference.estimators.sampled_query_positions).
+    run = block_size // samples
+    start = (first_query_tile + tile_row) * block_size + s * run
+    pos = tl.minimum(start + run - 1, query_start + num_queries - 1)
+    rows_ok = row_used & (pos >= tl.maximum(start, query_start))
     head = hk * group + g
     dims = tl.arange(0, D_PAD)
     q_ptrs = (Q + b.to(tl.int64) * stride_qb + head.to(tl.int64)[:, None] * stride_qh
@@ -184,9 +187,6 @@ def sampled_tile_probabilities(q: torch.Tensor, k: torch.Tensor, layout: TileLay
     if out.numel() == 0:
         return out
     group = hq // hkv
-    _, positions, valid = sampled_query_positions(layout, samples, q.device)
-    positions = torch.where(valid, positions, torch.full_like(positions, -1))
-    positions = positions.to(torch.int32).contiguous()
     tiles = max(1, TARGET_ROWS // (group * samples))
     rows = max(_MIN_DOT, next_power_of_2(group * samples * tiles))
     pairs = next_power_of_2(group * tiles)
@@ -196,10 +196,11 @@ def sampled_tile_probabilities(q: torch.Tensor, k: torch.Tensor, layout: TileLay
     upcast = q.dtype == torch.bfloat16 and kernels_interpreted(_sampled_tile_kernel)
     launch(
         _sampled_tile_kernel, (b * hkv * per_head,),
-        q, k, positions, out, nonfinite if nonfinite is not None else out,
+        q, k, out, nonfinite if nonfinite is not None else out,
         *q.stride(), *k.stride(), *out.stride(),
-        hkv, group, samples, tiles, per_head, nq, nk, nk_tokens, layout.query_start,
-        layout.block_size, math.log2(math.e) / math.sqrt(d),
+        hkv, group, samples, tiles, per_head, nq, nk, nk_tokens, q.shape[2],
+        layout.query_start, layout.first_query_tile, layout.block_size,
+        math.log2(math.e) / math.sqrt(d),
         CAUSAL=causal, HEAD_DIM=d, D_PAD=d_pad, ROWS=rows, PAIRS=pairs, BLOCK_N=block_n,
         IEEE=q.dtype == torch.float32 or upcast, UPCAST=upcast, CHECK=nonfinite is not None,
         num_warps=4 if d_pad <= 128 else 8,
