@@ -33,6 +33,13 @@ ESTIMATOR_MISREADINGS = {
                                 "None not read as high_threshold",
     "last_tile_threshold": "the cascade's last-tile rule at p instead of (1 + p) / 2",
     "sampled_queries": "the first query of each run sampled instead of its last",
+    "sampled_candidate_softmax": "the cascade's sampled queries' softmax taken over every "
+                                 "admissible key and then restricted to the candidates and "
+                                 "renormalised, instead of each sample's softmax over its "
+                                 "tile's candidate keys",
+    "sampled_weight_side": "the cascade's mix weighted the other way round: sampled_weight "
+                           "on the antidiagonal probabilities and 1 - sampled_weight on the "
+                           "sampled ones",
     "estimator_forced_tiles": "the sink and diagonal tiles not added to an estimator's tiles",
     "half_precision_scores": "bf16 or fp16 inputs scored in their own dtype (a matrix product "
                              "of 16-bit tensors rounded to 16 bits) instead of fp32",
@@ -95,6 +102,30 @@ ESTIMATOR_CASES = (
            "vertical_slash_threshold", "last_tile_threshold", "estimator_forced_tiles"],
           (1, 2, 1, 128, 256, 32, 4), causal=False, seed=62, sharpness=2.0,
           config=_cascade(candidate_threshold=0.9, vertical_slash_threshold=0.1)),
+    _case("cascade_sampled_prefix", "the cascade with its sampled-query stage (4 samples "
+          "per tile, weight 0.3), candidate_threshold 0.9, vertical-slash threshold 0.1, a "
+          "10-token KV prefix, GQA 4:2",
+          ["sampled_candidate_softmax", "sampled_weight_side", "sampled_queries",
+           "antidiagonal_direction", "antidiagonal_grid", "antidiagonal_scale",
+           "candidate_threshold", "last_queries", "slash_sign", "slash_tile_offsets",
+           "vertical_slash_threshold", "last_tile_threshold", "estimator_forced_tiles"],
+          (1, 4, 2, 150, 160, 32, 4), seed=310, sharpness=2.0,
+          config=_cascade(candidate_threshold=0.9, vertical_slash_threshold=0.1,
+                          sampled_queries=4, sampled_weight=0.3)),
+    _case("cascade_sampled_gqa", "as above on other inputs",
+          ["sampled_candidate_softmax", "sampled_weight_side", "sampled_queries",
+           "antidiagonal_direction", "antidiagonal_grid", "antidiagonal_scale",
+           "candidate_threshold", "last_queries", "slash_sign", "slash_tile_offsets",
+           "vertical_slash_threshold", "last_tile_threshold", "estimator_forced_tiles"],
+          (1, 4, 2, 150, 160, 32, 4), seed=62, sharpness=2.0,
+          config=_cascade(candidate_threshold=0.9, vertical_slash_threshold=0.1,
+                          sampled_queries=4, sampled_weight=0.3)),
+    _case("cascade_sampled_non_causal", "the cascade's sampled-query stage (4 samples, "
+          "weight 0.3), non-causal, 128 queries, 256 keys",
+          ["sampled_candidate_softmax", "sampled_weight_side", "sampled_queries"],
+          (1, 2, 1, 128, 256, 32, 4), causal=False, seed=148, sharpness=2.0,
+          config=_cascade(candidate_threshold=0.9, vertical_slash_threshold=0.1,
+                          sampled_queries=4, sampled_weight=0.3)),
     _case("cascade_non_causal", "the cascade, non-causal, batch 2, 48 queries, 100 keys",
           ["antidiagonal_direction", "antidiagonal_scale", "candidate_threshold",
            "last_queries", "slash_sign", "slash_tile_offsets", "vertical_slash_threshold",

@@ -28,6 +28,8 @@ KNOBS = {
     "vertical_slash_threshold": "vs_threshold_ignored",
     "last_tile_threshold": "last_tile_at_p",
     "sampled_queries": "first_of_run",
+    "sampled_candidate_softmax": "sampled_after_softmax",
+    "sampled_weight_side": "mix_weights_swapped",
     "estimator_forced_tiles": "no_forced",
     "half_precision_scores": "scores_in_input_dtype",
     "subtile_renormalise": "subtile_sums_unnormalised",
@@ -185,8 +187,11 @@ def last_tile(q, k, lay, last, p, *, dtype, knobs):
     return out
 
 
-def sampled(q, k, lay, samples, *, dtype, knobs):
+def sampled(q, k, lay, samples, candidates=None, *, dtype, knobs):
+    """Tile probabilities of the sampled queries; with ``candidates`` (the cascade's step
+    2b) each sample's softmax runs over its (head, query tile)'s candidate keys only."""
     b, hq, nq, d = q.shape
+    restrict = candidates is not None and not knobs.get("sampled_after_softmax")
     run, bs = lay.bs // samples, lay.bs
     kk = np.repeat(k, hq // k.shape[1], axis=1)
     tiles = np.zeros((b, hq, len(lay.q_tiles), lay.nkt), dtype)
@@ -201,10 +206,14 @@ def sampled(q, k, lay, samples, *, dtype, knobs):
             s = _as_input_dtype(np.einsum("bhd,bhnd->bhn", q[:, :, pos - lay.start], kk)
                                 / math.sqrt(d), knobs)
             allowed = np.arange(lay.nk) <= pos if lay.causal else np.ones(lay.nk, bool)
+            if restrict:
+                allowed = allowed & candidates[:, :, row][..., np.arange(lay.nk) // bs]
             probs = _softmax(s, allowed)
             padded = np.zeros((b, hq, lay.nkt * bs), dtype)
             padded[..., :lay.nk] = probs
             tiles[:, :, row] += padded.reshape(b, hq, lay.nkt, bs).sum(-1)
+    if candidates is not None and not restrict:  # misread: restricted after the softmax
+        return _renormalise(tiles, lay.admissible & candidates)
     return _renormalise(tiles, lay.admissible)
 
 
@@ -249,7 +258,8 @@ def subtile(q, k, lay, factor, thresholds, prism_fields, *, dtype, knobs):
 def estimator_select(q, k, *, causal=True, block_size=128, estimator="prism",
                      high_threshold=0.95, low_threshold=0.95, antidiagonal_stride=8,
                      last_queries=64, vertical_slash_threshold=None, candidate_threshold=0.99,
-                     sampled_queries=4, force_sink=True, force_diagonal=True,
+                     sampled_queries=4, sampled_weight=0.0, force_sink=True,
+                     force_diagonal=True,
                      dtype=np.float64, **other):
     """The estimator's bool tile mask; ``other`` holds Prism's fields and the knobs."""
     knobs = {name: other.pop(name) for name in list(other) if name in KNOBS.values()}
@@ -297,6 +307,10 @@ def estimator_select(q, k, *, causal=True, block_size=128, estimator="prism",
         candidates = numpy_select(q, k, high_threshold=c, low_threshold=c_low, **prism_fields)
         probs = antidiagonal(q, k, lay, antidiagonal_stride, candidates, dtype=dtype,
                              knobs=knobs)
+        if sampled_weight > 0:
+            exact = sampled(q, k, lay, sampled_queries, candidates, dtype=dtype, knobs=knobs)
+            w = 1 - sampled_weight if knobs.get("mix_weights_swapped") else sampled_weight
+            probs = _renormalise((1 - w) * probs + w * exact, lay.admissible)
         t_p = high_threshold if knobs.get("last_tile_at_p") else (1 + high_threshold) / 2
         tiles = top(probs) | vs() | last_tile(q, k, lay, last_queries, t_p, dtype=dtype,
                                               knobs=knobs)

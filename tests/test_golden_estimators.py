@@ -56,7 +56,7 @@ def test_the_set_is_versioned_and_names_its_cases():
     assert set(ENTRIES) == set(CASES)
     assert MANIFEST["misreadings"] == ESTIMATOR_MISREADINGS
     size = sum(p.stat().st_size for p in (GOLDEN / "estimators").iterdir())
-    assert size < 1_750_000
+    assert size < 2_100_000
     # Every estimator but Prism's own (the main set's) has golden cases; the
     # cascade's runs at the accurate preset itself in one case.
     covered = {entry["config"]["estimator"] for entry in ENTRIES.values()}
