@@ -49,7 +49,8 @@ from .antidiagonal_blocks import _candidate_tiles, masked_scores, online_softmax
 from .antidiagonal_packed import fitting_heads
 from .launch import launch
 
-#: Rows (samples x query heads x query tiles) a program aims to hold.
+#: Rows (samples x query heads x query tiles) a program aims to hold (read at each
+#: call, as :data:`ONE_PASS`).
 TARGET_ROWS = 64
 #: Most rows of one program; a GQA group with more samples is split over programs.
 MAX_ROWS = 128

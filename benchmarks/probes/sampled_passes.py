@@ -4,8 +4,9 @@ For each length (the structured inputs of ``bench_matrix.py``: 32/8 heads, D 128
 bf16, tile 128, causal), the accurate preset's whole selection without the stage
 (``sampled_weight`` 0), and with 8 sampled queries at weight 0.3 in the stage's
 one-pass form (``candidate_sampled.ONE_PASS``, a scratch buffer) and its two-pass
-form (scores computed twice), interleaved, as eager and CUDA-graph ms; whether the
-two forms' masks are equal, and how many tiles the stage changes.
+form (scores computed twice), and the one-pass form with 128 rows a program
+(``candidate_sampled.TARGET_ROWS``) instead of 64, interleaved, as eager and CUDA-graph
+ms; whether the forms' masks are equal, and how many tiles the stage changes.
 
     python3 benchmarks/probes/sampled_passes.py --lengths 8192,32768,131072 --out x.json
 """
@@ -32,16 +33,19 @@ def row(n):
                "sampled": PrismConfig.preset("accurate", sampled_queries=8, sampled_weight=0.3)}
     chosen = {}
 
-    def pick(name, one_pass):
+    def pick(name, one_pass, rows=64):
         def apply():
             chosen["cfg"] = configs[name]
             candidate_sampled.ONE_PASS = one_pass
+            candidate_sampled.TARGET_ROWS = rows
         return apply
 
     settings = [("preset", pick("preset", True)), ("one_pass", pick("sampled", True)),
-                ("two_pass", pick("sampled", False))] * 2
+                ("two_pass", pick("sampled", False)),
+                ("one_pass_128_rows", pick("sampled", True, 128))] * 2
     masks = time_variants(lambda: optimized.select_blocks(q, k, chosen["cfg"]), settings, out,
                           pick("preset", True))
+    out["rows_128_equal"] = bool(masks["one_pass"].equal(masks["one_pass_128_rows"]))
     out["forms_equal"] = bool(masks["one_pass"].equal(masks["two_pass"]))
     out["tiles_changed_by_stage"] = int((masks["one_pass"] != masks["preset"]).sum())
     out["mask_mean_preset"] = float(masks["preset"].float().mean())
