@@ -95,11 +95,13 @@ SETTINGS = {
         PrismConfig(**dict(_CASCADE, last_queries=16)),
     "cascade stride 8 last 32 (c=0.99, p=0.9, vs=0.5)":
         PrismConfig(**dict(_CASCADE, last_queries=32)),
-    "cascade stride 16 last 32 (c=0.99, p=0.9, vs=0.5; the accurate preset)":
+    # The accurate preset from 2026-12-03 to 2026-12-05 (the last-tile rule, no
+    # sampled-query stage).
+    "cascade stride 16 last 32 (c=0.99, p=0.9, vs=0.5; the accurate preset until "
+    "2026-12-05)": PrismConfig.preset("accurate", sampled_weight=0.0),
+    # With the cascade's sampled-query stage (NOTES items 56 (c) and 58).
+    "cascade stride 16 last 32 + 8 sampled w 0.3 (the accurate preset)":
         PrismConfig.preset("accurate"),
-    # The cascade's sampled-query stage on top (NOTES item 56 (c), item 58).
-    "cascade stride 16 last 32 + 8 sampled w 0.3 (accurate preset fields)":
-        PrismConfig.preset("accurate", sampled_queries=8, sampled_weight=0.3),
     "cascade stride 16 last 32 + 4 sampled w 0.3 (accurate preset fields)":
         PrismConfig.preset("accurate", sampled_queries=4, sampled_weight=0.3),
 }

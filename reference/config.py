@@ -41,14 +41,16 @@ ESTIMATOR_FIELDS = _REGISTRY_FIELDS
 
 #: Named settings of :meth:`PrismConfig.preset` (docs/estimators.rst, "Presets").
 #: ``"paper"`` is the paper's default; ``"accurate"`` is the ``"cascade"`` estimator
-#: at stride 16 with the vertical-slash stage from the last 32 queries. How it
+#: at stride 16 with the vertical-slash stage from the last 32 queries and, since
+#: 2026-12-05, its sampled-query stage (8 queries per tile at weight 0.3). How it
 #: compares with the other estimators in quality and speed is measured in
 #: docs/estimators.rst ("Presets") and benchmarks/NOTES.md, not here.
 PRESETS = {
     "paper": {},
     "accurate": {"estimator": "cascade", "candidate_threshold": 0.99,
                  "antidiagonal_stride": 16, "last_queries": 32, "high_threshold": 0.9,
-                 "low_threshold": 0.9, "vertical_slash_threshold": 0.5},
+                 "low_threshold": 0.9, "vertical_slash_threshold": 0.5,
+                 "sampled_queries": 8, "sampled_weight": 0.3},
 }
 
 
@@ -257,9 +259,10 @@ class PrismConfig:
 
         ``"paper"`` is the paper's default (``PrismConfig()``); ``"accurate"`` is
         ``estimator="cascade"`` with ``candidate_threshold=0.99``, antidiagonal
-        stride 16, the last 32 queries, ``high_threshold=low_threshold=0.9`` and
-        ``vertical_slash_threshold=0.5`` (:data:`PRESETS`; docs/estimators.rst,
-        "Presets").
+        stride 16, the last 32 queries, ``high_threshold=low_threshold=0.9``,
+        ``vertical_slash_threshold=0.5`` and the sampled-query stage at
+        ``sampled_queries=8``, ``sampled_weight=0.3`` (:data:`PRESETS`;
+        docs/estimators.rst, "Presets").
 
         >>> PrismConfig.preset("accurate").estimator
         'cascade'

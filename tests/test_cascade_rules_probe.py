@@ -100,7 +100,7 @@ def _qk(seed=0, n=512, d=32):
 
 CONFIG = PrismConfig.preset("accurate", block_size=64, high_threshold=0.6,
                             low_threshold=0.6, candidate_threshold=0.9,
-                            vertical_slash_threshold=0.2)
+                            vertical_slash_threshold=0.2, sampled_weight=0.0)
 
 
 def test_mix_with_weight_zero_and_none_are_the_plain_cascade():

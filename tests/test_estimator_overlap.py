@@ -55,6 +55,11 @@ def _record(monkeypatch, fake_prism: bool) -> list:
         events.append("scores")
         return "probs"
 
+    def sampled(probs, q, k, layout, samples, weight, candidates, causal):
+        events.append("sampled")  # the preset's sampled-query stage, after the scores
+        assert (probs, candidates) == ("probs", "candidates")
+        return probs
+
     def union(layout, causal, heads, **kwargs):
         events.append(("union", kwargs["columns"], kwargs["diagonals"],
                        kwargs["last_tiles"], kwargs["probs"]))
@@ -80,6 +85,7 @@ def _record(monkeypatch, fake_prism: bool) -> list:
     monkeypatch.setattr(estimator_path, "vertical_slash_bins", bins)
     monkeypatch.setitem(estimator_path.PROBABILITY_STAGES, "candidate_antidiagonal",
                         (scores, "antidiagonal_stride", True))
+    monkeypatch.setattr(estimator_path, "candidate_sampled_mix_", sampled)
     monkeypatch.setattr(estimator_path, "union_tiles", union)
     return events
 
@@ -111,7 +117,7 @@ def test_narrow_layouts_fork_the_stage_after_the_pooling(recorded):
     tiles = estimator_path.VS_AFTER_POOLING_MAX_KEY_TILES
     (mask, num, idx, flag), layout = _select(tiles * 128)
     assert layout.num_key_tiles == tiles
-    assert recorded == ["pooling", *SIDE_STAGE, "prism selection", "scores",
+    assert recorded == ["pooling", *SIDE_STAGE, "prism selection", "scores", "sampled",
                         ("join", "main", "side1"),
                         ("union", "columns", "diagonals", "last", "probs")]
     assert (mask, num, idx, flag) == ("mask", "num", "idx", "flag")
@@ -121,7 +127,7 @@ def test_the_narrowest_layouts_fork_the_stage_before_the_pooling(recorded):
     tiles = estimator_path.VS_AFTER_POOLING_MIN_KEY_TILES - 1
     _, layout = _select(tiles * 128)
     assert layout.num_key_tiles == tiles
-    assert recorded == [*SIDE_STAGE, "pooling", "prism selection", "scores",
+    assert recorded == [*SIDE_STAGE, "pooling", "prism selection", "scores", "sampled",
                         ("join", "main", "side1"),
                         ("union", "columns", "diagonals", "last", "probs")]
     recorded.clear()
@@ -133,7 +139,7 @@ def test_wider_layouts_fork_the_stage_before_the_pooling(recorded):
     tiles = estimator_path.VS_AFTER_POOLING_MAX_KEY_TILES + 1
     _, layout = _select(tiles * 128)
     assert layout.num_key_tiles == tiles
-    assert recorded == [*SIDE_STAGE, "pooling", "prism selection", "scores",
+    assert recorded == [*SIDE_STAGE, "pooling", "prism selection", "scores", "sampled",
                         ("join", "main", "side1"),
                         ("union", "columns", "diagonals", "last", "probs")]
 
@@ -153,7 +159,7 @@ def test_the_cascade_hands_the_fork_to_prisms_own_pooling(recorded_through_prism
     """Through the real ``cascade.prism_mask`` and ``selection.select_tiles``."""
     tiles = estimator_path.VS_AFTER_POOLING_MAX_KEY_TILES + tiles_over_limit
     _select(tiles * 128)
-    main_chain = ["pooling", "prism selection", "scores", ("join", "main", "side1"),
+    main_chain = ["pooling", "prism selection", "scores", "sampled", ("join", "main", "side1"),
                   ("union", "columns", "diagonals", "last", "probs")]
     if tiles_over_limit:
         assert recorded_through_prism == SIDE_STAGE + main_chain

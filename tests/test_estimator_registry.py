@@ -82,6 +82,7 @@ def test_presets():
     assert (accurate.estimator, accurate.candidate_threshold) == ("cascade", 0.99)
     assert (accurate.antidiagonal_stride, accurate.last_queries) == (16, 32)
     assert (accurate.high_threshold, accurate.vertical_slash_threshold) == (0.9, 0.5)
+    assert (accurate.sampled_queries, accurate.sampled_weight) == (8, 0.3)
     assert PrismConfig.preset("accurate", block_size=64).block_size == 64
     with pytest.raises(ValueError, match="unknown preset"):
         PrismConfig.preset("fast")

@@ -541,9 +541,11 @@ def main(argv=None) -> int:
     thresholds = [float(x) for x in args.thresholds.split(",") if x.strip()]
     lengths = tuple(int(x) for x in args.lengths.split(",") if x.strip())
     depths = tuple(float(x) for x in args.depths.split(",") if x.strip())
-    settings = with_preset(SweepSettings(tokens=args.tokens, passkey_lengths=lengths,
-                                         passkey_depths=depths),
-                           "accurate", only=True)
+    # The rules sit on the cascade without its sampled-query stage (the preset before
+    # 2026-12-05, as in results/eval/unseen/ranking-8k): mix=Q:W is that stage's probe.
+    settings = replace(with_preset(SweepSettings(tokens=args.tokens, passkey_lengths=lengths,
+                                                 passkey_depths=depths),
+                                   "accurate", only=True), sampled_weight=0.0)
     preset = PrismConfig.preset("accurate")
     assert settings.points == ((preset.estimator, preset.high_threshold),), settings.points
     points = tuple((f"{preset.estimator}+{rule_label(rule)}", p)
