@@ -18,9 +18,10 @@ passes over them, one key tile at a time:
 1. each row's online softmax statistics over its candidate keys (causal: at
    or before the sample's position), and each pair's sum of the antidiagonal
    probabilities over its candidate tiles; with :data:`ONE_PASS`, also each
-   row's sum of ``2^(s - m)`` per tile and that ``m``, into a scratch buffer;
-2. the probabilities (the scratch rescaled by the final statistics, or,
-   without :data:`ONE_PASS`, the scores computed again), summed over each key
+   row's ``log2`` of its sum of ``2^s`` per tile, into a scratch buffer (for
+   the first :data:`SCRATCH_TILES` listed tiles);
+2. the probabilities (from the scratch and the final statistics, or for
+   tiles it does not hold the scores computed again), summed over each key
    tile and over the samples of each pair (a one-hot reduction), and written over the
    antidiagonal value of every candidate tile of the pair:
    ``(1 - w) * a / sum(a) + w * s / sum(s)``, where ``sum(s)`` is the number of
@@ -56,12 +57,16 @@ TARGET_ROWS = 64
 MAX_ROWS = 128
 #: Candidate flags one step of the tile scan loads (pairs x key tiles).
 SCAN_ELEMENTS = 4096
-#: True: score each listed tile once, keeping each row's per-tile sum of ``2^(s - m)``
-#: and that ``m`` in a scratch buffer (``programs x key tiles x rows`` floats of
-#: each) that the second pass rescales; False: score them twice, the second time
-#: with the final statistics. Read at each call (a call plan keeps the form it
-#: recorded).
+#: True: score each listed tile once, keeping each row's per-tile ``log2 sum 2^s`` in
+#: a scratch buffer that the second pass turns into probabilities, for a program's
+#: first :data:`SCRATCH_TILES` listed tiles (the rest are scored again); False: score
+#: every listed tile twice, the second time with the final statistics. Read at each
+#: call (a call plan keeps the form it recorded).
 ONE_PASS = True
+#: Listed tiles per program the one-pass scratch holds: the buffer is
+#: ``programs x min(key tiles, SCRATCH_TILES) x rows`` floats (at 128K tokens, 32/8
+#: heads and tile 128, 4096 programs x 128 x 64: 128 MiB).
+SCRATCH_TILES = 128
 _MIN_DOT = 16
 
 
@@ -105,14 +110,14 @@ def _mix_tile(out_rows, cand_pairs, tile, pair_ok, one_hot, row_p, a_scale, s_sc
 
 @triton.jit
 def _candidate_sampled_kernel(
-    Q, K, CAND, OUT, LIST, E, MB,
+    Q, K, CAND, OUT, LIST, E,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_ob, stride_oh, stride_orow, stride_otile,
     stride_cb, stride_ch, stride_cq, stride_ck,
     num_kv_heads, group, heads, samples, tiles_per_program, programs_per_head,
     num_query_tiles, num_key_tiles, num_keys, num_queries, query_start, first_query_tile,
-    block_size, qk_scale, weight, list_width,
+    block_size, qk_scale, weight, list_width, scratch_tiles,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     ROWS: tl.constexpr, PAIRS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr, SCAN_TILES: tl.constexpr,
@@ -178,9 +183,9 @@ def _candidate_sampled_kernel(
     l_i = tl.zeros((ROWS,), dtype=tl.float32)
     a_sum = tl.zeros((PAIRS,), dtype=tl.float32)
     e_tile = tl.zeros((ROWS,), dtype=tl.float32)  # ONE_PASS: the tile's sum of 2^(s - m)
-    # ONE_PASS scratch of this program: per list slot, each row's tile sum and its m.
-    e_rows = E + (pid.to(tl.int64) * list_width) * ROWS + r
-    mb_rows = MB + (pid.to(tl.int64) * list_width) * ROWS + r
+    # ONE_PASS scratch of this program: for its first scratch_tiles list slots, each
+    # row's log2 of its tile sum of 2^s (log2(sum 2^(s - m)) + m; -inf for none).
+    e_rows = E + (pid.to(tl.int64) * scratch_tiles) * ROWS + r
     for step in range(0, num_active * CHUNKS):
         tile = tl.load(active + step // CHUNKS)
         row_cand = tl.load(cand_rows + tile.to(tl.int64) * stride_ck, mask=rows_ok, other=0) != 0
@@ -201,9 +206,10 @@ def _candidate_sampled_kernel(
             e_tile = e_tile * alpha + p_sum
             m_i = m_new
             if step % CHUNKS == CHUNKS - 1:
-                slot = (step // CHUNKS) * ROWS  # small: the program's own slots
-                tl.store(e_rows + slot, e_tile)
-                tl.store(mb_rows + slot, m_step)
+                slot = step // CHUNKS
+                lse = tl.where(e_tile > 0, tl.math.log2(tl.where(e_tile > 0, e_tile, 1.0))
+                               + m_step, float("-inf"))
+                tl.store(e_rows + slot * ROWS, lse, mask=slot < scratch_tiles)
                 e_tile = tl.zeros((ROWS,), dtype=tl.float32)
         else:
             m_i, l_i = online_softmax_step(m_i, l_i, s)
@@ -215,29 +221,30 @@ def _candidate_sampled_kernel(
     s_count = tl.sum(tl.where(one_hot & counted[:, None], 1.0, 0.0), axis=0)
     s_scale = tl.where(s_count > 0, weight / tl.where(s_count > 0, s_count, 1.0), 0.0)
     a_scale = tl.where(a_sum > 0, (1.0 - weight) / tl.where(a_sum > 0, a_sum, 1.0), 0.0)
+    kept = 0
     if ONE_PASS:
+        kept = tl.minimum(num_active, scratch_tiles)
         tl.debug_barrier()  # other threads of the program wrote the scratch
-        for slot in range(0, num_active):
+        for slot in range(0, kept):
             tile = tl.load(active + slot)
-            e = tl.load(e_rows + slot * ROWS)
-            m_tile = tl.load(mb_rows + slot * ROWS)
-            row_p = tl.where(e > 0, e * tl.math.exp2(m_tile - m_shift) * inv_l, 0.0)
+            lse = tl.load(e_rows + slot * ROWS)
+            row_p = tl.math.exp2(lse - m_shift) * inv_l  # 0 where lse is -inf
             _mix_tile(out_rows, cand_pairs, tile, pair_ok, one_hot, row_p, a_scale, s_scale,
                       stride_ck, stride_otile)
-    else:
-        row_mass = tl.zeros((ROWS,), dtype=tl.float32)
-        for step in range(0, num_active * CHUNKS):
-            tile = tl.load(active + step // CHUNKS)
-            row_cand = tl.load(cand_rows + tile.to(tl.int64) * stride_ck, mask=rows_ok,
-                               other=0) != 0
-            s = _tile_scores(q_rows, k_head, stride_kn, stride_kd, tile, step % CHUNKS,
-                             block_size, num_keys, pos, rows_ok, row_cand, qk_scale, CAUSAL,
-                             HEAD_DIM, D_PAD, BLOCK_N, IEEE, UPCAST)
-            row_mass += tl.sum(tl.math.exp2(s - m_shift[:, None]), axis=1)
-            if step % CHUNKS == CHUNKS - 1:  # the tile's last chunk: mix and store its value
-                _mix_tile(out_rows, cand_pairs, tile, pair_ok, one_hot, row_mass * inv_l,
-                          a_scale, s_scale, stride_ck, stride_otile)
-                row_mass = tl.zeros((ROWS,), dtype=tl.float32)
+    # The tiles past the scratch (every tile without ONE_PASS): scored again.
+    row_mass = tl.zeros((ROWS,), dtype=tl.float32)
+    for step in range(kept * CHUNKS, num_active * CHUNKS):
+        tile = tl.load(active + step // CHUNKS)
+        row_cand = tl.load(cand_rows + tile.to(tl.int64) * stride_ck, mask=rows_ok,
+                           other=0) != 0
+        s = _tile_scores(q_rows, k_head, stride_kn, stride_kd, tile, step % CHUNKS,
+                         block_size, num_keys, pos, rows_ok, row_cand, qk_scale, CAUSAL,
+                         HEAD_DIM, D_PAD, BLOCK_N, IEEE, UPCAST)
+        row_mass += tl.sum(tl.math.exp2(s - m_shift[:, None]), axis=1)
+        if step % CHUNKS == CHUNKS - 1:  # the tile's last chunk: mix and store its value
+            _mix_tile(out_rows, cand_pairs, tile, pair_ok, one_hot, row_mass * inv_l,
+                      a_scale, s_scale, stride_ck, stride_otile)
+            row_mass = tl.zeros((ROWS,), dtype=tl.float32)
 
 
 def candidate_sampled_mix_(probs: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -276,16 +283,16 @@ def candidate_sampled_mix_(probs: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     upcast = q.dtype == torch.bfloat16 and kernels_interpreted(_candidate_sampled_kernel)
     cand = candidates.view(torch.uint8)
     active = torch.empty(programs * nk, dtype=torch.int32, device=q.device)
-    scratch = programs * nk * rows if ONE_PASS else 1
-    e = torch.empty(scratch, dtype=torch.float32, device=q.device)
-    mb = torch.empty(scratch, dtype=torch.float32, device=q.device)
+    scratch_tiles = min(nk, SCRATCH_TILES) if ONE_PASS else 0
+    e = torch.empty(max(1, programs * scratch_tiles * rows), dtype=torch.float32,
+                    device=q.device)
     launch(
         _candidate_sampled_kernel, (programs,),
-        q, k, cand, probs, active, e, mb,
+        q, k, cand, probs, active, e,
         *q.stride(), *k.stride(), *probs.stride(), *cand.stride(),
         hkv, group, heads, samples, tiles, per_head, nq, nk, nk_tokens, q.shape[2],
         layout.query_start, layout.first_query_tile, layout.block_size,
-        math.log2(math.e) / math.sqrt(d), float(weight), nk,
+        math.log2(math.e) / math.sqrt(d), float(weight), nk, scratch_tiles,
         CAUSAL=causal, HEAD_DIM=d, D_PAD=d_pad, ROWS=rows, PAIRS=pairs, BLOCK_N=block_n,
         CHUNKS=-(-layout.block_size // block_n),
         IEEE=q.dtype == torch.float32 or upcast, UPCAST=upcast,

@@ -148,17 +148,25 @@ def test_kernel_matches_the_reference(b, hq, hkv, nq, nk, bs, samples, causal, d
     assert torch.equal(q, q0) and torch.equal(k, k0) and torch.equal(cand, c0)
 
 
-@pytest.mark.parametrize("bs", [32, 256])
-def test_two_pass_form_matches_the_one_pass_form(bs, monkeypatch):
+@pytest.mark.parametrize("bs, scratch_tiles", [(32, 128), (32, 3), (256, 1)])
+def test_two_pass_form_matches_the_one_pass_form(bs, scratch_tiles, monkeypatch):
+    """Both forms, and a scratch too small for a program's list (its tail is scored
+    again), give the same probabilities."""
     q, k = _qk(1, 4, 2, 300, 420, 16, seed=bs, scale=2.0)
     layout = tile_layout(300, 420, bs, True)
     cand = _random_candidates(layout, 4, True, seed=bs)
     raw = torch.rand(cand.shape, device=DEVICE) * cand
+    monkeypatch.setattr(candidate_sampled, "SCRATCH_TILES", scratch_tiles)
     one = candidate_sampled_mix_(raw.clone(), q, k, layout, 8, 0.3, cand, True)
     monkeypatch.setattr(candidate_sampled, "ONE_PASS", False)
     two = candidate_sampled_mix_(raw.clone(), q, k, layout, 8, 0.3, cand, True)
     torch.testing.assert_close(one, two, rtol=2e-5, atol=1e-6)
     assert not torch.equal(one, raw)
+    sampled = candidate_sampled_probabilities(q, k, layout, 8, cand, True)
+    anti = raw / raw.sum(-1, keepdim=True).clamp_min(1e-30)
+    torch.testing.assert_close(one / one.sum(-1, keepdim=True).clamp_min(1e-30),
+                               mix_tile_probabilities(anti, sampled, 0.3), rtol=2e-5,
+                               atol=1e-6)
 
 
 def test_kernel_leaves_tiles_off_the_candidates_alone():
