@@ -28,6 +28,21 @@ def online_softmax_step(m_i, l_i, s):
 
 
 @triton.jit
+def _program_heads(pid, programs_per_head, group, heads, num_kv_heads):
+    """``(block, bh, b, hk, head0)`` of program ``pid`` of a launch over (batch, KV head,
+    which ``heads`` of its GQA group, query-tile block): the block (heaviest, i.e.
+    last, query tiles first), the (batch, KV head) index, its parts and the
+    program's first query head."""
+    block = programs_per_head - 1 - pid % programs_per_head
+    bh_part = pid // programs_per_head
+    parts = group // heads
+    bh = bh_part // parts
+    b = bh // num_kv_heads
+    hk = bh % num_kv_heads
+    return block, bh, b, hk, hk * group + (bh_part % parts) * heads
+
+
+@triton.jit
 def masked_scores(raw, allowed, qk_scale, CHECK: tl.constexpr):
     """``raw * qk_scale`` where ``allowed``, else -inf; with ``CHECK``, NaN wherever
     ``raw`` is NaN or +-Inf, allowed or not.

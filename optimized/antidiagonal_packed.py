@@ -56,6 +56,7 @@ from .antidiagonal_blocks import (
     _gathered_key_groups,
     _listed_tiles,
     _one_pass_sums,
+    _program_heads,
     _raw_scores,
     _scaled_scores,
     _store_pair_sums,
@@ -293,14 +294,9 @@ def _packed_kernel(
     SCAN_TILES: tl.constexpr = 16, D_SPLIT: tl.constexpr = 1,
 ):
     pid = tl.program_id(0)
-    block = programs_per_head - 1 - pid % programs_per_head  # heaviest tiles first
     # Program = (batch, KV head, which `heads` of its group, query tiles).
-    bh_part = pid // programs_per_head
-    parts = group // heads
-    bh = bh_part // parts
-    b = bh // num_kv_heads
-    hk = bh % num_kv_heads
-    head0 = hk * group + (bh_part % parts) * heads  # the program's first query head
+    block, bh, b, hk, head0 = _program_heads(pid, programs_per_head, group, heads,
+                                             num_kv_heads)
 
     # Row = (head in group g, tile t, group in tile r); pair = (g, t).
     rows = tl.arange(0, ROWS)

@@ -43,12 +43,12 @@ import triton
 import triton.language as tl
 
 from prism.reference.tiles import TileLayout
-from prism.reference.validation import validate_stage_inputs
 
 from ._runtime import check_device, kernels_interpreted, next_power_of_2
-from .antidiagonal_blocks import _candidate_tiles, masked_scores, online_softmax_step
+from .antidiagonal_blocks import _candidate_tiles, _program_heads, online_softmax_step
 from .antidiagonal_packed import fitting_heads
 from .launch import launch
+from .sampled import _tile_scores
 
 #: Rows (samples x query heads x query tiles) a program aims to hold (read at each
 #: call, as :data:`ONE_PASS`).
@@ -68,31 +68,6 @@ ONE_PASS = True
 #: heads and tile 128, 4096 programs x 128 x 64: 128 MiB).
 SCRATCH_TILES = 128
 _MIN_DOT = 16
-
-
-@triton.jit
-def _tile_scores(q_rows, k_head, stride_kn, stride_kd, tile, chunk, block_size, num_keys,
-                 pos, rows_ok, row_cand, qk_scale, CAUSAL: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                 IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """(ROWS, BLOCK_N) scaled scores (base 2) of chunk ``chunk`` of key tile ``tile``,
-    -inf where a key is not admissible or not in the row's candidates."""
-    dims = tl.arange(0, D_PAD)
-    offset = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
-    keys = tile * block_size + offset
-    key_ok = (offset < block_size) & (keys < num_keys)
-    k_cols = tl.load(k_head + keys.to(tl.int64)[None, :] * stride_kn + dims[:, None] * stride_kd,
-                     mask=key_ok[None, :] & (dims[:, None] < HEAD_DIM), other=0.0)
-    if UPCAST:
-        k_cols = k_cols.to(tl.float32)
-    if IEEE:
-        scores = tl.dot(q_rows, k_cols, input_precision="ieee")
-    else:
-        scores = tl.dot(q_rows, k_cols)
-    allowed = key_ok[None, :] & (rows_ok & row_cand)[:, None]
-    if CAUSAL:
-        allowed = allowed & (keys[None, :] <= pos[:, None])
-    return masked_scores(scores, allowed, qk_scale, False)
 
 
 @triton.jit
@@ -124,13 +99,8 @@ def _candidate_sampled_kernel(
     ONE_PASS: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
-    block = programs_per_head - 1 - pid % programs_per_head  # heaviest tiles first
-    bh_part = pid // programs_per_head
-    parts = group // heads
-    bh = bh_part // parts
-    b = bh // num_kv_heads
-    hk = bh % num_kv_heads
-    head0 = hk * group + (bh_part % parts) * heads  # the program's first query head
+    block, bh, b, hk, head0 = _program_heads(pid, programs_per_head, group, heads,
+                                             num_kv_heads)
 
     # Row r = (head g of the program's heads, tile t, sample s); pair = (g, t).
     r = tl.arange(0, ROWS)
@@ -315,13 +285,9 @@ def candidate_sampled_tile_probabilities(q: torch.Tensor, k: torch.Tensor, layou
         Zero outside the admissible candidate tiles; rows with one sum to 1.
     """
     from .cascade import check_candidates
+    from .estimators import _validate
 
-    if isinstance(samples, bool) or not isinstance(samples, int):
-        raise TypeError(f"samples must be an int, got {type(samples).__name__} {samples!r}")
-    validate_stage_inputs(q, k, layout, causal)
-    if samples < 1 or layout.block_size % samples:
-        raise ValueError(f"samples must be >= 1 and divide layout.block_size "
-                         f"({layout.block_size}), got {samples}; use e.g. 8 for tile 128")
+    _validate(q, k, layout, samples, causal, "samples", "8 for tile 128")
     check_candidates(candidates, q, layout)
     check_device(_candidate_sampled_kernel, q=q, k=k)
     shape = (q.shape[0], q.shape[1], layout.num_query_tiles, layout.num_key_tiles)

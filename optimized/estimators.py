@@ -247,14 +247,17 @@ def _antidiagonal_tile_kernel(
                  mask=tiles < num_key_tiles)
 
 
-def _validate(q, k, layout, stride, causal) -> None:
-    """Argument checks of :func:`antidiagonal_tile_probabilities` (clear errors, contract §8)."""
+def _validate(q, k, layout, stride, causal, name: str = "stride",
+              example: str = "8 or 16") -> None:
+    """Argument checks of :func:`antidiagonal_tile_probabilities` (clear errors, contract
+    §8); ``name`` and ``example`` word them for another per-tile divisor (the sampled
+    queries of :mod:`prism.optimized.candidate_sampled`)."""
     if isinstance(stride, bool) or not isinstance(stride, int):
-        raise TypeError(f"stride must be an int, got {type(stride).__name__} {stride!r}")
+        raise TypeError(f"{name} must be an int, got {type(stride).__name__} {stride!r}")
     validate_stage_inputs(q, k, layout, causal)
     if stride < 1 or layout.block_size % stride:
-        raise ValueError(f"stride must be >= 1 and divide layout.block_size "
-                         f"({layout.block_size}), got {stride}; use e.g. 8 or 16")
+        raise ValueError(f"{name} must be >= 1 and divide layout.block_size "
+                         f"({layout.block_size}), got {stride}; use e.g. {example}")
 
 
 def antidiagonal_tile_probabilities(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,

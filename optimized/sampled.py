@@ -41,6 +41,34 @@ _MIN_DOT = 16
 
 
 @triton.jit
+def _tile_scores(q_rows, k_head, stride_kn, stride_kd, tile, chunk, block_size, num_keys,
+                 pos, rows_ok, row_cand, qk_scale, CAUSAL: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                 IEEE: tl.constexpr, UPCAST: tl.constexpr, CHECK: tl.constexpr = False):
+    """(ROWS, BLOCK_N) scaled scores (base 2) of the sampled rows ``q_rows`` (at
+    positions ``pos``) against chunk ``chunk`` of key tile ``tile``, -inf where a key
+    is not admissible or the row is not ``rows_ok & row_cand`` (its tile's candidates,
+    for the cascade's stage); with ``CHECK``, NaN where a score is not finite
+    (:func:`~prism.optimized.antidiagonal_blocks.masked_scores`)."""
+    dims = tl.arange(0, D_PAD)
+    offset = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
+    keys = tile * block_size + offset
+    key_ok = (offset < block_size) & (keys < num_keys)
+    k_cols = tl.load(k_head + keys.to(tl.int64)[None, :] * stride_kn + dims[:, None] * stride_kd,
+                     mask=key_ok[None, :] & (dims[:, None] < HEAD_DIM), other=0.0)
+    if UPCAST:
+        k_cols = k_cols.to(tl.float32)
+    if IEEE:
+        scores = tl.dot(q_rows, k_cols, input_precision="ieee")
+    else:
+        scores = tl.dot(q_rows, k_cols)
+    allowed = key_ok[None, :] & (rows_ok & row_cand)[:, None]
+    if CAUSAL:
+        allowed = allowed & (keys[None, :] <= pos[:, None])
+    return masked_scores(scores, allowed, qk_scale, CHECK)
+
+
+@triton.jit
 def _sampled_tile_kernel(
     Q, K, OUT, NONFINITE,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -96,30 +124,15 @@ def _sampled_tile_kernel(
     else:
         key_tiles = tl.where(tl.max(rows_ok.to(tl.int32), axis=0) > 0, num_key_tiles, 0)
     chunks = tl.cdiv(block_size, BLOCK_N)
-    cols = tl.arange(0, BLOCK_N)
 
     # Pass 1: running max m and sum l of 2^(score * qk_scale - m) per row.
     m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((ROWS,), dtype=tl.float32)
     for j in range(0, key_tiles):
         for c in range(0, chunks):
-            offset = c * BLOCK_N + cols
-            keys = j * block_size + offset
-            key_ok = (offset < block_size) & (keys < num_keys)
-            k_ptrs = (k_head + keys.to(tl.int64)[None, :] * stride_kn
-                      + dims[:, None] * stride_kd)
-            k_cols = tl.load(k_ptrs, mask=key_ok[None, :] & (dims[:, None] < HEAD_DIM),
-                             other=0.0)
-            if UPCAST:
-                k_cols = k_cols.to(tl.float32)
-            if IEEE:
-                scores = tl.dot(q_rows, k_cols, input_precision="ieee")
-            else:
-                scores = tl.dot(q_rows, k_cols)
-            allowed = key_ok[None, :] & rows_ok[:, None]
-            if CAUSAL:
-                allowed = allowed & (keys[None, :] <= pos[:, None])
-            scaled = masked_scores(scores, allowed, qk_scale, CHECK)
+            scaled = _tile_scores(q_rows, k_head, stride_kn, stride_kd, j, c, block_size,
+                                  num_keys, pos, rows_ok, rows_ok, qk_scale, CAUSAL, HEAD_DIM,
+                                  D_PAD, BLOCK_N, IEEE, UPCAST, CHECK)
             m_i, l_i = online_softmax_step(m_i, l_i, scaled)
     if CHECK:
         _flag_if_nonfinite(l_i, NONFINITE)
@@ -140,23 +153,9 @@ def _sampled_tile_kernel(
     for j in range(0, key_tiles):
         row_mass = tl.zeros((ROWS,), dtype=tl.float32)
         for c in range(0, chunks):
-            offset = c * BLOCK_N + cols
-            keys = j * block_size + offset
-            key_ok = (offset < block_size) & (keys < num_keys)
-            k_ptrs = (k_head + keys.to(tl.int64)[None, :] * stride_kn
-                      + dims[:, None] * stride_kd)
-            k_cols = tl.load(k_ptrs, mask=key_ok[None, :] & (dims[:, None] < HEAD_DIM),
-                             other=0.0)
-            if UPCAST:
-                k_cols = k_cols.to(tl.float32)
-            if IEEE:
-                scores = tl.dot(q_rows, k_cols, input_precision="ieee")
-            else:
-                scores = tl.dot(q_rows, k_cols)
-            allowed = key_ok[None, :] & rows_ok[:, None]
-            if CAUSAL:
-                allowed = allowed & (keys[None, :] <= pos[:, None])
-            scores = tl.where(allowed, scores * qk_scale, float("-inf"))
+            scores = _tile_scores(q_rows, k_head, stride_kn, stride_kd, j, c, block_size,
+                                  num_keys, pos, rows_ok, rows_ok, qk_scale, CAUSAL, HEAD_DIM,
+                                  D_PAD, BLOCK_N, IEEE, UPCAST)
             row_mass += tl.sum(tl.math.exp2(scores - m_shift[:, None]), axis=1)
         pair_mass = tl.sum(tl.where(one_hot, (row_mass * inv_l)[:, None], 0.0), axis=0)
         tl.store(out_ptrs + j * stride_otile, pair_mass, mask=pair_ok)

@@ -50,13 +50,13 @@ def _threshold(text: str) -> float:
     return value
 
 
-def _unit_interval(text: str) -> float:
+def _unit_interval(text: str, what: str = "a number") -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {what} in [0, 1], got {text!r}") from None
     if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+        raise argparse.ArgumentTypeError(f"expected {what} in [0, 1], got {value}")
     return value
 
 
@@ -75,13 +75,7 @@ def _depth_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated depths in [0, 1] such as 0.1,0.5, got {text!r}")
     for part in parts:
-        try:
-            value = float(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected depths in [0, 1], got {part!r}") from None
-        if not 0.0 <= value <= 1.0:
-            raise argparse.ArgumentTypeError(f"expected depths in [0, 1], got {value}")
-        depths.append(value)
+        depths.append(_unit_interval(part, "depths"))
     return depths
 
 
