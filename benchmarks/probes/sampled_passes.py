@@ -2,7 +2,7 @@
 
 For each length (the structured inputs of ``bench_matrix.py``: 32/8 heads, D 128,
 bf16, tile 128, causal), the accurate preset's whole selection without the stage
-(``sampled_weight`` 0), and with 8 sampled queries at weight 0.3 in the stage's
+(``sampled_weight`` 0, the preset until 2026-12-05), and with 8 sampled queries at weight 0.3 in the stage's
 one-pass form (``candidate_sampled.ONE_PASS``, a scratch buffer) and its two-pass
 form (scores computed twice), and the one-pass form with 128 rows a program
 (``candidate_sampled.TARGET_ROWS``) instead of 64, interleaved, as eager and CUDA-graph
@@ -29,7 +29,10 @@ from prism.reference import PrismConfig  # noqa: E402
 def row(n):
     q, k, _ = structured_qkv(n)
     out = {"tokens": n}
-    configs = {"preset": PrismConfig.preset("accurate"),
+    # "preset" is the cascade without the stage (the preset until 2026-12-05; the run
+    # at 79a53c9 took PrismConfig.preset("accurate") here, which by then had the stage,
+    # so its "preset" and "one_pass" columns time the same selection).
+    configs = {"preset": PrismConfig.preset("accurate", sampled_weight=0.0),
                "sampled": PrismConfig.preset("accurate", sampled_queries=8, sampled_weight=0.3)}
     chosen = {}
 
