@@ -18,7 +18,7 @@ estimators' set (``estimators/`` under
 the golden folder; docs/estimators.rst) and random estimator cases: the port's
 ``select`` then also receives ``estimator=...`` and that estimator's fields
 (``antidiagonal_stride``, ``last_queries``, ``vertical_slash_threshold``,
-``candidate_threshold``, ``sampled_queries``, ``subtile_factor``).
+``candidate_threshold``, ``sampled_queries``, ``sampled_weight``, ``subtile_factor``).
 
 The port's functions are called as
 
@@ -280,6 +280,7 @@ def _random_estimator_case(draw) -> GoldenCase:
               "vertical_slash_threshold": draw(st.sampled_from([None, 0.3, 0.6])),
               "candidate_threshold": draw(st.sampled_from([0.6, 0.9, 0.99])),
               "sampled_queries": draw(st.sampled_from([1, 2, 4])),
+              "sampled_weight": draw(st.sampled_from([0.0, 0.3, 1.0])),
               "subtile_factor": draw(st.sampled_from([1, 2, 4]))}
     kind = draw(st.sampled_from(["topic", "slash"])) if case.num_keys else "topic"
     return dataclasses.replace(case, kind=kind, config=config)

@@ -128,6 +128,7 @@ def test_mix_rule_on_hand_worked_rows():
     (1, 32, 1, 64, 64, 16, 8, True, torch.float32),    # group of 32: heads split
     (1, 2, 1, 96, 96, 16, 16, True, torch.float16),    # every query of a tile sampled
     (1, 2, 1, 200, 300, 256, 8, True, torch.float32),  # a tile of two key chunks
+    (1, 2, 1, 90, 120, 48, 3, True, torch.float32),    # 3 samples: rows not a power of 2
 ])
 def test_kernel_matches_the_reference(b, hq, hkv, nq, nk, bs, samples, causal, dtype):
     q, k = _qk(b, hq, hkv, nq, nk, 16, seed=nq + hq, dtype=dtype, scale=2.0)

@@ -2,11 +2,12 @@
 
 For each length (the structured inputs of ``bench_matrix.py``: 32/8 heads, D 128,
 bf16, tile 128, causal), the accurate preset's whole selection without the stage
-(``sampled_weight`` 0, the preset until 2026-12-05), and with 8 sampled queries at weight 0.3 in the stage's
-one-pass form (``candidate_sampled.ONE_PASS``, a scratch buffer) and its two-pass
-form (scores computed twice), and the one-pass form with 128 rows a program
-(``candidate_sampled.TARGET_ROWS``) instead of 64, interleaved, as eager and CUDA-graph
-ms; whether the forms' masks are equal, and how many tiles the stage changes.
+(``sampled_weight`` 0, the preset until 2026-12-05), and with 8 sampled queries at
+weight 0.3 in the stage's one-pass form (``candidate_sampled.ONE_PASS``, a scratch
+buffer), its two-pass form (scores computed twice), and the one-pass form with 128
+rows a program (``candidate_sampled.TARGET_ROWS``) instead of 64, interleaved, as
+eager and CUDA-graph ms; whether the forms' masks are equal, and how many tiles the
+stage changes.
 
     python3 benchmarks/probes/sampled_passes.py --lengths 8192,32768,131072 --out x.json
 """
