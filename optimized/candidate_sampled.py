@@ -48,7 +48,7 @@ from ._runtime import check_device, kernels_interpreted, next_power_of_2
 from .antidiagonal_blocks import _candidate_tiles, _program_heads, online_softmax_step
 from .antidiagonal_packed import fitting_heads
 from .launch import launch
-from .sampled import _tile_scores
+from .sampled import _key_tile_end, _sample_queries, _sample_rows, _tile_scores
 
 #: Rows (samples x query heads x query tiles) a program aims to hold (read at each
 #: call, as :data:`ONE_PASS`).
@@ -102,26 +102,12 @@ def _candidate_sampled_kernel(
     block, bh, b, hk, head0 = _program_heads(pid, programs_per_head, group, heads,
                                              num_kv_heads)
 
-    # Row r = (head g of the program's heads, tile t, sample s); pair = (g, t).
-    r = tl.arange(0, ROWS)
-    per_head = tiles_per_program * samples
-    g = r // per_head
-    t = (r // samples) % tiles_per_program
-    tile_row = block * tiles_per_program + t
-    row_used = (r < heads * per_head) & (tile_row < num_query_tiles)
-    # Sample s of a tile: the last real query of its s-th run of block_size / samples
-    # positions (none when the run holds no query).
-    run = block_size // samples
-    start = (first_query_tile + tile_row) * block_size + (r % samples) * run
-    pos = tl.minimum(start + run - 1, query_start + num_queries - 1)
-    rows_ok = row_used & (pos >= tl.maximum(start, query_start))
-    dims = tl.arange(0, D_PAD)
-    q_rows = tl.load(Q + b.to(tl.int64) * stride_qb + (head0 + g).to(tl.int64)[:, None] * stride_qh
-                     + (pos - query_start).to(tl.int64)[:, None] * stride_qn
-                     + dims[None, :] * stride_qd,
-                     mask=rows_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
-    if UPCAST:
-        q_rows = q_rows.to(tl.float32)
+    # Row r = (head g of the program's heads, tile t, sample); pair = (g, t).
+    g, t, tile_row, pos, rows_ok = _sample_rows(block, heads, samples, tiles_per_program,
+                                                num_query_tiles, first_query_tile, block_size,
+                                                query_start, num_queries, ROWS)
+    q_rows = _sample_queries(Q + b.to(tl.int64) * stride_qb, stride_qh, stride_qn, stride_qd,
+                             head0 + g, pos, rows_ok, query_start, HEAD_DIM, D_PAD, UPCAST)
     k_head = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     cand_rows = (CAND + b.to(tl.int64) * stride_cb + (head0 + g).to(tl.int64) * stride_ch
                  + tile_row.to(tl.int64) * stride_cq)
@@ -136,12 +122,7 @@ def _candidate_sampled_kernel(
     out_rows = (OUT + b.to(tl.int64) * stride_ob + (head0 + pair_g).to(tl.int64) * stride_oh
                 + pair_tile.to(tl.int64) * stride_orow)
 
-    if CAUSAL:
-        last_key = tl.max(tl.where(rows_ok, pos, -1), axis=0)
-        scan_end = tl.where(last_key >= 0, last_key // block_size + 1, 0)
-    else:
-        scan_end = tl.where(tl.max(rows_ok.to(tl.int32), axis=0) > 0, num_key_tiles, 0)
-    scan_end = tl.minimum(scan_end, num_key_tiles)
+    scan_end = _key_tile_end(rows_ok, pos, block_size, num_key_tiles, CAUSAL)
     active = LIST + pid.to(tl.int64) * list_width
     num_active = _candidate_tiles(cand_pairs, pair_ok, scan_end, stride_ck, active, out_rows,
                                   stride_otile, PAIRS, SCAN_TILES, False)
@@ -155,7 +136,7 @@ def _candidate_sampled_kernel(
     e_tile = tl.zeros((ROWS,), dtype=tl.float32)  # ONE_PASS: the tile's sum of 2^(s - m)
     # ONE_PASS scratch of this program: for its first scratch_tiles list slots, each
     # row's log2 of its tile sum of 2^s (log2(sum 2^(s - m)) + m; -inf for none).
-    e_rows = E + (pid.to(tl.int64) * scratch_tiles) * ROWS + r
+    e_rows = E + (pid.to(tl.int64) * scratch_tiles) * ROWS + tl.arange(0, ROWS)
     for step in range(0, num_active * CHUNKS):
         tile = tl.load(active + step // CHUNKS)
         row_cand = tl.load(cand_rows + tile.to(tl.int64) * stride_ck, mask=rows_ok, other=0) != 0

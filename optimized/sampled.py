@@ -69,6 +69,54 @@ def _tile_scores(q_rows, k_head, stride_kn, stride_kd, tile, chunk, block_size, 
 
 
 @triton.jit
+def _sample_rows(block, heads, samples, tiles_per_program, num_query_tiles, first_query_tile,
+                 block_size, query_start, num_queries, ROWS: tl.constexpr):
+    """``(g, t, tile_row, pos, rows_ok)`` of a program's rows: row ``r`` is sample
+    ``r % samples`` of tile ``t`` for head ``g`` of the program's ``heads``; its
+    position is the last real query of that run of ``block_size / samples`` positions
+    (:func:`prism.reference.estimators.sampled_query_positions`); ``rows_ok`` is False
+    for padding rows, tiles past the last and runs without a query."""
+    r = tl.arange(0, ROWS)
+    per_head = tiles_per_program * samples
+    g = r // per_head
+    t = (r // samples) % tiles_per_program
+    tile_row = block * tiles_per_program + t
+    row_used = (r < heads * per_head) & (tile_row < num_query_tiles)
+    run = block_size // samples
+    start = (first_query_tile + tile_row) * block_size + (r % samples) * run
+    pos = tl.minimum(start + run - 1, query_start + num_queries - 1)
+    return g, t, tile_row, pos, row_used & (pos >= tl.maximum(start, query_start))
+
+
+@triton.jit
+def _sample_queries(q_rows_base, stride_qh, stride_qn, stride_qd, row_heads, pos, rows_ok,
+                    query_start, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                    UPCAST: tl.constexpr):
+    """(ROWS, D_PAD) query vectors of the sampled rows (``row_heads``: each row's query
+    head; zero for rows not ``rows_ok`` and past ``HEAD_DIM``)."""
+    dims = tl.arange(0, D_PAD)
+    q_rows = tl.load(q_rows_base + row_heads.to(tl.int64)[:, None] * stride_qh
+                     + (pos - query_start).to(tl.int64)[:, None] * stride_qn
+                     + dims[None, :] * stride_qd,
+                     mask=rows_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
+    if UPCAST:
+        q_rows = q_rows.to(tl.float32)
+    return q_rows
+
+
+@triton.jit
+def _key_tile_end(rows_ok, pos, block_size, num_key_tiles, CAUSAL: tl.constexpr):
+    """Key tiles ``[0, end)`` some sampled row may see (causal: up to the last row's
+    position; else every tile when some row is real)."""
+    if CAUSAL:
+        last_key = tl.max(tl.where(rows_ok, pos, -1), axis=0)
+        end = tl.where(last_key >= 0, last_key // block_size + 1, 0)
+    else:
+        end = tl.where(tl.max(rows_ok.to(tl.int32), axis=0) > 0, num_key_tiles, 0)
+    return tl.minimum(end, num_key_tiles)
+
+
+@triton.jit
 def _sampled_tile_kernel(
     Q, K, OUT, NONFINITE,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -93,36 +141,14 @@ def _sampled_tile_kernel(
     b = bh // num_kv_heads
     hk = bh % num_kv_heads
 
-    # Row r = (head-in-group g, tile t, sample s); pair = (g, t).
-    r = tl.arange(0, ROWS)
-    per_head = tiles_per_program * samples
-    g = r // per_head
-    t = (r // samples) % tiles_per_program
-    s = r % samples
-    tile_row = block * tiles_per_program + t
-    row_used = (r < group * per_head) & (tile_row < num_query_tiles)
-    # Sample s of a tile: the last real query of its s-th run of block_size / samples
-    # positions (none when the run holds no query;
-    # prism.reference.estimators.sampled_query_positions).
-    run = block_size // samples
-    start = (first_query_tile + tile_row) * block_size + s * run
-    pos = tl.minimum(start + run - 1, query_start + num_queries - 1)
-    rows_ok = row_used & (pos >= tl.maximum(start, query_start))
-    head = hk * group + g
-    dims = tl.arange(0, D_PAD)
-    q_ptrs = (Q + b.to(tl.int64) * stride_qb + head.to(tl.int64)[:, None] * stride_qh
-              + (pos - query_start).to(tl.int64)[:, None] * stride_qn
-              + dims[None, :] * stride_qd)
-    q_rows = tl.load(q_ptrs, mask=rows_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
-    if UPCAST:
-        q_rows = q_rows.to(tl.float32)
+    # Row r = (head-in-group g, tile t, sample); pair = (g, t).
+    g, t, tile_row, pos, rows_ok = _sample_rows(block, group, samples, tiles_per_program,
+                                                num_query_tiles, first_query_tile, block_size,
+                                                query_start, num_queries, ROWS)
+    q_rows = _sample_queries(Q + b.to(tl.int64) * stride_qb, stride_qh, stride_qn, stride_qd,
+                             hk * group + g, pos, rows_ok, query_start, HEAD_DIM, D_PAD, UPCAST)
     k_head = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-
-    if CAUSAL:
-        last_key = tl.max(tl.where(rows_ok, pos, -1), axis=0)
-        key_tiles = tl.where(last_key >= 0, last_key // block_size + 1, 0)
-    else:
-        key_tiles = tl.where(tl.max(rows_ok.to(tl.int32), axis=0) > 0, num_key_tiles, 0)
+    key_tiles = _key_tile_end(rows_ok, pos, block_size, num_key_tiles, CAUSAL)
     chunks = tl.cdiv(block_size, BLOCK_N)
 
     # Pass 1: running max m and sum l of 2^(score * qk_scale - m) per row.

@@ -177,6 +177,7 @@ from prism.reference import PrismConfig
 from prism.reference.estimators import (
     antidiagonal_probabilities,
     last_tile_exact_tiles,
+    mix_tile_probabilities,
     sampled_query_probabilities,
 )
 from prism.reference.registry import REFERENCE_STAGES
@@ -382,8 +383,7 @@ class RuleSelector(CandidateCounter):
                                                       causal_) * candidates_
                 total = sampled.sum(-1, keepdim=True)
                 sampled = torch.where(total > 0, sampled / total.clamp_min(1e-30), sampled)
-                w = self.rule["weight"]
-                probs = (1.0 - w) * probs + w * sampled
+                probs = mix_tile_probabilities(probs, sampled, self.rule["weight"])
             if self.rule["name"] == "hybrid":
                 kept["exact"] = REFERENCE_STAGES["candidate_antidiagonal"](
                     q_, k_, layout, 1, candidates_, causal_)
