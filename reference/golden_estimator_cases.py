@@ -66,6 +66,16 @@ def _cascade(**fields):
     return {**_P, "estimator": "cascade", "candidate_threshold": 0.99, **_AD, **_VS, **fields}
 
 
+#: What the cases of the cascade's sampled-query stage with a KV prefix catch, and
+#: their config.
+_SAMPLED_CASCADE = ["sampled_candidate_softmax", "sampled_weight_side", "sampled_queries",
+                    "antidiagonal_direction", "antidiagonal_grid", "antidiagonal_scale",
+                    "candidate_threshold", "last_queries", "slash_sign", "slash_tile_offsets",
+                    "vertical_slash_threshold", "last_tile_threshold",
+                    "estimator_forced_tiles"]
+_SAMPLED_CONFIG = _cascade(candidate_threshold=0.9, vertical_slash_threshold=0.1,
+                           sampled_queries=4, sampled_weight=0.3)
+
 ESTIMATOR_CASES = (
     _case("accurate_preset", "PrismConfig.preset('accurate', block_size=32) itself (stride "
           "16, 32 last queries), 8 tiles of 32, GQA 2:1",
@@ -105,27 +115,18 @@ ESTIMATOR_CASES = (
     _case("cascade_sampled_prefix", "the cascade with its sampled-query stage (4 samples "
           "per tile, weight 0.3), candidate_threshold 0.9, vertical-slash threshold 0.1, a "
           "10-token KV prefix, GQA 4:2",
-          ["sampled_candidate_softmax", "sampled_weight_side", "sampled_queries",
-           "antidiagonal_direction", "antidiagonal_grid", "antidiagonal_scale",
-           "candidate_threshold", "last_queries", "slash_sign", "slash_tile_offsets",
-           "vertical_slash_threshold", "last_tile_threshold", "estimator_forced_tiles"],
+          _SAMPLED_CASCADE,
           (1, 4, 2, 150, 160, 32, 4), seed=310, sharpness=2.0,
-          config=_cascade(candidate_threshold=0.9, vertical_slash_threshold=0.1,
-                          sampled_queries=4, sampled_weight=0.3)),
+          config=_SAMPLED_CONFIG),
     _case("cascade_sampled_gqa", "as above on other inputs",
-          ["sampled_candidate_softmax", "sampled_weight_side", "sampled_queries",
-           "antidiagonal_direction", "antidiagonal_grid", "antidiagonal_scale",
-           "candidate_threshold", "last_queries", "slash_sign", "slash_tile_offsets",
-           "vertical_slash_threshold", "last_tile_threshold", "estimator_forced_tiles"],
+          _SAMPLED_CASCADE,
           (1, 4, 2, 150, 160, 32, 4), seed=62, sharpness=2.0,
-          config=_cascade(candidate_threshold=0.9, vertical_slash_threshold=0.1,
-                          sampled_queries=4, sampled_weight=0.3)),
+          config=_SAMPLED_CONFIG),
     _case("cascade_sampled_non_causal", "the cascade's sampled-query stage (4 samples, "
           "weight 0.3), non-causal, 128 queries, 256 keys",
           ["sampled_candidate_softmax", "sampled_weight_side", "sampled_queries"],
           (1, 2, 1, 128, 256, 32, 4), causal=False, seed=148, sharpness=2.0,
-          config=_cascade(candidate_threshold=0.9, vertical_slash_threshold=0.1,
-                          sampled_queries=4, sampled_weight=0.3)),
+          config=_SAMPLED_CONFIG),
     _case("cascade_non_causal", "the cascade, non-causal, batch 2, 48 queries, 100 keys",
           ["antidiagonal_direction", "antidiagonal_scale", "candidate_threshold",
            "last_queries", "slash_sign", "slash_tile_offsets", "vertical_slash_threshold",
