@@ -5,7 +5,7 @@ bf16, tile 128, causal), the accurate preset's whole selection without the stage
 (``sampled_weight`` 0, the preset until 2026-12-05), and with 8 sampled queries at
 weight 0.3 in the stage's one-pass form (``candidate_sampled.ONE_PASS``, a scratch
 buffer), its two-pass form (scores computed twice), and the one-pass form with 128
-rows a program (``candidate_sampled.TARGET_ROWS``) instead of 64, interleaved, as
+or 32 rows a program (``candidate_sampled.TARGET_ROWS``) instead of 64, interleaved, as
 eager and CUDA-graph ms; whether the forms' masks are equal, and how many tiles the
 stage changes.
 
@@ -46,10 +46,12 @@ def row(n):
 
     settings = [("preset", pick("preset", True)), ("one_pass", pick("sampled", True)),
                 ("two_pass", pick("sampled", False)),
-                ("one_pass_128_rows", pick("sampled", True, 128))] * 2
+                ("one_pass_128_rows", pick("sampled", True, 128)),
+                ("one_pass_32_rows", pick("sampled", True, 32))] * 2
     masks = time_variants(lambda: optimized.select_blocks(q, k, chosen["cfg"]), settings, out,
                           pick("preset", True))
     out["rows_128_equal"] = bool(masks["one_pass"].equal(masks["one_pass_128_rows"]))
+    out["rows_32_equal"] = bool(masks["one_pass"].equal(masks["one_pass_32_rows"]))
     out["forms_equal"] = bool(masks["one_pass"].equal(masks["two_pass"]))
     out["tiles_changed_by_stage"] = int((masks["one_pass"] != masks["preset"]).sum())
     out["mask_mean_preset"] = float(masks["preset"].float().mean())
