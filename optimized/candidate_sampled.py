@@ -72,15 +72,19 @@ _MIN_DOT = 16
 
 @triton.jit
 def _mix_tile(out_rows, cand_pairs, tile, pair_ok, one_hot, row_p, a_scale, s_scale,
-              stride_ck, stride_otile):
-    """Each pair's value at key tile ``tile``, where it is a candidate: its antidiagonal
-    value times ``a_scale`` plus the sum of its rows' probabilities ``row_p`` times
-    ``s_scale``."""
+              stride_ck, stride_otile, IN_PLACE: tl.constexpr):
+    """Each pair's value at key tile ``tile``. ``IN_PLACE``: where it is a candidate, its
+    antidiagonal value times ``a_scale`` plus the sum of its rows' probabilities
+    ``row_p`` times ``s_scale``; else that sum where it is a candidate and 0 elsewhere
+    (``a_scale`` and ``s_scale`` not used)."""
     pair_cand = tl.load(cand_pairs + tile.to(tl.int64) * stride_ck, mask=pair_ok, other=0) != 0
     pair_mass = tl.sum(tl.where(one_hot, row_p[:, None], 0.0), axis=0)
     where = out_rows + tile.to(tl.int64) * stride_otile
-    a = tl.load(where, mask=pair_cand, other=0.0)
-    tl.store(where, a * a_scale + pair_mass * s_scale, mask=pair_cand)
+    if IN_PLACE:
+        a = tl.load(where, mask=pair_cand, other=0.0)
+        tl.store(where, a * a_scale + pair_mass * s_scale, mask=pair_cand)
+    else:
+        tl.store(where, tl.where(pair_cand, pair_mass, 0.0), mask=pair_ok)
 
 
 @triton.jit
@@ -96,7 +100,7 @@ def _candidate_sampled_kernel(
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     ROWS: tl.constexpr, PAIRS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr, SCAN_TILES: tl.constexpr,
-    ONE_PASS: tl.constexpr = False,
+    ONE_PASS: tl.constexpr = False, IN_PLACE: tl.constexpr = True,
 ):
     pid = tl.program_id(0)
     block, bh, b, hk, head0 = _program_heads(pid, programs_per_head, group, heads,
@@ -124,8 +128,11 @@ def _candidate_sampled_kernel(
 
     scan_end = _key_tile_end(rows_ok, pos, block_size, num_key_tiles, CAUSAL)
     active = LIST + pid.to(tl.int64) * list_width
-    num_active = _candidate_tiles(cand_pairs, pair_ok, scan_end, stride_ck, active, out_rows,
-                                  stride_otile, PAIRS, SCAN_TILES, False)
+    # IN_PLACE: the antidiagonal stage wrote every tile; else the tiles no pair lists
+    # get their zeros here.
+    num_active = _candidate_tiles(cand_pairs, pair_ok, scan_end, stride_ck, active,
+                                  out_rows[:, None], stride_otile, PAIRS, SCAN_TILES,
+                                  not IN_PLACE)
     tl.debug_barrier()  # every thread reads the list some threads wrote
 
     # Pass 1: the rows' softmax statistics; the pairs' antidiagonal sums. One loop
@@ -140,7 +147,7 @@ def _candidate_sampled_kernel(
     for step in range(0, num_active * CHUNKS):
         tile = tl.load(active + step // CHUNKS)
         row_cand = tl.load(cand_rows + tile.to(tl.int64) * stride_ck, mask=rows_ok, other=0) != 0
-        if step % CHUNKS == 0:
+        if IN_PLACE and step % CHUNKS == 0:
             pair_cand = tl.load(cand_pairs + tile.to(tl.int64) * stride_ck, mask=pair_ok,
                                 other=0) != 0
             a_sum += tl.load(out_rows + tile.to(tl.int64) * stride_otile, mask=pair_cand,
@@ -181,7 +188,7 @@ def _candidate_sampled_kernel(
             lse = tl.load(e_rows + slot * ROWS)
             row_p = tl.math.exp2(lse - m_shift) * inv_l  # 0 where lse is -inf
             _mix_tile(out_rows, cand_pairs, tile, pair_ok, one_hot, row_p, a_scale, s_scale,
-                      stride_ck, stride_otile)
+                      stride_ck, stride_otile, IN_PLACE)
     # The tiles past the scratch (every tile without ONE_PASS): scored again.
     row_mass = tl.zeros((ROWS,), dtype=tl.float32)
     for step in range(kept * CHUNKS, num_active * CHUNKS):
@@ -194,8 +201,51 @@ def _candidate_sampled_kernel(
         row_mass += tl.sum(tl.math.exp2(s - m_shift[:, None]), axis=1)
         if step % CHUNKS == CHUNKS - 1:  # the tile's last chunk: mix and store its value
             _mix_tile(out_rows, cand_pairs, tile, pair_ok, one_hot, row_mass * inv_l,
-                      a_scale, s_scale, stride_ck, stride_otile)
+                      a_scale, s_scale, stride_ck, stride_otile, IN_PLACE)
             row_mass = tl.zeros((ROWS,), dtype=tl.float32)
+
+
+def _run_stage(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
+               samples: int, weight: float, candidates: torch.Tensor, causal: bool,
+               in_place: bool) -> torch.Tensor:
+    """One launch of the stage's kernel on ``out`` (the module docstring; ``in_place``
+    as the kernel's ``IN_PLACE``)."""
+    b, hq, _, d = q.shape
+    hkv, nk_tokens = k.shape[1], k.shape[2]
+    nq, nk = layout.num_query_tiles, layout.num_key_tiles
+    if out.numel() == 0:
+        return out
+    group = hq // hkv
+    heads = group if group * samples <= MAX_ROWS else fitting_heads(group, samples, MAX_ROWS)
+    tiles = max(1, TARGET_ROWS // (heads * samples))
+    rows = max(_MIN_DOT, next_power_of_2(heads * samples * tiles))
+    pairs = next_power_of_2(heads * tiles)
+    per_head = -(-nq // tiles)
+    programs = b * hkv * (group // heads) * per_head
+    d_pad = max(_MIN_DOT, next_power_of_2(d))
+    block_n = max(_MIN_DOT, min(128 if d_pad <= 128 else 64,
+                                next_power_of_2(layout.block_size)))
+    upcast = q.dtype == torch.bfloat16 and kernels_interpreted(_candidate_sampled_kernel)
+    cand = candidates.view(torch.uint8)
+    active = torch.empty(programs * nk, dtype=torch.int32, device=q.device)
+    scratch_tiles = min(nk, SCRATCH_TILES) if ONE_PASS else 0
+    e = torch.empty(max(1, programs * scratch_tiles * rows), dtype=torch.float32,
+                    device=q.device)
+    launch(
+        _candidate_sampled_kernel, (programs,),
+        q, k, cand, out, active, e,
+        *q.stride(), *k.stride(), *out.stride(), *cand.stride(),
+        hkv, group, heads, samples, tiles, per_head, nq, nk, nk_tokens, q.shape[2],
+        layout.query_start, layout.first_query_tile, layout.block_size,
+        math.log2(math.e) / math.sqrt(d), float(weight), nk, scratch_tiles,
+        CAUSAL=causal, HEAD_DIM=d, D_PAD=d_pad, ROWS=rows, PAIRS=pairs, BLOCK_N=block_n,
+        CHUNKS=-(-layout.block_size // block_n),
+        IEEE=q.dtype == torch.float32 or upcast, UPCAST=upcast,
+        SCAN_TILES=min(next_power_of_2(nk), max(16, SCAN_ELEMENTS // pairs)),
+        ONE_PASS=bool(ONE_PASS), IN_PLACE=in_place,
+        num_warps=4 if rows * d_pad <= 64 * 128 else 8,
+    )
+    return out
 
 
 def candidate_sampled_mix_(probs: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -216,42 +266,31 @@ def candidate_sampled_mix_(probs: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     -------
     ``probs``
     """
-    b, hq, _, d = q.shape
-    hkv, nk_tokens = k.shape[1], k.shape[2]
-    nq, nk = layout.num_query_tiles, layout.num_key_tiles
-    if probs.numel() == 0:
-        return probs
-    group = hq // hkv
-    heads = group if group * samples <= MAX_ROWS else fitting_heads(group, samples, MAX_ROWS)
-    tiles = max(1, TARGET_ROWS // (heads * samples))
-    rows = max(_MIN_DOT, next_power_of_2(heads * samples * tiles))
-    pairs = next_power_of_2(heads * tiles)
-    per_head = -(-nq // tiles)
-    programs = b * hkv * (group // heads) * per_head
-    d_pad = max(_MIN_DOT, next_power_of_2(d))
-    block_n = max(_MIN_DOT, min(128 if d_pad <= 128 else 64,
-                                next_power_of_2(layout.block_size)))
-    upcast = q.dtype == torch.bfloat16 and kernels_interpreted(_candidate_sampled_kernel)
-    cand = candidates.view(torch.uint8)
-    active = torch.empty(programs * nk, dtype=torch.int32, device=q.device)
-    scratch_tiles = min(nk, SCRATCH_TILES) if ONE_PASS else 0
-    e = torch.empty(max(1, programs * scratch_tiles * rows), dtype=torch.float32,
-                    device=q.device)
-    launch(
-        _candidate_sampled_kernel, (programs,),
-        q, k, cand, probs, active, e,
-        *q.stride(), *k.stride(), *probs.stride(), *cand.stride(),
-        hkv, group, heads, samples, tiles, per_head, nq, nk, nk_tokens, q.shape[2],
-        layout.query_start, layout.first_query_tile, layout.block_size,
-        math.log2(math.e) / math.sqrt(d), float(weight), nk, scratch_tiles,
-        CAUSAL=causal, HEAD_DIM=d, D_PAD=d_pad, ROWS=rows, PAIRS=pairs, BLOCK_N=block_n,
-        CHUNKS=-(-layout.block_size // block_n),
-        IEEE=q.dtype == torch.float32 or upcast, UPCAST=upcast,
-        SCAN_TILES=min(next_power_of_2(nk), max(16, SCAN_ELEMENTS // pairs)),
-        ONE_PASS=bool(ONE_PASS),
-        num_warps=4 if rows * d_pad <= 64 * 128 else 8,
-    )
-    return probs
+    return _run_stage(probs, q, k, layout, samples, weight, candidates, causal, True)
+
+
+def candidate_sampled_scores(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
+                             samples: int, candidates: torch.Tensor,
+                             causal: bool = True) -> torch.Tensor:
+    """The stage's unnormalised tile rows, in a new tensor (inputs validated by the caller).
+
+    Each (batch, query head, query tile) row holds, at its candidate tiles, the
+    sum over its samples of each sample's softmax mass in that tile (each
+    sample's softmax over its candidate keys, so a row sums to the number of
+    its samples that have one), and 0 at its other admissible tiles; entries
+    past the admissible tiles are undefined. Divided by its sum, a row is
+    :func:`prism.reference.estimators.candidate_sampled_probabilities`' row.
+    The selection's finishing launch mixes it with the antidiagonal rows
+    (:func:`prism.optimized.tile_union.union_tiles`' ``second``), so this
+    launch need not wait for the antidiagonal kernel.
+
+    Returns
+    -------
+    Tensor (B, Hq, nq, nk), float32
+    """
+    shape = (q.shape[0], q.shape[1], layout.num_query_tiles, layout.num_key_tiles)
+    out = torch.empty(shape, dtype=torch.float32, device=q.device)
+    return _run_stage(out, q, k, layout, samples, 1.0, candidates, causal, False)
 
 
 def candidate_sampled_tile_probabilities(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
@@ -271,11 +310,13 @@ def candidate_sampled_tile_probabilities(q: torch.Tensor, k: torch.Tensor, layou
     _validate(q, k, layout, samples, causal, "samples", "8 for tile 128")
     check_candidates(candidates, q, layout)
     check_device(_candidate_sampled_kernel, q=q, k=k)
-    shape = (q.shape[0], q.shape[1], layout.num_query_tiles, layout.num_key_tiles)
-    out = torch.zeros(shape, dtype=torch.float32, device=q.device)
-    candidate_sampled_mix_(out, q, k, layout, samples, 1.0, candidates.contiguous(), causal)
+    from prism.reference.scoring import admissible_tiles
+
+    out = candidate_sampled_scores(q, k, layout, samples, candidates.contiguous(), causal)
+    out = torch.where(admissible_tiles(layout, causal, q.device), out, torch.zeros_like(out))
     total = out.sum(dim=-1, keepdim=True)
     return torch.where(total > 0, out / total.clamp_min(1e-30), torch.zeros_like(out))
 
 
-__all__ = ["candidate_sampled_mix_", "candidate_sampled_tile_probabilities"]
+__all__ = ["candidate_sampled_mix_", "candidate_sampled_scores",
+           "candidate_sampled_tile_probabilities"]

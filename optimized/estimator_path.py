@@ -10,9 +10,11 @@ registry (:mod:`prism.reference.registry`), never its name:
 * with ``"prism_candidates"`` (the cascade), Prism's selection kernels at
   ``candidate_threshold`` write the candidate tiles first, and the probability
   stage scores only those (:mod:`prism.optimized.cascade`); with
-  ``"candidate_sampled"`` and ``sampled_weight`` > 0, one more launch mixes
-  the sampled queries' exact attention on those tiles into its output, in
-  place (:mod:`prism.optimized.candidate_sampled`);
+  ``"candidate_sampled"`` and ``sampled_weight`` > 0, one more launch scores
+  the sampled queries' exact attention on those tiles
+  (:mod:`prism.optimized.candidate_sampled`), on CUDA on its own stream beside
+  the antidiagonal kernel, and the finishing launch mixes the two
+  (:data:`SAMPLED_BESIDE`);
 * its ``"vertical_slash"`` stage runs the last queries' distributions and
   their top-p as tile bins (:func:`~prism.optimized.vertical_slash_tiles.vertical_slash_bins`);
   with ``"last_tile_exact"`` (the cascade) the same launch also runs the last
@@ -57,7 +59,7 @@ from prism.reference.registry import (
 from prism.reference.select import trace_selection
 from prism.reference.tiles import TileLayout
 
-from .candidate_sampled import candidate_sampled_mix_
+from .candidate_sampled import candidate_sampled_mix_, candidate_sampled_scores
 from .cascade import _as_prism, candidate_antidiagonal_tile_scores, prism_mask
 from .estimators import KERNEL_STAGES, antidiagonal_tile_scores
 from .indices import mask_rows_to_indices
@@ -91,6 +93,16 @@ VS_AFTER_POOLING_MAX_KEY_TILES = 64
 #: 0.1034-0.1037 / 0.1257-0.1261 against 0.1035-0.1038 / 0.1065-0.1068 /
 #: 0.1263-0.1267) and slower at 12K (96 tiles: 0.1836 against 0.1664-0.1670).
 VS_AFTER_POOLING_MIN_KEY_TILES = 33
+
+#: The cascade's sampled stage (``sampled_weight`` > 0): True, it writes its own rows
+#: (:func:`~prism.optimized.candidate_sampled.candidate_sampled_scores`), on CUDA on a
+#: stream of its own beside the antidiagonal kernel once the candidates are written,
+#: and the finishing launch mixes the two rows; False, it runs after the antidiagonal
+#: kernel and mixes in place (:func:`~prism.optimized.candidate_sampled.candidate_sampled_mix_`).
+#: Read at each call (a replayed call plan keeps the form it recorded).
+SAMPLED_BESIDE = True
+#: Side-stream slot (:func:`~prism.optimized.plan_items.side_stream`) of that stage.
+SAMPLED_SLOT = 3
 
 #: Probability stages the fused path runs: stage name -> (scoring function on
 #: validated inputs, the PrismConfig field of its argument, whether it reads
@@ -240,12 +252,27 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
             other = prism
         if prism_source is None:
             check = {}  # the pooling launch checked q, k and v
-    probs = None
+    probs = second = None
     if stage is not None:
         scores, field, reads_every_query = PROBABILITY_STAGES[stage]
+        mixed = with_mix and cfg.sampled_weight > 0
+        beside = mixed and SAMPLED_BESIDE and q.is_cuda
+        if beside:
+            # The sampled stage reads only q, k and the candidates: it runs beside the
+            # antidiagonal kernel, and the finishing launch mixes their rows.
+            side = side_stream(q.device, SAMPLED_SLOT)
+            main = fork(side)
+            with torch.cuda.stream(side):
+                second = candidate_sampled_scores(q, k, layout, cfg.sampled_queries,
+                                                  extra["candidates"], causal)
         probs = scores(q, k, layout, getattr(cfg, field), causal, normalize=False,
                        nonfinite=nonfinite, **extra)
-        if with_mix and cfg.sampled_weight > 0:
+        if beside:
+            join(main, side)
+        elif mixed and SAMPLED_BESIDE:
+            second = candidate_sampled_scores(q, k, layout, cfg.sampled_queries,
+                                              extra["candidates"], causal)
+        elif mixed:
             probs = candidate_sampled_mix_(probs, q, k, layout, cfg.sampled_queries,
                                            cfg.sampled_weight, extra["candidates"], causal)
         if not reads_every_query and not on_candidates:
@@ -260,7 +287,8 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
         if stage is None and not runs_prism:
             check["q"] = q
     mask, num, idx = union_tiles(
-        layout, causal, (b, hq), probs=probs, normalize=True, threshold=cfg.high_threshold,
+        layout, causal, (b, hq), probs=probs, normalize=True, second=second,
+        weight=cfg.sampled_weight, threshold=cfg.high_threshold,
         columns=columns, diagonals=diagonals, other=other, mask=other,
         force_sink=cfg.force_sink, force_diagonal=cfg.force_diagonal,
         last_tiles=last_tiles,
@@ -300,5 +328,5 @@ def _general(q, k, v, cfg, causal, layout, spec, write_indices, prism_source=Non
     return mask, num, idx, nonfinite
 
 
-__all__ = ["CANDIDATE_STAGES", "MIX_STAGE", "PROBABILITY_STAGES", "estimator_select",
-           "fused_form"]
+__all__ = ["CANDIDATE_STAGES", "MIX_STAGE", "PROBABILITY_STAGES", "SAMPLED_BESIDE",
+           "estimator_select", "fused_form"]

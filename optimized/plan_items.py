@@ -82,8 +82,8 @@ SIDE_PRIORITIES: dict = {}
 def side_stream(device: torch.device, slot: int = 0) -> torch.cuda.Stream:
     """An extra stream of ``device`` for launches that run beside the caller's (one per
     ``slot``: 0 the selection's narrow launches, 1 the estimators' vertical-slash
-    stage, 2 ``block_sparse_attention``'s NaN/Inf check); use it between :func:`fork`
-    and :func:`join`."""
+    stage, 2 ``block_sparse_attention``'s NaN/Inf check, 3 the cascade's sampled
+    stage); use it between :func:`fork` and :func:`join`."""
     index = torch.device(device).index
     if index is None:
         index = torch.cuda.current_device()

@@ -6,7 +6,9 @@
 
 1. top-p of a row of tile probabilities (optional; contract §6's rule and
    tie-break by :func:`prism.optimized.top_p._top_p_keep`, no sort), the
-   row first normalised to sum 1 when the scoring kernel left it unnormalised;
+   row first normalised to sum 1 when the scoring kernel left it unnormalised,
+   and before that, optionally, mixed with a second row of scores (the
+   cascade's sampled stage, computed beside the antidiagonal kernel);
 2. the vertical-slash tiles (optional): key tile ``j`` of query tile ``I``
    (absolute) is kept when column bin ``j`` or diagonal bin ``I - j + nk`` is
    set (:func:`prism.optimized.vertical_slash_tiles.vertical_slash_bins`);
@@ -93,9 +95,11 @@ def _check_program(pid, Q, K, V, NONFINITE,
 
 
 @triton.jit
-def _union_rows(pid, PROBS, COLUMNS, DIAGONALS, OTHER, LAST, MASK, NUM, IDX, total_rows,
-                num_query_tiles, num_key_tiles, num_diagonals, first_query_tile, threshold,
+def _union_rows(pid, PROBS, SECOND, COLUMNS, DIAGONALS, OTHER, LAST, MASK, NUM, IDX,
+                total_rows, num_query_tiles, num_key_tiles, num_diagonals, first_query_tile,
+                threshold, weight,
                 CAUSAL: tl.constexpr, HAS_PROBS: tl.constexpr, NORMALIZE: tl.constexpr,
+                HAS_SECOND: tl.constexpr,
                 HAS_VS: tl.constexpr, HAS_OTHER: tl.constexpr, HAS_LAST: tl.constexpr,
                 FORCE_SINK: tl.constexpr,
                 FORCE_DIAGONAL: tl.constexpr, WRITE_MASK: tl.constexpr,
@@ -122,6 +126,16 @@ def _union_rows(pid, PROBS, COLUMNS, DIAGONALS, OTHER, LAST, MASK, NUM, IDX, tot
     keep = tl.zeros((ROWS, WIDTH), dtype=tl.int1)
     if HAS_PROBS:
         prob = tl.load(PROBS + offsets, mask=admissible, other=0.0)
+        if HAS_SECOND:
+            # (1 - w) * prob / sum(prob) + w * second / sum(second), a term dropped where
+            # its row sums to 0 (the reference's mix_tile_probabilities).
+            second = tl.load(SECOND + offsets, mask=admissible, other=0.0)
+            first_sum = tl.sum(prob, axis=1)
+            second_sum = tl.sum(second, axis=1)
+            first_scale = tl.where(first_sum > 0,
+                                   (1.0 - weight) / tl.maximum(first_sum, 1e-30), 0.0)
+            second_scale = tl.where(second_sum > 0, weight / tl.maximum(second_sum, 1e-30), 0.0)
+            prob = prob * first_scale[:, None] + second * second_scale[:, None]
         if NORMALIZE:
             # The row's admissible mass, as the stage functions divide by it.
             mass = tl.maximum(tl.sum(prob, axis=1), 1e-30)
@@ -177,9 +191,9 @@ def _union_rows(pid, PROBS, COLUMNS, DIAGONALS, OTHER, LAST, MASK, NUM, IDX, tot
 
 @triton.jit
 def _union_kernel(
-    PROBS, COLUMNS, DIAGONALS, OTHER, LAST, MASK, NUM, IDX,
+    PROBS, SECOND, COLUMNS, DIAGONALS, OTHER, LAST, MASK, NUM, IDX,
     total_rows, num_query_tiles, num_key_tiles, num_diagonals, first_query_tile, threshold,
-    union_programs,
+    weight, union_programs,
     Q, K, V, NONFINITE,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -187,6 +201,7 @@ def _union_kernel(
     num_q_heads, num_kv_heads, num_queries, num_keys, head_dim, head_dim_v,
     q_programs, k_programs,
     CAUSAL: tl.constexpr, HAS_PROBS: tl.constexpr, NORMALIZE: tl.constexpr,
+    HAS_SECOND: tl.constexpr,
     HAS_VS: tl.constexpr, HAS_OTHER: tl.constexpr, HAS_LAST: tl.constexpr,
     FORCE_SINK: tl.constexpr,
     FORCE_DIAGONAL: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_INDICES: tl.constexpr,
@@ -209,10 +224,11 @@ def _union_kernel(
             level = tl.where(need <= WIDTH // 4, 2, tl.where(need <= WIDTH // 2, 1, 0))
         for lv in tl.static_range(3 if NARROW else 1):  # one instance per width
             if level == lv:
-                _union_rows(pid, PROBS, COLUMNS, DIAGONALS, OTHER, LAST, MASK, NUM, IDX,
-                            total_rows, num_query_tiles, num_key_tiles, num_diagonals,
-                            first_query_tile, threshold, CAUSAL, HAS_PROBS,
-                            NORMALIZE, HAS_VS, HAS_OTHER, HAS_LAST, FORCE_SINK, FORCE_DIAGONAL,
+                _union_rows(pid, PROBS, SECOND, COLUMNS, DIAGONALS, OTHER, LAST, MASK, NUM,
+                            IDX, total_rows, num_query_tiles, num_key_tiles, num_diagonals,
+                            first_query_tile, threshold, weight, CAUSAL, HAS_PROBS,
+                            NORMALIZE, HAS_SECOND, HAS_VS, HAS_OTHER, HAS_LAST, FORCE_SINK,
+                            FORCE_DIAGONAL,
                             WRITE_MASK, WRITE_INDICES, ROWS,
                             WIDTH >> lv, LOG2_WIDTH - lv, WIDTH)
     else:
@@ -238,6 +254,7 @@ def launch_shape(width: int) -> tuple[int, int]:
 
 def union_tiles(layout: TileLayout, causal: bool, heads: tuple, *,
                 probs: torch.Tensor | None = None, normalize: bool = False,
+                second: torch.Tensor | None = None, weight: float = 0.0,
                 threshold: float = 1.0, columns: torch.Tensor | None = None,
                 diagonals: torch.Tensor | None = None, other: torch.Tensor | None = None,
                 force_sink: bool = False, force_diagonal: bool = False,
@@ -258,6 +275,15 @@ def union_tiles(layout: TileLayout, causal: bool, heads: tuple, *,
     probs : Tensor (B, Hq, nq, nk) float32, contiguous, optional
         Tile probabilities, read only at admissible tiles; with ``normalize``
         they are unnormalised and each row is first divided by its admissible mass.
+    second : Tensor like ``probs``, optional
+        A second row of tile scores, mixed into ``probs`` before the top-p: each
+        row becomes ``(1 - weight) * probs / sum(probs) + weight * second /
+        sum(second)`` over its admissible tiles (a term dropped where its row
+        sums to 0), then normalised (``normalize`` required): the reference's
+        :func:`~prism.reference.estimators.mix_tile_probabilities` (the cascade's
+        sampled stage, :func:`prism.optimized.candidate_sampled.candidate_sampled_scores`).
+    weight : float
+        The mix's weight of ``second``.
     threshold : float
         The top-p of ``probs``.
     columns, diagonals : Tensor (B * Hq, nk) and (B * Hq, n) int8, optional
@@ -286,6 +312,8 @@ def union_tiles(layout: TileLayout, causal: bool, heads: tuple, *,
     if nk > MAX_UNION_WIDTH:
         raise ValueError(f"union_tiles takes rows of at most {MAX_UNION_WIDTH} key tiles, "
                          f"got {nk}")
+    if second is not None and (probs is None or not normalize):
+        raise ValueError("union_tiles mixes second into probs: pass probs and normalize=True")
     shape = (*heads, nq, nk)
     check = check or {}
     device = next(t for t in (probs, columns, other, mask, last_tiles, *check.values())
@@ -309,18 +337,20 @@ def union_tiles(layout: TileLayout, causal: bool, heads: tuple, *,
     dv_pad = next_power_of_2(0 if v is None else v.shape[3])
     spare = mask if mask is not None else idx  # for pointers the kernel does not read
     tensors = [t if t is not None else spare
-               for t in (probs, columns, diagonals, other, last_tiles, mask, num, idx)]
+               for t in (probs, second, columns, diagonals, other, last_tiles, mask, num, idx)]
     checked = [t if t is not None else spare for t in (q, k, v, nonfinite)]
     strides = [s for t in (q, k, v) for s in (t.stride() if t is not None else (0, 0, 0, 0))]
     launch(_union_kernel, (union_programs + sum(counts),), *tensors,
            total, nq, nk, 0 if diagonals is None else diagonals.shape[-1],
-           layout.first_query_tile, float(threshold), union_programs, *checked, *strides,
+           layout.first_query_tile, float(threshold), float(weight), union_programs, *checked,
+           *strides,
            0 if q is None else q.shape[1],
            0 if kv is None else kv.shape[1], 0 if q is None else q.shape[2],
            0 if kv is None else kv.shape[2], 0 if qk is None else qk.shape[3],
            0 if v is None else v.shape[3], counts[0], counts[1],
            CAUSAL=causal, HAS_PROBS=probs is not None, NORMALIZE=normalize,
-           HAS_VS=columns is not None, HAS_OTHER=other is not None,
+           HAS_SECOND=second is not None, HAS_VS=columns is not None,
+           HAS_OTHER=other is not None,
            HAS_LAST=last_tiles is not None, FORCE_SINK=force_sink,
            FORCE_DIAGONAL=force_diagonal, WRITE_MASK=write_mask,
            WRITE_INDICES=write_indices, ROWS=rows, WIDTH=width,

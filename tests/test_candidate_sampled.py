@@ -20,8 +20,10 @@ from prism import optimized, reference
 from prism.optimized import candidate_sampled, estimator_path
 from prism.optimized.candidate_sampled import (
     candidate_sampled_mix_,
+    candidate_sampled_scores,
     candidate_sampled_tile_probabilities,
 )
+from prism.optimized.tile_union import union_tiles
 from prism.reference import PrismConfig, tile_layout
 from prism.reference.estimators import (
     candidate_antidiagonal_probabilities,
@@ -185,6 +187,57 @@ def test_kernel_leaves_tiles_off_the_candidates_alone():
     torch.testing.assert_close(on, 0.5 * even + 0.5 * sampled, rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_scores_form_rows_and_zeros(causal):
+    """The form the fused path runs beside the antidiagonal kernel: each row's sum is
+    its number of samples with a candidate key, a row over its sum is the reference
+    stage's, and every admissible tile off the candidates holds an exact 0 (written
+    by the kernel: an output that starts as NaN keeps none)."""
+    q, k = _qk(1, 4, 2, 96, 160, 16, seed=5, scale=2.0)
+    layout = tile_layout(96, 160, 32, causal)
+    cand = _random_candidates(layout, 4, causal, seed=9)
+    got = candidate_sampled_scores(q, k, layout, 8, cand, causal)
+    garbage = torch.full_like(got, float("nan"))
+    assert candidate_sampled._run_stage(garbage, q, k, layout, 8, 1.0, cand, causal,
+                                        False) is garbage
+    admissible = admissible_tiles(layout, causal, DEVICE).expand_as(cand)
+    assert torch.equal(got[admissible & ~cand], torch.zeros_like(got[admissible & ~cand]))
+    assert not garbage[admissible].isnan().any()
+    torch.testing.assert_close(garbage[admissible], got[admissible], rtol=0, atol=0)
+    rows = torch.where(admissible, got, torch.zeros_like(got)).sum(-1)
+    assert torch.allclose(rows, rows.round(), atol=1e-4) and (rows >= 1).all()
+    expected = candidate_sampled_probabilities(q, k, layout, 8, cand, causal)
+    torch.testing.assert_close(torch.where(admissible, got, torch.zeros_like(got))
+                               / rows[..., None], expected, rtol=2e-5, atol=1e-6)
+
+
+def test_union_mixes_a_second_row_as_the_reference():
+    """``union_tiles(second=...)`` keeps the reference's top-p of the reference's mix of
+    the two rows (tiles whose mass before them lies within 1e-5 of p excepted: fp32
+    rounding of the two normalisations may take either side there)."""
+    from prism.reference.topp import top_p_select
+
+    gen = torch.Generator().manual_seed(4)
+    layout = tile_layout(256, 256, 32, True)
+    shape = (1, 2, layout.num_query_tiles, layout.num_key_tiles)
+    admissible = admissible_tiles(layout, True, DEVICE)
+    first = (torch.rand(shape, generator=gen) ** 4).to(DEVICE) * admissible * 5.0
+    second = (torch.rand(shape, generator=gen) ** 4).to(DEVICE) * admissible * 3.0
+    first[0, 0, 3] = 0.0  # a row with no first term takes the second's
+    second[0, 1, 5] = 0.0  # and the converse
+    norm = [x / x.sum(-1, keepdim=True).clamp_min(1e-30) for x in (first, second)]
+    mixed = mix_tile_probabilities(*norm, 0.3)
+    for p in (0.5, 0.8):
+        mask, _, _ = union_tiles(layout, True, (1, 2), probs=first.clone(), normalize=True,
+                                 second=second.clone(), weight=0.3, threshold=p)
+        keep, before = top_p_select(mixed, admissible, p)
+        close = (before - p).abs() < 1e-5
+        assert torch.equal(mask & ~close, keep & ~close)
+        assert keep.sum() > 2 * shape[2]  # more than the first tile or two per row
+    with pytest.raises(ValueError, match="normalize=True"):
+        union_tiles(layout, True, (1, 2), probs=first, second=second, weight=0.3)
+
+
 def test_kernel_refuses_bad_arguments():
     q, k = _qk(1, 2, 1, 64, 64, 16, seed=1)
     layout = tile_layout(64, 64, 16, True)
@@ -204,8 +257,12 @@ def _cfg(weight, **kw):
                        sampled_weight=weight, **kw)
 
 
+@pytest.mark.parametrize("beside", [True, False])
 @pytest.mark.parametrize("weight, causal", [(0.3, True), (1.0, True), (0.5, False)])
-def test_fused_selection_matches_the_reference(weight, causal):
+def test_fused_selection_matches_the_reference(weight, causal, beside, monkeypatch):
+    """Both forms of the stage in the fused path: its own rows mixed by the finishing
+    launch (beside the antidiagonal kernel on CUDA), or mixed in place after it."""
+    monkeypatch.setattr(estimator_path, "SAMPLED_BESIDE", beside)
     nq, nk = (160, 256) if causal else (128, 128)
     q, k = _qk(1, 4, 2, nq, nk, 32, seed=7, transposed=True, scale=4.0)
     cfg = _cfg(weight)
@@ -228,6 +285,7 @@ def test_weight_zero_runs_no_sampled_stage(monkeypatch):
         raise AssertionError("the sampled stage ran")
 
     monkeypatch.setattr(estimator_path, "candidate_sampled_mix_", refuse)
+    monkeypatch.setattr(estimator_path, "candidate_sampled_scores", refuse)
     monkeypatch.setattr("prism.reference.registry.candidate_sampled_probabilities", refuse)
     q, k = _qk(1, 2, 1, 96, 96, 16, seed=2, scale=3.0)
     optimized.select_blocks(q, k, _cfg(0.0))
@@ -276,4 +334,9 @@ def test_sampled_stage_on_the_gpu_bf16(n):
     mixed = candidate_sampled_mix_(anti.clone(), q, k, layout, 8, 0.3, cand, True)
     mixed = mixed / mixed.sum(-1, keepdim=True).clamp_min(1e-30)
     torch.testing.assert_close(mixed, mix_tile_probabilities(anti, expected, 0.3),
+                               rtol=1e-4, atol=1e-5)
+    # The form run beside the antidiagonal kernel: its rows over their sums.
+    rows = candidate_sampled_scores(q, k, layout, 8, cand, True)
+    rows = torch.where(admissible_tiles(layout, True, "cuda"), rows, torch.zeros_like(rows))
+    torch.testing.assert_close(rows / rows.sum(-1, keepdim=True).clamp_min(1e-30), expected,
                                rtol=1e-4, atol=1e-5)

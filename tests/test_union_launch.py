@@ -93,22 +93,22 @@ def test_union_top_p_of_dense_rows_at_narrowed_widths():
 
 def _union_resources(width: int) -> tuple[int, int]:
     """(registers, spill-store bytes) per thread of the cascade's finishing launch at
-    ``width`` (probabilities, vertical-slash bins, the last-tile rule, forced tiles,
-    mask and indices, causal), compiled for sm_90 at :func:`launch_shape`'s rows and
-    warps."""
+    ``width`` (probabilities mixed with the sampled stage's rows, vertical-slash bins,
+    the last-tile rule, forced tiles, mask and indices, causal), compiled for sm_90 at
+    :func:`launch_shape`'s rows and warps."""
     rows, warps = launch_shape(width)
     constexprs = dict(
-        CAUSAL=True, HAS_PROBS=True, NORMALIZE=True, HAS_VS=True, HAS_OTHER=False,
+        CAUSAL=True, HAS_PROBS=True, NORMALIZE=True, HAS_SECOND=True, HAS_VS=True, HAS_OTHER=False,
         HAS_LAST=True, FORCE_SINK=True, FORCE_DIAGONAL=True, WRITE_MASK=True,
         WRITE_INDICES=True, ROWS=rows, WIDTH=width, LOG2_WIDTH=width.bit_length() - 1,
         CHECK_Q=False, CHECK_K=False,
         CHECK_V=False, D_PAD=128, DV_PAD=128, BLOCK_T=32, BLOCK_ROWS=tile_union.CHECK_ROWS,
         NARROW=True)
-    pointers = {"PROBS": "*fp32", "COLUMNS": "*i8", "DIAGONALS": "*i8", "OTHER": "*i1",
-                "LAST": "*i8", "MASK": "*i1", "NUM": "*i32", "IDX": "*i32", "Q": "*bf16",
-                "K": "*bf16", "V": "*bf16", "NONFINITE": "*fp64"}
+    pointers = {"PROBS": "*fp32", "SECOND": "*fp32", "COLUMNS": "*i8", "DIAGONALS": "*i8",
+                "OTHER": "*i1", "LAST": "*i8", "MASK": "*i1", "NUM": "*i32", "IDX": "*i32",
+                "Q": "*bf16", "K": "*bf16", "V": "*bf16", "NONFINITE": "*fp64"}
     return sm90_resources(tile_union._union_kernel, constexprs, pointers,
-                          floats=("threshold",), num_warps=warps, num_stages=1)
+                          floats=("threshold", "weight"), num_warps=warps, num_stages=1)
 
 
 @pytest.mark.parametrize("width", [256, 1024])
