@@ -67,6 +67,11 @@ ONE_PASS = True
 #: ``programs x min(key tiles, SCRATCH_TILES) x rows`` floats (at 128K tokens, 32/8
 #: heads and tile 128, 4096 programs x 128 x 64: 128 MiB).
 SCRATCH_TILES = 128
+#: Launch knobs, read at each call (0: the defaults, 4 warps up to 64 rows x D 128
+#: else 8; Triton's pipelining depth; key chunks of 128 keys for D up to 128, else 64).
+NUM_WARPS = 0
+NUM_STAGES = 0
+BLOCK_N = 0
 _MIN_DOT = 16
 
 
@@ -223,10 +228,11 @@ def _run_stage(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, layout: Tile
     per_head = -(-nq // tiles)
     programs = b * hkv * (group // heads) * per_head
     d_pad = max(_MIN_DOT, next_power_of_2(d))
-    block_n = max(_MIN_DOT, min(128 if d_pad <= 128 else 64,
+    block_n = max(_MIN_DOT, min(BLOCK_N or (128 if d_pad <= 128 else 64),
                                 next_power_of_2(layout.block_size)))
     upcast = q.dtype == torch.bfloat16 and kernels_interpreted(_candidate_sampled_kernel)
     cand = candidates.view(torch.uint8)
+    options = {"num_stages": NUM_STAGES} if NUM_STAGES else {}
     active = torch.empty(programs * nk, dtype=torch.int32, device=q.device)
     scratch_tiles = min(nk, SCRATCH_TILES) if ONE_PASS else 0
     e = torch.empty(max(1, programs * scratch_tiles * rows), dtype=torch.float32,
@@ -243,7 +249,7 @@ def _run_stage(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, layout: Tile
         IEEE=q.dtype == torch.float32 or upcast, UPCAST=upcast,
         SCAN_TILES=min(next_power_of_2(nk), max(16, SCAN_ELEMENTS // pairs)),
         ONE_PASS=bool(ONE_PASS), IN_PLACE=in_place,
-        num_warps=4 if rows * d_pad <= 64 * 128 else 8,
+        num_warps=NUM_WARPS or (4 if rows * d_pad <= 64 * 128 else 8), **options,
     )
     return out
 
