@@ -68,7 +68,11 @@ ONE_PASS = True
 #: heads and tile 128, 4096 programs x 128 x 64: 128 MiB).
 SCRATCH_TILES = 128
 #: Launch knobs, read at each call (0: the defaults, 4 warps up to 64 rows x D 128
-#: else 8; Triton's pipelining depth; key chunks of 128 keys for D up to 128, else 64).
+#: else 8; Triton's pipelining depth; key chunks of 64 keys). On the H200
+#: (results/h200_sampled_launch_0800dcb.json, the preset's whole selection, 32/8 heads,
+#: D 128, graph replays, masks equal) chunks of 64 keys took 0.140 / 0.470 / 2.553-2.561
+#: ms at 8K / 32K / 128K against 0.140 / 0.487 / 2.570-2.576 for 128 (the default until
+#: then); 8 warps 0.150 / 0.540 / 2.93; 2 or 4 pipeline stages within 0.3% of 3.
 NUM_WARPS = 0
 NUM_STAGES = 0
 BLOCK_N = 0
@@ -228,8 +232,7 @@ def _run_stage(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, layout: Tile
     per_head = -(-nq // tiles)
     programs = b * hkv * (group // heads) * per_head
     d_pad = max(_MIN_DOT, next_power_of_2(d))
-    block_n = max(_MIN_DOT, min(BLOCK_N or (128 if d_pad <= 128 else 64),
-                                next_power_of_2(layout.block_size)))
+    block_n = max(_MIN_DOT, min(BLOCK_N or 64, next_power_of_2(layout.block_size)))
     upcast = q.dtype == torch.bfloat16 and kernels_interpreted(_candidate_sampled_kernel)
     cand = candidates.view(torch.uint8)
     options = {"num_stages": NUM_STAGES} if NUM_STAGES else {}
