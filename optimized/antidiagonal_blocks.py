@@ -61,20 +61,14 @@ def masked_scores(raw, allowed, qk_scale, CHECK: tl.constexpr):
 
 
 @triton.jit
-def _u_product(s, u, q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, groups,
-               rows_ok, key_groups, query_start, num_queries, num_keys, q_desc, k_desc,
-               q_head_row, q_group, k_head_row, key_groups_start, STRIDE: tl.constexpr,
-               D_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
-               BLOCK_KG: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-               TMA: tl.constexpr, GATHER: tl.constexpr = False, part=0,
-               D_SPLIT: tl.constexpr = 1):
-    """``s + Q_u K_{S-1-u}^T``: row ``u`` of every query group (``q_head[r]`` is row
-    ``r``'s query head) against row ``S-1-u`` of every key group, one product of depth
-    ``D`` (with ``D_SPLIT > 1``, of depth ``D_PAD / D_SPLIT``: head dims ``part`` of
-    that many equal pieces). With ``TMA`` the rows come through the descriptors (box
-    origins ``q_head_row, q_group`` and ``k_head_row, key_groups_start``) instead of
-    pointer loads; with ``GATHER`` the key groups need not be consecutive
-    (:func:`_gathered_key_groups`) and the keys always come by pointer loads."""
+def _u_loads(u, q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, groups, rows_ok,
+             key_groups, query_start, num_queries, num_keys, q_desc, k_desc, q_head_row,
+             q_group, k_head_row, key_groups_start, STRIDE: tl.constexpr, D_PAD: tl.constexpr,
+             HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_KG: tl.constexpr,
+             UPCAST: tl.constexpr, TMA: tl.constexpr, GATHER: tl.constexpr = False, part=0,
+             D_SPLIT: tl.constexpr = 1):
+    """The operands of :func:`_u_product`: row ``u`` of every query group (ROWS, D part)
+    and row ``S-1-u`` of every key group, transposed (D part, BLOCK_KG)."""
     D_PART: tl.constexpr = D_PAD // D_SPLIT
     dims = part * D_PART + tl.arange(0, D_PART)
     dims_ok = dims < HEAD_DIM
@@ -103,9 +97,38 @@ def _u_product(s, u, q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
     if UPCAST:
         q_rows = q_rows.to(tl.float32)
         k_cols = k_cols.to(tl.float32)
+    return q_rows, k_cols
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """``acc + a @ b`` (fp32), exact fp32 products with ``IEEE``."""
     if IEEE:
-        return tl.dot(q_rows, k_cols, s, input_precision="ieee")
-    return tl.dot(q_rows, k_cols, s)
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _u_product(s, u, q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, groups,
+               rows_ok, key_groups, query_start, num_queries, num_keys, q_desc, k_desc,
+               q_head_row, q_group, k_head_row, key_groups_start, STRIDE: tl.constexpr,
+               D_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
+               BLOCK_KG: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+               TMA: tl.constexpr, GATHER: tl.constexpr = False, part=0,
+               D_SPLIT: tl.constexpr = 1):
+    """``s + Q_u K_{S-1-u}^T``: row ``u`` of every query group (``q_head[r]`` is row
+    ``r``'s query head) against row ``S-1-u`` of every key group, one product of depth
+    ``D`` (with ``D_SPLIT > 1``, of depth ``D_PAD / D_SPLIT``: head dims ``part`` of
+    that many equal pieces). With ``TMA`` the rows come through the descriptors (box
+    origins ``q_head_row, q_group`` and ``k_head_row, key_groups_start``) instead of
+    pointer loads; with ``GATHER`` the key groups need not be consecutive
+    (:func:`_gathered_key_groups`) and the keys always come by pointer loads."""
+    q_rows, k_cols = _u_loads(u, q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
+                              groups, rows_ok, key_groups, query_start, num_queries, num_keys,
+                              q_desc, k_desc, q_head_row, q_group, k_head_row,
+                              key_groups_start, STRIDE, D_PAD, HEAD_DIM, ROWS, BLOCK_KG,
+                              UPCAST, TMA, GATHER, part, D_SPLIT)
+    return _dot(q_rows, k_cols, s, IEEE)
 
 
 @triton.jit
@@ -254,11 +277,13 @@ def _store_pair_sums(out_rows, pair_ok, by_tile, tiles, num_key_tiles, stride_ot
 @triton.jit
 def _candidate_tiles(cand_pairs, pair_ok, scan_end, stride_ck, LIST, out_rows, stride_otile,
                      PAIRS: tl.constexpr, SCAN_TILES: tl.constexpr,
-                     STORE_ZEROS: tl.constexpr = True):
+                     STORE_ZEROS: tl.constexpr = True, out_rows2=None,
+                     SECOND: tl.constexpr = False):
     """The key tiles of ``[0, scan_end)`` in which some (head, query tile) pair of the
     program has a candidate, ascending, written to ``LIST``; returns how many. With
     ``STORE_ZEROS`` every other tile of that range gets a zero in each pair's output
-    row here (the listed ones are stored by the second pass)."""
+    row here (the listed ones are stored by the second pass); with ``SECOND`` also in
+    ``out_rows2``."""
     count = 0
     scan = tl.arange(0, SCAN_TILES)
     zeros = tl.zeros((PAIRS, SCAN_TILES), dtype=tl.float32)
@@ -273,6 +298,9 @@ def _candidate_tiles(cand_pairs, pair_ok, scan_end, stride_ck, LIST, out_rows, s
         tl.store(LIST + slot, tiles, mask=active)
         if STORE_ZEROS:
             tl.store(out_rows + tiles.to(tl.int64)[None, :] * stride_otile, zeros,
+                     mask=pair_ok[:, None] & (in_range & ~active)[None, :])
+        if SECOND:
+            tl.store(out_rows2 + tiles.to(tl.int64)[None, :] * stride_otile, zeros,
                      mask=pair_ok[:, None] & (in_range & ~active)[None, :])
         count += tl.sum(taken, axis=0)
     return count

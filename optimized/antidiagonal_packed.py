@@ -38,9 +38,7 @@ inputs, results/cpu_cascade_block_shares_af005af.json).
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -64,176 +62,31 @@ from .antidiagonal_blocks import (
     masked_scores,
     online_softmax_step,
 )
+from .antidiagonal_sampled import _group_samples, _scores_with_samples
+from .antidiagonal_shapes import (  # noqa: F401  (the launch shapes: public here too)
+    _MIN_DOT,
+    BLOCK_KEY_GROUPS,
+    CANDIDATE_TUNED,
+    MAX_ROWS,
+    ONE_PASS_MAX_PER_TILE,
+    ONE_PASS_MAX_SCRATCH_BYTES,
+    TARGET_ROWS,
+    TUNED,
+    TUNED_MAX_HEAD_DIM,
+    PackedTuning,
+    _check_tuning,
+    _shape,
+    antidiagonal_packed_applies,
+    default_tuning,
+    fitting_heads,
+    fused_sampled_applies,
+)
 from .launch import launch
 from .pooling import _flag_if_nonfinite
 
-BLOCK_KEY_GROUPS = 64
-TARGET_ROWS = 64
-MAX_ROWS = 128
-_MIN_DOT = 16
 #: Candidate flags one step of the candidate kernel's tile scan loads (pairs x key
 #: tiles).
 SCAN_ELEMENTS = 4096
-#: Largest number of groups per tile for which the one-pass form applies (stride 8
-#: at tile 128: the scratch is 16 times the output).
-ONE_PASS_MAX_PER_TILE = 16
-#: Largest one-pass scratch (bytes); a larger call takes the two-pass form. At 128K
-#: tokens, 32/8 heads, tile 128 and stride 8 the scratch is about 2.5 GiB.
-ONE_PASS_MAX_SCRATCH_BYTES = 8 << 30
-
-
-@dataclass(frozen=True)
-class PackedTuning:
-    """Launch shape of the packed kernel.
-
-    Attributes
-    ----------
-    target_rows : int
-        Rows (query groups x heads of a GQA group) a program aims to hold; at
-        large strides more rows reuse each loaded key block more often.
-    block_kg : int
-        Key groups per matrix product (a power of two, a multiple of the groups
-        per tile).
-    num_warps, num_stages : int
-        Triton's launch parameters (``num_stages`` pipelines the loop over the
-        rows ``u`` of a group).
-    one_pass : int
-        1: score every key block once, keep each row's per-tile sums of
-        ``2^(s - m_block)`` and each block's running max ``m_block`` in a
-        scratch buffer, and rescale them by ``2^(m_block - m) / l`` at the end
-        instead of recomputing the scores (applies when a tile holds at most
-        :data:`ONE_PASS_MAX_PER_TILE` groups; the scratch is that many times
-        the output). 0: two passes over the scores.
-    tma : int
-        1: load the query and key rows of each ``u`` through tensor
-        descriptors (the bulk tensor copy engine on Hopper) over q and k seen
-        as ``(heads, groups, S * D)``, where :func:`_tma_applies` says the
-        shapes allow it (contiguous q and k, lengths and the KV prefix whole
-        groups and tiles, the program's rows exactly its heads' groups);
-        elsewhere, and with 0, pointer loads.
-    heads : int
-        Query heads of a GQA group one program holds (a divisor of the group;
-        tensor descriptors need a power of two; 0: the whole group).
-        :func:`default_tuning` splits only groups whose rows pass
-        :data:`MAX_ROWS` (:func:`fitting_heads`). With one head and descriptors
-        a program's query rows are one box of consecutive groups, which the
-        matrix product reads straight from shared memory (several heads' rows
-        are first copied to registers for every ``u``), but on the H200 that
-        measured slower for the tuned shapes (benchmarks/NOTES.md item 49 (b)).
-    d_split : int
-        Pieces each ``u`` product is split into along the head dim (a power of
-        two; each piece is one pipelined step with its own loads), so that a
-        head dim of 256 runs a shape sized for 128 with the same shared memory.
-    """
-
-    target_rows: int = TARGET_ROWS
-    block_kg: int = BLOCK_KEY_GROUPS
-    num_warps: int = 4
-    num_stages: int = 3
-    one_pass: int = 1
-    tma: int = 0
-    heads: int = 0
-    d_split: int = 1
-
-
-#: Launch shapes by groups per tile (``block_size // stride``) for head dims up to
-#: ``TUNED_MAX_HEAD_DIM``. Measured on the H200 (benchmarks/results/
-#: h200_estimators_e37bc51.json, ``bench_estimators.py --stages``; 32/8 heads, D 128,
-#: bf16, 128K tokens): 128 rows and 128 key groups on 8 warps ran strides 32/64/128
-#: in 12.3/6.8/4.2 ms against 20.4/11.5/6.7 ms for the generic 64 x 64 on 4 warps.
-#: Stride 8 (16 groups per tile, one pass; h200_estimators_6f0e6ce.json): 25.2 ms
-#: against 34.3 ms for the generic shape and 45.2 ms for two passes. Loads through
-#: tensor descriptors (h200_estimators_4a1c52e.json): stride 8 at 8K/32K/128K
-#: 0.149/1.34/21.3 ms against 0.174/1.54/24.8 ms with pointer loads, stride 32
-#: 0.083/0.475/5.63 against 0.131/0.529/6.28 ms; 128 x 256 and 256 x 128 shapes (two
-#: stages) were then slower at every length (before the unmasked step below).
-#: Strides 64 and 128 were not timed with them.
-#: Stride 16 (8 groups per tile; h200_estimators_flat_stages_f3efba6.json, 128K): 12.0
-#: ms with tensor descriptors against 21.8 for the generic shape.
-#: Stride 8 since the dense path's unmasked step (h200_packed_shapes_dc0c941.json): 128
-#: rows x 256 key groups on two stages, 19.33 / 1.251 ms at 128K / 32K against 21.01 /
-#: 1.309 for 128 x 128 on three (which no longer fit shared memory at 256); before
-#: that step 128 x 256 spilled 388 bytes a thread and was slower at 32K.
-#: ``bench_estimators.py --use-fastest`` overwrites entries with a run's fastest.
-TUNED: dict[int, PackedTuning] = {
-    per_tile: PackedTuning(target_rows=128, block_kg=128, num_warps=8, num_stages=3,
-                           one_pass=1, tma=int(per_tile in (4, 8, 16)))
-    for per_tile in (1, 2, 4, 8)
-}
-TUNED[16] = PackedTuning(target_rows=128, block_kg=256, num_warps=8, num_stages=2, one_pass=1,
-                         tma=1)
-#: Launch shapes of candidate-restricted calls (the cascade), by groups per tile.
-#: Few key blocks of a program are scored, so small programs and blocks win
-#: (h200_estimators_b14b03c.json, stride 8 at 128K: 64 x 64 with tensor descriptors
-#: 0.876 ms against 1.06 for the dense calls' 128 x 128; h200_estimators_f6fb415.json,
-#: stride 16: 0.801 against 0.896 for the generic shape without them, 1.13 for
-#: 128 x 128; both before the candidate tiles were gathered). With them gathered
-#: (h200_candidate_shapes_634b2a0.json, the preset's whole selection, graph replays at
-#: 8K / 32K / 128K): 64 x 64 on 3 stages 0.136 / 0.420-0.427 / 2.208-2.215 ms; on 4
-#: stages 0.137 / 0.419 / 2.184; 64 x 32 0.134 / 0.427 / 2.188 (bd9e739's run); 32 rows
-#: 0.150 / 0.492 / 2.51; 8 warps 0.140 / 0.443 / 2.35.
-CANDIDATE_TUNED: dict[int, PackedTuning] = {
-    per_tile: PackedTuning(target_rows=64, block_kg=64, num_warps=4, num_stages=3,
-                           one_pass=1, tma=1)
-    for per_tile in (8, 16)
-}
-#: The tuned shapes' shared memory is sized for this head dim; larger head dims take
-#: them with each ``u`` product split into pieces of this width
-#: (``PackedTuning.d_split``).
-TUNED_MAX_HEAD_DIM = 128
-
-
-def default_tuning(per_tile: int, group: int, head_dim: int = 128,
-                   candidates: bool = False) -> PackedTuning:
-    """The launch shape used unless one is passed (:data:`TUNED`, or with
-    ``candidates`` :data:`CANDIDATE_TUNED`; else a generic one)."""
-    tuned = (CANDIDATE_TUNED if candidates else TUNED).get(per_tile)
-    if tuned is not None:
-        heads = tuned.heads if tuned.heads and group % tuned.heads == 0 else 0
-        if not heads and group * per_tile > MAX_ROWS:
-            # The group's rows do not fit one program: the tuned shape over as many
-            # of its heads as fill that shape's rows.
-            heads = fitting_heads(group, per_tile, tuned.target_rows)
-        if (heads or group) * per_tile <= tuned.target_rows:
-            # Head dims above TUNED_MAX_HEAD_DIM in pieces of that width.
-            d_split = max(1, next_power_of_2(head_dim) // TUNED_MAX_HEAD_DIM)
-            if (heads, d_split) == (tuned.heads, tuned.d_split):
-                return tuned  # the common case: no new object per call
-            return dataclasses.replace(tuned, heads=heads, d_split=d_split)
-    if group * per_tile > MAX_ROWS:
-        # The group's rows do not fit one program: split it (fitting_heads).
-        return PackedTuning(target_rows=MAX_ROWS, num_warps=8,
-                            heads=fitting_heads(group, per_tile))
-    rows = max(_MIN_DOT, next_power_of_2(group * per_tile))
-    return PackedTuning(num_warps=4 if rows <= 64 else 8)
-
-
-def fitting_heads(group: int, per_tile: int, rows: int = MAX_ROWS) -> int:
-    """Query heads per program for a GQA group whose rows (``group * per_tile``)
-    pass :data:`MAX_ROWS`: the largest power of two dividing ``group`` whose rows
-    fit ``rows`` (1 for an odd group).
-
-    Measured on the H200 (``results/h200_large_groups_42b8c73.json``, 32 query heads
-    on one KV head, graph replays, masks equal): the accurate preset's selection
-    0.126 / 0.388 ms at 8K / 32K against 1.32 / 15.7 with the reference restricted
-    scores in torch that ran before; E5's dense stride-8 scores 0.147 / 1.25
-    against 0.619 / 9.47 for the per-head kernel (1.25-1.27 ms for 32/8 heads at
-    32K, ``h200_flatten_dense_dc227d3.json``). The generic 128-row shape instead of
-    the tuned ones (16 heads a program for the restricted scores, 8 for the
-    dense) was slower (``h200_large_groups_{7cb18ff,2c39b58}.json``, NOTES item 49).
-    """
-    heads = 1
-    while group % (heads * 2) == 0 and heads * 2 * per_tile <= rows:
-        heads *= 2
-    return heads
-
-
-def antidiagonal_packed_applies(layout: TileLayout, stride: int) -> bool:
-    """Whether :func:`antidiagonal_packed_probabilities` takes this shape: groups per
-    tile a power of two dividing ``BLOCK_KEY_GROUPS``. Any GQA group: one whose rows
-    pass :data:`MAX_ROWS` is split over programs of :func:`fitting_heads` heads."""
-    per_tile = layout.block_size // stride
-    return per_tile & (per_tile - 1) == 0 and BLOCK_KEY_GROUPS % per_tile == 0
 
 
 def _tma_applies(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, stride: int,
@@ -251,34 +104,9 @@ def _tma_applies(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, stride: i
             and q.data_ptr() % 16 == 0 and k.data_ptr() % 16 == 0)
 
 
-def _check_tuning(tuning: PackedTuning, per_tile: int, group: int, d_pad: int) -> None:
-    for name in ("target_rows", "block_kg", "num_warps", "num_stages", "one_pass", "tma",
-                 "heads", "d_split"):
-        value = getattr(tuning, name)
-        least = 0 if name in ("one_pass", "tma", "heads") else 1
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"PackedTuning.{name} must be an int >= {least}, got {value!r}")
-    if tuning.block_kg & (tuning.block_kg - 1) or tuning.block_kg % per_tile:
-        raise ValueError(f"PackedTuning.block_kg must be a power of two and a multiple of the "
-                         f"{per_tile} groups per tile, got {tuning.block_kg}")
-    if tuning.d_split & (tuning.d_split - 1):
-        raise ValueError(f"PackedTuning.d_split must be a power of two, got {tuning.d_split}")
-    if d_pad // tuning.d_split < _MIN_DOT:
-        raise ValueError(f"PackedTuning.d_split={tuning.d_split} leaves pieces narrower than "
-                         f"{_MIN_DOT} of the padded head dim {d_pad}; use a smaller d_split")
-    if tuning.heads and group % tuning.heads:
-        raise ValueError(f"PackedTuning.heads must divide the GQA group of {group} query heads "
-                         f"(or be 0 for all of them), got {tuning.heads}")
-    heads = tuning.heads or group
-    if heads * per_tile > max(MAX_ROWS, tuning.target_rows):
-        raise ValueError(f"{heads} query heads x {per_tile} groups per tile do not fit "
-                         f"{max(MAX_ROWS, tuning.target_rows)} rows; set PackedTuning.heads "
-                         f"to fewer heads per program")
-
-
 @triton.jit
 def _packed_kernel(
-    Q, K, OUT, E, MB, NONFINITE, CAND, LIST,
+    Q, K, OUT, E, MB, NONFINITE, CAND, LIST, SECOND, E2, MB2,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_ob, stride_oh, stride_orow, stride_otile,
@@ -291,7 +119,7 @@ def _packed_kernel(
     BLOCK_KG: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ONE_PASS: tl.constexpr, CHECK: tl.constexpr, TMA: tl.constexpr = False,
     GROUP: tl.constexpr = 1, CANDIDATES: tl.constexpr = False,
-    SCAN_TILES: tl.constexpr = 16, D_SPLIT: tl.constexpr = 1,
+    SCAN_TILES: tl.constexpr = 16, D_SPLIT: tl.constexpr = 1, SAMPLED: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     # Program = (batch, KV head, which `heads` of its group, query tiles).
@@ -353,6 +181,17 @@ def _packed_kernel(
     m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((ROWS,), dtype=tl.float32)
     bad = tl.zeros((ROWS,), dtype=tl.float32)  # NaN once a full block held a NaN/Inf score
+    # SAMPLED: each query group's sample (antidiagonal_sampled), its statistics, output
+    # rows and one-pass scratch (laid out as E and MB).
+    m2 = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
+    l2 = tl.zeros((ROWS,), dtype=tl.float32)
+    out2_rows = (SECOND + b.to(tl.int64) * stride_ob
+                 + (head0 + pair_g).to(tl.int64)[:, None] * stride_oh
+                 + pair_tile.to(tl.int64)[:, None] * stride_orow)
+    e2_rows = E2 + (pid.to(tl.int64) * ROWS + rows)[:, None] * scratch_tiles
+    mb2_rows = MB2 + (pid.to(tl.int64) * ROWS + rows) * scratch_blocks
+    s_pos, s_rows = _group_samples(q_head, stride_qn, stride_qd, groups, rows_ok, query_start,
+                                   num_queries, STRIDE, HEAD_DIM, D_PAD, UPCAST, SAMPLED)
     if CANDIDATES:
         # Only the key tiles holding a candidate of some pair are scored: they are
         # listed once (the others' output tiles get zeros there), and each step of
@@ -365,7 +204,7 @@ def _packed_kernel(
         num_active = _candidate_tiles(cand_pairs, pair_ok,
                                       tl.minimum(num_key_tiles, key_blocks * TILES_PER_CHUNK),
                                       stride_ck, active, out_rows, stride_otile, PAIRS,
-                                      SCAN_TILES)
+                                      SCAN_TILES, True, out2_rows, SAMPLED)
         # Every thread reads the list some threads wrote.
         tl.debug_barrier()
         for slot in range(0, num_active, TILES_PER_CHUNK):
@@ -373,10 +212,20 @@ def _packed_kernel(
                                               BLOCK_KG, PER_TILE)
             cand = _candidate_block(cand_rows, rows_ok, key_groups, num_key_tiles, stride_ck,
                                     PER_TILE)
-            raw = _raw_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
-                              groups, rows_ok, key_groups, query_start, num_queries, num_keys,
-                              q_desc, k_desc, q_head_row, q_group, bh, 0, STRIDE, D_PAD,
-                              HEAD_DIM, ROWS, BLOCK_KG, IEEE, UPCAST, TMA, True, D_SPLIT)
+            if SAMPLED:
+                # The same key loads also score the samples: their per-tile sums.
+                raw, m2, l2 = _scores_with_samples(
+                    q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd, groups,
+                    rows_ok, key_groups, query_start, num_queries, num_keys, q_desc, q_head_row,
+                    q_group, s_rows, s_pos, cand, qk_scale * STRIDE, m2, l2, e2_rows, mb2_rows,
+                    slot * PER_TILE, chunk_tiles, CAUSAL, STRIDE, D_PAD, HEAD_DIM, ROWS,
+                    BLOCK_KG, PER_TILE, IEEE, UPCAST, TMA)
+            else:
+                raw = _raw_scores(q_head, k_head, stride_qn, stride_qd, stride_kn, stride_kd,
+                                  groups, rows_ok, key_groups, query_start, num_queries,
+                                  num_keys, q_desc, k_desc, q_head_row, q_group, bh, 0, STRIDE,
+                                  D_PAD, HEAD_DIM, ROWS, BLOCK_KG, IEEE, UPCAST, TMA, True,
+                                  D_SPLIT)
             # The scratch is indexed by list position (slot * PER_TILE stands for a
             # key start), the masks by the gathered groups.
             m_i, l_i, bad = _first_pass_step(
@@ -406,6 +255,8 @@ def _packed_kernel(
         _flag_if_nonfinite(l_i + bad, NONFINITE)
     m_shift = tl.where(m_i == float("-inf"), 0.0, m_i)
     inv_l = tl.where(rows_ok & (l_i > 0), 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
+    m2_shift = tl.where(m2 == float("-inf"), 0.0, m2)
+    inv_l2 = tl.where(rows_ok & (l2 > 0), 1.0 / tl.where(l2 > 0, l2, 1.0), 0.0)
     if ONE_PASS:
         # Other threads of the program read the scratch this pass wrote.
         tl.debug_barrier()
@@ -427,10 +278,15 @@ def _packed_kernel(
                                    ROWS, BLOCK_KG, IEEE, UPCAST, False, TMA, cand, CANDIDATES,
                                    True, D_SPLIT)
                 by_tile = _tile_sums(s, m_shift, inv_l, ROWS, BLOCK_KG, PER_TILE)
-            _store_pair_sums(out_rows, pair_ok, by_tile,
-                             _listed_tiles(active, slot, num_active, num_key_tiles,
-                                           TILES_PER_CHUNK),
-                             num_key_tiles, stride_otile, PAIRS, PER_TILE, TILES_PER_CHUNK)
+            listed = _listed_tiles(active, slot, num_active, num_key_tiles, TILES_PER_CHUNK)
+            _store_pair_sums(out_rows, pair_ok, by_tile, listed, num_key_tiles, stride_otile,
+                             PAIRS, PER_TILE, TILES_PER_CHUNK)
+            if SAMPLED:
+                by_tile2 = _one_pass_sums(e2_rows, slot * PER_TILE, chunk_tiles,
+                                          tl.load(mb2_rows + slot // TILES_PER_CHUNK),
+                                          m2_shift, inv_l2, PER_TILE)
+                _store_pair_sums(out2_rows, pair_ok, by_tile2, listed, num_key_tiles,
+                                 stride_otile, PAIRS, PER_TILE, TILES_PER_CHUNK)
     else:
         for key_start in range(0, key_end, BLOCK_KG):
             if ONE_PASS:
@@ -455,7 +311,8 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
                                       tuning: PackedTuning | None = None, *,
                                       normalize: bool = True,
                                       nonfinite: torch.Tensor | None = None,
-                                      candidates: torch.Tensor | None = None) -> torch.Tensor:
+                                      candidates: torch.Tensor | None = None,
+                                      sampled: torch.Tensor | None = None) -> torch.Tensor:
     """Antidiagonal tile probabilities, GQA heads packed (inputs validated by the caller).
 
     ``tuning`` overrides the launch shape (:func:`default_tuning`); the result
@@ -471,13 +328,18 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
     a program scores only the key tiles in which some of its rows has a
     candidate tile (module docstring).
 
+    ``sampled`` (B, Hq, nq, nk) float32, with ``candidates`` where
+    :func:`fused_sampled_applies`: the kernel also writes the cascade's
+    sampled-query rows there, from the same key loads
+    (:mod:`prism.optimized.antidiagonal_sampled`; each query group's sample,
+    as :func:`prism.optimized.candidate_sampled.candidate_sampled_scores`).
+
     Returns
     -------
     Tensor (B, Hq, nq, nk), float32
     """
     b, hq, nq_tokens, d = q.shape
     hkv, nk_tokens = k.shape[1], k.shape[2]
-    group = hq // hkv
     nq, nk = layout.num_query_tiles, layout.num_key_tiles
     # Every admissible tile of every row is stored (a program's key groups reach
     # its last query tile's); the others only matter when normalised here.
@@ -485,31 +347,24 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
                                                       device=q.device)
     if out.numel() == 0:
         return out
-    per_tile = layout.block_size // stride
-    d_pad = max(_MIN_DOT, next_power_of_2(d))
-    if tuning is None:
-        tuning = default_tuning(per_tile, group, d_pad, candidates is not None)
-    _check_tuning(tuning, per_tile, group, d_pad)
-    heads = tuning.heads or group
-    tiles = max(1, tuning.target_rows // (heads * per_tile))
-    rows = max(_MIN_DOT, next_power_of_2(heads * per_tile * tiles))
+    per_tile, d_pad, tuning, heads, tiles, rows, programs, key_blocks, one_pass = _shape(
+        q, k, layout, stride, tuning, candidates is not None, sampled is not None)
+    if sampled is not None and not (candidates is not None and one_pass and tuning.d_split == 1):
+        raise ValueError("the sampled stage runs in the packed kernel only with candidates, "
+                         "the one-pass form and D_SPLIT 1 (fused_sampled_applies)")
     pairs = rows // per_tile
     per_head = -(-nq // tiles)
     upcast = q.dtype == torch.bfloat16 and kernels_interpreted(_packed_kernel)
-    programs = b * hkv * (group // heads) * per_head
     key_groups = -(-nk_tokens // stride)
-    key_blocks = -(-key_groups // tuning.block_kg)
-    scratch_tiles = key_blocks * (tuning.block_kg // per_tile)
-    one_pass = (bool(tuning.one_pass) and per_tile <= ONE_PASS_MAX_PER_TILE
-                and programs * rows * (scratch_tiles + key_blocks) * 4
-                <= ONE_PASS_MAX_SCRATCH_BYTES)
-    scratch_tiles = scratch_tiles if one_pass else 1
+    scratch_tiles = key_blocks * (tuning.block_kg // per_tile) if one_pass else 1
     tma = bool(tuning.tma) and _tma_applies(q, k, layout, stride, rows, heads,
                                             tiles * per_tile, d)
     e = torch.empty(programs * rows * scratch_tiles if one_pass else 1, dtype=torch.float32,
                     device=q.device)
     mb = torch.empty(programs * rows * key_blocks if one_pass else 1, dtype=torch.float32,
                      device=q.device)
+    # The sampled stage's own one-pass scratch, laid out as e and mb.
+    e2, mb2 = (torch.empty_like(e), torch.empty_like(mb)) if sampled is not None else (mb, mb)
     if candidates is not None:
         cand = candidates.view(torch.uint8)
         cand_strides = cand.stride()
@@ -520,9 +375,10 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
         cand, cand_strides, active = mb, (0, 0, 0, 0), mb
     launch(
         _packed_kernel, (programs,), q, k, out, e, mb,
-        nonfinite if nonfinite is not None else mb, cand, active, *q.stride(), *k.stride(),
+        nonfinite if nonfinite is not None else mb, cand, active,
+        sampled if sampled is not None else mb, e2, mb2, *q.stride(), *k.stride(),
         *out.stride(), *cand_strides,
-        hkv, group, heads, tiles, per_head, nq_tokens, nk_tokens, layout.query_start,
+        hkv, hq // hkv, heads, tiles, per_head, nq_tokens, nk_tokens, layout.query_start,
         layout.first_query_tile, nq, nk, key_groups,
         math.log2(math.e) / (math.sqrt(d) * stride), scratch_tiles, key_blocks, b * hq,
         b * hkv, nq_tokens // stride,
@@ -532,7 +388,7 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
         GROUP=heads if tma else 1, CANDIDATES=candidates is not None,
         SCAN_TILES=min(next_power_of_2(key_blocks * (tuning.block_kg // per_tile)),
                        max(16, SCAN_ELEMENTS // pairs)), D_SPLIT=tuning.d_split,
-        num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+        SAMPLED=sampled is not None, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
     )
     if not normalize:
         return out
@@ -541,5 +397,6 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
 
 
 __all__ = ["CANDIDATE_TUNED", "PackedTuning", "antidiagonal_packed_applies", "fitting_heads",
+           "fused_sampled_applies",
            "antidiagonal_packed_probabilities", "TUNED", "masked_scores", "default_tuning",
            "online_softmax_step"]

@@ -95,18 +95,24 @@ def check_candidates(candidates, q: torch.Tensor, layout: TileLayout) -> None:
 def candidate_antidiagonal_tile_scores(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
                                        stride: int, causal: bool, *, normalize: bool,
                                        candidates: torch.Tensor,
-                                       nonfinite: torch.Tensor | None = None) -> torch.Tensor:
+                                       nonfinite: torch.Tensor | None = None,
+                                       sampled: torch.Tensor | None = None) -> torch.Tensor:
     """Candidate-restricted antidiagonal tile probabilities on validated inputs.
 
     ``normalize=False`` returns the rows before their division by their sums
     (defined at the admissible tiles). ``nonfinite`` is set only by what the
     kernel reads (skipped key blocks are not read): callers rely on the
-    candidate selection's pooling launch for the full check.
+    candidate selection's pooling launch for the full check. ``sampled``: where
+    :func:`~prism.optimized.antidiagonal_packed.fused_sampled_applies`, the same
+    launch writes the sampled stage's rows there.
     """
     if antidiagonal_packed_applies(layout, stride):
         return antidiagonal_packed_probabilities(
             q, k, layout, stride, causal, normalize=normalize, nonfinite=nonfinite,
-            candidates=candidates.contiguous())
+            candidates=candidates.contiguous(), sampled=sampled)
+    if sampled is not None:
+        raise ValueError("the sampled stage runs in the antidiagonal launch only where "
+                         "fused_sampled_applies")
     return candidate_antidiagonal_probabilities(q, k, layout, stride, candidates, causal)
 
 

@@ -59,6 +59,7 @@ from prism.reference.registry import (
 from prism.reference.select import trace_selection
 from prism.reference.tiles import TileLayout
 
+from .antidiagonal_packed import fused_sampled_applies
 from .candidate_sampled import candidate_sampled_mix_, candidate_sampled_scores
 from .cascade import _as_prism, candidate_antidiagonal_tile_scores, prism_mask
 from .estimators import KERNEL_STAGES, antidiagonal_tile_scores
@@ -101,6 +102,13 @@ VS_AFTER_POOLING_MIN_KEY_TILES = 33
 #: kernel and mixes in place (:func:`~prism.optimized.candidate_sampled.candidate_sampled_mix_`).
 #: Read at each call (a replayed call plan keeps the form it recorded).
 SAMPLED_BESIDE = True
+#: ... and where the samples are the antidiagonal's query groups
+#: (``sampled_queries == block_size // antidiagonal_stride``, the accurate preset;
+#: :func:`~prism.optimized.antidiagonal_packed.fused_sampled_applies`), True: the
+#: restricted antidiagonal kernel scores them itself from the keys it loads
+#: (:mod:`prism.optimized.antidiagonal_sampled`) and no stage launch runs. Read at
+#: each call.
+SAMPLED_FUSED = True
 #: Side-stream slot (:func:`~prism.optimized.plan_items.side_stream`) of that stage.
 SAMPLED_SLOT = 3
 
@@ -256,7 +264,12 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
     if stage is not None:
         scores, field, reads_every_query = PROBABILITY_STAGES[stage]
         mixed = with_mix and cfg.sampled_weight > 0
-        beside = mixed and SAMPLED_BESIDE and q.is_cuda
+        fused = mixed and SAMPLED_FUSED and fused_sampled_applies(
+            q, k, layout, cfg.antidiagonal_stride, cfg.sampled_queries)
+        if fused:
+            second = torch.empty(b, hq, nq, nk, dtype=torch.float32, device=q.device)
+            extra["sampled"] = second
+        beside = mixed and not fused and SAMPLED_BESIDE and q.is_cuda
         if beside:
             # The sampled stage reads only q, k and the candidates: it runs beside the
             # antidiagonal kernel, and the finishing launch mixes their rows.
@@ -269,10 +282,10 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
                        nonfinite=nonfinite, **extra)
         if beside:
             join(main, side)
-        elif mixed and SAMPLED_BESIDE:
+        elif mixed and not fused and SAMPLED_BESIDE:
             second = candidate_sampled_scores(q, k, layout, cfg.sampled_queries,
                                               extra["candidates"], causal)
-        elif mixed:
+        elif mixed and not fused:
             probs = candidate_sampled_mix_(probs, q, k, layout, cfg.sampled_queries,
                                            cfg.sampled_weight, extra["candidates"], causal)
         if not reads_every_query and not on_candidates:
@@ -329,4 +342,5 @@ def _general(q, k, v, cfg, causal, layout, spec, write_indices, prism_source=Non
 
 
 __all__ = ["CANDIDATE_STAGES", "MIX_STAGE", "PROBABILITY_STAGES", "SAMPLED_BESIDE",
+           "SAMPLED_FUSED",
            "estimator_select", "fused_form"]

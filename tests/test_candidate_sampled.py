@@ -18,6 +18,10 @@ from test_optimized_estimators import DEVICE, _assert_masks_agree, _qk, _stage_b
 
 from prism import optimized, reference
 from prism.optimized import candidate_sampled, estimator_path
+from prism.optimized.antidiagonal_packed import (
+    antidiagonal_packed_probabilities,
+    fused_sampled_applies,
+)
 from prism.optimized.candidate_sampled import (
     candidate_sampled_mix_,
     candidate_sampled_scores,
@@ -211,6 +215,61 @@ def test_scores_form_rows_and_zeros(causal):
                                / rows[..., None], expected, rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("b, hq, hkv, nq, nk, bs, stride, causal, dtype", [
+    (1, 4, 2, 64, 64, 32, 8, True, torch.float32),
+    (1, 4, 2, 72, 164, 32, 8, True, torch.float32),    # KV prefix, partial last group
+    (2, 2, 2, 64, 100, 32, 4, False, torch.float16),   # non-causal, batch 2
+    (1, 3, 1, 90, 120, 32, 4, True, torch.float32),    # odd group, partial last tile
+    (1, 32, 1, 64, 64, 16, 4, True, torch.float32),    # group of 32: heads split
+])
+def test_antidiagonal_kernel_writes_the_sampled_rows(b, hq, hkv, nq, nk, bs, stride, causal,
+                                                     dtype):
+    """With samples = block_size / stride the restricted antidiagonal launch scores
+    each query group's sample from its own key loads (``sampled=``): the stage
+    kernel's rows (exact zeros off the candidates, every admissible entry written),
+    the reference stage's once normalised, and the antidiagonal rows unchanged."""
+    q, k = _qk(b, hq, hkv, nq, nk, 16, seed=nq + nk, dtype=dtype, scale=2.0)
+    layout = tile_layout(nq, nk, bs, causal)
+    cand = _random_candidates(layout, hq, causal, seed=nq, b=b)
+    samples = bs // stride
+    assert fused_sampled_applies(q, k, layout, stride, samples)
+    second = torch.full(cand.shape, float("nan"), device=DEVICE)
+    q0, k0, c0 = q.clone(), k.clone(), cand.clone()
+    anti = antidiagonal_packed_probabilities(q, k, layout, stride, causal, normalize=False,
+                                             candidates=cand.contiguous(), sampled=second)
+    assert torch.equal(q, q0) and torch.equal(k, k0) and torch.equal(cand, c0)
+    admissible = admissible_tiles(layout, causal, DEVICE).expand_as(cand)
+    assert not second[admissible].isnan().any()
+    assert torch.equal(second[admissible & ~cand], torch.zeros_like(second[admissible & ~cand]))
+    alone = antidiagonal_packed_probabilities(q, k, layout, stride, causal, normalize=False,
+                                              candidates=cand.contiguous())
+    torch.testing.assert_close(anti[admissible], alone[admissible], rtol=1e-6, atol=1e-7)
+    stage = candidate_sampled_scores(q, k, layout, samples, cand, causal)
+    torch.testing.assert_close(second[admissible], stage[admissible], rtol=2e-5, atol=2e-6)
+    rows = torch.where(admissible, second, torch.zeros_like(second))
+    torch.testing.assert_close(rows / rows.sum(-1, keepdim=True).clamp_min(1e-30),
+                               candidate_sampled_probabilities(q, k, layout, samples, cand,
+                                                               causal),
+                               rtol=2e-5, atol=1e-6)
+
+
+def test_fused_stage_applies_only_to_group_samples():
+    q, k = _qk(1, 2, 1, 64, 64, 16, seed=1)
+    layout = tile_layout(64, 64, 32, True)
+    assert fused_sampled_applies(q, k, layout, 8, 4)
+    assert not fused_sampled_applies(q, k, layout, 8, 8)   # samples are not the groups
+    assert not fused_sampled_applies(q, k, layout, 8, 2)
+    # The preset's tile and stride at D 256: the tuned shape splits each product.
+    wide_q, wide_k = _qk(1, 2, 1, 256, 256, 256, seed=1)
+    wide = tile_layout(256, 256, 128, True)
+    assert fused_sampled_applies(*_qk(1, 2, 1, 256, 256, 128, seed=1), wide, 16, 8)
+    assert not fused_sampled_applies(wide_q, wide_k, wide, 16, 8)
+    cand = _random_candidates(wide, 2, True, seed=1)
+    with pytest.raises(ValueError, match="fused_sampled_applies"):
+        antidiagonal_packed_probabilities(wide_q, wide_k, wide, 16, True, normalize=False,
+                                          candidates=cand, sampled=torch.empty(cand.shape))
+
+
 def test_union_mixes_a_second_row_as_the_reference():
     """``union_tiles(second=...)`` keeps the reference's top-p of the reference's mix of
     the two rows (tiles whose mass before them lies within 1e-5 of p excepted: fp32
@@ -250,22 +309,26 @@ def test_kernel_refuses_bad_arguments():
         candidate_sampled_tile_probabilities(q, k, layout, 4, cand.float(), True)
 
 
-def _cfg(weight, **kw):
+def _cfg(weight, samples=8, **kw):
     return PrismConfig(block_size=32, estimator="cascade", antidiagonal_stride=8,
                        candidate_threshold=0.9, high_threshold=0.6,
-                       vertical_slash_threshold=0.1, last_queries=16, sampled_queries=8,
+                       vertical_slash_threshold=0.1, last_queries=16, sampled_queries=samples,
                        sampled_weight=weight, **kw)
 
 
-@pytest.mark.parametrize("beside", [True, False])
+@pytest.mark.parametrize("form", ["fused", "beside", "in_place"])
+@pytest.mark.parametrize("samples", [8, 4])
 @pytest.mark.parametrize("weight, causal", [(0.3, True), (1.0, True), (0.5, False)])
-def test_fused_selection_matches_the_reference(weight, causal, beside, monkeypatch):
-    """Both forms of the stage in the fused path: its own rows mixed by the finishing
-    launch (beside the antidiagonal kernel on CUDA), or mixed in place after it."""
-    monkeypatch.setattr(estimator_path, "SAMPLED_BESIDE", beside)
+def test_fused_selection_matches_the_reference(weight, causal, samples, form, monkeypatch):
+    """Every form of the stage in the fused path: scored by the antidiagonal launch
+    itself (4 samples = the groups of tile 32 at stride 8; with 8 that form does not
+    apply and the next one runs), its own launch mixed by the finishing launch
+    (beside the antidiagonal kernel on CUDA), or mixed in place after it."""
+    monkeypatch.setattr(estimator_path, "SAMPLED_FUSED", form == "fused")
+    monkeypatch.setattr(estimator_path, "SAMPLED_BESIDE", form != "in_place")
     nq, nk = (160, 256) if causal else (128, 128)
     q, k = _qk(1, 4, 2, nq, nk, 32, seed=7, transposed=True, scale=4.0)
-    cfg = _cfg(weight)
+    cfg = _cfg(weight, samples)
     layout = tile_layout(nq, nk, 32, causal)
     cand = prism_candidate_tiles(q, k, cfg, causal, reference.trace_selection)
     assert torch.equal(optimized.cascade.prism_candidate_tiles_kernel(q, k, cfg, causal), cand)
@@ -273,7 +336,7 @@ def test_fused_selection_matches_the_reference(weight, causal, beside, monkeypat
     expected = reference.select_blocks(q, k, cfg, causal=causal)
     probs = mix_tile_probabilities(
         candidate_antidiagonal_probabilities(q, k, layout, 8, cand, causal),
-        candidate_sampled_probabilities(q, k, layout, 8, cand, causal), weight)
+        candidate_sampled_probabilities(q, k, layout, samples, cand, causal), weight)
     _assert_masks_agree(mask, expected, _stage_boundary(probs, cfg, layout, causal))
     assert flag.item() == 0
     # Not vacuous: the sampled stage changes the reference's mask on these inputs.
@@ -281,11 +344,13 @@ def test_fused_selection_matches_the_reference(weight, causal, beside, monkeypat
 
 
 def test_weight_zero_runs_no_sampled_stage(monkeypatch):
+    """Weight 0 runs no stage in any form (each refuses if called)."""
     def refuse(*args, **kwargs):
         raise AssertionError("the sampled stage ran")
 
     monkeypatch.setattr(estimator_path, "candidate_sampled_mix_", refuse)
     monkeypatch.setattr(estimator_path, "candidate_sampled_scores", refuse)
+    monkeypatch.setattr(estimator_path, "fused_sampled_applies", refuse)
     monkeypatch.setattr("prism.reference.registry.candidate_sampled_probabilities", refuse)
     q, k = _qk(1, 2, 1, 96, 96, 16, seed=2, scale=3.0)
     optimized.select_blocks(q, k, _cfg(0.0))
@@ -336,7 +401,15 @@ def test_sampled_stage_on_the_gpu_bf16(n):
     torch.testing.assert_close(mixed, mix_tile_probabilities(anti, expected, 0.3),
                                rtol=1e-4, atol=1e-5)
     # The form run beside the antidiagonal kernel: its rows over their sums.
+    admissible = admissible_tiles(layout, True, "cuda")
     rows = candidate_sampled_scores(q, k, layout, 8, cand, True)
-    rows = torch.where(admissible_tiles(layout, True, "cuda"), rows, torch.zeros_like(rows))
+    rows = torch.where(admissible, rows, torch.zeros_like(rows))
     torch.testing.assert_close(rows / rows.sum(-1, keepdim=True).clamp_min(1e-30), expected,
                                rtol=1e-4, atol=1e-5)
+    # The preset's form: the antidiagonal launch scores its groups' samples itself.
+    assert fused_sampled_applies(q, k, layout, 16, 8)
+    fused = torch.full_like(rows, float("nan"))
+    antidiagonal_packed_probabilities(q, k, layout, 16, True, normalize=False,
+                                      candidates=cand.contiguous(), sampled=fused)
+    fused = torch.where(admissible, fused, torch.zeros_like(fused))
+    torch.testing.assert_close(fused, rows, rtol=1e-4, atol=1e-5)

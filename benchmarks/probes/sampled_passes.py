@@ -5,9 +5,10 @@ bf16, tile 128, causal), the accurate preset's whole selection without the stage
 (``sampled_weight`` 0, the preset until 2026-12-05), and with 8 sampled queries at
 weight 0.3 in the stage's one-pass form (``candidate_sampled.ONE_PASS``, a scratch
 buffer) beside the antidiagonal kernel (``estimator_path.SAMPLED_BESIDE``) or in
-place after it (``in_place``), its two-pass form (scores computed twice), and the
-one-pass form with 128 or 32 rows a program (``candidate_sampled.TARGET_ROWS``)
-instead of 64, interleaved, as
+place after it (``in_place``), its two-pass form (scores computed twice), and
+scored inside the antidiagonal launch (``fused``, ``estimator_path.SAMPLED_FUSED``;
+the 32- and 128-row forms of ``candidate_sampled.TARGET_ROWS`` that d191a48's run
+timed are in ``h200_sampled_beside_d191a48.json``), interleaved, as
 eager and CUDA-graph ms; whether the forms' masks are equal, and how many tiles the
 stage changes.
 
@@ -39,24 +40,22 @@ def row(n):
                "sampled": PrismConfig.preset("accurate", sampled_queries=8, sampled_weight=0.3)}
     chosen = {}
 
-    def pick(name, one_pass, rows=64, beside=True):
+    def pick(name, one_pass, rows=64, beside=True, fused=False):
         def apply():
             chosen["cfg"] = configs[name]
             candidate_sampled.ONE_PASS = one_pass
             candidate_sampled.TARGET_ROWS = rows
             estimator_path.SAMPLED_BESIDE = beside
+            estimator_path.SAMPLED_FUSED = fused
         return apply
 
-    settings = [("preset", pick("preset", True)), ("one_pass", pick("sampled", True)),
+    settings = [("preset", pick("preset", True)), ("fused", pick("sampled", True, fused=True)),
+                ("one_pass", pick("sampled", True)),
                 ("in_place", pick("sampled", True, beside=False)),
-                ("two_pass", pick("sampled", False)),
-                ("one_pass_128_rows", pick("sampled", True, 128)),
-                ("one_pass_32_rows", pick("sampled", True, 32)),
-                ("in_place_32_rows", pick("sampled", True, 32, False))] * 2
+                ("two_pass", pick("sampled", False))] * 2
     masks = time_variants(lambda: optimized.select_blocks(q, k, chosen["cfg"]), settings, out,
-                          pick("preset", True))
-    out["rows_128_equal"] = bool(masks["one_pass"].equal(masks["one_pass_128_rows"]))
-    out["rows_32_equal"] = bool(masks["one_pass"].equal(masks["one_pass_32_rows"]))
+                          pick("preset", True, fused=True))
+    out["fused_equal"] = bool(masks["one_pass"].equal(masks["fused"]))
     out["forms_equal"] = bool(masks["one_pass"].equal(masks["two_pass"]))
     out["in_place_equal"] = bool(masks["one_pass"].equal(masks["in_place"]))
     out["tiles_changed_by_stage"] = int((masks["one_pass"] != masks["preset"]).sum())
