@@ -34,6 +34,13 @@ scoring every whole key block that holds a candidate
 sink and the diagonal tiles, in different blocks of eight (4.6 listed tiles
 against 2.1 such blocks per program at 8K on the CPU draw of the synthetic
 inputs, results/cpu_cascade_block_shares_af005af.json).
+
+With ``sampled=`` as well (``SAMPLED``; the cascade's sampled stage where its
+samples are the query groups, :func:`fused_sampled_applies`), the candidate
+form also scores each row's sample against the same key loads and writes the
+stage's rows (:mod:`prism.optimized.antidiagonal_sampled`). The launch shapes
+(:class:`PackedTuning`, the tuned tables, :func:`default_tuning`) live in
+:mod:`prism.optimized.antidiagonal_shapes` and are re-exported here.
 """
 
 from __future__ import annotations
