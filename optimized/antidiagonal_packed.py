@@ -77,6 +77,7 @@ from .antidiagonal_shapes import (  # noqa: F401  (the launch shapes: public her
     MAX_ROWS,
     ONE_PASS_MAX_PER_TILE,
     ONE_PASS_MAX_SCRATCH_BYTES,
+    SAMPLED_TUNED,
     TARGET_ROWS,
     TUNED,
     TUNED_MAX_HEAD_DIM,

@@ -126,6 +126,18 @@ CANDIDATE_TUNED: dict[int, PackedTuning] = {
                            one_pass=1, tma=1)
     for per_tile in (8, 16)
 }
+#: Launch shapes of candidate-restricted calls that also score the cascade's sampled
+#: stage (``sampled=``), by groups per tile. The products with the samples need more
+#: registers: compiled for sm_90 with the call's specialisations (ptxas, D 128, one
+#: pass, tensor descriptors; tests/test_packed_launch.py) 64 rows x 32 key groups on 4
+#: warps spill 8 bytes a thread (255 registers), on 8 warps none (234); 64 x 64 on 8
+#: warps none (226 on 3 stages, 225 on 2); 32 x 32 on 4 warps none (255). Read at
+#: each call.
+SAMPLED_TUNED: dict[int, PackedTuning] = {
+    per_tile: PackedTuning(target_rows=64, block_kg=64, num_warps=8, num_stages=3,
+                           one_pass=1, tma=1)
+    for per_tile in (8, 16)
+}
 #: The tuned shapes' shared memory is sized for this head dim; larger head dims take
 #: them with each ``u`` product split into pieces of this width
 #: (``PackedTuning.d_split``).
@@ -133,10 +145,13 @@ TUNED_MAX_HEAD_DIM = 128
 
 
 def default_tuning(per_tile: int, group: int, head_dim: int = 128,
-                   candidates: bool = False) -> PackedTuning:
+                   candidates: bool = False, sampled: bool = False) -> PackedTuning:
     """The launch shape used unless one is passed (:data:`TUNED`, or with
-    ``candidates`` :data:`CANDIDATE_TUNED`; else a generic one)."""
-    tuned = (CANDIDATE_TUNED if candidates else TUNED).get(per_tile)
+    ``candidates`` :data:`CANDIDATE_TUNED`, and with ``sampled`` too
+    :data:`SAMPLED_TUNED`; else a generic one)."""
+    table = SAMPLED_TUNED if candidates and sampled else (
+        CANDIDATE_TUNED if candidates else TUNED)
+    tuned = table.get(per_tile)
     if tuned is not None:
         heads = tuned.heads if tuned.heads and group % tuned.heads == 0 else 0
         if not heads and group * per_tile > MAX_ROWS:
@@ -218,7 +233,7 @@ def _shape(q, k, layout: TileLayout, stride: int, tuning, candidates: bool, samp
     per_tile = layout.block_size // stride
     d_pad = max(_MIN_DOT, next_power_of_2(d))
     if tuning is None:
-        tuning = default_tuning(per_tile, group, d_pad, candidates)
+        tuning = default_tuning(per_tile, group, d_pad, candidates, sampled)
     _check_tuning(tuning, per_tile, group, d_pad)
     heads = tuning.heads or group
     tiles = max(1, tuning.target_rows // (heads * per_tile))
@@ -244,6 +259,6 @@ def fused_sampled_applies(q, k, layout: TileLayout, stride: int, samples: int) -
 
 
 __all__ = ["BLOCK_KEY_GROUPS", "CANDIDATE_TUNED", "MAX_ROWS", "ONE_PASS_MAX_PER_TILE",
-           "ONE_PASS_MAX_SCRATCH_BYTES", "PackedTuning", "TARGET_ROWS", "TUNED",
+           "ONE_PASS_MAX_SCRATCH_BYTES", "PackedTuning", "SAMPLED_TUNED", "TARGET_ROWS", "TUNED",
            "TUNED_MAX_HEAD_DIM", "antidiagonal_packed_applies", "default_tuning",
            "fitting_heads", "fused_sampled_applies"]
