@@ -131,10 +131,16 @@ CANDIDATE_TUNED: dict[int, PackedTuning] = {
 #: registers: compiled for sm_90 with the call's specialisations (ptxas, D 128, one
 #: pass, tensor descriptors; tests/test_packed_launch.py) 64 rows x 32 key groups on 4
 #: warps spill 8 bytes a thread (255 registers), on 8 warps none (234); 64 x 64 on 8
-#: warps none (226 on 3 stages, 225 on 2); 32 x 32 on 4 warps none (255). Read at
-#: each call.
+#: warps none (226 on 3 stages, 225 on 2); 32 x 32 on 4 warps none (255); the
+#: candidate shape (64 x 64 on 4 warps) 992 bytes. Yet on the H200
+#: (results/h200_sampled_fused_ba9fec0.json, the preset's whole selection, 32/8
+#: heads, D 128, graph replays, masks equal) 64 x 32 on 4 warps was the fastest:
+#: 0.136 / 0.458 / 2.317-2.321 ms at 8K / 32K / 128K, against 0.156 / 0.548 / 2.84
+#: on 8 warps, 0.160 / 0.562 / 2.92 for 64 x 64 on 8 warps, 0.162 / 0.550 / 2.79 for
+#: 32 x 32, and 0.140 / 0.469 / 2.545-2.559 for the stage's own launch beside the
+#: kernel. Read at each call.
 SAMPLED_TUNED: dict[int, PackedTuning] = {
-    per_tile: PackedTuning(target_rows=64, block_kg=64, num_warps=8, num_stages=3,
+    per_tile: PackedTuning(target_rows=64, block_kg=32, num_warps=4, num_stages=3,
                            one_pass=1, tma=1)
     for per_tile in (8, 16)
 }

@@ -9,7 +9,7 @@ Two launches the notes time on the H200 (benchmarks/NOTES.md items 47 and 48):
   64 x 64 on 4 warps, 3 stages), whose gathered key tiles are read by pointer
   loads: they must stay asynchronous copies (``cp.async``, pipelined across
   the ``u`` products) and not spill (item 48 (b)); and the same launch scoring
-  the cascade's sampled stage too (``SAMPLED_TUNED[8]``, 64 x 64 on 8 warps).
+  the cascade's sampled stage too (``SAMPLED_TUNED[8]``, 64 x 32 on 4 warps).
 
 Each is compiled with the ptxas that ships with Triton, with the
 specialisations Triton gives the real call (unit head-dim strides, other
@@ -71,11 +71,13 @@ def test_gathered_candidate_launch_pipelines_its_key_loads():
 
 def test_candidate_launch_with_the_sampled_stage_does_not_spill():
     """The accurate preset's restricted antidiagonal launch that also scores its
-    sampled queries (``SAMPLED_TUNED[8]``) keeps its key loads asynchronous and fits
-    its registers."""
+    sampled queries (``SAMPLED_TUNED[8]``, 64 x 32 on 4 warps) keeps its key loads
+    asynchronous and spills at most the 8 bytes a thread it spilled when the H200
+    measured it fastest (antidiagonal_shapes.SAMPLED_TUNED; 64 x 64 on 4 warps spilled
+    992)."""
     registers, spills, copies, tensor_copies = in_fresh_process("test_packed_launch",
                                                                 "_packed_resources", 8, 1, 1)
-    assert spills == 0, f"{spills} bytes spilled per thread ({registers} registers)"
+    assert spills <= 8, f"{spills} bytes spilled per thread ({registers} registers)"
     assert copies > 0, "the gathered key loads are not asynchronous copies"
     assert tensor_copies > 0, "the query rows no longer load through tensor descriptors"
     assert registers <= 255
