@@ -51,18 +51,27 @@ def _record(monkeypatch, fake_prism: bool) -> list:
         events.append("bins")
         return "columns", "diagonals", None if last_threshold is None else "last", None
 
-    def scores(q, k, layout, stride, causal, *, normalize, nonfinite, candidates):
-        events.append("scores")
+    def scores(q, k, layout, stride, causal, *, normalize, nonfinite, candidates,
+               sampled=None):
+        # With sampled: the preset's sampled-query stage in the same launch.
+        events.append("scores" if sampled is None else "scores+samples")
         return "probs"
 
     def sampled(probs, q, k, layout, samples, weight, candidates, causal):
-        events.append("sampled")  # the preset's sampled-query stage, after the scores
+        events.append("sampled")  # the stage mixed in place, after the scores
         assert (probs, candidates) == ("probs", "candidates")
         return probs
+
+    def sampled_rows(q, k, layout, samples, candidates, causal):
+        events.append("sampled rows")  # the stage's own launch, mixed by the union
+        assert candidates == "candidates"
+        return "second"
 
     def union(layout, causal, heads, **kwargs):
         events.append(("union", kwargs["columns"], kwargs["diagonals"],
                        kwargs["last_tiles"], kwargs["probs"]))
+        if kwargs["second"] is not None:
+            events.append(("second", type(kwargs["second"]).__name__))
         return "mask", "num", "idx"
 
     if fake_prism:
@@ -86,6 +95,7 @@ def _record(monkeypatch, fake_prism: bool) -> list:
     monkeypatch.setitem(estimator_path.PROBABILITY_STAGES, "candidate_antidiagonal",
                         (scores, "antidiagonal_stride", True))
     monkeypatch.setattr(estimator_path, "candidate_sampled_mix_", sampled)
+    monkeypatch.setattr(estimator_path, "candidate_sampled_scores", sampled_rows)
     monkeypatch.setattr(estimator_path, "union_tiles", union)
     return events
 
@@ -103,6 +113,26 @@ def recorded_through_prism(monkeypatch):
 #: The vertical-slash stage queued on its side stream.
 SIDE_STAGE = [("fork", "side1"), ("enter", "side1"), "distributions", "bins",
               ("exit", "side1")]
+#: The finishing launch of the preset: the antidiagonal rows and, mixed into them,
+#: the sampled stage's (a tensor the path allocated for the fused launch).
+UNION = [("union", "columns", "diagonals", "last", "probs"), ("second", "Tensor")]
+
+
+@pytest.mark.parametrize("beside", [True, False])
+def test_the_sampled_stage_forms_when_not_fused(recorded, monkeypatch, beside):
+    """Without the fused form the stage's own launch runs on side stream 3 beside the
+    antidiagonal scores and the union mixes its rows, or (not beside) it mixes in place
+    after them."""
+    monkeypatch.setattr(estimator_path, "SAMPLED_FUSED", False)
+    monkeypatch.setattr(estimator_path, "SAMPLED_BESIDE", beside)
+    _select(estimator_path.VS_AFTER_POOLING_MAX_KEY_TILES * 128)
+    chain = recorded[recorded.index("prism selection") + 1:]
+    if beside:
+        assert chain == [("fork", "side3"), ("enter", "side3"), "sampled rows",
+                         ("exit", "side3"), "scores", ("join", "main", "side3"),
+                         ("join", "main", "side1"), UNION[0], ("second", "str")]
+    else:
+        assert chain == ["scores", "sampled", ("join", "main", "side1"), UNION[0]]
 
 
 def _select(tokens, cfg=None):
@@ -117,9 +147,8 @@ def test_narrow_layouts_fork_the_stage_after_the_pooling(recorded):
     tiles = estimator_path.VS_AFTER_POOLING_MAX_KEY_TILES
     (mask, num, idx, flag), layout = _select(tiles * 128)
     assert layout.num_key_tiles == tiles
-    assert recorded == ["pooling", *SIDE_STAGE, "prism selection", "scores", "sampled",
-                        ("join", "main", "side1"),
-                        ("union", "columns", "diagonals", "last", "probs")]
+    assert recorded == ["pooling", *SIDE_STAGE, "prism selection", "scores+samples",
+                        ("join", "main", "side1"), *UNION]
     assert (mask, num, idx, flag) == ("mask", "num", "idx", "flag")
 
 
@@ -127,9 +156,8 @@ def test_the_narrowest_layouts_fork_the_stage_before_the_pooling(recorded):
     tiles = estimator_path.VS_AFTER_POOLING_MIN_KEY_TILES - 1
     _, layout = _select(tiles * 128)
     assert layout.num_key_tiles == tiles
-    assert recorded == [*SIDE_STAGE, "pooling", "prism selection", "scores", "sampled",
-                        ("join", "main", "side1"),
-                        ("union", "columns", "diagonals", "last", "probs")]
+    assert recorded == [*SIDE_STAGE, "pooling", "prism selection", "scores+samples",
+                        ("join", "main", "side1"), *UNION]
     recorded.clear()
     _select(estimator_path.VS_AFTER_POOLING_MIN_KEY_TILES * 128)
     assert recorded[0] == "pooling"
@@ -139,9 +167,8 @@ def test_wider_layouts_fork_the_stage_before_the_pooling(recorded):
     tiles = estimator_path.VS_AFTER_POOLING_MAX_KEY_TILES + 1
     _, layout = _select(tiles * 128)
     assert layout.num_key_tiles == tiles
-    assert recorded == [*SIDE_STAGE, "pooling", "prism selection", "scores", "sampled",
-                        ("join", "main", "side1"),
-                        ("union", "columns", "diagonals", "last", "probs")]
+    assert recorded == [*SIDE_STAGE, "pooling", "prism selection", "scores+samples",
+                        ("join", "main", "side1"), *UNION]
 
 
 def test_no_overlap_runs_the_stage_on_the_calls_stream(recorded, monkeypatch):
@@ -150,7 +177,7 @@ def test_no_overlap_runs_the_stage_on_the_calls_stream(recorded, monkeypatch):
     assert not any(isinstance(e, tuple) and e[0] in ("fork", "join", "enter")
                    for e in recorded)
     assert recorded.index("pooling") < recorded.index("distributions")
-    assert recorded[-1] == ("union", "columns", "diagonals", "last", "probs")
+    assert recorded[-2:] == UNION
 
 
 @pytest.mark.parametrize("tiles_over_limit", [0, 1])
@@ -159,8 +186,8 @@ def test_the_cascade_hands_the_fork_to_prisms_own_pooling(recorded_through_prism
     """Through the real ``cascade.prism_mask`` and ``selection.select_tiles``."""
     tiles = estimator_path.VS_AFTER_POOLING_MAX_KEY_TILES + tiles_over_limit
     _select(tiles * 128)
-    main_chain = ["pooling", "prism selection", "scores", "sampled", ("join", "main", "side1"),
-                  ("union", "columns", "diagonals", "last", "probs")]
+    main_chain = ["pooling", "prism selection", "scores+samples", ("join", "main", "side1"),
+                  *UNION]
     if tiles_over_limit:
         assert recorded_through_prism == SIDE_STAGE + main_chain
     else:
