@@ -7,11 +7,18 @@ tiles (:func:`prism.reference.estimators.candidate_sampled_probabilities`,
 mixed by :func:`prism.reference.estimators.mix_tile_probabilities`).
 
 :func:`candidate_sampled_mix_` does both in one launch, in place on the
-antidiagonal stage's output. One program takes one (batch, KV head), the
-query heads of its GQA group that fit (``heads``) and ``TILES`` consecutive
-query tiles; its rows are those tiles' samples for each of those heads. It
-lists the key tiles in which some of its (head, query tile) pairs has a
-candidate (the same scan as the restricted antidiagonal kernel,
+antidiagonal stage's output; :func:`candidate_sampled_scores` (the same
+kernel, ``IN_PLACE`` off) writes only the stage's rows into a tensor of its
+own, so that it can run beside the antidiagonal kernel, and the selection's
+finishing launch mixes the two. Where the samples are the antidiagonal's
+query groups (the accurate preset) neither runs: the antidiagonal launch
+scores them itself (:mod:`prism.optimized.antidiagonal_sampled`).
+
+One program takes one (batch, KV head), the query heads of its GQA group that
+fit (``heads``) and ``TILES`` consecutive query tiles; its rows are those
+tiles' samples for each of those heads. It lists the key tiles in which some
+of its (head, query tile) pairs has a candidate (the same scan as the
+restricted antidiagonal kernel,
 :func:`prism.optimized.antidiagonal_blocks._candidate_tiles`), then makes two
 passes over them, one key tile at a time:
 
@@ -22,11 +29,13 @@ passes over them, one key tile at a time:
    the first :data:`SCRATCH_TILES` listed tiles);
 2. the probabilities (from the scratch and the final statistics, or for
    tiles it does not hold the scores computed again), summed over each key
-   tile and over the samples of each pair (a one-hot reduction), and written over the
-   antidiagonal value of every candidate tile of the pair:
+   tile and over the samples of each pair (a one-hot reduction), and, in
+   place, written over the antidiagonal value of every candidate tile of the pair:
    ``(1 - w) * a / sum(a) + w * s / sum(s)``, where ``sum(s)`` is the number of
    the pair's samples with a candidate key. Tiles that are no pair's candidate
-   are not touched (the antidiagonal stage wrote zeros there).
+   are not touched (the antidiagonal stage wrote zeros there). Not in place,
+   the sum ``s`` is stored at every tile the pair's row lists (0 off its
+   candidates) and the tile scan stores zeros at the others.
 
 The selection's finishing launch (:func:`prism.optimized.tile_union.union_tiles`)
 renormalises each row, as the reference's mix does. The pooling launch of the

@@ -10,11 +10,13 @@ registry (:mod:`prism.reference.registry`), never its name:
 * with ``"prism_candidates"`` (the cascade), Prism's selection kernels at
   ``candidate_threshold`` write the candidate tiles first, and the probability
   stage scores only those (:mod:`prism.optimized.cascade`); with
-  ``"candidate_sampled"`` and ``sampled_weight`` > 0, one more launch scores
-  the sampled queries' exact attention on those tiles
+  ``"candidate_sampled"`` and ``sampled_weight`` > 0, the sampled queries'
+  exact attention on those tiles is scored by the antidiagonal launch itself
+  where the samples are its query groups (:data:`SAMPLED_FUSED`,
+  :mod:`prism.optimized.antidiagonal_sampled`), else by one more launch
   (:mod:`prism.optimized.candidate_sampled`), on CUDA on its own stream beside
-  the antidiagonal kernel, and the finishing launch mixes the two
-  (:data:`SAMPLED_BESIDE`);
+  the antidiagonal kernel (:data:`SAMPLED_BESIDE`); the finishing launch mixes
+  the two rows;
 * its ``"vertical_slash"`` stage runs the last queries' distributions and
   their top-p as tile bins (:func:`~prism.optimized.vertical_slash_tiles.vertical_slash_bins`);
   with ``"last_tile_exact"`` (the cascade) the same launch also runs the last
@@ -342,5 +344,4 @@ def _general(q, k, v, cfg, causal, layout, spec, write_indices, prism_source=Non
 
 
 __all__ = ["CANDIDATE_STAGES", "MIX_STAGE", "PROBABILITY_STAGES", "SAMPLED_BESIDE",
-           "SAMPLED_FUSED",
-           "estimator_select", "fused_form"]
+           "SAMPLED_FUSED", "estimator_select", "fused_form"]
