@@ -221,6 +221,7 @@ def test_scores_form_rows_and_zeros(causal):
     (2, 2, 2, 64, 100, 32, 4, False, torch.float16),   # non-causal, batch 2
     (1, 3, 1, 90, 120, 32, 4, True, torch.float32),    # odd group, partial last tile
     (1, 32, 1, 64, 64, 16, 4, True, torch.float32),    # group of 32: heads split
+    (1, 8, 2, 384, 384, 128, 16, True, torch.float16),  # the preset's tile, stride, shape
 ])
 def test_antidiagonal_kernel_writes_the_sampled_rows(b, hq, hkv, nq, nk, bs, stride, causal,
                                                      dtype):
@@ -233,6 +234,9 @@ def test_antidiagonal_kernel_writes_the_sampled_rows(b, hq, hkv, nq, nk, bs, str
     cand = _random_candidates(layout, hq, causal, seed=nq, b=b)
     samples = bs // stride
     assert fused_sampled_applies(q, k, layout, stride, samples)
+    if bs == 128:  # the preset's launch shape, loads through tensor descriptors
+        from prism.optimized.antidiagonal_shapes import SAMPLED_TUNED, default_tuning
+        assert default_tuning(8, hq // hkv, 16, True, True) is SAMPLED_TUNED[8]
     second = torch.full(cand.shape, float("nan"), device=DEVICE)
     q0, k0, c0 = q.clone(), k.clone(), cand.clone()
     anti = antidiagonal_packed_probabilities(q, k, layout, stride, causal, normalize=False,
