@@ -108,8 +108,11 @@ SAMPLED_BESIDE = True
 #: (``sampled_queries == block_size // antidiagonal_stride``, the accurate preset;
 #: :func:`~prism.optimized.antidiagonal_packed.fused_sampled_applies`), True: the
 #: restricted antidiagonal kernel scores them itself from the keys it loads
-#: (:mod:`prism.optimized.antidiagonal_sampled`) and no stage launch runs. Read at
-#: each call.
+#: (:mod:`prism.optimized.antidiagonal_sampled`) and no stage launch runs. Its
+#: one-pass scratch is then twice the kernel's own (about 2.5 GiB at 128K tokens,
+#: 32/8 heads, tile 128, stride 16; reused by torch's allocator across calls); where
+#: that passes ``antidiagonal_shapes.ONE_PASS_MAX_SCRATCH_BYTES`` the stage's own
+#: launch runs instead. Read at each call.
 SAMPLED_FUSED = True
 #: Side-stream slot (:func:`~prism.optimized.plan_items.side_stream`) of that stage.
 SAMPLED_SLOT = 3
