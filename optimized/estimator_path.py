@@ -274,7 +274,8 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
         if fused:
             second = torch.empty(b, hq, nq, nk, dtype=torch.float32, device=q.device)
             extra["sampled"] = second
-        beside = mixed and not fused and SAMPLED_BESIDE and q.is_cuda
+        own_launch = mixed and not fused
+        beside = own_launch and SAMPLED_BESIDE and q.is_cuda
         if beside:
             # The sampled stage reads only q, k and the candidates: it runs beside the
             # antidiagonal kernel, and the finishing launch mixes their rows.
@@ -287,10 +288,10 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
                        nonfinite=nonfinite, **extra)
         if beside:
             join(main, side)
-        elif mixed and not fused and SAMPLED_BESIDE:
+        elif own_launch and SAMPLED_BESIDE:
             second = candidate_sampled_scores(q, k, layout, cfg.sampled_queries,
                                               extra["candidates"], causal)
-        elif mixed and not fused:
+        elif own_launch:
             probs = candidate_sampled_mix_(probs, q, k, layout, cfg.sampled_queries,
                                            cfg.sampled_weight, extra["candidates"], causal)
         if not reads_every_query and not on_candidates:
