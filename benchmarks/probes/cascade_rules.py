@@ -86,6 +86,16 @@ or ``--points "RULE@P;..."``):
     cascade's own step 4 (:func:`~prism.reference.estimators.last_tile_exact_tiles`,
     which the rule calls), so ``last_tile=half`` after the committed cascade
     adds no tile; other values of ``P`` still add to it.
+``no_vs``
+    The cascade without its vertical-slash tiles (the stage returns no tile);
+    the last-tile rule and everything else stay.
+``vs_coarse=P``
+    The vertical-slash stage's top-p runs on tile bins instead of single
+    columns and offsets (:func:`coarse_vertical_slash_tiles`), at ``P``
+    instead of ``vertical_slash_threshold``.
+
+The rules sit on the cascade without its sampled-query stage (the preset before
+2026-12-05) unless ``--preset-sampled`` keeps that stage (the preset as shipped).
 
 Every point records the sweep's fields (perplexity, ratio to full attention,
 density of its own pass, selection time, candidate density, passkeys) plus
@@ -176,6 +186,7 @@ from prism.integrations.transformers import PrismStats, register
 from prism.reference import PrismConfig
 from prism.reference.estimators import (
     antidiagonal_probabilities,
+    last_query_distributions,
     last_tile_exact_tiles,
     mix_tile_probabilities,
     sampled_query_probabilities,
@@ -184,6 +195,7 @@ from prism.reference.registry import REFERENCE_STAGES
 from prism.reference.scoring import admissible_tiles
 from prism.reference.select import estimator_mask
 from prism.reference.tiles import tile_layout
+from prism.reference.topp import top_p_select
 from prism.reference.validation import validate_qk
 
 RESULT_FILE = "rules.json"
@@ -234,6 +246,13 @@ def parse_rule(text: str) -> dict:
         if not 0.0 < p <= 1.0:
             raise ValueError(f"prism_count needs P in (0, 1], got {p}")
         return {"name": "prism_count", "p": p}
+    if text == "no_vs":
+        return {"name": "no_vs"}
+    if name == "vs_coarse":
+        p = float(value)
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"vs_coarse needs P in (0, 1], got {p}")
+        return {"name": "vs_coarse", "p": p}
     if name == "last_tile":
         if value == "half":
             return {"name": "last_tile", "p": None}
@@ -243,7 +262,7 @@ def parse_rule(text: str) -> dict:
         return {"name": "last_tile", "p": p}
     raise ValueError(f"unknown rule {text!r}; use none, min_tiles=M, entropy_p=T:P, "
                      "prism_count=P, global_p=head|layer, reduce=lse|max, "
-                     "hybrid=count|rank, mix=Q:W or last_tile=P")
+                     "hybrid=count|rank, mix=Q:W, last_tile=P, no_vs or vs_coarse=P")
 
 
 #: Rule name -> its label (the inverse of :func:`parse_rule`).
@@ -256,6 +275,8 @@ _LABELS = {
     "hybrid": lambda r: f"hybrid={r['take']}",
     "mix": lambda r: f"mix={r['samples']}:{r['weight']:g}",
     "last_tile": lambda r: "last_tile=half" if r["p"] is None else f"last_tile={r['p']:g}",
+    "no_vs": lambda r: "no_vs",
+    "vs_coarse": lambda r: f"vs_coarse={r['p']:g}",
     "none": lambda r: "none",
 }
 
@@ -270,6 +291,46 @@ def last_tile_exact(q, k, layout, last_queries: int, threshold: float,
     part of the cascade itself, so applying it again after the committed cascade
     adds nothing at ``last_tile=half``)."""
     return last_tile_exact_tiles(q, k, layout, last_queries, threshold, causal)
+
+
+def coarse_vertical_slash_tiles(q, k, layout, last_queries: int, threshold: float,
+                                causal: bool) -> torch.Tensor:
+    """The ``vs_coarse`` rule's tiles: the vertical-slash stage with its top-p run on
+    tile bins instead of single columns and offsets.
+
+    The last queries' distributions (:func:`last_query_distributions`) are summed
+    into key tiles (columns) and into bins of ``block_size`` offsets (bin ``t``
+    holds offsets ``o`` with ``floor(o / bs) + nk == t``); each is top-p'd at
+    ``threshold`` (contract §6's rule, zero mass never kept). A kept key tile is
+    kept for every query tile; a kept offset bin keeps tile offsets ``t`` and
+    ``t + 1`` (the floor and ceiling of its offsets, as the fine rule maps one
+    offset).
+    """
+    b, hq = q.shape[0], q.shape[1]
+    bs, nq, nk = layout.block_size, layout.num_query_tiles, layout.num_key_tiles
+    device = q.device
+    if nq == 0 or nk == 0:
+        return torch.zeros(b, hq, nq, nk, dtype=torch.bool, device=device)
+    vertical, slash = last_query_distributions(q, k, layout, last_queries, causal)
+    nk_tokens = vertical.shape[-1]
+    columns = torch.zeros(b, hq, nk * bs, dtype=torch.float32, device=device)
+    columns[..., :nk_tokens] = vertical
+    columns = columns.view(b, hq, nk, bs).sum(-1)
+    n_diag = layout.first_query_tile + nq + nk + 1
+    lead = nk * bs - (nk_tokens - 1)
+    offsets = torch.zeros(b, hq, (n_diag + 1) * bs, dtype=torch.float32, device=device)
+    offsets[..., lead:lead + slash.shape[-1]] = slash
+    offsets = offsets.view(b, hq, n_diag + 1, bs).sum(-1)[..., :n_diag]
+    ones = torch.ones((), dtype=torch.bool, device=device)
+    keep_columns = top_p_select(columns, ones, threshold)[0] & (columns > 0)
+    keep_bins = top_p_select(offsets, ones, threshold)[0] & (offsets > 0)
+    diagonal_tiles = keep_bins.clone()
+    diagonal_tiles[..., 1:] |= keep_bins[..., :-1]
+    query_tiles = layout.query_tile_indices(device)
+    pair_offsets = query_tiles[:, None] - torch.arange(nk, device=device)[None, :] + nk
+    from_slash = diagonal_tiles[..., pair_offsets.clamp(0, n_diag - 1)]
+    admissible = admissible_tiles(layout, causal, device)
+    return (keep_columns[:, :, None, :] | from_slash) & admissible
 
 
 def head_flatness(probs: torch.Tensor) -> torch.Tensor:
@@ -414,10 +475,20 @@ class RuleSelector(CandidateCounter):
             high = REFERENCE_STAGES["tile_top_p"](probs, layout, causal_, self.rule["p_high"])
             return torch.where(raise_head[:, :, None, None], high, keep)
 
-        mask = estimator_mask(q, k, config, causal,
-                              stages={"prism_candidates": candidates,
-                                      "candidate_antidiagonal": candidate_probs,
-                                      "tile_top_p": tile_top_p})
+        def no_vertical_slash(q_, k_, layout_, last_queries, threshold, causal_):
+            return torch.zeros(q_.shape[0], q_.shape[1], layout_.num_query_tiles,
+                               layout_.num_key_tiles, dtype=torch.bool, device=q_.device)
+
+        stages = {"prism_candidates": candidates, "candidate_antidiagonal": candidate_probs,
+                  "tile_top_p": tile_top_p}
+        if self.rule["name"] == "no_vs":
+            stages["vertical_slash"] = no_vertical_slash
+        if self.rule["name"] == "vs_coarse":
+            p_coarse = self.rule["p"]
+            stages["vertical_slash"] = (
+                lambda q_, k_, layout_, last_queries, threshold, causal_:
+                coarse_vertical_slash_tiles(q_, k_, layout_, last_queries, p_coarse, causal_))
+        mask = estimator_mask(q, k, config, causal, stages=stages)
         layout = tile_layout(q.shape[2], k.shape[2], config.block_size, causal)
         admissible = admissible_tiles(layout, causal, q.device)
         self.rows += mask.shape[0] * mask.shape[1] * mask.shape[2]
@@ -533,6 +604,9 @@ def main(argv=None) -> int:
     parser.add_argument("--calibrate", action="store_true")
     parser.add_argument("--out", required=True)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--preset-sampled", action="store_true",
+                        help="keep the preset's sampled-query stage (default: the cascade "
+                             "without it, as the rules were first run)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -542,10 +616,12 @@ def main(argv=None) -> int:
     lengths = tuple(int(x) for x in args.lengths.split(",") if x.strip())
     depths = tuple(float(x) for x in args.depths.split(",") if x.strip())
     # The rules sit on the cascade without its sampled-query stage (the preset before
-    # 2026-12-05, as in results/eval/unseen/ranking-8k): mix=Q:W is that stage's probe.
-    settings = replace(with_preset(SweepSettings(tokens=args.tokens, passkey_lengths=lengths,
-                                                 passkey_depths=depths),
-                                   "accurate", only=True), sampled_weight=0.0)
+    # 2026-12-05, as in results/eval/unseen/ranking-8k; mix=Q:W is that stage's probe)
+    # unless --preset-sampled keeps it (the preset as shipped since).
+    settings = with_preset(SweepSettings(tokens=args.tokens, passkey_lengths=lengths,
+                                         passkey_depths=depths), "accurate", only=True)
+    if not args.preset_sampled:
+        settings = replace(settings, sampled_weight=0.0)
     preset = PrismConfig.preset("accurate")
     assert settings.points == ((preset.estimator, preset.high_threshold),), settings.points
     points = tuple((f"{preset.estimator}+{rule_label(rule)}", p)
