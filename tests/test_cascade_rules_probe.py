@@ -26,13 +26,15 @@ from prism.reference.tiles import tile_layout  # noqa: E402
 @pytest.mark.parametrize("text", ["none", "min_tiles=4", "entropy_p=0.5:0.95",
                                   "prism_count=0.95", "global_p=head", "global_p=layer",
                                   "reduce=lse", "reduce=max", "hybrid=count", "hybrid=rank",
-                                  "mix=8:0.5", "last_tile=half", "last_tile=0.97"])
+                                  "mix=8:0.5", "last_tile=half", "last_tile=0.97", "no_vs",
+                                  "vs_coarse=0.7"])
 def test_rule_labels_round_trip(text):
     assert probe.rule_label(probe.parse_rule(text)) == text
 
 
 @pytest.mark.parametrize("text", ["global_p=row", "reduce=median", "hybrid=both", "mix=0:0.5",
-                                  "mix=8:1.5", "prism_count=0", "bogus=1"])
+                                  "mix=8:1.5", "prism_count=0", "bogus=1", "vs_coarse=0",
+                                  "vs_coarse=1.5"])
 def test_bad_rules_are_refused(text):
     with pytest.raises(ValueError):
         probe.parse_rule(text)
@@ -141,3 +143,44 @@ def test_mix_changes_the_mask_and_sampled_alone_differs_from_the_antidiagonal():
     half = probe.RuleSelector(probe.parse_rule("mix=8:0.5"))(q, k, CONFIG)
     alone = probe.RuleSelector(probe.parse_rule("mix=8:1"))(q, k, CONFIG)
     assert not torch.equal(half, plain) and not torch.equal(alone, plain)
+
+
+def test_no_vs_is_the_cascade_without_its_vertical_slash_tiles():
+    """The rule drops exactly the tiles only the vertical-slash stage holds."""
+    q, k = _qk(4, n=1024)
+    plain = estimator_mask(q, k, CONFIG, True)
+    out = probe.RuleSelector(probe.parse_rule("no_vs"))(q, k, CONFIG)
+    layout = tile_layout(q.shape[2], k.shape[2], CONFIG.block_size, True)
+    none = torch.zeros_like(plain)
+    expected = estimator_mask(q, k, CONFIG, True,
+                              stages={"vertical_slash": lambda *a: none})
+    assert torch.equal(out, expected)
+    assert torch.equal(out & plain, out) and not torch.equal(out, plain)
+    assert out[..., -1, :].sum() > 0 and layout.num_query_tiles == out.shape[2]
+
+
+@pytest.mark.parametrize("nq,nk,bs", [(512, 512, 64), (300, 700, 64), (256, 1000, 128)])
+def test_coarse_vertical_slash_at_one_is_the_fine_rule(nq, nk, bs):
+    """At P = 1 every bin with mass is kept, as is every column and offset with mass,
+    and a bin's two tile diagonals are those its offsets map to: the same tiles."""
+    from prism.reference.estimators import vertical_slash_tiles
+
+    q, k = torch.randn(1, 2, nq, 16), torch.randn(1, 1, nk, 16)
+    layout = tile_layout(nq, nk, bs, True)
+    fine = vertical_slash_tiles(q, k, layout, 8, 1.0, True)
+    coarse = probe.coarse_vertical_slash_tiles(q, k, layout, 8, 1.0, True)
+    assert torch.equal(coarse, fine)
+    # Below 1 the bins' top-p keeps at most the tiles the full sets keep.
+    half = probe.coarse_vertical_slash_tiles(q, k, layout, 8, 0.5, True)
+    assert torch.equal(half & fine, half) and half.sum() < fine.sum()
+
+
+def test_coarse_vertical_slash_keeps_the_heaviest_key_tile_column():
+    """A key whose column the last queries all attend lands its whole tile column."""
+    torch.manual_seed(5)
+    q, k = torch.randn(1, 1, 512, 16), torch.randn(1, 1, 512, 16) * 0.1
+    k[0, 0, 200] = q[0, 0, -8:].sum(0) * 4.0      # key 200 sits in tile 3 at bs 64
+    layout = tile_layout(512, 512, 64, True)
+    out = probe.coarse_vertical_slash_tiles(q, k, layout, 8, 0.3, True)
+    admissible = admissible_tiles(layout, True, q.device)
+    assert torch.equal(out[0, 0, :, 3], admissible[:, 3])
