@@ -43,6 +43,60 @@ def _program_heads(pid, programs_per_head, group, heads, num_kv_heads):
 
 
 @triton.jit
+def _extent_sum(n, a, t, T: tl.constexpr, kb):
+    """``sum_{j < n} min(kb, cdiv(a + (j + 1) * t, T))`` in closed form (int64): the key
+    blocks of one-pass scratch the first ``n`` query-tile blocks of a causal launch
+    need, block ``j`` holding query tiles up to ``a + (j + 1) * t`` (absolute) and
+    ``T`` tiles a key block. ``t`` and ``T`` are powers of two, so one divides the
+    other. :func:`~prism.optimized.antidiagonal_shapes.scratch_extents` sums the
+    same terms one by one (the launcher sizes the buffer with it)."""
+    # Blocks below the cap kb: a + (j + 1) t <= (kb - 1) T.
+    room = (kb - 1) * T - a
+    capped_from = tl.minimum(n, tl.where(room > 0, room, 0) // t)
+    x0 = a + t + T - 1  # cdiv(a + (j + 1) t, T) = floor((x0 + j t) / T)
+    m = capped_from
+    if t >= T:
+        linear = (x0 // T) * m + (t // T) * (m * (m - 1) // 2)
+    else:
+        # floor((x0 + j t) / T) = floor((y + j) / r) with y = floor(x0 / t), r = T / t;
+        # sum_{i < x} floor(i / r) = r q (q - 1) / 2 + q (x mod r), q = x // r.
+        r = T // t
+        y = x0 // t
+        hi = y + m
+        q_hi = hi // r
+        q_lo = y // r
+        linear = (r * q_hi * (q_hi - 1) // 2 + q_hi * (hi - q_hi * r)
+                  - r * q_lo * (q_lo - 1) // 2 - q_lo * (y - q_lo * r))
+    return linear + (n - capped_from) * kb
+
+
+@triton.jit
+def _scratch_rows(pid, programs_per_head, block, first_query_tile, tiles_per_program,
+                  scratch_blocks, CAUSAL: tl.constexpr, TILES_PER_CHUNK: tl.constexpr):
+    """``(start, blocks)``: where program ``pid``'s one-pass scratch starts, in key blocks
+    of every row of ROWS (int64), and how many key blocks a row of it holds. Causally a
+    program needs only the key blocks up to its last query tile, so the programs of a
+    (batch, head part) share the sum of their own extents, laid out in ``pid`` order
+    (the heaviest block first); without causality, or where the tiles per program and
+    per key block do not divide one another, every program holds ``scratch_blocks``
+    (as :func:`~prism.optimized.antidiagonal_shapes.scratch_extents` sizes it)."""
+    kb = scratch_blocks.to(tl.int64)
+    t = tiles_per_program.to(tl.int64)
+    start = pid.to(tl.int64) * kb
+    mine = kb
+    if CAUSAL:
+        if (t % TILES_PER_CHUNK == 0) or (TILES_PER_CHUNK % t == 0):
+            a = first_query_tile.to(tl.int64)
+            n = programs_per_head.to(tl.int64)
+            j = block.to(tl.int64)
+            total = _extent_sum(n, a, t, TILES_PER_CHUNK, kb)
+            start = ((pid // programs_per_head).to(tl.int64) * total
+                     + total - _extent_sum(j + 1, a, t, TILES_PER_CHUNK, kb))
+            mine = tl.minimum(kb, (a + (j + 1) * t + TILES_PER_CHUNK - 1) // TILES_PER_CHUNK)
+    return start, mine
+
+
+@triton.jit
 def masked_scores(raw, allowed, qk_scale, CHECK: tl.constexpr):
     """``raw * qk_scale`` where ``allowed``, else -inf; with ``CHECK``, NaN wherever
     ``raw`` is NaN or +-Inf, allowed or not.

@@ -64,6 +64,7 @@ from .antidiagonal_blocks import (
     _program_heads,
     _raw_scores,
     _scaled_scores,
+    _scratch_rows,
     _store_pair_sums,
     _tile_sums,
     masked_scores,
@@ -88,6 +89,7 @@ from .antidiagonal_shapes import (  # noqa: F401  (the launch shapes: public her
     default_tuning,
     fitting_heads,
     fused_sampled_applies,
+    scratch_extents,
 )
 from .launch import launch
 from .pooling import _flag_if_nonfinite
@@ -121,7 +123,7 @@ def _packed_kernel(
     stride_cb, stride_ch, stride_cq, stride_ck,
     num_kv_heads, group, heads, tiles_per_program, programs_per_head, num_queries, num_keys,
     query_start, first_query_tile, num_query_tiles, num_key_tiles, num_key_groups, qk_scale,
-    scratch_tiles, scratch_blocks, total_q_heads, total_kv_heads, query_groups,
+    scratch_blocks, total_q_heads, total_kv_heads, query_groups,
     CAUSAL: tl.constexpr, STRIDE: tl.constexpr, PER_TILE: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr, PAIRS: tl.constexpr,
     BLOCK_KG: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -182,10 +184,14 @@ def _packed_kernel(
                 + (head0 + pair_g).to(tl.int64)[:, None] * stride_oh
                 + pair_tile.to(tl.int64)[:, None] * stride_orow)
     key_blocks = tl.cdiv(key_end, BLOCK_KG)
-    # One-pass scratch of this program: per row, per-tile sums of 2^(s - m_block)
-    # (scratch_tiles columns) and each of its scratch_blocks key blocks' m_block.
-    e_rows = E + (pid.to(tl.int64) * ROWS + rows)[:, None] * scratch_tiles
-    mb_rows = MB + (pid.to(tl.int64) * ROWS + rows) * scratch_blocks
+    # One-pass scratch of this program: per row, for each of its s_blocks key blocks,
+    # the per-tile sums of 2^(s - m_block) (TILES_PER_CHUNK of them) and m_block.
+    s_start, s_blocks = _scratch_rows(pid, programs_per_head, block, first_query_tile,
+                                      tiles_per_program, scratch_blocks, CAUSAL,
+                                      TILES_PER_CHUNK)
+    row_offsets = rows * s_blocks.to(tl.int32)  # a program's scratch is far below 2^31
+    e_rows = (E + s_start * (ROWS * TILES_PER_CHUNK)) + (row_offsets * TILES_PER_CHUNK)[:, None]
+    mb_rows = (MB + s_start * ROWS) + row_offsets
     m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((ROWS,), dtype=tl.float32)
     bad = tl.zeros((ROWS,), dtype=tl.float32)  # NaN once a full block held a NaN/Inf score
@@ -196,8 +202,8 @@ def _packed_kernel(
     out2_rows = (SECOND + b.to(tl.int64) * stride_ob
                  + (head0 + pair_g).to(tl.int64)[:, None] * stride_oh
                  + pair_tile.to(tl.int64)[:, None] * stride_orow)
-    e2_rows = E2 + (pid.to(tl.int64) * ROWS + rows)[:, None] * scratch_tiles
-    mb2_rows = MB2 + (pid.to(tl.int64) * ROWS + rows) * scratch_blocks
+    e2_rows = (E2 + s_start * (ROWS * TILES_PER_CHUNK)) + (row_offsets * TILES_PER_CHUNK)[:, None]
+    mb2_rows = (MB2 + s_start * ROWS) + row_offsets
     s_pos, s_rows = _group_samples(q_head, stride_qn, stride_qd, groups, rows_ok, query_start,
                                    num_queries, STRIDE, HEAD_DIM, D_PAD, UPCAST, SAMPLED)
     if CANDIDATES:
@@ -356,7 +362,7 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
     if out.numel() == 0:
         return out
     per_tile, d_pad, tuning, heads, tiles, rows, programs, key_blocks, one_pass = _shape(
-        q, k, layout, stride, tuning, candidates is not None, sampled is not None)
+        q, k, layout, stride, tuning, candidates is not None, sampled is not None, causal)
     if sampled is not None and not (candidates is not None and one_pass and tuning.d_split == 1):
         raise ValueError("the sampled stage runs in the packed kernel only with candidates, "
                          "the one-pass form and D_SPLIT 1 (fused_sampled_applies)")
@@ -364,13 +370,16 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
     per_head = -(-nq // tiles)
     upcast = q.dtype == torch.bfloat16 and kernels_interpreted(_packed_kernel)
     key_groups = -(-nk_tokens // stride)
-    scratch_tiles = key_blocks * (tuning.block_kg // per_tile) if one_pass else 1
+    # One-pass scratch: per row, the key blocks its program holds (scratch_extents, laid
+    # out by the kernel's _scratch_rows), each with its tile sums and its running max.
+    per_chunk = tuning.block_kg // per_tile
+    extents = (programs // per_head) * rows * scratch_extents(
+        per_head, layout.first_query_tile, tiles, per_chunk, key_blocks, causal)
     tma = bool(tuning.tma) and _tma_applies(q, k, layout, stride, rows, heads,
                                             tiles * per_tile, d)
-    e = torch.empty(programs * rows * scratch_tiles if one_pass else 1, dtype=torch.float32,
+    e = torch.empty(extents * per_chunk if one_pass else 1, dtype=torch.float32,
                     device=q.device)
-    mb = torch.empty(programs * rows * key_blocks if one_pass else 1, dtype=torch.float32,
-                     device=q.device)
+    mb = torch.empty(extents if one_pass else 1, dtype=torch.float32, device=q.device)
     # The sampled stage's own one-pass scratch, laid out as e and mb.
     e2, mb2 = (torch.empty_like(e), torch.empty_like(mb)) if sampled is not None else (mb, mb)
     if candidates is not None:
@@ -388,7 +397,7 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
         *out.stride(), *cand_strides,
         hkv, hq // hkv, heads, tiles, per_head, nq_tokens, nk_tokens, layout.query_start,
         layout.first_query_tile, nq, nk, key_groups,
-        math.log2(math.e) / (math.sqrt(d) * stride), scratch_tiles, key_blocks, b * hq,
+        math.log2(math.e) / (math.sqrt(d) * stride), key_blocks, b * hq,
         b * hkv, nq_tokens // stride,
         CAUSAL=causal, STRIDE=stride, PER_TILE=per_tile, HEAD_DIM=d, D_PAD=d_pad, ROWS=rows,
         PAIRS=pairs, BLOCK_KG=tuning.block_kg, IEEE=q.dtype == torch.float32 or upcast,

@@ -26,8 +26,11 @@ _MIN_DOT = 16
 #: Largest number of groups per tile for which the one-pass form applies (stride 8
 #: at tile 128: the scratch is 16 times the output).
 ONE_PASS_MAX_PER_TILE = 16
-#: Largest one-pass scratch (bytes); a larger call takes the two-pass form. At 128K
-#: tokens, 32/8 heads, tile 128 and stride 8 the scratch is about 2.5 GiB.
+#: Largest one-pass scratch (bytes); a larger call takes the two-pass form. Causally
+#: each program holds only the key blocks up to its last query tile
+#: (:func:`scratch_extents`): at 128K tokens, 32/8 heads, tile 128 and stride 8 the
+#: scratch is 1.08 GiB (2.13 GiB non-causal), at 256K 4.28 GiB (8.5 GiB non-causal,
+#: which takes the two-pass form).
 ONE_PASS_MAX_SCRATCH_BYTES = 8 << 30
 
 
@@ -231,7 +234,42 @@ def _check_tuning(tuning: PackedTuning, per_tile: int, group: int, d_pad: int) -
                          f"to fewer heads per program")
 
 
-def _shape(q, k, layout: TileLayout, stride: int, tuning, candidates: bool, sampled: bool):
+def extent_sum(n: int, a: int, t: int, tiles_per_chunk: int, key_blocks: int) -> int:
+    """``sum_{j < n} min(key_blocks, cdiv(a + (j + 1) * t, tiles_per_chunk))`` in closed
+    form, as the kernel's :func:`~prism.optimized.antidiagonal_blocks._extent_sum` (``t``
+    and ``tiles_per_chunk`` powers of two)."""
+    big_t = tiles_per_chunk
+    capped_from = min(n, max(0, (key_blocks - 1) * big_t - a) // t)
+    x0, m = a + t + big_t - 1, capped_from
+    if t >= big_t:
+        linear = (x0 // big_t) * m + (t // big_t) * (m * (m - 1) // 2)
+    else:
+        r, y = big_t // t, x0 // t
+
+        def below(x):  # sum_{i < x} floor(i / r)
+            q = x // r
+            return r * q * (q - 1) // 2 + q * (x - q * r)
+
+        linear = below(y + m) - below(y)
+    return linear + (n - capped_from) * key_blocks
+
+
+def scratch_extents(programs_per_head: int, first_query_tile: int, tiles: int,
+                    tiles_per_chunk: int, key_blocks: int, causal: bool) -> int:
+    """Key blocks of one-pass scratch per row that one (batch, head part)'s programs hold
+    together. Causally, query-tile block ``j`` reaches key tile ``first_query_tile +
+    (j + 1) * tiles`` at most, so it needs ``min(key_blocks, cdiv(that,
+    tiles_per_chunk))`` key blocks (:func:`extent_sum`, where ``tiles`` and
+    ``tiles_per_chunk`` divide one another); otherwise each needs all ``key_blocks``.
+    The kernel lays the programs out the same way
+    (:func:`~prism.optimized.antidiagonal_blocks._scratch_rows`)."""
+    if not causal or (tiles % tiles_per_chunk and tiles_per_chunk % tiles):
+        return programs_per_head * key_blocks
+    return extent_sum(programs_per_head, first_query_tile, tiles, tiles_per_chunk, key_blocks)
+
+
+def _shape(q, k, layout: TileLayout, stride: int, tuning, candidates: bool, sampled: bool,
+           causal: bool = True):
     """``(per_tile, d_pad, tuning, heads, tiles, rows, programs, key_blocks, one_pass)``
     of a launch (``tuning`` None: :func:`default_tuning`; checked)."""
     b, hq, _, d = q.shape
@@ -247,24 +285,29 @@ def _shape(q, k, layout: TileLayout, stride: int, tuning, candidates: bool, samp
     programs = b * k.shape[1] * (group // heads) * -(-layout.num_query_tiles // tiles)
     key_groups = -(-k.shape[2] // stride)
     key_blocks = -(-key_groups // tuning.block_kg)
-    scratch = programs * rows * (key_blocks * (tuning.block_kg // per_tile) + key_blocks) * 4
+    per_head = -(-layout.num_query_tiles // tiles)
+    # Per row, each key block a program holds takes its tile sums and its running max.
+    scratch = ((programs // max(1, per_head)) * rows * 4 * (tuning.block_kg // per_tile + 1)
+               * scratch_extents(per_head, layout.first_query_tile, tiles,
+                                 tuning.block_kg // per_tile, key_blocks, causal))
     one_pass = (bool(tuning.one_pass) and per_tile <= ONE_PASS_MAX_PER_TILE
                 and scratch * (2 if sampled else 1) <= ONE_PASS_MAX_SCRATCH_BYTES)
     return per_tile, d_pad, tuning, heads, tiles, rows, programs, key_blocks, one_pass
 
 
-def fused_sampled_applies(q, k, layout: TileLayout, stride: int, samples: int) -> bool:
+def fused_sampled_applies(q, k, layout: TileLayout, stride: int, samples: int,
+                          causal: bool = True) -> bool:
     """Whether :func:`antidiagonal_packed_probabilities` with candidates can also write
     the cascade's sampled stage (``sampled=``): the samples are the query groups'
     (``samples == block_size // stride``), the packed kernel takes the shape in its
     one-pass form and the head dim fits one product (no ``D_SPLIT``)."""
     if not antidiagonal_packed_applies(layout, stride) or samples != layout.block_size // stride:
         return False
-    _, _, tuning, *_, one_pass = _shape(q, k, layout, stride, None, True, True)
+    _, _, tuning, *_, one_pass = _shape(q, k, layout, stride, None, True, True, causal)
     return one_pass and tuning.d_split == 1
 
 
 __all__ = ["BLOCK_KEY_GROUPS", "CANDIDATE_TUNED", "MAX_ROWS", "ONE_PASS_MAX_PER_TILE",
            "ONE_PASS_MAX_SCRATCH_BYTES", "PackedTuning", "SAMPLED_TUNED", "TARGET_ROWS", "TUNED",
-           "TUNED_MAX_HEAD_DIM", "antidiagonal_packed_applies", "default_tuning",
-           "fitting_heads", "fused_sampled_applies"]
+           "TUNED_MAX_HEAD_DIM", "antidiagonal_packed_applies", "default_tuning", "extent_sum",
+           "fitting_heads", "fused_sampled_applies", "scratch_extents"]

@@ -109,10 +109,10 @@ SAMPLED_BESIDE = True
 #: :func:`~prism.optimized.antidiagonal_packed.fused_sampled_applies`), True: the
 #: restricted antidiagonal kernel scores them itself from the keys it loads
 #: (:mod:`prism.optimized.antidiagonal_sampled`) and no stage launch runs. Its
-#: one-pass scratch is then twice the kernel's own (about 2.5 GiB at 128K tokens,
-#: 32/8 heads, tile 128, stride 16; reused by torch's allocator across calls); where
-#: that passes ``antidiagonal_shapes.ONE_PASS_MAX_SCRATCH_BYTES`` the stage's own
-#: launch runs instead. Read at each call.
+#: one-pass scratch is then twice the kernel's own (causal: 1.26 GiB at 128K tokens,
+#: 5.0 GiB at 256K, for 32/8 heads, tile 128, stride 16; reused by torch's allocator
+#: across calls); where that passes ``antidiagonal_shapes.ONE_PASS_MAX_SCRATCH_BYTES``
+#: the stage's own launch runs instead. Read at each call.
 SAMPLED_FUSED = True
 #: Side-stream slot (:func:`~prism.optimized.plan_items.side_stream`) of that stage.
 SAMPLED_SLOT = 3
@@ -270,7 +270,7 @@ def estimator_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, c
         scores, field, reads_every_query = PROBABILITY_STAGES[stage]
         mixed = with_mix and cfg.sampled_weight > 0
         fused = mixed and SAMPLED_FUSED and fused_sampled_applies(
-            q, k, layout, cfg.antidiagonal_stride, cfg.sampled_queries)
+            q, k, layout, cfg.antidiagonal_stride, cfg.sampled_queries, causal)
         if fused:
             second = torch.empty(b, hq, nq, nk, dtype=torch.float32, device=q.device)
             extra["sampled"] = second

@@ -1,0 +1,126 @@
+"""The packed antidiagonal kernel's one-pass scratch, laid out by each program's extent.
+
+Causally, the program of query-tile block ``j`` scores key blocks only up to its
+last query tile, so its scratch rows hold that many key blocks, not every key
+block of the call (``antidiagonal_shapes.scratch_extents`` sizes the buffer, the
+kernel's ``_scratch_rows`` places each program in it). Checked here: the closed
+form against a term-by-term sum, the kernel's placement against the buffer's size
+(no overlap, no gap, nothing past the end), each program's room against what its
+passes index, and the outputs against the reference where the layout differs
+most (a causal call, a KV prefix, GQA groups whose tiles per program do not
+divide the tiles per key block).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from test_optimized_estimators import DEVICE, _qk
+
+from prism.optimized.antidiagonal_blocks import _scratch_rows
+from prism.optimized.antidiagonal_packed import antidiagonal_packed_probabilities
+from prism.optimized.antidiagonal_shapes import _shape, extent_sum, scratch_extents
+from prism.reference import tile_layout
+from prism.reference.estimators import (
+    antidiagonal_probabilities,
+    candidate_antidiagonal_probabilities,
+)
+from prism.reference.scoring import admissible_tiles
+
+pytestmark = pytest.mark.interpret
+
+
+def _term_by_term(n, a, t, per_chunk, key_blocks):
+    return sum(min(key_blocks, -(-(a + (j + 1) * t) // per_chunk)) for j in range(n))
+
+
+@pytest.mark.parametrize("t, per_chunk", [(1, 1), (1, 4), (2, 4), (2, 8), (4, 4), (8, 2),
+                                          (16, 1), (1, 16), (4, 16)])
+def test_closed_form_is_the_sum_of_its_terms(t, per_chunk):
+    for n, a, key_blocks in itertools.product(range(0, 40, 3), (0, 1, 5, 17, 64, 300),
+                                              (1, 2, 7, 16, 33, 200)):
+        assert extent_sum(n, a, t, per_chunk, key_blocks) == _term_by_term(
+            n, a, t, per_chunk, key_blocks), (n, a, t, per_chunk, key_blocks)
+
+
+def test_causal_scratch_is_about_half_of_the_full_one():
+    """At 128K tokens, 32/8 heads, tile 128, stride 16 (the preset's launch: 2 query
+    tiles a program, 4 tiles a key block) a full prefill needs half the scratch."""
+    per_head, tiles, per_chunk = 512, 2, 4
+    key_blocks = 1024 // per_chunk
+    full = scratch_extents(per_head, 0, tiles, per_chunk, key_blocks, False)
+    causal = scratch_extents(per_head, 0, tiles, per_chunk, key_blocks, True)
+    assert full == per_head * key_blocks
+    assert 0.49 < causal / full < 0.51
+    # A chunk late in a long prompt sees nearly every key: little to save.
+    late = scratch_extents(16, 992, tiles, per_chunk, key_blocks, True)
+    assert late > 0.95 * scratch_extents(16, 992, tiles, per_chunk, key_blocks, False)
+    # Tiles per program that do not divide the tiles per key block: the full layout.
+    assert scratch_extents(10, 0, 3, 4, 20, True) == 10 * 20
+
+
+@triton.jit
+def _layout_kernel(OUT, programs_per_head, first_query_tile, tiles_per_program,
+                   scratch_blocks, CAUSAL: tl.constexpr, TILES_PER_CHUNK: tl.constexpr):
+    pid = tl.program_id(0)
+    block = programs_per_head - 1 - pid % programs_per_head
+    start, blocks = _scratch_rows(pid, programs_per_head, block, first_query_tile,
+                                  tiles_per_program, scratch_blocks, CAUSAL, TILES_PER_CHUNK)
+    tl.store(OUT + 2 * pid, start)
+    tl.store(OUT + 2 * pid + 1, blocks)
+
+
+@pytest.mark.parametrize("per_head, parts, first, tiles, per_chunk, key_blocks, causal", [
+    (7, 3, 0, 2, 4, 4, True),      # 14 query tiles over 16 key tiles
+    (16, 2, 0, 2, 4, 8, True),
+    (5, 2, 11, 2, 4, 5, True),     # a KV prefix of 11 tiles
+    (9, 1, 3, 1, 2, 7, True),
+    (4, 2, 0, 8, 2, 16, True),     # more tiles a program than a key block holds
+    (6, 2, 0, 3, 4, 5, True),      # 3 does not divide 4: the full layout
+    (6, 2, 0, 2, 4, 3, False),
+])
+def test_kernel_places_programs_as_the_host_sizes_them(per_head, parts, first, tiles,
+                                                       per_chunk, key_blocks, causal):
+    programs = per_head * parts
+    out = torch.full((programs, 2), -1, dtype=torch.int64, device=DEVICE)
+    _layout_kernel[(programs,)](out, per_head, first, tiles, key_blocks, CAUSAL=causal,
+                                TILES_PER_CHUNK=per_chunk)
+    out = out.cpu()
+    total = parts * scratch_extents(per_head, first, tiles, per_chunk, key_blocks, causal)
+    # In pid order the programs tile [0, total) exactly: no overlap, no gap.
+    assert out[0, 0] == 0
+    assert torch.equal(out[1:, 0], out[:-1, 0] + out[:-1, 1])
+    assert int(out[-1, 0] + out[-1, 1]) == total
+    for pid in range(programs):
+        block = per_head - 1 - pid % per_head
+        needed = min(key_blocks, -(-(first + (block + 1) * tiles) // per_chunk))
+        assert int(out[pid, 1]) >= needed   # room for every key block its passes index
+
+
+@pytest.mark.parametrize("hq, hkv, nq, nk, bs, stride, causal", [
+    (4, 1, 512, 512, 64, 8, True),     # 4 heads x 8 groups: 2 tiles a program
+    (8, 2, 300, 700, 64, 8, True),     # a KV prefix of 400 tokens (not a whole tile)
+    (3, 1, 320, 320, 32, 4, True),     # 3 heads: tiles per program 2, per key block 8
+    (6, 2, 200, 200, 32, 8, True),     # group 3
+    (4, 2, 256, 256, 64, 8, False),
+])
+def test_outputs_match_the_reference(hq, hkv, nq, nk, bs, stride, causal):
+    q, k = _qk(1, hq, hkv, nq, nk, 16, seed=nq + hq, scale=2.0)
+    layout = tile_layout(nq, nk, bs, causal)
+    per_tile, _, tuning, *_, one_pass = _shape(q, k, layout, stride, None, False, False, causal)
+    assert one_pass
+    got = antidiagonal_packed_probabilities(q, k, layout, stride, causal)
+    torch.testing.assert_close(got, antidiagonal_probabilities(q, k, layout, stride, causal),
+                               rtol=2e-5, atol=1e-6)
+    admissible = admissible_tiles(layout, causal, DEVICE)
+    gen = torch.Generator().manual_seed(nq)
+    cand = (torch.rand(1, hq, *admissible.shape, generator=gen) < 0.5).to(DEVICE)
+    cand = (cand | torch.eye(*admissible.shape, dtype=torch.bool, device=DEVICE)) & admissible
+    got = antidiagonal_packed_probabilities(q, k, layout, stride, causal,
+                                            candidates=cand.contiguous())
+    expected = candidate_antidiagonal_probabilities(q, k, layout, stride, cand, causal)
+    torch.testing.assert_close(got, expected, rtol=2e-5, atol=1e-6)
