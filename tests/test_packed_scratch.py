@@ -124,3 +124,16 @@ def test_outputs_match_the_reference(hq, hkv, nq, nk, bs, stride, causal):
                                             candidates=cand.contiguous())
     expected = candidate_antidiagonal_probabilities(q, k, layout, stride, cand, causal)
     torch.testing.assert_close(got, expected, rtol=2e-5, atol=1e-6)
+
+
+def test_the_fused_preset_launch_fits_at_256k_causal_only():
+    """With causal extents the accurate preset's fused launch (two scratches) fits the
+    one-pass limit at 256K tokens (5.0 GiB); the same call without causality (10 GiB)
+    does not, and runs the stage's own launch."""
+    from prism.optimized.antidiagonal_shapes import fused_sampled_applies
+
+    n = 262144
+    q = torch.empty(1, 32, n, 128, dtype=torch.bfloat16, device="meta")
+    k = torch.empty(1, 8, n, 128, dtype=torch.bfloat16, device="meta")
+    assert fused_sampled_applies(q, k, tile_layout(n, n, 128, True), 16, 8, True)
+    assert not fused_sampled_applies(q, k, tile_layout(n, n, 128, False), 16, 8, False)
