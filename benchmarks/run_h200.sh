@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # One call on the H200: install, GPU tests, benchmarks; results under $OUT.
 # Usage: bash benchmarks/run_h200.sh STEPS   (STEPS: comma list of
-#   compile, gpu, gpuall, optimized, ncu, graph, overhead, selection, e2e, tune,
-#   matrix; gpuall: the GPU-marked tests of every file but test_gpu.py)
+#   compile, gpu, gpuall, optimized, ncu, estimators, chunked, graph, overhead,
+#   selection, e2e, tune, matrix; gpuall: the GPU-marked tests of every file but
+#   test_gpu.py; estimators: the paper's default and the accurate preset, select_blocks
+#   and prism_attention, graph replays and a profile, 4K-128K; chunked: one 4K chunk of
+#   the accurate preset over 32K and 128K prefixes, with and without the pooled-key cache)
 # ncu: Nsight Compute on our attention kernel (and cuDNN's at density 1.0) for each
 #   D,hq,hkv,tokens,tile,batch:density in NCU_CELLS; one CSV per cell under $OUT.
 # Each step has its own time limit so that a slow step leaves the others' files.
@@ -45,6 +48,19 @@ if on ncu; then
             python3 benchmarks/bench_matrix.py --parts ncu --ncu-cell "$spec" 2>&1 | tail -4
         grep -E '"(Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Memory Throughput|Registers Per Thread)"' \
             "$OUT/$name" | cut -d, -f5,12- | head -16
+    done
+fi
+if on estimators; then
+    timeout "${ESTIMATORS_S:-300}" python3 benchmarks/bench_estimators.py --graph --attention \
+        --profile --no-reference --only "prism (paper,(the accurate preset)" \
+        --lengths "${ESTIMATOR_LENGTHS:-4096,8192,16384,32768,131072}" --commit "$COMMIT" \
+        --out "$OUT/h200_estimators_$COMMIT.json" 2>&1 | tail -40
+fi
+if on chunked; then
+    for prefix in ${CHUNK_PREFIXES:-32768 131072}; do
+        timeout "${CHUNKED_S:-120}" python3 benchmarks/bench_chunked.py --preset accurate \
+            --prefix "$prefix" --chunk 4096 --commit "$COMMIT" \
+            --out "$OUT/h200_chunked_accurate_${prefix}_$COMMIT.json" 2>&1 | tail -12
     done
 fi
 PARTS=""
