@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One call on the H200: install, GPU tests, benchmarks; results under $OUT.
 # Usage: bash benchmarks/run_h200.sh STEPS   (STEPS: comma list of
-#   compile, gpu, gpuall, optimized, ncu, estimators, chunked, graph, overhead,
+#   compile, gpu, gpuall, optimized, ncu, estimators, extents, chunked, graph, overhead,
 #   selection, e2e, tune, matrix; gpuall: the GPU-marked tests of every file but
 #   test_gpu.py; estimators: the paper's default and the accurate preset, select_blocks
 #   and prism_attention, graph replays and a profile, 4K-128K; chunked: one 4K chunk of
-#   the accurate preset over 32K and 128K prefixes, with and without the pooled-key cache)
+#   the accurate preset over 32K and 128K prefixes, with and without the pooled-key cache;
+#   extents: benchmarks/probes/scratch_extents_ab.py)
 # ncu: Nsight Compute on our attention kernel (and cuDNN's at density 1.0) for each
 #   D,hq,hkv,tokens,tile,batch:density in NCU_CELLS; one CSV per cell under $OUT.
 # Each step has its own time limit so that a slow step leaves the others' files.
@@ -55,6 +56,11 @@ if on estimators; then
         --profile --no-reference --only "prism (paper,(the accurate preset)" \
         --lengths "${ESTIMATOR_LENGTHS:-4096,8192,16384,32768,131072}" --commit "$COMMIT" \
         --out "$OUT/h200_estimators_$COMMIT.json" 2>&1 | tail -40
+fi
+if on extents; then
+    timeout "${EXTENTS_S:-240}" python3 benchmarks/probes/scratch_extents_ab.py \
+        --lengths "${EXTENTS_LENGTHS:-32768,131072,262144}" --commit "$COMMIT" \
+        --out "$OUT/h200_scratch_extents_$COMMIT.json" 2>&1 | tail -6
 fi
 if on chunked; then
     for prefix in ${CHUNK_PREFIXES:-32768 131072}; do

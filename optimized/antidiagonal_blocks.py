@@ -72,19 +72,20 @@ def _extent_sum(n, a, t, T: tl.constexpr, kb):
 
 @triton.jit
 def _scratch_rows(pid, programs_per_head, block, first_query_tile, tiles_per_program,
-                  scratch_blocks, CAUSAL: tl.constexpr, TILES_PER_CHUNK: tl.constexpr):
+                  scratch_blocks, EXTENTS: tl.constexpr, TILES_PER_CHUNK: tl.constexpr):
     """``(start, blocks)``: where program ``pid``'s one-pass scratch starts, in key blocks
-    of every row of ROWS (int64), and how many key blocks a row of it holds. Causally a
-    program needs only the key blocks up to its last query tile, so the programs of a
-    (batch, head part) share the sum of their own extents, laid out in ``pid`` order
-    (the heaviest block first); without causality, or where the tiles per program and
-    per key block do not divide one another, every program holds ``scratch_blocks``
-    (as :func:`~prism.optimized.antidiagonal_shapes.scratch_extents` sizes it)."""
+    of every row of ROWS (int64), and how many key blocks a row of it holds. With
+    ``EXTENTS`` (a causal call, ``antidiagonal_shapes.causal_extents``) a program needs
+    only the key blocks up to its last query tile, so the programs of a (batch, head
+    part) share the sum of their own extents, laid out in ``pid`` order (the heaviest
+    block first); otherwise, or where the tiles per program and per key block do not
+    divide one another, every program holds ``scratch_blocks`` (as
+    :func:`~prism.optimized.antidiagonal_shapes.scratch_extents` sizes it)."""
     kb = scratch_blocks.to(tl.int64)
     t = tiles_per_program.to(tl.int64)
     start = pid.to(tl.int64) * kb
     mine = kb
-    if CAUSAL:
+    if EXTENTS:
         if (t % TILES_PER_CHUNK == 0) or (TILES_PER_CHUNK % t == 0):
             a = first_query_tile.to(tl.int64)
             n = programs_per_head.to(tl.int64)

@@ -86,6 +86,7 @@ from .antidiagonal_shapes import (  # noqa: F401  (the launch shapes: public her
     _check_tuning,
     _shape,
     antidiagonal_packed_applies,
+    causal_extents,
     default_tuning,
     fitting_heads,
     fused_sampled_applies,
@@ -130,6 +131,7 @@ def _packed_kernel(
     ONE_PASS: tl.constexpr, CHECK: tl.constexpr, TMA: tl.constexpr = False,
     GROUP: tl.constexpr = 1, CANDIDATES: tl.constexpr = False,
     SCAN_TILES: tl.constexpr = 16, D_SPLIT: tl.constexpr = 1, SAMPLED: tl.constexpr = False,
+    EXTENTS: tl.constexpr = True,
 ):
     pid = tl.program_id(0)
     # Program = (batch, KV head, which `heads` of its group, query tiles).
@@ -187,7 +189,7 @@ def _packed_kernel(
     # One-pass scratch of this program: per row, for each of its s_blocks key blocks,
     # the per-tile sums of 2^(s - m_block) (TILES_PER_CHUNK of them) and m_block.
     s_start, s_blocks = _scratch_rows(pid, programs_per_head, block, first_query_tile,
-                                      tiles_per_program, scratch_blocks, CAUSAL,
+                                      tiles_per_program, scratch_blocks, CAUSAL and EXTENTS,
                                       TILES_PER_CHUNK)
     row_offsets = rows * s_blocks.to(tl.int32)  # a program's scratch is far below 2^31
     e_rows = (E + s_start * (ROWS * TILES_PER_CHUNK)) + (row_offsets * TILES_PER_CHUNK)[:, None]
@@ -373,8 +375,9 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
     # One-pass scratch: per row, the key blocks its program holds (scratch_extents, laid
     # out by the kernel's _scratch_rows), each with its tile sums and its running max.
     per_chunk = tuning.block_kg // per_tile
+    extents_layout = causal_extents(causal)
     extents = (programs // per_head) * rows * scratch_extents(
-        per_head, layout.first_query_tile, tiles, per_chunk, key_blocks, causal)
+        per_head, layout.first_query_tile, tiles, per_chunk, key_blocks, extents_layout)
     tma = bool(tuning.tma) and _tma_applies(q, k, layout, stride, rows, heads,
                                             tiles * per_tile, d)
     e = torch.empty(extents * per_chunk if one_pass else 1, dtype=torch.float32,
@@ -405,7 +408,8 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
         GROUP=heads if tma else 1, CANDIDATES=candidates is not None,
         SCAN_TILES=min(next_power_of_2(key_blocks * (tuning.block_kg // per_tile)),
                        max(16, SCAN_ELEMENTS // pairs)), D_SPLIT=tuning.d_split,
-        SAMPLED=sampled is not None, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+        SAMPLED=sampled is not None, EXTENTS=extents_layout, num_warps=tuning.num_warps,
+        num_stages=tuning.num_stages,
     )
     if not normalize:
         return out

@@ -32,6 +32,10 @@ ONE_PASS_MAX_PER_TILE = 16
 #: scratch is 1.08 GiB (2.13 GiB non-causal), at 256K 4.28 GiB (8.5 GiB non-causal,
 #: which takes the two-pass form).
 ONE_PASS_MAX_SCRATCH_BYTES = 8 << 30
+#: Causal calls give each program scratch rows only for the key blocks up to its last
+#: query tile (:func:`scratch_extents`); False: every program holds every key block
+#: (the layout until 2026-12-05, kept to time one against the other). Read at each call.
+CAUSAL_EXTENTS = True
 
 
 @dataclass(frozen=True)
@@ -254,6 +258,11 @@ def extent_sum(n: int, a: int, t: int, tiles_per_chunk: int, key_blocks: int) ->
     return linear + (n - capped_from) * key_blocks
 
 
+def causal_extents(causal: bool) -> bool:
+    """Whether a call's scratch takes the causal extents (:data:`CAUSAL_EXTENTS`)."""
+    return bool(causal) and CAUSAL_EXTENTS
+
+
 def scratch_extents(programs_per_head: int, first_query_tile: int, tiles: int,
                     tiles_per_chunk: int, key_blocks: int, causal: bool) -> int:
     """Key blocks of one-pass scratch per row that one (batch, head part)'s programs hold
@@ -289,7 +298,8 @@ def _shape(q, k, layout: TileLayout, stride: int, tuning, candidates: bool, samp
     # Per row, each key block a program holds takes its tile sums and its running max.
     scratch = ((programs // max(1, per_head)) * rows * 4 * (tuning.block_kg // per_tile + 1)
                * scratch_extents(per_head, layout.first_query_tile, tiles,
-                                 tuning.block_kg // per_tile, key_blocks, causal))
+                                 tuning.block_kg // per_tile, key_blocks,
+                                 causal_extents(causal)))
     one_pass = (bool(tuning.one_pass) and per_tile <= ONE_PASS_MAX_PER_TILE
                 and scratch * (2 if sampled else 1) <= ONE_PASS_MAX_SCRATCH_BYTES)
     return per_tile, d_pad, tuning, heads, tiles, rows, programs, key_blocks, one_pass
@@ -307,7 +317,8 @@ def fused_sampled_applies(q, k, layout: TileLayout, stride: int, samples: int,
     return one_pass and tuning.d_split == 1
 
 
-__all__ = ["BLOCK_KEY_GROUPS", "CANDIDATE_TUNED", "MAX_ROWS", "ONE_PASS_MAX_PER_TILE",
+__all__ = ["BLOCK_KEY_GROUPS", "CANDIDATE_TUNED", "CAUSAL_EXTENTS", "MAX_ROWS",
+           "ONE_PASS_MAX_PER_TILE", "causal_extents",
            "ONE_PASS_MAX_SCRATCH_BYTES", "PackedTuning", "SAMPLED_TUNED", "TARGET_ROWS", "TUNED",
            "TUNED_MAX_HEAD_DIM", "antidiagonal_packed_applies", "default_tuning", "extent_sum",
            "fitting_heads", "fused_sampled_applies", "scratch_extents"]

@@ -137,3 +137,28 @@ def test_the_fused_preset_launch_fits_at_256k_causal_only():
     k = torch.empty(1, 8, n, 128, dtype=torch.bfloat16, device="meta")
     assert fused_sampled_applies(q, k, tile_layout(n, n, 128, True), 16, 8, True)
     assert not fused_sampled_applies(q, k, tile_layout(n, n, 128, False), 16, 8, False)
+
+
+def test_the_full_layout_stays_available_and_gives_the_same_rows(monkeypatch):
+    """``CAUSAL_EXTENTS = False`` restores the layout in which every program holds every
+    key block (kept to time the two against each other); both give the same rows."""
+    from prism.optimized import antidiagonal_shapes
+    from prism.optimized.antidiagonal_shapes import PackedTuning
+
+    q, k = _qk(1, 4, 1, 384, 448, 16, seed=11, scale=2.0)
+    layout = tile_layout(384, 448, 64, True)
+    # Key blocks of 2 tiles, so that the 3 programs of a head need 2, 3 and 4 of 4.
+    tuning = PackedTuning(target_rows=64, block_kg=16, num_warps=4, num_stages=1, one_pass=1,
+                          tma=0)
+    per_tile, _, tuning, heads, tiles, rows, programs, key_blocks, _ = _shape(
+        q, k, layout, 8, tuning, False, False, True)
+    per_head = -(-layout.num_query_tiles // tiles)
+    args = (per_head, layout.first_query_tile, tiles, tuning.block_kg // per_tile, key_blocks)
+    assert (scratch_extents(*args, True), scratch_extents(*args, False)) == (9, 12)
+    causal = antidiagonal_packed_probabilities(q, k, layout, 8, True, tuning)
+    monkeypatch.setattr(antidiagonal_shapes, "CAUSAL_EXTENTS", False)
+    assert not antidiagonal_shapes.causal_extents(True)
+    full = antidiagonal_packed_probabilities(q, k, layout, 8, True, tuning)
+    torch.testing.assert_close(full, causal, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(full, antidiagonal_probabilities(q, k, layout, 8, True),
+                               rtol=2e-5, atol=1e-6)
