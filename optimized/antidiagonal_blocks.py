@@ -47,9 +47,10 @@ def _extent_sum(n, a, t, T: tl.constexpr, kb):
     """``sum_{j < n} min(kb, cdiv(a + (j + 1) * t, T))`` in closed form (int64): the key
     blocks of one-pass scratch the first ``n`` query-tile blocks of a causal launch
     need, block ``j`` holding query tiles up to ``a + (j + 1) * t`` (absolute) and
-    ``T`` tiles a key block. ``t`` and ``T`` are powers of two, so one divides the
-    other. :func:`~prism.optimized.antidiagonal_shapes.scratch_extents` sums the
-    same terms one by one (the launcher sizes the buffer with it)."""
+    ``T`` tiles a key block; one of ``t`` and ``T`` divides the other (the caller
+    checks). The launcher sizes the buffer with the same closed form on the host
+    (:func:`~prism.optimized.antidiagonal_shapes.extent_sum`); tests/test_packed_scratch.py
+    checks both against the sum taken term by term."""
     # Blocks below the cap kb: a + (j + 1) t <= (kb - 1) T.
     room = (kb - 1) * T - a
     capped_from = tl.minimum(n, tl.where(room > 0, room, 0) // t)
