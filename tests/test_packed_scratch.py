@@ -162,3 +162,30 @@ def test_the_full_layout_stays_available_and_gives_the_same_rows(monkeypatch):
     torch.testing.assert_close(full, causal, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(full, antidiagonal_probabilities(q, k, layout, 8, True),
                                rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n, prefix", [(16384, 0), (8192, 24576)])
+def test_both_layouts_give_the_same_selection_on_the_gpu(n, prefix, monkeypatch):
+    """bf16, 32/8 heads, D 128: the accurate preset's selection (the fused launch) and the
+    stride-8 antidiagonal rows with the causal extents and with the full layout, over a
+    whole prompt and over a chunk after a 24K prefix."""
+    from prism import optimized
+    from prism.optimized import antidiagonal_shapes
+    from prism.reference import PrismConfig
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    gen = torch.Generator(device="cuda").manual_seed(n)
+    q = torch.randn(1, 32, n, 128, device="cuda", generator=gen).to(torch.bfloat16)
+    k = torch.randn(1, 8, n + prefix, 128, device="cuda", generator=gen).to(torch.bfloat16)
+    q[:, :, :, :32] *= 4
+    cfg = PrismConfig.preset("accurate")
+    layout = tile_layout(n, n + prefix, 128, True)
+    results = {}
+    for extents in (True, False):
+        monkeypatch.setattr(antidiagonal_shapes, "CAUSAL_EXTENTS", extents)
+        results[extents] = (optimized.select_blocks(q, k, cfg).as_tensor().clone(),
+                            antidiagonal_packed_probabilities(q, k, layout, 8, True))
+    assert torch.equal(results[True][0], results[False][0])
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-6, atol=1e-7)
