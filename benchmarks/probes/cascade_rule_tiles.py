@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from prism.reference.estimators import last_query_distributions, last_tile_exact_tiles
-from prism.reference.scoring import admissible_tiles
+from prism.reference.estimators import (
+    last_query_distributions,
+    last_tile_exact_tiles,
+    vertical_slash_tiles_from_kept,
+)
 from prism.reference.topp import top_p_select
 
 
@@ -111,10 +114,12 @@ def coarse_vertical_slash_tiles(q, k, layout, last_queries: int, threshold: floa
     The last queries' distributions (:func:`last_query_distributions`) are summed
     into key tiles (columns) and into bins of ``block_size`` offsets (bin ``t``
     holds offsets ``o`` with ``floor(o / bs) + nk == t``); each is top-p'd at
-    ``threshold`` (contract §6's rule, zero mass never kept). A kept key tile is
-    kept for every query tile; a kept offset bin keeps tile offsets ``t`` and
-    ``t + 1`` (the floor and ceiling of its offsets, as the fine rule maps one
-    offset).
+    ``threshold`` (contract §6's rule, zero mass never kept). Every column of a
+    kept key tile and every offset of a kept bin then counts as kept, and the
+    reference maps them to tile pairs (:func:`vertical_slash_tiles_from_kept`): a
+    kept key tile for every query tile, a kept bin's tile offsets ``t`` and ``t + 1``.
+    (The runs in ``results/eval/unseen/no-vs/`` used a direct form of that mapping;
+    the two gave equal tiles on 600 drawn shapes before this one replaced it.)
     """
     b, hq = q.shape[0], q.shape[1]
     bs, nq, nk = layout.block_size, layout.num_query_tiles, layout.num_key_tiles
@@ -126,21 +131,18 @@ def coarse_vertical_slash_tiles(q, k, layout, last_queries: int, threshold: floa
     columns = torch.zeros(b, hq, nk * bs, dtype=torch.float32, device=device)
     columns[..., :nk_tokens] = vertical
     columns = columns.view(b, hq, nk, bs).sum(-1)
-    n_diag = layout.first_query_tile + nq + nk + 1
+    # Offset entry i sits at i + lead in whole bins (as the reference's mapping reads it).
+    bins = layout.first_query_tile + nq + nk + 2
     lead = nk * bs - (nk_tokens - 1)
-    offsets = torch.zeros(b, hq, (n_diag + 1) * bs, dtype=torch.float32, device=device)
+    offsets = torch.zeros(b, hq, bins * bs, dtype=torch.float32, device=device)
     offsets[..., lead:lead + slash.shape[-1]] = slash
-    offsets = offsets.view(b, hq, n_diag + 1, bs).sum(-1)[..., :n_diag]
+    offsets = offsets.view(b, hq, bins, bs).sum(-1)
     ones = torch.ones((), dtype=torch.bool, device=device)
     keep_columns = top_p_select(columns, ones, threshold)[0] & (columns > 0)
     keep_bins = top_p_select(offsets, ones, threshold)[0] & (offsets > 0)
-    diagonal_tiles = keep_bins.clone()
-    diagonal_tiles[..., 1:] |= keep_bins[..., :-1]
-    query_tiles = layout.query_tile_indices(device)
-    pair_offsets = query_tiles[:, None] - torch.arange(nk, device=device)[None, :] + nk
-    from_slash = diagonal_tiles[..., pair_offsets.clamp(0, n_diag - 1)]
-    admissible = admissible_tiles(layout, causal, device)
-    return (keep_columns[:, :, None, :] | from_slash) & admissible
+    return vertical_slash_tiles_from_kept(
+        keep_columns.repeat_interleave(bs, -1)[..., :nk_tokens],
+        keep_bins.repeat_interleave(bs, -1)[..., lead:lead + slash.shape[-1]], layout, causal)
 
 
 def head_flatness(probs: torch.Tensor) -> torch.Tensor:
