@@ -90,7 +90,6 @@ from .antidiagonal_shapes import (  # noqa: F401  (the launch shapes: public her
     default_tuning,
     fitting_heads,
     fused_sampled_applies,
-    scratch_extents,
 )
 from .launch import launch
 from .pooling import _flag_if_nonfinite
@@ -363,8 +362,9 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
                                                       device=q.device)
     if out.numel() == 0:
         return out
-    per_tile, d_pad, tuning, heads, tiles, rows, programs, key_blocks, one_pass = _shape(
-        q, k, layout, stride, tuning, candidates is not None, sampled is not None, causal)
+    (per_tile, d_pad, tuning, heads, tiles, rows, programs, key_blocks, extents,
+     one_pass) = _shape(q, k, layout, stride, tuning, candidates is not None,
+                        sampled is not None, causal)
     if sampled is not None and not (candidates is not None and one_pass and tuning.d_split == 1):
         raise ValueError("the sampled stage runs in the packed kernel only with candidates, "
                          "the one-pass form and D_SPLIT 1 (fused_sampled_applies)")
@@ -372,12 +372,9 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
     per_head = -(-nq // tiles)
     upcast = q.dtype == torch.bfloat16 and kernels_interpreted(_packed_kernel)
     key_groups = -(-nk_tokens // stride)
-    # One-pass scratch: per row, the key blocks its program holds (scratch_extents, laid
+    # One-pass scratch: per row, the key blocks its program holds (_shape's extents, laid
     # out by the kernel's _scratch_rows), each with its tile sums and its running max.
     per_chunk = tuning.block_kg // per_tile
-    extents_layout = causal_extents(causal)
-    extents = (programs // per_head) * rows * scratch_extents(
-        per_head, layout.first_query_tile, tiles, per_chunk, key_blocks, extents_layout)
     tma = bool(tuning.tma) and _tma_applies(q, k, layout, stride, rows, heads,
                                             tiles * per_tile, d)
     e = torch.empty(extents * per_chunk if one_pass else 1, dtype=torch.float32,
@@ -408,7 +405,7 @@ def antidiagonal_packed_probabilities(q: torch.Tensor, k: torch.Tensor, layout: 
         GROUP=heads if tma else 1, CANDIDATES=candidates is not None,
         SCAN_TILES=min(next_power_of_2(key_blocks * (tuning.block_kg // per_tile)),
                        max(16, SCAN_ELEMENTS // pairs)), D_SPLIT=tuning.d_split,
-        SAMPLED=sampled is not None, EXTENTS=extents_layout, num_warps=tuning.num_warps,
+        SAMPLED=sampled is not None, EXTENTS=causal_extents(causal), num_warps=tuning.num_warps,
         num_stages=tuning.num_stages,
     )
     if not normalize:

@@ -279,8 +279,9 @@ def scratch_extents(programs_per_head: int, first_query_tile: int, tiles: int,
 
 def _shape(q, k, layout: TileLayout, stride: int, tuning, candidates: bool, sampled: bool,
            causal: bool = True):
-    """``(per_tile, d_pad, tuning, heads, tiles, rows, programs, key_blocks, one_pass)``
-    of a launch (``tuning`` None: :func:`default_tuning`; checked)."""
+    """``(per_tile, d_pad, tuning, heads, tiles, rows, programs, key_blocks, extents,
+    one_pass)`` of a launch (``tuning`` None: :func:`default_tuning`; checked);
+    ``extents`` counts the (row, key block) slots of its one-pass scratch."""
     b, hq, _, d = q.shape
     group = hq // k.shape[1]
     per_tile = layout.block_size // stride
@@ -295,14 +296,14 @@ def _shape(q, k, layout: TileLayout, stride: int, tuning, candidates: bool, samp
     key_groups = -(-k.shape[2] // stride)
     key_blocks = -(-key_groups // tuning.block_kg)
     per_head = -(-layout.num_query_tiles // tiles)
+    extents = (programs // max(1, per_head)) * rows * scratch_extents(
+        per_head, layout.first_query_tile, tiles, tuning.block_kg // per_tile, key_blocks,
+        causal_extents(causal))
     # Per row, each key block a program holds takes its tile sums and its running max.
-    scratch = ((programs // max(1, per_head)) * rows * 4 * (tuning.block_kg // per_tile + 1)
-               * scratch_extents(per_head, layout.first_query_tile, tiles,
-                                 tuning.block_kg // per_tile, key_blocks,
-                                 causal_extents(causal)))
+    scratch = extents * 4 * (tuning.block_kg // per_tile + 1)
     one_pass = (bool(tuning.one_pass) and per_tile <= ONE_PASS_MAX_PER_TILE
                 and scratch * (2 if sampled else 1) <= ONE_PASS_MAX_SCRATCH_BYTES)
-    return per_tile, d_pad, tuning, heads, tiles, rows, programs, key_blocks, one_pass
+    return per_tile, d_pad, tuning, heads, tiles, rows, programs, key_blocks, extents, one_pass
 
 
 def fused_sampled_applies(q, k, layout: TileLayout, stride: int, samples: int,
